@@ -1,0 +1,43 @@
+"""costwatch: cost-accounting observability for the Anthropic API.
+
+``costwatch.instrument()`` hooks the Anthropic SDK so that every HTTP attempt becomes an
+:class:`AttemptRecord`: what it billed, whether a dropped stream wasted it, and its price.
+
+    import costwatch
+    costwatch.instrument()
+
+    with costwatch.tags(workflow="nightly-refactor"):
+        ...  # every attempt made here is labelled
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .context import logical_request, tags
+from .instrumentation import instrument, is_instrumented, uninstrument
+from .pipeline import get_pipeline
+from .records import AttemptRecord, Cost, Outcome, TokenType, Usage, WasteReason
+from .sinks import MemorySink, Sink
+
+__all__ = [
+    "AttemptRecord",
+    "Cost",
+    "MemorySink",
+    "Outcome",
+    "Sink",
+    "TokenType",
+    "Usage",
+    "WasteReason",
+    "__version__",
+    "flush",
+    "instrument",
+    "is_instrumented",
+    "logical_request",
+    "tags",
+    "uninstrument",
+]
+
+
+def flush(timeout: float | None = 30.0) -> bool:
+    """Wait until every attempt recorded so far has reached every sink; False on timeout."""
+    return get_pipeline().flush(timeout)

@@ -1,0 +1,537 @@
+"""The SDK hooks: every HTTP attempt the Anthropic SDK makes to the Messages API becomes a record.
+
+Where we hook, and why. Both SDK lines send each attempt — first tries and the SDK's own retries
+alike — through ``send()`` of their HTTP client: ``httpx.Client`` on anthropic 0.x, ``httpx2.Client``
+on 1.x/2.x (and the ``AsyncClient`` twins). Wrapping that one public method of the HTTP library, rather
+than private SDK methods, gives us what no SDK hook does on both lines: the exact request bytes (for
+the fingerprint), the response headers, and the raw body as the application consumes it, including
+the point where the connection breaks and the exception the application then sees. anthropic 2.x's
+own middleware runs per attempt too, but it hands over a parsed ``APIResponse`` rather than the byte
+stream, cannot be added to clients that already exist without touching private state, and does not
+exist on 0.x; so we use the transport edge on both lines and keep one code path. On 2.x the SDK's
+call span is current while ``send()`` runs, so anything we trace there nests under it.
+
+The hook never changes what the application sees: the original ``send`` is called with the same
+arguments, its result or exception is passed on untouched (a bare ``raise`` keeps type, message,
+cause and traceback), and every costwatch step is guarded so that its failure is counted and logged,
+never raised.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import importlib
+import json
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any
+
+from . import context
+from .attribution import RetryTracker
+from .estimation import OutputEstimator
+from .health import instrumentation_errors
+from .pipeline import Pipeline, get_pipeline
+from .pricing import PriceTable, load_prices
+from .records import AttemptRecord, AttemptStart, Outcome, Usage
+from .sinks import AttemptListener
+from .stream_meter import BodyMeter
+
+__all__ = ["Accountant", "instrument", "is_instrumented", "uninstrument"]
+
+_HTTP_MODULES = ("httpx", "httpx2")
+_MESSAGES_PATH_SUFFIX = "/v1/messages"
+_CANCELLATIONS = (GeneratorExit, KeyboardInterrupt, SystemExit)
+
+# The logical request of the last attempt begun in this thread or task: an SDK-internal retry
+# (``x-stainless-retry-count`` > 0) always runs in the same context as the attempt it repeats.
+_last_logical_request: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "costwatch_last_logical_request", default=None
+)
+
+
+class Accountant:
+    """Turns observed attempts into records: attribution, estimation, pricing, then the pipeline."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: Pipeline,
+        prices: PriceTable,
+        estimator: OutputEstimator | None = None,
+        tracker: RetryTracker | None = None,
+        listeners: Iterable[AttemptListener] = (),
+    ) -> None:
+        self.listeners = tuple(listeners)
+        self.pipeline = pipeline
+        self.prices = prices
+        self.estimator = estimator or OutputEstimator()
+        self.tracker = tracker or RetryTracker()
+
+    def begin(self, request: Any) -> _Attempt:
+        """Open the account of one attempt about to be sent."""
+        started_at = datetime.now(timezone.utc)
+        started = time.perf_counter()
+        headers = request.headers
+        body = request.content
+        model, fingerprint = _describe_body(body)
+        sdk_retry = _int_header(headers.get("x-stainless-retry-count"))
+        previous = _last_logical_request.get() if sdk_retry > 0 else None
+        assignment = self.tracker.begin(
+            explicit_id=context.current_logical_request(), fingerprint=fingerprint, previous_id=previous
+        )
+        _last_logical_request.set(assignment.logical_request_id)
+        for record in assignment.now_retried:
+            self.pipeline.submit(record)
+        beta = headers.get("anthropic-beta")
+        attempt = _Attempt(
+            self,
+            attempt_id=uuid.uuid4().hex,
+            logical_request_id=assignment.logical_request_id,
+            attempt_number=assignment.attempt_number,
+            started_at=started_at,
+            started=started,
+            model_requested=model,
+            fingerprint=fingerprint,
+            sdk_retry=sdk_retry,
+            beta_features=tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
+            tags=context.current_tags(),
+        )
+        if self.listeners:
+            start = AttemptStart(
+                attempt_id=attempt.attempt_id,
+                logical_request_id=attempt.logical_request_id,
+                attempt_number=attempt.attempt_number,
+                started_at=started_at,
+                model_requested=model,
+                sdk_retry=sdk_retry,
+                tags=attempt.tags,
+            )
+            attempt.listener_states = [
+                (listener, _guard("listener_start", listener.attempt_started, start))
+                for listener in self.listeners
+            ]
+        return attempt
+
+    def settle(self, attempt: _Attempt, outcome: Outcome, error: BaseException | None) -> None:
+        """Close the account: build the record and hand it to the pipeline."""
+        meter = attempt.meter
+        usage = Usage()
+        model = attempt.model_requested
+        extra: dict[str, Any] = {}
+        if meter is not None:
+            model = meter.model or model
+            reported = meter.usage
+            billed_input = outcome not in (Outcome.HTTP_ERROR, Outcome.CONNECT_ERROR)
+            estimated = 0
+            output = reported.output_tokens
+            if billed_input and not meter.output_reported:
+                estimated = self.estimator.estimate(model, meter.chars)
+                output = estimated
+            elif outcome is Outcome.COMPLETED and meter.output_reported:
+                self.estimator.observe(model, meter.chars, reported.output_tokens)
+            if billed_input and (meter.message_id is not None or meter.output_reported):
+                usage = Usage(
+                    input_tokens=reported.input_tokens,
+                    cache_write_5m_tokens=reported.cache_write_5m_tokens,
+                    cache_write_1h_tokens=reported.cache_write_1h_tokens,
+                    cache_read_tokens=reported.cache_read_tokens,
+                    output_tokens=output,
+                    output_estimated=not meter.output_reported,
+                    estimated_output_tokens=estimated,
+                )
+            extra = {
+                "model": meter.model,
+                "message_id": meter.message_id,
+                "api_error_type": meter.api_error_type,
+                "stop_reason": meter.stop_reason,
+                "events_received": meter.events,
+                "bytes_received": meter.bytes_received,
+                "server_tool_use": MappingProxyType(dict(reported.server_tool_use)),
+                "time_to_first_token_s": (
+                    meter.first_delta_at - attempt.started if meter.first_delta_at is not None else None
+                ),
+            }
+        record = AttemptRecord(
+            attempt_id=attempt.attempt_id,
+            logical_request_id=attempt.logical_request_id,
+            attempt_number=attempt.attempt_number,
+            started_at=attempt.started_at,
+            outcome=outcome,
+            model_requested=attempt.model_requested,
+            stream=attempt.stream,
+            beta_features=attempt.beta_features,
+            request_id=attempt.request_id,
+            sdk_retry=attempt.sdk_retry,
+            http_status=attempt.http_status,
+            error_type=type(error).__name__ if error is not None else None,
+            duration_s=time.perf_counter() - attempt.started,
+            usage=usage,
+            cost=self.prices.cost(model, usage) if model else None,
+            tags=attempt.tags,
+            fingerprint=attempt.fingerprint,
+            **extra,
+        )
+        record = self.tracker.finish(record)
+        for listener, state in attempt.listener_states:
+            _guard("listener_finish", listener.attempt_finished, state, record)
+        self.pipeline.submit(record)
+
+
+@dataclass(slots=True, eq=False)
+class _Attempt:
+    """The open account of one attempt, from ``send()`` until its body ends."""
+
+    accountant: Accountant
+    attempt_id: str
+    logical_request_id: str
+    attempt_number: int
+    started_at: datetime
+    started: float
+    model_requested: str
+    fingerprint: str | None
+    sdk_retry: int
+    beta_features: tuple[str, ...]
+    tags: Mapping[str, str]
+    stream: bool = False
+    request_id: str | None = None
+    http_status: int | None = None
+    meter: BodyMeter | None = None
+    listener_states: list[tuple[AttemptListener, object]] = field(default_factory=list)
+    _once: threading.Lock = field(default_factory=threading.Lock)
+
+    def settle(self, outcome: Outcome, error: BaseException | None = None) -> None:
+        """Finish the attempt once; later calls (close after an error, GC) do nothing."""
+        if not self._once.acquire(blocking=False):
+            return  # never released: the account is closed for good
+        try:
+            self.accountant.settle(self, outcome, error)
+        except Exception as exc:
+            instrumentation_errors.record("settle", exc)
+
+    def on_response(self, response: Any) -> None:
+        """Read the status and headers of the response."""
+        self.http_status = response.status_code
+        headers = response.headers
+        self.request_id = headers.get("request-id")
+        self.stream = headers.get("content-type", "").startswith("text/event-stream")
+
+    def body_ended(self, error: BaseException | None) -> None:
+        """The body ended: at EOF (``error`` None), by an exception, or by being closed early."""
+        meter = self.meter
+        if meter is not None and not meter.complete and not self.stream:
+            meter.finish_json()
+        self.settle(self.outcome_after_body(error), None if isinstance(error, _CANCELLATIONS) else error)
+
+    def outcome_after_body(self, error: BaseException | None) -> Outcome:
+        """Classify how an attempt whose headers arrived ended."""
+        meter = self.meter
+        if self.http_status is not None and self.http_status >= 400:
+            return Outcome.HTTP_ERROR
+        if meter is not None and meter.api_error_type is not None:
+            return Outcome.STREAM_ERROR
+        if meter is not None and meter.complete:
+            return Outcome.COMPLETED
+        if error is None or isinstance(error, _CANCELLATIONS) or _is_cancellation(error):
+            return Outcome.CANCELLED
+        return Outcome.DROPPED
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    return type(error).__name__ == "CancelledError"
+
+
+def _describe_body(body: bytes) -> tuple[str, str | None]:
+    """The requested model and the request fingerprint (a hash; the body itself is never kept)."""
+    if not body:
+        return "", None
+    fingerprint = hashlib.blake2b(body, digest_size=16).hexdigest()
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return "", fingerprint
+    model = data.get("model") if isinstance(data, dict) else None
+    return (model if isinstance(model, str) else ""), fingerprint
+
+
+def _int_header(value: str | None) -> int:
+    try:
+        return max(int(value), 0) if value is not None else 0
+    except ValueError:
+        return 0
+
+
+# -- the byte-stream wrappers ---------------------------------------------------------------------
+def _make_stream_classes(module: Any) -> tuple[type, type]:
+    """Response-stream wrappers that subclass this HTTP library's own stream base classes."""
+
+    class ObservedSyncStream(module.SyncByteStream):  # type: ignore[misc, name-defined]
+        """Passes the body through untouched while the attempt's meter reads it."""
+
+        def __init__(self, inner: Any, attempt: _Attempt) -> None:
+            self._inner = inner
+            self._attempt = attempt
+
+        def __iter__(self) -> Any:
+            attempt = self._attempt
+            feed = _guarded_feed(attempt)
+            try:
+                for chunk in self._inner:
+                    feed(chunk)
+                    yield chunk
+            except BaseException as exc:
+                _guard("body_error", attempt.body_ended, exc)
+                raise
+            _guard("body_end", attempt.body_ended, None)
+
+        def close(self) -> None:
+            try:
+                self._inner.close()
+            finally:
+                _guard("body_close", self._attempt.body_ended, GeneratorExit())
+
+        def __del__(self) -> None:
+            _guard("body_gc", self._attempt.body_ended, GeneratorExit())
+
+    class ObservedAsyncStream(module.AsyncByteStream):  # type: ignore[misc, name-defined]
+        """The async twin of ``ObservedSyncStream``."""
+
+        def __init__(self, inner: Any, attempt: _Attempt) -> None:
+            self._inner = inner
+            self._attempt = attempt
+
+        async def __aiter__(self) -> Any:
+            attempt = self._attempt
+            feed = _guarded_feed(attempt)
+            try:
+                async for chunk in self._inner:
+                    feed(chunk)
+                    yield chunk
+            except BaseException as exc:
+                _guard("body_error", attempt.body_ended, exc)
+                raise
+            _guard("body_end", attempt.body_ended, None)
+
+        async def aclose(self) -> None:
+            try:
+                await self._inner.aclose()
+            finally:
+                _guard("body_close", self._attempt.body_ended, GeneratorExit())
+
+        def __del__(self) -> None:
+            _guard("body_gc", self._attempt.body_ended, GeneratorExit())
+
+    return ObservedSyncStream, ObservedAsyncStream
+
+
+def _guarded_feed(attempt: _Attempt) -> Callable[[bytes], None]:
+    meter = attempt.meter
+    if meter is None:
+        return _ignore
+
+    def feed(chunk: bytes) -> None:
+        try:
+            meter.feed(chunk)
+        except Exception as exc:  # a parser bug must not break the stream; stop metering it
+            instrumentation_errors.record("feed", exc)
+            attempt.meter = None
+
+    return feed
+
+
+def _ignore(chunk: bytes) -> None:
+    return None
+
+
+def _guard(where: str, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        instrumentation_errors.record(where, exc)
+        return None
+
+
+# -- the send() hooks -----------------------------------------------------------------------------
+class _Hooks:
+    """What ``instrument()`` installed, so that ``uninstrument()`` can put back exactly that."""
+
+    def __init__(self, accountant: Accountant, http_clients: weakref.WeakSet[Any] | None) -> None:
+        self.accountant = accountant
+        self.http_clients = http_clients
+        # (class, the original send, whether the class itself defined it rather than inheriting it)
+        self.originals: list[tuple[type, Callable[..., Any], bool]] = []
+
+    def wants(self, http_client: Any, request: Any) -> bool:
+        """Whether this request is a Messages API call we account for."""
+        if request.method != "POST" or not request.url.path.endswith(_MESSAGES_PATH_SUFFIX):
+            return False
+        if self.http_clients is not None and http_client not in self.http_clients:
+            return False
+        return "anthropic-version" in request.headers
+
+    def install(self, modules: Iterable[Any]) -> None:
+        for module in modules:
+            sync_stream, async_stream = _make_stream_classes(module)
+            for cls, wrap, stream_cls in (
+                (module.Client, _wrap_sync_send, sync_stream),
+                (module.AsyncClient, _wrap_async_send, async_stream),
+            ):
+                original = cls.send
+                self.originals.append((cls, original, "send" in cls.__dict__))
+                cls.send = wrap(self, original, stream_cls)
+
+    def remove(self) -> None:
+        for cls, original, own in reversed(self.originals):
+            if own:
+                cls.send = original
+            else:
+                del cls.send
+        self.originals.clear()
+
+
+def _wrap_sync_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: type) -> Callable[..., Any]:
+    def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if not hooks.wants(self, request):
+            return original(self, request, *args, **kwargs)
+        attempt = _guard("begin", hooks.accountant.begin, request)
+        if attempt is None:
+            return original(self, request, *args, **kwargs)
+        try:
+            response = original(self, request, *args, **kwargs)
+        except BaseException as exc:
+            _guard("send_error", _settle_without_response, attempt, exc)
+            raise
+        _guard("response", _observe_response, attempt, response, stream_cls)
+        return response
+
+    send.__wrapped__ = original  # type: ignore[attr-defined]
+    return send
+
+
+def _wrap_async_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: type) -> Callable[..., Any]:
+    async def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if not hooks.wants(self, request):
+            return await original(self, request, *args, **kwargs)
+        attempt = _guard("begin", hooks.accountant.begin, request)
+        if attempt is None:
+            return await original(self, request, *args, **kwargs)
+        try:
+            response = await original(self, request, *args, **kwargs)
+        except BaseException as exc:
+            _guard("send_error", _settle_without_response, attempt, exc)
+            raise
+        _guard("response", _observe_response, attempt, response, stream_cls)
+        return response
+
+    send.__wrapped__ = original  # type: ignore[attr-defined]
+    return send
+
+
+def _settle_without_response(attempt: _Attempt, error: BaseException) -> None:
+    # A non-streaming body is read inside send(): a cut there surfaces here, after the headers.
+    if "message body" in str(error):
+        attempt.settle(Outcome.DROPPED, error)
+    elif isinstance(error, _CANCELLATIONS) or _is_cancellation(error):
+        attempt.settle(Outcome.CANCELLED, None)
+    else:
+        attempt.settle(Outcome.CONNECT_ERROR, error)
+
+
+def _observe_response(attempt: _Attempt, response: Any, stream_cls: type) -> None:
+    attempt.on_response(response)
+    if response.is_stream_consumed:
+        # send(stream=False) already read (and decoded) the whole body.
+        meter = attempt.meter = BodyMeter(stream=attempt.stream, clock=time.perf_counter)
+        meter.feed(response.content)
+        attempt.body_ended(None)
+        return
+    attempt.meter = BodyMeter(
+        stream=attempt.stream,
+        content_encoding=response.headers.get("content-encoding"),
+        clock=time.perf_counter,
+    )
+    response.stream = stream_cls(response.stream, attempt)
+
+
+# -- instrument() / uninstrument() ----------------------------------------------------------------
+_state_lock = threading.Lock()
+_hooks: _Hooks | None = None
+
+
+def instrument(
+    client: Any = None,
+    *,
+    pipeline: Pipeline | None = None,
+    prices: PriceTable | None = None,
+    estimator: OutputEstimator | None = None,
+    listeners: Iterable[AttemptListener] = (),
+    retry_window_s: float | None = None,
+) -> bool:
+    """Account for every attempt of every Anthropic client, or only of ``client`` when given.
+
+    Returns True if hooks were installed, False if costwatch was already instrumenting (a second
+    call does nothing). Clients created before or after the call are covered alike.
+    """
+    global _hooks
+    with _state_lock:
+        if _hooks is not None:
+            if client is not None and _hooks.http_clients is not None:
+                _hooks.http_clients.add(_http_client_of(client))
+                return True
+            return False
+        accountant = Accountant(
+            pipeline=pipeline or get_pipeline(),
+            prices=prices or load_prices(),
+            estimator=estimator,
+            listeners=listeners,
+            tracker=RetryTracker(window_s=retry_window_s) if retry_window_s is not None else None,
+        )
+        http_clients: weakref.WeakSet[Any] | None = None
+        if client is not None:
+            http_clients = weakref.WeakSet([_http_client_of(client)])
+        hooks = _Hooks(accountant, http_clients)
+        hooks.install(_importable_http_modules())
+        _hooks = hooks
+        return True
+
+
+def uninstrument() -> bool:
+    """Restore the HTTP clients' original ``send`` methods exactly; False if nothing was installed."""
+    global _hooks
+    with _state_lock:
+        if _hooks is None:
+            return False
+        _hooks.remove()
+        _hooks = None
+        return True
+
+
+def is_instrumented() -> bool:
+    """Whether costwatch's hooks are installed."""
+    return _hooks is not None
+
+
+def _http_client_of(client: Any) -> Any:
+    http_client = getattr(client, "_client", None)
+    if http_client is None or not hasattr(http_client, "send"):
+        raise TypeError(
+            f"costwatch.instrument(client=...) expects an anthropic.Anthropic or AsyncAnthropic client, "
+            f"got {type(client).__name__}"
+        )
+    return http_client
+
+
+def _importable_http_modules() -> list[Any]:
+    modules = []
+    for name in _HTTP_MODULES:
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return modules

@@ -1,0 +1,424 @@
+"""The record pipeline: a bounded queue between the SDK hooks and the sinks, drained by one thread.
+
+The caller's thread only appends to a deque (no lock, no I/O); a daemon thread batches records by
+size and interval and hands them to every sink. Nothing submitted is lost:
+
+* a sink whose ``export`` raises gets the batch in the local :class:`~costwatch.spool.Spool`
+  instead, and the spool is replayed to it with exponential backoff until it recovers (while a
+  sink is failing, new batches go straight to its spool rather than waiting on it again);
+* a full queue sends the record to the spool for every sink;
+* ``flush()``, interpreter exit and ``SIGTERM`` deliver (or spool) everything queued;
+* a forked child starts with an empty queue and its own thread and spool segments.
+
+Only when the spool itself cannot be written is a record dropped; that is counted and logged once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from .records import AttemptRecord
+from .sinks import Sink
+from .spool import Spool
+
+__all__ = ["Pipeline", "PipelineHealth", "get_pipeline"]
+
+log = logging.getLogger("costwatch")
+
+
+@dataclass(frozen=True)
+class PipelineHealth:
+    """A snapshot of the pipeline's health counters."""
+
+    queue_depth: int
+    """Records waiting in memory for the writer thread."""
+    spooled_pending: int
+    """Records in the spool not yet replayed to the sink that missed them (summed over sinks)."""
+    write_errors: int
+    """Failed ``export`` calls (each failed batch or replay counts once)."""
+    dropped: int
+    """Records lost because neither a sink nor the spool could take them."""
+
+
+class _Flushed:
+    """A marker in the queue: everything before it has been delivered or spooled once it is reached."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+@dataclass
+class _SinkState:
+    """Whether a sink is failing, and when to try replaying its spool next."""
+
+    failing: bool = False
+    backoff_s: float = 0.0
+    next_replay_at: float = 0.0
+
+
+class Pipeline:
+    """Moves attempt records from the hooks to the sinks without ever blocking the hooks.
+
+    ``capacity`` bounds the in-memory queue; ``batch_size`` and ``interval_s`` bound how many
+    records and how much time go by before a batch is written. ``retry_initial_s`` and
+    ``retry_max_s`` bound the backoff between replays of the spool to a failing sink.
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity: int = 100_000,
+        batch_size: int = 500,
+        interval_s: float = 1.0,
+        spool: Spool | None = None,
+        retry_initial_s: float = 1.0,
+        retry_max_s: float = 60.0,
+    ) -> None:
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.interval_s = interval_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.spool = spool if spool is not None else Spool()
+        self._sinks: list[Sink] = []
+        self._states: dict[int, _SinkState] = {}
+        self._reset_runtime()
+        _live_pipelines.add(self)
+
+    def _reset_runtime(self) -> None:
+        self._queue: deque[AttemptRecord | _Flushed] = deque()
+        self._wake = threading.Event()
+        self._start_lock = threading.Lock()
+        self._counter_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dropped = 0
+        self._write_errors = 0
+        self._drop_logged = False
+        self._states = {id(sink): _SinkState() for sink in self._sinks}
+
+    # -- the caller's side -------------------------------------------------------------------
+    def submit(self, record: AttemptRecord) -> None:
+        """Queue a record for every sink; never blocks (a full queue spills to the spool)."""
+        if len(self._queue) >= self.capacity:
+            self._spill([record], reason="the record queue is full")
+            return
+        self._queue.append(record)
+        if self._thread is None:
+            self._start()
+        if len(self._queue) >= self.batch_size:
+            self._wake.set()
+
+    @property
+    def queue_depth(self) -> int:
+        """Records waiting to be delivered."""
+        return len(self._queue)
+
+    @property
+    def dropped(self) -> int:
+        """Records lost because neither a sink nor the spool could take them."""
+        return self._dropped
+
+    @property
+    def write_errors(self) -> int:
+        """Failed ``export`` calls so far."""
+        return self._write_errors
+
+    @property
+    def spooled_pending(self) -> int:
+        """Records in the spool waiting to be replayed (as far as this process knows)."""
+        return self.spool.pending()
+
+    def health(self) -> PipelineHealth:
+        """The health counters, for the metrics exporter and for tests."""
+        return PipelineHealth(
+            queue_depth=self.queue_depth,
+            spooled_pending=self.spooled_pending,
+            write_errors=self._write_errors,
+            dropped=self._dropped,
+        )
+
+    def add_sink(self, sink: Sink) -> None:
+        """Deliver records to ``sink`` from now on."""
+        if sink not in self._sinks:
+            self._states[id(sink)] = _SinkState()
+            self._sinks = [*self._sinks, sink]
+            self._wake.set()  # a spool left by an earlier run may be waiting for this sink
+
+    def remove_sink(self, sink: Sink) -> None:
+        """Stop delivering to ``sink`` (after delivering what is queued) and shut it down."""
+        self.flush()
+        if sink in self._sinks:
+            self._sinks = [s for s in self._sinks if s is not sink]
+            self._states.pop(id(sink), None)
+            sink.shutdown()
+
+    @property
+    def sinks(self) -> Sequence[Sink]:
+        """The sinks records go to."""
+        return tuple(self._sinks)
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait until every record submitted so far was delivered or spooled; False on timeout."""
+        if self._thread is None and not self._queue:
+            return True
+        # A marker rather than a count: the writer may be in the middle of a batch it already took.
+        marker = _Flushed()
+        self._queue.append(marker)
+        if self._thread is None:
+            self._start()
+        self._wake.set()
+        return marker.done.wait(timeout)
+
+    def retry_spool(self) -> None:
+        """Replay spooled records to their sinks now instead of at the next backoff step."""
+        for state in self._states.values():
+            state.next_replay_at = 0.0
+        if self._thread is None:
+            self._start()
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Deliver what is queued, stop the thread and shut the sinks down."""
+        self.flush(timeout)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._spill_queue()
+        for sink in self._sinks:
+            try:
+                sink.shutdown()
+            except Exception:
+                log.exception("costwatch: sink %s failed to shut down", getattr(sink, "name", sink))
+        self._sinks = []
+        self._states = {}
+        self.spool.close()
+        self._stopping = False
+
+    def install_exit_handlers(self) -> None:
+        """Flush at interpreter exit and on ``SIGTERM`` (chaining to the previous SIGTERM handler)."""
+        atexit.register(self.shutdown)
+        _flush_on_sigterm.add(self)
+        _install_sigterm_handler()
+
+    # -- the writer's side -------------------------------------------------------------------
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="costwatch-pipeline", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._seconds_to_next_event())
+            self._wake.clear()
+            try:
+                self._drain()
+                self._replay_spools()
+            except Exception:  # the writer thread must outlive any bug in a sink or in itself
+                log.exception("costwatch: record pipeline error")
+            if self._stopping:
+                self._drain()
+                return
+
+    def _seconds_to_next_event(self) -> float:
+        now = time.monotonic()
+        waits = [self.interval_s]
+        waits += [s.next_replay_at - now for s in self._states.values() if s.failing]
+        return max(0.0, min(waits))
+
+    def _drain(self) -> None:
+        while self._queue:
+            batch: list[AttemptRecord] = []
+            markers: list[_Flushed] = []
+            while self._queue and len(batch) < self.batch_size:
+                item = self._queue.popleft()
+                if isinstance(item, _Flushed):
+                    markers.append(item)
+                    break
+                batch.append(item)
+            if batch:
+                self._deliver(batch)
+            for marker in markers:
+                marker.done.set()
+
+    def _deliver(self, batch: list[AttemptRecord]) -> None:
+        for sink in self._sinks:
+            state = self._states.setdefault(id(sink), _SinkState())
+            if state.failing:
+                self._spool_for(sink, batch)
+                continue
+            try:
+                sink.export(batch)
+            except Exception as exc:
+                self._count_write_error()
+                self._mark_failing(sink, state, exc)
+                self._spool_for(sink, batch)
+
+    def _replay_spools(self) -> None:
+        now = time.monotonic()
+        for sink in self._sinks:
+            state = self._states.setdefault(id(sink), _SinkState())
+            if now < state.next_replay_at:
+                continue
+            if not self.spool.has_segments(sink.name):
+                if state.failing:
+                    state.failing = False  # nothing was spooled for it after all
+                state.next_replay_at = now + self.retry_max_s
+                continue
+            try:
+                delivered = self.spool.replay(sink.name, sink.export, batch_size=self.batch_size)
+            except Exception as exc:
+                self._count_write_error()
+                self._mark_failing(sink, state, exc)
+                continue
+            if state.failing:
+                log.warning("costwatch: sink %s recovered; replayed %d spooled records", sink.name, delivered)
+            state.failing = False
+            state.backoff_s = 0.0
+            state.next_replay_at = now + self.retry_max_s
+
+    def _mark_failing(self, sink: Sink, state: _SinkState, exc: BaseException) -> None:
+        if not state.failing:
+            # One warning per outage, not one per batch; the message is the exception's class and
+            # text, which for the store never includes a password.
+            log.warning(
+                "costwatch: sink %s failed (%s: %s); spooling its records and retrying with backoff",
+                sink.name,
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+        state.failing = True
+        state.backoff_s = min(
+            self.retry_max_s, state.backoff_s * 2 if state.backoff_s else self.retry_initial_s
+        )
+        state.next_replay_at = time.monotonic() + state.backoff_s
+
+    def _count_write_error(self) -> None:
+        with self._counter_lock:
+            self._write_errors += 1
+
+    def _spool_for(self, sink: Sink, batch: list[AttemptRecord]) -> None:
+        try:
+            self.spool.append(sink.name, batch)
+        except Exception as exc:
+            self._count_dropped(len(batch), f"the spool could not be written ({exc})")
+
+    def _spill(self, records: list[AttemptRecord], *, reason: str) -> None:
+        """Put records that cannot wait for the writer thread straight into every sink's spool."""
+        sinks = self._sinks
+        if not sinks:
+            self._count_dropped(len(records), f"{reason} and no sink is configured")
+            return
+        for sink in sinks:
+            self._spool_for(sink, records)
+
+    def _spill_queue(self) -> None:
+        """Move whatever is still queued (the writer is stopped or stuck) into the spool."""
+        leftover: list[AttemptRecord] = []
+        while self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, _Flushed):
+                item.done.set()
+            else:
+                leftover.append(item)
+        if leftover:
+            self._spill(leftover, reason="the pipeline stopped before delivering them")
+
+    def _count_dropped(self, count: int, reason: str) -> None:
+        with self._counter_lock:
+            self._dropped += count
+            first = not self._drop_logged
+            self._drop_logged = True
+        if first:
+            log.error(
+                "costwatch: %d attempt record(s) dropped: %s (further drops are only counted)", count, reason
+            )
+
+    # -- signals and fork --------------------------------------------------------------------
+    def _flush_for_exit(self, timeout: float) -> None:
+        if not self.flush(timeout):
+            self._spill_queue()
+
+    def _after_fork_in_child(self) -> None:
+        # The queued records are the parent's to deliver; the child starts empty, with its own thread
+        # (started lazily by the next submit) and its own spool segments.
+        self._reset_runtime()
+        self.spool.after_fork_in_child()
+
+
+_live_pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+_flush_on_sigterm: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+_previous_sigterm: Callable[[int, FrameType | None], Any] | int | None = None
+_sigterm_installed = False
+
+SIGTERM_FLUSH_TIMEOUT_S = 10.0
+"""How long a ``SIGTERM`` waits for queued records to be delivered before spooling the rest."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    for pipeline in list(_flush_on_sigterm):
+        try:
+            pipeline._flush_for_exit(SIGTERM_FLUSH_TIMEOUT_S)
+        except Exception:
+            log.exception("costwatch: flushing attempt records on SIGTERM failed")
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_IGN:
+        return
+    else:
+        # The default action (terminate), as if we had never been here.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_sigterm_handler() -> None:
+    global _previous_sigterm, _sigterm_installed
+    if _sigterm_installed:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        log.debug("costwatch: not in the main thread; records are flushed at exit but not on SIGTERM")
+        return
+    _previous_sigterm = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _sigterm_installed = True
+
+
+def _reset_pipelines_in_child() -> None:
+    for pipeline in list(_live_pipelines):
+        pipeline._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pipelines_in_child)
+
+
+_pipeline: Pipeline | None = None
+_pipeline_lock = threading.Lock()
+
+
+def get_pipeline() -> Pipeline:
+    """The process-wide pipeline, created on first use and flushed at interpreter exit and on SIGTERM."""
+    global _pipeline
+    if _pipeline is None:
+        with _pipeline_lock:
+            if _pipeline is None:
+                _pipeline = Pipeline()
+                _pipeline.install_exit_handlers()
+    return _pipeline

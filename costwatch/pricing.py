@@ -1,0 +1,356 @@
+"""The pricing table: what each Claude model charges per token, and the price of one attempt.
+
+The built-in table ships as ``costwatch/data/prices.json`` (read with :mod:`importlib.resources` so
+it works from a wheel). Users correct or extend it with a file of the same shape, named by the
+``COSTWATCH_PRICES_FILE`` environment variable or passed to :func:`load_prices`; its models are
+merged over the built-in ones. A model without a known price is still recorded, just not priced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import date
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .records import Cost, Usage
+
+__all__ = [
+    "PRICES_FILE_ENV",
+    "LongContextPrice",
+    "ModelPrice",
+    "PriceFileError",
+    "PriceTable",
+    "load_prices",
+]
+
+log = logging.getLogger("costwatch")
+
+PRICES_FILE_ENV = "COSTWATCH_PRICES_FILE"
+"""The environment variable naming a prices file to merge over the built-in table."""
+
+_BUILTIN = "costwatch/data/prices.json"
+_PER_MTOK = 1_000_000
+
+
+class PriceFileError(ValueError):
+    """A prices file that cannot be used; the message names the file, the fault and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class LongContextPrice:
+    """The rates that replace the base rates when an attempt's prompt is longer than a threshold."""
+
+    above_input_tokens: int
+    """The premium applies when input + cache writes + cache reads exceed this many tokens."""
+    input_usd_per_mtok: float
+    output_usd_per_mtok: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """One model's published rates, in US dollars per million tokens, and where they come from."""
+
+    model: str
+    name: str
+    input_usd_per_mtok: float
+    output_usd_per_mtok: float
+    cache_write_5m_multiplier: float
+    cache_write_1h_multiplier: float
+    cache_read_multiplier: float
+    batch_discount: float
+    """The fraction taken off every component for Message Batches (0.5 is half price)."""
+    long_context: LongContextPrice | None = None
+    aliases: tuple[str, ...] = ()
+    status: str = ""
+    source: str = ""
+    as_of: str | None = None
+    retrieved: str | None = None
+    note: str = ""
+
+    def cost(self, usage: Usage, *, batch: bool = False) -> Cost:
+        """The price of an attempt that billed ``usage``.
+
+        Anthropic decides the long-context premium on the whole prompt (input plus cache writes and
+        reads); once over the threshold, every token of the attempt, output included, is repriced.
+        """
+        input_rate, output_rate = self.input_usd_per_mtok, self.output_usd_per_mtok
+        prompt = usage.input_tokens + usage.cache_write_tokens + usage.cache_read_tokens
+        if self.long_context is not None and prompt > self.long_context.above_input_tokens:
+            input_rate = self.long_context.input_usd_per_mtok
+            output_rate = self.long_context.output_usd_per_mtok
+        # Anthropic's batch discount stacks with the caching multipliers, so it scales every part.
+        scale = (1.0 - self.batch_discount if batch else 1.0) / _PER_MTOK
+        cache_write = (
+            usage.cache_write_5m_tokens * self.cache_write_5m_multiplier
+            + usage.cache_write_1h_tokens * self.cache_write_1h_multiplier
+        )
+        return Cost(
+            input_usd=usage.input_tokens * input_rate * scale,
+            cache_write_usd=cache_write * input_rate * scale,
+            cache_read_usd=usage.cache_read_tokens * self.cache_read_multiplier * input_rate * scale,
+            output_usd=usage.output_tokens * output_rate * scale,
+        )
+
+
+class PriceTable:
+    """The prices of every known model, looked up by model id or alias. Immutable once built."""
+
+    def __init__(
+        self,
+        prices: Mapping[str, ModelPrice],
+        *,
+        unpriced: Mapping[str, str] = MappingProxyType({}),
+        version: str,
+        updated: str,
+        source: str,
+    ) -> None:
+        self.version = version
+        """The data version, ``<built-in>`` or ``<built-in>+<override>`` after a merge."""
+        self.updated = updated
+        """The ISO date of the newest data merged into the table."""
+        self.source = source
+        """Where the table was read from: the built-in file, plus any override file."""
+        self._prices = MappingProxyType(dict(prices))
+        self._unpriced = MappingProxyType(dict(unpriced))
+        names: dict[str, str] = {}
+        for model, price in self._prices.items():
+            names[model] = model
+            for alias in price.aliases:
+                names[alias] = model
+        self._names = MappingProxyType(names)
+        self._warned: set[str] = set()
+        self._warned_lock = threading.Lock()
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The canonical ids of the priced models."""
+        return tuple(self._prices)
+
+    @property
+    def unpriced(self) -> Mapping[str, str]:
+        """Models known to exist but without a public price, each with the reason."""
+        return self._unpriced
+
+    def lookup(self, model: str) -> ModelPrice | None:
+        """The price of ``model`` (an id or an alias), or ``None`` when it is unknown or unpriced."""
+        canonical = self._names.get(model)
+        return self._prices[canonical] if canonical is not None else None
+
+    def cost(self, model: str, usage: Usage, *, batch: bool = False) -> Cost | None:
+        """The price of an attempt on ``model``; ``None`` (and one warning per model) if it has none."""
+        price = self.lookup(model)
+        if price is None:
+            self._warn_unpriced(model)
+            return None
+        return price.cost(usage, batch=batch)
+
+    def _warn_unpriced(self, model: str) -> None:
+        # Called once per attempt: keep the lock short and log outside it.
+        with self._warned_lock:
+            if model in self._warned:
+                return
+            self._warned.add(model)
+        reason = self._unpriced.get(model)
+        if reason is not None:
+            log.warning(
+                "costwatch: model %r has no known price (%s); its attempts are unpriced", model, reason
+            )
+        else:
+            log.warning(
+                "costwatch: model %r is not in the price table (version %s); its attempts are unpriced. "
+                "Add it with %s.",
+                model,
+                self.version,
+                PRICES_FILE_ENV,
+            )
+
+
+def load_prices(override: str | os.PathLike[str] | None = None) -> PriceTable:
+    """The built-in price table, with an override file merged over it.
+
+    The override is ``override`` if given, else the file named by ``COSTWATCH_PRICES_FILE``, if set.
+    Raises :class:`PriceFileError` when the override file is missing or malformed.
+    """
+    text = resources.files("costwatch").joinpath("data/prices.json").read_text(encoding="utf-8")
+    table = _parse(text, _BUILTIN, strict=True)
+    if override is None:
+        override = os.environ.get(PRICES_FILE_ENV) or None
+    if override is None:
+        return table
+    path = Path(override)
+    try:
+        override_text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PriceFileError(_message(str(path), f"cannot be read ({exc.strerror or exc})")) from exc
+    return _merge(table, _parse(override_text, str(path), strict=False))
+
+
+# -- reading the JSON ------------------------------------------------------------------------------
+def _message(where: str, fault: str) -> str:
+    return (
+        f"costwatch prices file {where}: {fault}; fix the file (its shape is described in docs/pricing.md) "
+        f"or unset {PRICES_FILE_ENV}"
+    )
+
+
+class _Reader:
+    """Validates one prices file, naming the file and the field in every error."""
+
+    def __init__(self, where: str, *, strict: bool) -> None:
+        self.where = where
+        self.strict = strict
+        """The built-in file must carry provenance for every entry; an override may omit it."""
+
+    def fail(self, fault: str) -> PriceFileError:
+        return PriceFileError(_message(self.where, fault))
+
+    def rate(self, entry: Mapping[str, Any], key: str, field: str) -> float:
+        value = entry.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(f"{field}.{key} must be a number, got {value!r}")
+        if value < 0:
+            raise self.fail(f"{field}.{key} must not be negative, got {value!r}")
+        return float(value)
+
+    def text(self, entry: Mapping[str, Any], key: str, field: str, *, required: bool) -> str | None:
+        value = entry.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"{field}.{key} must be a non-empty string, got {value!r}")
+        return value
+
+    def iso_date(self, entry: Mapping[str, Any], key: str, field: str, *, required: bool) -> str | None:
+        value = self.text(entry, key, field, required=required)
+        if value is not None:
+            try:
+                date.fromisoformat(value)
+            except ValueError:
+                raise self.fail(f"{field}.{key} must be an ISO date (YYYY-MM-DD), got {value!r}") from None
+        return value
+
+    def model(self, model: str, entry: Any) -> ModelPrice | str:
+        """A :class:`ModelPrice`, or the reason string of a model listed as unpriced."""
+        field = f"models[{model!r}]"
+        if not isinstance(entry, Mapping):
+            raise self.fail(f"{field} must be an object, got {type(entry).__name__}")
+        source = self.text(entry, "source", field, required=self.strict) or self.where
+        as_of = self.iso_date(entry, "as_of", field, required=False)
+        retrieved = self.iso_date(entry, "retrieved", field, required=self.strict and as_of is None)
+        note = self.text(entry, "note", field, required=False) if entry.get("note") else ""
+        priced = entry.get("priced", True)
+        if not isinstance(priced, bool):
+            raise self.fail(f"{field}.priced must be true or false, got {priced!r}")
+        if not priced:
+            if not note:
+                raise self.fail(f"{field} is unpriced, so it needs a note saying why")
+            return note
+        aliases = entry.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise self.fail(f"{field}.aliases must be a list of model ids, got {aliases!r}")
+        batch_discount = self.rate(entry, "batch_discount", field)
+        if batch_discount >= 1:
+            raise self.fail(f"{field}.batch_discount is a fraction below 1, got {batch_discount!r}")
+        long_context = entry.get("long_context")
+        if long_context is not None:
+            lc_field = f"{field}.long_context"
+            if not isinstance(long_context, Mapping):
+                raise self.fail(f"{lc_field} must be an object or null, got {type(long_context).__name__}")
+            threshold = long_context.get("above_input_tokens")
+            if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold <= 0:
+                raise self.fail(
+                    f"{lc_field}.above_input_tokens must be a positive integer, got {threshold!r}"
+                )
+            long_context = LongContextPrice(
+                above_input_tokens=threshold,
+                input_usd_per_mtok=self.rate(long_context, "input_usd_per_mtok", lc_field),
+                output_usd_per_mtok=self.rate(long_context, "output_usd_per_mtok", lc_field),
+            )
+        return ModelPrice(
+            model=model,
+            name=self.text(entry, "name", field, required=False) or model,
+            input_usd_per_mtok=self.rate(entry, "input_usd_per_mtok", field),
+            output_usd_per_mtok=self.rate(entry, "output_usd_per_mtok", field),
+            cache_write_5m_multiplier=self.rate(entry, "cache_write_5m_multiplier", field),
+            cache_write_1h_multiplier=self.rate(entry, "cache_write_1h_multiplier", field),
+            cache_read_multiplier=self.rate(entry, "cache_read_multiplier", field),
+            batch_discount=batch_discount,
+            long_context=long_context,
+            aliases=tuple(aliases),
+            status=self.text(entry, "status", field, required=False) or "",
+            source=source,
+            as_of=as_of,
+            retrieved=retrieved,
+            note=note or "",
+        )
+
+
+def _parse(text: str, where: str, *, strict: bool) -> PriceTable:
+    reader = _Reader(where, strict=strict)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise reader.fail(f"invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+    if not isinstance(data, Mapping):
+        raise reader.fail(f"the top level must be an object, got {type(data).__name__}")
+    models = data.get("models")
+    if not isinstance(models, Mapping):
+        raise reader.fail(f"'models' must be an object of model id -> entry, got {type(models).__name__}")
+    version = reader.text(data, "version", "file", required=strict) or Path(where).name
+    updated = reader.iso_date(data, "updated", "file", required=strict) or ""
+    prices: dict[str, ModelPrice] = {}
+    unpriced: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for model, entry in models.items():
+        parsed = reader.model(model, entry)
+        names = [model, *(parsed.aliases if isinstance(parsed, ModelPrice) else ())]
+        for name in names:
+            if name in seen:
+                raise reader.fail(f"{name!r} names both {seen[name]!r} and {model!r}")
+            seen[name] = model
+        if isinstance(parsed, ModelPrice):
+            prices[model] = parsed
+        else:
+            unpriced[model] = parsed
+    return PriceTable(prices, unpriced=unpriced, version=version, updated=updated, source=where)
+
+
+def _merge(base: PriceTable, override: PriceTable) -> PriceTable:
+    """``base`` with every model of ``override`` replacing the entry it names (by id or alias)."""
+    prices = dict(base._prices)
+    unpriced = dict(base._unpriced)
+    for model in (*override._prices, *override._unpriced):
+        canonical = base._names.get(model, model)
+        old = prices.pop(canonical, None)
+        unpriced.pop(canonical, None)
+        new = override._prices.get(model)
+        if new is None:
+            unpriced[canonical] = override._unpriced[model]
+            continue
+        # An override keyed by an alias replaces the canonical entry; keep the old names reachable.
+        aliases = set(new.aliases) | (set(old.aliases) if old is not None else set())
+        aliases |= {model} - {canonical}
+        for alias in aliases:
+            if base._names.get(alias, canonical) != canonical:
+                raise PriceFileError(
+                    _message(
+                        override.source, f"alias {alias!r} of {model!r} already names {base._names[alias]!r}"
+                    )
+                )
+        prices[canonical] = replace(new, model=canonical, aliases=tuple(sorted(aliases - {canonical})))
+    return PriceTable(
+        prices,
+        unpriced=unpriced,
+        version=f"{base.version}+{override.version}",
+        updated=max(base.updated, override.updated),
+        source=f"{base.source} + {override.source}",
+    )

@@ -1,0 +1,247 @@
+"""The attempt record: one immutable row per HTTP attempt to the Messages API.
+
+Everything downstream of the SDK hooks (the store, the metrics, the spans, the reports) consumes
+these records and nothing else, so this module imports nothing from the rest of costwatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+__all__ = [
+    "AttemptRecord",
+    "AttemptStart",
+    "Cost",
+    "Outcome",
+    "TokenType",
+    "Usage",
+    "WasteReason",
+]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class Outcome(str, enum.Enum):
+    """How one HTTP attempt ended."""
+
+    COMPLETED = "completed"
+    """The response arrived whole (a JSON body, or a stream through ``message_stop``)."""
+    DROPPED = "dropped"
+    """The connection was lost in the middle of the body (the seed's ``RemoteProtocolError``)."""
+    STREAM_ERROR = "stream_error"
+    """The server sent an SSE ``error`` event (for example ``overloaded_error``) mid-stream."""
+    HTTP_ERROR = "http_error"
+    """The server answered with an error status (429, 500, 529, ...) before any body."""
+    CONNECT_ERROR = "connect_error"
+    """No response at all: refused, reset, or timed out before the headers."""
+    CANCELLED = "cancelled"
+    """The application stopped reading (``break``, ``close()``, task cancellation, garbage collection)."""
+
+    @property
+    def failed(self) -> bool:
+        """Whether the attempt did not deliver a whole response."""
+        return self is not Outcome.COMPLETED
+
+
+class WasteReason(str, enum.Enum):
+    """Why the billed tokens of a failed attempt count as wasted."""
+
+    RETRIED = "retried"
+    """A later attempt of the same logical request exists: these tokens were paid for twice."""
+    ABANDONED = "abandoned"
+    """No later attempt exists (yet): the tokens bought nothing."""
+
+
+class TokenType(str, enum.Enum):
+    """The billed token kinds, as used in metric labels and report columns."""
+
+    INPUT = "input"
+    OUTPUT = "output"
+    CACHE_READ = "cache_read"
+    CACHE_WRITE = "cache_write"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens billed for one attempt.
+
+    ``input_tokens`` excludes cache reads and writes, as in the API's ``usage`` object. When
+    ``output_estimated`` is true, ``estimated_output_tokens`` of ``output_tokens`` were estimated
+    from the text that arrived before the stream was cut; the rest were reported by the API.
+    """
+
+    input_tokens: int = 0
+    cache_write_5m_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    cache_read_tokens: int = 0
+    output_tokens: int = 0
+    output_estimated: bool = False
+    estimated_output_tokens: int = 0
+
+    @property
+    def cache_write_tokens(self) -> int:
+        """Cache writes of both lifetimes."""
+        return self.cache_write_5m_tokens + self.cache_write_1h_tokens
+
+    @property
+    def billed_tokens(self) -> int:
+        """Every billed token of the attempt, all kinds together."""
+        return self.input_tokens + self.cache_write_tokens + self.cache_read_tokens + self.output_tokens
+
+    def by_type(self) -> dict[TokenType, int]:
+        """The billed tokens keyed by :class:`TokenType`."""
+        return {
+            TokenType.INPUT: self.input_tokens,
+            TokenType.OUTPUT: self.output_tokens,
+            TokenType.CACHE_READ: self.cache_read_tokens,
+            TokenType.CACHE_WRITE: self.cache_write_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """The price of one attempt in US dollars, by component."""
+
+    input_usd: float = 0.0
+    cache_write_usd: float = 0.0
+    cache_read_usd: float = 0.0
+    output_usd: float = 0.0
+
+    @property
+    def total_usd(self) -> float:
+        """The sum of the components."""
+        return self.input_usd + self.cache_write_usd + self.cache_read_usd + self.output_usd
+
+    def by_type(self) -> dict[TokenType, float]:
+        """The cost keyed by :class:`TokenType`."""
+        return {
+            TokenType.INPUT: self.input_usd,
+            TokenType.OUTPUT: self.output_usd,
+            TokenType.CACHE_READ: self.cache_read_usd,
+            TokenType.CACHE_WRITE: self.cache_write_usd,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One HTTP attempt to the Messages API, with what it billed, whether it was wasted and its price.
+
+    Records hold no prompt or completion text and no credentials. A record whose waste attribution
+    changes after the fact (an ``abandoned`` attempt whose retry arrives) is emitted again with the
+    same ``attempt_id`` and a higher ``revision``; sinks keep the highest revision.
+    """
+
+    attempt_id: str
+    logical_request_id: str
+    attempt_number: int
+    """1-based position of this attempt within its logical request (SDK and application retries)."""
+    started_at: datetime
+    """When the request was sent (timezone-aware, UTC)."""
+    outcome: Outcome
+    model_requested: str = ""
+    model: str | None = None
+    """The model the API answered with, when a response said so."""
+    stream: bool = False
+    beta_features: tuple[str, ...] = ()
+    request_id: str | None = None
+    """Anthropic's ``request-id`` response header."""
+    message_id: str | None = None
+    sdk_retry: int = 0
+    """The SDK's own retry count for this attempt (``x-stainless-retry-count``)."""
+    http_status: int | None = None
+    error_type: str | None = None
+    """The class name of the exception the application saw from this attempt, if any."""
+    api_error_type: str | None = None
+    """The API's error type, such as ``overloaded_error``, from an error body or SSE ``error`` event."""
+    time_to_first_token_s: float | None = None
+    duration_s: float = 0.0
+    usage: Usage = field(default_factory=Usage)
+    server_tool_use: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    stop_reason: str | None = None
+    events_received: int = 0
+    bytes_received: int = 0
+    cost: Cost | None = None
+    """``None`` when the model has no known price (the tokens are still recorded)."""
+    wasted: bool = False
+    waste_reason: WasteReason | None = None
+    tags: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    fingerprint: str | None = None
+    """A hash of the request's model, system, messages, tools and parameters; never the content."""
+    revision: int = 0
+
+    @property
+    def priced(self) -> bool:
+        """Whether a price was known for the model."""
+        return self.cost is not None
+
+    @property
+    def wasted_tokens(self) -> int:
+        """Billed tokens that bought nothing (zero unless the attempt is wasted)."""
+        return self.usage.billed_tokens if self.wasted else 0
+
+    @property
+    def wasted_cost_usd(self) -> float:
+        """The wasted part of the cost (zero unless wasted or unpriced)."""
+        return self.cost.total_usd if (self.wasted and self.cost is not None) else 0.0
+
+    def with_waste(self, reason: WasteReason | None) -> AttemptRecord:
+        """A copy with its waste attribution set to ``reason`` and its revision bumped."""
+        return dataclasses.replace(
+            self, wasted=reason is not None, waste_reason=reason, revision=self.revision + 1
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the record (enums as their values, datetimes as ISO 8601)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, datetime):
+                value = value.isoformat()
+            elif isinstance(value, (Usage, Cost)):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AttemptRecord:
+        """The inverse of :meth:`to_dict`; raises ``ValueError`` on a malformed record."""
+        try:
+            kwargs = dict(data)
+            kwargs["started_at"] = datetime.fromisoformat(kwargs["started_at"])
+            kwargs["outcome"] = Outcome(kwargs["outcome"])
+            reason = kwargs.get("waste_reason")
+            kwargs["waste_reason"] = WasteReason(reason) if reason is not None else None
+            kwargs["usage"] = Usage(**kwargs.get("usage") or {})
+            cost = kwargs.get("cost")
+            kwargs["cost"] = Cost(**cost) if cost is not None else None
+            kwargs["beta_features"] = tuple(kwargs.get("beta_features") or ())
+            kwargs["server_tool_use"] = MappingProxyType(dict(kwargs.get("server_tool_use") or {}))
+            kwargs["tags"] = MappingProxyType(dict(kwargs.get("tags") or {}))
+            return cls(**kwargs)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed attempt record: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptStart:
+    """What is known of an attempt when it is sent: handed to listeners that trace attempts live."""
+
+    attempt_id: str
+    logical_request_id: str
+    attempt_number: int
+    started_at: datetime
+    model_requested: str = ""
+    sdk_retry: int = 0
+    tags: Mapping[str, str] = field(default_factory=lambda: _EMPTY)

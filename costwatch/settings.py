@@ -1,0 +1,110 @@
+"""costwatch's settings: one table, each setting with its ``COSTWATCH_*`` variable, type and default.
+
+Keyword arguments to :func:`costwatch.instrument` override the environment, which overrides the
+defaults. A malformed value raises :class:`SettingsError` with one line naming the variable, the value
+and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["SETTINGS", "Setting", "Settings", "SettingsError", "load_settings"]
+
+
+class SettingsError(ValueError):
+    """A setting's value cannot be used."""
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("expected a number above 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("expected a whole number above 0")
+    return value
+
+
+def _text(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table."""
+
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("database_url", "COSTWATCH_DATABASE_URL", _text, "sqlite:///costwatch.db",
+            "Where attempt records are stored (SQLAlchemy URL; SQLite file or PostgreSQL)."),
+    Setting("store", "COSTWATCH_STORE", _bool, True,
+            "Write attempt records to the database (off: only metrics, spans and custom sinks)."),
+    Setting("spool_dir", "COSTWATCH_SPOOL_DIR", _text, ".costwatch/spool",
+            "Where records wait on local disk while the database is down or slow."),
+    Setting("prices_file", "COSTWATCH_PRICES_FILE", _text, None,
+            "A JSON price file merged over the built-in price table."),
+    Setting("retry_window_s", "COSTWATCH_RETRY_WINDOW", _positive_float, 600.0,
+            "Seconds within which a resent identical request counts as a retry of a failed one."),
+    Setting("queue_capacity", "COSTWATCH_QUEUE_CAPACITY", _positive_int, 100_000,
+            "Records held in memory before new ones are spooled to disk."),
+    Setting("batch_size", "COSTWATCH_BATCH_SIZE", _positive_int, 500,
+            "Records written per database transaction."),
+    Setting("flush_interval_s", "COSTWATCH_FLUSH_INTERVAL", _positive_float, 1.0,
+            "Seconds between writes when fewer than a batch of records are waiting."),
+    Setting("metrics", "COSTWATCH_METRICS", _bool, True,
+            "Count attempts in Prometheus metrics in this process."),
+    Setting("workflow_label_limit", "COSTWATCH_WORKFLOW_LABEL_LIMIT", _positive_int, 20,
+            "Distinct `workflow` label values kept in metrics; the rest are reported as `other`."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+Settings = dataclasses.make_dataclass(
+    "Settings", [(s.name, Any, dataclasses.field(default=s.default)) for s in SETTINGS], frozen=True
+)
+Settings.__doc__ = "The settings in effect, one attribute per row of :data:`SETTINGS`."
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Any:
+    """The settings from keyword ``overrides``, then ``environ`` (default ``os.environ``), then defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = env.get(setting.env)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{setting.env}={raw!r} is not valid: {exc}") from None
+    for name, value in (overrides or {}).items():
+        if name not in _BY_NAME:
+            known = ", ".join(sorted(_BY_NAME))
+            raise SettingsError(f"unknown costwatch setting {name!r}; known settings: {known}")
+        if value is not None:
+            values[name] = value
+    return Settings(**values)

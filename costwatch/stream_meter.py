@@ -1,0 +1,301 @@
+"""Reading the Messages API's response bytes as they pass: usage, content sizes, and how a body ended.
+
+This is pure logic with no I/O: the SDK hooks feed it the raw body chunks the application receives,
+and it keeps only numbers (token counts, character counts per content type, ids, the stop reason).
+It never keeps the text it measures.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["CONTENT_TYPES", "BodyMeter", "ReportedUsage"]
+
+CONTENT_TYPES = ("text", "thinking", "tool_input")
+"""The content types whose characters are counted to estimate the output of a cut stream."""
+
+# Which content type a block's deltas count toward, by the block's type. Blocks not listed (tool
+# results, documents, redacted thinking) carry no output text that the client sees as deltas.
+_BLOCK_CONTENT_TYPE = {
+    "text": "text",
+    "thinking": "thinking",
+    "tool_use": "tool_input",
+    "server_tool_use": "tool_input",
+    "mcp_tool_use": "tool_input",
+}
+_DELTA_FIELD = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
+_DELTA_CONTENT_TYPE = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "tool_input"}
+
+
+class ReportedUsage:
+    """Token counts as the API reported them (``message_start``, ``message_delta`` or a JSON body)."""
+
+    __slots__ = (
+        "cache_read_tokens",
+        "cache_write_1h_tokens",
+        "cache_write_5m_tokens",
+        "input_tokens",
+        "output_tokens",
+        "server_tool_use",
+    )
+
+    def __init__(self) -> None:
+        self.input_tokens = 0
+        self.cache_write_5m_tokens = 0
+        self.cache_write_1h_tokens = 0
+        self.cache_read_tokens = 0
+        self.output_tokens = 0
+        self.server_tool_use: dict[str, int] = {}
+
+    def update(self, usage: Mapping[str, Any]) -> None:
+        """Merge a ``usage`` object; fields that are absent or null keep their value."""
+        value = _count(usage.get("input_tokens"))
+        if value is not None:
+            self.input_tokens = value
+        value = _count(usage.get("cache_read_input_tokens"))
+        if value is not None:
+            self.cache_read_tokens = value
+        creation = usage.get("cache_creation")
+        total_write = _count(usage.get("cache_creation_input_tokens"))
+        if isinstance(creation, Mapping):
+            five = _count(creation.get("ephemeral_5m_input_tokens")) or 0
+            hour = _count(creation.get("ephemeral_1h_input_tokens")) or 0
+            # The split is authoritative when it adds up; otherwise the total wins and any
+            # unexplained remainder is priced at the 5-minute rate (the API's default lifetime).
+            if total_write is None or five + hour == total_write:
+                self.cache_write_5m_tokens, self.cache_write_1h_tokens = five, hour
+            else:
+                self.cache_write_5m_tokens = max(total_write - hour, 0)
+                self.cache_write_1h_tokens = min(hour, total_write)
+        elif total_write is not None and total_write != self.cache_write_5m_tokens + self.cache_write_1h_tokens:
+            # A total without a split (e.g. a later message_delta) keeps the split already known.
+            hour = min(self.cache_write_1h_tokens, total_write)
+            self.cache_write_5m_tokens, self.cache_write_1h_tokens = total_write - hour, hour
+        value = _count(usage.get("output_tokens"))
+        if value is not None:
+            self.output_tokens = value
+        tools = usage.get("server_tool_use")
+        if isinstance(tools, Mapping):
+            for name, count in tools.items():
+                n = _count(count)
+                if n is not None and isinstance(name, str):
+                    self.server_tool_use[name] = n
+
+
+def _count(value: Any) -> int | None:
+    """A token count from the wire: a non-negative int, or None when absent or nonsensical."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if value >= 0 else None
+
+
+class BodyMeter:
+    """Measures one response body, chunk by chunk, for a streaming (SSE) or a JSON response.
+
+    Feed it the raw bytes with :meth:`feed`; read the results from its attributes. Malformed
+    input never raises: bad events are counted in ``malformed_events`` and skipped.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_decompressor",
+        "_json_body",
+        "_stream",
+        "api_error_type",
+        "bytes_received",
+        "chars",
+        "events",
+        "first_delta_at",
+        "malformed_events",
+        "message_id",
+        "message_stop_seen",
+        "model",
+        "now",
+        "output_reported",
+        "stop_reason",
+        "usage",
+    )
+
+    def __init__(self, *, stream: bool, content_encoding: str | None = None, clock: Any = None) -> None:
+        self._stream = stream
+        self._buffer = b""
+        self._json_body: list[bytes] = []
+        self._decompressor = _decompressor(content_encoding)
+        self.now = clock
+        self.usage = ReportedUsage()
+        self.chars = dict.fromkeys(CONTENT_TYPES, 0)
+        self.events = 0
+        self.malformed_events = 0
+        self.bytes_received = 0
+        self.first_delta_at: float | None = None
+        self.message_id: str | None = None
+        self.model: str | None = None
+        self.stop_reason: str | None = None
+        self.api_error_type: str | None = None
+        self.message_stop_seen = False
+        self.output_reported = False
+        """True once the API reported the final output count (``message_delta`` or a JSON body)."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether the whole response arrived (``message_stop`` for a stream, a parsed JSON body)."""
+        return self.message_stop_seen
+
+    def feed(self, chunk: bytes) -> None:
+        """Account for the next chunk of raw body bytes."""
+        self.bytes_received += len(chunk)
+        if self._decompressor is not None:
+            chunk = self._decompressor.decompress(chunk)
+        if not self._stream:
+            self._json_body.append(chunk)
+            return
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        start = 0
+        while True:
+            end = buffer.find(b"\n\n", start)
+            if end < 0:
+                break
+            self._event(buffer[start:end])
+            start = end + 2
+        self._buffer = buffer[start:]
+
+    def finish_json(self) -> None:
+        """Parse a complete non-streaming body (a Message, or an error object)."""
+        body = b"".join(self._json_body)
+        self._json_body = []
+        if self._decompressor is not None:
+            body += self._decompressor.flush()
+        self.take_json(body)
+
+    def take_json(self, body: bytes) -> None:
+        """Account for a whole non-streaming body given at once."""
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            self.malformed_events += 1
+            return
+        if not isinstance(data, dict):
+            return
+        if data.get("type") == "error":
+            self._error(data)
+            return
+        self._message(data)
+        usage = data.get("usage")
+        if isinstance(usage, Mapping):
+            self.usage.update(usage)
+            self.output_reported = "output_tokens" in usage
+        self.stop_reason = data.get("stop_reason") or self.stop_reason
+        content = data.get("content")
+        if isinstance(content, list):
+            for block in content:
+                if isinstance(block, Mapping):
+                    self._count_whole_block(block)
+        self.message_stop_seen = True
+
+    # -- SSE -------------------------------------------------------------------------------
+    def _event(self, raw: bytes) -> None:
+        name = b""
+        data = b""
+        for line in raw.split(b"\n"):
+            if line.startswith(b"data:"):
+                part = line[5:]
+                part = part[1:] if part.startswith(b" ") else part
+                data = data + b"\n" + part if data else part
+            elif line.startswith(b"event:"):
+                name = line[6:].strip()
+        if not data and not name:
+            return  # a comment or keep-alive
+        self.events += 1
+        if name == b"ping":
+            return
+        try:
+            payload = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            self.malformed_events += 1
+            return
+        if not isinstance(payload, dict):
+            self.malformed_events += 1
+            return
+        kind = payload.get("type")
+        if kind == "content_block_delta":
+            delta = payload.get("delta")
+            if isinstance(delta, dict):
+                delta_type = delta.get("type")
+                content_type = _DELTA_CONTENT_TYPE.get(delta_type)  # type: ignore[arg-type]
+                if content_type is not None:
+                    piece = delta.get(_DELTA_FIELD[delta_type])  # type: ignore[index]
+                    if isinstance(piece, str):
+                        self.chars[content_type] += len(piece)
+                if self.first_delta_at is None and self.now is not None:
+                    self.first_delta_at = self.now()
+        elif kind == "content_block_start":
+            block = payload.get("content_block")
+            if isinstance(block, Mapping):
+                # A block may arrive whole in its start event (e.g. text with content, tool input).
+                self._count_whole_block(block)
+        elif kind == "message_start":
+            message = payload.get("message")
+            if isinstance(message, Mapping):
+                self._message(message)
+                usage = message.get("usage")
+                if isinstance(usage, Mapping):
+                    self.usage.update(usage)
+        elif kind == "message_delta":
+            usage = payload.get("usage")
+            if isinstance(usage, Mapping):
+                self.usage.update(usage)
+                if "output_tokens" in usage:
+                    self.output_reported = True
+            delta = payload.get("delta")
+            if isinstance(delta, Mapping) and delta.get("stop_reason"):
+                self.stop_reason = delta["stop_reason"]
+        elif kind == "message_stop":
+            self.message_stop_seen = True
+        elif kind == "error":
+            self._error(payload)
+
+    def _message(self, message: Mapping[str, Any]) -> None:
+        message_id = message.get("id")
+        if isinstance(message_id, str):
+            self.message_id = message_id
+        model = message.get("model")
+        if isinstance(model, str):
+            self.model = model
+
+    def _error(self, payload: Mapping[str, Any]) -> None:
+        error = payload.get("error")
+        if isinstance(error, Mapping) and isinstance(error.get("type"), str):
+            self.api_error_type = error["type"]
+        else:
+            self.api_error_type = "error"
+
+    def _count_whole_block(self, block: Mapping[str, Any]) -> None:
+        content_type = _BLOCK_CONTENT_TYPE.get(block.get("type"))  # type: ignore[arg-type]
+        if content_type == "text":
+            text = block.get("text")
+            if isinstance(text, str):
+                self.chars["text"] += len(text)
+        elif content_type == "thinking":
+            text = block.get("thinking")
+            if isinstance(text, str):
+                self.chars["thinking"] += len(text)
+        elif content_type == "tool_input":
+            tool_input = block.get("input")
+            if tool_input:  # a streamed block starts with {} and sends its JSON as deltas
+                self.chars["tool_input"] += len(json.dumps(tool_input, separators=(",", ":")))
+
+
+def _decompressor(content_encoding: str | None) -> Any:
+    if not content_encoding:
+        return None
+    encoding = content_encoding.strip().lower()
+    if encoding == "gzip":
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    return None

@@ -1,0 +1,120 @@
+"""Retries form logical requests, and failed attempts' billed tokens become retried or abandoned waste."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from costwatch.attribution import RetryTracker
+from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def finished(
+    assignment, outcome: Outcome, *, billed: int = 100, fingerprint: str | None = "fp"
+) -> AttemptRecord:
+    return AttemptRecord(
+        attempt_id=f"{assignment.logical_request_id}-{assignment.attempt_number}",
+        logical_request_id=assignment.logical_request_id,
+        attempt_number=assignment.attempt_number,
+        started_at=datetime.now(timezone.utc),
+        outcome=outcome,
+        usage=Usage(input_tokens=billed),
+        fingerprint=fingerprint,
+    )
+
+
+def test_a_dropped_attempt_is_abandoned_until_its_retry_arrives_then_retried():
+    tracker = RetryTracker()
+    first = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    dropped = tracker.finish(finished(first, Outcome.DROPPED))
+    assert dropped.wasted and dropped.waste_reason is WasteReason.ABANDONED and dropped.revision == 0
+
+    retry = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    assert retry.logical_request_id == first.logical_request_id
+    assert retry.attempt_number == 2
+    (flipped,) = retry.now_retried
+    assert flipped.attempt_id == dropped.attempt_id
+    assert flipped.waste_reason is WasteReason.RETRIED and flipped.revision == 1
+    completed = tracker.finish(finished(retry, Outcome.COMPLETED))
+    assert not completed.wasted and completed.waste_reason is None
+
+
+def test_an_identical_request_after_a_success_starts_a_new_logical_request():
+    tracker = RetryTracker()
+    first = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    tracker.finish(finished(first, Outcome.COMPLETED))
+    second = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    assert second.logical_request_id != first.logical_request_id and second.attempt_number == 1
+
+
+def test_attempts_that_billed_nothing_waste_nothing():
+    tracker = RetryTracker()
+    first = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    record = tracker.finish(finished(first, Outcome.HTTP_ERROR, billed=0))
+    assert not record.wasted
+    retry = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    assert retry.attempt_number == 2 and retry.now_retried == ()
+
+
+def test_explicit_logical_requests_group_attempts_whatever_their_bodies():
+    tracker = RetryTracker()
+    a = tracker.begin(explicit_id="job-42", fingerprint="one", previous_id=None)
+    tracker.finish(finished(a, Outcome.DROPPED, fingerprint="one"))
+    b = tracker.begin(explicit_id="job-42", fingerprint="two", previous_id=None)
+    assert (b.logical_request_id, b.attempt_number) == ("job-42", 2)
+    assert len(b.now_retried) == 1
+
+
+def test_sdk_internal_retries_join_the_previous_attempt_of_their_context():
+    tracker = RetryTracker()
+    a = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    tracker.finish(finished(a, Outcome.HTTP_ERROR, billed=0))
+    b = tracker.begin(explicit_id=None, fingerprint="other", previous_id=a.logical_request_id)
+    assert (b.logical_request_id, b.attempt_number) == (a.logical_request_id, 2)
+
+
+def test_a_failure_older_than_the_window_is_not_matched_and_stays_abandoned():
+    clock = FakeClock()
+    tracker = RetryTracker(window_s=60, clock=clock)
+    first = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    tracker.finish(finished(first, Outcome.DROPPED))
+    clock.now = 61
+    later = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    assert later.logical_request_id != first.logical_request_id and later.now_retried == ()
+
+
+def test_the_tracker_forgets_the_oldest_requests_beyond_its_bound():
+    tracker = RetryTracker(max_requests=10)
+    first = tracker.begin(explicit_id=None, fingerprint="fp0", previous_id=None)
+    tracker.finish(finished(first, Outcome.DROPPED, fingerprint="fp0"))
+    for i in range(1, 20):
+        a = tracker.begin(explicit_id=None, fingerprint=f"fp{i}", previous_id=None)
+        tracker.finish(finished(a, Outcome.DROPPED, fingerprint=f"fp{i}"))
+    assert len(tracker._requests) <= 10 and len(tracker._failed_by_fingerprint) <= 10
+    again = tracker.begin(explicit_id=None, fingerprint="fp0", previous_id=None)
+    assert again.logical_request_id != first.logical_request_id
+
+
+def test_two_failures_then_success_flip_both_failures_to_retried():
+    tracker = RetryTracker()
+    wasted = []
+    a = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    wasted.append(tracker.finish(finished(a, Outcome.DROPPED)))
+    b = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    wasted.extend(b.now_retried)
+    wasted.append(tracker.finish(finished(b, Outcome.STREAM_ERROR)))
+    c = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    wasted.extend(c.now_retried)
+    latest = {}
+    for r in wasted:
+        if r.attempt_id not in latest or r.revision > latest[r.attempt_id].revision:
+            latest[r.attempt_id] = r
+    assert c.attempt_number == 3
+    assert {r.waste_reason for r in latest.values()} == {WasteReason.RETRIED}

@@ -1,0 +1,415 @@
+"""costwatch.instrument(): every SDK attempt becomes a record whose tokens match what the server billed."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import re
+import threading
+
+import anthropic
+import pytest
+from conftest import async_client, sync_client
+
+import costwatch
+from costwatch import Outcome, WasteReason
+from costwatch.health import instrumentation_errors
+from costwatch.pipeline import Pipeline
+from costwatch.testing import BlockKind, BlockSpec, FakeAnthropicServer, Fault, ResponseSpec
+
+MODEL = "claude-haiku-4-5"
+MESSAGES = [{"role": "user", "content": "Refactor the billing module."}]
+BETAS = ["code-execution-2025-08-25"]
+HTTP_MODULE = importlib.import_module("httpx2" if anthropic.__version__.startswith("2") else "httpx")
+
+
+def resource(client, beta: bool):
+    return client.beta.messages if beta else client.messages
+
+
+def extra(beta: bool) -> dict:
+    return {"betas": BETAS} if beta else {}
+
+
+def create(client, beta=False, **kw):
+    return resource(client, beta).create(model=MODEL, max_tokens=8192, messages=MESSAGES, **extra(beta), **kw)
+
+
+def create_stream(client, beta=False, **kw):
+    return list(create(client, beta, stream=True, **kw))
+
+
+def stream_helper(client, beta=False, **kw):
+    with resource(client, beta).stream(
+        model=MODEL, max_tokens=8192, messages=MESSAGES, **extra(beta), **kw
+    ) as s:
+        "".join(s.text_stream)
+        return s.get_final_message()
+
+
+async def acreate(client, beta=False, **kw):
+    return await resource(client, beta).create(
+        model=MODEL, max_tokens=8192, messages=MESSAGES, **extra(beta), **kw
+    )
+
+
+async def acreate_stream(client, beta=False, **kw):
+    return [event async for event in await acreate(client, beta, stream=True, **kw)]
+
+
+async def astream_helper(client, beta=False, **kw):
+    async with resource(client, beta).stream(
+        model=MODEL, max_tokens=8192, messages=MESSAGES, **extra(beta), **kw
+    ) as s:
+        async for _ in s.text_stream:
+            pass
+        return await s.get_final_message()
+
+
+SYNC_CALLS = {"create": create, "create_stream": create_stream, "stream": stream_helper}
+ASYNC_CALLS = {"create": acreate, "create_stream": acreate_stream, "stream": astream_helper}
+
+
+def call(server, mode: str, name: str, beta: bool = False, **client_kw):
+    """Make one SDK call of the given shape, sync or async, and return its result."""
+    if mode == "sync":
+        return SYNC_CALLS[name](sync_client(server, **client_kw), beta)
+
+    async def run():
+        return await ASYNC_CALLS[name](async_client(server, **client_kw), beta)
+
+    return asyncio.run(run())
+
+
+def assert_billed_like_ledger(record, entry, *, output_exact=True):
+    usage = record.usage
+    assert usage.input_tokens == entry.input_tokens
+    assert usage.cache_read_tokens == entry.cache_read_tokens
+    assert usage.cache_write_5m_tokens == entry.cache_write_5m_tokens
+    assert usage.cache_write_1h_tokens == entry.cache_write_1h_tokens
+    if output_exact:
+        assert usage.output_tokens == entry.output_tokens
+        assert not usage.output_estimated
+    assert record.request_id == entry.request_id
+
+
+CACHED = ResponseSpec(
+    input_tokens=120_000, cache_read_tokens=30_000, cache_write_5m_tokens=2_000, cache_write_1h_tokens=500
+)
+
+
+@pytest.mark.parametrize("beta", [False, True], ids=["messages", "beta"])
+@pytest.mark.parametrize("name", list(SYNC_CALLS))
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_every_entry_point_records_one_completed_attempt_billed_like_the_ledger(accounting, mode, name, beta):
+    with FakeAnthropicServer(CACHED) as server:
+        call(server, mode, name, beta)
+        (entry,) = server.ledger.entries
+    (record,) = accounting.records()
+    assert record.outcome is Outcome.COMPLETED
+    assert_billed_like_ledger(record, entry)
+    assert record.stream is (name != "create")
+    assert record.model_requested == MODEL and record.model == entry.model
+    assert record.message_id == entry.message_id
+    assert record.beta_features == (tuple(BETAS) if beta else ())
+    assert record.attempt_number == 1 and record.sdk_retry == 0
+    assert not record.wasted and record.waste_reason is None
+    assert record.cost is not None and record.cost.total_usd > 0
+    assert record.duration_s > 0
+    if record.stream:
+        assert record.events_received == entry.events_sent
+        assert (
+            record.time_to_first_token_s is not None and 0 < record.time_to_first_token_s <= record.duration_s
+        )
+
+
+def warm_up(server, count: int = 6) -> None:
+    """Completed streams calibrate the output estimator, as they do in production."""
+    client = sync_client(server)
+    for _ in range(count):
+        create_stream(client)
+
+
+@pytest.mark.parametrize("name", ["create_stream", "stream"])
+def test_scripted_drops_bill_exact_input_and_estimate_partial_output_within_ten_percent(accounting, name):
+    with FakeAnthropicServer(CACHED) as server:
+        warm_up(server)
+        server.ledger.clear()
+        accounting.forget()
+        server.enqueue(Fault.cut_after_deltas(40), Fault.cut_after_deltas(900), None)
+        client = sync_client(server)
+        for _ in range(2):
+            with pytest.raises(HTTP_MODULE.RemoteProtocolError):
+                SYNC_CALLS[name](client)
+        SYNC_CALLS[name](client)
+        entries = server.ledger.entries
+    records = accounting.records()
+    assert [r.outcome for r in records] == [Outcome.DROPPED, Outcome.DROPPED, Outcome.COMPLETED]
+    assert len({r.logical_request_id for r in records}) == 1
+    assert [r.attempt_number for r in records] == [1, 2, 3]
+    for record, entry in zip(records, entries):
+        assert_billed_like_ledger(record, entry, output_exact=record.outcome is Outcome.COMPLETED)
+    dropped = records[:2]
+    assert all(
+        r.usage.output_estimated and r.usage.estimated_output_tokens == r.usage.output_tokens for r in dropped
+    )
+    estimated = sum(r.usage.output_tokens for r in dropped)
+    truth = sum(e.output_tokens for e in entries[:2])
+    assert abs(estimated - truth) <= 0.10 * truth, (estimated, truth)
+    assert all(r.wasted and r.waste_reason is WasteReason.RETRIED for r in dropped)
+    assert records[2].wasted is False
+
+
+def test_a_drop_is_abandoned_waste_until_the_application_retries(accounting):
+    with FakeAnthropicServer(ResponseSpec.small(200)) as server:
+        server.enqueue(Fault.cut_after_deltas(10), None)
+        client = sync_client(server)
+        with pytest.raises(HTTP_MODULE.RemoteProtocolError):
+            create_stream(client)
+        (dropped,) = accounting.records()
+        assert dropped.waste_reason is WasteReason.ABANDONED and dropped.wasted_tokens > 0
+        create_stream(client)
+    first, retry = accounting.records()
+    assert first.attempt_id == dropped.attempt_id
+    assert first.waste_reason is WasteReason.RETRIED and first.revision == 1
+    assert retry.logical_request_id == first.logical_request_id and retry.attempt_number == 2
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sdk_internal_retries_are_unbilled_attempts_of_the_same_logical_request(accounting, mode):
+    with FakeAnthropicServer(ResponseSpec.small(30)) as server:
+        server.enqueue(Fault.overloaded(), Fault.internal_server_error(), None)
+        call(server, mode, "create", max_retries=2)
+        entries = server.ledger.entries
+    records = accounting.records()
+    assert [r.outcome for r in records] == [Outcome.HTTP_ERROR, Outcome.HTTP_ERROR, Outcome.COMPLETED]
+    assert [r.http_status for r in records] == [529, 500, 200]
+    assert [r.api_error_type for r in records[:2]] == ["overloaded_error", "api_error"]
+    assert [r.sdk_retry for r in records] == [0, 1, 2]
+    assert [r.attempt_number for r in records] == [1, 2, 3]
+    assert len({r.logical_request_id for r in records}) == 1
+    assert [r.usage.billed_tokens for r in records[:2]] == [0, 0]
+    assert not any(r.wasted for r in records)
+    assert [e.billed for e in entries] == [False, False, True]
+
+
+def test_an_sse_error_event_is_a_stream_error_whose_billed_tokens_are_wasted(accounting):
+    with FakeAnthropicServer(ResponseSpec.small(300)) as server:
+        server.enqueue(Fault.error_event(after_deltas=20))
+        with pytest.raises(anthropic.APIStatusError):
+            create_stream(sync_client(server, max_retries=0))
+        (entry,) = server.ledger.entries
+    (record,) = accounting.records()
+    assert record.outcome is Outcome.STREAM_ERROR and record.api_error_type == "overloaded_error"
+    assert record.usage.input_tokens == entry.input_tokens and record.usage.output_estimated
+    assert record.waste_reason is WasteReason.ABANDONED
+
+
+def test_a_connection_reset_before_any_response_is_an_unbilled_connect_error(accounting):
+    with FakeAnthropicServer(ResponseSpec.small(10)) as server:
+        server.enqueue(Fault.reset())
+        with pytest.raises(anthropic.APIConnectionError):
+            create(sync_client(server, max_retries=0))
+    (record,) = accounting.records()
+    assert record.outcome is Outcome.CONNECT_ERROR and record.usage.billed_tokens == 0
+    assert record.http_status is None and record.error_type is not None and not record.wasted
+
+
+def test_breaking_out_of_a_stream_closes_it_and_records_a_cancelled_attempt(accounting):
+    with FakeAnthropicServer(ResponseSpec.small(2000)) as server:
+        client = sync_client(server)
+        with client.messages.stream(model=MODEL, max_tokens=8192, messages=MESSAGES) as stream:
+            for _ in stream.text_stream:
+                break
+        assert stream.response.is_closed
+        (record,) = accounting.records()
+    assert record.outcome is Outcome.CANCELLED and record.error_type is None
+    assert record.usage.output_estimated and record.usage.input_tokens > 0
+
+
+def test_a_non_streaming_body_cut_mid_way_is_a_dropped_attempt_the_sdk_retries(accounting):
+    with FakeAnthropicServer(ResponseSpec.small(50)) as server:
+        server.enqueue(Fault.cut_after_bytes(40), None)
+        message = create(sync_client(server, max_retries=1))
+    assert message.usage.output_tokens == 50
+    dropped, completed = accounting.records()
+    assert dropped.outcome is Outcome.DROPPED and dropped.error_type == "RemoteProtocolError"
+    assert (
+        completed.outcome is Outcome.COMPLETED and completed.logical_request_id == dropped.logical_request_id
+    )
+
+
+def failing_call(server, fault):
+    server.enqueue(fault)
+    try:
+        create_stream(sync_client(server, max_retries=0))
+    except Exception as exc:
+        return exc
+    raise AssertionError("the call should have failed")
+
+
+def comparable(exc: BaseException) -> str:
+    return re.sub(r"req_\w+", "req_…", str(exc))  # every attempt has its own request id
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.cut_after_deltas(5), Fault.error_event(after_deltas=3), Fault.overloaded(), Fault.reset()],
+    ids=["cut", "error_event", "529", "reset"],
+)
+def test_the_application_sees_exactly_the_exception_it_would_without_costwatch(fault):
+    with FakeAnthropicServer(ResponseSpec.small(100)) as server:
+        bare = failing_call(server, fault)
+        pipeline = Pipeline()
+        costwatch.instrument(pipeline=pipeline)
+        try:
+            seen = failing_call(server, fault)
+        finally:
+            costwatch.uninstrument()
+            pipeline.shutdown()
+    assert type(seen) is type(bare)
+    assert comparable(seen) == comparable(bare)
+    assert type(seen.__cause__) is type(bare.__cause__)
+    assert type(seen.__context__) is type(bare.__context__)
+    assert seen.__suppress_context__ == bare.__suppress_context__
+
+
+def test_a_bug_inside_the_hooks_is_counted_and_never_reaches_the_application(accounting, monkeypatch):
+    def broken_feed(self, chunk):
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr("costwatch.stream_meter.BodyMeter.feed", broken_feed)
+    before = instrumentation_errors.total
+    with FakeAnthropicServer(ResponseSpec.small(40)) as server:
+        message = stream_helper(sync_client(server))
+        (entry,) = server.ledger.entries
+    assert message.usage.output_tokens == entry.output_tokens == 40
+    assert instrumentation_errors.total > before
+    assert len(accounting.records()) == 1
+
+
+def test_tags_and_logical_requests_stay_with_their_own_thread(accounting):
+    with FakeAnthropicServer(ResponseSpec.small(5)) as server:
+
+        def work(i: int) -> None:
+            client = sync_client(server)
+            with costwatch.tags(workflow=f"wf-{i}"), costwatch.logical_request(f"job-{i}"):
+                create(client)
+                create(client)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    records = accounting.records()
+    assert len(records) == 16
+    for r in records:
+        i = r.logical_request_id.removeprefix("job-")
+        assert r.tags == {"workflow": f"wf-{i}"}
+    for i in range(8):
+        numbers = sorted(r.attempt_number for r in records if r.logical_request_id == f"job-{i}")
+        assert numbers == [1, 2]
+
+
+def test_tags_follow_asyncio_tasks_without_leaking_between_them(accounting):
+    with FakeAnthropicServer(ResponseSpec.small(5, event_interval_s=0.001)) as server:
+
+        async def one(client, i: int) -> None:
+            with costwatch.tags(workflow=f"task-{i}"):
+                await acreate_stream(client)
+
+        async def main() -> None:
+            client = async_client(server)
+            with costwatch.tags(team="search"):
+                await asyncio.gather(*(one(client, i) for i in range(10)))
+
+        asyncio.run(main())
+    records = accounting.records()
+    assert sorted(r.tags["workflow"] for r in records) == sorted(f"task-{i}" for i in range(10))
+    assert all(r.tags["team"] == "search" for r in records)
+
+
+def test_nothing_of_the_prompt_completion_or_api_key_is_kept(accounting):
+    secret_prompt = "SENTINEL-PROMPT-7f3a"
+    with FakeAnthropicServer(ResponseSpec.small(30)) as server:
+        client = sync_client(server)
+        client.messages.create(
+            model=MODEL,
+            max_tokens=100,
+            system="SENTINEL-SYSTEM-91",
+            messages=[{"role": "user", "content": secret_prompt}],
+        )
+        completion = create(client).content[0].text
+    dumped = json.dumps([r.to_dict() for r in accounting.records()])
+    for secret in (secret_prompt, "SENTINEL-SYSTEM-91", "sk-ant-test-key", completion[:20]):
+        assert secret not in dumped
+
+
+def test_instrument_twice_does_nothing_and_uninstrument_restores_the_same_functions():
+    modules = [m for m in (HTTP_MODULE,)]
+    originals = {
+        (m, cls): (cls.send, "send" in cls.__dict__) for m in modules for cls in (m.Client, m.AsyncClient)
+    }
+    assert costwatch.instrument() is True
+    try:
+        assert costwatch.instrument() is False
+        assert all(cls.send is not fn for (_, cls), (fn, _) in originals.items())
+    finally:
+        assert costwatch.uninstrument() is True
+    assert costwatch.uninstrument() is False
+    for (_, cls), (fn, own) in originals.items():
+        assert cls.send is fn
+        assert ("send" in cls.__dict__) is own
+
+
+def test_instrumenting_one_client_leaves_other_clients_unaccounted():
+    pipeline = Pipeline()
+    sink = costwatch.MemorySink()
+    pipeline.add_sink(sink)
+    with FakeAnthropicServer(ResponseSpec.small(5)) as server:
+        watched, other = sync_client(server), sync_client(server)
+        costwatch.instrument(watched, pipeline=pipeline)
+        try:
+            create(watched)
+            create(other)
+            pipeline.flush(10)
+        finally:
+            costwatch.uninstrument()
+            pipeline.shutdown()
+        assert len(server.ledger.entries) == 2
+    assert len(sink.records) == 1
+
+
+def test_other_http_traffic_is_passed_through_untouched(accounting):
+    with FakeAnthropicServer(ResponseSpec.small(5)) as server:
+        response = HTTP_MODULE.post(
+            f"{server.base_url}/v1/messages", json={"model": MODEL, "max_tokens": 5, "messages": MESSAGES}
+        )
+        assert response.status_code == 200
+        response = HTTP_MODULE.get(f"{server.base_url}/v1/models")
+    assert accounting.records() == []
+
+
+def test_unknown_models_keep_their_tokens_and_get_no_price(accounting):
+    with FakeAnthropicServer(ResponseSpec.small(5, model="claude-from-the-future-9")) as server:
+        create(sync_client(server))
+        (entry,) = server.ledger.entries
+    (record,) = accounting.records()
+    assert record.model == "claude-from-the-future-9" and record.cost is None and not record.priced
+    assert record.usage.output_tokens == entry.output_tokens == 5
+
+
+def test_code_execution_and_tool_blocks_count_toward_the_estimate(accounting):
+    spec = ResponseSpec(
+        blocks=(BlockSpec(BlockKind.BASH_CODE_EXECUTION, 400), BlockSpec(BlockKind.TOOL_USE, 400))
+    )
+    with FakeAnthropicServer(spec) as server:
+        server.enqueue(Fault.cut_after_deltas(150))
+        with pytest.raises(HTTP_MODULE.RemoteProtocolError):
+            create_stream(sync_client(server), beta=True)
+        (entry,) = server.ledger.entries
+    (record,) = accounting.records()
+    assert record.usage.output_estimated and record.usage.output_tokens > 0
+    assert abs(record.usage.output_tokens - entry.output_tokens) <= 0.5 * entry.output_tokens

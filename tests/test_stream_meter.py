@@ -1,0 +1,236 @@
+"""The body meter reads usage and content sizes from raw SSE and JSON bytes, and never raises."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from costwatch.stream_meter import BodyMeter
+
+
+def sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+MESSAGE_START = sse(
+    "message_start",
+    {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5-20250929",
+            "content": [],
+            "usage": {
+                "input_tokens": 1200,
+                "cache_creation_input_tokens": 300,
+                "cache_read_input_tokens": 5000,
+                "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+                "output_tokens": 1,
+            },
+        },
+    },
+)
+
+
+def block_start(index: int, block: dict) -> bytes:
+    return sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+
+
+def delta(index: int, kind: str, field: str, text: str) -> bytes:
+    return sse(
+        "content_block_delta",
+        {"type": "content_block_delta", "index": index, "delta": {"type": kind, field: text}},
+    )
+
+
+def full_stream() -> list[bytes]:
+    return [
+        MESSAGE_START,
+        block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+        delta(0, "thinking_delta", "thinking", "Let me think."),
+        delta(0, "signature_delta", "signature", "c2lnbmF0dXJl"),
+        sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        sse("ping", {"type": "ping"}),
+        block_start(1, {"type": "text", "text": ""}),
+        delta(1, "text_delta", "text", "Hello, "),
+        delta(1, "text_delta", "text", "world\n"),
+        block_start(2, {"type": "tool_use", "id": "toolu_1", "name": "run", "input": {}}),
+        delta(2, "input_json_delta", "partial_json", '{"cmd": "ls'),
+        delta(2, "input_json_delta", "partial_json", ' -la"}'),
+        sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                "usage": {"output_tokens": 42, "server_tool_use": {"web_search_requests": 2}},
+            },
+        ),
+        sse("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def test_completed_stream_reports_exact_usage_and_counts_chars_by_content_type():
+    meter = BodyMeter(stream=True)
+    for chunk in full_stream():
+        meter.feed(chunk)
+    assert meter.complete and meter.output_reported
+    assert meter.message_id == "msg_1" and meter.model == "claude-sonnet-4-5-20250929"
+    usage = meter.usage
+    assert (usage.input_tokens, usage.cache_read_tokens) == (1200, 5000)
+    assert (usage.cache_write_5m_tokens, usage.cache_write_1h_tokens) == (100, 200)
+    assert usage.output_tokens == 42
+    assert usage.server_tool_use == {"web_search_requests": 2}
+    assert meter.stop_reason == "tool_use"
+    assert meter.chars == {
+        "thinking": len("Let me think."),
+        "text": len("Hello, world\n"),
+        "tool_input": len('{"cmd": "ls -la"}'),
+    }
+    assert meter.events == 14
+    assert meter.bytes_received == sum(len(c) for c in full_stream())
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64])
+def test_chunk_boundaries_anywhere_give_the_same_result(size):
+    whole = b"".join(full_stream())
+    meter = BodyMeter(stream=True)
+    for i in range(0, len(whole), size):
+        meter.feed(whole[i : i + size])
+    assert meter.complete and meter.usage.output_tokens == 42
+    assert meter.chars["text"] == len("Hello, world\n")
+
+
+def test_crlf_line_endings_are_understood():
+    meter = BodyMeter(stream=True)
+    for chunk in full_stream():
+        meter.feed(chunk.replace(b"\n", b"\r\n"))
+    assert meter.complete and meter.chars["tool_input"] == len('{"cmd": "ls -la"}')
+
+
+def test_a_cut_stream_has_no_reported_output_and_counts_only_whole_events():
+    chunks = full_stream()[:9]
+    cut = chunks[-1][:-5]  # the last event arrives only in part
+    meter = BodyMeter(stream=True)
+    for chunk in [*chunks[:-1], cut]:
+        meter.feed(chunk)
+    assert not meter.complete and not meter.output_reported
+    assert meter.usage.input_tokens == 1200
+    assert meter.chars["text"] == len("Hello, ")
+
+
+def test_sse_error_event_sets_the_api_error_type():
+    meter = BodyMeter(stream=True)
+    meter.feed(MESSAGE_START)
+    meter.feed(
+        sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    )
+    assert meter.api_error_type == "overloaded_error" and not meter.complete
+
+
+def test_malformed_and_unknown_events_are_counted_not_raised():
+    meter = BodyMeter(stream=True)
+    meter.feed(MESSAGE_START)
+    meter.feed(b"event: content_block_delta\ndata: {not json\n\n")
+    meter.feed(b"event: mystery\ndata: [1, 2]\n\n")
+    meter.feed(sse("brand_new_event", {"type": "brand_new_event"}))
+    meter.feed(b": keep-alive comment\n\n")
+    assert meter.malformed_events == 2
+    assert meter.events == 4
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"input_tokens": -5, "output_tokens": "many"},
+        {"input_tokens": None, "output_tokens": True},
+        {"cache_creation": "nonsense", "server_tool_use": [1]},
+    ],
+)
+def test_negative_or_nonsensical_usage_values_are_ignored(usage):
+    meter = BodyMeter(stream=True)
+    meter.feed(MESSAGE_START)
+    meter.feed(sse("message_delta", {"type": "message_delta", "delta": {}, "usage": usage}))
+    assert meter.usage.input_tokens == 1200
+    assert meter.usage.output_tokens == 1
+
+
+def test_huge_counts_are_kept_exactly():
+    meter = BodyMeter(stream=True)
+    meter.feed(MESSAGE_START)
+    meter.feed(
+        sse("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 10**15}})
+    )
+    assert meter.usage.output_tokens == 10**15
+
+
+def test_cache_write_total_without_split_is_priced_as_five_minute_writes():
+    meter = BodyMeter(stream=False)
+    meter.take_json(
+        json.dumps(
+            {
+                "type": "message",
+                "id": "m",
+                "model": "x",
+                "content": [],
+                "usage": {"input_tokens": 1, "cache_creation_input_tokens": 70, "output_tokens": 3},
+            }
+        ).encode()
+    )
+    assert (meter.usage.cache_write_5m_tokens, meter.usage.cache_write_1h_tokens) == (70, 0)
+
+
+def test_json_message_counts_whole_blocks_and_usage():
+    body = {
+        "id": "msg_2",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-haiku-4-5",
+        "content": [
+            {"type": "text", "text": "abc"},
+            {"type": "tool_use", "id": "t", "name": "f", "input": {"a": 1}},
+        ],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+    }
+    meter = BodyMeter(stream=False)
+    meter.feed(json.dumps(body).encode())
+    meter.finish_json()
+    assert meter.complete and meter.output_reported
+    assert meter.chars["text"] == 3 and meter.chars["tool_input"] == len('{"a":1}')
+    assert meter.stop_reason == "end_turn"
+
+
+def test_json_error_body_sets_the_api_error_type():
+    meter = BodyMeter(stream=False)
+    meter.feed(b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}')
+    meter.finish_json()
+    assert meter.api_error_type == "rate_limit_error" and not meter.complete
+
+
+def test_gzip_encoded_streams_are_decoded_before_parsing():
+    compressed = gzip.compress(b"".join(full_stream()))
+    meter = BodyMeter(stream=True, content_encoding="gzip")
+    for i in range(0, len(compressed), 50):
+        meter.feed(compressed[i : i + 50])
+    assert meter.complete and meter.usage.output_tokens == 42
+    assert meter.bytes_received == len(compressed)
+
+
+def test_a_later_cache_write_total_without_split_keeps_the_known_split():
+    meter = BodyMeter(stream=True)
+    meter.feed(MESSAGE_START)
+    meter.feed(
+        sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {},
+                "usage": {"cache_creation_input_tokens": 300, "output_tokens": 9},
+            },
+        )
+    )
+    assert (meter.usage.cache_write_5m_tokens, meter.usage.cache_write_1h_tokens) == (100, 200)
