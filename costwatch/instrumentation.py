@@ -29,7 +29,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
 
@@ -40,7 +40,8 @@ from .health import instrumentation_errors
 from .pipeline import Pipeline, get_pipeline
 from .pricing import PriceTable, load_prices
 from .records import AttemptRecord, AttemptStart, Outcome, Usage
-from .sinks import AttemptListener
+from .settings import load_settings
+from .sinks import AttemptListener, Sink
 from .stream_meter import BodyMeter
 
 __all__ = ["Accountant", "instrument", "is_instrumented", "uninstrument"]
@@ -361,8 +362,11 @@ def _guard(where: str, fn: Callable[..., Any], *args: Any) -> Any:
 class _Hooks:
     """What ``instrument()`` installed, so that ``uninstrument()`` can put back exactly that."""
 
-    def __init__(self, accountant: Accountant, http_clients: weakref.WeakSet[Any] | None) -> None:
+    def __init__(
+        self, accountant: Accountant, http_clients: weakref.WeakSet[Any] | None, sinks: list[Sink]
+    ) -> None:
         self.accountant = accountant
+        self.sinks = sinks
         self.http_clients = http_clients
         # (class, the original send, whether the class itself defined it rather than inheriting it)
         self.originals: list[tuple[type, Callable[..., Any], bool]] = []
@@ -468,15 +472,20 @@ def instrument(
     client: Any = None,
     *,
     pipeline: Pipeline | None = None,
+    sinks: Iterable[Sink] | None = None,
+    listeners: Iterable[AttemptListener] | None = None,
     prices: PriceTable | None = None,
     estimator: OutputEstimator | None = None,
-    listeners: Iterable[AttemptListener] = (),
-    retry_window_s: float | None = None,
+    **settings: Any,
 ) -> bool:
     """Account for every attempt of every Anthropic client, or only of ``client`` when given.
 
-    Returns True if hooks were installed, False if costwatch was already instrumenting (a second
-    call does nothing). Clients created before or after the call are covered alike.
+    Clients created before or after the call are covered alike. Records go to ``sinks`` — by
+    default the SQL store (``database_url``, default ``sqlite:///costwatch.db``) and the in-process
+    Prometheus metrics — and ``listeners`` see attempts live (by default, OpenTelemetry spans).
+    ``settings`` are the rows of :data:`costwatch.settings.SETTINGS` and override their
+    ``COSTWATCH_*`` variables. Returns True if hooks were installed, False if costwatch was already
+    instrumenting (a second call does nothing).
     """
     global _hooks
     with _state_lock:
@@ -485,31 +494,77 @@ def instrument(
                 _hooks.http_clients.add(_http_client_of(client))
                 return True
             return False
+        config = load_settings(settings)
+        pipeline = pipeline or get_pipeline()
+        added = list(sinks) if sinks is not None else _default_sinks(config, pipeline)
+        for sink in added:
+            pipeline.add_sink(sink)
         accountant = Accountant(
-            pipeline=pipeline or get_pipeline(),
-            prices=prices or load_prices(),
+            pipeline=pipeline,
+            prices=prices or load_prices(config.prices_file),
             estimator=estimator,
-            listeners=listeners,
-            tracker=RetryTracker(window_s=retry_window_s) if retry_window_s is not None else None,
+            listeners=listeners if listeners is not None else _default_listeners(),
+            tracker=RetryTracker(window_s=config.retry_window_s),
         )
         http_clients: weakref.WeakSet[Any] | None = None
         if client is not None:
             http_clients = weakref.WeakSet([_http_client_of(client)])
-        hooks = _Hooks(accountant, http_clients)
+        hooks = _Hooks(accountant, http_clients, added)
         hooks.install(_importable_http_modules())
         _hooks = hooks
         return True
 
 
 def uninstrument() -> bool:
-    """Restore the HTTP clients' original ``send`` methods exactly; False if nothing was installed."""
+    """Restore the HTTP clients' original ``send`` exactly and detach the sinks ``instrument`` added.
+
+    Records of attempts already made are delivered first. Returns False if nothing was installed.
+    """
     global _hooks
     with _state_lock:
         if _hooks is None:
             return False
-        _hooks.remove()
-        _hooks = None
-        return True
+        hooks, _hooks = _hooks, None
+        hooks.remove()
+    for sink in hooks.sinks:
+        hooks.accountant.pipeline.remove_sink(sink)
+    return True
+
+
+def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
+    sinks: list[Sink] = []
+    if config.store:
+        from .store import SqlStore  # SQLAlchemy is imported only when the store is used
+
+        sinks.append(SqlStore(config.database_url, retry_window=timedelta(seconds=config.retry_window_s)))
+    if config.metrics:
+        sinks.append(_process_metrics_sink(config, pipeline))
+    return sinks
+
+
+_metrics_sink: Sink | None = None
+
+
+def _process_metrics_sink(config: Any, pipeline: Pipeline) -> Sink:
+    # prometheus_client's default registry accepts each metric name once per process, so the sink
+    # registered there outlives uninstrument() and serves every later instrument() call.
+    global _metrics_sink
+    if _metrics_sink is None:
+        from .metrics import MetricsSink
+
+        _metrics_sink = MetricsSink(
+            pipeline=pipeline,
+            retry_window_s=config.retry_window_s,
+            workflow_label_limit=config.workflow_label_limit,
+            model_label_limit=config.model_label_limit,
+        )
+    return _metrics_sink
+
+
+def _default_listeners() -> list[AttemptListener]:
+    from .spans import SpanListener  # a no-op tracer unless the application set up OpenTelemetry
+
+    return [SpanListener()]
 
 
 def is_instrumented() -> bool:

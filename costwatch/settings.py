@@ -79,6 +79,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Count attempts in Prometheus metrics in this process."),
     Setting("workflow_label_limit", "COSTWATCH_WORKFLOW_LABEL_LIMIT", _positive_int, 20,
             "Distinct `workflow` label values kept in metrics; the rest are reported as `other`."),
+    Setting("model_label_limit", "COSTWATCH_MODEL_LABEL_LIMIT", _positive_int, 50,
+            "Distinct `model` label values kept in metrics; the rest are reported as `other`."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -36,8 +36,7 @@ def accounting() -> Iterator[Accounting]:
     """costwatch instrumenting every client, with its records going to a MemorySink."""
     pipeline = Pipeline()
     sink = MemorySink()
-    pipeline.add_sink(sink)
-    assert costwatch.instrument(pipeline=pipeline, prices=load_prices())
+    assert costwatch.instrument(pipeline=pipeline, sinks=[sink], listeners=[], prices=load_prices())
     try:
         yield Accounting(pipeline, sink)
     finally:

@@ -262,7 +262,7 @@ def test_the_application_sees_exactly_the_exception_it_would_without_costwatch(f
     with FakeAnthropicServer(ResponseSpec.small(100)) as server:
         bare = failing_call(server, fault)
         pipeline = Pipeline()
-        costwatch.instrument(pipeline=pipeline)
+        costwatch.instrument(pipeline=pipeline, sinks=[], listeners=[])
         try:
             seen = failing_call(server, fault)
         finally:
@@ -352,9 +352,9 @@ def test_instrument_twice_does_nothing_and_uninstrument_restores_the_same_functi
     originals = {
         (m, cls): (cls.send, "send" in cls.__dict__) for m in modules for cls in (m.Client, m.AsyncClient)
     }
-    assert costwatch.instrument() is True
+    assert costwatch.instrument(pipeline=Pipeline(), sinks=[], listeners=[]) is True
     try:
-        assert costwatch.instrument() is False
+        assert costwatch.instrument(pipeline=Pipeline(), sinks=[], listeners=[]) is False
         assert all(cls.send is not fn for (_, cls), (fn, _) in originals.items())
     finally:
         assert costwatch.uninstrument() is True
@@ -367,10 +367,9 @@ def test_instrument_twice_does_nothing_and_uninstrument_restores_the_same_functi
 def test_instrumenting_one_client_leaves_other_clients_unaccounted():
     pipeline = Pipeline()
     sink = costwatch.MemorySink()
-    pipeline.add_sink(sink)
     with FakeAnthropicServer(ResponseSpec.small(5)) as server:
         watched, other = sync_client(server), sync_client(server)
-        costwatch.instrument(watched, pipeline=pipeline)
+        costwatch.instrument(watched, pipeline=pipeline, sinks=[sink], listeners=[])
         try:
             create(watched)
             create(other)

@@ -1,0 +1,94 @@
+"""How well costwatch estimates the billed output of a stream cut mid-way.
+
+Completed streams from ``costwatch.testing`` calibrate the estimator, as completed attempts do in
+production; then the same kind of stream is cut after a random number of ``content_block_delta``
+events, and each dropped attempt's estimate is compared with the tokens the server billed (its ledger).
+Prints a markdown table and a JSON line. Run: ``python benchmarks/estimator_accuracy.py [--cuts N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+
+import anthropic
+
+import costwatch
+from costwatch.pipeline import Pipeline
+from costwatch.sinks import MemorySink
+from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
+
+MODEL = "claude-haiku-4-5"
+
+
+def run(cuts: int, warm_up: int, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    sink = MemorySink()
+    pipeline = Pipeline()
+    costwatch.instrument(pipeline=pipeline, sinks=[sink], listeners=[])
+    try:
+        with FakeAnthropicServer(ResponseSpec(seed=seed)) as server:
+            client = anthropic.Anthropic(base_url=server.base_url, api_key="bench", max_retries=0)
+            deltas = ResponseSpec().output_tokens // 2  # about two tokens per delta event
+
+            def stream(i: int) -> None:
+                messages = [{"role": "user", "content": f"task {i}"}]
+                try:
+                    for _ in client.messages.create(model=MODEL, max_tokens=8192, messages=messages, stream=True):
+                        pass
+                except Exception:
+                    pass
+
+            for i in range(warm_up):
+                stream(i)
+            pipeline.flush()
+            sink.clear()
+            server.ledger.clear()
+            for i in range(cuts):
+                server.enqueue(Fault.cut_after_deltas(rng.randint(1, deltas)))
+                stream(warm_up + i)
+            entries = {e.request_id: e for e in server.ledger.entries}
+            pipeline.flush()
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()
+    errors, estimated, truth = [], 0, 0
+    for record in sink.records:
+        entry = entries[record.request_id]
+        if not entry.output_tokens:
+            continue
+        estimated += record.usage.output_tokens
+        truth += entry.output_tokens
+        errors.append(abs(record.usage.output_tokens - entry.output_tokens) / entry.output_tokens)
+    errors.sort()
+    return {
+        "cuts": len(errors),
+        "total_error": abs(estimated - truth) / truth,
+        "median_error": statistics.median(errors),
+        "p90_error": errors[int(0.9 * (len(errors) - 1))],
+        "max_error": errors[-1],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cuts", type=int, default=60)
+    parser.add_argument("--warm-up", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    cold = run(args.cuts, 0, args.seed)
+    warm = run(args.cuts, args.warm_up, args.seed)
+    print("| estimator | cuts | total error | median error | p90 error | max error |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, result in (("defaults (no completed streams yet)", cold), (f"after {args.warm_up} completed streams", warm)):
+        print(
+            f"| {name} | {result['cuts']} | {result['total_error']:.1%} | {result['median_error']:.1%} "
+            f"| {result['p90_error']:.1%} | {result['max_error']:.1%} |"
+        )
+    print(json.dumps({"uncalibrated": cold, "calibrated": warm}))
+
+
+if __name__ == "__main__":
+    main()

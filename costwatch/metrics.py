@@ -1,0 +1,581 @@
+"""Prometheus metrics of billed and wasted tokens, fed by attempt records on the pipeline thread.
+
+Counters cannot go down, while an attempt's waste reason can change after the fact: a failed
+attempt is first recorded as ``abandoned`` (revision 0) and re-emitted as ``retried`` when its
+retry arrives. So attempts, billed tokens and billed cost are counted as soon as an attempt is
+first seen, but waste is counted only once it is *settled*: ``retried`` as soon as a record says
+so, ``abandoned`` once the retry window has passed without a retry (or at :meth:`MetricsSink.settle`
+and shutdown). :class:`WasteSettlement` holds that bookkeeping as plain logic with no I/O.
+See ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .health import instrumentation_errors
+from .records import AttemptRecord, Outcome, TokenType, WasteReason
+
+__all__ = [
+    "ATTEMPTS_PER_REQUEST_BUCKETS",
+    "DURATION_BUCKETS",
+    "MODEL_LABEL_LIMIT",
+    "OTHER",
+    "WORKFLOW_LABEL_LENGTH",
+    "LabelCap",
+    "MetricsSink",
+    "SettledRequest",
+    "SettledWaste",
+    "Settlement",
+    "WasteSettlement",
+    "error_type_label",
+    "model_label",
+    "multiprocess_mode",
+    "start_metrics_server",
+    "workflow_label",
+]
+
+OTHER = "other"
+"""The label value that stands for every value beyond a label's cardinality cap."""
+
+MODEL_LABEL_LIMIT = 50
+"""Distinct ``model`` label values kept by default; model strings come from requests, so are unbounded."""
+
+WORKFLOW_LABEL_LENGTH = 64
+"""Characters of the ``workflow`` tag kept in labels; the same cut as the store's rollups."""
+
+DURATION_BUCKETS = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1200.0,
+    3600.0,
+)
+"""Seconds; long streaming attempts run for many minutes, so the buckets reach an hour."""
+
+ATTEMPTS_PER_REQUEST_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0)
+
+
+# -- labels -----------------------------------------------------------------------------------------
+def model_label(record: AttemptRecord) -> str:
+    """The model an attempt is counted under: the one the API answered with, else the one requested."""
+    return record.model or record.model_requested or ""
+
+
+def workflow_label(record: AttemptRecord) -> str:
+    """The attempt's ``workflow`` tag, cut to :data:`WORKFLOW_LABEL_LENGTH`; ``""`` when untagged."""
+    return str(record.tags.get("workflow") or "")[:WORKFLOW_LABEL_LENGTH]
+
+
+def error_type_label(record: AttemptRecord) -> str:
+    """The exception class the application saw, else the API's error type, else ``""``."""
+    return record.error_type or record.api_error_type or ""
+
+
+class LabelCap:
+    """Bounds a label's cardinality: the first ``limit`` distinct values are kept, later ones read ``other``.
+
+    ``""`` (absent) is always kept and does not use up the limit. Not thread-safe; callers lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        """The label value to use for ``value``."""
+        if value == "" or value in self._kept:
+            return value
+        if len(self._kept) < self.limit:
+            self._kept.add(value)
+            return value
+        return OTHER
+
+    @property
+    def kept(self) -> frozenset[str]:
+        """The values kept so far."""
+        return frozenset(self._kept)
+
+
+# -- settlement: when waste and logical-request results become final (pure logic) --------------------
+@dataclass(frozen=True, slots=True)
+class SettledWaste:
+    """An attempt whose waste reason is final: count its billed tokens as wasted for ``reason``."""
+
+    record: AttemptRecord
+    reason: WasteReason
+
+
+@dataclass(frozen=True, slots=True)
+class SettledRequest:
+    """A logical request whose result is final; ``last`` is its last attempt."""
+
+    last: AttemptRecord
+    succeeded: bool
+
+
+@dataclass(slots=True)
+class Settlement:
+    """What became countable after some records arrived or some time passed."""
+
+    new_attempts: list[AttemptRecord] = field(default_factory=list)
+    """Attempts seen for the first time: count the attempt, its billed tokens and its cost."""
+    waste: list[SettledWaste] = field(default_factory=list)
+    requests: list[SettledRequest] = field(default_factory=list)
+
+    def extend(self, other: Settlement) -> None:
+        """Append another settlement's items to this one."""
+        self.new_attempts.extend(other.new_attempts)
+        self.waste.extend(other.waste)
+        self.requests.extend(other.requests)
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: AttemptRecord
+    deadline: float
+
+
+class WasteSettlement:
+    """Decides when each attempt's waste and each logical request's result is final.
+
+    * An attempt is new the first time any revision of it arrives; later copies of the same or a
+      lower revision are ignored, so redelivered batches count nothing twice.
+    * ``retried`` waste settles when a record says so; ``abandoned`` waste settles when
+      ``retry_window_s`` has passed since it arrived with no ``retried`` revision.
+    * A logical request succeeds when one of its attempts completes. It fails when its latest
+      attempt failed and no later attempt (nor a ``retried`` flip, which says one has started) has
+      arrived within ``retry_window_s``.
+
+    Memory is bounded: at most ``max_pending`` attempts and logical requests wait to settle (the
+    oldest settle early when more arrive), and attempt ids are remembered for two retry windows, at
+    most ``max_remembered`` of them. ``now`` is any monotonic clock, in seconds.
+    """
+
+    def __init__(
+        self, *, retry_window_s: float = 600.0, max_pending: int = 100_000, max_remembered: int = 200_000
+    ) -> None:
+        self.retry_window_s = retry_window_s
+        self.max_pending = max_pending
+        self.max_remembered = max_remembered
+        self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()  # id -> (revision, first seen)
+        self._settled_waste: set[str] = set()
+        self._pending_waste: OrderedDict[str, _Pending] = OrderedDict()
+        self._pending_requests: OrderedDict[str, _Pending] = OrderedDict()
+        self._finished_requests: OrderedDict[str, int] = OrderedDict()  # id -> last attempt number
+
+    @property
+    def pending_waste(self) -> int:
+        """Attempts whose ``abandoned`` waste is waiting for the retry window to pass."""
+        return len(self._pending_waste)
+
+    @property
+    def pending_requests(self) -> int:
+        """Logical requests whose last attempt failed, waiting for a retry or the window to pass."""
+        return len(self._pending_requests)
+
+    def observe(self, records: Iterable[AttemptRecord], now: float) -> Settlement:
+        """Take in records (any revisions, any order within a batch) and settle what they decide."""
+        out = Settlement()
+        for record in records:
+            self._observe(record, now, out)
+        out.extend(self.settle_due(now))
+        return out
+
+    def settle_due(self, now: float) -> Settlement:
+        """Settle what has waited a whole retry window."""
+        out = Settlement()
+        while self._pending_waste:
+            attempt_id, pending = next(iter(self._pending_waste.items()))
+            if pending.deadline > now:
+                break
+            self._pending_waste.popitem(last=False)
+            self._settle_abandoned(attempt_id, pending.record, out)
+        while self._pending_requests:
+            request_id, pending = next(iter(self._pending_requests.items()))
+            if pending.deadline > now:
+                break
+            self._pending_requests.popitem(last=False)
+            self._finish_request(request_id, pending.record, succeeded=False, out=out)
+        self._forget(now)
+        return out
+
+    def settle_all(self) -> Settlement:
+        """Settle everything now, as at shutdown: pending waste is abandoned, pending requests failed."""
+        return self.settle_due(float("inf"))
+
+    # -- internals --------------------------------------------------------------------------------
+    def _observe(self, record: AttemptRecord, now: float, out: Settlement) -> None:
+        seen = self._seen.get(record.attempt_id)
+        if seen is not None and record.revision <= seen[0]:
+            return
+        self._seen[record.attempt_id] = (record.revision, now if seen is None else seen[1])
+        if seen is None:
+            out.new_attempts.append(record)
+            self._request_attempt(record, now, out)
+        if record.attempt_id in self._settled_waste:
+            return
+        if record.wasted and record.waste_reason is WasteReason.RETRIED:
+            self._pending_waste.pop(record.attempt_id, None)
+            self._settled_waste.add(record.attempt_id)
+            out.waste.append(SettledWaste(record, WasteReason.RETRIED))
+            # A retry has started; its own record arrives only when it ends, maybe much later.
+            pending = self._pending_requests.get(record.logical_request_id)
+            if pending is not None:
+                pending.deadline = now + self.retry_window_s
+                self._pending_requests.move_to_end(record.logical_request_id)
+        elif record.wasted and record.waste_reason is WasteReason.ABANDONED:
+            if record.attempt_id not in self._pending_waste:
+                self._pending_waste[record.attempt_id] = _Pending(record, now + self.retry_window_s)
+                if len(self._pending_waste) > self.max_pending:
+                    oldest_id, oldest = self._pending_waste.popitem(last=False)
+                    self._settle_abandoned(oldest_id, oldest.record, out)
+        else:
+            self._pending_waste.pop(record.attempt_id, None)
+
+    def _request_attempt(self, record: AttemptRecord, now: float, out: Settlement) -> None:
+        request_id = record.logical_request_id
+        finished = self._finished_requests.get(request_id)
+        if finished is not None and record.attempt_number <= finished:
+            return  # a straggler of a request that has already settled
+        pending = self._pending_requests.get(request_id)
+        if pending is not None and pending.record.attempt_number > record.attempt_number:
+            return  # an earlier attempt that ended late; the later one decides
+        if record.outcome is Outcome.COMPLETED:
+            self._pending_requests.pop(request_id, None)
+            self._finish_request(request_id, record, succeeded=True, out=out)
+            return
+        self._pending_requests[request_id] = _Pending(record, now + self.retry_window_s)
+        self._pending_requests.move_to_end(request_id)
+        if len(self._pending_requests) > self.max_pending:
+            oldest_id, oldest = self._pending_requests.popitem(last=False)
+            self._finish_request(oldest_id, oldest.record, succeeded=False, out=out)
+
+    def _settle_abandoned(self, attempt_id: str, record: AttemptRecord, out: Settlement) -> None:
+        self._settled_waste.add(attempt_id)
+        out.waste.append(SettledWaste(record, WasteReason.ABANDONED))
+
+    def _finish_request(
+        self, request_id: str, record: AttemptRecord, *, succeeded: bool, out: Settlement
+    ) -> None:
+        self._finished_requests[request_id] = record.attempt_number
+        self._finished_requests.move_to_end(request_id)
+        while len(self._finished_requests) > self.max_remembered:
+            self._finished_requests.popitem(last=False)
+        out.requests.append(SettledRequest(record, succeeded))
+
+    def _forget(self, now: float) -> None:
+        horizon = now - 2 * self.retry_window_s
+        while self._seen:
+            attempt_id, (_, first_seen) = next(iter(self._seen.items()))
+            if first_seen > horizon and len(self._seen) <= self.max_remembered:
+                break
+            if attempt_id in self._pending_waste:
+                break  # still waiting; it settles (and is forgotten) in a later pass
+            self._seen.popitem(last=False)
+            self._settled_waste.discard(attempt_id)
+
+
+# -- the Prometheus side -----------------------------------------------------------------------------
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client is in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` is set)."""
+    # prometheus_client still honours the old lower-case spelling (with a deprecation warning).
+    legacy = os.environ.get("prometheus_multiproc_dir")  # noqa: SIM112
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or legacy)
+
+
+@dataclass(frozen=True)
+class _HealthReading:
+    queue_depth: float
+    spooled_records: float
+    write_errors: float
+    instrumentation_errors: float
+
+
+def _read_health(pipeline: Any) -> _HealthReading:
+    # The pipeline's health attributes are being extended; read whatever this version has.
+    if pipeline is None:
+        from .pipeline import get_pipeline
+
+        pipeline = get_pipeline()
+    return _HealthReading(
+        queue_depth=float(getattr(pipeline, "queue_depth", 0) or 0),
+        spooled_records=float(getattr(pipeline, "spooled_pending", 0) or 0),
+        write_errors=float(getattr(pipeline, "write_errors", 0) or 0),
+        instrumentation_errors=float(instrumentation_errors.total),
+    )
+
+
+class _HealthCollector(Collector):
+    """costwatch's own health at scrape time; first settles waste whose retry window has passed."""
+
+    def __init__(self, sink: MetricsSink) -> None:
+        self._sink = sink
+
+    def describe(self) -> Iterator[Metric]:
+        # Describing without collecting keeps registration free of side effects.
+        return iter(_health_families(_HealthReading(0, 0, 0, 0)))
+
+    def collect(self) -> Iterator[Metric]:
+        self._sink.settle_due()
+        return iter(_health_families(_read_health(self._sink.pipeline)))
+
+
+def _health_families(reading: _HealthReading) -> list[Metric]:
+    depth = GaugeMetricFamily(
+        "costwatch_store_queue_depth",
+        "Attempt records waiting in memory for the sinks.",
+        value=reading.queue_depth,
+    )
+    spooled = GaugeMetricFamily(
+        "costwatch_store_spooled_records",
+        "Attempt records in the local spool waiting to be replayed to a sink.",
+        value=reading.spooled_records,
+    )
+    write_errors = CounterMetricFamily(
+        "costwatch_store_write_errors",
+        "Failed sink exports (each failed batch or replay counts once).",
+        value=reading.write_errors,
+    )
+    hook_errors = CounterMetricFamily(
+        "costwatch_instrumentation_errors",
+        "Errors inside costwatch's SDK hooks (the application was unaffected).",
+        value=reading.instrumentation_errors,
+    )
+    return [depth, spooled, write_errors, hook_errors]
+
+
+class _MultiprocessHealth:
+    """The health metrics as real metrics, for multiprocess mode, where custom collectors are not scraped."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.queue_depth = Gauge(
+            "costwatch_store_queue_depth",
+            "Attempt records waiting in memory for the sinks.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.spooled = Gauge(
+            "costwatch_store_spooled_records",
+            "Attempt records in the local spool waiting to be replayed to a sink.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.write_errors = Counter(
+            "costwatch_store_write_errors",
+            "Failed sink exports (each failed batch or replay counts once).",
+            registry=registry,
+        )
+        self.hook_errors = Counter(
+            "costwatch_instrumentation_errors",
+            "Errors inside costwatch's SDK hooks (the application was unaffected).",
+            registry=registry,
+        )
+        self._last = _HealthReading(0, 0, 0, 0)
+
+    def update(self, reading: _HealthReading) -> None:
+        self.queue_depth.set(reading.queue_depth)
+        self.spooled.set(reading.spooled_records)
+        if reading.write_errors > self._last.write_errors:
+            self.write_errors.inc(reading.write_errors - self._last.write_errors)
+        if reading.instrumentation_errors > self._last.instrumentation_errors:
+            self.hook_errors.inc(reading.instrumentation_errors - self._last.instrumentation_errors)
+        self._last = reading
+
+
+class MetricsSink:
+    """A :class:`~costwatch.sinks.Sink` that counts attempts, billed and wasted tokens and cost in Prometheus.
+
+    Registers its metrics on ``registry`` (default: prometheus_client's global ``REGISTRY``), so
+    create one per registry. ``retry_window_s`` and ``workflow_label_limit`` default to the
+    ``COSTWATCH_RETRY_WINDOW`` and ``COSTWATCH_WORKFLOW_LABEL_LIMIT`` settings. ``pipeline`` is the
+    pipeline whose health is reported (default: the process-wide one). ``clock`` is monotonic seconds.
+    """
+
+    name = "metrics"
+
+    def __init__(
+        self,
+        *,
+        registry: CollectorRegistry | None = REGISTRY,
+        pipeline: Any = None,
+        retry_window_s: float | None = None,
+        workflow_label_limit: int | None = None,
+        model_label_limit: int = MODEL_LABEL_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if retry_window_s is None or workflow_label_limit is None:
+            from .settings import load_settings
+
+            settings = load_settings()
+            retry_window_s = settings.retry_window_s if retry_window_s is None else retry_window_s
+            if workflow_label_limit is None:
+                workflow_label_limit = settings.workflow_label_limit
+        assert retry_window_s is not None and workflow_label_limit is not None
+        self.pipeline = pipeline
+        self.registry = registry
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._settlement = WasteSettlement(retry_window_s=retry_window_s)
+        self._model = LabelCap(model_label_limit)
+        self._workflow = LabelCap(workflow_label_limit)
+        self._multiprocess_health: _MultiprocessHealth | None = None
+        if multiprocess_mode():
+            self._multiprocess_health = _MultiprocessHealth(registry)
+        elif registry is not None:
+            registry.register(_HealthCollector(self))
+
+        def counter(name: str, doc: str, labels: Sequence[str]) -> Counter:
+            return Counter(name, doc, labels, registry=registry)
+
+        self.attempts = counter(
+            "costwatch_attempts", "HTTP attempts to the Messages API.", ("model", "outcome", "error_type")
+        )
+        self.billed_tokens = counter(
+            "costwatch_billed_tokens", "Tokens billed, by token type.", ("model", "token_type")
+        )
+        self.wasted_tokens = counter(
+            "costwatch_wasted_tokens",
+            "Billed tokens of failed attempts, counted once their waste reason is settled.",
+            ("model", "token_type", "reason", "workflow"),
+        )
+        self.billed_cost = counter(
+            "costwatch_billed_cost_usd", "Cost of billed tokens in US dollars.", ("model", "workflow")
+        )
+        self.wasted_cost = counter(
+            "costwatch_wasted_cost_usd",
+            "Cost of wasted tokens in US dollars, counted once their waste reason is settled.",
+            ("model", "reason", "workflow"),
+        )
+        self.estimated_output_tokens = counter(
+            "costwatch_estimated_output_tokens",
+            "Output tokens estimated from the text received before a stream was cut.",
+            ("model",),
+        )
+        self.logical_requests = counter(
+            "costwatch_logical_requests",
+            "Logical requests (an attempt and its retries), by result.",
+            ("model", "result"),
+        )
+        self.attempt_duration = Histogram(
+            "costwatch_attempt_duration_seconds",
+            "How long attempts took, from sending the request to the end of the body.",
+            ("model", "outcome"),
+            registry=registry,
+            buckets=DURATION_BUCKETS,
+        )
+        self.time_to_drop = Histogram(
+            "costwatch_time_to_drop_seconds",
+            "How long dropped attempts ran before the connection was lost.",
+            ("model",),
+            registry=registry,
+            buckets=DURATION_BUCKETS,
+        )
+        self.attempts_per_request = Histogram(
+            "costwatch_attempts_per_request",
+            "Attempts a logical request took, observed when its result settles.",
+            ("model",),
+            registry=registry,
+            buckets=ATTEMPTS_PER_REQUEST_BUCKETS,
+        )
+
+    # -- the Sink protocol -------------------------------------------------------------------------
+    def export(self, records: Sequence[AttemptRecord]) -> None:
+        """Count a batch of records; idempotent on ``attempt_id`` and ``revision``."""
+        with self._lock:
+            self._apply(self._settlement.observe(records, self._clock()))
+        self._update_multiprocess_health()
+
+    def shutdown(self) -> None:
+        """Settle every pending waste and logical request, as the process will not see their retries."""
+        self.settle()
+
+    # -- settlement --------------------------------------------------------------------------------
+    def settle_due(self) -> None:
+        """Count waste and logical requests whose retry window has passed (also done at each scrape)."""
+        with self._lock:
+            self._apply(self._settlement.settle_due(self._clock()))
+
+    def settle(self) -> None:
+        """Count everything pending now: waiting waste as ``abandoned``, waiting requests as failed."""
+        with self._lock:
+            self._apply(self._settlement.settle_all())
+        self._update_multiprocess_health()
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _apply(self, settlement: Settlement) -> None:
+        for record in settlement.new_attempts:
+            self._count_attempt(record)
+        for waste in settlement.waste:
+            self._count_waste(waste.record, waste.reason)
+        for request in settlement.requests:
+            model = self._model(model_label(request.last))
+            result = "succeeded" if request.succeeded else "failed"
+            self.logical_requests.labels(model, result).inc()
+            self.attempts_per_request.labels(model).observe(request.last.attempt_number)
+
+    def _count_attempt(self, record: AttemptRecord) -> None:
+        model = self._model(model_label(record))
+        workflow = self._workflow(workflow_label(record))
+        self.attempts.labels(model, record.outcome.value, error_type_label(record)).inc()
+        for token_type, tokens in record.usage.by_type().items():
+            self.billed_tokens.labels(model, token_type.value).inc(tokens)
+        self.billed_cost.labels(model, workflow).inc(
+            record.cost.total_usd if record.cost is not None else 0.0
+        )
+        usage = record.usage
+        self.estimated_output_tokens.labels(model).inc(
+            usage.estimated_output_tokens if usage.output_estimated else 0
+        )
+        self.attempt_duration.labels(model, record.outcome.value).observe(record.duration_s)
+        if record.outcome is Outcome.DROPPED:
+            self.time_to_drop.labels(model).observe(record.duration_s)
+
+    def _count_waste(self, record: AttemptRecord, reason: WasteReason) -> None:
+        model = self._model(model_label(record))
+        workflow = self._workflow(workflow_label(record))
+        for token_type in TokenType:
+            self.wasted_tokens.labels(model, token_type.value, reason.value, workflow).inc(
+                record.usage.by_type()[token_type]
+            )
+        self.wasted_cost.labels(model, reason.value, workflow).inc(
+            record.cost.total_usd if record.cost is not None else 0.0
+        )
+
+    def _update_multiprocess_health(self) -> None:
+        if self._multiprocess_health is not None:
+            self._multiprocess_health.update(_read_health(self.pipeline))
+
+
+def start_metrics_server(
+    port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None
+) -> Any:
+    """Serve ``/metrics`` for ``registry`` (default: the global one) on a daemon thread; returns the server.
+
+    Binds to localhost unless told otherwise; in multiprocess mode serve a registry holding a
+    ``prometheus_client.multiprocess.MultiProcessCollector`` instead (see ``docs/metrics.md``).
+    """
+    server, _thread = start_http_server(
+        port, addr=addr, registry=registry if registry is not None else REGISTRY
+    )
+    return server

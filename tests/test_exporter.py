@@ -1,0 +1,236 @@
+"""The fleet exporter: a store's rollups as costwatch's metrics, monotonic across flips and restarts."""
+
+from __future__ import annotations
+
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+
+from costwatch.exporter import FleetCollector, serve, settled_before
+from costwatch.metrics import OTHER
+from costwatch.records import AttemptRecord, Cost, Outcome, Usage, WasteReason
+from costwatch.store import SqlStore
+
+MODEL = "claude-sonnet-4-6"
+NOW = datetime(2025, 3, 1, 12, 30, tzinfo=timezone.utc)
+WINDOW = timedelta(hours=1)
+OLD = NOW - timedelta(hours=5)  # settled
+RECENT = NOW - timedelta(minutes=10)  # not settled
+
+
+def record(
+    attempt_id: str,
+    started_at: datetime,
+    *,
+    request: str | None = None,
+    number: int = 1,
+    outcome: Outcome = Outcome.COMPLETED,
+    waste: WasteReason | None = None,
+    workflow: str = "nightly",
+    model: str = MODEL,
+    fingerprint: str | None = None,
+) -> AttemptRecord:
+    failed = outcome is not Outcome.COMPLETED
+    return AttemptRecord(
+        attempt_id=attempt_id,
+        logical_request_id=request or attempt_id,
+        attempt_number=number,
+        started_at=started_at,
+        outcome=outcome,
+        model_requested=model,
+        model=model,
+        error_type="RemoteProtocolError" if failed else None,
+        duration_s=30.0 if failed else 10.0,
+        usage=Usage(
+            input_tokens=1000,
+            output_tokens=20 if failed else 200,
+            output_estimated=failed,
+            estimated_output_tokens=20 if failed else 0,
+        ),
+        cost=Cost(input_usd=3.0, output_usd=0.3 if failed else 3.0),
+        wasted=waste is not None,
+        waste_reason=waste,
+        tags=MappingProxyType({"workflow": workflow}),
+        fingerprint=fingerprint or uuid.uuid4().hex,
+    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    name = f"costwatch_exporter_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test", isolation_level="AUTOCOMMIT"
+    )
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        pytest.skip(f"PostgreSQL is not reachable: {exc}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[SqlStore]:
+    sql_store = SqlStore(database_url, retry_window=WINDOW)
+    yield sql_store
+    sql_store.shutdown()
+
+
+def exporter(database_url: str, now: datetime = NOW, **kw: Any) -> tuple[FleetCollector, CollectorRegistry]:
+    registry = CollectorRegistry()
+    collector = FleetCollector(
+        database_url, retry_window=WINDOW, workflow_label_limit=20, clock=lambda: now, **kw
+    )
+    registry.register(collector)
+    return collector, registry
+
+
+def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+    }
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    found = registry.get_sample_value(name, labels)
+    return 0.0 if found is None else found
+
+
+def wasted(registry: CollectorRegistry, reason: str, token_type: str = "input") -> float:
+    return value(
+        registry,
+        "costwatch_wasted_tokens_total",
+        model=MODEL,
+        token_type=token_type,
+        reason=reason,
+        workflow="nightly",
+    )
+
+
+def test_settled_hours_are_those_that_ended_a_retry_window_ago():
+    assert settled_before(datetime(2025, 3, 1, 12, 30, tzinfo=timezone.utc), timedelta(hours=1)) == datetime(
+        2025, 3, 1, 11, tzinfo=timezone.utc
+    )
+
+
+def test_exporter_exposes_billed_totals_and_only_settled_abandoned_waste(store, database_url):
+    store.write(
+        [
+            record("old-ok", OLD),
+            record("old-drop", OLD, outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED),
+            record("new-drop", RECENT, outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED),
+            record("r-drop", OLD, request="r", outcome=Outcome.DROPPED, waste=WasteReason.RETRIED),
+            record("r-ok", OLD, request="r", number=2),
+        ]
+    )
+    _, registry = exporter(database_url)
+
+    assert value(registry, "costwatch_up") == 1
+    assert value(registry, "costwatch_attempts_total", model=MODEL, outcome="completed", error_type="") == 2
+    assert (
+        value(
+            registry,
+            "costwatch_attempts_total",
+            model=MODEL,
+            outcome="dropped",
+            error_type="RemoteProtocolError",
+        )
+        == 3
+    )
+    assert value(registry, "costwatch_billed_tokens_total", model=MODEL, token_type="input") == 5000
+    assert value(registry, "costwatch_billed_tokens_total", model=MODEL, token_type="output") == 460
+    assert value(registry, "costwatch_estimated_output_tokens_total", model=MODEL) == 60
+    assert value(
+        registry, "costwatch_billed_cost_usd_total", model=MODEL, workflow="nightly"
+    ) == pytest.approx(2 * 6.0 + 3 * 3.3)
+    assert wasted(registry, "retried") == 1000
+    assert wasted(registry, "abandoned") == 1000  # the recent drop may still be retried
+    assert value(
+        registry, "costwatch_wasted_cost_usd_total", model=MODEL, reason="abandoned", workflow="nightly"
+    ) == pytest.approx(3.3)
+    assert value(registry, "costwatch_logical_requests_total", model=MODEL, result="succeeded") == 2
+    assert value(registry, "costwatch_logical_requests_total", model=MODEL, result="failed") == 1
+    assert value(registry, "costwatch_time_to_drop_seconds_count", model=MODEL) == 3
+    assert value(registry, "costwatch_time_to_drop_seconds_sum", model=MODEL) == 90
+    assert (
+        value(
+            registry, "costwatch_attempt_duration_seconds_bucket", model=MODEL, outcome="completed", le="+Inf"
+        )
+        == 2
+    )
+
+
+def test_two_exporters_over_one_database_agree(store, database_url):
+    store.write(
+        [record(f"a{i}", OLD + timedelta(minutes=i)) for i in range(5)]
+        + [record("d", RECENT, outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED)]
+    )
+    first, second = exporter(database_url)[1], exporter(database_url)[1]
+    assert samples(first) == samples(second)
+    assert value(first, "costwatch_attempts_total", model=MODEL, outcome="completed", error_type="") == 5
+
+
+def test_counters_never_go_down_across_waste_flips_and_restarts(store, database_url):
+    store.write([record("d1", RECENT, request="job", outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED)])
+    _, before_registry = exporter(database_url)
+    before = samples(before_registry)
+
+    # The retry lands: the store flips d1 to retried. Later the hour settles and the exporter restarts.
+    store.write([record("d2", RECENT + timedelta(minutes=1), request="job", number=2)])
+    flipped = store.attempt("d1")
+    assert flipped is not None and flipped.waste_reason is WasteReason.RETRIED
+    _, flipped_registry = exporter(database_url)
+    _, restarted_registry = exporter(database_url, now=NOW + timedelta(hours=3))
+    for later in (samples(flipped_registry), samples(restarted_registry)):
+        for key, old in before.items():
+            if key[0].endswith(("_total", "_count", "_sum", "_bucket")):
+                assert later.get(key, 0.0) >= old, key
+    assert wasted(restarted_registry, "retried") == 1000
+    assert wasted(restarted_registry, "abandoned") == 0
+
+
+def test_labels_are_capped_in_first_seen_order(store, database_url):
+    store.write([record(f"m{i}", OLD + timedelta(hours=i), model=f"model-{i}") for i in range(4)])
+    _, registry = exporter(database_url, model_label_limit=2)
+    assert value(registry, "costwatch_billed_tokens_total", model="model-1", token_type="input") == 1000
+    assert value(registry, "costwatch_billed_tokens_total", model=OTHER, token_type="input") == 2000
+
+
+def test_a_broken_database_gives_up_0_and_keeps_the_last_good_values(store, database_url, tmp_path):
+    store.write([record("a", OLD)])
+    collector, registry = exporter(database_url)
+    assert value(registry, "costwatch_billed_tokens_total", model=MODEL, token_type="input") == 1000
+
+    collector.store = SqlStore("postgresql+psycopg://postgres@127.0.0.1:1/nothing", auto_migrate=False)
+    assert value(registry, "costwatch_up") == 0
+    assert value(registry, "costwatch_billed_tokens_total", model=MODEL, token_type="input") == 1000
+
+
+def test_serve_answers_a_scrape_of_a_missing_database_with_up_0(tmp_path):
+    server = serve(f"sqlite:///{tmp_path / 'nothing-here.db'}", 0, block=False)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as response:
+            status, text = response.status, response.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200
+    assert "costwatch_up 0.0" in text

@@ -1,0 +1,68 @@
+"""instrument() with its defaults: records land in the SQL store named by the settings."""
+
+from __future__ import annotations
+
+import anthropic
+import pytest
+
+import costwatch
+from costwatch import Outcome, WasteReason
+from costwatch.pipeline import Pipeline
+from costwatch.settings import SettingsError
+from costwatch.store import SqlStore
+from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
+
+HTTP_MODULE = __import__("httpx2" if anthropic.__version__.startswith("2") else "httpx")
+
+
+def test_instrument_writes_every_attempt_to_the_store_given_by_database_url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'records.db'}"
+    pipeline = Pipeline()
+    assert costwatch.instrument(pipeline=pipeline, database_url=url, metrics=False, listeners=[])
+    try:
+        with FakeAnthropicServer(ResponseSpec.small(300, input_tokens=50_000)) as server:
+            server.enqueue(Fault.cut_after_deltas(30), None)
+            client = anthropic.Anthropic(base_url=server.base_url, api_key="k")
+            for _ in range(2):
+                try:
+                    list(client.messages.create(model="claude-haiku-4-5", max_tokens=500, stream=True,
+                                                messages=[{"role": "user", "content": "go"}]))
+                except HTTP_MODULE.RemoteProtocolError:
+                    pass
+            entries = server.ledger.entries
+        assert pipeline.flush(10)
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()
+    store = SqlStore(url)
+    try:
+        assert store.attempt_count() == 2
+        (total,) = store.rollup_totals()
+        assert total.attempts == 2
+        assert total.billed_input_tokens == sum(e.input_tokens for e in entries) == 100_000
+        dropped = [r for r in map(store.attempt, _ids(store)) if r.outcome is Outcome.DROPPED]
+        assert len(dropped) == 1 and dropped[0].waste_reason is WasteReason.RETRIED
+    finally:
+        store.shutdown()
+
+
+def _ids(store: SqlStore) -> list[str]:
+    import sqlalchemy as sa
+
+    from costwatch.store.schema import ATTEMPTS
+
+    with store.engine.connect() as connection:
+        return list(connection.execute(sa.select(ATTEMPTS.c.attempt_id)).scalars())
+
+
+def test_an_unknown_setting_is_a_clear_error_and_installs_nothing():
+    with pytest.raises(SettingsError, match="unknown costwatch setting 'databse_url'"):
+        costwatch.instrument(databse_url="sqlite://")
+    assert not costwatch.is_instrumented()
+
+
+def test_a_malformed_environment_variable_names_the_variable(monkeypatch):
+    monkeypatch.setenv("COSTWATCH_RETRY_WINDOW", "ten minutes")
+    with pytest.raises(SettingsError, match="COSTWATCH_RETRY_WINDOW='ten minutes' is not valid"):
+        costwatch.instrument(store=False, metrics=False)
+    assert not costwatch.is_instrumented()

@@ -1,0 +1,308 @@
+"""The attempt spans: names, parents, GenAI attributes, error status and links between retries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
+from typing import Any
+
+import anthropic
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+import costwatch
+from costwatch import semconv
+from costwatch.pipeline import Pipeline
+from costwatch.records import AttemptRecord, AttemptStart, Cost, Outcome, Usage, WasteReason
+from costwatch.sinks import MemorySink
+from costwatch.spans import SpanListener, attempt_attributes
+from costwatch.spool import Spool
+from costwatch.testing import FakeAnthropicServer, Fault
+
+MODEL = "claude-sonnet-4-6"
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
+SDK_2 = int(anthropic.__version__.split(".")[0]) >= 1
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield tracer_provider
+    tracer_provider.shutdown()
+
+
+def start(attempt_id: str = "a1", number: int = 1, request: str = "r1") -> AttemptStart:
+    return AttemptStart(
+        attempt_id=attempt_id,
+        logical_request_id=request,
+        attempt_number=number,
+        started_at=T0,
+        model_requested=MODEL,
+    )
+
+
+def finished(attempt_id: str = "a1", number: int = 1, request: str = "r1", **kw: Any) -> AttemptRecord:
+    fields: dict[str, Any] = dict(
+        attempt_id=attempt_id,
+        logical_request_id=request,
+        attempt_number=number,
+        started_at=T0,
+        outcome=Outcome.COMPLETED,
+        model_requested=MODEL,
+        model=MODEL,
+        message_id="msg_1",
+        stop_reason="end_turn",
+        usage=Usage(
+            input_tokens=100,
+            cache_read_tokens=20,
+            cache_write_5m_tokens=3,
+            cache_write_1h_tokens=4,
+            output_tokens=50,
+        ),
+        cost=Cost(input_usd=0.25, output_usd=0.5),
+        duration_s=2.5,
+        stream=True,
+        time_to_first_token_s=0.4,
+        tags=MappingProxyType({}),
+    )
+    fields.update(kw)
+    return AttemptRecord(**fields)
+
+
+def dropped(attempt_id: str = "a1", number: int = 1, **kw: Any) -> AttemptRecord:
+    return finished(
+        attempt_id,
+        number,
+        outcome=Outcome.DROPPED,
+        stop_reason=None,
+        error_type="RemoteProtocolError",
+        usage=Usage(input_tokens=900, output_tokens=12, output_estimated=True, estimated_output_tokens=12),
+        cost=Cost(input_usd=2.7, output_usd=0.18),
+        wasted=True,
+        waste_reason=WasteReason.ABANDONED,
+        **kw,
+    )
+
+
+def run(listener: SpanListener, start_: AttemptStart, record: AttemptRecord) -> None:
+    listener.attempt_finished(listener.attempt_started(start_), record)
+
+
+def only(spans: Any) -> ReadableSpan:
+    assert len(spans) == 1
+    span: ReadableSpan = spans[0]
+    return span
+
+
+# -- one attempt --------------------------------------------------------------------------------------
+def test_completed_attempt_span_has_exactly_the_genai_and_costwatch_attributes(provider, exporter):
+    run(SpanListener(provider, environ={}), start(), finished())
+    span = only(exporter.get_finished_spans())
+    assert span.name == f"chat {MODEL}"
+    assert span.kind is SpanKind.CLIENT
+    assert span.status.status_code is StatusCode.UNSET
+    assert dict(span.attributes or {}) == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "anthropic",
+        "gen_ai.request.model": MODEL,
+        "gen_ai.response.model": MODEL,
+        "gen_ai.response.id": "msg_1",
+        "gen_ai.response.finish_reasons": ("end_turn",),
+        "gen_ai.usage.input_tokens": 127,  # Anthropic input + cache reads + cache writes
+        "gen_ai.usage.output_tokens": 50,
+        "gen_ai.usage.cache_read.input_tokens": 20,
+        "gen_ai.usage.cache_creation.input_tokens": 7,
+        "costwatch.attempt.number": 1,
+        "costwatch.logical_request.id": "r1",
+        "costwatch.attempt.outcome": "completed",
+        "costwatch.wasted.tokens": 0,
+        "costwatch.usage.output_estimated": False,
+        "costwatch.cost.usd": 0.75,
+    }
+
+
+def test_span_runs_from_the_attempt_start_for_its_duration(provider, exporter):
+    run(SpanListener(provider, environ={}), start(), finished(duration_s=2.5))
+    span = only(exporter.get_finished_spans())
+    assert span.start_time == int(T0.timestamp() * 1e9)
+    assert (
+        span.end_time is not None
+        and span.end_time - span.start_time == int(timedelta(seconds=2.5) / timedelta(microseconds=1)) * 1000
+    )
+
+
+def test_dropped_attempt_span_has_error_status_error_type_and_its_waste(provider, exporter):
+    run(SpanListener(provider, environ={}), start(), dropped())
+    span = only(exporter.get_finished_spans())
+    attributes = dict(span.attributes or {})
+    assert span.status.status_code is StatusCode.ERROR
+    assert attributes["error.type"] == "RemoteProtocolError"
+    assert attributes["costwatch.attempt.outcome"] == "dropped"
+    assert attributes["costwatch.wasted.tokens"] == 912
+    assert attributes["costwatch.waste.reason"] == "abandoned"
+    assert attributes["costwatch.usage.output_estimated"] is True
+    assert attributes["costwatch.cost.usd"] == pytest.approx(2.88)
+    assert "gen_ai.response.finish_reasons" not in attributes
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"api_error_type": "overloaded_error", "http_status": 529}, "overloaded_error"),
+        ({"http_status": 500}, "500"),
+        ({}, "cancelled"),
+    ],
+)
+def test_error_type_falls_back_to_the_api_error_then_the_status_then_the_outcome(
+    provider, exporter, fields, expected
+):
+    outcome = Outcome.CANCELLED if not fields else Outcome.HTTP_ERROR
+    run(SpanListener(provider, environ={}), start(), finished(outcome=outcome, error_type=None, **fields))
+    assert dict(only(exporter.get_finished_spans()).attributes or {})["error.type"] == expected
+
+
+def test_latest_experimental_opt_in_switches_the_changed_names(provider, exporter):
+    listener = SpanListener(
+        provider, environ={"OTEL_SEMCONV_STABILITY_OPT_IN": "http, gen_ai_latest_experimental"}
+    )
+    run(listener, start(), finished())
+    attributes = dict(only(exporter.get_finished_spans()).attributes or {})
+    assert attributes["gen_ai.usage.cache_write.input_tokens"] == 7
+    assert "gen_ai.usage.cache_creation.input_tokens" not in attributes
+    assert attributes["gen_ai.request.stream"] is True
+    assert attributes["gen_ai.response.time_to_first_chunk"] == 0.4
+    assert attributes["gen_ai.provider.name"] == "anthropic"
+
+
+def test_default_names_are_those_of_semconv_1_41():
+    assert semconv.gen_ai_names({}) is semconv.V1_41
+    assert (
+        semconv.gen_ai_names({"OTEL_SEMCONV_STABILITY_OPT_IN": "gen_ai_latest_experimental"})
+        is semconv.LATEST
+    )
+    assert "gen_ai.request.stream" not in attempt_attributes(finished())
+
+
+# -- retries ---------------------------------------------------------------------------------------
+def test_retry_span_links_to_every_earlier_attempt_of_its_logical_request(provider, exporter):
+    listener = SpanListener(provider, environ={})
+    run(listener, start("a1", 1), dropped("a1", 1))
+    run(listener, start("a2", 2), dropped("a2", 2))
+    run(listener, start("x", 1, request="other"), finished("x", 1, request="other"))
+    run(listener, start("a3", 3), finished("a3", 3))
+    spans = {s.context.span_id: s for s in exporter.get_finished_spans()}
+    by_attempt = {
+        (
+            dict(s.attributes or {})["costwatch.logical_request.id"],
+            dict(s.attributes or {})["costwatch.attempt.number"],
+        ): s
+        for s in spans.values()
+    }
+    first, second, third = by_attempt[("r1", 1)], by_attempt[("r1", 2)], by_attempt[("r1", 3)]
+    assert [link.context.span_id for link in first.links] == []
+    assert [link.context.span_id for link in second.links] == [first.context.span_id]
+    assert [link.context.span_id for link in third.links] == [first.context.span_id, second.context.span_id]
+    assert list(by_attempt[("other", 1)].links) == []
+
+
+def test_remembered_logical_requests_are_bounded(provider, exporter):
+    listener = SpanListener(provider, environ={}, max_requests=1)
+    run(listener, start("a1", 1, request="r1"), dropped("a1", 1))
+    run(listener, start("b1", 1, request="r2"), dropped("b1", 1, request="r2"))
+    run(listener, start("a2", 2, request="r1"), finished("a2", 2))
+    retry = next(
+        s
+        for s in exporter.get_finished_spans()
+        if s.name and dict(s.attributes or {})["costwatch.attempt.number"] == 2
+    )
+    assert list(retry.links) == []
+
+
+# -- end to end through the real SDK ----------------------------------------------------------------
+SECRET = "the-prompt-text-must-never-appear"
+
+
+def test_attempt_spans_nest_under_the_current_span_and_match_the_ledger(provider, exporter, tmp_path):
+    pipeline = Pipeline(spool=Spool(tmp_path / "spool"))
+    memory = MemorySink()
+    pipeline.add_sink(memory)
+    listener = SpanListener(provider, environ={})
+    tracer = provider.get_tracer("app")
+    with FakeAnthropicServer() as server:
+        server.enqueue(Fault.cut_after_deltas(15), None)
+        costwatch.instrument(pipeline=pipeline, listeners=[listener])
+        try:
+            options: dict[str, Any] = {}
+            if SDK_2:  # the 2.x SDK traces its own calls; give it the same provider
+                options["open_telemetry"] = {"tracer_provider": provider}
+            client = anthropic.Anthropic(base_url=server.base_url, api_key="test", max_retries=0, **options)
+            with tracer.start_as_current_span("job") as job:
+                for _ in range(2):
+                    try:
+                        with client.messages.stream(
+                            model=MODEL, max_tokens=4096, messages=[{"role": "user", "content": SECRET}]
+                        ) as stream:
+                            for _event in stream:
+                                pass
+                        break
+                    except Exception:
+                        continue
+            assert pipeline.flush(10)
+        finally:
+            costwatch.uninstrument()
+        pipeline.shutdown(10)
+
+    spans = exporter.get_finished_spans()
+    attempts = sorted(
+        (s for s in spans if s.name == f"chat {MODEL}"),
+        key=lambda s: dict(s.attributes or {})["costwatch.attempt.number"],
+    )
+    entries = server.ledger.entries
+    assert len(attempts) == len(entries) == len(memory.records) == 2
+    first, retry = attempts
+    assert first.instrumentation_scope is not None and first.instrumentation_scope.name == "costwatch"
+
+    # Parents: the SDK's call span on 2.x (one per call, so one per attempt here), else the app's span.
+    for span in attempts:
+        assert span.parent is not None
+        parent = next(s for s in spans if s.context.span_id == span.parent.span_id)
+        if SDK_2:
+            assert parent.name == "anthropic.messages.create" and parent.kind is SpanKind.CLIENT
+            assert parent.parent is not None and parent.parent.span_id == job.get_span_context().span_id
+        else:
+            assert parent.name == "job"
+        assert span.context.trace_id == job.get_span_context().trace_id
+
+    assert first.status.status_code is StatusCode.ERROR
+    assert retry.status.status_code is StatusCode.UNSET
+    assert [link.context.span_id for link in retry.links] == [first.context.span_id]
+    record_of = {r.attempt_number: r for r in memory.records}
+    for span, entry in zip(attempts, entries, strict=True):
+        attributes = dict(span.attributes or {})
+        number = attributes["costwatch.attempt.number"]
+        record = record_of[number]
+        assert attributes["gen_ai.usage.input_tokens"] == (
+            entry.input_tokens + entry.cache_read_tokens + entry.cache_write_tokens
+        )
+        assert attributes["gen_ai.usage.cache_read.input_tokens"] == entry.cache_read_tokens
+        assert attributes["gen_ai.usage.output_tokens"] == record.usage.output_tokens
+        assert attributes["gen_ai.response.id"] == entry.message_id
+        assert attributes["gen_ai.response.model"] == entry.model
+        assert attributes["costwatch.logical_request.id"] == record.logical_request_id
+        assert attributes["costwatch.cost.usd"] == pytest.approx(record.cost.total_usd if record.cost else 0)
+    assert dict(first.attributes or {})["costwatch.waste.reason"] == "abandoned"
+    assert dict(first.attributes or {})["error.type"] == record_of[1].error_type
+    assert dict(retry.attributes or {})["gen_ai.response.finish_reasons"] == (entries[1].stop_reason,)
+    assert dict(retry.attributes or {})["gen_ai.usage.output_tokens"] == entries[1].output_tokens
+    for span in attempts:
+        assert not any(SECRET in str(value) for value in (span.attributes or {}).values())
