@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SETTINGS", "Setting", "Settings", "SettingsError", "load_settings"]
+__all__ = ["SETTINGS", "Setting", "Settings", "SettingsError", "default_of", "load_settings"]
 
 
 class SettingsError(ValueError):
@@ -84,6 +84,11 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def default_of(name: str) -> Any:
+    """The default value of the setting called ``name``."""
+    return _BY_NAME[name].default
 
 Settings = dataclasses.make_dataclass(
     "Settings", [(s.name, Any, dataclasses.field(default=s.default)) for s in SETTINGS], frozen=True

@@ -1,0 +1,32 @@
+"""The SQL store: every attempt as a row, and hourly rollups for reports (SQLite or PostgreSQL).
+
+``SqlStore`` is the default sink of attempt records. ``costwatch.store.migrate`` runs the schema
+migrations from code; the store also migrates its database on first use.
+"""
+
+from __future__ import annotations
+
+from .database import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, create_store_engine, database_url, safe_url
+from .query import RollupTotals
+from .rows import WORKFLOW_LABEL_MAX
+from .schema import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, Attempt, HourlyRollup, metadata
+from .sink import DEFAULT_RETRY_WINDOW, SqlStore
+from .write import BatchResult
+
+__all__ = [
+    "DATABASE_URL_ENV",
+    "DEFAULT_DATABASE_URL",
+    "DEFAULT_RETRY_WINDOW",
+    "ROLLUP_DIMENSIONS",
+    "ROLLUP_MEASURES",
+    "WORKFLOW_LABEL_MAX",
+    "Attempt",
+    "BatchResult",
+    "HourlyRollup",
+    "RollupTotals",
+    "SqlStore",
+    "create_store_engine",
+    "database_url",
+    "metadata",
+    "safe_url",
+]

@@ -1,0 +1,108 @@
+"""Where the store lives and how to connect to it: URL resolution and engine setup per backend.
+
+SQLite is the zero-configuration default. Several processes may write one SQLite file: the file is
+put in WAL mode, every connection waits (busy timeout) instead of failing when another process
+holds the write lock, and every transaction starts with ``BEGIN IMMEDIATE`` so a transaction takes
+the write lock before it reads what it is about to change. PostgreSQL goes through psycopg 3.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+__all__ = [
+    "DATABASE_URL_ENV",
+    "DEFAULT_DATABASE_URL",
+    "READ_ONLY_OPTION",
+    "SQLITE_BUSY_TIMEOUT_S",
+    "create_store_engine",
+    "database_url",
+    "safe_url",
+]
+
+DATABASE_URL_ENV = "COSTWATCH_DATABASE_URL"
+"""The environment variable naming the store's database."""
+
+DEFAULT_DATABASE_URL = "sqlite:///costwatch.db"
+"""A SQLite file in the working directory, created and migrated on first use."""
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+"""How long a SQLite writer waits for another process's write lock before failing."""
+
+READ_ONLY_OPTION = "costwatch_read_only"
+"""Execution option marking a connection that only reads, so on SQLite it does not take the write lock."""
+
+POSTGRES_CONNECT_TIMEOUT_S = 5
+"""How long connecting to PostgreSQL may take, so an unreachable server fails fast and records spool."""
+
+
+def database_url(url: str | URL | None = None) -> URL:
+    """The store's URL: ``url``, else ``$COSTWATCH_DATABASE_URL``, else a SQLite file here.
+
+    ``postgresql://`` and ``postgres://`` URLs are normalised to the psycopg 3 driver.
+    """
+    raw = url if url is not None else (os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL)
+    parsed = make_url(raw) if isinstance(raw, str) else raw
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL as text with any password masked, for logs and error messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _is_memory_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def create_store_engine(url: str | URL | None = None) -> Engine:
+    """An engine for the store's database, configured for concurrent writers on its backend."""
+    resolved = database_url(url)
+    backend = resolved.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(resolved)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "postgresql" and "connect_timeout" not in resolved.query:
+        kwargs["connect_args"] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+    return sa.create_engine(resolved, **kwargs)
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    kwargs: dict[str, Any] = {}
+    if _is_memory_sqlite(url):
+        # One shared connection, or every thread would see its own empty database.
+        connect_args["check_same_thread"] = False
+        kwargs["poolclass"] = StaticPool
+    engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
+
+    @sa.event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # The driver's own implicit BEGIN would be DEFERRED; take over transaction control.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            if not _is_memory_sqlite(url):
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(connection: sa.Connection) -> None:
+        # Writers take the write lock up front: a DEFERRED transaction that reads then writes can
+        # fail with SQLITE_BUSY, without waiting, when another process commits in between.
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

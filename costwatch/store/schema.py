@@ -1,0 +1,179 @@
+"""The store's tables: one row per attempt, and hourly rollups that reports and exporters read.
+
+The tables carry a ``costwatch_`` prefix (and Alembic's version table is ``costwatch_alembic_version``)
+so the store can live in an application's own database next to its own tables and migrations.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "ATTEMPTS",
+    "ROLLUPS",
+    "ROLLUP_DIMENSIONS",
+    "ROLLUP_MEASURES",
+    "VERSION_TABLE",
+    "Attempt",
+    "Base",
+    "HourlyRollup",
+    "UtcDateTime",
+    "metadata",
+]
+
+VERSION_TABLE = "costwatch_alembic_version"
+"""Alembic's version table for the store, named apart from an application's own ``alembic_version``."""
+
+# Deterministic constraint names, so migrations written today can drop or alter them tomorrow on
+# every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+"""The store's ``MetaData``; Alembic's autogenerate compares the migrations against it."""
+
+
+class UtcDateTime(sa.types.TypeDecorator[datetime]):
+    """A timestamp that goes in and comes out as timezone-aware UTC on every backend.
+
+    PostgreSQL keeps it as ``timestamptz``. SQLite has no time zones, so it stores naive UTC text,
+    which then sorts and compares correctly as text.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert to UTC (naive input is taken as UTC); drop the zone where the backend has none."""
+        if value is None:
+            return None
+        value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        """Return timezone-aware UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        result: datetime = value.astimezone(timezone.utc)
+        return result
+
+
+class Base(DeclarativeBase):
+    """Declarative base bound to the store's ``metadata``."""
+
+    metadata = metadata
+
+
+class Attempt(Base):
+    """One HTTP attempt: every field of :class:`~costwatch.records.AttemptRecord`, latest revision."""
+
+    __tablename__ = "costwatch_attempts"
+
+    attempt_id: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    logical_request_id: Mapped[str] = mapped_column(sa.String(), index=True)
+    attempt_number: Mapped[int] = mapped_column(sa.Integer())
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+    outcome: Mapped[str] = mapped_column(sa.String())
+    model_requested: Mapped[str] = mapped_column(sa.String())
+    model: Mapped[str | None] = mapped_column(sa.String())
+    stream: Mapped[bool] = mapped_column(sa.Boolean())
+    beta_features: Mapped[list[str]] = mapped_column(sa.JSON())
+    request_id: Mapped[str | None] = mapped_column(sa.String())
+    message_id: Mapped[str | None] = mapped_column(sa.String())
+    sdk_retry: Mapped[int] = mapped_column(sa.Integer())
+    http_status: Mapped[int | None] = mapped_column(sa.Integer())
+    error_type: Mapped[str | None] = mapped_column(sa.String())
+    api_error_type: Mapped[str | None] = mapped_column(sa.String())
+    time_to_first_token_s: Mapped[float | None] = mapped_column(sa.Double())
+    duration_s: Mapped[float] = mapped_column(sa.Double())
+    input_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    cache_write_5m_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    cache_write_1h_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    output_estimated: Mapped[bool] = mapped_column(sa.Boolean())
+    estimated_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    server_tool_use: Mapped[dict[str, int]] = mapped_column(sa.JSON())
+    stop_reason: Mapped[str | None] = mapped_column(sa.String())
+    events_received: Mapped[int] = mapped_column(sa.BigInteger())
+    bytes_received: Mapped[int] = mapped_column(sa.BigInteger())
+    # NULL cost columns mean "no known price" (AttemptRecord.cost is None), not zero.
+    input_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    cache_write_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    cache_read_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    output_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    wasted: Mapped[bool] = mapped_column(sa.Boolean())
+    waste_reason: Mapped[str | None] = mapped_column(sa.String())
+    tags: Mapped[dict[str, str]] = mapped_column(sa.JSON())
+    fingerprint: Mapped[str | None] = mapped_column(sa.String(), index=True)
+    revision: Mapped[int] = mapped_column(sa.Integer())
+
+
+ROLLUP_DIMENSIONS = ("hour", "model", "outcome", "error_type", "waste_reason", "workflow")
+"""The columns a rollup row is keyed by; absent values are stored as ``""`` so they can be keys."""
+
+ROLLUP_MEASURES = (
+    "attempts",
+    "dropped_attempts",
+    "logical_requests_started",
+    "billed_input_tokens",
+    "billed_output_tokens",
+    "billed_cache_read_tokens",
+    "billed_cache_write_tokens",
+    "wasted_input_tokens",
+    "wasted_output_tokens",
+    "wasted_cache_read_tokens",
+    "wasted_cache_write_tokens",
+    "billed_cost_usd",
+    "wasted_cost_usd",
+    "estimated_output_tokens",
+    "duration_s",
+)
+"""The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them."""
+
+
+class HourlyRollup(Base):
+    """Sums over the attempts that started in one UTC hour, for one combination of dimensions."""
+
+    __tablename__ = "costwatch_hourly_rollups"
+
+    hour: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    outcome: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    attempts: Mapped[int] = mapped_column(sa.BigInteger())
+    dropped_attempts: Mapped[int] = mapped_column(sa.BigInteger())
+    logical_requests_started: Mapped[int] = mapped_column(sa.BigInteger())
+    billed_input_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    billed_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    billed_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    billed_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    wasted_input_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    wasted_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    wasted_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    wasted_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    billed_cost_usd: Mapped[float] = mapped_column(sa.Double())
+    wasted_cost_usd: Mapped[float] = mapped_column(sa.Double())
+    estimated_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    duration_s: Mapped[float] = mapped_column(sa.Double())
+
+
+ATTEMPTS = cast(sa.Table, Attempt.__table__)
+"""The attempts table, for Core statements."""
+
+ROLLUPS = cast(sa.Table, HourlyRollup.__table__)
+"""The hourly rollups table, for Core statements."""

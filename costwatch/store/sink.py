@@ -1,0 +1,148 @@
+"""``SqlStore``: the store as a :class:`~costwatch.sinks.Sink`, plus the read API over it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine
+
+from ..records import AttemptRecord
+from ..settings import default_of
+from .database import READ_ONLY_OPTION, create_store_engine, database_url, safe_url
+from .migrate import ensure_migrated
+from .query import RollupTotals, read_rollup_totals, rollup_totals_query
+from .rows import record_from_row
+from .schema import ATTEMPTS
+from .write import BatchResult, write_batch
+
+__all__ = ["DEFAULT_RETRY_WINDOW", "SqlStore"]
+
+log = logging.getLogger("costwatch")
+
+DEFAULT_RETRY_WINDOW = timedelta(seconds=default_of("retry_window_s"))
+"""How soon an identical request (same fingerprint) must follow an abandoned attempt to retry it."""
+
+_live_stores: weakref.WeakSet[SqlStore] = weakref.WeakSet()
+
+
+class SqlStore:
+    """Writes attempt records to SQLite or PostgreSQL and keeps hourly rollups in step.
+
+    ``url`` defaults to ``$COSTWATCH_DATABASE_URL``, else ``sqlite:///costwatch.db``. The schema is
+    migrated on first use unless ``auto_migrate`` is false. ``export`` is idempotent on
+    ``attempt_id`` and keeps the highest revision, as the :class:`~costwatch.sinks.Sink` contract asks.
+    """
+
+    name = "sql"
+
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        auto_migrate: bool = True,
+        retry_window: timedelta = DEFAULT_RETRY_WINDOW,
+    ) -> None:
+        self.url = database_url(url)
+        self.auto_migrate = auto_migrate
+        self.retry_window = retry_window
+        self._engine: Engine | None = None
+        self._migrated = False
+        self._lock = threading.Lock()
+        _live_stores.add(self)
+
+    def __repr__(self) -> str:
+        return f"SqlStore({safe_url(self.url)!r})"
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, created (and the schema migrated) on first use."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = create_store_engine(self.url)
+            if self.auto_migrate and not self._migrated:
+                ensure_migrated(self._engine)
+                self._migrated = True
+            return self._engine
+
+    # -- the Sink side -----------------------------------------------------------------------
+    def export(self, records: Sequence[AttemptRecord]) -> None:
+        """Write one batch in one transaction; raises (and writes nothing) if the database fails."""
+        self.write(records)
+
+    def write(self, records: Sequence[AttemptRecord]) -> BatchResult:
+        """Like :meth:`export`, returning what the batch changed."""
+        if not records:
+            return BatchResult()
+        with self.engine.begin() as connection:
+            return write_batch(connection, records, retry_window=self.retry_window)
+
+    def shutdown(self) -> None:
+        """Close the database connections."""
+        with self._lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+
+    # -- retention ---------------------------------------------------------------------------
+    def prune_before(self, moment: datetime) -> int:
+        """Delete raw attempt rows that started before ``moment``; rollups are kept. Returns the count."""
+        with self.engine.begin() as connection:
+            result = connection.execute(sa.delete(ATTEMPTS).where(ATTEMPTS.c.started_at < moment))
+            return int(result.rowcount or 0)
+
+    # -- the read side -----------------------------------------------------------------------
+    def rollup_totals(
+        self,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        *,
+        group_by: Sequence[str] = (),
+        where: Mapping[str, str | Sequence[str]] | None = None,
+    ) -> list[RollupTotals]:
+        """Sums from the hourly rollups for hours in ``[start, end)``, one entry per group.
+
+        ``group_by`` and the keys of ``where`` are rollup dimensions: ``hour``, ``model``,
+        ``outcome``, ``error_type``, ``waste_reason``, ``workflow``. With no ``group_by`` the result
+        is one overall total (or nothing if no attempt matched).
+        """
+        query = rollup_totals_query(start, end, group_by=group_by, where=where)
+        with self._read() as connection:
+            return read_rollup_totals(connection, query, group_by)
+
+    def attempt(self, attempt_id: str) -> AttemptRecord | None:
+        """The stored (latest) revision of one attempt, or ``None``."""
+        with self._read() as connection:
+            row = connection.execute(
+                sa.select(ATTEMPTS).where(ATTEMPTS.c.attempt_id == attempt_id)
+            ).mappings()
+            found = row.first()
+        return record_from_row(found) if found is not None else None
+
+    def attempt_count(self) -> int:
+        """How many raw attempt rows the store holds."""
+        with self._read() as connection:
+            return int(connection.execute(sa.select(sa.func.count()).select_from(ATTEMPTS)).scalar_one())
+
+    def _read(self) -> sa.Connection:
+        return self.engine.connect().execution_options(**{READ_ONLY_OPTION: True})
+
+    def _after_fork_in_child(self) -> None:
+        # Pooled connections belong to the parent; the child must open its own.
+        if self._engine is not None:
+            self._engine.dispose(close=False)
+        self._lock = threading.Lock()
+
+
+def _reset_stores_in_child() -> None:
+    for store in list(_live_stores):
+        store._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_stores_in_child)

@@ -1,0 +1,319 @@
+"""The pipeline: batching, delivery to every sink, and losing nothing when sinks, queues or processes fail."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from costwatch.pipeline import Pipeline, get_pipeline
+from costwatch.records import AttemptRecord, Outcome, Usage
+from costwatch.sinks import MemorySink
+from costwatch.spool import Spool
+from costwatch.store import SqlStore
+
+
+def attempt(n: int) -> AttemptRecord:
+    """A small completed attempt."""
+    return AttemptRecord(
+        attempt_id=f"att-{n}",
+        logical_request_id=f"req-{n}",
+        attempt_number=1,
+        started_at=datetime(2025, 3, 1, tzinfo=timezone.utc) + timedelta(seconds=n),
+        outcome=Outcome.COMPLETED,
+        model="claude-sonnet-4-5",
+        usage=Usage(input_tokens=100, output_tokens=10),
+    )
+
+
+class FlakySink:
+    """A sink that refuses every batch while ``down`` is set, like a database that went away."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.down = threading.Event()
+        self.memory = MemorySink()
+        self.exports = 0
+
+    def export(self, records: Sequence[AttemptRecord]) -> None:
+        self.exports += 1
+        if self.down.is_set():
+            raise ConnectionError("database unreachable")
+        self.memory.export(records)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+
+
+def _wait_for(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """A spool in a fresh directory."""
+    return Spool(tmp_path / "spool")
+
+
+def test_flush_delivers_every_record_to_every_sink(spool: Spool) -> None:
+    pipeline = Pipeline(batch_size=7, interval_s=10, spool=spool)
+    first, second = MemorySink(), MemorySink()
+    pipeline.add_sink(first)
+    pipeline.add_sink(second)
+    for n in range(100):
+        pipeline.submit(attempt(n))
+    assert pipeline.flush(timeout=5)
+    assert len(first.records) == len(second.records) == 100
+    assert pipeline.health().queue_depth == 0
+    pipeline.shutdown()
+
+
+def test_batches_go_out_on_the_interval_without_a_flush(spool: Spool) -> None:
+    pipeline = Pipeline(batch_size=1000, interval_s=0.05, spool=spool)
+    sink = MemorySink()
+    pipeline.add_sink(sink)
+    pipeline.submit(attempt(1))
+    assert _wait_for(lambda: len(sink.records) == 1, timeout=5)
+    pipeline.shutdown()
+
+
+def test_flush_waits_for_a_batch_the_writer_already_took(spool: Spool) -> None:
+    class SlowSink(MemorySink):
+        def export(self, records: Sequence[AttemptRecord]) -> None:
+            time.sleep(0.3)
+            super().export(records)
+
+    pipeline = Pipeline(batch_size=1, interval_s=0.01, spool=spool)
+    sink = SlowSink()
+    pipeline.add_sink(sink)
+    pipeline.submit(attempt(1))
+    assert _wait_for(lambda: pipeline.queue_depth == 0)
+    assert pipeline.flush(timeout=5)
+    assert len(sink.records) == 1
+    pipeline.shutdown()
+
+
+def test_failing_sink_gets_its_records_from_the_spool_once_it_recovers(spool: Spool) -> None:
+    pipeline = Pipeline(batch_size=10, interval_s=0.02, spool=spool, retry_initial_s=0.05, retry_max_s=0.2)
+    flaky, healthy = FlakySink(), MemorySink()
+    pipeline.add_sink(flaky)
+    pipeline.add_sink(healthy)
+    flaky.down.set()
+    for n in range(95):
+        pipeline.submit(attempt(n))
+    assert pipeline.flush(timeout=5)
+    health = pipeline.health()
+    assert health.spooled_pending == 95 and health.write_errors >= 1 and health.dropped == 0
+    assert len(healthy.records) == 95 and flaky.memory.records == []
+
+    flaky.down.clear()
+    assert _wait_for(lambda: pipeline.health().spooled_pending == 0)
+    assert [r.attempt_id for r in flaky.memory.records] == [f"att-{n}" for n in range(95)]
+    assert len(healthy.records) == 95  # the healthy sink was not sent the spool again
+    pipeline.shutdown()
+
+
+def test_failing_sink_is_not_retried_on_every_batch(spool: Spool) -> None:
+    pipeline = Pipeline(batch_size=1, interval_s=0.01, spool=spool, retry_initial_s=60, retry_max_s=60)
+    flaky = FlakySink()
+    flaky.down.set()
+    pipeline.add_sink(flaky)
+    for n in range(50):
+        pipeline.submit(attempt(n))
+    assert pipeline.flush(timeout=5)
+    assert flaky.exports == 1 and pipeline.health().spooled_pending == 50
+    pipeline.shutdown()
+
+
+def test_full_queue_spills_to_the_spool_and_nothing_is_lost(spool: Spool) -> None:
+    pipeline = Pipeline(capacity=10, batch_size=1000, interval_s=0.05, spool=spool, retry_max_s=0.1)
+    sink = MemorySink()
+    pipeline.add_sink(sink)
+    blocker = threading.Event()
+    original_export = sink.export
+    sink.export = lambda records: (blocker.wait(5), original_export(records))  # type: ignore[method-assign]
+    for n in range(200):
+        pipeline.submit(attempt(n))
+    assert spool.pending("memory") >= 180  # at most one batch in flight and one queue-full held back
+    blocker.set()
+    assert _wait_for(lambda: len(sink.records) == 200 and pipeline.health().spooled_pending == 0)
+    assert pipeline.health().dropped == 0
+    pipeline.shutdown()
+
+
+def test_record_is_dropped_only_when_the_spool_cannot_be_written_and_it_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the spool directory should be")
+    pipeline = Pipeline(batch_size=5, interval_s=0.01, spool=Spool(blocked), retry_initial_s=60)
+    flaky = FlakySink()
+    flaky.down.set()
+    pipeline.add_sink(flaky)
+    caplog.set_level(logging.WARNING, logger="costwatch")
+    for n in range(20):
+        pipeline.submit(attempt(n))
+    assert pipeline.flush(timeout=5)
+    assert pipeline.health().dropped == 20
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
+    pipeline.shutdown()
+
+
+def test_spool_left_by_an_earlier_run_is_replayed_when_the_sink_is_added(spool: Spool) -> None:
+    spool.append("memory", [attempt(n) for n in range(5)])
+    spool.close()
+    pipeline = Pipeline(interval_s=0.02, spool=Spool(spool.directory))
+    sink = MemorySink()
+    pipeline.add_sink(sink)
+    pipeline.submit(attempt(99))
+    assert _wait_for(lambda: len(sink.records) == 6)
+    pipeline.shutdown()
+
+
+def test_get_pipeline_is_one_per_process() -> None:
+    assert get_pipeline() is get_pipeline()
+
+
+SIGTERM_CHILD = textwrap.dedent(
+    """
+    import signal, sys, time
+    from datetime import datetime, timedelta, timezone
+    from costwatch.pipeline import Pipeline
+    from costwatch.records import AttemptRecord, Outcome, Usage
+    from costwatch.spool import Spool
+    from costwatch.store import SqlStore
+
+    url, spool_dir, count, chain = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "chain"
+    if chain:
+        def previous_handler(signum, frame):
+            print("previous handler ran", flush=True)
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, previous_handler)
+    store = SqlStore(url)
+    store.attempt_count()  # migrate before the clock starts
+    pipeline = Pipeline(batch_size=500, interval_s=3600, spool=Spool(spool_dir))
+    pipeline.add_sink(store)
+    pipeline.install_exit_handlers()
+    t0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
+    for n in range(count):
+        pipeline.submit(AttemptRecord(
+            attempt_id=f"sig-{n}", logical_request_id=f"req-{n}", attempt_number=1,
+            started_at=t0 + timedelta(seconds=n), outcome=Outcome.COMPLETED, usage=Usage(input_tokens=1),
+        ))
+    print(f"queued {pipeline.queue_depth}", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["default-action", "chained-handler"])
+@pytest.mark.timeout(60)
+def test_sigterm_mid_workload_loses_nothing_already_submitted(tmp_path: Path, chain: bool) -> None:
+    url = f"sqlite:///{tmp_path / 'sigterm.db'}"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SIGTERM_CHILD,
+            url,
+            str(tmp_path / "spool"),
+            "3000",
+            "chain" if chain else "-",
+        ],
+        env=_child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        # The interval is an hour, so at this point (nearly) everything is still only in memory.
+        assert line.startswith("queued "), child.stderr.read() if child.stderr else ""
+        assert int(line.split()[1]) > 2000
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    if chain:
+        assert child.returncode == 3 and "previous handler ran" in out, err
+    else:
+        assert child.returncode == -signal.SIGTERM, err
+    store = SqlStore(url)
+    try:
+        assert store.attempt_count() == 3000
+        [totals] = store.rollup_totals()
+        assert totals.attempts == 3000
+    finally:
+        store.shutdown()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.timeout(30)
+def test_forked_child_delivers_its_own_records_and_not_the_parents(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.txt"
+
+    class LedgerSink:
+        """Appends "<pid> <attempt_id>" per delivered record to a shared file."""
+
+        name = "ledger"
+
+        def export(self, records: Sequence[AttemptRecord]) -> None:
+            with open(ledger, "a") as out:
+                out.writelines(f"{os.getpid()} {r.attempt_id}\n" for r in records)
+
+        def shutdown(self) -> None:
+            pass
+
+    pipeline = Pipeline(batch_size=1000, interval_s=3600, spool=Spool(tmp_path / "spool"))
+    pipeline.add_sink(LedgerSink())
+    for n in range(10):
+        pipeline.submit(attempt(n))
+    pid = os.fork()
+    if pid == 0:  # the child: its pipeline starts empty and runs its own writer thread
+        try:
+            for n in range(100, 105):
+                pipeline.submit(attempt(n))
+            ok = pipeline.flush(timeout=10)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pipeline.flush(timeout=10)
+    pipeline.shutdown()
+    lines = [line.split() for line in ledger.read_text().splitlines()]
+    by_child = sorted(a for p, a in lines if int(p) == pid)
+    by_parent = sorted(a for p, a in lines if int(p) == os.getpid())
+    assert by_child == sorted(f"att-{n}" for n in range(100, 105))
+    assert by_parent == sorted(f"att-{n}" for n in range(10))
+
+
+def test_sql_store_is_a_sink_the_pipeline_can_feed(tmp_path: Path, spool: Spool) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path / 'pipe.db'}")
+    pipeline = Pipeline(batch_size=50, interval_s=0.05, spool=spool)
+    pipeline.add_sink(store)
+    for n in range(120):
+        pipeline.submit(attempt(n))
+    assert pipeline.flush(timeout=10)
+    assert store.attempt_count() == 120
+    pipeline.shutdown()

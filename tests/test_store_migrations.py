@@ -1,0 +1,169 @@
+"""The store's schema: migrations up and down on SQLite and PostgreSQL, and agreement with the models."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from costwatch.store import SqlStore, create_store_engine, database_url, metadata, migrate, safe_url
+from costwatch.store.schema import VERSION_TABLE
+
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _postgres_available() -> bool:
+    try:
+        engine = sa.create_engine(POSTGRES, connect_args={"connect_timeout": 2})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except sa.exc.OperationalError:
+        return False
+
+
+@pytest.fixture
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema in the ``test`` database, dropped afterwards, so parallel runs never collide."""
+    if not _postgres_available():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    schema = f"cw_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield schema
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
+
+
+def _schema_url(schema: str, *, password: str | None = None) -> str:
+    auth = f"postgres:{password}" if password else "postgres"
+    return f"postgresql://{auth}@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL to an empty database on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'costwatch.db'}"
+    return _schema_url(request.getfixturevalue("postgres_schema"))
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_store_engine(url)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_downgrade_to_base_and_upgrade_again(url: str) -> None:
+    assert migrate.current(url) is None
+
+    migrate.upgrade(url)
+    assert migrate.current(url) == migrate.head()
+    assert {"costwatch_attempts", "costwatch_hourly_rollups"} <= _tables(url)
+
+    migrate.downgrade(url, "base")
+    assert migrate.current(url) is None
+    assert not {"costwatch_attempts", "costwatch_hourly_rollups"} & _tables(url)
+
+    migrate.upgrade(url, revision="head")
+    assert migrate.current(url) == migrate.head()
+
+
+def test_models_and_migrations_agree(url: str) -> None:
+    migrate.upgrade(url)
+    engine = create_store_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "version_table": VERSION_TABLE}
+            )
+            assert compare_metadata(context, metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_twice_is_a_no_op(url: str) -> None:
+    migrate.upgrade(url)
+    migrate.upgrade(url)
+    assert migrate.current(url) == migrate.head()
+
+
+def test_store_creates_and_migrates_its_database_on_first_use(url: str) -> None:
+    store = SqlStore(url)
+    try:
+        assert store.attempt_count() == 0
+        assert migrate.current(url) == migrate.head()
+    finally:
+        store.shutdown()
+
+
+def test_default_url_is_a_sqlite_file_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COSTWATCH_DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    store = SqlStore()
+    try:
+        assert store.attempt_count() == 0
+    finally:
+        store.shutdown()
+    assert (tmp_path / "costwatch.db").exists()
+
+
+def test_url_comes_from_the_environment_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COSTWATCH_DATABASE_URL", "sqlite:////var/tmp/elsewhere.db")
+    assert database_url().database == "/var/tmp/elsewhere.db"
+    assert database_url("sqlite:///here.db").database == "here.db"
+
+
+def test_postgresql_urls_are_normalised_to_psycopg() -> None:
+    assert database_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+    assert database_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    assert database_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
+
+
+def test_sqlite_file_is_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'wal.db'}")
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_password_never_appears_in_logs_or_repr(
+    postgres_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _schema_url(postgres_schema, password="s3cret-pw")
+    caplog.set_level(logging.DEBUG, logger="costwatch")
+    migrate.upgrade(url)
+    store = SqlStore(url)
+    try:
+        assert store.attempt_count() == 0
+        assert "s3cret-pw" not in repr(store)
+    finally:
+        store.shutdown()
+    assert "migrated" in caplog.text
+    assert "s3cret-pw" not in caplog.text
+    assert "s3cret-pw" not in safe_url(url)
+
+
+def test_migration_scripts_are_found_without_an_ini_file() -> None:
+    scripts = migrate.migrations_path()
+    assert (scripts / "env.py").is_file()
+    assert any(scripts.glob("versions/0001_*.py"))

@@ -1,0 +1,376 @@
+"""Writing attempts to the store: idempotence, revisions, retried/abandoned reclassification, rollups."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from costwatch.records import AttemptRecord, Cost, Outcome, Usage, WasteReason
+from costwatch.store import ROLLUP_MEASURES, WORKFLOW_LABEL_MAX, SqlStore
+from costwatch.store.rows import attempt_row, record_from_row, rollup_contribution, rollup_deltas
+from costwatch.store.schema import ATTEMPTS, ROLLUPS
+
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+T0 = datetime(2025, 3, 1, 10, 15, tzinfo=timezone.utc)
+
+
+def attempt(n: int, **changes: Any) -> AttemptRecord:
+    """A completed, priced attempt; ``changes`` override any field."""
+    fields: dict[str, Any] = {
+        "attempt_id": f"att-{n}",
+        "logical_request_id": f"req-{n}",
+        "attempt_number": 1,
+        "started_at": T0 + timedelta(seconds=n),
+        "outcome": Outcome.COMPLETED,
+        "model_requested": "claude-sonnet-4-5",
+        "model": "claude-sonnet-4-5-20250929",
+        "stream": True,
+        "usage": Usage(input_tokens=1000, cache_read_tokens=200, cache_write_5m_tokens=50, output_tokens=300),
+        "cost": Cost(input_usd=0.003, cache_write_usd=0.0002, cache_read_usd=0.00006, output_usd=0.0045),
+        "duration_s": 2.5,
+        "fingerprint": f"fp-{n}",
+        "tags": {"workflow": "summarise"},
+    }
+    fields.update(changes)
+    return AttemptRecord(**fields)
+
+
+def dropped(n: int, **changes: Any) -> AttemptRecord:
+    """A dropped stream, billed for its input and some estimated output, marked abandoned."""
+    return attempt(
+        n,
+        outcome=Outcome.DROPPED,
+        error_type="RemoteProtocolError",
+        usage=Usage(input_tokens=1000, output_tokens=120, output_estimated=True, estimated_output_tokens=120),
+        wasted=True,
+        waste_reason=WasteReason.ABANDONED,
+        **changes,
+    )
+
+
+def _postgres_available() -> bool:
+    try:
+        engine = sa.create_engine(POSTGRES, connect_args={"connect_timeout": 2})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except sa.exc.OperationalError:
+        return False
+
+
+@pytest.fixture
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema in the ``test`` database, dropped afterwards, so parallel runs never collide."""
+    if not _postgres_available():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    schema = f"cw_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield schema
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
+    """A store on an empty database of each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'costwatch.db'}"
+    else:
+        schema = request.getfixturevalue("postgres_schema")
+        url = f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+    sql_store = SqlStore(url)
+    yield sql_store
+    sql_store.shutdown()
+
+
+def rollup_rows(store: SqlStore) -> dict[tuple[Any, ...], dict[str, float]]:
+    """Every non-empty rollup row, keyed by its dimensions."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(sa.select(ROLLUPS)).mappings().all()
+    return {
+        (r["hour"], r["model"], r["outcome"], r["error_type"], r["waste_reason"], r["workflow"]): {
+            m: r[m] for m in ROLLUP_MEASURES
+        }
+        for r in rows
+        if r["attempts"] != 0
+    }
+
+
+def sums_over_raw_rows(store: SqlStore) -> dict[tuple[Any, ...], dict[str, float]]:
+    """The rollups recomputed from scratch from the raw attempt rows, written independently here."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(sa.select(ATTEMPTS)).mappings().all()
+    sums: dict[tuple[Any, ...], dict[str, float]] = defaultdict(lambda: dict.fromkeys(ROLLUP_MEASURES, 0))
+    for r in rows:
+        hour = r["started_at"].replace(minute=0, second=0, microsecond=0)
+        reason = r["waste_reason"] if r["wasted"] else ""
+        workflow = (r["tags"].get("workflow") or "")[:WORKFLOW_LABEL_MAX]
+        key = (
+            hour,
+            r["model"] or r["model_requested"],
+            r["outcome"],
+            r["error_type"] or "",
+            reason,
+            workflow,
+        )
+        s = sums[key]
+        tokens = {
+            "input": r["input_tokens"],
+            "output": r["output_tokens"],
+            "cache_read": r["cache_read_tokens"],
+            "cache_write": r["cache_write_5m_tokens"] + r["cache_write_1h_tokens"],
+        }
+        cost = sum(
+            r[c] or 0.0
+            for c in ("input_cost_usd", "cache_write_cost_usd", "cache_read_cost_usd", "output_cost_usd")
+        )
+        s["attempts"] += 1
+        s["dropped_attempts"] += r["outcome"] == "dropped"
+        s["logical_requests_started"] += r["attempt_number"] == 1
+        for kind, count in tokens.items():
+            s[f"billed_{kind}_tokens"] += count
+            s[f"wasted_{kind}_tokens"] += count if r["wasted"] else 0
+        s["billed_cost_usd"] += cost
+        s["wasted_cost_usd"] += cost if r["wasted"] else 0.0
+        s["estimated_output_tokens"] += r["estimated_output_tokens"] if r["output_estimated"] else 0
+        s["duration_s"] += r["duration_s"]
+    return dict(sums)
+
+
+def assert_rollups_match_raw_rows(store: SqlStore) -> None:
+    """Rollups equal the sums over the raw rows (costs and durations to float rounding)."""
+    expected, actual = sums_over_raw_rows(store), rollup_rows(store)
+    assert set(actual) == set(expected)
+    for key, values in expected.items():
+        assert actual[key] == pytest.approx(values, rel=1e-9, abs=1e-9), key
+
+
+# -- pure conversions ------------------------------------------------------------------------
+
+
+def test_record_survives_the_round_trip_through_a_row() -> None:
+    record = dropped(1, beta_features=("context-1m",), server_tool_use={"web_search_requests": 2}, revision=3)
+    assert record_from_row(attempt_row(record)) == record
+
+
+def test_unpriced_attempt_keeps_null_cost_and_adds_no_cost_to_rollups() -> None:
+    record = attempt(1, cost=None)
+    row = attempt_row(record)
+    assert row["input_cost_usd"] is None and record_from_row(row).cost is None
+    _, values = rollup_contribution(record)
+    assert values["billed_cost_usd"] == 0 and values["billed_input_tokens"] == 1000
+
+
+def test_dropped_stream_counts_billed_input_and_partial_output_as_wasted() -> None:
+    key, values = rollup_contribution(dropped(1))
+    assert key[2:5] == ("dropped", "RemoteProtocolError", "abandoned")
+    assert values["dropped_attempts"] == 1
+    assert values["wasted_input_tokens"] == 1000 and values["wasted_output_tokens"] == 120
+    assert values["estimated_output_tokens"] == 120
+
+
+def test_reclassification_moves_the_contribution_between_waste_reasons() -> None:
+    before = dropped(1)
+    after = before.with_waste(WasteReason.RETRIED)
+    deltas = rollup_deltas([after], [before])
+    by_reason = {key[4]: values for key, values in deltas.items()}
+    assert by_reason["abandoned"]["attempts"] == -1 and by_reason["retried"]["attempts"] == 1
+    assert by_reason["abandoned"]["wasted_input_tokens"] == -1000
+    assert rollup_deltas([before], [before]) == {}
+
+
+def test_workflow_label_is_truncated_in_rollups() -> None:
+    key, _ = rollup_contribution(attempt(1, tags={"workflow": "w" * 500}))
+    assert key[5] == "w" * WORKFLOW_LABEL_MAX
+
+
+# -- against the databases ----------------------------------------------------------------------
+
+
+def test_record_reads_back_unchanged(store: SqlStore) -> None:
+    record = dropped(1, beta_features=("context-1m",), server_tool_use={"web_search_requests": 2})
+    store.export([record])
+    assert store.attempt("att-1") == record
+
+
+def test_redelivered_batch_is_stored_once(store: SqlStore) -> None:
+    batch = [attempt(n) for n in range(50)]
+    store.export(batch)
+    first = rollup_rows(store)
+    assert store.write(batch).inserted == 0
+    assert store.attempt_count() == 50
+    assert rollup_rows(store) == first
+    assert_rollups_match_raw_rows(store)
+
+
+def test_duplicate_attempts_within_one_batch_keep_the_highest_revision(store: SqlStore) -> None:
+    record = dropped(1)
+    store.export([record.with_waste(WasteReason.RETRIED), record])
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED and stored.revision == 1
+    assert_rollups_match_raw_rows(store)
+
+
+def test_higher_revision_replaces_row_and_moves_rollups(store: SqlStore) -> None:
+    record = dropped(1)
+    store.export([record])
+    [abandoned] = store.rollup_totals(group_by=["waste_reason"])
+    assert abandoned.group == {"waste_reason": "abandoned"} and abandoned.wasted_input_tokens == 1000
+
+    result = store.write([record.with_waste(WasteReason.RETRIED)])
+
+    assert result.revised == 1
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED and stored.revision == 1
+    [retried] = store.rollup_totals(group_by=["waste_reason"])
+    assert retried.group == {"waste_reason": "retried"}
+    assert (retried.attempts, retried.wasted_input_tokens, retried.wasted_output_tokens) == (1, 1000, 120)
+    assert_rollups_match_raw_rows(store)
+
+
+def test_lower_or_equal_revision_is_ignored(store: SqlStore) -> None:
+    record = dropped(1)
+    store.export([record.with_waste(WasteReason.RETRIED)])
+    result = store.write(
+        [record, dataclasses.replace(record, revision=1, waste_reason=WasteReason.ABANDONED)]
+    )
+    assert result.revised == 0
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED
+    assert_rollups_match_raw_rows(store)
+
+
+def test_retry_arriving_later_turns_stored_abandoned_attempt_into_retried(store: SqlStore) -> None:
+    store.export([dropped(1)])
+    retry = attempt(2, logical_request_id="req-1", attempt_number=2, fingerprint="fp-1")
+
+    assert store.write([retry]).reclassified == 1
+
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED and stored.revision == 1
+    totals = {t.group["waste_reason"]: t for t in store.rollup_totals(group_by=["waste_reason"])}
+    assert set(totals) == {"", "retried"}
+    assert totals["retried"].wasted_cost_usd == pytest.approx(dropped(1).cost.total_usd)  # type: ignore[union-attr]
+    assert_rollups_match_raw_rows(store)
+
+
+def test_same_fingerprint_soon_after_counts_as_a_retry_from_another_process(store: SqlStore) -> None:
+    store.export([dropped(1, fingerprint="same-request")])
+    # A different worker (its own logical request id) sends the identical request a minute later.
+    store.export([attempt(60, fingerprint="same-request")])
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED
+    assert_rollups_match_raw_rows(store)
+
+
+def test_abandoned_attempt_arriving_after_its_retry_is_stored_as_retried(store: SqlStore) -> None:
+    store.export([attempt(2, logical_request_id="req-1", attempt_number=2)])
+    store.export([dropped(1)])
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED
+    assert_rollups_match_raw_rows(store)
+
+
+def test_abandoned_attempt_and_its_retry_in_one_batch(store: SqlStore) -> None:
+    store.export([dropped(1), attempt(2, logical_request_id="req-1", attempt_number=2)])
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED
+    assert_rollups_match_raw_rows(store)
+
+
+def test_identical_request_long_after_is_not_a_retry(store: SqlStore) -> None:
+    store.export([dropped(1, fingerprint="same-request")])
+    store.export(
+        [
+            attempt(
+                1,
+                attempt_id="later",
+                logical_request_id="other",
+                started_at=T0 + timedelta(days=1),
+                fingerprint="same-request",
+            )
+        ]
+    )
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.ABANDONED
+
+
+def test_earlier_attempt_of_the_same_request_is_not_its_retry(store: SqlStore) -> None:
+    store.export([dropped(2, logical_request_id="req-1", attempt_number=2)])
+    store.export([attempt(1, attempt_number=1)])
+    stored = store.attempt("att-2")
+    assert stored is not None and stored.waste_reason is WasteReason.ABANDONED
+
+
+def test_prune_before_deletes_raw_rows_but_keeps_rollups(store: SqlStore) -> None:
+    store.export([attempt(n, started_at=T0 + timedelta(hours=n)) for n in range(4)])
+    before = store.rollup_totals()
+
+    assert store.prune_before(T0 + timedelta(hours=2)) == 2
+
+    assert store.attempt_count() == 2
+    assert store.attempt("att-0") is None and store.attempt("att-3") is not None
+    assert store.rollup_totals() == before
+
+
+def test_rollup_totals_group_and_filter_over_an_hour_range(store: SqlStore) -> None:
+    store.export(
+        [
+            attempt(1),
+            attempt(2, tags={"workflow": "classify"}),
+            dropped(3),
+            attempt(4, started_at=T0 + timedelta(hours=1)),
+            attempt(5, started_at=T0 + timedelta(hours=2), model="claude-haiku-4-5"),
+        ]
+    )
+    hour = T0.replace(minute=0)
+    by_workflow = store.rollup_totals(hour, hour + timedelta(hours=1), group_by=["workflow"])
+    assert [(t.group["workflow"], t.attempts) for t in by_workflow] == [("classify", 1), ("summarise", 2)]
+
+    [dropped_only] = store.rollup_totals(where={"outcome": "dropped"})
+    assert dropped_only.attempts == 1 and dropped_only.wasted_tokens == 1120
+
+    by_hour = store.rollup_totals(group_by=["hour"], where={"model": ["claude-sonnet-4-5-20250929"]})
+    assert [(t.group["hour"], t.attempts) for t in by_hour] == [(hour, 3), (hour + timedelta(hours=1), 1)]
+
+    [everything] = store.rollup_totals()
+    assert everything.attempts == 5 and everything.logical_requests_started == 5
+    assert everything.billed_tokens == 4 * 1550 + 1120
+    assert everything.duration_s == pytest.approx(12.5)
+
+    with pytest.raises(ValueError, match="unknown rollup dimension"):
+        store.rollup_totals(group_by=["prompt"])
+
+
+def test_mixed_workload_keeps_rollups_equal_to_raw_row_sums(store: SqlStore) -> None:
+    records: list[AttemptRecord] = []
+    for n in range(300):
+        if n % 5 == 0:
+            records.append(dropped(n, logical_request_id=f"req-{n}"))
+        elif n % 5 == 1:
+            records.append(attempt(n, logical_request_id=f"req-{n - 1}", attempt_number=2))
+        elif n % 7 == 0:
+            records.append(attempt(n, cost=None, tags={}))
+        else:
+            records.append(attempt(n, started_at=T0 + timedelta(minutes=n)))
+    for start in range(0, len(records), 64):
+        store.export(records[start : start + 64])
+    assert store.attempt_count() == 300
+    assert_rollups_match_raw_rows(store)
+    [retried] = store.rollup_totals(where={"waste_reason": "retried"})
+    assert retried.attempts == 60
+    assert store.rollup_totals(where={"waste_reason": "abandoned"}) == []
