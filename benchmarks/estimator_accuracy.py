@@ -36,7 +36,9 @@ def run(cuts: int, warm_up: int, seed: int) -> dict[str, float]:
             def stream(i: int) -> None:
                 messages = [{"role": "user", "content": f"task {i}"}]
                 try:
-                    for _ in client.messages.create(model=MODEL, max_tokens=8192, messages=messages, stream=True):
+                    for _ in client.messages.create(
+                        model=MODEL, max_tokens=8192, messages=messages, stream=True
+                    ):
                         pass
                 except Exception:
                     pass
@@ -82,7 +84,10 @@ def main() -> None:
     warm = run(args.cuts, args.warm_up, args.seed)
     print("| estimator | cuts | total error | median error | p90 error | max error |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, result in (("defaults (no completed streams yet)", cold), (f"after {args.warm_up} completed streams", warm)):
+    for name, result in (
+        ("defaults (no completed streams yet)", cold),
+        (f"after {args.warm_up} completed streams", warm),
+    ):
         print(
             f"| {name} | {result['cuts']} | {result['total_error']:.1%} | {result['median_error']:.1%} "
             f"| {result['p90_error']:.1%} | {result['max_error']:.1%} |"

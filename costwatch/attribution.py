@@ -124,5 +124,8 @@ class RetryTracker:
             if now - oldest.last_seen <= self.window_s and len(self._requests) < self.max_requests:
                 return
             self._requests.popitem(last=False)
-            if oldest.fingerprint is not None and self._failed_by_fingerprint.get(oldest.fingerprint) == oldest.id:
+            if (
+                oldest.fingerprint is not None
+                and self._failed_by_fingerprint.get(oldest.fingerprint) == oldest.id
+            ):
                 del self._failed_by_fingerprint[oldest.fingerprint]

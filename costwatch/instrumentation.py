@@ -228,7 +228,8 @@ class _Attempt:
         meter = self.meter
         if meter is not None and not meter.complete and not self.stream:
             meter.finish_json()
-        self.settle(self.outcome_after_body(error), None if isinstance(error, _CANCELLATIONS) else error)
+        cancelled = isinstance(error, _CANCELLATIONS) or (error is not None and _is_cancellation(error))
+        self.settle(self.outcome_after_body(error), None if cancelled else error)
 
     def outcome_after_body(self, error: BaseException | None) -> Outcome:
         """Classify how an attempt whose headers arrived ended."""
@@ -272,7 +273,7 @@ def _int_header(value: str | None) -> int:
 def _make_stream_classes(module: Any) -> tuple[type, type]:
     """Response-stream wrappers that subclass this HTTP library's own stream base classes."""
 
-    class ObservedSyncStream(module.SyncByteStream):  # type: ignore[misc, name-defined]
+    class ObservedSyncStream(module.SyncByteStream):
         """Passes the body through untouched while the attempt's meter reads it."""
 
         def __init__(self, inner: Any, attempt: _Attempt) -> None:
@@ -300,7 +301,7 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
         def __del__(self) -> None:
             _guard("body_gc", self._attempt.body_ended, GeneratorExit())
 
-    class ObservedAsyncStream(module.AsyncByteStream):  # type: ignore[misc, name-defined]
+    class ObservedAsyncStream(module.AsyncByteStream):
         """The async twin of ``ObservedSyncStream``."""
 
         def __init__(self, inner: Any, attempt: _Attempt) -> None:

@@ -31,18 +31,14 @@ __all__ = [
     "DURATION_BUCKETS",
     "MODEL_LABEL_LIMIT",
     "OTHER",
-    "WORKFLOW_LABEL_LENGTH",
     "LabelCap",
     "MetricsSink",
     "SettledRequest",
     "SettledWaste",
     "Settlement",
     "WasteSettlement",
-    "error_type_label",
-    "model_label",
     "multiprocess_mode",
     "start_metrics_server",
-    "workflow_label",
 ]
 
 OTHER = "other"
@@ -51,8 +47,6 @@ OTHER = "other"
 MODEL_LABEL_LIMIT = 50
 """Distinct ``model`` label values kept by default; model strings come from requests, so are unbounded."""
 
-WORKFLOW_LABEL_LENGTH = 64
-"""Characters of the ``workflow`` tag kept in labels; the same cut as the store's rollups."""
 
 DURATION_BUCKETS = (
     0.1,
@@ -77,21 +71,6 @@ ATTEMPTS_PER_REQUEST_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 2
 
 
 # -- labels -----------------------------------------------------------------------------------------
-def model_label(record: AttemptRecord) -> str:
-    """The model an attempt is counted under: the one the API answered with, else the one requested."""
-    return record.model or record.model_requested or ""
-
-
-def workflow_label(record: AttemptRecord) -> str:
-    """The attempt's ``workflow`` tag, cut to :data:`WORKFLOW_LABEL_LENGTH`; ``""`` when untagged."""
-    return str(record.tags.get("workflow") or "")[:WORKFLOW_LABEL_LENGTH]
-
-
-def error_type_label(record: AttemptRecord) -> str:
-    """The exception class the application saw, else the API's error type, else ``""``."""
-    return record.error_type or record.api_error_type or ""
-
-
 class LabelCap:
     """Bounds a label's cardinality: the first ``limit`` distinct values are kept, later ones read ``other``.
 
@@ -529,15 +508,15 @@ class MetricsSink:
         for waste in settlement.waste:
             self._count_waste(waste.record, waste.reason)
         for request in settlement.requests:
-            model = self._model(model_label(request.last))
+            model = self._model(request.last.model_name)
             result = "succeeded" if request.succeeded else "failed"
             self.logical_requests.labels(model, result).inc()
             self.attempts_per_request.labels(model).observe(request.last.attempt_number)
 
     def _count_attempt(self, record: AttemptRecord) -> None:
-        model = self._model(model_label(record))
-        workflow = self._workflow(workflow_label(record))
-        self.attempts.labels(model, record.outcome.value, error_type_label(record)).inc()
+        model = self._model(record.model_name)
+        workflow = self._workflow(record.workflow)
+        self.attempts.labels(model, record.outcome.value, record.error_label).inc()
         for token_type, tokens in record.usage.by_type().items():
             self.billed_tokens.labels(model, token_type.value).inc(tokens)
         self.billed_cost.labels(model, workflow).inc(
@@ -552,8 +531,8 @@ class MetricsSink:
             self.time_to_drop.labels(model).observe(record.duration_s)
 
     def _count_waste(self, record: AttemptRecord, reason: WasteReason) -> None:
-        model = self._model(model_label(record))
-        workflow = self._workflow(workflow_label(record))
+        model = self._model(record.model_name)
+        workflow = self._workflow(record.workflow)
         for token_type in TokenType:
             self.wasted_tokens.labels(model, token_type.value, reason.value, workflow).inc(
                 record.usage.by_type()[token_type]

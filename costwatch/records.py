@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 __all__ = [
+    "WORKFLOW_LABEL_LENGTH",
     "AttemptRecord",
     "AttemptStart",
     "Cost",
@@ -25,6 +26,9 @@ __all__ = [
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+WORKFLOW_LABEL_LENGTH = 64
+"""How much of the ``workflow`` tag labels metrics and rollups (tags themselves keep 200 characters)."""
 
 
 class Outcome(str, enum.Enum):
@@ -174,6 +178,21 @@ class AttemptRecord:
     fingerprint: str | None = None
     """A hash of the request's model, system, messages, tools and parameters; never the content."""
     revision: int = 0
+
+    @property
+    def model_name(self) -> str:
+        """The model that answered, else the model asked for; what metrics and rollups label by."""
+        return self.model or self.model_requested
+
+    @property
+    def error_label(self) -> str:
+        """The exception class name, else the API's error type, else ``""``."""
+        return self.error_type or self.api_error_type or ""
+
+    @property
+    def workflow(self) -> str:
+        """The ``workflow`` tag cut to :data:`WORKFLOW_LABEL_LENGTH` characters; ``""`` when untagged."""
+        return str(self.tags.get("workflow") or "")[:WORKFLOW_LABEL_LENGTH]
 
     @property
     def priced(self) -> bool:

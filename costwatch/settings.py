@@ -59,28 +59,75 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("database_url", "COSTWATCH_DATABASE_URL", _text, "sqlite:///costwatch.db",
-            "Where attempt records are stored (SQLAlchemy URL; SQLite file or PostgreSQL)."),
-    Setting("store", "COSTWATCH_STORE", _bool, True,
-            "Write attempt records to the database (off: only metrics, spans and custom sinks)."),
-    Setting("spool_dir", "COSTWATCH_SPOOL_DIR", _text, ".costwatch/spool",
-            "Where records wait on local disk while the database is down or slow."),
-    Setting("prices_file", "COSTWATCH_PRICES_FILE", _text, None,
-            "A JSON price file merged over the built-in price table."),
-    Setting("retry_window_s", "COSTWATCH_RETRY_WINDOW", _positive_float, 600.0,
-            "Seconds within which a resent identical request counts as a retry of a failed one."),
-    Setting("queue_capacity", "COSTWATCH_QUEUE_CAPACITY", _positive_int, 100_000,
-            "Records held in memory before new ones are spooled to disk."),
-    Setting("batch_size", "COSTWATCH_BATCH_SIZE", _positive_int, 500,
-            "Records written per database transaction."),
-    Setting("flush_interval_s", "COSTWATCH_FLUSH_INTERVAL", _positive_float, 1.0,
-            "Seconds between writes when fewer than a batch of records are waiting."),
-    Setting("metrics", "COSTWATCH_METRICS", _bool, True,
-            "Count attempts in Prometheus metrics in this process."),
-    Setting("workflow_label_limit", "COSTWATCH_WORKFLOW_LABEL_LIMIT", _positive_int, 20,
-            "Distinct `workflow` label values kept in metrics; the rest are reported as `other`."),
-    Setting("model_label_limit", "COSTWATCH_MODEL_LABEL_LIMIT", _positive_int, 50,
-            "Distinct `model` label values kept in metrics; the rest are reported as `other`."),
+    Setting(
+        "database_url",
+        "COSTWATCH_DATABASE_URL",
+        _text,
+        "sqlite:///costwatch.db",
+        "Where attempt records are stored (SQLAlchemy URL; SQLite file or PostgreSQL).",
+    ),
+    Setting(
+        "store",
+        "COSTWATCH_STORE",
+        _bool,
+        True,
+        "Write attempt records to the database (off: only metrics, spans and custom sinks).",
+    ),
+    Setting(
+        "spool_dir",
+        "COSTWATCH_SPOOL_DIR",
+        _text,
+        ".costwatch/spool",
+        "Where records wait on local disk while the database is down or slow.",
+    ),
+    Setting(
+        "prices_file",
+        "COSTWATCH_PRICES_FILE",
+        _text,
+        None,
+        "A JSON price file merged over the built-in price table.",
+    ),
+    Setting(
+        "retry_window_s",
+        "COSTWATCH_RETRY_WINDOW",
+        _positive_float,
+        600.0,
+        "Seconds within which a resent identical request counts as a retry of a failed one.",
+    ),
+    Setting(
+        "queue_capacity",
+        "COSTWATCH_QUEUE_CAPACITY",
+        _positive_int,
+        100_000,
+        "Records held in memory before new ones are spooled to disk.",
+    ),
+    Setting(
+        "batch_size", "COSTWATCH_BATCH_SIZE", _positive_int, 500, "Records written per database transaction."
+    ),
+    Setting(
+        "flush_interval_s",
+        "COSTWATCH_FLUSH_INTERVAL",
+        _positive_float,
+        1.0,
+        "Seconds between writes when fewer than a batch of records are waiting.",
+    ),
+    Setting(
+        "metrics", "COSTWATCH_METRICS", _bool, True, "Count attempts in Prometheus metrics in this process."
+    ),
+    Setting(
+        "workflow_label_limit",
+        "COSTWATCH_WORKFLOW_LABEL_LIMIT",
+        _positive_int,
+        20,
+        "Distinct `workflow` label values kept in metrics; the rest are reported as `other`.",
+    ),
+    Setting(
+        "model_label_limit",
+        "COSTWATCH_MODEL_LABEL_LIMIT",
+        _positive_int,
+        50,
+        "Distinct `model` label values kept in metrics; the rest are reported as `other`.",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -90,13 +137,16 @@ def default_of(name: str) -> Any:
     """The default value of the setting called ``name``."""
     return _BY_NAME[name].default
 
+
 Settings = dataclasses.make_dataclass(
     "Settings", [(s.name, Any, dataclasses.field(default=s.default)) for s in SETTINGS], frozen=True
 )
 Settings.__doc__ = "The settings in effect, one attribute per row of :data:`SETTINGS`."
 
 
-def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Any:
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Any:
     """The settings from keyword ``overrides``, then ``environ`` (default ``os.environ``), then defaults."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}

@@ -70,7 +70,9 @@ class ReportedUsage:
             else:
                 self.cache_write_5m_tokens = max(total_write - hour, 0)
                 self.cache_write_1h_tokens = min(hour, total_write)
-        elif total_write is not None and total_write != self.cache_write_5m_tokens + self.cache_write_1h_tokens:
+        elif (
+            total_write is not None and total_write != self.cache_write_5m_tokens + self.cache_write_1h_tokens
+        ):
             # A total without a split (e.g. a later message_delta) keeps the split already known.
             hour = min(self.cache_write_1h_tokens, total_write)
             self.cache_write_5m_tokens, self.cache_write_1h_tokens = total_write - hour, hour

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import anthropic
 import pytest
 
@@ -24,11 +26,14 @@ def test_instrument_writes_every_attempt_to_the_store_given_by_database_url(tmp_
             server.enqueue(Fault.cut_after_deltas(30), None)
             client = anthropic.Anthropic(base_url=server.base_url, api_key="k")
             for _ in range(2):
-                try:
-                    list(client.messages.create(model="claude-haiku-4-5", max_tokens=500, stream=True,
-                                                messages=[{"role": "user", "content": "go"}]))
-                except HTTP_MODULE.RemoteProtocolError:
-                    pass
+                with contextlib.suppress(HTTP_MODULE.RemoteProtocolError):
+                    stream = client.messages.create(
+                        model="claude-haiku-4-5",
+                        max_tokens=500,
+                        stream=True,
+                        messages=[{"role": "user", "content": "go"}],
+                    )
+                    list(stream)
             entries = server.ledger.entries
         assert pipeline.flush(10)
     finally:

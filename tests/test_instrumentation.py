@@ -148,7 +148,7 @@ def test_scripted_drops_bill_exact_input_and_estimate_partial_output_within_ten_
     assert [r.outcome for r in records] == [Outcome.DROPPED, Outcome.DROPPED, Outcome.COMPLETED]
     assert len({r.logical_request_id for r in records}) == 1
     assert [r.attempt_number for r in records] == [1, 2, 3]
-    for record, entry in zip(records, entries):
+    for record, entry in zip(records, entries, strict=True):
         assert_billed_like_ledger(record, entry, output_exact=record.outcome is Outcome.COMPLETED)
     dropped = records[:2]
     assert all(

@@ -22,13 +22,12 @@ import costwatch
 from costwatch.health import instrumentation_errors
 from costwatch.metrics import (
     OTHER,
-    WORKFLOW_LABEL_LENGTH,
     MetricsSink,
     WasteSettlement,
     start_metrics_server,
 )
 from costwatch.pipeline import Pipeline
-from costwatch.records import AttemptRecord, Cost, Outcome, Usage, WasteReason
+from costwatch.records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Cost, Outcome, Usage, WasteReason
 from costwatch.sinks import MemorySink
 from costwatch.spool import Spool
 from costwatch.testing import FakeAnthropicServer, Fault
@@ -322,9 +321,7 @@ def test_workflow_label_keeps_the_first_values_and_reports_the_rest_as_other(sin
 
 
 def test_workflow_label_is_cut_like_the_store_rollups(sink, registry):
-    from costwatch.store import WORKFLOW_LABEL_MAX
-
-    assert WORKFLOW_LABEL_LENGTH == WORKFLOW_LABEL_MAX
+    assert WORKFLOW_LABEL_LENGTH == 64
     sink.export([attempt(workflow="w" * 100)])
     assert value(
         registry, "costwatch_billed_cost_usd_total", model=MODEL, workflow="w" * 64

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from costwatch.records import AttemptRecord, Cost, Outcome, Usage, WasteReason
-from costwatch.store import ROLLUP_MEASURES, WORKFLOW_LABEL_MAX, SqlStore
+from costwatch.records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Cost, Outcome, Usage, WasteReason
+from costwatch.store import ROLLUP_MEASURES, SqlStore
 from costwatch.store.rows import attempt_row, record_from_row, rollup_contribution, rollup_deltas
 from costwatch.store.schema import ATTEMPTS, ROLLUPS
 
@@ -118,7 +118,7 @@ def sums_over_raw_rows(store: SqlStore) -> dict[tuple[Any, ...], dict[str, float
     for r in rows:
         hour = r["started_at"].replace(minute=0, second=0, microsecond=0)
         reason = r["waste_reason"] if r["wasted"] else ""
-        workflow = (r["tags"].get("workflow") or "")[:WORKFLOW_LABEL_MAX]
+        workflow = (r["tags"].get("workflow") or "")[:WORKFLOW_LABEL_LENGTH]
         key = (
             hour,
             r["model"] or r["model_requested"],
@@ -195,7 +195,7 @@ def test_reclassification_moves_the_contribution_between_waste_reasons() -> None
 
 def test_workflow_label_is_truncated_in_rollups() -> None:
     key, _ = rollup_contribution(attempt(1, tags={"workflow": "w" * 500}))
-    assert key[5] == "w" * WORKFLOW_LABEL_MAX
+    assert key[5] == "w" * WORKFLOW_LABEL_LENGTH
 
 
 # -- against the databases ----------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from .database import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, create_store_engine, database_url, safe_url
 from .query import RollupTotals
-from .rows import WORKFLOW_LABEL_MAX
 from .schema import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, Attempt, HourlyRollup, metadata
 from .sink import DEFAULT_RETRY_WINDOW, SqlStore
 from .write import BatchResult
@@ -19,7 +18,6 @@ __all__ = [
     "DEFAULT_RETRY_WINDOW",
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
-    "WORKFLOW_LABEL_MAX",
     "Attempt",
     "BatchResult",
     "HourlyRollup",

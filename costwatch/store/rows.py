@@ -16,7 +16,6 @@ from ..records import AttemptRecord, Cost, Outcome, Usage, WasteReason
 from .schema import ROLLUP_DIMENSIONS, ROLLUP_MEASURES
 
 __all__ = [
-    "WORKFLOW_LABEL_MAX",
     "RollupKey",
     "attempt_row",
     "hour_of",
@@ -25,11 +24,8 @@ __all__ = [
     "rollup_deltas",
     "rollup_key",
     "rollup_row",
-    "workflow_label",
 ]
 
-WORKFLOW_LABEL_MAX = 64
-"""Rollups keep at most this many characters of the ``workflow`` tag, to bound their cardinality."""
 
 RollupKey = tuple[datetime, str, str, str, str, str]
 """``(hour, model, outcome, error_type, waste_reason, workflow)``, as in ``ROLLUP_DIMENSIONS``."""
@@ -41,20 +37,15 @@ def hour_of(moment: datetime) -> datetime:
     return utc.replace(minute=0, second=0, microsecond=0)
 
 
-def workflow_label(tags: Mapping[str, str]) -> str:
-    """The rollup label of an attempt's ``workflow`` tag: truncated, ``""`` when untagged."""
-    return str(tags.get("workflow") or "")[:WORKFLOW_LABEL_MAX]
-
-
 def rollup_key(record: AttemptRecord) -> RollupKey:
     """The rollup row an attempt counts towards."""
     return (
         hour_of(record.started_at),
-        record.model or record.model_requested,
+        record.model_name,
         record.outcome.value,
-        record.error_type or "",
+        record.error_label,
         record.waste_reason.value if (record.wasted and record.waste_reason is not None) else "",
-        workflow_label(record.tags),
+        record.workflow,
     )
 
 
