@@ -1,0 +1,368 @@
+"""Deterministic token fragments: the fake server's output is a sequence of these, one per token.
+
+Every generated output token is one string fragment drawn from a vocabulary with a seeded
+``random.Random``, so the number of output tokens of a response is exactly the number of fragments
+it carries. Three vocabularies mimic what a real tokenizer does to three kinds of output:
+
+- prose (text and thinking blocks): whole words with their leading space, a few split into
+  sub-words, punctuation and paragraph breaks; about 4 to 4.5 characters per token;
+- code (the command of a code-execution call): Python lines cut into keywords, identifiers,
+  operators, indentation and newlines; about 3 to 3.5 characters per token;
+- JSON (the input of a client tool call): an object of string fields cut into braces, quotes,
+  keys and short value pieces; about 3 characters per token.
+
+The functions here are pure: same ``random.Random`` state in, same fragments out.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+__all__ = [
+    "code_fragments",
+    "command_json_fragments",
+    "json_object_fragments",
+    "prose_fragments",
+]
+
+# One token each; several multi-piece words are listed as their pieces, which keeps the mean length
+# near what a BPE tokenizer gives on English (about 4.2 characters per token).
+_PROSE_WORDS: tuple[tuple[str, ...], ...] = (
+    (" the",),
+    (" a",),
+    (" to",),
+    (" of",),
+    (" and",),
+    (" in",),
+    (" is",),
+    (" it",),
+    (" that",),
+    (" for",),
+    (" with",),
+    (" this",),
+    (" we",),
+    (" can",),
+    (" each",),
+    (" not",),
+    (" when",),
+    (" then",),
+    (" will",),
+    (" from",),
+    (" request",),
+    (" stream",),
+    (" retry",),
+    (" token",),
+    (" tokens",),
+    (" model",),
+    (" input",),
+    (" output",),
+    (" cost",),
+    (" price",),
+    (" usage",),
+    (" cache",),
+    (" server",),
+    (" client",),
+    (" attempt",),
+    (" message",),
+    (" response",),
+    (" connection",),
+    (" error",),
+    (" billing",),
+    (" function",),
+    (" value",),
+    (" result",),
+    (" file",),
+    (" table",),
+    (" number",),
+    (" should",),
+    (" because",),
+    (" before",),
+    (" after",),
+    (" first",),
+    (" second",),
+    (" again",),
+    (" check",),
+    (" update",),
+    (" count",),
+    (" total",),
+    (" sent",),
+    (" billed",),
+    (" dropped",),
+    (" partial",),
+    (" whole",),
+    (" large",),
+    (" small",),
+    (" long",),
+    (" every",),
+    (" which",),
+    (" where",),
+    (" there",),
+    (" these",),
+    (" here",),
+    (" look",),
+    (" into",),
+    (" over",),
+    (" only",),
+    (" also",),
+    (" between",),
+    (" database",),
+    (" latency",),
+    (" timeout",),
+    (" observ", "ability"),
+    (" idem", "pot", "ent"),
+    (" deterministic",),
+    (" concurrency",),
+    (" Anthropic",),
+    (" JSON",),
+    (" API",),
+    (" Python",),
+    (" SQL",),
+    (" queue",),
+    (" spend",),
+    (" budget",),
+    (" estimate",),
+    (" waste",),
+    (" wasted",),
+    (" exactly",),
+    (" probably",),
+    (" carefully",),
+    (" recon", "cile"),
+    (" throughput",),
+)
+_FUNCTION_WORDS: tuple[str, ...] = (
+    " the",
+    " a",
+    " to",
+    " of",
+    " and",
+    " in",
+    " is",
+    " it",
+    " I",
+    " be",
+    " an",
+    " on",
+    " at",
+    " by",
+    " or",
+    " as",
+    " so",
+    " if",
+    " do",
+    " all",
+    " are",
+    " was",
+    " has",
+    " its",
+    " our",
+    " you",
+    " one",
+    " two",
+    " out",
+    " up",
+    " but",
+    " how",
+    " why",
+    " use",
+    " that",
+    " for",
+    " with",
+    " this",
+    " we",
+    " can",
+    " not",
+)
+_SENTENCE_STARTS: tuple[str, ...] = (
+    "The",
+    "I",
+    "We",
+    "This",
+    "Each",
+    "Then",
+    "Next",
+    "So",
+    "Now",
+    "If",
+    "When",
+    "Let",
+    "That",
+    "First",
+)
+_CLAUSE_PUNCTUATION: tuple[str, ...] = (",", ",", ":", ";", " (")
+_SENTENCE_END: tuple[str, ...] = (".", ".", ".", "?", ".\n\n", ".\n")
+
+_IDENTIFIERS: tuple[str, ...] = (
+    " total",
+    " rows",
+    " row",
+    " cost",
+    " usage",
+    " tokens",
+    " price",
+    " data",
+    " result",
+    " records",
+    " attempt",
+    " path",
+    " line",
+    " count",
+    " values",
+    " name",
+    " value",
+    " items",
+    " key",
+    " df",
+    " x",
+    " i",
+    " n",
+)
+_ATTRIBUTES: tuple[str, ...] = ("usage", "cost", "input", "output", "tokens", "id", "items", "split", "strip")
+_CALLS: tuple[str, ...] = (" sum", " len", " print", " sorted", " open", " int", " float", " max", " min")
+_NUMBERS: tuple[str, ...] = ("0", "1", "2", "10", "100", "1000", "0.5", "3")
+_STRINGS: tuple[str, ...] = ("input", "output", "cost", "model", "usage", "name", "id", "total")
+
+_JSON_KEYS: tuple[str, ...] = (
+    "path",
+    "query",
+    "command",
+    "file",
+    "pattern",
+    "content",
+    "description",
+    "name",
+    "old_str",
+    "new_str",
+    "reason",
+)
+_JSON_VALUE_PIECES: tuple[str, ...] = (
+    "src",
+    "/",
+    "cost",
+    "watch",
+    "pipe",
+    "line",
+    ".py",
+    "test",
+    "_",
+    "re",
+    "try",
+    " of",
+    " in",
+    " to",
+    "-",
+    ".",
+    "api",
+    "log",
+    "42",
+    "7",
+    "js",
+    "on",
+    " a",
+    "id",
+    " the",
+    " use",
+)
+
+
+def prose_fragments(rng: random.Random, count: int) -> list[str]:
+    """``count`` prose tokens (sentences of words) for text and thinking blocks."""
+    out: list[str] = []
+    words_in_sentence = 0
+    sentence_length = rng.randint(8, 22)
+    while len(out) < count:
+        if words_in_sentence == 0:
+            out.append(rng.choice(_SENTENCE_STARTS))
+            words_in_sentence = 1
+            continue
+        if words_in_sentence >= sentence_length:
+            out.append(rng.choice(_SENTENCE_END))
+            words_in_sentence = 0
+            sentence_length = rng.randint(8, 22)
+            # A sentence after a newline starts without a space; otherwise the start word needs one.
+            if len(out) < count and not out[-1].endswith("\n"):
+                out.append(" " + rng.choice(_SENTENCE_STARTS))
+                words_in_sentence = 1
+            continue
+        if words_in_sentence > 3 and rng.random() < 0.06:
+            out.append(rng.choice(_CLAUSE_PUNCTUATION))
+        elif rng.random() < 0.6:
+            out.append(rng.choice(_FUNCTION_WORDS))
+        else:
+            out.extend(rng.choice(_PROSE_WORDS))
+        words_in_sentence += 1
+    return out[:count]
+
+
+def _code_line(rng: random.Random, indent: int) -> list[str]:
+    pad = ["    "] * indent
+    ident = rng.choice(_IDENTIFIERS)
+    other = rng.choice(_IDENTIFIERS)
+    shape = rng.randrange(7)
+    if shape == 0:
+        body = [ident.lstrip(), " =", rng.choice(_CALLS), "(", other.lstrip(), ")"]
+    elif shape == 1:
+        body = ["for", ident, " in", other, ":"]
+    elif shape == 2:
+        body = [ident.lstrip(), " +=", other, ".", rng.choice(_ATTRIBUTES)]
+    elif shape == 3:
+        body = ["print", '(f"', rng.choice(_STRINGS), "={", ident.lstrip(), '}")']
+    elif shape == 4:
+        body = [ident.lstrip(), " =", " [", other.lstrip(), "[", '"', rng.choice(_STRINGS), '"]', "]"]
+    elif shape == 5:
+        body = ["if", ident, " >", " " + rng.choice(_NUMBERS), ":"]
+    else:
+        body = ["import", " json"] if indent == 0 else ["return", ident]
+    return [*pad, *body, "\n"]
+
+
+def code_fragments(rng: random.Random, count: int) -> list[str]:
+    """``count`` code tokens: Python lines, indented under ``for``/``if`` the way a script is."""
+    out: list[str] = []
+    indent = 0
+    while len(out) < count:
+        line = _code_line(rng, indent)
+        out.extend(line)
+        if line[-2] == ":":
+            indent = min(indent + 1, 3)
+        elif indent and rng.random() < 0.3:
+            indent -= 1
+    return out[:count]
+
+
+def json_object_fragments(rng: random.Random, count: int) -> list[str]:
+    """``count`` tokens that concatenate to one JSON object of string fields (a client tool's input)."""
+    if count <= 0:
+        return []
+    if count == 1:
+        return ["{}"]
+    if count == 2:
+        return ["{", "}"]
+    if count == 3:
+        return ['{"', rng.choice(_JSON_KEYS), '":0}']
+    out = ['{"', rng.choice(_JSON_KEYS), '": "']
+    remaining = count - 4
+    pieces_in_value = 0
+    while remaining > 0:
+        if pieces_in_value >= 3 and remaining > 4 and rng.random() < 0.2:
+            out.extend(['",', ' "', rng.choice(_JSON_KEYS), '": "'])
+            remaining -= 4
+            pieces_in_value = 0
+        else:
+            out.append(rng.choice(_JSON_VALUE_PIECES))
+            remaining -= 1
+            pieces_in_value += 1
+    out.append('"}')
+    return out
+
+
+def command_json_fragments(rng: random.Random, count: int, key: str) -> list[str]:
+    """``count`` tokens of ``{"<key>": "<python code>"}``: a code-execution call's input.
+
+    The code tokens come from :func:`code_fragments` and are JSON-escaped one by one, so each
+    fragment is still one token and the concatenation is valid JSON.
+    """
+    if count < 4:
+        return json_object_fragments(rng, count)
+    code = code_fragments(rng, count - 4)
+    return ['{"', key, '": "', *(json.dumps(piece)[1:-1] for piece in code), '"}']
