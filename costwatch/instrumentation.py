@@ -338,6 +338,8 @@ def _guarded_feed(attempt: _Attempt) -> Callable[[bytes], None]:
         return _ignore
 
     def feed(chunk: bytes) -> None:
+        if attempt.meter is None:
+            return  # an earlier chunk hit a parser bug: this attempt is no longer metered
         try:
             meter.feed(chunk)
         except Exception as exc:  # a parser bug must not break the stream; stop metering it
@@ -496,7 +498,11 @@ def instrument(
                 return True
             return False
         config = load_settings(settings)
-        pipeline = pipeline or get_pipeline()
+        if pipeline is None:
+            pipeline = get_pipeline(spool_dir=config.spool_dir)
+            pipeline.capacity = config.queue_capacity
+            pipeline.batch_size = config.batch_size
+            pipeline.interval_s = config.flush_interval_s
         added = list(sinks) if sinks is not None else _default_sinks(config, pipeline)
         for sink in added:
             pipeline.add_sink(sink)

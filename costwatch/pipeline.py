@@ -413,12 +413,15 @@ _pipeline: Pipeline | None = None
 _pipeline_lock = threading.Lock()
 
 
-def get_pipeline() -> Pipeline:
-    """The process-wide pipeline, created on first use and flushed at interpreter exit and on SIGTERM."""
+def get_pipeline(*, spool_dir: str | os.PathLike[str] | None = None) -> Pipeline:
+    """The process-wide pipeline, created on first use and flushed at interpreter exit and on SIGTERM.
+
+    ``spool_dir`` chooses the spool's directory when this call creates the pipeline.
+    """
     global _pipeline
     if _pipeline is None:
         with _pipeline_lock:
             if _pipeline is None:
-                _pipeline = Pipeline()
+                _pipeline = Pipeline(spool=Spool(spool_dir))
                 _pipeline.install_exit_handlers()
     return _pipeline

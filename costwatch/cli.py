@@ -1,0 +1,607 @@
+"""The ``costwatch`` command: demo, report, serve, db and prices.
+
+Every command exits 0 on success and 2 on a user mistake, with one line on stderr saying what was
+wrong and what to do; database passwords are never printed (URLs go through ``safe_url``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NoReturn
+
+import sqlalchemy as sa
+import sqlalchemy.exc
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy.engine import URL
+
+from . import __version__
+from .durations import MomentError, ceil_hour, floor_hour, parse_moment
+from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
+from .report import (
+    GROUPINGS,
+    REPORT_FORMATS,
+    build_report,
+    render_csv,
+    render_json,
+    render_table,
+    rollup_group_by,
+    subtract_totals,
+)
+from .store import (
+    DATABASE_URL_ENV,
+    RollupTotals,
+    SqlStore,
+    create_store_engine,
+    database_url,
+    migrate,
+    safe_url,
+)
+
+__all__ = ["UserError", "build_parser", "main"]
+
+DEFAULT_METRICS_PORT = 9464
+"""The exporter's port: the one OpenTelemetry's Prometheus exporter uses by default."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message is one line saying what was wrong and what to do."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+_DB_HELP = f"database URL (default ${DATABASE_URL_ENV}, else sqlite:///costwatch.db in this directory)"
+
+
+def _epilog(*examples: str) -> str:
+    return "examples:\n" + "\n".join(f"  {example}" for example in examples)
+
+
+# -- the database ----------------------------------------------------------------------------------
+def _resolve_url(text: str | None) -> URL:
+    try:
+        return database_url(text)
+    except sa.exc.ArgumentError:
+        # The text may hold a password in a shape make_url cannot parse, so it is not echoed.
+        raise UserError(
+            "--db is not a database URL; use e.g. sqlite:///costwatch.db or postgresql://user@host:5432/db"
+        ) from None
+
+
+def _one_line(exc: BaseException, url: URL) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(cause).__name__
+    if url.password:
+        text = text.replace(str(url.password), "***")
+    return text
+
+
+@contextlib.contextmanager
+def _database_errors(url: URL) -> Iterator[None]:
+    """Turn a failure to load a driver or to reach the database into a :class:`UserError`."""
+    shown = safe_url(url)
+    try:
+        yield
+    except sa.exc.NoSuchModuleError:
+        raise UserError(
+            f"{shown} names an unknown kind of database ({url.drivername}); "
+            "use sqlite:///path.db or postgresql://user@host/db"
+        ) from None
+    except ImportError as exc:
+        raise UserError(
+            f"the driver for {shown} is not installed ({exc.name or exc}); "
+            "for PostgreSQL run `pip install 'costwatch[postgres]'`"
+        ) from None
+    except sa.exc.DBAPIError as exc:
+        raise UserError(
+            f"cannot use the database {shown}: {_one_line(exc, url)}; check --db and that the server is up"
+        ) from None
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
+
+
+def _migrated_store(url: URL) -> SqlStore:
+    """A store over an existing, fully migrated database (reports and the exporter never migrate)."""
+    shown = safe_url(url)
+    path = _sqlite_file(url)
+    if path is not None and not path.exists():
+        raise UserError(
+            f"no costwatch database at {path}; run `costwatch demo` to make one, or pass --db URL"
+        )
+    with _database_errors(url):
+        engine = create_store_engine(url)
+        try:
+            revision = migrate.current(engine)
+        finally:
+            engine.dispose()
+        wanted = migrate.head()
+    if revision != wanted:
+        at = f"revision {revision}" if revision else "no revision"
+        # A masked password would make the suggested command fail, so name the option instead.
+        again = "with the same --db" if url.password else f"--db {shown}"
+        raise UserError(
+            f"the database {shown} is not migrated ({at}, needs {wanted}); run `costwatch db upgrade {again}`"
+        )
+    return SqlStore(url, auto_migrate=False)
+
+
+def _read_totals(
+    store: SqlStore, start: datetime | None, end: datetime | None, by: str
+) -> list[RollupTotals]:
+    with _database_errors(store.url):
+        return store.rollup_totals(start, end, group_by=rollup_group_by(by))
+
+
+# -- costwatch demo --------------------------------------------------------------------------------
+def _csv_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _load_prices(path: str | None) -> PriceTable:
+    try:
+        return load_prices(path)
+    except PriceFileError as exc:
+        raise UserError(" ".join(str(exc).split())) from None
+
+
+def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .demo import DemoError, DemoOptions, ledger_summary, run_demo
+
+    url = _resolve_url(args.db)
+    prices = _load_prices(None)
+    models = _csv_list(args.models) if args.models is not None else ()
+    unknown = [model for model in models if prices.lookup(model) is None]
+    if args.models is not None and not models:
+        raise UserError("--models needs at least one model id, e.g. --models claude-sonnet-5-5")
+    if unknown:
+        raise UserError(f"--models: {', '.join(unknown)} not in the price table; see `costwatch prices`")
+    options = DemoOptions(
+        requests=args.requests,
+        drop_rate=args.drop_rate,
+        concurrency=args.concurrency,
+        models=models,
+        workflows=_csv_list(args.workflows),
+        seed=args.seed,
+    )
+    try:
+        options.check()
+    except DemoError as exc:
+        raise UserError(str(exc)) from None
+    with _database_errors(url):
+        migrate.upgrade(url)
+    store = SqlStore(url, auto_migrate=False)
+    try:
+        before = _read_totals(store, None, None, args.by)
+        progress = Progress(
+            TextColumn("[bold]demo[/bold] logical requests"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} given up"),
+            TimeElapsedColumn(),
+            console=err,
+        )
+        task = progress.add_task("demo", total=options.requests, failed=0)
+        given_up = 0
+
+        def done(answered: bool) -> None:
+            nonlocal given_up
+            given_up += 0 if answered else 1
+            progress.update(task, advance=1, failed=given_up)
+
+        err.print(
+            f"Sending {options.requests} agentic requests through the real anthropic SDK to a fake API "
+            f"that drops {options.drop_rate:.0%} of streams mid-answer; recording in {safe_url(url)}",
+            highlight=False,
+        )
+        with progress:
+            try:
+                result = run_demo(
+                    options, url.render_as_string(hide_password=False), prices=prices, on_request_done=done
+                )
+            except DemoError as exc:
+                raise UserError(str(exc)) from None
+        after = _read_totals(store, None, None, args.by)
+    finally:
+        store.shutdown()
+    report = build_report(subtract_totals(after, before), args.by)
+    truth = ledger_summary(result.ledger)
+    if args.format == "json":
+        sys.stdout.write(render_json({**report, "ledger": truth}) + "\n")
+    elif args.format == "csv":
+        sys.stdout.write(render_csv(report))
+    else:
+        render_table(report, out, window="this demo run")
+        out.print(
+            f"The fake server's ledger billed {truth['attempts']} attempts, "
+            f"{sum(truth['billed_tokens'].values()):,} tokens.\n"
+            f"costwatch recorded {report['attempts']} attempts, {sum(report['billed_tokens'].values()):,} "
+            f"tokens ({report['estimated_output_tokens']:,} of them estimated output of dropped streams).",
+            highlight=False,
+        )
+        out.print(
+            f"Next: `costwatch report --by workflow --db {safe_url(url)}`, "
+            f"`costwatch serve --db {safe_url(url)}`",
+            highlight=False,
+        )
+    if args.serve is not None:
+        return _serve(url, args.serve, args.addr, err)
+    return 0
+
+
+# -- costwatch report ------------------------------------------------------------------------------
+def _moment(option: str, text: str | None, now: datetime) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return parse_moment(text, now)
+    except MomentError as exc:
+        raise UserError(f"{option}: {exc}") from None
+
+
+def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int:
+    now = datetime.now(timezone.utc)
+    since = _moment("--since", args.since, now)
+    until = _moment("--until", args.until, now)
+    # The rollups are hourly: widen the window to whole hours rather than silently drop its edges.
+    start = floor_hour(since) if since is not None else None
+    end = ceil_hour(until) if until is not None else None
+    if start is not None and end is not None and start >= end:
+        raise UserError(f"--since ({args.since}) must come before --until ({args.until})")
+    url = _resolve_url(args.db)
+    store = _migrated_store(url)
+    try:
+        totals = _read_totals(store, start, end, args.by)
+    finally:
+        store.shutdown()
+    report = build_report(totals, args.by, start=start, end=end)
+    if args.format == "json":
+        sys.stdout.write(render_json(report) + "\n")
+    elif args.format == "csv":
+        sys.stdout.write(render_csv(report))
+    else:
+        render_table(report, out)
+    return 0
+
+
+# -- costwatch serve -------------------------------------------------------------------------------
+def _serve(url: URL, port: int, addr: str, err: Console) -> int:
+    # Imported here: the exporter pulls in prometheus_client, which other commands do not need.
+    from .exporter import serve
+
+    err.print(
+        f"Serving costwatch metrics from {safe_url(url)} on http://{addr}:{port}/metrics (Ctrl-C to stop)",
+        highlight=False,
+    )
+    try:
+        serve(url.render_as_string(hide_password=False), port, addr)
+    except OSError as exc:
+        raise UserError(
+            f"cannot listen on {addr}:{port} ({exc.strerror or exc}); choose another --port"
+        ) from None
+    return 0
+
+
+def _command_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
+    url = _resolve_url(args.db)
+    _migrated_store(url).shutdown()
+    return _serve(url, args.port, args.addr, err)
+
+
+# -- costwatch db ----------------------------------------------------------------------------------
+def _revision_text(revision: str | None) -> str:
+    if revision is None:
+        return "none (not migrated)"
+    return f"{revision} (head)" if revision == migrate.head() else revision
+
+
+def _migration_errors(url: URL, action: Callable[[], None]) -> None:
+    from alembic.util import CommandError
+
+    with _database_errors(url):
+        try:
+            action()
+        except CommandError as exc:
+            raise UserError(f"{' '.join(str(exc).split())}; see `costwatch db current`") from None
+
+
+def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
+    url = _resolve_url(args.db)
+    shown = safe_url(url)
+    if args.action == "upgrade":
+        _migration_errors(url, lambda: migrate.upgrade(url, args.revision))
+    elif args.action == "downgrade":
+        _migration_errors(url, lambda: migrate.downgrade(url, args.revision))
+    else:
+        path = _sqlite_file(url)
+        if path is not None and not path.exists():
+            raise UserError(
+                f"no costwatch database at {path}; `costwatch db upgrade --db {shown}` creates one"
+            )
+    with _database_errors(url):
+        revision = migrate.current(url)
+    out.print(f"{shown}: {_revision_text(revision)}", highlight=False)
+    return 0
+
+
+# -- costwatch prices ------------------------------------------------------------------------------
+def _rate(value: float) -> str:
+    # Cents, with more digits only where a rate has them ($0.125, $0.0125).
+    text = f"{value:,.4f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
+
+
+def _price_row(price: ModelPrice) -> list[str]:
+    base = price.input_usd_per_mtok
+    long_context = ""
+    if price.long_context is not None:
+        lc = price.long_context
+        rates = f"{_rate(lc.input_usd_per_mtok)}/{_rate(lc.output_usd_per_mtok)}"
+        long_context = f">{lc.above_input_tokens / 1000:,.0f}k: {rates}"
+    return [
+        price.model,
+        price.status,
+        _rate(base),
+        _rate(price.output_usd_per_mtok),
+        _rate(base * price.cache_write_5m_multiplier),
+        _rate(base * price.cache_write_1h_multiplier),
+        _rate(base * price.cache_read_multiplier),
+        long_context,
+    ]
+
+
+def _command_prices(args: argparse.Namespace, out: Console, err: Console) -> int:
+    table = _load_prices(args.prices_file)
+    out.print(
+        f"[bold]Price table[/bold] version {table.version}, updated {table.updated}, "
+        f"USD per million tokens\nsource: {table.source}",
+        highlight=False,
+    )
+    if args.model is not None:
+        price = table.lookup(args.model)
+        if price is None:
+            reason = table.unpriced.get(args.model)
+            if reason is not None:
+                out.print(f"{args.model}: known, but no public price. {reason}", highlight=False)
+                return 0
+            raise UserError(
+                f"unknown model {args.model!r}; `costwatch prices` lists the known ones, "
+                f"and {PRICES_FILE_ENV} or --prices-file adds others"
+            )
+        prices = [price]
+    else:
+        prices = [p for p in (table.lookup(m) for m in table.models) if p is not None]
+    grid = Table(box=box.SIMPLE_HEAD)
+    grid.add_column("model", no_wrap=True)
+    grid.add_column("status", no_wrap=True)
+    for column in ("input", "output", "5m write", "1h write", "cache read"):
+        grid.add_column(column, justify="right", no_wrap=True)
+    grid.add_column("long prompt", no_wrap=True)
+    for price in prices:
+        grid.add_row(*_price_row(price))
+    out.print(grid)
+    if args.model is not None:
+        price = prices[0]
+        if price.aliases:
+            out.print(f"aliases: {', '.join(price.aliases)}", highlight=False)
+        out.print(
+            f"source: {price.source} (as of {price.as_of or price.retrieved or 'unknown'})", highlight=False
+        )
+        if price.note:
+            out.print(f"note: {price.note}", highlight=False)
+    elif table.unpriced:
+        out.print(f"Known without a public price: {', '.join(table.unpriced)}", highlight=False)
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------------
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", metavar="URL", help=_DB_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``costwatch`` argument parser, with one sub-command per task."""
+    parser = _Parser(
+        prog="costwatch",
+        description="Cost accounting for the Anthropic API: what dropped and retried streams cost you.",
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch demo                      # see it work in 15 seconds, no API key needed",
+            "costwatch report --since 24h --by workflow",
+            "costwatch serve --port 9464          # Prometheus metrics from the store",
+            "costwatch db upgrade --db postgresql://costwatch@db/costwatch",
+            "costwatch prices claude-sonnet-5-5",
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"costwatch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a workload against a fake API that drops streams, then print the waste report",
+        description=(
+            "Start a local fake Anthropic API that drops long agentic streams mid-answer, send a workload "
+            "through the real anthropic SDK with an application retry loop and costwatch.instrument(), "
+            "and print the waste report of this run. No API key or network is needed."
+        ),
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch demo",
+            "costwatch demo --requests 200 --drop-rate 0.5 --concurrency 8",
+            "costwatch demo --models claude-opus-5-5,claude-haiku-5-5 --workflows nightly,triage",
+            "costwatch demo --db sqlite:////tmp/demo.db --format json",
+            "costwatch demo --serve            # then scrape http://127.0.0.1:9464/metrics",
+        ),
+    )
+    demo.add_argument("--requests", type=int, default=40, help="logical requests to send (default 40)")
+    demo.add_argument("--drop-rate", type=float, default=0.3, help="share of streams dropped (default 0.3)")
+    demo.add_argument("--concurrency", type=int, default=4, help="worker threads (default 4)")
+    demo.add_argument(
+        "--models", help="comma-separated model ids (default: the current models of the price table)"
+    )
+    demo.add_argument(
+        "--workflows",
+        # costwatch.demo.DEFAULT_WORKFLOWS, spelled out: importing the demo would import the SDK for --help.
+        default="code-review,nightly-refactor,support-triage",
+        help="comma-separated workflow tags to spread requests over",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="fixes the workload's shape and the drops")
+    demo.add_argument(
+        "--by", choices=GROUPINGS, default="model", help="how the report groups (default model)"
+    )
+    demo.add_argument("--format", choices=REPORT_FORMATS, default="table", help="report format")
+    demo.add_argument(
+        "--serve",
+        type=int,
+        nargs="?",
+        const=DEFAULT_METRICS_PORT,
+        metavar="PORT",
+        help=f"afterwards keep serving metrics on PORT (default {DEFAULT_METRICS_PORT}) until Ctrl-C",
+    )
+    demo.add_argument("--addr", default="127.0.0.1", help="address for --serve (default 127.0.0.1)")
+    _add_db(demo)
+    demo.set_defaults(handler=_command_demo)
+
+    report = commands.add_parser(
+        "report",
+        help="the waste report from the store: totals, groups and top offenders",
+        description=(
+            "Totals from the store's hourly rollups: attempts, dropped and failed attempts, billed and "
+            "wasted tokens and dollars, grouped one way. Times are UTC and the window is widened to "
+            "whole hours. The JSON shape is documented in docs/report.md."
+        ),
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch report",
+            "costwatch report --since 24h --by workflow",
+            "costwatch report --since 7d --by day --format csv > waste.csv",
+            "costwatch report --since 2026-11-01 --until 2026-11-08 --format json",
+            "costwatch report --by error_type --db postgresql://costwatch@db/costwatch",
+        ),
+    )
+    report.add_argument(
+        "--since", metavar="WHEN", help="start: a duration ago (90m, 24h, 7d) or an ISO date/time"
+    )
+    report.add_argument(
+        "--until", metavar="WHEN", help="end: a duration ago or an ISO date/time (default now)"
+    )
+    report.add_argument("--by", choices=GROUPINGS, default="model", help="how to group (default model)")
+    report.add_argument(
+        "--format", choices=REPORT_FORMATS, default="table", help="output format (default table)"
+    )
+    _add_db(report)
+    report.set_defaults(handler=_command_report)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve Prometheus metrics read from the store",
+        description="Serve the store's totals as Prometheus metrics, for every process writing to it.",
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch serve",
+            "costwatch serve --port 9464 --addr 0.0.0.0 --db postgresql://costwatch@db/costwatch",
+        ),
+    )
+    serve.add_argument(
+        "--port", type=int, default=DEFAULT_METRICS_PORT, help=f"default {DEFAULT_METRICS_PORT}"
+    )
+    serve.add_argument("--addr", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    _add_db(serve)
+    serve.set_defaults(handler=_command_serve)
+
+    db = commands.add_parser(
+        "db",
+        help="migrate the store's schema or show its revision",
+        description="Run the store's schema migrations (the store also migrates itself on first write).",
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch db upgrade --db postgresql://costwatch@db/costwatch",
+            "costwatch db current",
+            "costwatch db downgrade base      # removes costwatch's tables",
+        ),
+    )
+    actions = db.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=_Parser)
+    upgrade = actions.add_parser(
+        "upgrade",
+        help="migrate to the newest revision",
+        formatter_class=_FORMATTER,
+        epilog=_epilog("costwatch db upgrade --db sqlite:///costwatch.db"),
+    )
+    upgrade.add_argument("revision", nargs="?", default="head", help="target revision (default head)")
+    current = actions.add_parser(
+        "current",
+        help="show the database's revision",
+        formatter_class=_FORMATTER,
+        epilog=_epilog("costwatch db current --db sqlite:///costwatch.db"),
+    )
+    downgrade = actions.add_parser(
+        "downgrade",
+        help="migrate down to REVISION",
+        formatter_class=_FORMATTER,
+        epilog=_epilog("costwatch db downgrade base --db sqlite:///costwatch.db"),
+    )
+    downgrade.add_argument("revision", help="target revision; base removes every costwatch table")
+    for sub in (upgrade, current, downgrade):
+        _add_db(sub)
+    db.set_defaults(handler=_command_db)
+
+    prices = commands.add_parser(
+        "prices",
+        help="show the price table in use",
+        description=(
+            "The prices costwatch charges attempts at, with the table's version, source and date. "
+            f"--prices-file or ${PRICES_FILE_ENV} merges a file of corrections over the built-in table."
+        ),
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch prices",
+            "costwatch prices claude-opus-5-5",
+            "costwatch prices --prices-file my-contract-prices.json",
+        ),
+    )
+    prices.add_argument("model", nargs="?", help="one model id or alias")
+    prices.add_argument(
+        "--prices-file", metavar="PATH", help=f"prices to merge over the built-in table (${PRICES_FILE_ENV})"
+    )
+    prices.set_defaults(handler=_command_prices)
+    return parser
+
+
+def _console(*, stderr: bool = False) -> Console:
+    # Not a terminal (a pipe, a file, a test): wide enough that the report table does not wrap.
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr) if stream.isatty() else Console(stderr=stderr, width=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``costwatch`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    err = _console(stderr=True)
+    try:
+        args = build_parser().parse_args(argv)
+        handler: Callable[[argparse.Namespace, Console, Console], int] = args.handler
+        return handler(args, _console(), err)
+    except UserError as exc:
+        print(f"costwatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,517 @@
+"""The ``costwatch`` command: the demo agrees with the fake server, reports read back the store,
+and every user mistake is exit 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from costwatch.cli import main
+from costwatch.pricing import load_prices
+from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
+from costwatch.store import SqlStore, migrate
+
+COSTWATCH = Path(sys.executable).with_name("costwatch")
+PRICES = load_prices()
+NOW = datetime.now(timezone.utc)
+DAYS_AGO = NOW - timedelta(days=3)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_user_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {err!r}"
+    assert lines[0].startswith("costwatch: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# -- the demo agrees with the fake server's ledger -------------------------------------------------
+def assert_report_matches_ledger(report: dict, ledger: dict) -> None:
+    """The store's totals, read back through the report, equal what the fake server billed."""
+    assert report["attempts"] == ledger["attempts"]
+    for kind in ("input", "cache_read", "cache_write"):
+        assert report["billed_tokens"][kind] == ledger["billed_tokens"][kind], kind
+    completed = [g for g in report["groups"] if g["outcome"] == "completed"]
+    assert sum(g["attempts"] for g in completed) == ledger["completed_attempts"]
+    assert sum(g["billed_tokens"]["output"] for g in completed) == ledger["completed_output_tokens"]
+    dropped = [g for g in report["groups"] if g["outcome"] != "completed"]
+    assert ledger["failed_output_tokens"] > 0, "the demo must drop streams that had sent output"
+    estimated_output = sum(g["billed_tokens"]["output"] for g in dropped)
+    assert estimated_output == pytest.approx(ledger["failed_output_tokens"], rel=0.10)
+    assert report["estimated_output_tokens"] == pytest.approx(ledger["failed_output_tokens"], rel=0.10)
+    assert report["dropped_attempts"] == report["failed_attempts"] > 0
+    assert report["wasted_cost_usd"] > 0 and 0 < report["waste_ratio"] < 1
+
+
+def test_demo_in_process_reports_what_the_fake_server_billed(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    code, out, err = run(
+        capsys,
+        "demo",
+        "--requests",
+        "8",
+        "--drop-rate",
+        "0.5",
+        "--concurrency",
+        "2",
+        "--by",
+        "outcome",
+        "--format",
+        "json",
+        "--db",
+        db,
+    )
+    assert code == 0, err
+    printed = json.loads(out)
+    assert_report_matches_ledger(printed, printed["ledger"])
+
+    # The same totals come back from the store through `costwatch report`.
+    code, out, err = run(capsys, "report", "--by", "outcome", "--format", "json", "--db", db)
+    assert code == 0, err
+    stored = json.loads(out)
+    assert_report_matches_ledger(stored, printed["ledger"])
+    assert stored["logical_requests"] == 8
+
+
+def test_demo_table_ends_with_the_waste_report(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(
+        capsys,
+        "demo",
+        "--requests",
+        "3",
+        "--drop-rate",
+        "0.5",
+        "--concurrency",
+        "3",
+        "--models",
+        "claude-haiku-5-5",
+        "--workflows",
+        "nightly",
+    )
+    assert code == 0, err
+    assert (tmp_path / "costwatch.db").exists(), "the default store is costwatch.db in the working directory"
+    assert "Waste report" in out and "claude-haiku-5-5" in out
+    assert "The fake server's ledger billed" in out
+    assert "3/3" in err, "the progress bar counts logical requests"
+
+
+def test_demo_runs_as_a_real_command_and_its_store_matches_the_ledger(capsys, tmp_path):
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    env = {**os.environ, "COSTWATCH_SPOOL_DIR": str(tmp_path / "spool")}
+    env.pop("COSTWATCH_DATABASE_URL", None)
+    finished = subprocess.run(
+        [
+            str(COSTWATCH),
+            "demo",
+            "--requests",
+            "8",
+            "--drop-rate",
+            "0.5",
+            "--format",
+            "json",
+            "--by",
+            "outcome",
+            "--db",
+            db,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "Traceback" not in finished.stderr
+    printed = json.loads(finished.stdout)
+    assert_report_matches_ledger(printed, printed["ledger"])
+    code, out, err = run(capsys, "report", "--by", "outcome", "--format", "json", "--db", db)
+    assert code == 0, err
+    assert_report_matches_ledger(json.loads(out), printed["ledger"])
+
+
+# -- reports over a store with known contents ------------------------------------------------------
+def record(
+    attempt_id: str,
+    logical: str,
+    number: int,
+    when: datetime,
+    outcome: Outcome,
+    model: str,
+    usage: Usage,
+    *,
+    workflow: str | None = None,
+    error_type: str | None = None,
+    wasted: bool = False,
+) -> AttemptRecord:
+    return AttemptRecord(
+        attempt_id=attempt_id,
+        logical_request_id=logical,
+        attempt_number=number,
+        started_at=when,
+        outcome=outcome,
+        model_requested=model,
+        model=model,
+        stream=True,
+        usage=usage,
+        cost=PRICES.cost(model, usage),
+        error_type=error_type,
+        wasted=wasted,
+        waste_reason=WasteReason.RETRIED if wasted else None,
+        tags={"workflow": workflow} if workflow else {},
+        fingerprint=f"fp-{logical}",
+    )
+
+
+DROPPED_USAGE = Usage(
+    input_tokens=1_000,
+    cache_read_tokens=50_000,
+    output_tokens=120,
+    output_estimated=True,
+    estimated_output_tokens=119,
+)
+RETRY_USAGE = Usage(input_tokens=1_000, cache_read_tokens=50_000, output_tokens=800)
+HAIKU_USAGE = Usage(input_tokens=500, output_tokens=100)
+OPUS_USAGE = Usage(input_tokens=2_000, cache_write_5m_tokens=4_000, output_tokens=300)
+
+RECORDS = [
+    # Recent: a dropped sonnet stream retried to completion, and one plain haiku call.
+    record(
+        "a1",
+        "A",
+        1,
+        NOW,
+        Outcome.DROPPED,
+        "claude-sonnet-5-5",
+        DROPPED_USAGE,
+        workflow="nightly",
+        error_type="RemoteProtocolError",
+        wasted=True,
+    ),
+    record("a2", "A", 2, NOW, Outcome.COMPLETED, "claude-sonnet-5-5", RETRY_USAGE, workflow="nightly"),
+    record("b1", "B", 1, NOW, Outcome.COMPLETED, "claude-haiku-5-5", HAIKU_USAGE),
+    # Three days ago: an overloaded opus call the SDK retried.
+    record(
+        "c1",
+        "C",
+        1,
+        DAYS_AGO,
+        Outcome.HTTP_ERROR,
+        "claude-opus-5-5",
+        Usage(),
+        workflow="triage",
+        error_type="OverloadedError",
+    ),
+    record("c2", "C", 2, DAYS_AGO, Outcome.COMPLETED, "claude-opus-5-5", OPUS_USAGE, workflow="triage"),
+]
+
+
+@pytest.fixture(scope="module")
+def known_db(tmp_path_factory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('known') / 'known.db'}"
+    store = SqlStore(url)
+    try:
+        store.write(RECORDS)
+    finally:
+        store.shutdown()
+    return url
+
+
+def report_json(capsys, db: str, *options: str) -> dict:
+    code, out, err = run(capsys, "report", "--format", "json", "--db", db, *options)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_report_totals_every_attempt_in_the_store(capsys, known_db):
+    report = report_json(capsys, known_db)
+    assert report["attempts"] == 5
+    assert report["dropped_attempts"] == 1
+    assert report["failed_attempts"] == 2
+    assert report["logical_requests"] == 3
+    assert report["billed_tokens"] == {
+        "input": 4_500,
+        "output": 1_320,
+        "cache_read": 100_000,
+        "cache_write": 4_000,
+    }
+    assert report["wasted_tokens"] == {"input": 1_000, "output": 120, "cache_read": 50_000, "cache_write": 0}
+    assert report["estimated_output_tokens"] == 119
+    expected_cost = sum(r.cost.total_usd for r in RECORDS if r.cost is not None)
+    assert report["billed_cost_usd"] == pytest.approx(expected_cost, abs=1e-6)
+    assert report["wasted_cost_usd"] == pytest.approx(RECORDS[0].cost.total_usd, abs=1e-6)  # type: ignore[union-attr]
+    assert report["waste_ratio"] == pytest.approx(51_120 / 109_820, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("by", "expected"),
+    [
+        ("model", {"claude-sonnet-5-5": 2, "claude-haiku-5-5": 1, "claude-opus-5-5": 2}),
+        ("workflow", {"nightly": 2, None: 1, "triage": 2}),
+        ("outcome", {"dropped": 1, "completed": 3, "http_error": 1}),
+        ("error_type", {"RemoteProtocolError": 1, None: 3, "OverloadedError": 1}),
+        (
+            "hour",
+            {
+                DAYS_AGO.replace(minute=0, second=0, microsecond=0).isoformat(): 2,
+                NOW.replace(minute=0, second=0, microsecond=0).isoformat(): 3,
+            },
+        ),
+        ("day", {DAYS_AGO.date().isoformat(): 2, NOW.date().isoformat(): 3}),
+    ],
+)
+def test_report_groups_by_each_dimension(capsys, known_db, by, expected):
+    report = report_json(capsys, known_db, "--by", by)
+    assert report["by"] == by
+    assert {g[by]: g["attempts"] for g in report["groups"]} == expected
+    assert sum(g["failed_attempts"] for g in report["groups"]) == 2
+
+
+def test_report_groups_list_the_most_wasted_first(capsys, known_db):
+    groups = report_json(capsys, known_db, "--by", "workflow")["groups"]
+    assert groups[0]["workflow"] == "nightly" and groups[0]["wasted_cost_usd"] > 0
+    assert groups[0]["failed_attempts"] == 1 and groups[0]["logical_requests"] == 1
+
+
+def test_report_since_leaves_out_older_hours(capsys, known_db):
+    recent = report_json(capsys, known_db, "--since", "24h")
+    assert recent["attempts"] == 3 and recent["failed_attempts"] == 1
+    assert {g["model"] for g in recent["groups"]} == {"claude-sonnet-5-5", "claude-haiku-5-5"}
+    assert recent["start"] is not None and recent["end"] is None
+    older = report_json(capsys, known_db, "--since", "4d", "--until", "2d")
+    assert older["attempts"] == 2 and {g["model"] for g in older["groups"]} == {"claude-opus-5-5"}
+    since_date = report_json(capsys, known_db, "--since", (NOW + timedelta(days=1)).date().isoformat())
+    assert since_date["attempts"] == 0 and since_date["groups"] == []
+
+
+def test_report_csv_has_a_row_per_group(capsys, known_db):
+    code, out, err = run(capsys, "report", "--format", "csv", "--by", "outcome", "--db", known_db)
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert {row["outcome"]: int(row["attempts"]) for row in rows} == {
+        "dropped": 1,
+        "completed": 3,
+        "http_error": 1,
+    }
+    dropped = next(row for row in rows if row["outcome"] == "dropped")
+    assert dropped["wasted_cache_read_tokens"] == "50000" and dropped["failed_attempts"] == "1"
+
+
+def test_report_table_shows_totals_and_top_offenders(capsys, known_db):
+    code, out, err = run(capsys, "report", "--by", "workflow", "--db", known_db)
+    assert code == 0, err
+    assert "5 attempts for 3 logical requests" in out
+    assert "Top offenders" in out and "nightly" in out and "(untagged)" in out
+
+
+def test_report_reads_only_the_rollups(capsys, tmp_path):
+    """With every raw attempt pruned, the report is unchanged: it never scans attempt rows."""
+    url = f"sqlite:///{tmp_path / 'pruned.db'}"
+    store = SqlStore(url)
+    try:
+        store.write(RECORDS)
+        assert store.prune_before(NOW + timedelta(hours=1)) == len(RECORDS)
+    finally:
+        store.shutdown()
+    assert report_json(capsys, url)["attempts"] == 5
+
+
+# -- db, prices and serve --------------------------------------------------------------------------
+def test_db_upgrade_current_and_downgrade(capsys, tmp_path):
+    db = f"sqlite:///{tmp_path / 'fresh.db'}"
+    head = migrate.head()
+    code, out, _ = run(capsys, "db", "upgrade", "--db", db)
+    assert code == 0 and f"{head} (head)" in out
+    code, out, _ = run(capsys, "db", "current", "--db", db)
+    assert code == 0 and f"{head} (head)" in out
+    code, out, _ = run(capsys, "db", "downgrade", "base", "--db", db)
+    assert code == 0 and "none" in out
+    assert migrate.current(db) is None
+
+
+def test_prices_lists_the_table_with_its_version_and_source(capsys):
+    code, out, err = run(capsys, "prices")
+    assert code == 0, err
+    assert PRICES.version in out and PRICES.updated in out
+    assert "claude-sonnet-5-5" in out and "claude-opus-5-5" in out
+
+
+def test_prices_for_one_model_shows_its_rates_and_source(capsys):
+    code, out, err = run(capsys, "prices", "claude-haiku-5-5")
+    assert code == 0, err
+    price = PRICES.lookup("claude-haiku-5-5")
+    assert price is not None and price.source in out.replace("\n", "")
+    assert ">100k: $0.50/$2.50" in out, "the long-context premium is shown"
+    assert "$0.125" in out, "a rate is shown to the digit it has"
+
+
+def test_prices_file_override_is_used(capsys, tmp_path):
+    override = tmp_path / "prices.json"
+    override.write_text(
+        json.dumps(
+            {
+                "version": "contract-7",
+                "models": {
+                    "claude-sonnet-5-5": {
+                        "input_usd_per_mtok": 1.5,
+                        "output_usd_per_mtok": 7.5,
+                        "cache_write_5m_multiplier": 1.25,
+                        "cache_write_1h_multiplier": 2.0,
+                        "cache_read_multiplier": 0.1,
+                        "batch_discount": 0.5,
+                    }
+                },
+            }
+        )
+    )
+    code, out, err = run(capsys, "prices", "claude-sonnet-5-5", "--prices-file", str(override))
+    assert code == 0, err
+    assert "contract-7" in out and "$1.50" in out and "$7.50" in out
+
+
+def test_help_of_every_command_has_examples(capsys):
+    for command in ([], ["demo"], ["report"], ["serve"], ["db"], ["db", "upgrade"], ["prices"]):
+        code, out, _ = run(capsys, *command, "--help")
+        assert code == 0 and "examples:" in out, command
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_serve_exposes_the_store_as_prometheus_metrics(tmp_path, known_db):
+    port = free_port()
+    process = subprocess.Popen(
+        [str(COSTWATCH), "serve", "--port", str(port), "--db", known_db],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline, body = time.monotonic() + 30, ""
+        while time.monotonic() < deadline and process.poll() is None:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                    body = response.read().decode()
+                break
+            time.sleep(0.2)
+        assert "costwatch_up 1.0" in body
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+# -- user mistakes: exit 2, one line, no traceback --------------------------------------------------
+@pytest.mark.parametrize("since", ["3 fortnights", "yesterday", "24"])
+def test_bad_duration_is_a_user_error(capsys, known_db, since):
+    code, _, err = run(capsys, "report", "--since", since, "--db", known_db)
+    assert_user_error(code, err, "--since", "24h")
+
+
+def test_since_after_until_is_a_user_error(capsys, known_db):
+    code, _, err = run(capsys, "report", "--since", "1h", "--until", "3d", "--db", known_db)
+    assert_user_error(code, err, "before")
+
+
+def test_unknown_grouping_is_a_user_error(capsys, known_db):
+    code, _, err = run(capsys, "report", "--by", "colour", "--db", known_db)
+    assert_user_error(code, err, "--by", "colour", "workflow")
+
+
+def test_unknown_command_is_a_user_error(capsys):
+    code, _, err = run(capsys, "reprot")
+    assert_user_error(code, err, "reprot")
+
+
+@pytest.mark.parametrize("url", ["not a url", "postgresql//user:hunter2@host/db", "nosuchdb://x/y"])
+def test_invalid_database_url_is_a_user_error_that_never_shows_a_password(capsys, url):
+    code, _, err = run(capsys, "report", "--db", url)
+    assert_user_error(code, err)
+    assert "hunter2" not in err
+
+
+@pytest.mark.parametrize("command", [["report"], ["serve"], ["db", "upgrade"], ["db", "current"], ["demo"]])
+def test_unreachable_database_is_a_user_error_with_the_password_masked(
+    capsys, tmp_path, monkeypatch, command
+):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *command, "--db", "postgresql://postgres:hunter2@127.0.0.1:9/test")
+    assert_user_error(code, err, "cannot use the database", "***")
+    assert "hunter2" not in err
+
+
+def test_missing_sqlite_file_is_a_user_error_and_is_not_created(capsys, tmp_path):
+    path = tmp_path / "absent.db"
+    code, _, err = run(capsys, "report", "--db", f"sqlite:///{path}")
+    assert_user_error(code, err, "costwatch demo")
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("command", ["report", "serve"])
+def test_unmigrated_database_is_a_user_error_suggesting_db_upgrade(capsys, tmp_path, command):
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()
+    code, _, err = run(capsys, command, "--db", f"sqlite:///{path}")
+    assert_user_error(code, err, "costwatch db upgrade")
+
+
+def test_malformed_price_override_is_a_user_error(capsys, tmp_path, monkeypatch):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    code, _, err = run(capsys, "prices", "--prices-file", str(broken))
+    assert_user_error(code, err, "broken.json")
+    monkeypatch.setenv("COSTWATCH_PRICES_FILE", str(broken))
+    code, _, err = run(capsys, "prices")
+    assert_user_error(code, err, "broken.json")
+
+
+def test_unknown_model_for_prices_is_a_user_error(capsys):
+    code, _, err = run(capsys, "prices", "claude-imaginary-9")
+    assert_user_error(code, err, "claude-imaginary-9")
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (["--drop-rate", "1.5"], "--drop-rate"),
+        (["--requests", "0"], "--requests"),
+        (["--models", "claude-imaginary-9"], "claude-imaginary-9"),
+        (["--requests", "many"], "--requests"),
+    ],
+)
+def test_demo_options_that_cannot_work_are_user_errors(capsys, tmp_path, monkeypatch, options, fragment):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "demo", *options)
+    assert_user_error(code, err, fragment)
+    assert not (tmp_path / "costwatch.db").exists()
+
+
+def test_db_downgrade_to_an_unknown_revision_is_a_user_error(capsys, tmp_path):
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    assert run(capsys, "db", "upgrade", "--db", db)[0] == 0
+    code, _, err = run(capsys, "db", "downgrade", "zzzz", "--db", db)
+    assert_user_error(code, err)

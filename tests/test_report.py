@@ -1,0 +1,246 @@
+"""The waste report as pure functions: rollup totals in, a report dict out, rendered three ways."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from rich.console import Console
+
+from costwatch.durations import MomentError, ceil_hour, floor_hour, parse_duration, parse_moment
+from costwatch.report import (
+    GROUPINGS,
+    build_report,
+    render_csv,
+    render_json,
+    render_table,
+    rollup_group_by,
+    subtract_totals,
+)
+from costwatch.store import RollupTotals
+
+NOW = datetime(2026, 11, 25, 18, 40, tzinfo=timezone.utc)
+HOUR = datetime(2026, 11, 25, 18, tzinfo=timezone.utc)
+
+
+def totals(group: dict[str, object], **measures: float) -> RollupTotals:
+    return RollupTotals(group=group, **measures)  # type: ignore[arg-type]
+
+
+def sonnet_dropped_and_retried() -> list[RollupTotals]:
+    """One logical request on sonnet: a dropped attempt (wasted) and its completed retry."""
+    return [
+        totals(
+            {"model": "claude-sonnet-5-5", "outcome": "dropped"},
+            attempts=1,
+            dropped_attempts=1,
+            logical_requests_started=1,
+            billed_input_tokens=1000,
+            billed_cache_read_tokens=50_000,
+            billed_output_tokens=120,
+            wasted_input_tokens=1000,
+            wasted_cache_read_tokens=50_000,
+            wasted_output_tokens=120,
+            billed_cost_usd=0.5,
+            wasted_cost_usd=0.5,
+            estimated_output_tokens=119,
+        ),
+        totals(
+            {"model": "claude-sonnet-5-5", "outcome": "completed"},
+            attempts=1,
+            billed_input_tokens=1000,
+            billed_cache_read_tokens=50_000,
+            billed_output_tokens=800,
+            billed_cost_usd=0.6,
+        ),
+        totals(
+            {"model": "claude-haiku-5-5", "outcome": "http_error"},
+            attempts=1,
+            logical_requests_started=1,
+        ),
+        totals(
+            {"model": "claude-haiku-5-5", "outcome": "completed"},
+            attempts=1,
+            billed_input_tokens=500,
+            billed_output_tokens=100,
+            billed_cost_usd=0.01,
+        ),
+    ]
+
+
+def test_report_totals_sum_every_group_and_count_failed_attempts_by_outcome():
+    report = build_report(sonnet_dropped_and_retried(), "model")
+    assert report["attempts"] == 4
+    assert report["dropped_attempts"] == 1
+    assert report["failed_attempts"] == 2
+    assert report["logical_requests"] == 2
+    assert report["billed_tokens"] == {"input": 2500, "output": 1020, "cache_read": 100_000, "cache_write": 0}
+    assert report["wasted_tokens"] == {"input": 1000, "output": 120, "cache_read": 50_000, "cache_write": 0}
+    assert report["billed_cost_usd"] == pytest.approx(1.11)
+    assert report["wasted_cost_usd"] == pytest.approx(0.5)
+    assert report["waste_ratio"] == pytest.approx(51_120 / 103_520, abs=1e-6)
+    assert report["estimated_output_tokens"] == 119
+
+
+def test_report_groups_carry_the_same_fields_plus_their_key_most_wasted_first():
+    report = build_report(sonnet_dropped_and_retried(), "model")
+    assert [g["model"] for g in report["groups"]] == ["claude-sonnet-5-5", "claude-haiku-5-5"]
+    sonnet, haiku = report["groups"]
+    assert set(sonnet) == set(report) - {"by", "start", "end", "groups"} | {"model"}
+    assert (sonnet["attempts"], sonnet["failed_attempts"], sonnet["logical_requests"]) == (2, 1, 1)
+    assert (haiku["attempts"], haiku["failed_attempts"], haiku["waste_ratio"]) == (2, 1, 0.0)
+
+
+def test_report_by_outcome_reads_only_the_outcome_dimension():
+    assert rollup_group_by("outcome") == ("outcome",)
+    rows = [
+        totals({"outcome": "completed"}, attempts=3),
+        totals({"outcome": "dropped"}, attempts=2, dropped_attempts=2, wasted_cost_usd=1.0),
+    ]
+    report = build_report(rows, "outcome")
+    assert [(g["outcome"], g["failed_attempts"]) for g in report["groups"]] == [
+        ("dropped", 2),
+        ("completed", 0),
+    ]
+
+
+@pytest.mark.parametrize("by", ["model", "workflow", "error_type"])
+def test_a_label_absent_from_the_attempts_is_null_in_the_report(by):
+    rows = [totals({by: "", "outcome": "completed"}, attempts=1)]
+    assert build_report(rows, by)["groups"][0][by] is None
+
+
+def test_report_by_hour_and_day_merges_hours_in_time_order():
+    rows = [
+        totals({"hour": HOUR, "outcome": "completed"}, attempts=1),
+        totals({"hour": HOUR - timedelta(days=1), "outcome": "completed"}, attempts=2),
+        totals({"hour": HOUR - timedelta(days=1, hours=3), "outcome": "dropped"}, attempts=4),
+    ]
+    assert rollup_group_by("hour") == rollup_group_by("day") == ("hour", "outcome")
+    by_hour = build_report(rows, "hour")
+    assert [g["hour"] for g in by_hour["groups"]] == [
+        "2026-11-24T15:00:00+00:00",
+        "2026-11-24T18:00:00+00:00",
+        "2026-11-25T18:00:00+00:00",
+    ]
+    by_day = build_report(rows, "day")
+    assert [(g["day"], g["attempts"], g["failed_attempts"]) for g in by_day["groups"]] == [
+        ("2026-11-24", 6, 4),
+        ("2026-11-25", 1, 0),
+    ]
+
+
+def test_unknown_grouping_is_refused():
+    with pytest.raises(ValueError, match="choose from"):
+        rollup_group_by("colour")
+    assert set(GROUPINGS) == {"model", "workflow", "outcome", "error_type", "hour", "day"}
+
+
+def test_empty_report_has_zero_totals_and_no_groups():
+    report = build_report([], "model", start=HOUR, end=HOUR + timedelta(hours=1))
+    assert report["attempts"] == 0 and report["waste_ratio"] == 0.0 and report["groups"] == []
+    assert (report["start"], report["end"]) == ("2026-11-25T18:00:00+00:00", "2026-11-25T19:00:00+00:00")
+
+
+def test_subtracting_an_earlier_read_leaves_only_what_was_added_since():
+    before = [totals({"model": "m", "outcome": "completed"}, attempts=2, billed_input_tokens=10)]
+    after = [
+        totals({"model": "m", "outcome": "completed"}, attempts=5, billed_input_tokens=40),
+        totals({"model": "m", "outcome": "dropped"}, attempts=1, dropped_attempts=1),
+        totals({"model": "n", "outcome": "completed"}, attempts=0),
+    ]
+    changed = subtract_totals(after, before)
+    assert [(r.group["outcome"], r.attempts, r.billed_input_tokens) for r in changed] == [
+        ("completed", 3, 30),
+        ("dropped", 1, 0),
+        ("completed", 0, 0),
+    ]
+    assert subtract_totals(before, before) == []
+
+
+def test_json_rendering_is_one_object_with_the_documented_keys():
+    report = build_report(sonnet_dropped_and_retried(), "model")
+    parsed = json.loads(render_json(report))
+    for key in (
+        "attempts",
+        "dropped_attempts",
+        "failed_attempts",
+        "logical_requests",
+        "billed_tokens",
+        "wasted_tokens",
+        "billed_cost_usd",
+        "wasted_cost_usd",
+        "waste_ratio",
+        "estimated_output_tokens",
+        "groups",
+    ):
+        assert key in parsed
+    assert parsed == report
+
+
+def test_csv_rendering_has_one_row_per_group_with_flat_token_columns():
+    report = build_report(sonnet_dropped_and_retried(), "model")
+    rows = list(csv.DictReader(io.StringIO(render_csv(report))))
+    assert [row["model"] for row in rows] == ["claude-sonnet-5-5", "claude-haiku-5-5"]
+    assert rows[0]["wasted_cache_read_tokens"] == "50000"
+    assert sum(int(row["attempts"]) for row in rows) == report["attempts"]
+
+
+def test_table_rendering_names_totals_and_the_top_offender():
+    console = Console(file=io.StringIO(), width=140)
+    render_table(build_report(sonnet_dropped_and_retried(), "model"), console)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "4 attempts for 2 logical requests" in text
+    assert "Top offenders" in text
+    assert "claude-sonnet-5-5: $0.50 wasted (100% of all waste) over 1 failed attempt\n" in text
+
+
+def test_table_rendering_of_an_empty_window_says_so():
+    console = Console(file=io.StringIO(), width=140)
+    render_table(build_report([], "model"), console)
+    assert "No attempts recorded" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+# -- durations and moments ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "ago"),
+    [
+        ("90m", timedelta(minutes=90)),
+        ("24h", timedelta(hours=24)),
+        ("7d", timedelta(days=7)),
+        ("2w", timedelta(weeks=2)),
+        ("30s", timedelta(seconds=30)),
+        ("1.5h", timedelta(minutes=90)),
+    ],
+)
+def test_a_duration_means_that_long_before_now(text, ago):
+    assert parse_duration(text) == ago
+    assert parse_moment(text, NOW) == NOW - ago
+
+
+@pytest.mark.parametrize(
+    ("text", "moment"),
+    [
+        ("2026-11-01", datetime(2026, 11, 1, tzinfo=timezone.utc)),
+        ("2026-11-01T06:30", datetime(2026, 11, 1, 6, 30, tzinfo=timezone.utc)),
+        ("2026-11-01T06:30:00Z", datetime(2026, 11, 1, 6, 30, tzinfo=timezone.utc)),
+        ("2026-11-01T08:30:00+02:00", datetime(2026, 11, 1, 6, 30, tzinfo=timezone.utc)),
+    ],
+)
+def test_iso_dates_and_datetimes_are_read_as_utc(text, moment):
+    assert parse_moment(text, NOW) == moment
+
+
+@pytest.mark.parametrize("text", ["yesterday", "24", "h24", "3 fortnights", "2026-13-01", ""])
+def test_text_that_is_neither_duration_nor_date_is_refused_with_examples(text):
+    with pytest.raises(MomentError, match="24h"):
+        parse_moment(text, NOW)
+
+
+def test_report_windows_widen_to_whole_hours():
+    assert floor_hour(NOW) == HOUR
+    assert ceil_hour(NOW) == HOUR + timedelta(hours=1)
+    assert ceil_hour(HOUR) == HOUR
