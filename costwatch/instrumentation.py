@@ -174,7 +174,8 @@ class Accountant:
             error_type=type(error).__name__ if error is not None else None,
             duration_s=time.perf_counter() - attempt.started,
             usage=usage,
-            cost=self.prices.cost(model, usage) if model else None,
+            # A pricing failure keeps the record, unpriced: tokens are the ground truth.
+            cost=_guard("price", self.prices.cost, model, usage) if model else None,
             tags=attempt.tags,
             fingerprint=attempt.fingerprint,
             **extra,

@@ -554,7 +554,14 @@ def start_metrics_server(
     Binds to localhost unless told otherwise; in multiprocess mode serve a registry holding a
     ``prometheus_client.multiprocess.MultiProcessCollector`` instead (see ``docs/metrics.md``).
     """
-    server, _thread = start_http_server(
-        port, addr=addr, registry=registry if registry is not None else REGISTRY
-    )
+    try:
+        server, _thread = start_http_server(
+            port, addr=addr, registry=registry if registry is not None else REGISTRY
+        )
+    except OSError as exc:
+        # The bare "[Errno 98] Address already in use" names neither the port nor what to do.
+        raise OSError(
+            exc.errno,
+            f"costwatch cannot serve metrics on {addr}:{port}: {exc.strerror or exc}; choose another port",
+        ) from exc
     return server

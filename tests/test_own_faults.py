@@ -1,0 +1,199 @@
+"""Faults in costwatch's own path: the application's streams keep working and the problem is visible.
+
+A database that is down, a spool that cannot be written, a metrics port that is taken, a bug inside a
+hook: in each case the application gets its answer exactly as without costwatch, the health
+counters say what went wrong, and costwatch logs it once, not once per attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import pytest
+from prometheus_client import CollectorRegistry
+
+import costwatch
+from costwatch.health import InstrumentationErrors
+from costwatch.metrics import MetricsSink, start_metrics_server
+from costwatch.pipeline import Pipeline
+from costwatch.pricing import load_prices
+from costwatch.sinks import MemorySink
+from costwatch.spool import Spool
+from costwatch.testing import FakeAnthropicServer, ResponseSpec
+
+MODEL = "claude-haiku-4-5"
+MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Plan the migration."}]
+CALLS = 3
+
+
+def closed_port() -> int:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = int(probe.getsockname()[1])
+    probe.close()
+    return port
+
+
+def costwatch_lines(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("costwatch") and r.levelno >= level]
+
+
+def stream_texts(server: FakeAnthropicServer, calls: int = CALLS) -> list[str]:
+    """What the application gets: the text of each streamed answer."""
+    client = anthropic.Anthropic(base_url=server.base_url, api_key="sk-ant-own", max_retries=0)
+    texts = []
+    for _ in range(calls):
+        with client.messages.stream(model=MODEL, max_tokens=512, messages=MESSAGES) as stream:
+            texts.append("".join(stream.text_stream))
+    client.close()
+    return texts
+
+
+@pytest.fixture
+def fast_pipeline(tmp_path: Path) -> Iterator[Pipeline]:
+    pipeline = Pipeline(spool=Spool(tmp_path / "spool"), interval_s=0.05, retry_initial_s=30.0)
+    yield pipeline
+    pipeline.shutdown(timeout=5)
+
+
+@pytest.fixture
+def bare_texts() -> list[str]:
+    with FakeAnthropicServer(ResponseSpec.small(40)) as server:
+        return stream_texts(server)
+
+
+def unwritable(tmp_path: Path) -> Path:
+    """A path nothing can be created under (its parent is a file), even for root."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    return blocker / "inside"
+
+
+@pytest.mark.parametrize("store", ["postgresql_closed_port", "sqlite_unwritable_path"])
+def test_a_store_that_is_down_leaves_streams_working_and_spools_every_record(
+    store: str,
+    fast_pipeline: Pipeline,
+    bare_texts: list[str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = (
+        f"postgresql://costwatch:pw@127.0.0.1:{closed_port()}/costwatch?connect_timeout=2"
+        if store == "postgresql_closed_port"
+        else f"sqlite:///{unwritable(tmp_path) / 'costwatch.db'}"
+    )
+    caplog.set_level(logging.DEBUG, logger="costwatch")
+    costwatch.instrument(pipeline=fast_pipeline, database_url=url, metrics=False, listeners=[])
+    try:
+        with FakeAnthropicServer(ResponseSpec.small(40)) as server:
+            texts = stream_texts(server)
+        assert fast_pipeline.flush(20)
+    finally:
+        costwatch.uninstrument()
+    assert texts == bare_texts
+    health = fast_pipeline.health()
+    assert health.write_errors >= 1 and health.dropped == 0
+    assert health.spooled_pending == CALLS
+    (line,) = costwatch_lines(caplog)
+    assert "sink sql failed" in line and "spooling" in line
+
+
+def test_a_spool_that_cannot_be_written_counts_dropped_records_and_says_so_once(
+    tmp_path: Path, bare_texts: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    class DownSink:
+        name = "down"
+
+        def export(self, records: object) -> None:
+            raise ConnectionError("database is down")
+
+        def shutdown(self) -> None:
+            return None
+
+    pipeline = Pipeline(spool=Spool(unwritable(tmp_path)), interval_s=0.05, retry_initial_s=30.0)
+    caplog.set_level(logging.DEBUG, logger="costwatch")
+    costwatch.instrument(pipeline=pipeline, sinks=[DownSink()], listeners=[])
+    try:
+        with FakeAnthropicServer(ResponseSpec.small(40)) as server:
+            texts = stream_texts(server)
+        assert pipeline.flush(20)
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown(timeout=5)
+    assert texts == bare_texts
+    assert pipeline.dropped == CALLS and pipeline.write_errors >= 1
+    lines = costwatch_lines(caplog)
+    # One line for each problem: the sink is down, and the spool cannot hold what it missed.
+    assert len(lines) == 2, lines
+    assert sum("sink down failed" in line for line in lines) == 1
+    assert sum("dropped" in line and "spool could not be written" in line for line in lines) == 1
+
+
+def test_a_metrics_port_already_taken_raises_a_clear_error_naming_the_port() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = int(taken.getsockname()[1])
+    try:
+        with pytest.raises(OSError) as caught:
+            start_metrics_server(port, registry=CollectorRegistry())
+    finally:
+        taken.close()
+    assert str(port) in str(caught.value) and "in use" in str(caught.value)
+
+
+@pytest.fixture
+def fresh_errors(monkeypatch: pytest.MonkeyPatch) -> InstrumentationErrors:
+    """A fresh error counter, so 'logged once per place' does not depend on earlier tests."""
+    errors = InstrumentationErrors()
+    monkeypatch.setattr("costwatch.instrumentation.instrumentation_errors", errors)
+    monkeypatch.setattr("costwatch.metrics.instrumentation_errors", errors)
+    return errors
+
+
+@pytest.mark.parametrize(
+    ("target", "place"),
+    [
+        ("costwatch.attribution.RetryTracker.begin", "begin"),
+        ("costwatch.pricing.PriceTable.cost", "price"),
+        ("costwatch.stream_meter.BodyMeter.feed", "feed"),
+    ],
+    ids=["retry_tracker", "pricing", "sse_parser"],
+)
+def test_a_bug_inside_a_hook_is_counted_and_logged_once_and_streams_still_work(
+    target: str,
+    place: str,
+    fresh_errors: InstrumentationErrors,
+    bare_texts: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def injected_bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(target, injected_bug)
+    caplog.set_level(logging.DEBUG, logger="costwatch")
+    pipeline = Pipeline()
+    registry = CollectorRegistry()
+    metrics = MetricsSink(registry=registry, pipeline=pipeline, retry_window_s=600, workflow_label_limit=20)
+    memory = MemorySink()
+    costwatch.instrument(pipeline=pipeline, sinks=[memory, metrics], listeners=[], prices=load_prices())
+    try:
+        with FakeAnthropicServer(ResponseSpec.small(40)) as server:
+            texts = stream_texts(server)
+        pipeline.flush(10)
+        records = memory.records
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()
+    assert texts == bare_texts
+    if place == "price":  # a failed price lookup keeps the record, unpriced
+        assert len(records) == CALLS and all(r.cost is None and r.usage.input_tokens for r in records)
+    assert fresh_errors.by_place() == {place: CALLS}
+    assert registry.get_sample_value("costwatch_instrumentation_errors_total") == CALLS
+    (line,) = costwatch_lines(caplog)
+    assert f"internal error in {place}" in line and "injected bug" in line
