@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .context import logical_request, tags
-from .instrumentation import instrument, is_instrumented, uninstrument
-from .pipeline import get_pipeline
+from .instrumentation import flush, instrument, is_instrumented, uninstrument
 from .records import AttemptRecord, Cost, Outcome, TokenType, Usage, WasteReason
 from .sinks import MemorySink, Sink
 
@@ -36,8 +35,3 @@ __all__ = [
     "tags",
     "uninstrument",
 ]
-
-
-def flush(timeout: float | None = 30.0) -> bool:
-    """Wait until every attempt recorded so far has reached every sink; False on timeout."""
-    return get_pipeline().flush(timeout)

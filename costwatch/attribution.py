@@ -43,6 +43,8 @@ class _LogicalRequest:
     attempts: int = 0
     last_seen: float = 0.0
     fingerprint: str | None = None
+    retryable_as: str | None = None
+    """The fingerprint under which a resent request joins this one (of its last failed attempt)."""
     abandoned: list[AttemptRecord] = field(default_factory=list)
 
 
@@ -89,6 +91,7 @@ class RetryTracker:
                 self._requests[request.id] = request
             else:
                 self._requests.move_to_end(request.id)
+                self._forget_retryable(request)  # retried now; findable again only if this one fails
             request.attempts += 1
             request.last_seen = now
             if fingerprint is not None:
@@ -110,13 +113,19 @@ class RetryTracker:
                     request.abandoned.append(record)
             if request is not None and not later:
                 request.last_seen = self._clock()
+                self._forget_retryable(request)
                 fingerprint = record.fingerprint or request.fingerprint
-                if fingerprint is not None:
-                    if record.outcome.failed:
-                        self._failed_by_fingerprint[fingerprint] = request.id
-                    elif self._failed_by_fingerprint.get(fingerprint) == request.id:
-                        del self._failed_by_fingerprint[fingerprint]
+                if fingerprint is not None and record.outcome.failed:
+                    self._failed_by_fingerprint[fingerprint] = request.id
+                    request.retryable_as = fingerprint
             return record
+
+    def _forget_retryable(self, request: _LogicalRequest) -> None:
+        # Each logical request is findable by at most one fingerprint, so none outlives it.
+        if request.retryable_as is not None:
+            if self._failed_by_fingerprint.get(request.retryable_as) == request.id:
+                del self._failed_by_fingerprint[request.retryable_as]
+            request.retryable_as = None
 
     def _expire(self, now: float) -> None:
         while self._requests:
@@ -124,8 +133,4 @@ class RetryTracker:
             if now - oldest.last_seen <= self.window_s and len(self._requests) < self.max_requests:
                 return
             self._requests.popitem(last=False)
-            if (
-                oldest.fingerprint is not None
-                and self._failed_by_fingerprint.get(oldest.fingerprint) == oldest.id
-            ):
-                del self._failed_by_fingerprint[oldest.fingerprint]
+            self._forget_retryable(oldest)

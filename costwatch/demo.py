@@ -24,6 +24,7 @@ import anthropic
 import costwatch
 
 from .estimation import CONTENT_TYPES, OutputEstimator
+from .pipeline import Pipeline
 from .pricing import PriceTable
 from .testing import (
     BlockKind,
@@ -284,8 +285,13 @@ def run_demo(
     with server:
         # The SDK's own retries stay on (as in production); drops are never retried by the SDK.
         client = anthropic.Anthropic(base_url=server.base_url, api_key="demo", max_retries=2, timeout=60.0)
-        # The one line an application adds:
-        costwatch.instrument(database_url=database_url, metrics=False, prices=prices, estimator=estimator)
+        # The demo's own pipeline, shut down when it ends, so that the process-wide one (and its
+        # writer thread and spool) is left untouched for whatever runs after the demo in this process.
+        pipeline = Pipeline()
+        # The one line an application adds (without the pipeline argument):
+        costwatch.instrument(
+            pipeline=pipeline, database_url=database_url, metrics=False, prices=prices, estimator=estimator
+        )
         try:
             with ThreadPoolExecutor(
                 max_workers=options.concurrency, thread_name_prefix="costwatch-demo"
@@ -296,6 +302,7 @@ def run_demo(
                 raise DemoError("the demo's attempt records did not reach the database within 60 s")
         finally:
             costwatch.uninstrument()
+            pipeline.shutdown()
             client.close()
         ledger = server.ledger.entries
     return DemoResult(

@@ -29,9 +29,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .metrics import MODEL_LABEL_LIMIT, OTHER
+from .metrics import MODEL_LABEL_LIMIT, LabelCap
 from .records import Outcome, TokenType, WasteReason
-from .store import DEFAULT_RETRY_WINDOW, HourlyRollup, RollupTotals, SqlStore, safe_url
+from .settings import default_of, load_settings
+from .store import HourlyRollup, RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
 from .store.rows import hour_of
 
@@ -87,11 +88,6 @@ class FleetSamples:
         return out
 
 
-def _capped(first_seen: Sequence[str], limit: int) -> Callable[[str], str]:
-    kept = set([value for value in first_seen if value != ""][:limit])
-    return lambda value: value if value == "" or value in kept else OTHER
-
-
 def fleet_samples(
     totals: Iterable[RollupTotals],
     settled_abandoned: Iterable[RollupTotals],
@@ -99,7 +95,7 @@ def fleet_samples(
     models_first_seen: Sequence[str],
     workflows_first_seen: Sequence[str],
     model_label_limit: int = MODEL_LABEL_LIMIT,
-    workflow_label_limit: int = 20,
+    workflow_label_limit: int = default_of("workflow_label_limit"),
 ) -> FleetSamples:
     """The metric values from rollup totals grouped by model, outcome, error_type, waste_reason, workflow.
 
@@ -107,8 +103,8 @@ def fleet_samples(
     Label caps keep the first values by the hour they first appeared in (then by name), so that two
     exporters, or one restarted, choose the same ones.
     """
-    model_of = _capped(models_first_seen, model_label_limit)
-    workflow_of = _capped(workflows_first_seen, workflow_label_limit)
+    model_of = LabelCap.first_seen(models_first_seen, model_label_limit)
+    workflow_of = LabelCap.first_seen(workflows_first_seen, workflow_label_limit)
     out = FleetSamples()
     for row in totals:
         model, workflow = model_of(row.group["model"]), workflow_of(row.group["workflow"])
@@ -201,23 +197,28 @@ class FleetCollector(Collector):
 
     ``database_url`` defaults to ``$COSTWATCH_DATABASE_URL``. The exporter only reads: it never
     migrates or writes. ``retry_window`` must be at least the store's (how long after an attempt
-    the store may still flip it to ``retried``). ``clock`` gives the current UTC time.
+    the store may still flip it to ``retried``). ``retry_window``, ``workflow_label_limit`` and
+    ``model_label_limit`` default to their ``COSTWATCH_*`` settings. ``clock`` gives the current UTC
+    time. :meth:`close` releases the database connections.
     """
 
     def __init__(
         self,
         database_url: str | None = None,
         *,
-        retry_window: timedelta = DEFAULT_RETRY_WINDOW,
+        retry_window: timedelta | None = None,
         workflow_label_limit: int | None = None,
-        model_label_limit: int = MODEL_LABEL_LIMIT,
+        model_label_limit: int | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
+        settings = load_settings()
+        if retry_window is None:
+            retry_window = timedelta(seconds=settings.retry_window_s)
         if workflow_label_limit is None:
-            from .settings import load_settings
-
-            workflow_label_limit = int(load_settings().workflow_label_limit)
-        self.store = SqlStore(database_url, auto_migrate=False)
+            workflow_label_limit = int(settings.workflow_label_limit)
+        if model_label_limit is None:
+            model_label_limit = int(settings.model_label_limit)
+        self.store = SqlStore(database_url, auto_migrate=False, retry_window=retry_window)
         self.retry_window = retry_window
         self.workflow_label_limit = workflow_label_limit
         self.model_label_limit = model_label_limit
@@ -227,10 +228,12 @@ class FleetCollector(Collector):
         self._failing = False
 
     def describe(self) -> Iterator[Metric]:
+        """The metric families this collector exposes, without reading the database."""
         # Registering must not touch the database.
         return iter(_families(FleetSamples(), up=True))
 
     def collect(self) -> Iterator[Metric]:
+        """The fleet's metrics read now; after a failed read, ``costwatch_up 0`` and the last values."""
         with self._lock:
             try:
                 samples = self.read()
@@ -250,6 +253,10 @@ class FleetCollector(Collector):
             # A flip after the window (rare) would lower a settled sum: hold every sample at its high mark.
             self._last = samples if self._last is None else samples.at_least(self._last)
             return iter(_families(self._last, up=True))
+
+    def close(self) -> None:
+        """Close the database connections (a later scrape opens new ones)."""
+        self.store.shutdown()
 
     def read(self) -> FleetSamples:
         """Query the rollups once and compute the metric values; raises if the database fails."""
@@ -283,11 +290,25 @@ def serve(database_url: str | None, port: int, addr: str = "127.0.0.1", *, block
     """Serve the fleet's metrics on ``http://{addr}:{port}/metrics``.
 
     Blocks until interrupted when ``block`` is true (as the CLI runs it); otherwise returns the
-    running HTTP server (call ``shutdown()`` on it to stop).
+    running HTTP server (call ``shutdown()`` and then ``server_close()`` on it to stop; the latter
+    also closes the database connections).
     """
     registry = CollectorRegistry()
-    registry.register(FleetCollector(database_url))
-    server, thread = start_http_server(port, addr=addr, registry=registry)
+    collector = FleetCollector(database_url)
+    registry.register(collector)
+    try:
+        server, thread = start_http_server(port, addr=addr, registry=registry)
+    except BaseException:
+        collector.close()
+        raise
+    # Closing the server (as a non-blocking caller does) closes the collector's connections too.
+    close_server = server.server_close
+
+    def server_close() -> None:
+        close_server()
+        collector.close()
+
+    server.server_close = server_close  # type: ignore[method-assign]
     if not block:
         return server
     try:

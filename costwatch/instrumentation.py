@@ -23,6 +23,7 @@ import contextvars
 import hashlib
 import importlib
 import json
+import queue
 import threading
 import time
 import uuid
@@ -44,7 +45,7 @@ from .settings import load_settings
 from .sinks import AttemptListener, Sink
 from .stream_meter import BodyMeter
 
-__all__ = ["Accountant", "instrument", "is_instrumented", "uninstrument"]
+__all__ = ["Accountant", "flush", "instrument", "is_instrumented", "uninstrument"]
 
 _HTTP_MODULES = ("httpx", "httpx2")
 _MESSAGES_PATH_SUFFIX = "/v1/messages"
@@ -205,6 +206,8 @@ class _Attempt:
     request_id: str | None = None
     http_status: int | None = None
     meter: BodyMeter | None = None
+    closing: bool = False
+    """Set when the application (or the garbage collector) closes the body before it ended."""
     listener_states: list[tuple[AttemptListener, object]] = field(default_factory=list)
     _once: threading.Lock = field(default_factory=threading.Lock)
 
@@ -226,11 +229,19 @@ class _Attempt:
 
     def body_ended(self, error: BaseException | None) -> None:
         """The body ended: at EOF (``error`` None), by an exception, or by being closed early."""
+        if isinstance(error, GeneratorExit):
+            _settler.defer(self)  # closed, or finalized by the garbage collector: see _DeferredSettler
+            return
+        self.settle_body(error)
+
+    def settle_body(self, error: BaseException | None) -> None:
+        """Settle an attempt whose headers arrived, classifying how its body ended."""
         meter = self.meter
         if meter is not None and not meter.complete and not self.stream:
             meter.finish_json()
-        cancelled = isinstance(error, _CANCELLATIONS) or (error is not None and _is_cancellation(error))
-        self.settle(self.outcome_after_body(error), None if cancelled else error)
+        outcome = self.outcome_after_body(error)
+        # The application's own stop is no error of the transport, whatever the reader then raised.
+        self.settle(outcome, None if outcome is Outcome.CANCELLED else error)
 
     def outcome_after_body(self, error: BaseException | None) -> Outcome:
         """Classify how an attempt whose headers arrived ended."""
@@ -241,13 +252,71 @@ class _Attempt:
             return Outcome.STREAM_ERROR
         if meter is not None and meter.complete:
             return Outcome.COMPLETED
-        if error is None or isinstance(error, _CANCELLATIONS) or _is_cancellation(error):
+        if self.closing or (
+            error is not None and (isinstance(error, _CANCELLATIONS) or _is_cancellation(error))
+        ):
             return Outcome.CANCELLED
-        return Outcome.DROPPED
+        return Outcome.DROPPED  # an exception mid-body, or a body that ended before message_stop
 
 
 def _is_cancellation(error: BaseException) -> bool:
     return type(error).__name__ == "CancelledError"
+
+
+class _DeferredSettler:
+    """Settles attempts whose body was closed early, on a thread of its own.
+
+    A stream the application drops without closing is freed by the cyclic garbage collector, which
+    runs finalizers in whatever thread is allocating at that moment — possibly one inside a costwatch
+    lock (the retry tracker's, the estimator's). Settling there could deadlock the application, so the
+    close and finalizer paths only enqueue (``SimpleQueue.put`` is safe in finalizers) and this thread
+    does the work.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Attempt | threading.Event] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the settling thread if it is not running (never from a finalizer)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="costwatch-settler", daemon=True)
+            self._thread.start()
+
+    def defer(self, attempt: _Attempt) -> None:
+        """Queue an attempt whose body was closed before it ended."""
+        self._queue.put(attempt)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until every attempt deferred so far is settled; False on timeout."""
+        if self._thread is None or not self._thread.is_alive():
+            self._settle_queued()  # no thread (not instrumented yet, or a forked child): settle here
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                _guard("body_close", item.settle_body, GeneratorExit())
+
+    def _settle_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                _guard("body_close", item.settle_body, GeneratorExit())
+
+
+_settler = _DeferredSettler()
 
 
 def _describe_body(body: bytes) -> tuple[str, str | None]:
@@ -294,6 +363,7 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
             _guard("body_end", attempt.body_ended, None)
 
         def close(self) -> None:
+            self._attempt.closing = True  # before the reader, maybe in another thread, sees the end
             try:
                 self._inner.close()
             finally:
@@ -322,6 +392,7 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
             _guard("body_end", attempt.body_ended, None)
 
         async def aclose(self) -> None:
+            self._attempt.closing = True
             try:
                 await self._inner.aclose()
             finally:
@@ -499,24 +570,27 @@ def instrument(
                 return True
             return False
         config = load_settings(settings)
+        # Everything that can fail on bad input happens before anything is attached or installed.
+        http_clients: weakref.WeakSet[Any] | None = None
+        if client is not None:
+            http_clients = weakref.WeakSet([_http_client_of(client)])
+        price_table = prices or load_prices(config.prices_file)
         if pipeline is None:
             pipeline = get_pipeline(spool_dir=config.spool_dir)
             pipeline.capacity = config.queue_capacity
             pipeline.batch_size = config.batch_size
             pipeline.interval_s = config.flush_interval_s
         added = list(sinks) if sinks is not None else _default_sinks(config, pipeline)
-        for sink in added:
-            pipeline.add_sink(sink)
         accountant = Accountant(
             pipeline=pipeline,
-            prices=prices or load_prices(config.prices_file),
+            prices=price_table,
             estimator=estimator,
             listeners=listeners if listeners is not None else _default_listeners(),
             tracker=RetryTracker(window_s=config.retry_window_s),
         )
-        http_clients: weakref.WeakSet[Any] | None = None
-        if client is not None:
-            http_clients = weakref.WeakSet([_http_client_of(client)])
+        for sink in added:
+            pipeline.add_sink(sink)
+        _settler.start()
         hooks = _Hooks(accountant, http_clients, added)
         hooks.install(_importable_http_modules())
         _hooks = hooks
@@ -526,7 +600,9 @@ def instrument(
 def uninstrument() -> bool:
     """Restore the HTTP clients' original ``send`` exactly and detach the sinks ``instrument`` added.
 
-    Records of attempts already made are delivered first. Returns False if nothing was installed.
+    Records of attempts already made are delivered first; an attempt still streaming when this is
+    called is counted as dropped by the pipeline if it ends later. Returns False if nothing was
+    installed.
     """
     global _hooks
     with _state_lock:
@@ -534,9 +610,20 @@ def uninstrument() -> bool:
             return False
         hooks, _hooks = _hooks, None
         hooks.remove()
+    _settler.wait(10.0)
     for sink in hooks.sinks:
         hooks.accountant.pipeline.remove_sink(sink)
     return True
+
+
+def flush(timeout: float | None = 30.0) -> bool:
+    """Wait until every attempt recorded so far has reached every sink; False on timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    settled = _settler.wait(timeout)
+    hooks = _hooks
+    pipeline = hooks.accountant.pipeline if hooks is not None else get_pipeline()
+    remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    return pipeline.flush(remaining) and settled
 
 
 def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:

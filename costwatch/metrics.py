@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from .health import instrumentation_errors
 from .records import AttemptRecord, Outcome, TokenType, WasteReason
+from .settings import default_of, load_settings
 
 __all__ = [
     "ATTEMPTS_PER_REQUEST_BUCKETS",
@@ -44,7 +45,7 @@ __all__ = [
 OTHER = "other"
 """The label value that stands for every value beyond a label's cardinality cap."""
 
-MODEL_LABEL_LIMIT = 50
+MODEL_LABEL_LIMIT: int = default_of("model_label_limit")
 """Distinct ``model`` label values kept by default; model strings come from requests, so are unbounded."""
 
 
@@ -80,6 +81,14 @@ class LabelCap:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._kept: set[str] = set()
+
+    @classmethod
+    def first_seen(cls, values: Iterable[str], limit: int) -> LabelCap:
+        """A cap that has already seen ``values``, in order: it keeps the first ``limit`` of them."""
+        cap = cls(limit)
+        for value in values:
+            cap(value)
+        return cap
 
     def __call__(self, value: str) -> str:
         """The label value to use for ``value``."""
@@ -148,13 +157,20 @@ class WasteSettlement:
 
     Memory is bounded: at most ``max_pending`` attempts and logical requests wait to settle (the
     oldest settle early when more arrive), and attempt ids are remembered for two retry windows, at
-    most ``max_remembered`` of them. ``now`` is any monotonic clock, in seconds.
+    most ``max_remembered`` of them. ``now`` is any monotonic clock, in seconds. ``retry_window_s``
+    defaults to ``$COSTWATCH_RETRY_WINDOW``.
     """
 
     def __init__(
-        self, *, retry_window_s: float = 600.0, max_pending: int = 100_000, max_remembered: int = 200_000
+        self,
+        *,
+        retry_window_s: float | None = None,
+        max_pending: int = 100_000,
+        max_remembered: int = 200_000,
     ) -> None:
-        self.retry_window_s = retry_window_s
+        self.retry_window_s: float = (
+            retry_window_s if retry_window_s is not None else load_settings().retry_window_s
+        )
         self.max_pending = max_pending
         self.max_remembered = max_remembered
         self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()  # id -> (revision, first seen)
@@ -386,8 +402,9 @@ class MetricsSink:
     """A :class:`~costwatch.sinks.Sink` that counts attempts, billed and wasted tokens and cost in Prometheus.
 
     Registers its metrics on ``registry`` (default: prometheus_client's global ``REGISTRY``), so
-    create one per registry. ``retry_window_s`` and ``workflow_label_limit`` default to the
-    ``COSTWATCH_RETRY_WINDOW`` and ``COSTWATCH_WORKFLOW_LABEL_LIMIT`` settings. ``pipeline`` is the
+    create one per registry. ``retry_window_s``, ``workflow_label_limit`` and ``model_label_limit``
+    default to the ``COSTWATCH_RETRY_WINDOW``, ``COSTWATCH_WORKFLOW_LABEL_LIMIT`` and
+    ``COSTWATCH_MODEL_LABEL_LIMIT`` settings. ``pipeline`` is the
     pipeline whose health is reported (default: the process-wide one). ``clock`` is monotonic seconds.
     """
 
@@ -400,17 +417,18 @@ class MetricsSink:
         pipeline: Any = None,
         retry_window_s: float | None = None,
         workflow_label_limit: int | None = None,
-        model_label_limit: int = MODEL_LABEL_LIMIT,
+        model_label_limit: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if retry_window_s is None or workflow_label_limit is None:
-            from .settings import load_settings
-
+        if retry_window_s is None or workflow_label_limit is None or model_label_limit is None:
             settings = load_settings()
             retry_window_s = settings.retry_window_s if retry_window_s is None else retry_window_s
             if workflow_label_limit is None:
                 workflow_label_limit = settings.workflow_label_limit
+            if model_label_limit is None:
+                model_label_limit = settings.model_label_limit
         assert retry_window_s is not None and workflow_label_limit is not None
+        assert model_label_limit is not None
         self.pipeline = pipeline
         self.registry = registry
         self._clock = clock

@@ -32,7 +32,7 @@ from .records import AttemptRecord
 from .sinks import Sink
 from .spool import Spool
 
-__all__ = ["Pipeline", "PipelineHealth", "get_pipeline"]
+__all__ = ["SIGTERM_FLUSH_TIMEOUT_S", "Pipeline", "PipelineHealth", "get_pipeline"]
 
 log = logging.getLogger("costwatch")
 
@@ -224,22 +224,31 @@ class Pipeline:
                 self._thread.start()
 
     def _run(self) -> None:
+        logged = False
         while True:
-            self._wake.wait(self._seconds_to_next_event())
-            self._wake.clear()
             try:
+                self._wake.wait(self._seconds_to_next_event())
+                self._wake.clear()
                 self._drain()
                 self._replay_spools()
             except Exception:  # the writer thread must outlive any bug in a sink or in itself
-                log.exception("costwatch: record pipeline error")
+                self._count_write_error()
+                if not logged:
+                    log.exception("costwatch: record pipeline error (further errors are only counted)")
+                    logged = True
+                self._wake.wait(self.interval_s)  # an error that repeats must not spin the CPU
             if self._stopping:
-                self._drain()
+                try:
+                    self._drain()
+                except Exception:
+                    self._count_write_error()
                 return
 
     def _seconds_to_next_event(self) -> float:
         now = time.monotonic()
         waits = [self.interval_s]
-        waits += [s.next_replay_at - now for s in self._states.values() if s.failing]
+        # A snapshot: application threads add and remove sinks (and their states) meanwhile.
+        waits += [s.next_replay_at - now for s in list(self._states.values()) if s.failing]
         return max(0.0, min(waits))
 
     def _drain(self) -> None:
@@ -258,7 +267,12 @@ class Pipeline:
                 marker.done.set()
 
     def _deliver(self, batch: list[AttemptRecord]) -> None:
-        for sink in self._sinks:
+        sinks = self._sinks
+        if not sinks:
+            # e.g. a stream that ended after uninstrument() detached the sinks
+            self._count_dropped(len(batch), "no sink was attached when they were delivered")
+            return
+        for sink in sinks:
             state = self._states.setdefault(id(sink), _SinkState())
             if state.failing:
                 self._spool_for(sink, batch)

@@ -159,9 +159,22 @@ def load_settings(
         except ValueError as exc:
             raise SettingsError(f"{setting.env}={raw!r} is not valid: {exc}") from None
     for name, value in (overrides or {}).items():
-        if name not in _BY_NAME:
+        row = _BY_NAME.get(name)
+        if row is None:
             known = ", ".join(sorted(_BY_NAME))
             raise SettingsError(f"unknown costwatch setting {name!r}; known settings: {known}")
         if value is not None:
-            values[name] = value
+            values[name] = _checked(row, value)
     return Settings(**values)
+
+
+def _checked(setting: Setting, value: Any) -> Any:
+    """A keyword value held to the same rules as its environment variable."""
+    if setting.parse is _text:
+        return value  # strings, or objects such as a SQLAlchemy URL: kept as given, never rendered
+    if isinstance(value, bool) and setting.parse is not _bool:
+        raise SettingsError(f"{setting.name}={value!r} is not valid: expected a number")
+    try:
+        return setting.parse(str(value))
+    except ValueError as exc:
+        raise SettingsError(f"{setting.name}={value!r} is not valid: {exc}") from None

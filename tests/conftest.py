@@ -1,14 +1,20 @@
-"""Shared fixtures: an instrumented SDK whose records land in memory, and SDK call shapes."""
+"""Shared fixtures: an instrumented SDK whose records land in memory, SDK call shapes, a PostgreSQL
+schema per test, metric sample readers, and a guard against tests that leak state into the checkout."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import anthropic
 import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 
 import costwatch
+import costwatch.pipeline
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
 from costwatch.sinks import MemorySink
@@ -22,12 +28,12 @@ class Accounting:
     sink: MemorySink
 
     def records(self) -> list[costwatch.AttemptRecord]:
-        assert self.pipeline.flush(10), "records were not delivered in time"
+        assert costwatch.flush(10), "records were not delivered in time"
         return self.sink.records
 
     def forget(self) -> None:
         """Deliver what is queued, then forget every record so far."""
-        assert self.pipeline.flush(10)
+        assert costwatch.flush(10)
         self.sink.clear()
 
 
@@ -50,3 +56,96 @@ def sync_client(server, **kwargs) -> anthropic.Anthropic:
 
 def async_client(server, **kwargs) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=server.base_url, api_key="sk-ant-test-key", **kwargs)
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------------
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+"""The test server's database (trust auth); each test works in a schema of its own."""
+
+
+def postgres_available() -> bool:
+    """Whether the PostgreSQL test server answers within two seconds."""
+    try:
+        engine = sa.create_engine(POSTGRES, connect_args={"connect_timeout": 2})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except sa.exc.OperationalError:
+        return False
+
+
+def postgres_schema_url(schema: str, *, port: int = 5432, password: str | None = None) -> str:
+    """A URL to the test database whose search path is ``schema``."""
+    auth = f"postgres:{password}" if password else "postgres"
+    return f"postgresql://{auth}@127.0.0.1:{port}/test?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema in the ``test`` database, dropped afterwards, so parallel runs never collide."""
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    schema = f"cw_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield schema
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
+
+
+# -- Prometheus samples -----------------------------------------------------------------------------
+def sample_value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """A sample's value after a scrape of ``registry``; 0 for a series that does not exist (yet)."""
+    found = registry.get_sample_value(name, labels)
+    return 0.0 if found is None else found
+
+
+def wasted_tokens(
+    registry: CollectorRegistry, reason: str, token_type: str = "input", workflow: str = "", *, model: str
+) -> float:
+    """``costwatch_wasted_tokens_total`` for one model, waste reason, token type and workflow."""
+    return sample_value(
+        registry,
+        "costwatch_wasted_tokens_total",
+        model=model,
+        token_type=token_type,
+        reason=reason,
+        workflow=workflow,
+    )
+
+
+# -- tests leave nothing behind ---------------------------------------------------------------------
+_CHECKOUT_DATABASES = {(Path(__file__).resolve().parent.parent / "costwatch.db"), Path.cwd() / "costwatch.db"}
+
+
+def _database_state() -> dict[Path, int | None]:
+    return {path: (path.stat().st_mtime_ns if path.exists() else None) for path in _CHECKOUT_DATABASES}
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_store_or_global_writer_behind() -> Iterator[None]:
+    """Fail a test that writes ``costwatch.db`` in the checkout or starts the process-wide writer.
+
+    Either one means the test used ``instrument()``'s defaults (the working directory's store, the
+    process-wide pipeline) where it should have given its own sinks and pipeline.
+    """
+    databases = _database_state()
+    global_pipeline = costwatch.pipeline._pipeline
+    writer_was_running = global_pipeline is not None and global_pipeline._thread is not None
+    yield
+    problems = [
+        f"wrote {path}"
+        for path, mtime in _database_state().items()
+        if mtime is not None and mtime != databases[path]
+    ]
+    global_pipeline = costwatch.pipeline._pipeline
+    if not writer_was_running and global_pipeline is not None and global_pipeline._thread is not None:
+        global_pipeline.shutdown(10)
+        problems.append("left the process-wide costwatch-pipeline thread running")
+    if problems:
+        pytest.fail(f"the test {' and '.join(problems)}; give instrument() its own pipeline and sinks")

@@ -118,3 +118,17 @@ def test_two_failures_then_success_flip_both_failures_to_retried():
             latest[r.attempt_id] = r
     assert c.attempt_number == 3
     assert {r.waste_reason for r in latest.values()} == {WasteReason.RETRIED}
+
+
+def test_a_logical_request_is_findable_by_one_fingerprint_only_and_forgets_it_when_expired():
+    clock = FakeClock()
+    tracker = RetryTracker(window_s=60, clock=clock)
+    first = tracker.begin(explicit_id="job-1", fingerprint="body-a", previous_id=None)
+    tracker.finish(finished(first, Outcome.DROPPED, fingerprint="body-a"))
+    second = tracker.begin(explicit_id="job-1", fingerprint="body-b", previous_id=None)
+    tracker.finish(finished(second, Outcome.DROPPED, fingerprint="body-b"))
+    assert tracker._failed_by_fingerprint == {"body-b": "job-1"}
+    clock.now = 10_000
+    later = tracker.begin(explicit_id=None, fingerprint="body-a", previous_id=None)
+    assert later.logical_request_id != "job-1" and later.attempt_number == 1
+    assert "body-b" not in tracker._failed_by_fingerprint

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import anthropic
 import pytest
-import sqlalchemy as sa
+from conftest import postgres_schema_url
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,29 +36,12 @@ MODEL = "claude-haiku-4-5"
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Check the totals."}]
 
 
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty store on each backend (PostgreSQL: a schema of its own, dropped afterwards)."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    schema = f"cw_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES)
-    try:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    except sa.exc.OperationalError:
-        admin.dispose()
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return postgres_schema_url(request.getfixturevalue("postgres_schema"))
 
 
 @pytest.fixture
@@ -82,12 +64,12 @@ def stream_events(server: FakeAnthropicServer) -> list[str]:
 
 # -- surprising responses ----------------------------------------------------------------------------
 def test_a_malformed_sse_event_raises_the_sdk_own_error_and_is_recorded_with_exact_input(accounting) -> None:
-    pipeline, sink = accounting
+    _pipeline, sink = accounting
     with FakeAnthropicServer(ResponseSpec.small(40), faults=[Fault.malformed_json(after_events=8)]) as server:
         with pytest.raises(json.JSONDecodeError):
             stream_events(server)
         (entry,) = server.ledger.wait_for(1)
-    assert pipeline.flush(10)
+    assert costwatch.flush(10)
     (record,) = sink.records
     assert record.outcome is Outcome.CANCELLED  # the SDK stopped reading at its parse error
     assert record.usage.input_tokens == entry.input_tokens
@@ -95,11 +77,11 @@ def test_a_malformed_sse_event_raises_the_sdk_own_error_and_is_recorded_with_exa
 
 
 def test_unknown_sse_events_are_skipped_and_the_attempt_is_billed_exactly(accounting) -> None:
-    pipeline, sink = accounting
+    _pipeline, sink = accounting
     with FakeAnthropicServer(ResponseSpec.small(40), faults=[Fault.unknown_event(after_events=5)]) as server:
         stream_events(server)
         (entry,) = server.ledger.wait_for(1)
-    assert pipeline.flush(10)
+    assert costwatch.flush(10)
     (record,) = sink.records
     assert record.outcome is Outcome.COMPLETED
     assert record.usage.output_tokens == entry.output_tokens and not record.usage.output_estimated
@@ -152,11 +134,11 @@ HUGE = 10**15
 
 
 def test_huge_token_counts_are_kept_exactly_through_the_sdk_and_the_store(store_url: str, accounting) -> None:
-    pipeline, sink = accounting
+    _pipeline, sink = accounting
     spec = ResponseSpec.small(10, input_tokens=HUGE, cache_read_tokens=HUGE + 1)
     with FakeAnthropicServer(spec) as server:
         stream_events(server)
-    assert pipeline.flush(10)
+    assert costwatch.flush(10)
     (record,) = sink.records
     assert record.usage.input_tokens == HUGE and record.usage.cache_read_tokens == HUGE + 1
     assert record.cost is not None and record.cost.total_usd > 1e9
@@ -242,10 +224,10 @@ HOSTILE = {
 def test_hostile_tags_round_trip_through_the_sdk_and_the_store_exactly_up_to_200_chars(
     store_url: str, accounting
 ) -> None:
-    pipeline, sink = accounting
+    _pipeline, sink = accounting
     with FakeAnthropicServer(ResponseSpec.small(5)) as server, costwatch.tags(**HOSTILE):
         stream_events(server)
-    assert pipeline.flush(10)
+    assert costwatch.flush(10)
     (recorded,) = sink.records
     assert dict(recorded.tags) == {name: value[:200] for name, value in HOSTILE.items()}
     store = SqlStore(store_url)

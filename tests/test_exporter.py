@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -11,12 +12,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import sample_value as value
+from conftest import wasted_tokens
 from prometheus_client import CollectorRegistry
 
 from costwatch.exporter import FleetCollector, serve, settled_before
 from costwatch.metrics import OTHER
 from costwatch.records import AttemptRecord, Cost, Outcome, Usage, WasteReason
 from costwatch.store import SqlStore
+from costwatch.store import sink as sql_store_sink
 
 MODEL = "claude-sonnet-4-6"
 NOW = datetime(2025, 3, 1, 12, 30, tzinfo=timezone.utc)
@@ -109,20 +113,7 @@ def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str
     }
 
 
-def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    found = registry.get_sample_value(name, labels)
-    return 0.0 if found is None else found
-
-
-def wasted(registry: CollectorRegistry, reason: str, token_type: str = "input") -> float:
-    return value(
-        registry,
-        "costwatch_wasted_tokens_total",
-        model=MODEL,
-        token_type=token_type,
-        reason=reason,
-        workflow="nightly",
-    )
+wasted = functools.partial(wasted_tokens, model=MODEL, workflow="nightly")
 
 
 def test_settled_hours_are_those_that_ended_a_retry_window_ago():
@@ -234,3 +225,36 @@ def test_serve_answers_a_scrape_of_a_missing_database_with_up_0(tmp_path):
         server.server_close()
     assert status == 200
     assert "costwatch_up 0.0" in text
+
+
+def test_closing_the_collector_releases_its_database_connections(store, database_url):
+    store.write([record("a", OLD)])
+    collector, registry = exporter(database_url)
+    assert value(registry, "costwatch_up") == 1
+    engine = collector.store.engine
+    assert engine.pool.checkedin() >= 1
+    collector.close()
+    assert engine.pool.checkedin() == 0
+
+
+def test_closing_the_served_exporter_closes_its_collector(tmp_path):
+    url = f"sqlite:///{tmp_path / 'served.db'}"
+    SqlStore(url).write([record("a", OLD)])
+    server = serve(url, 0, block=False)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as response:
+            assert "costwatch_up 1.0" in response.read().decode()
+        wanted = SqlStore(url).url
+        [served] = [s for s in list(sql_store_sink._live_stores) if s.url == wanted and s._engine is not None]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert served._engine is None
+
+
+def test_exporter_defaults_come_from_the_settings(monkeypatch):
+    monkeypatch.setenv("COSTWATCH_RETRY_WINDOW", "42")
+    monkeypatch.setenv("COSTWATCH_MODEL_LABEL_LIMIT", "3")
+    collector = FleetCollector("sqlite://")
+    assert collector.retry_window == timedelta(seconds=42) and collector.model_label_limit == 3
+    assert collector.store.retry_window == timedelta(seconds=42)

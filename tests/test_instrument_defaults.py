@@ -71,3 +71,26 @@ def test_a_malformed_environment_variable_names_the_variable(monkeypatch):
     with pytest.raises(SettingsError, match="COSTWATCH_RETRY_WINDOW='ten minutes' is not valid"):
         costwatch.instrument(store=False, metrics=False)
     assert not costwatch.is_instrumented()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("batch_size", 0),
+        ("retry_window_s", "soon"),
+        ("queue_capacity", -5),
+        ("metrics", "perhaps"),
+        ("flush_interval_s", True),
+    ],
+)
+def test_keyword_settings_obey_the_same_rules_as_their_variables(setting, value):
+    with pytest.raises(SettingsError, match=f"{setting}=.* is not valid"):
+        costwatch.instrument(store=False, **{setting: value})
+    assert not costwatch.is_instrumented()
+
+
+def test_a_failed_instrument_attaches_nothing_to_the_pipeline():
+    pipeline = Pipeline()
+    with pytest.raises(TypeError, match=r"expects an anthropic\.Anthropic or AsyncAnthropic client"):
+        costwatch.instrument(object(), pipeline=pipeline, metrics=False, listeners=[])
+    assert pipeline.sinks == () and not costwatch.is_instrumented()

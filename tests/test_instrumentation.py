@@ -373,7 +373,7 @@ def test_instrumenting_one_client_leaves_other_clients_unaccounted():
         try:
             create(watched)
             create(other)
-            pipeline.flush(10)
+            costwatch.flush(10)
         finally:
             costwatch.uninstrument()
             pipeline.shutdown()
@@ -412,3 +412,43 @@ def test_code_execution_and_tool_blocks_count_toward_the_estimate(accounting):
     (record,) = accounting.records()
     assert record.usage.output_estimated and record.usage.output_tokens > 0
     assert abs(record.usage.output_tokens - entry.output_tokens) <= 0.5 * entry.output_tokens
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_body_that_ends_cleanly_before_message_stop_is_dropped_not_cancelled(accounting, mode):
+    with FakeAnthropicServer(ResponseSpec.small(200)) as server:
+        server.enqueue(Fault.end_early(after_deltas=25))
+        events = call(server, mode, "create_stream")
+        (entry,) = server.ledger.entries
+    assert events[-1].type == "content_block_delta"  # the application saw no error, just less text
+    (record,) = accounting.records()
+    assert record.outcome is Outcome.DROPPED and record.error_type is None
+    assert record.usage.output_estimated and record.usage.input_tokens == entry.input_tokens
+    assert record.waste_reason is WasteReason.ABANDONED
+
+
+def test_a_stream_freed_by_the_garbage_collector_inside_a_costwatch_lock_does_not_deadlock(accounting):
+    import gc
+
+    tracker = costwatch.instrumentation._hooks.accountant.tracker
+    with FakeAnthropicServer(ResponseSpec.small(500)) as server:
+        client = sync_client(server)
+        gc.disable()  # so that the abandoned stream is freed exactly where the test collects
+        try:
+            manager = client.messages.stream(model=MODEL, max_tokens=8192, messages=MESSAGES)
+            stream = manager.__enter__()  # never exited: the application forgot about it
+            next(iter(stream.text_stream))
+            del manager, stream
+
+            def collect_while_holding_the_lock() -> None:
+                with tracker._lock:  # as if the collector ran while this thread was inside the tracker
+                    gc.collect()
+
+            worker = threading.Thread(target=collect_while_holding_the_lock, daemon=True)
+            worker.start()
+            worker.join(10)
+        finally:
+            gc.enable()
+        assert not worker.is_alive(), "the finalizer deadlocked on costwatch's own lock"
+        (record,) = accounting.records()
+    assert record.outcome is Outcome.CANCELLED

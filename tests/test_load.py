@@ -71,7 +71,7 @@ def stream_once(client: anthropic.Anthropic) -> None:
 
 
 def test_64_threads_streaming_at_once_lose_and_duplicate_no_record(accounting) -> None:
-    pipeline, sink = accounting
+    _pipeline, sink = accounting
     threads_count = 64
     with FakeAnthropicServer(SMALL, drop_profile=DROPS) as server:
         start = threading.Barrier(threads_count, timeout=20)
@@ -92,7 +92,7 @@ def test_64_threads_streaming_at_once_lose_and_duplicate_no_record(accounting) -
         assert not any(t.is_alive() for t in threads), "a streaming thread hung"
         entries = server.ledger.wait_for(threads_count, timeout=10)
         client.close()
-    assert pipeline.flush(20)
+    assert costwatch.flush(20)
     records = sink.records
     assert len(records) == threads_count
     assert_one_record_per_ledger_entry(records, entries)
@@ -101,7 +101,7 @@ def test_64_threads_streaming_at_once_lose_and_duplicate_no_record(accounting) -
 
 
 def test_256_asyncio_tasks_streaming_at_once_lose_and_duplicate_no_record(accounting) -> None:
-    pipeline, sink = accounting
+    _pipeline, sink = accounting
     tasks_count = 256
 
     async def main(server: FakeAnthropicServer) -> None:
@@ -126,7 +126,7 @@ def test_256_asyncio_tasks_streaming_at_once_lose_and_duplicate_no_record(accoun
         asyncio.run(main(server))
         entries = server.ledger.wait_for(tasks_count, timeout=10)
         assert server.peak_open_responses > 1
-    assert pipeline.flush(20)
+    assert costwatch.flush(20)
     records = sink.records
     assert len(records) == tasks_count
     assert_one_record_per_ledger_entry(records, entries)
@@ -240,7 +240,7 @@ def test_memory_stays_flat_over_a_long_run_of_streams() -> None:
             for _ in range(rounds):
                 for _ in range(per_round):
                     stream_once(client)
-                assert pipeline.flush(20)
+                assert costwatch.flush(20)
                 server.ledger.clear()
                 sizes.append(traced_bytes())
             client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -15,6 +16,8 @@ from typing import Any
 
 import anthropic
 import pytest
+from conftest import sample_value as value
+from conftest import wasted_tokens
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -22,6 +25,7 @@ import costwatch
 from costwatch.health import instrumentation_errors
 from costwatch.metrics import (
     OTHER,
+    LabelCap,
     MetricsSink,
     WasteSettlement,
     start_metrics_server,
@@ -110,14 +114,7 @@ def sink(registry: CollectorRegistry, clock: Clock) -> MetricsSink:
     )
 
 
-def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    sample = registry.get_sample_value(name, labels)
-    return 0.0 if sample is None else sample
-
-
-def wasted(registry: CollectorRegistry, reason: str, token_type: str = "input", workflow: str = "") -> float:
-    labels = {"model": MODEL, "token_type": token_type, "reason": reason, "workflow": workflow}
-    return value(registry, "costwatch_wasted_tokens_total", **labels)
+wasted = functools.partial(wasted_tokens, model=MODEL)
 
 
 # -- what one record adds --------------------------------------------------------------------------
@@ -425,7 +422,8 @@ def test_metrics_equal_the_server_ledger_through_the_sdk(registry, tmp_path):
     pipeline.add_sink(metrics)
     with FakeAnthropicServer() as server:
         server.enqueue(Fault.cut_after_deltas(20), None, Fault.overloaded(), None, None)
-        costwatch.instrument(pipeline=pipeline)
+        # The pipeline already has its sinks: no store, no process-wide metrics, no spans.
+        costwatch.instrument(pipeline=pipeline, sinks=[], listeners=[])
         try:
             client = anthropic.Anthropic(base_url=server.base_url, api_key="test", max_retries=2)
             with costwatch.tags(workflow="nightly"):
@@ -446,7 +444,7 @@ def test_metrics_equal_the_server_ledger_through_the_sdk(registry, tmp_path):
                 client.messages.create(
                     model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "y"}]
                 )
-            assert pipeline.flush(10)
+            assert costwatch.flush(10)
         finally:
             costwatch.uninstrument()
         pipeline.shutdown(10)
@@ -483,3 +481,19 @@ def test_metrics_equal_the_server_ledger_through_the_sdk(registry, tmp_path):
     assert json.dumps(sorted(r.outcome.value for r in records)) == json.dumps(
         ["completed", "completed", "completed", "dropped", "http_error"]
     )
+
+
+# -- defaults from the settings ---------------------------------------------------------------------
+def test_retry_window_and_model_label_limit_default_to_their_settings(monkeypatch):
+    monkeypatch.setenv("COSTWATCH_RETRY_WINDOW", "42")
+    monkeypatch.setenv("COSTWATCH_MODEL_LABEL_LIMIT", "1")
+    assert WasteSettlement().retry_window_s == 42
+    registry = CollectorRegistry()
+    sink = MetricsSink(registry=registry, pipeline=object(), workflow_label_limit=20)
+    sink.export([attempt("a"), attempt("b", request="rb", model="claude-haiku-4-5")])
+    assert value(registry, "costwatch_billed_tokens_total", model=OTHER, token_type="input") == 100
+
+
+def test_a_label_cap_seeded_with_values_in_first_seen_order_keeps_the_first_ones():
+    cap = LabelCap.first_seen(["", "a", "b", "c"], limit=2)
+    assert [cap(v) for v in ("a", "b", "c", "")] == ["a", "b", OTHER, ""]

@@ -23,6 +23,7 @@ from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
 from costwatch.sinks import MemorySink
 from costwatch.spool import Spool
+from costwatch.store import SqlStore
 from costwatch.testing import FakeAnthropicServer, ResponseSpec
 
 MODEL = "claude-haiku-4-5"
@@ -91,7 +92,7 @@ def test_a_store_that_is_down_leaves_streams_working_and_spools_every_record(
     try:
         with FakeAnthropicServer(ResponseSpec.small(40)) as server:
             texts = stream_texts(server)
-        assert fast_pipeline.flush(20)
+        assert costwatch.flush(20)
     finally:
         costwatch.uninstrument()
     assert texts == bare_texts
@@ -99,7 +100,7 @@ def test_a_store_that_is_down_leaves_streams_working_and_spools_every_record(
     assert health.write_errors >= 1 and health.dropped == 0
     assert health.spooled_pending == CALLS
     (line,) = costwatch_lines(caplog)
-    assert "sink sql failed" in line and "spooling" in line
+    assert f"sink {SqlStore(url).name} failed" in line and "spooling" in line
 
 
 def test_a_spool_that_cannot_be_written_counts_dropped_records_and_says_so_once(
@@ -120,7 +121,7 @@ def test_a_spool_that_cannot_be_written_counts_dropped_records_and_says_so_once(
     try:
         with FakeAnthropicServer(ResponseSpec.small(40)) as server:
             texts = stream_texts(server)
-        assert pipeline.flush(20)
+        assert costwatch.flush(20)
     finally:
         costwatch.uninstrument()
         pipeline.shutdown(timeout=5)
@@ -185,7 +186,7 @@ def test_a_bug_inside_a_hook_is_counted_and_logged_once_and_streams_still_work(
     try:
         with FakeAnthropicServer(ResponseSpec.small(40)) as server:
             texts = stream_texts(server)
-        pipeline.flush(10)
+        costwatch.flush(10)
         records = memory.records
     finally:
         costwatch.uninstrument()

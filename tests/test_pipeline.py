@@ -317,3 +317,86 @@ def test_sql_store_is_a_sink_the_pipeline_can_feed(tmp_path: Path, spool: Spool)
     assert pipeline.flush(timeout=10)
     assert store.attempt_count() == 120
     pipeline.shutdown()
+
+
+def test_records_delivered_when_no_sink_is_attached_are_counted_as_dropped(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = Pipeline(spool=spool, interval_s=0.05)
+    try:
+        pipeline.submit(attempt(1))
+        assert pipeline.flush(timeout=5)
+        assert pipeline.dropped == 1
+        assert "no sink was attached" in caplog.text
+    finally:
+        pipeline.shutdown(timeout=5)
+
+
+def test_stores_of_different_databases_never_receive_each_others_spooled_records(
+    tmp_path: Path, spool: Spool
+) -> None:
+    down_url = f"sqlite:///{tmp_path / 'not-yet' / 'a.db'}"  # its folder does not exist: the store fails
+    service_a = Pipeline(interval_s=10, spool=spool)
+    service_a.add_sink(SqlStore(down_url))
+    for n in range(5):
+        service_a.submit(attempt(n))
+    assert service_a.flush(timeout=10)
+    assert spool.pending() == 5
+    service_a.shutdown()
+
+    # Service B shares the working directory (and so the spool) but writes another database.
+    store_b = SqlStore(f"sqlite:///{tmp_path / 'b.db'}")
+    service_b = Pipeline(interval_s=0.02, spool=Spool(spool.directory))
+    service_b.add_sink(store_b)
+    service_b.submit(attempt(100))
+    assert service_b.flush(timeout=10)
+    service_b.retry_spool()
+    assert service_b.flush(timeout=10)
+    assert [store_b.attempt(f"att-{n}") for n in range(5)] == [None] * 5
+    assert store_b.attempt_count() == 1
+    service_b.shutdown()
+
+    (tmp_path / "not-yet").mkdir()
+    store_a = SqlStore(down_url)
+    service_a = Pipeline(interval_s=0.02, spool=Spool(spool.directory))
+    service_a.add_sink(store_a)
+    service_a.retry_spool()
+    assert _wait_for(lambda: store_a.attempt_count() == 5)
+    service_a.shutdown()
+
+
+def test_a_store_is_named_by_its_database_and_never_by_its_password() -> None:
+    first = SqlStore("postgresql://costwatch:secret@db.example:5432/billing")
+    same_database = SqlStore("postgresql://costwatch:other-secret@db.example:5432/billing")
+    other_database = SqlStore("postgresql://costwatch:secret@db.example:5432/reports")
+    assert first.name == same_database.name != other_database.name
+    assert first.name.startswith("sql-") and "secret" not in first.name
+
+
+def test_writer_thread_survives_an_error_of_its_own_and_counts_it_as_a_write_error(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = Pipeline(interval_s=0.02, spool=spool)
+    sink = MemorySink()
+    pipeline.add_sink(sink)
+    real = pipeline._seconds_to_next_event
+    calls = 0
+
+    def fails_twice() -> float:
+        # As when an application thread adds a sink while the writer computes its next wake-up.
+        nonlocal calls
+        calls += 1
+        if calls in (2, 3):
+            raise RuntimeError("dictionary changed size during iteration")
+        return real()
+
+    pipeline._seconds_to_next_event = fails_twice  # type: ignore[method-assign]
+    caplog.set_level(logging.ERROR, logger="costwatch")
+    pipeline.submit(attempt(1))
+    assert _wait_for(lambda: calls >= 4)
+    pipeline.submit(attempt(2))
+    assert pipeline.flush(timeout=5)
+    assert [r.attempt_id for r in sink.records] == ["att-1", "att-2"]
+    assert pipeline.write_errors == 2
+    assert len([r for r in caplog.records if "record pipeline error" in r.getMessage()]) == 1
+    pipeline.shutdown()

@@ -91,7 +91,7 @@ def test_no_prompt_completion_system_prompt_or_credential_reaches_any_output(
                 except Exception:  # the scripted faults
                     pass
                 completions.append("".join(text))
-        assert pipeline.flush(20)
+        assert costwatch.flush(20)
     finally:
         costwatch.uninstrument()
         pipeline.shutdown(timeout=5)

@@ -227,7 +227,7 @@ def test_prometheus_scrapes_costwatch_and_every_panel_and_rule_has_data(instrume
         # Two batches with scrapes in between: counters must exist before they grow for rate() to see it.
         for batch, requests in enumerate((6, 6)):
             run_workload(server, client, batch, requests)
-            assert instrumented.pipeline.flush(10)
+            assert costwatch.flush(10)
             attempts, drops = len(server.ledger.entries), server.ledger.totals().endings.get("cut", 0)
             prom.wait_until(
                 f"prometheus has {attempts} attempts from the exporter and {drops} drops from the app",

@@ -240,7 +240,7 @@ def test_attempt_spans_nest_under_the_current_span_and_match_the_ledger(provider
     tracer = provider.get_tracer("app")
     with FakeAnthropicServer() as server:
         server.enqueue(Fault.cut_after_deltas(15), None)
-        costwatch.instrument(pipeline=pipeline, listeners=[listener])
+        costwatch.instrument(pipeline=pipeline, sinks=[], listeners=[listener])
         try:
             options: dict[str, Any] = {}
             if SDK_2:  # the 2.x SDK traces its own calls; give it the same provider
@@ -257,7 +257,7 @@ def test_attempt_spans_nest_under_the_current_span_and_match_the_ledger(provider
                         break
                     except Exception:
                         continue
-            assert pipeline.flush(10)
+            assert costwatch.flush(10)
         finally:
             costwatch.uninstrument()
         pipeline.shutdown(10)

@@ -10,13 +10,12 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import postgres_schema_url
 
 from costwatch.pipeline import Pipeline
 from costwatch.records import AttemptRecord, Cost, Outcome, Usage, WasteReason
@@ -24,7 +23,6 @@ from costwatch.spool import Spool
 from costwatch.store import SqlStore, migrate
 from costwatch.store.schema import ATTEMPTS, ROLLUPS
 
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 WORKERS = 4
 PER_WORKER = 5_000
 RETRIED_PER_WORKER = 200
@@ -80,44 +78,12 @@ WORKER = textwrap.dedent(
 )
 
 
-def _postgres_available() -> bool:
-    try:
-        engine = sa.create_engine(POSTGRES, connect_args={"connect_timeout": 2})
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except sa.exc.OperationalError:
-        return False
-
-
-@pytest.fixture
-def postgres_schema() -> Iterator[str]:
-    """A fresh schema in the ``test`` database, dropped afterwards, so parallel runs never collide."""
-    if not _postgres_available():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    schema = f"cw_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield schema
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
-
-
-def _schema_url(schema: str, port: int = 5432) -> str:
-    return f"postgresql://postgres@127.0.0.1:{port}/test?options=-csearch_path%3D{schema}"
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL to an empty, unmigrated database on each backend."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'shared.db'}"
-    return _schema_url(request.getfixturevalue("postgres_schema"))
+    return postgres_schema_url(request.getfixturevalue("postgres_schema"))
 
 
 def _child_env() -> dict[str, str]:
@@ -298,10 +264,10 @@ def _attempt(n: int) -> AttemptRecord:
 def test_database_outage_spools_records_and_totals_are_exact_after_it_returns(
     postgres_schema: str, tmp_path: Path
 ) -> None:
-    migrate.upgrade(_schema_url(postgres_schema))
+    migrate.upgrade(postgres_schema_url(postgres_schema))
     relay = TcpRelay(("127.0.0.1", 5432))
     relay.start()
-    store = SqlStore(_schema_url(postgres_schema, relay.port))
+    store = SqlStore(postgres_schema_url(postgres_schema, port=relay.port))
     pipeline = Pipeline(
         batch_size=100,
         interval_s=0.05,
@@ -337,7 +303,7 @@ def test_database_outage_spools_records_and_totals_are_exact_after_it_returns(
         pipeline.shutdown(timeout=10)
         relay.cut()
 
-    url = _schema_url(postgres_schema)
+    url = postgres_schema_url(postgres_schema)
     store = SqlStore(url)
     try:
         assert store.attempt_count() == 3200

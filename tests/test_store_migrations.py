@@ -3,52 +3,16 @@
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from conftest import postgres_schema_url
 
 from costwatch.store import SqlStore, create_store_engine, database_url, metadata, migrate, safe_url
 from costwatch.store.schema import VERSION_TABLE
-
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-def _postgres_available() -> bool:
-    try:
-        engine = sa.create_engine(POSTGRES, connect_args={"connect_timeout": 2})
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except sa.exc.OperationalError:
-        return False
-
-
-@pytest.fixture
-def postgres_schema() -> Iterator[str]:
-    """A fresh schema in the ``test`` database, dropped afterwards, so parallel runs never collide."""
-    if not _postgres_available():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    schema = f"cw_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield schema
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
-
-
-def _schema_url(schema: str, *, password: str | None = None) -> str:
-    auth = f"postgres:{password}" if password else "postgres"
-    return f"postgresql://{auth}@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -56,7 +20,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL to an empty database on each backend."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'costwatch.db'}"
-    return _schema_url(request.getfixturevalue("postgres_schema"))
+    return postgres_schema_url(request.getfixturevalue("postgres_schema"))
 
 
 def _tables(url: str) -> set[str]:
@@ -149,7 +113,7 @@ def test_sqlite_file_is_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
 def test_password_never_appears_in_logs_or_repr(
     postgres_schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = _schema_url(postgres_schema, password="s3cret-pw")
+    url = postgres_schema_url(postgres_schema, password="s3cret-pw")
     caplog.set_level(logging.DEBUG, logger="costwatch")
     migrate.upgrade(url)
     store = SqlStore(url)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -12,13 +11,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import postgres_schema_url
 
 from costwatch.records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Cost, Outcome, Usage, WasteReason
 from costwatch.store import ROLLUP_MEASURES, SqlStore
 from costwatch.store.rows import attempt_row, record_from_row, rollup_contribution, rollup_deltas
 from costwatch.store.schema import ATTEMPTS, ROLLUPS
 
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T0 = datetime(2025, 3, 1, 10, 15, tzinfo=timezone.utc)
 
 
@@ -56,34 +55,6 @@ def dropped(n: int, **changes: Any) -> AttemptRecord:
     )
 
 
-def _postgres_available() -> bool:
-    try:
-        engine = sa.create_engine(POSTGRES, connect_args={"connect_timeout": 2})
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except sa.exc.OperationalError:
-        return False
-
-
-@pytest.fixture
-def postgres_schema() -> Iterator[str]:
-    """A fresh schema in the ``test`` database, dropped afterwards, so parallel runs never collide."""
-    if not _postgres_available():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    schema = f"cw_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield schema
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
     """A store on an empty database of each backend."""
@@ -91,7 +62,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
         url = f"sqlite:///{tmp_path / 'costwatch.db'}"
     else:
         schema = request.getfixturevalue("postgres_schema")
-        url = f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+        url = postgres_schema_url(schema)
     sql_store = SqlStore(url)
     yield sql_store
     sql_store.shutdown()
@@ -307,6 +278,41 @@ def test_identical_request_long_after_is_not_a_retry(store: SqlStore) -> None:
     )
     stored = store.attempt("att-1")
     assert stored is not None and stored.waste_reason is WasteReason.ABANDONED
+
+
+def test_long_stream_that_dropped_is_retried_by_another_process_within_the_window_after_it_ended(
+    store: SqlStore,
+) -> None:
+    # A 25-minute stream drops; a different worker resends it a minute after the drop.
+    store.export([dropped(1, fingerprint="same-request", duration_s=1500.0)])
+    retry_start = T0 + timedelta(seconds=1 + 1500 + 60)
+    store.export(
+        [
+            attempt(
+                1,
+                attempt_id="later",
+                logical_request_id="other",
+                started_at=retry_start,
+                fingerprint="same-request",
+            )
+        ]
+    )
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED
+    assert_rollups_match_raw_rows(store)
+
+
+def test_later_attempt_of_the_same_request_long_after_the_window_is_not_its_retry(store: SqlStore) -> None:
+    store.export([dropped(1)])
+    store.export([attempt(1, attempt_id="att-next-day", attempt_number=2, started_at=T0 + timedelta(days=1))])
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.ABANDONED
+    assert_rollups_match_raw_rows(store)
+
+
+def test_store_retry_window_defaults_to_the_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("COSTWATCH_RETRY_WINDOW", "42")
+    assert SqlStore(f"sqlite:///{tmp_path / 'w.db'}").retry_window == timedelta(seconds=42)
 
 
 def test_earlier_attempt_of_the_same_request_is_not_its_retry(store: SqlStore) -> None:

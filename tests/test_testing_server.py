@@ -268,7 +268,7 @@ def test_reset_before_any_response_is_a_connection_error_and_bills_nothing(
 
 def test_stall_before_headers_times_the_client_out_and_bills_nothing(server: FakeAnthropicServer) -> None:
     server.enqueue(Fault.stall_before_headers())
-    received = consume(client_for(server, timeout=0.3))
+    received = consume(client_for(server, timeout=2.0))
 
     assert isinstance(received.error, anthropic.APITimeoutError)
     (entry,) = server.ledger.entries
@@ -277,7 +277,7 @@ def test_stall_before_headers_times_the_client_out_and_bills_nothing(server: Fak
 
 def test_stall_mid_body_times_the_client_out_and_bills_what_was_sent(server: FakeAnthropicServer) -> None:
     server.enqueue(Fault.stall_mid_body(after_deltas=4))
-    received = consume(client_for(server, timeout=0.3))
+    received = consume(client_for(server, timeout=2.0))
 
     assert type(received.error).__name__ == "ReadTimeout"
     (entry,) = server.ledger.entries
@@ -586,7 +586,7 @@ def test_unparseable_fault_header_is_a_400(server: FakeAnthropicServer) -> None:
 
 def test_ledger_wait_for_times_out_and_clear_empties_it(server: FakeAnthropicServer) -> None:
     consume(client_for(server))
-    assert len(server.ledger.wait_for(1, timeout=1)) == 1
+    assert len(server.ledger.wait_for(1, timeout=10)) == 1
     with pytest.raises(TimeoutError):
         server.ledger.wait_for(2, timeout=0.05)
     server.ledger.clear()

@@ -18,6 +18,7 @@ from sqlalchemy.pool import StaticPool
 __all__ = [
     "DATABASE_URL_ENV",
     "DEFAULT_DATABASE_URL",
+    "POSTGRES_CONNECT_TIMEOUT_S",
     "READ_ONLY_OPTION",
     "SQLITE_BUSY_TIMEOUT_S",
     "create_store_engine",

@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "ATTEMPTS",
+    "NAMING_CONVENTION",
     "ROLLUPS",
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
@@ -29,8 +30,6 @@ __all__ = [
 VERSION_TABLE = "costwatch_alembic_version"
 """Alembic's version table for the store, named apart from an application's own ``alembic_version``."""
 
-# Deterministic constraint names, so migrations written today can drop or alter them tomorrow on
-# every backend.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -38,6 +37,8 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+"""Deterministic constraint names, so migrations written today can drop or alter them tomorrow on
+every backend."""
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 """The store's ``MetaData``; Alembic's autogenerate compares the migrations against it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -13,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
 from ..records import AttemptRecord
-from ..settings import default_of
+from ..settings import default_of, load_settings
 from .database import READ_ONLY_OPTION, create_store_engine, database_url, safe_url
 from .migrate import ensure_migrated
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
@@ -21,36 +22,52 @@ from .rows import record_from_row
 from .schema import ATTEMPTS
 from .write import BatchResult, write_batch
 
-__all__ = ["DEFAULT_RETRY_WINDOW", "SqlStore"]
+__all__ = ["DEFAULT_RETRY_WINDOW", "SqlStore", "store_name"]
 
 log = logging.getLogger("costwatch")
 
 DEFAULT_RETRY_WINDOW = timedelta(seconds=default_of("retry_window_s"))
-"""How soon an identical request (same fingerprint) must follow an abandoned attempt to retry it."""
+"""The default of ``COSTWATCH_RETRY_WINDOW``: how soon after a failed attempt ended its retry must start."""
 
 _live_stores: weakref.WeakSet[SqlStore] = weakref.WeakSet()
+
+
+def store_name(url: str | URL) -> str:
+    """The store's sink name for ``url``: ``sql-`` and a digest of the database, never of its password.
+
+    A relative SQLite path is made absolute first, since it names a different file in each directory.
+    """
+    parsed = database_url(url)
+    path = parsed.database
+    if parsed.get_backend_name() == "sqlite" and path and path != ":memory:":
+        parsed = parsed.set(database=os.path.abspath(path))
+    digest = hashlib.blake2b(safe_url(parsed).encode(), digest_size=16).hexdigest()
+    return f"sql-{digest[:12]}"
 
 
 class SqlStore:
     """Writes attempt records to SQLite or PostgreSQL and keeps hourly rollups in step.
 
-    ``url`` defaults to ``$COSTWATCH_DATABASE_URL``, else ``sqlite:///costwatch.db``. The schema is
-    migrated on first use unless ``auto_migrate`` is false. ``export`` is idempotent on
-    ``attempt_id`` and keeps the highest revision, as the :class:`~costwatch.sinks.Sink` contract asks.
+    ``url`` defaults to ``$COSTWATCH_DATABASE_URL``, else ``sqlite:///costwatch.db``;
+    ``retry_window`` defaults to ``$COSTWATCH_RETRY_WINDOW``. The schema is migrated on first use
+    unless ``auto_migrate`` is false. ``export`` is idempotent on ``attempt_id`` and keeps the highest
+    revision, as the :class:`~costwatch.sinks.Sink` contract asks. ``name`` (which names the store's
+    spool) differs per database, so a spool is only ever replayed into the database it was meant for.
     """
-
-    name = "sql"
 
     def __init__(
         self,
         url: str | URL | None = None,
         *,
         auto_migrate: bool = True,
-        retry_window: timedelta = DEFAULT_RETRY_WINDOW,
+        retry_window: timedelta | None = None,
     ) -> None:
         self.url = database_url(url)
+        self.name = store_name(self.url)
         self.auto_migrate = auto_migrate
-        self.retry_window = retry_window
+        self.retry_window = (
+            retry_window if retry_window is not None else timedelta(seconds=load_settings().retry_window_s)
+        )
         self._engine: Engine | None = None
         self._migrated = False
         self._lock = threading.Lock()

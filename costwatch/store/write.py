@@ -5,7 +5,8 @@ The rules, all applied inside the caller's transaction so that rows and rollups 
 * a new attempt is inserted (insert-or-ignore on ``attempt_id``, so redelivery is harmless);
 * a higher ``revision`` of a stored attempt replaces the row, and the rollups move by the difference;
 * a stored attempt marked ``abandoned`` whose retry has now arrived (same logical request, or same
-  fingerprint shortly after) becomes ``retried``, whichever process wrote either of them;
+  fingerprint, started within the retry window after the failed attempt ended) becomes ``retried``,
+  whichever process wrote either of them;
 * rollup rows are upserted in key order, so concurrent writers lock them in the same order.
 """
 
@@ -107,6 +108,10 @@ def _apply_revisions(
 def _is_retry_of(later: AttemptRecord, abandoned: AttemptRecord, window: timedelta) -> bool:
     if later.attempt_id == abandoned.attempt_id:
         return False
+    # The window runs from the end of the failed attempt: a stream may run for many minutes
+    # before it drops, and its retry can only start after that.
+    if later.started_at > abandoned.started_at + timedelta(seconds=abandoned.duration_s) + window:
+        return False
     if later.logical_request_id == abandoned.logical_request_id:
         return (later.started_at, later.attempt_number) > (abandoned.started_at, abandoned.attempt_number)
     # The same request sent again by a process that lost track of the first one (a restart, a
@@ -114,21 +119,29 @@ def _is_retry_of(later: AttemptRecord, abandoned: AttemptRecord, window: timedel
     return (
         abandoned.fingerprint is not None
         and later.fingerprint == abandoned.fingerprint
-        and abandoned.started_at < later.started_at <= abandoned.started_at + window
+        and abandoned.started_at < later.started_at
     )
 
 
-def _keys_match(records: Sequence[AttemptRecord], since: datetime) -> sa.ColumnElement[bool]:
-    """Rows sharing a logical request with ``records``, or a fingerprint since ``since``."""
+def _ended_since(connection: sa.Connection, since: datetime) -> sa.ColumnElement[bool]:
+    """Rows of attempts that ended (``started_at + duration_s``) at or after ``since``."""
+    if connection.dialect.name == "postgresql":
+        ended = ATTEMPTS.c.started_at + ATTEMPTS.c.duration_s * sa.literal_column("interval '1 second'")
+        return ended >= since
+    # SQLite keeps timestamps as text; julianday() reads them as (fractional) days. A second of
+    # slack absorbs its rounding; _is_retry_of decides exactly.
+    bound = sa.func.julianday(sa.literal(since - timedelta(seconds=1), ATTEMPTS.c.started_at.type))
+    return sa.func.julianday(ATTEMPTS.c.started_at) + ATTEMPTS.c.duration_s / 86400.0 >= bound
+
+
+def _keys_match(records: Sequence[AttemptRecord], recent: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
+    """Rows sharing a logical request with ``records``, or a fingerprint with ``recent`` true."""
     request_ids = sorted({record.logical_request_id for record in records})
     fingerprints = sorted({record.fingerprint for record in records if record.fingerprint is not None})
     clauses: list[sa.ColumnElement[bool]] = [
         ATTEMPTS.c.logical_request_id.in_(ids) for ids in _chunks(request_ids)
     ]
-    clauses += [
-        sa.and_(ATTEMPTS.c.fingerprint.in_(fps), ATTEMPTS.c.started_at >= since)
-        for fps in _chunks(fingerprints)
-    ]
+    clauses += [sa.and_(ATTEMPTS.c.fingerprint.in_(fps), recent) for fps in _chunks(fingerprints)]
     return sa.or_(*clauses) if clauses else sa.false()
 
 
@@ -144,7 +157,7 @@ def _reclassify_retried(
         sa.and_(
             ATTEMPTS.c.wasted.is_(True),
             ATTEMPTS.c.waste_reason == WasteReason.ABANDONED.value,
-            _keys_match(landed, since),
+            _keys_match(landed, _ended_since(connection, since)),
         ),
     )
     if not abandoned:
@@ -154,7 +167,8 @@ def _reclassify_retried(
     new_abandoned = [record for record in abandoned if record.attempt_id in landed_ids]
     others: list[AttemptRecord] = []
     if new_abandoned:
-        query = sa.select(ATTEMPTS).where(_keys_match(new_abandoned, since))
+        # Their retries started after them, so after ``since``.
+        query = sa.select(ATTEMPTS).where(_keys_match(new_abandoned, ATTEMPTS.c.started_at >= since))
         others = [record_from_row(row) for row in connection.execute(query).mappings()]
     candidates = {record.attempt_id: record for record in [*others, *landed]}.values()
     added: list[AttemptRecord] = []

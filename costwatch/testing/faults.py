@@ -23,6 +23,7 @@ __all__ = [
     "FaultKind",
     "FaultSchedule",
     "ReceivedRequest",
+    "error_type_for_status",
 ]
 
 FAULT_HEADER = "x-costwatch-fault"
@@ -46,6 +47,7 @@ class FaultKind(str, enum.Enum):
     RESET = "reset"
     STALL_BEFORE_HEADERS = "stall_before_headers"
     STALL_MID_BODY = "stall_mid_body"
+    END_EARLY = "end_early"
     MALFORMED_JSON = "malformed_json"
     UNKNOWN_EVENT = "unknown_event"
 
@@ -181,6 +183,12 @@ class Fault:
     def stall_mid_body(cls, after_deltas: int, seconds: float | None = None) -> Fault:
         """After ``after_deltas`` delta events, send nothing more for ``seconds``, then close."""
         return cls(FaultKind.STALL_MID_BODY, count=after_deltas, seconds=seconds)
+
+    @classmethod
+    def end_early(cls, after_deltas: int) -> Fault:
+        """After ``after_deltas`` delta events, end the body cleanly (terminal chunk), without
+        ``message_delta`` or ``message_stop`` — as a proxy that gives up politely does."""
+        return cls(FaultKind.END_EARLY, count=after_deltas)
 
     # -- malformed streams --------------------------------------------------------------------------
     @classmethod

@@ -38,6 +38,8 @@ class Ending(str, enum.Enum):
     """The server stopped sending (before the headers or mid-body) and closed when the client gave up."""
     MALFORMED = "malformed"
     """A malformed SSE event was sent and the body ended."""
+    ENDED_EARLY = "ended_early"
+    """The body ended cleanly before ``message_stop`` (no error, no cut)."""
     CLIENT_DISCONNECTED = "client_disconnected"
     """The client closed the connection before the response was written."""
 

@@ -28,6 +28,7 @@ __all__ = [
     "chunk",
     "error_body",
     "error_event",
+    "error_message",
     "malformed_event",
     "plan_response",
     "position_after_deltas",

@@ -520,7 +520,11 @@ class _Attempt:
                 fault = Fault.cut_mid_event(after_events=position)
                 cut = stream_cut_for(fault, events)
         stop_at = len(events)
-        if fault is not None and fault.kind in (FaultKind.ERROR_EVENT, FaultKind.STALL_MID_BODY):
+        if fault is not None and fault.kind in (
+            FaultKind.ERROR_EVENT,
+            FaultKind.STALL_MID_BODY,
+            FaultKind.END_EARLY,
+        ):
             stop_at = position_after_deltas(events, fault.count)
         elif fault is not None and fault.kind is FaultKind.MALFORMED_JSON:
             stop_at = min(fault.count, len(events))
@@ -585,6 +589,10 @@ class _Attempt:
             self.record(fault=fault, ending=Ending.STALL, http_status=200, **billed)
             self.connection.wait_for_hangup(fault.seconds)
             return False
+        if fault.kind is FaultKind.END_EARLY:
+            self.record(fault=fault, ending=Ending.ENDED_EARLY, http_status=200, **billed)
+            self.connection.send(TERMINAL_CHUNK)
+            return True
         if fault.kind is FaultKind.ERROR_EVENT:
             last, ending = chunk(error_event(fault.error_type, self.request_id)), Ending.ERROR_EVENT
         else:
