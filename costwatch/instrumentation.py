@@ -240,8 +240,14 @@ class _Attempt:
         if meter is not None and not meter.complete and not self.stream:
             meter.finish_json()
         outcome = self.outcome_after_body(error)
-        # The application's own stop is no error of the transport, whatever the reader then raised.
-        self.settle(outcome, None if outcome is Outcome.CANCELLED else error)
+        # A close, a cancellation, or whatever the reader raised after the application's own stop, is
+        # no error of the transport.
+        stopped = (
+            outcome is Outcome.CANCELLED
+            or isinstance(error, _CANCELLATIONS)
+            or (error is not None and _is_cancellation(error))
+        )
+        self.settle(outcome, None if stopped else error)
 
     def outcome_after_body(self, error: BaseException | None) -> Outcome:
         """Classify how an attempt whose headers arrived ended."""
