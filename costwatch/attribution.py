@@ -16,9 +16,9 @@ records, bounded in number and age.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,7 +87,7 @@ class RetryTracker:
                 request_id = self._failed_by_fingerprint.pop(fingerprint, None)
             request = self._requests.get(request_id) if request_id is not None else None
             if request is None:
-                request = _LogicalRequest(id=request_id or uuid.uuid4().hex)
+                request = _LogicalRequest(id=request_id or os.urandom(16).hex())
                 self._requests[request.id] = request
             else:
                 self._requests.move_to_end(request.id)

@@ -22,11 +22,11 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import importlib
-import json
+import os
 import queue
+import re
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -80,10 +80,9 @@ class Accountant:
         """Open the account of one attempt about to be sent."""
         started_at = datetime.now(timezone.utc)
         started = time.perf_counter()
-        headers = request.headers
-        body = request.content
-        model, fingerprint = _describe_body(body)
-        sdk_retry = _int_header(headers.get("x-stainless-retry-count"))
+        wanted = _wanted_headers(request.headers.raw)  # one pass: httpx's get() decodes every header
+        model, fingerprint = _describe_body(request.content)
+        sdk_retry = _int_header(wanted.get(b"x-stainless-retry-count"))
         previous = _last_logical_request.get() if sdk_retry > 0 else None
         assignment = self.tracker.begin(
             explicit_id=context.current_logical_request(), fingerprint=fingerprint, previous_id=previous
@@ -91,10 +90,10 @@ class Accountant:
         _last_logical_request.set(assignment.logical_request_id)
         for record in assignment.now_retried:
             self.pipeline.submit(record)
-        beta = headers.get("anthropic-beta")
+        beta = wanted.get(b"anthropic-beta")
         attempt = _Attempt(
             self,
-            attempt_id=uuid.uuid4().hex,
+            attempt_id=os.urandom(16).hex(),
             logical_request_id=assignment.logical_request_id,
             attempt_number=assignment.attempt_number,
             started_at=started_at,
@@ -329,13 +328,42 @@ def _describe_body(body: bytes) -> tuple[str, str | None]:
     """The requested model and the request fingerprint (a hash; the body itself is never kept)."""
     if not body:
         return "", None
-    fingerprint = hashlib.blake2b(body, digest_size=16).hexdigest()
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return "", fingerprint
-    model = data.get("model") if isinstance(data, dict) else None
-    return (model if isinstance(model, str) else ""), fingerprint
+    return _requested_model(body), hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+_MODEL_VALUE = re.compile(rb'\s*:\s*"([^"\\]{1,200})"')
+
+
+def _requested_model(body: bytes) -> str:
+    """The body's top-level ``"model"`` string, found without parsing the whole (possibly huge) body.
+
+    Both SDK lines serialize ``model`` after ``messages`` and before ``system`` and ``tools``, whose
+    schemas may name a ``model`` property but with an object as its value; so the last ``"model"``
+    key with a string value is the top-level one. (The response's own ``model`` field, when one
+    arrives, is recorded separately and is what records are priced and labelled by.)
+    """
+    end = len(body)
+    while True:
+        at = body.rfind(b'"model"', 0, end)
+        if at < 0:
+            return ""
+        match = _MODEL_VALUE.match(body, at + 7)
+        if match is not None:
+            return match.group(1).decode("utf-8", "replace")
+        end = at
+
+
+_WANTED_HEADERS = frozenset((b"x-stainless-retry-count", b"anthropic-beta"))
+
+
+def _wanted_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[bytes, str]:
+    """The request headers the account needs, by lower-case name."""
+    found = {}
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in _WANTED_HEADERS:
+            found[lowered] = value.decode("latin-1")
+    return found
 
 
 def _int_header(value: str | None) -> int:
@@ -458,7 +486,7 @@ class _Hooks:
             return False
         if self.http_clients is not None and http_client not in self.http_clients:
             return False
-        return "anthropic-version" in request.headers
+        return any(name.lower() == b"anthropic-version" for name, _ in request.headers.raw)
 
     def install(self, modules: Iterable[Any]) -> None:
         for module in modules:

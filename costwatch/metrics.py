@@ -165,8 +165,8 @@ class WasteSettlement:
         self,
         *,
         retry_window_s: float | None = None,
-        max_pending: int = 100_000,
-        max_remembered: int = 200_000,
+        max_pending: int = 50_000,
+        max_remembered: int = 20_000,
     ) -> None:
         self.retry_window_s: float = (
             retry_window_s if retry_window_s is not None else load_settings().retry_window_s

@@ -234,3 +234,43 @@ def test_a_later_cache_write_total_without_split_keeps_the_known_split():
         )
     )
     assert (meter.usage.cache_write_5m_tokens, meter.usage.cache_write_1h_tokens) == (100, 200)
+
+
+@pytest.mark.parametrize("ensure_ascii", [False, True], ids=["utf8", "ascii_escapes"])
+def test_delta_lengths_are_exact_for_any_text_in_the_apis_compact_form(ensure_ascii):
+    import random
+
+    rng = random.Random(11)
+    alphabet = ["a", " ", "\n", "\t", '"', "\\", "/", "é", "中", "😀", "\\n", '\\"', "}", "{", "\x01"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(300)]
+    meter = BodyMeter(stream=True)
+    for kind, field in (
+        ("text_delta", "text"),
+        ("thinking_delta", "thinking"),
+        ("input_json_delta", "partial_json"),
+    ):
+        for text in texts:
+            data = json.dumps(
+                {"type": "content_block_delta", "index": 3, "delta": {"type": kind, field: text}},
+                separators=(",", ":"),
+                ensure_ascii=ensure_ascii,
+            )
+            meter.feed(b"event: content_block_delta\ndata: " + data.encode() + b"\n\n")
+    total = sum(len(t) for t in texts)
+    assert meter.chars == {"text": total, "thinking": total, "tool_input": total}
+    assert meter.malformed_events == 0
+
+
+def test_the_requested_model_is_the_top_level_one_whatever_the_messages_and_tools_say():
+    from costwatch.instrumentation import _requested_model
+
+    body = {
+        "max_tokens": 5,
+        "messages": [{"role": "assistant", "content": [{"type": "tool_use", "input": {"model": "other"}}]}],
+        "model": "claude-haiku-4-5",
+        "system": 'say "model": "x"',
+        "tools": [{"name": "t", "input_schema": {"properties": {"model": {"type": "string"}}}}],
+    }
+    for separators in ((",", ":"), (", ", ": ")):
+        assert _requested_model(json.dumps(body, separators=separators).encode()) == "claude-haiku-4-5"
+    assert _requested_model(b"{}") == "" and _requested_model(b"\xff not json") == ""

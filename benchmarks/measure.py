@@ -1,0 +1,141 @@
+"""What every benchmark shares: the measurement row, alternating timed runs, medians and resident memory.
+
+A benchmark returns :class:`Measurement` rows; ``run.py`` prints them as one markdown table and
+writes them as JSON. Benchmarks never fail on a slow machine: a missed target is reported in the
+row (``met`` false), not raised.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "Measurement",
+    "Timing",
+    "alternating_runs",
+    "environment",
+    "markdown_table",
+    "median_ratio",
+    "resident_bytes",
+    "timed",
+]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One result of one benchmark case, with the target it is held against (if any)."""
+
+    benchmark: str
+    """Which of the benchmarks: ``stream overhead``, ``attempt cost``, ``store writes``, ..."""
+    case: str
+    """What was measured, in words: ``sync, 2,000 events, costwatch + memory sink``."""
+    metric: str
+    """What ``value`` is: ``wall time vs SDK alone``, ``per attempt``, ``attempts/s``, ..."""
+    value: float
+    unit: str
+    """``ratio``, ``us``, ``ms``, ``s``, ``attempts/s`` or ``MB``."""
+    target: str = ""
+    """The target in words (``<= 1.03``), empty when the row is context rather than a goal."""
+    met: bool | None = None
+    """Whether ``value`` meets ``target``; ``None`` when there is no target."""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    """The raw numbers behind ``value`` (medians of each side of a ratio, sample counts, ...)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {**asdict(self), "detail": dict(self.detail)}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock and process CPU seconds of one timed run."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def timed(action: Callable[[], object]) -> Timing:
+    """Run ``action`` once and time it (``time.process_time`` counts every thread of this process)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    action()
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def alternating_runs(variants: Mapping[str, Callable[[], Timing]], repeats: int) -> dict[str, list[Timing]]:
+    """Run every variant once per round, ``repeats`` rounds, rotating the order each round.
+
+    Alternating (rather than all runs of one variant, then all of the next) spreads slow phases of a
+    shared machine over every variant; rotating keeps any variant from always running first.
+    """
+    names = list(variants)
+    timings: dict[str, list[Timing]] = {name: [] for name in names}
+    for round_number in range(repeats):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            timings[name].append(variants[name]())
+    return timings
+
+
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median of per-round ratios: each run is compared with the baseline run of its own round."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True) if d > 0)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux ``/proc``; elsewhere the peak from ``getrusage``)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers were taken: Python, SDK and HTTP library versions, CPUs."""
+    versions: dict[str, Any] = {}
+    for name in ("anthropic", "httpx", "httpx2", "sqlalchemy", "costwatch"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        versions[name] = getattr(module, "__version__", "?")
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "versions": versions,
+    }
+
+
+def _format(value: float, unit: str) -> str:
+    if unit == "ratio":
+        return f"{value:.3f}x"
+    if unit == "attempts/s":
+        return f"{value:,.0f} attempts/s"
+    if value >= 100:
+        return f"{value:,.0f} {unit}"
+    return f"{value:.3g} {unit}"
+
+
+def markdown_table(measurements: Iterable[Measurement]) -> str:
+    """The measurements as a markdown table: benchmark, case, metric, result, target, met."""
+    lines = [
+        "| benchmark | case | metric | result | target | met |",
+        "| --- | --- | --- | ---: | --- | --- |",
+    ]
+    for m in measurements:
+        met = "" if m.met is None else ("yes" if m.met else "**no**")
+        lines.append(
+            f"| {m.benchmark} | {m.case} | {m.metric} | {_format(m.value, m.unit)} | {m.target} | {met} |"
+        )
+    return "\n".join(lines)

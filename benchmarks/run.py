@@ -1,0 +1,176 @@
+"""costwatch's benchmarks: one command, a markdown table on stdout and JSON in ``results/latest.json``.
+
+    python benchmarks/run.py            # the full run (tens of minutes: 1M attempts per store)
+    python benchmarks/run.py --quick    # what CI runs: every benchmark, small sizes, about a minute
+    /tmp/v0/bin/python benchmarks/run.py --quick   # the same on the other SDK line
+
+The SDK measured is the one installed in the interpreter that runs this. Benchmarks never fail
+because a machine is slow: a missed target is a row marked "no". The exit status is non-zero only
+when a benchmark could not run at all. See ``benchmarks/README.md`` for what each one measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from measure import Measurement, environment, markdown_table
+
+__all__ = ["PRESETS", "Sizes", "main", "run_benchmarks"]
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+BENCHMARKS = ("streams", "attempt", "store", "memory")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each benchmark does in one run mode."""
+
+    stream_events: tuple[int, ...]
+    stream_repeats: int
+    streams_per_run: int
+    body_sizes: tuple[int, ...]
+    attempts_per_run: int
+    attempt_repeats: int
+    store_sizes: tuple[int, ...]
+    read_repeats: int
+    memory_attempts: int
+    memory_warm_up: int
+
+
+PRESETS = {
+    "full": Sizes(
+        stream_events=(200, 2_000, 20_000),
+        stream_repeats=7,
+        streams_per_run=1,
+        body_sizes=(1_000, 100_000, 1_000_000),
+        attempts_per_run=5_000,
+        attempt_repeats=7,
+        store_sizes=(10_000, 100_000, 1_000_000),
+        read_repeats=5,
+        memory_attempts=100_000,
+        memory_warm_up=20_000,
+    ),
+    "quick": Sizes(
+        stream_events=(200, 2_000),
+        stream_repeats=5,
+        streams_per_run=1,
+        body_sizes=(1_000, 100_000, 1_000_000),
+        attempts_per_run=2_000,
+        attempt_repeats=5,
+        store_sizes=(10_000,),
+        read_repeats=3,
+        memory_attempts=3_000,
+        memory_warm_up=1_000,
+    ),
+    # For the smoke test: every code path once, in seconds.
+    "tiny": Sizes(
+        stream_events=(50,),
+        stream_repeats=1,
+        streams_per_run=1,
+        body_sizes=(1_000,),
+        attempts_per_run=20,
+        attempt_repeats=1,
+        store_sizes=(600,),
+        read_repeats=1,
+        memory_attempts=20,
+        memory_warm_up=10,
+    ),
+}
+
+
+def run_benchmarks(
+    sizes: Sizes, *, only: Sequence[str] = BENCHMARKS, postgres_url: str | None, log: Callable[[str], None]
+) -> list[Measurement]:
+    """Run the chosen benchmarks at ``sizes`` and return every measurement."""
+    rows: list[Measurement] = []
+
+    def done(new: list[Measurement]) -> None:
+        # Long runs show each benchmark's rows as soon as it finishes, not only at the end.
+        rows.extend(new)
+        log(markdown_table(new))
+
+    if "streams" in only:
+        from stream_overhead import measure_stream_overhead
+
+        log("stream overhead ...")
+        done(
+            measure_stream_overhead(
+                sizes.stream_events, repeats=sizes.stream_repeats, streams_per_run=sizes.streams_per_run
+            )
+        )
+    if "attempt" in only:
+        from attempt_cost import measure_attempt_cost
+
+        log("attempt cost ...")
+        done(
+            measure_attempt_cost(
+                sizes.body_sizes, attempts=sizes.attempts_per_run, repeats=sizes.attempt_repeats
+            )
+        )
+    if "store" in only:
+        from store_scale import measure_store
+
+        log("store writes and reads ...")
+        done(measure_store(sizes.store_sizes, read_repeats=sizes.read_repeats, postgres_url=postgres_url))
+    if "memory" in only:
+        from memory_growth import measure_memory_growth
+
+        log("memory ...")
+        done(measure_memory_growth(sizes.memory_attempts, warm_up=sizes.memory_warm_up))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run, print the table and write the JSON."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="small sizes (CI)")
+    mode.add_argument(
+        "--tiny", action="store_const", const="tiny", dest="mode", help="smallest sizes (smoke test)"
+    )
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these (repeatable)")
+    parser.add_argument(
+        "--postgres",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="a PostgreSQL server to create a throwaway database on; '' to skip PostgreSQL",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=RESULTS, help=f"where to write the results (default {RESULTS})"
+    )
+    args = parser.parse_args(argv)
+    mode_name = args.mode or "full"
+    started = time.perf_counter()
+    rows = run_benchmarks(
+        PRESETS[mode_name],
+        only=args.only or BENCHMARKS,
+        postgres_url=args.postgres or None,
+        log=lambda text: print(text, file=sys.stderr, flush=True),
+    )
+    elapsed = time.perf_counter() - started
+    print(markdown_table(rows))
+    document = {
+        "mode": mode_name,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(elapsed, 1),
+        "environment": environment(),
+        "measurements": [row.to_dict() for row in rows],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2, allow_nan=False, default=str) + "\n")
+    print(
+        f"\n{len(rows)} measurements in {elapsed:.0f} s ({mode_name}); JSON in {args.json}", file=sys.stderr
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The benchmarks still run: ``benchmarks/run.py --tiny`` prints its table and writes well-formed JSON.
+
+Benchmarks are not tests: nothing here looks at how fast anything was, only that every benchmark
+ran and reported its measurements in the documented shape, so that they cannot rot unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+COLUMNS = "| benchmark | case | metric | result | target | met |"
+
+
+def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    finished = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "--tiny", "--json", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+
+    table = finished.stdout.strip().splitlines()
+    assert table[0] == COLUMNS
+    rows = [line for line in table[2:] if line.startswith("| ")]
+    assert all(line.count("|") == COLUMNS.count("|") for line in rows)
+
+    document = json.loads(results.read_text())
+    assert document["mode"] == "tiny"
+    assert document["environment"]["versions"]["anthropic"]
+    measurements = document["measurements"]
+    assert len(measurements) == len(rows)
+    assert {m["benchmark"] for m in measurements} == {
+        "stream overhead",
+        "attempt cost",
+        "store writes",
+        "store reads",
+        "memory",
+    }
+    for m in measurements:
+        assert set(m) == {"benchmark", "case", "metric", "value", "unit", "target", "met", "detail"}
+        assert isinstance(m["value"], (int, float)) and math.isfinite(m["value"])
+        assert m["met"] in (True, False, None)
+        assert (m["met"] is None) == (m["target"] == "" or m["target"].startswith("("))
