@@ -163,9 +163,43 @@ class BodyMeter:
             end = buffer.find(b"\n\n", start)
             if end < 0:
                 break
-            self._event(buffer[start:end])
+            delta = _COMPACT_DELTA.match(buffer, start, end)
+            if delta is None or not self._delta_in_place(buffer, delta, end):
+                self._event(buffer[start:end])
             start = end + 2
         self._buffer = buffer[start:]
+
+    def _delta_in_place(self, buffer: bytes, delta: re.Match[bytes], end: int) -> bool:
+        """Count a text, thinking or tool-input delta in the API's own compact form, in place.
+
+        Deltas are nearly every event of a stream, so this is the meter's hot path: it measures the
+        delta's JSON string from its raw bytes without slicing the event or parsing it (an escape
+        sequence is one character). False leaves anything unusual to the full parser.
+        """
+        first, close = delta.end(), end - 3
+        if close < first or not buffer.startswith(b'"}}', close):
+            return False
+        backslashes = buffer.count(b"\\", first, close)
+        if backslashes:
+            # every quote must be an escaped one, and \uXXXX escapes are left to the parser
+            if buffer.count(b'"', first, close) != buffer.count(b'\\"', first, close):
+                return False
+            if buffer.find(b"\\u", first, close) >= 0:
+                return False
+            folded = backslashes - buffer.count(b"\\\\", first, close)
+        elif buffer.find(b'"', first, close) >= 0:
+            return False
+        else:
+            folded = 0
+        try:
+            length = len(buffer[first:close].decode()) - folded
+        except UnicodeDecodeError:
+            return False
+        self.events += 1
+        self.chars[_COMPACT_DELTA_TYPES[delta.group(1)]] += length
+        if self.first_delta_at is None and self.now is not None:
+            self.first_delta_at = self.now()
+        return True
 
     def finish_json(self) -> None:
         """Parse a complete non-streaming body (a Message, or an error object)."""
@@ -207,8 +241,6 @@ class BodyMeter:
             return  # a comment or keep-alive
         self.events += 1
         if name == b"ping":
-            return
-        if name == b"content_block_delta" and self._delta_fast(data):
             return
         try:
             payload = _decode_json(data.decode())
@@ -256,27 +288,6 @@ class BodyMeter:
         elif kind == "error":
             self._error(payload)
 
-    def _delta_fast(self, data: bytes) -> bool:
-        """Count a delta in the API's own compact form without parsing it; False to parse it fully.
-
-        Deltas are nearly every event of a stream, so this is the meter's hot path: it measures the
-        JSON string's decoded length from its raw bytes (escapes fold to one character each).
-        """
-        match = _COMPACT_DELTA.match(data)
-        if match is None or not data.endswith(b'"}}'):
-            return False
-        raw = data[match.end() : -3]
-        if b"\\u" in raw or b'"' in raw.replace(b'\\"', b""):
-            return False  # \uXXXX escapes, or not one plain string: let the parser decide
-        try:
-            length = len(raw.decode()) - raw.count(b"\\") + raw.count(b"\\\\")
-        except UnicodeDecodeError:
-            return False
-        self.chars[_DELTA_CONTENT_TYPE[match.group(1).decode()]] += length
-        if self.first_delta_at is None and self.now is not None:
-            self.first_delta_at = self.now()
-        return True
-
     def _message(self, message: Mapping[str, Any]) -> None:
         message_id = message.get("id")
         if isinstance(message_id, str):
@@ -309,9 +320,14 @@ class BodyMeter:
 
 
 _COMPACT_DELTA = re.compile(
-    rb'\{"type":"content_block_delta","index":\d+,"delta":\{"type":"(text_delta|thinking_delta|input_json_delta)",'
-    rb'"(?:text|thinking|partial_json)":"'
+    rb'event: content_block_delta\ndata: \{"type":"content_block_delta","index":\d+,"delta":\{"type":'
+    rb'"(text_delta|thinking_delta|input_json_delta)","(?:text|thinking|partial_json)":"'
 )
+_COMPACT_DELTA_TYPES = {
+    b"text_delta": "text",
+    b"thinking_delta": "thinking",
+    b"input_json_delta": "tool_input",
+}
 _decode_json = json.JSONDecoder().decode  # skips json.loads' per-call type and encoding checks
 
 
