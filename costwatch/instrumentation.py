@@ -241,12 +241,7 @@ class _Attempt:
         outcome = self.outcome_after_body(error)
         # A close, a cancellation, or whatever the reader raised after the application's own stop, is
         # no error of the transport.
-        stopped = (
-            outcome is Outcome.CANCELLED
-            or isinstance(error, _CANCELLATIONS)
-            or (error is not None and _is_cancellation(error))
-        )
-        self.settle(outcome, None if stopped else error)
+        self.settle(outcome, None if outcome is Outcome.CANCELLED or _is_stop(error) else error)
 
     def outcome_after_body(self, error: BaseException | None) -> Outcome:
         """Classify how an attempt whose headers arrived ended."""
@@ -257,15 +252,15 @@ class _Attempt:
             return Outcome.STREAM_ERROR
         if meter is not None and meter.complete:
             return Outcome.COMPLETED
-        if self.closing or (
-            error is not None and (isinstance(error, _CANCELLATIONS) or _is_cancellation(error))
-        ):
+        if self.closing or _is_stop(error):
             return Outcome.CANCELLED
         return Outcome.DROPPED  # an exception mid-body, or a body that ended before message_stop
 
 
-def _is_cancellation(error: BaseException) -> bool:
-    return type(error).__name__ == "CancelledError"
+def _is_stop(error: BaseException | None) -> bool:
+    """Whether ``error`` is the application stopping (close, cancellation, exit), not a failure."""
+    # asyncio.CancelledError by name: the hooks do not import asyncio for sync applications
+    return isinstance(error, _CANCELLATIONS) or type(error).__name__ == "CancelledError"
 
 
 class _DeferredSettler:
@@ -303,11 +298,7 @@ class _DeferredSettler:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if isinstance(item, threading.Event):
-                item.set()
-            else:
-                _guard("body_close", item.settle_body, GeneratorExit())
+            _settle_item(self._queue.get())
 
     def _settle_queued(self) -> None:
         while True:
@@ -315,10 +306,14 @@ class _DeferredSettler:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, threading.Event):
-                item.set()
-            else:
-                _guard("body_close", item.settle_body, GeneratorExit())
+            _settle_item(item)
+
+
+def _settle_item(item: _Attempt | threading.Event) -> None:
+    if isinstance(item, threading.Event):
+        item.set()  # a waiter's marker: everything queued before it is settled
+    else:
+        _guard("body_close", item.settle_body, GeneratorExit())
 
 
 _settler = _DeferredSettler()
@@ -550,7 +545,7 @@ def _settle_without_response(attempt: _Attempt, error: BaseException) -> None:
     # A non-streaming body is read inside send(): a cut there surfaces here, after the headers.
     if "message body" in str(error):
         attempt.settle(Outcome.DROPPED, error)
-    elif isinstance(error, _CANCELLATIONS) or _is_cancellation(error):
+    elif _is_stop(error):
         attempt.settle(Outcome.CANCELLED, None)
     else:
         attempt.settle(Outcome.CONNECT_ERROR, error)

@@ -323,11 +323,7 @@ _COMPACT_DELTA = re.compile(
     rb'event: content_block_delta\ndata: \{"type":"content_block_delta","index":\d+,"delta":\{"type":'
     rb'"(text_delta|thinking_delta|input_json_delta)","(?:text|thinking|partial_json)":"'
 )
-_COMPACT_DELTA_TYPES = {
-    b"text_delta": "text",
-    b"thinking_delta": "thinking",
-    b"input_json_delta": "tool_input",
-}
+_COMPACT_DELTA_TYPES = {name.encode(): kind for name, kind in _DELTA_CONTENT_TYPE.items()}
 _decode_json = json.JSONDecoder().decode  # skips json.loads' per-call type and encoding checks
 
 

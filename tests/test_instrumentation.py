@@ -348,18 +348,16 @@ def test_nothing_of_the_prompt_completion_or_api_key_is_kept(accounting):
 
 
 def test_instrument_twice_does_nothing_and_uninstrument_restores_the_same_functions():
-    modules = [m for m in (HTTP_MODULE,)]
-    originals = {
-        (m, cls): (cls.send, "send" in cls.__dict__) for m in modules for cls in (m.Client, m.AsyncClient)
-    }
+    classes = (HTTP_MODULE.Client, HTTP_MODULE.AsyncClient)
+    originals = {cls: (cls.send, "send" in cls.__dict__) for cls in classes}
     assert costwatch.instrument(pipeline=Pipeline(), sinks=[], listeners=[]) is True
     try:
         assert costwatch.instrument(pipeline=Pipeline(), sinks=[], listeners=[]) is False
-        assert all(cls.send is not fn for (_, cls), (fn, _) in originals.items())
+        assert all(cls.send is not fn for cls, (fn, _) in originals.items())
     finally:
         assert costwatch.uninstrument() is True
     assert costwatch.uninstrument() is False
-    for (_, cls), (fn, own) in originals.items():
+    for cls, (fn, own) in originals.items():
         assert cls.send is fn
         assert ("send" in cls.__dict__) is own
 
