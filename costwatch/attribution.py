@@ -16,20 +16,18 @@ records, bounded in number and age.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from .records import AttemptRecord, WasteReason
+from .records import AttemptRecord, WasteReason, new_id
 
 __all__ = ["Assignment", "RetryTracker", "waste_reason_at_finish"]
 
 
-@dataclass(frozen=True, slots=True)
-class Assignment:
+class Assignment(NamedTuple):
     """Where a new attempt belongs, and the earlier attempts it turns into ``retried`` waste."""
 
     logical_request_id: str
@@ -37,15 +35,22 @@ class Assignment:
     now_retried: tuple[AttemptRecord, ...] = ()
 
 
-@dataclass(slots=True)
 class _LogicalRequest:
-    id: str
-    attempts: int = 0
-    last_seen: float = 0.0
-    fingerprint: str | None = None
-    retryable_as: str | None = None
-    """The fingerprint under which a resent request joins this one (of its last failed attempt)."""
-    abandoned: list[AttemptRecord] = field(default_factory=list)
+    """What the tracker remembers of one logical request (one per attempt begun: kept small)."""
+
+    __slots__ = ("abandoned", "attempts", "fingerprint", "id", "last_seen", "retryable_as", "retryable_size")
+
+    def __init__(self, request_id: str, now: float) -> None:
+        self.id = request_id
+        self.attempts = 0
+        self.last_seen = now
+        self.fingerprint: str | None = None
+        self.retryable_as: str | None = None
+        """The fingerprint under which a resent request joins this one (of its last failed attempt)."""
+        self.retryable_size: int | None = None
+        """The size of that failed attempt's body, when known."""
+        self.abandoned: list[AttemptRecord] | None = None
+        """Its failed attempts waiting for a retry to turn their waste from abandoned to retried."""
 
 
 def waste_reason_at_finish(record: AttemptRecord, later_attempts: bool) -> WasteReason | None:
@@ -74,6 +79,19 @@ class RetryTracker:
         self._lock = threading.Lock()
         self._requests: OrderedDict[str, _LogicalRequest] = OrderedDict()
         self._failed_by_fingerprint: dict[str, str] = {}
+        self._failed_sizes: dict[int | None, int] = {}
+        """How many logical requests are findable by fingerprint, by the size of the failed body."""
+        self._next_sweep = 0.0
+
+    def wants_fingerprint(self, body_size: int) -> bool:
+        """Whether ``begin`` needs the fingerprint of a request body of ``body_size`` bytes.
+
+        Only the resend of a failed attempt joins it by fingerprint, and a resent body has the
+        failed one's size (a resend can only follow a failure that has already finished). When no
+        failure of that size, or of unknown size, waits, the caller may leave hashing for later.
+        """
+        sizes = self._failed_sizes
+        return bool(sizes) and (body_size in sizes or None in sizes)
 
     def begin(
         self, *, explicit_id: str | None, fingerprint: str | None, previous_id: str | None
@@ -83,25 +101,38 @@ class RetryTracker:
         with self._lock:
             self._expire(now)
             request_id = explicit_id or previous_id
-            if request_id is None and fingerprint is not None:
+            by_fingerprint = False
+            if request_id is None and fingerprint is not None and self._failed_by_fingerprint:
                 request_id = self._failed_by_fingerprint.pop(fingerprint, None)
+                by_fingerprint = True
             request = self._requests.get(request_id) if request_id is not None else None
+            if request is not None and now - request.last_seen > self.window_s:
+                self._drop(request)  # out of the window, though not swept yet: as if it were gone
+                request = None
+                if by_fingerprint:
+                    request_id = None
             if request is None:
-                request = _LogicalRequest(id=request_id or os.urandom(16).hex())
+                request = _LogicalRequest(request_id or new_id(), now)
                 self._requests[request.id] = request
             else:
                 self._requests.move_to_end(request.id)
                 self._forget_retryable(request)  # retried now; findable again only if this one fails
+                request.last_seen = now
             request.attempts += 1
-            request.last_seen = now
             if fingerprint is not None:
                 request.fingerprint = fingerprint
+            if not request.abandoned:
+                return Assignment(request.id, request.attempts)
             retried = tuple(r.with_waste(WasteReason.RETRIED) for r in request.abandoned)
-            request.abandoned.clear()
+            request.abandoned = None
             return Assignment(request.id, request.attempts, retried)
 
-    def finish(self, record: AttemptRecord) -> AttemptRecord:
-        """Settle a finished attempt's waste reason and remember it if it may still be retried."""
+    def finish(self, record: AttemptRecord, *, body_size: int | None = None) -> AttemptRecord:
+        """Settle a finished attempt's waste reason and remember it if it may still be retried.
+
+        ``body_size``, the size of the request body, lets :meth:`wants_fingerprint` say no to
+        bodies of other sizes while this attempt waits for a resend.
+        """
         with self._lock:
             request = self._requests.get(record.logical_request_id)
             later = request is not None and request.attempts > record.attempt_number
@@ -110,6 +141,8 @@ class RetryTracker:
                 # Not emitted yet, so this is still revision 0 of the record.
                 record = dataclasses.replace(record, wasted=True, waste_reason=reason)
                 if reason is WasteReason.ABANDONED and request is not None:
+                    if request.abandoned is None:
+                        request.abandoned = []
                     request.abandoned.append(record)
             if request is not None and not later:
                 request.last_seen = self._clock()
@@ -118,6 +151,8 @@ class RetryTracker:
                 if fingerprint is not None and record.outcome.failed:
                     self._failed_by_fingerprint[fingerprint] = request.id
                     request.retryable_as = fingerprint
+                    request.retryable_size = body_size
+                    self._failed_sizes[body_size] = self._failed_sizes.get(body_size, 0) + 1
             return record
 
     def _forget_retryable(self, request: _LogicalRequest) -> None:
@@ -126,11 +161,27 @@ class RetryTracker:
             if self._failed_by_fingerprint.get(request.retryable_as) == request.id:
                 del self._failed_by_fingerprint[request.retryable_as]
             request.retryable_as = None
+            left = self._failed_sizes[request.retryable_size] - 1
+            if left:
+                self._failed_sizes[request.retryable_size] = left
+            else:
+                del self._failed_sizes[request.retryable_size]
+
+    def _drop(self, request: _LogicalRequest) -> None:
+        del self._requests[request.id]
+        self._forget_retryable(request)
 
     def _expire(self, now: float) -> None:
-        while self._requests:
-            oldest = next(iter(self._requests.values()))
-            if now - oldest.last_seen <= self.window_s and len(self._requests) < self.max_requests:
+        requests = self._requests
+        while len(requests) >= self.max_requests:
+            self._forget_retryable(requests.popitem(last=False)[1])
+        # Sweeping by age touches the oldest (long evicted from the CPU's caches) entries, so it runs
+        # at most once a second; begin() checks the age of the one request it looks up itself.
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(1.0, self.window_s)
+        while requests:
+            oldest = next(iter(requests.values()))
+            if now - oldest.last_seen <= self.window_s:
                 return
-            self._requests.popitem(last=False)
-            self._forget_retryable(oldest)
+            self._drop(oldest)

@@ -9,6 +9,7 @@ and its measured error.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
@@ -39,6 +40,7 @@ _MODEL_VERSION = re.compile(r"^claude-(?:opus|sonnet|haiku|fable|mythos)-(\d+)(?
 _SNAPSHOT_VERSION = 1
 
 
+@functools.lru_cache(maxsize=1024)  # asked once per settled attempt; model ids are few
 def default_chars_per_token(model: str) -> Mapping[str, float]:
     """The uncalibrated chars-per-token of ``model`` for each content type.
 
@@ -70,6 +72,10 @@ class OutputEstimator:
     prediction, that type's own factor. Each ratio is clipped to ``bounds`` before it counts, so one
     outlier moves a factor by at most ``alpha`` of the bound. A factor is used once it has
     ``min_samples`` samples. Thread-safe; no I/O.
+
+    Measuring the characters of a completed stream costs far more than passing it on, so calibration
+    samples completed attempts: :meth:`wants_sample` says yes to every one of a model until its factor
+    has ``1/alpha`` samples (the plain-mean phase), then to one in ``sample_every``.
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class OutputEstimator:
         bounds: tuple[float, float] = (0.5, 2.0),
         dominant_share: float = 0.8,
         min_observed_tokens: int = 20,
+        sample_every: int = 16,
     ) -> None:
         if chars_per_token is not None and (
             set(chars_per_token) != set(CONTENT_TYPES) or any(v <= 0 for v in chars_per_token.values())
@@ -90,6 +97,8 @@ class OutputEstimator:
             raise ValueError("alpha must be in (0, 1]")
         if not 0 < bounds[0] <= 1 <= bounds[1]:
             raise ValueError("bounds must satisfy 0 < low <= 1 <= high")
+        if sample_every < 1:
+            raise ValueError("sample_every must be at least 1")
         self._chars_per_token = dict(chars_per_token) if chars_per_token is not None else None
         self.alpha = alpha
         self.min_samples = min_samples
@@ -97,7 +106,10 @@ class OutputEstimator:
         self.dominant_share = dominant_share
         self.min_observed_tokens = min_observed_tokens
         """Completed attempts predicted below this many tokens are too small to calibrate on."""
+        self.sample_every = sample_every
+        """Once a model is calibrated, one completed attempt in this many is measured to calibrate on."""
         self._models: dict[str, _Factor] = {}
+        self._offered: dict[str, int] = {}
         self._types: dict[tuple[str, str], _Factor] = {}
         self._lock = threading.Lock()
 
@@ -133,11 +145,24 @@ class OutputEstimator:
         return factor.value if factor is not None and factor.samples >= self.min_samples else None
 
     # -- calibrating -----------------------------------------------------------------------------
+    def wants_sample(self, model: str) -> bool:
+        """Whether to measure the characters of the next completed attempt of ``model`` (to observe)."""
+        with self._lock:
+            factor = self._models.get(model)
+            if factor is None or factor.samples * self.alpha < 1:
+                return True
+            offered = self._offered.get(model, 0) + 1
+            self._offered[model] = offered % self.sample_every
+            return offered == self.sample_every
+
     def observe(self, model: str, chars: Mapping[str, int], output_tokens: int) -> None:
-        """Calibrate on a completed attempt of ``model`` whose exact ``output_tokens`` are known."""
+        """Calibrate on a completed attempt of ``model`` whose exact ``output_tokens`` are known.
+
+        Empty ``chars`` (an attempt whose characters were not measured) calibrate nothing.
+        """
         predicted = self._predict(model, chars)
         total = sum(predicted.values())
-        if total < self.min_observed_tokens or output_tokens <= 0:
+        if total <= 0 or total < self.min_observed_tokens or output_tokens <= 0:
             return
         low, high = self.bounds
         ratio = min(high, max(low, output_tokens / total))

@@ -20,15 +20,13 @@ never raised.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import importlib
-import os
 import queue
 import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
@@ -40,7 +38,7 @@ from .estimation import OutputEstimator
 from .health import instrumentation_errors
 from .pipeline import Pipeline, get_pipeline
 from .pricing import PriceTable, load_prices
-from .records import AttemptRecord, AttemptStart, Outcome, Usage
+from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
 from .settings import load_settings
 from .sinks import AttemptListener, Sink
 from .stream_meter import BodyMeter
@@ -56,6 +54,10 @@ _CANCELLATIONS = (GeneratorExit, KeyboardInterrupt, SystemExit)
 _last_logical_request: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "costwatch_last_logical_request", default=None
 )
+
+
+_NOTHING_BILLED = Usage()
+_NO_TOOL_USE: Mapping[str, int] = MappingProxyType({})
 
 
 class Accountant:
@@ -81,10 +83,12 @@ class Accountant:
         started_at = datetime.now(timezone.utc)
         started = time.perf_counter()
         wanted = _wanted_headers(request.headers.raw)  # one pass: httpx's get() decodes every header
-        model, fingerprint = _describe_body(request.content)
+        tracker = self.tracker
+        body = request.content
+        model, fingerprint = _describe_body(body, hash_now=tracker.wants_fingerprint(len(body)))
         sdk_retry = _int_header(wanted.get(b"x-stainless-retry-count"))
         previous = _last_logical_request.get() if sdk_retry > 0 else None
-        assignment = self.tracker.begin(
+        assignment = tracker.begin(
             explicit_id=context.current_logical_request(), fingerprint=fingerprint, previous_id=previous
         )
         _last_logical_request.set(assignment.logical_request_id)
@@ -93,16 +97,18 @@ class Accountant:
         beta = wanted.get(b"anthropic-beta")
         attempt = _Attempt(
             self,
-            attempt_id=os.urandom(16).hex(),
-            logical_request_id=assignment.logical_request_id,
-            attempt_number=assignment.attempt_number,
-            started_at=started_at,
-            started=started,
-            model_requested=model,
-            fingerprint=fingerprint,
-            sdk_retry=sdk_retry,
-            beta_features=tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
-            tags=context.current_tags(),
+            new_id(),
+            assignment.logical_request_id,
+            assignment.attempt_number,
+            started_at,
+            started,
+            model,
+            fingerprint,
+            body if fingerprint is None and body else None,
+            len(body),
+            sdk_retry,
+            tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
+            context.current_tags(),
         )
         if self.listeners:
             start = AttemptStart(
@@ -123,11 +129,15 @@ class Accountant:
     def settle(self, attempt: _Attempt, outcome: Outcome, error: BaseException | None) -> None:
         """Close the account: build the record and hand it to the pipeline."""
         meter = attempt.meter
-        usage = Usage()
+        started = attempt.started
+        usage = _NOTHING_BILLED
         model = attempt.model_requested
-        extra: dict[str, Any] = {}
+        answered_model = message_id = api_error_type = stop_reason = first_token_s = None
+        events = bytes_received = 0
+        tool_use = _NO_TOOL_USE
         if meter is not None:
-            model = meter.model or model
+            answered_model = meter.model
+            model = answered_model or model
             reported = meter.usage
             billed_input = outcome not in (Outcome.HTTP_ERROR, Outcome.CONNECT_ERROR)
             estimated = 0
@@ -135,7 +145,7 @@ class Accountant:
             if billed_input and not meter.output_reported:
                 estimated = self.estimator.estimate(model, meter.chars)
                 output = estimated
-            elif outcome is Outcome.COMPLETED and meter.output_reported:
+            elif outcome is Outcome.COMPLETED and meter.output_reported and meter.chars_measured:
                 self.estimator.observe(model, meter.chars, reported.output_tokens)
             if billed_input and (meter.message_id is not None or meter.output_reported):
                 usage = Usage(
@@ -147,18 +157,26 @@ class Accountant:
                     output_estimated=not meter.output_reported,
                     estimated_output_tokens=estimated,
                 )
-            extra = {
-                "model": meter.model,
-                "message_id": meter.message_id,
-                "api_error_type": meter.api_error_type,
-                "stop_reason": meter.stop_reason,
-                "events_received": meter.events,
-                "bytes_received": meter.bytes_received,
-                "server_tool_use": MappingProxyType(dict(reported.server_tool_use)),
-                "time_to_first_token_s": (
-                    meter.first_delta_at - attempt.started if meter.first_delta_at is not None else None
-                ),
-            }
+            message_id = meter.message_id
+            api_error_type = meter.api_error_type
+            stop_reason = meter.stop_reason
+            events = meter.events
+            bytes_received = meter.bytes_received
+            if reported.server_tool_use:
+                tool_use = MappingProxyType(dict(reported.server_tool_use))
+            if meter.first_delta_at is not None:
+                first_token_s = meter.first_delta_at - started
+        cost = None
+        if model:
+            try:
+                cost = self.prices.cost(model, usage)
+            except Exception as exc:  # the record is kept, unpriced: tokens are the ground truth
+                instrumentation_errors.record("price", exc)
+        fingerprint, body = attempt.fingerprint, attempt.body
+        attempt.body = None
+        if body is not None and outcome is not Outcome.COMPLETED:
+            # The tracker remembers a failed attempt by its fingerprint: a resend may come any moment.
+            fingerprint, body = fingerprint_of(body), None
         record = AttemptRecord(
             attempt_id=attempt.attempt_id,
             logical_request_id=attempt.logical_request_id,
@@ -166,24 +184,31 @@ class Accountant:
             started_at=attempt.started_at,
             outcome=outcome,
             model_requested=attempt.model_requested,
+            model=answered_model,
             stream=attempt.stream,
             beta_features=attempt.beta_features,
             request_id=attempt.request_id,
+            message_id=message_id,
             sdk_retry=attempt.sdk_retry,
             http_status=attempt.http_status,
             error_type=type(error).__name__ if error is not None else None,
-            duration_s=time.perf_counter() - attempt.started,
+            api_error_type=api_error_type,
+            time_to_first_token_s=first_token_s,
+            duration_s=time.perf_counter() - started,
             usage=usage,
-            # A pricing failure keeps the record, unpriced: tokens are the ground truth.
-            cost=_guard("price", self.prices.cost, model, usage) if model else None,
+            server_tool_use=tool_use,
+            stop_reason=stop_reason,
+            events_received=events,
+            bytes_received=bytes_received,
+            cost=cost,
             tags=attempt.tags,
-            fingerprint=attempt.fingerprint,
-            **extra,
+            fingerprint=fingerprint,
         )
-        record = self.tracker.finish(record)
+        record = self.tracker.finish(record, body_size=attempt.body_size)
         for listener, state in attempt.listener_states:
             _guard("listener_finish", listener.attempt_finished, state, record)
-        self.pipeline.submit(record)
+        # A completed attempt's large body is fingerprinted later, on the pipeline's thread.
+        self.pipeline.submit(record, body_to_fingerprint=body)
 
 
 @dataclass(slots=True, eq=False)
@@ -198,6 +223,9 @@ class _Attempt:
     started: float
     model_requested: str
     fingerprint: str | None
+    body: bytes | None = field(repr=False)
+    """The request body while its fingerprint is not computed yet; dropped when the attempt settles."""
+    body_size: int
     sdk_retry: int
     beta_features: tuple[str, ...]
     tags: Mapping[str, str]
@@ -207,7 +235,7 @@ class _Attempt:
     meter: BodyMeter | None = None
     closing: bool = False
     """Set when the application (or the garbage collector) closes the body before it ended."""
-    listener_states: list[tuple[AttemptListener, object]] = field(default_factory=list)
+    listener_states: Sequence[tuple[AttemptListener, object]] = ()
     _once: threading.Lock = field(default_factory=threading.Lock)
 
     def settle(self, outcome: Outcome, error: BaseException | None = None) -> None:
@@ -229,6 +257,8 @@ class _Attempt:
     def body_ended(self, error: BaseException | None) -> None:
         """The body ended: at EOF (``error`` None), by an exception, or by being closed early."""
         if isinstance(error, GeneratorExit):
+            if self._once.locked():
+                return  # the usual close (and finalizer) after the body ended: already settled
             _settler.defer(self)  # closed, or finalized by the garbage collector: see _DeferredSettler
             return
         self.settle_body(error)
@@ -236,6 +266,19 @@ class _Attempt:
     def settle_body(self, error: BaseException | None) -> None:
         """Settle an attempt whose headers arrived, classifying how its body ended."""
         meter = self.meter
+        if meter is not None and meter.kept is not None:
+            # Only a stream that ended by itself may be read from its tail: a cut or stopped one needs
+            # its exact characters (the estimate's input), and so does a sample for calibration.
+            read_all = (
+                error is not None
+                or self.closing
+                or self.accountant.estimator.wants_sample(meter.model or self.model_requested)
+            )
+            try:
+                meter.finish_stream(read_all=read_all)
+            except Exception as exc:  # a parser bug: settle the attempt unmetered rather than lose it
+                instrumentation_errors.record("feed", exc)
+                meter = self.meter = None
         if meter is not None and not meter.complete and not self.stream:
             meter.finish_json()
         outcome = self.outcome_after_body(error)
@@ -319,11 +362,21 @@ def _settle_item(item: _Attempt | threading.Event) -> None:
 _settler = _DeferredSettler()
 
 
-def _describe_body(body: bytes) -> tuple[str, str | None]:
-    """The requested model and the request fingerprint (a hash; the body itself is never kept)."""
+_HASH_NOW_MAX_BYTES = 4 * 1024
+"""Bodies up to this size are fingerprinted at once (microseconds); larger ones on the writer thread."""
+
+
+def _describe_body(body: bytes, *, hash_now: bool) -> tuple[str, str | None]:
+    """The requested model and, if wanted now or cheap, the request fingerprint (else ``None``).
+
+    The fingerprint is a hash; the body itself is never stored. Hashing costs ~1 ms per MB, so a
+    larger body is hashed now only when ``hash_now`` (the retry tracker may match it to a failure);
+    else the pipeline's writer thread hashes it, where hashlib releases the GIL.
+    """
     if not body:
         return "", None
-    return _requested_model(body), hashlib.blake2b(body, digest_size=16).hexdigest()
+    fingerprint = fingerprint_of(body) if hash_now or len(body) <= _HASH_NOW_MAX_BYTES else None
+    return _requested_model(body), fingerprint
 
 
 _MODEL_VALUE = re.compile(rb'\s*:\s*"([^"\\]{1,200})"')
@@ -381,10 +434,27 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
 
         def __iter__(self) -> Any:
             attempt = self._attempt
-            feed = _guarded_feed(attempt)
+            chunks = iter(self._inner)
             try:
-                for chunk in self._inner:
-                    feed(chunk)
+                kept = None
+                if attempt.meter is not None:
+                    for chunk in chunks:  # the head, fed chunk by chunk until the meter defers
+                        kept = _feed_head(attempt, chunk)
+                        yield chunk
+                        if kept is not None or attempt.meter is None:
+                            break
+                if kept is not None:
+                    # The hot loop: per chunk only C-level work; the meter reads the chunks at the end.
+                    append, countdown = kept.append, _FOLD_CHECK_CHUNKS
+                    for chunk in chunks:
+                        append(chunk)
+                        yield chunk
+                        countdown -= 1
+                        if not countdown:
+                            countdown = _FOLD_CHECK_CHUNKS
+                            if not _fold_kept(attempt):
+                                break
+                for chunk in chunks:  # unmetered: no meter, or an instrumentation error stopped it
                     yield chunk
             except BaseException as exc:
                 _guard("body_error", attempt.body_ended, exc)
@@ -410,10 +480,26 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
 
         async def __aiter__(self) -> Any:
             attempt = self._attempt
-            feed = _guarded_feed(attempt)
+            chunks = aiter(self._inner)
             try:
-                async for chunk in self._inner:
-                    feed(chunk)
+                kept = None
+                if attempt.meter is not None:
+                    async for chunk in chunks:
+                        kept = _feed_head(attempt, chunk)
+                        yield chunk
+                        if kept is not None or attempt.meter is None:
+                            break
+                if kept is not None:
+                    append, countdown = kept.append, _FOLD_CHECK_CHUNKS
+                    async for chunk in chunks:
+                        append(chunk)
+                        yield chunk
+                        countdown -= 1
+                        if not countdown:
+                            countdown = _FOLD_CHECK_CHUNKS
+                            if not _fold_kept(attempt):
+                                break
+                async for chunk in chunks:
                     yield chunk
             except BaseException as exc:
                 _guard("body_error", attempt.body_ended, exc)
@@ -433,25 +519,36 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
     return ObservedSyncStream, ObservedAsyncStream
 
 
-def _guarded_feed(attempt: _Attempt) -> Callable[[bytes], None]:
+_FOLD_CHECK_CHUNKS = 256
+"""How many kept chunks pass between checks of the kept bytes against the meter's bound."""
+
+
+def _feed_head(attempt: _Attempt, chunk: bytes) -> list[bytes] | None:
+    """Feed one chunk to the meter; returns the list to keep the next chunks in once the meter defers."""
     meter = attempt.meter
     if meter is None:
-        return _ignore
-
-    def feed(chunk: bytes) -> None:
-        if attempt.meter is None:
-            return  # an earlier chunk hit a parser bug: this attempt is no longer metered
-        try:
-            meter.feed(chunk)
-        except Exception as exc:  # a parser bug must not break the stream; stop metering it
-            instrumentation_errors.record("feed", exc)
-            attempt.meter = None
-
-    return feed
+        return None
+    try:
+        meter.feed(chunk)
+        return meter.defer()
+    except Exception as exc:  # a parser bug must not break the stream; stop metering it
+        instrumentation_errors.record("feed", exc)
+        attempt.meter = None
+        return None
 
 
-def _ignore(chunk: bytes) -> None:
-    return None
+def _fold_kept(attempt: _Attempt) -> bool:
+    """Let the meter read its kept chunks if they grew too large; False once it is no longer metering."""
+    meter = attempt.meter
+    if meter is None:
+        return False
+    try:
+        meter.fold()
+        return True
+    except Exception as exc:
+        instrumentation_errors.record("feed", exc)
+        attempt.meter = None
+        return False
 
 
 def _guard(where: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -472,11 +569,15 @@ class _Hooks:
         self.accountant = accountant
         self.sinks = sinks
         self.http_clients = http_clients
-        # (class, the original send, whether the class itself defined it rather than inheriting it)
-        self.originals: list[tuple[type, Callable[..., Any], bool]] = []
+        self.active = True
+        """False once removed: a wrapper another library stacked on ours may still call ours."""
+        # (class, the original send, our wrapper, whether the class itself defined the original)
+        self.originals: list[tuple[type, Callable[..., Any], Callable[..., Any], bool]] = []
 
     def wants(self, http_client: Any, request: Any) -> bool:
         """Whether this request is a Messages API call we account for."""
+        if not self.active:
+            return False
         if request.method != "POST" or not request.url.path.endswith(_MESSAGES_PATH_SUFFIX):
             return False
         if self.http_clients is not None and http_client not in self.http_clients:
@@ -491,11 +592,20 @@ class _Hooks:
                 (module.AsyncClient, _wrap_async_send, async_stream),
             ):
                 original = cls.send
-                self.originals.append((cls, original, "send" in cls.__dict__))
-                cls.send = wrap(self, original, stream_cls)
+                wrapper = wrap(self, original, stream_cls)
+                self.originals.append((cls, original, wrapper, "send" in cls.__dict__))
+                cls.send = wrapper
 
     def remove(self) -> None:
-        for cls, original, own in reversed(self.originals):
+        """Put back the original ``send``, unless another library wrapped ours since.
+
+        Restoring then would silently remove that library's wrapper too; ours stays in its chain
+        instead, passing every request straight through.
+        """
+        self.active = False
+        for cls, original, wrapper, own in reversed(self.originals):
+            if cls.__dict__.get("send") is not wrapper:
+                continue
             if own:
                 cls.send = original
             else:
@@ -629,9 +739,10 @@ def instrument(
 def uninstrument() -> bool:
     """Restore the HTTP clients' original ``send`` exactly and detach the sinks ``instrument`` added.
 
-    Records of attempts already made are delivered first; an attempt still streaming when this is
-    called is counted as dropped by the pipeline if it ends later. Returns False if nothing was
-    installed.
+    Where another library wrapped ``send`` after ``instrument()``, its wrapper is left in place and
+    costwatch's, under it, stops accounting. Records of attempts already made are delivered first;
+    an attempt still streaming when this is called is counted as dropped by the pipeline if it ends
+    later. Returns False if nothing was installed.
     """
     global _hooks
     with _state_lock:

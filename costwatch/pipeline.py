@@ -10,12 +10,18 @@ size and interval and hands them to every sink. Nothing submitted is lost:
 * ``flush()``, interpreter exit and ``SIGTERM`` deliver (or spool) everything queued;
 * a forked child starts with an empty queue and its own thread and spool segments.
 
+The writer thread also finishes what the caller's thread need not wait for: the fingerprint of a
+large request body is computed there (``submit(record, body_to_fingerprint=...)``), where hashlib
+releases the GIL so the hash runs beside the application; the body is referenced, never stored, and
+at most :data:`MAX_UNHASHED_BYTES` of bodies wait at once.
+
 Only when the spool itself cannot be written is a record dropped; that is counted and logged once.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import signal
@@ -28,13 +34,16 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from .records import AttemptRecord
+from .records import AttemptRecord, fingerprint_of
 from .sinks import Sink
 from .spool import Spool
 
-__all__ = ["SIGTERM_FLUSH_TIMEOUT_S", "Pipeline", "PipelineHealth", "get_pipeline"]
+__all__ = ["MAX_UNHASHED_BYTES", "SIGTERM_FLUSH_TIMEOUT_S", "Pipeline", "PipelineHealth", "get_pipeline"]
 
 log = logging.getLogger("costwatch")
+
+MAX_UNHASHED_BYTES = 64 * 1024 * 1024
+"""Request bodies queued for the writer to fingerprint, at most; beyond it the caller hashes them."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,20 @@ class PipelineHealth:
     """Failed ``export`` calls (each failed batch or replay counts once)."""
     dropped: int
     """Records lost because neither a sink nor the spool could take them."""
+
+
+class _Unhashed:
+    """A queued record whose fingerprint is still to be computed from its request body."""
+
+    __slots__ = ("body", "record")
+
+    def __init__(self, record: AttemptRecord, body: bytes) -> None:
+        self.record = record
+        self.body = body
+
+    def finished(self) -> AttemptRecord:
+        """The record with its fingerprint."""
+        return dataclasses.replace(self.record, fingerprint=fingerprint_of(self.body))
 
 
 class _Flushed:
@@ -99,7 +122,8 @@ class Pipeline:
         _live_pipelines.add(self)
 
     def _reset_runtime(self) -> None:
-        self._queue: deque[AttemptRecord | _Flushed] = deque()
+        self._queue: deque[AttemptRecord | _Unhashed | _Flushed] = deque()
+        self._unhashed_bytes = 0
         self._wake = threading.Event()
         self._start_lock = threading.Lock()
         self._counter_lock = threading.Lock()
@@ -111,12 +135,19 @@ class Pipeline:
         self._states = {id(sink): _SinkState() for sink in self._sinks}
 
     # -- the caller's side -------------------------------------------------------------------
-    def submit(self, record: AttemptRecord) -> None:
-        """Queue a record for every sink; never blocks (a full queue spills to the spool)."""
+    def submit(self, record: AttemptRecord, *, body_to_fingerprint: bytes | None = None) -> None:
+        """Queue a record for every sink; never blocks (a full queue spills to the spool).
+
+        With ``body_to_fingerprint``, the record's fingerprint is that body's, computed on the writer
+        thread (or here, if :data:`MAX_UNHASHED_BYTES` of bodies already wait or the queue is full).
+        """
+        item: AttemptRecord | _Unhashed = record
+        if body_to_fingerprint is not None:
+            item = self._unhashed(record, body_to_fingerprint)
         if len(self._queue) >= self.capacity:
-            self._spill([record], reason="the record queue is full")
+            self._spill([self._finished(item)], reason="the record queue is full")
             return
-        self._queue.append(record)
+        self._queue.append(item)
         if self._thread is None:
             self._start()
         if len(self._queue) >= self.batch_size:
@@ -185,7 +216,7 @@ class Pipeline:
 
     def retry_spool(self) -> None:
         """Replay spooled records to their sinks now instead of at the next backoff step."""
-        for state in self._states.values():
+        for state in list(self._states.values()):  # a snapshot: sinks may be added meanwhile
             state.next_replay_at = 0.0
         if self._thread is None:
             self._start()
@@ -260,7 +291,7 @@ class Pipeline:
                 if isinstance(item, _Flushed):
                     markers.append(item)
                     break
-                batch.append(item)
+                batch.append(self._finished(item))
             if batch:
                 self._deliver(batch)
             for marker in markers:
@@ -323,6 +354,24 @@ class Pipeline:
         )
         state.next_replay_at = time.monotonic() + state.backoff_s
 
+    def _unhashed(self, record: AttemptRecord, body: bytes) -> AttemptRecord | _Unhashed:
+        """A queue item that leaves hashing ``body`` to the writer, unless too many bodies wait."""
+        with self._counter_lock:
+            held = self._unhashed_bytes + len(body) <= MAX_UNHASHED_BYTES
+            if held:
+                self._unhashed_bytes += len(body)
+        if held:
+            return _Unhashed(record, body)
+        return dataclasses.replace(record, fingerprint=fingerprint_of(body))  # the writer is behind
+
+    def _finished(self, item: AttemptRecord | _Unhashed) -> AttemptRecord:
+        """The record of a queue item, fingerprinted if it was left unhashed."""
+        if not isinstance(item, _Unhashed):
+            return item
+        with self._counter_lock:
+            self._unhashed_bytes -= len(item.body)
+        return item.finished()
+
     def _count_write_error(self) -> None:
         with self._counter_lock:
             self._write_errors += 1
@@ -350,7 +399,7 @@ class Pipeline:
             if isinstance(item, _Flushed):
                 item.done.set()
             else:
-                leftover.append(item)
+                leftover.append(self._finished(item))
         if leftover:
             self._spill(leftover, reason="the pipeline stopped before delivering them")
 

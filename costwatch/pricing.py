@@ -83,21 +83,21 @@ class ModelPrice:
         reads); once over the threshold, every token of the attempt, output included, is repriced.
         """
         input_rate, output_rate = self.input_usd_per_mtok, self.output_usd_per_mtok
-        prompt = usage.input_tokens + usage.cache_write_tokens + usage.cache_read_tokens
-        if self.long_context is not None and prompt > self.long_context.above_input_tokens:
-            input_rate = self.long_context.input_usd_per_mtok
-            output_rate = self.long_context.output_usd_per_mtok
+        write_5m, write_1h = usage.cache_write_5m_tokens, usage.cache_write_1h_tokens
+        read = usage.cache_read_tokens
+        prompt = usage.input_tokens + write_5m + write_1h + read
+        long_context = self.long_context
+        if long_context is not None and prompt > long_context.above_input_tokens:
+            input_rate = long_context.input_usd_per_mtok
+            output_rate = long_context.output_usd_per_mtok
         # Anthropic's batch discount stacks with the caching multipliers, so it scales every part.
         scale = (1.0 - self.batch_discount if batch else 1.0) / _PER_MTOK
-        cache_write = (
-            usage.cache_write_5m_tokens * self.cache_write_5m_multiplier
-            + usage.cache_write_1h_tokens * self.cache_write_1h_multiplier
-        )
+        cache_write = write_5m * self.cache_write_5m_multiplier + write_1h * self.cache_write_1h_multiplier
         return Cost(
-            input_usd=usage.input_tokens * input_rate * scale,
-            cache_write_usd=cache_write * input_rate * scale,
-            cache_read_usd=usage.cache_read_tokens * self.cache_read_multiplier * input_rate * scale,
-            output_usd=usage.output_tokens * output_rate * scale,
+            usage.input_tokens * input_rate * scale,
+            cache_write * input_rate * scale,
+            read * self.cache_read_multiplier * input_rate * scale,
+            usage.output_tokens * output_rate * scale,
         )
 
 
@@ -127,6 +127,8 @@ class PriceTable:
             for alias in price.aliases:
                 names[alias] = model
         self._names = MappingProxyType(names)
+        # Looked up once per attempt: one plain dict from every id and alias straight to its price.
+        self._by_name = {name: self._prices[model] for name, model in names.items()}
         self._warned: set[str] = set()
         self._warned_lock = threading.Lock()
 
@@ -142,12 +144,11 @@ class PriceTable:
 
     def lookup(self, model: str) -> ModelPrice | None:
         """The price of ``model`` (an id or an alias), or ``None`` when it is unknown or unpriced."""
-        canonical = self._names.get(model)
-        return self._prices[canonical] if canonical is not None else None
+        return self._by_name.get(model)
 
     def cost(self, model: str, usage: Usage, *, batch: bool = False) -> Cost | None:
         """The price of an attempt on ``model``; ``None`` (and one warning per model) if it has none."""
-        price = self.lookup(model)
+        price = self._by_name.get(model)
         if price is None:
             self._warn_unpriced(model)
             return None

@@ -2,7 +2,16 @@
 
 This is pure logic with no I/O: the SDK hooks feed it the raw body chunks the application receives,
 and it keeps only numbers (token counts, character counts per content type, ids, the stop reason).
-It never keeps the text it measures.
+It never keeps the text it measures beyond the life of the body it reads.
+
+Reading every event as it passes would cost a few microseconds per event, a sizeable share of what
+the SDK itself spends. So a stream is read chunk by chunk only up to its first delta (its id, model,
+input usage and time to first delta); after that the hooks only keep references to the chunks
+(:meth:`BodyMeter.defer`), and the meter reads them once, when the body ends
+(:meth:`BodyMeter.finish_stream`). A completed stream then needs only its tail, where the API
+reports the final usage; a cut stream, or one sampled to calibrate the output estimator, is read in
+full, so its characters per content type are exact. Kept chunks are read early once they pass
+``fold_bytes`` (:meth:`BodyMeter.fold`), which bounds the memory a long stream holds.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["CONTENT_TYPES", "BodyMeter", "ReportedUsage"]
+__all__ = ["CONTENT_TYPES", "FOLD_BYTES", "BodyMeter", "ReportedUsage"]
 
 CONTENT_TYPES = ("text", "thinking", "tool_input")
 """The content types whose characters are counted to estimate the output of a cut stream."""
@@ -27,6 +36,9 @@ _BLOCK_CONTENT_TYPE = {
     "server_tool_use": "tool_input",
     "mcp_tool_use": "tool_input",
 }
+FOLD_BYTES = 4 * 1024 * 1024
+"""Kept (not yet read) bytes of a stream past which :meth:`BodyMeter.fold` reads them."""
+
 _DELTA_FIELD = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 _DELTA_CONTENT_TYPE = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "tool_input"}
 
@@ -106,12 +118,17 @@ class BodyMeter:
         "_buffer",
         "_decompressor",
         "_json_body",
+        "_kept_bytes",
+        "_kept_counted",
         "_stream",
         "api_error_type",
         "bytes_received",
         "chars",
+        "chars_measured",
         "events",
         "first_delta_at",
+        "fold_bytes",
+        "kept",
         "malformed_events",
         "message_id",
         "message_stop_seen",
@@ -122,7 +139,14 @@ class BodyMeter:
         "usage",
     )
 
-    def __init__(self, *, stream: bool, content_encoding: str | None = None, clock: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        stream: bool,
+        content_encoding: str | None = None,
+        clock: Any = None,
+        fold_bytes: int = FOLD_BYTES,
+    ) -> None:
         self._stream = stream
         self._buffer = b""
         self._json_body: list[bytes] = []
@@ -141,6 +165,13 @@ class BodyMeter:
         self.message_stop_seen = False
         self.output_reported = False
         """True once the API reported the final output count (``message_delta`` or a JSON body)."""
+        self.chars_measured = True
+        """False when a completed stream was read from its tail only: ``chars`` is then empty."""
+        self.kept: list[bytes] | None = None
+        """Chunks kept to be read when the body ends, once :meth:`defer` was called."""
+        self.fold_bytes = fold_bytes
+        self._kept_bytes = 0
+        self._kept_counted = 0
 
     @property
     def complete(self) -> bool:
@@ -155,7 +186,10 @@ class BodyMeter:
         if not self._stream:
             self._json_body.append(chunk)
             return
-        buffer = self._buffer + chunk if self._buffer else chunk
+        self._frame(self._buffer + chunk if self._buffer else chunk)
+
+    def _frame(self, buffer: bytes) -> None:
+        """Account for every whole SSE event in ``buffer``; keep the incomplete rest for later."""
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
         start = 0
@@ -168,6 +202,81 @@ class BodyMeter:
                 self._event(buffer[start:end])
             start = end + 2
         self._buffer = buffer[start:]
+
+    # -- deferred reading ----------------------------------------------------------------------
+    def defer(self) -> list[bytes] | None:
+        """The list to append the stream's next chunks to, unread, or None while they must be fed.
+
+        A stream is fed chunk by chunk until its first delta has been timed; compressed bodies and
+        meters without a clock are always fed.
+        """
+        if self.kept is None and self.first_delta_at is not None and self._decompressor is None:
+            self.kept = []
+        return self.kept
+
+    def fold(self) -> None:
+        """Read the kept chunks now if they hold more than ``fold_bytes``: bounds a long stream's memory."""
+        kept = self.kept
+        if kept is None:
+            return
+        self._kept_bytes += sum(map(len, kept[self._kept_counted :]))
+        self._kept_counted = len(kept)
+        if self._kept_bytes > self.fold_bytes:
+            self._read_kept()
+
+    def finish_stream(self, *, read_all: bool) -> None:
+        """Read what was kept of a stream whose body ended.
+
+        With ``read_all`` False, a stream that ended the API's usual way (``message_delta`` with the
+        output count, then ``message_stop``) is read from its tail only and ``chars`` is left empty;
+        anything else is read in full, exactly as if it had been fed.
+        """
+        if self.kept is None:
+            return
+        if read_all or not self._read_tail():
+            self._read_kept()
+        self.kept = None
+
+    def _read_kept(self) -> None:
+        kept = self.kept
+        if kept:
+            self.feed(b"".join(kept))
+            kept.clear()  # the same list: the hooks keep appending to it
+        self._kept_bytes = self._kept_counted = 0
+
+    def _read_tail(self) -> bool:
+        """Read only the final events of a completed stream; False (nothing changed) if it is unusual.
+
+        Between the first delta and ``message_delta`` the API sends only content blocks and pings:
+        they carry characters but no usage, ids or errors. The checks below (byte searches, no
+        parsing) make sure the skipped part is only such events, each in the API's framing (an
+        ``event:`` line first), so that the event count stays exact too.
+        """
+        kept = self.kept or []
+        received = sum(map(len, kept))
+        body = b"".join(kept)
+        if self._buffer:
+            body = self._buffer + body
+        if not body.endswith(_MESSAGE_STOP) or b"\r" in body or not body.startswith(b"event: "):
+            return False
+        # The last message_delta: an earlier one would show in the skipped part, which is checked.
+        at = body.rfind(b"\n\nevent: message_delta\n") + 2
+        if at < 2 or body.find(b'"output_tokens":', at) < 0 or body.find(b'"type":"error"', at) >= 0:
+            return False
+        if (
+            body.find(b'"type":"message_', 0, at) >= 0  # a message_start, _delta or _stop
+            or body.find(b'"type":"error"', 0, at) >= 0
+            or _UNNAMED_EVENT.search(body, 0, at + 7) is not None
+        ):
+            return False
+        # Every blank line before message_delta ends an event that starts with its name (checked).
+        self.events += body.count(b"\n\nevent: ", 0, at + 7)
+        self.bytes_received += received
+        self._buffer = b""
+        self._frame(body[at:])
+        self.chars = {}
+        self.chars_measured = False
+        return True
 
     def _delta_in_place(self, buffer: bytes, delta: re.Match[bytes], end: int) -> bool:
         """Count a text, thinking or tool-input delta in the API's own compact form, in place.
@@ -323,6 +432,8 @@ _COMPACT_DELTA = re.compile(
     rb'event: content_block_delta\ndata: \{"type":"content_block_delta","index":\d+,"delta":\{"type":'
     rb'"(text_delta|thinking_delta|input_json_delta)","(?:text|thinking|partial_json)":"'
 )
+_UNNAMED_EVENT = re.compile(rb"\n\n(?!event: )")  # a blank line not followed by an event's name
+_MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _COMPACT_DELTA_TYPES = {name.encode(): kind for name, kind in _DELTA_CONTENT_TYPE.items()}
 _decode_json = json.JSONDecoder().decode  # skips json.loads' per-call type and encoding checks
 

@@ -132,3 +132,27 @@ def test_a_logical_request_is_findable_by_one_fingerprint_only_and_forgets_it_wh
     later = tracker.begin(explicit_id=None, fingerprint="body-a", previous_id=None)
     assert later.logical_request_id != "job-1" and later.attempt_number == 1
     assert "body-b" not in tracker._failed_by_fingerprint
+
+
+def test_a_failure_just_out_of_the_window_is_not_matched_even_before_the_tracker_sweeps():
+    clock = FakeClock()
+    tracker = RetryTracker(window_s=10, clock=clock)
+    failed = tracker.begin(explicit_id=None, fingerprint="body", previous_id=None)
+    tracker.finish(finished(failed, Outcome.DROPPED, fingerprint="body"))
+    clock.now = 9.6  # a sweep here keeps the failure: it is 9.6 s old
+    tracker.begin(explicit_id=None, fingerprint="other", previous_id=None)
+    clock.now = 10.3  # sweeps run at most once a second, so none runs here
+    resent = tracker.begin(explicit_id=None, fingerprint="body", previous_id=None)
+    assert resent.logical_request_id != failed.logical_request_id and resent.attempt_number == 1
+    assert resent.now_retried == ()
+
+
+def test_an_explicit_logical_request_out_of_the_window_starts_over_at_attempt_one():
+    clock = FakeClock()
+    tracker = RetryTracker(window_s=10, clock=clock)
+    tracker.begin(explicit_id="job-7", fingerprint=None, previous_id=None)
+    clock.now = 9.6
+    tracker.begin(explicit_id=None, fingerprint=None, previous_id=None)
+    clock.now = 10.3
+    again = tracker.begin(explicit_id="job-7", fingerprint=None, previous_id=None)
+    assert again.logical_request_id == "job-7" and again.attempt_number == 1

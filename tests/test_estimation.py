@@ -184,6 +184,28 @@ def test_tiny_or_empty_attempts_do_not_calibrate() -> None:
     assert estimator.snapshot()["models"] == {}
 
 
+def test_unmeasured_attempts_calibrate_nothing_even_without_a_size_threshold() -> None:
+    estimator = OutputEstimator(min_samples=1, min_observed_tokens=0)
+    estimator.observe(LEGACY_MODEL, {}, 1_000)  # a completed stream read from its tail only
+    estimator.observe(LEGACY_MODEL, {"text": 0}, 1_000)
+    assert estimator.snapshot()["models"] == {}
+
+
+def test_every_completed_attempt_is_sampled_until_the_first_phase_then_one_in_sample_every() -> None:
+    estimator = OutputEstimator(alpha=0.1, sample_every=4)
+    for _ in range(10):  # the plain-mean phase: 1/alpha samples
+        assert estimator.wants_sample(LEGACY_MODEL)
+        estimator.observe(LEGACY_MODEL, {"text": 3500}, 1000)
+    sampled = [estimator.wants_sample(LEGACY_MODEL) for _ in range(12)]
+    assert sampled == [False, False, False, True] * 3
+    assert estimator.wants_sample("claude-opus-4-6")  # another model starts its own first phase
+
+
+def test_sample_every_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="sample_every"):
+        OutputEstimator(sample_every=0)
+
+
 def test_models_calibrate_independently() -> None:
     estimator = OutputEstimator(min_samples=1)
     for _ in range(20):

@@ -450,3 +450,36 @@ def test_a_stream_freed_by_the_garbage_collector_inside_a_costwatch_lock_does_no
         assert not worker.is_alive(), "the finalizer deadlocked on costwatch's own lock"
         (record,) = accounting.records()
     assert record.outcome is Outcome.CANCELLED
+
+
+def test_uninstrument_keeps_a_wrapper_another_library_stacked_on_ours_and_stops_accounting():
+    pipeline = Pipeline()
+    sink = costwatch.MemorySink()
+    cls = HTTP_MODULE.Client
+    original, own = cls.send, "send" in cls.__dict__
+    seen: list[str] = []
+    with FakeAnthropicServer(ResponseSpec.small(5)) as server:
+        costwatch.instrument(pipeline=pipeline, sinks=[sink], listeners=[])
+        ours = cls.send
+
+        def theirs(self, request, *args, **kwargs):
+            seen.append(request.url.path)
+            return ours(self, request, *args, **kwargs)
+
+        cls.send = theirs
+        try:
+            client = sync_client(server)
+            create(client)
+            costwatch.flush(10)
+            assert costwatch.uninstrument() is True
+            assert cls.send is theirs  # their wrapper is still there, still calling ours
+            create(client)
+        finally:
+            if own:
+                cls.send = original
+            else:
+                del cls.send
+            pipeline.shutdown()
+        assert len(server.ledger.entries) == 2
+    assert len(seen) == 2
+    assert len(sink.records) == 1  # the request after uninstrument() was passed through unaccounted
