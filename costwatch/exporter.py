@@ -1,15 +1,17 @@
 """The fleet exporter: the metrics of every process that writes to one store, read from its rollups.
 
-A Prometheus collector that, at each scrape, sums the store's hourly rollups and exposes the same
-metric names as the in-process :class:`~costwatch.metrics.MetricsSink`, so that one exporter over
-PostgreSQL shows the whole fleet. Counters must never go backwards, even across exporter restarts
-and although an ``abandoned`` attempt in the rollups may later flip to ``retried``:
+A Prometheus collector that, at each scrape, reads the store's all-time rollups (the hourly rollups
+summed over every hour, kept by the writer) and the ``abandoned`` rows of the recent hours, and
+exposes the same metric names as the in-process :class:`~costwatch.metrics.MetricsSink`, so that
+one exporter over PostgreSQL shows the whole fleet. Counters must never go backwards, even across
+exporter restarts and although an ``abandoned`` attempt in the rollups may later flip to ``retried``:
 
 * everything but ``abandoned`` waste is summed over all rollup hours (a flip moves tokens between
   waste reasons of the same hour, never out of the billed totals);
 * ``retried`` waste is summed over all hours, as flips only ever add to it;
 * ``abandoned`` waste, and failed logical requests, are summed only over *settled* hours: hours
-  that ended at least the retry window ago, after which the store no longer flips their attempts.
+  that ended at least the retry window ago, after which the store no longer flips their attempts
+  (all-time minus the hours not settled yet).
 
 A failing query gives a scrape with ``costwatch_up 0`` and the last good values (or none), never an
 error. See ``docs/metrics.md``.
@@ -24,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -32,8 +33,9 @@ from prometheus_client.registry import Collector
 from .metrics import MODEL_LABEL_LIMIT, LabelCap
 from .records import Outcome, TokenType, WasteReason
 from .settings import default_of, load_settings
-from .store import HourlyRollup, RollupTotals, SqlStore, safe_url
+from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
+from .store.query import all_time_with_recent_query
 from .store.rows import hour_of
 
 __all__ = ["FleetCollector", "FleetSamples", "fleet_samples", "serve", "settled_before"]
@@ -41,7 +43,6 @@ __all__ = ["FleetCollector", "FleetSamples", "fleet_samples", "serve", "settled_
 log = logging.getLogger("costwatch")
 
 _DIMENSIONS = ("model", "outcome", "error_type", "waste_reason", "workflow")
-_ROLLUPS = HourlyRollup.__table__
 
 Labels = tuple[str, ...]
 
@@ -103,44 +104,121 @@ def fleet_samples(
     Label caps keep the first values by the hour they first appeared in (then by name), so that two
     exporters, or one restarted, choose the same ones.
     """
-    model_of = LabelCap.first_seen(models_first_seen, model_label_limit)
-    workflow_of = LabelCap.first_seen(workflows_first_seen, workflow_label_limit)
-    out = FleetSamples()
-    for row in totals:
-        model, workflow = model_of(row.group["model"]), workflow_of(row.group["workflow"])
-        outcome = row.group["outcome"]
-        out.add("costwatch_attempts", (model, outcome, row.group["error_type"]), row.attempts)
-        for token_type in TokenType:
-            out.add(
-                "costwatch_billed_tokens",
-                (model, token_type.value),
-                getattr(row, f"billed_{token_type.value}_tokens"),
-            )
-        out.add("costwatch_billed_cost_usd", (model, workflow), row.billed_cost_usd)
-        out.add("costwatch_estimated_output_tokens", (model,), row.estimated_output_tokens)
-        out.observe("costwatch_attempt_duration_seconds", (model, outcome), row.attempts, row.duration_s)
-        if outcome == Outcome.DROPPED.value:
-            out.observe("costwatch_time_to_drop_seconds", (model,), row.attempts, row.duration_s)
-        if outcome == Outcome.COMPLETED.value:
-            out.add("costwatch_logical_requests", (model, "succeeded"), row.attempts)
-        if row.group["waste_reason"] == WasteReason.RETRIED.value:
-            _add_waste(out, row, model, workflow, WasteReason.RETRIED)
-    for row in settled_abandoned:
-        model, workflow = model_of(row.group["model"]), workflow_of(row.group["workflow"])
-        _add_waste(out, row, model, workflow, WasteReason.ABANDONED)
+    return _samples(
+        [_group_of(row) for row in totals],
+        [_group_of(row) for row in settled_abandoned],
+        model_of=LabelCap.first_seen(models_first_seen, model_label_limit),
+        workflow_of=LabelCap.first_seen(workflows_first_seen, workflow_label_limit),
+    )
+
+
+_MEASURES = (
+    "attempts",
+    *(f"billed_{token_type.value}_tokens" for token_type in TokenType),
+    *(f"wasted_{token_type.value}_tokens" for token_type in TokenType),
+    "billed_cost_usd",
+    "wasted_cost_usd",
+    "estimated_output_tokens",
+    "duration_s",
+)
+"""The rollup measures the exporter's metrics are made of, in the order a group's values list them."""
+
+Group = tuple[Labels, Sequence[float]]
+"""One rollup group: its values of ``_DIMENSIONS`` and its sums of ``_MEASURES``."""
+
+_TOKEN_TYPES = tuple(token_type.value for token_type in TokenType)
+_BILLED, _WASTED = 1, 1 + len(_TOKEN_TYPES)
+_BILLED_COST, _WASTED_COST, _ESTIMATED, _DURATION = (
+    _MEASURES.index(name)
+    for name in ("billed_cost_usd", "wasted_cost_usd", "estimated_output_tokens", "duration_s")
+)
+
+
+def _group_of(row: RollupTotals) -> Group:
+    return tuple(row.group[name] for name in _DIMENSIONS), [getattr(row, name) for name in _MEASURES]
+
+
+def _samples(
+    totals: Sequence[Group],
+    settled_abandoned: Sequence[Group],
+    *,
+    model_of: Callable[[str], str],
+    workflow_of: Callable[[str], str],
+) -> FleetSamples:
+    """The metric values of :func:`fleet_samples`, from groups as tuples (the exporter's hot path)."""
+    attempts: dict[Labels, float] = {}
+    billed_tokens: dict[Labels, float] = {}
+    billed_cost: dict[Labels, float] = {}
+    estimated: dict[Labels, float] = {}
+    logical: dict[Labels, float] = {}
+    wasted_tokens: dict[Labels, float] = {}
+    wasted_cost: dict[Labels, float] = {}
+    durations: dict[Labels, tuple[float, float]] = {}
+    drops: dict[Labels, tuple[float, float]] = {}
+    models: dict[str, str] = {}
+    workflows: dict[str, str] = {}
+
+    def add(samples: dict[Labels, float], labels: Labels, value: float) -> None:
+        samples[labels] = samples.get(labels, 0.0) + value
+
+    def observe(
+        histogram: dict[Labels, tuple[float, float]], labels: Labels, count: float, total: float
+    ) -> None:
+        before = histogram.get(labels, (0.0, 0.0))
+        histogram[labels] = (before[0] + count, before[1] + total)
+
+    def waste(values: Sequence[float], model: str, workflow: str, reason: str) -> None:
+        for offset, token_type in enumerate(_TOKEN_TYPES):
+            add(wasted_tokens, (model, token_type, reason, workflow), values[_WASTED + offset])
+        add(wasted_cost, (model, reason, workflow), values[_WASTED_COST])
+
+    def labels_of(raw_model: str, raw_workflow: str) -> tuple[str, str]:
+        model, workflow = models.get(raw_model), workflows.get(raw_workflow)
+        if model is None:
+            model = models[raw_model] = model_of(raw_model)
+        if workflow is None:
+            workflow = workflows[raw_workflow] = workflow_of(raw_workflow)
+        return model, workflow
+
+    # In key order, so that float sums do not depend on the order the database returned the groups in.
+    for (raw_model, outcome, error_type, waste_reason, raw_workflow), values in sorted(totals):
+        model, workflow = labels_of(raw_model, raw_workflow)
+        count = values[0]
+        add(attempts, (model, outcome, error_type), count)
+        for offset, token_type in enumerate(_TOKEN_TYPES):
+            add(billed_tokens, (model, token_type), values[_BILLED + offset])
+        add(billed_cost, (model, workflow), values[_BILLED_COST])
+        add(estimated, (model,), values[_ESTIMATED])
+        observe(durations, (model, outcome), count, values[_DURATION])
+        if outcome == _DROPPED:
+            observe(drops, (model,), count, values[_DURATION])
+        if outcome == _COMPLETED:
+            add(logical, (model, "succeeded"), count)
+        if waste_reason == _RETRIED:
+            waste(values, model, workflow, _RETRIED)
+    for (raw_model, _, _, _, raw_workflow), values in sorted(settled_abandoned):
+        model, workflow = labels_of(raw_model, raw_workflow)
+        waste(values, model, workflow, _ABANDONED)
         # Each abandoned attempt is the last attempt of a logical request that failed.
-        out.add("costwatch_logical_requests", (model, "failed"), row.attempts)
-    return out
+        add(logical, (model, "failed"), values[0])
+    counters = {
+        "costwatch_attempts": attempts,
+        "costwatch_billed_tokens": billed_tokens,
+        "costwatch_billed_cost_usd": billed_cost,
+        "costwatch_estimated_output_tokens": estimated,
+        "costwatch_logical_requests": logical,
+        "costwatch_wasted_tokens": wasted_tokens,
+        "costwatch_wasted_cost_usd": wasted_cost,
+    }
+    histograms = {"costwatch_attempt_duration_seconds": durations, "costwatch_time_to_drop_seconds": drops}
+    return FleetSamples(
+        counters={name: values for name, values in counters.items() if values},
+        histograms={name: values for name, values in histograms.items() if values},
+    )
 
 
-def _add_waste(out: FleetSamples, row: RollupTotals, model: str, workflow: str, reason: WasteReason) -> None:
-    for token_type in TokenType:
-        out.add(
-            "costwatch_wasted_tokens",
-            (model, token_type.value, reason.value, workflow),
-            getattr(row, f"wasted_{token_type.value}_tokens"),
-        )
-    out.add("costwatch_wasted_cost_usd", (model, reason.value, workflow), row.wasted_cost_usd)
+_DROPPED, _COMPLETED = Outcome.DROPPED.value, Outcome.COMPLETED.value
+_RETRIED, _ABANDONED = WasteReason.RETRIED.value, WasteReason.ABANDONED.value
 
 
 _COUNTERS: Mapping[str, tuple[str, Labels]] = {
@@ -261,29 +339,66 @@ class FleetCollector(Collector):
     def read(self) -> FleetSamples:
         """Query the rollups once and compute the metric values; raises if the database fails."""
         boundary = settled_before(self._clock(), self.retry_window)
-        totals = self.store.rollup_totals(group_by=_DIMENSIONS)
-        abandoned = self.store.rollup_totals(
-            end=boundary, group_by=_DIMENSIONS, where={"waste_reason": WasteReason.ABANDONED.value}
+        # Nothing is cached between scrapes: the rollups of settled hours still change (a late record
+        # replayed from a spool, a revision, a retry written by another process flipping an attempt).
+        # The all-time rollups follow every such change, and settled sums are all-time minus recent.
+        query = all_time_with_recent_query(
+            boundary, measures=_MEASURES, recent_where={"waste_reason": _ABANDONED}
         )
         with self.store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
-            models = _first_seen(connection, "model")
-            workflows = _first_seen(connection, "workflow")
-        return fleet_samples(
+            rows = connection.execute(query).all()
+        totals, settled_abandoned, first_hours = _combine_all_time(rows)
+        models = _first_seen(first_hours, _DIMENSIONS.index("model"))
+        workflows = _first_seen(first_hours, _DIMENSIONS.index("workflow"))
+        return _samples(
             totals,
-            abandoned,
-            models_first_seen=models,
-            workflows_first_seen=workflows,
-            model_label_limit=self.model_label_limit,
-            workflow_label_limit=self.workflow_label_limit,
+            settled_abandoned,
+            model_of=LabelCap.first_seen(models, self.model_label_limit),
+            workflow_of=LabelCap.first_seen(workflows, self.workflow_label_limit),
         )
 
 
-def _first_seen(connection: sa.Connection, dimension: str) -> list[str]:
+def _combine_all_time(
+    rows: Iterable[Sequence[Any]],
+) -> tuple[list[Group], list[Group], dict[Labels, datetime]]:
+    """All-hours totals, settled ``abandoned`` totals and first hours from an
+    :func:`~costwatch.store.query.all_time_with_recent_query` whose recent part is ``abandoned`` only.
+
+    Groups summing to zero attempts are left out of the totals, as ``rollup_totals`` leaves them out.
+    """
+    width = len(_DIMENSIONS)
+    totals: list[Group] = []
+    all_time_abandoned: dict[Labels, list[float]] = {}
+    recent_abandoned: dict[Labels, list[float]] = {}
+    first_hours: dict[Labels, datetime] = {}
+    for row in rows:
+        key: Labels = tuple(row[:width])
+        if row[width]:
+            recent_abandoned[key] = list(row[width + 2 :])
+            continue
+        values = list(row[width + 2 :])  # ints and floats, never NULL (the columns are NOT NULL)
+        first_hours[key] = row[width + 1]
+        if values[0]:
+            totals.append((key, values))
+        if key[3] == _ABANDONED:
+            all_time_abandoned[key] = values
+    settled_abandoned: list[Group] = []
+    for key, values in all_time_abandoned.items():
+        recent = recent_abandoned.get(key)
+        settled = values if recent is None else [a - b for a, b in zip(values, recent, strict=True)]
+        if settled[0]:
+            settled_abandoned.append((key, settled))
+    return totals, settled_abandoned, first_hours
+
+
+def _first_seen(first_hours: Mapping[Labels, datetime], position: int) -> list[str]:
     """A dimension's values ordered by the first hour they appear in (then by value)."""
-    column = _ROLLUPS.c[dimension]
-    first = sa.func.min(_ROLLUPS.c.hour)
-    query = sa.select(column).group_by(column).order_by(first, column)
-    return [str(value) for value in connection.execute(query).scalars()]
+    first: dict[str, datetime] = {}
+    for key, hour in first_hours.items():
+        value = str(key[position])
+        if value not in first or hour < first[value]:
+            first[value] = hour
+    return sorted(first, key=lambda value: (first[value], value))
 
 
 def serve(database_url: str | None, port: int, addr: str = "127.0.0.1", *, block: bool = True) -> Any:

@@ -16,10 +16,10 @@ from conftest import sample_value as value
 from conftest import wasted_tokens
 from prometheus_client import CollectorRegistry
 
-from costwatch.exporter import FleetCollector, serve, settled_before
+from costwatch.exporter import FleetCollector, FleetSamples, fleet_samples, serve, settled_before
 from costwatch.metrics import OTHER
 from costwatch.records import AttemptRecord, Cost, Outcome, Usage, WasteReason
-from costwatch.store import SqlStore
+from costwatch.store import HourlyRollup, SqlStore
 from costwatch.store import sink as sql_store_sink
 
 MODEL = "claude-sonnet-4-6"
@@ -258,3 +258,119 @@ def test_exporter_defaults_come_from_the_settings(monkeypatch):
     collector = FleetCollector("sqlite://")
     assert collector.retry_window == timedelta(seconds=42) and collector.model_label_limit == 3
     assert collector.store.retry_window == timedelta(seconds=42)
+
+
+def assert_same_samples(warm: FleetSamples, cold: FleetSamples) -> None:
+    """Equal series; counts exact, sums of floats up to the order they were added in."""
+    assert warm.counters.keys() == cold.counters.keys()
+    assert warm.histograms.keys() == cold.histograms.keys()
+    for name, series in cold.counters.items():
+        assert warm.counters[name] == pytest.approx(series, rel=1e-12), name
+    for name, histogram in cold.histograms.items():
+        assert warm.histograms[name].keys() == histogram.keys(), name
+        for labels, (count, total) in histogram.items():
+            assert warm.histograms[name][labels] == (count, pytest.approx(total, rel=1e-12)), (name, labels)
+
+
+def test_rollups_of_settled_hours_still_change_late_records_revisions_and_retries_land_there(store):
+    # What the exporter may not assume: "settled" only means the store no longer flips by itself.
+    settled = settled_before(NOW, WINDOW)
+    before = store.rollup_totals(end=settled, group_by=("waste_reason",))
+    store.write([record("late", OLD)])  # replayed from a spool hours later
+    late_drop = record("late-drop", OLD, request="job", outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED)
+    store.write([late_drop])
+    store.write([late_drop.with_waste(WasteReason.RETRIED)])  # a revision from its own process
+    after = store.rollup_totals(end=settled, group_by=("waste_reason",))
+    assert sum(row.attempts for row in after) == sum(row.attempts for row in before) + 2
+    assert {row.group["waste_reason"]: row.attempts for row in after} == {"": 1, "retried": 1}
+
+
+def test_a_scrape_reads_what_a_new_exporter_reads_after_writes_to_settled_and_recent_hours(
+    store, database_url
+):
+    store.write(
+        [
+            record("old-ok", OLD),
+            record("old-drop", OLD, request="a", outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED),
+            record("new-drop", RECENT, request="b", outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED),
+        ]
+    )
+    collector, registry = exporter(database_url, model_label_limit=3)
+    samples(registry)  # the first scrape of this process
+
+    other_process = SqlStore(database_url, retry_window=WINDOW)
+    try:
+        other_process.write(
+            [
+                record("late-ok", OLD - timedelta(hours=2), workflow="batch"),  # a late record, settled hour
+                record("late-model", OLD, model="claude-opus-4-6"),  # a new label value, settled hour
+                record("a-retry", OLD + timedelta(minutes=1), request="a", number=2),  # flips old-drop
+                record("new", RECENT, model="claude-haiku-4-5"),
+                record("b-retry", RECENT + timedelta(minutes=1), request="b", number=2),  # flips new-drop
+            ]
+        )
+    finally:
+        other_process.shutdown()
+    late_drop = record("late-drop", OLD, outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED)
+    store.write([late_drop])
+    store.write([late_drop.with_waste(WasteReason.RETRIED)])
+
+    fresh, _ = exporter(database_url, model_label_limit=3)
+    assert_same_samples(collector.read(), fresh.read())
+    assert wasted(registry, "abandoned") == 1000  # held at its high mark: old-drop flipped after settling
+    assert wasted(registry, "retried") == 3000
+
+
+def test_a_scrape_that_only_sees_counters_rise_shows_what_a_new_exporter_shows(store, database_url):
+    store.write([record("old", OLD), record("recent", RECENT)])
+    _, registry = exporter(database_url)
+    samples(registry)
+    store.write(
+        [
+            record("late", OLD - timedelta(hours=3), workflow="batch"),
+            record("late-drop", OLD, outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED),
+            record("more", RECENT + timedelta(minutes=2), model="claude-opus-4-6"),
+        ]
+    )
+    _, fresh_registry = exporter(database_url)
+    warm, cold = samples(registry), samples(fresh_registry)
+    assert warm.keys() == cold.keys()
+    assert warm == pytest.approx(cold, rel=1e-12)
+
+
+def test_the_exporter_reads_what_fleet_samples_computes_from_rollup_totals(store, database_url):
+    store.write(
+        [
+            record(f"m{i}", OLD + timedelta(hours=i - 3), model=f"model-{i % 3}", workflow=f"w{i % 4}")
+            for i in range(8)
+        ]
+        + [
+            record("d1", OLD, request="r1", outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED),
+            record("d2", RECENT, request="r2", outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED),
+            record("d3", OLD, request="r3", outcome=Outcome.DROPPED, waste=WasteReason.RETRIED),
+            record("r3", OLD + timedelta(minutes=1), request="r3", number=2),
+        ]
+    )
+    collector, _ = exporter(database_url, model_label_limit=2)
+    dimensions = ("model", "outcome", "error_type", "waste_reason", "workflow")
+    boundary = settled_before(NOW, WINDOW)
+    with store.engine.connect() as connection:
+        rollups = HourlyRollup.__table__
+
+        def first_seen(column: str) -> list[str]:
+            first = sa.func.min(rollups.c.hour)
+            query = (
+                sa.select(rollups.c[column]).group_by(rollups.c[column]).order_by(first, rollups.c[column])
+            )
+            return list(connection.execute(query).scalars())
+
+        models, workflows = first_seen("model"), first_seen("workflow")
+    expected = fleet_samples(
+        store.rollup_totals(group_by=dimensions),
+        store.rollup_totals(end=boundary, group_by=dimensions, where={"waste_reason": "abandoned"}),
+        models_first_seen=models,
+        workflows_first_seen=workflows,
+        model_label_limit=2,
+        workflow_label_limit=20,
+    )
+    assert_same_samples(collector.read(), expected)

@@ -178,6 +178,46 @@ def test_record_reads_back_unchanged(store: SqlStore) -> None:
     assert store.attempt("att-1") == record
 
 
+def test_unusual_values_read_back_unchanged(store: SqlStore) -> None:
+    record = attempt(
+        1,
+        attempt_id='att-"quoted" \\ back\\slash',
+        started_at=datetime(2025, 3, 1, 15, 45, 0, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        model=None,
+        time_to_first_token_s=float("inf"),
+        duration_s=1e-300,
+        tags={"workflow": 'naïve "café" \\ 😀', "team": "{a,b}"},
+        beta_features=("context-1m", "NULL"),
+        server_tool_use={"web_search_requests": 2**40},
+        fingerprint=None,
+    )
+    store.export([record])
+    assert store.attempt(record.attempt_id) == record
+
+
+def test_batch_rows_are_stored_exactly_as_sqlalchemy_core_stores_them(store: SqlStore) -> None:
+    record = dropped(1, started_at=T0, tags={"workflow": "w", "team": "t"}, beta_features=("b",))
+    twin = dataclasses.replace(record, attempt_id="att-twin", logical_request_id="req-twin")
+    store.export([record])
+    with store.engine.begin() as connection:
+        connection.execute(sa.insert(ATTEMPTS).values(attempt_row(twin)))
+    with store.engine.connect() as connection:
+        rows = connection.exec_driver_sql(
+            "SELECT * FROM costwatch_attempts WHERE attempt_id IN ('att-1', 'att-twin') ORDER BY attempt_id"
+        ).all()
+    columns = [c.name for c in ATTEMPTS.columns]
+    stored, core = (dict(zip(columns, row, strict=True)) for row in rows)
+    for name in ("attempt_id", "logical_request_id"):
+        del stored[name], core[name]
+    assert stored == core
+
+
+def test_retention_cuts_exactly_at_the_given_moment(store: SqlStore) -> None:
+    store.export([attempt(n, started_at=T0 + timedelta(seconds=n)) for n in range(3)])
+    assert store.prune_before(T0 + timedelta(seconds=1)) == 1
+    assert store.attempt("att-0") is None and store.attempt("att-1") is not None
+
+
 def test_redelivered_batch_is_stored_once(store: SqlStore) -> None:
     batch = [attempt(n) for n in range(50)]
     store.export(batch)

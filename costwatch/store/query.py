@@ -1,7 +1,8 @@
-"""Reading the store: totals over the hourly rollups, grouped by chosen dimensions, for reports.
+"""Reading the store: totals over the rollups, grouped by chosen dimensions, for reports and exporters.
 
 Reports and exporters read only the rollups, whose size grows with hours x label combinations and
-not with traffic, so a query never scans the raw attempt rows.
+not with traffic, so a query never scans the raw attempt rows. Totals over every hour come from the
+all-time rollups (a few thousand rows), not from grouping every hourly row.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .schema import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUPS
+from .schema import ALL_TIME_DIMENSIONS, ALL_TIME_ROLLUPS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUPS
 
-__all__ = ["RollupTotals", "read_rollup_totals", "rollup_totals_query"]
+__all__ = ["RollupTotals", "all_time_with_recent_query", "read_rollup_totals", "rollup_totals_query"]
 
 _INTEGER_MEASURES = frozenset(
     m for m in ROLLUP_MEASURES if m not in ("billed_cost_usd", "wasted_cost_usd", "duration_s")
@@ -75,12 +76,22 @@ def rollup_totals_query(
     group_by: Sequence[str] = (),
     where: Mapping[str, str | Sequence[str]] | None = None,
 ) -> sa.Select[Any]:
-    """The SELECT behind :func:`read_rollup_totals`; exposed so callers can inspect or extend it."""
+    """The SELECT behind :func:`read_rollup_totals`; exposed so callers can inspect or extend it.
+
+    Without ``start``, ``end`` or the hour among the dimensions, it reads the all-time rollups,
+    which hold the same sums as the hourly rollups over every hour.
+    """
     unknown = [name for name in [*group_by, *(where or {})] if name not in ROLLUP_DIMENSIONS]
     if unknown:
         raise ValueError(f"unknown rollup dimension(s) {unknown}; choose from {list(ROLLUP_DIMENSIONS)}")
-    dimensions = [ROLLUPS.c[name] for name in group_by]
-    sums = [sa.func.sum(ROLLUPS.c[name]).label(name) for name in ROLLUP_MEASURES]
+    all_time = (
+        start is None
+        and end is None
+        and all(name in ALL_TIME_DIMENSIONS for name in [*group_by, *(where or {})])
+    )
+    table = ALL_TIME_ROLLUPS if all_time else ROLLUPS
+    dimensions = [table.c[name] for name in group_by]
+    sums = [sa.func.sum(table.c[name]).label(name) for name in ROLLUP_MEASURES]
     query = sa.select(*dimensions, *sums).group_by(*dimensions).order_by(*dimensions)
     if start is not None:
         query = query.where(ROLLUPS.c.hour >= start)
@@ -88,9 +99,9 @@ def rollup_totals_query(
         query = query.where(ROLLUPS.c.hour < end)
     for name, wanted in (where or {}).items():
         values = [wanted] if isinstance(wanted, str) else list(wanted)
-        query = query.where(ROLLUPS.c[name].in_(values))
+        query = query.where(table.c[name].in_(values))
     # Groups whose attempts were all re-attributed elsewhere leave rows of zeros behind.
-    return query.having(sa.func.sum(ROLLUPS.c.attempts) != 0)
+    return query.having(sa.func.sum(table.c.attempts) != 0)
 
 
 def read_rollup_totals(
@@ -105,3 +116,45 @@ def read_rollup_totals(
         }
         totals.append(RollupTotals(group={name: row[name] for name in group_by}, **measures))
     return totals
+
+
+def all_time_with_recent_query(
+    boundary: datetime,
+    *,
+    measures: Sequence[str] = ROLLUP_MEASURES,
+    recent_where: Mapping[str, str | Sequence[str]] | None = None,
+) -> sa.CompoundSelect:
+    """Every all-time rollup row, and the hourly rollups from ``boundary`` on, grouped the same way.
+
+    One statement, so one snapshot: the recent part can be subtracted from the all-time part (to
+    get the sums over the hours before ``boundary``) without a write landing in between. Each row
+    is the five dimension values (``ALL_TIME_DIMENSIONS``), then ``recent`` (false for an all-time
+    row), ``first_hour`` (the group's earliest hour in its part) and the sums in the order of
+    ``measures``. ``recent_where`` keeps only the recent hourly rows whose dimensions have these
+    values. All-time rows that sum to zero attempts are kept: their first hour still says when a
+    label value first appeared.
+    """
+    unknown = [name for name in recent_where or {} if name not in ALL_TIME_DIMENSIONS]
+    unknown += [name for name in measures if name not in ROLLUP_MEASURES]
+    if unknown:
+        raise ValueError(f"cannot filter recent rollups by or sum {unknown}")
+    all_time = sa.select(
+        *(ALL_TIME_ROLLUPS.c[name] for name in ALL_TIME_DIMENSIONS),
+        sa.literal(False).label("recent"),
+        ALL_TIME_ROLLUPS.c.first_hour,
+        *(ALL_TIME_ROLLUPS.c[name] for name in measures),
+    )
+    dimensions = [ROLLUPS.c[name] for name in ALL_TIME_DIMENSIONS]
+    # The hour leads the hourly rollups' primary key: the recent hours are one index range.
+    recent = sa.select(
+        *dimensions,
+        sa.literal(True).label("recent"),
+        sa.func.min(ROLLUPS.c.hour).label("first_hour"),
+        # Cast back to the column's type: PostgreSQL sums bigints as numeric, and the union would
+        # then return every all-time row's counts as decimals too.
+        *(sa.cast(sa.func.sum(ROLLUPS.c[name]), ROLLUPS.c[name].type).label(name) for name in measures),
+    ).where(ROLLUPS.c.hour >= boundary)
+    for name, wanted in (recent_where or {}).items():
+        values = [wanted] if isinstance(wanted, str) else list(wanted)
+        recent = recent.where(ROLLUPS.c[name].in_(values))
+    return sa.union_all(all_time, recent.group_by(*dimensions))

@@ -16,13 +16,17 @@ from ..records import AttemptRecord, Cost, Outcome, Usage, WasteReason
 from .schema import ROLLUP_DIMENSIONS, ROLLUP_MEASURES
 
 __all__ = [
+    "ATTEMPT_COLUMNS",
     "RollupKey",
     "attempt_row",
+    "attempt_values",
     "hour_of",
     "record_from_row",
     "rollup_contribution",
+    "rollup_delta_rows",
     "rollup_deltas",
     "rollup_key",
+    "rollup_measures",
     "rollup_row",
 ]
 
@@ -33,58 +37,92 @@ RollupKey = tuple[datetime, str, str, str, str, str]
 
 def hour_of(moment: datetime) -> datetime:
     """The UTC hour ``moment`` falls in (naive input is taken as UTC)."""
-    utc = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
-    return utc.replace(minute=0, second=0, microsecond=0)
+    zone = moment.tzinfo
+    if zone is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    elif zone is not timezone.utc:
+        moment = moment.astimezone(timezone.utc)
+    return moment.replace(minute=0, second=0, microsecond=0)
 
 
 def rollup_key(record: AttemptRecord) -> RollupKey:
     """The rollup row an attempt counts towards."""
+    # Enums' ``_value_``, not ``.value`` (a Python-level descriptor): this runs for every attempt written.
+    waste_reason = record.waste_reason
     return (
         hour_of(record.started_at),
         record.model_name,
-        record.outcome.value,
+        record.outcome._value_,
         record.error_label,
-        record.waste_reason.value if (record.wasted and record.waste_reason is not None) else "",
+        waste_reason._value_ if (record.wasted and waste_reason is not None) else "",
         record.workflow,
+    )
+
+
+def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
+    """What one attempt adds to its rollup row: one value per ``ROLLUP_MEASURES`` entry, in order."""
+    usage = record.usage
+    input_tokens = usage.input_tokens
+    output_tokens = usage.output_tokens
+    cache_read = usage.cache_read_tokens
+    cache_write = usage.cache_write_tokens
+    billed_cost = record.cost.total_usd if record.cost is not None else 0.0
+    wasted = record.wasted
+    return (
+        1,
+        1 if record.outcome is Outcome.DROPPED else 0,
+        1 if record.attempt_number == 1 else 0,
+        input_tokens,
+        output_tokens,
+        cache_read,
+        cache_write,
+        input_tokens if wasted else 0,
+        output_tokens if wasted else 0,
+        cache_read if wasted else 0,
+        cache_write if wasted else 0,
+        billed_cost,
+        billed_cost if wasted else 0.0,
+        usage.estimated_output_tokens if usage.output_estimated else 0,
+        record.duration_s,
     )
 
 
 def rollup_contribution(record: AttemptRecord) -> tuple[RollupKey, dict[str, float]]:
     """What one attempt adds to its rollup row: the key and a value for every rollup measure."""
-    usage = record.usage
-    billed = usage.by_type()
-    wasted = record.wasted
-    values: dict[str, float] = {
-        "attempts": 1,
-        "dropped_attempts": 1 if record.outcome is Outcome.DROPPED else 0,
-        "logical_requests_started": 1 if record.attempt_number == 1 else 0,
-        "billed_cost_usd": record.cost.total_usd if record.cost is not None else 0.0,
-        "wasted_cost_usd": record.wasted_cost_usd,
-        "estimated_output_tokens": usage.estimated_output_tokens if usage.output_estimated else 0,
-        "duration_s": record.duration_s,
-    }
-    for token_type, tokens in billed.items():
-        values[f"billed_{token_type.value}_tokens"] = tokens
-        values[f"wasted_{token_type.value}_tokens"] = tokens if wasted else 0
-    assert set(values) == set(ROLLUP_MEASURES)
-    return rollup_key(record), values
+    return rollup_key(record), dict(zip(ROLLUP_MEASURES, rollup_measures(record), strict=True))
+
+
+def rollup_delta_rows(
+    added: Iterable[AttemptRecord], removed: Iterable[AttemptRecord] = ()
+) -> list[tuple[Any, ...]]:
+    """Net change to the rollups as rows of ``ROLLUP_DIMENSIONS + ROLLUP_MEASURES``, in key order.
+
+    ``added`` land and ``removed`` (replaced revisions) leave. Keys whose every measure nets to zero
+    are left out, so a no-op reclassification writes nothing. Key order is the lock order.
+    """
+    sums: dict[RollupKey, list[float]] = {}
+    for sign, records in ((1, added), (-1, removed)):
+        for record in records:
+            key = rollup_key(record)
+            values = rollup_measures(record)
+            row = sums.get(key)
+            if row is None:
+                sums[key] = list(values) if sign > 0 else [-value for value in values]
+            else:
+                for i, value in enumerate(values):
+                    row[i] += sign * value
+    return [(*key, *sums[key]) for key in sorted(sums) if any(sums[key])]
 
 
 def rollup_deltas(
     added: Iterable[AttemptRecord], removed: Iterable[AttemptRecord] = ()
 ) -> dict[RollupKey, dict[str, float]]:
-    """Net change to the rollups when ``added`` land and ``removed`` (replaced revisions) leave.
-
-    Keys whose every measure nets to zero are left out, so a no-op reclassification writes nothing.
-    """
-    deltas: dict[RollupKey, dict[str, float]] = {}
-    for sign, records in ((1, added), (-1, removed)):
-        for record in records:
-            key, values = rollup_contribution(record)
-            row = deltas.setdefault(key, dict.fromkeys(ROLLUP_MEASURES, 0))
-            for name, value in values.items():
-                row[name] += sign * value
-    return {key: row for key, row in deltas.items() if any(row.values())}
+    """:func:`rollup_delta_rows` keyed by rollup key, each measure by name."""
+    width = len(ROLLUP_DIMENSIONS)
+    return {
+        row[:width]: dict(zip(ROLLUP_MEASURES, row[width:], strict=True))
+        for row in rollup_delta_rows(added, removed)
+    }
 
 
 def rollup_row(key: RollupKey, values: Mapping[str, float]) -> dict[str, Any]:
@@ -92,48 +130,96 @@ def rollup_row(key: RollupKey, values: Mapping[str, float]) -> dict[str, Any]:
     return {**dict(zip(ROLLUP_DIMENSIONS, key, strict=True)), **values}
 
 
-def attempt_row(record: AttemptRecord) -> dict[str, Any]:
-    """The ``costwatch_attempts`` row of a record."""
+ATTEMPT_COLUMNS = (
+    "attempt_id",
+    "logical_request_id",
+    "attempt_number",
+    "started_at",
+    "outcome",
+    "model_requested",
+    "model",
+    "stream",
+    "beta_features",
+    "request_id",
+    "message_id",
+    "sdk_retry",
+    "http_status",
+    "error_type",
+    "api_error_type",
+    "time_to_first_token_s",
+    "duration_s",
+    "input_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "cache_read_tokens",
+    "output_tokens",
+    "output_estimated",
+    "estimated_output_tokens",
+    "server_tool_use",
+    "stop_reason",
+    "events_received",
+    "bytes_received",
+    "input_cost_usd",
+    "cache_write_cost_usd",
+    "cache_read_cost_usd",
+    "output_cost_usd",
+    "wasted",
+    "waste_reason",
+    "tags",
+    "fingerprint",
+    "revision",
+)
+"""The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
+
+
+def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
+    """The ``costwatch_attempts`` row of a record, one value per ``ATTEMPT_COLUMNS`` entry."""
     usage, cost = record.usage, record.cost
-    return {
-        "attempt_id": record.attempt_id,
-        "logical_request_id": record.logical_request_id,
-        "attempt_number": record.attempt_number,
-        "started_at": record.started_at,
-        "outcome": record.outcome.value,
-        "model_requested": record.model_requested,
-        "model": record.model,
-        "stream": record.stream,
-        "beta_features": list(record.beta_features),
-        "request_id": record.request_id,
-        "message_id": record.message_id,
-        "sdk_retry": record.sdk_retry,
-        "http_status": record.http_status,
-        "error_type": record.error_type,
-        "api_error_type": record.api_error_type,
-        "time_to_first_token_s": record.time_to_first_token_s,
-        "duration_s": record.duration_s,
-        "input_tokens": usage.input_tokens,
-        "cache_write_5m_tokens": usage.cache_write_5m_tokens,
-        "cache_write_1h_tokens": usage.cache_write_1h_tokens,
-        "cache_read_tokens": usage.cache_read_tokens,
-        "output_tokens": usage.output_tokens,
-        "output_estimated": usage.output_estimated,
-        "estimated_output_tokens": usage.estimated_output_tokens,
-        "server_tool_use": dict(record.server_tool_use),
-        "stop_reason": record.stop_reason,
-        "events_received": record.events_received,
-        "bytes_received": record.bytes_received,
-        "input_cost_usd": cost.input_usd if cost is not None else None,
-        "cache_write_cost_usd": cost.cache_write_usd if cost is not None else None,
-        "cache_read_cost_usd": cost.cache_read_usd if cost is not None else None,
-        "output_cost_usd": cost.output_usd if cost is not None else None,
-        "wasted": record.wasted,
-        "waste_reason": record.waste_reason.value if record.waste_reason is not None else None,
-        "tags": dict(record.tags),
-        "fingerprint": record.fingerprint,
-        "revision": record.revision,
-    }
+    waste_reason = record.waste_reason
+    return (
+        record.attempt_id,
+        record.logical_request_id,
+        record.attempt_number,
+        record.started_at,
+        record.outcome.value,
+        record.model_requested,
+        record.model,
+        record.stream,
+        list(record.beta_features),
+        record.request_id,
+        record.message_id,
+        record.sdk_retry,
+        record.http_status,
+        record.error_type,
+        record.api_error_type,
+        record.time_to_first_token_s,
+        record.duration_s,
+        usage.input_tokens,
+        usage.cache_write_5m_tokens,
+        usage.cache_write_1h_tokens,
+        usage.cache_read_tokens,
+        usage.output_tokens,
+        usage.output_estimated,
+        usage.estimated_output_tokens,
+        dict(record.server_tool_use),
+        record.stop_reason,
+        record.events_received,
+        record.bytes_received,
+        cost.input_usd if cost is not None else None,
+        cost.cache_write_usd if cost is not None else None,
+        cost.cache_read_usd if cost is not None else None,
+        cost.output_usd if cost is not None else None,
+        record.wasted,
+        waste_reason.value if waste_reason is not None else None,
+        dict(record.tags),
+        record.fingerprint,
+        record.revision,
+    )
+
+
+def attempt_row(record: AttemptRecord) -> dict[str, Any]:
+    """The ``costwatch_attempts`` row of a record, keyed by column."""
+    return dict(zip(ATTEMPT_COLUMNS, attempt_values(record), strict=True))
 
 
 def _cost_from_columns(row: Mapping[Any, Any]) -> Cost | None:

@@ -14,12 +14,15 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "ALL_TIME_DIMENSIONS",
+    "ALL_TIME_ROLLUPS",
     "ATTEMPTS",
     "NAMING_CONVENTION",
     "ROLLUPS",
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
     "VERSION_TABLE",
+    "AllTimeRollup",
     "Attempt",
     "Base",
     "HourlyRollup",
@@ -85,7 +88,8 @@ class Attempt(Base):
     attempt_id: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     logical_request_id: Mapped[str] = mapped_column(sa.String(), index=True)
     attempt_number: Mapped[int] = mapped_column(sa.Integer())
-    started_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+    # Not indexed: nothing reads attempts by time but retention (migration 0002).
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
     outcome: Mapped[str] = mapped_column(sa.String())
     model_requested: Mapped[str] = mapped_column(sa.String())
     model: Mapped[str | None] = mapped_column(sa.String())
@@ -145,7 +149,27 @@ ROLLUP_MEASURES = (
 """The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them."""
 
 
-class HourlyRollup(Base):
+class _RollupMeasures:
+    """The additive columns every rollup table has, after its own key columns."""
+
+    attempts: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    dropped_attempts: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    logical_requests_started: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    billed_input_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    billed_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    billed_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    billed_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    wasted_input_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    wasted_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    wasted_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    wasted_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    billed_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    wasted_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    estimated_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    duration_s: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+
+
+class HourlyRollup(_RollupMeasures, Base):
     """Sums over the attempts that started in one UTC hour, for one combination of dimensions."""
 
     __tablename__ = "costwatch_hourly_rollups"
@@ -156,21 +180,6 @@ class HourlyRollup(Base):
     error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    attempts: Mapped[int] = mapped_column(sa.BigInteger())
-    dropped_attempts: Mapped[int] = mapped_column(sa.BigInteger())
-    logical_requests_started: Mapped[int] = mapped_column(sa.BigInteger())
-    billed_input_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    billed_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    billed_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    billed_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    wasted_input_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    wasted_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    wasted_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    wasted_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    billed_cost_usd: Mapped[float] = mapped_column(sa.Double())
-    wasted_cost_usd: Mapped[float] = mapped_column(sa.Double())
-    estimated_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    duration_s: Mapped[float] = mapped_column(sa.Double())
 
 
 ATTEMPTS = cast(sa.Table, Attempt.__table__)
@@ -178,3 +187,30 @@ ATTEMPTS = cast(sa.Table, Attempt.__table__)
 
 ROLLUPS = cast(sa.Table, HourlyRollup.__table__)
 """The hourly rollups table, for Core statements."""
+
+
+ALL_TIME_DIMENSIONS = ROLLUP_DIMENSIONS[1:]
+"""The columns an all-time rollup row is keyed by: the hourly rollups' dimensions but the hour."""
+
+
+class AllTimeRollup(_RollupMeasures, Base):
+    """Sums over every attempt ever stored, for one combination of dimensions, and its first hour.
+
+    The writer moves it by the same deltas as the hourly rollups, in the same transaction, so each
+    row equals the sum of the hourly rows of its dimensions. ``first_hour`` is the earliest hour
+    any of those hourly rows has (it orders label values by when they first appeared); rows that
+    sum to zero attempts are kept for it, as the hourly rows are.
+    """
+
+    __tablename__ = "costwatch_all_time_rollups"
+
+    model: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    outcome: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    first_hour: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+ALL_TIME_ROLLUPS = cast(sa.Table, AllTimeRollup.__table__)
+"""The all-time rollups table, for Core statements."""

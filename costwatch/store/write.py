@@ -8,27 +8,37 @@ The rules, all applied inside the caller's transaction so that rows and rollups 
   fingerprint, started within the retry window after the failed attempt ended) becomes ``retried``,
   whichever process wrote either of them;
 * rollup rows are upserted in key order, so concurrent writers lock them in the same order.
+
+A batch is a handful of statements whatever its size, each with the same text every time, so
+neither SQLAlchemy nor the driver compiles or parses anything per batch, and no value is formatted
+one by one in Python: on PostgreSQL the rows go in as one JSON parameter (``INSERT ... SELECT FROM
+json_populate_recordset(...)``, prepared by psycopg after a few batches), on SQLite through the
+driver's ``executemany``; lists of keys are one JSON array parameter on both (SQLite's ``json_each``
+needs its JSON functions, built in since 3.38 and in Python's own builds long before).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
 
 from ..records import AttemptRecord, WasteReason
-from .rows import RollupKey, attempt_row, record_from_row, rollup_deltas, rollup_row
-from .schema import ATTEMPTS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUPS
+from .all_time import apply_all_time_deltas
+from .rows import ATTEMPT_COLUMNS, attempt_values, record_from_row, rollup_delta_rows
+from .schema import ATTEMPTS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUPS, UtcDateTime
 
 __all__ = ["BatchResult", "latest_revisions", "write_batch"]
 
-_IN_CHUNK = 500
-"""Bound on the values in one ``IN (...)`` list (SQLite limits bound parameters per statement)."""
+_ROLLUP_COLUMNS = (*ROLLUP_DIMENSIONS, *ROLLUP_MEASURES)
 
 
 @dataclass(frozen=True)
@@ -53,55 +63,241 @@ def latest_revisions(records: Iterable[AttemptRecord]) -> list[AttemptRecord]:
     return [latest[key] for key in sorted(latest)]
 
 
-def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(values), _IN_CHUNK):
-        yield values[start : start + _IN_CHUNK]
+# -- statements, built once per table and backend -------------------------------------------------
+@dataclass(frozen=True)
+class _BulkStatement:
+    """An insert of many rows as driver SQL, and how to turn rows into its parameters."""
+
+    sql: str
+    names: tuple[str, ...]
+    """The columns, in the order of the rows' values."""
+    convert: tuple[Callable[[Any], Any] | None, ...]
+    """Per column, what SQLAlchemy's bind processing would do to a value (``None``: nothing)."""
+    as_json: bool
+    """The rows go as one JSON array of objects (PostgreSQL), else one tuple each (``executemany``)."""
+
+    def parameters(self, rows: Sequence[tuple[Any, ...]]) -> Any:
+        """The parameters of this statement for ``rows`` (tuples in the order of ``names``)."""
+        if any(self.convert):
+            columns = [
+                values if convert is None else tuple(map(convert, values))
+                for values, convert in zip(zip(*rows, strict=True), self.convert, strict=True)
+            ]
+            rows = list(zip(*columns, strict=True))
+        if self.as_json:
+            names = self.names
+            return {"rows": _rows_json([dict(zip(names, row, strict=True)) for row in rows])}
+        return rows
 
 
-def _insert(connection: sa.Connection) -> Any:
-    name = connection.dialect.name
-    if name == "postgresql":
-        return postgresql.insert
-    if name == "sqlite":
-        return sqlite.insert
-    raise NotImplementedError(f"costwatch's store supports SQLite and PostgreSQL, not {name}")
+def _rows_json(rows: list[dict[str, Any]]) -> str:
+    try:
+        return json.dumps(rows, allow_nan=False)
+    except ValueError:
+        # JSON has no NaN or infinity; PostgreSQL reads them from strings into float columns.
+        return json.dumps([{k: _finite_or_text(v) for k, v in row.items()} for row in rows])
+
+
+def _finite_or_text(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+_json_texts: dict[Any, str] = {}
+_JSON_TEXTS_KEPT = 4096
+
+
+def _json_text(value: Any) -> str | None:
+    """JSON as SQLAlchemy would bind it, remembered: most attempts carry the same few tags."""
+    if value is None:
+        return None
+    try:
+        key = (type(value), tuple(value.items()) if isinstance(value, dict) else tuple(value))
+        text = _json_texts.get(key)
+    except TypeError:  # an unhashable value inside
+        return json.dumps(value)
+    if text is None:
+        if len(_json_texts) >= _JSON_TEXTS_KEPT:
+            _json_texts.clear()
+        text = _json_texts[key] = json.dumps(value)
+    return text
+
+
+def _utc_text(value: datetime | None) -> str | None:
+    """As :class:`UtcDateTime` binds for PostgreSQL (naive is UTC), as ISO 8601 text."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat()
+
+
+def _sqlite_utc_text(value: datetime | None) -> str | None:
+    """As :class:`UtcDateTime` and SQLAlchemy bind for SQLite: naive UTC, always with microseconds."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        if value.tzinfo is not timezone.utc:
+            value = value.astimezone(timezone.utc)
+        # Without the "+00:00" (a four-digit year always, so always 26 characters).
+        return value.isoformat(sep=" ", timespec="microseconds")[:26]
+    return value.isoformat(sep=" ", timespec="microseconds")
+
+
+def _bind_conversions(
+    table: sa.Table, names: Sequence[str], dialect: Dialect
+) -> tuple[Callable[[Any], Any] | None, ...]:
+    """Per column, what SQLAlchemy's bind processing would do to a value, done in one call.
+
+    Booleans and floats need nothing: SQLite's column affinity stores them as SQLAlchemy would,
+    and PostgreSQL reads them from JSON. JSON columns go as their text on both: nested in the batch's
+    JSON, PostgreSQL would refuse a ``\\u0000`` escape in a tag value, which a ``json`` column keeps.
+    """
+    conversions: list[Callable[[Any], Any] | None] = []
+    for name in names:
+        column_type = table.c[name].type
+        if isinstance(column_type, UtcDateTime):
+            conversions.append(_sqlite_utc_text if dialect.name == "sqlite" else _utc_text)
+        elif isinstance(column_type, sa.JSON):
+            conversions.append(_json_text)
+        else:
+            conversions.append(None)
+    return tuple(conversions)
+
+
+def _bulk_insert(table: sa.Table, names: Sequence[str], dialect: Dialect, tail: str) -> _BulkStatement:
+    quote = dialect.identifier_preparer.quote
+    columns = ", ".join(quote(name) for name in names)
+    convert = _bind_conversions(table, names, dialect)
+    if dialect.name == "sqlite":
+        marks = ", ".join("?" for _ in names)
+        sql = f"INSERT INTO {quote(table.name)} ({columns}) VALUES ({marks}) {tail}"
+        return _BulkStatement(sql, tuple(names), convert, as_json=False)
+    # PostgreSQL parses the whole batch from one JSON parameter, in C, into the table's row type;
+    # the driver would otherwise format every value of a 500-row statement (or of per-column
+    # arrays) in Python. ORDER BY: rows are inserted, and so locked, in the order they are given.
+    # A JSON column arrives as a JSON string holding its text; #>> '{}' unwraps it.
+    selected = ", ".join(
+        f"({quote(name)} #>> '{{}}')::json" if isinstance(table.c[name].type, sa.JSON) else quote(name)
+        for name in names
+    )
+    sql = (
+        f"INSERT INTO {quote(table.name)} ({columns}) SELECT {selected} "
+        f"FROM json_populate_recordset(NULL::{quote(table.name)}, %(rows)s::json) WITH ORDINALITY "
+        f"ORDER BY ordinality {tail}"
+    )
+    return _BulkStatement(sql, tuple(names), convert, as_json=True)
+
+
+@dataclass(frozen=True)
+class _Statements:
+    insert_attempts: _BulkStatement
+    upsert_rollups: _BulkStatement
+
+
+_statements: dict[str, _Statements] = {}
+
+
+def _statements_for(dialect: Dialect) -> _Statements:
+    key = f"{dialect.name}+{dialect.driver}"
+    found = _statements.get(key)
+    if found is not None:
+        return found
+    if dialect.name not in ("postgresql", "sqlite"):
+        raise NotImplementedError(f"costwatch's store supports SQLite and PostgreSQL, not {dialect.name}")
+    quote = dialect.identifier_preparer.quote
+    # On PostgreSQL the insert says which rows were new; on SQLite the writer has read that first.
+    attempts_tail = (
+        f"ON CONFLICT ({quote('attempt_id')}) DO NOTHING RETURNING {quote('attempt_id')}"
+        if dialect.name == "postgresql"
+        else ""
+    )
+    rollups = quote(ROLLUPS.name)
+    rollups_tail = (
+        f"ON CONFLICT ({', '.join(quote(name) for name in ROLLUP_DIMENSIONS)}) DO UPDATE SET "
+        + ", ".join(f"{quote(m)} = {rollups}.{quote(m)} + excluded.{quote(m)}" for m in ROLLUP_MEASURES)
+    )
+    found = _Statements(
+        insert_attempts=_bulk_insert(ATTEMPTS, ATTEMPT_COLUMNS, dialect, attempts_tail),
+        upsert_rollups=_bulk_insert(ROLLUPS, _ROLLUP_COLUMNS, dialect, rollups_tail),
+    )
+    _statements[key] = found
+    return found
+
+
+# -- reading what is stored ------------------------------------------------------------------------
+def _among(
+    connection: sa.Connection, column: sa.Column[Any], values: Sequence[str]
+) -> sa.ColumnElement[bool]:
+    """``column`` is one of ``values``, given as one JSON array parameter (so one statement text).
+
+    SQLAlchemy would otherwise expand an ``IN`` list into hundreds of parameters, and psycopg format
+    an array parameter element by element, both in Python, for every batch.
+    """
+    if not values:
+        return sa.false()
+    listed = sa.bindparam(None, json.dumps(list(values)), type_=sa.String())
+    if connection.dialect.name == "postgresql":
+        # = ANY(ARRAY(...)), not IN (SELECT ...): inside an OR, only the array form is an index scan.
+        elements = sa.select(sa.func.json_array_elements_text(sa.cast(listed, postgresql.JSON)))
+        return column == sa.any_(sa.func.array(elements.scalar_subquery()))
+    return column.in_(sa.select(sa.func.json_each(listed).table_valued("value").c.value))
 
 
 def _select_rows(connection: sa.Connection, where: sa.ColumnElement[bool]) -> list[AttemptRecord]:
-    query = sa.select(ATTEMPTS).where(where).order_by(ATTEMPTS.c.attempt_id).with_for_update()
+    """The stored rows matching ``where``, locked on PostgreSQL in ``attempt_id`` order (the lock order).
+
+    SQLite has no row locks (the writer holds the database's) and no order is asked of it: with
+    statistics, its planner would rather walk the whole primary key in order than probe the
+    key indexes and sort.
+    """
+    query = sa.select(ATTEMPTS).where(where)
+    if connection.dialect.name == "postgresql":
+        query = query.order_by(ATTEMPTS.c.attempt_id).with_for_update()
     return [record_from_row(row) for row in connection.execute(query).mappings()]
 
 
-def _insert_new(connection: sa.Connection, records: Sequence[AttemptRecord]) -> set[str]:
-    insert = _insert(connection)
-    statement = (
-        insert(ATTEMPTS)
-        .on_conflict_do_nothing(index_elements=["attempt_id"])
-        .returning(ATTEMPTS.c.attempt_id)
-    )
-    result = connection.execute(statement, [attempt_row(record) for record in records])
-    return set(result.scalars())
+# -- the steps of a batch --------------------------------------------------------------------------
+def _insert_new(
+    connection: sa.Connection, records: Sequence[AttemptRecord]
+) -> tuple[list[AttemptRecord], list[AttemptRecord]]:
+    """Insert the attempts not stored yet; returns (those inserted, stored revisions of the others)."""
+    statement = _statements_for(connection.dialect).insert_attempts
+    if connection.dialect.name == "postgresql":
+        # Insert-or-ignore says which rows were new (RETURNING); then lock and read the others.
+        rows = [attempt_values(record) for record in records]
+        new_ids = set(connection.exec_driver_sql(statement.sql, statement.parameters(rows)).scalars())
+        others = [record.attempt_id for record in records if record.attempt_id not in new_ids]
+        stored = _select_rows(connection, _among(connection, ATTEMPTS.c.attempt_id, others)) if others else []
+        return [record for record in records if record.attempt_id in new_ids], stored
+    # SQLite: this transaction holds the database's write lock, so what is stored now stays so
+    # until commit; read it, then insert the rest (a plain insert: a conflict here would be a bug).
+    ids = [record.attempt_id for record in records]
+    stored = _select_rows(connection, _among(connection, ATTEMPTS.c.attempt_id, ids))
+    stored_ids = {record.attempt_id for record in stored}
+    new = [record for record in records if record.attempt_id not in stored_ids]
+    if new:
+        connection.exec_driver_sql(statement.sql, statement.parameters([attempt_values(r) for r in new]))
+    return new, stored
 
 
 def _apply_revisions(
-    connection: sa.Connection, records: Sequence[AttemptRecord]
+    connection: sa.Connection, records: Sequence[AttemptRecord], stored: Sequence[AttemptRecord]
 ) -> tuple[list[AttemptRecord], list[AttemptRecord]]:
     """Replace stored attempts with higher revisions; returns (new revisions, replaced revisions)."""
     incoming = {record.attempt_id: record for record in records}
     added: list[AttemptRecord] = []
     removed: list[AttemptRecord] = []
-    for ids in _chunks(sorted(incoming)):
-        for stored in _select_rows(connection, ATTEMPTS.c.attempt_id.in_(ids)):
-            record = incoming[stored.attempt_id]
-            if record.revision <= stored.revision:
-                continue
-            row = attempt_row(record)
-            del row["attempt_id"]
-            connection.execute(
-                sa.update(ATTEMPTS).where(ATTEMPTS.c.attempt_id == record.attempt_id).values(row)
-            )
-            added.append(record)
-            removed.append(stored)
+    for old in stored:
+        record = incoming[old.attempt_id]
+        if record.revision <= old.revision:
+            continue
+        row = dict(zip(ATTEMPT_COLUMNS, attempt_values(record), strict=True))
+        del row["attempt_id"]
+        connection.execute(sa.update(ATTEMPTS).where(ATTEMPTS.c.attempt_id == record.attempt_id).values(row))
+        added.append(record)
+        removed.append(old)
     return added, removed
 
 
@@ -129,20 +325,32 @@ def _ended_since(connection: sa.Connection, since: datetime) -> sa.ColumnElement
         ended = ATTEMPTS.c.started_at + ATTEMPTS.c.duration_s * sa.literal_column("interval '1 second'")
         return ended >= since
     # SQLite keeps timestamps as text; julianday() reads them as (fractional) days. A second of
-    # slack absorbs its rounding; _is_retry_of decides exactly.
+    # slack absorbs its rounding; _is_retry_of decides exactly. (A filter on the rows the key
+    # indexes found, so it costs no index.)
     bound = sa.func.julianday(sa.literal(since - timedelta(seconds=1), ATTEMPTS.c.started_at.type))
     return sa.func.julianday(ATTEMPTS.c.started_at) + ATTEMPTS.c.duration_s / 86400.0 >= bound
 
 
-def _keys_match(records: Sequence[AttemptRecord], recent: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
-    """Rows sharing a logical request with ``records``, or a fingerprint with ``recent`` true."""
+def _keys_match(
+    connection: sa.Connection,
+    records: Sequence[AttemptRecord],
+    recent: sa.ColumnElement[bool],
+    *,
+    waste_reason: WasteReason | None = None,
+) -> sa.ColumnElement[bool]:
+    """Rows sharing a logical request with ``records``, or a fingerprint with ``recent`` true.
+
+    With ``waste_reason``, only rows of that reason: the condition is repeated in each branch of
+    the ``OR`` so that each is one probe of a ``(key, waste_reason)`` index.
+    """
     request_ids = sorted({record.logical_request_id for record in records})
     fingerprints = sorted({record.fingerprint for record in records if record.fingerprint is not None})
-    clauses: list[sa.ColumnElement[bool]] = [
-        ATTEMPTS.c.logical_request_id.in_(ids) for ids in _chunks(request_ids)
-    ]
-    clauses += [sa.and_(ATTEMPTS.c.fingerprint.in_(fps), recent) for fps in _chunks(fingerprints)]
-    return sa.or_(*clauses) if clauses else sa.false()
+    of_reason = [ATTEMPTS.c.waste_reason == waste_reason.value] if waste_reason is not None else []
+    by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), *of_reason)
+    if not fingerprints:
+        return by_request
+    by_fingerprint = sa.and_(_among(connection, ATTEMPTS.c.fingerprint, fingerprints), *of_reason, recent)
+    return sa.or_(by_request, by_fingerprint)
 
 
 def _reclassify_retried(
@@ -155,9 +363,10 @@ def _reclassify_retried(
     abandoned = _select_rows(
         connection,
         sa.and_(
+            _keys_match(
+                connection, landed, _ended_since(connection, since), waste_reason=WasteReason.ABANDONED
+            ),
             ATTEMPTS.c.wasted.is_(True),
-            ATTEMPTS.c.waste_reason == WasteReason.ABANDONED.value,
-            _keys_match(landed, _ended_since(connection, since)),
         ),
     )
     if not abandoned:
@@ -168,12 +377,23 @@ def _reclassify_retried(
     others: list[AttemptRecord] = []
     if new_abandoned:
         # Their retries started after them, so after ``since``.
-        query = sa.select(ATTEMPTS).where(_keys_match(new_abandoned, ATTEMPTS.c.started_at >= since))
+        query = sa.select(ATTEMPTS).where(
+            _keys_match(connection, new_abandoned, ATTEMPTS.c.started_at >= since)
+        )
         others = [record_from_row(row) for row in connection.execute(query).mappings()]
-    candidates = {record.attempt_id: record for record in [*others, *landed]}.values()
+    by_request: dict[str, list[AttemptRecord]] = {}
+    by_fingerprint: dict[str, list[AttemptRecord]] = {}
+    for record in {record.attempt_id: record for record in [*others, *landed]}.values():
+        by_request.setdefault(record.logical_request_id, []).append(record)
+        if record.fingerprint is not None:
+            by_fingerprint.setdefault(record.fingerprint, []).append(record)
     added: list[AttemptRecord] = []
     removed: list[AttemptRecord] = []
     for stored in abandoned:
+        # Only attempts sharing its logical request or its fingerprint can be its retry.
+        candidates = by_request.get(stored.logical_request_id, [])
+        if stored.fingerprint is not None:
+            candidates = [*candidates, *by_fingerprint.get(stored.fingerprint, [])]
         if not any(_is_retry_of(later, stored, window) for later in candidates):
             continue
         retried = stored.with_waste(WasteReason.RETRIED)
@@ -187,16 +407,13 @@ def _reclassify_retried(
     return added, removed
 
 
-def _apply_rollups(connection: sa.Connection, deltas: dict[RollupKey, dict[str, float]]) -> None:
-    if not deltas:
+def _apply_rollups(connection: sa.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    if not rows:
         return
-    insert = _insert(connection)
-    statement = insert(ROLLUPS)
-    statement = statement.on_conflict_do_update(
-        index_elements=list(ROLLUP_DIMENSIONS),
-        set_={name: ROLLUPS.c[name] + statement.excluded[name] for name in ROLLUP_MEASURES},
-    )
-    connection.execute(statement, [rollup_row(key, deltas[key]) for key in sorted(deltas)])
+    statement = _statements_for(connection.dialect).upsert_rollups
+    connection.exec_driver_sql(statement.sql, statement.parameters(rows))
+    # After the hourly rows (the lock order), the same deltas summed over the hours.
+    apply_all_time_deltas(connection, rows)
 
 
 def _request_key(kind: str, value: str) -> int:
@@ -217,9 +434,10 @@ def _lock_requests(connection: sa.Connection, records: Sequence[AttemptRecord]) 
         return
     keys = {_request_key("request", record.logical_request_id) for record in records}
     keys |= {_request_key("fingerprint", record.fingerprint) for record in records if record.fingerprint}
+    # The keys as one array literal: psycopg would format a list parameter element by element.
     connection.execute(
         sa.text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS t(k)"),
-        {"keys": sorted(keys)},
+        {"keys": "{" + ",".join(map(str, sorted(keys))) + "}"},
     )
 
 
@@ -231,9 +449,8 @@ def write_batch(
     if not batch:
         return BatchResult()
     _lock_requests(connection, batch)
-    inserted_ids = _insert_new(connection, batch)
-    inserted = [record for record in batch if record.attempt_id in inserted_ids]
-    revised, replaced = _apply_revisions(connection, [r for r in batch if r.attempt_id not in inserted_ids])
+    inserted, stored = _insert_new(connection, batch)
+    revised, replaced = _apply_revisions(connection, batch, stored)
     retried, abandoned = _reclassify_retried(connection, [*inserted, *revised], retry_window)
-    _apply_rollups(connection, rollup_deltas([*inserted, *revised, *retried], [*replaced, *abandoned]))
+    _apply_rollups(connection, rollup_delta_rows([*inserted, *revised, *retried], [*replaced, *abandoned]))
     return BatchResult(inserted=len(inserted), revised=len(revised), reclassified=len(retried))
