@@ -21,7 +21,6 @@ __all__ = [
     "POSTGRES_CONNECT_TIMEOUT_S",
     "READ_ONLY_OPTION",
     "SQLITE_BUSY_TIMEOUT_S",
-    "SQLITE_CACHE_KIB",
     "SQLITE_WAL_CHECKPOINT_PAGES",
     "create_store_engine",
     "database_url",
@@ -36,10 +35,6 @@ DEFAULT_DATABASE_URL = "sqlite:///costwatch.db"
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long a SQLite writer waits for another process's write lock before failing."""
-
-SQLITE_CACHE_KIB = 32 * 1024
-"""Page cache per SQLite connection. The default (2 MiB) holds little more than the upper levels of
-the attempt indexes, so every batch of random keys re-reads leaf pages from the operating system."""
 
 SQLITE_WAL_CHECKPOINT_PAGES = 10_000
 """WAL pages (4 KiB each) before a commit copies them back into the database file. The default
@@ -106,7 +101,6 @@ def _sqlite_engine(url: URL) -> Engine:
                 cursor.execute("PRAGMA journal_mode = WAL")
                 cursor.execute("PRAGMA synchronous = NORMAL")
                 cursor.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_WAL_CHECKPOINT_PAGES}")
-            cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
         finally:
             cursor.close()
 
