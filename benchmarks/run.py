@@ -1,7 +1,7 @@
 """costwatch's benchmarks: one command, a markdown table on stdout and JSON in ``results/latest.json``.
 
     python benchmarks/run.py            # the full run (tens of minutes: 1M attempts per store)
-    python benchmarks/run.py --quick    # what CI runs: every benchmark, small sizes, about a minute
+    python benchmarks/run.py --quick    # every benchmark, small sizes, about a minute (CI runs --tiny)
     /tmp/v0/bin/python benchmarks/run.py --quick   # the same on the other SDK line
 
 The SDK measured is the one installed in the interpreter that runs this. Benchmarks never fail
