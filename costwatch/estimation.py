@@ -15,7 +15,7 @@ import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "CONTENT_TYPES",
@@ -61,6 +61,17 @@ class _Factor:
 
     value: float = 1.0
     samples: int = 0
+
+
+_Key = TypeVar("_Key")
+
+
+def _factor_of(factors: dict[_Key, _Factor], key: _Key) -> _Factor:
+    """The factor under ``key``, created at first use (``setdefault`` would build one every call)."""
+    factor = factors.get(key)
+    if factor is None:
+        factor = factors[key] = _Factor()
+    return factor
 
 
 class OutputEstimator:
@@ -166,11 +177,11 @@ class OutputEstimator:
             return
         low, high = self.bounds
         ratio = min(high, max(low, output_tokens / total))
-        dominant = max(predicted, key=predicted.__getitem__)
+        dominant = max(predicted, key=predicted.__getitem__) if len(predicted) > 1 else next(iter(predicted))
         with self._lock:
-            self._update(self._models.setdefault(model, _Factor()), ratio)
+            self._update(_factor_of(self._models, model), ratio)
             if predicted[dominant] >= self.dominant_share * total:
-                self._update(self._types.setdefault((model, dominant), _Factor()), ratio)
+                self._update(_factor_of(self._types, (model, dominant)), ratio)
 
     def _update(self, factor: _Factor, ratio: float) -> None:
         factor.samples += 1
