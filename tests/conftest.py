@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import anthropic
@@ -17,6 +18,7 @@ import costwatch
 import costwatch.pipeline
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
+from costwatch.records import AttemptRecord, Outcome, Usage
 from costwatch.sinks import MemorySink
 
 
@@ -96,6 +98,20 @@ def postgres_schema() -> Iterator[str]:
         with admin.begin() as connection:
             connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
         admin.dispose()
+
+
+# -- records ----------------------------------------------------------------------------------------
+def completed_attempt(n: int) -> AttemptRecord:
+    """A small completed attempt, the ``n``-th: its own ids, started ``n`` seconds after a fixed moment."""
+    return AttemptRecord(
+        attempt_id=f"att-{n}",
+        logical_request_id=f"req-{n}",
+        attempt_number=1,
+        started_at=datetime(2025, 3, 1, tzinfo=timezone.utc) + timedelta(seconds=n),
+        outcome=Outcome.COMPLETED,
+        model="claude-sonnet-4-5",
+        usage=Usage(input_tokens=100, output_tokens=10),
+    )
 
 
 # -- Prometheus samples -----------------------------------------------------------------------------

@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Accounting, sync_client
+from conftest import Accounting, completed_attempt, sync_client
 from test_instrumentation import HTTP_MODULE
 
 import costwatch.pipeline
@@ -29,17 +29,6 @@ from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 
 MODEL = "claude-haiku-4-5"
 LARGE_PROMPT = "Summarise the quarterly report. " + "lorem ipsum " * 10_000  # ~120 KB of request body
-
-
-def attempt(n: int) -> AttemptRecord:
-    return AttemptRecord(
-        attempt_id=f"att-{n}",
-        logical_request_id=f"req-{n}",
-        attempt_number=1,
-        started_at=datetime(2025, 3, 1, tzinfo=timezone.utc) + timedelta(seconds=n),
-        outcome=Outcome.COMPLETED,
-        usage=Usage(input_tokens=100, output_tokens=10),
-    )
 
 
 def request(body: bytes) -> Any:
@@ -60,7 +49,7 @@ def test_a_record_given_only_its_required_fields_has_every_declared_default() ->
 
 
 def test_records_stay_immutable_and_copy_with_replace() -> None:
-    record = attempt(1)
+    record = completed_attempt(1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.revision = 5  # type: ignore[misc]
     copy = dataclasses.replace(record, fingerprint="fp")
@@ -100,7 +89,10 @@ def test_the_tracker_wants_a_fingerprint_only_while_a_failure_of_that_body_size_
     first = tracker.begin(explicit_id=None, fingerprint=None, previous_id=None)
     assert not tracker.wants_fingerprint(5_000)
     failed = dataclasses.replace(
-        attempt(1), logical_request_id=first.logical_request_id, outcome=Outcome.DROPPED, fingerprint="fp"
+        completed_attempt(1),
+        logical_request_id=first.logical_request_id,
+        outcome=Outcome.DROPPED,
+        fingerprint="fp",
     )
     tracker.finish(failed, body_size=5_000)
     assert tracker.wants_fingerprint(5_000) and not tracker.wants_fingerprint(5_001)
@@ -114,7 +106,10 @@ def test_a_failure_of_unknown_body_size_makes_the_tracker_want_every_fingerprint
     first = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
     tracker.finish(
         dataclasses.replace(
-            attempt(1), logical_request_id=first.logical_request_id, outcome=Outcome.DROPPED, fingerprint="fp"
+            completed_attempt(1),
+            logical_request_id=first.logical_request_id,
+            outcome=Outcome.DROPPED,
+            fingerprint="fp",
         )
     )
     assert tracker.wants_fingerprint(1) and tracker.wants_fingerprint(10_000_000)
@@ -126,7 +121,7 @@ def test_a_body_left_to_the_writer_reaches_every_sink_with_its_fingerprint(tmp_p
     sink = MemorySink()
     pipeline.add_sink(sink)
     body = b'{"model":"m","messages":[]}' * 1000
-    pipeline.submit(attempt(1), body_to_fingerprint=body)
+    pipeline.submit(completed_attempt(1), body_to_fingerprint=body)
     assert pipeline.flush(10)
     (record,) = sink.records
     assert record.fingerprint == fingerprint_of(body)
@@ -139,7 +134,7 @@ def test_a_writer_that_is_behind_makes_the_caller_hash_rather_than_hold_more_bod
 ) -> None:
     monkeypatch.setattr(costwatch.pipeline, "MAX_UNHASHED_BYTES", 100)
     pipeline = Pipeline(spool=Spool(tmp_path / "spool"))
-    pipeline.submit(attempt(1), body_to_fingerprint=b"x" * 101)
+    pipeline.submit(completed_attempt(1), body_to_fingerprint=b"x" * 101)
     (queued,) = pipeline._queue
     assert isinstance(queued, AttemptRecord) and queued.fingerprint == fingerprint_of(b"x" * 101)
     pipeline._queue.clear()
@@ -156,7 +151,7 @@ def test_records_spilled_from_a_full_queue_or_at_shutdown_carry_their_fingerprin
     sink.export = lambda records: (blocker.wait(10), original_export(records))  # type: ignore[method-assign]
     bodies = [f"body {n}".encode() * 500 for n in range(4)]
     for n, body in enumerate(bodies):
-        pipeline.submit(attempt(n), body_to_fingerprint=body)
+        pipeline.submit(completed_attempt(n), body_to_fingerprint=body)
     assert spool.pending("memory") >= 1  # one in the writer's hands, one queued, the rest spilled
     blocker.set()
     pipeline.shutdown()

@@ -11,29 +11,16 @@ import textwrap
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from conftest import completed_attempt
 
 from costwatch.pipeline import Pipeline, get_pipeline
-from costwatch.records import AttemptRecord, Outcome, Usage
+from costwatch.records import AttemptRecord
 from costwatch.sinks import MemorySink
 from costwatch.spool import Spool
 from costwatch.store import SqlStore
-
-
-def attempt(n: int) -> AttemptRecord:
-    """A small completed attempt."""
-    return AttemptRecord(
-        attempt_id=f"att-{n}",
-        logical_request_id=f"req-{n}",
-        attempt_number=1,
-        started_at=datetime(2025, 3, 1, tzinfo=timezone.utc) + timedelta(seconds=n),
-        outcome=Outcome.COMPLETED,
-        model="claude-sonnet-4-5",
-        usage=Usage(input_tokens=100, output_tokens=10),
-    )
 
 
 class FlakySink:
@@ -81,7 +68,7 @@ def test_flush_delivers_every_record_to_every_sink(spool: Spool) -> None:
     pipeline.add_sink(first)
     pipeline.add_sink(second)
     for n in range(100):
-        pipeline.submit(attempt(n))
+        pipeline.submit(completed_attempt(n))
     assert pipeline.flush(timeout=5)
     assert len(first.records) == len(second.records) == 100
     assert pipeline.health().queue_depth == 0
@@ -92,7 +79,7 @@ def test_batches_go_out_on_the_interval_without_a_flush(spool: Spool) -> None:
     pipeline = Pipeline(batch_size=1000, interval_s=0.05, spool=spool)
     sink = MemorySink()
     pipeline.add_sink(sink)
-    pipeline.submit(attempt(1))
+    pipeline.submit(completed_attempt(1))
     assert _wait_for(lambda: len(sink.records) == 1, timeout=5)
     pipeline.shutdown()
 
@@ -106,7 +93,7 @@ def test_flush_waits_for_a_batch_the_writer_already_took(spool: Spool) -> None:
     pipeline = Pipeline(batch_size=1, interval_s=0.01, spool=spool)
     sink = SlowSink()
     pipeline.add_sink(sink)
-    pipeline.submit(attempt(1))
+    pipeline.submit(completed_attempt(1))
     assert _wait_for(lambda: pipeline.queue_depth == 0)
     assert pipeline.flush(timeout=5)
     assert len(sink.records) == 1
@@ -120,7 +107,7 @@ def test_failing_sink_gets_its_records_from_the_spool_once_it_recovers(spool: Sp
     pipeline.add_sink(healthy)
     flaky.down.set()
     for n in range(95):
-        pipeline.submit(attempt(n))
+        pipeline.submit(completed_attempt(n))
     assert pipeline.flush(timeout=5)
     health = pipeline.health()
     assert health.spooled_pending == 95 and health.write_errors >= 1 and health.dropped == 0
@@ -139,7 +126,7 @@ def test_failing_sink_is_not_retried_on_every_batch(spool: Spool) -> None:
     flaky.down.set()
     pipeline.add_sink(flaky)
     for n in range(50):
-        pipeline.submit(attempt(n))
+        pipeline.submit(completed_attempt(n))
     assert pipeline.flush(timeout=5)
     assert flaky.exports == 1 and pipeline.health().spooled_pending == 50
     pipeline.shutdown()
@@ -153,7 +140,7 @@ def test_full_queue_spills_to_the_spool_and_nothing_is_lost(spool: Spool) -> Non
     original_export = sink.export
     sink.export = lambda records: (blocker.wait(5), original_export(records))  # type: ignore[method-assign]
     for n in range(200):
-        pipeline.submit(attempt(n))
+        pipeline.submit(completed_attempt(n))
     assert spool.pending("memory") >= 180  # at most one batch in flight and one queue-full held back
     blocker.set()
     assert _wait_for(lambda: len(sink.records) == 200 and pipeline.health().spooled_pending == 0)
@@ -172,7 +159,7 @@ def test_record_is_dropped_only_when_the_spool_cannot_be_written_and_it_is_logge
     pipeline.add_sink(flaky)
     caplog.set_level(logging.WARNING, logger="costwatch")
     for n in range(20):
-        pipeline.submit(attempt(n))
+        pipeline.submit(completed_attempt(n))
     assert pipeline.flush(timeout=5)
     assert pipeline.health().dropped == 20
     assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
@@ -180,12 +167,12 @@ def test_record_is_dropped_only_when_the_spool_cannot_be_written_and_it_is_logge
 
 
 def test_spool_left_by_an_earlier_run_is_replayed_when_the_sink_is_added(spool: Spool) -> None:
-    spool.append("memory", [attempt(n) for n in range(5)])
+    spool.append("memory", [completed_attempt(n) for n in range(5)])
     spool.close()
     pipeline = Pipeline(interval_s=0.02, spool=Spool(spool.directory))
     sink = MemorySink()
     pipeline.add_sink(sink)
-    pipeline.submit(attempt(99))
+    pipeline.submit(completed_attempt(99))
     assert _wait_for(lambda: len(sink.records) == 6)
     pipeline.shutdown()
 
@@ -288,12 +275,12 @@ def test_forked_child_delivers_its_own_records_and_not_the_parents(tmp_path: Pat
     pipeline = Pipeline(batch_size=1000, interval_s=3600, spool=Spool(tmp_path / "spool"))
     pipeline.add_sink(LedgerSink())
     for n in range(10):
-        pipeline.submit(attempt(n))
+        pipeline.submit(completed_attempt(n))
     pid = os.fork()
     if pid == 0:  # the child: its pipeline starts empty and runs its own writer thread
         try:
             for n in range(100, 105):
-                pipeline.submit(attempt(n))
+                pipeline.submit(completed_attempt(n))
             ok = pipeline.flush(timeout=10)
         finally:
             os._exit(0 if ok else 1)
@@ -313,7 +300,7 @@ def test_sql_store_is_a_sink_the_pipeline_can_feed(tmp_path: Path, spool: Spool)
     pipeline = Pipeline(batch_size=50, interval_s=0.05, spool=spool)
     pipeline.add_sink(store)
     for n in range(120):
-        pipeline.submit(attempt(n))
+        pipeline.submit(completed_attempt(n))
     assert pipeline.flush(timeout=10)
     assert store.attempt_count() == 120
     pipeline.shutdown()
@@ -324,7 +311,7 @@ def test_records_delivered_when_no_sink_is_attached_are_counted_as_dropped(
 ) -> None:
     pipeline = Pipeline(spool=spool, interval_s=0.05)
     try:
-        pipeline.submit(attempt(1))
+        pipeline.submit(completed_attempt(1))
         assert pipeline.flush(timeout=5)
         assert pipeline.dropped == 1
         assert "no sink was attached" in caplog.text
@@ -339,7 +326,7 @@ def test_stores_of_different_databases_never_receive_each_others_spooled_records
     service_a = Pipeline(interval_s=10, spool=spool)
     service_a.add_sink(SqlStore(down_url))
     for n in range(5):
-        service_a.submit(attempt(n))
+        service_a.submit(completed_attempt(n))
     assert service_a.flush(timeout=10)
     assert spool.pending() == 5
     service_a.shutdown()
@@ -348,7 +335,7 @@ def test_stores_of_different_databases_never_receive_each_others_spooled_records
     store_b = SqlStore(f"sqlite:///{tmp_path / 'b.db'}")
     service_b = Pipeline(interval_s=0.02, spool=Spool(spool.directory))
     service_b.add_sink(store_b)
-    service_b.submit(attempt(100))
+    service_b.submit(completed_attempt(100))
     assert service_b.flush(timeout=10)
     service_b.retry_spool()
     assert service_b.flush(timeout=10)
@@ -392,9 +379,9 @@ def test_writer_thread_survives_an_error_of_its_own_and_counts_it_as_a_write_err
 
     pipeline._seconds_to_next_event = fails_twice  # type: ignore[method-assign]
     caplog.set_level(logging.ERROR, logger="costwatch")
-    pipeline.submit(attempt(1))
+    pipeline.submit(completed_attempt(1))
     assert _wait_for(lambda: calls >= 4)
-    pipeline.submit(attempt(2))
+    pipeline.submit(completed_attempt(2))
     assert pipeline.flush(timeout=5)
     assert [r.attempt_id for r in sink.records] == ["att-1", "att-2"]
     assert pipeline.write_errors == 2
