@@ -37,12 +37,15 @@ from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
 from .store.query import all_time_with_recent_query
 from .store.rows import hour_of
+from .store.schema import ALL_TIME_DIMENSIONS
 
 __all__ = ["FleetCollector", "FleetSamples", "fleet_samples", "serve", "settled_before"]
 
 log = logging.getLogger("costwatch")
 
-_DIMENSIONS = ("model", "outcome", "error_type", "waste_reason", "workflow")
+_DIMENSIONS = ALL_TIME_DIMENSIONS
+"""The label dimensions of a rollup group, in the order the store's queries give them."""
+_WASTE_REASON = _DIMENSIONS.index("waste_reason")
 
 Labels = tuple[str, ...]
 
@@ -59,17 +62,6 @@ class FleetSamples:
     counters: dict[str, dict[Labels, float]] = field(default_factory=dict)
     histograms: dict[str, dict[Labels, tuple[float, float]]] = field(default_factory=dict)
     """Histograms with only the ``+Inf`` bucket: label values -> (count, sum)."""
-
-    def add(self, name: str, labels: Labels, value: float) -> None:
-        """Add ``value`` to a counter sample."""
-        samples = self.counters.setdefault(name, {})
-        samples[labels] = samples.get(labels, 0.0) + value
-
-    def observe(self, name: str, labels: Labels, count: float, total: float) -> None:
-        """Add ``count`` observations summing to ``total`` to a histogram sample."""
-        samples = self.histograms.setdefault(name, {})
-        before = samples.get(labels, (0.0, 0.0))
-        samples[labels] = (before[0] + count, before[1] + total)
 
     def at_least(self, floor: FleetSamples) -> FleetSamples:
         """These values, each raised to at least its value in ``floor``; series missing here are kept."""
@@ -380,7 +372,7 @@ def _combine_all_time(
         first_hours[key] = row[width + 1]
         if values[0]:
             totals.append((key, values))
-        if key[3] == _ABANDONED:
+        if key[_WASTE_REASON] == _ABANDONED:
             all_time_abandoned[key] = values
     settled_abandoned: list[Group] = []
     for key, values in all_time_abandoned.items():

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from .records import Outcome, TokenType
 from .store import RollupTotals
+from .store.rows import hour_of
 
 __all__ = [
     "CSV_COLUMNS",
@@ -104,10 +105,7 @@ class _Tally:
 
 def _group_key(by: str, group: Mapping[str, Any]) -> str | None:
     if by in TIME_GROUPINGS:
-        hour = group["hour"]
-        if isinstance(hour, str):
-            hour = datetime.fromisoformat(hour)
-        hour = hour.replace(tzinfo=timezone.utc) if hour.tzinfo is None else hour.astimezone(timezone.utc)
+        hour = hour_of(group["hour"])  # the store's hours are on the hour already; this reads them as UTC
         return hour.date().isoformat() if by == "day" else hour.isoformat()
     value = group.get(by)
     # The rollups store an absent label as "": say "none" in JSON rather than an empty name.

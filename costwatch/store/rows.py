@@ -27,7 +27,6 @@ __all__ = [
     "rollup_deltas",
     "rollup_key",
     "rollup_measures",
-    "rollup_row",
 ]
 
 
@@ -123,11 +122,6 @@ def rollup_deltas(
         row[:width]: dict(zip(ROLLUP_MEASURES, row[width:], strict=True))
         for row in rollup_delta_rows(added, removed)
     }
-
-
-def rollup_row(key: RollupKey, values: Mapping[str, float]) -> dict[str, Any]:
-    """A rollup key and its measures as one row for ``insert()``."""
-    return {**dict(zip(ROLLUP_DIMENSIONS, key, strict=True)), **values}
 
 
 ATTEMPT_COLUMNS = (

@@ -32,9 +32,17 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
 from ..records import AttemptRecord, WasteReason
-from .all_time import apply_all_time_deltas
-from .rows import ATTEMPT_COLUMNS, attempt_values, record_from_row, rollup_delta_rows
-from .schema import ATTEMPTS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUPS, UtcDateTime
+from .all_time import ALL_TIME_COLUMNS, all_time_delta_rows
+from .rows import ATTEMPT_COLUMNS, attempt_row, attempt_values, record_from_row, rollup_delta_rows
+from .schema import (
+    ALL_TIME_DIMENSIONS,
+    ALL_TIME_ROLLUPS,
+    ATTEMPTS,
+    ROLLUP_DIMENSIONS,
+    ROLLUP_MEASURES,
+    ROLLUPS,
+    UtcDateTime,
+)
 
 __all__ = ["BatchResult", "latest_revisions", "write_batch"]
 
@@ -194,6 +202,7 @@ def _bulk_insert(table: sa.Table, names: Sequence[str], dialect: Dialect, tail: 
 class _Statements:
     insert_attempts: _BulkStatement
     upsert_rollups: _BulkStatement
+    upsert_all_time: _BulkStatement
 
 
 _statements: dict[str, _Statements] = {}
@@ -213,14 +222,29 @@ def _statements_for(dialect: Dialect) -> _Statements:
         if dialect.name == "postgresql"
         else ""
     )
-    rollups = quote(ROLLUPS.name)
-    rollups_tail = (
-        f"ON CONFLICT ({', '.join(quote(name) for name in ROLLUP_DIMENSIONS)}) DO UPDATE SET "
-        + ", ".join(f"{quote(m)} = {rollups}.{quote(m)} + excluded.{quote(m)}" for m in ROLLUP_MEASURES)
-    )
+
+    def add_measures(table: sa.Table, keys: Sequence[str], *also: str) -> str:
+        name = quote(table.name)
+        sets = [*also, *(f"{quote(m)} = {name}.{quote(m)} + excluded.{quote(m)}" for m in ROLLUP_MEASURES)]
+        return f"ON CONFLICT ({', '.join(quote(key) for key in keys)}) DO UPDATE SET {', '.join(sets)}"
+
+    first_hour, all_time = quote("first_hour"), quote(ALL_TIME_ROLLUPS.name)
+    earliest = "min" if dialect.name == "sqlite" else "least"  # SQLite's two-argument min() is scalar
     found = _Statements(
         insert_attempts=_bulk_insert(ATTEMPTS, ATTEMPT_COLUMNS, dialect, attempts_tail),
-        upsert_rollups=_bulk_insert(ROLLUPS, _ROLLUP_COLUMNS, dialect, rollups_tail),
+        upsert_rollups=_bulk_insert(
+            ROLLUPS, _ROLLUP_COLUMNS, dialect, add_measures(ROLLUPS, ROLLUP_DIMENSIONS)
+        ),
+        upsert_all_time=_bulk_insert(
+            ALL_TIME_ROLLUPS,
+            ALL_TIME_COLUMNS,
+            dialect,
+            add_measures(
+                ALL_TIME_ROLLUPS,
+                ALL_TIME_DIMENSIONS,
+                f"{first_hour} = {earliest}({all_time}.{first_hour}, excluded.{first_hour})",
+            ),
+        ),
     )
     _statements[key] = found
     return found
@@ -293,7 +317,7 @@ def _apply_revisions(
         record = incoming[old.attempt_id]
         if record.revision <= old.revision:
             continue
-        row = dict(zip(ATTEMPT_COLUMNS, attempt_values(record), strict=True))
+        row = attempt_row(record)
         del row["attempt_id"]
         connection.execute(sa.update(ATTEMPTS).where(ATTEMPTS.c.attempt_id == record.attempt_id).values(row))
         added.append(record)
@@ -311,7 +335,7 @@ def _is_retry_of(later: AttemptRecord, abandoned: AttemptRecord, window: timedel
     if later.logical_request_id == abandoned.logical_request_id:
         return (later.started_at, later.attempt_number) > (abandoned.started_at, abandoned.attempt_number)
     # The same request sent again by a process that lost track of the first one (a restart, a
-    # different worker): a retry only when it follows closely, or every repeat would count.
+    # different worker); the window above keeps every later repeat from counting as its retry.
     return (
         abandoned.fingerprint is not None
         and later.fingerprint == abandoned.fingerprint
@@ -410,10 +434,12 @@ def _reclassify_retried(
 def _apply_rollups(connection: sa.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     if not rows:
         return
-    statement = _statements_for(connection.dialect).upsert_rollups
-    connection.exec_driver_sql(statement.sql, statement.parameters(rows))
-    # After the hourly rows (the lock order), the same deltas summed over the hours.
-    apply_all_time_deltas(connection, rows)
+    statements = _statements_for(connection.dialect)
+    hourly = statements.upsert_rollups
+    connection.exec_driver_sql(hourly.sql, hourly.parameters(rows))
+    # After the hourly rows (the lock order), the same deltas summed over the hours, in key order.
+    all_time = statements.upsert_all_time
+    connection.exec_driver_sql(all_time.sql, all_time.parameters(all_time_delta_rows(rows)))
 
 
 def _request_key(kind: str, value: str) -> int:
