@@ -177,7 +177,7 @@ class OutputEstimator:
             return
         low, high = self.bounds
         ratio = min(high, max(low, output_tokens / total))
-        dominant = max(predicted, key=predicted.__getitem__) if len(predicted) > 1 else next(iter(predicted))
+        dominant = max(predicted, key=predicted.__getitem__)
         with self._lock:
             self._update(_factor_of(self._models, model), ratio)
             if predicted[dominant] >= self.dominant_share * total:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import os
 import queue
 import re
 import threading
@@ -339,6 +340,13 @@ class _DeferredSettler:
         self._queue.put(done)
         return done.wait(timeout)
 
+    def reset_in_child(self) -> None:
+        """In a forked child: drop the parent's queue (its attempts are the parent's) and thread."""
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        if _hooks is not None:
+            self.start()  # only the forking thread survives a fork: the child needs its own settler
+
     def _run(self) -> None:
         while True:
             _settle_item(self._queue.get())
@@ -360,6 +368,8 @@ def _settle_item(item: _Attempt | threading.Event) -> None:
 
 
 _settler = _DeferredSettler()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_settler.reset_in_child)
 
 
 _HASH_NOW_MAX_BYTES = 4 * 1024

@@ -252,9 +252,8 @@ class BodyMeter:
         parsing) make sure the skipped part is only such events, each in the API's framing (an
         ``event:`` line first), so that the event count stays exact too.
         """
-        kept = self.kept or []
-        received = sum(map(len, kept))
-        body = b"".join(kept)
+        body = b"".join(self.kept or ())
+        received = len(body)
         if self._buffer:
             body = self._buffer + body
         if not body.endswith(_MESSAGE_STOP) or b"\r" in body or not body.startswith(b"event: "):

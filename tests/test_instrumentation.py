@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import re
 import threading
 
@@ -483,3 +484,26 @@ def test_uninstrument_keeps_a_wrapper_another_library_stacked_on_ours_and_stops_
         assert len(server.ledger.entries) == 2
     assert len(seen) == 2
     assert len(sink.records) == 1  # the request after uninstrument() was passed through unaccounted
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_of_an_instrumented_process_runs_a_settler_thread_of_its_own():
+    pipeline = Pipeline()
+    costwatch.instrument(pipeline=pipeline, sinks=[], listeners=[])
+    try:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report whether its settler thread runs, then leave at once
+            from costwatch.instrumentation import _settler
+
+            alive = _settler._thread is not None and _settler._thread.is_alive()
+            os.write(write_end, b"alive" if alive else b"dead")
+            os._exit(0)
+        os.close(write_end)
+        answer = os.read(read_end, 16)
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()
+    assert answer == b"alive"
