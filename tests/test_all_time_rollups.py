@@ -333,6 +333,8 @@ def test_a_scrape_after_more_writes_to_settled_and_recent_hours_still_matches_an
             [
                 attempt("late-2", OLD - timedelta(hours=50), model="claude-older"),
                 attempt("e-retry", RECENT, request="e", number=2, model=MODELS[2]),  # flips new-e
+                # flips the settled old-c: the high mark must hold its abandoned waste
+                attempt("c-retry", OLD - timedelta(hours=2, minutes=-1), request="c", number=2),
                 abandoned("new-g", RECENT, request="g", workflow="w1"),
             ]
         )

@@ -3,6 +3,7 @@ and the characters of every stream that needs them (cut, stopped, or sampled for
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import random
@@ -85,18 +86,16 @@ def read_event_by_event(chunks: list[bytes]) -> BodyMeter:
     return meter
 
 
-def read_deferred(chunks: list[bytes], *, read_all: bool, fold_every: int = 0, **options: int) -> BodyMeter:
+def read_deferred(chunks: list[bytes], *, read_all: bool) -> BodyMeter:
     """What the hooks do: feed until the meter defers, keep the rest, read it when the body ends."""
-    meter = BodyMeter(stream=True, clock=lambda: 1.0, **options)
+    meter = BodyMeter(stream=True, clock=lambda: 1.0)
     kept = None
-    for i, chunk in enumerate(chunks):
+    for chunk in chunks:
         if kept is None:
             meter.feed(chunk)
             kept = meter.defer()
         else:
             kept.append(chunk)
-            if fold_every and i % fold_every == 0:
-                meter.fold()
     meter.finish_stream(read_all=read_all)
     return meter
 
@@ -177,7 +176,6 @@ def test_anything_unusual_in_the_skipped_part_is_read_exactly(name: str, chunks:
     meter = read_deferred(chunks, read_all=False)
     exact = read_event_by_event(chunks)
     assert counts(meter) == counts(exact)
-    assert meter.malformed_events == exact.malformed_events or not meter.chars_measured
     if meter.chars_measured:
         assert meter.chars == exact.chars
 
@@ -203,12 +201,16 @@ def test_kept_chunks_are_read_early_once_they_pass_the_bound_and_the_totals_stay
 
 
 def test_a_meter_without_a_clock_or_on_a_compressed_body_never_defers() -> None:
-    for meter in (BodyMeter(stream=True), BodyMeter(stream=True, content_encoding="gzip", clock=lambda: 1.0)):
-        assert meter.defer() is None
     unclocked = BodyMeter(stream=True)
     for chunk in stream(3):
         unclocked.feed(chunk)
         assert unclocked.defer() is None
+    compressed = gzip.compress(b"".join(stream(3)))
+    gzipped = BodyMeter(stream=True, content_encoding="gzip", clock=lambda: 1.0)
+    for start in range(0, len(compressed), 64):
+        gzipped.feed(compressed[start : start + 64])
+        assert gzipped.defer() is None
+    assert gzipped.first_delta_at is not None  # it did see the deltas, and still read them all
 
 
 # -- through the hooks --------------------------------------------------------------------------
