@@ -38,13 +38,12 @@ class Assignment(NamedTuple):
 class _LogicalRequest:
     """What the tracker remembers of one logical request (one per attempt begun: kept small)."""
 
-    __slots__ = ("abandoned", "attempts", "fingerprint", "id", "last_seen", "retryable_as", "retryable_size")
+    __slots__ = ("abandoned", "attempts", "id", "last_seen", "retryable_as", "retryable_size")
 
     def __init__(self, request_id: str, now: float) -> None:
         self.id = request_id
         self.attempts = 0
         self.last_seen = now
-        self.fingerprint: str | None = None
         self.retryable_as: str | None = None
         """The fingerprint under which a resent request joins this one (of its last failed attempt)."""
         self.retryable_size: int | None = None
@@ -119,8 +118,6 @@ class RetryTracker:
                 self._forget_retryable(request)  # retried now; findable again only if this one fails
                 request.last_seen = now
             request.attempts += 1
-            if fingerprint is not None:
-                request.fingerprint = fingerprint
             if not request.abandoned:
                 return Assignment(request.id, request.attempts)
             retried = tuple(r.with_waste(WasteReason.RETRIED) for r in request.abandoned)
@@ -147,7 +144,7 @@ class RetryTracker:
             if request is not None and not later:
                 request.last_seen = self._clock()
                 self._forget_retryable(request)
-                fingerprint = record.fingerprint or request.fingerprint
+                fingerprint = record.fingerprint  # the failed attempt's own body, never an earlier one's
                 if fingerprint is not None and record.outcome.failed:
                     self._failed_by_fingerprint[fingerprint] = request.id
                     request.retryable_as = fingerprint

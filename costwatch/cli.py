@@ -39,7 +39,6 @@ from .store import (
     DATABASE_URL_ENV,
     RollupTotals,
     SqlStore,
-    create_store_engine,
     database_url,
     migrate,
     safe_url,
@@ -118,8 +117,8 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(url.database)
 
 
-def _migrated_store(url: URL) -> SqlStore:
-    """A store over an existing, fully migrated database (reports and the exporter never migrate)."""
+def _check_migrated(url: URL) -> None:
+    """Refuse a missing or not fully migrated database: reports and the exporter never migrate."""
     shown = safe_url(url)
     path = _sqlite_file(url)
     if path is not None and not path.exists():
@@ -127,11 +126,7 @@ def _migrated_store(url: URL) -> SqlStore:
             f"no costwatch database at {path}; run `costwatch demo` to make one, or pass --db URL"
         )
     with _database_errors(url):
-        engine = create_store_engine(url)
-        try:
-            revision = migrate.current(engine)
-        finally:
-            engine.dispose()
+        revision = migrate.current(url)
         wanted = migrate.head()
     if revision != wanted:
         at = f"revision {revision}" if revision else "no revision"
@@ -140,6 +135,11 @@ def _migrated_store(url: URL) -> SqlStore:
         raise UserError(
             f"the database {shown} is not migrated ({at}, needs {wanted}); run `costwatch db upgrade {again}`"
         )
+
+
+def _migrated_store(url: URL) -> SqlStore:
+    """A store over an existing, fully migrated database."""
+    _check_migrated(url)
     return SqlStore(url, auto_migrate=False)
 
 
@@ -301,7 +301,7 @@ def _serve(url: URL, port: int, addr: str, err: Console) -> int:
 
 def _command_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     url = _resolve_url(args.db)
-    _migrated_store(url).shutdown()
+    _check_migrated(url)
     return _serve(url, args.port, args.addr, err)
 
 

@@ -37,7 +37,7 @@ from . import context
 from .attribution import RetryTracker
 from .estimation import OutputEstimator
 from .health import instrumentation_errors
-from .pipeline import Pipeline, get_pipeline
+from .pipeline import Pipeline, drain_before_exit, get_pipeline
 from .pricing import PriceTable, load_prices
 from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
 from .settings import load_settings
@@ -708,8 +708,10 @@ def instrument(
     default the SQL store (``database_url``, default ``sqlite:///costwatch.db``) and the in-process
     Prometheus metrics — and ``listeners`` see attempts live (by default, OpenTelemetry spans).
     ``settings`` are the rows of :data:`costwatch.settings.SETTINGS` and override their
-    ``COSTWATCH_*`` variables. Returns True if hooks were installed, False if costwatch was already
-    instrumenting (a second call does nothing).
+    ``COSTWATCH_*`` variables. A ``spool_dir`` chosen there (keyword or variable) also moves the spool
+    of a process-wide pipeline created earlier, say by ``costwatch.flush()``; once that pipeline's
+    writer has started it cannot, and :class:`~costwatch.settings.SettingsError` says so. Returns True
+    if hooks were installed, False if costwatch was already instrumenting (a second call does nothing).
     """
     global _hooks
     with _state_lock:
@@ -725,7 +727,9 @@ def instrument(
             http_clients = weakref.WeakSet([_http_client_of(client)])
         price_table = prices or load_prices(config.prices_file)
         if pipeline is None:
-            pipeline = get_pipeline(spool_dir=config.spool_dir)
+            # Only a directory the application chose may move the spool of an existing pipeline.
+            chosen = settings.get("spool_dir") is not None or bool(os.environ.get("COSTWATCH_SPOOL_DIR"))
+            pipeline = get_pipeline(spool_dir=config.spool_dir if chosen else None)
             pipeline.capacity = config.queue_capacity
             pipeline.batch_size = config.batch_size
             pipeline.interval_s = config.flush_interval_s
@@ -740,6 +744,8 @@ def instrument(
         for sink in added:
             pipeline.add_sink(sink)
         _settler.start()
+        # At exit, streams closed at the last moment are settled before any pipeline flushes.
+        drain_before_exit(_settler.wait)
         hooks = _Hooks(accountant, http_clients, added)
         hooks.install(_importable_http_modules())
         _hooks = hooks

@@ -7,7 +7,8 @@ size and interval and hands them to every sink. Nothing submitted is lost:
   instead, and the spool is replayed to it with exponential backoff until it recovers (while a
   sink is failing, new batches go straight to its spool rather than waiting on it again);
 * a full queue sends the record to the spool for every sink;
-* ``flush()``, interpreter exit and ``SIGTERM`` deliver (or spool) everything queued;
+* ``flush()``, interpreter exit and ``SIGTERM`` deliver (or spool) everything queued, after the
+  stages upstream that may still hold records (see :func:`drain_before_exit`) have drained;
 * a forked child starts with an empty queue and its own thread and spool segments.
 
 The writer thread also finishes what the caller's thread need not wait for: the fingerprint of a
@@ -35,10 +36,18 @@ from types import FrameType
 from typing import Any
 
 from .records import AttemptRecord, fingerprint_of
+from .settings import SettingsError
 from .sinks import Sink
 from .spool import Spool
 
-__all__ = ["MAX_UNHASHED_BYTES", "SIGTERM_FLUSH_TIMEOUT_S", "Pipeline", "PipelineHealth", "get_pipeline"]
+__all__ = [
+    "MAX_UNHASHED_BYTES",
+    "SIGTERM_FLUSH_TIMEOUT_S",
+    "Pipeline",
+    "PipelineHealth",
+    "drain_before_exit",
+    "get_pipeline",
+]
 
 log = logging.getLogger("costwatch")
 
@@ -243,7 +252,7 @@ class Pipeline:
 
     def install_exit_handlers(self) -> None:
         """Flush at interpreter exit and on ``SIGTERM`` (chaining to the previous SIGTERM handler)."""
-        atexit.register(self.shutdown)
+        atexit.register(self._shutdown_at_exit)
         _flush_on_sigterm.add(self)
         _install_sigterm_handler()
 
@@ -413,7 +422,11 @@ class Pipeline:
                 "costwatch: %d attempt record(s) dropped: %s (further drops are only counted)", count, reason
             )
 
-    # -- signals and fork --------------------------------------------------------------------
+    # -- exit, signals and fork --------------------------------------------------------------
+    def _shutdown_at_exit(self) -> None:
+        _drain_upstream(EXIT_DRAIN_TIMEOUT_S)
+        self.shutdown()
+
     def _flush_for_exit(self, timeout: float) -> None:
         if not self.flush(timeout):
             self._spill_queue()
@@ -433,8 +446,33 @@ _sigterm_installed = False
 SIGTERM_FLUSH_TIMEOUT_S = 10.0
 """How long a ``SIGTERM`` waits for queued records to be delivered before spooling the rest."""
 
+EXIT_DRAIN_TIMEOUT_S = 10.0
+"""How long interpreter exit and ``SIGTERM`` wait for each upstream stage to drain."""
+
+_upstream_drains: list[Callable[[float], object]] = []
+
+
+def drain_before_exit(drain: Callable[[float], object]) -> None:
+    """Have ``drain(timeout)`` run at interpreter exit and on ``SIGTERM`` before any pipeline flushes.
+
+    For a stage upstream of the pipelines that may still hold records (the hooks' settler of streams
+    closed early): what it submits while draining is then delivered with the rest, not left behind
+    by a pipeline that has already shut down. Registering the same callable again does nothing.
+    """
+    if drain not in _upstream_drains:
+        _upstream_drains.append(drain)
+
+
+def _drain_upstream(timeout: float) -> None:
+    for drain in list(_upstream_drains):
+        try:
+            drain(timeout)
+        except Exception:
+            log.exception("costwatch: draining attempt records before exit failed")
+
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    _drain_upstream(EXIT_DRAIN_TIMEOUT_S)
     for pipeline in list(_flush_on_sigterm):
         try:
             pipeline._flush_for_exit(SIGTERM_FLUSH_TIMEOUT_S)
@@ -479,12 +517,24 @@ _pipeline_lock = threading.Lock()
 def get_pipeline(*, spool_dir: str | os.PathLike[str] | None = None) -> Pipeline:
     """The process-wide pipeline, created on first use and flushed at interpreter exit and on SIGTERM.
 
-    ``spool_dir`` chooses the spool's directory when this call creates the pipeline.
+    ``spool_dir`` chooses the spool's directory, also for a pipeline an earlier call created without
+    one (``costwatch.flush()`` or the metrics before ``instrument()``) as long as its writer has not
+    started. Once it has, records may already be spooled where they are, so a different directory
+    raises :class:`~costwatch.settings.SettingsError` instead of being silently ignored.
     """
     global _pipeline
-    if _pipeline is None:
-        with _pipeline_lock:
-            if _pipeline is None:
-                _pipeline = Pipeline(spool=Spool(spool_dir))
-                _pipeline.install_exit_handlers()
-    return _pipeline
+    with _pipeline_lock:
+        if _pipeline is None:
+            _pipeline = Pipeline(spool=Spool(spool_dir))
+            _pipeline.install_exit_handlers()
+        elif spool_dir is not None:
+            wanted = Spool(spool_dir)  # touches no disk until its first append
+            if wanted.directory != _pipeline.spool.directory:
+                if _pipeline._thread is not None or _pipeline._queue:
+                    raise SettingsError(
+                        f"spool_dir={str(spool_dir)!r} cannot take effect: costwatch's pipeline is already "
+                        f"running with its spool in {_pipeline.spool.directory}; set spool_dir before "
+                        "anything is recorded, or give instrument() a pipeline of your own"
+                    )
+                _pipeline.spool = wanted
+        return _pipeline

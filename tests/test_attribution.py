@@ -134,6 +134,18 @@ def test_a_logical_request_is_findable_by_one_fingerprint_only_and_forgets_it_wh
     assert "body-b" not in tracker._failed_by_fingerprint
 
 
+def test_a_logical_request_is_findable_only_by_the_body_of_its_last_failed_attempt():
+    tracker = RetryTracker()
+    first = tracker.begin(explicit_id="job-1", fingerprint="body-a", previous_id=None)
+    tracker.finish(finished(first, Outcome.DROPPED, fingerprint="body-a"))
+    # The retry's body was not fingerprinted (empty, say): it failed too, and body-a was retried already.
+    second = tracker.begin(explicit_id="job-1", fingerprint=None, previous_id=None)
+    tracker.finish(finished(second, Outcome.DROPPED, fingerprint=None))
+    unrelated = tracker.begin(explicit_id=None, fingerprint="body-a", previous_id=None)
+    assert unrelated.logical_request_id != "job-1" and unrelated.attempt_number == 1
+    assert unrelated.now_retried == ()
+
+
 def test_a_failure_just_out_of_the_window_is_not_matched_even_before_the_tracker_sweeps():
     clock = FakeClock()
     tracker = RetryTracker(window_s=10, clock=clock)

@@ -425,6 +425,21 @@ def test_serve_exposes_the_store_as_prometheus_metrics(tmp_path, known_db):
         process.wait(timeout=10)
 
 
+def test_serve_checks_the_schema_revision_without_opening_a_store(capsys, known_db, monkeypatch):
+    import costwatch.cli
+    import costwatch.exporter
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("serve opened a store only to check the migration")
+
+    served = []
+    monkeypatch.setattr(costwatch.cli, "SqlStore", no_store)
+    monkeypatch.setattr(costwatch.exporter, "serve", lambda url, port, addr: served.append((url, port)))
+    code, _, err = run(capsys, "serve", "--port", "9999", "--db", known_db)
+    assert code == 0, err
+    assert served == [(known_db, 9999)]
+
+
 # -- user mistakes: exit 2, one line, no traceback --------------------------------------------------
 @pytest.mark.parametrize("since", ["3 fortnights", "yesterday", "24"])
 def test_bad_duration_is_a_user_error(capsys, known_db, since):

@@ -11,15 +11,14 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
+from conftest import postgres_schema_url, wasted_tokens
 from conftest import sample_value as value
-from conftest import wasted_tokens
 from prometheus_client import CollectorRegistry
 
-from costwatch.exporter import FleetCollector, FleetSamples, fleet_samples, serve, settled_before
+from costwatch.exporter import FleetCollector, FleetSamples, serve, settled_before
 from costwatch.metrics import OTHER
 from costwatch.records import AttemptRecord, Cost, Outcome, Usage, WasteReason
-from costwatch.store import HourlyRollup, SqlStore
+from costwatch.store import SqlStore
 from costwatch.store import sink as sql_store_sink
 
 MODEL = "claude-sonnet-4-6"
@@ -67,26 +66,10 @@ def record(
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    name = f"costwatch_exporter_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(
-        "postgresql+psycopg://postgres@127.0.0.1:5432/test", isolation_level="AUTOCOMMIT"
-    )
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL is not reachable: {exc}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return postgres_schema_url(request.getfixturevalue("postgres_schema"))
 
 
 @pytest.fixture
@@ -336,41 +319,3 @@ def test_a_scrape_that_only_sees_counters_rise_shows_what_a_new_exporter_shows(s
     warm, cold = samples(registry), samples(fresh_registry)
     assert warm.keys() == cold.keys()
     assert warm == pytest.approx(cold, rel=1e-12)
-
-
-def test_the_exporter_reads_what_fleet_samples_computes_from_rollup_totals(store, database_url):
-    store.write(
-        [
-            record(f"m{i}", OLD + timedelta(hours=i - 3), model=f"model-{i % 3}", workflow=f"w{i % 4}")
-            for i in range(8)
-        ]
-        + [
-            record("d1", OLD, request="r1", outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED),
-            record("d2", RECENT, request="r2", outcome=Outcome.DROPPED, waste=WasteReason.ABANDONED),
-            record("d3", OLD, request="r3", outcome=Outcome.DROPPED, waste=WasteReason.RETRIED),
-            record("r3", OLD + timedelta(minutes=1), request="r3", number=2),
-        ]
-    )
-    collector, _ = exporter(database_url, model_label_limit=2)
-    dimensions = ("model", "outcome", "error_type", "waste_reason", "workflow")
-    boundary = settled_before(NOW, WINDOW)
-    with store.engine.connect() as connection:
-        rollups = HourlyRollup.__table__
-
-        def first_seen(column: str) -> list[str]:
-            first = sa.func.min(rollups.c.hour)
-            query = (
-                sa.select(rollups.c[column]).group_by(rollups.c[column]).order_by(first, rollups.c[column])
-            )
-            return list(connection.execute(query).scalars())
-
-        models, workflows = first_seen("model"), first_seen("workflow")
-    expected = fleet_samples(
-        store.rollup_totals(group_by=dimensions),
-        store.rollup_totals(end=boundary, group_by=dimensions, where={"waste_reason": "abandoned"}),
-        models_first_seen=models,
-        workflows_first_seen=workflows,
-        model_label_limit=2,
-        workflow_label_limit=20,
-    )
-    assert_same_samples(collector.read(), expected)

@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 from conftest import completed_attempt
 
+import costwatch
+import costwatch.pipeline
 from costwatch.pipeline import Pipeline, get_pipeline
-from costwatch.records import AttemptRecord
+from costwatch.records import AttemptRecord, Outcome
+from costwatch.settings import SettingsError
 from costwatch.sinks import MemorySink
 from costwatch.spool import Spool
 from costwatch.store import SqlStore
@@ -181,6 +184,41 @@ def test_get_pipeline_is_one_per_process() -> None:
     assert get_pipeline() is get_pipeline()
 
 
+def instrument_with_spool_dir(directory: Path) -> bool:
+    """instrument() with the process-wide pipeline and no sinks: only its spool directory matters."""
+    return costwatch.instrument(spool_dir=str(directory), store=False, metrics=False, listeners=[])
+
+
+def test_a_spool_dir_given_to_instrument_moves_the_spool_of_a_pipeline_flush_created_earlier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(costwatch.pipeline, "_pipeline", None)
+    monkeypatch.delenv("COSTWATCH_SPOOL_DIR", raising=False)
+    assert costwatch.flush(1)  # creates the process-wide pipeline, with the default spool
+    assert instrument_with_spool_dir(tmp_path / "chosen")
+    try:
+        assert get_pipeline().spool.directory == tmp_path / "chosen"
+    finally:
+        costwatch.uninstrument()
+        get_pipeline().shutdown()
+
+
+def test_a_spool_dir_the_running_pipeline_cannot_take_is_refused_and_installs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(costwatch.pipeline, "_pipeline", None)
+    pipeline = get_pipeline(spool_dir=tmp_path / "first")
+    pipeline.retry_spool()  # the writer starts: records may be spooled in the first directory from now on
+    try:
+        with pytest.raises(SettingsError, match=r"spool_dir='.*second' cannot take effect: .* running"):
+            instrument_with_spool_dir(tmp_path / "second")
+        assert not costwatch.is_instrumented() and pipeline.spool.directory == tmp_path / "first"
+        assert instrument_with_spool_dir(tmp_path / "first")  # the directory in use is no conflict
+        costwatch.uninstrument()
+    finally:
+        pipeline.shutdown()
+
+
 SIGTERM_CHILD = textwrap.dedent(
     """
     import signal, sys, time
@@ -251,6 +289,55 @@ def test_sigterm_mid_workload_loses_nothing_already_submitted(tmp_path: Path, ch
         assert store.attempt_count() == 3000
         [totals] = store.rollup_totals()
         assert totals.attempts == 3000
+    finally:
+        store.shutdown()
+
+
+EXIT_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import anthropic
+    import costwatch
+    import costwatch.instrumentation as hooks
+    from costwatch.testing import FakeAnthropicServer, ResponseSpec
+
+    settle = hooks._settle_item
+    def settle_late(item):
+        time.sleep(0.5)  # the settler is still at work when the interpreter begins to exit
+        settle(item)
+    hooks._settle_item = settle_late
+
+    costwatch.instrument(database_url=sys.argv[1], spool_dir=sys.argv[2], metrics=False, listeners=[])
+    with FakeAnthropicServer(ResponseSpec.small(2000)) as server:
+        client = anthropic.Anthropic(base_url=server.base_url, api_key="sk-ant-test-key")
+        with client.messages.stream(
+            model="claude-haiku-4-5", max_tokens=8192, messages=[{"role": "user", "content": "go"}]
+        ) as stream:
+            for _ in stream.text_stream:
+                break  # closed early: the attempt is left to the settler thread
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_closed_just_before_exit_is_settled_and_stored_before_the_pipeline_shuts_down(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'exit.db'}"
+    child = subprocess.run(
+        [sys.executable, "-c", EXIT_CHILD, url, str(tmp_path / "spool")],
+        env=_child_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert child.returncode == 0, child.stderr
+    store = SqlStore(url)
+    try:
+        assert store.attempt_count() == 1
+        [totals] = store.rollup_totals(group_by=("outcome",))
+        assert totals.group == {"outcome": Outcome.CANCELLED.value} and totals.billed_input_tokens > 0
     finally:
         store.shutdown()
 

@@ -69,6 +69,16 @@ class RollupTotals:
         )
 
 
+def _where_in(
+    table: sa.Table, where: Mapping[str, str | Sequence[str]] | None
+) -> list[sa.ColumnElement[bool]]:
+    """``dimension IN (values)`` on ``table`` for each dimension of ``where`` (one value or several)."""
+    return [
+        table.c[name].in_([wanted] if isinstance(wanted, str) else list(wanted))
+        for name, wanted in (where or {}).items()
+    ]
+
+
 def rollup_totals_query(
     start: datetime | None = None,
     end: datetime | None = None,
@@ -81,14 +91,11 @@ def rollup_totals_query(
     Without ``start``, ``end`` or the hour among the dimensions, it reads the all-time rollups,
     which hold the same sums as the hourly rollups over every hour.
     """
-    unknown = [name for name in [*group_by, *(where or {})] if name not in ROLLUP_DIMENSIONS]
+    named = [*group_by, *(where or {})]
+    unknown = [name for name in named if name not in ROLLUP_DIMENSIONS]
     if unknown:
         raise ValueError(f"unknown rollup dimension(s) {unknown}; choose from {list(ROLLUP_DIMENSIONS)}")
-    all_time = (
-        start is None
-        and end is None
-        and all(name in ALL_TIME_DIMENSIONS for name in [*group_by, *(where or {})])
-    )
+    all_time = start is None and end is None and all(name in ALL_TIME_DIMENSIONS for name in named)
     table = ALL_TIME_ROLLUPS if all_time else ROLLUPS
     dimensions = [table.c[name] for name in group_by]
     sums = [sa.func.sum(table.c[name]).label(name) for name in ROLLUP_MEASURES]
@@ -97,9 +104,7 @@ def rollup_totals_query(
         query = query.where(ROLLUPS.c.hour >= start)
     if end is not None:
         query = query.where(ROLLUPS.c.hour < end)
-    for name, wanted in (where or {}).items():
-        values = [wanted] if isinstance(wanted, str) else list(wanted)
-        query = query.where(table.c[name].in_(values))
+    query = query.where(*_where_in(table, where))
     # Groups whose attempts were all re-attributed elsewhere leave rows of zeros behind.
     return query.having(sa.func.sum(table.c.attempts) != 0)
 
@@ -153,8 +158,5 @@ def all_time_with_recent_query(
         # Cast back to the column's type: PostgreSQL sums bigints as numeric, and the union would
         # then return every all-time row's counts as decimals too.
         *(sa.cast(sa.func.sum(ROLLUPS.c[name]), ROLLUPS.c[name].type).label(name) for name in measures),
-    ).where(ROLLUPS.c.hour >= boundary)
-    for name, wanted in (recent_where or {}).items():
-        values = [wanted] if isinstance(wanted, str) else list(wanted)
-        recent = recent.where(ROLLUPS.c[name].in_(values))
+    ).where(ROLLUPS.c.hour >= boundary, *_where_in(ROLLUPS, recent_where))
     return sa.union_all(all_time, recent.group_by(*dimensions))
