@@ -39,6 +39,7 @@ class Sizes:
     attempts_per_run: int
     attempt_repeats: int
     store_sizes: tuple[int, ...]
+    store_worst_case: int
     read_repeats: int
     memory_attempts: int
     memory_warm_up: int
@@ -53,6 +54,7 @@ PRESETS = {
         attempts_per_run=5_000,
         attempt_repeats=7,
         store_sizes=(10_000, 100_000, 1_000_000),
+        store_worst_case=50_000,
         read_repeats=5,
         memory_attempts=100_000,
         memory_warm_up=20_000,
@@ -65,6 +67,7 @@ PRESETS = {
         attempts_per_run=2_000,
         attempt_repeats=5,
         store_sizes=(10_000,),
+        store_worst_case=2_000,
         read_repeats=3,
         memory_attempts=3_000,
         memory_warm_up=1_000,
@@ -78,6 +81,7 @@ PRESETS = {
         attempts_per_run=20,
         attempt_repeats=1,
         store_sizes=(600,),
+        store_worst_case=100,
         read_repeats=1,
         memory_attempts=20,
         memory_warm_up=10,
@@ -118,7 +122,14 @@ def run_benchmarks(
         from store_scale import measure_store
 
         log("store writes and reads ...")
-        done(measure_store(sizes.store_sizes, read_repeats=sizes.read_repeats, postgres_url=postgres_url))
+        done(
+            measure_store(
+                sizes.store_sizes,
+                read_repeats=sizes.read_repeats,
+                worst_case=sizes.store_worst_case,
+                postgres_url=postgres_url,
+            )
+        )
     if "memory" in only:
         from memory_growth import measure_memory_growth
 

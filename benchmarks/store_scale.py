@@ -2,12 +2,15 @@
 
 Attempts are synthetic but shaped like production: spread over the last 30 days, eight models, two
 dozen workflows, about one attempt in eight failing (dropped streams most often), most failures
-retried and some abandoned, every record priced. They go through the store's own write path
-(``SqlStore.export``, batches of 500 as the pipeline sends them), so the write throughput is measured
-on the way to each size. At each size the benchmark times a fleet-exporter scrape (the whole
-``/metrics`` text of a :class:`~costwatch.exporter.FleetCollector`) and ``costwatch report --by model``
-(the CLI in this process, output captured), on SQLite and on PostgreSQL (a throwaway database,
-dropped at the end).
+retried and some abandoned, every record priced, ids drawn as :func:`costwatch.records.new_id` draws
+them (UUIDv7: the start time, then random bits). They go through the store's own write path
+(``SqlStore.export``, batches of 500 as the pipeline sends them) in the order they started, as a
+store fills in production, so the write throughput is measured on the way to each size. At the
+largest size, a further batch of attempts in random order with fully random ids (old ids, or many
+spools replayed at once) shows the worst case, untargeted. At each size the benchmark times a
+fleet-exporter scrape (the whole ``/metrics`` text of a :class:`~costwatch.exporter.FleetCollector`)
+and ``costwatch report --by model`` (the CLI in this process, output captured), on SQLite and on
+PostgreSQL (a throwaway database, dropped at the end).
 """
 
 from __future__ import annotations
@@ -71,22 +74,38 @@ _FAILURES = (
 )
 
 
+def _uuid7_hex(at: datetime, rng: random.Random) -> str:
+    """An id as :func:`costwatch.records.new_id` would have drawn it at ``at``."""
+    value = int(at.timestamp() * 1000) << 80 | rng.getrandbits(80)
+    return uuid.UUID(int=value & ~(0xF << 76 | 0x3 << 62) | 0x7 << 76 | 0x2 << 62).hex
+
+
 def synthetic_attempts(
-    count: int, *, seed: int, now: datetime, prices: PriceTable
-) -> Iterator[AttemptRecord]:
-    """About ``count`` attempts of logical requests with retries, at random times in the last 30 days."""
+    count: int,
+    *,
+    seed: int,
+    start: datetime,
+    end: datetime,
+    prices: PriceTable,
+    in_order: bool = True,
+) -> list[AttemptRecord]:
+    """About ``count`` attempts of logical requests with retries, started between ``start`` and ``end``.
+
+    ``in_order``: sorted by start, with time-ordered ids; else shuffled, with fully random ids.
+    """
     rng = random.Random(seed)
     models = [m for m, _ in _MODELS]
     model_weights = [w for _, w in _MODELS]
     failure_weights = [f[3] for f in _FAILURES]
-    made = 0
-    while made < count:
+    span = end - start
+    made: list[AttemptRecord] = []
+    while len(made) < count:
         model = rng.choices(models, model_weights)[0]
         workflow = rng.choice(_WORKFLOWS)
         tags = MappingProxyType({"workflow": workflow}) if workflow else MappingProxyType({})
-        request_id = uuid.UUID(int=rng.getrandbits(128)).hex
+        started = start + span * rng.random()
+        request_id = _uuid7_hex(started, rng) if in_order else uuid.UUID(int=rng.getrandbits(128)).hex
         fingerprint = uuid.UUID(int=rng.getrandbits(128)).hex
-        started = now - _SPAN * rng.random()
         input_tokens = rng.randint(200, 60_000)
         cache_read = rng.choice((0, 0, input_tokens * 2))
         failures = 0
@@ -117,32 +136,41 @@ def synthetic_attempts(
             reason = (
                 (WasteReason.ABANDONED if number == attempts else WasteReason.RETRIED) if wasted else None
             )
-            yield AttemptRecord(
-                attempt_id=uuid.UUID(int=rng.getrandbits(128)).hex,
-                logical_request_id=request_id,
-                attempt_number=number,
-                started_at=started + timedelta(seconds=number * 20),
-                outcome=outcome,
-                model_requested=model,
-                model=model if billed else None,
-                stream=True,
-                request_id=f"req_{rng.getrandbits(64):016x}",
-                http_status=529
-                if outcome is Outcome.HTTP_ERROR
-                else (None if outcome is Outcome.CONNECT_ERROR else 200),
-                error_type=error_type,
-                api_error_type=api_error,
-                duration_s=rng.uniform(0.5, 90.0),
-                usage=usage,
-                cost=prices.cost(model, usage),
-                wasted=wasted,
-                waste_reason=reason,
-                tags=tags,
-                fingerprint=fingerprint,
-                events_received=output // 2,
-                bytes_received=output * 60,
+            attempt_started = started + timedelta(seconds=(number - 1) * 20)
+            made.append(
+                AttemptRecord(
+                    attempt_id=_uuid7_hex(attempt_started, rng)
+                    if in_order
+                    else uuid.UUID(int=rng.getrandbits(128)).hex,
+                    logical_request_id=request_id,
+                    attempt_number=number,
+                    started_at=attempt_started,
+                    outcome=outcome,
+                    model_requested=model,
+                    model=model if billed else None,
+                    stream=True,
+                    request_id=f"req_{rng.getrandbits(64):016x}",
+                    http_status=529
+                    if outcome is Outcome.HTTP_ERROR
+                    else (None if outcome is Outcome.CONNECT_ERROR else 200),
+                    error_type=error_type,
+                    api_error_type=api_error,
+                    duration_s=rng.uniform(0.5, 90.0),
+                    usage=usage,
+                    cost=prices.cost(model, usage),
+                    wasted=wasted,
+                    waste_reason=reason,
+                    tags=tags,
+                    fingerprint=fingerprint,
+                    events_received=output // 2,
+                    bytes_received=output * 60,
+                )
             )
-            made += 1
+    if in_order:
+        made.sort(key=lambda record: record.started_at)
+    else:
+        rng.shuffle(made)
+    return made
 
 
 @contextlib.contextmanager
@@ -216,22 +244,26 @@ def _report_s(url: str, repeats: int) -> float:
 
 
 def _backend_rows(
-    backend: str, url: str, sizes: Sequence[int], *, read_repeats: int, seed: int
+    backend: str, url: str, sizes: Sequence[int], *, read_repeats: int, worst_case: int, seed: int
 ) -> list[Measurement]:
     rows: list[Measurement] = []
     store = SqlStore(url)
     store.attempt_count()  # migrate before timing any write
     prices = load_prices()
     now = datetime.now(timezone.utc)
+    first = now - _SPAN
     stored = 0
     try:
         for size in sizes:
-            records = list(synthetic_attempts(size - stored, seed=seed + size, now=now, prices=prices))
-            started = time.perf_counter()
-            for start in range(0, len(records), PIPELINE_BATCH):
-                store.export(records[start : start + PIPELINE_BATCH])
-            elapsed = time.perf_counter() - started
-            rate = len(records) / elapsed
+            # This step's attempts started after the previous step's: the store fills over 30 days.
+            records = synthetic_attempts(
+                size - stored,
+                seed=seed + size,
+                start=first + _SPAN * (stored / sizes[-1]),
+                end=first + _SPAN * (size / sizes[-1]),
+                prices=prices,
+            )
+            rate = _write_rate(store, records)
             target = WRITE_TARGETS[backend]
             rows.append(
                 Measurement(
@@ -243,7 +275,7 @@ def _backend_rows(
                     unit="attempts/s",
                     target=f">= {target:,.0f}/s",
                     met=rate >= target,
-                    detail={"attempts": len(records), "seconds": elapsed},
+                    detail={"attempts": len(records), "seconds": len(records) / rate},
                 )
             )
             stored += len(records)
@@ -271,9 +303,33 @@ def _backend_rows(
                         },
                     )
                 )
+        if worst_case:
+            records = synthetic_attempts(
+                worst_case, seed=seed - 1, start=first, end=now, prices=prices, in_order=False
+            )
+            rate = _write_rate(store, records)
+            rows.append(
+                Measurement(
+                    benchmark="store writes",
+                    case=f"{backend}, {len(records):,} more in random order with random ids, "
+                    f"{stored:,} stored (worst case)",
+                    metric="writer throughput",
+                    value=rate,
+                    unit="attempts/s",
+                    detail={"attempts": len(records), "seconds": len(records) / rate},
+                )
+            )
     finally:
         store.shutdown()
     return rows
+
+
+def _write_rate(store: SqlStore, records: Sequence[AttemptRecord]) -> float:
+    """Attempts per second of writing ``records`` in pipeline-sized batches."""
+    started = time.perf_counter()
+    for start in range(0, len(records), PIPELINE_BATCH):
+        store.export(records[start : start + PIPELINE_BATCH])
+    return len(records) / (time.perf_counter() - started)
 
 
 def _rollup_rows(store: SqlStore) -> int:
@@ -285,12 +341,22 @@ def _rollup_rows(store: SqlStore) -> int:
 
 
 def measure_store(
-    sizes: Sequence[int], *, read_repeats: int, postgres_url: str | None = DEFAULT_POSTGRES_URL, seed: int = 7
+    sizes: Sequence[int],
+    *,
+    read_repeats: int,
+    worst_case: int = 0,
+    postgres_url: str | None = DEFAULT_POSTGRES_URL,
+    seed: int = 7,
 ) -> list[Measurement]:
-    """Write throughput on the way to each size in ``sizes``, then a scrape and a report at each size."""
+    """Write throughput on the way to each size in ``sizes``, then a scrape and a report at each size.
+
+    ``worst_case``: then that many more attempts in random order with random ids (0: none).
+    """
     rows: list[Measurement] = []
     with _sqlite_url() as url:
-        rows += _backend_rows("sqlite", url, sizes, read_repeats=read_repeats, seed=seed)
+        rows += _backend_rows(
+            "sqlite", url, sizes, read_repeats=read_repeats, worst_case=worst_case, seed=seed
+        )
     if postgres_url:
         try:
             database = _postgres_url(postgres_url)
@@ -307,7 +373,9 @@ def measure_store(
             )
             return rows
         try:
-            rows += _backend_rows("postgresql", url, sizes, read_repeats=read_repeats, seed=seed)
+            rows += _backend_rows(
+                "postgresql", url, sizes, read_repeats=read_repeats, worst_case=worst_case, seed=seed
+            )
         finally:
             database.__exit__(None, None, None)
     return rows

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,19 @@ def test_missing_record_fields_are_still_a_type_error() -> None:
 def test_new_ids_are_32_hex_digits_and_never_repeat() -> None:
     ids = {new_id() for _ in range(10_000)}
     assert len(ids) == 10_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_new_ids_are_uuid7_and_ids_drawn_a_millisecond_apart_sort_in_order() -> None:
+    before = time.time_ns() // 1_000_000
+    first = new_id()
+    time.sleep(0.002)
+    second = new_id()
+    after = time.time_ns() // 1_000_000
+    for drawn in (first, second):
+        parsed = uuid.UUID(drawn)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert before <= int(drawn[:12], 16) <= after  # the first 48 bits are Unix milliseconds
+    assert first < second
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

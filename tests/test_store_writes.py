@@ -342,6 +342,68 @@ def test_long_stream_that_dropped_is_retried_by_another_process_within_the_windo
     assert_rollups_match_raw_rows(store)
 
 
+def test_abandoned_attempt_arriving_after_another_processes_resend_is_stored_as_retried(
+    store: SqlStore,
+) -> None:
+    store.export([attempt(60, logical_request_id="other-worker", fingerprint="same-request")])
+    store.export([dropped(1, fingerprint="same-request")])
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED
+    assert_rollups_match_raw_rows(store)
+
+
+@pytest.mark.parametrize(
+    ("after_end", "retried"), [(timedelta(minutes=9), True), (timedelta(minutes=11), False)]
+)
+def test_a_long_stream_stored_after_its_resend_hours_later_is_retried_only_within_the_window(
+    store: SqlStore, after_end: timedelta, retried: bool
+) -> None:
+    # A stream ran two and a half hours before it dropped; another worker resent it after the drop,
+    # in a later hour than the stream started, and its record reached the store first.
+    duration = timedelta(hours=2, minutes=30)
+    resend_start = T0 + timedelta(seconds=1) + duration + after_end
+    store.export(
+        [
+            attempt(
+                1, attempt_id="resend", logical_request_id="other", started_at=resend_start, fingerprint="fp"
+            )
+        ]
+    )
+    store.export([dropped(1, fingerprint="fp", duration_s=duration.total_seconds())])
+    stored = store.attempt("att-1")
+    expected = WasteReason.RETRIED if retried else WasteReason.ABANDONED
+    assert stored is not None and stored.waste_reason is expected
+    assert_rollups_match_raw_rows(store)
+
+
+def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them(store: SqlStore) -> None:
+    """Every lookup of a batch (stored ids, abandoned attempts, their retries) can probe an index."""
+    store.export([attempt(n, fingerprint=f"fp-{n % 7}") for n in range(1, 200)])
+    lookups: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().startswith("SELECT") and "costwatch_attempts" in statement:
+            lookups.append((statement, params))
+
+    sa.event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        # Stored and new attempts, abandoned ones among them, some sharing fingerprints with stored ones.
+        store.export([dropped(n, fingerprint=f"fp-{n % 7}") for n in range(150, 260)])
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", capture)
+    assert len(lookups) >= 3
+    with store.engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if not sqlite:
+            connection.exec_driver_sql("SET enable_seqscan = off")  # a tiny table: ask what is possible
+        for statement, params in lookups:
+            explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
+            plan = "\n".join(str(row[-1]) for row in connection.exec_driver_sql(explain + statement, params))
+            assert ("SCAN costwatch_attempts" if sqlite else "Seq Scan on costwatch_attempts") not in plan, (
+                plan
+            )
+
+
 def test_later_attempt_of_the_same_request_long_after_the_window_is_not_its_retry(store: SqlStore) -> None:
     store.export([dropped(1)])
     store.export([attempt(1, attempt_id="att-next-day", attempt_number=2, started_at=T0 + timedelta(days=1))])

@@ -7,6 +7,7 @@ stay equal to the sums over the raw rows without ever rescanning them.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -37,11 +38,10 @@ RollupKey = tuple[datetime, str, str, str, str, str]
 def hour_of(moment: datetime) -> datetime:
     """The UTC hour ``moment`` falls in (naive input is taken as UTC)."""
     zone = moment.tzinfo
-    if zone is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    elif zone is not timezone.utc:
+    if zone is not timezone.utc and zone is not None:
         moment = moment.astimezone(timezone.utc)
-    return moment.replace(minute=0, second=0, microsecond=0)
+    # Positional arguments: replace(minute=0, ...) parses keywords at three times the cost.
+    return datetime(moment.year, moment.month, moment.day, moment.hour, 0, 0, 0, timezone.utc)
 
 
 def rollup_key(record: AttemptRecord) -> RollupKey:
@@ -99,18 +99,19 @@ def rollup_delta_rows(
     ``added`` land and ``removed`` (replaced revisions) leave. Keys whose every measure nets to zero
     are left out, so a no-op reclassification writes nothing. Key order is the lock order.
     """
-    sums: dict[RollupKey, list[float]] = {}
-    for sign, records in ((1, added), (-1, removed)):
-        for record in records:
-            key = rollup_key(record)
-            values = rollup_measures(record)
-            row = sums.get(key)
-            if row is None:
-                sums[key] = list(values) if sign > 0 else [-value for value in values]
-            else:
-                for i, value in enumerate(values):
-                    row[i] += sign * value
-    return [(*key, *sums[key]) for key in sorted(sums) if any(sums[key])]
+    sums: dict[RollupKey, tuple[float, ...]] = {}
+    for record in added:
+        key = rollup_key(record)
+        known = sums.get(key)
+        values = rollup_measures(record)
+        sums[key] = values if known is None else tuple(map(operator.add, known, values))
+    for record in removed:
+        key = rollup_key(record)
+        sums[key] = tuple(map(operator.sub, sums.get(key, _NO_MEASURES), rollup_measures(record)))
+    return [(*key, *values) for key, values in sorted(sums.items()) if any(values)]
+
+
+_NO_MEASURES = (0,) * len(ROLLUP_MEASURES)
 
 
 def rollup_deltas(

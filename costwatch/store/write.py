@@ -11,14 +11,16 @@ The rules, all applied inside the caller's transaction so that rows and rollups 
 
 A batch is a handful of statements whatever its size, each with the same text every time, so
 neither SQLAlchemy nor the driver compiles or parses anything per batch, and no value is formatted
-one by one in Python: on PostgreSQL the rows go in as one JSON parameter (``INSERT ... SELECT FROM
-json_populate_recordset(...)``, prepared by psycopg after a few batches), on SQLite through the
-driver's ``executemany``; lists of keys are one JSON array parameter on both (SQLite's ``json_each``
-needs its JSON functions, built in since 3.38 and in Python's own builds long before).
+one by one in Python: on PostgreSQL the rows go in as one JSON parameter, an array of arrays
+(``INSERT ... SELECT ... FROM jsonb_array_elements(...)``, prepared by psycopg after a few
+batches), on SQLite through the driver's ``executemany``; lists of keys are one JSON array
+parameter on both (SQLite's ``json_each`` needs its JSON functions, built in since 3.38 and in
+Python's own builds long before).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +35,14 @@ from sqlalchemy.engine import Dialect
 
 from ..records import AttemptRecord, WasteReason
 from .all_time import ALL_TIME_COLUMNS, all_time_delta_rows
-from .rows import ATTEMPT_COLUMNS, attempt_row, attempt_values, record_from_row, rollup_delta_rows
+from .rows import (
+    ATTEMPT_COLUMNS,
+    attempt_row,
+    attempt_values,
+    hour_of,
+    record_from_row,
+    rollup_delta_rows,
+)
 from .schema import (
     ALL_TIME_DIMENSIONS,
     ALL_TIME_ROLLUPS,
@@ -42,6 +51,7 @@ from .schema import (
     ROLLUP_MEASURES,
     ROLLUPS,
     UtcDateTime,
+    utc_hour,
 )
 
 __all__ = ["BatchResult", "latest_revisions", "write_batch"]
@@ -82,7 +92,7 @@ class _BulkStatement:
     convert: tuple[Callable[[Any], Any] | None, ...]
     """Per column, what SQLAlchemy's bind processing would do to a value (``None``: nothing)."""
     as_json: bool
-    """The rows go as one JSON array of objects (PostgreSQL), else one tuple each (``executemany``)."""
+    """The rows go as one JSON array of arrays (PostgreSQL), else one tuple each (``executemany``)."""
 
     def parameters(self, rows: Sequence[tuple[Any, ...]]) -> Any:
         """The parameters of this statement for ``rows`` (tuples in the order of ``names``)."""
@@ -93,17 +103,16 @@ class _BulkStatement:
             ]
             rows = list(zip(*columns, strict=True))
         if self.as_json:
-            names = self.names
-            return {"rows": _rows_json([dict(zip(names, row, strict=True)) for row in rows])}
+            return {"rows": _rows_json(rows)}
         return rows
 
 
-def _rows_json(rows: list[dict[str, Any]]) -> str:
+def _rows_json(rows: Sequence[tuple[Any, ...]]) -> str:
     try:
         return json.dumps(rows, allow_nan=False)
     except ValueError:
         # JSON has no NaN or infinity; PostgreSQL reads them from strings into float columns.
-        return json.dumps([{k: _finite_or_text(v) for k, v in row.items()} for row in rows])
+        return json.dumps([[_finite_or_text(value) for value in row] for row in rows])
 
 
 def _finite_or_text(value: Any) -> Any:
@@ -118,8 +127,8 @@ _JSON_TEXTS_KEPT = 4096
 
 def _json_text(value: Any) -> str | None:
     """JSON as SQLAlchemy would bind it, remembered: most attempts carry the same few tags."""
-    if value is None:
-        return None
+    if not value:
+        return None if value is None else ("{}" if isinstance(value, dict) else "[]")
     try:
         key = (type(value), tuple(value.items()) if isinstance(value, dict) else tuple(value))
         text = _json_texts.get(key)
@@ -160,13 +169,15 @@ def _bind_conversions(
 
     Booleans and floats need nothing: SQLite's column affinity stores them as SQLAlchemy would,
     and PostgreSQL reads them from JSON. JSON columns go as their text on both: nested in the batch's
-    JSON, PostgreSQL would refuse a ``\\u0000`` escape in a tag value, which a ``json`` column keeps.
+    ``jsonb``, PostgreSQL would refuse a ``\\u0000`` escape in a tag value, which a ``json`` column keeps.
     """
     conversions: list[Callable[[Any], Any] | None] = []
     for name in names:
         column_type = table.c[name].type
         if isinstance(column_type, UtcDateTime):
-            conversions.append(_sqlite_utc_text if dialect.name == "sqlite" else _utc_text)
+            text = _sqlite_utc_text if dialect.name == "sqlite" else _utc_text
+            # A rollup's timestamps are whole hours, a few distinct ones per batch: remembered.
+            conversions.append(text if table is ATTEMPTS else functools.lru_cache(maxsize=1024)(text))
         elif isinstance(column_type, sa.JSON):
             conversions.append(_json_text)
         else:
@@ -182,17 +193,18 @@ def _bulk_insert(table: sa.Table, names: Sequence[str], dialect: Dialect, tail: 
         marks = ", ".join("?" for _ in names)
         sql = f"INSERT INTO {quote(table.name)} ({columns}) VALUES ({marks}) {tail}"
         return _BulkStatement(sql, tuple(names), convert, as_json=False)
-    # PostgreSQL parses the whole batch from one JSON parameter, in C, into the table's row type;
-    # the driver would otherwise format every value of a 500-row statement (or of per-column
-    # arrays) in Python. ORDER BY: rows are inserted, and so locked, in the order they are given.
-    # A JSON column arrives as a JSON string holding its text; #>> '{}' unwraps it.
+    # PostgreSQL parses the whole batch from one JSON parameter, in C: an array of rows, each an
+    # array of values (naming every value in every row made encoding the batch three times as
+    # slow); the driver would otherwise format every value of a 500-row statement in Python.
+    # ``->>`` gives each value as text (NULL for null), cast to its column's type; a JSON column
+    # arrives as a string holding its text. ORDER BY: rows are inserted, and so locked, in the
+    # order they are given.
     selected = ", ".join(
-        f"({quote(name)} #>> '{{}}')::json" if isinstance(table.c[name].type, sa.JSON) else quote(name)
-        for name in names
+        f"(row ->> {i})::{table.c[name].type.compile(dialect)}" for i, name in enumerate(names)
     )
     sql = (
         f"INSERT INTO {quote(table.name)} ({columns}) SELECT {selected} "
-        f"FROM json_populate_recordset(NULL::{quote(table.name)}, %(rows)s::json) WITH ORDINALITY "
+        f"FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS batch(row, ordinality) "
         f"ORDER BY ordinality {tail}"
     )
     return _BulkStatement(sql, tuple(names), convert, as_json=True)
@@ -355,25 +367,68 @@ def _ended_since(connection: sa.Connection, since: datetime) -> sa.ColumnElement
     return sa.func.julianday(ATTEMPTS.c.started_at) + ATTEMPTS.c.duration_s / 86400.0 >= bound
 
 
-def _keys_match(
-    connection: sa.Connection,
-    records: Sequence[AttemptRecord],
-    recent: sa.ColumnElement[bool],
-    *,
-    waste_reason: WasteReason | None = None,
-) -> sa.ColumnElement[bool]:
-    """Rows sharing a logical request with ``records``, or a fingerprint with ``recent`` true.
+_ABANDONED: sa.ColumnElement[str] = sa.literal_column(f"'{WasteReason.ABANDONED.value}'")
+"""``'abandoned'`` as a literal: a partial index is used only when the query states its condition."""
 
-    With ``waste_reason``, only rows of that reason: the condition is repeated in each branch of
-    the ``OR`` so that each is one probe of a ``(key, waste_reason)`` index.
+_LONGEST_RETRY_WAIT = timedelta(days=7)
+"""How long after an abandoned attempt started its retry by fingerprint is still looked for."""
+
+
+def _abandoned_matching(
+    connection: sa.Connection, landed: Sequence[AttemptRecord], since: datetime
+) -> sa.ColumnElement[bool]:
+    """Stored abandoned attempts that ``landed`` may be the retries of.
+
+    Those of the same logical request, and those of the same fingerprint that ended at or after
+    ``since`` (``ix_costwatch_attempts_abandoned_fingerprint``, a partial index). Each kind is its
+    own branch of a ``UNION``: in one ``OR``, PostgreSQL factors out the shared ``'abandoned'`` and
+    then reads the whole partial index instead of probing either index.
     """
-    request_ids = sorted({record.logical_request_id for record in records})
-    fingerprints = sorted({record.fingerprint for record in records if record.fingerprint is not None})
-    of_reason = [ATTEMPTS.c.waste_reason == waste_reason.value] if waste_reason is not None else []
-    by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), *of_reason)
+    abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True))
+    request_ids = sorted({record.logical_request_id for record in landed})
+    fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
+    by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), abandoned)
     if not fingerprints:
         return by_request
-    by_fingerprint = sa.and_(_among(connection, ATTEMPTS.c.fingerprint, fingerprints), *of_reason, recent)
+    in_fingerprints = _among(connection, ATTEMPTS.c.fingerprint, fingerprints)
+    by_fingerprint = sa.and_(in_fingerprints, abandoned, _ended_since(connection, since))
+    ids = sa.union(
+        sa.select(ATTEMPTS.c.attempt_id).where(by_request),
+        sa.select(ATTEMPTS.c.attempt_id).where(by_fingerprint),
+    )
+    return ATTEMPTS.c.attempt_id.in_(ids)
+
+
+def _retries_matching(
+    connection: sa.Connection, abandoned: Sequence[AttemptRecord], window: timedelta
+) -> sa.ColumnElement[bool]:
+    """Stored attempts that may be retries of the just-landed ``abandoned`` attempts.
+
+    Those of the same logical request, and those of the same fingerprint that started in an hour
+    between an abandoned attempt's start and its end plus ``window``
+    (``ix_costwatch_attempts_hour_fingerprint``, probed by hour and fingerprint).
+    """
+    request_ids = sorted({record.logical_request_id for record in abandoned})
+    by_request = _among(connection, ATTEMPTS.c.logical_request_id, request_ids)
+    hours: set[datetime] = set()
+    fingerprints: set[str] = set()
+    for record in abandoned:
+        if record.fingerprint is None:
+            continue
+        fingerprints.add(record.fingerprint)
+        first = hour_of(record.started_at)
+        wait = min(timedelta(seconds=record.duration_s) + window, _LONGEST_RETRY_WAIT)
+        hours.update(first + timedelta(hours=n) for n in range(int(wait / timedelta(hours=1)) + 2))
+    if not fingerprints:
+        return by_request
+    hour_column = utc_hour(ATTEMPTS.c.started_at)
+    in_hours: sa.ColumnElement[bool]
+    if connection.dialect.name == "sqlite":
+        in_hours = hour_column.in_(sorted(hour.strftime("%Y-%m-%d %H") for hour in hours))  # as stored
+    else:
+        naive = sorted(hour.replace(tzinfo=None) for hour in hours)  # timestamp without time zone
+        in_hours = hour_column == sa.any_(sa.bindparam(None, naive, type_=postgresql.ARRAY(sa.DateTime())))
+    by_fingerprint = sa.and_(in_hours, _among(connection, ATTEMPTS.c.fingerprint, sorted(fingerprints)))
     return sa.or_(by_request, by_fingerprint)
 
 
@@ -384,15 +439,7 @@ def _reclassify_retried(
     if not landed:
         return [], []
     since = min(record.started_at for record in landed) - window
-    abandoned = _select_rows(
-        connection,
-        sa.and_(
-            _keys_match(
-                connection, landed, _ended_since(connection, since), waste_reason=WasteReason.ABANDONED
-            ),
-            ATTEMPTS.c.wasted.is_(True),
-        ),
-    )
+    abandoned = _select_rows(connection, _abandoned_matching(connection, landed, since))
     if not abandoned:
         return [], []
     landed_ids = {record.attempt_id for record in landed}
@@ -400,10 +447,7 @@ def _reclassify_retried(
     new_abandoned = [record for record in abandoned if record.attempt_id in landed_ids]
     others: list[AttemptRecord] = []
     if new_abandoned:
-        # Their retries started after them, so after ``since``.
-        query = sa.select(ATTEMPTS).where(
-            _keys_match(connection, new_abandoned, ATTEMPTS.c.started_at >= since)
-        )
+        query = sa.select(ATTEMPTS).where(_retries_matching(connection, new_abandoned, window))
         others = [record_from_row(row) for row in connection.execute(query).mappings()]
     by_request: dict[str, list[AttemptRecord]] = {}
     by_fingerprint: dict[str, list[AttemptRecord]] = {}
