@@ -376,6 +376,15 @@ def test_a_long_stream_stored_after_its_resend_hours_later_is_retried_only_withi
     assert_rollups_match_raw_rows(store)
 
 
+def test_an_absurd_duration_neither_fails_the_batch_nor_stops_its_resend_from_counting(
+    store: SqlStore,
+) -> None:
+    store.export([attempt(60, logical_request_id="other-worker", fingerprint="same-request")])
+    store.export([dropped(1, fingerprint="same-request", duration_s=1e12)])
+    stored = store.attempt("att-1")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED
+
+
 def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them(store: SqlStore) -> None:
     """Every lookup of a batch (stored ids, abandoned attempts, their retries) can probe an index."""
     store.export([attempt(n, fingerprint=f"fp-{n % 7}") for n in range(1, 200)])

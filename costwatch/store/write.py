@@ -337,12 +337,26 @@ def _apply_revisions(
     return added, removed
 
 
+_LONGEST_RETRY_WAIT = timedelta(days=7)
+"""How long after an abandoned attempt started its retry by fingerprint is still looked for."""
+
+
+def _retry_wait(abandoned: AttemptRecord, window: timedelta) -> timedelta:
+    """From an abandoned attempt's start to the last moment its retry may start: its duration plus
+    ``window`` (a duration that is not a number, or negative, counts as zero; the fingerprint
+    lookup caps the wait at :data:`_LONGEST_RETRY_WAIT`)."""
+    duration = abandoned.duration_s
+    if not 0 <= duration <= _LONGEST_RETRY_WAIT.total_seconds():  # also false for NaN
+        duration = 0.0 if not duration > 0 else _LONGEST_RETRY_WAIT.total_seconds()
+    return timedelta(seconds=duration) + window
+
+
 def _is_retry_of(later: AttemptRecord, abandoned: AttemptRecord, window: timedelta) -> bool:
     if later.attempt_id == abandoned.attempt_id:
         return False
     # The window runs from the end of the failed attempt: a stream may run for many minutes
     # before it drops, and its retry can only start after that.
-    if later.started_at > abandoned.started_at + timedelta(seconds=abandoned.duration_s) + window:
+    if later.started_at > abandoned.started_at + _retry_wait(abandoned, window):
         return False
     if later.logical_request_id == abandoned.logical_request_id:
         return (later.started_at, later.attempt_number) > (abandoned.started_at, abandoned.attempt_number)
@@ -369,9 +383,6 @@ def _ended_since(connection: sa.Connection, since: datetime) -> sa.ColumnElement
 
 _ABANDONED: sa.ColumnElement[str] = sa.literal_column(f"'{WasteReason.ABANDONED.value}'")
 """``'abandoned'`` as a literal: a partial index is used only when the query states its condition."""
-
-_LONGEST_RETRY_WAIT = timedelta(days=7)
-"""How long after an abandoned attempt started its retry by fingerprint is still looked for."""
 
 
 def _abandoned_matching(
@@ -417,7 +428,7 @@ def _retries_matching(
             continue
         fingerprints.add(record.fingerprint)
         first = hour_of(record.started_at)
-        wait = min(timedelta(seconds=record.duration_s) + window, _LONGEST_RETRY_WAIT)
+        wait = min(_retry_wait(record, window), _LONGEST_RETRY_WAIT)
         hours.update(first + timedelta(hours=n) for n in range(int(wait / timedelta(hours=1)) + 2))
     if not fingerprints:
         return by_request
