@@ -115,7 +115,8 @@ class RetryTracker:
                 self._requests[request.id] = request
             else:
                 self._requests.move_to_end(request.id)
-                self._forget_retryable(request)  # retried now; findable again only if this one fails
+                if request.retryable_as is not None:
+                    self._forget_retryable(request)  # retried now; findable again only if this one fails
                 request.last_seen = now
             request.attempts += 1
             if not request.abandoned:
@@ -143,7 +144,8 @@ class RetryTracker:
                     request.abandoned.append(record)
             if request is not None and not later:
                 request.last_seen = self._clock()
-                self._forget_retryable(request)
+                if request.retryable_as is not None:
+                    self._forget_retryable(request)
                 fingerprint = record.fingerprint  # the failed attempt's own body, never an earlier one's
                 if fingerprint is not None and record.outcome.failed:
                     self._failed_by_fingerprint[fingerprint] = request.id
@@ -153,7 +155,9 @@ class RetryTracker:
             return record
 
     def _forget_retryable(self, request: _LogicalRequest) -> None:
-        # Each logical request is findable by at most one fingerprint, so none outlives it.
+        # Each logical request is findable by at most one fingerprint, so none outlives it. (Callers
+        # on the per-attempt path test retryable_as first: most requests never failed, and the test
+        # is cheaper than the call.)
         if request.retryable_as is not None:
             if self._failed_by_fingerprint.get(request.retryable_as) == request.id:
                 del self._failed_by_fingerprint[request.retryable_as]
@@ -171,7 +175,9 @@ class RetryTracker:
     def _expire(self, now: float) -> None:
         requests = self._requests
         while len(requests) >= self.max_requests:
-            self._forget_retryable(requests.popitem(last=False)[1])
+            evicted = requests.popitem(last=False)[1]
+            if evicted.retryable_as is not None:
+                self._forget_retryable(evicted)
         # Sweeping by age touches the oldest (long evicted from the CPU's caches) entries, so it runs
         # at most once a second; begin() checks the age of the one request it looks up itself.
         if now < self._next_sweep:

@@ -66,14 +66,6 @@ class _Factor:
 _Key = TypeVar("_Key")
 
 
-def _factor_of(factors: dict[_Key, _Factor], key: _Key) -> _Factor:
-    """The factor under ``key``, created at first use (``setdefault`` would build one every call)."""
-    factor = factors.get(key)
-    if factor is None:
-        factor = factors[key] = _Factor()
-    return factor
-
-
 class OutputEstimator:
     """Estimates the output tokens of an attempt from the characters it received, calibrated per model.
 
@@ -172,21 +164,36 @@ class OutputEstimator:
         Empty ``chars`` (an attempt whose characters were not measured) calibrate nothing.
         """
         predicted = self._predict(model, chars)
-        total = sum(predicted.values())
+        if len(predicted) == 1:
+            # The usual case, one content type: it is the dominant one, and the sum of one positive
+            # float is that float (what sum() and max() below would return, for less).
+            ((dominant, total),) = predicted.items()
+        else:
+            total = sum(predicted.values())
         if total <= 0 or total < self.min_observed_tokens or output_tokens <= 0:
             return
+        if len(predicted) > 1:
+            dominant = max(predicted, key=predicted.__getitem__)
         low, high = self.bounds
-        ratio = min(high, max(low, output_tokens / total))
-        dominant = max(predicted, key=predicted.__getitem__)
+        # min(high, max(low, ratio)) without the two calls, choosing exactly as they do (NaN too).
+        ratio = output_tokens / total
+        ratio = ratio if ratio > low else low
+        ratio = ratio if ratio < high else high
         with self._lock:
-            self._update(_factor_of(self._models, model), ratio)
+            self._update(self._models, model, ratio)
             if predicted[dominant] >= self.dominant_share * total:
-                self._update(_factor_of(self._types, (model, dominant)), ratio)
+                self._update(self._types, (model, dominant), ratio)
 
-    def _update(self, factor: _Factor, ratio: float) -> None:
+    def _update(self, factors: dict[_Key, _Factor], key: _Key, ratio: float) -> None:
+        """Feed ``ratio`` to the factor under ``key``, created at first use (one call per factor)."""
+        factor = factors.get(key)
+        if factor is None:  # not setdefault(), which would build a _Factor every call
+            factor = factors[key] = _Factor()
         factor.samples += 1
-        # A plain mean until 1/alpha samples, so the first few do not each carry a full alpha weight.
-        weight = max(self.alpha, 1.0 / factor.samples)
+        # A plain mean until 1/alpha samples, so the first few do not each carry a full alpha weight:
+        # max(alpha, 1 / samples), chosen as max() would without calling it.
+        inverse = 1.0 / factor.samples
+        weight = inverse if inverse > self.alpha else self.alpha
         factor.value += weight * (ratio - factor.value)
 
     # -- persistence -----------------------------------------------------------------------------

@@ -159,7 +159,10 @@ class Pipeline:
         self._queue.append(item)
         if self._thread is None:
             self._start()
-        if len(self._queue) >= self.batch_size:
+        # Until the writer gets the GIL, every submit finds a full batch waiting: Event.set() takes a
+        # lock and notifies, ~1 us, even when the event is already set. A set event is cleared by
+        # the writer only before it drains the queue, so this record is delivered either way.
+        if len(self._queue) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
     @property

@@ -18,6 +18,7 @@ import pytest
 from conftest import Accounting, completed_attempt, sync_client
 from test_instrumentation import HTTP_MODULE
 
+import costwatch
 import costwatch.pipeline
 from costwatch import Outcome, WasteReason
 from costwatch.attribution import RetryTracker
@@ -27,6 +28,7 @@ from costwatch.pricing import load_prices
 from costwatch.records import AttemptRecord, AttemptStart, Cost, Usage, fingerprint_of, new_id
 from costwatch.sinks import MemorySink
 from costwatch.spool import Spool
+from costwatch.stream_meter import BodyMeter
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 
 MODEL = "claude-haiku-4-5"
@@ -57,6 +59,21 @@ def test_records_stay_immutable_and_copy_with_replace() -> None:
     copy = dataclasses.replace(record, fingerprint="fp")
     assert copy.fingerprint == "fp" and copy.attempt_id == record.attempt_id and record.fingerprint is None
     assert AttemptRecord.from_dict(copy.to_dict()) == copy
+
+
+def test_records_are_built_as_their_own_class_and_a_subclass_still_constructs() -> None:
+    when = datetime(2025, 3, 1, tzinfo=timezone.utc)
+    record = AttemptRecord("a", "r", 1, when, Outcome.COMPLETED, usage=Usage(3), cost=Cost(0.5))
+    assert type(record) is AttemptRecord and type(record.usage) is Usage and type(record.cost) is Cost
+    assert type(dataclasses.replace(record, revision=1)) is AttemptRecord
+
+    class Labelled(AttemptRecord):
+        __slots__ = ("label",)
+
+    labelled = Labelled("a", "r", 1, when, Outcome.DROPPED, revision=2)
+    assert type(labelled) is Labelled and labelled.outcome is Outcome.DROPPED and labelled.revision == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        labelled.revision = 3  # type: ignore[misc]
 
 
 def test_missing_record_fields_are_still_a_type_error() -> None:
@@ -177,6 +194,97 @@ def test_records_spilled_from_a_full_queue_or_at_shutdown_carry_their_fingerprin
 
 
 # -- the accountant ------------------------------------------------------------------------------------
+_ANSWER = b"".join(
+    b"event: " + name + b"\ndata: " + data + b"\n\n"
+    for name, data in [
+        (
+            b"message_start",
+            b'{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant",'
+            b'"model":"claude-haiku-4-5-20251001","content":[],"stop_reason":null,'
+            b'"usage":{"input_tokens":310,"cache_read_input_tokens":7,"output_tokens":1}}}',
+        ),
+        (b"content_block_start", b'{"type":"content_block_start","index":0,"content_block":{"type":"text"}}'),
+        *[
+            (
+                b"content_block_delta",
+                b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" word"}}',
+            )
+        ]
+        * 30,
+        (b"content_block_stop", b'{"type":"content_block_stop","index":0}'),
+        (
+            b"message_delta",
+            b'{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":31}}',
+        ),
+        (b"message_stop", b'{"type":"message_stop"}'),
+    ]
+)
+
+
+@pytest.mark.parametrize("outcome", [Outcome.COMPLETED, Outcome.STREAM_ERROR])
+def test_settle_puts_every_value_in_its_own_record_field(tmp_path: Path, outcome: Outcome) -> None:
+    # settle() passes the record's fields positionally, for speed: each must land where it belongs.
+    pipeline = Pipeline(spool=Spool(tmp_path / "spool"))
+    sink = MemorySink()
+    pipeline.add_sink(sink)
+    accountant = Accountant(pipeline=pipeline, prices=load_prices())
+    body = b'{"messages":[{"role":"user","content":"hi"}],"model":"' + MODEL.encode() + b'"}'
+    sent = HTTP_MODULE.Request(
+        "POST",
+        "http://api.test/v1/messages",
+        headers={
+            "anthropic-version": "2023-06-01",
+            "anthropic-beta": "b1, b2",
+            "x-stainless-retry-count": "0",
+        },
+        content=body,
+    )
+    with costwatch.tags(workflow="nightly"):
+        opened = accountant.begin(sent)
+    opened.http_status, opened.stream, opened.request_id = 200, True, "req_1"
+    ticks = iter([opened.started + 0.25])
+    meter = opened.meter = BodyMeter(stream=True, clock=lambda: next(ticks))
+    meter.feed(_ANSWER)
+    error = RuntimeError("cut") if outcome is Outcome.STREAM_ERROR else None
+    accountant.settle(opened, outcome, error)
+    assert pipeline.flush(10)
+    (record,) = sink.records
+    usage = Usage(input_tokens=310, cache_read_tokens=7, output_tokens=31)
+    failed = outcome is not Outcome.COMPLETED
+    assert record == AttemptRecord(
+        attempt_id=opened.attempt_id,
+        logical_request_id=opened.logical_request_id,
+        attempt_number=1,
+        started_at=opened.started_at,
+        outcome=outcome,
+        model_requested=MODEL,
+        model="claude-haiku-4-5-20251001",
+        stream=True,
+        beta_features=("b1", "b2"),
+        request_id="req_1",
+        message_id="msg_1",
+        sdk_retry=0,
+        http_status=200,
+        error_type="RuntimeError" if failed else None,
+        api_error_type=None,
+        time_to_first_token_s=0.25,
+        duration_s=record.duration_s,
+        usage=usage,
+        server_tool_use={},
+        stop_reason="end_turn",
+        events_received=meter.events,
+        bytes_received=len(_ANSWER),
+        cost=load_prices().cost(MODEL, usage),
+        wasted=failed,
+        waste_reason=WasteReason.ABANDONED if failed else None,
+        tags={"workflow": "nightly"},
+        fingerprint=fingerprint_of(body),
+        revision=0,
+    )
+    assert 0 < record.duration_s < 10 and record.events_received == 35
+    pipeline.shutdown()
+
+
 @pytest.mark.parametrize("size", [100, 1_000_000], ids=["small body", "large body"])
 def test_every_record_gets_the_fingerprint_of_its_request_body(tmp_path: Path, size: int) -> None:
     pipeline = Pipeline(spool=Spool(tmp_path / "spool"))
