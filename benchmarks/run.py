@@ -34,7 +34,7 @@ class Sizes:
 
     stream_events: tuple[int, ...]
     stream_repeats: int
-    streams_per_run: int
+    stream_events_per_run: int
     body_sizes: tuple[int, ...]
     attempts_per_run: int
     attempt_repeats: int
@@ -48,8 +48,8 @@ class Sizes:
 PRESETS = {
     "full": Sizes(
         stream_events=(200, 2_000, 20_000),
-        stream_repeats=7,
-        streams_per_run=1,
+        stream_repeats=15,
+        stream_events_per_run=10_000,
         body_sizes=(1_000, 100_000, 1_000_000),
         attempts_per_run=5_000,
         attempt_repeats=7,
@@ -61,8 +61,8 @@ PRESETS = {
     ),
     "quick": Sizes(
         stream_events=(200, 2_000),
-        stream_repeats=5,
-        streams_per_run=1,
+        stream_repeats=7,
+        stream_events_per_run=4_000,
         body_sizes=(1_000, 100_000, 1_000_000),
         attempts_per_run=2_000,
         attempt_repeats=5,
@@ -76,7 +76,7 @@ PRESETS = {
     "tiny": Sizes(
         stream_events=(50,),
         stream_repeats=1,
-        streams_per_run=1,
+        stream_events_per_run=50,
         body_sizes=(1_000,),
         attempts_per_run=20,
         attempt_repeats=1,
@@ -106,7 +106,7 @@ def run_benchmarks(
         log("stream overhead ...")
         done(
             measure_stream_overhead(
-                sizes.stream_events, repeats=sizes.stream_repeats, streams_per_run=sizes.streams_per_run
+                sizes.stream_events, repeats=sizes.stream_repeats, events_per_run=sizes.stream_events_per_run
             )
         )
     if "attempt" in only:

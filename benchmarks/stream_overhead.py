@@ -11,9 +11,9 @@ exporter, for scale. On 2.x "the SDK alone" is a client with ``open_telemetry=Fa
 
 Every costwatch run shares one output estimator, as a process does across its streams, and that
 estimator has left its first calibration phase before timing starts (``_calibrate``): afterwards one
-completed stream in ``sample_every`` (16) is read in full to calibrate it, the others from their tail
+completed stream in ``sample_every`` (32) is read in full to calibrate it, the others from their tail
 only. A median over a few rounds may or may not contain such a sampled stream; its cost, spread over
-all streams, is about 1/16 of the old per-event meter's.
+all streams, is about 1/32 of the old per-event meter's.
 """
 
 from __future__ import annotations
@@ -62,28 +62,48 @@ def _tracer_provider() -> tuple[Any, Any]:
     return provider, exporter
 
 
-@contextlib.contextmanager
-def _instrumented(sink_kind: str | None) -> Iterator[Pipeline | None]:
-    """costwatch installed for the duration, with one sink; ``None`` installs nothing."""
-    if sink_kind is None:
-        yield None
-        return
-    pipeline = Pipeline()
-    sink: Sink
-    if sink_kind == "memory":
-        sink = MemorySink()
-    else:
-        from prometheus_client import CollectorRegistry
+class _Installation:
+    """One variant's costwatch, as a process that has run for a while has it.
 
-        from costwatch.metrics import MetricsSink
+    The pipeline (its writer thread started) and the sink (its metric children created) last across
+    runs; each run installs the hooks with them and removes them after, so the other variants run
+    on the SDK alone. What a process pays once, at ``instrument()`` or its first attempt, is then
+    outside the timed runs, as it is outside any one stream of a running process.
+    """
 
-        sink = MetricsSink(registry=CollectorRegistry(), pipeline=pipeline)
-    costwatch.instrument(pipeline=pipeline, sinks=[sink], listeners=[], estimator=_ESTIMATOR)
-    try:
-        yield pipeline
-    finally:
-        costwatch.uninstrument()
-        pipeline.shutdown()
+    def __init__(self, sink_kind: str | None) -> None:
+        self.pipeline: Pipeline | None = None
+        self.sink: Sink | None = None
+        if sink_kind is None:
+            return
+        self.pipeline = Pipeline()
+        if sink_kind == "memory":
+            self.sink = MemorySink()
+        else:
+            from prometheus_client import CollectorRegistry
+
+            from costwatch.metrics import MetricsSink
+
+            self.sink = MetricsSink(registry=CollectorRegistry(), pipeline=self.pipeline)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Pipeline | None]:
+        """costwatch hooked into the SDK for the duration (nothing for the SDK-alone variants)."""
+        if self.pipeline is None or self.sink is None:
+            yield None
+            return
+        costwatch.instrument(pipeline=self.pipeline, sinks=[self.sink], listeners=[], estimator=_ESTIMATOR)
+        try:
+            yield self.pipeline
+        finally:
+            costwatch.uninstrument()
+            if isinstance(self.sink, MemorySink):
+                self.sink.records.clear()  # a memory sink keeps everything: keep it small
+
+    def close(self) -> None:
+        """Stop the pipeline's writer thread."""
+        if self.pipeline is not None:
+            self.pipeline.shutdown()
 
 
 _VARIANTS: tuple[tuple[str, str | None, bool], ...] = (
@@ -102,13 +122,16 @@ def _variants() -> list[tuple[str, str | None, bool]]:
 def _calibrate(url: str) -> None:
     """Stream until the shared estimator samples as it does in a running process, not every stream."""
     client = anthropic.Anthropic(base_url=url, api_key="bench", max_retries=0, **_client_options())
-    with _instrumented("memory"):
-        for i in range(50):
-            if not _ESTIMATOR.wants_sample(MODEL):  # asking has no effect until then
-                break
-            for _event in client.messages.create(**_body(200, -i)):
-                pass
-        costwatch.flush(30)
+    installation = _Installation("memory")
+    try:
+        with installation.installed():
+            for i in range(50):
+                if not _ESTIMATOR.wants_sample(MODEL):  # asking has no effect until then
+                    break
+                for _event in client.messages.create(**_body(200, -i)):
+                    pass
+    finally:
+        installation.close()
 
 
 def _body(events: int, i: int) -> dict[str, Any]:
@@ -120,16 +143,18 @@ def _body(events: int, i: int) -> dict[str, Any]:
     }
 
 
-def _sync_runs(url: str, events: int, streams: int) -> dict[str, Callable[[], Timing]]:
+def _sync_runs(
+    url: str, events: int, streams: int, installations: dict[str, _Installation]
+) -> dict[str, Callable[[], Timing]]:
     provider, exporter = _tracer_provider() if sdk_has_tracing() else (None, None)
     runs: dict[str, Callable[[], Timing]] = {}
     counter = iter(range(10**9))
-    for name, sink_kind, traced in _variants():
+    for name, _sink_kind, traced in _variants():
         options = {"open_telemetry": {"tracer_provider": provider}} if traced else _client_options()
         client = anthropic.Anthropic(base_url=url, api_key="bench", max_retries=0, **options)
 
-        def run(client: Any = client, sink_kind: str | None = sink_kind) -> Timing:
-            with _instrumented(sink_kind) as pipeline:
+        def run(client: Any = client, installation: _Installation = installations[name]) -> Timing:
+            with installation.installed() as pipeline:
 
                 def consume() -> None:
                     for _ in range(streams):
@@ -147,16 +172,22 @@ def _sync_runs(url: str, events: int, streams: int) -> dict[str, Callable[[], Ti
     return runs
 
 
-def _async_runs(url: str, events: int, streams: int, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+def _async_runs(
+    url: str,
+    events: int,
+    streams: int,
+    installations: dict[str, _Installation],
+    loop: asyncio.AbstractEventLoop,
+) -> dict[str, Any]:
     provider, exporter = _tracer_provider() if sdk_has_tracing() else (None, None)
     runs: dict[str, Callable[[], Timing]] = {}
     counter = iter(range(10**9))
-    for name, sink_kind, traced in _variants():
+    for name, _sink_kind, traced in _variants():
         options = {"open_telemetry": {"tracer_provider": provider}} if traced else _client_options()
         client = anthropic.AsyncAnthropic(base_url=url, api_key="bench", max_retries=0, **options)
 
-        def run(client: Any = client, sink_kind: str | None = sink_kind) -> Timing:
-            with _instrumented(sink_kind) as pipeline:
+        def run(client: Any = client, installation: _Installation = installations[name]) -> Timing:
+            with installation.installed() as pipeline:
 
                 async def consume() -> None:
                     for _ in range(streams):
@@ -178,7 +209,7 @@ def _async_runs(url: str, events: int, streams: int, loop: asyncio.AbstractEvent
     return runs
 
 
-def _rows(mode: str, events: int, timings: dict[str, list[Timing]]) -> list[Measurement]:
+def _rows(mode: str, events: int, streams: int, timings: dict[str, list[Timing]]) -> list[Measurement]:
     base = timings[SDK_ALONE]
     rows = []
     for name, runs in timings.items():
@@ -198,6 +229,7 @@ def _rows(mode: str, events: int, timings: dict[str, list[Timing]]) -> list[Meas
                     met=(ratio <= OVERHEAD_TARGET) if gated else None,
                     detail={
                         "runs": len(runs),
+                        "streams_per_run": streams,
                         f"median_{metric.split()[0].lower()}_s": sorted(pick(t) for t in runs)[
                             len(runs) // 2
                         ],
@@ -214,25 +246,33 @@ def measure_stream_overhead(
     events_sizes: Sequence[int],
     *,
     repeats: int,
-    streams_per_run: int,
+    events_per_run: int,
     modes: Sequence[str] = ("sync", "async"),
 ) -> list[Measurement]:
-    """Ratios of wall and CPU time, instrumented vs not, per stream length and sync/async."""
+    """Ratios of wall and CPU time, instrumented vs not, per stream length and sync/async.
+
+    A timed run consumes as many streams as make about ``events_per_run`` events (at least one),
+    so that short streams are timed over more than a few milliseconds.
+    """
     rows: list[Measurement] = []
     with fake_api_in_subprocess() as url:
         _calibrate(url)
+        installations = {name: _Installation(sink_kind) for name, sink_kind, _traced in _variants()}
         loop = asyncio.new_event_loop()
         try:
             for events in events_sizes:
+                streams = max(1, events_per_run // events)
                 for mode in modes:
                     runs = (
-                        _sync_runs(url, events, streams_per_run)
+                        _sync_runs(url, events, streams, installations)
                         if mode == "sync"
-                        else _async_runs(url, events, streams_per_run, loop)
+                        else _async_runs(url, events, streams, installations, loop)
                     )
                     # One untimed round first: connections, imports and caches warm up.
                     alternating_runs(runs, 1)
-                    rows += _rows(mode, events, alternating_runs(runs, repeats))
+                    rows += _rows(mode, events, streams, alternating_runs(runs, repeats))
         finally:
             loop.close()
+            for installation in installations.values():
+                installation.close()
     return rows

@@ -90,7 +90,7 @@ class OutputEstimator:
         bounds: tuple[float, float] = (0.5, 2.0),
         dominant_share: float = 0.8,
         min_observed_tokens: int = 20,
-        sample_every: int = 16,
+        sample_every: int = 32,
     ) -> None:
         if chars_per_token is not None and (
             set(chars_per_token) != set(CONTENT_TYPES) or any(v <= 0 for v in chars_per_token.values())
