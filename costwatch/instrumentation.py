@@ -42,6 +42,7 @@ from .pricing import PriceTable, load_prices
 from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
 from .settings import load_settings
 from .sinks import AttemptListener, Sink
+from .spool import SPOOL_DIR_ENV
 from .stream_meter import BodyMeter
 
 __all__ = ["Accountant", "flush", "instrument", "is_instrumented", "uninstrument"]
@@ -347,6 +348,14 @@ class _DeferredSettler:
         done = threading.Event()
         self._queue.put(done)
         return done.wait(timeout)
+
+    def drain(self, timeout: float) -> None:
+        """At exit or on SIGTERM: wait for the settler thread to settle what is queued, never settling
+        here (a signal handler may have interrupted a thread holding the locks settling takes)."""
+        if self._thread is not None and self._thread.is_alive():
+            done = threading.Event()
+            self._queue.put(done)
+            done.wait(timeout)
 
     def reset_in_child(self) -> None:
         """In a forked child: drop the parent's queue (its attempts are the parent's) and thread."""
@@ -736,7 +745,7 @@ def instrument(
         price_table = prices or load_prices(config.prices_file)
         if pipeline is None:
             # Only a directory the application chose may move the spool of an existing pipeline.
-            chosen = settings.get("spool_dir") is not None or bool(os.environ.get("COSTWATCH_SPOOL_DIR"))
+            chosen = settings.get("spool_dir") is not None or bool(os.environ.get(SPOOL_DIR_ENV))
             pipeline = get_pipeline(spool_dir=config.spool_dir if chosen else None)
             pipeline.capacity = config.queue_capacity
             pipeline.batch_size = config.batch_size
@@ -753,7 +762,7 @@ def instrument(
             pipeline.add_sink(sink)
         _settler.start()
         # At exit, streams closed at the last moment are settled before any pipeline flushes.
-        drain_before_exit(_settler.wait)
+        drain_before_exit(_settler.drain)
         hooks = _Hooks(accountant, http_clients, added)
         hooks.install(_importable_http_modules())
         _hooks = hooks

@@ -467,9 +467,10 @@ def drain_before_exit(drain: Callable[[float], object]) -> None:
 
 
 def _drain_upstream(timeout: float) -> None:
+    deadline = time.monotonic() + timeout  # one budget for every stage, not one each
     for drain in list(_upstream_drains):
         try:
-            drain(timeout)
+            drain(max(0.0, deadline - time.monotonic()))
         except Exception:
             log.exception("costwatch: draining attempt records before exit failed")
 

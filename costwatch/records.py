@@ -11,6 +11,7 @@ import enum
 import hashlib
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -87,11 +88,15 @@ def _fast_frozen_init(cls: _Frozen) -> _Frozen:
     Every default of the classes it is used on is immutable, so a ``default_factory`` is called
     once here and its value shared.
     """
+    if hasattr(cls, "__post_init__") or any(getattr(base, "__slots__", ()) for base in cls.__mro__[1:]):
+        raise TypeError(f"{cls.__name__}: a fast __init__ would skip __post_init__ or a base's slots")
     params: list[str] = []
     stores: list[str] = []
     sets: list[str] = []
+    # Where __class__ assignment stops the world (free-threaded CPython), fill through descriptors.
+    borrow = getattr(sys, "_is_gil_enabled", lambda: True)()
     namespace: dict[str, Any] = {
-        "_cls": cls,
+        "_cls": cls if borrow else None,
         "_twin": type(f"_Open{cls.__name__}", (), {"__slots__": cls.__slots__}),  # type: ignore[attr-defined]
         "_set_class": object.__setattr__,
     }

@@ -104,28 +104,34 @@ def test_sqlite_indexes_are_the_ones_the_models_declare(tmp_path: Path) -> None:
     assert "ix_costwatch_attempts_hour_fingerprint" in stored
 
 
-def test_migration_0004_keeps_every_attempt_findable_by_fingerprint(url: str) -> None:
+@pytest.mark.parametrize("first", ["abandoned attempt", "resend"])
+def test_migration_0004_keeps_attempts_stored_before_it_findable_by_fingerprint(url: str, first: str) -> None:
+    # Another worker resends the request a minute after the attempt dropped, in the next hour.
+    resend = dataclasses.replace(
+        _ABANDONED_ATTEMPT,
+        attempt_id="resend",
+        logical_request_id="other-worker",
+        started_at=_ABANDONED_ATTEMPT.started_at + timedelta(minutes=1),
+        outcome=Outcome.COMPLETED,
+        wasted=False,
+        waste_reason=None,
+    )
+    stored_before, landing_after = (
+        (_ABANDONED_ATTEMPT, resend) if first == "abandoned attempt" else (resend, _ABANDONED_ATTEMPT)
+    )
     migrate.upgrade(url, revision="0003")
     engine = create_store_engine(url)
     try:
         with engine.begin() as connection:
-            connection.execute(sa.insert(ATTEMPTS).values(attempt_row(_ABANDONED_ATTEMPT)))
+            connection.execute(sa.insert(ATTEMPTS).values(attempt_row(stored_before)))
     finally:
         engine.dispose()
     migrate.upgrade(url)
     store = SqlStore(url, auto_migrate=False)
     try:
-        # Another worker resends the request a minute after the stored attempt dropped.
-        resend = dataclasses.replace(
-            _ABANDONED_ATTEMPT,
-            attempt_id="resend",
-            logical_request_id="other-worker",
-            started_at=_ABANDONED_ATTEMPT.started_at + timedelta(minutes=1),
-            outcome=Outcome.COMPLETED,
-            wasted=False,
-            waste_reason=None,
-        )
-        assert store.write([resend]).reclassified == 1
+        store.write([landing_after])
+        dropped = store.attempt(_ABANDONED_ATTEMPT.attempt_id)
+        assert dropped is not None and dropped.waste_reason is WasteReason.RETRIED
     finally:
         store.shutdown()
     migrate.downgrade(url, "0003")

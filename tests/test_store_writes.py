@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -385,9 +386,24 @@ def test_an_absurd_duration_neither_fails_the_batch_nor_stops_its_resend_from_co
     assert stored is not None and stored.waste_reason is WasteReason.RETRIED
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("duration_s", [math.nan, math.inf, 1e13, -5.0])
+def test_a_stored_duration_no_interval_can_hold_fails_no_later_batch(
+    postgres_schema: str, duration_s: float
+) -> None:
+    store = SqlStore(postgres_schema_url(postgres_schema))
+    try:
+        store.export([dropped(1, fingerprint="same-request", duration_s=duration_s)])
+        store.export([attempt(60, logical_request_id="other-worker", fingerprint="same-request")])
+        assert store.attempt("att-60") is not None
+    finally:
+        store.shutdown()
+
+
 def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them(store: SqlStore) -> None:
-    """Every lookup of a batch (stored ids, abandoned attempts, their retries) can probe an index."""
-    store.export([attempt(n, fingerprint=f"fp-{n % 7}") for n in range(1, 200)])
+    """Every lookup of a batch (stored ids, abandoned attempts, their retries) probes an index."""
+    store.export([dropped(n, fingerprint=f"fp-{n}") for n in range(1, 2001)])  # many abandoned rows
+    store.export([attempt(n) for n in range(2001, 3001)])
     lookups: list[tuple[str, Any]] = []
 
     def capture(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
@@ -396,21 +412,52 @@ def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them
 
     sa.event.listen(store.engine, "before_cursor_execute", capture)
     try:
-        # Stored and new attempts, abandoned ones among them, some sharing fingerprints with stored ones.
-        store.export([dropped(n, fingerprint=f"fp-{n % 7}") for n in range(150, 260)])
+        # New attempts, abandoned ones among them, sharing requests and fingerprints with stored ones.
+        store.export(
+            [dropped(n, fingerprint=f"fp-{n - 1500}") for n in range(3001, 3101)]
+            + [attempt(n, logical_request_id=f"req-{n - 1000}") for n in range(3101, 3201)]
+        )
     finally:
         sa.event.remove(store.engine, "before_cursor_execute", capture)
-    assert len(lookups) >= 3
+    assert len(lookups) >= 2  # abandoned attempts, and retries of the abandoned ones landing now
     with store.engine.connect() as connection:
-        sqlite = connection.dialect.name == "sqlite"
-        if not sqlite:
-            connection.exec_driver_sql("SET enable_seqscan = off")  # a tiny table: ask what is possible
+        if connection.dialect.name == "sqlite":
+            for statement, params in lookups:
+                plan = [
+                    str(row[-1])
+                    for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)
+                ]
+                reads = [step for step in plan if "costwatch_attempts" in step]
+                assert reads and all(step.startswith("SEARCH costwatch_attempts USING") for step in reads), (
+                    plan
+                )
+            return
+        connection.exec_driver_sql("ANALYZE costwatch_attempts")  # as autovacuum would have by now
         for statement, params in lookups:
-            explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
-            plan = "\n".join(str(row[-1]) for row in connection.exec_driver_sql(explain + statement, params))
-            assert ("SCAN costwatch_attempts" if sqlite else "Seq Scan on costwatch_attempts") not in plan, (
-                plan
-            )
+            [[plan]] = connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, params).all()
+            reads = [
+                node
+                for node in _plan_nodes(plan[0]["Plan"])
+                if node.get("Relation Name") == "costwatch_attempts"
+            ]
+            assert reads and all(_probes_an_index(node) for node in reads), plan
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", ()):
+        yield from _plan_nodes(child)
+
+
+def _probes_an_index(read: dict[str, Any]) -> bool:
+    """A PostgreSQL read of a table that looks keys up in an index, not one that reads a whole index."""
+    if read["Node Type"] in ("Index Scan", "Index Only Scan"):
+        return "Index Cond" in read
+    if read["Node Type"] == "Bitmap Heap Scan":
+        return any(
+            node["Node Type"] == "Bitmap Index Scan" and "Index Cond" in node for node in _plan_nodes(read)
+        )
+    return False
 
 
 def test_later_attempt_of_the_same_request_long_after_the_window_is_not_its_retry(store: SqlStore) -> None:

@@ -89,6 +89,12 @@ class utc_hour(sa.sql.functions.FunctionElement[Any]):
     name = "utc_hour"
 
 
+@compiles(utc_hour)
+def _utc_hour_elsewhere(element: utc_hour, compiler: SQLCompiler, **kw: Any) -> str:
+    backend = compiler.dialect.name
+    raise NotImplementedError(f"costwatch's store supports SQLite and PostgreSQL, not {backend}")
+
+
 @compiles(utc_hour, "sqlite")
 def _utc_hour_sqlite(element: utc_hour, compiler: SQLCompiler, **kw: Any) -> str:
     return f"substr({compiler.process(element.clauses, **kw)}, 1, 13)"

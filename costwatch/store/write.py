@@ -127,8 +127,10 @@ _JSON_TEXTS_KEPT = 4096
 
 def _json_text(value: Any) -> str | None:
     """JSON as SQLAlchemy would bind it, remembered: most attempts carry the same few tags."""
-    if not value:
-        return None if value is None else ("{}" if isinstance(value, dict) else "[]")
+    if value is None:
+        return None
+    if not value and isinstance(value, (dict, list)):
+        return "{}" if isinstance(value, dict) else "[]"
     try:
         key = (type(value), tuple(value.items()) if isinstance(value, dict) else tuple(value))
         text = _json_texts.get(key)
@@ -337,17 +339,17 @@ def _apply_revisions(
     return added, removed
 
 
-_LONGEST_RETRY_WAIT = timedelta(days=7)
-"""How long after an abandoned attempt started its retry by fingerprint is still looked for."""
+_LONGEST_DURATION_S = 7 * 24 * 3600.0
+"""The longest duration of an attempt that retry matching believes; longer ones count as this long."""
 
 
 def _retry_wait(abandoned: AttemptRecord, window: timedelta) -> timedelta:
     """From an abandoned attempt's start to the last moment its retry may start: its duration plus
-    ``window`` (a duration that is not a number, or negative, counts as zero; the fingerprint
-    lookup caps the wait at :data:`_LONGEST_RETRY_WAIT`)."""
+    ``window``. A duration that is not a number or negative counts as zero, one over
+    :data:`_LONGEST_DURATION_S` as that (as :func:`_ended_since` counts it in SQL)."""
     duration = abandoned.duration_s
-    if not 0 <= duration <= _LONGEST_RETRY_WAIT.total_seconds():  # also false for NaN
-        duration = 0.0 if not duration > 0 else _LONGEST_RETRY_WAIT.total_seconds()
+    if not 0 <= duration <= _LONGEST_DURATION_S:  # also true for NaN
+        duration = _LONGEST_DURATION_S if duration > 0 else 0.0
     return timedelta(seconds=duration) + window
 
 
@@ -370,15 +372,22 @@ def _is_retry_of(later: AttemptRecord, abandoned: AttemptRecord, window: timedel
 
 
 def _ended_since(connection: sa.Connection, since: datetime) -> sa.ColumnElement[bool]:
-    """Rows of attempts that ended (``started_at + duration_s``) at or after ``since``."""
+    """Rows of attempts that ended (``started_at + duration_s``) at or after ``since``.
+
+    The duration is clamped to ``[0, _LONGEST_DURATION_S]`` first: PostgreSQL refuses to make an
+    interval of a NaN or huge number of seconds (and orders NaN above every number, so a stored NaN
+    counts as the longest here: a superset of what :func:`_retry_wait` accepts, which decides).
+    """
     if connection.dialect.name == "postgresql":
-        ended = ATTEMPTS.c.started_at + ATTEMPTS.c.duration_s * sa.literal_column("interval '1 second'")
+        duration = sa.func.least(sa.func.greatest(ATTEMPTS.c.duration_s, 0.0), _LONGEST_DURATION_S)
+        ended = ATTEMPTS.c.started_at + duration * sa.literal_column("interval '1 second'")
         return ended >= since
     # SQLite keeps timestamps as text; julianday() reads them as (fractional) days. A second of
     # slack absorbs its rounding; _is_retry_of decides exactly. (A filter on the rows the key
     # indexes found, so it costs no index.)
     bound = sa.func.julianday(sa.literal(since - timedelta(seconds=1), ATTEMPTS.c.started_at.type))
-    return sa.func.julianday(ATTEMPTS.c.started_at) + ATTEMPTS.c.duration_s / 86400.0 >= bound
+    duration = sa.func.min(sa.func.max(ATTEMPTS.c.duration_s, 0.0), _LONGEST_DURATION_S)
+    return sa.func.julianday(ATTEMPTS.c.started_at) + duration / 86400.0 >= bound
 
 
 _ABANDONED: sa.ColumnElement[str] = sa.literal_column(f"'{WasteReason.ABANDONED.value}'")
@@ -390,10 +399,10 @@ def _abandoned_matching(
 ) -> sa.ColumnElement[bool]:
     """Stored abandoned attempts that ``landed`` may be the retries of.
 
-    Those of the same logical request, and those of the same fingerprint that ended at or after
-    ``since`` (``ix_costwatch_attempts_abandoned_fingerprint``, a partial index). Each kind is its
-    own branch of a ``UNION``: in one ``OR``, PostgreSQL factors out the shared ``'abandoned'`` and
-    then reads the whole partial index instead of probing either index.
+    Those of the same logical request (``ix_costwatch_attempts_logical_request_id``), and those of
+    the same fingerprint that ended at or after ``since`` (``ix_costwatch_attempts_abandoned_fingerprint``,
+    a partial index on abandoned rows: the query states its condition as a literal, or the planner
+    cannot use it). ``tests/test_store_writes.py`` checks that both branches probe their index.
     """
     abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True))
     request_ids = sorted({record.logical_request_id for record in landed})
@@ -402,12 +411,7 @@ def _abandoned_matching(
     if not fingerprints:
         return by_request
     in_fingerprints = _among(connection, ATTEMPTS.c.fingerprint, fingerprints)
-    by_fingerprint = sa.and_(in_fingerprints, abandoned, _ended_since(connection, since))
-    ids = sa.union(
-        sa.select(ATTEMPTS.c.attempt_id).where(by_request),
-        sa.select(ATTEMPTS.c.attempt_id).where(by_fingerprint),
-    )
-    return ATTEMPTS.c.attempt_id.in_(ids)
+    return sa.or_(by_request, sa.and_(in_fingerprints, abandoned, _ended_since(connection, since)))
 
 
 def _retries_matching(
@@ -428,14 +432,14 @@ def _retries_matching(
             continue
         fingerprints.add(record.fingerprint)
         first = hour_of(record.started_at)
-        wait = min(_retry_wait(record, window), _LONGEST_RETRY_WAIT)
+        wait = _retry_wait(record, window)
         hours.update(first + timedelta(hours=n) for n in range(int(wait / timedelta(hours=1)) + 2))
     if not fingerprints:
         return by_request
     hour_column = utc_hour(ATTEMPTS.c.started_at)
     in_hours: sa.ColumnElement[bool]
     if connection.dialect.name == "sqlite":
-        in_hours = hour_column.in_(sorted(hour.strftime("%Y-%m-%d %H") for hour in hours))  # as stored
+        in_hours = hour_column.in_(sorted(hour.isoformat(sep=" ")[:13] for hour in hours))  # as stored
     else:
         naive = sorted(hour.replace(tzinfo=None) for hour in hours)  # timestamp without time zone
         in_hours = hour_column == sa.any_(sa.bindparam(None, naive, type_=postgresql.ARRAY(sa.DateTime())))

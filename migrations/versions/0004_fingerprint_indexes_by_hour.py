@@ -10,7 +10,9 @@ The writer looks attempts up by fingerprint in two ways only, and each now has i
   share: keyed by the UTC hour of ``started_at`` first, so new entries go next to each other.
 
 Building the new indexes reads the whole table once (seconds at a million attempts; PostgreSQL
-blocks writes to the table meanwhile).
+blocks writes to the table meanwhile). A writer of an older costwatch still works on the migrated
+database, but its lookups by fingerprint find no index and read the whole table: upgrade every
+writer of a database when migrating it.
 
 Revision ID: 0004
 Revises: 0003
@@ -46,10 +48,13 @@ def upgrade() -> None:
         sqlite_where=sa.text(_ABANDONED),
         postgresql_where=sa.text(_ABANDONED),
     )
+    backend = op.get_bind().dialect.name
+    if backend not in _UTC_HOUR:
+        raise NotImplementedError(f"costwatch's store supports SQLite and PostgreSQL, not {backend}")
     op.create_index(
         "ix_costwatch_attempts_hour_fingerprint",
         "costwatch_attempts",
-        [sa.text(_UTC_HOUR[op.get_bind().dialect.name]), "fingerprint"],
+        [sa.text(_UTC_HOUR[backend]), "fingerprint"],
     )
     op.drop_index("ix_costwatch_attempts_fingerprint", table_name="costwatch_attempts")
 
