@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from measure import Measurement
 
 from costwatch.pricing import PriceTable, load_prices
-from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
+from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason, new_id
 from costwatch.store import SqlStore
 
 __all__ = [
@@ -74,10 +74,10 @@ _FAILURES = (
 )
 
 
-def _uuid7_hex(at: datetime, rng: random.Random) -> str:
-    """An id as :func:`costwatch.records.new_id` would have drawn it at ``at``."""
-    value = int(at.timestamp() * 1000) << 80 | rng.getrandbits(80)
-    return uuid.UUID(int=value & ~(0xF << 76 | 0x3 << 62) | 0x7 << 76 | 0x2 << 62).hex
+def _uuid7_hex(at: datetime) -> str:
+    """An id as :func:`costwatch.records.new_id` would have drawn it at ``at``: its own, with ``at``'s
+    Unix milliseconds in its first 48 bits."""
+    return f"{int(at.timestamp() * 1000):012x}{new_id()[12:]}"
 
 
 def synthetic_attempts(
@@ -104,7 +104,7 @@ def synthetic_attempts(
         workflow = rng.choice(_WORKFLOWS)
         tags = MappingProxyType({"workflow": workflow}) if workflow else MappingProxyType({})
         started = start + span * rng.random()
-        request_id = _uuid7_hex(started, rng) if in_order else uuid.UUID(int=rng.getrandbits(128)).hex
+        request_id = _uuid7_hex(started) if in_order else uuid.UUID(int=rng.getrandbits(128)).hex
         fingerprint = uuid.UUID(int=rng.getrandbits(128)).hex
         input_tokens = rng.randint(200, 60_000)
         cache_read = rng.choice((0, 0, input_tokens * 2))
@@ -139,7 +139,7 @@ def synthetic_attempts(
             attempt_started = started + timedelta(seconds=(number - 1) * 20)
             made.append(
                 AttemptRecord(
-                    attempt_id=_uuid7_hex(attempt_started, rng)
+                    attempt_id=_uuid7_hex(attempt_started)
                     if in_order
                     else uuid.UUID(int=rng.getrandbits(128)).hex,
                     logical_request_id=request_id,

@@ -91,7 +91,11 @@ class Accountant:
         wanted = _wanted_headers(request.headers.raw)  # one pass: httpx's get() decodes every header
         tracker = self.tracker
         body = request.content
-        model, fingerprint = _describe_body(body, hash_now=tracker.wants_fingerprint(len(body)))
+        # Small bodies are hashed at once; a larger one only if a failure of its size may be resent.
+        size = len(body)
+        model, fingerprint = _describe_body(
+            body, hash_now=size <= _HASH_NOW_MAX_BYTES or tracker.wants_fingerprint(size)
+        )
         sdk_retry = _int_header(wanted.get(b"x-stainless-retry-count"))
         previous = _last_logical_request.get() if sdk_retry > 0 else None
         assignment = tracker.begin(
@@ -111,7 +115,7 @@ class Accountant:
             model,
             fingerprint,
             body if fingerprint is None and body else None,
-            len(body),
+            size,
             sdk_retry,
             tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
             context.current_tags(),
@@ -353,9 +357,7 @@ class _DeferredSettler:
         """At exit or on SIGTERM: wait for the settler thread to settle what is queued, never settling
         here (a signal handler may have interrupted a thread holding the locks settling takes)."""
         if self._thread is not None and self._thread.is_alive():
-            done = threading.Event()
-            self._queue.put(done)
-            done.wait(timeout)
+            self.wait(timeout)
 
     def reset_in_child(self) -> None:
         """In a forked child: drop the parent's queue (its attempts are the parent's) and thread."""
@@ -394,15 +396,15 @@ _HASH_NOW_MAX_BYTES = 4 * 1024
 
 
 def _describe_body(body: bytes, *, hash_now: bool) -> tuple[str, str | None]:
-    """The requested model and, if wanted now or cheap, the request fingerprint (else ``None``).
+    """The requested model and, with ``hash_now``, the request fingerprint (else ``None``).
 
-    The fingerprint is a hash; the body itself is never stored. Hashing costs ~1 ms per MB, so a
-    larger body is hashed now only when ``hash_now`` (the retry tracker may match it to a failure);
-    else the pipeline's writer thread hashes it, where hashlib releases the GIL.
+    The fingerprint is a hash; the body itself is never stored. Hashing costs ~1 ms per MB, so the
+    caller asks for it now only for small bodies or when the retry tracker may match the body to a
+    failure; else the pipeline's writer thread hashes it, where hashlib releases the GIL.
     """
     if not body:
         return "", None
-    fingerprint = fingerprint_of(body) if hash_now or len(body) <= _HASH_NOW_MAX_BYTES else None
+    fingerprint = fingerprint_of(body) if hash_now else None
     return _requested_model(body), fingerprint
 
 

@@ -100,6 +100,14 @@ def postgres_schema() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty store on each backend (PostgreSQL: a schema of its own, dropped afterwards)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return postgres_schema_url(request.getfixturevalue("postgres_schema"))
+
+
 # -- records ----------------------------------------------------------------------------------------
 def completed_attempt(n: int) -> AttemptRecord:
     """A small completed attempt, the ``n``-th: its own ids, started ``n`` seconds after a fixed moment."""

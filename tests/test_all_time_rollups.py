@@ -11,13 +11,11 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import postgres_schema_url
 
 from costwatch.cli import main
 from costwatch.exporter import FleetCollector, FleetSamples, fleet_samples, settled_before
@@ -79,21 +77,14 @@ def abandoned(attempt_id: str, started_at: datetime, **kw: Any) -> AttemptRecord
     return attempt(attempt_id, started_at, dropped=True, waste=WasteReason.ABANDONED, **kw)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    return postgres_schema_url(request.getfixturevalue("postgres_schema"))
-
-
 @pytest.fixture
-def store(url: str) -> Iterator[SqlStore]:
-    sql_store = SqlStore(url, retry_window=WINDOW)
+def store(store_url: str) -> Iterator[SqlStore]:
+    sql_store = SqlStore(store_url, retry_window=WINDOW)
     yield sql_store
     sql_store.shutdown()
 
 
-def write_a_mix(url: str, store: SqlStore) -> None:
+def write_a_mix(store_url: str, store: SqlStore) -> None:
     """Writes of every kind the store sees: spread, late, revised, redelivered, flipped across processes."""
     spread = [
         attempt(
@@ -118,7 +109,7 @@ def write_a_mix(url: str, store: SqlStore) -> None:
             attempt("now", RECENT, workflow="w4", tokens=777),
         ]
     )
-    other_process = SqlStore(url, retry_window=WINDOW)
+    other_process = SqlStore(store_url, retry_window=WINDOW)
     try:
         other_process.write(
             [
@@ -213,8 +204,8 @@ def assert_same_samples(found: FleetSamples, wanted: FleetSamples) -> None:
             assert found.histograms[name][labels] == (count, pytest.approx(total, rel=1e-12)), (name, labels)
 
 
-def collector(url: str, **limits: int) -> FleetCollector:
-    return FleetCollector(url, retry_window=WINDOW, clock=lambda: NOW, **limits)
+def collector(store_url: str, **limits: int) -> FleetCollector:
+    return FleetCollector(store_url, retry_window=WINDOW, clock=lambda: NOW, **limits)
 
 
 # -- the deltas, pure ----------------------------------------------------------------------------------
@@ -242,8 +233,8 @@ def test_a_key_whose_deltas_cancel_is_kept_for_its_hour():
 
 
 # -- the store keeps them --------------------------------------------------------------------------
-def test_every_all_time_row_equals_its_hourly_rows_summed_after_every_kind_of_write(url, store):
-    write_a_mix(url, store)
+def test_every_all_time_row_equals_its_hourly_rows_summed_after_every_kind_of_write(store_url, store):
+    write_a_mix(store_url, store)
     with store.engine.connect() as connection:
         wanted = hourly_grouping(connection)
         found = all_time_rows(connection)
@@ -256,7 +247,7 @@ def test_every_all_time_row_equals_its_hourly_rows_summed_after_every_kind_of_wr
     assert found[(MODELS[1], "dropped", "RemoteProtocolError", "retried", "nightly")]["attempts"] == 1
 
 
-def test_hostile_label_values_are_keys_like_any_other(url, store):
+def test_hostile_label_values_are_keys_like_any_other(store_url, store):
     hostile = [
         "'; DROP TABLE costwatch_all_time_rollups; --",
         "say \"hi\" and 'bye' \\ back\\slash",
@@ -276,11 +267,11 @@ def test_hostile_label_values_are_keys_like_any_other(url, store):
 
 
 @pytest.mark.timeout(120)
-def test_concurrent_writers_of_the_same_groups_neither_deadlock_nor_lose_a_delta(url, store):
+def test_concurrent_writers_of_the_same_groups_neither_deadlock_nor_lose_a_delta(store_url, store):
     store.write([attempt("first", OLD)])  # migrated before the writers start
 
     def write(worker: int) -> None:
-        own = SqlStore(url, retry_window=WINDOW)
+        own = SqlStore(store_url, retry_window=WINDOW)
         try:
             for batch in range(10):
                 # Every worker writes every model and workflow, in a different order each time.
@@ -312,9 +303,9 @@ def test_concurrent_writers_of_the_same_groups_neither_deadlock_nor_lose_a_delta
 
 
 # -- what a scrape reads ---------------------------------------------------------------------------
-def test_a_scrape_shows_what_grouping_every_hourly_row_shows_after_every_kind_of_write(url, store):
-    write_a_mix(url, store)
-    fleet = collector(url, model_label_limit=3, workflow_label_limit=4)
+def test_a_scrape_shows_what_grouping_every_hourly_row_shows_after_every_kind_of_write(store_url, store):
+    write_a_mix(store_url, store)
+    fleet = collector(store_url, model_label_limit=3, workflow_label_limit=4)
     try:
         assert_same_samples(
             fleet.read(), samples_from_every_hourly_row(store, model_label_limit=3, workflow_label_limit=4)
@@ -323,9 +314,11 @@ def test_a_scrape_shows_what_grouping_every_hourly_row_shows_after_every_kind_of
         fleet.close()
 
 
-def test_a_scrape_after_more_writes_to_settled_and_recent_hours_still_matches_and_never_goes_down(url, store):
-    write_a_mix(url, store)
-    fleet = collector(url)
+def test_a_scrape_after_more_writes_to_settled_and_recent_hours_still_matches_and_never_goes_down(
+    store_url, store
+):
+    write_a_mix(store_url, store)
+    fleet = collector(store_url)
     try:
         before = fleet.read()
         list(fleet.collect())
@@ -351,29 +344,31 @@ def test_a_scrape_after_more_writes_to_settled_and_recent_hours_still_matches_an
 
 
 # -- a database from before the table --------------------------------------------------------------
-def test_upgrading_a_0001_database_with_data_fills_the_table_and_gives_the_same_scrape(url, store, capsys):
-    write_a_mix(url, store)
+def test_upgrading_a_0001_database_with_data_fills_the_table_and_gives_the_same_scrape(
+    store_url, store, capsys
+):
+    write_a_mix(store_url, store)
     with store.engine.connect() as connection:
         kept = all_time_rows(connection)
-    fleet = collector(url)
+    fleet = collector(store_url)
     try:
         scraped = fleet.read()
     finally:
         fleet.close()
     store.shutdown()
 
-    migrate.downgrade(url, "0001")  # as a costwatch from before the table left it
-    engine = create_store_engine(url)
+    migrate.downgrade(store_url, "0001")  # as a costwatch from before the table left it
+    engine = create_store_engine(store_url)
     try:
         assert ALL_TIME_ROLLUPS.name not in sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()
 
-    assert main(["db", "upgrade", "--db", url]) == 0
+    assert main(["db", "upgrade", "--db", store_url]) == 0
     capsys.readouterr()
-    assert migrate.current(url) == migrate.head()
-    upgraded = SqlStore(url, retry_window=WINDOW)
-    fleet = collector(url)
+    assert migrate.current(store_url) == migrate.head()
+    upgraded = SqlStore(store_url, retry_window=WINDOW)
+    fleet = collector(store_url)
     try:
         with upgraded.engine.connect() as connection:
             assert_same_rows(all_time_rows(connection), kept)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import anthropic
 import pytest
-from conftest import postgres_schema_url
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,14 +33,6 @@ from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 
 MODEL = "claude-haiku-4-5"
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Check the totals."}]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty store on each backend (PostgreSQL: a schema of its own, dropped afterwards)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    return postgres_schema_url(request.getfixturevalue("postgres_schema"))
 
 
 @pytest.fixture

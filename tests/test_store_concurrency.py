@@ -39,10 +39,10 @@ WORKER = textwrap.dedent(
     from costwatch.spool import Spool
     from costwatch.store import SqlStore
 
-    url, worker, workers, count, retried, spool_dir = sys.argv[1:7]
+    store_url, worker, workers, count, retried, spool_dir = sys.argv[1:7]
     worker, workers, count, retried = int(worker), int(workers), int(count), int(retried)
     t0 = datetime(2025, 3, 1, 10, 0, tzinfo=timezone.utc)
-    store = SqlStore(url)
+    store = SqlStore(store_url)
     pipeline = Pipeline(batch_size=500, interval_s=0.2, spool=Spool(spool_dir))
     pipeline.add_sink(store)
     previous = (worker - 1) % workers
@@ -78,20 +78,12 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL to an empty, unmigrated database on each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shared.db'}"
-    return postgres_schema_url(request.getfixturevalue("postgres_schema"))
-
-
 def _child_env() -> dict[str, str]:
     # The children import costwatch exactly as this test process did.
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
-def assert_rollups_equal_raw_row_sums(url: str) -> None:
+def assert_rollups_equal_raw_row_sums(store_url: str) -> None:
     """The rollup table's grand totals equal the same sums computed over the raw rows in SQL."""
     columns = {
         "attempts": (sa.func.count(), "attempts"),
@@ -108,7 +100,7 @@ def assert_rollups_equal_raw_row_sums(url: str) -> None:
         ),
         "cost": (sa.func.sum(ATTEMPTS.c.input_cost_usd + ATTEMPTS.c.output_cost_usd), "billed_cost_usd"),
     }
-    engine = migrate.create_store_engine(url)
+    engine = migrate.create_store_engine(store_url)
     try:
         with engine.connect() as connection:
             raw = connection.execute(sa.select(*(expr for expr, _ in columns.values()))).one()
@@ -135,14 +127,14 @@ def assert_rollups_equal_raw_row_sums(url: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_four_processes_write_every_attempt_exactly_once(url: str, tmp_path: Path) -> None:
+def test_four_processes_write_every_attempt_exactly_once(store_url: str, tmp_path: Path) -> None:
     children = [
         subprocess.Popen(
             [
                 sys.executable,
                 "-c",
                 WORKER,
-                url,
+                store_url,
                 str(w),
                 str(WORKERS),
                 str(PER_WORKER),
@@ -158,7 +150,7 @@ def test_four_processes_write_every_attempt_exactly_once(url: str, tmp_path: Pat
         _, err = child.communicate(timeout=100)
         assert child.returncode == 0, err.decode()[-3000:]
 
-    engine = migrate.create_store_engine(url)
+    engine = migrate.create_store_engine(store_url)
     try:
         with engine.connect() as connection:
             total, distinct = connection.execute(
@@ -177,7 +169,7 @@ def test_four_processes_write_every_attempt_exactly_once(url: str, tmp_path: Pat
         None: WORKERS * (PER_WORKER - RETRIED_PER_WORKER),
         "retried": WORKERS * RETRIED_PER_WORKER,
     }
-    assert_rollups_equal_raw_row_sums(url)
+    assert_rollups_equal_raw_row_sums(store_url)
 
 
 class TcpRelay:
@@ -303,8 +295,8 @@ def test_database_outage_spools_records_and_totals_are_exact_after_it_returns(
         pipeline.shutdown(timeout=10)
         relay.cut()
 
-    url = postgres_schema_url(postgres_schema)
-    store = SqlStore(url)
+    store_url = postgres_schema_url(postgres_schema)
+    store = SqlStore(store_url)
     try:
         assert store.attempt_count() == 3200
         [totals] = store.rollup_totals()
@@ -313,4 +305,4 @@ def test_database_outage_spools_records_and_totals_are_exact_after_it_returns(
         assert store.rollup_totals(where={"waste_reason": "abandoned"}) == []
     finally:
         store.shutdown()
-    assert_rollups_equal_raw_row_sums(url)
+    assert_rollups_equal_raw_row_sums(store_url)

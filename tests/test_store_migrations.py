@@ -34,44 +34,36 @@ _ABANDONED_ATTEMPT = AttemptRecord(
 )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL to an empty database on each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'costwatch.db'}"
-    return postgres_schema_url(request.getfixturevalue("postgres_schema"))
-
-
-def _tables(url: str) -> set[str]:
-    engine = create_store_engine(url)
+def _tables(store_url: str) -> set[str]:
+    engine = create_store_engine(store_url)
     try:
         return set(sa.inspect(engine).get_table_names())
     finally:
         engine.dispose()
 
 
-def test_upgrade_downgrade_to_base_and_upgrade_again(url: str) -> None:
-    assert migrate.current(url) is None
+def test_upgrade_downgrade_to_base_and_upgrade_again(store_url: str) -> None:
+    assert migrate.current(store_url) is None
 
-    migrate.upgrade(url)
-    assert migrate.current(url) == migrate.head()
-    assert {"costwatch_attempts", "costwatch_hourly_rollups"} <= _tables(url)
+    migrate.upgrade(store_url)
+    assert migrate.current(store_url) == migrate.head()
+    assert {"costwatch_attempts", "costwatch_hourly_rollups"} <= _tables(store_url)
 
-    migrate.downgrade(url, "base")
-    assert migrate.current(url) is None
-    assert not {"costwatch_attempts", "costwatch_hourly_rollups"} & _tables(url)
+    migrate.downgrade(store_url, "base")
+    assert migrate.current(store_url) is None
+    assert not {"costwatch_attempts", "costwatch_hourly_rollups"} & _tables(store_url)
 
-    migrate.upgrade(url, revision="head")
-    assert migrate.current(url) == migrate.head()
+    migrate.upgrade(store_url, revision="head")
+    assert migrate.current(store_url) == migrate.head()
 
 
 # SQLite's expression index cannot be reflected, so Alembic skips it (and says so): the next test
 # compares it on SQLite instead.
 @pytest.mark.filterwarnings("ignore:Skipped unsupported reflection of expression-based index")
 @pytest.mark.filterwarnings("ignore:autogenerate skipping metadata-specified expression-based index")
-def test_models_and_migrations_agree(url: str) -> None:
-    migrate.upgrade(url)
-    engine = create_store_engine(url)
+def test_models_and_migrations_agree(store_url: str) -> None:
+    migrate.upgrade(store_url)
+    engine = create_store_engine(store_url)
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(
@@ -83,9 +75,9 @@ def test_models_and_migrations_agree(url: str) -> None:
 
 
 def test_sqlite_indexes_are_the_ones_the_models_declare(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'costwatch.db'}"
-    migrate.upgrade(url)
-    engine = create_store_engine(url)
+    store_url = f"sqlite:///{tmp_path / 'costwatch.db'}"
+    migrate.upgrade(store_url)
+    engine = create_store_engine(store_url)
     try:
         with engine.connect() as connection:
             stored = dict(
@@ -105,7 +97,9 @@ def test_sqlite_indexes_are_the_ones_the_models_declare(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("first", ["abandoned attempt", "resend"])
-def test_migration_0004_keeps_attempts_stored_before_it_findable_by_fingerprint(url: str, first: str) -> None:
+def test_migration_0004_keeps_attempts_stored_before_it_findable_by_fingerprint(
+    store_url: str, first: str
+) -> None:
     # Another worker resends the request a minute after the attempt dropped, in the next hour.
     resend = dataclasses.replace(
         _ABANDONED_ATTEMPT,
@@ -119,36 +113,36 @@ def test_migration_0004_keeps_attempts_stored_before_it_findable_by_fingerprint(
     stored_before, landing_after = (
         (_ABANDONED_ATTEMPT, resend) if first == "abandoned attempt" else (resend, _ABANDONED_ATTEMPT)
     )
-    migrate.upgrade(url, revision="0003")
-    engine = create_store_engine(url)
+    migrate.upgrade(store_url, revision="0003")
+    engine = create_store_engine(store_url)
     try:
         with engine.begin() as connection:
             connection.execute(sa.insert(ATTEMPTS).values(attempt_row(stored_before)))
     finally:
         engine.dispose()
-    migrate.upgrade(url)
-    store = SqlStore(url, auto_migrate=False)
+    migrate.upgrade(store_url)
+    store = SqlStore(store_url, auto_migrate=False)
     try:
         store.write([landing_after])
         dropped = store.attempt(_ABANDONED_ATTEMPT.attempt_id)
         assert dropped is not None and dropped.waste_reason is WasteReason.RETRIED
     finally:
         store.shutdown()
-    migrate.downgrade(url, "0003")
-    assert migrate.current(url) == "0003"
+    migrate.downgrade(store_url, "0003")
+    assert migrate.current(store_url) == "0003"
 
 
-def test_upgrade_twice_is_a_no_op(url: str) -> None:
-    migrate.upgrade(url)
-    migrate.upgrade(url)
-    assert migrate.current(url) == migrate.head()
+def test_upgrade_twice_is_a_no_op(store_url: str) -> None:
+    migrate.upgrade(store_url)
+    migrate.upgrade(store_url)
+    assert migrate.current(store_url) == migrate.head()
 
 
-def test_store_creates_and_migrates_its_database_on_first_use(url: str) -> None:
-    store = SqlStore(url)
+def test_store_creates_and_migrates_its_database_on_first_use(store_url: str) -> None:
+    store = SqlStore(store_url)
     try:
         assert store.attempt_count() == 0
-        assert migrate.current(url) == migrate.head()
+        assert migrate.current(store_url) == migrate.head()
     finally:
         store.shutdown()
 
@@ -192,10 +186,10 @@ def test_sqlite_file_is_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
 def test_password_never_appears_in_logs_or_repr(
     postgres_schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = postgres_schema_url(postgres_schema, password="s3cret-pw")
+    store_url = postgres_schema_url(postgres_schema, password="s3cret-pw")
     caplog.set_level(logging.DEBUG, logger="costwatch")
-    migrate.upgrade(url)
-    store = SqlStore(url)
+    migrate.upgrade(store_url)
+    store = SqlStore(store_url)
     try:
         assert store.attempt_count() == 0
         assert "s3cret-pw" not in repr(store)
@@ -203,7 +197,7 @@ def test_password_never_appears_in_logs_or_repr(
         store.shutdown()
     assert "migrated" in caplog.text
     assert "s3cret-pw" not in caplog.text
-    assert "s3cret-pw" not in safe_url(url)
+    assert "s3cret-pw" not in safe_url(store_url)
 
 
 def test_migration_scripts_are_found_without_an_ini_file() -> None:

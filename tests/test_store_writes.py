@@ -16,7 +16,7 @@ from conftest import postgres_schema_url
 
 from costwatch.records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Cost, Outcome, Usage, WasteReason
 from costwatch.store import ROLLUP_MEASURES, SqlStore
-from costwatch.store.rows import attempt_row, record_from_row, rollup_contribution, rollup_deltas
+from costwatch.store.rows import attempt_row, record_from_row, rollup_delta_rows, rollup_key, rollup_measures
 from costwatch.store.schema import ATTEMPTS, ROLLUPS
 
 T0 = datetime(2025, 3, 1, 10, 15, tzinfo=timezone.utc)
@@ -56,15 +56,10 @@ def dropped(n: int, **changes: Any) -> AttemptRecord:
     )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
+@pytest.fixture
+def store(store_url: str) -> Iterator[SqlStore]:
     """A store on an empty database of each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'costwatch.db'}"
-    else:
-        schema = request.getfixturevalue("postgres_schema")
-        url = postgres_schema_url(schema)
-    sql_store = SqlStore(url)
+    sql_store = SqlStore(store_url)
     yield sql_store
     sql_store.shutdown()
 
@@ -132,6 +127,22 @@ def assert_rollups_match_raw_rows(store: SqlStore) -> None:
 
 
 # -- pure conversions ------------------------------------------------------------------------
+
+
+def rollup_contribution(record: AttemptRecord) -> tuple[tuple[Any, ...], dict[str, float]]:
+    """What one attempt adds to its rollup row: the key, and each measure by name."""
+    return rollup_key(record), dict(zip(ROLLUP_MEASURES, rollup_measures(record), strict=True))
+
+
+def rollup_deltas(
+    added: list[AttemptRecord], removed: list[AttemptRecord]
+) -> dict[tuple[Any, ...], dict[str, float]]:
+    """The writer's rollup delta rows, keyed by dimensions, each measure by name."""
+    width = len(ROLLUP_MEASURES)
+    return {
+        row[:-width]: dict(zip(ROLLUP_MEASURES, row[-width:], strict=True))
+        for row in rollup_delta_rows(added, removed)
+    }
 
 
 def test_record_survives_the_round_trip_through_a_row() -> None:

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..records import AttemptRecord, Cost, Outcome, Usage, WasteReason
-from .schema import ROLLUP_DIMENSIONS, ROLLUP_MEASURES
+from .schema import ROLLUP_MEASURES
 
 __all__ = [
     "ATTEMPT_COLUMNS",
@@ -23,9 +23,7 @@ __all__ = [
     "attempt_values",
     "hour_of",
     "record_from_row",
-    "rollup_contribution",
     "rollup_delta_rows",
-    "rollup_deltas",
     "rollup_key",
     "rollup_measures",
 ]
@@ -86,11 +84,6 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
     )
 
 
-def rollup_contribution(record: AttemptRecord) -> tuple[RollupKey, dict[str, float]]:
-    """What one attempt adds to its rollup row: the key and a value for every rollup measure."""
-    return rollup_key(record), dict(zip(ROLLUP_MEASURES, rollup_measures(record), strict=True))
-
-
 def rollup_delta_rows(
     added: Iterable[AttemptRecord], removed: Iterable[AttemptRecord] = ()
 ) -> list[tuple[Any, ...]]:
@@ -112,17 +105,6 @@ def rollup_delta_rows(
 
 
 _NO_MEASURES = (0,) * len(ROLLUP_MEASURES)
-
-
-def rollup_deltas(
-    added: Iterable[AttemptRecord], removed: Iterable[AttemptRecord] = ()
-) -> dict[RollupKey, dict[str, float]]:
-    """:func:`rollup_delta_rows` keyed by rollup key, each measure by name."""
-    width = len(ROLLUP_DIMENSIONS)
-    return {
-        row[:width]: dict(zip(ROLLUP_MEASURES, row[width:], strict=True))
-        for row in rollup_delta_rows(added, removed)
-    }
 
 
 ATTEMPT_COLUMNS = (

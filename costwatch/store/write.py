@@ -87,15 +87,13 @@ class _BulkStatement:
     """An insert of many rows as driver SQL, and how to turn rows into its parameters."""
 
     sql: str
-    names: tuple[str, ...]
-    """The columns, in the order of the rows' values."""
     convert: tuple[Callable[[Any], Any] | None, ...]
     """Per column, what SQLAlchemy's bind processing would do to a value (``None``: nothing)."""
     as_json: bool
     """The rows go as one JSON array of arrays (PostgreSQL), else one tuple each (``executemany``)."""
 
     def parameters(self, rows: Sequence[tuple[Any, ...]]) -> Any:
-        """The parameters of this statement for ``rows`` (tuples in the order of ``names``)."""
+        """The parameters of this statement for ``rows`` (tuples in the order of its columns)."""
         if any(self.convert):
             columns = [
                 values if convert is None else tuple(map(convert, values))
@@ -194,7 +192,7 @@ def _bulk_insert(table: sa.Table, names: Sequence[str], dialect: Dialect, tail: 
     if dialect.name == "sqlite":
         marks = ", ".join("?" for _ in names)
         sql = f"INSERT INTO {quote(table.name)} ({columns}) VALUES ({marks}) {tail}"
-        return _BulkStatement(sql, tuple(names), convert, as_json=False)
+        return _BulkStatement(sql, convert, as_json=False)
     # PostgreSQL parses the whole batch from one JSON parameter, in C: an array of rows, each an
     # array of values (naming every value in every row made encoding the batch three times as
     # slow); the driver would otherwise format every value of a 500-row statement in Python.
@@ -209,7 +207,7 @@ def _bulk_insert(table: sa.Table, names: Sequence[str], dialect: Dialect, tail: 
         f"FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS batch(row, ordinality) "
         f"ORDER BY ordinality {tail}"
     )
-    return _BulkStatement(sql, tuple(names), convert, as_json=True)
+    return _BulkStatement(sql, convert, as_json=True)
 
 
 @dataclass(frozen=True)
@@ -266,7 +264,7 @@ def _statements_for(dialect: Dialect) -> _Statements:
 
 # -- reading what is stored ------------------------------------------------------------------------
 def _among(
-    connection: sa.Connection, column: sa.Column[Any], values: Sequence[str]
+    connection: sa.Connection, column: sa.ColumnElement[Any], values: Sequence[str]
 ) -> sa.ColumnElement[bool]:
     """``column`` is one of ``values``, given as one JSON array parameter (so one statement text).
 
@@ -439,7 +437,8 @@ def _retries_matching(
     hour_column = utc_hour(ATTEMPTS.c.started_at)
     in_hours: sa.ColumnElement[bool]
     if connection.dialect.name == "sqlite":
-        in_hours = hour_column.in_(sorted(hour.isoformat(sep=" ")[:13] for hour in hours))  # as stored
+        stored = sorted(str(_sqlite_utc_text(hour))[:13] for hour in hours)  # as utc_hour reads them
+        in_hours = _among(connection, hour_column, stored)
     else:
         naive = sorted(hour.replace(tzinfo=None) for hour in hours)  # timestamp without time zone
         in_hours = hour_column == sa.any_(sa.bindparam(None, naive, type_=postgresql.ARRAY(sa.DateTime())))
