@@ -112,6 +112,7 @@ _MEASURES = (
     "wasted_cost_usd",
     "estimated_output_tokens",
     "duration_s",
+    "unpriced_attempts",
 )
 """The rollup measures the exporter's metrics are made of, in the order a group's values list them."""
 
@@ -120,9 +121,15 @@ Group = tuple[Labels, Sequence[float]]
 
 _TOKEN_TYPES = tuple(token_type.value for token_type in TokenType)
 _BILLED, _WASTED = 1, 1 + len(_TOKEN_TYPES)
-_BILLED_COST, _WASTED_COST, _ESTIMATED, _DURATION = (
+_BILLED_COST, _WASTED_COST, _ESTIMATED, _DURATION, _UNPRICED = (
     _MEASURES.index(name)
-    for name in ("billed_cost_usd", "wasted_cost_usd", "estimated_output_tokens", "duration_s")
+    for name in (
+        "billed_cost_usd",
+        "wasted_cost_usd",
+        "estimated_output_tokens",
+        "duration_s",
+        "unpriced_attempts",
+    )
 )
 
 
@@ -142,6 +149,7 @@ def _samples(
     billed_tokens: dict[Labels, float] = {}
     billed_cost: dict[Labels, float] = {}
     estimated: dict[Labels, float] = {}
+    unpriced: dict[Labels, float] = {}
     logical: dict[Labels, float] = {}
     wasted_tokens: dict[Labels, float] = {}
     wasted_cost: dict[Labels, float] = {}
@@ -181,6 +189,8 @@ def _samples(
             add(billed_tokens, (model, token_type), values[_BILLED + offset])
         add(billed_cost, (model, workflow), values[_BILLED_COST])
         add(estimated, (model,), values[_ESTIMATED])
+        if values[_UNPRICED]:
+            add(unpriced, (model,), values[_UNPRICED])
         observe(durations, (model, outcome), count, values[_DURATION])
         if outcome == _DROPPED:
             observe(drops, (model,), count, values[_DURATION])
@@ -198,6 +208,7 @@ def _samples(
         "costwatch_billed_tokens": billed_tokens,
         "costwatch_billed_cost_usd": billed_cost,
         "costwatch_estimated_output_tokens": estimated,
+        "costwatch_unpriced_attempts": unpriced,
         "costwatch_logical_requests": logical,
         "costwatch_wasted_tokens": wasted_tokens,
         "costwatch_wasted_cost_usd": wasted_cost,
@@ -227,6 +238,10 @@ _COUNTERS: Mapping[str, tuple[str, Labels]] = {
     ),
     "costwatch_estimated_output_tokens": (
         "Output tokens estimated from the text received before a stream was cut.",
+        ("model",),
+    ),
+    "costwatch_unpriced_attempts": (
+        "Attempts on models without a known price: their tokens are counted, their cost is not.",
         ("model",),
     ),
     "costwatch_logical_requests": (

@@ -474,6 +474,11 @@ class MetricsSink:
             "Logical requests (an attempt and its retries), by result.",
             ("model", "result"),
         )
+        self.unpriced_attempts = counter(
+            "costwatch_unpriced_attempts",
+            "Attempts on models without a known price: their tokens are counted, their cost is not.",
+            ("model",),
+        )
         self.attempt_duration = Histogram(
             "costwatch_attempt_duration_seconds",
             "How long attempts took, from sending the request to the end of the body.",
@@ -540,6 +545,8 @@ class MetricsSink:
         self.billed_cost.labels(model, workflow).inc(
             record.cost.total_usd if record.cost is not None else 0.0
         )
+        if record.cost is None:
+            self.unpriced_attempts.labels(model).inc()
         usage = record.usage
         self.estimated_output_tokens.labels(model).inc(
             usage.estimated_output_tokens if usage.output_estimated else 0

@@ -322,7 +322,7 @@ class AttemptRecord:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the record (enums as their values, datetimes as ISO 8601)."""
+        """A JSON-ready dict of the record (enums as their values, datetimes as ISO 8601), with ``priced``."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -337,6 +337,8 @@ class AttemptRecord:
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
+        # Derived, but said outright: a reader of the JSON must not mistake a missing cost for $0.
+        out["priced"] = self.priced
         return out
 
     @classmethod
@@ -344,6 +346,7 @@ class AttemptRecord:
         """The inverse of :meth:`to_dict`; raises ``ValueError`` on a malformed record."""
         try:
             kwargs = dict(data)
+            kwargs.pop("priced", None)  # derived from ``cost`` (see to_dict)
             kwargs["started_at"] = datetime.fromisoformat(kwargs["started_at"])
             kwargs["outcome"] = Outcome(kwargs["outcome"])
             reason = kwargs.get("waste_reason")

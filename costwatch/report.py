@@ -72,6 +72,8 @@ class _Tally:
     billed_cost_usd: float = 0.0
     wasted_cost_usd: float = 0.0
     estimated_output_tokens: int = 0
+    unpriced_attempts: int = 0
+    unpriced_tokens: int = 0
 
     def add(self, row: RollupTotals) -> None:
         self.attempts += row.attempts
@@ -85,6 +87,8 @@ class _Tally:
         self.billed_cost_usd += row.billed_cost_usd
         self.wasted_cost_usd += row.wasted_cost_usd
         self.estimated_output_tokens += row.estimated_output_tokens
+        self.unpriced_attempts += row.unpriced_attempts
+        self.unpriced_tokens += row.unpriced_tokens
 
     def to_dict(self) -> dict[str, Any]:
         billed = sum(self.billed_tokens.values())
@@ -100,6 +104,8 @@ class _Tally:
             "wasted_cost_usd": round(self.wasted_cost_usd, 6),
             "waste_ratio": round(wasted / billed, 6) if billed else 0.0,
             "estimated_output_tokens": self.estimated_output_tokens,
+            "unpriced_attempts": self.unpriced_attempts,
+            "unpriced_tokens": self.unpriced_tokens,
         }
 
 
@@ -183,6 +189,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "wasted_cost_usd",
     "waste_ratio",
     "estimated_output_tokens",
+    "unpriced_attempts",
+    "unpriced_tokens",
 )
 
 
@@ -247,7 +255,21 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
         (f"wasted {_tokens(wasted)} tokens, {_usd(report['wasted_cost_usd'])}", "bold red"),
         f" ({report['waste_ratio']:.1%} of billed tokens)",
     )
+    if report["unpriced_attempts"]:
+        console.print(
+            f"[bold yellow]warning:[/bold yellow] {_attempts(report['unpriced_attempts'], 'unpriced')} "
+            f"({_tokens(report['unpriced_tokens'])} tokens) on models without a known price are left out "
+            "of every dollar figure below; add their prices (docs/pricing.md) and run `costwatch reprice`",
+            highlight=False,
+        )
     console.print(summary)
+    if report["unpriced_attempts"]:
+        console.print(
+            f"unpriced: {report['unpriced_attempts']:,} attempts, "
+            f"{_tokens(report['unpriced_tokens'])} tokens (no price known: not in billed or wasted $)",
+            style="yellow",
+            highlight=False,
+        )
 
     table = Table(box=box.SIMPLE_HEAD, show_footer=True, title=f"by {by}", title_justify="left")
     table.add_column(by, footer="total")

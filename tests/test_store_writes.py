@@ -115,6 +115,11 @@ def sums_over_raw_rows(store: SqlStore) -> dict[tuple[Any, ...], dict[str, float
         s["wasted_cost_usd"] += cost if r["wasted"] else 0.0
         s["estimated_output_tokens"] += r["estimated_output_tokens"] if r["output_estimated"] else 0
         s["duration_s"] += r["duration_s"]
+        unpriced = r["input_cost_usd"] is None
+        s["unpriced_attempts"] += unpriced
+        s["unpriced_tokens"] += sum(tokens.values()) if unpriced else 0
+        for part in ("input", "cache_read", "cache_write", "output"):
+            s[f"wasted_{part}_cost_usd"] += (r[f"{part}_cost_usd"] or 0.0) if r["wasted"] else 0.0
     return dict(sums)
 
 

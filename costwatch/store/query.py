@@ -18,9 +18,7 @@ from .schema import ALL_TIME_DIMENSIONS, ALL_TIME_ROLLUPS, ROLLUP_DIMENSIONS, RO
 
 __all__ = ["RollupTotals", "all_time_with_recent_query", "read_rollup_totals", "rollup_totals_query"]
 
-_INTEGER_MEASURES = frozenset(
-    m for m in ROLLUP_MEASURES if m not in ("billed_cost_usd", "wasted_cost_usd", "duration_s")
-)
+_INTEGER_MEASURES = frozenset(m for m in ROLLUP_MEASURES if not m.endswith("_usd") and m != "duration_s")
 
 
 @dataclass(frozen=True)
@@ -47,6 +45,12 @@ class RollupTotals:
     wasted_cost_usd: float = 0.0
     estimated_output_tokens: int = 0
     duration_s: float = 0.0
+    unpriced_attempts: int = 0
+    unpriced_tokens: int = 0
+    wasted_input_cost_usd: float = 0.0
+    wasted_cache_read_cost_usd: float = 0.0
+    wasted_cache_write_cost_usd: float = 0.0
+    wasted_output_cost_usd: float = 0.0
 
     @property
     def billed_tokens(self) -> int:

@@ -63,8 +63,10 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
     output_tokens = usage.output_tokens
     cache_read = usage.cache_read_tokens
     cache_write = usage.cache_write_tokens
-    billed_cost = record.cost.total_usd if record.cost is not None else 0.0
+    cost = record.cost
+    billed_cost = cost.total_usd if cost is not None else 0.0
     wasted = record.wasted
+    wasted_cost = cost if (wasted and cost is not None) else _NO_COST
     return (
         1,
         1 if record.outcome is Outcome.DROPPED else 0,
@@ -81,7 +83,16 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
         billed_cost if wasted else 0.0,
         usage.estimated_output_tokens if usage.output_estimated else 0,
         record.duration_s,
+        0 if cost is not None else 1,
+        0 if cost is not None else input_tokens + output_tokens + cache_read + cache_write,
+        wasted_cost.input_usd,
+        wasted_cost.cache_read_usd,
+        wasted_cost.cache_write_usd,
+        wasted_cost.output_usd,
     )
+
+
+_NO_COST = Cost()
 
 
 def rollup_delta_rows(

@@ -192,8 +192,18 @@ ROLLUP_MEASURES = (
     "wasted_cost_usd",
     "estimated_output_tokens",
     "duration_s",
+    "unpriced_attempts",
+    "unpriced_tokens",
+    "wasted_input_cost_usd",
+    "wasted_cache_read_cost_usd",
+    "wasted_cache_write_cost_usd",
+    "wasted_output_cost_usd",
 )
-"""The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them."""
+"""The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them.
+
+``unpriced_*`` count attempts on models without a known price (and their billed tokens), which
+add nothing to the costs; ``wasted_*_cost_usd`` split ``wasted_cost_usd`` by the part of the bill
+(migration 0005)."""
 
 
 class _RollupMeasures:
@@ -214,6 +224,12 @@ class _RollupMeasures:
     wasted_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
     estimated_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
     duration_s: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    unpriced_attempts: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    unpriced_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    wasted_input_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    wasted_cache_read_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    wasted_cache_write_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    wasted_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
 
 
 class HourlyRollup(_RollupMeasures, Base):
