@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import NoReturn
 
@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL
 from . import __version__
 from .durations import MomentError, ceil_hour, floor_hour, parse_moment
 from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
+from .records import WasteReason
 from .report import (
     GROUPINGS,
     REPORT_FORMATS,
@@ -35,6 +36,7 @@ from .report import (
     rollup_group_by,
     subtract_totals,
 )
+from .settings import SettingsError, load_settings
 from .store import (
     DATABASE_URL_ENV,
     RollupTotals,
@@ -43,6 +45,7 @@ from .store import (
     migrate,
     safe_url,
 )
+from .store.query import settled_before
 
 __all__ = ["UserError", "build_parser", "main"]
 
@@ -150,6 +153,34 @@ def _read_totals(
         return store.rollup_totals(start, end, group_by=rollup_group_by(by))
 
 
+def _retry_window() -> timedelta:
+    try:
+        return timedelta(seconds=load_settings().retry_window_s)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _read_pending(
+    store: SqlStore,
+    start: datetime | None,
+    end: datetime | None,
+    by: str,
+    where: Mapping[str, str | Sequence[str]] | None = None,
+) -> list[RollupTotals]:
+    """The ``abandoned`` rollups of the hours not settled yet (as the exporter draws the line)."""
+    boundary = settled_before(datetime.now(timezone.utc), _retry_window())
+    since = boundary if start is None else max(start, boundary)
+    if end is not None and end <= since:
+        return []
+    with _database_errors(store.url):
+        return store.rollup_totals(
+            since,
+            end,
+            group_by=rollup_group_by(by)[:1],
+            where={**(where or {}), "waste_reason": WasteReason.ABANDONED.value},
+        )
+
+
 # -- costwatch demo --------------------------------------------------------------------------------
 def _csv_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -190,6 +221,7 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
     store = SqlStore(url, auto_migrate=False)
     try:
         before = _read_totals(store, None, None, args.by)
+        pending_before = _read_pending(store, None, None, args.by)
         progress = Progress(
             TextColumn("[bold]demo[/bold] logical requests"),
             BarColumn(),
@@ -219,9 +251,12 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
             except DemoError as exc:
                 raise UserError(str(exc)) from None
         after = _read_totals(store, None, None, args.by)
+        pending_after = _read_pending(store, None, None, args.by)
     finally:
         store.shutdown()
-    report = build_report(subtract_totals(after, before), args.by)
+    report = build_report(
+        subtract_totals(after, before), args.by, pending=subtract_totals(pending_after, pending_before)
+    )
     truth = ledger_summary(result.ledger)
     if args.format == "json":
         sys.stdout.write(render_json({**report, "ledger": truth}) + "\n")
@@ -269,9 +304,10 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
     store = _migrated_store(url)
     try:
         totals = _read_totals(store, start, end, args.by)
+        pending = _read_pending(store, start, end, args.by)
     finally:
         store.shutdown()
-    report = build_report(totals, args.by, start=start, end=end)
+    report = build_report(totals, args.by, start=start, end=end, pending=pending)
     if args.format == "json":
         sys.stdout.write(render_json(report) + "\n")
     elif args.format == "csv":

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .records import Outcome, TokenType
+from .records import Outcome, TokenType, WasteReason
 from .store import RollupTotals
 from .store.rows import hour_of
 
@@ -28,6 +28,7 @@ __all__ = [
     "CSV_COLUMNS",
     "GROUPINGS",
     "REPORT_FORMATS",
+    "TAG_PREFIX",
     "TIME_GROUPINGS",
     "build_report",
     "render_csv",
@@ -47,6 +48,10 @@ REPORT_FORMATS: tuple[str, ...] = ("table", "json", "csv")
 """What ``--format`` accepts."""
 
 _TOKEN_KEYS = tuple(token_type.value for token_type in TokenType)
+# Every reason the records know, so a reason added to WasteReason shows up without a change here.
+_REASON_KEYS = tuple(reason.value for reason in WasteReason)
+_PART_KEYS = ("input", "cache_read", "cache_write", "output")
+"""The parts of a wasted bill: re-billed input, cache reads, cache writes and (partial) output."""
 _UNLABELLED = {"workflow": "(untagged)", "error_type": "(no error)", "model": "(unknown)"}
 
 
@@ -56,7 +61,8 @@ def rollup_group_by(by: str) -> tuple[str, ...]:
     if by not in GROUPINGS:
         raise ValueError(f"unknown grouping {by!r}; choose from {', '.join(GROUPINGS)}")
     column = "hour" if by in TIME_GROUPINGS else by
-    return (column,) if column == "outcome" else (column, "outcome")
+    # waste_reason too: the report splits wasted dollars by why they were wasted.
+    return (column, "waste_reason") if column == "outcome" else (column, "outcome", "waste_reason")
 
 
 @dataclass
@@ -74,6 +80,15 @@ class _Tally:
     estimated_output_tokens: int = 0
     unpriced_attempts: int = 0
     unpriced_tokens: int = 0
+    wasted_by_reason: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_REASON_KEYS, 0.0))
+    wasted_by_part: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PART_KEYS, 0.0))
+    pending_abandoned_attempts: int = 0
+    pending_abandoned_cost_usd: float = 0.0
+
+    def add_pending(self, row: RollupTotals) -> None:
+        """Count ``abandoned`` attempts of unsettled hours: their retry may still arrive."""
+        self.pending_abandoned_attempts += row.attempts
+        self.pending_abandoned_cost_usd += row.wasted_cost_usd
 
     def add(self, row: RollupTotals) -> None:
         self.attempts += row.attempts
@@ -89,6 +104,11 @@ class _Tally:
         self.estimated_output_tokens += row.estimated_output_tokens
         self.unpriced_attempts += row.unpriced_attempts
         self.unpriced_tokens += row.unpriced_tokens
+        reason = row.group.get("waste_reason")
+        if reason and row.wasted_cost_usd:
+            self.wasted_by_reason[reason] = self.wasted_by_reason.get(reason, 0.0) + row.wasted_cost_usd
+        for part in _PART_KEYS:
+            self.wasted_by_part[part] += getattr(row, f"wasted_{part}_cost_usd")
 
     def to_dict(self) -> dict[str, Any]:
         billed = sum(self.billed_tokens.values())
@@ -106,7 +126,18 @@ class _Tally:
             "estimated_output_tokens": self.estimated_output_tokens,
             "unpriced_attempts": self.unpriced_attempts,
             "unpriced_tokens": self.unpriced_tokens,
+            "wasted_cost_ratio": (
+                round(self.wasted_cost_usd / self.billed_cost_usd, 6) if self.billed_cost_usd else 0.0
+            ),
+            "wasted_cost_usd_by_reason": {k: round(v, 6) for k, v in self.wasted_by_reason.items()},
+            "wasted_cost_usd_by_part": {k: round(v, 6) for k, v in self.wasted_by_part.items()},
+            "pending_abandoned_attempts": self.pending_abandoned_attempts,
+            "pending_abandoned_cost_usd": round(self.pending_abandoned_cost_usd, 6),
         }
+
+
+TAG_PREFIX = "tag:"
+"""``--by tag:KEY`` groups by the value of the tag ``KEY`` (read from the attempt rows)."""
 
 
 def _group_key(by: str, group: Mapping[str, Any]) -> str | None:
@@ -128,19 +159,26 @@ def build_report(
     *,
     start: datetime | None = None,
     end: datetime | None = None,
+    pending: Iterable[RollupTotals] = (),
 ) -> dict[str, Any]:
     """The report over ``totals`` (read with ``group_by=rollup_group_by(by)``), grouped ``by`` this.
 
     ``start`` and ``end`` are the window the totals cover (``None`` for unbounded) and are echoed
-    in the report. Groups of ``hour`` and ``day`` come in time order, other groups from the most
-    wasted dollars down.
+    in the report. ``pending`` are the ``abandoned`` rollups of the hours not settled yet (see
+    :func:`~costwatch.store.query.settled_before`), grouped by the same first dimension: waste that
+    may still turn ``retried``. Groups of ``hour`` and ``day`` come in time order, other groups from
+    the most wasted dollars down.
     """
-    rollup_group_by(by)
+    if not by.startswith(TAG_PREFIX):
+        rollup_group_by(by)
     overall = _Tally()
     groups: dict[str | None, _Tally] = {}
     for row in totals:
         overall.add(row)
         groups.setdefault(_group_key(by, row.group), _Tally()).add(row)
+    for row in pending:
+        overall.add_pending(row)
+        groups.setdefault(_group_key(by, row.group), _Tally()).add_pending(row)
     listed = [{by: key, **tally.to_dict()} for key, tally in groups.items()]
     if by in TIME_GROUPINGS:
         listed.sort(key=lambda g: g[by])
@@ -191,6 +229,11 @@ CSV_COLUMNS: tuple[str, ...] = (
     "estimated_output_tokens",
     "unpriced_attempts",
     "unpriced_tokens",
+    "wasted_cost_ratio",
+    *(f"wasted_{reason}_cost_usd" for reason in _REASON_KEYS),
+    *(f"wasted_{part}_cost_usd" for part in _PART_KEYS),
+    "pending_abandoned_attempts",
+    "pending_abandoned_cost_usd",
 )
 
 
@@ -199,6 +242,10 @@ def _flat(entry: Mapping[str, Any]) -> dict[str, Any]:
     for key in _TOKEN_KEYS:
         flat[f"billed_{key}_tokens"] = entry["billed_tokens"][key]
         flat[f"wasted_{key}_tokens"] = entry["wasted_tokens"][key]
+    for reason in _REASON_KEYS:
+        flat[f"wasted_{reason}_cost_usd"] = entry["wasted_cost_usd_by_reason"].get(reason, 0.0)
+    for part in _PART_KEYS:
+        flat[f"wasted_{part}_cost_usd"] = entry["wasted_cost_usd_by_part"][part]
     return flat
 
 
@@ -233,6 +280,43 @@ def _label(by: str, key: str | None) -> str:
     return key if key is not None else _UNLABELLED.get(by, "(none)")
 
 
+_REASON_WORDS = {
+    "retried": "paid again by a retry",
+    "abandoned": "the request was given up",
+    "cancelled": "the application stopped reading",
+}
+_PART_WORDS = {
+    "input": "re-billed input",
+    "cache_read": "cache reads",
+    "cache_write": "cache writes",
+    "output": "partial output",
+}
+
+
+def _calls(count: int) -> str:
+    return f"{count:,} call{'' if count == 1 else 's'}"
+
+
+def _why_lines(report: Mapping[str, Any]) -> list[str]:
+    """Where the wasted dollars went, by reason and by part, in words; empty when nothing was wasted."""
+    if not report["wasted_cost_usd"]:
+        return []
+    reasons = [
+        f"{_usd(value)} {reason} ({_REASON_WORDS.get(reason, reason)})"
+        for reason, value in report["wasted_cost_usd_by_reason"].items()
+        if value
+    ]
+    parts = [
+        f"{_usd(value)} {_PART_WORDS[part]}"
+        for part, value in report["wasted_cost_usd_by_part"].items()
+        if value
+    ]
+    lines = [f"why: {', '.join(reasons)}"] if reasons else []
+    if parts:
+        lines.append(f"what: {', '.join(parts)}")
+    return lines
+
+
 def render_table(report: Mapping[str, Any], console: Console, *, window: str | None = None) -> None:
     """Print the report for a person: the totals, a table of the groups and the top offenders.
 
@@ -245,15 +329,19 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
         console.print(f"No attempts recorded ({window}).", highlight=False)
         return
     billed, wasted = sum(report["billed_tokens"].values()), sum(report["wasted_tokens"].values())
+    failed, dropped = report["failed_attempts"], report["dropped_attempts"]
+    # Said for a reader who pays the bill: calls, not attempts; what failed and that it was billed.
+    cut = "all cut off mid-answer" if dropped == failed else f"{dropped:,} of them cut off mid-answer"
+    outcome = f"{_calls(failed)} failed ({cut}) and were billed anyway\n" if failed else "none failed\n"
     summary = Text.assemble(
         ("Waste report", "bold"),
         f"  ({window})\n",
-        f"{report['attempts']:,} attempts for {report['logical_requests']:,} logical requests: ",
-        (f"{report['dropped_attempts']:,} dropped", "yellow"),
-        f", {report['failed_attempts']:,} failed in all\n",
+        f"{report['logical_requests']:,} requests took {_calls(report['attempts'])} to the API: ",
+        (outcome, "yellow") if failed else outcome,
         f"billed {_tokens(billed)} tokens, {_usd(report['billed_cost_usd'])}; ",
         (f"wasted {_tokens(wasted)} tokens, {_usd(report['wasted_cost_usd'])}", "bold red"),
-        f" ({report['waste_ratio']:.1%} of billed tokens)",
+        f"\nwasted share: {report['waste_ratio']:.1%} of billed tokens, "
+        f"{report['wasted_cost_ratio']:.1%} of billed dollars",
     )
     if report["unpriced_attempts"]:
         console.print(
@@ -263,6 +351,16 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
             highlight=False,
         )
     console.print(summary)
+    for line in _why_lines(report):
+        console.print(line, highlight=False)
+    if report["pending_abandoned_attempts"]:
+        console.print(
+            f"pending: {_usd(report['pending_abandoned_cost_usd'])} of it ("
+            f"{_calls(report['pending_abandoned_attempts'])} given up within the last hour or so) may still "
+            "turn out retried; metrics count it once its hour settles",
+            style="yellow",
+            highlight=False,
+        )
     if report["unpriced_attempts"]:
         console.print(
             f"unpriced: {report['unpriced_attempts']:,} attempts, "
@@ -271,19 +369,31 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
             highlight=False,
         )
 
-    table = Table(box=box.SIMPLE_HEAD, show_footer=True, title=f"by {by}", title_justify="left")
-    table.add_column(by, footer="total")
+    reasons = [r for r, value in report["wasted_cost_usd_by_reason"].items() if value]
+    # Tight padding: with a column per waste reason the table must still fit 120 characters.
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_footer=True,
+        title=f"by {by}",
+        title_justify="left",
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
+    table.add_column(by, footer="total", no_wrap=True)
     for name, footer, style in (
         ("attempts", f"{report['attempts']:,}", None),
         ("dropped", f"{report['dropped_attempts']:,}", "yellow"),
         ("failed", f"{report['failed_attempts']:,}", None),
-        ("billed tokens", _tokens(billed), None),
-        ("wasted tokens", _tokens(wasted), "red"),
+        ("billed\ntokens", _tokens(billed), None),
+        ("wasted\ntokens", _tokens(wasted), "red"),
         ("billed $", _usd(report["billed_cost_usd"]), None),
         ("wasted $", _usd(report["wasted_cost_usd"]), "bold red"),
-        ("waste", f"{report['waste_ratio']:.1%}", None),
+        *((f"{reason}\n$", _usd(report["wasted_cost_usd_by_reason"][reason]), None) for reason in reasons),
+        ("token\nshare", f"{report['waste_ratio']:.1%}", None),
+        ("$\nshare", f"{report['wasted_cost_ratio']:.1%}", None),
     ):
-        table.add_column(name, footer=footer, justify="right", style=style)
+        table.add_column(name, footer=footer, justify="right", style=style, no_wrap=True)
     for group in report["groups"]:
         table.add_row(
             _label(by, group[by]),
@@ -294,9 +404,17 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
             _tokens(sum(group["wasted_tokens"].values())),
             _usd(group["billed_cost_usd"]),
             _usd(group["wasted_cost_usd"]),
+            *(_usd(group["wasted_cost_usd_by_reason"].get(reason, 0.0)) for reason in reasons),
             f"{group['waste_ratio']:.1%}",
+            f"{group['wasted_cost_ratio']:.1%}",
         )
     console.print(table)
+    console.print(
+        "token share: wasted / billed tokens; $ share: wasted / billed dollars (cache reads are cheap "
+        "tokens, so the two differ)",
+        style="dim",
+        highlight=False,
+    )
 
     offenders = sorted(
         (g for g in report["groups"] if g["wasted_cost_usd"] > 0), key=lambda g: -g["wasted_cost_usd"]

@@ -7,6 +7,7 @@ Everything here is pure: the server only writes what a :class:`ResponsePlan` hol
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import random
@@ -16,7 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .faults import Fault, FaultKind
-from .spec import BlockKind, ContentType, ResponseSpec, input_tokens_for_body
+from .spec import BlockKind, BlockSpec, ContentType, ResponseSpec, input_tokens_for_body
 from .vocabulary import command_json_fragments, json_object_fragments, prose_fragments
 
 __all__ = [
@@ -25,11 +26,13 @@ __all__ = [
     "ResponsePlan",
     "SentPrefix",
     "StreamCut",
+    "capped",
     "chunk",
     "error_body",
     "error_event",
     "error_message",
     "malformed_event",
+    "max_tokens_of",
     "plan_response",
     "position_after_deltas",
     "position_of_delta",
@@ -247,12 +250,41 @@ def _usage(
     }
 
 
+def max_tokens_of(body: bytes) -> int | None:
+    """The request's ``max_tokens``, or ``None`` when the body does not give a positive integer."""
+    try:
+        value = json.loads(body).get("max_tokens") if body else None
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def capped(spec: ResponseSpec, max_tokens: int | None) -> ResponseSpec:
+    """``spec`` cut to ``max_tokens`` output tokens, as the API stops generating at the limit.
+
+    The block that reaches the limit is shortened, the blocks after it are left out, and the stop
+    reason becomes ``max_tokens``. A spec within the limit is returned unchanged.
+    """
+    if max_tokens is None or spec.output_tokens <= max_tokens:
+        return spec
+    blocks: list[BlockSpec] = []
+    left = max_tokens
+    for block in spec.blocks:
+        if left <= 0:
+            break
+        blocks.append(dataclasses.replace(block, output_tokens=min(block.output_tokens, left)))
+        left -= block.output_tokens
+    return dataclasses.replace(spec, blocks=tuple(blocks), stop_reason="max_tokens")
+
+
 def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arrival: int = 1) -> ResponsePlan:
     """The full answer to a request with this raw ``body``.
 
     Content depends only on ``spec.seed`` and the body; ids also depend on ``arrival`` so a retried
-    request gets a fresh ``msg_...`` id, as from the real API.
+    request gets a fresh ``msg_...`` id, as from the real API. Output stops at the body's
+    ``max_tokens`` (see :func:`capped`).
     """
+    spec = capped(spec, max_tokens_of(body))
     digest = hashlib.sha256(body).hexdigest()
     b = _Builder(spec, _rng(spec.seed, digest), _rng(spec.seed, digest, arrival, "ids"))
     model = spec.model or model_requested or "claude-sonnet-4-5"
