@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 import sqlalchemy.exc
@@ -24,17 +25,23 @@ from sqlalchemy.engine import URL
 
 from . import __version__
 from .durations import MomentError, ceil_hour, floor_hour, parse_moment
+from .explain import explain_request, render_explain
 from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
-from .records import WasteReason
+from .records import AttemptRecord, Outcome, WasteReason
 from .report import (
     GROUPINGS,
     REPORT_FORMATS,
+    TAG_PREFIX,
+    AttemptFilter,
     build_report,
     render_csv,
     render_json,
     render_table,
+    render_top,
     rollup_group_by,
     subtract_totals,
+    top_wasteful_requests,
+    totals_from_attempts,
 )
 from .settings import SettingsError, load_settings
 from .store import (
@@ -45,6 +52,7 @@ from .store import (
     migrate,
     safe_url,
 )
+from .store.history import attempts_of_request, iter_attempts
 from .store.query import settled_before
 
 __all__ = ["UserError", "build_parser", "main"]
@@ -291,7 +299,38 @@ def _moment(option: str, text: str | None, now: datetime) -> datetime | None:
         raise UserError(f"{option}: {exc}") from None
 
 
-def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int:
+def _grouping(text: str) -> str:
+    """``--by``: a built-in grouping or ``tag:KEY``."""
+    if text.startswith(TAG_PREFIX):
+        if not text[len(TAG_PREFIX) :].strip():
+            raise UserError("--by tag: needs a tag key, e.g. --by tag:team")
+        return text
+    if text not in GROUPINGS:
+        raise UserError(f"--by {text!r} is not a grouping; choose from {', '.join(GROUPINGS)} or tag:KEY")
+    return text
+
+
+def _attempt_filter(args: argparse.Namespace) -> AttemptFilter:
+    outcomes = tuple(o for text in args.outcome or () for o in _csv_list(text))
+    known = [o.value for o in Outcome]
+    wrong = [o for o in outcomes if o not in known]
+    if wrong:
+        raise UserError(f"--outcome {', '.join(wrong)} is not an outcome; choose from {', '.join(known)}")
+    tags: dict[str, str] = {}
+    for text in args.tag or ():
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--tag {text!r} is not KEY=VALUE; write e.g. --tag team=search")
+        tags[key.strip()] = value
+    return AttemptFilter(
+        models=tuple(m for text in args.model or () for m in _csv_list(text)),
+        workflows=tuple(w for text in args.workflow or () for w in _csv_list(text)),
+        outcomes=outcomes,
+        tags=tags,
+    )
+
+
+def _window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:
     now = datetime.now(timezone.utc)
     since = _moment("--since", args.since, now)
     until = _moment("--until", args.until, now)
@@ -300,20 +339,116 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
     end = ceil_hour(until) if until is not None else None
     if start is not None and end is not None and start >= end:
         raise UserError(f"--since ({args.since}) must come before --until ({args.until})")
+    return start, end
+
+
+def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int:
+    by = _grouping(args.by)
+    start, end = _window(args)
+    chosen = _attempt_filter(args)
+    if args.top is not None and args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    prices = _load_prices(args.prices_file) if args.prices_file is not None else None
     url = _resolve_url(args.db)
     store = _migrated_store(url)
+    top: list[dict[str, Any]] | None = None
     try:
-        totals = _read_totals(store, start, end, args.by)
-        pending = _read_pending(store, start, end, args.by)
+        with _database_errors(store.url):
+            if by.startswith(TAG_PREFIX) or chosen.needs_attempts or prices is not None:
+                # The rollups hold neither arbitrary tags nor other prices: read the attempt rows.
+                boundary = settled_before(datetime.now(timezone.utc), _retry_window())
+                totals, pending = totals_from_attempts(
+                    _window_attempts(store, start, end, chosen, prices), by, pending_since=boundary
+                )
+            else:
+                where = chosen.rollup_where()
+                totals = store.rollup_totals(start, end, group_by=rollup_group_by(by), where=where)
+                pending = _read_pending(store, start, end, by, where)
+            if args.top is not None:
+                top = _top_requests(store, start, end, chosen, prices, args.top)
     finally:
         store.shutdown()
-    report = build_report(totals, args.by, start=start, end=end, pending=pending)
+    report = build_report(totals, by, start=start, end=end, pending=pending)
+    if chosen.to_dict():
+        report["filters"] = chosen.to_dict()
+    if prices is not None:
+        report["prices"] = {"version": prices.version, "source": prices.source, "what_if": True}
+    if top is not None:
+        report["top"] = top
     if args.format == "json":
         sys.stdout.write(render_json(report) + "\n")
     elif args.format == "csv":
         sys.stdout.write(render_csv(report))
     else:
+        if prices is not None:
+            out.print(
+                f"[bold yellow]what-if:[/bold yellow] every attempt priced with {prices.source} "
+                f"(version {prices.version}); the store is unchanged",
+                highlight=False,
+            )
         render_table(report, out)
+        if top is not None:
+            render_top(top, out)
+    return 0
+
+
+def _repriced(record: AttemptRecord, prices: PriceTable | None) -> AttemptRecord:
+    if prices is None:
+        return record
+    return dataclasses.replace(record, cost=prices.cost(record.model_name, record.usage))
+
+
+def _window_attempts(
+    store: SqlStore,
+    start: datetime | None,
+    end: datetime | None,
+    chosen: AttemptFilter,
+    prices: PriceTable | None,
+    *,
+    wasted_only: bool = False,
+) -> Iterator[AttemptRecord]:
+    with store.engine.connect() as connection:
+        for page in iter_attempts(connection, start, end, wasted_only=wasted_only):
+            for record in page:
+                if chosen.matches(record):
+                    yield _repriced(record, prices)
+
+
+def _top_requests(
+    store: SqlStore,
+    start: datetime | None,
+    end: datetime | None,
+    chosen: AttemptFilter,
+    prices: PriceTable | None,
+    n: int,
+) -> list[dict[str, Any]]:
+    def attempts_of(ids: list[str]) -> list[AttemptRecord]:
+        with store.engine.connect() as connection:
+            return [_repriced(r, prices) for r in attempts_of_request(connection, ids)]
+
+    wasted = _window_attempts(store, start, end, chosen, prices, wasted_only=True)
+    return top_wasteful_requests(wasted, attempts_of, n)
+
+
+# -- costwatch explain -----------------------------------------------------------------------------
+def _command_explain(args: argparse.Namespace, out: Console, err: Console) -> int:
+    url = _resolve_url(args.db)
+    store = _migrated_store(url)
+    try:
+        with _database_errors(store.url), store.engine.connect() as connection:
+            attempts = attempts_of_request(connection, [args.logical_request_id])
+    finally:
+        store.shutdown()
+    if not attempts:
+        raise UserError(
+            f"no attempts of logical request {args.logical_request_id!r} in {safe_url(url)}; "
+            "`costwatch report --top 10` lists the ids of the most wasteful ones"
+        )
+    timeline = explain_request(attempts)
+    if args.format == "json":
+        sys.stdout.write(render_json(timeline) + "\n")
+    else:
+        render_explain(timeline, out)
     return 0
 
 
@@ -531,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
             "costwatch report --since 7d --by day --format csv > waste.csv",
             "costwatch report --since 2026-11-01 --until 2026-11-08 --format json",
             "costwatch report --by error_type --db postgresql://costwatch@db/costwatch",
+            "costwatch report --since 7d --by tag:team --outcome dropped",
+            "costwatch report --model claude-opus-5-5 --tag job=nightly --top 10",
+            "costwatch report --since 30d --prices-file contract-prices.json   # what-if, writes nothing",
         ),
     )
     report.add_argument(
@@ -539,12 +677,48 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--until", metavar="WHEN", help="end: a duration ago or an ISO date/time (default now)"
     )
-    report.add_argument("--by", choices=GROUPINGS, default="model", help="how to group (default model)")
+    report.add_argument(
+        "--by",
+        default="model",
+        metavar="GROUPING",
+        help=f"how to group: {', '.join(GROUPINGS)}, or tag:KEY for any tag (default model)",
+    )
     report.add_argument(
         "--format", choices=REPORT_FORMATS, default="table", help="output format (default table)"
     )
+    report.add_argument("--model", action="append", metavar="MODEL", help="only these models (repeat or a,b)")
+    report.add_argument("--workflow", action="append", metavar="NAME", help="only these workflow tags")
+    report.add_argument("--outcome", action="append", metavar="OUTCOME", help="only attempts that ended so")
+    report.add_argument("--tag", action="append", metavar="KEY=VALUE", help="only attempts with this tag")
+    report.add_argument(
+        "--top", type=int, metavar="N", help="also list the N logical requests that wasted the most dollars"
+    )
+    report.add_argument(
+        "--prices-file",
+        metavar="PATH",
+        help="what-if: price every attempt with this file merged over the built-in table (writes nothing)",
+    )
     _add_db(report)
     report.set_defaults(handler=_command_report)
+
+    explain = commands.add_parser(
+        "explain",
+        help="one logical request's attempts as a timeline",
+        description=(
+            "Every attempt of one logical request, in order: how it ended, its error, its tokens by "
+            "type (output reported by the API or estimated), its cost, and the gap before the retry."
+        ),
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch report --top 5            # find the ids",
+            "costwatch explain 0193b1c2d3e4f5a6b7c8d9e0f1a2b3c4",
+            "costwatch explain 0193b1c2d3e4f5a6b7c8d9e0f1a2b3c4 --format json",
+        ),
+    )
+    explain.add_argument("logical_request_id", metavar="LOGICAL_REQUEST_ID")
+    explain.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    _add_db(explain)
+    explain.set_defaults(handler=_command_explain)
 
     serve = commands.add_parser(
         "serve",

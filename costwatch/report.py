@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .records import Outcome, TokenType, WasteReason
-from .store import RollupTotals
-from .store.rows import hour_of
+from .records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Outcome, TokenType, WasteReason
+from .store import ROLLUP_MEASURES, RollupTotals
+from .store.rows import hour_of, rollup_measures
 
 __all__ = [
     "CSV_COLUMNS",
@@ -30,12 +30,16 @@ __all__ = [
     "REPORT_FORMATS",
     "TAG_PREFIX",
     "TIME_GROUPINGS",
+    "AttemptFilter",
     "build_report",
     "render_csv",
     "render_json",
     "render_table",
+    "render_top",
     "rollup_group_by",
     "subtract_totals",
+    "top_wasteful_requests",
+    "totals_from_attempts",
 ]
 
 GROUPINGS: tuple[str, ...] = ("model", "workflow", "outcome", "error_type", "hour", "day")
@@ -210,6 +214,142 @@ def subtract_totals(after: Sequence[RollupTotals], before: Sequence[RollupTotals
     return changed
 
 
+# -- reports read from the attempt rows (tags, filters, what-if prices) ----------------------------
+@dataclass(frozen=True)
+class AttemptFilter:
+    """Which attempts a report covers: each given dimension must match one of its values."""
+
+    models: tuple[str, ...] = ()
+    workflows: tuple[str, ...] = ()
+    outcomes: tuple[str, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def needs_attempts(self) -> bool:
+        """Whether the rollups cannot apply it (any tag other than ``workflow`` is only on the rows)."""
+        return bool(self.tags)
+
+    def rollup_where(self) -> dict[str, tuple[str, ...]]:
+        """The filter as rollup dimensions (``where`` of :meth:`SqlStore.rollup_totals`)."""
+        where = {"model": self.models, "outcome": self.outcomes}
+        where["workflow"] = tuple(w[:WORKFLOW_LABEL_LENGTH] for w in self.workflows)
+        return {name: values for name, values in where.items() if values}
+
+    def matches(self, record: AttemptRecord) -> bool:
+        """Whether ``record`` is covered."""
+        if self.models and record.model_name not in self.models:
+            return False
+        if self.outcomes and record.outcome.value not in self.outcomes:
+            return False
+        if self.workflows and record.workflow not in {w[:WORKFLOW_LABEL_LENGTH] for w in self.workflows}:
+            return False
+        return all(record.tags.get(key) == value for key, value in self.tags.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The filter as the report's JSON echoes it (only what was asked for)."""
+        out: dict[str, Any] = {
+            "model": list(self.models),
+            "workflow": list(self.workflows),
+            "outcome": list(self.outcomes),
+            "tag": dict(self.tags),
+        }
+        return {key: value for key, value in out.items() if value}
+
+
+def _attempt_group(by: str, record: AttemptRecord) -> Any:
+    if by.startswith(TAG_PREFIX):
+        return str(record.tags.get(by[len(TAG_PREFIX) :]) or "")
+    if by in TIME_GROUPINGS:
+        return hour_of(record.started_at)
+    if by == "model":
+        return record.model_name
+    if by == "error_type":
+        return record.error_label
+    if by == "workflow":
+        return record.workflow
+    return record.outcome.value
+
+
+def totals_from_attempts(
+    records: Iterable[AttemptRecord], by: str, *, pending_since: datetime | None = None
+) -> tuple[list[RollupTotals], list[RollupTotals]]:
+    """Rollup-shaped totals over attempt rows, for :func:`build_report`: ``(totals, pending)``.
+
+    Each attempt counts exactly as the writer counts it into the rollups
+    (:func:`~costwatch.store.rows.rollup_measures`); ``by`` may be ``tag:KEY``. ``pending`` holds the
+    ``abandoned`` attempts that started at or after ``pending_since`` (the first unsettled hour).
+    """
+    column = by if by.startswith(TAG_PREFIX) else rollup_group_by(by)[0]
+    sums: dict[tuple[Any, str, str], list[float]] = {}
+    pending: dict[Any, list[float]] = {}
+    for record in records:
+        key = (_attempt_group(by, record), record.outcome.value, _reason(record))
+        values = rollup_measures(record)
+        known = sums.get(key)
+        sums[key] = list(values) if known is None else [a + b for a, b in zip(known, values, strict=True)]
+        if (
+            pending_since is not None
+            and key[2] == WasteReason.ABANDONED.value
+            and record.started_at >= pending_since
+        ):
+            known = pending.get(key[0])
+            pending[key[0]] = (
+                list(values) if known is None else [a + b for a, b in zip(known, values, strict=True)]
+            )
+
+    def totals(group: Mapping[str, Any], values: Sequence[float]) -> RollupTotals:
+        measures: dict[str, Any] = dict(zip(ROLLUP_MEASURES, values, strict=True))
+        return RollupTotals(group=group, **measures)
+
+    return (
+        [
+            totals({column: value, "outcome": outcome, "waste_reason": reason}, values)
+            for (value, outcome, reason), values in sums.items()
+        ],
+        [totals({column: value}, values) for value, values in pending.items()],
+    )
+
+
+def _reason(record: AttemptRecord) -> str:
+    return record.waste_reason.value if (record.wasted and record.waste_reason is not None) else ""
+
+
+def top_wasteful_requests(
+    wasted: Iterable[AttemptRecord], attempts_of: Callable[[list[str]], Sequence[AttemptRecord]], n: int
+) -> list[dict[str, Any]]:
+    """The ``n`` logical requests whose attempts wasted the most dollars, most first.
+
+    ``wasted`` are the wasted attempts to rank by; ``attempts_of`` returns every attempt of the
+    given logical requests (to count them and to find their first and last time).
+    """
+    by_request: dict[str, float] = {}
+    for record in wasted:
+        by_request[record.logical_request_id] = by_request.get(record.logical_request_id, 0.0) + (
+            record.wasted_cost_usd
+        )
+    ranked = sorted(by_request.items(), key=lambda item: (-item[1], item[0]))[:n]
+    attempts: dict[str, list[AttemptRecord]] = {}
+    for record in attempts_of([request for request, _ in ranked]):
+        attempts.setdefault(record.logical_request_id, []).append(record)
+    out = []
+    for request, cost in ranked:
+        mine = sorted(attempts.get(request, []), key=lambda r: (r.started_at, r.attempt_number))
+        last = mine[-1] if mine else None
+        out.append(
+            {
+                "logical_request_id": request,
+                "model": last.model_name if last else None,
+                "workflow": (last.workflow or None) if last else None,
+                "attempts": len(mine),
+                "wasted_attempts": sum(1 for r in mine if r.wasted),
+                "wasted_cost_usd": round(cost, 6),
+                "first": _iso(mine[0].started_at) if mine else None,
+                "last": _iso(last.started_at) if last else None,
+            }
+        )
+    return out
+
+
 # -- rendering -----------------------------------------------------------------------------------
 def render_json(report: Mapping[str, Any]) -> str:
     """The report as one JSON object."""
@@ -277,7 +417,9 @@ def _attempts(count: int, kind: str) -> str:
 
 
 def _label(by: str, key: str | None) -> str:
-    return key if key is not None else _UNLABELLED.get(by, "(none)")
+    if key is not None:
+        return key
+    return "(untagged)" if by.startswith(TAG_PREFIX) else _UNLABELLED.get(by, "(none)")
 
 
 _REASON_WORDS = {
@@ -428,3 +570,33 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
                 f"({share:.0%} of all waste) over {_attempts(group['failed_attempts'], 'failed')}",
                 highlight=False,
             )
+
+
+def render_top(top: Sequence[Mapping[str, Any]], console: Console) -> None:
+    """Print the logical requests that wasted the most (``report["top"]``)."""
+    if not top:
+        console.print("No logical request wasted anything in this window.", highlight=False)
+        return
+    table = Table(
+        box=box.SIMPLE_HEAD, title="Most wasteful logical requests", title_justify="left", pad_edge=False
+    )
+    # The id is what `costwatch explain` needs: never cut it; fold the model and workflow instead.
+    table.add_column("logical request", no_wrap=True, min_width=32)
+    for name in ("model", "workflow"):
+        table.add_column(name, overflow="fold")
+    for name in ("attempts", "wasted $"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for name in ("first (UTC)", "last (UTC)"):
+        table.add_column(name, no_wrap=True)
+    for entry in top:
+        table.add_row(
+            entry["logical_request_id"],
+            entry["model"] or "",
+            entry["workflow"] or "(untagged)",
+            f"{entry['attempts']:,}",
+            _usd(entry["wasted_cost_usd"]),
+            (entry["first"] or "")[5:19].replace("T", " "),
+            (entry["last"] or "")[5:19].replace("T", " "),
+        )
+    console.print(table)
+    console.print("`costwatch explain LOGICAL_REQUEST_ID` shows one of them attempt by attempt.", style="dim")
