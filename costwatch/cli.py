@@ -430,6 +430,72 @@ def _top_requests(
     return top_wasteful_requests(wasted, attempts_of, n)
 
 
+# -- costwatch reprice -----------------------------------------------------------------------------
+def _command_reprice(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .reprice import reprice_store
+
+    now = datetime.now(timezone.utc)
+    start = _moment("--since", args.since, now)
+    end = _moment("--until", args.until, now)
+    if start is not None and end is not None and start >= end:
+        raise UserError(f"--since ({args.since}) must come before --until ({args.until})")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prices = _load_prices(args.prices_file)
+    models = tuple(m for text in args.model or () for m in _csv_list(text))
+    url = _resolve_url(args.db)
+    store = _migrated_store(url)
+    verb = "would change" if args.dry_run else "changed"
+    err.print(f"Repricing attempts in {safe_url(url)} with price table {prices.version}", highlight=False)
+    try:
+        with _database_errors(store.url):
+            summary = reprice_store(
+                store,
+                prices,
+                start=start,
+                end=end,
+                models=models,
+                batch_size=args.batch_size,
+                dry_run=args.dry_run,
+                on_batch=lambda s: err.print(
+                    f"  read {s.read:,} attempts, {verb} {s.changed:,} (up to {s.last_attempt_id})",
+                    highlight=False,
+                ),
+            )
+    finally:
+        store.shutdown()
+    out.print(
+        f"Read {summary.read:,} attempts; {verb} the price of {summary.changed:,}"
+        + (f"; {summary.skipped:,} changed meanwhile by another writer: run again" if summary.skipped else "")
+        + ("." if summary.changed or summary.skipped else " (already priced with this table)."),
+        highlight=False,
+    )
+    if summary.models:
+        grid = Table(box=box.SIMPLE_HEAD)
+        for name in (
+            "model",
+            "attempts",
+            "newly priced",
+            "billed before",
+            "billed after",
+            "wasted before",
+            "wasted after",
+        ):
+            grid.add_column(name, justify="left" if name == "model" else "right", no_wrap=True)
+        for model, change in sorted(summary.models.items()):
+            grid.add_row(
+                model,
+                f"{change.attempts:,}",
+                f"{change.newly_priced:,}",
+                f"${change.billed_before_usd:,.4f}",
+                f"${change.billed_after_usd:,.4f}",
+                f"${change.wasted_before_usd:,.4f}",
+                f"${change.wasted_after_usd:,.4f}",
+            )
+        out.print(grid)
+    return 0
+
+
 # -- costwatch explain -----------------------------------------------------------------------------
 def _command_explain(args: argparse.Namespace, out: Console, err: Console) -> int:
     url = _resolve_url(args.db)
@@ -700,6 +766,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_db(report)
     report.set_defaults(handler=_command_report)
+
+    reprice = commands.add_parser(
+        "reprice",
+        help="recompute the cost of stored attempts with the current price table",
+        description=(
+            "Price stored attempts again with the price table in use (the built-in one, with "
+            f"${PRICES_FILE_ENV} or --prices-file merged over it). Each attempt whose price changes is "
+            "written as a new revision, and the rollups move with it in the same transaction. Running it "
+            "again changes nothing; a run that stopped is finished by running it again."
+        ),
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch reprice --prices-file my-contract-prices.json --dry-run",
+            "costwatch reprice --model claude-unreleased-9 --prices-file new-model.json",
+            "costwatch reprice --since 30d --db postgresql://costwatch@db/costwatch",
+        ),
+    )
+    reprice.add_argument(
+        "--since", metavar="WHEN", help="only attempts started from then (90m, 24h, 7d, ISO)"
+    )
+    reprice.add_argument("--until", metavar="WHEN", help="only attempts started before then")
+    reprice.add_argument(
+        "--model", action="append", metavar="MODEL", help="only these models (repeat or a,b)"
+    )
+    reprice.add_argument(
+        "--prices-file", metavar="PATH", help=f"prices to merge over the built-in table (${PRICES_FILE_ENV})"
+    )
+    reprice.add_argument(
+        "--batch-size", type=int, default=1000, help="attempts per transaction (default 1000)"
+    )
+    reprice.add_argument("--dry-run", action="store_true", help="say what would change, write nothing")
+    _add_db(reprice)
+    reprice.set_defaults(handler=_command_reprice)
 
     explain = commands.add_parser(
         "explain",
