@@ -395,7 +395,7 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
 def _repriced(record: AttemptRecord, prices: PriceTable | None) -> AttemptRecord:
     if prices is None:
         return record
-    return dataclasses.replace(record, cost=prices.cost(record.model_name, record.usage))
+    return dataclasses.replace(record, cost=prices.cost_of(record))
 
 
 def _window_attempts(

@@ -145,6 +145,7 @@ class Accountant:
         answered_model = message_id = api_error_type = stop_reason = first_token_s = None
         events = bytes_received = 0
         tool_use = _NO_TOOL_USE
+        inference_geo = None
         if meter is not None:
             answered_model = meter.model
             model = answered_model or model
@@ -174,12 +175,13 @@ class Accountant:
             bytes_received = meter.bytes_received
             if reported.server_tool_use:
                 tool_use = MappingProxyType(dict(reported.server_tool_use))
+            inference_geo = reported.inference_geo
             if meter.first_delta_at is not None:
                 first_token_s = meter.first_delta_at - started
         cost = None
         if model:
             try:
-                cost = self.prices.cost(model, usage)
+                cost = self.prices.cost(model, usage, inference_geo=inference_geo, server_tool_use=tool_use)
             except Exception as exc:  # the record is kept, unpriced: tokens are the ground truth
                 instrumentation_errors.record("price", exc)
         fingerprint, body = attempt.fingerprint, attempt.body
@@ -217,6 +219,8 @@ class Accountant:
             None,  # waste_reason
             attempt.tags,
             fingerprint,
+            0,  # revision
+            inference_geo,
         )
         record = self.tracker.finish(record, body_size=attempt.body_size)
         for listener, state in attempt.listener_states:

@@ -221,11 +221,19 @@ class Cost:
     cache_write_usd: float = 0.0
     cache_read_usd: float = 0.0
     output_usd: float = 0.0
+    server_tool_usd: float = 0.0
+    """Fees for server tools the API reported using (web searches), on top of the tokens."""
 
     @property
     def total_usd(self) -> float:
         """The sum of the components."""
-        return self.input_usd + self.cache_write_usd + self.cache_read_usd + self.output_usd
+        return (
+            self.input_usd
+            + self.cache_write_usd
+            + self.cache_read_usd
+            + self.output_usd
+            + self.server_tool_usd
+        )
 
     def by_type(self) -> dict[TokenType, float]:
         """The cost keyed by :class:`TokenType`."""
@@ -284,6 +292,8 @@ class AttemptRecord:
     fingerprint: str | None = None
     """A hash of the request's model, system, messages, tools and parameters; never the content."""
     revision: int = 0
+    inference_geo: str | None = None
+    """Where the API said inference ran (``usage.inference_geo``: ``global``, ``us``), when it said."""
 
     @property
     def model_name(self) -> str:

@@ -54,8 +54,9 @@ REPORT_FORMATS: tuple[str, ...] = ("table", "json", "csv")
 _TOKEN_KEYS = tuple(token_type.value for token_type in TokenType)
 # Every reason the records know, so a reason added to WasteReason shows up without a change here.
 _REASON_KEYS = tuple(reason.value for reason in WasteReason)
-_PART_KEYS = ("input", "cache_read", "cache_write", "output")
-"""The parts of a wasted bill: re-billed input, cache reads, cache writes and (partial) output."""
+_PART_KEYS = ("input", "cache_read", "cache_write", "output", "server_tool")
+"""The parts of a wasted bill: re-billed input, cache reads, cache writes, (partial) output and
+server-tool fees (web searches)."""
 _UNLABELLED = {"workflow": "(untagged)", "error_type": "(no error)", "model": "(unknown)"}
 
 
@@ -432,6 +433,7 @@ _PART_WORDS = {
     "cache_read": "cache reads",
     "cache_write": "cache writes",
     "output": "partial output",
+    "server_tool": "server-tool fees",
 }
 
 

@@ -34,7 +34,7 @@ def _same(old: Cost | None, new: Cost | None) -> bool:
 
 def repriced(record: AttemptRecord, prices: PriceTable) -> AttemptRecord | None:
     """``record`` priced with ``prices`` as its next revision, or ``None`` when its price is unchanged."""
-    cost = prices.cost(record.model_name, record.usage)
+    cost = prices.cost_of(record)
     if _same(record.cost, cost):
         return None
     return dataclasses.replace(record, cost=cost, revision=record.revision + 1)

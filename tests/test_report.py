@@ -285,7 +285,7 @@ def test_wasted_dollars_are_split_by_every_waste_reason_and_by_part_of_the_bill(
     assert report["wasted_cost_usd_by_reason"]["abandoned"] == pytest.approx(0.5)
     assert sum(report["wasted_cost_usd_by_reason"].values()) == pytest.approx(report["wasted_cost_usd"])
     assert report["wasted_cost_usd_by_part"] == pytest.approx(
-        {"input": 2.0, "cache_read": 0.2, "cache_write": 0.3, "output": 1.0}
+        {"input": 2.0, "cache_read": 0.2, "cache_write": 0.3, "output": 1.0, "server_tool": 0.0}
     )
     # The token share and the dollar share differ: cache reads are many cheap tokens.
     assert report["waste_ratio"] == pytest.approx(1100 / 2000)

@@ -141,6 +141,7 @@ _NEW_MEASURES = (
     "wasted_cache_read_cost_usd",
     "wasted_cache_write_cost_usd",
     "wasted_output_cost_usd",
+    "wasted_server_tool_cost_usd",
 )
 
 
@@ -161,7 +162,11 @@ def test_migration_0005_fills_the_new_rollup_measures_from_the_attempts_stored_b
     engine = create_store_engine(store_url)
     try:
         with engine.begin() as connection:
-            connection.execute(sa.insert(ATTEMPTS), [attempt_row(r) for r in RECORDS])
+            # Rows as revision 0004 stored them: without the columns 0005 adds.
+            rows = [attempt_row(r) for r in RECORDS]
+            for row in rows:
+                del row["server_tool_cost_usd"], row["inference_geo"]
+            connection.execute(sa.insert(_old_table(ATTEMPTS, tuple(rows[0]))), rows)
             for row in deltas:
                 connection.execute(
                     sa.insert(_old_table(ROLLUPS, hourly_columns)).values({c: row[c] for c in hourly_columns})

@@ -68,6 +68,7 @@ class RollupTotals:
     wasted_cache_read_cost_usd: float = 0.0
     wasted_cache_write_cost_usd: float = 0.0
     wasted_output_cost_usd: float = 0.0
+    wasted_server_tool_cost_usd: float = 0.0
 
     @property
     def billed_tokens(self) -> int:

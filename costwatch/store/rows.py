@@ -89,6 +89,7 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
         wasted_cost.cache_read_usd,
         wasted_cost.cache_write_usd,
         wasted_cost.output_usd,
+        wasted_cost.server_tool_usd,
     )
 
 
@@ -156,6 +157,8 @@ ATTEMPT_COLUMNS = (
     "tags",
     "fingerprint",
     "revision",
+    "server_tool_cost_usd",
+    "inference_geo",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
@@ -202,6 +205,8 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         dict(record.tags),
         record.fingerprint,
         record.revision,
+        cost.server_tool_usd if cost is not None else None,
+        record.inference_geo,
     )
 
 
@@ -219,7 +224,15 @@ def _cost_from_columns(row: Mapping[Any, Any]) -> Cost | None:
     )
     if any(part is None for part in parts):
         return None
-    return Cost(input_usd=parts[0], cache_write_usd=parts[1], cache_read_usd=parts[2], output_usd=parts[3])
+    # NULL on rows stored before server-tool fees were priced (migration 0005): no fee.
+    fees = row.get("server_tool_cost_usd") or 0.0
+    return Cost(
+        input_usd=parts[0],
+        cache_write_usd=parts[1],
+        cache_read_usd=parts[2],
+        output_usd=parts[3],
+        server_tool_usd=fees,
+    )
 
 
 def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
@@ -262,4 +275,5 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         tags=MappingProxyType(dict(row["tags"] or {})),
         fingerprint=row["fingerprint"],
         revision=row["revision"],
+        inference_geo=row.get("inference_geo"),
     )

@@ -156,6 +156,9 @@ class Attempt(Base):
     tags: Mapped[dict[str, str]] = mapped_column(sa.JSON())
     fingerprint: Mapped[str | None] = mapped_column(sa.String())
     revision: Mapped[int] = mapped_column(sa.Integer())
+    # Migration 0005: server-tool fees (NULL on rows stored before: read as none) and where inference ran.
+    server_tool_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    inference_geo: Mapped[str | None] = mapped_column(sa.String())
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
@@ -198,6 +201,7 @@ ROLLUP_MEASURES = (
     "wasted_cache_read_cost_usd",
     "wasted_cache_write_cost_usd",
     "wasted_output_cost_usd",
+    "wasted_server_tool_cost_usd",
 )
 """The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them.
 
@@ -230,6 +234,7 @@ class _RollupMeasures:
     wasted_cache_read_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
     wasted_cache_write_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
     wasted_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    wasted_server_tool_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
 
 
 class HourlyRollup(_RollupMeasures, Base):

@@ -234,9 +234,12 @@ class _Builder:
 
 
 def _usage(
-    spec_plan: dict[str, int], server_tool_use: Mapping[str, int], output_tokens: int
+    spec_plan: dict[str, int],
+    server_tool_use: Mapping[str, int],
+    output_tokens: int,
+    inference_geo: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    usage = {
         "input_tokens": spec_plan["input"],
         "cache_creation_input_tokens": spec_plan["write_5m"] + spec_plan["write_1h"],
         "cache_read_input_tokens": spec_plan["read"],
@@ -248,6 +251,9 @@ def _usage(
         "service_tier": "standard",
         "server_tool_use": dict(server_tool_use),
     }
+    if inference_geo is not None:
+        usage["inference_geo"] = inference_geo
+    return usage
 
 
 def max_tokens_of(body: bytes) -> int | None:
@@ -306,7 +312,7 @@ def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arri
         "stop_reason": None,
         "stop_sequence": None,
         # The real API reports 1 output token in message_start, whatever follows.
-        "usage": _usage(tokens, server_tool_use, 1),
+        "usage": _usage(tokens, server_tool_use, 1, spec.inference_geo),
     }
     b.add("message_start", {"type": "message_start", "message": shell})
     b.ping()
@@ -387,7 +393,7 @@ def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arri
         index += 1
 
     output_tokens = spec.output_tokens
-    delta_usage = _usage(tokens, server_tool_use, output_tokens)
+    delta_usage = _usage(tokens, server_tool_use, output_tokens, spec.inference_geo)
     del delta_usage["cache_creation"], delta_usage["service_tier"]
     b.add(
         "message_delta",
@@ -403,7 +409,7 @@ def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arri
         **shell,
         "content": b.content,
         "stop_reason": stop_reason,
-        "usage": _usage(tokens, server_tool_use, output_tokens),
+        "usage": _usage(tokens, server_tool_use, output_tokens, spec.inference_geo),
     }
     return ResponsePlan(
         message_id=message_id,

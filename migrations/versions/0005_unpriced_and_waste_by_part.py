@@ -5,7 +5,9 @@ other trace there, so reports showed it as $0.00. The rollups now count such att
 billed tokens (``unpriced_attempts``, ``unpriced_tokens``), and split ``wasted_cost_usd`` into the
 wasted input, cache read, cache write and output dollars. This migration adds the columns (zero)
 and fills them from the stored attempts that are unpriced or wasted, in one pass over those rows,
-so the rollups stay equal to the sums over the attempts.
+so the rollups stay equal to the sums over the attempts. The attempts gain the fee for server tools
+the API reported (web searches; ``server_tool_cost_usd``, NULL before: no fee was priced) and where
+inference ran (``inference_geo``).
 
 Upgrade every writer of a database before (or when) migrating it: an older writer does not know
 the columns, and its attempts would not reach them.
@@ -31,7 +33,13 @@ depends_on: str | Sequence[str] | None = None
 
 # Frozen copies of the names: a migration must not change when the models do later.
 _COUNTS = ("unpriced_attempts", "unpriced_tokens")
-_COSTS = ("wasted_input_cost_usd", "wasted_cache_read_cost_usd", "wasted_cache_write_cost_usd", "wasted_output_cost_usd")
+_COSTS = (
+    "wasted_input_cost_usd",
+    "wasted_cache_read_cost_usd",
+    "wasted_cache_write_cost_usd",
+    "wasted_output_cost_usd",
+    "wasted_server_tool_cost_usd",
+)
 _TABLES = ("costwatch_hourly_rollups", "costwatch_all_time_rollups")
 _DIMENSIONS = ("model", "outcome", "error_type", "waste_reason", "workflow")
 _WORKFLOW_LABEL_LENGTH = 64
@@ -58,13 +66,17 @@ def _key(row: Any) -> tuple[Any, ...]:
 
 
 def upgrade() -> None:
-    """Add the columns to both rollup tables and fill them from the unpriced or wasted attempts."""
+    """Add the columns to both rollup tables and fill them from the unpriced or wasted attempts;
+    add the attempts' server-tool fee and inference geo (NULL on the rows stored before)."""
+    # Plain ADD COLUMN on both backends (SQLite takes a nullable column, or one with a default, in
+    # place): a batch "move and copy" on SQLite would lose the attempts' expression index of 0004.
+    op.add_column("costwatch_attempts", sa.Column("server_tool_cost_usd", sa.Double(), nullable=True))
+    op.add_column("costwatch_attempts", sa.Column("inference_geo", sa.String(), nullable=True))
     for table in _TABLES:
-        with op.batch_alter_table(table) as batch:
-            for name in _COUNTS:
-                batch.add_column(sa.Column(name, sa.BigInteger(), nullable=False, server_default="0"))
-            for name in _COSTS:
-                batch.add_column(sa.Column(name, sa.Double(), nullable=False, server_default="0"))
+        for name in _COUNTS:
+            op.add_column(table, sa.Column(name, sa.BigInteger(), nullable=False, server_default="0"))
+        for name in _COSTS:
+            op.add_column(table, sa.Column(name, sa.Double(), nullable=False, server_default="0"))
     attempts = sa.table(
         "costwatch_attempts",
         sa.column("attempt_id", sa.String()),
@@ -96,7 +108,7 @@ def upgrade() -> None:
             break
         after = page[-1].attempt_id
         for row in page:
-            values = sums.setdefault(_key(row), [0, 0, 0.0, 0.0, 0.0, 0.0])
+            values = sums.setdefault(_key(row), [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0])
             if row.input_cost_usd is None:
                 values[0] += 1
                 values[1] += (
@@ -118,7 +130,7 @@ def upgrade() -> None:
         merged: dict[tuple[Any, ...], list[float]] = {}
         for key, values in sums.items():
             target = key if keyed else key[1:]
-            known = merged.setdefault(target, [0, 0, 0.0, 0.0, 0.0, 0.0])
+            known = merged.setdefault(target, [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0])
             for i, value in enumerate(values):
                 known[i] += value
         columns = [table.c.hour, *(table.c[d] for d in _DIMENSIONS)] if keyed else [table.c[d] for d in _DIMENSIONS]
@@ -129,7 +141,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     """Drop the columns (the attempts still hold what they were computed from)."""
-    for table in _TABLES:
-        with op.batch_alter_table(table) as batch:
-            for name in (*_COUNTS, *_COSTS):
-                batch.drop_column(name)
+    # ALTER TABLE ... DROP COLUMN on both backends (SQLite 3.35 and later), for the same reason.
+    for table in (*_TABLES, "costwatch_attempts"):
+        names = ("server_tool_cost_usd", "inference_geo") if table == "costwatch_attempts" else (*_COUNTS, *_COSTS)
+        for name in names:
+            op.execute(f"ALTER TABLE {table} DROP COLUMN {name}")
