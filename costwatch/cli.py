@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -342,54 +343,122 @@ def _window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]
     return start, end
 
 
+def _grouped(
+    store: SqlStore,
+    by: str,
+    start: datetime | None,
+    end: datetime | None,
+    chosen: AttemptFilter,
+    prices: PriceTable | None,
+) -> dict[str, Any]:
+    """The report grouped ``by``, from the rollups where they can answer, else from the attempt rows."""
+    with _database_errors(store.url):
+        if by.startswith(TAG_PREFIX) or chosen.needs_attempts or prices is not None:
+            # The rollups hold neither arbitrary tags nor other prices: read the attempt rows.
+            boundary = settled_before(datetime.now(timezone.utc), _retry_window())
+            totals, pending = totals_from_attempts(
+                _window_attempts(store, start, end, chosen, prices), by, pending_since=boundary
+            )
+        else:
+            where = chosen.rollup_where()
+            totals = store.rollup_totals(start, end, group_by=rollup_group_by(by), where=where)
+            pending = _read_pending(store, start, end, by, where)
+    return build_report(totals, by, start=start, end=end, pending=pending)
+
+
+_HTML_TOP = 10
+"""Logical requests the HTML page charts when --top is not given."""
+
+
 def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int:
     by = _grouping(args.by)
     start, end = _window(args)
     chosen = _attempt_filter(args)
     if args.top is not None and args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
+    if args.format == "html" and args.output is None:
+        raise UserError("--format html writes a file: add -o FILE, e.g. -o waste.html")
+    output = Path(args.output) if args.output is not None else None
+    if output is not None and not output.parent.is_dir():
+        raise UserError(f"-o {args.output}: the folder {output.parent} does not exist")
     prices = _load_prices(args.prices_file) if args.prices_file is not None else None
     url = _resolve_url(args.db)
     store = _migrated_store(url)
     top: list[dict[str, Any]] | None = None
+    extra: dict[str, dict[str, Any]] = {}
     try:
-        with _database_errors(store.url):
-            if by.startswith(TAG_PREFIX) or chosen.needs_attempts or prices is not None:
-                # The rollups hold neither arbitrary tags nor other prices: read the attempt rows.
-                boundary = settled_before(datetime.now(timezone.utc), _retry_window())
-                totals, pending = totals_from_attempts(
-                    _window_attempts(store, start, end, chosen, prices), by, pending_since=boundary
-                )
-            else:
-                where = chosen.rollup_where()
-                totals = store.rollup_totals(start, end, group_by=rollup_group_by(by), where=where)
-                pending = _read_pending(store, start, end, by, where)
-            if args.top is not None:
-                top = _top_requests(store, start, end, chosen, prices, args.top)
+        report = _grouped(store, by, start, end, chosen, prices)
+        top_n = args.top if args.top is not None else (_HTML_TOP if args.format == "html" else None)
+        if top_n is not None:
+            with _database_errors(store.url):
+                top = _top_requests(store, start, end, chosen, prices, top_n)
+        if args.format == "html":
+            hours = report["attempts"] and _grouped(store, "hour", start, end, chosen, prices)
+            time_by = "day" if hours and len(hours["groups"]) > 48 else "hour"
+            for grouping in (time_by, "model", "workflow"):
+                extra[grouping] = _grouped(store, grouping, start, end, chosen, prices)
+            extra["time"] = extra[time_by]
     finally:
         store.shutdown()
-    report = build_report(totals, by, start=start, end=end, pending=pending)
     if chosen.to_dict():
         report["filters"] = chosen.to_dict()
     if prices is not None:
         report["prices"] = {"version": prices.version, "source": prices.source, "what_if": True}
-    if top is not None:
+    if top is not None and (args.top is not None or args.format != "html"):
         report["top"] = top
+    if args.format == "html":
+        from .html_report import HtmlUnavailable, render_html
+
+        window = f"{report['start'] or 'the beginning'} to {report['end'] or 'now'}, whole UTC hours"
+        try:
+            page = render_html(
+                report,
+                by_time=extra["time"],
+                by_model=extra["model"],
+                by_workflow=extra["workflow"],
+                top=top or [],
+                window=window,
+            )
+        except HtmlUnavailable as exc:
+            raise UserError(str(exc)) from None
+        _write_output(output, page)
+        err.print(f"Wrote {output} ({len(page.encode()):,} bytes, self-contained)", highlight=False)
+        return 0
     if args.format == "json":
-        sys.stdout.write(render_json(report) + "\n")
+        text = render_json(report) + "\n"
     elif args.format == "csv":
-        sys.stdout.write(render_csv(report))
+        text = render_csv(report)
     else:
+        console = out
+        buffer = None
+        if output is not None:
+            buffer = io.StringIO()
+            console = Console(file=buffer, width=120)
         if prices is not None:
-            out.print(
+            console.print(
                 f"[bold yellow]what-if:[/bold yellow] every attempt priced with {prices.source} "
                 f"(version {prices.version}); the store is unchanged",
                 highlight=False,
             )
-        render_table(report, out)
+        render_table(report, console)
         if top is not None:
-            render_top(top, out)
+            render_top(top, console)
+        if buffer is None:
+            return 0
+        text = buffer.getvalue()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        _write_output(output, text)
     return 0
+
+
+def _write_output(path: Path | None, text: str) -> None:
+    assert path is not None
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {path} ({exc.strerror or exc}); choose another -o FILE") from None
 
 
 def _repriced(record: AttemptRecord, prices: PriceTable | None) -> AttemptRecord:
@@ -735,6 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
             "costwatch report --since 7d --by tag:team --outcome dropped",
             "costwatch report --model claude-opus-5-5 --tag job=nightly --top 10",
             "costwatch report --since 30d --prices-file contract-prices.json   # what-if, writes nothing",
+            "costwatch report --since 7d --format html -o waste.html",
         ),
     )
     report.add_argument(
@@ -750,8 +820,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how to group: {', '.join(GROUPINGS)}, or tag:KEY for any tag (default model)",
     )
     report.add_argument(
-        "--format", choices=REPORT_FORMATS, default="table", help="output format (default table)"
+        "--format",
+        choices=(*REPORT_FORMATS, "html"),
+        default="table",
+        help="output format (default table); html writes one self-contained page with charts (needs -o)",
     )
+    report.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stdout")
     report.add_argument("--model", action="append", metavar="MODEL", help="only these models (repeat or a,b)")
     report.add_argument("--workflow", action="append", metavar="NAME", help="only these workflow tags")
     report.add_argument("--outcome", action="append", metavar="OUTCOME", help="only attempts that ended so")
