@@ -82,6 +82,9 @@ def explain_request(attempts: Sequence[AttemptRecord]) -> dict[str, Any]:
     }
 
 
+_SOURCE_SHORT = {"reported": "API", "estimated": "est."}
+
+
 def _usd(value: float | None) -> str:
     return "unpriced" if value is None else f"${value:,.4f}"
 
@@ -99,19 +102,14 @@ def render_explain(story: Mapping[str, Any], console: Console) -> None:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     left = ("started", "outcome", "error", "source", "waste")
     for name in ("#", "started", "gap", "took", "outcome", "error", "input", "cache rd", "cache wr"):
-        table.add_column(
-            name,
-            justify="left" if name in left else "right",
-            no_wrap=name != "error",
-            min_width=20 if name == "error" else None,
-        )
+        table.add_column(name, justify="left" if name in left else "right", no_wrap=True)
     for name in ("output", "source", "cost", "waste"):
         table.add_column(name, justify="left" if name in left else "right", no_wrap=True)
     for step in story["timeline"]:
         tokens = step["tokens"]
         table.add_row(
             str(step["attempt_number"]),
-            step["started_at"][11:21],
+            step["started_at"][11:19],
             "" if step["gap_before_s"] is None else f"{step['gap_before_s']:.1f}s",
             f"{step['duration_s']:.1f}s",
             step["outcome"],
@@ -120,11 +118,17 @@ def render_explain(story: Mapping[str, Any], console: Console) -> None:
             f"{tokens['cache_read']:,}",
             f"{tokens['cache_write']:,}",
             f"{tokens['output']:,}",
-            step["output_source"],
+            _SOURCE_SHORT.get(step["output_source"], step["output_source"]),
             _usd(step["cost_usd"]),
             step["waste_reason"] or "",
         )
     console.print(table)
+    console.print(
+        "source of the output count: API = reported by the API, "
+        "est. = estimated from the text of a cut stream",
+        style="dim",
+        highlight=False,
+    )
     if story["unpriced_attempts"]:
         console.print(
             f"warning: {story['unpriced_attempts']} attempt(s) on a model without a known price; "

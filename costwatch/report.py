@@ -580,12 +580,16 @@ def render_top(top: Sequence[Mapping[str, Any]], console: Console) -> None:
         console.print("No logical request wasted anything in this window.", highlight=False)
         return
     table = Table(
-        box=box.SIMPLE_HEAD, title="Most wasteful logical requests", title_justify="left", pad_edge=False
+        box=box.SIMPLE_HEAD,
+        title="Most wasteful logical requests",
+        title_justify="left",
+        pad_edge=False,
+        collapse_padding=True,
     )
-    # The id is what `costwatch explain` needs: never cut it; fold the model and workflow instead.
+    # The id is what `costwatch explain` needs: never cut it; shorten the model and workflow instead.
     table.add_column("logical request", no_wrap=True, min_width=32)
     for name in ("model", "workflow"):
-        table.add_column(name, overflow="fold")
+        table.add_column(name, overflow="ellipsis", no_wrap=True)
     for name in ("attempts", "wasted $"):
         table.add_column(name, justify="right", no_wrap=True)
     for name in ("first (UTC)", "last (UTC)"):
@@ -597,8 +601,8 @@ def render_top(top: Sequence[Mapping[str, Any]], console: Console) -> None:
             entry["workflow"] or "(untagged)",
             f"{entry['attempts']:,}",
             _usd(entry["wasted_cost_usd"]),
-            (entry["first"] or "")[5:19].replace("T", " "),
-            (entry["last"] or "")[5:19].replace("T", " "),
+            (entry["first"] or "")[5:16].replace("T", " "),
+            (entry["last"] or "")[5:16].replace("T", " "),
         )
     console.print(table)
     console.print("`costwatch explain LOGICAL_REQUEST_ID` shows one of them attempt by attempt.", style="dim")
