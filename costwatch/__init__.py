@@ -24,6 +24,7 @@ from .retries import (
     stream_with_retries,
 )
 from .sinks import MemorySink, Sink
+from .waste_budget import WasteBudgetExceeded, waste_budget
 
 __all__ = [
     "AttemptRecord",
@@ -36,6 +37,7 @@ __all__ = [
     "Sink",
     "TokenType",
     "Usage",
+    "WasteBudgetExceeded",
     "WasteReason",
     "__version__",
     "astream_with_retries",
@@ -46,4 +48,5 @@ __all__ = [
     "stream_with_retries",
     "tags",
     "uninstrument",
+    "waste_budget",
 ]

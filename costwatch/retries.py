@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from . import context
 from .prompt_prefix import with_cache_breakpoint
 from .records import new_id
+from .waste_budget import WasteBudgetExceeded
 
 if TYPE_CHECKING:  # the SDK is imported when a retry loop first runs, not with costwatch
     import anthropic
@@ -181,6 +182,9 @@ class _Retrying:
 
     def wait_before_retry(self, attempt: int, error: BaseException) -> float | None:
         """Seconds to wait before attempt ``attempt + 1``, or None to give up and raise ``error``."""
+        refusal = WasteBudgetExceeded.found_in(error)
+        if refusal is not None:
+            raise refusal  # the SDK wrapped it in an APIConnectionError, which reads as retryable
         if attempt >= self.policy.max_attempts or not is_retryable(error):
             return None
         delay = self.policy.backoff_s(attempt, error, self.rng)
@@ -241,7 +245,8 @@ def stream_with_retries(
     retry, unless the request has one already. Returns the final message and the completed
     attempt's events; raises the last failure when retries run out, the first that is not
     retryable as it is, :class:`IncompleteStreamError` when every stream ended before
-    ``message_stop``, and :class:`~costwatch.WasteBudgetExceeded` when a waste budget stops a retry.
+    ``message_stop``, and :class:`~costwatch.WasteBudgetExceeded` when the waste budget
+    (:func:`costwatch.waste_budget`) refuses a retry, which is then never sent.
     """
     overrides, request = _split(request)
     state = _Retrying(_policy(policy, overrides), _prepare(request), cache_prefix_on_retry, cache_ttl)
