@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import json
 import os
 import queue
 import re
@@ -39,6 +40,7 @@ from .estimation import OutputEstimator
 from .health import instrumentation_errors
 from .pipeline import Pipeline, drain_before_exit, get_pipeline
 from .pricing import PriceTable, load_prices
+from .prompt_prefix import PromptSize, measure
 from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
 from .settings import load_settings
 from .sinks import AttemptListener, Sink
@@ -124,6 +126,9 @@ class Accountant:
             tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
             context.current_tags(),
         )
+        if assignment.attempt_number > 1 and body:
+            # A retry: what of its prompt it resends unchanged, and so could have read from the cache.
+            attempt.prompt_size = _guard("prompt_size", _prompt_size, body)
         if self.listeners:
             start = AttemptStart(
                 attempt_id=attempt.attempt_id,
@@ -226,6 +231,7 @@ class Accountant:
             except Exception as exc:  # the record is kept, unpriced: tokens are the ground truth
                 instrumentation_errors.record("price", exc)
         fingerprint, body = attempt.fingerprint, attempt.body
+        prompt_size = attempt.prompt_size
         attempt.body = None
         if body is not None and outcome is not _COMPLETED:
             # The tracker remembers a failed attempt by its fingerprint: a resend may come any moment.
@@ -260,6 +266,8 @@ class Accountant:
             None,  # waste_reason
             attempt.tags,
             fingerprint,
+            prompt_bytes=prompt_size.prompt_bytes if prompt_size is not None else None,
+            stable_prefix_bytes=prompt_size.stable_prefix_bytes if prompt_size is not None else None,
         )
         if attempt.refused is None:
             record = self.tracker.finish(record, body_size=attempt.body_size)
@@ -300,6 +308,8 @@ class _Attempt:
     _once: threading.Lock = field(default_factory=threading.Lock)
     refused: waste_budget.WasteBudgetExceeded | None = None
     """Set when the waste budget refuses this retry: it is recorded, then raised instead of sent."""
+    prompt_size: PromptSize | None = None
+    """The sizes of a retry's prompt and stable prefix (never measured for a first attempt)."""
 
     def settle(self, outcome: Outcome, error: BaseException | None = None) -> None:
         """Finish the attempt once; later calls (close after an error, GC) do nothing."""
@@ -458,6 +468,12 @@ def _describe_body(body: bytes, *, hash_now: bool) -> tuple[str, str | None]:
 
 
 _MODEL_VALUE = re.compile(rb'\s*:\s*"([^"\\]{1,200})"')
+
+
+def _prompt_size(body: bytes) -> PromptSize | None:
+    """The sizes of the prompt and its stable prefix; the parsed body is dropped at once."""
+    parsed = json.loads(body)
+    return measure(parsed) if isinstance(parsed, dict) else None
 
 
 def _requested_model(body: bytes) -> str:

@@ -156,6 +156,9 @@ class Attempt(Base):
     tags: Mapped[dict[str, str]] = mapped_column(sa.JSON())
     fingerprint: Mapped[str | None] = mapped_column(sa.String())
     revision: Mapped[int] = mapped_column(sa.Integer())
+    # Sizes of the prompt and its stable prefix, of retries only (migration 0005): avoidable waste.
+    prompt_bytes: Mapped[int | None] = mapped_column(sa.BigInteger())
+    stable_prefix_bytes: Mapped[int | None] = mapped_column(sa.BigInteger())
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
