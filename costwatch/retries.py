@@ -39,6 +39,8 @@ __all__ = [
     "RetriedStream",
     "RetryPolicy",
     "astream_with_retries",
+    "is_retryable",
+    "retry_after_s",
     "stream_with_retries",
 ]
 
