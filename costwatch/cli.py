@@ -25,6 +25,7 @@ from rich.table import Table
 from sqlalchemy.engine import URL
 
 from . import __version__
+from .avoidable import avoidable_for_request
 from .durations import MomentError, ceil_hour, floor_hour, parse_moment
 from .explain import explain_request, render_explain
 from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
@@ -34,11 +35,13 @@ from .report import (
     REPORT_FORMATS,
     TAG_PREFIX,
     AttemptFilter,
+    avoidable_waste_section,
     build_report,
     render_csv,
     render_json,
     render_table,
     render_top,
+    render_waste_reduction,
     rollup_group_by,
     subtract_totals,
     top_wasteful_requests,
@@ -388,6 +391,7 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
     extra: dict[str, dict[str, Any]] = {}
     try:
         report = _grouped(store, by, start, end, chosen, prices)
+        retried, refused = _read_retried(store, start, end)
         top_n = args.top if args.top is not None else (_HTML_TOP if args.format == "html" else None)
         if top_n is not None:
             with _database_errors(store.url):
@@ -400,6 +404,11 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
             extra["time"] = extra[time_by]
     finally:
         store.shutdown()
+    current = prices if prices is not None else _load_prices(None)
+    avoidable = [found for found in (avoidable_for_request(r, current) for r in retried.values()) if found]
+    report.update(
+        avoidable_waste_section(avoidable, wasted_usd=report["wasted_cost_usd"], refused_retries=refused)
+    )
     if chosen.to_dict():
         report["filters"] = chosen.to_dict()
     if prices is not None:
@@ -441,6 +450,8 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
                 highlight=False,
             )
         render_table(report, console)
+        if report["attempts"]:
+            render_waste_reduction(report, console)
         if top is not None:
             render_top(top, console)
         if buffer is None:
@@ -585,6 +596,15 @@ def _command_explain(args: argparse.Namespace, out: Console, err: Console) -> in
     else:
         render_explain(timeline, out)
     return 0
+
+
+def _read_retried(
+    store: SqlStore, start: datetime | None, end: datetime | None
+) -> tuple[dict[str, list[AttemptRecord]], int]:
+    """The attempts of the window's retried logical requests, and the retries the waste budget refused."""
+    with _database_errors(store.url):
+        refused = store.rollup_totals(start, end, where={"error_type": "WasteBudgetExceeded"})
+        return store.retried_requests(start, end), sum(row.attempts for row in refused)
 
 
 # -- costwatch serve -------------------------------------------------------------------------------

@@ -146,13 +146,13 @@ _NEW_MEASURES = (
 
 
 def _old_table(table: sa.Table, columns: tuple[str, ...]) -> sa.TableClause:
-    """``table`` as revision 0004 had it: only ``columns``, with their types."""
+    """``table`` as revision 0005 had it: only ``columns``, with their types."""
     return sa.table(table.name, *(sa.column(column, table.c[column].type) for column in columns))
 
 
-def test_migration_0005_fills_the_new_rollup_measures_from_the_attempts_stored_before_it(store_url):
-    migrate.upgrade(store_url, revision="0004")
-    # The rows and rollups a writer of revision 0004 left: every measure but the new ones.
+def test_migration_0006_fills_the_new_rollup_measures_from_the_attempts_stored_before_it(store_url):
+    migrate.upgrade(store_url, revision="0005")
+    # The rows and rollups a writer of revision 0005 left: every measure but the new ones.
     deltas = [
         dict(zip((*ROLLUP_DIMENSIONS, *ROLLUP_MEASURES), row, strict=True))
         for row in rollup_delta_rows(RECORDS)
@@ -162,7 +162,7 @@ def test_migration_0005_fills_the_new_rollup_measures_from_the_attempts_stored_b
     engine = create_store_engine(store_url)
     try:
         with engine.begin() as connection:
-            # Rows as revision 0004 stored them: without the columns 0005 adds.
+            # Rows as revision 0005 stored them: without the columns 0006 adds.
             rows = [attempt_row(r) for r in RECORDS]
             for row in rows:
                 del row["server_tool_cost_usd"], row["inference_geo"]

@@ -157,6 +157,8 @@ ATTEMPT_COLUMNS = (
     "tags",
     "fingerprint",
     "revision",
+    "prompt_bytes",
+    "stable_prefix_bytes",
     "server_tool_cost_usd",
     "inference_geo",
 )
@@ -205,6 +207,8 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         dict(record.tags),
         record.fingerprint,
         record.revision,
+        record.prompt_bytes,
+        record.stable_prefix_bytes,
         cost.server_tool_usd if cost is not None else None,
         record.inference_geo,
     )
@@ -224,7 +228,7 @@ def _cost_from_columns(row: Mapping[Any, Any]) -> Cost | None:
     )
     if any(part is None for part in parts):
         return None
-    # NULL on rows stored before server-tool fees were priced (migration 0005): no fee.
+    # NULL on rows stored before server-tool fees were priced (migration 0006): no fee.
     fees = row.get("server_tool_cost_usd") or 0.0
     return Cost(
         input_usd=parts[0],
@@ -275,5 +279,7 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         tags=MappingProxyType(dict(row["tags"] or {})),
         fingerprint=row["fingerprint"],
         revision=row["revision"],
+        prompt_bytes=row.get("prompt_bytes"),
+        stable_prefix_bytes=row.get("stable_prefix_bytes"),
         inference_geo=row.get("inference_geo"),
     )

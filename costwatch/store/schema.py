@@ -156,7 +156,10 @@ class Attempt(Base):
     tags: Mapped[dict[str, str]] = mapped_column(sa.JSON())
     fingerprint: Mapped[str | None] = mapped_column(sa.String())
     revision: Mapped[int] = mapped_column(sa.Integer())
-    # Migration 0005: server-tool fees (NULL on rows stored before: read as none) and where inference ran.
+    # Sizes of the prompt and its stable prefix, of retries only (migration 0005): avoidable waste.
+    prompt_bytes: Mapped[int | None] = mapped_column(sa.BigInteger())
+    stable_prefix_bytes: Mapped[int | None] = mapped_column(sa.BigInteger())
+    # Migration 0006: server-tool fees (NULL on rows stored before: read as none) and where inference ran.
     server_tool_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
     inference_geo: Mapped[str | None] = mapped_column(sa.String())
 
@@ -207,7 +210,7 @@ ROLLUP_MEASURES = (
 
 ``unpriced_*`` count attempts on models without a known price (and their billed tokens), which
 add nothing to the costs; ``wasted_*_cost_usd`` split ``wasted_cost_usd`` by the part of the bill
-(migration 0005)."""
+(migration 0006)."""
 
 
 class _RollupMeasures:
