@@ -95,6 +95,10 @@ class LedgerEntry:
     """Output tokens sent per content type; they add up to ``output_tokens``."""
     recorded_at: float = 0.0
     """``time.monotonic()`` when the entry was recorded."""
+    billed_at: float = 0.0
+    """``time.time()`` when the request arrived: the moment the usage report buckets the attempt by."""
+    api_key_id: str | None = None
+    """The tagged id of the API key that sent the request (a digest of the key, never the key)."""
 
     @property
     def cache_write_tokens(self) -> int:

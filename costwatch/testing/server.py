@@ -20,9 +20,11 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta, timezone
 from types import MappingProxyType, TracebackType
 from typing import Any
 
+from ..pricing import PriceTable, load_prices
 from .faults import FAULT_HEADER, DropProfile, Fault, FaultKind, FaultSchedule, ReceivedRequest
 from .ledger import Ending, Ledger, LedgerEntry
 from .plan import (
@@ -45,6 +47,17 @@ from .plan import (
 )
 from .prompt_cache import PromptCache, TooManyBreakpoints, breakpoint_prefixes
 from .spec import ResponseSpec, input_tokens_for_body
+from .usage_report import (
+    ANALYTICS_BETA,
+    COST_PATH,
+    FAKE_ADMIN_KEY,
+    USAGE_PATH,
+    AnalyticsError,
+    api_key_id_of,
+    authorize,
+    cost_page,
+    usage_page,
+)
 
 __all__ = ["FakeAnthropicServer"]
 
@@ -54,6 +67,8 @@ _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     429: "Too Many Requests",
     500: "Internal Server Error",
@@ -155,6 +170,15 @@ class _Connection:
                 return
 
 
+def _api_key(raw: _RawRequest) -> str | None:
+    """The key a request was sent with: ``x-api-key`` (0.x SDK) or ``Authorization: Bearer`` (2.x)."""
+    key = raw.headers.get("x-api-key")
+    if key:
+        return key
+    scheme, _, token = raw.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
 def _head(status: int, headers: Mapping[str, str]) -> bytes:
     reason = _REASONS.get(status, "Overloaded" if status == 529 else "Error")
     lines = [f"HTTP/1.1 {status} {reason}", f"date: {email.utils.formatdate(usegmt=True)}"]
@@ -184,6 +208,9 @@ class FakeAnthropicServer:
         port: int = 0,
         seed: int = 0,
         prompt_cache: PromptCache | None = None,
+        admin_key: str = FAKE_ADMIN_KEY,
+        usage_lag_s: float = 0.0,
+        prices: PriceTable | None = None,
     ) -> None:
         self.spec = spec or ResponseSpec()
         """The answer given to every request (unless ``spec_for`` picks one)."""
@@ -194,6 +221,15 @@ class FakeAnthropicServer:
         """One :class:`~costwatch.testing.ledger.LedgerEntry` per attempt received."""
         self.prompt_cache = prompt_cache or PromptCache()
         """The prefixes cached by ``cache_control`` breakpoints, billed as reads and writes."""
+        self.admin_key = admin_key
+        """The one key the analytics endpoints accept; any other ``sk-ant-admin`` key gets a 401,
+        any other key a 403."""
+        self.usage_lag_s = usage_lag_s
+        """How long after an attempt the analytics endpoints start reporting it (the real data lags)."""
+        self.usage_page_limit: int | None = None
+        """When set, the analytics endpoints stop after this many pages while still saying there are
+        more (``has_more`` true, no ``next_page``): pagination that ends early."""
+        self._prices = prices
         self._host = host
         self._port = port
         self._seed = seed
@@ -355,15 +391,58 @@ class FakeAnthropicServer:
 
     def _answer(self, connection: _Connection, raw: _RawRequest) -> bool:
         """Answer one request; returns whether the connection stays open for the next one."""
+        path, _, query = raw.target.partition("?")
+        if raw.method == "GET" and path in (USAGE_PATH, COST_PATH):
+            # Reading the usage report is not an attempt: it has no ledger entry.
+            return self._analytics(connection, raw, path, query)
         request, request_id = self._admit(raw)
         with self._lock:
             self._open_responses += 1
             self._peak_open_responses = max(self._peak_open_responses, self._open_responses)
         try:
-            return _Attempt(self, connection, request, request_id, raw.body).run()
+            api_key = _api_key(raw)
+            key_id = api_key_id_of(api_key) if api_key else None
+            return _Attempt(self, connection, request, request_id, raw.body, key_id).run()
         finally:
             with self._lock:
                 self._open_responses -= 1
+
+    def _analytics(self, connection: _Connection, raw: _RawRequest, path: str, query: str) -> bool:
+        now = datetime.now(timezone.utc)
+        request_id = "req_011C" + hashlib.sha256(f"{now.timestamp()}{query}".encode()).hexdigest()[:20]
+        status, payload = 200, None
+        try:
+            authorize(_api_key(raw), self.admin_key)
+            if ANALYTICS_BETA not in raw.headers.get("anthropic-beta", ""):
+                raise AnalyticsError(
+                    400, "invalid_request_error", f"this endpoint requires the {ANALYTICS_BETA} beta header"
+                )
+            lag = timedelta(seconds=self.usage_lag_s)
+            entries = self.ledger.entries
+            pages = self.usage_page_limit
+            if path == USAGE_PATH:
+                payload = usage_page(entries, query, now=now, lag=lag, max_pages=pages)
+            else:
+                if self._prices is None:
+                    self._prices = load_prices()
+                payload = cost_page(entries, query, now=now, lag=lag, prices=self._prices, max_pages=pages)
+        except AnalyticsError as exc:
+            status = exc.status
+            payload = {
+                "type": "error",
+                "error": {"type": exc.error_type, "message": exc.message},
+                "request_id": request_id,
+            }
+        body = json.dumps(payload).encode()
+        headers = {
+            "content-type": "application/json",
+            "request-id": request_id,
+            "connection": "keep-alive",
+            "server": "costwatch-fake-anthropic",
+            "content-length": str(len(body)),
+        }
+        connection.send(_head(status, headers) + body)
+        return True
 
 
 class _Attempt:
@@ -376,6 +455,7 @@ class _Attempt:
         request: ReceivedRequest,
         request_id: str,
         raw_body: bytes,
+        api_key_id: str | None = None,
     ) -> None:
         self.server = server
         self.raw_body = raw_body
@@ -400,6 +480,8 @@ class _Attempt:
             fault=None,
             ending=Ending.COMPLETED,
             http_status=None,
+            billed_at=time.time(),
+            api_key_id=api_key_id,
         )
 
     def record(self, **changes: Any) -> None:
