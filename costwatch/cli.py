@@ -738,6 +738,82 @@ def _command_prices(args: argparse.Namespace, out: Console, err: Console) -> int
     return 0
 
 
+# -- costwatch reconcile ---------------------------------------------------------------------------
+class _UsageUnavailable(Exception):
+    """Anthropic's usage figures could not be read; not the user's mistake (exit 1, one line)."""
+
+
+def _reconcile_once(args: argparse.Namespace, key: str, store: SqlStore, now: datetime) -> dict[str, Any]:
+    """Read both sides of one reconciliation window; raises before anything is written."""
+    from .reconcile import bucket_window, reconcile
+    from .usage_api import UsageApiError, UsageApiRefused, read_reported
+
+    since = _moment("--since", args.since, now)
+    until = _moment("--until", args.until, now) or now
+    assert since is not None
+    start, end = bucket_window(since, until, args.bucket)
+    if start >= end:
+        raise UserError(f"--since ({args.since}) must come before --until ({args.until or 'now'})")
+    prices = _load_prices(args.prices_file)
+    try:
+        reported, costs, refreshed = read_reported(
+            key=key,
+            start=start,
+            end=end,
+            bucket=args.bucket,
+            api_key_ids=tuple(args.api_key_id or ()),
+            base_url=args.base_url,
+        )
+    except UsageApiRefused as exc:
+        raise UserError(str(exc)) from None
+    except UsageApiError as exc:
+        raise _UsageUnavailable(str(exc)) from None
+    with _database_errors(store.url):
+        recorded = list(_window_attempts(store, start, end, AttemptFilter(), None))
+    return reconcile(
+        reported,
+        costs,
+        recorded,
+        start=start,
+        end=end,
+        bucket=args.bucket,
+        prices=prices,
+        tolerance=args.tolerance,
+        api_key_ids=tuple(args.api_key_id or ()),
+        data_refreshed_at=refreshed,
+    )
+
+
+def _command_reconcile(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .reconcile import render_csv, render_json, render_table
+    from .usage_api import admin_key
+
+    if not 0 <= args.tolerance < 1:
+        raise UserError(
+            f"--tolerance must be a share from 0 to 1 (e.g. 0.001 for 0.1%), got {args.tolerance}"
+        )
+    try:
+        key = admin_key()
+    except Exception as exc:  # UsageApiRefused: the key is not set
+        raise UserError(str(exc)) from None
+    url = _resolve_url(args.db)
+    store = _migrated_store(url)
+    try:
+        result = _reconcile_once(args, key, store, datetime.now(timezone.utc))
+    except _UsageUnavailable as exc:
+        err.print(f"costwatch: error: {exc}", highlight=False, markup=False)
+        return 1
+    finally:
+        store.shutdown()
+    if args.format == "json":
+        sys.stdout.write(render_json(result) + "\n")
+    elif args.format == "csv":
+        sys.stdout.write(render_csv(result))
+    else:
+        render_table(result, out)
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------------------------
 def _add_db(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", metavar="URL", help=_DB_HELP)
@@ -912,6 +988,58 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     _add_db(explain)
     explain.set_defaults(handler=_command_explain)
+
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="compare the store with Anthropic's own usage figures: coverage, unseen spend, dropped output",
+        description=(
+            "Read Anthropic's Usage and Cost Analytics API (GET /v1/organizations/analytics/usage and /cost, "
+            "grouped by model, per time bucket) with the Admin key in $ANTHROPIC_ADMIN_API_KEY, and set "
+            "what costwatch recorded beside it: coverage per token type, tokens and dollars costwatch never "
+            "saw, and the output its dropped attempts were really billed. The JSON shape is documented "
+            "in docs/reconcile.md. The key is never printed or stored."
+        ),
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch reconcile --since 7d",
+            "costwatch reconcile --since 24h --bucket 1h --format json",
+            "costwatch reconcile --since 2h --bucket 1m --api-key-id apikey_01Rj2N8SVvo6BePZj99NhmiT",
+            "ANTHROPIC_BASE_URL=http://127.0.0.1:8080 costwatch reconcile --since 1d --format csv",
+        ),
+    )
+    reconcile.add_argument(
+        "--since",
+        metavar="WHEN",
+        default="7d",
+        help="start: a duration ago (90m, 24h, 7d) or an ISO date/time",
+    )
+    reconcile.add_argument("--until", metavar="WHEN", help="end (default now)")
+    reconcile.add_argument(
+        "--bucket", choices=("1m", "1h", "1d"), default="1h", help="time bucket width (default 1h)"
+    )
+    reconcile.add_argument(
+        "--api-key-id",
+        action="append",
+        metavar="ID",
+        help="only usage of these API keys (apikey_...; repeat); the default is the whole organization",
+    )
+    reconcile.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output format"
+    )
+    reconcile.add_argument(
+        "--base-url", metavar="URL", help="the API's base URL (default $ANTHROPIC_BASE_URL, else Anthropic's)"
+    )
+    reconcile.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.001,
+        help="how far recorded input may be from reported input for a bucket to count as fully seen (0.001)",
+    )
+    reconcile.add_argument(
+        "--prices-file", metavar="PATH", help=f"prices to merge over the built-in table (${PRICES_FILE_ENV})"
+    )
+    _add_db(reconcile)
+    reconcile.set_defaults(handler=_command_reconcile)
 
     serve = commands.add_parser(
         "serve",

@@ -58,9 +58,15 @@ class ReportedUsage:
     model: str
     uncached_input_tokens: int
     cache_read_tokens: int
-    cache_write_tokens: int
+    cache_write_5m_tokens: int
+    cache_write_1h_tokens: int
     output_tokens: int
     requests: int | None
+
+    @property
+    def cache_write_tokens(self) -> int:
+        """Cache writes of both lifetimes."""
+        return self.cache_write_5m_tokens + self.cache_write_1h_tokens
 
 
 @dataclass(frozen=True)
@@ -231,8 +237,8 @@ def _usage_row(item: dict[str, Any]) -> ReportedUsage:
         model=item["group"].get("model") or "",
         uncached_input_tokens=int(figures["uncached_input_tokens"]),
         cache_read_tokens=int(figures["cache_read_input_tokens"]),
-        cache_write_tokens=int(creation.get("ephemeral_5m_input_tokens", 0))
-        + int(creation.get("ephemeral_1h_input_tokens", 0)),
+        cache_write_5m_tokens=int(creation.get("ephemeral_5m_input_tokens", 0)),
+        cache_write_1h_tokens=int(creation.get("ephemeral_1h_input_tokens", 0)),
         output_tokens=int(figures["output_tokens"]),
         requests=figures.get("requests"),
     )

@@ -189,3 +189,41 @@ def test_a_thousand_distinct_workflows_give_at_most_the_label_limit_plus_other()
     families = list(text_string_to_metric_families(generate_latest(registry).decode()))
     workflows = {s.labels["workflow"] for f in families for s in f.samples if "workflow" in s.labels}
     assert OTHER in workflows and len(workflows) == limit + 1
+
+
+def test_the_admin_key_never_reaches_output_logs_or_the_store_in_reconcile(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from costwatch.testing import FakeAnthropicServer
+
+    admin_key = "sk-ant-admin01-SENTINEL-ADMIN-KEY-7f3a"
+    db = tmp_path / "cw.db"
+    with FakeAnthropicServer(admin_key=admin_key) as server:
+        client = anthropic.Anthropic(base_url=server.base_url, api_key="sk-ant-api03-app", max_retries=0)
+        pipeline = Pipeline()
+        costwatch.instrument(pipeline=pipeline, database_url=f"sqlite:///{db}", metrics=False)
+        try:
+            client.messages.create(
+                model="claude-opus-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+            )
+            assert costwatch.flush(timeout=30.0)
+        finally:
+            costwatch.uninstrument()
+            pipeline.shutdown()
+            client.close()
+        caplog.set_level(logging.DEBUG)
+        codes = []
+        for key, output in ((admin_key, "json"), (admin_key, "table"), (admin_key + "-wrong", "table")):
+            monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", key)
+            argv = ["reconcile", "--since", "1h", "--base-url", server.base_url, "--db", f"sqlite:///{db}"]
+            codes.append(main([*argv, "--format", output]))
+    out, err = capsys.readouterr()
+    assert codes == [0, 0, 2]
+    for text in (out, err, caplog.text):
+        assert "SENTINEL-ADMIN-KEY" not in text
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert b"SENTINEL-ADMIN-KEY" not in path.read_bytes(), path

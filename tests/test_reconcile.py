@@ -1,0 +1,253 @@
+"""costwatch reconcile: the store beside the fake API's usage report, on real sockets and a real store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+
+import costwatch
+from costwatch.cli import main
+from costwatch.pipeline import Pipeline
+from costwatch.pricing import load_prices
+from costwatch.records import Usage
+from costwatch.testing import DropProfile, Ending, FakeAnthropicServer, ResponseSpec
+from costwatch.testing.usage_report import FAKE_ADMIN_KEY
+
+MODEL = "claude-opus-4-6"
+MESSAGES: Any = [{"role": "user", "content": "Refactor the billing module and explain each change."}]
+SPEC = ResponseSpec(cache_read_tokens=800, cache_write_5m_tokens=120)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAnthropicServer]:
+    with FakeAnthropicServer(SPEC, drop_profile=DropProfile(0.5, seed=3)) as server:
+        yield server
+
+
+def _send(server: FakeAnthropicServer, count: int, model: str = MODEL) -> None:
+    client = anthropic.Anthropic(base_url=server.base_url, api_key="sk-ant-api03-app", max_retries=0)
+    try:
+        for n in range(count):
+            body: Any = [{"role": "user", "content": f"{MESSAGES[0]['content']} ({n})"}]
+            try:
+                with client.messages.stream(model=model, max_tokens=4096, messages=body) as stream:
+                    for _ in stream:
+                        pass
+            except Exception:  # a dropped stream: the application would retry; this test does not
+                pass
+    finally:
+        client.close()
+
+
+def _instrumented(server: FakeAnthropicServer, db: str, count: int, model: str = MODEL) -> None:
+    pipeline = Pipeline()
+    costwatch.instrument(pipeline=pipeline, database_url=db, metrics=False)
+    try:
+        _send(server, count, model)
+        assert costwatch.flush(timeout=60.0)
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()
+
+
+def _reconcile(
+    server: FakeAnthropicServer,
+    db: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    *extra: str,
+    key: str | None = FAKE_ADMIN_KEY,
+) -> tuple[int, str, str]:
+    if key is None:
+        monkeypatch.delenv("ANTHROPIC_ADMIN_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", key)
+    capsys.readouterr()
+    code = main(["reconcile", "--since", "1h", "--base-url", server.base_url, "--db", db, *extra])
+    out, err = capsys.readouterr()
+    assert key is None or key not in out + err
+    return code, out, err
+
+
+def _json(
+    server: FakeAnthropicServer, db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    code, out, err = _reconcile(server, db, capsys, monkeypatch, "--format", "json")
+    assert code == 0, err
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def test_instrumented_traffic_has_full_coverage_and_dropped_output_reconciled_to_the_billed_figure(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    _instrumented(fake, db, 10)
+    result = _json(fake, db, capsys, monkeypatch)
+    ledger = fake.ledger.entries
+    dropped = [e for e in ledger if e.ending is not Ending.COMPLETED]
+    assert dropped, "the drop profile should have cut some streams"
+    totals = result["totals"]
+    assert totals["coverage"] == {
+        "input": 1.0,
+        "cache_read": 1.0,
+        "cache_write": 1.0,
+        "output": pytest.approx(totals["recorded"]["output_tokens"] / sum(e.output_tokens for e in ledger)),
+    }
+    assert totals["unseen"] == {
+        "tokens": {"input": 0, "cache_read": 0, "cache_write": 0, "output": 0},
+        "usd": 0.0,
+    }
+    assert totals["reported"]["requests"] == len(ledger) == totals["recorded"]["attempts"]
+    # What the dropped attempts really generated, from the bill, is exactly what the server sent them.
+    completed_output = sum(e.output_tokens for e in ledger if e.ending is Ending.COMPLETED)
+    reported_part_of_dropped = totals["recorded"]["output_reported_tokens"] - completed_output
+    assert (
+        totals["dropped_output"]["residual_tokens"]
+        == sum(e.output_tokens for e in dropped) - reported_part_of_dropped
+    )
+    assert totals["dropped_output"]["estimated_tokens"] == totals["recorded"]["output_estimated_tokens"] > 0
+    assert all(row["dropped_output"]["input_matched"] for row in result["rows"])
+    assert result["source"]["endpoints"] == [
+        "/v1/organizations/analytics/usage",
+        "/v1/organizations/analytics/cost",
+    ]
+
+
+def test_traffic_without_costwatch_is_the_exact_unseen_share_in_tokens_and_dollars(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _send(fake, 3)  # an uninstrumented process
+    unseen_entries = fake.ledger.entries
+    _instrumented(fake, db, 5)
+    result = _json(fake, db, capsys, monkeypatch)
+    ledger = fake.ledger.entries
+    totals = result["totals"]
+    unseen_input = sum(e.input_tokens for e in unseen_entries)
+    assert totals["unseen"]["tokens"]["input"] == unseen_input
+    assert totals["unseen"]["tokens"]["cache_read"] == 800 * 3
+    assert totals["unseen"]["tokens"]["output"] == sum(e.output_tokens for e in unseen_entries)
+    assert totals["coverage"]["input"] == pytest.approx(
+        1 - unseen_input / sum(e.input_tokens for e in ledger), abs=1e-6
+    )
+    price = load_prices().lookup(MODEL)
+    assert price is not None
+    expected = price.cost(
+        Usage(
+            input_tokens=unseen_input,
+            cache_read_tokens=800 * 3,
+            cache_write_5m_tokens=120 * 3,
+            output_tokens=sum(e.output_tokens for e in unseen_entries),
+        )
+    ).total_usd
+    assert totals["unseen"]["usd"] == pytest.approx(expected, abs=1e-6)
+    assert all(row["dropped_output"]["residual_tokens"] is None for row in result["rows"])
+
+
+def test_models_without_a_price_are_flagged_rows_with_unknown_unseen_dollars(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _send(fake, 1, model="claude-unreleased-9")
+    _instrumented(fake, db, 1)
+    result = _json(fake, db, capsys, monkeypatch)
+    unpriced = [row for row in result["rows"] if row["model"] == "claude-unreleased-9"]
+    assert unpriced and all(row["priced"] is False and "unpriced" in row["flags"] for row in unpriced)
+    assert all(row["unseen"]["usd"] is None for row in unpriced)
+    assert result["totals"]["unpriced_rows"] == len(unpriced)
+    code, out, _ = _reconcile(fake, db, capsys, monkeypatch)
+    assert code == 0 and "no price" in out
+
+
+def test_table_and_csv_show_coverage_per_token_type(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _instrumented(fake, db, 2)
+    code, out, _ = _reconcile(fake, db, capsys, monkeypatch)
+    assert code == 0
+    assert (
+        "Coverage (recorded / reported): input 100.0%, cache read 100.0%, cache write 100.0%, output 100.0%"
+        in out
+    )
+    code, out, _ = _reconcile(fake, db, capsys, monkeypatch, "--format", "csv")
+    header, *lines = out.splitlines()
+    assert code == 0 and header.startswith("bucket_start,bucket_end,model,priced,flags,")
+    assert lines and all(f",{MODEL},True,," in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("key", "complaint"),
+    [
+        (None, "ANTHROPIC_ADMIN_API_KEY is not set"),
+        ("sk-ant-admin01-wrong", "refused the admin key (401)"),
+        ("sk-ant-api03-workspace", "(403): it is not an Admin key"),
+    ],
+)
+def test_a_missing_wrong_or_workspace_key_is_one_line_and_exit_2(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    key: str | None,
+    complaint: str,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _instrumented(fake, db, 1)
+    code, out, err = _reconcile(fake, db, capsys, monkeypatch, key=key)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and complaint in err
+
+
+def test_an_unreachable_api_is_one_line_and_exit_1(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _instrumented(fake, db, 1)
+    monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", FAKE_ADMIN_KEY)
+    capsys.readouterr()
+    code = main(["reconcile", "--since", "1h", "--base-url", "http://127.0.0.1:9", "--db", db])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "" and err.count("\n") == 1 and "cannot reach the usage API" in err
+
+
+def test_a_window_before_the_api_keeps_data_is_exit_2(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _instrumented(fake, db, 1)
+    monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", FAKE_ADMIN_KEY)
+    capsys.readouterr()
+    code = main(["reconcile", "--since", "2025-06-01", "--base-url", fake.base_url, "--db", db])
+    _, err = capsys.readouterr()
+    assert code == 2 and "2026-01-01" in err and err.count("\n") == 1
