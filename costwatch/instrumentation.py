@@ -40,7 +40,7 @@ from .health import instrumentation_errors
 from .pipeline import Pipeline, drain_before_exit, get_pipeline
 from .pricing import PriceTable, load_prices
 from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
-from .settings import load_settings
+from .settings import SettingsError, load_settings
 from .sinks import AttemptListener, Sink
 from .spool import SPOOL_DIR_ENV
 from .stream_meter import BodyMeter
@@ -827,8 +827,20 @@ def _process_metrics_sink(config: Any, pipeline: Pipeline) -> Sink:
             retry_window_s=config.retry_window_s,
             workflow_label_limit=config.workflow_label_limit,
             model_label_limit=config.model_label_limit,
+            otlp=_otlp_metrics(config),
         )
     return _metrics_sink
+
+
+def _otlp_metrics(config: Any) -> Any:
+    if config.metrics_exporter != "otlp":
+        return None
+    from .otlp import OtlpMetrics  # the OpenTelemetry SDK is imported only when asked for
+
+    try:
+        return OtlpMetrics()
+    except (ImportError, ValueError) as exc:
+        raise SettingsError(f"COSTWATCH_METRICS_EXPORTER=otlp: {exc}") from None
 
 
 def _default_listeners() -> list[AttemptListener]:

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -26,6 +26,9 @@ from prometheus_client.registry import Collector
 from .health import instrumentation_errors
 from .records import AttemptRecord, Outcome, TokenType, WasteReason
 from .settings import default_of, load_settings
+
+if TYPE_CHECKING:
+    from .otlp import OtlpMetrics
 
 __all__ = [
     "ATTEMPTS_PER_REQUEST_BUCKETS",
@@ -406,6 +409,7 @@ class MetricsSink:
     default to the ``COSTWATCH_RETRY_WINDOW``, ``COSTWATCH_WORKFLOW_LABEL_LIMIT`` and
     ``COSTWATCH_MODEL_LABEL_LIMIT`` settings. ``pipeline`` is the
     pipeline whose health is reported (default: the process-wide one). ``clock`` is monotonic seconds.
+    ``otlp`` (a :class:`costwatch.otlp.OtlpMetrics`) also sends every metric over OTLP.
     """
 
     name = "metrics"
@@ -419,6 +423,7 @@ class MetricsSink:
         workflow_label_limit: int | None = None,
         model_label_limit: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        otlp: OtlpMetrics | None = None,
     ) -> None:
         if retry_window_s is None or workflow_label_limit is None or model_label_limit is None:
             settings = load_settings()
@@ -441,9 +446,20 @@ class MetricsSink:
             self._multiprocess_health = _MultiprocessHealth(registry)
         elif registry is not None:
             registry.register(_HealthCollector(self))
+        self._otlp = otlp
+        if otlp is not None:
+            otlp.observe_families(
+                _health_families(_HealthReading(0, 0, 0, 0)),
+                lambda: _health_families(_read_health(self.pipeline)),
+            )
 
-        def counter(name: str, doc: str, labels: Sequence[str]) -> Counter:
-            return Counter(name, doc, labels, registry=registry)
+        def counter(name: str, doc: str, labels: Sequence[str]) -> Any:
+            metric = Counter(name, doc, labels, registry=registry)
+            return metric if otlp is None else otlp.counter(metric, name, doc, labels)
+
+        def histogram(name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Any:
+            metric = Histogram(name, doc, labels, registry=registry, buckets=buckets)
+            return metric if otlp is None else otlp.histogram(metric, name, doc, labels, buckets)
 
         self.attempts = counter(
             "costwatch_attempts", "HTTP attempts to the Messages API.", ("model", "outcome", "error_type")
@@ -474,26 +490,23 @@ class MetricsSink:
             "Logical requests (an attempt and its retries), by result.",
             ("model", "result"),
         )
-        self.attempt_duration = Histogram(
+        self.attempt_duration = histogram(
             "costwatch_attempt_duration_seconds",
             "How long attempts took, from sending the request to the end of the body.",
             ("model", "outcome"),
-            registry=registry,
-            buckets=DURATION_BUCKETS,
+            DURATION_BUCKETS,
         )
-        self.time_to_drop = Histogram(
+        self.time_to_drop = histogram(
             "costwatch_time_to_drop_seconds",
             "How long dropped attempts ran before the connection was lost.",
             ("model",),
-            registry=registry,
-            buckets=DURATION_BUCKETS,
+            DURATION_BUCKETS,
         )
-        self.attempts_per_request = Histogram(
+        self.attempts_per_request = histogram(
             "costwatch_attempts_per_request",
             "Attempts a logical request took, observed when its result settles.",
             ("model",),
-            registry=registry,
-            buckets=ATTEMPTS_PER_REQUEST_BUCKETS,
+            ATTEMPTS_PER_REQUEST_BUCKETS,
         )
 
     # -- the Sink protocol -------------------------------------------------------------------------
@@ -504,8 +517,13 @@ class MetricsSink:
         self._update_multiprocess_health()
 
     def shutdown(self) -> None:
-        """Settle every pending waste and logical request, as the process will not see their retries."""
+        """Settle every pending waste and logical request, as the process will not see their retries.
+
+        With OTLP export, what that settled is exported now: the process may be about to exit.
+        """
         self.settle()
+        if self._otlp is not None:
+            self._otlp.flush()
 
     # -- settlement --------------------------------------------------------------------------------
     def settle_due(self) -> None:
