@@ -230,6 +230,7 @@ class Accountant:
             None,  # waste_reason
             attempt.tags,
             fingerprint,
+            platform=attempt.platform,
         )
         record = self.tracker.finish(record, body_size=attempt.body_size)
         for listener, state in attempt.listener_states:

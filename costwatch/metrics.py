@@ -490,6 +490,18 @@ class MetricsSink:
             "Logical requests (an attempt and its retries), by result.",
             ("model", "result"),
         )
+        # By platform apart from the metrics above, whose label sets the fleet exporter and the
+        # dashboards share; the store's rollups have no platform, so these are in-process only.
+        self.platform_attempts = counter(
+            "costwatch_platform_attempts",
+            "HTTP attempts by the platform they went to (anthropic, bedrock, vertex, foundry).",
+            ("platform", "outcome"),
+        )
+        self.platform_billed_tokens = counter(
+            "costwatch_platform_billed_tokens",
+            "Tokens billed, by the platform that billed them and token type.",
+            ("platform", "token_type"),
+        )
         self.attempt_duration = histogram(
             "costwatch_attempt_duration_seconds",
             "How long attempts took, from sending the request to the end of the body.",
@@ -553,8 +565,11 @@ class MetricsSink:
         model = self._model(record.model_name)
         workflow = self._workflow(record.workflow)
         self.attempts.labels(model, record.outcome.value, record.error_label).inc()
+        platform = record.platform
+        self.platform_attempts.labels(platform, record.outcome.value).inc()
         for token_type, tokens in record.usage.by_type().items():
             self.billed_tokens.labels(model, token_type.value).inc(tokens)
+            self.platform_billed_tokens.labels(platform, token_type.value).inc(tokens)
         self.billed_cost.labels(model, workflow).inc(
             record.cost.total_usd if record.cost is not None else 0.0
         )

@@ -284,6 +284,8 @@ class AttemptRecord:
     fingerprint: str | None = None
     """A hash of the request's model, system, messages, tools and parameters; never the content."""
     revision: int = 0
+    platform: str = "anthropic"
+    """Where the attempt went: ``anthropic`` (the first-party API), ``bedrock``, ``vertex`` or ``foundry``."""
 
     @property
     def model_name(self) -> str:

@@ -230,3 +230,49 @@ def test_platform_attempts_are_recorded_under_the_canonical_model(accounting):
     assert [(r.outcome, r.model_name) for r in records] == [
         (Outcome.CONNECT_ERROR, "claude-sonnet-4-5-20250929")
     ] * 2
+
+
+# -- the platform dimension: records, store, metrics ---------------------------------------------------
+def test_the_platform_reaches_the_record_the_store_and_the_metrics(store_url):
+    from prometheus_client import CollectorRegistry
+
+    from costwatch.metrics import MetricsSink
+    from costwatch.pipeline import Pipeline
+    from costwatch.pricing import load_prices
+    from costwatch.sinks import MemorySink
+    from costwatch.store import SqlStore
+
+    registry = CollectorRegistry()
+    pipeline = Pipeline()
+    memory = MemorySink()
+    store = SqlStore(store_url)
+    sinks = [memory, store, MetricsSink(registry=registry, pipeline=pipeline)]
+    costwatch.instrument(pipeline=pipeline, sinks=sinks, listeners=[], prices=load_prices())
+    try:
+        with FakeAnthropicServer() as server:
+            clients = _clients(server.base_url)
+            for platform, model in ((BEDROCK, "anthropic.claude-haiku-4-5-20251001-v1:0"), (FOUNDRY, "x")):
+                with (
+                    clients[platform][0](max_retries=0) as client,
+                    client.messages.stream(
+                        model=model, max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+                    ) as stream,
+                ):
+                    stream.get_final_message()
+            entries = server.ledger.entries
+        assert costwatch.flush(10)
+        bedrock, foundry = memory.records
+        assert (bedrock.platform, foundry.platform) == (BEDROCK, FOUNDRY)
+        assert store.attempt(bedrock.attempt_id).platform == BEDROCK  # type: ignore[union-attr]
+        assert store.attempt(foundry.attempt_id).platform == FOUNDRY  # type: ignore[union-attr]
+        for platform, entry in zip((BEDROCK, FOUNDRY), entries, strict=True):
+            labels = {"platform": platform, "outcome": "completed"}
+            assert registry.get_sample_value("costwatch_platform_attempts_total", labels) == 1
+            tokens = {"platform": platform, "token_type": "input"}
+            assert (
+                registry.get_sample_value("costwatch_platform_billed_tokens_total", tokens)
+                == entry.input_tokens
+            )
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()

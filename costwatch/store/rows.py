@@ -145,6 +145,7 @@ ATTEMPT_COLUMNS = (
     "tags",
     "fingerprint",
     "revision",
+    "platform",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
@@ -191,6 +192,7 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         dict(record.tags),
         record.fingerprint,
         record.revision,
+        record.platform,
     )
 
 
@@ -251,4 +253,5 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         tags=MappingProxyType(dict(row["tags"] or {})),
         fingerprint=row["fingerprint"],
         revision=row["revision"],
+        platform=row["platform"],
     )

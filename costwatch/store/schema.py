@@ -156,6 +156,8 @@ class Attempt(Base):
     tags: Mapped[dict[str, str]] = mapped_column(sa.JSON())
     fingerprint: Mapped[str | None] = mapped_column(sa.String())
     revision: Mapped[int] = mapped_column(sa.Integer())
+    platform: Mapped[str] = mapped_column(sa.String(), server_default="anthropic")
+    """Where the attempt went (migration 0005): anthropic, bedrock, vertex or foundry."""
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
