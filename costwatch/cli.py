@@ -25,15 +25,19 @@ from rich.table import Table
 from sqlalchemy.engine import URL
 
 from . import __version__
+from .avoidable import avoidable_for_request
 from .durations import MomentError, ceil_hour, floor_hour, parse_moment
 from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
+from .records import AttemptRecord
 from .report import (
     GROUPINGS,
     REPORT_FORMATS,
+    avoidable_waste_section,
     build_report,
     render_csv,
     render_json,
     render_table,
+    render_waste_reduction,
     rollup_group_by,
     subtract_totals,
 )
@@ -272,16 +276,33 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
     store = _migrated_store(url)
     try:
         totals = _read_totals(store, start, end, args.by)
+        retried, refused = _read_retried(store, start, end)
     finally:
         store.shutdown()
     report = build_report(totals, args.by, start=start, end=end)
+    prices = _load_prices(None)
+    avoidable = [found for found in (avoidable_for_request(r, prices) for r in retried.values()) if found]
+    report.update(
+        avoidable_waste_section(avoidable, wasted_usd=report["wasted_cost_usd"], refused_retries=refused)
+    )
     if args.format == "json":
         sys.stdout.write(render_json(report) + "\n")
     elif args.format == "csv":
         sys.stdout.write(render_csv(report))
     else:
         render_table(report, out)
+        if report["attempts"]:
+            render_waste_reduction(report, out)
     return 0
+
+
+def _read_retried(
+    store: SqlStore, start: datetime | None, end: datetime | None
+) -> tuple[dict[str, list[AttemptRecord]], int]:
+    """The attempts of the window's retried logical requests, and the retries the waste budget refused."""
+    with _database_errors(store.url):
+        refused = store.rollup_totals(start, end, where={"error_type": "WasteBudgetExceeded"})
+        return store.retried_requests(start, end), sum(row.attempts for row in refused)
 
 
 # -- costwatch serve -------------------------------------------------------------------------------

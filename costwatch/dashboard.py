@@ -601,6 +601,48 @@ def _panels() -> list[_Panel | _Row]:
             [_Query(f"model:costwatch_estimated_output_ratio:rate5m{{{_MODEL}}}", "{{model}}")],
             width=12,
         ),
+        _Row("Reducing waste"),
+        _stat(
+            "Avoidable with prompt caching (range)",
+            "Wasted USD over the range that a cache_control breakpoint at the end of each retried "
+            "request's stable prefix (tools, system, earlier turns) would have saved: the first attempt "
+            "writing the prefix, the retries reading it at the model's cache multipliers, with the 5-minute "
+            "or 1-hour lifetime against the real gaps. In-process metric only (the fleet exporter does not "
+            "serve it); `costwatch report` gives the same figure from the store, per logical request.",
+            "currencyUSD",
+            f"sum(increase(costwatch_avoidable_waste_usd_total{{{_MODEL_WORKFLOW}}}[$__range]))",
+            width=6,
+            defaults={"thresholds": _thresholds(("green", None))},
+        ),
+        _stat(
+            "Share of waste avoidable with prompt caching (range)",
+            "Avoidable USD divided by wasted USD over the range, for the selected models and workflows: "
+            "how much of the retry waste caching the stable prefix would remove. The rest is output and "
+            "uncached input paid again; see docs/reducing-waste.md for the other levers.",
+            "percentunit",
+            f"sum(increase(costwatch_avoidable_waste_usd_total{{{_MODEL_WORKFLOW}}}[$__range]))\n/\n"
+            f"sum(increase({wasted_usd}[$__range]))",
+            width=6,
+            defaults={"thresholds": _thresholds(("green", None))},
+        ),
+        _Panel(
+            "bargauge",
+            "Avoidable USD by workflow (range)",
+            "The ten workflows whose retried requests would have saved most with prompt caching of their "
+            "stable prefix over the range: where a cache_control breakpoint (or stream_with_retries with "
+            "cache_prefix_on_retry) pays first.",
+            "currencyUSD",
+            [
+                _Query(
+                    "topk(10, sum by (workflow) "
+                    f"(increase(costwatch_avoidable_waste_usd_total{{{_MODEL_WORKFLOW}}}[$__range])))",
+                    "{{workflow}}",
+                    instant=True,
+                )
+            ],
+            width=12,
+            options={"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
+        ),
         _Row("costwatch health"),
         _stat(
             "Fleet exporter up",

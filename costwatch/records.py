@@ -284,6 +284,12 @@ class AttemptRecord:
     fingerprint: str | None = None
     """A hash of the request's model, system, messages, tools and parameters; never the content."""
     revision: int = 0
+    prompt_bytes: int | None = None
+    """The size of the request's prompt (tools, system, messages) in bytes of compact JSON, measured
+    for retries only (``None`` otherwise, or when the body could not be read)."""
+    stable_prefix_bytes: int | None = None
+    """The part of ``prompt_bytes`` before the last message: what a retry resends unchanged and could
+    read from the prompt cache (see ``costwatch.prompt_prefix``). Sizes only, never content."""
     platform: str = "anthropic"
     """Where the attempt went: ``anthropic`` (the first-party API), ``bedrock``, ``vertex`` or ``foundry``."""
 

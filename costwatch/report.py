@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .avoidable import RequestAvoidable
 from .records import Outcome, TokenType
 from .store import RollupTotals
 from .store.rows import hour_of
@@ -29,10 +30,12 @@ __all__ = [
     "GROUPINGS",
     "REPORT_FORMATS",
     "TIME_GROUPINGS",
+    "avoidable_waste_section",
     "build_report",
     "render_csv",
     "render_json",
     "render_table",
+    "render_waste_reduction",
     "rollup_group_by",
     "subtract_totals",
 ]
@@ -166,6 +169,77 @@ def subtract_totals(after: Sequence[RollupTotals], before: Sequence[RollupTotals
     return changed
 
 
+def avoidable_waste_section(
+    requests: Iterable[RequestAvoidable], *, wasted_usd: float, refused_retries: int = 0, top: int = 5
+) -> dict[str, Any]:
+    """The report's keys about reducing waste: avoidable with prompt caching, and refused retries.
+
+    ``requests`` are the retried logical requests of the window (see :mod:`costwatch.avoidable`);
+    ``wasted_usd`` is the window's whole waste, which the avoidable dollars are a part of.
+    """
+    known: list[RequestAvoidable] = []
+    unknown: dict[str, int] = {}
+    unknown_usd = 0.0
+    already_cached = 0
+    by_model: dict[str, dict[str, float]] = {}
+    by_workflow: dict[str, dict[str, float]] = {}
+    for request in requests:
+        if request.avoidable_usd is None:
+            reason = request.unknown or "unknown"
+            unknown[reason] = unknown.get(reason, 0) + 1
+            unknown_usd += request.wasted_usd
+            continue
+        if request.already_cached:
+            already_cached += 1
+        known.append(request)
+        for groups, key in ((by_model, request.model), (by_workflow, request.workflow)):
+            group = groups.setdefault(key, {"avoidable_usd": 0.0, "wasted_usd": 0.0, "requests": 0})
+            group["avoidable_usd"] += request.avoidable_usd
+            group["wasted_usd"] += request.wasted_usd
+            group["requests"] += 1
+
+    def listed(groups: dict[str, dict[str, float]], name: str) -> list[dict[str, Any]]:
+        rows = [
+            {
+                name: key or None,
+                "avoidable_usd": round(g["avoidable_usd"], 6),
+                "wasted_usd": round(g["wasted_usd"], 6),
+                "retried_requests": int(g["requests"]),
+            }
+            for key, g in groups.items()
+        ]
+        return sorted(rows, key=lambda row: (-row["avoidable_usd"], row[name] or ""))
+
+    gaining = sorted((r for r in known if r.avoidable_usd), key=lambda r: -(r.avoidable_usd or 0.0))[:top]
+    return {
+        "avoidable_with_prompt_caching": {
+            "avoidable_usd": round(sum(r.avoidable_usd or 0.0 for r in known), 6),
+            "wasted_usd": round(wasted_usd, 6),
+            "retried_requests": len(known),
+            "already_cached_requests": already_cached,
+            "unknown_requests": sum(unknown.values()),
+            "unknown_wasted_usd": round(unknown_usd, 6),
+            "unknown_reasons": unknown,
+            "by_model": listed(by_model, "model"),
+            "by_workflow": listed(by_workflow, "workflow"),
+            "top_requests": [
+                {
+                    "logical_request_id": r.logical_request_id,
+                    "model": r.model,
+                    "workflow": r.workflow or None,
+                    "attempts": r.attempts,
+                    "wasted_usd": round(r.wasted_usd, 6),
+                    "avoidable_usd": round(r.avoidable_usd or 0.0, 6),
+                    "prefix_tokens": r.prefix_tokens,
+                    "cache_lifetime": r.lifetime,
+                }
+                for r in gaining
+            ],
+        },
+        "refused_retries": refused_retries,
+    }
+
+
 # -- rendering -----------------------------------------------------------------------------------
 def render_json(report: Mapping[str, Any]) -> str:
     """The report as one JSON object."""
@@ -288,3 +362,56 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
                 f"({share:.0%} of all waste) over {_attempts(group['failed_attempts'], 'failed')}",
                 highlight=False,
             )
+
+
+_UNKNOWN_REASONS = {
+    "prefix_not_measured": "no retry's prompt was measured (stored before costwatch measured, or not JSON)",
+    "unpriced": "the model has no price",
+}
+
+
+def render_waste_reduction(report: Mapping[str, Any], console: Console) -> None:
+    """Print what prompt caching would have saved and how many retries the waste budget refused."""
+    section = report.get("avoidable_with_prompt_caching")
+    if section is None:
+        return
+    line = Text.assemble(
+        ("Avoidable with prompt caching: ", "bold"),
+        (_usd(section["avoidable_usd"]), "bold green"),
+        f" of {_usd(section['wasted_usd'])} wasted",
+        f" ({section['retried_requests']:,} retried logical requests priced",
+    )
+    if section["already_cached_requests"]:
+        line.append(f"; {section['already_cached_requests']:,} of them already use prompt caching")
+    line.append(")")
+    console.print(line)
+    if section["unknown_requests"]:
+        reasons = "; ".join(
+            f"{count:,}: {_UNKNOWN_REASONS.get(reason, reason)}"
+            for reason, count in section["unknown_reasons"].items()
+        )
+        console.print(
+            f"  not known for {section['unknown_requests']:,} retried requests "
+            f"({_usd(section['unknown_wasted_usd'])} wasted): {reasons}",
+            highlight=False,
+        )
+    for name, label in (("by_model", "model"), ("by_workflow", "workflow")):
+        rows = [row for row in section[name] if row["avoidable_usd"] > 0][:5]
+        if rows:
+            parts = ", ".join(
+                f"{_label(label, row[label])} {_usd(row['avoidable_usd'])} of {_usd(row['wasted_usd'])}"
+                for row in rows
+            )
+            console.print(f"  by {label}: {parts}", highlight=False)
+    if section["top_requests"]:
+        console.print("  logical requests that would gain most:", highlight=False)
+        for row in section["top_requests"]:
+            console.print(
+                f"    {row['logical_request_id']} ({row['model']}, {_label('workflow', row['workflow'])}): "
+                f"{_usd(row['avoidable_usd'])} of {_usd(row['wasted_usd'])} wasted over "
+                f"{row['attempts']} attempts, prefix ~{_tokens(row['prefix_tokens'])} tokens, "
+                f"{row['cache_lifetime']} cache",
+                highlight=False,
+            )
+    if report.get("refused_retries"):
+        console.print(f"Retries refused by the waste budget: {report['refused_retries']:,}", highlight=False)

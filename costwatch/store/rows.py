@@ -145,6 +145,8 @@ ATTEMPT_COLUMNS = (
     "tags",
     "fingerprint",
     "revision",
+    "prompt_bytes",
+    "stable_prefix_bytes",
     "platform",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
@@ -192,6 +194,8 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         dict(record.tags),
         record.fingerprint,
         record.revision,
+        record.prompt_bytes,
+        record.stable_prefix_bytes,
         record.platform,
     )
 
@@ -253,5 +257,7 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         tags=MappingProxyType(dict(row["tags"] or {})),
         fingerprint=row["fingerprint"],
         revision=row["revision"],
+        prompt_bytes=row.get("prompt_bytes"),
+        stable_prefix_bytes=row.get("stable_prefix_bytes"),
         platform=row["platform"],
     )

@@ -156,8 +156,11 @@ class Attempt(Base):
     tags: Mapped[dict[str, str]] = mapped_column(sa.JSON())
     fingerprint: Mapped[str | None] = mapped_column(sa.String())
     revision: Mapped[int] = mapped_column(sa.Integer())
+    # Sizes of the prompt and its stable prefix, of retries only (migration 0005): avoidable waste.
+    prompt_bytes: Mapped[int | None] = mapped_column(sa.BigInteger())
+    stable_prefix_bytes: Mapped[int | None] = mapped_column(sa.BigInteger())
     platform: Mapped[str] = mapped_column(sa.String(), server_default="anthropic")
-    """Where the attempt went (migration 0005): anthropic, bedrock, vertex or foundry."""
+    """Where the attempt went (migration 0006): anthropic, bedrock, vertex or foundry."""
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt

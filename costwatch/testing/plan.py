@@ -18,6 +18,7 @@ from typing import Any
 
 from ..event_stream import encode_frame
 from .faults import Fault, FaultKind
+from .prompt_cache import CacheUsage
 from .spec import BlockKind, ContentType, ResponseSpec, input_tokens_for_body
 from .vocabulary import command_json_fragments, json_object_fragments, prose_fragments
 
@@ -296,11 +297,19 @@ def _usage(
     }
 
 
-def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arrival: int = 1) -> ResponsePlan:
+def plan_response(
+    spec: ResponseSpec,
+    *,
+    body: bytes,
+    model_requested: str,
+    arrival: int = 1,
+    cache: CacheUsage | None = None,
+) -> ResponsePlan:
     """The full answer to a request with this raw ``body``.
 
     Content depends only on ``spec.seed`` and the body; ids also depend on ``arrival`` so a retried
-    request gets a fresh ``msg_...`` id, as from the real API.
+    request gets a fresh ``msg_...`` id, as from the real API. ``cache``, when given, is how the
+    server's prompt cache split the prompt, and replaces the spec's input and cache counts.
     """
     digest = hashlib.sha256(body).hexdigest()
     b = _Builder(spec, _rng(spec.seed, digest), _rng(spec.seed, digest, arrival, "ids"))
@@ -312,6 +321,13 @@ def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arri
         "write_5m": spec.cache_write_5m_tokens,
         "write_1h": spec.cache_write_1h_tokens,
     }
+    if cache is not None:
+        tokens = {
+            "input": cache.input_tokens,
+            "read": cache.cache_read_tokens,
+            "write_5m": cache.cache_write_5m_tokens,
+            "write_1h": cache.cache_write_1h_tokens,
+        }
     server_tool_use = {"web_search_requests": 0, "web_fetch_requests": 0, **spec.server_tool_use}
     stop_reason = spec.derived_stop_reason
     shell: dict[str, Any] = {

@@ -112,6 +112,15 @@ class ResponseSpec:
     """Wait this long before each SSE event after ``message_start``."""
     seed: int = 0
     """With the request body, fixes every fragment, id and drawn number of the response."""
+    prompt_caching: bool = True
+    """Bill the request's ``cache_control`` breakpoints through the server's prompt cache (see
+    :mod:`costwatch.testing.prompt_cache`); ignored when the cache counts above are set explicitly."""
+
+    @property
+    def models_prompt_caching(self) -> bool:
+        """Whether the server's prompt cache decides this answer's cache reads and writes."""
+        explicit = self.cache_read_tokens or self.cache_write_5m_tokens or self.cache_write_1h_tokens
+        return self.prompt_caching and not explicit
 
     def __post_init__(self) -> None:
         low, high = self.tokens_per_delta
