@@ -204,6 +204,7 @@ class Accountant:
         answered_model = message_id = api_error_type = stop_reason = first_token_s = None
         events = bytes_received = 0
         tool_use = _NO_TOOL_USE
+        inference_geo = None
         if meter is not None:
             answered_model = meter.model
             model = answered_model or model
@@ -233,6 +234,7 @@ class Accountant:
             bytes_received = meter.bytes_received
             if reported.server_tool_use:
                 tool_use = MappingProxyType(dict(reported.server_tool_use))
+            inference_geo = reported.inference_geo
             if meter.first_delta_at is not None:
                 first_token_s = meter.first_delta_at - started
         cost = None
@@ -240,7 +242,7 @@ class Accountant:
         # attempt there stays unpriced rather than priced at a guess.
         if model and attempt.platform == ANTHROPIC:
             try:
-                cost = self.prices.cost(model, usage)
+                cost = self.prices.cost(model, usage, inference_geo=inference_geo, server_tool_use=tool_use)
             except Exception as exc:  # the record is kept, unpriced: tokens are the ground truth
                 instrumentation_errors.record("price", exc)
         fingerprint, body = attempt.fingerprint, attempt.body
@@ -281,6 +283,7 @@ class Accountant:
             fingerprint,
             prompt_bytes=prompt_size.prompt_bytes if prompt_size is not None else None,
             stable_prefix_bytes=prompt_size.stable_prefix_bytes if prompt_size is not None else None,
+            inference_geo=inference_geo,
             platform=attempt.platform,
         )
         if attempt.refused is None:

@@ -542,6 +542,11 @@ class MetricsSink:
             "Wasted US dollars that prompt caching of the retried requests' stable prefix would have saved.",
             ("model", "workflow"),
         )
+        self.unpriced_attempts = counter(
+            "costwatch_unpriced_attempts",
+            "Attempts on models without a known price: their tokens are counted, their cost is not.",
+            ("model",),
+        )
         # By platform apart from the metrics above, whose label sets the fleet exporter and the
         # dashboards share; the store's rollups have no platform, so these are in-process only.
         self.platform_attempts = counter(
@@ -626,6 +631,8 @@ class MetricsSink:
         self.billed_cost.labels(model, workflow).inc(
             record.cost.total_usd if record.cost is not None else 0.0
         )
+        if record.cost is None:
+            self.unpriced_attempts.labels(model).inc()
         usage = record.usage
         self.estimated_output_tokens.labels(model).inc(
             usage.estimated_output_tokens if usage.output_estimated else 0
