@@ -300,6 +300,8 @@ class AttemptRecord:
     read from the prompt cache (see ``costwatch.prompt_prefix``). Sizes only, never content."""
     inference_geo: str | None = None
     """Where the API said inference ran (``usage.inference_geo``: ``global``, ``us``), when it said."""
+    platform: str = "anthropic"
+    """Where the attempt went: ``anthropic`` (the first-party API), ``bedrock``, ``vertex`` or ``foundry``."""
 
     @property
     def model_name(self) -> str:
