@@ -786,14 +786,44 @@ def _reconcile_once(args: argparse.Namespace, key: str, store: SqlStore, now: da
     )
 
 
-def _command_reconcile(args: argparse.Namespace, out: Console, err: Console) -> int:
+def _store_reconciliation(store: SqlStore, result: dict[str, Any], now: datetime) -> int:
+    from .store.reconciliations import write_reconciliation
+
+    with _database_errors(store.url), store.engine.begin() as connection:
+        return write_reconciliation(connection, result, reconciled_at=now)
+
+
+def _render_reconciliation(result: dict[str, Any], output: str, out: Console) -> None:
     from .reconcile import render_csv, render_json, render_table
+
+    if output == "json":
+        sys.stdout.write(render_json(result) + "\n")
+    elif output == "csv":
+        sys.stdout.write(render_csv(result))
+    else:
+        render_table(result, out)
+
+
+def _command_reconcile(args: argparse.Namespace, out: Console, err: Console) -> int:
+    import time
+
+    from .durations import parse_duration
     from .usage_api import admin_key
 
     if not 0 <= args.tolerance < 1:
         raise UserError(
             f"--tolerance must be a share from 0 to 1 (e.g. 0.001 for 0.1%), got {args.tolerance}"
         )
+    interval = None
+    if args.watch is not None:
+        try:
+            interval = parse_duration(args.watch)
+        except MomentError as exc:
+            raise UserError(f"--watch: {exc}") from None
+        if interval < timedelta(seconds=1):
+            raise UserError(f"--watch {args.watch} is too often: the API's data lags minutes; use e.g. 5m")
+        if args.until is not None:
+            raise UserError("--watch re-reconciles up to now: leave out --until")
     try:
         key = admin_key()
     except Exception as exc:  # UsageApiRefused: the key is not set
@@ -801,19 +831,41 @@ def _command_reconcile(args: argparse.Namespace, out: Console, err: Console) -> 
     url = _resolve_url(args.db)
     store = _migrated_store(url)
     try:
-        result = _reconcile_once(args, key, store, datetime.now(timezone.utc))
-    except _UsageUnavailable as exc:
-        err.print(f"costwatch: error: {exc}", highlight=False, markup=False)
-        return 1
+        while True:
+            now = datetime.now(timezone.utc)
+            try:
+                result = _reconcile_once(args, key, store, now)
+            except _UsageUnavailable as exc:
+                if interval is None:
+                    err.print(f"costwatch: error: {exc}", highlight=False, markup=False)
+                    return 1
+                # Watching: a failed read writes nothing, and the next one reads the same buckets.
+                err.print(
+                    f"costwatch: {exc}; trying again in {args.watch}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
+            else:
+                written = _store_reconciliation(store, result, now)
+                if interval is None:
+                    _render_reconciliation(result, args.format, out)
+                    return 0
+                totals = result["totals"]
+                coverage = totals["coverage"]["input"]
+                err.print(
+                    f"{now:%H:%M:%S} reconciled {written} bucket-model rows, "
+                    f"{result['start']} to {result['end']}: "
+                    f"input coverage {'-' if coverage is None else f'{coverage:.1%}'}, "
+                    f"unseen ${totals['unseen']['usd']:,.2f}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            time.sleep(interval.total_seconds())
+    except KeyboardInterrupt:
+        return 0
     finally:
         store.shutdown()
-    if args.format == "json":
-        sys.stdout.write(render_json(result) + "\n")
-    elif args.format == "csv":
-        sys.stdout.write(render_csv(result))
-    else:
-        render_table(result, out)
-    return 0
 
 
 # -- the parser ------------------------------------------------------------------------------------
@@ -1023,7 +1075,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Read Anthropic's Usage and Cost Analytics API (GET /v1/organizations/analytics/usage and /cost, "
             "grouped by model, per time bucket) with the Admin key in $ANTHROPIC_ADMIN_API_KEY, and set "
             "what costwatch recorded beside it: coverage per token type, tokens and dollars costwatch never "
-            "saw, and the output its dropped attempts were really billed. The JSON shape is documented "
+            "saw, and the output its dropped attempts were really billed. The result is kept in the store "
+            "(for `costwatch serve`); reconciling a bucket again replaces it. The JSON shape is documented "
             "in docs/reconcile.md. The key is never printed or stored."
         ),
         formatter_class=_FORMATTER,
@@ -1032,6 +1085,7 @@ def build_parser() -> argparse.ArgumentParser:
             "costwatch reconcile --since 24h --bucket 1h --format json",
             "costwatch reconcile --since 2h --bucket 1m --api-key-id apikey_01Rj2N8SVvo6BePZj99NhmiT",
             "ANTHROPIC_BASE_URL=http://127.0.0.1:8080 costwatch reconcile --since 1d --format csv",
+            "costwatch reconcile --since 6h --watch 15m     # keep the store's reconciliation fresh",
         ),
     )
     reconcile.add_argument(
@@ -1064,6 +1118,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument(
         "--prices-file", metavar="PATH", help=f"prices to merge over the built-in table (${PRICES_FILE_ENV})"
+    )
+    reconcile.add_argument(
+        "--watch",
+        metavar="INTERVAL",
+        help="reconcile the --since window again every INTERVAL (e.g. 15m) until Ctrl-C, as the data settles",
     )
     _add_db(reconcile)
     reconcile.set_defaults(handler=_command_reconcile)

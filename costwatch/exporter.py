@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -36,9 +37,17 @@ from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
 from .store.query import all_time_with_recent_query, settled_before
-from .store.schema import ALL_TIME_DIMENSIONS
+from .store.schema import ALL_TIME_DIMENSIONS, RECONCILIATIONS
 
-__all__ = ["FleetCollector", "FleetSamples", "fleet_samples", "serve", "settled_before"]
+__all__ = [
+    "RECONCILED_WINDOW",
+    "FleetCollector",
+    "FleetSamples",
+    "fleet_samples",
+    "reconciliation_gauges",
+    "serve",
+    "settled_before",
+]
 
 log = logging.getLogger("costwatch")
 
@@ -271,7 +280,28 @@ _GAUGES: Mapping[str, tuple[str, Labels]] = {
         "Cost of the abandoned attempts of hours not settled yet (US dollars).",
         ("model",),
     ),
+    "costwatch_reconciled_coverage_ratio": (
+        "Tokens costwatch recorded / tokens Anthropic's usage report billed, over the buckets of the "
+        "last 24 hours that costwatch reconcile stored.",
+        ("model", "token_type"),
+    ),
+    "costwatch_unseen_cost_usd": (
+        "Cost of the tokens Anthropic billed that costwatch never saw, over the reconciled buckets of "
+        "the last 24 hours (US dollars; models without a price count 0).",
+        (),
+    ),
+    "costwatch_last_reconciliation_timestamp_seconds": (
+        "When costwatch reconcile last stored a reconciliation (Unix time).",
+        (),
+    ),
+    "costwatch_reconciled_dropped_output_tokens": (
+        "Output of dropped attempts in the fully seen reconciled buckets of the last 24 hours: "
+        "source=estimated by costwatch, source=billed per Anthropic's usage report.",
+        ("model", "source"),
+    ),
 }
+RECONCILED_WINDOW = timedelta(hours=24)
+"""How far back the reconciliation gauges look (by bucket start)."""
 _HISTOGRAMS: Mapping[str, tuple[str, Labels]] = {
     "costwatch_attempt_duration_seconds": (
         "How long attempts took (count and sum only).",
@@ -382,16 +412,78 @@ class FleetCollector(Collector):
         )
         with self.store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
             rows = connection.execute(query).all()
+            reconciled = connection.execute(_reconciled_query(self._clock() - RECONCILED_WINDOW)).all()
+            last = connection.execute(sa.select(sa.func.max(RECONCILIATIONS.c.reconciled_at))).scalar()
         totals, settled_abandoned, first_hours, pending = _combine_all_time(rows)
         models = _first_seen(first_hours, _DIMENSIONS.index("model"))
         workflows = _first_seen(first_hours, _DIMENSIONS.index("workflow"))
-        return _samples(
+        model_of = LabelCap.first_seen(models, self.model_label_limit)
+        samples = _samples(
             totals,
             settled_abandoned,
-            model_of=LabelCap.first_seen(models, self.model_label_limit),
+            model_of=model_of,
             workflow_of=LabelCap.first_seen(workflows, self.workflow_label_limit),
             pending_abandoned=pending,
         )
+        samples.gauges.update(reconciliation_gauges(reconciled, last, model_of=model_of))
+        return samples
+
+
+_RECONCILED_SUMS = (
+    *(f"reported_{t}_tokens" for t in _TOKEN_TYPES),
+    *(f"recorded_{t}_tokens" for t in _TOKEN_TYPES),
+    "unseen_cost_usd",
+)
+
+
+def _reconciled_query(since: datetime) -> sa.Select[Any]:
+    """Per model, over the stored reconciliation rows of buckets from ``since``: the sums of both
+    sides by token type, the unseen dollars, and the estimated and billed output of dropped attempts
+    in the fully seen buckets."""
+    table = RECONCILIATIONS
+    matched = table.c.residual_output_tokens.is_not(None)
+    return (
+        sa.select(
+            table.c.model,
+            *(sa.func.sum(table.c[name]) for name in _RECONCILED_SUMS),
+            sa.func.sum(sa.case((matched, table.c.recorded_output_estimated_tokens), else_=0)),
+            sa.func.sum(sa.case((matched, table.c.residual_output_tokens), else_=0)),
+        )
+        .where(table.c.bucket_start >= since)
+        .group_by(table.c.model)
+    )
+
+
+def reconciliation_gauges(
+    rows: Iterable[Sequence[Any]], last: datetime | None, *, model_of: Callable[[str], str]
+) -> dict[str, dict[Labels, float]]:
+    """The reconciliation gauges from :func:`_reconciled_query`'s rows and the last reconciliation time."""
+    width = len(_TOKEN_TYPES)
+    reported: dict[Labels, float] = {}
+    recorded: dict[Labels, float] = {}
+    dropped: dict[Labels, float] = {}
+    unseen_usd = 0.0
+    for row in rows:
+        model = model_of(str(row[0]))
+        values = [float(value or 0) for value in row[1:]]
+        for position, token_type in enumerate(_TOKEN_TYPES):
+            key = (model, token_type)
+            reported[key] = reported.get(key, 0.0) + values[position]
+            recorded[key] = recorded.get(key, 0.0) + values[width + position]
+        unseen_usd += values[2 * width]
+        for source, value in (("estimated", values[2 * width + 1]), ("billed", values[2 * width + 2])):
+            dropped[(model, source)] = dropped.get((model, source), 0.0) + value
+    gauges: dict[str, dict[Labels, float]] = {
+        "costwatch_reconciled_coverage_ratio": {
+            key: recorded[key] / value for key, value in reported.items() if value > 0
+        },
+        "costwatch_reconciled_dropped_output_tokens": dropped,
+        "costwatch_unseen_cost_usd": {(): unseen_usd},
+    }
+    if last is not None:
+        stamp = last if last.tzinfo is not None else last.replace(tzinfo=timezone.utc)
+        gauges["costwatch_last_reconciliation_timestamp_seconds"] = {(): stamp.timestamp()}
+    return gauges
 
 
 def _combine_all_time(

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import pytest
+import sqlalchemy as sa
 
 import costwatch
 from costwatch.cli import main
@@ -251,3 +257,94 @@ def test_a_window_before_the_api_keeps_data_is_exit_2(
     code = main(["reconcile", "--since", "2025-06-01", "--base-url", fake.base_url, "--db", db])
     _, err = capsys.readouterr()
     assert code == 2 and "2026-01-01" in err and err.count("\n") == 1
+
+
+def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_unseen_cost_and_time(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from costwatch.exporter import FleetCollector
+    from costwatch.store import create_store_engine
+    from costwatch.store.schema import RECONCILIATIONS
+
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _send(fake, 2)  # unseen
+    _instrumented(fake, db, 3)
+    first = _json(fake, db, capsys, monkeypatch)
+    second = _json(fake, db, capsys, monkeypatch)
+    assert first["rows"] == second["rows"]
+    engine = create_store_engine(db)
+    try:
+        with engine.connect() as connection:
+            stored = connection.execute(sa.select(RECONCILIATIONS)).mappings().all()
+    finally:
+        engine.dispose()
+    assert len(stored) == len(second["rows"])
+    assert sum(row["reported_input_tokens"] for row in stored) == second["totals"]["reported"]["input_tokens"]
+    collector = FleetCollector(db)
+    try:
+        gauges = collector.read().gauges
+    finally:
+        collector.close()
+    totals = second["totals"]
+    coverage = gauges["costwatch_reconciled_coverage_ratio"]
+    assert coverage[(MODEL, "input")] == pytest.approx(totals["coverage"]["input"], abs=1e-6)
+    assert coverage[(MODEL, "cache_read")] == pytest.approx(3 / 5)
+    assert gauges["costwatch_unseen_cost_usd"][()] == pytest.approx(totals["unseen"]["usd"], abs=1e-6)
+    last = gauges["costwatch_last_reconciliation_timestamp_seconds"][()]
+    assert abs(last - time.time()) < 60
+
+
+def test_watch_reconciles_the_window_again_each_interval_without_duplicating_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from costwatch.store import create_store_engine
+    from costwatch.store.schema import RECONCILIATIONS
+
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    with FakeAnthropicServer(SPEC, usage_lag_s=3600) as fake:
+        _instrumented(fake, db, 2)
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).parents[1]),
+            "ANTHROPIC_ADMIN_API_KEY": FAKE_ADMIN_KEY,
+        }
+        command = "import sys; from costwatch.cli import main; sys.exit(main())"
+        argv = ["reconcile", "--since", "1h", "--watch", "1s", "--base-url", fake.base_url, "--db", db]
+        process = subprocess.Popen(
+            [sys.executable, "-c", command, *argv],
+            env=env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stderr is not None
+            lines = [process.stderr.readline()]
+            # The API's data lags: the first rounds find the attempts not reported yet.
+            assert "input coverage -" in lines[0], lines
+            fake.usage_lag_s = 0
+            deadline = time.monotonic() + 30
+            while "input coverage 100.0%" not in lines[-1] and time.monotonic() < deadline:
+                lines.append(process.stderr.readline())
+            lines.append(process.stderr.readline())
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert "input coverage 100.0%" in lines[-1], lines
+    assert FAKE_ADMIN_KEY not in "".join(lines)
+    engine = create_store_engine(db)
+    try:
+        with engine.connect() as connection:
+            stored = connection.execute(sa.select(RECONCILIATIONS)).mappings().all()
+    finally:
+        engine.dispose()
+    # Reconciled many times, one row per bucket and model, with the settled figures.
+    assert len({(row["bucket_start"], row["model"]) for row in stored}) == len(stored) >= 1
+    assert sum(row["reported_requests"] for row in stored) == 2

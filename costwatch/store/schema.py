@@ -20,6 +20,7 @@ __all__ = [
     "ALL_TIME_ROLLUPS",
     "ATTEMPTS",
     "NAMING_CONVENTION",
+    "RECONCILIATIONS",
     "ROLLUPS",
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
@@ -28,6 +29,7 @@ __all__ = [
     "Attempt",
     "Base",
     "HourlyRollup",
+    "Reconciliation",
     "UtcDateTime",
     "metadata",
     "utc_hour",
@@ -287,3 +289,36 @@ class AllTimeRollup(_RollupMeasures, Base):
 
 ALL_TIME_ROLLUPS = cast(sa.Table, AllTimeRollup.__table__)
 """The all-time rollups table, for Core statements."""
+
+
+class Reconciliation(Base):
+    """One time bucket and model of a ``costwatch reconcile`` run: Anthropic's figures beside the
+    store's (migration 0008). Reconciling the bucket again replaces the row."""
+
+    __tablename__ = "costwatch_reconciliations"
+
+    bucket_start: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True)
+    bucket: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    """The bucket width: ``1m``, ``1h`` or ``1d``."""
+    model: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    scope: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    """The ``--api-key-id`` filters, sorted and comma-joined (``""``: the whole organization)."""
+    reported_input_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    reported_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    reported_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    reported_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    reported_requests: Mapped[int] = mapped_column(sa.BigInteger())
+    reported_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    recorded_input_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    recorded_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    recorded_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    recorded_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    recorded_output_estimated_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    # NULL: the model has no price (unseen dollars unknown) / the bucket's input was not all seen.
+    unseen_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    residual_output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
+    reconciled_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+RECONCILIATIONS = cast(sa.Table, Reconciliation.__table__)
+"""The reconciliations table, for Core statements."""
