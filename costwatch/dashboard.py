@@ -95,6 +95,16 @@ STORE_WRITE_ERRORS_15M = 3
 UNPRICED_FOR = "5m"
 """How long unpriced attempts must keep arriving before CostwatchUnpricedAttempts fires."""
 
+RECONCILED_COVERAGE_MIN = 0.95
+"""Input coverage (costwatch's tokens / Anthropic's) below which CostwatchUninstrumentedTraffic fires."""
+
+ESTIMATOR_DRIFT_MAX = 0.2
+"""How far (as a share of the billed figure) costwatch's estimate of dropped attempts' output may be
+from what Anthropic billed them before CostwatchEstimatorDrift fires."""
+
+RECONCILED_FOR = "30m"
+"""How long a reconciliation finding must hold before its alert fires (reconcile runs every few minutes)."""
+
 EXPORTER_JOB = "costwatch"
 """The Prometheus job scraping ``costwatch serve`` (the fleet exporter), as in dashboards/prometheus.yml."""
 
@@ -313,6 +323,45 @@ def alert_rules() -> list[AlertRule]:
                 "price with COSTWATCH_PRICES_FILE, then `costwatch reprice --model {{ $labels.model }}`."
             ),
             anchor="costwatchunpricedattempts",
+        ),
+        AlertRule(
+            alert="CostwatchUninstrumentedTraffic",
+            expr=(
+                'min by (model) (costwatch_reconciled_coverage_ratio{token_type="input"})'
+                f" < {_number(RECONCILED_COVERAGE_MIN)}"
+            ),
+            for_=RECONCILED_FOR,
+            severity="warning",
+            summary="Anthropic bills input tokens for a model that costwatch never saw.",
+            description=(
+                "costwatch recorded only {{ $value | humanizePercentage }} of the input tokens Anthropic's "
+                "usage report bills for {{ $labels.model }} over the reconciled buckets of the last 24 "
+                f"hours (threshold {RECONCILED_COVERAGE_MIN:.0%}): some process or tool calls the API "
+                "without costwatch. `costwatch reconcile --since 24h` shows the unseen tokens and dollars."
+            ),
+            anchor="costwatchuninstrumentedtraffic",
+        ),
+        AlertRule(
+            alert="CostwatchEstimatorDrift",
+            expr=(
+                "abs(\n"
+                '  sum by (model) (costwatch_reconciled_dropped_output_tokens{source="billed"})\n'
+                "  -\n"
+                '  sum by (model) (costwatch_reconciled_dropped_output_tokens{source="estimated"})\n'
+                ")\n/\n"
+                'sum by (model) (costwatch_reconciled_dropped_output_tokens{source="billed"})\n'
+                f"> {_number(ESTIMATOR_DRIFT_MAX)}"
+            ),
+            for_=RECONCILED_FOR,
+            severity="warning",
+            summary="costwatch's estimate of dropped attempts' output is far from what Anthropic billed.",
+            description=(
+                "The output costwatch estimated for the dropped attempts to {{ $labels.model }} differs by "
+                "{{ $value | humanizePercentage }} from what Anthropic's usage report billed them over the "
+                f"fully seen buckets of the last 24 hours (threshold {ESTIMATOR_DRIFT_MAX:.0%}): wasted "
+                "dollars are mis-stated by about as much."
+            ),
+            anchor="costwatchestimatordrift",
         ),
         AlertRule(
             alert="CostwatchExporterDown",
@@ -662,6 +711,62 @@ def _panels() -> list[_Panel | _Row]:
             ],
             width=12,
             options={"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
+        ),
+        _Row("Reconciliation with Anthropic's usage report"),
+        _stat(
+            "Unseen spend (24h)",
+            "Dollars Anthropic's usage report bills that costwatch never saw (a process or tool without "
+            "costwatch), over the buckets `costwatch reconcile` stored for the last 24 hours.",
+            "currencyUSD",
+            f'sum(costwatch_unseen_cost_usd{{job="{EXPORTER_JOB}"}})',
+            defaults={"thresholds": _thresholds(("green", None), ("orange", 0.01))},
+        ),
+        _stat(
+            "Since last reconciliation",
+            "How long ago `costwatch reconcile` last stored a result. Run it with --watch to keep it fresh.",
+            "s",
+            f'time() - max(costwatch_last_reconciliation_timestamp_seconds{{job="{EXPORTER_JOB}"}})',
+            defaults={"thresholds": _thresholds(("green", None), ("orange", 3600), ("red", 86400))},
+        ),
+        _Panel(
+            "bargauge",
+            "Coverage by model and token type",
+            "Tokens costwatch recorded / tokens Anthropic billed, over the reconciled buckets of the last "
+            f"24 hours. Below {RECONCILED_COVERAGE_MIN:.0%} of input, CostwatchUninstrumentedTraffic fires.",
+            "percentunit",
+            [
+                _Query(
+                    f"costwatch_reconciled_coverage_ratio{{{_MODEL}}}",
+                    "{{model}} {{token_type}}",
+                    instant=True,
+                )
+            ],
+            width=8,
+            options={"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
+            defaults={
+                "min": 0,
+                "max": 1,
+                "thresholds": _thresholds(
+                    ("red", None), ("orange", RECONCILED_COVERAGE_MIN), ("green", 0.999)
+                ),
+            },
+        ),
+        _Panel(
+            "bargauge",
+            "Dropped attempts' output: estimated vs billed",
+            "Output tokens of dropped attempts in the fully seen reconciled buckets of the last 24 hours: "
+            "costwatch's estimate beside what Anthropic billed. Apart by more than "
+            f"{ESTIMATOR_DRIFT_MAX:.0%}, CostwatchEstimatorDrift fires.",
+            "short",
+            [
+                _Query(
+                    f"costwatch_reconciled_dropped_output_tokens{{{_MODEL}}}",
+                    "{{model}} {{source}}",
+                    instant=True,
+                )
+            ],
+            width=8,
+            options={"displayMode": "basic", "orientation": "horizontal", "showUnfilled": True},
         ),
         _Row("costwatch health"),
         _stat(

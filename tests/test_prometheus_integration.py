@@ -28,6 +28,7 @@ from conftest import sync_client
 from prometheus_client import CollectorRegistry
 
 import costwatch
+from costwatch.cli import main
 from costwatch.dashboard import APP_JOB, EXPORTER_JOB, alert_rules, dashboard, panel_queries, recording_rules
 from costwatch.exporter import serve
 from costwatch.metrics import MetricsSink, start_metrics_server
@@ -36,6 +37,7 @@ from costwatch.pricing import load_prices
 from costwatch.spool import Spool
 from costwatch.store import SqlStore
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
+from costwatch.testing.usage_report import FAKE_ADMIN_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "dashboards"
@@ -174,6 +176,7 @@ class Costwatch:
     pipeline: Pipeline
     exporter_port: int
     app_port: int
+    url: str = ""
 
 
 @pytest.fixture
@@ -189,7 +192,7 @@ def instrumented(tmp_path: Path) -> Iterator[Costwatch]:
     exporter = serve(url, exporter_port, block=False)
     app = start_metrics_server(app_port, registry=registry)
     try:
-        yield Costwatch(pipeline, exporter_port, app_port)
+        yield Costwatch(pipeline, exporter_port, app_port, url)
     finally:
         for http in (exporter, app):
             http.shutdown()
@@ -219,7 +222,9 @@ def drop_first_attempt_of_every_other_request(request: Any) -> Fault | None:
     return Fault.cut_after_deltas(20) if request.arrival == 1 and request.attempt % 2 == 1 else None
 
 
-def test_prometheus_scrapes_costwatch_and_every_panel_and_rule_has_data(instrumented, prometheus):
+def test_prometheus_scrapes_costwatch_and_every_panel_and_rule_has_data(
+    instrumented, prometheus, monkeypatch
+):
     prom = prometheus(instrumented.exporter_port, instrumented.app_port)
     spec = ResponseSpec.small(120, input_tokens=4000, cache_read_tokens=2000)
     with FakeAnthropicServer(spec, schedule=drop_first_attempt_of_every_other_request) as server:
@@ -240,6 +245,16 @@ def test_prometheus_scrapes_costwatch_and_every_panel_and_rule_has_data(instrume
                 ),
             )
         ledger = server.ledger.totals()
+        # Reconciled with the fake's usage report, so the reconciliation row has data too.
+        monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", FAKE_ADMIN_KEY)
+        argv = ["reconcile", "--since", "1h", "--base-url", server.base_url, "--db", instrumented.url]
+        assert main([*argv, "--format", "json"]) == 0
+        prom.wait_until(
+            "prometheus has the reconciliation from the exporter",
+            lambda: bool(
+                prom.query(f'costwatch_last_reconciliation_timestamp_seconds{{job="{EXPORTER_JOB}"}}')
+            ),
+        )
 
     targets = prom.get("/api/v1/targets")["activeTargets"]
     assert {(t["labels"]["job"], t["health"]) for t in targets} == {(EXPORTER_JOB, "up"), (APP_JOB, "up")}

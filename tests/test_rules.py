@@ -29,6 +29,8 @@ REQUIRED_ALERTS = {
     "CostwatchStoreWriteErrors",
     "CostwatchExporterDown",
     "CostwatchUnpricedAttempts",
+    "CostwatchUninstrumentedTraffic",
+    "CostwatchEstimatorDrift",
 }
 
 
