@@ -43,6 +43,7 @@ from .store import (
     migrate,
     safe_url,
 )
+from .store.rejected import RejectedRecord
 
 __all__ = ["UserError", "build_parser", "main"]
 
@@ -269,16 +270,37 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
     store = _migrated_store(url)
     try:
         totals = _read_totals(store, start, end, args.by)
+        with _database_errors(store.url):
+            rejected, latest = store.rejected(limit=3)
     finally:
         store.shutdown()
     report = build_report(totals, args.by, start=start, end=end)
+    report["rejected_records"] = rejected  # all time: refused records are outside the rollups
     if args.format == "json":
         sys.stdout.write(render_json(report) + "\n")
     elif args.format == "csv":
         sys.stdout.write(render_csv(report))
     else:
         render_table(report, out)
+        _print_rejected(rejected, latest, out)
     return 0
+
+
+def _print_rejected(count: int, latest: Sequence[RejectedRecord], out: Console) -> None:
+    if not count:
+        return
+    out.print(
+        f"{count:,} attempt record(s) were refused by the database and are kept, not counted above, in "
+        "costwatch_rejected_attempts (docs/runbooks.md#costwatchstorerejectedrecords). Latest:",
+        highlight=False,
+        markup=False,
+    )
+    for row in latest:
+        out.print(
+            f"  {row.rejected_at:%Y-%m-%d %H:%M} {row.attempt_id}: {row.reason}",
+            highlight=False,
+            markup=False,
+        )
 
 
 # -- costwatch serve -------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .records import AttemptRecord, fingerprint_of
 from .settings import SettingsError
 from .sinks import Sink
 from .spool import Spool
+from .validation import storable
 
 __all__ = [
     "MAX_UNHASHED_BYTES",
@@ -67,6 +68,8 @@ class PipelineHealth:
     """Failed ``export`` calls (each failed batch or replay counts once)."""
     dropped: int
     """Records lost because neither a sink nor the spool could take them."""
+    rejected: int = 0
+    """Records a sink refused to hold and kept apart, never retried (summed over sinks)."""
 
 
 class _Unhashed:
@@ -185,6 +188,11 @@ class Pipeline:
         """Records in the spool waiting to be replayed (as far as this process knows)."""
         return self.spool.pending()
 
+    @property
+    def rejected_records(self) -> int:
+        """Records the sinks refused and kept apart (a sink's ``rejected_records``, summed)."""
+        return sum(int(getattr(sink, "rejected_records", 0) or 0) for sink in self._sinks)
+
     def health(self) -> PipelineHealth:
         """The health counters, for the metrics exporter and for tests."""
         return PipelineHealth(
@@ -192,6 +200,7 @@ class Pipeline:
             spooled_pending=self.spooled_pending,
             write_errors=self._write_errors,
             dropped=self._dropped,
+            rejected=self.rejected_records,
         )
 
     def add_sink(self, sink: Sink) -> None:
@@ -377,12 +386,12 @@ class Pipeline:
         return dataclasses.replace(record, fingerprint=fingerprint_of(body))  # the writer is behind
 
     def _finished(self, item: AttemptRecord | _Unhashed) -> AttemptRecord:
-        """The record of a queue item, fingerprinted if it was left unhashed."""
+        """The record of a queue item, fingerprinted if it was left unhashed, as sinks can store it."""
         if not isinstance(item, _Unhashed):
-            return item
+            return storable(item)
         with self._counter_lock:
             self._unhashed_bytes -= len(item.body)
-        return item.finished()
+        return storable(item.finished())
 
     def _count_write_error(self) -> None:
         with self._counter_lock:

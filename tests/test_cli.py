@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -530,3 +531,20 @@ def test_db_downgrade_to_an_unknown_revision_is_a_user_error(capsys, tmp_path):
     assert run(capsys, "db", "upgrade", "--db", db)[0] == 0
     code, _, err = run(capsys, "db", "downgrade", "zzzz", "--db", db)
     assert_user_error(code, err)
+
+
+def test_report_shows_records_the_database_refused(capsys, tmp_path, known_db):
+    url = f"sqlite:///{tmp_path / 'refused.db'}"
+    store = SqlStore(url)
+    try:
+        absurd = dataclasses.replace(RECORDS[1], attempt_id="absurd", usage=Usage(input_tokens=10**20))
+        store.write([absurd, RECORDS[2]])
+    finally:
+        store.shutdown()
+    report = report_json(capsys, url)
+    assert report["attempts"] == 1 and report["rejected_records"] == 1
+    code, out, err = run(capsys, "report", "--db", url)
+    assert code == 0, err
+    assert "1 attempt record(s) were refused by the database" in out
+    assert "absurd: OverflowError: Python int too large to convert to SQLite INTEGER" in out
+    assert report_json(capsys, known_db)["rejected_records"] == 0

@@ -145,6 +145,7 @@ ATTEMPT_COLUMNS = (
     "tags",
     "fingerprint",
     "revision",
+    "tokens_clamped",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
@@ -191,6 +192,7 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         dict(record.tags),
         record.fingerprint,
         record.revision,
+        usage.tokens_clamped,
     )
 
 
@@ -240,6 +242,7 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
             output_tokens=row["output_tokens"],
             output_estimated=bool(row["output_estimated"]),
             estimated_output_tokens=row["estimated_output_tokens"],
+            tokens_clamped=bool(row["tokens_clamped"]),
         ),
         server_tool_use=MappingProxyType(dict(row["server_tool_use"] or {})),
         stop_reason=row["stop_reason"],

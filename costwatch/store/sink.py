@@ -8,18 +8,20 @@ import os
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
 from ..records import AttemptRecord
 from ..settings import default_of, load_settings
+from ..validation import clean_text
 from .database import READ_ONLY_OPTION, create_store_engine, database_url, safe_url
 from .migrate import ensure_migrated
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
+from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
 from .rows import record_from_row
-from .schema import ATTEMPTS
+from .schema import ATTEMPTS, REJECTED_ATTEMPTS
 from .write import BatchResult, write_batch
 
 __all__ = ["DEFAULT_RETRY_WINDOW", "SqlStore", "store_name"]
@@ -71,6 +73,9 @@ class SqlStore:
         self._engine: Engine | None = None
         self._migrated = False
         self._lock = threading.Lock()
+        self.rejected_records = 0
+        """Records this store refused to hold (kept in ``costwatch_rejected_attempts``), this process."""
+        self._rejection_logged = False
         _live_stores.add(self)
 
     def __repr__(self) -> str:
@@ -93,11 +98,74 @@ class SqlStore:
         self.write(records)
 
     def write(self, records: Sequence[AttemptRecord]) -> BatchResult:
-        """Like :meth:`export`, returning what the batch changed."""
+        """Like :meth:`export`, returning what the batch changed.
+
+        A record the database refuses (see :func:`~costwatch.store.rejected.is_refusal`) does not
+        fail the batch: the batch is bisected until the refused records stand alone, the others are
+        written, and each refused one is kept in ``costwatch_rejected_attempts`` with the
+        database's reason and counted in :attr:`rejected_records`. An outage still raises.
+        """
         if not records:
             return BatchResult()
+        try:
+            return self._write_once(records)
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            return self._write_isolating(records, exc)
+
+    def _write_once(self, records: Sequence[AttemptRecord]) -> BatchResult:
         with self.engine.begin() as connection:
             return write_batch(connection, records, retry_window=self.retry_window)
+
+    def _write_isolating(self, records: Sequence[AttemptRecord], refusal: Exception) -> BatchResult:
+        """Write ``records``, one of which the database refused, by halves; keep the refused apart."""
+        if len(records) == 1:
+            self._reject(records[0], refusal)
+            return BatchResult()
+        middle = len(records) // 2
+        results = []
+        for half in (records[:middle], records[middle:]):
+            try:
+                results.append(self._write_once(half))
+            except Exception as exc:
+                if not is_refusal(exc):
+                    raise  # an outage in the middle: the caller spools the batch; writes are idempotent
+                results.append(self._write_isolating(half, exc))
+        return BatchResult(
+            inserted=sum(r.inserted for r in results),
+            revised=sum(r.revised for r in results),
+            reclassified=sum(r.reclassified for r in results),
+        )
+
+    def _reject(self, record: AttemptRecord, refusal: Exception) -> None:
+        reason = refusal_reason(refusal)
+        with self.engine.begin() as connection:
+            insert_rejected(connection, [rejected_row(record, reason, datetime.now(timezone.utc))])
+        with self._lock:
+            self.rejected_records += 1
+            first = not self._rejection_logged
+            self._rejection_logged = True
+        if first:
+            log.error(
+                "costwatch: the database refused attempt record %s (%s); it is kept in "
+                "costwatch_rejected_attempts and never retried; the rest of its batch was written "
+                "(further refusals are only counted, see `costwatch report`)",
+                clean_text(record.attempt_id)[:64],
+                reason,
+            )
+
+    def rejected(self, limit: int = 20) -> tuple[int, list[RejectedRecord]]:
+        """How many records the database refused (all processes), and the latest ``limit`` of them."""
+        table = REJECTED_ATTEMPTS
+        with self._read() as connection:
+            total = int(connection.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+            rows = connection.execute(
+                sa.select(table.c.attempt_id, table.c.revision, table.c.rejected_at, table.c.reason)
+                .order_by(table.c.rejected_at.desc(), table.c.attempt_id)
+                .limit(limit)
+            ).mappings()
+            return total, [RejectedRecord(**row) for row in rows]
 
     def shutdown(self) -> None:
         """Close the database connections."""
