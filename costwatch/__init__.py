@@ -16,6 +16,7 @@ from ._version import __version__
 from .context import logical_request, tags
 from .instrumentation import flush, instrument, is_instrumented, uninstrument
 from .records import AttemptRecord, Cost, Outcome, TokenType, Usage, WasteReason
+from .settings import SettingsError
 from .sinks import MemorySink, Sink
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Cost",
     "MemorySink",
     "Outcome",
+    "SettingsError",
     "Sink",
     "TokenType",
     "Usage",

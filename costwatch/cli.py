@@ -35,14 +35,15 @@ from .report import (
     rollup_group_by,
     subtract_totals,
 )
+from .settings import SettingsError
 from .store import (
     DATABASE_URL_ENV,
     RollupTotals,
     SqlStore,
-    database_url,
     migrate,
     safe_url,
 )
+from .store.database import checked_database_url
 from .store.rejected import RejectedRecord
 
 __all__ = ["UserError", "build_parser", "main"]
@@ -73,12 +74,9 @@ def _epilog(*examples: str) -> str:
 # -- the database ----------------------------------------------------------------------------------
 def _resolve_url(text: str | None) -> URL:
     try:
-        return database_url(text)
-    except sa.exc.ArgumentError:
-        # The text may hold a password in a shape make_url cannot parse, so it is not echoed.
-        raise UserError(
-            "--db is not a database URL; use e.g. sqlite:///costwatch.db or postgresql://user@host:5432/db"
-        ) from None
+        return checked_database_url(text, name="--db" if text is not None else DATABASE_URL_ENV)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _one_line(exc: BaseException, url: URL) -> str:
@@ -308,17 +306,28 @@ def _serve(url: URL, port: int, addr: str, err: Console) -> int:
     # Imported here: the exporter pulls in prometheus_client, which other commands do not need.
     from .exporter import serve
 
-    err.print(
-        f"Serving costwatch metrics from {safe_url(url)} on http://{addr}:{port}/metrics (Ctrl-C to stop)",
-        highlight=False,
-    )
+    def listening() -> None:  # said only once the port is ours, so a busy port never says "Serving"
+        where = f"{safe_url(url)} on http://{addr}:{port}/metrics"
+        err.print(f"Serving costwatch metrics from {where} (Ctrl-C to stop)", highlight=False)
+
     try:
-        serve(url.render_as_string(hide_password=False), port, addr)
+        serve(url.render_as_string(hide_password=False), port, addr, on_listening=listening)
     except OSError as exc:
         raise UserError(
             f"cannot listen on {addr}:{port} ({exc.strerror or exc}); choose another --port"
         ) from None
     return 0
+
+
+def _port(text: str) -> int:
+    """A TCP port number for argparse, refused in one line when it is none."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return port
 
 
 def _command_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -492,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", choices=REPORT_FORMATS, default="table", help="report format")
     demo.add_argument(
         "--serve",
-        type=int,
+        type=_port,
         nargs="?",
         const=DEFAULT_METRICS_PORT,
         metavar="PORT",
@@ -543,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument(
-        "--port", type=int, default=DEFAULT_METRICS_PORT, help=f"default {DEFAULT_METRICS_PORT}"
+        "--port", type=_port, default=DEFAULT_METRICS_PORT, help=f"default {DEFAULT_METRICS_PORT}"
     )
     serve.add_argument("--addr", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     _add_db(serve)
@@ -620,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         handler: Callable[[argparse.Namespace, Console, Console], int] = args.handler
         return handler(args, _console(), err)
-    except UserError as exc:
+    except (UserError, SettingsError) as exc:  # a setting from the environment, e.g. for serve
         print(f"costwatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help and --version

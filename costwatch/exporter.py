@@ -393,12 +393,19 @@ def _first_seen(first_hours: Mapping[Labels, datetime], position: int) -> list[s
     return sorted(first, key=lambda value: (first[value], value))
 
 
-def serve(database_url: str | None, port: int, addr: str = "127.0.0.1", *, block: bool = True) -> Any:
+def serve(
+    database_url: str | None,
+    port: int,
+    addr: str = "127.0.0.1",
+    *,
+    block: bool = True,
+    on_listening: Callable[[], object] | None = None,
+) -> Any:
     """Serve the fleet's metrics on ``http://{addr}:{port}/metrics``.
 
     Blocks until interrupted when ``block`` is true (as the CLI runs it); otherwise returns the
     running HTTP server (call ``shutdown()`` and then ``server_close()`` on it to stop; the latter
-    also closes the database connections).
+    also closes the database connections). ``on_listening`` is called once the port is bound.
     """
     registry = CollectorRegistry()
     collector = FleetCollector(database_url)
@@ -416,6 +423,8 @@ def serve(database_url: str | None, port: int, addr: str = "127.0.0.1", *, block
         collector.close()
 
     server.server_close = server_close  # type: ignore[method-assign]
+    if on_listening is not None:
+        on_listening()
     if not block:
         return server
     try:

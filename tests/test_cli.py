@@ -435,7 +435,9 @@ def test_serve_checks_the_schema_revision_without_opening_a_store(capsys, known_
 
     served = []
     monkeypatch.setattr(costwatch.cli, "SqlStore", no_store)
-    monkeypatch.setattr(costwatch.exporter, "serve", lambda url, port, addr: served.append((url, port)))
+    monkeypatch.setattr(
+        costwatch.exporter, "serve", lambda url, port, addr, on_listening: served.append((url, port))
+    )
     code, _, err = run(capsys, "serve", "--port", "9999", "--db", known_db)
     assert code == 0, err
     assert served == [(known_db, 9999)]
@@ -548,3 +550,19 @@ def test_report_shows_records_the_database_refused(capsys, tmp_path, known_db):
     assert "1 attempt record(s) were refused by the database" in out
     assert "absurd: OverflowError: Python int too large to convert to SQLite INTEGER" in out
     assert report_json(capsys, known_db)["rejected_records"] == 0
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_serve_on_a_port_that_does_not_exist_is_one_line_and_exit_2(capsys, known_db, port):
+    code, _, err = run(capsys, "serve", "--port", port, "--db", known_db)
+    assert_user_error(code, err, "--port", "is not a port number (0 to 65535)")
+
+
+def test_serve_on_a_busy_port_says_so_without_first_claiming_to_serve(capsys, known_db):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run(capsys, "serve", "--port", str(port), "--db", known_db)
+    assert_user_error(code, err, f"cannot listen on 127.0.0.1:{port}", "choose another --port")
+    assert "Serving" not in err

@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL, Engine
 from ..records import AttemptRecord
 from ..settings import default_of, load_settings
 from ..validation import clean_text
-from .database import READ_ONLY_OPTION, create_store_engine, database_url, safe_url
+from .database import READ_ONLY_OPTION, checked_database_url, create_store_engine, database_url, safe_url
 from .migrate import ensure_migrated
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
 from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
@@ -64,7 +64,7 @@ class SqlStore:
         auto_migrate: bool = True,
         retry_window: timedelta | None = None,
     ) -> None:
-        self.url = database_url(url)
+        self.url = checked_database_url(url)
         self.name = store_name(self.url)
         self.auto_migrate = auto_migrate
         self.retry_window = (
