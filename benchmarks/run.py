@@ -25,7 +25,7 @@ from measure import Measurement, environment, markdown_table
 __all__ = ["PRESETS", "Sizes", "main", "run_benchmarks"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-BENCHMARKS = ("streams", "attempt", "store", "memory")
+BENCHMARKS = ("streams", "attempt", "store", "memory", "huge_event")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Sizes:
     read_repeats: int
     memory_attempts: int
     memory_warm_up: int
+    huge_event_mb: tuple[int, ...] = (4, 16)
+    huge_event_repeats: int = 3
 
 
 PRESETS = {
@@ -85,6 +87,8 @@ PRESETS = {
         read_repeats=1,
         memory_attempts=20,
         memory_warm_up=10,
+        huge_event_mb=(1, 2),
+        huge_event_repeats=1,
     ),
 }
 
@@ -135,6 +139,11 @@ def run_benchmarks(
 
         log("memory ...")
         done(measure_memory_growth(sizes.memory_attempts, warm_up=sizes.memory_warm_up))
+    if "huge_event" in only:
+        from huge_event import measure_huge_event
+
+        log("one huge SSE event ...")
+        done(measure_huge_event(sizes.huge_event_mb, repeats=sizes.huge_event_repeats))
     return rows
 
 
