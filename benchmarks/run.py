@@ -25,7 +25,7 @@ from measure import Measurement, environment, markdown_table
 __all__ = ["PRESETS", "Sizes", "main", "run_benchmarks"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-BENCHMARKS = ("streams", "attempt", "store", "memory", "huge_event")
+BENCHMARKS = ("streams", "attempt", "store", "memory", "huge_event", "sigkill")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class Sizes:
     memory_warm_up: int
     huge_event_mb: tuple[int, ...] = (4, 16)
     huge_event_repeats: int = 3
+    sigkill_runs: int = 5
+    sigkill_after_s: float = 3.0
 
 
 PRESETS = {
@@ -89,6 +91,8 @@ PRESETS = {
         memory_warm_up=10,
         huge_event_mb=(1, 2),
         huge_event_repeats=1,
+        sigkill_runs=1,
+        sigkill_after_s=0.5,
     ),
 }
 
@@ -144,6 +148,11 @@ def run_benchmarks(
 
         log("one huge SSE event ...")
         done(measure_huge_event(sizes.huge_event_mb, repeats=sizes.huge_event_repeats))
+    if "sigkill" in only:
+        from sigkill_loss import measure_sigkill_loss
+
+        log("SIGKILL loss ...")
+        done(measure_sigkill_loss(sizes.sigkill_runs, run_s=sizes.sigkill_after_s))
     return rows
 
 

@@ -36,6 +36,7 @@ from .report import (
     subtract_totals,
 )
 from .settings import SettingsError
+from .spool import DEFAULT_SPOOL_DIR, SPOOL_DIR_ENV, Spool
 from .store import (
     DATABASE_URL_ENV,
     RollupTotals,
@@ -360,6 +361,8 @@ def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
         _migration_errors(url, lambda: migrate.upgrade(url, args.revision))
     elif args.action == "downgrade":
         _migration_errors(url, lambda: migrate.downgrade(url, args.revision))
+    elif args.action == "replay":
+        return _replay_spool(url, args.spool_dir, out)
     else:
         path = _sqlite_file(url)
         if path is not None and not path.exists():
@@ -369,6 +372,31 @@ def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
     with _database_errors(url):
         revision = migrate.current(url)
     out.print(f"{shown}: {_revision_text(revision)}", highlight=False)
+    return 0
+
+
+def _replay_spool(url: URL, spool_dir: str | None, out: Console) -> int:
+    """Write what the spool holds for the store at ``url``; segments a live process writes are left."""
+    spool = Spool(spool_dir)
+    store = _migrated_store(url)
+    try:
+        if not spool.has_segments(store.name):
+            out.print(
+                f"nothing spooled for {safe_url(url)} in {spool.sink_directory(store.name)}", highlight=False
+            )
+            return 0
+        with _database_errors(url):
+            delivered = spool.replay(store.name, store.export)
+        refused = store.rejected_records
+    finally:
+        store.shutdown()
+    left = (
+        " (segments a running process is still writing were left to it)"
+        if spool.has_segments(store.name)
+        else ""
+    )
+    kept = f"; {refused} refused by the database, kept in costwatch_rejected_attempts" if refused else ""
+    out.print(f"replayed {delivered} spooled records into {safe_url(url)}{kept}{left}", highlight=False)
     return 0
 
 
@@ -590,7 +618,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog("costwatch db downgrade base --db sqlite:///costwatch.db"),
     )
     downgrade.add_argument("revision", help="target revision; base removes every costwatch table")
-    for sub in (upgrade, current, downgrade):
+    replay = actions.add_parser(
+        "replay",
+        help="write the records a spool holds for this store (e.g. left by a killed process)",
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch db replay --db postgresql://costwatch@db/costwatch",
+            "costwatch db replay --spool-dir /var/lib/app/.costwatch/spool",
+        ),
+    )
+    replay.add_argument(
+        "--spool-dir",
+        help=f"the spool directory (default ${SPOOL_DIR_ENV}, else {DEFAULT_SPOOL_DIR} in this directory)",
+    )
+    for sub in (upgrade, current, downgrade, replay):
         _add_db(sub)
     db.set_defaults(handler=_command_db)
 

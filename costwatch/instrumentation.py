@@ -37,7 +37,7 @@ from . import context
 from .attribution import RetryTracker
 from .estimation import OutputEstimator
 from .health import instrumentation_errors
-from .pipeline import Pipeline, drain_before_exit, get_pipeline
+from .pipeline import Pipeline, drain_before_exit, get_pipeline, interrupt_before_exit
 from .pricing import PriceTable, load_prices
 from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
 from .settings import load_settings
@@ -120,6 +120,7 @@ class Accountant:
             tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
             context.current_tags(),
         )
+        _in_flight.add(attempt)
         if self.listeners:
             start = AttemptStart(
                 attempt_id=attempt.attempt_id,
@@ -256,6 +257,7 @@ class _Attempt:
         """Finish the attempt once; later calls (close after an error, GC) do nothing."""
         if not self._once.acquire(blocking=False):
             return  # never released: the account is closed for good
+        _in_flight.discard(self)
         try:
             self.accountant.settle(self, outcome, error)
         except Exception as exc:
@@ -300,6 +302,23 @@ class _Attempt:
         # no error of the transport.
         self.settle(outcome, None if outcome is Outcome.CANCELLED or _is_stop(error) else error)
 
+    def settle_interrupted(self) -> None:
+        """At exit: settle an attempt still in flight, billed with what arrived so far.
+
+        A stream not yet ended is ``interrupted``; one whose end already arrived keeps its outcome.
+        """
+        if self._once.locked():
+            return
+        meter = self.meter
+        if meter is not None and meter.kept is not None:
+            try:
+                meter.finish_stream(read_all=True)  # its exact characters: the estimate's input
+            except Exception as exc:
+                instrumentation_errors.record("feed", exc)
+                meter = self.meter = None
+        outcome = self.outcome_after_body(None)
+        self.settle(Outcome.INTERRUPTED if outcome is Outcome.DROPPED else outcome)
+
     def outcome_after_body(self, error: BaseException | None) -> Outcome:
         """Classify how an attempt whose headers arrived ended."""
         meter = self.meter
@@ -331,7 +350,7 @@ class _DeferredSettler:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_Attempt | threading.Event] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Attempt | _Interrupted | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -343,6 +362,17 @@ class _DeferredSettler:
     def defer(self, attempt: _Attempt) -> None:
         """Queue an attempt whose body was closed before it ended."""
         self._queue.put(attempt)
+
+    def interrupt_in_flight(self, timeout: float) -> None:
+        """At exit: settle every attempt still in flight as interrupted, on the settler thread.
+
+        Never here: a signal handler may have interrupted a thread holding the locks settling takes.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            return
+        for attempt in list(_in_flight):
+            self._queue.put(_Interrupted(attempt))
+        self.wait(timeout)
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until every attempt deferred so far is settled; False on timeout."""
@@ -361,6 +391,7 @@ class _DeferredSettler:
 
     def reset_in_child(self) -> None:
         """In a forked child: drop the parent's queue (its attempts are the parent's) and thread."""
+        _in_flight.clear()
         self._queue = queue.SimpleQueue()
         self._thread = None
         if _hooks is not None:
@@ -379,11 +410,26 @@ class _DeferredSettler:
             _settle_item(item)
 
 
-def _settle_item(item: _Attempt | threading.Event) -> None:
+class _Interrupted:
+    """A queue item: an attempt still in flight at exit, to be settled as interrupted."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self, attempt: _Attempt) -> None:
+        self.attempt = attempt
+
+
+def _settle_item(item: _Attempt | _Interrupted | threading.Event) -> None:
     if isinstance(item, threading.Event):
         item.set()  # a waiter's marker: everything queued before it is settled
+    elif isinstance(item, _Interrupted):
+        _guard("interrupt", item.attempt.settle_interrupted)
     else:
         _guard("body_close", item.settle_body, GeneratorExit())
+
+
+_in_flight: set[_Attempt] = set()
+"""Attempts sent and not settled yet; settled as interrupted when the process exits."""
 
 
 _settler = _DeferredSettler()
@@ -762,8 +808,13 @@ def instrument(
         )
         for sink in added:
             pipeline.add_sink(sink)
+        if any(pipeline.spool.has_segments(sink.name) for sink in added):
+            # A spool left by an earlier (perhaps killed) process: replayed now, not at the first request.
+            pipeline.retry_spool()
         _settler.start()
-        # At exit, streams closed at the last moment are settled before any pipeline flushes.
+        # At exit, streams closed at the last moment are settled before any pipeline flushes, and
+        # so, when the process is ending, are attempts still in flight.
+        interrupt_before_exit(_settler.interrupt_in_flight)
         drain_before_exit(_settler.drain)
         hooks = _Hooks(accountant, http_clients, added)
         hooks.install(_importable_http_modules())
@@ -805,8 +856,10 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
     sinks: list[Sink] = []
     if config.store:
         from .store import SqlStore  # SQLAlchemy is imported only when the store is used
+        from .store.database import checked_database_url
 
-        sinks.append(SqlStore(config.database_url, retry_window=timedelta(seconds=config.retry_window_s)))
+        url = checked_database_url(config.database_url)  # refused now, not at the first write
+        sinks.append(SqlStore(url, retry_window=timedelta(seconds=config.retry_window_s)))
     if config.metrics:
         sinks.append(_process_metrics_sink(config, pipeline))
     return sinks

@@ -48,6 +48,7 @@ __all__ = [
     "PipelineHealth",
     "drain_before_exit",
     "get_pipeline",
+    "interrupt_before_exit",
 ]
 
 log = logging.getLogger("costwatch")
@@ -436,7 +437,7 @@ class Pipeline:
 
     # -- exit, signals and fork --------------------------------------------------------------
     def _shutdown_at_exit(self) -> None:
-        _drain_upstream(EXIT_DRAIN_TIMEOUT_S)
+        _drain_upstream(EXIT_DRAIN_TIMEOUT_S, ending=True)
         self.shutdown()
 
     def _flush_for_exit(self, timeout: float) -> None:
@@ -462,6 +463,7 @@ EXIT_DRAIN_TIMEOUT_S = 10.0
 """How long interpreter exit and ``SIGTERM`` wait for each upstream stage to drain."""
 
 _upstream_drains: list[Callable[[float], object]] = []
+_interrupters: list[Callable[[float], object]] = []
 
 
 def drain_before_exit(drain: Callable[[float], object]) -> None:
@@ -475,9 +477,21 @@ def drain_before_exit(drain: Callable[[float], object]) -> None:
         _upstream_drains.append(drain)
 
 
-def _drain_upstream(timeout: float) -> None:
+def interrupt_before_exit(interrupt: Callable[[float], object]) -> None:
+    """Have ``interrupt(timeout)`` run first when the process is ending: at interpreter exit, and on
+    ``SIGTERM`` when its default action (termination) follows.
+
+    For the hooks' attempts still in flight: settled as interrupted, they are delivered with the
+    rest instead of vanishing with the process. Not on a ``SIGTERM`` the application handles itself
+    (it may go on serving, and those attempts finish). Registering it again does nothing.
+    """
+    if interrupt not in _interrupters:
+        _interrupters.append(interrupt)
+
+
+def _drain_upstream(timeout: float, *, ending: bool) -> None:
     deadline = time.monotonic() + timeout  # one budget for every stage, not one each
-    for drain in list(_upstream_drains):
+    for drain in [*(_interrupters if ending else ()), *_upstream_drains]:
         try:
             drain(max(0.0, deadline - time.monotonic()))
         except Exception:
@@ -485,13 +499,15 @@ def _drain_upstream(timeout: float) -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    _drain_upstream(EXIT_DRAIN_TIMEOUT_S)
+    previous = _previous_sigterm
+    # A handler of the application's own (or SIG_IGN) decides whether the process ends; if it does
+    # end, interpreter exit settles what is still in flight then.
+    _drain_upstream(EXIT_DRAIN_TIMEOUT_S, ending=not callable(previous) and previous != signal.SIG_IGN)
     for pipeline in list(_flush_on_sigterm):
         try:
             pipeline._flush_for_exit(SIGTERM_FLUSH_TIMEOUT_S)
         except Exception:
             log.exception("costwatch: flushing attempt records on SIGTERM failed")
-    previous = _previous_sigterm
     if callable(previous):
         previous(signum, frame)
     elif previous == signal.SIG_IGN:

@@ -147,6 +147,8 @@ class Outcome(str, enum.Enum):
     """No response at all: refused, reset, or timed out before the headers."""
     CANCELLED = "cancelled"
     """The application stopped reading (``break``, ``close()``, task cancellation, garbage collection)."""
+    INTERRUPTED = "interrupted"
+    """The process exited (``SIGTERM``, interpreter exit) while the attempt was still in flight."""
 
     @property
     def failed(self) -> bool:

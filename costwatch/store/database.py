@@ -71,12 +71,15 @@ SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 _URL_EXAMPLES = "use e.g. sqlite:///costwatch.db or postgresql://user@host:5432/db"
 
 
-def checked_database_url(url: str | URL | None = None, *, name: str | None = None) -> URL:
+def checked_database_url(
+    url: str | URL | None = None, *, name: str | None = None, directory_must_exist: bool = True
+) -> URL:
     """:func:`database_url`, refused at once if the store could never use it.
 
     Raises :class:`~costwatch.settings.SettingsError` in one line (never echoing a password) for
     text that is not a URL or has a non-numeric port, a backend other than SQLite or PostgreSQL, and
-    a SQLite file whose directory does not exist, rather than at the first write. ``name`` is what
+    a SQLite file whose directory does not exist (unless ``directory_must_exist`` is false: a store
+    built for later, whose directory may yet appear), rather than at the first write. ``name`` is what
     the message calls the URL (default: ``database_url``, or its variable when it came from there).
     """
     from_environment = url is None or url == os.environ.get(DATABASE_URL_ENV)
@@ -95,7 +98,7 @@ def checked_database_url(url: str | URL | None = None, *, name: str | None = Non
             f"{where}={shown} is a {backend} database; costwatch stores in SQLite or PostgreSQL: "
             f"{_URL_EXAMPLES}"
         )
-    if backend == "sqlite" and not _is_memory_sqlite(parsed):
+    if directory_must_exist and backend == "sqlite" and not _is_memory_sqlite(parsed):
         folder = Path(str(parsed.database)).absolute().parent
         if not folder.is_dir():
             raise SettingsError(

@@ -64,7 +64,9 @@ class SqlStore:
         auto_migrate: bool = True,
         retry_window: timedelta | None = None,
     ) -> None:
-        self.url = checked_database_url(url)
+        # Another backend or a bad port can never work; a missing SQLite directory is instrument()'s
+        # and the CLI's to refuse (the store itself may be built before its directory exists).
+        self.url = checked_database_url(url, directory_must_exist=False)
         self.name = store_name(self.url)
         self.auto_migrate = auto_migrate
         self.retry_window = (
