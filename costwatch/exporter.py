@@ -20,22 +20,26 @@ error. See ``docs/metrics.md``.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from .metrics import MODEL_LABEL_LIMIT, LabelCap
+from .metrics import MODEL_LABEL_LIMIT, OTHER, LabelCap
 from .records import Outcome, TokenType, WasteReason
 from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
-from .store.query import all_time_with_recent_query
+from .store.query import capped_all_time_with_recent_query
 from .store.rows import hour_of
 from .store.schema import ALL_TIME_DIMENSIONS
 
@@ -262,6 +266,21 @@ def _families(samples: FleetSamples, up: bool) -> list[Metric]:
     return families
 
 
+SCRAPE_CACHE_S = 2.0
+"""How long ``costwatch serve`` answers scrapes with the values it last read (Prometheus scrapes every
+15 s or more; a burst of scrapers, or several Prometheus servers, share one read of the store)."""
+
+
+class _Flight:
+    """One read of the store in progress, and the families it produced, for the scrapes that wait on it."""
+
+    __slots__ = ("done", "families")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.families: list[Metric] = []
+
+
 class FleetCollector(Collector):
     """Reads the store's rollups at scrape time and exposes them as costwatch's metrics.
 
@@ -270,6 +289,11 @@ class FleetCollector(Collector):
     the store may still flip it to ``retried``). ``retry_window``, ``workflow_label_limit`` and
     ``model_label_limit`` default to their ``COSTWATCH_*`` settings. ``clock`` gives the current UTC
     time. :meth:`close` releases the database connections.
+
+    Concurrent scrapes share one read (single flight): a scrape that arrives while a read is under
+    way waits for it and answers with its result, so the database sees one query at a time however
+    many scrapers there are. A scrape within ``cache_s`` seconds of the last read answers with it
+    (``serve`` uses :data:`SCRAPE_CACHE_S`; 0, the default here, reads every time).
     """
 
     def __init__(
@@ -280,6 +304,7 @@ class FleetCollector(Collector):
         workflow_label_limit: int | None = None,
         model_label_limit: int | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        cache_s: float = 0.0,
     ) -> None:
         settings = load_settings()
         if retry_window is None:
@@ -296,6 +321,12 @@ class FleetCollector(Collector):
         self._lock = threading.Lock()
         self._last: FleetSamples | None = None
         self._failing = False
+        self.cache_s = cache_s
+        self._flight_lock = threading.Lock()
+        self._flight: _Flight | None = None
+        self._cached: tuple[float, list[Metric]] | None = None
+        self.reads = 0
+        """Reads of the store so far (each shared by every scrape that waited on it)."""
 
     def describe(self) -> Iterator[Metric]:
         """The metric families this collector exposes, without reading the database."""
@@ -303,7 +334,30 @@ class FleetCollector(Collector):
         return iter(_families(FleetSamples(), up=True))
 
     def collect(self) -> Iterator[Metric]:
-        """The fleet's metrics read now; after a failed read, ``costwatch_up 0`` and the last values."""
+        """The fleet's metrics read now (or by the read under way, or within ``cache_s``); after a
+        failed read, ``costwatch_up 0`` and the last values."""
+        with self._flight_lock:
+            cached = self._cached
+            if cached is not None and time.monotonic() - cached[0] < self.cache_s:
+                return iter(cached[1])
+            flight = self._flight
+            leading = flight is None
+            if flight is None:
+                flight = self._flight = _Flight()
+        if not leading:
+            flight.done.wait()
+            return iter(flight.families)
+        try:
+            flight.families = self._read_families()
+        finally:
+            with self._flight_lock:
+                self._flight = None
+                self._cached = (time.monotonic(), flight.families)
+            flight.done.set()
+        return iter(flight.families)
+
+    def _read_families(self) -> list[Metric]:
+        self.reads += 1
         with self._lock:
             try:
                 samples = self.read()
@@ -316,45 +370,50 @@ class FleetCollector(Collector):
                         str(exc).splitlines()[0] if str(exc) else "",
                     )
                 self._failing = True
-                return iter(_families(self._last or FleetSamples(), up=False))
+                return _families(self._last or FleetSamples(), up=False)
             if self._failing:
                 log.warning("costwatch exporter: reading %s works again", safe_url(self.store.url))
             self._failing = False
             # A flip after the window (rare) would lower a settled sum: hold every sample at its high mark.
             self._last = samples if self._last is None else samples.at_least(self._last)
-            return iter(_families(self._last, up=True))
+            return _families(self._last, up=True)
 
     def close(self) -> None:
         """Close the database connections (a later scrape opens new ones)."""
         self.store.shutdown()
 
     def read(self) -> FleetSamples:
-        """Query the rollups once and compute the metric values; raises if the database fails."""
+        """Query the rollups once and compute the metric values; raises if the database fails.
+
+        The label caps are applied by the database, which returns one row per combination of kept
+        labels (and ``other``): the work after the query is bounded by the exporter's output, not
+        by how many distinct models and workflows the store holds.
+        """
         boundary = settled_before(self._clock(), self.retry_window)
-        # Nothing is cached between scrapes: the rollups of settled hours still change (a late record
+        # Nothing is cached in the query: the rollups of settled hours still change (a late record
         # replayed from a spool, a revision, a retry written by another process flipping an attempt).
         # The all-time rollups follow every such change, and settled sums are all-time minus recent.
-        query = all_time_with_recent_query(
-            boundary, measures=_MEASURES, recent_where={"waste_reason": _ABANDONED}
+        query = capped_all_time_with_recent_query(
+            boundary,
+            caps={"model": self.model_label_limit, "workflow": self.workflow_label_limit},
+            other=OTHER,
+            measures=_MEASURES,
+            recent_where={"waste_reason": _ABANDONED},
         )
         with self.store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
             rows = connection.execute(query).all()
-        totals, settled_abandoned, first_hours = _combine_all_time(rows)
-        models = _first_seen(first_hours, _DIMENSIONS.index("model"))
-        workflows = _first_seen(first_hours, _DIMENSIONS.index("workflow"))
-        return _samples(
-            totals,
-            settled_abandoned,
-            model_of=LabelCap.first_seen(models, self.model_label_limit),
-            workflow_of=LabelCap.first_seen(workflows, self.workflow_label_limit),
-        )
+        totals, settled_abandoned = _combine_all_time(rows)
+        return _samples(totals, settled_abandoned, model_of=_as_is, workflow_of=_as_is)
 
 
-def _combine_all_time(
-    rows: Iterable[Sequence[Any]],
-) -> tuple[list[Group], list[Group], dict[Labels, datetime]]:
-    """All-hours totals, settled ``abandoned`` totals and first hours from an
-    :func:`~costwatch.store.query.all_time_with_recent_query` whose recent part is ``abandoned`` only.
+def _as_is(value: str) -> str:
+    return value
+
+
+def _combine_all_time(rows: Iterable[Sequence[Any]]) -> tuple[list[Group], list[Group]]:
+    """All-hours totals and settled ``abandoned`` totals from a
+    :func:`~costwatch.store.query.capped_all_time_with_recent_query` whose recent part is
+    ``abandoned`` only.
 
     Groups summing to zero attempts are left out of the totals, as ``rollup_totals`` leaves them out.
     """
@@ -362,14 +421,12 @@ def _combine_all_time(
     totals: list[Group] = []
     all_time_abandoned: dict[Labels, list[float]] = {}
     recent_abandoned: dict[Labels, list[float]] = {}
-    first_hours: dict[Labels, datetime] = {}
     for row in rows:
         key: Labels = tuple(row[:width])
         if row[width]:
             recent_abandoned[key] = list(row[width + 2 :])
             continue
         values = list(row[width + 2 :])  # ints and floats, never NULL (the columns are NOT NULL)
-        first_hours[key] = row[width + 1]
         if values[0]:
             totals.append((key, values))
         if key[_WASTE_REASON] == _ABANDONED:
@@ -380,17 +437,57 @@ def _combine_all_time(
         settled = values if recent is None else [a - b for a, b in zip(values, recent, strict=True)]
         if settled[0]:
             settled_abandoned.append((key, settled))
-    return totals, settled_abandoned, first_hours
+    return totals, settled_abandoned
 
 
-def _first_seen(first_hours: Mapping[Labels, datetime], position: int) -> list[str]:
-    """A dimension's values ordered by the first hour they appear in (then by value)."""
-    first: dict[str, datetime] = {}
-    for key, hour in first_hours.items():
-        value = str(key[position])
-        if value not in first or hour < first[value]:
-            first[value] = hour
-    return sorted(first, key=lambda value: (first[value], value))
+_CONNECTION = "costwatch.connection"
+
+
+class _ScrapeHandler(WSGIRequestHandler):
+    """Hands the client's socket to the app (to skip clients that left) and logs nothing."""
+
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        environ[_CONNECTION] = self.connection
+        return environ
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (as prometheus_client's own server does)."""
+
+
+def _client_gone(connection: socket.socket | None) -> bool:
+    """Whether the client closed its end: a read that would block means it is still there."""
+    if connection is None:
+        return False
+    try:
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _metrics_app(registry: CollectorRegistry) -> Callable[..., Any]:
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if _client_gone(environ.get(_CONNECTION)):
+            # A scraper that timed out while waiting to be served: nothing is read for it.
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b""]
+        return exposition(environ, start_response)
+
+    return app
+
+
+def _start_server(port: int, addr: str, registry: CollectorRegistry) -> tuple[Any, threading.Thread]:
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+    server = make_server(addr, port, _metrics_app(registry), Server, handler_class=_ScrapeHandler)
+    thread = threading.Thread(target=server.serve_forever, name="costwatch-exporter", daemon=True)
+    thread.start()
+    return server, thread
 
 
 def serve(
@@ -408,10 +505,10 @@ def serve(
     also closes the database connections). ``on_listening`` is called once the port is bound.
     """
     registry = CollectorRegistry()
-    collector = FleetCollector(database_url)
+    collector = FleetCollector(database_url, cache_s=SCRAPE_CACHE_S)
     registry.register(collector)
     try:
-        server, thread = start_http_server(port, addr=addr, registry=registry)
+        server, thread = _start_server(port, addr, registry)
     except BaseException:
         collector.close()
         raise
@@ -422,7 +519,7 @@ def serve(
         close_server()
         collector.close()
 
-    server.server_close = server_close  # type: ignore[method-assign]
+    server.server_close = server_close
     if on_listening is not None:
         on_listening()
     if not block:
