@@ -25,7 +25,7 @@ from measure import Measurement, environment, markdown_table
 __all__ = ["PRESETS", "Sizes", "main", "run_benchmarks"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-BENCHMARKS = ("streams", "attempt", "store", "memory", "huge_event", "sigkill")
+BENCHMARKS = ("streams", "attempt", "store", "memory", "huge_event", "sigkill", "scrape_load")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class Sizes:
     huge_event_repeats: int = 3
     sigkill_runs: int = 5
     sigkill_after_s: float = 3.0
+    scrape_attempts: int = 1_000_000
+    scrape_pairs: int = 10_000
+    scrape_clients: int = 50
+    scrape_repeats: int = 20
 
 
 PRESETS = {
@@ -75,6 +79,8 @@ PRESETS = {
         read_repeats=3,
         memory_attempts=3_000,
         memory_warm_up=1_000,
+        scrape_attempts=100_000,
+        scrape_repeats=10,
     ),
     # For the smoke test: every code path once, in seconds.
     "tiny": Sizes(
@@ -93,6 +99,10 @@ PRESETS = {
         huge_event_repeats=1,
         sigkill_runs=1,
         sigkill_after_s=0.5,
+        scrape_attempts=2_000,
+        scrape_pairs=100,
+        scrape_clients=4,
+        scrape_repeats=2,
     ),
 }
 
@@ -153,6 +163,18 @@ def run_benchmarks(
 
         log("SIGKILL loss ...")
         done(measure_sigkill_loss(sizes.sigkill_runs, run_s=sizes.sigkill_after_s))
+    if "scrape_load" in only:
+        from scrape_load import measure_scrape_load
+
+        log("scrape load ...")
+        done(
+            measure_scrape_load(
+                sizes.scrape_attempts,
+                pairs=sizes.scrape_pairs,
+                scrapers=sizes.scrape_clients,
+                scrapes=sizes.scrape_repeats,
+            )
+        )
     return rows
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -267,8 +268,10 @@ def _families(samples: FleetSamples, up: bool) -> list[Metric]:
 
 
 SCRAPE_CACHE_S = 2.0
-"""How long ``costwatch serve`` answers scrapes with the values it last read (Prometheus scrapes every
-15 s or more; a burst of scrapers, or several Prometheus servers, share one read of the store)."""
+"""How long ``costwatch serve`` answers scrapes with the text it last rendered before rendering anew
+(Prometheus scrapes every 15 s or more; a burst of scrapers, or several Prometheus servers, share
+one read of the store). Meanwhile scrapers get the previous answer, so values lag by up to this
+plus one read."""
 
 
 class _Flight:
@@ -441,6 +444,7 @@ def _combine_all_time(rows: Iterable[Sequence[Any]]) -> tuple[list[Group], list[
 
 
 _CONNECTION = "costwatch.connection"
+_SERVING_SWITCH_INTERVAL_S = 0.0005
 
 
 class _ScrapeHandler(WSGIRequestHandler):
@@ -467,24 +471,103 @@ def _client_gone(connection: socket.socket | None) -> bool:
         return True
 
 
-def _metrics_app(registry: CollectorRegistry) -> Callable[..., Any]:
-    exposition = make_wsgi_app(registry)
+class _Response:
+    """One rendered ``/metrics`` answer, and when it was rendered."""
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+    __slots__ = ("at", "body", "headers", "status")
+
+    def __init__(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.at = time.monotonic()
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class _ScrapeAnswers:
+    """``/metrics`` answers rendered once and served to every scraper for ``fresh_s`` seconds.
+
+    Rendering the exposition of a few thousand series costs as much as reading the store, so the
+    rendered text is what is kept, per format (text or OpenMetrics, gzip or not). An answer older
+    than ``fresh_s`` is still served while one thread renders its successor (stale while
+    revalidate): no scraper waits for the store unless there is no answer at all yet, and then
+    all of them wait for the same one. Requests with a query (``name[]`` filters) are rendered for
+    themselves, through the collector's own single flight.
+    """
+
+    def __init__(self, exposition: Callable[..., Any], fresh_s: float) -> None:
+        self._exposition = exposition
+        self._fresh_s = fresh_s
+        self._lock = threading.Lock()
+        self._answers: dict[tuple[bool, bool], _Response] = {}
+        self._rendering: dict[tuple[bool, bool], threading.Event] = {}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if _client_gone(environ.get(_CONNECTION)):
             # A scraper that timed out while waiting to be served: nothing is read for it.
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
             return [b""]
-        return exposition(environ, start_response)
+        if environ.get("QUERY_STRING"):
+            return self._exposition(environ, start_response)
+        key = (
+            "application/openmetrics-text" in environ.get("HTTP_ACCEPT", ""),
+            "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""),
+        )
+        with self._lock:
+            answer = self._answers.get(key)
+            rendering = self._rendering.get(key)
+            stale = answer is None or time.monotonic() - answer.at >= self._fresh_s
+            start = stale and rendering is None
+            if start:
+                rendering = self._rendering[key] = threading.Event()
+        if start and rendering is not None:
+            if answer is None:
+                self._render(key, dict(environ), rendering)  # nothing to serve meanwhile: render here
+            else:
+                worker = threading.Thread(
+                    target=self._render, args=(key, dict(environ), rendering), daemon=True
+                )
+                worker.start()
+        if answer is None:
+            assert rendering is not None
+            rendering.wait()
+            with self._lock:
+                answer = self._answers.get(key)
+            if answer is None:  # rendering failed outright: let the exposition answer for itself
+                return self._exposition(environ, start_response)
+        start_response(answer.status, answer.headers)
+        return [answer.body]
 
-    return app
+    def _render(self, key: tuple[bool, bool], environ: dict[str, Any], done: threading.Event) -> None:
+        environ.pop(_CONNECTION, None)
+        captured: list[Any] = []
+        try:
+            body = b"".join(
+                self._exposition(environ, lambda status, headers: captured.extend([status, headers]))
+            )
+            with self._lock:
+                self._answers[key] = _Response(captured[0], list(captured[1]), body)
+        except Exception:
+            log.exception("costwatch exporter: rendering the metrics failed")
+        finally:
+            with self._lock:
+                self._rendering.pop(key, None)
+            done.set()
 
 
-def _start_server(port: int, addr: str, registry: CollectorRegistry) -> tuple[Any, threading.Thread]:
+def _metrics_app(registry: CollectorRegistry, fresh_s: float = 0.0) -> Callable[..., Any]:
+    return _ScrapeAnswers(make_wsgi_app(registry), fresh_s)
+
+
+def _start_server(
+    port: int, addr: str, registry: CollectorRegistry, fresh_s: float
+) -> tuple[Any, threading.Thread]:
     class Server(ThreadingWSGIServer):
         address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        # socketserver's default backlog is 5: a burst of scrapers overflowed it, and each one left
+        # out waited a second or more for its SYN to be sent again.
+        request_queue_size = 128
 
-    server = make_server(addr, port, _metrics_app(registry), Server, handler_class=_ScrapeHandler)
+    server = make_server(addr, port, _metrics_app(registry, fresh_s), Server, handler_class=_ScrapeHandler)
     thread = threading.Thread(target=server.serve_forever, name="costwatch-exporter", daemon=True)
     thread.start()
     return server, thread
@@ -508,7 +591,7 @@ def serve(
     collector = FleetCollector(database_url, cache_s=SCRAPE_CACHE_S)
     registry.register(collector)
     try:
-        server, thread = _start_server(port, addr, registry)
+        server, thread = _start_server(port, addr, registry, SCRAPE_CACHE_S)
     except BaseException:
         collector.close()
         raise
@@ -524,6 +607,9 @@ def serve(
         on_listening()
     if not block:
         return server
+    # This process only serves (the CLI runs it so): hand the GIL over more often, so that a scrape
+    # answered from the cache is not held up behind the thread rendering the next answer.
+    sys.setswitchinterval(_SERVING_SWITCH_INTERVAL_S)
     try:
         while thread.is_alive():
             thread.join(1.0)

@@ -420,3 +420,43 @@ def test_serve_reads_nothing_for_a_scraper_that_has_gone():
         assert _client_gone(served)
         app(environ, lambda status, headers: statuses.append(status))
     assert Counting.reads == 1 and statuses[-1].startswith("503")
+
+
+def test_served_answers_are_rendered_once_and_a_stale_one_is_served_while_the_next_renders():
+    from costwatch.exporter import _ScrapeAnswers
+
+    renders: list[int] = []
+    rendering = threading.Event()
+    release = threading.Event()
+
+    def exposition(environ, start_response):  # type: ignore[no-untyped-def]
+        if renders:  # every render after the first is held until released
+            rendering.set()
+            release.wait(10)
+        renders.append(1)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [f"render {len(renders)}".encode()]
+
+    answers = _ScrapeAnswers(exposition, fresh_s=0.05)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": ""}
+
+    def scrape() -> bytes:
+        return b"".join(answers(dict(environ), lambda status, headers: None))
+
+    assert scrape() == scrape() == b"render 1" and len(renders) == 1  # fresh: rendered once
+    time.sleep(0.1)
+    assert scrape() == b"render 1"  # stale: served at once, the next one renders meanwhile
+    assert rendering.wait(10)
+    assert scrape() == b"render 1" and len(renders) == 1  # still rendering: no second render starts
+    release.set()
+    assert _eventually(lambda: scrape() == b"render 2")
+    assert len(renders) == 2
+
+
+def _eventually(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
