@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import NoReturn
 
@@ -23,7 +23,7 @@ from rich.table import Table
 from sqlalchemy.engine import URL
 
 from . import __version__
-from .durations import MomentError, ceil_hour, floor_hour, parse_moment
+from .durations import MomentError, ceil_hour, floor_hour, parse_duration, parse_moment
 from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
 from .report import (
     GROUPINGS,
@@ -35,7 +35,7 @@ from .report import (
     rollup_group_by,
     subtract_totals,
 )
-from .settings import SettingsError
+from .settings import SettingsError, load_settings
 from .spool import DEFAULT_SPOOL_DIR, SPOOL_DIR_ENV, Spool
 from .store import (
     DATABASE_URL_ENV,
@@ -311,8 +311,12 @@ def _serve(url: URL, port: int, addr: str, err: Console) -> int:
         where = f"{safe_url(url)} on http://{addr}:{port}/metrics"
         err.print(f"Serving costwatch metrics from {where} (Ctrl-C to stop)", highlight=False)
 
+    days = load_settings().retention_days
+    retention = timedelta(days=days) if days is not None else None
     try:
-        serve(url.render_as_string(hide_password=False), port, addr, on_listening=listening)
+        serve(
+            url.render_as_string(hide_password=False), port, addr, on_listening=listening, retention=retention
+        )
     except OSError as exc:
         raise UserError(
             f"cannot listen on {addr}:{port} ({exc.strerror or exc}); choose another --port"
@@ -363,6 +367,8 @@ def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
         _migration_errors(url, lambda: migrate.downgrade(url, args.revision))
     elif args.action == "replay":
         return _replay_spool(url, args.spool_dir, out)
+    elif args.action == "prune":
+        return _prune(url, args.older_than, out)
     else:
         path = _sqlite_file(url)
         if path is not None and not path.exists():
@@ -372,6 +378,30 @@ def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
     with _database_errors(url):
         revision = migrate.current(url)
     out.print(f"{shown}: {_revision_text(revision)}", highlight=False)
+    return 0
+
+
+def _prune(url: URL, older_than: str, out: Console) -> int:
+    try:
+        age = parse_duration(older_than)
+    except MomentError as exc:
+        raise UserError(f"--older-than: {exc}") from None
+    window = timedelta(seconds=load_settings().retry_window_s)
+    if age < window:
+        # A failed attempt younger than the retry window may still be flipped to retried by its retry.
+        raise UserError(
+            f"--older-than {older_than} is shorter than the retry window ({window}); keep at least that"
+        )
+    store = _migrated_store(url)
+    try:
+        with _database_errors(url):
+            removed = store.prune_before(datetime.now(timezone.utc) - age)
+    finally:
+        store.shutdown()
+    out.print(
+        f"pruned {removed} attempt rows older than {older_than} from {safe_url(url)}; rollups kept",
+        highlight=False,
+    )
     return 0
 
 
@@ -631,7 +661,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--spool-dir",
         help=f"the spool directory (default ${SPOOL_DIR_ENV}, else {DEFAULT_SPOOL_DIR} in this directory)",
     )
-    for sub in (upgrade, current, downgrade, replay):
+    prune = actions.add_parser(
+        "prune",
+        help="delete raw attempt rows older than a duration (the rollups keep every total)",
+        formatter_class=_FORMATTER,
+        epilog=_epilog("costwatch db prune --older-than 90d", "costwatch db prune --older-than 26w --db URL"),
+    )
+    prune.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 90d, 12w")
+    for sub in (upgrade, current, downgrade, replay, prune):
         _add_db(sub)
     db.set_defaults(handler=_command_db)
 

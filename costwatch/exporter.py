@@ -44,7 +44,15 @@ from .store.query import capped_all_time_with_recent_query
 from .store.rows import hour_of
 from .store.schema import ALL_TIME_DIMENSIONS
 
-__all__ = ["FleetCollector", "FleetSamples", "fleet_samples", "serve", "settled_before"]
+__all__ = [
+    "PRUNE_EVERY_S",
+    "SCRAPE_CACHE_S",
+    "FleetCollector",
+    "FleetSamples",
+    "fleet_samples",
+    "serve",
+    "settled_before",
+]
 
 log = logging.getLogger("costwatch")
 
@@ -573,6 +581,31 @@ def _start_server(
     return server, thread
 
 
+PRUNE_EVERY_S = 3600.0
+"""How often ``serve`` prunes raw attempt rows older than its ``retention``."""
+
+
+def _prune_periodically(database_url: str | None, retention: timedelta, stop: threading.Event) -> None:
+    store = SqlStore(database_url, auto_migrate=False)
+    failing = False
+    try:
+        while True:
+            try:
+                removed = store.prune_before(datetime.now(timezone.utc) - retention)
+                log.info("costwatch exporter: pruned %d attempt rows older than %s", removed, retention)
+                failing = False
+            except Exception as exc:
+                if not failing:  # once per outage
+                    log.warning(
+                        "costwatch exporter: pruning failed (%s); retrying in an hour", type(exc).__name__
+                    )
+                failing = True
+            if stop.wait(PRUNE_EVERY_S):
+                return
+    finally:
+        store.shutdown()
+
+
 def serve(
     database_url: str | None,
     port: int,
@@ -580,12 +613,15 @@ def serve(
     *,
     block: bool = True,
     on_listening: Callable[[], object] | None = None,
+    retention: timedelta | None = None,
 ) -> Any:
     """Serve the fleet's metrics on ``http://{addr}:{port}/metrics``.
 
     Blocks until interrupted when ``block`` is true (as the CLI runs it); otherwise returns the
     running HTTP server (call ``shutdown()`` and then ``server_close()`` on it to stop; the latter
-    also closes the database connections). ``on_listening`` is called once the port is bound.
+    also closes the database connections). ``on_listening`` is called once the port is bound. With
+    ``retention``, raw attempt rows older than that are pruned now and every
+    :data:`PRUNE_EVERY_S` seconds (the rollups keep every total).
     """
     registry = CollectorRegistry()
     collector = FleetCollector(database_url, cache_s=SCRAPE_CACHE_S)
@@ -598,7 +634,17 @@ def serve(
     # Closing the server (as a non-blocking caller does) closes the collector's connections too.
     close_server = server.server_close
 
+    stop_pruning = threading.Event()
+    if retention is not None:
+        threading.Thread(
+            target=_prune_periodically,
+            args=(database_url, retention, stop_pruning),
+            name="costwatch-retention",
+            daemon=True,
+        ).start()
+
     def server_close() -> None:
+        stop_pruning.set()
         close_server()
         collector.close()
 

@@ -167,6 +167,15 @@ SETTINGS: tuple[Setting, ...] = (
         low=1,
         high=10_000,
     ),
+    Setting(
+        "retention_days",
+        "COSTWATCH_RETENTION_DAYS",
+        _positive_float,
+        None,
+        "Days of raw attempt rows `costwatch serve` keeps (pruned hourly; rollups keep every total).",
+        low=1,
+        high=36_500,
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

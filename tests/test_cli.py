@@ -436,7 +436,7 @@ def test_serve_checks_the_schema_revision_without_opening_a_store(capsys, known_
     served = []
     monkeypatch.setattr(costwatch.cli, "SqlStore", no_store)
     monkeypatch.setattr(
-        costwatch.exporter, "serve", lambda url, port, addr, on_listening: served.append((url, port))
+        costwatch.exporter, "serve", lambda url, port, addr, **options: served.append((url, port))
     )
     code, _, err = run(capsys, "serve", "--port", "9999", "--db", known_db)
     assert code == 0, err

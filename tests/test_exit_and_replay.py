@@ -4,11 +4,13 @@ interrupted with what they billed so far, and a spool left behind is replayed wi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,55 @@ def test_costwatch_db_replay_writes_a_spool_left_behind_and_says_how_many(
     assert main(["db", "replay", "--db", url, "--spool-dir", str(tmp_path / "spool")]) == 0
     assert "nothing spooled" in capsys.readouterr().out
     store.shutdown()
+
+
+# -- retention --------------------------------------------------------------------------------------
+def test_costwatch_db_prune_removes_old_raw_rows_keeps_every_total_and_is_idempotent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = SqlStore(url)
+    old = [completed_attempt(n) for n in range(25)]  # March 2025: long ago
+    recent = [
+        dataclasses.replace(completed_attempt(100 + n), started_at=datetime.now(timezone.utc))
+        for n in range(3)
+    ]
+    store.write([*old, *recent])
+    before = store.rollup_totals()
+    for _ in range(2):
+        assert main(["db", "prune", "--older-than", "90d", "--db", url]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.index("pruned 25 attempt rows") < out.index("pruned 0 attempt rows")
+    assert store.attempt_count() == 3 and store.rollup_totals() == before
+    store.shutdown()
+
+
+def test_a_prune_shorter_than_the_retry_window_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db", "prune", "--older-than", "5m", "--db", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
+    assert "shorter than the retry window" in capsys.readouterr().err
+
+
+def test_prune_in_small_transactions_deletes_every_old_row(tmp_path: Path) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path / 'store.db'}")
+    store.write([completed_attempt(n) for n in range(23)])
+    assert store.prune_before(datetime(2026, 1, 1, tzinfo=timezone.utc), batch=5) == 23
+    assert store.attempt_count() == 0
+    store.shutdown()
+
+
+def test_serve_with_a_retention_prunes_old_rows_when_it_starts(tmp_path: Path) -> None:
+    from costwatch.exporter import serve
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = SqlStore(url)
+    store.write([completed_attempt(n) for n in range(4)])
+    server = serve(url, 0, block=False, retention=timedelta(days=90))
+    try:
+        assert _eventually(lambda: store.attempt_count() == 0)
+        assert store.rollup_totals()[0].attempts == 4
+    finally:
+        server.shutdown()
+        server.server_close()
+        store.shutdown()

@@ -28,10 +28,12 @@ def test_every_numeric_setting_has_finite_bounds_that_hold_its_default() -> None
         "flush_interval_s",
         "workflow_label_limit",
         "model_label_limit",
+        "retention_days",
     }
     for setting in NUMERIC:
         assert setting.low is not None and setting.high is not None
-        assert 0 < setting.low <= setting.default <= setting.high < float("inf")
+        assert 0 < setting.low <= setting.high < float("inf")
+        assert setting.default is None or setting.low <= setting.default <= setting.high
 
 
 @pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "1e300", "0", "-1", "1e20", "x"])

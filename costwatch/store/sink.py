@@ -24,12 +24,15 @@ from .rows import record_from_row
 from .schema import ATTEMPTS, REJECTED_ATTEMPTS
 from .write import BatchResult, write_batch
 
-__all__ = ["DEFAULT_RETRY_WINDOW", "SqlStore", "store_name"]
+__all__ = ["DEFAULT_RETRY_WINDOW", "PRUNE_BATCH", "SqlStore", "store_name"]
 
 log = logging.getLogger("costwatch")
 
 DEFAULT_RETRY_WINDOW = timedelta(seconds=default_of("retry_window_s"))
 """The default of ``COSTWATCH_RETRY_WINDOW``: how soon after a failed attempt ended its retry must start."""
+
+PRUNE_BATCH = 10_000
+"""Attempt rows a prune deletes per transaction."""
 
 _live_stores: weakref.WeakSet[SqlStore] = weakref.WeakSet()
 
@@ -177,11 +180,24 @@ class SqlStore:
                 self._engine = None
 
     # -- retention ---------------------------------------------------------------------------
-    def prune_before(self, moment: datetime) -> int:
-        """Delete raw attempt rows that started before ``moment``; rollups are kept. Returns the count."""
-        with self.engine.begin() as connection:
-            result = connection.execute(sa.delete(ATTEMPTS).where(ATTEMPTS.c.started_at < moment))
-            return int(result.rowcount or 0)
+    def prune_before(self, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
+        """Delete raw attempt rows that started before ``moment``; rollups are kept. Returns the count.
+
+        In transactions of at most ``batch`` rows, so writers beside it wait for one short
+        transaction at a time (on SQLite, the write lock), never for the whole prune. Idempotent:
+        a second call deletes nothing.
+        """
+        old = sa.select(ATTEMPTS.c.attempt_id).where(ATTEMPTS.c.started_at < moment).limit(batch)
+        deleted = 0
+        while True:
+            with self.engine.begin() as connection:
+                result = connection.execute(
+                    sa.delete(ATTEMPTS).where(ATTEMPTS.c.attempt_id.in_(old.scalar_subquery()))
+                )
+                count = int(result.rowcount or 0)
+            deleted += count
+            if count < batch:
+                return deleted
 
     # -- the read side -----------------------------------------------------------------------
     def rollup_totals(
