@@ -624,7 +624,7 @@ def serve(
     :data:`PRUNE_EVERY_S` seconds (the rollups keep every total).
     """
     registry = CollectorRegistry()
-    collector = FleetCollector(database_url, cache_s=SCRAPE_CACHE_S)
+    collector = FleetCollector(database_url)  # the rendered answers are what serve keeps
     registry.register(collector)
     try:
         server, thread = _start_server(port, addr, registry, SCRAPE_CACHE_S)
