@@ -92,6 +92,20 @@ class RetryTracker:
         sizes = self._failed_sizes
         return bool(sizes) and (body_size in sizes or None in sizes)
 
+    def joins(
+        self, *, explicit_id: str | None, fingerprint: str | None, previous_id: str | None
+    ) -> tuple[str, int] | None:
+        """The logical request ``begin`` would place such an attempt in, if it exists, and how many
+        attempts it has had; places nothing."""
+        with self._lock:
+            request_id = explicit_id or previous_id
+            if request_id is None and fingerprint is not None:
+                request_id = self._failed_by_fingerprint.get(fingerprint)
+            request = self._requests.get(request_id) if request_id is not None else None
+            if request is None or self._clock() - request.last_seen > self.window_s:
+                return None
+            return request.id, request.attempts
+
     def begin(
         self, *, explicit_id: str | None, fingerprint: str | None, previous_id: str | None
     ) -> Assignment:

@@ -52,6 +52,19 @@ def _text(text: str) -> str:
     return text
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError("expected a finite number of 0 or more")
+    return value
+
+
+def _budget_scope(text: str) -> str:
+    if text not in ("process", "workflow"):
+        raise ValueError("expected process or workflow")
+    return text
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row of the settings table."""
@@ -175,6 +188,22 @@ SETTINGS: tuple[Setting, ...] = (
         "Days of raw attempt rows `costwatch serve` keeps (pruned hourly; rollups keep every total).",
         low=1,
         high=36_500,
+    ),
+    Setting(
+        "waste_budget_usd_per_hour",
+        "COSTWATCH_WASTE_BUDGET_USD_PER_HOUR",
+        _non_negative_float,
+        None,
+        "Refuse retries of failed requests once the scope wasted more USD in the last hour (unset: off).",
+        low=0,
+        high=1_000_000_000,
+    ),
+    Setting(
+        "waste_budget_scope",
+        "COSTWATCH_WASTE_BUDGET_SCOPE",
+        _budget_scope,
+        "process",
+        "What the waste budget counts over: `process` (all waste) or `workflow` (each workflow tag alone).",
     ),
 )
 

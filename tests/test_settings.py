@@ -29,14 +29,15 @@ def test_every_numeric_setting_has_finite_bounds_that_hold_its_default() -> None
         "workflow_label_limit",
         "model_label_limit",
         "retention_days",
+        "waste_budget_usd_per_hour",
     }
     for setting in NUMERIC:
         assert setting.low is not None and setting.high is not None
-        assert 0 < setting.low <= setting.high < float("inf")
+        assert 0 <= setting.low < setting.high < float("inf")
         assert setting.default is None or setting.low <= setting.default <= setting.high
 
 
-@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "1e300", "0", "-1", "1e20", "x"])
+@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "1e300", "-0.5", "-1", "1e20", "x"])
 @pytest.mark.parametrize("setting", NUMERIC, ids=lambda s: s.env)
 def test_a_numeric_variable_out_of_its_range_is_refused_in_one_line_naming_it(setting, raw) -> None:
     with pytest.raises(costwatch.SettingsError) as caught:
