@@ -305,6 +305,8 @@ class AttemptRecord:
     read from the prompt cache (see ``costwatch.prompt_prefix``). Sizes only, never content."""
     inference_geo: str | None = None
     """Where the API said inference ran (``usage.inference_geo``: ``global``, ``us``), when it said."""
+    platform: str = "anthropic"
+    """Where the attempt went: ``anthropic`` (the first-party API), ``bedrock``, ``vertex`` or ``foundry``."""
 
     @property
     def model_name(self) -> str:
@@ -421,6 +423,7 @@ _FIELD_KINDS: dict[str, tuple[type, ...]] = {
     "prompt_bytes": (int, _NONE),
     "stable_prefix_bytes": (int, _NONE),
     "inference_geo": (str, _NONE),
+    "platform": (str,),
 }
 """What JSON gives each scalar field of a record; a float field also takes a whole number."""
 

@@ -43,6 +43,7 @@ _TEXT_FIELDS = (
     "stop_reason",
     "fingerprint",
     "inference_geo",
+    "platform",
 )
 _TOKEN_FIELDS = (
     "input_tokens",
@@ -105,7 +106,7 @@ def _needs_cleaning(record: AttemptRecord) -> bool:
     texts = (
         f"{r.attempt_id}{r.logical_request_id}{r.model_requested}{r.model or ''}{r.request_id or ''}"
         f"{r.message_id or ''}{r.error_type or ''}{r.api_error_type or ''}{r.stop_reason or ''}"
-        f"{r.fingerprint or ''}{r.inference_geo or ''}{''.join(r.beta_features)}"
+        f"{r.fingerprint or ''}{r.inference_geo or ''}{r.platform or ''}{''.join(r.beta_features)}"
     )
     if _UNSTORABLE.search(texts):
         return True

@@ -161,6 +161,7 @@ ATTEMPT_COLUMNS = (
     "stable_prefix_bytes",
     "server_tool_cost_usd",
     "inference_geo",
+    "platform",
     "tokens_clamped",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
@@ -212,6 +213,7 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         record.stable_prefix_bytes,
         cost.server_tool_usd if cost is not None else None,
         record.inference_geo,
+        record.platform,
         usage.tokens_clamped,
     )
 
@@ -285,4 +287,5 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         prompt_bytes=row.get("prompt_bytes"),
         stable_prefix_bytes=row.get("stable_prefix_bytes"),
         inference_geo=row.get("inference_geo"),
+        platform=row["platform"],
     )

@@ -164,7 +164,9 @@ class Attempt(Base):
     # Migration 0006: server-tool fees (NULL on rows stored before: read as none) and where inference ran.
     server_tool_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
     inference_geo: Mapped[str | None] = mapped_column(sa.String())
-    # True when a token count beyond MAX_TOKENS_PER_ATTEMPT was clamped to it (migration 0007).
+    platform: Mapped[str] = mapped_column(sa.String(), server_default="anthropic")
+    """Where the attempt went (migration 0007): anthropic, bedrock, vertex or foundry."""
+    # True when a token count beyond MAX_TOKENS_PER_ATTEMPT was clamped to it (migration 0008).
     tokens_clamped: Mapped[bool] = mapped_column(sa.Boolean(), server_default=sa.false())
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for

@@ -5,8 +5,8 @@ store), with the database's reason, so one bad record no longer fails its whole 
 ``costwatch_attempts.tokens_clamped`` marks attempts whose absurd token counts were clamped when the
 record was built; existing rows were never clamped, hence the server default.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-03 06:10:00
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007"
-down_revision: str | None = "0006"
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
