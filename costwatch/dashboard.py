@@ -32,6 +32,7 @@ __all__ = [
     "SPOOLING_FOR",
     "STORE_WRITE_ERRORS_15M",
     "STREAM_DROP_RATIO_WARNING",
+    "UNPRICED_FOR",
     "WASTE_RATIO_CRITICAL",
     "WASTE_RATIO_WARNING",
     "AlertRule",
@@ -90,6 +91,9 @@ SPOOLING_FOR = "15m"
 
 STORE_WRITE_ERRORS_15M = 3
 """Failed sink exports in 15 minutes from which CostwatchStoreWriteErrors fires."""
+
+UNPRICED_FOR = "5m"
+"""How long unpriced attempts must keep arriving before CostwatchUnpricedAttempts fires."""
 
 EXPORTER_JOB = "costwatch"
 """The Prometheus job scraping ``costwatch serve`` (the fleet exporter), as in dashboards/prometheus.yml."""
@@ -296,6 +300,32 @@ def alert_rules() -> list[AlertRule]:
                 "the records are spooled and replayed, but reports lag until the sink works again."
             ),
             anchor="costwatchstorewriteerrors",
+        ),
+        AlertRule(
+            alert="CostwatchStoreRejectedRecords",
+            expr="sum by (job, instance) (increase(costwatch_store_rejected_records_total[1h])) > 0",
+            for_="0m",
+            severity="warning",
+            summary="The store refused attempt records; they are kept apart and missing from reports.",
+            description=(
+                "{{ $labels.instance }} had {{ $value | humanize }} attempt records refused by the database "
+                "in the last hour; each is kept in costwatch_rejected_attempts with the reason, and its "
+                "cost is missing from reports until a human looks."
+            ),
+            anchor="costwatchstorerejectedrecords",
+        ),
+        AlertRule(
+            alert="CostwatchUnpricedAttempts",
+            expr="sum by (model) (increase(costwatch_unpriced_attempts_total[15m])) > 0",
+            for_=UNPRICED_FOR,
+            severity="warning",
+            summary="Attempts on a model without a known price: costs and waste are under-reported.",
+            description=(
+                "{{ $value | humanize }} attempts on {{ $labels.model }} in the last 15 minutes have no "
+                "price in costwatch's table, so every cost and waste figure leaves them out. Add the model's "
+                "price with COSTWATCH_PRICES_FILE, then `costwatch reprice --model {{ $labels.model }}`."
+            ),
+            anchor="costwatchunpricedattempts",
         ),
         AlertRule(
             alert="CostwatchExporterDown",
@@ -510,13 +540,16 @@ def _panels() -> list[_Panel | _Row]:
             "Attempts per logical request",
             "Attempts per logical request per model over 5 minutes (recording rule "
             "model:costwatch_attempts_per_logical_request:rate5m): 1 is no retries. The p90 line comes "
-            "from the in-process histogram and is empty when only the fleet exporter is scraped.",
+            "from the in-process histogram and is empty when only the fleet exporter is scraped; it is "
+            "rounded up to a whole attempt, because interpolating inside the first bucket (0 to 1) "
+            "would show impossible values such as 0.9 when every request took one attempt.",
             "short",
             [
                 _Query(f"model:costwatch_attempts_per_logical_request:rate5m{{{_MODEL}}}", "{{model}} mean"),
                 _Query(
-                    "histogram_quantile(0.9, sum by (model, le) "
-                    f"(rate(costwatch_attempts_per_request_bucket{{{_MODEL}}}[$__rate_interval])))",
+                    # The buckets are one attempt wide up to 6, so the ceiling is the exact quantile there.
+                    "ceil(histogram_quantile(0.9, sum by (model, le) "
+                    f"(rate(costwatch_attempts_per_request_bucket{{{_MODEL}}}[$__rate_interval]))))",
                     "{{model}} p90",
                 ),
             ],

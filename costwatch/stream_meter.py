@@ -50,6 +50,7 @@ class ReportedUsage:
         "cache_read_tokens",
         "cache_write_1h_tokens",
         "cache_write_5m_tokens",
+        "inference_geo",
         "input_tokens",
         "output_tokens",
         "server_tool_use",
@@ -62,6 +63,7 @@ class ReportedUsage:
         self.cache_read_tokens = 0
         self.output_tokens = 0
         self.server_tool_use: dict[str, int] = {}
+        self.inference_geo: str | None = None
 
     def update(self, usage: Mapping[str, Any]) -> None:
         """Merge a ``usage`` object; fields that are absent or null keep their value."""
@@ -92,12 +94,19 @@ class ReportedUsage:
         value = _count(usage.get("output_tokens"))
         if value is not None:
             self.output_tokens = value
+        geo = usage.get("inference_geo")
+        if isinstance(geo, str) and geo:
+            self.inference_geo = geo[:_GEO_LENGTH]
         tools = usage.get("server_tool_use")
         if isinstance(tools, Mapping):
             for name, count in tools.items():
                 n = _count(count)
                 if n is not None and isinstance(name, str):
                     self.server_tool_use[name] = n
+
+
+_GEO_LENGTH = 32
+"""Longest ``inference_geo`` kept: a region name, never a place for anything larger."""
 
 
 def _count(value: Any) -> int | None:
@@ -121,6 +130,8 @@ class BodyMeter:
         "_kept_bytes",
         "_kept_counted",
         "_stream",
+        "_tail",
+        "_waiting",
         "api_error_type",
         "bytes_received",
         "chars",
@@ -149,6 +160,10 @@ class BodyMeter:
     ) -> None:
         self._stream = stream
         self._buffer = b""
+        # Chunks of an event still incomplete after _buffer, joined only once the event can end: a
+        # single event of many megabytes would otherwise be copied and searched again per chunk.
+        self._waiting: list[bytes] = []
+        self._tail = b""
         self._json_body: list[bytes] = []
         self._decompressor = _decompressor(content_encoding)
         self.now = clock
@@ -186,7 +201,21 @@ class BodyMeter:
         if not self._stream:
             self._json_body.append(chunk)
             return
-        self._frame(self._buffer + chunk if self._buffer else chunk)
+        if self._buffer:
+            # Only a blank line that begins in the new bytes (or the last three before them) can
+            # end the waiting event; "\r\n" counts as "\n", as _frame reads it.
+            window = self._tail + chunk
+            if b"\r" in window:
+                window = window.replace(b"\r\n", b"\n")
+            if b"\n\n" not in window:
+                self._waiting.append(chunk)
+                self._tail = window[-3:] if len(chunk) >= 3 else (self._tail + chunk)[-3:]
+                return
+            chunk = b"".join([self._buffer, *self._waiting, chunk])
+            self._waiting.clear()
+            self._frame(chunk)
+            return
+        self._frame(chunk)
 
     def _frame(self, buffer: bytes) -> None:
         """Account for every whole SSE event in ``buffer``; keep the incomplete rest for later."""
@@ -202,6 +231,7 @@ class BodyMeter:
                 self._event(buffer[start:end])
             start = end + 2
         self._buffer = buffer[start:]
+        self._tail = self._buffer[-3:]
 
     # -- deferred reading ----------------------------------------------------------------------
     def defer(self) -> list[bytes] | None:
@@ -255,7 +285,7 @@ class BodyMeter:
         body = b"".join(self.kept or ())
         received = len(body)
         if self._buffer:
-            body = self._buffer + body
+            body = b"".join([self._buffer, *self._waiting, body])
         if not body.endswith(_MESSAGE_STOP) or b"\r" in body or not body.startswith(b"event: "):
             return False
         # The last message_delta: an earlier one would show in the skipped part, which is checked.
@@ -272,6 +302,7 @@ class BodyMeter:
         self.events += body.count(b"\n\nevent: ", 0, at + 7)
         self.bytes_received += received
         self._buffer = b""
+        self._waiting.clear()
         self._frame(body[at:])
         self.chars = {}
         self.chars_measured = False

@@ -39,7 +39,9 @@ HEALTH_METRICS = {
     "up",
 }
 SELECTOR = re.compile(r"(?<![\w:.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?(\[[^\]]+\])?")
-PROMQL_WORDS = {"sum", "by", "rate", "increase", "topk", "min", "histogram_quantile", "or", "and", "on", "le"}
+PROMQL_WORDS = {
+    *("sum", "by", "rate", "increase", "topk", "min", "histogram_quantile", "ceil", "or", "and", "on", "le")
+}
 LABELS = {"model", "workflow", "token_type", "reason", "instance", "job"}
 
 

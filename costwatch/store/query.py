@@ -9,18 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
+from .rows import hour_of
 from .schema import ALL_TIME_DIMENSIONS, ALL_TIME_ROLLUPS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUPS
 
-__all__ = ["RollupTotals", "all_time_with_recent_query", "read_rollup_totals", "rollup_totals_query"]
+__all__ = [
+    "RollupTotals",
+    "all_time_with_recent_query",
+    "capped_all_time_with_recent_query",
+    "read_rollup_totals",
+    "rollup_totals_query",
+    "settled_before",
+]
 
-_INTEGER_MEASURES = frozenset(
-    m for m in ROLLUP_MEASURES if m not in ("billed_cost_usd", "wasted_cost_usd", "duration_s")
-)
+_INTEGER_MEASURES = frozenset(m for m in ROLLUP_MEASURES if not m.endswith("_usd") and m != "duration_s")
+
+
+def settled_before(now: datetime, retry_window: timedelta) -> datetime:
+    """The first unsettled hour: every rollup hour before it ended at least ``retry_window`` ago.
+
+    An ``abandoned`` attempt of a later hour may still turn ``retried`` when its retry lands; the
+    fleet exporter counts such waste only once its hour is settled, and the report shows it as
+    pending, both from this one boundary.
+    """
+    return hour_of(now - retry_window)
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,13 @@ class RollupTotals:
     wasted_cost_usd: float = 0.0
     estimated_output_tokens: int = 0
     duration_s: float = 0.0
+    unpriced_attempts: int = 0
+    unpriced_tokens: int = 0
+    wasted_input_cost_usd: float = 0.0
+    wasted_cache_read_cost_usd: float = 0.0
+    wasted_cache_write_cost_usd: float = 0.0
+    wasted_output_cost_usd: float = 0.0
+    wasted_server_tool_cost_usd: float = 0.0
 
     @property
     def billed_tokens(self) -> int:
@@ -160,3 +183,69 @@ def all_time_with_recent_query(
         *(sa.cast(sa.func.sum(ROLLUPS.c[name]), ROLLUPS.c[name].type).label(name) for name in measures),
     ).where(ROLLUPS.c.hour >= boundary, *_where_in(ROLLUPS, recent_where))
     return sa.union_all(all_time, recent.group_by(*dimensions))
+
+
+def capped_all_time_with_recent_query(
+    boundary: datetime,
+    *,
+    caps: Mapping[str, int],
+    other: str,
+    measures: Sequence[str] = ROLLUP_MEASURES,
+    recent_where: Mapping[str, str | Sequence[str]] | None = None,
+) -> sa.CompoundSelect:
+    """:func:`all_time_with_recent_query` with label cardinality capped in the database.
+
+    For each dimension in ``caps``, the values kept are the first ``caps[dimension]`` to appear (by
+    the earliest hour of their all-time rows, then by value; ``""`` is always kept and not counted),
+    and every other value reads ``other``; rows are grouped (and summed) by the capped values, so
+    the result has at most a few rows per combination of kept values, however many distinct values
+    the store holds. First appearance, not size, picks them: a kept value stays kept as traffic
+    shifts, so no counter moves between a named series and ``other`` and goes down. One
+    statement, so one snapshot.
+    """
+    unknown = [name for name in [*caps, *(recent_where or {})] if name not in ALL_TIME_DIMENSIONS]
+    unknown += [name for name in measures if name not in ROLLUP_MEASURES]
+    if unknown:
+        raise ValueError(f"cannot cap, filter recent rollups by or sum {unknown}")
+
+    def kept(name: str) -> sa.Select[Any]:
+        column = ALL_TIME_ROLLUPS.c[name]
+        return (
+            sa.select(column)
+            .where(column != "")
+            .group_by(column)
+            .order_by(sa.func.min(ALL_TIME_ROLLUPS.c.first_hour), column)
+            .limit(caps[name])
+        )
+
+    kept_values = {name: kept(name) for name in caps}
+
+    def labels(table: sa.Table) -> list[sa.ColumnElement[Any]]:
+        out: list[sa.ColumnElement[Any]] = []
+        for name in ALL_TIME_DIMENSIONS:
+            column = table.c[name]
+            if name in caps:
+                keep = sa.or_(column == "", column.in_(kept_values[name]))
+                out.append(sa.case((keep, column), else_=sa.literal(other)).label(name))
+            else:
+                out.append(column.label(name))
+        return out
+
+    def grouped(table: sa.Table, first: sa.ColumnElement[Any], recent: bool, *where: Any) -> sa.Select[Any]:
+        # Capped in a subquery, grouped outside it: the capped values are plain columns there.
+        inner = sa.select(*labels(table), first.label("first_hour"), *(table.c[m] for m in measures))
+        capped = inner.where(*where).subquery()
+        dimensions = [capped.c[name] for name in ALL_TIME_DIMENSIONS]
+        return sa.select(
+            *dimensions,
+            sa.literal(recent).label("recent"),
+            sa.func.min(capped.c.first_hour).label("first_hour"),
+            # Cast back to the column's type: PostgreSQL sums bigints as numeric.
+            *(sa.cast(sa.func.sum(capped.c[m]), table.c[m].type).label(m) for m in measures),
+        ).group_by(*dimensions)
+
+    all_time = grouped(ALL_TIME_ROLLUPS, ALL_TIME_ROLLUPS.c.first_hour, False)
+    recent = grouped(
+        ROLLUPS, ROLLUPS.c.hour, True, ROLLUPS.c.hour >= boundary, *_where_in(ROLLUPS, recent_where)
+    )
+    return sa.union_all(all_time, recent)

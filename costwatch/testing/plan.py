@@ -7,6 +7,7 @@ Everything here is pure: the server only writes what a :class:`ResponsePlan` hol
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import random
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..event_stream import encode_frame
 from .faults import Fault, FaultKind
 from .prompt_cache import CacheUsage
-from .spec import BlockKind, ContentType, ResponseSpec, input_tokens_for_body
+from .spec import BlockKind, BlockSpec, ContentType, ResponseSpec, input_tokens_for_body
 from .vocabulary import command_json_fragments, json_object_fragments, prose_fragments
 
 __all__ = [
@@ -26,11 +28,16 @@ __all__ = [
     "ResponsePlan",
     "SentPrefix",
     "StreamCut",
+    "bedrock_events",
+    "bedrock_exception_frame",
+    "bedrock_frame",
+    "capped",
     "chunk",
     "error_body",
     "error_event",
     "error_message",
     "malformed_event",
+    "max_tokens_of",
     "plan_response",
     "position_after_deltas",
     "position_of_delta",
@@ -96,6 +103,50 @@ def malformed_event() -> bytes:
 def unknown_event() -> bytes:
     """An event of a type that no SDK version knows (the API may add event types at any time)."""
     return sse_event("costwatch_unknown", {"type": "costwatch_unknown", "detail": "ignored"})
+
+
+_BEDROCK_CHUNK_HEADERS = {
+    ":event-type": "chunk",
+    ":content-type": "application/json",
+    ":message-type": "event",
+}
+
+
+def bedrock_frame(event_json: bytes) -> bytes:
+    """One Messages event as Bedrock streams it: a ``chunk`` frame with the JSON base64 in ``bytes``."""
+    payload = _dumps({"bytes": base64.b64encode(event_json).decode("ascii")}).encode()
+    return encode_frame(_BEDROCK_CHUNK_HEADERS, payload)
+
+
+def bedrock_exception_frame(exception_type: str, message: str) -> bytes:
+    """An event-stream ``exception`` frame, as Bedrock sends when a stream fails mid-answer."""
+    headers = {
+        ":exception-type": exception_type,
+        ":content-type": "application/json",
+        ":message-type": "exception",
+    }
+    return encode_frame(headers, _dumps({"message": message}).encode())
+
+
+def bedrock_events(events: tuple[PlannedEvent, ...], plan: ResponsePlan) -> tuple[PlannedEvent, ...]:
+    """The planned SSE events as Bedrock's event-stream frames, invocation metrics on ``message_stop``.
+
+    Each frame takes the place of its SSE text, so every cut position keeps its meaning: a frame
+    counts as delivered once it is all on the wire, as an SSE event does.
+    """
+    out = []
+    for event in events:
+        data = json.loads(event.payload.split(b"\ndata: ", 1)[1])
+        if event.name == "message_stop":
+            data["amazon-bedrock-invocationMetrics"] = {
+                "inputTokenCount": plan.input_tokens,
+                "outputTokenCount": plan.output_tokens,
+                "invocationLatency": 0,
+                "firstByteLatency": 0,
+            }
+        framed = bedrock_frame(_dumps(data).encode())
+        out.append(dataclasses.replace(event, payload=framed))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +283,12 @@ class _Builder:
 
 
 def _usage(
-    spec_plan: dict[str, int], server_tool_use: Mapping[str, int], output_tokens: int
+    spec_plan: dict[str, int],
+    server_tool_use: Mapping[str, int],
+    output_tokens: int,
+    inference_geo: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    usage = {
         "input_tokens": spec_plan["input"],
         "cache_creation_input_tokens": spec_plan["write_5m"] + spec_plan["write_1h"],
         "cache_read_input_tokens": spec_plan["read"],
@@ -246,6 +300,36 @@ def _usage(
         "service_tier": "standard",
         "server_tool_use": dict(server_tool_use),
     }
+    if inference_geo is not None:
+        usage["inference_geo"] = inference_geo
+    return usage
+
+
+def max_tokens_of(body: bytes) -> int | None:
+    """The request's ``max_tokens``, or ``None`` when the body does not give a positive integer."""
+    try:
+        value = json.loads(body).get("max_tokens") if body else None
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def capped(spec: ResponseSpec, max_tokens: int | None) -> ResponseSpec:
+    """``spec`` cut to ``max_tokens`` output tokens, as the API stops generating at the limit.
+
+    The block that reaches the limit is shortened, the blocks after it are left out, and the stop
+    reason becomes ``max_tokens``. A spec within the limit is returned unchanged.
+    """
+    if max_tokens is None or spec.output_tokens <= max_tokens:
+        return spec
+    blocks: list[BlockSpec] = []
+    left = max_tokens
+    for block in spec.blocks:
+        if left <= 0:
+            break
+        blocks.append(dataclasses.replace(block, output_tokens=min(block.output_tokens, left)))
+        left -= block.output_tokens
+    return dataclasses.replace(spec, blocks=tuple(blocks), stop_reason="max_tokens")
 
 
 def plan_response(
@@ -260,8 +344,10 @@ def plan_response(
 
     Content depends only on ``spec.seed`` and the body; ids also depend on ``arrival`` so a retried
     request gets a fresh ``msg_...`` id, as from the real API. ``cache``, when given, is how the
-    server's prompt cache split the prompt, and replaces the spec's input and cache counts.
+    server's prompt cache split the prompt, and replaces the spec's input and cache counts. Output
+    stops at the body's ``max_tokens`` (see :func:`capped`).
     """
+    spec = capped(spec, max_tokens_of(body))
     digest = hashlib.sha256(body).hexdigest()
     b = _Builder(spec, _rng(spec.seed, digest), _rng(spec.seed, digest, arrival, "ids"))
     model = spec.model or model_requested or "claude-sonnet-4-5"
@@ -290,7 +376,7 @@ def plan_response(
         "stop_reason": None,
         "stop_sequence": None,
         # The real API reports 1 output token in message_start, whatever follows.
-        "usage": _usage(tokens, server_tool_use, 1),
+        "usage": _usage(tokens, server_tool_use, 1, spec.inference_geo),
     }
     b.add("message_start", {"type": "message_start", "message": shell})
     b.ping()
@@ -371,7 +457,7 @@ def plan_response(
         index += 1
 
     output_tokens = spec.output_tokens
-    delta_usage = _usage(tokens, server_tool_use, output_tokens)
+    delta_usage = _usage(tokens, server_tool_use, output_tokens, spec.inference_geo)
     del delta_usage["cache_creation"], delta_usage["service_tier"]
     b.add(
         "message_delta",
@@ -387,7 +473,7 @@ def plan_response(
         **shell,
         "content": b.content,
         "stop_reason": stop_reason,
-        "usage": _usage(tokens, server_tool_use, output_tokens),
+        "usage": _usage(tokens, server_tool_use, output_tokens, spec.inference_geo),
     }
     return ResponsePlan(
         message_id=message_id,

@@ -102,6 +102,8 @@ class ResponseSpec:
     """``None`` derives it: ``tool_use`` when the last block is a client tool call, else ``end_turn``."""
     server_tool_use: Mapping[str, int] = field(default_factory=lambda: _DEFAULT_SERVER_TOOL_USE)
     """``usage.server_tool_use``; the SDK's model needs ``web_search_requests`` and ``web_fetch_requests``."""
+    inference_geo: str | None = None
+    """``usage.inference_geo`` (where inference ran: ``global``, ``us``); ``None`` leaves it out."""
     tokens_per_delta: tuple[int, int] = (1, 3)
     """Each delta event carries a uniformly drawn number of tokens in this inclusive range."""
     ping_every: int = 0
