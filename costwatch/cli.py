@@ -256,10 +256,41 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
             f"that drops {options.drop_rate:.0%} of streams mid-answer; recording in {safe_url(url)}",
             highlight=False,
         )
+        demo_start = datetime.now(timezone.utc)
+
+        def reconcile_run(base_url: str) -> dict[str, Any] | None:
+            # The demo ends as an operator's day would: its records beside "Anthropic's" usage report
+            # (the fake's, from its ledger), kept in the store for `costwatch serve`.
+            from .reconcile import bucket_window
+            from .testing.usage_report import FAKE_ADMIN_KEY
+
+            now = datetime.now(timezone.utc)
+            start, end = bucket_window(demo_start, now + timedelta(seconds=1), "1m")
+            try:
+                found = _reconcile_window(
+                    store,
+                    key=FAKE_ADMIN_KEY,
+                    start=start,
+                    end=end,
+                    bucket="1m",
+                    base_url=base_url,
+                    prices=prices,
+                    recorded_from=demo_start,
+                )
+            except (_UsageUnavailable, UserError) as exc:
+                err.print(f"costwatch: the demo could not reconcile: {exc}", highlight=False, markup=False)
+                return None
+            _store_reconciliation(store, found, now)
+            return found
+
         with progress:
             try:
                 result = run_demo(
-                    options, url.render_as_string(hide_password=False), prices=prices, on_request_done=done
+                    options,
+                    url.render_as_string(hide_password=False),
+                    prices=prices,
+                    on_request_done=done,
+                    while_serving=reconcile_run,
                 )
             except DemoError as exc:
                 raise UserError(str(exc)) from None
@@ -271,8 +302,10 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
         subtract_totals(after, before), args.by, pending=subtract_totals(pending_after, pending_before)
     )
     truth = ledger_summary(result.ledger)
+    reconciliation: dict[str, Any] | None = result.after
     if args.format == "json":
-        sys.stdout.write(render_json({**report, "ledger": truth}) + "\n")
+        extra = {"reconciliation": reconciliation} if reconciliation is not None else {}
+        sys.stdout.write(render_json({**report, "ledger": truth, **extra}) + "\n")
     elif args.format == "csv":
         sys.stdout.write(render_csv(report))
     else:
@@ -284,6 +317,11 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
             f"tokens ({report['estimated_output_tokens']:,} of them estimated output of dropped streams).",
             highlight=False,
         )
+        if reconciliation is not None:
+            from .reconcile import render_table as render_reconciliation
+
+            out.print()
+            render_reconciliation(reconciliation, out)
         out.print(
             f"Next: `costwatch report --by workflow --db {safe_url(url)}`, "
             f"`costwatch serve --db {safe_url(url)}`",
@@ -833,10 +871,55 @@ class _UsageUnavailable(Exception):
     """Anthropic's usage figures could not be read; not the user's mistake (exit 1, one line)."""
 
 
-def _reconcile_once(args: argparse.Namespace, key: str, store: SqlStore, now: datetime) -> dict[str, Any]:
-    """Read both sides of one reconciliation window; raises before anything is written."""
-    from .reconcile import bucket_window, reconcile
+def _reconcile_window(
+    store: SqlStore,
+    *,
+    key: str,
+    start: datetime,
+    end: datetime,
+    bucket: str,
+    base_url: str | None,
+    api_key_ids: tuple[str, ...] = (),
+    tolerance: float = 0.001,
+    prices: PriceTable | None = None,
+    recorded_from: datetime | None = None,
+) -> dict[str, Any]:
+    """Read both sides of one reconciliation window (whole buckets); raises before anything is
+    written. ``recorded_from`` leaves out attempts that started before it (the demo's own run)."""
+    from .reconcile import reconcile
     from .usage_api import UsageApiError, UsageApiRefused, read_reported
+
+    try:
+        reported, costs, refreshed = read_reported(
+            key=key, start=start, end=end, bucket=bucket, api_key_ids=api_key_ids, base_url=base_url
+        )
+    except UsageApiRefused as exc:
+        raise UserError(str(exc)) from None
+    except UsageApiError as exc:
+        raise _UsageUnavailable(str(exc)) from None
+    with _database_errors(store.url):
+        recorded = [
+            record
+            for record in _window_attempts(store, start, end, AttemptFilter(), None)
+            if recorded_from is None or record.started_at >= recorded_from
+        ]
+    return reconcile(
+        reported,
+        costs,
+        recorded,
+        start=start,
+        end=end,
+        bucket=bucket,
+        prices=prices if prices is not None else _load_prices(None),
+        tolerance=tolerance,
+        api_key_ids=api_key_ids,
+        data_refreshed_at=refreshed,
+    )
+
+
+def _reconcile_once(args: argparse.Namespace, key: str, store: SqlStore, now: datetime) -> dict[str, Any]:
+    """One reconciliation of the window the options name."""
+    from .reconcile import bucket_window
 
     since = _moment("--since", args.since, now)
     until = _moment("--until", args.until, now) or now
@@ -844,33 +927,16 @@ def _reconcile_once(args: argparse.Namespace, key: str, store: SqlStore, now: da
     start, end = bucket_window(since, until, args.bucket)
     if start >= end:
         raise UserError(f"--since ({args.since}) must come before --until ({args.until or 'now'})")
-    prices = _load_prices(args.prices_file)
-    try:
-        reported, costs, refreshed = read_reported(
-            key=key,
-            start=start,
-            end=end,
-            bucket=args.bucket,
-            api_key_ids=tuple(args.api_key_id or ()),
-            base_url=args.base_url,
-        )
-    except UsageApiRefused as exc:
-        raise UserError(str(exc)) from None
-    except UsageApiError as exc:
-        raise _UsageUnavailable(str(exc)) from None
-    with _database_errors(store.url):
-        recorded = list(_window_attempts(store, start, end, AttemptFilter(), None))
-    return reconcile(
-        reported,
-        costs,
-        recorded,
+    return _reconcile_window(
+        store,
+        key=key,
         start=start,
         end=end,
         bucket=args.bucket,
-        prices=prices,
-        tolerance=args.tolerance,
+        base_url=args.base_url,
         api_key_ids=tuple(args.api_key_id or ()),
-        data_refreshed_at=refreshed,
+        tolerance=args.tolerance,
+        prices=_load_prices(args.prices_file),
     )
 
 

@@ -133,6 +133,8 @@ class DemoResult:
     """Logical requests the application abandoned after ``max_attempts`` failures."""
     ledger: tuple[LedgerEntry, ...] = field(repr=False)
     elapsed_s: float = 0.0
+    after: Any = None
+    """What ``run_demo``'s ``while_serving`` returned (the CLI's reconciliation), else ``None``."""
 
 
 def default_models(prices: PriceTable) -> tuple[str, ...]:
@@ -253,11 +255,14 @@ def run_demo(
     *,
     prices: PriceTable,
     on_request_done: Callable[[bool], None] | None = None,
+    while_serving: Callable[[str], Any] | None = None,
 ) -> DemoResult:
     """Run the workload against a fresh fake server, recording every attempt in ``database_url``.
 
     ``on_request_done`` is called (from worker threads) as each logical request finishes, with
-    whether it was answered. Every record is in the store when this returns.
+    whether it was answered. Every record is in the store when this returns. ``while_serving`` is
+    called with the fake server's base URL once every record is stored, before the server stops
+    (the CLI reconciles the run with the fake's usage report there); its result is ``after``.
     """
     options.check()
     models = options.models or default_models(prices)
@@ -305,6 +310,7 @@ def run_demo(
             pipeline.shutdown()
             client.close()
         ledger = server.ledger.entries
+        after = while_serving(server.base_url) if while_serving is not None else None
     return DemoResult(
         database_url=database_url,
         requests=len(requests),
@@ -312,6 +318,7 @@ def run_demo(
         gave_up=len(outcomes) - sum(outcomes),
         ledger=ledger,
         elapsed_s=time.monotonic() - started,
+        after=after,
     )
 
 

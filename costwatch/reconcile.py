@@ -382,7 +382,7 @@ def render_table(result: Mapping[str, Any], console: Console) -> None:
     totals = result["totals"]
     console.print(
         f"Reconciliation with Anthropic's usage report, {result['start']} to {result['end']}, "
-        f"{result['bucket']} buckets",
+        f"{result['bucket']} buckets (UTC)",
         highlight=False,
     )
     if not result["rows"]:
@@ -397,15 +397,16 @@ def render_table(result: Mapping[str, Any], console: Console) -> None:
         "cache write",
         "output",
         "unseen $",
-        "dropped out est/real",
+        "dropped est/billed",
         "flags",
     ):
-        table.add_column(title, justify="left" if title in ("bucket", "model", "flags") else "right")
+        left = title in ("bucket", "model", "flags")
+        table.add_column(title, justify="left" if left else "right", no_wrap=title != "flags")
     for row in result["rows"]:
         dropped = row["dropped_output"]
         real = "?" if dropped["residual_tokens"] is None else f"{dropped['residual_tokens']:,}"
         table.add_row(
-            row["bucket_start"].replace("T", " ").removesuffix(":00Z"),
+            row["bucket_start"][5:16].replace("T", " "),
             row["model"],
             *(_percent(row["coverage"][t]) for t in TOKEN_TYPES),
             _money(row["unseen"]["usd"]),

@@ -96,6 +96,48 @@ def test_demo_in_process_reports_what_the_fake_server_billed(capsys, tmp_path, m
     assert stored["logical_requests"] == 8
 
 
+def test_demo_ends_with_a_reconciliation_at_full_coverage_and_the_billed_dropped_output(
+    capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    argv = [
+        "demo",
+        "--requests",
+        "8",
+        "--drop-rate",
+        "0.5",
+        "--concurrency",
+        "2",
+        "--format",
+        "json",
+        "--db",
+        db,
+    ]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    printed = json.loads(out)
+    ledger, totals = printed["ledger"], printed["reconciliation"]["totals"]
+    assert totals["coverage"]["input"] == totals["coverage"]["cache_read"] == 1.0
+    assert totals["unseen"]["tokens"] == {"input": 0, "cache_read": 0, "cache_write": 0, "output": 0}
+    assert totals["reported"]["output_tokens"] == ledger["billed_tokens"]["output"]
+    assert totals["recorded"]["attempts"] == ledger["attempts"] == totals["reported"]["requests"]
+    # Dropped attempts' output as the fake API billed them (less what it had told costwatch).
+    told = totals["recorded"]["output_reported_tokens"] - ledger["completed_output_tokens"]
+    assert totals["dropped_output"]["residual_tokens"] == ledger["failed_output_tokens"] - told
+    assert totals["dropped_output"]["estimated_tokens"] == printed["estimated_output_tokens"]
+    # Kept in the store: `costwatch serve` exports it.
+    from costwatch.exporter import FleetCollector
+
+    collector = FleetCollector(db)
+    try:
+        gauges = collector.read().gauges
+    finally:
+        collector.close()
+    assert set(gauges["costwatch_reconciled_coverage_ratio"].values()) >= {1.0}
+    assert gauges["costwatch_unseen_cost_usd"][()] == 0.0
+
+
 def test_demo_table_ends_with_the_waste_report(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = run(
@@ -116,6 +158,7 @@ def test_demo_table_ends_with_the_waste_report(capsys, tmp_path, monkeypatch):
     assert (tmp_path / "costwatch.db").exists(), "the default store is costwatch.db in the working directory"
     assert "Waste report" in out and "claude-haiku-5-5" in out
     assert "The fake server's ledger billed" in out
+    assert "Coverage (recorded / reported): input 100.0%" in out
     assert "3/3" in err, "the progress bar counts logical requests"
 
 
