@@ -1,7 +1,8 @@
 """costwatch's benchmarks: one command, a markdown table on stdout and JSON in ``results/latest.json``.
 
     python benchmarks/run.py            # the full run (tens of minutes: 1M attempts per store)
-    python benchmarks/run.py --quick    # every benchmark, small sizes, about a minute (CI runs --tiny)
+    python benchmarks/run.py --quick    # every benchmark, small sizes, a few minutes (CI runs --tiny)
+    python benchmarks/run.py --only fresh --pairs 5   # fresh processes beside OpenLLMetry, Logfire
     /tmp/v0/bin/python benchmarks/run.py --quick   # the same on the other SDK line
 
 The SDK measured is the one installed in the interpreter that runs this. Benchmarks never fail
@@ -12,6 +13,7 @@ when a benchmark could not run at all. See ``benchmarks/README.md`` for what eac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,7 +27,7 @@ from measure import Measurement, environment, markdown_table
 __all__ = ["PRESETS", "Sizes", "main", "run_benchmarks"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-BENCHMARKS = ("streams", "attempt", "store", "memory")
+BENCHMARKS = ("fresh", "streams", "attempt", "store", "memory")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,12 @@ class Sizes:
     read_repeats: int
     memory_attempts: int
     memory_warm_up: int
+    fresh_pairs: int = 9
+    fresh_streams: int = 20
+    fresh_events: int = 2_000
+    fresh_creates: int = 100
+    fresh_peers: bool = True
+    """Whether the fresh-process rounds include the control and the other tools, or costwatch only."""
 
 
 PRESETS = {
@@ -71,6 +79,7 @@ PRESETS = {
         read_repeats=3,
         memory_attempts=3_000,
         memory_warm_up=1_000,
+        fresh_pairs=3,
     ),
     # For the smoke test: every code path once, in seconds.
     "tiny": Sizes(
@@ -85,6 +94,11 @@ PRESETS = {
         read_repeats=1,
         memory_attempts=20,
         memory_warm_up=10,
+        fresh_pairs=1,
+        fresh_streams=1,
+        fresh_events=50,
+        fresh_creates=2,
+        fresh_peers=False,
     ),
 }
 
@@ -100,6 +114,20 @@ def run_benchmarks(
         rows.extend(new)
         log(markdown_table(new))
 
+    if "fresh" in only:
+        from fresh_process import measure_fresh_process
+
+        log(f"fresh processes, {sizes.fresh_pairs} rounds ...")
+        done(
+            measure_fresh_process(
+                pairs=sizes.fresh_pairs,
+                streams=sizes.fresh_streams,
+                events=sizes.fresh_events,
+                creates=sizes.fresh_creates,
+                peers=sizes.fresh_peers,
+                log=log,
+            )
+        )
     if "streams" in only:
         from stream_overhead import measure_stream_overhead
 
@@ -157,11 +185,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--json", type=Path, default=RESULTS, help=f"where to write the results (default {RESULTS})"
     )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        help="rounds of fresh processes (each: the SDK alone and every variant once); 9 in a full run",
+    )
     args = parser.parse_args(argv)
     mode_name = args.mode or "full"
+    sizes = PRESETS[mode_name]
+    if args.pairs is not None:
+        if args.pairs < 1:
+            parser.error(f"--pairs must be at least 1, got {args.pairs}")
+        sizes = dataclasses.replace(sizes, fresh_pairs=args.pairs)
     started = time.perf_counter()
     rows = run_benchmarks(
-        PRESETS[mode_name],
+        sizes,
         only=args.only or BENCHMARKS,
         postgres_url=args.postgres or None,
         log=lambda text: print(text, file=sys.stderr, flush=True),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import json
+import logging
 import os
 import queue
 import re
@@ -48,6 +49,8 @@ from .spool import SPOOL_DIR_ENV
 from .stream_meter import BodyMeter
 
 __all__ = ["Accountant", "flush", "instrument", "is_instrumented", "uninstrument"]
+
+log = logging.getLogger("costwatch")
 
 _HTTP_MODULES = ("httpx", "httpx2")
 _MESSAGES_PATH_SUFFIX = "/v1/messages"
@@ -882,7 +885,14 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
     if config.store:
         from .store import SqlStore  # SQLAlchemy is imported only when the store is used
 
-        sinks.append(SqlStore(config.database_url, retry_window=timedelta(seconds=config.retry_window_s)))
+        store = SqlStore(config.database_url, retry_window=timedelta(seconds=config.retry_window_s))
+        try:
+            store.prepare()
+        except Exception as exc:  # the database is down or refuses us: the writer retries and spools
+            log.info(
+                "costwatch: the store is not ready yet (%s); records spool until it is", type(exc).__name__
+            )
+        sinks.append(store)
     if config.metrics:
         sinks.append(_process_metrics_sink(config, pipeline))
     return sinks
