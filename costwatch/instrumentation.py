@@ -38,12 +38,15 @@ from typing import Any
 from . import context, waste_budget
 from .attribution import RetryTracker
 from .estimation import OutputEstimator
+from .event_stream import CONTENT_TYPE as EVENT_STREAM_CONTENT_TYPE
+from .event_stream import EventStreamMeter
 from .health import instrumentation_errors
-from .pipeline import Pipeline, drain_before_exit, get_pipeline
+from .pipeline import Pipeline, drain_before_exit, get_pipeline, interrupt_before_exit
+from .platforms import ANTHROPIC, is_platform_path, route_of
 from .pricing import PriceTable, load_prices
 from .prompt_prefix import PromptSize, measure
 from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
-from .settings import load_settings
+from .settings import SettingsError, load_settings
 from .sinks import AttemptListener, Sink
 from .spool import SPOOL_DIR_ENV
 from .stream_meter import BodyMeter
@@ -94,6 +97,10 @@ class Accountant:
         started_at = datetime.now(_UTC)
         started = time.perf_counter()
         wanted = _wanted_headers(request.headers.raw)  # one pass: httpx's get() decodes every header
+        url = request.url
+        # Only a prefixed path can be Foundry's, which needs the header names to be told apart.
+        names = frozenset() if url.path == _MESSAGES_PATH_SUFFIX else _header_names(request.headers.raw)
+        route = route_of(url.host, url.path, names)
         tracker = self.tracker
         body = request.content
         # Small bodies are hashed at once; a larger one only if a failure of its size may be resent.
@@ -101,12 +108,14 @@ class Accountant:
         model, fingerprint = _describe_body(
             body, hash_now=size <= _HASH_NOW_MAX_BYTES or tracker.wants_fingerprint(size)
         )
+        if route.model:  # Bedrock and Vertex name the model in the path, not the body
+            model = route.model
         sdk_retry = _int_header(wanted.get(b"x-stainless-retry-count"))
         previous = _last_logical_request.get() if sdk_retry > 0 else None
         explicit = context.current_logical_request()
         budget = waste_budget.current()
         if budget is not None:
-            refused = self._refused(budget, request, explicit, fingerprint, previous, model, size)
+            refused = self._refused(budget, explicit, fingerprint, previous, model, size)
             if refused is not None:
                 return refused
         assignment = tracker.begin(explicit_id=explicit, fingerprint=fingerprint, previous_id=previous)
@@ -129,9 +138,12 @@ class Accountant:
             tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
             context.current_tags(),
         )
+        _in_flight.add(attempt)
         if assignment.attempt_number > 1 and body:
             # A retry: what of its prompt it resends unchanged, and so could have read from the cache.
             attempt.prompt_size = _guard("prompt_size", _prompt_size, body)
+        if route.platform != ANTHROPIC:
+            attempt.platform = route.platform
         if self.listeners:
             start = AttemptStart(
                 attempt_id=attempt.attempt_id,
@@ -151,16 +163,17 @@ class Accountant:
     def _refused(
         self,
         budget: waste_budget.WasteBudget,
-        request: Any,
         explicit: str | None,
         fingerprint: str | None,
         previous: str | None,
         model: str,
         size: int,
     ) -> _Attempt | None:
-        """The account of a retry the waste budget refuses (it is never sent), or None to send it."""
-        if fingerprint is None and explicit is None and previous is None and request.content:
-            fingerprint = fingerprint_of(request.content)  # only with a budget: a resend joins by it
+        """The account of a retry the waste budget refuses (it is never sent), or None to send it.
+
+        A body left unhashed by ``begin`` is one the tracker has no failure of that size for, so it
+        cannot join a failed request by fingerprint: nothing is hashed here.
+        """
         joins = self.tracker.joins(explicit_id=explicit, fingerprint=fingerprint, previous_id=previous)
         if joins is None:
             return None
@@ -230,7 +243,9 @@ class Accountant:
             if meter.first_delta_at is not None:
                 first_token_s = meter.first_delta_at - started
         cost = None
-        if model:
+        # The price table is the first-party API's; a platform's own prices are not in it, and an
+        # attempt there stays unpriced rather than priced at a guess.
+        if model and attempt.platform == ANTHROPIC:
             try:
                 cost = self.prices.cost(model, usage, inference_geo=inference_geo, server_tool_use=tool_use)
             except Exception as exc:  # the record is kept, unpriced: tokens are the ground truth
@@ -274,6 +289,7 @@ class Accountant:
             prompt_bytes=prompt_size.prompt_bytes if prompt_size is not None else None,
             stable_prefix_bytes=prompt_size.stable_prefix_bytes if prompt_size is not None else None,
             inference_geo=inference_geo,
+            platform=attempt.platform,
         )
         if attempt.refused is None:
             record = self.tracker.finish(record, body_size=attempt.body_size)
@@ -316,11 +332,14 @@ class _Attempt:
     """Set when the waste budget refuses this retry: it is recorded, then raised instead of sent."""
     prompt_size: PromptSize | None = None
     """The sizes of a retry's prompt and stable prefix (never measured for a first attempt)."""
+    platform: str = ANTHROPIC
+    """Where the attempt went (:data:`costwatch.platforms.PLATFORMS`)."""
 
     def settle(self, outcome: Outcome, error: BaseException | None = None) -> None:
         """Finish the attempt once; later calls (close after an error, GC) do nothing."""
         if not self._once.acquire(blocking=False):
             return  # never released: the account is closed for good
+        _in_flight.discard(self)
         try:
             self.accountant.settle(self, outcome, error)
         except Exception as exc:
@@ -330,8 +349,9 @@ class _Attempt:
         """Read the status and headers of the response."""
         self.http_status = response.status_code
         headers = response.headers
-        self.request_id = headers.get("request-id")
-        self.stream = headers.get("content-type", "").startswith("text/event-stream")
+        self.request_id = headers.get("request-id") or headers.get("x-amzn-requestid")
+        content_type = headers.get("content-type", "")
+        self.stream = content_type.startswith(("text/event-stream", EVENT_STREAM_CONTENT_TYPE))
 
     def body_ended(self, error: BaseException | None) -> None:
         """The body ended: at EOF (``error`` None), by an exception, or by being closed early."""
@@ -365,6 +385,23 @@ class _Attempt:
         # no error of the transport.
         self.settle(outcome, None if outcome is Outcome.CANCELLED or _is_stop(error) else error)
 
+    def settle_interrupted(self) -> None:
+        """At exit: settle an attempt still in flight, billed with what arrived so far.
+
+        A stream not yet ended is ``interrupted``; one whose end already arrived keeps its outcome.
+        """
+        if self._once.locked():
+            return
+        meter = self.meter
+        if meter is not None and meter.kept is not None:
+            try:
+                meter.finish_stream(read_all=True)  # its exact characters: the estimate's input
+            except Exception as exc:
+                instrumentation_errors.record("feed", exc)
+                meter = self.meter = None
+        outcome = self.outcome_after_body(None)
+        self.settle(Outcome.INTERRUPTED if outcome is Outcome.DROPPED else outcome)
+
     def outcome_after_body(self, error: BaseException | None) -> Outcome:
         """Classify how an attempt whose headers arrived ended."""
         meter = self.meter
@@ -396,7 +433,7 @@ class _DeferredSettler:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_Attempt | threading.Event] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Attempt | _Interrupted | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -408,6 +445,17 @@ class _DeferredSettler:
     def defer(self, attempt: _Attempt) -> None:
         """Queue an attempt whose body was closed before it ended."""
         self._queue.put(attempt)
+
+    def interrupt_in_flight(self, timeout: float) -> None:
+        """At exit: settle every attempt still in flight as interrupted, on the settler thread.
+
+        Never here: a signal handler may have interrupted a thread holding the locks settling takes.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            return
+        for attempt in list(_in_flight):
+            self._queue.put(_Interrupted(attempt))
+        self.wait(timeout)
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until every attempt deferred so far is settled; False on timeout."""
@@ -426,6 +474,7 @@ class _DeferredSettler:
 
     def reset_in_child(self) -> None:
         """In a forked child: drop the parent's queue (its attempts are the parent's) and thread."""
+        _in_flight.clear()
         self._queue = queue.SimpleQueue()
         self._thread = None
         if _hooks is not None:
@@ -444,11 +493,26 @@ class _DeferredSettler:
             _settle_item(item)
 
 
-def _settle_item(item: _Attempt | threading.Event) -> None:
+class _Interrupted:
+    """A queue item: an attempt still in flight at exit, to be settled as interrupted."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self, attempt: _Attempt) -> None:
+        self.attempt = attempt
+
+
+def _settle_item(item: _Attempt | _Interrupted | threading.Event) -> None:
     if isinstance(item, threading.Event):
         item.set()  # a waiter's marker: everything queued before it is settled
+    elif isinstance(item, _Interrupted):
+        _guard("interrupt", item.attempt.settle_interrupted)
     else:
         _guard("body_close", item.settle_body, GeneratorExit())
+
+
+_in_flight: set[_Attempt] = set()
+"""Attempts sent and not settled yet; settled as interrupted when the process exits."""
 
 
 _settler = _DeferredSettler()
@@ -512,6 +576,11 @@ def _wanted_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[bytes, str]:
         if lowered in _WANTED_HEADERS:
             found[lowered] = value.decode("latin-1")
     return found
+
+
+def _header_names(raw: Iterable[tuple[bytes, bytes]]) -> frozenset[str]:
+    """The request's lower-case header names; never their values."""
+    return frozenset(name.decode("latin-1").lower() for name, _ in raw)
 
 
 def _int_header(value: str | None) -> int:
@@ -678,10 +747,17 @@ class _Hooks:
         """Whether this request is a Messages API call we account for."""
         if not self.active:
             return False
-        if request.method != "POST" or not request.url.path.endswith(_MESSAGES_PATH_SUFFIX):
+        if request.method != "POST":
+            return False
+        path = request.url.path
+        first_party_shape = path.endswith(_MESSAGES_PATH_SUFFIX)
+        if not first_party_shape and not is_platform_path(path):
             return False
         if self.http_clients is not None and http_client not in self.http_clients:
             return False
+        if not first_party_shape:
+            # Bedrock and Vertex requests carry the API version in the body instead of a header.
+            return b'"anthropic_version"' in request.content
         return any(name.lower() == b"anthropic-version" for name, _ in request.headers.raw)
 
     def install(self, modules: Iterable[Any]) -> None:
@@ -775,11 +851,14 @@ def _observe_response(attempt: _Attempt, response: Any, stream_cls: type) -> Non
         meter.feed(response.content)
         attempt.body_ended(None)
         return
-    attempt.meter = BodyMeter(
-        stream=attempt.stream,
-        content_encoding=response.headers.get("content-encoding"),
-        clock=time.perf_counter,
-    )
+    if response.headers.get("content-type", "").startswith(EVENT_STREAM_CONTENT_TYPE):
+        attempt.meter = EventStreamMeter(clock=time.perf_counter)  # Bedrock's binary framing
+    else:
+        attempt.meter = BodyMeter(
+            stream=attempt.stream,
+            content_encoding=response.headers.get("content-encoding"),
+            clock=time.perf_counter,
+        )
     response.stream = stream_cls(response.stream, attempt)
 
 
@@ -841,8 +920,13 @@ def instrument(
         )
         for sink in added:
             pipeline.add_sink(sink)
+        if any(pipeline.spool.has_segments(sink.name) for sink in added):
+            # A spool left by an earlier (perhaps killed) process: replayed now, not at the first request.
+            pipeline.retry_spool()
         _settler.start()
-        # At exit, streams closed at the last moment are settled before any pipeline flushes.
+        # At exit, streams closed at the last moment are settled before any pipeline flushes, and
+        # so, when the process is ending, are attempts still in flight.
+        interrupt_before_exit(_settler.interrupt_in_flight)
         drain_before_exit(_settler.drain)
         hooks = _Hooks(accountant, http_clients, added)
         hooks.install(_importable_http_modules())
@@ -884,8 +968,10 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
     sinks: list[Sink] = []
     if config.store:
         from .store import SqlStore  # SQLAlchemy is imported only when the store is used
+        from .store.database import checked_database_url
 
-        store = SqlStore(config.database_url, retry_window=timedelta(seconds=config.retry_window_s))
+        url = checked_database_url(config.database_url)  # refused now, not at the first write
+        store = SqlStore(url, retry_window=timedelta(seconds=config.retry_window_s))
         try:
             store.prepare()
         except Exception as exc:  # the database is down or refuses us: the writer retries and spools
@@ -913,8 +999,20 @@ def _process_metrics_sink(config: Any, pipeline: Pipeline) -> Sink:
             retry_window_s=config.retry_window_s,
             workflow_label_limit=config.workflow_label_limit,
             model_label_limit=config.model_label_limit,
+            otlp=_otlp_metrics(config),
         )
     return _metrics_sink
+
+
+def _otlp_metrics(config: Any) -> Any:
+    if config.metrics_exporter != "otlp":
+        return None
+    from .otlp import OtlpMetrics  # the OpenTelemetry SDK is imported only when asked for
+
+    try:
+        return OtlpMetrics()
+    except (ImportError, ValueError) as exc:
+        raise SettingsError(f"COSTWATCH_METRICS_EXPORTER=otlp: {exc}") from None
 
 
 def _default_listeners() -> list[AttemptListener]:

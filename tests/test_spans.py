@@ -343,3 +343,10 @@ def test_default_listener_makes_no_span_until_the_application_sets_a_tracer_prov
     env.pop("OTEL_PYTHON_TRACER_PROVIDER", None)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_platform_attempt_span_names_the_platform_and_its_provider(provider, exporter):
+    run(SpanListener(provider, environ={}), start(), finished(platform="bedrock"))
+    attributes = dict(only(exporter.get_finished_spans()).attributes or {})
+    assert attributes["gen_ai.provider.name"] == "aws.bedrock"
+    assert attributes["costwatch.platform"] == "bedrock"

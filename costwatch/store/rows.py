@@ -161,6 +161,8 @@ ATTEMPT_COLUMNS = (
     "stable_prefix_bytes",
     "server_tool_cost_usd",
     "inference_geo",
+    "platform",
+    "tokens_clamped",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
@@ -211,6 +213,8 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         record.stable_prefix_bytes,
         cost.server_tool_usd if cost is not None else None,
         record.inference_geo,
+        record.platform,
+        usage.tokens_clamped,
     )
 
 
@@ -268,6 +272,7 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
             output_tokens=row["output_tokens"],
             output_estimated=bool(row["output_estimated"]),
             estimated_output_tokens=row["estimated_output_tokens"],
+            tokens_clamped=bool(row["tokens_clamped"]),
         ),
         server_tool_use=MappingProxyType(dict(row["server_tool_use"] or {})),
         stop_reason=row["stop_reason"],
@@ -282,4 +287,5 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         prompt_bytes=row.get("prompt_bytes"),
         stable_prefix_bytes=row.get("stable_prefix_bytes"),
         inference_geo=row.get("inference_geo"),
+        platform=row["platform"],
     )
