@@ -111,7 +111,7 @@ def test_instrument_connects_and_migrates_the_store_before_it_returns(tmp_path):
 
 
 def test_instrument_with_an_unreachable_store_installs_and_spools_instead_of_raising(tmp_path):
-    url = f"sqlite:///{tmp_path / 'no-such-directory' / 'records.db'}"
+    url = "postgresql://postgres@127.0.0.1:1/test"  # nothing listens on port 1: refused at once
     pipeline = Pipeline()
     assert costwatch.instrument(pipeline=pipeline, database_url=url, metrics=False, listeners=[])
     try:

@@ -102,9 +102,11 @@ class SqlStore:
 
         ``instrument()`` calls it so that this one-time work is done before the application's first
         request rather than on the writer thread beside it. Raises what connecting or migrating
-        raised; the writer then tries again at each write, spooling meanwhile.
+        raised; the writer then tries again at each write, spooling meanwhile. No connection is
+        kept open: the first write connects to the database as it then is (a SQLite file moved or
+        removed meanwhile must fail that write and spool, not go to the file that was).
         """
-        self.engine  # noqa: B018  (the property creates the engine and migrates)
+        self.engine.dispose()  # the property creates the engine and migrates
 
     # -- the Sink side -----------------------------------------------------------------------
     def export(self, records: Sequence[AttemptRecord]) -> None:
