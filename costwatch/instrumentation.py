@@ -886,14 +886,14 @@ def instrument(
     ``COSTWATCH_*`` variables. A ``spool_dir`` chosen there (keyword or variable) also moves the spool
     of a process-wide pipeline created earlier, say by ``costwatch.flush()``; once that pipeline's
     writer has started it cannot, and :class:`~costwatch.settings.SettingsError` says so. Returns True
-    if hooks were installed, False if costwatch was already instrumenting (a second call does nothing).
+    if hooks were installed, False if costwatch was already instrumenting: a second call installs
+    nothing, and only adds ``client`` to the accounted ones when the first call named clients too.
     """
     global _hooks
     with _state_lock:
         if _hooks is not None:
             if client is not None and _hooks.http_clients is not None:
                 _hooks.http_clients.add(_http_client_of(client))
-                return True
             return False
         config = load_settings(settings)
         # Everything that can fail on bad input happens before anything is attached or installed.
