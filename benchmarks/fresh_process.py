@@ -20,8 +20,8 @@ Each round starts one process per variant in rotated order; a ratio is the media
 pair. The stream loop is timed on the wall clock and on ``time.process_time`` (every thread of the
 process: costwatch's writer included). A create's CPU is ``process_time`` over the calls and a
 final flush of what the variant still holds, minus ``none``'s, per call. The costwatch processes
-share one working directory whose database an untimed first process created and migrated, as the
-runs of a deployed application do; a separate row times ``instrument()`` on a new database.
+share one working directory whose database a first, untimed process created and migrated, as the
+runs of a deployed application do; a separate row gives that first ``instrument()`` (new database).
 """
 
 from __future__ import annotations
@@ -242,13 +242,10 @@ def measure_fresh_process(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     env.pop("COSTWATCH_DATABASE_URL", None)
     with fake_api_in_subprocess() as url, tempfile.TemporaryDirectory(prefix="costwatch-fresh-") as home:
-        app_dir = os.path.join(home, "app")
-        new_dir = os.path.join(home, "new")
-        os.makedirs(app_dir)
-        os.makedirs(new_dir)
-        # Untimed: the deployed application's database exists, migrated, before the timed runs.
-        _run_child(COSTWATCH, url, streams=1, events=events, creates=1, cwd=app_dir, env=env)
-        first = _run_child(COSTWATCH, url, streams=1, events=events, creates=1, cwd=new_dir, env=env)
+        # Untimed but for its install call: the first process creates and migrates the database,
+        # which every timed costwatch process then finds, as the runs of a deployed application do.
+        app_dir = home
+        first = _run_child(COSTWATCH, url, streams=1, events=events, creates=1, cwd=app_dir, env=env)
         for round_number in range(pairs):
             shift = round_number % len(variants)
             for name in variants[shift:] + variants[:shift]:
