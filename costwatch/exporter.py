@@ -30,6 +30,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
@@ -41,7 +42,7 @@ from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
 from .store.query import capped_all_time_with_recent_query, settled_before
-from .store.schema import ALL_TIME_DIMENSIONS
+from .store.schema import ALL_TIME_DIMENSIONS, REJECTED_ATTEMPTS
 
 __all__ = [
     "PRUNE_EVERY_S",
@@ -246,6 +247,8 @@ def _samples(
 
 
 _DROPPED, _COMPLETED = Outcome.DROPPED.value, Outcome.COMPLETED.value
+# The in-process counter's name: the fleet alert on refused records sees the exporter's series too.
+_REJECTED = "costwatch_store_rejected_records"
 _RETRIED, _ABANDONED = WasteReason.RETRIED.value, WasteReason.ABANDONED.value
 
 
@@ -272,6 +275,10 @@ _COUNTERS: Mapping[str, tuple[str, Labels]] = {
     "costwatch_logical_requests": (
         "Logical requests by result: completed attempts, and abandoned attempts of settled hours.",
         ("model", "result"),
+    ),
+    _REJECTED: (
+        "Attempt records the database refused, in costwatch_rejected_attempts (whole store).",
+        (),
     ),
 }
 _GAUGES: Mapping[str, tuple[str, Labels]] = {
@@ -456,10 +463,13 @@ class FleetCollector(Collector):
         )
         with self.store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
             rows = connection.execute(query).all()
+            rejected = connection.execute(sa.select(sa.func.count()).select_from(REJECTED_ATTEMPTS)).scalar()
         totals, settled_abandoned, pending = _combine_all_time(rows)
-        return _samples(
+        samples = _samples(
             totals, settled_abandoned, model_of=_as_is, workflow_of=_as_is, pending_abandoned=pending
         )
+        samples.counters[_REJECTED] = {(): float(rejected or 0)}
+        return samples
 
 
 def _as_is(value: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import socket
 import threading
@@ -460,3 +461,18 @@ def _eventually(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-un
             return False
         time.sleep(0.01)
     return True
+
+
+def test_exporter_counts_the_records_every_process_had_refused(store, store_url):
+    _, registry = exporter(store_url)
+    assert value(registry, "costwatch_store_rejected_records_total") == 0
+    other_process = SqlStore(store_url, retry_window=WINDOW)
+    try:
+        for writer, prefix in ((store, "a"), (other_process, "b")):
+            refused = dataclasses.replace(record(f"{prefix}-huge", OLD), usage=Usage(input_tokens=10**20))
+            writer.write([record(f"{prefix}-ok", OLD), refused])
+    finally:
+        other_process.shutdown()
+    assert store.rejected_records == 1
+    assert value(registry, "costwatch_store_rejected_records_total") == 2
+    assert value(registry, "costwatch_attempts_total", model=MODEL, outcome="completed", error_type="") == 2
