@@ -122,7 +122,12 @@ PRESETS = {
 
 
 def run_benchmarks(
-    sizes: Sizes, *, only: Sequence[str] = BENCHMARKS, postgres_url: str | None, log: Callable[[str], None]
+    sizes: Sizes,
+    *,
+    only: Sequence[str] = BENCHMARKS,
+    postgres_url: str | None,
+    log: Callable[[str], None],
+    scrape_db: Path | None = None,
 ) -> list[Measurement]:
     """Run the chosen benchmarks at ``sizes`` and return every measurement."""
     rows: list[Measurement] = []
@@ -201,6 +206,7 @@ def run_benchmarks(
                 pairs=sizes.scrape_pairs,
                 scrapers=sizes.scrape_clients,
                 scrapes=sizes.scrape_repeats,
+                database=scrape_db,
             )
         )
     return rows
@@ -223,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a PostgreSQL server to create a throwaway database on; '' to skip PostgreSQL",
     )
     parser.add_argument(
+        "--scrape-db",
+        type=Path,
+        help="a SQLite file for the scrape load's store: filled if missing, else reused as it is",
+    )
+    parser.add_argument(
         "--json", type=Path, default=RESULTS, help=f"where to write the results (default {RESULTS})"
     )
     parser.add_argument(
@@ -243,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         only=args.only or BENCHMARKS,
         postgres_url=args.postgres or None,
         log=lambda text: print(text, file=sys.stderr, flush=True),
+        scrape_db=args.scrape_db,
     )
     elapsed = time.perf_counter() - started
     print(markdown_table(rows))
