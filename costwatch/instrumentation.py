@@ -24,6 +24,7 @@ import importlib
 import os
 import queue
 import re
+import sys
 import threading
 import time
 import weakref
@@ -51,9 +52,11 @@ _HTTP_MODULES = ("httpx", "httpx2")
 _MESSAGES_PATH_SUFFIX = "/v1/messages"
 _CANCELLATIONS = (GeneratorExit, KeyboardInterrupt, SystemExit)
 
-# The logical request of the last attempt begun in this thread or task: an SDK-internal retry
-# (``x-stainless-retry-count`` > 0) always runs in the same context as the attempt it repeats.
-_last_logical_request: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+# The thread or task that began the last attempt in this context, and that attempt's logical request:
+# an SDK-internal retry (``x-stainless-retry-count`` > 0) always runs in the same context as the
+# attempt it repeats, and an application's resend usually does. The owner is kept with the id
+# because a task starts with a copy of its parent's context: a value it inherited is not its own.
+_last_logical_request: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar(
     "costwatch_last_logical_request", default=None
 )
 
@@ -84,8 +87,8 @@ class Accountant:
         self.estimator = estimator or OutputEstimator()
         self.tracker = tracker or RetryTracker()
 
-    def begin(self, request: Any) -> _Attempt:
-        """Open the account of one attempt about to be sent."""
+    def begin(self, request: Any, owner: object = None) -> _Attempt:
+        """Open the account of one attempt about to be sent by ``owner``, the thread or task sending it."""
         started_at = datetime.now(_UTC)
         started = time.perf_counter()
         wanted = _wanted_headers(request.headers.raw)  # one pass: httpx's get() decodes every header
@@ -97,11 +100,18 @@ class Accountant:
             body, hash_now=size <= _HASH_NOW_MAX_BYTES or tracker.wants_fingerprint(size)
         )
         sdk_retry = _int_header(wanted.get(b"x-stainless-retry-count"))
-        previous = _last_logical_request.get() if sdk_retry > 0 else None
+        if owner is None:
+            owner = threading.current_thread()
+        last = _last_logical_request.get()
+        in_context = last[1] if last is not None and last[0] is owner else None
         assignment = tracker.begin(
-            explicit_id=context.current_logical_request(), fingerprint=fingerprint, previous_id=previous
+            explicit_id=context.current_logical_request(),
+            fingerprint=fingerprint,
+            previous_id=in_context if sdk_retry > 0 else None,
+            context_id=in_context,
+            owner=owner,
         )
-        _last_logical_request.set(assignment.logical_request_id)
+        _last_logical_request.set((owner, assignment.logical_request_id))
         for record in assignment.now_retried:
             self.pipeline.submit(record)
         beta = wanted.get(b"anthropic-beta")
@@ -145,7 +155,10 @@ class Accountant:
         answered_model = message_id = api_error_type = stop_reason = first_token_s = None
         events = bytes_received = 0
         tool_use = _NO_TOOL_USE
+        unreadable = None
         if meter is not None:
+            if attempt.sdk_failed_reading():
+                unreadable = meter.unreadable
             answered_model = meter.model
             model = answered_model or model
             reported = meter.usage
@@ -203,7 +216,9 @@ class Accountant:
             message_id,
             attempt.sdk_retry,
             attempt.http_status,
-            type(error).__name__ if error is not None else None,  # error_type
+            # error_type: what the application saw; after an event the SDK could not read, the SDK's
+            # own exception, which the hooks never see.
+            type(error).__name__ if error is not None else unreadable,
             api_error_type,
             first_token_s,  # time_to_first_token_s
             time.perf_counter() - started,  # duration_s
@@ -300,6 +315,11 @@ class _Attempt:
         # no error of the transport.
         self.settle(outcome, None if outcome is Outcome.CANCELLED or _is_stop(error) else error)
 
+    def sdk_failed_reading(self) -> bool:
+        """Whether the body was closed early after an event the SDK cannot read: the SDK raised there."""
+        meter = self.meter
+        return meter is not None and meter.unreadable is not None and self.closing
+
     def outcome_after_body(self, error: BaseException | None) -> Outcome:
         """Classify how an attempt whose headers arrived ended."""
         meter = self.meter
@@ -307,6 +327,8 @@ class _Attempt:
             return Outcome.HTTP_ERROR
         if meter is not None and meter.api_error_type is not None:
             return Outcome.STREAM_ERROR
+        if self.sdk_failed_reading():
+            return Outcome.STREAM_ERROR  # not completed, even if message_stop arrived after the bad event
         if meter is not None and meter.complete:
             return Outcome.COMPLETED
         if self.closing or _is_stop(error):
@@ -665,7 +687,7 @@ def _wrap_async_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: ty
     async def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         if not hooks.wants(self, request):
             return await original(self, request, *args, **kwargs)
-        attempt = _guard("begin", hooks.accountant.begin, request)
+        attempt = _guard("begin", hooks.accountant.begin, request, _current_task())
         if attempt is None:
             return await original(self, request, *args, **kwargs)
         try:
@@ -678,6 +700,25 @@ def _wrap_async_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: ty
 
     send.__wrapped__ = original  # type: ignore[attr-defined]
     return send
+
+
+def _current_task() -> object:
+    """The asyncio (or trio) task running this coroutine; the thread when neither says."""
+    asyncio = sys.modules.get("asyncio")  # imported already by any asyncio application
+    if asyncio is not None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no asyncio loop running: another event loop (anyio on trio)
+            task = None
+        if task is not None:
+            return task
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+    return threading.current_thread()
 
 
 def _settle_without_response(attempt: _Attempt, error: BaseException) -> None:

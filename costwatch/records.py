@@ -163,6 +163,8 @@ class WasteReason(str, enum.Enum):
     """A later attempt of the same logical request exists: these tokens were paid for twice."""
     ABANDONED = "abandoned"
     """No later attempt exists (yet): the tokens bought nothing."""
+    CANCELLED = "cancelled"
+    """The application stopped reading (break, close, cancellation): its choice, not retry waste."""
 
 
 class TokenType(str, enum.Enum):

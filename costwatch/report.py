@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .records import Outcome, TokenType
+from .records import Outcome, TokenType, WasteReason
 from .store import RollupTotals
 from .store.rows import hour_of
 
@@ -47,16 +47,18 @@ REPORT_FORMATS: tuple[str, ...] = ("table", "json", "csv")
 """What ``--format`` accepts."""
 
 _TOKEN_KEYS = tuple(token_type.value for token_type in TokenType)
+_WASTE_REASONS = tuple(reason.value for reason in WasteReason)
 _UNLABELLED = {"workflow": "(untagged)", "error_type": "(no error)", "model": "(unknown)"}
 
 
 def rollup_group_by(by: str) -> tuple[str, ...]:
     """The rollup dimensions to read for a report grouped ``by`` this (``outcome`` is always read,
-    because the rollups count failed attempts only by outcome)."""
+    because the rollups count failed attempts only by outcome, and ``waste_reason``, which splits
+    the waste into retried, abandoned and cancelled)."""
     if by not in GROUPINGS:
         raise ValueError(f"unknown grouping {by!r}; choose from {', '.join(GROUPINGS)}")
     column = "hour" if by in TIME_GROUPINGS else by
-    return (column,) if column == "outcome" else (column, "outcome")
+    return (column, "waste_reason") if column == "outcome" else (column, "outcome", "waste_reason")
 
 
 @dataclass
@@ -72,6 +74,9 @@ class _Tally:
     billed_cost_usd: float = 0.0
     wasted_cost_usd: float = 0.0
     estimated_output_tokens: int = 0
+    wasted_by_reason: dict[str, dict[str, float]] = field(
+        default_factory=lambda: {reason: {"tokens": 0, "cost_usd": 0.0} for reason in _WASTE_REASONS}
+    )
 
     def add(self, row: RollupTotals) -> None:
         self.attempts += row.attempts
@@ -85,6 +90,10 @@ class _Tally:
         self.billed_cost_usd += row.billed_cost_usd
         self.wasted_cost_usd += row.wasted_cost_usd
         self.estimated_output_tokens += row.estimated_output_tokens
+        reason = self.wasted_by_reason.get(str(row.group.get("waste_reason") or ""))
+        if reason is not None:
+            reason["tokens"] += sum(int(getattr(row, f"wasted_{key}_tokens")) for key in _TOKEN_KEYS)
+            reason["cost_usd"] += row.wasted_cost_usd
 
     def to_dict(self) -> dict[str, Any]:
         billed = sum(self.billed_tokens.values())
@@ -100,6 +109,10 @@ class _Tally:
             "wasted_cost_usd": round(self.wasted_cost_usd, 6),
             "waste_ratio": round(wasted / billed, 6) if billed else 0.0,
             "estimated_output_tokens": self.estimated_output_tokens,
+            "wasted_by_reason": {
+                reason: {"tokens": int(sums["tokens"]), "cost_usd": round(sums["cost_usd"], 6)}
+                for reason, sums in self.wasted_by_reason.items()
+            },
         }
 
 
@@ -248,6 +261,16 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
         f" ({report['waste_ratio']:.1%} of billed tokens)",
     )
     console.print(summary)
+    reasons = report.get("wasted_by_reason") or {}
+    if wasted and reasons:
+        console.print(
+            "wasted by reason: "
+            + ", ".join(
+                f"{reason} {_tokens(sums['tokens'])} tokens, {_usd(sums['cost_usd'])}"
+                for reason, sums in reasons.items()
+            ),
+            highlight=False,
+        )
 
     table = Table(box=box.SIMPLE_HEAD, show_footer=True, title=f"by {by}", title_justify="left")
     table.add_column(by, footer="total")

@@ -39,6 +39,17 @@ _BLOCK_CONTENT_TYPE = {
 FOLD_BYTES = 4 * 1024 * 1024
 """Kept (not yet read) bytes of a stream past which :meth:`BodyMeter.fold` reads them."""
 
+_MESSAGE_EVENTS = frozenset(
+    {
+        b"message_start",
+        b"message_delta",
+        b"message_stop",
+        b"content_block_start",
+        b"content_block_delta",
+        b"content_block_stop",
+    }
+)
+"""The event names whose data every SDK line parses as JSON (and raises on when it cannot)."""
 _DELTA_FIELD = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 _DELTA_CONTENT_TYPE = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "tool_input"}
 
@@ -136,6 +147,7 @@ class BodyMeter:
         "now",
         "output_reported",
         "stop_reason",
+        "unreadable",
         "usage",
     )
 
@@ -165,6 +177,10 @@ class BodyMeter:
         self.message_stop_seen = False
         self.output_reported = False
         """True once the API reported the final output count (``message_delta`` or a JSON body)."""
+        self.unreadable: str | None = None
+        """The exception both SDK lines raise on the first event they cannot read, by class name:
+        ``UnicodeDecodeError`` for bytes that are not UTF-8, ``JSONDecodeError`` for broken JSON in an
+        event of the Messages API's own types (others the 0.x SDK skips unread)."""
         self.chars_measured = True
         """False when a completed stream was read from its tail only: ``chars`` is then empty."""
         self.kept: list[bytes] | None = None
@@ -351,9 +367,17 @@ class BodyMeter:
         if name == b"ping":
             return
         try:
-            payload = _decode_json(data.decode())
-        except (ValueError, UnicodeDecodeError):
+            text = data.decode()
+        except UnicodeDecodeError:
             self.malformed_events += 1
+            self.unreadable = self.unreadable or "UnicodeDecodeError"
+            return
+        try:
+            payload = _decode_json(text)
+        except ValueError:
+            self.malformed_events += 1
+            if name in _MESSAGE_EVENTS and text:
+                self.unreadable = self.unreadable or "JSONDecodeError"
             return
         if not isinstance(payload, dict):
             self.malformed_events += 1

@@ -95,7 +95,7 @@ def test_report_groups_carry_the_same_fields_plus_their_key_most_wasted_first():
 
 
 def test_report_by_outcome_reads_only_the_outcome_dimension():
-    assert rollup_group_by("outcome") == ("outcome",)
+    assert rollup_group_by("outcome") == ("outcome", "waste_reason")
     rows = [
         totals({"outcome": "completed"}, attempts=3),
         totals({"outcome": "dropped"}, attempts=2, dropped_attempts=2, wasted_cost_usd=1.0),
@@ -119,7 +119,7 @@ def test_report_by_hour_and_day_merges_hours_in_time_order():
         totals({"hour": HOUR - timedelta(days=1), "outcome": "completed"}, attempts=2),
         totals({"hour": HOUR - timedelta(days=1, hours=3), "outcome": "dropped"}, attempts=4),
     ]
-    assert rollup_group_by("hour") == rollup_group_by("day") == ("hour", "outcome")
+    assert rollup_group_by("hour") == rollup_group_by("day") == ("hour", "outcome", "waste_reason")
     by_hour = build_report(rows, "hour")
     assert [g["hour"] for g in by_hour["groups"]] == [
         "2026-11-24T15:00:00+00:00",
@@ -161,6 +161,44 @@ def test_subtracting_an_earlier_read_leaves_only_what_was_added_since():
     assert subtract_totals(before, before) == []
 
 
+def test_waste_is_split_by_reason_with_cancelled_apart_from_retried_and_abandoned():
+    assert rollup_group_by("model") == ("model", "outcome", "waste_reason")
+    rows = [
+        totals(
+            {"model": "m", "outcome": "dropped", "waste_reason": "retried"},
+            attempts=2,
+            wasted_input_tokens=1000,
+            wasted_output_tokens=20,
+            wasted_cost_usd=0.5,
+        ),
+        totals(
+            {"model": "m", "outcome": "dropped", "waste_reason": "abandoned"},
+            attempts=1,
+            wasted_input_tokens=300,
+            wasted_cost_usd=0.1,
+        ),
+        totals(
+            {"model": "m", "outcome": "cancelled", "waste_reason": "cancelled"},
+            attempts=1,
+            wasted_input_tokens=400,
+            wasted_output_tokens=7,
+            wasted_cost_usd=0.2,
+        ),
+        totals({"model": "m", "outcome": "completed", "waste_reason": ""}, attempts=3),
+    ]
+    report = build_report(rows, "model")
+    assert report["wasted_by_reason"] == {
+        "retried": {"tokens": 1020, "cost_usd": 0.5},
+        "abandoned": {"tokens": 300, "cost_usd": 0.1},
+        "cancelled": {"tokens": 407, "cost_usd": 0.2},
+    }
+    assert report["groups"][0]["wasted_by_reason"] == report["wasted_by_reason"]
+    console = Console(file=io.StringIO(), width=200)
+    render_table(report, console)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "wasted by reason: retried 1,020 tokens, $0.50, abandoned 300 tokens, $0.10, cancelled 407" in text
+
+
 def test_json_rendering_is_one_object_with_the_documented_keys():
     report = build_report(sonnet_dropped_and_retried(), "model")
     parsed = json.loads(render_json(report))
@@ -175,6 +213,7 @@ def test_json_rendering_is_one_object_with_the_documented_keys():
         "wasted_cost_usd",
         "waste_ratio",
         "estimated_output_tokens",
+        "wasted_by_reason",
         "groups",
     ):
         assert key in parsed

@@ -30,6 +30,7 @@ __all__ = [
     "error_event",
     "error_message",
     "malformed_event",
+    "non_utf8_event",
     "plan_response",
     "position_after_deltas",
     "position_of_delta",
@@ -89,6 +90,14 @@ def malformed_event() -> bytes:
     """A ``content_block_delta`` event whose data is cut-off JSON."""
     return (
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"te\n\n'
+    )
+
+
+def non_utf8_event() -> bytes:
+    """A text ``content_block_delta`` event with two bytes that are not UTF-8 in its text."""
+    return (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"\xff\xfe"}}\n\n'
     )
 
 
