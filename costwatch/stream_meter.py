@@ -22,10 +22,15 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["CONTENT_TYPES", "FOLD_BYTES", "BodyMeter", "ReportedUsage"]
+from .estimation import count_scripts
+
+__all__ = ["CHAR_KEYS", "CONTENT_TYPES", "FOLD_BYTES", "BodyMeter", "ReportedUsage"]
 
 CONTENT_TYPES = ("text", "thinking", "tool_input")
 """The content types whose characters are counted to estimate the output of a cut stream."""
+
+CHAR_KEYS = (*CONTENT_TYPES, "cjk", "symbol", "space")
+"""The keys of :attr:`BodyMeter.chars`."""
 
 # Which content type a block's deltas count toward, by the block's type. Blocks not listed (tool
 # results, documents, redacted thinking) carry no output text that the client sees as deltas.
@@ -165,7 +170,10 @@ class BodyMeter:
         self._decompressor = _decompressor(content_encoding)
         self.now = clock
         self.usage = ReportedUsage()
-        self.chars = dict.fromkeys(CONTENT_TYPES, 0)
+        self.chars = dict.fromkeys(CHAR_KEYS, 0)
+        """Characters received: per content type those of Latin and other alphabetic scripts (with
+        their whitespace), then ``cjk`` and ``symbol`` characters of any type, and ``space``, the
+        whitespace among the content types' counts (a subset of them, kept for calibration)."""
         self.events = 0
         self.malformed_events = 0
         self.bytes_received = 0
@@ -293,6 +301,18 @@ class BodyMeter:
         self.chars_measured = False
         return True
 
+    def _count(self, content_type: str, piece: str) -> None:
+        """Count ``piece`` toward ``content_type``, its CJK and symbol characters toward their classes."""
+        cjk, symbol, space = count_scripts(piece)
+        chars = self.chars
+        chars[content_type] += len(piece) - cjk - symbol
+        if cjk:
+            chars["cjk"] += cjk
+        if symbol:
+            chars["symbol"] += symbol
+        if space:
+            chars["space"] += space
+
     def _delta_in_place(self, buffer: bytes, delta: re.Match[bytes], end: int) -> bool:
         """Count a text, thinking or tool-input delta in the API's own compact form, in place.
 
@@ -316,11 +336,19 @@ class BodyMeter:
         else:
             folded = 0
         try:
-            length = len(buffer[first:close].decode()) - folded
+            text = buffer[first:close].decode()
         except UnicodeDecodeError:
             return False
+        content_type = _COMPACT_DELTA_TYPES[delta.group(1)]
+        if len(text) == close - first:
+            # ASCII (the usual case): no CJK or symbols; spaces by one byte count, escapes folded.
+            self.chars[content_type] += len(text) - folded
+            self.chars["space"] += buffer.count(b" ", first, close)
+        elif folded:
+            return False  # escapes in non-ASCII text: the parser unescapes them before counting
+        else:
+            self._count(content_type, text)
         self.events += 1
-        self.chars[_COMPACT_DELTA_TYPES[delta.group(1)]] += length
         if self.first_delta_at is None and self.now is not None:
             self.first_delta_at = self.now()
         return True
@@ -391,7 +419,7 @@ class BodyMeter:
                 if content_type is not None:
                     piece = delta.get(_DELTA_FIELD[delta_type])  # type: ignore[index]
                     if isinstance(piece, str):
-                        self.chars[content_type] += len(piece)
+                        self._count(content_type, piece)
                 if self.first_delta_at is None and self.now is not None:
                     self.first_delta_at = self.now()
         elif kind == "content_block_start":
@@ -440,15 +468,15 @@ class BodyMeter:
         if content_type == "text":
             text = block.get("text")
             if isinstance(text, str):
-                self.chars["text"] += len(text)
+                self._count("text", text)
         elif content_type == "thinking":
             text = block.get("thinking")
             if isinstance(text, str):
-                self.chars["thinking"] += len(text)
+                self._count("thinking", text)
         elif content_type == "tool_input":
             tool_input = block.get("input")
             if tool_input:  # a streamed block starts with {} and sends its JSON as deltas
-                self.chars["tool_input"] += len(json.dumps(tool_input, separators=(",", ":")))
+                self._count("tool_input", json.dumps(tool_input, separators=(",", ":"), ensure_ascii=False))
 
 
 _COMPACT_DELTA = re.compile(

@@ -106,7 +106,7 @@ def test_unknown_block_and_delta_types_are_counted_as_events_and_never_raise() -
     )
     assert meter.complete and meter.events == 7 and meter.malformed_events == 0
     assert meter.usage.input_tokens == 120 and meter.usage.output_tokens == 9
-    assert meter.chars == {"text": 0, "thinking": 0, "tool_input": 0}
+    assert meter.chars == {"text": 0, "thinking": 0, "tool_input": 0, "cjk": 0, "symbol": 0, "space": 0}
 
 
 @pytest.mark.parametrize(
