@@ -63,6 +63,7 @@ _last_logical_request: contextvars.ContextVar[tuple[object, str] | None] = conte
 
 _NOTHING_BILLED = Usage()
 _NO_TOOL_USE: Mapping[str, int] = MappingProxyType({})
+_NO_CHARS: Mapping[str, int] = MappingProxyType({})
 # Enum members read once: looking one up on its class costs ~70 ns, and settle() asks several times.
 _COMPLETED = Outcome.COMPLETED
 _INPUT_UNBILLED = (Outcome.HTTP_ERROR, Outcome.CONNECT_ERROR)
@@ -155,6 +156,7 @@ class Accountant:
         answered_model = message_id = api_error_type = stop_reason = first_token_s = None
         events = bytes_received = 0
         tool_use = _NO_TOOL_USE
+        output_chars = _NO_CHARS
         unreadable = None
         if meter is not None:
             if attempt.sdk_failed_reading():
@@ -168,8 +170,10 @@ class Accountant:
             if billed_input and not meter.output_reported:
                 estimated = self.estimator.estimate(model, meter.chars)
                 output = estimated
+                output_chars = _counted(meter.chars)  # kept, to revise the estimate later
             elif outcome is _COMPLETED and meter.output_reported and meter.chars_measured:
                 self.estimator.observe(model, meter.chars, reported.output_tokens)
+                output_chars = _counted(meter.chars)  # a calibration sample for the fleet
             if billed_input and (meter.message_id is not None or meter.output_reported):
                 usage = Usage(
                     input_tokens=reported.input_tokens,
@@ -232,12 +236,18 @@ class Accountant:
             None,  # waste_reason
             attempt.tags,
             fingerprint,
+            0,  # revision
+            output_chars,
         )
         record = self.tracker.finish(record, body_size=attempt.body_size)
         for listener, state in attempt.listener_states:
             _guard("listener_finish", listener.attempt_finished, state, record)
         # A completed attempt's large body is fingerprinted later, on the pipeline's thread.
         self.pipeline.submit(record, body_to_fingerprint=body)
+
+
+def _counted(chars: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType({key: count for key, count in chars.items() if count > 0})
 
 
 @dataclass(slots=True, eq=False)
@@ -801,6 +811,7 @@ def instrument(
             listeners=listeners if listeners is not None else _default_listeners(),
             tracker=RetryTracker(window_s=config.retry_window_s),
         )
+        added += _fleet_calibration(added, accountant.estimator, config)
         for sink in added:
             pipeline.add_sink(sink)
         _settler.start()
@@ -851,6 +862,19 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
     if config.metrics:
         sinks.append(_process_metrics_sink(config, pipeline))
     return sinks
+
+
+def _fleet_calibration(sinks: Sequence[Sink], estimator: OutputEstimator, config: Any) -> list[Sink]:
+    """A :class:`~costwatch.calibration.FleetCalibration` over the first sink that stores calibration
+    samples (the SQL store), loaded now; none if no sink does."""
+    from .calibration import FleetCalibration
+
+    for sink in sinks:
+        if callable(getattr(sink, "calibration_samples", None)):
+            calibration = FleetCalibration(sink, estimator, refresh_s=config.calibration_refresh_s)  # type: ignore[arg-type]
+            calibration.load()
+            return [calibration]
+    return []
 
 
 _metrics_sink: Sink | None = None

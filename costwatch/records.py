@@ -286,6 +286,9 @@ class AttemptRecord:
     fingerprint: str | None = None
     """A hash of the request's model, system, messages, tools and parameters; never the content."""
     revision: int = 0
+    output_chars: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    """Characters of output received, per content type and character class (counts, never text):
+    kept for an attempt whose output was estimated, and for a completed one measured to calibrate."""
 
     @property
     def model_name(self) -> str:
@@ -356,6 +359,7 @@ class AttemptRecord:
             kwargs["beta_features"] = tuple(kwargs.get("beta_features") or ())
             kwargs["server_tool_use"] = MappingProxyType(dict(kwargs.get("server_tool_use") or {}))
             kwargs["tags"] = MappingProxyType(dict(kwargs.get("tags") or {}))
+            kwargs["output_chars"] = MappingProxyType(dict(kwargs.get("output_chars") or {}))
             return cls(**kwargs)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed attempt record: {exc}") from exc

@@ -122,6 +122,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Distinct `workflow` label values kept in metrics; the rest are reported as `other`.",
     ),
     Setting(
+        "calibration_refresh_s",
+        "COSTWATCH_CALIBRATION_REFRESH",
+        _positive_float,
+        300.0,
+        "Seconds between reads of the calibration samples other processes stored (output estimates).",
+    ),
+    Setting(
         "model_label_limit",
         "COSTWATCH_MODEL_LABEL_LIMIT",
         _positive_int,
