@@ -94,6 +94,13 @@ def default_chars_per_token(model: str) -> Mapping[str, float]:
     return LEGACY_CHARS_PER_TOKEN
 
 
+def _pool_of(model: str) -> str:
+    """The pooled calibration of every model sharing ``model``'s tokenizer generation: what a model with
+    no samples of its own starts from (the same tokenizer splits the same text the same way)."""
+    generation = "new" if default_chars_per_token(model) is NEW_TOKENIZER_CHARS_PER_TOKEN else "legacy"
+    return f"tokenizer:{generation}"
+
+
 @dataclass(slots=True)
 class _Factor:
     """A running correction: the log of the calibrated ratio of actual to predicted tokens, and how
@@ -114,15 +121,17 @@ class OutputEstimator:
     """Estimates the output tokens of an attempt from the characters it received, calibrated per model.
 
     ``observe()`` feeds the exact count of each completed attempt. Its ratio of actual to predicted
-    tokens updates, in log space, a per-model correction factor and, when one segment (a content
-    type's alphabetic text, ``cjk`` or ``symbol``) makes up at least ``dominant_share`` of the
-    prediction, that segment's own factor. A factor starts from the defaults as a prior worth
-    ``prior_weight`` samples and moves by ``1 / (samples + prior_weight)`` of each sample's
-    log-ratio (the posterior mean of the log-ratio), then by ``alpha`` once that is smaller (an
-    exponentially weighted mean that follows drift). A sample's log-ratio is bounded to
-    ``log(outlier_bound)`` either side of the current factor, so one outlier moves a factor by at
-    most that much times the weight, while a steady true ratio, however far from the defaults, is
-    reached. A factor is used once it has ``min_samples`` samples. Thread-safe; no I/O.
+    tokens updates, in log space, a per-model correction factor (and one pooled over the models of
+    the same tokenizer generation, which a model without samples of its own uses) and, when one
+    segment (a content type's alphabetic text, ``cjk`` or ``symbol``) makes up at least
+    ``dominant_share`` of the prediction, that segment's own factor. A factor starts from the
+    defaults as a prior worth ``prior_weight`` samples and moves by ``1 / (samples +
+    prior_weight)`` of each sample's log-ratio (the posterior mean of the log-ratio), then by
+    ``alpha`` once that is smaller (an exponentially weighted mean that follows drift). A sample's
+    log-ratio is bounded to ``log(outlier_bound)`` either side of the current factor, so one outlier
+    moves a factor by at most that much times the weight, while a steady true ratio, however far
+    from the defaults, is reached. A factor is used once it has ``min_samples`` samples. Thread-safe;
+    no I/O.
 
     Measuring the characters of a completed stream costs far more than passing it on, so calibration
     samples completed attempts: :meth:`wants_sample` says yes to every one of a model until its factor
@@ -186,12 +195,18 @@ class OutputEstimator:
         predicted = self._predict(model, chars)
         if not predicted:
             return 0
+        pool = _pool_of(model)
         with self._lock:
             model_factor = self._usable(self._models.get(model))
-            factors = {segment: self._usable(self._types.get((model, segment))) for segment in predicted}
+            pool_factor = self._usable(self._models.get(pool))
+            factors = {
+                segment: self._usable(self._types.get((model, segment)))
+                or (None if model_factor else self._usable(self._types.get((pool, segment))))
+                for segment in predicted
+            }
         total = 0.0
         for segment, tokens in predicted.items():
-            factor = factors[segment] or model_factor or 1.0
+            factor = factors[segment] or model_factor or pool_factor or 1.0
             total += tokens * factor
         # Rounding up bills a started token in full, and keeps float noise (2.0000001) from adding one.
         return max(0, math.ceil(total - 1e-9))
@@ -235,10 +250,12 @@ class OutputEstimator:
             return
         dominant = max(predicted, key=predicted.__getitem__)
         log_ratio = math.log(output_tokens / total)
+        pool = _pool_of(model)
         with self._lock:
-            self._update(self._models, model, log_ratio)
-            if predicted[dominant] >= self.dominant_share * total:
-                self._update(self._types, (model, dominant), log_ratio)
+            for key in (model, pool):
+                self._update(self._models, key, log_ratio)
+                if predicted[dominant] >= self.dominant_share * total:
+                    self._update(self._types, (key, dominant), log_ratio)
 
     def _update(self, factors: dict[_Key, _Factor], key: _Key, log_ratio: float) -> None:
         """Feed ``log_ratio`` to the factor under ``key``, created at first use."""

@@ -207,12 +207,19 @@ def test_sample_every_must_be_positive() -> None:
         OutputEstimator(sample_every=0)
 
 
-def test_models_calibrate_independently() -> None:
+def test_a_model_without_samples_starts_from_its_tokenizer_generation_then_from_its_own() -> None:
     estimator = OutputEstimator(prior_weight=0)
     for _ in range(20):
         estimator.observe(LEGACY_MODEL, {"text": 3500}, 1500)
     assert estimator.estimate(LEGACY_MODEL, {"text": 3500}) == 1500
-    assert estimator.estimate("claude-opus-4-6", {"text": 3500}) == 1000
+    # Same (older) tokenizer, no samples of its own: the pooled calibration of its generation.
+    assert estimator.estimate("claude-opus-4-6", {"text": 3500}) == 1500
+    # Another tokenizer generation is calibrated apart.
+    assert estimator.estimate(MODEL, {"text": 2690}) == 1000
+    for _ in range(20):
+        estimator.observe("claude-opus-4-6", {"text": 3500}, 800)
+    assert estimator.estimate("claude-opus-4-6", {"text": 3500}) == 800
+    assert estimator.estimate(LEGACY_MODEL, {"text": 3500}) == 1500
 
 
 def test_dominant_content_type_calibrates_its_own_factor() -> None:
