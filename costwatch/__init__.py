@@ -16,22 +16,37 @@ from ._version import __version__
 from .context import logical_request, tags
 from .instrumentation import flush, instrument, is_instrumented, uninstrument
 from .records import AttemptRecord, Cost, Outcome, TokenType, Usage, WasteReason
+from .retries import (
+    IncompleteStreamError,
+    RetriedStream,
+    RetryPolicy,
+    astream_with_retries,
+    stream_with_retries,
+)
 from .sinks import MemorySink, Sink
+from .waste_budget import WasteBudgetExceeded, waste_budget
 
 __all__ = [
     "AttemptRecord",
     "Cost",
+    "IncompleteStreamError",
     "MemorySink",
     "Outcome",
+    "RetriedStream",
+    "RetryPolicy",
     "Sink",
     "TokenType",
     "Usage",
+    "WasteBudgetExceeded",
     "WasteReason",
     "__version__",
+    "astream_with_retries",
     "flush",
     "instrument",
     "is_instrumented",
     "logical_request",
+    "stream_with_retries",
     "tags",
     "uninstrument",
+    "waste_budget",
 ]

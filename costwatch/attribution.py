@@ -115,6 +115,27 @@ class RetryTracker:
         sizes = self._failed_sizes
         return bool(sizes) and (body_size in sizes or None in sizes)
 
+    def joins(
+        self,
+        *,
+        explicit_id: str | None,
+        fingerprint: str | None,
+        previous_id: str | None,
+        context_id: str | None = None,
+    ) -> tuple[str, int] | None:
+        """The logical request ``begin`` would place such an attempt in, if it exists, and how many
+        attempts it has had; places nothing."""
+        with self._lock:
+            request_id = explicit_id or previous_id
+            request: _LogicalRequest | None = None
+            if request_id is None and fingerprint is not None:
+                request = self._claim(fingerprint, context_id)
+            elif request_id is not None:
+                request = self._requests.get(request_id)
+            if request is None or self._clock() - request.last_seen > self.window_s:
+                return None
+            return request.id, request.attempts
+
     def begin(
         self,
         *,

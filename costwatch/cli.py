@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import io
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 import sqlalchemy.exc
@@ -23,18 +25,29 @@ from rich.table import Table
 from sqlalchemy.engine import URL
 
 from . import __version__
+from .avoidable import avoidable_for_request
 from .durations import MomentError, ceil_hour, floor_hour, parse_moment
+from .explain import explain_request, render_explain
 from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
+from .records import AttemptRecord, Outcome, WasteReason
 from .report import (
     GROUPINGS,
     REPORT_FORMATS,
+    TAG_PREFIX,
+    AttemptFilter,
+    avoidable_waste_section,
     build_report,
     render_csv,
     render_json,
     render_table,
+    render_top,
+    render_waste_reduction,
     rollup_group_by,
     subtract_totals,
+    top_wasteful_requests,
+    totals_from_attempts,
 )
+from .settings import SettingsError, load_settings
 from .store import (
     DATABASE_URL_ENV,
     RollupTotals,
@@ -43,6 +56,8 @@ from .store import (
     migrate,
     safe_url,
 )
+from .store.history import attempts_of_request, iter_attempts
+from .store.query import settled_before
 
 __all__ = ["UserError", "build_parser", "main"]
 
@@ -150,6 +165,34 @@ def _read_totals(
         return store.rollup_totals(start, end, group_by=rollup_group_by(by))
 
 
+def _retry_window() -> timedelta:
+    try:
+        return timedelta(seconds=load_settings().retry_window_s)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _read_pending(
+    store: SqlStore,
+    start: datetime | None,
+    end: datetime | None,
+    by: str,
+    where: Mapping[str, str | Sequence[str]] | None = None,
+) -> list[RollupTotals]:
+    """The ``abandoned`` rollups of the hours not settled yet (as the exporter draws the line)."""
+    boundary = settled_before(datetime.now(timezone.utc), _retry_window())
+    since = boundary if start is None else max(start, boundary)
+    if end is not None and end <= since:
+        return []
+    with _database_errors(store.url):
+        return store.rollup_totals(
+            since,
+            end,
+            group_by=rollup_group_by(by)[:1],
+            where={**(where or {}), "waste_reason": WasteReason.ABANDONED.value},
+        )
+
+
 # -- costwatch demo --------------------------------------------------------------------------------
 def _csv_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -190,6 +233,7 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
     store = SqlStore(url, auto_migrate=False)
     try:
         before = _read_totals(store, None, None, args.by)
+        pending_before = _read_pending(store, None, None, args.by)
         progress = Progress(
             TextColumn("[bold]demo[/bold] logical requests"),
             BarColumn(),
@@ -219,9 +263,12 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
             except DemoError as exc:
                 raise UserError(str(exc)) from None
         after = _read_totals(store, None, None, args.by)
+        pending_after = _read_pending(store, None, None, args.by)
     finally:
         store.shutdown()
-    report = build_report(subtract_totals(after, before), args.by)
+    report = build_report(
+        subtract_totals(after, before), args.by, pending=subtract_totals(pending_after, pending_before)
+    )
     truth = ledger_summary(result.ledger)
     if args.format == "json":
         sys.stdout.write(render_json({**report, "ledger": truth}) + "\n")
@@ -256,7 +303,38 @@ def _moment(option: str, text: str | None, now: datetime) -> datetime | None:
         raise UserError(f"{option}: {exc}") from None
 
 
-def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int:
+def _grouping(text: str) -> str:
+    """``--by``: a built-in grouping or ``tag:KEY``."""
+    if text.startswith(TAG_PREFIX):
+        if not text[len(TAG_PREFIX) :].strip():
+            raise UserError("--by tag: needs a tag key, e.g. --by tag:team")
+        return text
+    if text not in GROUPINGS:
+        raise UserError(f"--by {text!r} is not a grouping; choose from {', '.join(GROUPINGS)} or tag:KEY")
+    return text
+
+
+def _attempt_filter(args: argparse.Namespace) -> AttemptFilter:
+    outcomes = tuple(o for text in args.outcome or () for o in _csv_list(text))
+    known = [o.value for o in Outcome]
+    wrong = [o for o in outcomes if o not in known]
+    if wrong:
+        raise UserError(f"--outcome {', '.join(wrong)} is not an outcome; choose from {', '.join(known)}")
+    tags: dict[str, str] = {}
+    for text in args.tag or ():
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--tag {text!r} is not KEY=VALUE; write e.g. --tag team=search")
+        tags[key.strip()] = value
+    return AttemptFilter(
+        models=tuple(m for text in args.model or () for m in _csv_list(text)),
+        workflows=tuple(w for text in args.workflow or () for w in _csv_list(text)),
+        outcomes=outcomes,
+        tags=tags,
+    )
+
+
+def _window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:
     now = datetime.now(timezone.utc)
     since = _moment("--since", args.since, now)
     until = _moment("--until", args.until, now)
@@ -265,20 +343,268 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
     end = ceil_hour(until) if until is not None else None
     if start is not None and end is not None and start >= end:
         raise UserError(f"--since ({args.since}) must come before --until ({args.until})")
+    return start, end
+
+
+def _grouped(
+    store: SqlStore,
+    by: str,
+    start: datetime | None,
+    end: datetime | None,
+    chosen: AttemptFilter,
+    prices: PriceTable | None,
+) -> dict[str, Any]:
+    """The report grouped ``by``, from the rollups where they can answer, else from the attempt rows."""
+    with _database_errors(store.url):
+        if by.startswith(TAG_PREFIX) or chosen.needs_attempts or prices is not None:
+            # The rollups hold neither arbitrary tags nor other prices: read the attempt rows.
+            boundary = settled_before(datetime.now(timezone.utc), _retry_window())
+            totals, pending = totals_from_attempts(
+                _window_attempts(store, start, end, chosen, prices), by, pending_since=boundary
+            )
+        else:
+            where = chosen.rollup_where()
+            totals = store.rollup_totals(start, end, group_by=rollup_group_by(by), where=where)
+            pending = _read_pending(store, start, end, by, where)
+    return build_report(totals, by, start=start, end=end, pending=pending)
+
+
+_HTML_TOP = 10
+"""Logical requests the HTML page charts when --top is not given."""
+
+
+def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int:
+    by = _grouping(args.by)
+    start, end = _window(args)
+    chosen = _attempt_filter(args)
+    if args.top is not None and args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    if args.format == "html" and args.output is None:
+        raise UserError("--format html writes a file: add -o FILE, e.g. -o waste.html")
+    output = Path(args.output) if args.output is not None else None
+    if output is not None and not output.parent.is_dir():
+        raise UserError(f"-o {args.output}: the folder {output.parent} does not exist")
+    prices = _load_prices(args.prices_file) if args.prices_file is not None else None
+    url = _resolve_url(args.db)
+    store = _migrated_store(url)
+    top: list[dict[str, Any]] | None = None
+    extra: dict[str, dict[str, Any]] = {}
+    try:
+        report = _grouped(store, by, start, end, chosen, prices)
+        retried, refused = _read_retried(store, start, end)
+        top_n = args.top if args.top is not None else (_HTML_TOP if args.format == "html" else None)
+        if top_n is not None:
+            with _database_errors(store.url):
+                top = _top_requests(store, start, end, chosen, prices, top_n)
+        if args.format == "html":
+            hours = report["attempts"] and _grouped(store, "hour", start, end, chosen, prices)
+            time_by = "day" if hours and len(hours["groups"]) > 48 else "hour"
+            for grouping in (time_by, "model", "workflow"):
+                extra[grouping] = _grouped(store, grouping, start, end, chosen, prices)
+            extra["time"] = extra[time_by]
+    finally:
+        store.shutdown()
+    current = prices if prices is not None else _load_prices(None)
+    avoidable = [found for found in (avoidable_for_request(r, current) for r in retried.values()) if found]
+    report.update(
+        avoidable_waste_section(avoidable, wasted_usd=report["wasted_cost_usd"], refused_retries=refused)
+    )
+    if chosen.to_dict():
+        report["filters"] = chosen.to_dict()
+    if prices is not None:
+        report["prices"] = {"version": prices.version, "source": prices.source, "what_if": True}
+    if top is not None and (args.top is not None or args.format != "html"):
+        report["top"] = top
+    if args.format == "html":
+        from .html_report import HtmlUnavailable, render_html
+
+        window = f"{report['start'] or 'the beginning'} to {report['end'] or 'now'}, whole UTC hours"
+        try:
+            page = render_html(
+                report,
+                by_time=extra["time"],
+                by_model=extra["model"],
+                by_workflow=extra["workflow"],
+                top=top or [],
+                window=window,
+            )
+        except HtmlUnavailable as exc:
+            raise UserError(str(exc)) from None
+        _write_output(output, page)
+        err.print(f"Wrote {output} ({len(page.encode()):,} bytes, self-contained)", highlight=False)
+        return 0
+    if args.format == "json":
+        text = render_json(report) + "\n"
+    elif args.format == "csv":
+        text = render_csv(report)
+    else:
+        console = out
+        buffer = None
+        if output is not None:
+            buffer = io.StringIO()
+            console = Console(file=buffer, width=120)
+        if prices is not None:
+            console.print(
+                f"[bold yellow]what-if:[/bold yellow] every attempt priced with {prices.source} "
+                f"(version {prices.version}); the store is unchanged",
+                highlight=False,
+            )
+        render_table(report, console)
+        if report["attempts"]:
+            render_waste_reduction(report, console)
+        if top is not None:
+            render_top(top, console)
+        if buffer is None:
+            return 0
+        text = buffer.getvalue()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        _write_output(output, text)
+    return 0
+
+
+def _write_output(path: Path | None, text: str) -> None:
+    assert path is not None
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {path} ({exc.strerror or exc}); choose another -o FILE") from None
+
+
+def _repriced(record: AttemptRecord, prices: PriceTable | None) -> AttemptRecord:
+    if prices is None:
+        return record
+    return dataclasses.replace(record, cost=prices.cost_of(record))
+
+
+def _window_attempts(
+    store: SqlStore,
+    start: datetime | None,
+    end: datetime | None,
+    chosen: AttemptFilter,
+    prices: PriceTable | None,
+    *,
+    wasted_only: bool = False,
+) -> Iterator[AttemptRecord]:
+    with store.engine.connect() as connection:
+        for page in iter_attempts(connection, start, end, wasted_only=wasted_only):
+            for record in page:
+                if chosen.matches(record):
+                    yield _repriced(record, prices)
+
+
+def _top_requests(
+    store: SqlStore,
+    start: datetime | None,
+    end: datetime | None,
+    chosen: AttemptFilter,
+    prices: PriceTable | None,
+    n: int,
+) -> list[dict[str, Any]]:
+    def attempts_of(ids: list[str]) -> list[AttemptRecord]:
+        with store.engine.connect() as connection:
+            return [_repriced(r, prices) for r in attempts_of_request(connection, ids)]
+
+    wasted = _window_attempts(store, start, end, chosen, prices, wasted_only=True)
+    return top_wasteful_requests(wasted, attempts_of, n)
+
+
+# -- costwatch reprice -----------------------------------------------------------------------------
+def _command_reprice(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .reprice import reprice_store
+
+    now = datetime.now(timezone.utc)
+    start = _moment("--since", args.since, now)
+    end = _moment("--until", args.until, now)
+    if start is not None and end is not None and start >= end:
+        raise UserError(f"--since ({args.since}) must come before --until ({args.until})")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prices = _load_prices(args.prices_file)
+    models = tuple(m for text in args.model or () for m in _csv_list(text))
+    url = _resolve_url(args.db)
+    store = _migrated_store(url)
+    verb = "would change" if args.dry_run else "changed"
+    err.print(f"Repricing attempts in {safe_url(url)} with price table {prices.version}", highlight=False)
+    try:
+        with _database_errors(store.url):
+            summary = reprice_store(
+                store,
+                prices,
+                start=start,
+                end=end,
+                models=models,
+                batch_size=args.batch_size,
+                dry_run=args.dry_run,
+                on_batch=lambda s: err.print(
+                    f"  read {s.read:,} attempts, {verb} {s.changed:,} (up to {s.last_attempt_id})",
+                    highlight=False,
+                ),
+            )
+    finally:
+        store.shutdown()
+    out.print(
+        f"Read {summary.read:,} attempts; {verb} the price of {summary.changed:,}"
+        + (f"; {summary.skipped:,} changed meanwhile by another writer: run again" if summary.skipped else "")
+        + ("." if summary.changed or summary.skipped else " (already priced with this table)."),
+        highlight=False,
+    )
+    if summary.models:
+        grid = Table(box=box.SIMPLE_HEAD)
+        for name in (
+            "model",
+            "attempts",
+            "newly priced",
+            "billed before",
+            "billed after",
+            "wasted before",
+            "wasted after",
+        ):
+            grid.add_column(name, justify="left" if name == "model" else "right", no_wrap=True)
+        for model, change in sorted(summary.models.items()):
+            grid.add_row(
+                model,
+                f"{change.attempts:,}",
+                f"{change.newly_priced:,}",
+                f"${change.billed_before_usd:,.4f}",
+                f"${change.billed_after_usd:,.4f}",
+                f"${change.wasted_before_usd:,.4f}",
+                f"${change.wasted_after_usd:,.4f}",
+            )
+        out.print(grid)
+    return 0
+
+
+# -- costwatch explain -----------------------------------------------------------------------------
+def _command_explain(args: argparse.Namespace, out: Console, err: Console) -> int:
     url = _resolve_url(args.db)
     store = _migrated_store(url)
     try:
-        totals = _read_totals(store, start, end, args.by)
+        with _database_errors(store.url), store.engine.connect() as connection:
+            attempts = attempts_of_request(connection, [args.logical_request_id])
     finally:
         store.shutdown()
-    report = build_report(totals, args.by, start=start, end=end)
+    if not attempts:
+        raise UserError(
+            f"no attempts of logical request {args.logical_request_id!r} in {safe_url(url)}; "
+            "`costwatch report --top 10` lists the ids of the most wasteful ones"
+        )
+    timeline = explain_request(attempts)
     if args.format == "json":
-        sys.stdout.write(render_json(report) + "\n")
-    elif args.format == "csv":
-        sys.stdout.write(render_csv(report))
+        sys.stdout.write(render_json(timeline) + "\n")
     else:
-        render_table(report, out)
+        render_explain(timeline, out)
     return 0
+
+
+def _read_retried(
+    store: SqlStore, start: datetime | None, end: datetime | None
+) -> tuple[dict[str, list[AttemptRecord]], int]:
+    """The attempts of the window's retried logical requests, and the retries the waste budget refused."""
+    with _database_errors(store.url):
+        refused = store.rollup_totals(start, end, where={"error_type": "WasteBudgetExceeded"})
+        return store.retried_requests(start, end), sum(row.attempts for row in refused)
 
 
 # -- costwatch serve -------------------------------------------------------------------------------
@@ -495,6 +821,10 @@ def build_parser() -> argparse.ArgumentParser:
             "costwatch report --since 7d --by day --format csv > waste.csv",
             "costwatch report --since 2026-11-01 --until 2026-11-08 --format json",
             "costwatch report --by error_type --db postgresql://costwatch@db/costwatch",
+            "costwatch report --since 7d --by tag:team --outcome dropped",
+            "costwatch report --model claude-opus-5-5 --tag job=nightly --top 10",
+            "costwatch report --since 30d --prices-file contract-prices.json   # what-if, writes nothing",
+            "costwatch report --since 7d --format html -o waste.html",
         ),
     )
     report.add_argument(
@@ -503,12 +833,85 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--until", metavar="WHEN", help="end: a duration ago or an ISO date/time (default now)"
     )
-    report.add_argument("--by", choices=GROUPINGS, default="model", help="how to group (default model)")
     report.add_argument(
-        "--format", choices=REPORT_FORMATS, default="table", help="output format (default table)"
+        "--by",
+        default="model",
+        metavar="GROUPING",
+        help=f"how to group: {', '.join(GROUPINGS)}, or tag:KEY for any tag (default model)",
+    )
+    report.add_argument(
+        "--format",
+        choices=(*REPORT_FORMATS, "html"),
+        default="table",
+        help="output format (default table); html writes one self-contained page with charts (needs -o)",
+    )
+    report.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stdout")
+    report.add_argument("--model", action="append", metavar="MODEL", help="only these models (repeat or a,b)")
+    report.add_argument("--workflow", action="append", metavar="NAME", help="only these workflow tags")
+    report.add_argument("--outcome", action="append", metavar="OUTCOME", help="only attempts that ended so")
+    report.add_argument("--tag", action="append", metavar="KEY=VALUE", help="only attempts with this tag")
+    report.add_argument(
+        "--top", type=int, metavar="N", help="also list the N logical requests that wasted the most dollars"
+    )
+    report.add_argument(
+        "--prices-file",
+        metavar="PATH",
+        help="what-if: price every attempt with this file merged over the built-in table (writes nothing)",
     )
     _add_db(report)
     report.set_defaults(handler=_command_report)
+
+    reprice = commands.add_parser(
+        "reprice",
+        help="recompute the cost of stored attempts with the current price table",
+        description=(
+            "Price stored attempts again with the price table in use (the built-in one, with "
+            f"${PRICES_FILE_ENV} or --prices-file merged over it). Each attempt whose price changes is "
+            "written as a new revision, and the rollups move with it in the same transaction. Running it "
+            "again changes nothing; a run that stopped is finished by running it again."
+        ),
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch reprice --prices-file my-contract-prices.json --dry-run",
+            "costwatch reprice --model claude-unreleased-9 --prices-file new-model.json",
+            "costwatch reprice --since 30d --db postgresql://costwatch@db/costwatch",
+        ),
+    )
+    reprice.add_argument(
+        "--since", metavar="WHEN", help="only attempts started from then (90m, 24h, 7d, ISO)"
+    )
+    reprice.add_argument("--until", metavar="WHEN", help="only attempts started before then")
+    reprice.add_argument(
+        "--model", action="append", metavar="MODEL", help="only these models (repeat or a,b)"
+    )
+    reprice.add_argument(
+        "--prices-file", metavar="PATH", help=f"prices to merge over the built-in table (${PRICES_FILE_ENV})"
+    )
+    reprice.add_argument(
+        "--batch-size", type=int, default=1000, help="attempts per transaction (default 1000)"
+    )
+    reprice.add_argument("--dry-run", action="store_true", help="say what would change, write nothing")
+    _add_db(reprice)
+    reprice.set_defaults(handler=_command_reprice)
+
+    explain = commands.add_parser(
+        "explain",
+        help="one logical request's attempts as a timeline",
+        description=(
+            "Every attempt of one logical request, in order: how it ended, its error, its tokens by "
+            "type (output reported by the API or estimated), its cost, and the gap before the retry."
+        ),
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch report --top 5            # find the ids",
+            "costwatch explain 0193b1c2d3e4f5a6b7c8d9e0f1a2b3c4",
+            "costwatch explain 0193b1c2d3e4f5a6b7c8d9e0f1a2b3c4 --format json",
+        ),
+    )
+    explain.add_argument("logical_request_id", metavar="LOGICAL_REQUEST_ID")
+    explain.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    _add_db(explain)
+    explain.set_defaults(handler=_command_explain)
 
     serve = commands.add_parser(
         "serve",

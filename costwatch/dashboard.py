@@ -32,6 +32,7 @@ __all__ = [
     "SPOOLING_FOR",
     "STORE_WRITE_ERRORS_15M",
     "STREAM_DROP_RATIO_WARNING",
+    "UNPRICED_FOR",
     "WASTE_RATIO_CRITICAL",
     "WASTE_RATIO_WARNING",
     "AlertRule",
@@ -90,6 +91,9 @@ SPOOLING_FOR = "15m"
 
 STORE_WRITE_ERRORS_15M = 3
 """Failed sink exports in 15 minutes from which CostwatchStoreWriteErrors fires."""
+
+UNPRICED_FOR = "5m"
+"""How long unpriced attempts must keep arriving before CostwatchUnpricedAttempts fires."""
 
 EXPORTER_JOB = "costwatch"
 """The Prometheus job scraping ``costwatch serve`` (the fleet exporter), as in dashboards/prometheus.yml."""
@@ -296,6 +300,19 @@ def alert_rules() -> list[AlertRule]:
                 "the records are spooled and replayed, but reports lag until the sink works again."
             ),
             anchor="costwatchstorewriteerrors",
+        ),
+        AlertRule(
+            alert="CostwatchUnpricedAttempts",
+            expr="sum by (model) (increase(costwatch_unpriced_attempts_total[15m])) > 0",
+            for_=UNPRICED_FOR,
+            severity="warning",
+            summary="Attempts on a model without a known price: costs and waste are under-reported.",
+            description=(
+                "{{ $value | humanize }} attempts on {{ $labels.model }} in the last 15 minutes have no "
+                "price in costwatch's table, so every cost and waste figure leaves them out. Add the model's "
+                "price with COSTWATCH_PRICES_FILE, then `costwatch reprice --model {{ $labels.model }}`."
+            ),
+            anchor="costwatchunpricedattempts",
         ),
         AlertRule(
             alert="CostwatchExporterDown",
@@ -510,13 +527,16 @@ def _panels() -> list[_Panel | _Row]:
             "Attempts per logical request",
             "Attempts per logical request per model over 5 minutes (recording rule "
             "model:costwatch_attempts_per_logical_request:rate5m): 1 is no retries. The p90 line comes "
-            "from the in-process histogram and is empty when only the fleet exporter is scraped.",
+            "from the in-process histogram and is empty when only the fleet exporter is scraped; it is "
+            "rounded up to a whole attempt, because interpolating inside the first bucket (0 to 1) "
+            "would show impossible values such as 0.9 when every request took one attempt.",
             "short",
             [
                 _Query(f"model:costwatch_attempts_per_logical_request:rate5m{{{_MODEL}}}", "{{model}} mean"),
                 _Query(
-                    "histogram_quantile(0.9, sum by (model, le) "
-                    f"(rate(costwatch_attempts_per_request_bucket{{{_MODEL}}}[$__rate_interval])))",
+                    # The buckets are one attempt wide up to 6, so the ceiling is the exact quantile there.
+                    "ceil(histogram_quantile(0.9, sum by (model, le) "
+                    f"(rate(costwatch_attempts_per_request_bucket{{{_MODEL}}}[$__rate_interval]))))",
                     "{{model}} p90",
                 ),
             ],
@@ -601,6 +621,48 @@ def _panels() -> list[_Panel | _Row]:
             "percentunit",
             [_Query(f"model:costwatch_estimated_output_ratio:rate5m{{{_MODEL}}}", "{{model}}")],
             width=12,
+        ),
+        _Row("Reducing waste"),
+        _stat(
+            "Avoidable with prompt caching (range)",
+            "Wasted USD over the range that a cache_control breakpoint at the end of each retried "
+            "request's stable prefix (tools, system, earlier turns) would have saved: the first attempt "
+            "writing the prefix, the retries reading it at the model's cache multipliers, with the 5-minute "
+            "or 1-hour lifetime against the real gaps. In-process metric only (the fleet exporter does not "
+            "serve it); `costwatch report` gives the same figure from the store, per logical request.",
+            "currencyUSD",
+            f"sum(increase(costwatch_avoidable_waste_usd_total{{{_MODEL_WORKFLOW}}}[$__range]))",
+            width=6,
+            defaults={"thresholds": _thresholds(("green", None))},
+        ),
+        _stat(
+            "Share of waste avoidable with prompt caching (range)",
+            "Avoidable USD divided by wasted USD over the range, for the selected models and workflows: "
+            "how much of the retry waste caching the stable prefix would remove. The rest is output and "
+            "uncached input paid again; see docs/reducing-waste.md for the other levers.",
+            "percentunit",
+            f"sum(increase(costwatch_avoidable_waste_usd_total{{{_MODEL_WORKFLOW}}}[$__range]))\n/\n"
+            f"sum(increase({wasted_usd}[$__range]))",
+            width=6,
+            defaults={"thresholds": _thresholds(("green", None))},
+        ),
+        _Panel(
+            "bargauge",
+            "Avoidable USD by workflow (range)",
+            "The ten workflows whose retried requests would have saved most with prompt caching of their "
+            "stable prefix over the range: where a cache_control breakpoint (or stream_with_retries with "
+            "cache_prefix_on_retry) pays first.",
+            "currencyUSD",
+            [
+                _Query(
+                    "topk(10, sum by (workflow) "
+                    f"(increase(costwatch_avoidable_waste_usd_total{{{_MODEL_WORKFLOW}}}[$__range])))",
+                    "{{workflow}}",
+                    instant=True,
+                )
+            ],
+            width=12,
+            options={"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
         ),
         _Row("costwatch health"),
         _stat(

@@ -35,8 +35,7 @@ from .records import Outcome, TokenType, WasteReason
 from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
-from .store.query import all_time_with_recent_query
-from .store.rows import hour_of
+from .store.query import all_time_with_recent_query, settled_before
 from .store.schema import ALL_TIME_DIMENSIONS
 
 __all__ = ["FleetCollector", "FleetSamples", "fleet_samples", "serve", "settled_before"]
@@ -50,11 +49,6 @@ _WASTE_REASON = _DIMENSIONS.index("waste_reason")
 Labels = tuple[str, ...]
 
 
-def settled_before(now: datetime, retry_window: timedelta) -> datetime:
-    """The first unsettled hour: every rollup hour before it ended at least ``retry_window`` ago."""
-    return hour_of(now - retry_window)
-
-
 @dataclass
 class FleetSamples:
     """The exporter's metric values, by metric name and label values (pure data)."""
@@ -62,6 +56,8 @@ class FleetSamples:
     counters: dict[str, dict[Labels, float]] = field(default_factory=dict)
     histograms: dict[str, dict[Labels, tuple[float, float]]] = field(default_factory=dict)
     """Histograms with only the ``+Inf`` bucket: label values -> (count, sum)."""
+    gauges: dict[str, dict[Labels, float]] = field(default_factory=dict)
+    """Values that may go down: the ``abandoned`` waste still pending in unsettled hours."""
 
     def at_least(self, floor: FleetSamples) -> FleetSamples:
         """These values, each raised to at least its value in ``floor``; series missing here are kept."""
@@ -78,6 +74,8 @@ class FleetSamples:
                 )
                 for k in {*mine_h, *old_h}
             }
+        # Pending waste falls as hours settle (into the counters above): gauges are never held.
+        out.gauges = {name: dict(values) for name, values in self.gauges.items()}
         return out
 
 
@@ -89,10 +87,12 @@ def fleet_samples(
     workflows_first_seen: Sequence[str],
     model_label_limit: int = MODEL_LABEL_LIMIT,
     workflow_label_limit: int = default_of("workflow_label_limit"),
+    pending_abandoned: Iterable[RollupTotals] = (),
 ) -> FleetSamples:
     """The metric values from rollup totals grouped by model, outcome, error_type, waste_reason, workflow.
 
-    ``totals`` covers every hour; ``settled_abandoned`` only the ``abandoned`` rows of settled hours.
+    ``totals`` covers every hour; ``settled_abandoned`` only the ``abandoned`` rows of settled hours,
+    ``pending_abandoned`` those of the hours not settled yet.
     Label caps keep the first values by the hour they first appeared in (then by name), so that two
     exporters, or one restarted, choose the same ones.
     """
@@ -101,6 +101,7 @@ def fleet_samples(
         [_group_of(row) for row in settled_abandoned],
         model_of=LabelCap.first_seen(models_first_seen, model_label_limit),
         workflow_of=LabelCap.first_seen(workflows_first_seen, workflow_label_limit),
+        pending_abandoned=[_group_of(row) for row in pending_abandoned],
     )
 
 
@@ -112,6 +113,7 @@ _MEASURES = (
     "wasted_cost_usd",
     "estimated_output_tokens",
     "duration_s",
+    "unpriced_attempts",
 )
 """The rollup measures the exporter's metrics are made of, in the order a group's values list them."""
 
@@ -120,9 +122,15 @@ Group = tuple[Labels, Sequence[float]]
 
 _TOKEN_TYPES = tuple(token_type.value for token_type in TokenType)
 _BILLED, _WASTED = 1, 1 + len(_TOKEN_TYPES)
-_BILLED_COST, _WASTED_COST, _ESTIMATED, _DURATION = (
+_BILLED_COST, _WASTED_COST, _ESTIMATED, _DURATION, _UNPRICED = (
     _MEASURES.index(name)
-    for name in ("billed_cost_usd", "wasted_cost_usd", "estimated_output_tokens", "duration_s")
+    for name in (
+        "billed_cost_usd",
+        "wasted_cost_usd",
+        "estimated_output_tokens",
+        "duration_s",
+        "unpriced_attempts",
+    )
 )
 
 
@@ -136,12 +144,14 @@ def _samples(
     *,
     model_of: Callable[[str], str],
     workflow_of: Callable[[str], str],
+    pending_abandoned: Sequence[Group] = (),
 ) -> FleetSamples:
     """The metric values of :func:`fleet_samples`, from groups as tuples (the exporter's hot path)."""
     attempts: dict[Labels, float] = {}
     billed_tokens: dict[Labels, float] = {}
     billed_cost: dict[Labels, float] = {}
     estimated: dict[Labels, float] = {}
+    unpriced: dict[Labels, float] = {}
     logical: dict[Labels, float] = {}
     wasted_tokens: dict[Labels, float] = {}
     wasted_cost: dict[Labels, float] = {}
@@ -181,6 +191,8 @@ def _samples(
             add(billed_tokens, (model, token_type), values[_BILLED + offset])
         add(billed_cost, (model, workflow), values[_BILLED_COST])
         add(estimated, (model,), values[_ESTIMATED])
+        if values[_UNPRICED]:
+            add(unpriced, (model,), values[_UNPRICED])
         observe(durations, (model, outcome), count, values[_DURATION])
         if outcome == _DROPPED:
             observe(drops, (model,), count, values[_DURATION])
@@ -193,11 +205,18 @@ def _samples(
         waste(values, model, workflow, _ABANDONED)
         # Each abandoned attempt is the last attempt of a logical request that failed.
         add(logical, (model, "failed"), values[0])
+    pending_attempts: dict[Labels, float] = {}
+    pending_cost: dict[Labels, float] = {}
+    for (raw_model, _, _, _, raw_workflow), values in sorted(pending_abandoned):
+        model, _workflow = labels_of(raw_model, raw_workflow)
+        add(pending_attempts, (model,), values[0])
+        add(pending_cost, (model,), values[_WASTED_COST])
     counters = {
         "costwatch_attempts": attempts,
         "costwatch_billed_tokens": billed_tokens,
         "costwatch_billed_cost_usd": billed_cost,
         "costwatch_estimated_output_tokens": estimated,
+        "costwatch_unpriced_attempts": unpriced,
         "costwatch_logical_requests": logical,
         "costwatch_wasted_tokens": wasted_tokens,
         "costwatch_wasted_cost_usd": wasted_cost,
@@ -206,6 +225,10 @@ def _samples(
     return FleetSamples(
         counters={name: values for name, values in counters.items() if values},
         histograms={name: values for name, values in histograms.items() if values},
+        gauges={
+            "costwatch_pending_abandoned_attempts": pending_attempts,
+            "costwatch_pending_abandoned_cost_usd": pending_cost,
+        },
     )
 
 
@@ -230,9 +253,24 @@ _COUNTERS: Mapping[str, tuple[str, Labels]] = {
         "Output tokens estimated from the text received before a stream was cut.",
         ("model",),
     ),
+    "costwatch_unpriced_attempts": (
+        "Attempts on models without a known price: their tokens are counted, their cost is not.",
+        ("model",),
+    ),
     "costwatch_logical_requests": (
         "Logical requests by result: completed attempts, and abandoned attempts of settled hours.",
         ("model", "result"),
+    ),
+}
+_GAUGES: Mapping[str, tuple[str, Labels]] = {
+    "costwatch_pending_abandoned_attempts": (
+        "Abandoned attempts of hours not settled yet: they may still turn retried, and are not in "
+        "costwatch_wasted_* until their hour settles.",
+        ("model",),
+    ),
+    "costwatch_pending_abandoned_cost_usd": (
+        "Cost of the abandoned attempts of hours not settled yet (US dollars).",
+        ("model",),
     ),
 }
 _HISTOGRAMS: Mapping[str, tuple[str, Labels]] = {
@@ -255,6 +293,11 @@ def _families(samples: FleetSamples, up: bool) -> list[Metric]:
         for values, value in sorted(samples.counters.get(name, {}).items()):
             counter.add_metric(list(values), value)
         families.append(counter)
+    for name, (doc, labels) in _GAUGES.items():
+        gauge = GaugeMetricFamily(name, doc, labels=list(labels))
+        for values, value in sorted(samples.gauges.get(name, {}).items()):
+            gauge.add_metric(list(values), value)
+        families.append(gauge)
     for name, (doc, labels) in _HISTOGRAMS.items():
         histogram = HistogramMetricFamily(name, doc, labels=list(labels))
         for values, (count, total) in sorted(samples.histograms.get(name, {}).items()):
@@ -340,7 +383,7 @@ class FleetCollector(Collector):
         )
         with self.store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
             rows = connection.execute(query).all()
-        totals, settled_abandoned, first_hours = _combine_all_time(rows)
+        totals, settled_abandoned, first_hours, pending = _combine_all_time(rows)
         models = _first_seen(first_hours, _DIMENSIONS.index("model"))
         workflows = _first_seen(first_hours, _DIMENSIONS.index("workflow"))
         return _samples(
@@ -348,14 +391,15 @@ class FleetCollector(Collector):
             settled_abandoned,
             model_of=LabelCap.first_seen(models, self.model_label_limit),
             workflow_of=LabelCap.first_seen(workflows, self.workflow_label_limit),
+            pending_abandoned=pending,
         )
 
 
 def _combine_all_time(
     rows: Iterable[Sequence[Any]],
-) -> tuple[list[Group], list[Group], dict[Labels, datetime]]:
-    """All-hours totals, settled ``abandoned`` totals and first hours from an
-    :func:`~costwatch.store.query.all_time_with_recent_query` whose recent part is ``abandoned`` only.
+) -> tuple[list[Group], list[Group], dict[Labels, datetime], list[Group]]:
+    """All-hours totals, settled ``abandoned`` totals, first hours and pending ``abandoned`` totals
+    from an :func:`~costwatch.store.query.all_time_with_recent_query` whose recent part is ``abandoned`` only.
 
     Groups summing to zero attempts are left out of the totals, as ``rollup_totals`` leaves them out.
     """
@@ -381,7 +425,8 @@ def _combine_all_time(
         settled = values if recent is None else [a - b for a, b in zip(values, recent, strict=True)]
         if settled[0]:
             settled_abandoned.append((key, settled))
-    return totals, settled_abandoned, first_hours
+    pending: list[Group] = [(key, values) for key, values in recent_abandoned.items() if values[0]]
+    return totals, settled_abandoned, first_hours, pending
 
 
 def _first_seen(first_hours: Mapping[Labels, datetime], position: int) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import json
 import os
 import queue
 import re
@@ -34,12 +35,13 @@ from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
 
-from . import context
+from . import context, waste_budget
 from .attribution import RetryTracker
 from .estimation import OutputEstimator
 from .health import instrumentation_errors
 from .pipeline import Pipeline, drain_before_exit, get_pipeline
 from .pricing import PriceTable, load_prices
+from .prompt_prefix import PromptSize, measure
 from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
 from .settings import load_settings
 from .sinks import AttemptListener, Sink
@@ -105,10 +107,17 @@ class Accountant:
             owner = threading.current_thread()
         last = _last_logical_request.get()
         in_context = last[1] if last is not None and last[0] is owner else None
+        previous = in_context if sdk_retry > 0 else None
+        explicit = context.current_logical_request()
+        budget = waste_budget.current()
+        if budget is not None:
+            refused = self._refused(budget, request, explicit, fingerprint, previous, in_context, model, size)
+            if refused is not None:
+                return refused
         assignment = tracker.begin(
-            explicit_id=context.current_logical_request(),
+            explicit_id=explicit,
             fingerprint=fingerprint,
-            previous_id=in_context if sdk_retry > 0 else None,
+            previous_id=previous,
             context_id=in_context,
             owner=owner,
         )
@@ -131,6 +140,9 @@ class Accountant:
             tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
             context.current_tags(),
         )
+        if assignment.attempt_number > 1 and body:
+            # A retry: what of its prompt it resends unchanged, and so could have read from the cache.
+            attempt.prompt_size = _guard("prompt_size", _prompt_size, body)
         if self.listeners:
             start = AttemptStart(
                 attempt_id=attempt.attempt_id,
@@ -147,6 +159,48 @@ class Accountant:
             ]
         return attempt
 
+    def _refused(
+        self,
+        budget: waste_budget.WasteBudget,
+        request: Any,
+        explicit: str | None,
+        fingerprint: str | None,
+        previous: str | None,
+        in_context: str | None,
+        model: str,
+        size: int,
+    ) -> _Attempt | None:
+        """The account of a retry the waste budget refuses (it is never sent), or None to send it."""
+        if fingerprint is None and explicit is None and previous is None and request.content:
+            fingerprint = fingerprint_of(request.content)  # only with a budget: a resend joins by it
+        joins = self.tracker.joins(
+            explicit_id=explicit, fingerprint=fingerprint, previous_id=previous, context_id=in_context
+        )
+        if joins is None:
+            return None
+        tags = context.current_tags()
+        refusal = budget.refusal(joins[0], str(tags.get("workflow") or ""))
+        if refusal is None:
+            return None
+        # Outside the tracker: a refused retry is no attempt of its request, and leaves the earlier
+        # failures abandoned (nothing paid for them again).
+        return _Attempt(
+            self,
+            new_id(),
+            joins[0],
+            joins[1] + 1,
+            datetime.now(_UTC),
+            time.perf_counter(),
+            model,
+            fingerprint,
+            None,
+            size,
+            0,
+            (),
+            tags,
+            refused=refusal,
+        )
+
     def settle(self, attempt: _Attempt, outcome: Outcome, error: BaseException | None) -> None:
         """Close the account: build the record and hand it to the pipeline."""
         meter = attempt.meter
@@ -158,6 +212,7 @@ class Accountant:
         tool_use = _NO_TOOL_USE
         output_chars = _NO_CHARS
         unreadable = None
+        inference_geo = None
         if meter is not None:
             if attempt.sdk_failed_reading():
                 unreadable = meter.unreadable
@@ -191,15 +246,17 @@ class Accountant:
             bytes_received = meter.bytes_received
             if reported.server_tool_use:
                 tool_use = MappingProxyType(dict(reported.server_tool_use))
+            inference_geo = reported.inference_geo
             if meter.first_delta_at is not None:
                 first_token_s = meter.first_delta_at - started
         cost = None
         if model:
             try:
-                cost = self.prices.cost(model, usage)
+                cost = self.prices.cost(model, usage, inference_geo=inference_geo, server_tool_use=tool_use)
             except Exception as exc:  # the record is kept, unpriced: tokens are the ground truth
                 instrumentation_errors.record("price", exc)
         fingerprint, body = attempt.fingerprint, attempt.body
+        prompt_size = attempt.prompt_size
         attempt.body = None
         if body is not None and outcome is not _COMPLETED:
             # The tracker remembers a failed attempt by its fingerprint: a resend may come any moment.
@@ -236,10 +293,16 @@ class Accountant:
             None,  # waste_reason
             attempt.tags,
             fingerprint,
-            0,  # revision
-            output_chars,
+            prompt_bytes=prompt_size.prompt_bytes if prompt_size is not None else None,
+            stable_prefix_bytes=prompt_size.stable_prefix_bytes if prompt_size is not None else None,
+            inference_geo=inference_geo,
+            output_chars=output_chars,
         )
-        record = self.tracker.finish(record, body_size=attempt.body_size)
+        if attempt.refused is None:
+            record = self.tracker.finish(record, body_size=attempt.body_size)
+        budget = waste_budget.current()
+        if budget is not None:
+            budget.observe(record)
         for listener, state in attempt.listener_states:
             _guard("listener_finish", listener.attempt_finished, state, record)
         # A completed attempt's large body is fingerprinted later, on the pipeline's thread.
@@ -276,6 +339,10 @@ class _Attempt:
     """Set when the application (or the garbage collector) closes the body before it ended."""
     listener_states: Sequence[tuple[AttemptListener, object]] = ()
     _once: threading.Lock = field(default_factory=threading.Lock)
+    refused: waste_budget.WasteBudgetExceeded | None = None
+    """Set when the waste budget refuses this retry: it is recorded, then raised instead of sent."""
+    prompt_size: PromptSize | None = None
+    """The sizes of a retry's prompt and stable prefix (never measured for a first attempt)."""
 
     def settle(self, outcome: Outcome, error: BaseException | None = None) -> None:
         """Finish the attempt once; later calls (close after an error, GC) do nothing."""
@@ -441,6 +508,12 @@ def _describe_body(body: bytes, *, hash_now: bool) -> tuple[str, str | None]:
 
 
 _MODEL_VALUE = re.compile(rb'\s*:\s*"([^"\\]{1,200})"')
+
+
+def _prompt_size(body: bytes) -> PromptSize | None:
+    """The sizes of the prompt and its stable prefix; the parsed body is dropped at once."""
+    parsed = json.loads(body)
+    return measure(parsed) if isinstance(parsed, dict) else None
 
 
 def _requested_model(body: bytes) -> str:
@@ -681,6 +754,9 @@ def _wrap_sync_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: typ
         attempt = _guard("begin", hooks.accountant.begin, request)
         if attempt is None:
             return original(self, request, *args, **kwargs)
+        if attempt.refused is not None:
+            attempt.settle(Outcome.CONNECT_ERROR, attempt.refused)
+            raise attempt.refused
         try:
             response = original(self, request, *args, **kwargs)
         except BaseException as exc:
@@ -700,6 +776,9 @@ def _wrap_async_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: ty
         attempt = _guard("begin", hooks.accountant.begin, request, _current_task())
         if attempt is None:
             return await original(self, request, *args, **kwargs)
+        if attempt.refused is not None:
+            attempt.settle(Outcome.CONNECT_ERROR, attempt.refused)
+            raise attempt.refused
         try:
             response = await original(self, request, *args, **kwargs)
         except BaseException as exc:
@@ -796,6 +875,8 @@ def instrument(
         if client is not None:
             http_clients = weakref.WeakSet([_http_client_of(client)])
         price_table = prices or load_prices(config.prices_file)
+        if config.waste_budget_usd_per_hour is not None:
+            waste_budget.waste_budget(config.waste_budget_usd_per_hour, scope=config.waste_budget_scope)
         if pipeline is None:
             # Only a directory the application chose may move the spool of an existing pipeline.
             chosen = settings.get("spool_dir") is not None or bool(os.environ.get(SPOOL_DIR_ENV))

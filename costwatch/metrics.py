@@ -23,7 +23,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .avoidable import avoidable_for_request
 from .health import instrumentation_errors
+from .pricing import PriceTable, load_prices
 from .records import AttemptRecord, Outcome, TokenType, WasteReason
 from .settings import default_of, load_settings
 
@@ -297,6 +299,48 @@ class WasteSettlement:
 
 
 # -- the Prometheus side -----------------------------------------------------------------------------
+class _RetriedRequests:
+    """The latest records of recent logical requests that failed or were retried (bounded, pure).
+
+    Enough to price what prompt caching would have saved each retried request, as its attempts arrive.
+    """
+
+    MAX_REQUESTS = 10_000
+
+    def __init__(self) -> None:
+        self._requests: OrderedDict[str, dict[str, AttemptRecord]] = OrderedDict()
+        self._counted: dict[str, float] = {}
+
+    def observe(self, records: Iterable[AttemptRecord]) -> list[str]:
+        """Keep the records that matter; returns the retried requests whose figure may have changed."""
+        changed: dict[str, None] = {}
+        for record in records:
+            if not (record.outcome.failed or record.attempt_number > 1):
+                continue  # a first attempt that completed: never retried
+            attempts = self._requests.get(record.logical_request_id)
+            if attempts is None:
+                attempts = self._requests[record.logical_request_id] = {}
+                while len(self._requests) > self.MAX_REQUESTS:
+                    forgotten, _ = self._requests.popitem(last=False)
+                    self._counted.pop(forgotten, None)
+            known = attempts.get(record.attempt_id)
+            if known is None or record.revision > known.revision:
+                attempts[record.attempt_id] = record
+            if any(r.attempt_number > 1 for r in attempts.values()):
+                changed[record.logical_request_id] = None
+        return list(changed)
+
+    def attempts(self, request_id: str) -> list[AttemptRecord]:
+        """The latest records kept of a request's attempts."""
+        return list(self._requests.get(request_id, {}).values())
+
+    def counted(self, request_id: str, now: float) -> float:
+        """What was counted for a request so far; remembers ``now`` if it is more."""
+        before = self._counted.get(request_id, 0.0)
+        self._counted[request_id] = max(before, now)
+        return before
+
+
 def multiprocess_mode() -> bool:
     """Whether prometheus_client is in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` is set)."""
     # prometheus_client still honours the old lower-case spelling (with a deprecation warning).
@@ -424,6 +468,7 @@ class MetricsSink:
         workflow_label_limit: int | None = None,
         model_label_limit: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        prices: PriceTable | None = None,
     ) -> None:
         if retry_window_s is None or workflow_label_limit is None or model_label_limit is None:
             settings = load_settings()
@@ -441,6 +486,8 @@ class MetricsSink:
         self._settlement = WasteSettlement(retry_window_s=retry_window_s)
         self._model = LabelCap(model_label_limit)
         self._workflow = LabelCap(workflow_label_limit)
+        self._prices = prices
+        self._retried = _RetriedRequests()
         self._multiprocess_health: _MultiprocessHealth | None = None
         if multiprocess_mode():
             self._multiprocess_health = _MultiprocessHealth(registry)
@@ -479,6 +526,16 @@ class MetricsSink:
             "Logical requests (an attempt and its retries), by result.",
             ("model", "result"),
         )
+        self.avoidable_waste = counter(
+            "costwatch_avoidable_waste_usd",
+            "Wasted US dollars that prompt caching of the retried requests' stable prefix would have saved.",
+            ("model", "workflow"),
+        )
+        self.unpriced_attempts = counter(
+            "costwatch_unpriced_attempts",
+            "Attempts on models without a known price: their tokens are counted, their cost is not.",
+            ("model",),
+        )
         self.attempt_duration = Histogram(
             "costwatch_attempt_duration_seconds",
             "How long attempts took, from sending the request to the end of the body.",
@@ -506,6 +563,7 @@ class MetricsSink:
         """Count a batch of records; idempotent on ``attempt_id`` and ``revision``."""
         with self._lock:
             self._apply(self._settlement.observe(records, self._clock()))
+            self._count_avoidable(records)
         self._update_multiprocess_health()
 
     def shutdown(self) -> None:
@@ -545,6 +603,8 @@ class MetricsSink:
         self.billed_cost.labels(model, workflow).inc(
             record.cost.total_usd if record.cost is not None else 0.0
         )
+        if record.cost is None:
+            self.unpriced_attempts.labels(model).inc()
         usage = record.usage
         self.estimated_output_tokens.labels(model).inc(
             usage.estimated_output_tokens if usage.output_estimated else 0
@@ -563,6 +623,20 @@ class MetricsSink:
         self.wasted_cost.labels(model, reason.value, workflow).inc(
             record.cost.total_usd if record.cost is not None else 0.0
         )
+
+    def _count_avoidable(self, records: Sequence[AttemptRecord]) -> None:
+        if self._prices is None:
+            self._prices = load_prices()
+        for request_id in self._retried.observe(records):
+            attempts = self._retried.attempts(request_id)
+            found = avoidable_for_request(attempts, self._prices)
+            if found is None or found.avoidable_usd is None:
+                continue
+            # A counter only rises: a request's figure is counted as it grows with its retries.
+            more = found.avoidable_usd - self._retried.counted(request_id, found.avoidable_usd)
+            self.avoidable_waste.labels(self._model(found.model), self._workflow(found.workflow)).inc(
+                max(more, 0.0)
+            )
 
     def _update_multiprocess_health(self) -> None:
         if self._multiprocess_health is not None:

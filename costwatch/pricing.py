@@ -8,27 +8,30 @@ merged over the built-in ones. A model without a known price is still recorded, 
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import os
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import date
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .records import Cost, Usage
+from .records import AttemptRecord, Cost, Usage
 
 __all__ = [
+    "ENTRY_DEFAULTS",
     "PRICES_FILE_ENV",
     "LongContextPrice",
     "ModelPrice",
     "PriceFileError",
     "PriceTable",
+    "ServerToolPrice",
     "load_prices",
 ]
 
@@ -39,6 +42,7 @@ PRICES_FILE_ENV = "COSTWATCH_PRICES_FILE"
 
 _BUILTIN = "costwatch/data/prices.json"
 _PER_MTOK = 1_000_000
+_NO_MULTIPLIERS: Mapping[str, float] = MappingProxyType({})
 
 
 class PriceFileError(ValueError):
@@ -75,12 +79,15 @@ class ModelPrice:
     as_of: str | None = None
     retrieved: str | None = None
     note: str = ""
+    inference_geo_multipliers: Mapping[str, float] = field(default_factory=lambda: _NO_MULTIPLIERS)
+    """Multipliers of every token rate by where inference ran (``usage.inference_geo``), e.g. ``us``."""
 
-    def cost(self, usage: Usage, *, batch: bool = False) -> Cost:
-        """The price of an attempt that billed ``usage``.
+    def cost(self, usage: Usage, *, batch: bool = False, inference_geo: str | None = None) -> Cost:
+        """The price of an attempt that billed ``usage`` (and ran in ``inference_geo``, if reported).
 
         Anthropic decides the long-context premium on the whole prompt (input plus cache writes and
         reads); once over the threshold, every token of the attempt, output included, is repriced.
+        The data-residency multiplier scales every token rate, as the batch discount does.
         """
         input_rate, output_rate = self.input_usd_per_mtok, self.output_usd_per_mtok
         write_5m, write_1h = usage.cache_write_5m_tokens, usage.cache_write_1h_tokens
@@ -92,6 +99,8 @@ class ModelPrice:
             output_rate = long_context.output_usd_per_mtok
         # Anthropic's batch discount stacks with the caching multipliers, so it scales every part.
         scale = (1.0 - self.batch_discount if batch else 1.0) / _PER_MTOK
+        if inference_geo is not None:
+            scale *= self.inference_geo_multipliers.get(inference_geo, 1.0)
         cache_write = write_5m * self.cache_write_5m_multiplier + write_1h * self.cache_write_1h_multiplier
         return Cost(
             usage.input_tokens * input_rate * scale,
@@ -99,6 +108,19 @@ class ModelPrice:
             read * self.cache_read_multiplier * input_rate * scale,
             usage.output_tokens * output_rate * scale,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerToolPrice:
+    """What one server-tool counter of ``usage.server_tool_use`` costs per use (e.g. one web search)."""
+
+    counter: str
+    """The key in ``usage.server_tool_use``, e.g. ``web_search_requests``."""
+    usd_per_use: float
+    source: str = ""
+    as_of: str | None = None
+    retrieved: str | None = None
+    note: str = ""
 
 
 class PriceTable:
@@ -112,6 +134,7 @@ class PriceTable:
         version: str,
         updated: str,
         source: str,
+        server_tools: Mapping[str, ServerToolPrice] = MappingProxyType({}),
     ) -> None:
         self.version = version
         """The data version, ``<built-in>`` or ``<built-in>+<override>`` after a merge."""
@@ -119,6 +142,8 @@ class PriceTable:
         """The ISO date of the newest data merged into the table."""
         self.source = source
         """Where the table was read from: the built-in file, plus any override file."""
+        self.server_tools: Mapping[str, ServerToolPrice] = MappingProxyType(dict(server_tools))
+        """Per-use prices of the server tools the API counts in ``usage.server_tool_use``."""
         self._prices = MappingProxyType(dict(prices))
         self._unpriced = MappingProxyType(dict(unpriced))
         names: dict[str, str] = {}
@@ -146,13 +171,43 @@ class PriceTable:
         """The price of ``model`` (an id or an alias), or ``None`` when it is unknown or unpriced."""
         return self._by_name.get(model)
 
-    def cost(self, model: str, usage: Usage, *, batch: bool = False) -> Cost | None:
-        """The price of an attempt on ``model``; ``None`` (and one warning per model) if it has none."""
+    def cost(
+        self,
+        model: str,
+        usage: Usage,
+        *,
+        batch: bool = False,
+        inference_geo: str | None = None,
+        server_tool_use: Mapping[str, int] | None = None,
+    ) -> Cost | None:
+        """The price of an attempt on ``model``; ``None`` (and one warning per model) if it has none.
+
+        ``inference_geo`` and ``server_tool_use`` are what the response's ``usage`` reported: where
+        inference ran (priced by the model's multiplier) and the server tools used (priced per use).
+        """
         price = self._by_name.get(model)
         if price is None:
             self._warn_unpriced(model)
             return None
-        return price.cost(usage, batch=batch)
+        cost = price.cost(usage, batch=batch, inference_geo=inference_geo)
+        if server_tool_use:
+            fees = 0.0
+            for counter, uses in server_tool_use.items():
+                tool = self.server_tools.get(counter)
+                if tool is not None and uses > 0:
+                    fees += uses * tool.usd_per_use
+            if fees:
+                cost = replace(cost, server_tool_usd=fees)
+        return cost
+
+    def cost_of(self, record: AttemptRecord) -> Cost | None:
+        """The price of a recorded attempt with this table (for repricing history)."""
+        return self.cost(
+            record.model_name,
+            record.usage,
+            inference_geo=record.inference_geo,
+            server_tool_use=record.server_tool_use,
+        )
 
     def _warn_unpriced(self, model: str) -> None:
         # Called once per attempt: keep the lock short and log outside it.
@@ -179,10 +234,12 @@ def load_prices(override: str | os.PathLike[str] | None = None) -> PriceTable:
     """The built-in price table, with an override file merged over it.
 
     The override is ``override`` if given, else the file named by ``COSTWATCH_PRICES_FILE``, if set.
-    Raises :class:`PriceFileError` when the override file is missing or malformed.
+    An override entry gives only what differs: from the built-in entry it names (by id or alias),
+    or, for a new model, from :data:`ENTRY_DEFAULTS`. Raises :class:`PriceFileError` when the
+    override file is missing or malformed, naming every problem of the file at once.
     """
     text = resources.files("costwatch").joinpath("data/prices.json").read_text(encoding="utf-8")
-    table = _parse(text, _BUILTIN, strict=True)
+    table, builtin_entries = _parse(text, _BUILTIN, strict=True)
     if override is None:
         override = os.environ.get(PRICES_FILE_ENV) or None
     if override is None:
@@ -192,10 +249,47 @@ def load_prices(override: str | os.PathLike[str] | None = None) -> PriceTable:
         override_text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PriceFileError(_message(str(path), f"cannot be read ({exc.strerror or exc})")) from exc
-    return _merge(table, _parse(override_text, str(path), strict=False))
+    over, _ = _parse(override_text, str(path), strict=False, base=builtin_entries)
+    return _merge(table, over)
 
 
 # -- reading the JSON ------------------------------------------------------------------------------
+ENTRY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "cache_write_5m_multiplier": 1.25,
+        "cache_write_1h_multiplier": 2.0,
+        "cache_read_multiplier": 0.1,
+        "batch_discount": 0.5,
+        "long_context": None,
+    }
+)
+"""What a new model in an override file gets for the keys it leaves out (Anthropic's usual rates);
+``input_usd_per_mtok`` and ``output_usd_per_mtok`` have no default."""
+
+_PROVENANCE = ("source", "as_of", "retrieved", "note")
+_RATE_KEYS = (
+    "input_usd_per_mtok",
+    "output_usd_per_mtok",
+    "cache_write_5m_multiplier",
+    "cache_write_1h_multiplier",
+    "cache_read_multiplier",
+    "batch_discount",
+)
+_ENTRY_KEYS = (
+    "name",
+    "aliases",
+    "status",
+    "priced",
+    *_RATE_KEYS,
+    "long_context",
+    "inference_geo_multipliers",
+    *_PROVENANCE,
+)
+_FILE_KEYS = ("version", "updated", "currency", "unit", "source", "models", "server_tools")
+_LONG_CONTEXT_KEYS = ("above_input_tokens", "input_usd_per_mtok", "output_usd_per_mtok")
+_SERVER_TOOL_KEYS = ("usd_per_use", *_PROVENANCE)
+
+
 def _message(where: str, fault: str) -> str:
     return (
         f"costwatch prices file {where}: {fault}; fix the file (its shape is described in docs/pricing.md) "
@@ -204,22 +298,46 @@ def _message(where: str, fault: str) -> str:
 
 
 class _Reader:
-    """Validates one prices file, naming the file and the field in every error."""
+    """Validates one prices file, naming the file and the field in every problem, and collecting
+    every problem of the file so that one run names them all."""
 
     def __init__(self, where: str, *, strict: bool) -> None:
         self.where = where
         self.strict = strict
         """The built-in file must carry provenance for every entry; an override may omit it."""
+        self.problems: list[str] = []
 
     def fail(self, fault: str) -> PriceFileError:
+        """An error for a fault that stops reading (the file is not JSON, or not an object)."""
         return PriceFileError(_message(self.where, fault))
+
+    def problem(self, fault: str) -> None:
+        self.problems.append(fault)
+
+    def check(self) -> None:
+        """Raise one :class:`PriceFileError` naming every problem found, if any."""
+        if len(self.problems) == 1:
+            raise PriceFileError(_message(self.where, self.problems[0]))
+        if self.problems:
+            listed = "; ".join(f"({n}) {fault}" for n, fault in enumerate(self.problems, 1))
+            raise PriceFileError(_message(self.where, f"{len(self.problems)} problems: {listed}"))
+
+    def known_keys(self, entry: Mapping[str, Any], known: Sequence[str], field: str) -> None:
+        for key in entry:
+            if key in known:
+                continue
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            self.problem(f"{field} has an unknown key {key!r} ({hint})")
 
     def rate(self, entry: Mapping[str, Any], key: str, field: str) -> float:
         value = entry.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.fail(f"{field}.{key} must be a number, got {value!r}")
+            self.problem(f"{field}.{key} must be a number, got {value!r}")
+            return 0.0
         if value < 0:
-            raise self.fail(f"{field}.{key} must not be negative, got {value!r}")
+            self.problem(f"{field}.{key} must not be negative, got {value!r}")
+            return 0.0
         return float(value)
 
     def text(self, entry: Mapping[str, Any], key: str, field: str, *, required: bool) -> str | None:
@@ -227,7 +345,8 @@ class _Reader:
         if value is None and not required:
             return None
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(f"{field}.{key} must be a non-empty string, got {value!r}")
+            self.problem(f"{field}.{key} must be a non-empty string, got {value!r}")
+            return None
         return value
 
     def iso_date(self, entry: Mapping[str, Any], key: str, field: str, *, required: bool) -> str | None:
@@ -236,47 +355,66 @@ class _Reader:
             try:
                 date.fromisoformat(value)
             except ValueError:
-                raise self.fail(f"{field}.{key} must be an ISO date (YYYY-MM-DD), got {value!r}") from None
+                self.problem(f"{field}.{key} must be an ISO date (YYYY-MM-DD), got {value!r}")
+                return None
         return value
 
-    def model(self, model: str, entry: Any) -> ModelPrice | str:
-        """A :class:`ModelPrice`, or the reason string of a model listed as unpriced."""
+    def geo_multipliers(self, entry: Mapping[str, Any], field: str) -> Mapping[str, float]:
+        value = entry.get("inference_geo_multipliers")
+        if value is None:
+            return MappingProxyType({})
+        if not isinstance(value, Mapping):
+            self.problem(f"{field}.inference_geo_multipliers must be an object of geo -> multiplier")
+            return MappingProxyType({})
+        return MappingProxyType(
+            {str(geo): self.rate(value, geo, f"{field}.inference_geo_multipliers") for geo in value}
+        )
+
+    def model(self, model: str, entry: Any, base: Mapping[str, Any] | None) -> ModelPrice | str | None:
+        """A :class:`ModelPrice`, the reason string of a model listed as unpriced, or ``None`` when
+        the entry has problems (recorded). ``base`` is what the entry is merged over: the built-in
+        entry it names, or ``None`` for a new model (then :data:`ENTRY_DEFAULTS`)."""
         field = f"models[{model!r}]"
         if not isinstance(entry, Mapping):
-            raise self.fail(f"{field} must be an object, got {type(entry).__name__}")
+            self.problem(f"{field} must be an object, got {type(entry).__name__}")
+            return None
+        found = len(self.problems)
+        self.known_keys(entry, _ENTRY_KEYS, field)
+        if not self.strict:
+            # Only what differs is given: the rest comes from the built-in entry or the defaults.
+            # Provenance is never inherited: new rates must not cite the old page.
+            inherited = {
+                k: v for k, v in (base or {}).items() if k not in (*_PROVENANCE, "aliases", "priced")
+            }
+            rates_given = any(key in entry for key in _RATE_KEYS)
+            if base is None or "input_usd_per_mtok" not in inherited:
+                inherited = {**ENTRY_DEFAULTS, **inherited}
+            entry = {**inherited, **entry}
+            if rates_given and "priced" not in entry:
+                entry["priced"] = True
         source = self.text(entry, "source", field, required=self.strict) or self.where
         as_of = self.iso_date(entry, "as_of", field, required=False)
         retrieved = self.iso_date(entry, "retrieved", field, required=self.strict and as_of is None)
-        note = self.text(entry, "note", field, required=False) if entry.get("note") else ""
+        note = (self.text(entry, "note", field, required=False) or "") if entry.get("note") else ""
         priced = entry.get("priced", True)
         if not isinstance(priced, bool):
-            raise self.fail(f"{field}.priced must be true or false, got {priced!r}")
+            self.problem(f"{field}.priced must be true or false, got {priced!r}")
+            return None
         if not priced:
             if not note:
-                raise self.fail(f"{field} is unpriced, so it needs a note saying why")
-            return note
+                self.problem(f"{field} is unpriced, so it needs a note saying why")
+            return note if len(self.problems) == found else None
         aliases = entry.get("aliases", [])
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
-            raise self.fail(f"{field}.aliases must be a list of model ids, got {aliases!r}")
+            self.problem(f"{field}.aliases must be a list of model ids, got {aliases!r}")
+            aliases = []
         batch_discount = self.rate(entry, "batch_discount", field)
         if batch_discount >= 1:
-            raise self.fail(f"{field}.batch_discount is a fraction below 1, got {batch_discount!r}")
+            self.problem(f"{field}.batch_discount is a fraction below 1, got {batch_discount!r}")
         long_context = entry.get("long_context")
         if long_context is not None:
-            lc_field = f"{field}.long_context"
-            if not isinstance(long_context, Mapping):
-                raise self.fail(f"{lc_field} must be an object or null, got {type(long_context).__name__}")
-            threshold = long_context.get("above_input_tokens")
-            if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold <= 0:
-                raise self.fail(
-                    f"{lc_field}.above_input_tokens must be a positive integer, got {threshold!r}"
-                )
-            long_context = LongContextPrice(
-                above_input_tokens=threshold,
-                input_usd_per_mtok=self.rate(long_context, "input_usd_per_mtok", lc_field),
-                output_usd_per_mtok=self.rate(long_context, "output_usd_per_mtok", lc_field),
-            )
-        return ModelPrice(
+            long_context = self.long_context(long_context, f"{field}.long_context")
+        price = ModelPrice(
             model=model,
             name=self.text(entry, "name", field, required=False) or model,
             input_usd_per_mtok=self.rate(entry, "input_usd_per_mtok", field),
@@ -291,11 +429,60 @@ class _Reader:
             source=source,
             as_of=as_of,
             retrieved=retrieved,
-            note=note or "",
+            note=note,
+            inference_geo_multipliers=self.geo_multipliers(entry, field),
+        )
+        return price if len(self.problems) == found else None
+
+    def long_context(self, value: Any, field: str) -> LongContextPrice | None:
+        if not isinstance(value, Mapping):
+            self.problem(f"{field} must be an object or null, got {type(value).__name__}")
+            return None
+        self.known_keys(value, _LONG_CONTEXT_KEYS, field)
+        threshold = value.get("above_input_tokens")
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold <= 0:
+            self.problem(f"{field}.above_input_tokens must be a positive integer, got {threshold!r}")
+            threshold = 1
+        return LongContextPrice(
+            above_input_tokens=threshold,
+            input_usd_per_mtok=self.rate(value, "input_usd_per_mtok", field),
+            output_usd_per_mtok=self.rate(value, "output_usd_per_mtok", field),
         )
 
+    def server_tools(self, value: Any) -> dict[str, ServerToolPrice]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.problem(
+                f"'server_tools' must be an object of usage counter -> price, got {type(value).__name__}"
+            )
+            return {}
+        tools = {}
+        for counter, entry in value.items():
+            field = f"server_tools[{counter!r}]"
+            if not isinstance(entry, Mapping):
+                self.problem(f"{field} must be an object, got {type(entry).__name__}")
+                continue
+            self.known_keys(entry, _SERVER_TOOL_KEYS, field)
+            as_of = self.iso_date(entry, "as_of", field, required=False)
+            tools[str(counter)] = ServerToolPrice(
+                counter=str(counter),
+                usd_per_use=self.rate(entry, "usd_per_use", field),
+                source=self.text(entry, "source", field, required=self.strict) or self.where,
+                as_of=as_of,
+                retrieved=self.iso_date(entry, "retrieved", field, required=self.strict and as_of is None),
+                note=(self.text(entry, "note", field, required=False) or "") if entry.get("note") else "",
+            )
+        return tools
 
-def _parse(text: str, where: str, *, strict: bool) -> PriceTable:
+
+def _parse(
+    text: str, where: str, *, strict: bool, base: Mapping[str, Mapping[str, Any]] | None = None
+) -> tuple[PriceTable, dict[str, Mapping[str, Any]]]:
+    """The table a file holds, and its raw entries by every name (id and alias) they answer to.
+
+    ``base`` (raw built-in entries by name) is what an override's entries are merged over.
+    """
     reader = _Reader(where, strict=strict)
     try:
         data = json.loads(text)
@@ -306,23 +493,33 @@ def _parse(text: str, where: str, *, strict: bool) -> PriceTable:
     models = data.get("models")
     if not isinstance(models, Mapping):
         raise reader.fail(f"'models' must be an object of model id -> entry, got {type(models).__name__}")
+    reader.known_keys(data, _FILE_KEYS, "the file")
     version = reader.text(data, "version", "file", required=strict) or Path(where).name
     updated = reader.iso_date(data, "updated", "file", required=strict) or ""
+    server_tools = reader.server_tools(data.get("server_tools"))
     prices: dict[str, ModelPrice] = {}
     unpriced: dict[str, str] = {}
+    raw: dict[str, Mapping[str, Any]] = {}
     seen: dict[str, str] = {}
     for model, entry in models.items():
-        parsed = reader.model(model, entry)
+        parsed = reader.model(model, entry, (base or {}).get(model))
+        if parsed is None:
+            continue
         names = [model, *(parsed.aliases if isinstance(parsed, ModelPrice) else ())]
         for name in names:
             if name in seen:
-                raise reader.fail(f"{name!r} names both {seen[name]!r} and {model!r}")
+                reader.problem(f"{name!r} names both {seen[name]!r} and {model!r}")
             seen[name] = model
+            raw[name] = entry
         if isinstance(parsed, ModelPrice):
             prices[model] = parsed
         else:
             unpriced[model] = parsed
-    return PriceTable(prices, unpriced=unpriced, version=version, updated=updated, source=where)
+    reader.check()
+    table = PriceTable(
+        prices, unpriced=unpriced, version=version, updated=updated, source=where, server_tools=server_tools
+    )
+    return table, raw
 
 
 def _merge(base: PriceTable, override: PriceTable) -> PriceTable:
@@ -351,6 +548,7 @@ def _merge(base: PriceTable, override: PriceTable) -> PriceTable:
     return PriceTable(
         prices,
         unpriced=unpriced,
+        server_tools={**base.server_tools, **override.server_tools},
         version=f"{base.version}+{override.version}",
         updated=max(base.updated, override.updated),
         source=f"{base.source} + {override.source}",

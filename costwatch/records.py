@@ -223,11 +223,19 @@ class Cost:
     cache_write_usd: float = 0.0
     cache_read_usd: float = 0.0
     output_usd: float = 0.0
+    server_tool_usd: float = 0.0
+    """Fees for server tools the API reported using (web searches), on top of the tokens."""
 
     @property
     def total_usd(self) -> float:
         """The sum of the components."""
-        return self.input_usd + self.cache_write_usd + self.cache_read_usd + self.output_usd
+        return (
+            self.input_usd
+            + self.cache_write_usd
+            + self.cache_read_usd
+            + self.output_usd
+            + self.server_tool_usd
+        )
 
     def by_type(self) -> dict[TokenType, float]:
         """The cost keyed by :class:`TokenType`."""
@@ -286,6 +294,14 @@ class AttemptRecord:
     fingerprint: str | None = None
     """A hash of the request's model, system, messages, tools and parameters; never the content."""
     revision: int = 0
+    prompt_bytes: int | None = None
+    """The size of the request's prompt (tools, system, messages) in bytes of compact JSON, measured
+    for retries only (``None`` otherwise, or when the body could not be read)."""
+    stable_prefix_bytes: int | None = None
+    """The part of ``prompt_bytes`` before the last message: what a retry resends unchanged and could
+    read from the prompt cache (see ``costwatch.prompt_prefix``). Sizes only, never content."""
+    inference_geo: str | None = None
+    """Where the API said inference ran (``usage.inference_geo``: ``global``, ``us``), when it said."""
     output_chars: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
     """Characters of output received, per content type and character class (counts, never text):
     kept for an attempt whose output was estimated, and for a completed one measured to calibrate."""
@@ -327,7 +343,7 @@ class AttemptRecord:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the record (enums as their values, datetimes as ISO 8601)."""
+        """A JSON-ready dict of the record (enums as their values, datetimes as ISO 8601), with ``priced``."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -342,6 +358,8 @@ class AttemptRecord:
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
+        # Derived, but said outright: a reader of the JSON must not mistake a missing cost for $0.
+        out["priced"] = self.priced
         return out
 
     @classmethod
@@ -349,6 +367,7 @@ class AttemptRecord:
         """The inverse of :meth:`to_dict`; raises ``ValueError`` on a malformed record."""
         try:
             kwargs = dict(data)
+            kwargs.pop("priced", None)  # derived from ``cost`` (see to_dict)
             kwargs["started_at"] = datetime.fromisoformat(kwargs["started_at"])
             kwargs["outcome"] = Outcome(kwargs["outcome"])
             reason = kwargs.get("waste_reason")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -20,21 +20,29 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .records import Outcome, TokenType, WasteReason
-from .store import RollupTotals
-from .store.rows import hour_of
+from .avoidable import RequestAvoidable
+from .records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Outcome, TokenType, WasteReason
+from .store import ROLLUP_MEASURES, RollupTotals
+from .store.rows import hour_of, rollup_measures
 
 __all__ = [
     "CSV_COLUMNS",
     "GROUPINGS",
     "REPORT_FORMATS",
+    "TAG_PREFIX",
     "TIME_GROUPINGS",
+    "AttemptFilter",
+    "avoidable_waste_section",
     "build_report",
     "render_csv",
     "render_json",
     "render_table",
+    "render_top",
+    "render_waste_reduction",
     "rollup_group_by",
     "subtract_totals",
+    "top_wasteful_requests",
+    "totals_from_attempts",
 ]
 
 GROUPINGS: tuple[str, ...] = ("model", "workflow", "outcome", "error_type", "hour", "day")
@@ -47,7 +55,11 @@ REPORT_FORMATS: tuple[str, ...] = ("table", "json", "csv")
 """What ``--format`` accepts."""
 
 _TOKEN_KEYS = tuple(token_type.value for token_type in TokenType)
-_WASTE_REASONS = tuple(reason.value for reason in WasteReason)
+# Every reason the records know, so a reason added to WasteReason shows up without a change here.
+_REASON_KEYS = tuple(reason.value for reason in WasteReason)
+_PART_KEYS = ("input", "cache_read", "cache_write", "output", "server_tool")
+"""The parts of a wasted bill: re-billed input, cache reads, cache writes, (partial) output and
+server-tool fees (web searches)."""
 _UNLABELLED = {"workflow": "(untagged)", "error_type": "(no error)", "model": "(unknown)"}
 
 
@@ -74,9 +86,17 @@ class _Tally:
     billed_cost_usd: float = 0.0
     wasted_cost_usd: float = 0.0
     estimated_output_tokens: int = 0
-    wasted_by_reason: dict[str, dict[str, float]] = field(
-        default_factory=lambda: {reason: {"tokens": 0, "cost_usd": 0.0} for reason in _WASTE_REASONS}
-    )
+    unpriced_attempts: int = 0
+    unpriced_tokens: int = 0
+    wasted_by_reason: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_REASON_KEYS, 0.0))
+    wasted_by_part: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PART_KEYS, 0.0))
+    pending_abandoned_attempts: int = 0
+    pending_abandoned_cost_usd: float = 0.0
+
+    def add_pending(self, row: RollupTotals) -> None:
+        """Count ``abandoned`` attempts of unsettled hours: their retry may still arrive."""
+        self.pending_abandoned_attempts += row.attempts
+        self.pending_abandoned_cost_usd += row.wasted_cost_usd
 
     def add(self, row: RollupTotals) -> None:
         self.attempts += row.attempts
@@ -90,10 +110,13 @@ class _Tally:
         self.billed_cost_usd += row.billed_cost_usd
         self.wasted_cost_usd += row.wasted_cost_usd
         self.estimated_output_tokens += row.estimated_output_tokens
-        reason = self.wasted_by_reason.get(str(row.group.get("waste_reason") or ""))
-        if reason is not None:
-            reason["tokens"] += sum(int(getattr(row, f"wasted_{key}_tokens")) for key in _TOKEN_KEYS)
-            reason["cost_usd"] += row.wasted_cost_usd
+        self.unpriced_attempts += row.unpriced_attempts
+        self.unpriced_tokens += row.unpriced_tokens
+        reason = row.group.get("waste_reason")
+        if reason and row.wasted_cost_usd:
+            self.wasted_by_reason[reason] = self.wasted_by_reason.get(reason, 0.0) + row.wasted_cost_usd
+        for part in _PART_KEYS:
+            self.wasted_by_part[part] += getattr(row, f"wasted_{part}_cost_usd")
 
     def to_dict(self) -> dict[str, Any]:
         billed = sum(self.billed_tokens.values())
@@ -109,11 +132,20 @@ class _Tally:
             "wasted_cost_usd": round(self.wasted_cost_usd, 6),
             "waste_ratio": round(wasted / billed, 6) if billed else 0.0,
             "estimated_output_tokens": self.estimated_output_tokens,
-            "wasted_by_reason": {
-                reason: {"tokens": int(sums["tokens"]), "cost_usd": round(sums["cost_usd"], 6)}
-                for reason, sums in self.wasted_by_reason.items()
-            },
+            "unpriced_attempts": self.unpriced_attempts,
+            "unpriced_tokens": self.unpriced_tokens,
+            "wasted_cost_ratio": (
+                round(self.wasted_cost_usd / self.billed_cost_usd, 6) if self.billed_cost_usd else 0.0
+            ),
+            "wasted_cost_usd_by_reason": {k: round(v, 6) for k, v in self.wasted_by_reason.items()},
+            "wasted_cost_usd_by_part": {k: round(v, 6) for k, v in self.wasted_by_part.items()},
+            "pending_abandoned_attempts": self.pending_abandoned_attempts,
+            "pending_abandoned_cost_usd": round(self.pending_abandoned_cost_usd, 6),
         }
+
+
+TAG_PREFIX = "tag:"
+"""``--by tag:KEY`` groups by the value of the tag ``KEY`` (read from the attempt rows)."""
 
 
 def _group_key(by: str, group: Mapping[str, Any]) -> str | None:
@@ -135,19 +167,26 @@ def build_report(
     *,
     start: datetime | None = None,
     end: datetime | None = None,
+    pending: Iterable[RollupTotals] = (),
 ) -> dict[str, Any]:
     """The report over ``totals`` (read with ``group_by=rollup_group_by(by)``), grouped ``by`` this.
 
     ``start`` and ``end`` are the window the totals cover (``None`` for unbounded) and are echoed
-    in the report. Groups of ``hour`` and ``day`` come in time order, other groups from the most
-    wasted dollars down.
+    in the report. ``pending`` are the ``abandoned`` rollups of the hours not settled yet (see
+    :func:`~costwatch.store.query.settled_before`), grouped by the same first dimension: waste that
+    may still turn ``retried``. Groups of ``hour`` and ``day`` come in time order, other groups from
+    the most wasted dollars down.
     """
-    rollup_group_by(by)
+    if not by.startswith(TAG_PREFIX):
+        rollup_group_by(by)
     overall = _Tally()
     groups: dict[str | None, _Tally] = {}
     for row in totals:
         overall.add(row)
         groups.setdefault(_group_key(by, row.group), _Tally()).add(row)
+    for row in pending:
+        overall.add_pending(row)
+        groups.setdefault(_group_key(by, row.group), _Tally()).add_pending(row)
     listed = [{by: key, **tally.to_dict()} for key, tally in groups.items()]
     if by in TIME_GROUPINGS:
         listed.sort(key=lambda g: g[by])
@@ -179,6 +218,213 @@ def subtract_totals(after: Sequence[RollupTotals], before: Sequence[RollupTotals
     return changed
 
 
+# -- reports read from the attempt rows (tags, filters, what-if prices) ----------------------------
+@dataclass(frozen=True)
+class AttemptFilter:
+    """Which attempts a report covers: each given dimension must match one of its values."""
+
+    models: tuple[str, ...] = ()
+    workflows: tuple[str, ...] = ()
+    outcomes: tuple[str, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def needs_attempts(self) -> bool:
+        """Whether the rollups cannot apply it (any tag other than ``workflow`` is only on the rows)."""
+        return bool(self.tags)
+
+    def rollup_where(self) -> dict[str, tuple[str, ...]]:
+        """The filter as rollup dimensions (``where`` of :meth:`SqlStore.rollup_totals`)."""
+        where = {"model": self.models, "outcome": self.outcomes}
+        where["workflow"] = tuple(w[:WORKFLOW_LABEL_LENGTH] for w in self.workflows)
+        return {name: values for name, values in where.items() if values}
+
+    def matches(self, record: AttemptRecord) -> bool:
+        """Whether ``record`` is covered."""
+        if self.models and record.model_name not in self.models:
+            return False
+        if self.outcomes and record.outcome.value not in self.outcomes:
+            return False
+        if self.workflows and record.workflow not in {w[:WORKFLOW_LABEL_LENGTH] for w in self.workflows}:
+            return False
+        return all(record.tags.get(key) == value for key, value in self.tags.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The filter as the report's JSON echoes it (only what was asked for)."""
+        out: dict[str, Any] = {
+            "model": list(self.models),
+            "workflow": list(self.workflows),
+            "outcome": list(self.outcomes),
+            "tag": dict(self.tags),
+        }
+        return {key: value for key, value in out.items() if value}
+
+
+def _attempt_group(by: str, record: AttemptRecord) -> Any:
+    if by.startswith(TAG_PREFIX):
+        return str(record.tags.get(by[len(TAG_PREFIX) :]) or "")
+    if by in TIME_GROUPINGS:
+        return hour_of(record.started_at)
+    if by == "model":
+        return record.model_name
+    if by == "error_type":
+        return record.error_label
+    if by == "workflow":
+        return record.workflow
+    return record.outcome.value
+
+
+def totals_from_attempts(
+    records: Iterable[AttemptRecord], by: str, *, pending_since: datetime | None = None
+) -> tuple[list[RollupTotals], list[RollupTotals]]:
+    """Rollup-shaped totals over attempt rows, for :func:`build_report`: ``(totals, pending)``.
+
+    Each attempt counts exactly as the writer counts it into the rollups
+    (:func:`~costwatch.store.rows.rollup_measures`); ``by`` may be ``tag:KEY``. ``pending`` holds the
+    ``abandoned`` attempts that started at or after ``pending_since`` (the first unsettled hour).
+    """
+    column = by if by.startswith(TAG_PREFIX) else rollup_group_by(by)[0]
+    sums: dict[tuple[Any, str, str], list[float]] = {}
+    pending: dict[Any, list[float]] = {}
+    for record in records:
+        key = (_attempt_group(by, record), record.outcome.value, _reason(record))
+        values = rollup_measures(record)
+        known = sums.get(key)
+        sums[key] = list(values) if known is None else [a + b for a, b in zip(known, values, strict=True)]
+        if (
+            pending_since is not None
+            and key[2] == WasteReason.ABANDONED.value
+            and record.started_at >= pending_since
+        ):
+            known = pending.get(key[0])
+            pending[key[0]] = (
+                list(values) if known is None else [a + b for a, b in zip(known, values, strict=True)]
+            )
+
+    def totals(group: Mapping[str, Any], values: Sequence[float]) -> RollupTotals:
+        measures: dict[str, Any] = dict(zip(ROLLUP_MEASURES, values, strict=True))
+        return RollupTotals(group=group, **measures)
+
+    return (
+        [
+            totals({column: value, "outcome": outcome, "waste_reason": reason}, values)
+            for (value, outcome, reason), values in sums.items()
+        ],
+        [totals({column: value}, values) for value, values in pending.items()],
+    )
+
+
+def _reason(record: AttemptRecord) -> str:
+    return record.waste_reason.value if (record.wasted and record.waste_reason is not None) else ""
+
+
+def top_wasteful_requests(
+    wasted: Iterable[AttemptRecord], attempts_of: Callable[[list[str]], Sequence[AttemptRecord]], n: int
+) -> list[dict[str, Any]]:
+    """The ``n`` logical requests whose attempts wasted the most dollars, most first.
+
+    ``wasted`` are the wasted attempts to rank by; ``attempts_of`` returns every attempt of the
+    given logical requests (to count them and to find their first and last time).
+    """
+    by_request: dict[str, float] = {}
+    for record in wasted:
+        by_request[record.logical_request_id] = by_request.get(record.logical_request_id, 0.0) + (
+            record.wasted_cost_usd
+        )
+    ranked = sorted(by_request.items(), key=lambda item: (-item[1], item[0]))[:n]
+    attempts: dict[str, list[AttemptRecord]] = {}
+    for record in attempts_of([request for request, _ in ranked]):
+        attempts.setdefault(record.logical_request_id, []).append(record)
+    out = []
+    for request, cost in ranked:
+        mine = sorted(attempts.get(request, []), key=lambda r: (r.started_at, r.attempt_number))
+        last = mine[-1] if mine else None
+        out.append(
+            {
+                "logical_request_id": request,
+                "model": last.model_name if last else None,
+                "workflow": (last.workflow or None) if last else None,
+                "attempts": len(mine),
+                "wasted_attempts": sum(1 for r in mine if r.wasted),
+                "wasted_cost_usd": round(cost, 6),
+                "first": _iso(mine[0].started_at) if mine else None,
+                "last": _iso(last.started_at) if last else None,
+            }
+        )
+    return out
+
+
+def avoidable_waste_section(
+    requests: Iterable[RequestAvoidable], *, wasted_usd: float, refused_retries: int = 0, top: int = 5
+) -> dict[str, Any]:
+    """The report's keys about reducing waste: avoidable with prompt caching, and refused retries.
+
+    ``requests`` are the retried logical requests of the window (see :mod:`costwatch.avoidable`);
+    ``wasted_usd`` is the window's whole waste, which the avoidable dollars are a part of.
+    """
+    known: list[RequestAvoidable] = []
+    unknown: dict[str, int] = {}
+    unknown_usd = 0.0
+    already_cached = 0
+    by_model: dict[str, dict[str, float]] = {}
+    by_workflow: dict[str, dict[str, float]] = {}
+    for request in requests:
+        if request.avoidable_usd is None:
+            reason = request.unknown or "unknown"
+            unknown[reason] = unknown.get(reason, 0) + 1
+            unknown_usd += request.wasted_usd
+            continue
+        if request.already_cached:
+            already_cached += 1
+        known.append(request)
+        for groups, key in ((by_model, request.model), (by_workflow, request.workflow)):
+            group = groups.setdefault(key, {"avoidable_usd": 0.0, "wasted_usd": 0.0, "requests": 0})
+            group["avoidable_usd"] += request.avoidable_usd
+            group["wasted_usd"] += request.wasted_usd
+            group["requests"] += 1
+
+    def listed(groups: dict[str, dict[str, float]], name: str) -> list[dict[str, Any]]:
+        rows = [
+            {
+                name: key or None,
+                "avoidable_usd": round(g["avoidable_usd"], 6),
+                "wasted_usd": round(g["wasted_usd"], 6),
+                "retried_requests": int(g["requests"]),
+            }
+            for key, g in groups.items()
+        ]
+        return sorted(rows, key=lambda row: (-row["avoidable_usd"], row[name] or ""))
+
+    gaining = sorted((r for r in known if r.avoidable_usd), key=lambda r: -(r.avoidable_usd or 0.0))[:top]
+    return {
+        "avoidable_with_prompt_caching": {
+            "avoidable_usd": round(sum(r.avoidable_usd or 0.0 for r in known), 6),
+            "wasted_usd": round(wasted_usd, 6),
+            "retried_requests": len(known),
+            "already_cached_requests": already_cached,
+            "unknown_requests": sum(unknown.values()),
+            "unknown_wasted_usd": round(unknown_usd, 6),
+            "unknown_reasons": unknown,
+            "by_model": listed(by_model, "model"),
+            "by_workflow": listed(by_workflow, "workflow"),
+            "top_requests": [
+                {
+                    "logical_request_id": r.logical_request_id,
+                    "model": r.model,
+                    "workflow": r.workflow or None,
+                    "attempts": r.attempts,
+                    "wasted_usd": round(r.wasted_usd, 6),
+                    "avoidable_usd": round(r.avoidable_usd or 0.0, 6),
+                    "prefix_tokens": r.prefix_tokens,
+                    "cache_lifetime": r.lifetime,
+                }
+                for r in gaining
+            ],
+        },
+        "refused_retries": refused_retries,
+    }
+
+
 # -- rendering -----------------------------------------------------------------------------------
 def render_json(report: Mapping[str, Any]) -> str:
     """The report as one JSON object."""
@@ -196,6 +442,13 @@ CSV_COLUMNS: tuple[str, ...] = (
     "wasted_cost_usd",
     "waste_ratio",
     "estimated_output_tokens",
+    "unpriced_attempts",
+    "unpriced_tokens",
+    "wasted_cost_ratio",
+    *(f"wasted_{reason}_cost_usd" for reason in _REASON_KEYS),
+    *(f"wasted_{part}_cost_usd" for part in _PART_KEYS),
+    "pending_abandoned_attempts",
+    "pending_abandoned_cost_usd",
 )
 
 
@@ -204,6 +457,10 @@ def _flat(entry: Mapping[str, Any]) -> dict[str, Any]:
     for key in _TOKEN_KEYS:
         flat[f"billed_{key}_tokens"] = entry["billed_tokens"][key]
         flat[f"wasted_{key}_tokens"] = entry["wasted_tokens"][key]
+    for reason in _REASON_KEYS:
+        flat[f"wasted_{reason}_cost_usd"] = entry["wasted_cost_usd_by_reason"].get(reason, 0.0)
+    for part in _PART_KEYS:
+        flat[f"wasted_{part}_cost_usd"] = entry["wasted_cost_usd_by_part"][part]
     return flat
 
 
@@ -235,7 +492,47 @@ def _attempts(count: int, kind: str) -> str:
 
 
 def _label(by: str, key: str | None) -> str:
-    return key if key is not None else _UNLABELLED.get(by, "(none)")
+    if key is not None:
+        return key
+    return "(untagged)" if by.startswith(TAG_PREFIX) else _UNLABELLED.get(by, "(none)")
+
+
+_REASON_WORDS = {
+    "retried": "paid again by a retry",
+    "abandoned": "the request was given up",
+    "cancelled": "the application stopped reading",
+}
+_PART_WORDS = {
+    "input": "re-billed input",
+    "cache_read": "cache reads",
+    "cache_write": "cache writes",
+    "output": "partial output",
+    "server_tool": "server-tool fees",
+}
+
+
+def _calls(count: int) -> str:
+    return f"{count:,} call{'' if count == 1 else 's'}"
+
+
+def _why_lines(report: Mapping[str, Any]) -> list[str]:
+    """Where the wasted dollars went, by reason and by part, in words; empty when nothing was wasted."""
+    if not report["wasted_cost_usd"]:
+        return []
+    reasons = [
+        f"{_usd(value)} {reason} ({_REASON_WORDS.get(reason, reason)})"
+        for reason, value in report["wasted_cost_usd_by_reason"].items()
+        if value
+    ]
+    parts = [
+        f"{_usd(value)} {_PART_WORDS[part]}"
+        for part, value in report["wasted_cost_usd_by_part"].items()
+        if value
+    ]
+    lines = [f"why: {', '.join(reasons)}"] if reasons else []
+    if parts:
+        lines.append(f"what: {', '.join(parts)}")
+    return lines
 
 
 def render_table(report: Mapping[str, Any], console: Console, *, window: str | None = None) -> None:
@@ -250,41 +547,71 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
         console.print(f"No attempts recorded ({window}).", highlight=False)
         return
     billed, wasted = sum(report["billed_tokens"].values()), sum(report["wasted_tokens"].values())
+    failed, dropped = report["failed_attempts"], report["dropped_attempts"]
+    # Said for a reader who pays the bill: calls, not attempts; what failed and that it was billed.
+    cut = "all cut off mid-answer" if dropped == failed else f"{dropped:,} of them cut off mid-answer"
+    outcome = f"{_calls(failed)} failed ({cut}) and were billed anyway\n" if failed else "none failed\n"
     summary = Text.assemble(
         ("Waste report", "bold"),
         f"  ({window})\n",
-        f"{report['attempts']:,} attempts for {report['logical_requests']:,} logical requests: ",
-        (f"{report['dropped_attempts']:,} dropped", "yellow"),
-        f", {report['failed_attempts']:,} failed in all\n",
+        f"{report['logical_requests']:,} requests took {_calls(report['attempts'])} to the API: ",
+        (outcome, "yellow") if failed else outcome,
         f"billed {_tokens(billed)} tokens, {_usd(report['billed_cost_usd'])}; ",
         (f"wasted {_tokens(wasted)} tokens, {_usd(report['wasted_cost_usd'])}", "bold red"),
-        f" ({report['waste_ratio']:.1%} of billed tokens)",
+        f"\nwasted share: {report['waste_ratio']:.1%} of billed tokens, "
+        f"{report['wasted_cost_ratio']:.1%} of billed dollars",
     )
-    console.print(summary)
-    reasons = report.get("wasted_by_reason") or {}
-    if wasted and reasons:
+    if report["unpriced_attempts"]:
         console.print(
-            "wasted by reason: "
-            + ", ".join(
-                f"{reason} {_tokens(sums['tokens'])} tokens, {_usd(sums['cost_usd'])}"
-                for reason, sums in reasons.items()
-            ),
+            f"[bold yellow]warning:[/bold yellow] {_attempts(report['unpriced_attempts'], 'unpriced')} "
+            f"({_tokens(report['unpriced_tokens'])} tokens) on models without a known price are left out "
+            "of every dollar figure below; add their prices (docs/pricing.md) and run `costwatch reprice`",
+            highlight=False,
+        )
+    console.print(summary)
+    for line in _why_lines(report):
+        console.print(line, highlight=False)
+    if report["pending_abandoned_attempts"]:
+        console.print(
+            f"pending: {_usd(report['pending_abandoned_cost_usd'])} of it ("
+            f"{_calls(report['pending_abandoned_attempts'])} given up within the last hour or so) may still "
+            "turn out retried; metrics count it once its hour settles",
+            style="yellow",
+            highlight=False,
+        )
+    if report["unpriced_attempts"]:
+        console.print(
+            f"unpriced: {report['unpriced_attempts']:,} attempts, "
+            f"{_tokens(report['unpriced_tokens'])} tokens (no price known: not in billed or wasted $)",
+            style="yellow",
             highlight=False,
         )
 
-    table = Table(box=box.SIMPLE_HEAD, show_footer=True, title=f"by {by}", title_justify="left")
-    table.add_column(by, footer="total")
+    reasons = [r for r, value in report["wasted_cost_usd_by_reason"].items() if value]
+    # Tight padding: with a column per waste reason the table must still fit 120 characters.
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_footer=True,
+        title=f"by {by}",
+        title_justify="left",
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
+    table.add_column(by, footer="total", no_wrap=True)
     for name, footer, style in (
         ("attempts", f"{report['attempts']:,}", None),
         ("dropped", f"{report['dropped_attempts']:,}", "yellow"),
         ("failed", f"{report['failed_attempts']:,}", None),
-        ("billed tokens", _tokens(billed), None),
-        ("wasted tokens", _tokens(wasted), "red"),
+        ("billed\ntokens", _tokens(billed), None),
+        ("wasted\ntokens", _tokens(wasted), "red"),
         ("billed $", _usd(report["billed_cost_usd"]), None),
         ("wasted $", _usd(report["wasted_cost_usd"]), "bold red"),
-        ("waste", f"{report['waste_ratio']:.1%}", None),
+        *((f"{reason}\n$", _usd(report["wasted_cost_usd_by_reason"][reason]), None) for reason in reasons),
+        ("token\nshare", f"{report['waste_ratio']:.1%}", None),
+        ("$\nshare", f"{report['wasted_cost_ratio']:.1%}", None),
     ):
-        table.add_column(name, footer=footer, justify="right", style=style)
+        table.add_column(name, footer=footer, justify="right", style=style, no_wrap=True)
     for group in report["groups"]:
         table.add_row(
             _label(by, group[by]),
@@ -295,9 +622,17 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
             _tokens(sum(group["wasted_tokens"].values())),
             _usd(group["billed_cost_usd"]),
             _usd(group["wasted_cost_usd"]),
+            *(_usd(group["wasted_cost_usd_by_reason"].get(reason, 0.0)) for reason in reasons),
             f"{group['waste_ratio']:.1%}",
+            f"{group['wasted_cost_ratio']:.1%}",
         )
     console.print(table)
+    console.print(
+        "token share: wasted / billed tokens; $ share: wasted / billed dollars (cache reads are cheap "
+        "tokens, so the two differ)",
+        style="dim",
+        highlight=False,
+    )
 
     offenders = sorted(
         (g for g in report["groups"] if g["wasted_cost_usd"] > 0), key=lambda g: -g["wasted_cost_usd"]
@@ -311,3 +646,90 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
                 f"({share:.0%} of all waste) over {_attempts(group['failed_attempts'], 'failed')}",
                 highlight=False,
             )
+
+
+def render_top(top: Sequence[Mapping[str, Any]], console: Console) -> None:
+    """Print the logical requests that wasted the most (``report["top"]``)."""
+    if not top:
+        console.print("No logical request wasted anything in this window.", highlight=False)
+        return
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title="Most wasteful logical requests",
+        title_justify="left",
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    # The id is what `costwatch explain` needs: never cut it; shorten the model and workflow instead.
+    table.add_column("logical request", no_wrap=True, min_width=32)
+    for name in ("model", "workflow"):
+        table.add_column(name, overflow="ellipsis", no_wrap=True)
+    for name in ("attempts", "wasted $"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for name in ("first (UTC)", "last (UTC)"):
+        table.add_column(name, no_wrap=True)
+    for entry in top:
+        table.add_row(
+            entry["logical_request_id"],
+            entry["model"] or "",
+            entry["workflow"] or "(untagged)",
+            f"{entry['attempts']:,}",
+            _usd(entry["wasted_cost_usd"]),
+            (entry["first"] or "")[5:16].replace("T", " "),
+            (entry["last"] or "")[5:16].replace("T", " "),
+        )
+    console.print(table)
+    console.print("`costwatch explain LOGICAL_REQUEST_ID` shows one of them attempt by attempt.", style="dim")
+
+
+_UNKNOWN_REASONS = {
+    "prefix_not_measured": "no retry's prompt was measured (stored before costwatch measured, or not JSON)",
+    "unpriced": "the model has no price",
+}
+
+
+def render_waste_reduction(report: Mapping[str, Any], console: Console) -> None:
+    """Print what prompt caching would have saved and how many retries the waste budget refused."""
+    section = report.get("avoidable_with_prompt_caching")
+    if section is None:
+        return
+    line = Text.assemble(
+        ("Avoidable with prompt caching: ", "bold"),
+        (_usd(section["avoidable_usd"]), "bold green"),
+        f" of {_usd(section['wasted_usd'])} wasted",
+        f" ({section['retried_requests']:,} retried logical requests priced",
+    )
+    if section["already_cached_requests"]:
+        line.append(f"; {section['already_cached_requests']:,} of them already use prompt caching")
+    line.append(")")
+    console.print(line)
+    if section["unknown_requests"]:
+        reasons = "; ".join(
+            f"{count:,}: {_UNKNOWN_REASONS.get(reason, reason)}"
+            for reason, count in section["unknown_reasons"].items()
+        )
+        console.print(
+            f"  not known for {section['unknown_requests']:,} retried requests "
+            f"({_usd(section['unknown_wasted_usd'])} wasted): {reasons}",
+            highlight=False,
+        )
+    for name, label in (("by_model", "model"), ("by_workflow", "workflow")):
+        rows = [row for row in section[name] if row["avoidable_usd"] > 0][:5]
+        if rows:
+            parts = ", ".join(
+                f"{_label(label, row[label])} {_usd(row['avoidable_usd'])} of {_usd(row['wasted_usd'])}"
+                for row in rows
+            )
+            console.print(f"  by {label}: {parts}", highlight=False)
+    if section["top_requests"]:
+        console.print("  logical requests that would gain most:", highlight=False)
+        for row in section["top_requests"]:
+            console.print(
+                f"    {row['logical_request_id']} ({row['model']}, {_label('workflow', row['workflow'])}): "
+                f"{_usd(row['avoidable_usd'])} of {_usd(row['wasted_usd'])} wasted over "
+                f"{row['attempts']} attempts, prefix ~{_tokens(row['prefix_tokens'])} tokens, "
+                f"{row['cache_lifetime']} cache",
+                highlight=False,
+            )
+    if report.get("refused_retries"):
+        console.print(f"Retries refused by the waste budget: {report['refused_retries']:,}", highlight=False)

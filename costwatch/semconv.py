@@ -95,6 +95,8 @@ OUTCOME = "costwatch.attempt.outcome"
 WASTED_TOKENS = "costwatch.wasted.tokens"
 WASTE_REASON = "costwatch.waste.reason"
 COST_USD = "costwatch.cost.usd"
+COST_PRICED = "costwatch.cost.priced"
+"""False when the model has no known price: the span then carries no ``costwatch.cost.usd``."""
 OUTPUT_ESTIMATED = "costwatch.usage.output_estimated"
 
 

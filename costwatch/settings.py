@@ -47,6 +47,19 @@ def _text(text: str) -> str:
     return text
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("expected a number of 0 or more")
+    return value
+
+
+def _budget_scope(text: str) -> str:
+    if text not in ("process", "workflow"):
+        raise ValueError("expected process or workflow")
+    return text
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row of the settings table."""
@@ -134,6 +147,20 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         50,
         "Distinct `model` label values kept in metrics; the rest are reported as `other`.",
+    ),
+    Setting(
+        "waste_budget_usd_per_hour",
+        "COSTWATCH_WASTE_BUDGET_USD_PER_HOUR",
+        _non_negative_float,
+        None,
+        "Refuse retries of failed requests once the scope wasted more USD in the last hour (unset: off).",
+    ),
+    Setting(
+        "waste_budget_scope",
+        "COSTWATCH_WASTE_BUDGET_SCOPE",
+        _budget_scope,
+        "process",
+        "What the waste budget counts over: `process` (all waste) or `workflow` (each workflow tag alone).",
     ),
 )
 

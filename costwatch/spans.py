@@ -83,6 +83,7 @@ def attempt_attributes(record: AttemptRecord, names: semconv.GenAINames = semcon
         attributes[semconv.ERROR_TYPE] = error_type
     if record.wasted and record.waste_reason is not None:
         attributes[semconv.WASTE_REASON] = record.waste_reason.value
+    attributes[semconv.COST_PRICED] = record.priced
     if record.cost is not None:
         attributes[semconv.COST_USD] = record.cost.total_usd
     if names.request_stream is not None:

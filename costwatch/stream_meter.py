@@ -66,6 +66,7 @@ class ReportedUsage:
         "cache_read_tokens",
         "cache_write_1h_tokens",
         "cache_write_5m_tokens",
+        "inference_geo",
         "input_tokens",
         "output_tokens",
         "server_tool_use",
@@ -78,6 +79,7 @@ class ReportedUsage:
         self.cache_read_tokens = 0
         self.output_tokens = 0
         self.server_tool_use: dict[str, int] = {}
+        self.inference_geo: str | None = None
 
     def update(self, usage: Mapping[str, Any]) -> None:
         """Merge a ``usage`` object; fields that are absent or null keep their value."""
@@ -108,12 +110,19 @@ class ReportedUsage:
         value = _count(usage.get("output_tokens"))
         if value is not None:
             self.output_tokens = value
+        geo = usage.get("inference_geo")
+        if isinstance(geo, str) and geo:
+            self.inference_geo = geo[:_GEO_LENGTH]
         tools = usage.get("server_tool_use")
         if isinstance(tools, Mapping):
             for name, count in tools.items():
                 n = _count(count)
                 if n is not None and isinstance(name, str):
                     self.server_tool_use[name] = n
+
+
+_GEO_LENGTH = 32
+"""Longest ``inference_geo`` kept: a region name, never a place for anything larger."""
 
 
 def _count(value: Any) -> int | None:

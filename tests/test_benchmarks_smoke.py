@@ -49,3 +49,23 @@ def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(tmp_path: P
         assert isinstance(m["value"], (int, float)) and math.isfinite(m["value"])
         assert m["met"] in (True, False, None)
         assert (m["met"] is None) == (m["target"] == "" or m["target"].startswith("("))
+
+
+def test_the_waste_levers_benchmark_prints_its_table_and_json_for_every_lever(tmp_path: Path) -> None:
+    finished = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "waste_levers.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    lines = finished.stdout.strip().splitlines()
+    header = next(line for line in lines if line.startswith("| lever |"))
+    rows = [line for line in lines if line.startswith("| ") and line != header and "---" not in line]
+    assert len(rows) == 5 and all(row.count("|") == header.count("|") for row in rows)
+    document = json.loads(lines[-1])
+    assert document["outcomes"][0]["lever"].startswith("baseline")
+    for outcome in document["outcomes"]:
+        assert math.isfinite(outcome["billed_usd"]) and outcome["billed_usd"] > 0
+        assert outcome["attempts"] >= document["workload"]["requests"]

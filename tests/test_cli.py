@@ -322,7 +322,7 @@ def test_report_csv_has_a_row_per_group(capsys, known_db):
 def test_report_table_shows_totals_and_top_offenders(capsys, known_db):
     code, out, err = run(capsys, "report", "--by", "workflow", "--db", known_db)
     assert code == 0, err
-    assert "5 attempts for 3 logical requests" in out
+    assert "3 requests took 5 calls to the API: 2 calls failed (1 of them cut off mid-answer)" in out
     assert "Top offenders" in out and "nightly" in out and "(untagged)" in out
 
 

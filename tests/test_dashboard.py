@@ -28,6 +28,7 @@ WORKFLOW_METRICS = {
     "costwatch_wasted_tokens_total",
     "costwatch_billed_cost_usd_total",
     "costwatch_wasted_cost_usd_total",
+    "costwatch_avoidable_waste_usd_total",
 }
 HEALTH_METRICS = {
     "costwatch_store_queue_depth",
@@ -38,7 +39,9 @@ HEALTH_METRICS = {
     "up",
 }
 SELECTOR = re.compile(r"(?<![\w:.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?(\[[^\]]+\])?")
-PROMQL_WORDS = {"sum", "by", "rate", "increase", "topk", "min", "histogram_quantile", "or", "and", "on", "le"}
+PROMQL_WORDS = {
+    *("sum", "by", "rate", "increase", "topk", "min", "histogram_quantile", "ceil", "or", "and", "on", "le")
+}
 LABELS = {"model", "workflow", "token_type", "reason", "instance", "job"}
 
 
@@ -147,6 +150,9 @@ def test_the_required_panels_are_there_with_their_units():
         "Top workflows by wasted USD (range)": "currencyUSD",
         "Time to drop": "s",
         "Share of output that is estimated": "percentunit",
+        "Avoidable with prompt caching (range)": "currencyUSD",
+        "Share of waste avoidable with prompt caching (range)": "percentunit",
+        "Avoidable USD by workflow (range)": "currencyUSD",
         "Fleet exporter up": "short",
         "Store queue and spool": "short",
         "Write and instrumentation errors": "short",

@@ -17,6 +17,7 @@ import costwatch
 from costwatch import Outcome, WasteReason
 from costwatch.health import instrumentation_errors
 from costwatch.pipeline import Pipeline
+from costwatch.pricing import load_prices
 from costwatch.testing import BlockKind, BlockSpec, FakeAnthropicServer, Fault, ResponseSpec
 
 MODEL = "claude-haiku-4-5"
@@ -571,3 +572,23 @@ def test_a_forked_child_of_an_instrumented_process_runs_a_settler_thread_of_its_
         costwatch.uninstrument()
         pipeline.shutdown()
     assert answer == b"alive"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_us_only_inference_and_web_searches_reported_in_usage_are_recorded_and_priced(accounting, stream):
+    spec = ResponseSpec.small(
+        5, model="claude-opus-4-6", inference_geo="us", server_tool_use={"web_search_requests": 4}
+    )
+    with FakeAnthropicServer(spec) as server:
+        if stream:
+            create_stream(sync_client(server))
+        else:
+            create(sync_client(server))
+    (record,) = accounting.records()
+    assert record.inference_geo == "us"
+    assert record.server_tool_use["web_search_requests"] == 4
+    prices = load_prices()
+    tokens_only = prices.cost("claude-opus-4-6", record.usage)
+    assert record.cost is not None and tokens_only is not None
+    assert record.cost.server_tool_usd == pytest.approx(0.04)
+    assert record.cost.total_usd == pytest.approx(tokens_only.total_usd * 1.1 + 0.04)

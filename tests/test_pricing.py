@@ -249,7 +249,7 @@ def test_model_without_public_price_is_unpriced_with_its_reason_logged(
 # -- user override files ----------------------------------------------------------------------------
 def test_override_file_replaces_only_the_models_it_names(tmp_path: Path) -> None:
     path = _write(
-        tmp_path, {"version": "acme-1", "updated": "2026-11-30", "models": {"claude-opus-5-5": _entry()}}
+        tmp_path, {"version": "acme-1", "updated": "2026-12-30", "models": {"claude-opus-5-5": _entry()}}
     )
     builtin = load_prices()
     merged = load_prices(path)
@@ -258,7 +258,7 @@ def test_override_file_replaces_only_the_models_it_names(tmp_path: Path) -> None
     assert merged.lookup("claude-sonnet-5") == builtin.lookup("claude-sonnet-5")
     assert set(merged.models) == set(builtin.models)
     assert merged.version == f"{builtin.version}+acme-1"
-    assert merged.updated == "2026-11-30"
+    assert merged.updated == "2026-12-30"
     assert str(path) in merged.source
 
 
@@ -354,3 +354,109 @@ def test_missing_override_file_raises_price_file_error(
     monkeypatch.setenv(PRICES_FILE_ENV, str(tmp_path / "nope.json"))
     with pytest.raises(PriceFileError, match=r"nope\.json: cannot be read"):
         load_prices()
+
+
+# -- a price file that helps --------------------------------------------------------------------------
+def test_an_override_entry_gives_only_what_differs_from_the_builtin_entry_it_names(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"models": {"claude-sonnet-5-5": {"cache_read_multiplier": 0.05}}})
+    builtin, merged = load_prices(), load_prices(path)
+    old, new = builtin.lookup("claude-sonnet-5-5"), merged.lookup("claude-sonnet-5-5")
+    assert old is not None and new is not None
+    assert new.cache_read_multiplier == 0.05
+    assert (new.input_usd_per_mtok, new.output_usd_per_mtok) == (
+        old.input_usd_per_mtok,
+        old.output_usd_per_mtok,
+    )
+    assert new.inference_geo_multipliers == old.inference_geo_multipliers
+    # The changed entry cites the file that changed it, not the page the built-in rates came from.
+    assert new.source == str(path)
+
+
+def test_a_new_model_needs_only_its_input_and_output_rates(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path, {"models": {"claude-new-1": {"input_usd_per_mtok": 2.0, "output_usd_per_mtok": 8.0}}}
+    )
+    price = load_prices(path).lookup("claude-new-1")
+    assert price is not None
+    assert (price.cache_write_5m_multiplier, price.cache_read_multiplier, price.batch_discount) == (
+        1.25,
+        0.1,
+        0.5,
+    )
+    path = _write(tmp_path, {"models": {"claude-new-2": {"output_usd_per_mtok": 8.0}}}, "partial.json")
+    with pytest.raises(
+        PriceFileError, match=r"models\['claude-new-2'\]\.input_usd_per_mtok must be a number"
+    ):
+        load_prices(path)
+
+
+def test_an_override_can_price_a_builtin_unpriced_model_with_rates_alone(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path, {"models": {"claude-mythos-5-2": {"input_usd_per_mtok": 10, "output_usd_per_mtok": 50}}}
+    )
+    assert load_prices(path).lookup("claude-mythos-5-2") is not None
+
+
+def test_unknown_keys_are_errors_naming_the_key_and_the_closest_known_one(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"models": {"claude-opus-5-5": {"input_usd_per_mtoken": 4.0}}})
+    with pytest.raises(PriceFileError) as excinfo:
+        load_prices(path)
+    message = str(excinfo.value)
+    assert "models['claude-opus-5-5'] has an unknown key 'input_usd_per_mtoken'" in message
+    assert "did you mean 'input_usd_per_mtok'?" in message
+    path = _write(tmp_path, {"modles": {}, "models": {}}, "top.json")
+    with pytest.raises(
+        PriceFileError, match="the file has an unknown key 'modles' \\(did you mean 'models'\\?\\)"
+    ):
+        load_prices(path)
+
+
+def test_every_problem_of_a_file_is_reported_at_once_on_one_line(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        {
+            "models": {
+                "a": _entry(input_usd_per_mtok=-1),
+                "b": _entry(cach_read_multiplier=0.1),
+                "c": {"priced": False},
+                "claude-opus-5-5": {"long_context": {"above_input_tokens": 0, "input_usd_per_mtok": 1}},
+            }
+        },
+    )
+    with pytest.raises(PriceFileError) as excinfo:
+        load_prices(path)
+    message = str(excinfo.value)
+    assert "\n" not in message and str(path) in message
+    assert "5 problems:" in message
+    for fault in (
+        "(1) models['a'].input_usd_per_mtok must not be negative",
+        "models['b'] has an unknown key 'cach_read_multiplier' (did you mean 'cache_read_multiplier'?)",
+        "models['c'] is unpriced, so it needs a note",
+        "models['claude-opus-5-5'].long_context.above_input_tokens must be a positive integer",
+        "models['claude-opus-5-5'].long_context.output_usd_per_mtok must be a number",
+    ):
+        assert fault in message
+
+
+def test_web_searches_are_priced_per_search_as_usage_reports_them(table: PriceTable) -> None:
+    usage = Usage(input_tokens=1000, output_tokens=100)
+    plain = table.cost("claude-sonnet-5-5", usage)
+    searched = table.cost(
+        "claude-sonnet-5-5", usage, server_tool_use={"web_search_requests": 3, "web_fetch_requests": 2}
+    )
+    assert plain is not None and searched is not None
+    assert searched.server_tool_usd == pytest.approx(0.03)  # $10 per 1,000 searches; fetches are free
+    assert searched.total_usd == pytest.approx(plain.total_usd + 0.03)
+    tool = table.server_tools["web_search_requests"]
+    assert tool.source.startswith("https://") and tool.retrieved
+
+
+def test_us_only_inference_multiplies_every_token_rate_of_the_models_that_offer_it(table: PriceTable) -> None:
+    usage = Usage(input_tokens=1000, cache_read_tokens=5000, output_tokens=100)
+    plain = table.cost("claude-opus-4-6", usage, inference_geo="global")
+    us = table.cost("claude-opus-4-6", usage, inference_geo="us")
+    assert plain is not None and us is not None
+    assert us.total_usd == pytest.approx(plain.total_usd * 1.1)
+    # Models before Opus 4.6 cannot run US-only: no multiplier is listed for them.
+    older = table.lookup("claude-opus-4-5")
+    assert older is not None and not older.inference_geo_multipliers

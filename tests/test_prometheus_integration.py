@@ -28,7 +28,7 @@ from conftest import sync_client
 from prometheus_client import CollectorRegistry
 
 import costwatch
-from costwatch.dashboard import APP_JOB, EXPORTER_JOB, dashboard, panel_queries, recording_rules
+from costwatch.dashboard import APP_JOB, EXPORTER_JOB, alert_rules, dashboard, panel_queries, recording_rules
 from costwatch.exporter import serve
 from costwatch.metrics import MetricsSink, start_metrics_server
 from costwatch.pipeline import Pipeline
@@ -255,7 +255,7 @@ def test_prometheus_scrapes_costwatch_and_every_panel_and_rule_has_data(instrume
         )
     groups = prom.get("/api/v1/rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == len(recording_rules()) + 8
+    assert len(rules) == len(recording_rules()) + len(alert_rules())
     assert [r["name"] for r in rules if r["health"] != "ok"] == []
     assert prom.value("max(model:costwatch_waste_ratio:rate5m)") > 0
     assert prom.value("max(model:costwatch_stream_drop_ratio:rate5m)") > 0

@@ -187,16 +187,12 @@ def test_waste_is_split_by_reason_with_cancelled_apart_from_retried_and_abandone
         totals({"model": "m", "outcome": "completed", "waste_reason": ""}, attempts=3),
     ]
     report = build_report(rows, "model")
-    assert report["wasted_by_reason"] == {
-        "retried": {"tokens": 1020, "cost_usd": 0.5},
-        "abandoned": {"tokens": 300, "cost_usd": 0.1},
-        "cancelled": {"tokens": 407, "cost_usd": 0.2},
-    }
-    assert report["groups"][0]["wasted_by_reason"] == report["wasted_by_reason"]
+    assert report["wasted_cost_usd_by_reason"] == {"retried": 0.5, "abandoned": 0.1, "cancelled": 0.2}
+    assert report["groups"][0]["wasted_cost_usd_by_reason"] == report["wasted_cost_usd_by_reason"]
     console = Console(file=io.StringIO(), width=200)
     render_table(report, console)
     text = console.file.getvalue()  # type: ignore[attr-defined]
-    assert "wasted by reason: retried 1,020 tokens, $0.50, abandoned 300 tokens, $0.10, cancelled 407" in text
+    assert "$0.20 cancelled (the application stopped reading)" in text
 
 
 def test_json_rendering_is_one_object_with_the_documented_keys():
@@ -213,7 +209,6 @@ def test_json_rendering_is_one_object_with_the_documented_keys():
         "wasted_cost_usd",
         "waste_ratio",
         "estimated_output_tokens",
-        "wasted_by_reason",
         "groups",
     ):
         assert key in parsed
@@ -232,7 +227,7 @@ def test_table_rendering_names_totals_and_the_top_offender():
     console = Console(file=io.StringIO(), width=140)
     render_table(build_report(sonnet_dropped_and_retried(), "model"), console)
     text = console.file.getvalue()  # type: ignore[attr-defined]
-    assert "4 attempts for 2 logical requests" in text
+    assert "2 requests took 4 calls to the API: 2 calls failed (1 of them cut off mid-answer)" in text
     assert "Top offenders" in text
     assert "claude-sonnet-5-5: $0.50 wasted (100% of all waste) over 1 failed attempt\n" in text
 
@@ -283,3 +278,71 @@ def test_report_windows_widen_to_whole_hours():
     assert floor_hour(NOW) == HOUR
     assert ceil_hour(NOW) == HOUR + timedelta(hours=1)
     assert ceil_hour(HOUR) == HOUR
+
+
+def wasted_by_reason() -> list[RollupTotals]:
+    """Waste on one model: retried (input and output), abandoned (cache), and a completed call."""
+    return [
+        totals(
+            {"model": "m", "outcome": "dropped", "waste_reason": "retried"},
+            attempts=2,
+            billed_cost_usd=3.0,
+            wasted_cost_usd=3.0,
+            wasted_input_cost_usd=2.0,
+            wasted_output_cost_usd=1.0,
+            billed_input_tokens=100,
+            wasted_input_tokens=100,
+        ),
+        totals(
+            {"model": "m", "outcome": "dropped", "waste_reason": "abandoned"},
+            attempts=1,
+            billed_cost_usd=0.5,
+            wasted_cost_usd=0.5,
+            wasted_cache_read_cost_usd=0.2,
+            wasted_cache_write_cost_usd=0.3,
+            billed_cache_read_tokens=1000,
+            wasted_cache_read_tokens=1000,
+        ),
+        totals(
+            {"model": "m", "outcome": "completed", "waste_reason": ""},
+            attempts=1,
+            billed_cost_usd=6.5,
+            billed_input_tokens=900,
+        ),
+    ]
+
+
+def test_wasted_dollars_are_split_by_every_waste_reason_and_by_part_of_the_bill():
+    report = build_report(wasted_by_reason(), "model")
+    assert set(report["wasted_cost_usd_by_reason"]) >= {"retried", "abandoned"}
+    assert report["wasted_cost_usd_by_reason"]["retried"] == pytest.approx(3.0)
+    assert report["wasted_cost_usd_by_reason"]["abandoned"] == pytest.approx(0.5)
+    assert sum(report["wasted_cost_usd_by_reason"].values()) == pytest.approx(report["wasted_cost_usd"])
+    assert report["wasted_cost_usd_by_part"] == pytest.approx(
+        {"input": 2.0, "cache_read": 0.2, "cache_write": 0.3, "output": 1.0, "server_tool": 0.0}
+    )
+    # The token share and the dollar share differ: cache reads are many cheap tokens.
+    assert report["waste_ratio"] == pytest.approx(1100 / 2000)
+    assert report["wasted_cost_ratio"] == pytest.approx(3.5 / 10.0)
+    (group,) = report["groups"]
+    assert group["wasted_cost_usd_by_reason"] == report["wasted_cost_usd_by_reason"]
+    row = next(csv.DictReader(io.StringIO(render_csv(report))))
+    assert float(row["wasted_retried_cost_usd"]) == 3.0 and float(row["wasted_cache_write_cost_usd"]) == 0.3
+
+    console = Console(file=io.StringIO(), width=120)
+    render_table(report, console)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "why: $3.00 retried (paid again by a retry), $0.50 abandoned (the request was given up)" in text
+    assert "what: $2.00 re-billed input, $0.20 cache reads, $0.30 cache writes, $1.00 partial output" in text
+    assert "wasted share: 55.0% of billed tokens, 35.0% of billed dollars" in text
+    assert "token" in text and "share" in text and "$ share" in text
+
+
+def test_abandoned_waste_of_unsettled_hours_is_reported_as_pending():
+    pending = [totals({"model": "m"}, attempts=1, wasted_cost_usd=0.5)]
+    report = build_report(wasted_by_reason(), "model", pending=pending)
+    assert (report["pending_abandoned_attempts"], report["pending_abandoned_cost_usd"]) == (1, 0.5)
+    assert report["groups"][0]["pending_abandoned_attempts"] == 1
+    console = Console(file=io.StringIO(), width=120)
+    render_table(report, console)
+    assert "pending: $0.50 of it (1 call given up" in console.file.getvalue()  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ REQUIRED_ALERTS = {
     "CostwatchStoreSpooling",
     "CostwatchStoreWriteErrors",
     "CostwatchExporterDown",
+    "CostwatchUnpricedAttempts",
 }
 
 
@@ -141,3 +142,43 @@ def test_promtool_unit_tests_cover_every_alert_firing_and_not_firing():
     result = promtool("test", "rules", str(RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def _attempts_p90_query() -> str:
+    from costwatch.dashboard import dashboard, panel_queries
+
+    (expr,) = [e for title, e in panel_queries(dashboard()) if "costwatch_attempts_per_request_bucket" in e]
+    return expr.replace('{model=~"$model"}', "").replace("$__rate_interval", "5m")
+
+
+@needs_promtool
+@pytest.mark.parametrize(
+    ("attempts_per_request", "p90"),
+    [({1: 100}, 1), ({1: 50, 2: 50}, 2), ({1: 95, 3: 5}, 1), ({1: 80, 4: 20}, 4)],
+)
+def test_the_attempts_per_request_p90_is_a_whole_number_of_attempts_never_below_one(
+    tmp_path, attempts_per_request, p90
+):
+    # Cumulative buckets as prometheus_client fills them from observations of whole attempts.
+    per_minute = {le: sum(n for a, n in attempts_per_request.items() if a <= le) for le in (1, 2, 3, 4, 5)}
+    series = [
+        f'      - series: \'costwatch_attempts_per_request_bucket{{model="m", le="{le}.0"}}\'\n'
+        f"        values: '0+{count}x20'\n"
+        for le, count in per_minute.items()
+    ]
+    series.append(
+        '      - series: \'costwatch_attempts_per_request_bucket{model="m", le="+Inf"}\'\n'
+        f"        values: '0+{sum(attempts_per_request.values())}x20'\n"
+    )
+    query = _attempts_p90_query()
+    test = tmp_path / "p90.test.yml"
+    test.write_text(
+        "rule_files: []\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n"
+        + "".join(series)
+        + "    promql_expr_test:\n"
+        + f"      - expr: '{query}'\n        eval_time: 10m\n"
+        + f"        exp_samples:\n          - labels: '{{model=\"m\"}}'\n            value: {p90}\n",
+        encoding="utf-8",
+    )
+    result = promtool("test", "rules", str(test))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -128,6 +128,7 @@ def test_completed_attempt_span_has_exactly_the_genai_and_costwatch_attributes(p
         "costwatch.wasted.tokens": 0,
         "costwatch.usage.output_estimated": False,
         "costwatch.cost.usd": 0.75,
+        "costwatch.cost.priced": True,
     }
 
 

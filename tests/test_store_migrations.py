@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -117,7 +118,7 @@ def test_migration_0004_keeps_attempts_stored_before_it_findable_by_fingerprint(
     engine = create_store_engine(store_url)
     try:
         with engine.begin() as connection:
-            connection.execute(sa.insert(ATTEMPTS).values(attempt_row(stored_before)))
+            connection.execute(sa.insert(ATTEMPTS).values(_row_before_0005(stored_before)))
     finally:
         engine.dispose()
     migrate.upgrade(store_url)
@@ -130,6 +131,48 @@ def test_migration_0004_keeps_attempts_stored_before_it_findable_by_fingerprint(
         store.shutdown()
     migrate.downgrade(store_url, "0003")
     assert migrate.current(store_url) == "0003"
+
+
+_COLUMNS_OF_0005 = ("prompt_bytes", "stable_prefix_bytes")
+_COLUMNS_OF_0006 = ("server_tool_cost_usd", "inference_geo")
+
+
+def _row_before_0005(record: AttemptRecord) -> dict[str, Any]:
+    """An attempt's row as the tables before migration 0005 hold it."""
+    later = (*_COLUMNS_OF_0005, *_COLUMNS_OF_0006)
+    return {k: v for k, v in attempt_row(record).items() if k not in later}
+
+
+def test_migration_0005_reads_earlier_attempts_as_not_measured_and_keeps_measured_sizes(
+    store_url: str,
+) -> None:
+    migrate.upgrade(store_url, revision="0004")
+    engine = create_store_engine(store_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.insert(ATTEMPTS).values(_row_before_0005(_ABANDONED_ATTEMPT)))
+    finally:
+        engine.dispose()
+    migrate.upgrade(store_url)
+    measured = dataclasses.replace(
+        _ABANDONED_ATTEMPT,
+        attempt_id="measured",
+        attempt_number=2,
+        prompt_bytes=40_000,
+        stable_prefix_bytes=39_000,
+    )
+    store = SqlStore(store_url, auto_migrate=False)
+    try:
+        store.write([measured])
+        earlier, later = store.attempt(_ABANDONED_ATTEMPT.attempt_id), store.attempt("measured")
+        assert earlier is not None and (earlier.prompt_bytes, earlier.stable_prefix_bytes) == (None, None)
+        assert later is not None and (later.prompt_bytes, later.stable_prefix_bytes) == (40_000, 39_000)
+    finally:
+        store.shutdown()
+    migrate.downgrade(store_url, "0004")
+    assert migrate.current(store_url) == "0004"
+    migrate.upgrade(store_url)
+    assert migrate.current(store_url) == migrate.head()
 
 
 def test_upgrade_twice_is_a_no_op(store_url: str) -> None:

@@ -103,7 +103,13 @@ def sums_over_raw_rows(store: SqlStore) -> dict[tuple[Any, ...], dict[str, float
         }
         cost = sum(
             r[c] or 0.0
-            for c in ("input_cost_usd", "cache_write_cost_usd", "cache_read_cost_usd", "output_cost_usd")
+            for c in (
+                "input_cost_usd",
+                "cache_write_cost_usd",
+                "cache_read_cost_usd",
+                "output_cost_usd",
+                "server_tool_cost_usd",
+            )
         )
         s["attempts"] += 1
         s["dropped_attempts"] += r["outcome"] == "dropped"
@@ -115,6 +121,11 @@ def sums_over_raw_rows(store: SqlStore) -> dict[tuple[Any, ...], dict[str, float
         s["wasted_cost_usd"] += cost if r["wasted"] else 0.0
         s["estimated_output_tokens"] += r["estimated_output_tokens"] if r["output_estimated"] else 0
         s["duration_s"] += r["duration_s"]
+        unpriced = r["input_cost_usd"] is None
+        s["unpriced_attempts"] += unpriced
+        s["unpriced_tokens"] += sum(tokens.values()) if unpriced else 0
+        for part in ("input", "cache_read", "cache_write", "output", "server_tool"):
+            s[f"wasted_{part}_cost_usd"] += (r[f"{part}_cost_usd"] or 0.0) if r["wasted"] else 0.0
     return dict(sums)
 
 

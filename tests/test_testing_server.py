@@ -490,7 +490,7 @@ async def test_async_stream_helper_and_beta_non_stream(server: FakeAnthropicServ
 def test_non_stream_body_cut_drops_the_call_but_bills_the_full_output(server: FakeAnthropicServer) -> None:
     server.enqueue(Fault.cut_after_bytes(100))
     with pytest.raises(anthropic.APIConnectionError):
-        client_for(server).messages.create(model=MODEL, max_tokens=10, messages=MESSAGES)
+        client_for(server).messages.create(model=MODEL, max_tokens=100, messages=MESSAGES)
 
     (entry,) = server.ledger.entries
     assert entry.ending is Ending.CUT and entry.body_bytes_sent == 100
@@ -634,3 +634,28 @@ async def test_256_concurrent_streams_are_served_at_once() -> None:
         assert [r.error for r in results] == [None] * 256
         assert len(fake.ledger) == 256 and fake.peak_open_responses == 256
         assert fake.ledger.totals().output_tokens == 256 * 4
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_output_stops_at_max_tokens_with_stop_reason_max_tokens_and_is_billed_so(stream: bool) -> None:
+    # The default answer is 3,800 output tokens; asked for at most 1,000, the API stops at 1,000.
+    with FakeAnthropicServer(ResponseSpec()) as fake:
+        client = client_for(fake)
+        if stream:
+            with client.messages.stream(model=MODEL, max_tokens=1000, messages=MESSAGES) as events:
+                message = events.get_final_message()
+        else:
+            message = client.messages.create(model=MODEL, max_tokens=1000, messages=MESSAGES)
+        (entry,) = fake.ledger.entries
+    assert message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == 1000 == entry.output_tokens
+    assert entry.stop_reason == "max_tokens" and entry.ending is Ending.COMPLETED
+    # Generation stopped inside the first block: its 1,500 thinking tokens are cut to 1,000.
+    assert [block.type for block in message.content] == ["thinking"]
+
+
+def test_an_answer_within_max_tokens_is_not_cut(server: FakeAnthropicServer) -> None:
+    message = client_for(server).messages.create(
+        model=MODEL, max_tokens=SMALL.output_tokens, messages=MESSAGES
+    )
+    assert message.stop_reason == "tool_use" and message.usage.output_tokens == SMALL.output_tokens

@@ -9,18 +9,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
+from .rows import hour_of
 from .schema import ALL_TIME_DIMENSIONS, ALL_TIME_ROLLUPS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUPS
 
-__all__ = ["RollupTotals", "all_time_with_recent_query", "read_rollup_totals", "rollup_totals_query"]
+__all__ = [
+    "RollupTotals",
+    "all_time_with_recent_query",
+    "read_rollup_totals",
+    "rollup_totals_query",
+    "settled_before",
+]
 
-_INTEGER_MEASURES = frozenset(
-    m for m in ROLLUP_MEASURES if m not in ("billed_cost_usd", "wasted_cost_usd", "duration_s")
-)
+_INTEGER_MEASURES = frozenset(m for m in ROLLUP_MEASURES if not m.endswith("_usd") and m != "duration_s")
+
+
+def settled_before(now: datetime, retry_window: timedelta) -> datetime:
+    """The first unsettled hour: every rollup hour before it ended at least ``retry_window`` ago.
+
+    An ``abandoned`` attempt of a later hour may still turn ``retried`` when its retry lands; the
+    fleet exporter counts such waste only once its hour is settled, and the report shows it as
+    pending, both from this one boundary.
+    """
+    return hour_of(now - retry_window)
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,13 @@ class RollupTotals:
     wasted_cost_usd: float = 0.0
     estimated_output_tokens: int = 0
     duration_s: float = 0.0
+    unpriced_attempts: int = 0
+    unpriced_tokens: int = 0
+    wasted_input_cost_usd: float = 0.0
+    wasted_cache_read_cost_usd: float = 0.0
+    wasted_cache_write_cost_usd: float = 0.0
+    wasted_output_cost_usd: float = 0.0
+    wasted_server_tool_cost_usd: float = 0.0
 
     @property
     def billed_tokens(self) -> int:

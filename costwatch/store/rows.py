@@ -63,8 +63,10 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
     output_tokens = usage.output_tokens
     cache_read = usage.cache_read_tokens
     cache_write = usage.cache_write_tokens
-    billed_cost = record.cost.total_usd if record.cost is not None else 0.0
+    cost = record.cost
+    billed_cost = cost.total_usd if cost is not None else 0.0
     wasted = record.wasted
+    wasted_cost = cost if (wasted and cost is not None) else _NO_COST
     return (
         1,
         1 if record.outcome is Outcome.DROPPED else 0,
@@ -81,7 +83,17 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
         billed_cost if wasted else 0.0,
         usage.estimated_output_tokens if usage.output_estimated else 0,
         record.duration_s,
+        0 if cost is not None else 1,
+        0 if cost is not None else input_tokens + output_tokens + cache_read + cache_write,
+        wasted_cost.input_usd,
+        wasted_cost.cache_read_usd,
+        wasted_cost.cache_write_usd,
+        wasted_cost.output_usd,
+        wasted_cost.server_tool_usd,
     )
+
+
+_NO_COST = Cost()
 
 
 def rollup_delta_rows(
@@ -145,6 +157,10 @@ ATTEMPT_COLUMNS = (
     "tags",
     "fingerprint",
     "revision",
+    "prompt_bytes",
+    "stable_prefix_bytes",
+    "server_tool_cost_usd",
+    "inference_geo",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
@@ -191,6 +207,10 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         dict(record.tags),
         record.fingerprint,
         record.revision,
+        record.prompt_bytes,
+        record.stable_prefix_bytes,
+        cost.server_tool_usd if cost is not None else None,
+        record.inference_geo,
     )
 
 
@@ -208,7 +228,15 @@ def _cost_from_columns(row: Mapping[Any, Any]) -> Cost | None:
     )
     if any(part is None for part in parts):
         return None
-    return Cost(input_usd=parts[0], cache_write_usd=parts[1], cache_read_usd=parts[2], output_usd=parts[3])
+    # NULL on rows stored before server-tool fees were priced (migration 0006): no fee.
+    fees = row.get("server_tool_cost_usd") or 0.0
+    return Cost(
+        input_usd=parts[0],
+        cache_write_usd=parts[1],
+        cache_read_usd=parts[2],
+        output_usd=parts[3],
+        server_tool_usd=fees,
+    )
 
 
 def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
@@ -251,4 +279,7 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         tags=MappingProxyType(dict(row["tags"] or {})),
         fingerprint=row["fingerprint"],
         revision=row["revision"],
+        prompt_bytes=row.get("prompt_bytes"),
+        stable_prefix_bytes=row.get("stable_prefix_bytes"),
+        inference_geo=row.get("inference_geo"),
     )

@@ -158,6 +158,12 @@ class Attempt(Base):
     tags: Mapped[dict[str, str]] = mapped_column(sa.JSON())
     fingerprint: Mapped[str | None] = mapped_column(sa.String())
     revision: Mapped[int] = mapped_column(sa.Integer())
+    # Sizes of the prompt and its stable prefix, of retries only (migration 0005): avoidable waste.
+    prompt_bytes: Mapped[int | None] = mapped_column(sa.BigInteger())
+    stable_prefix_bytes: Mapped[int | None] = mapped_column(sa.BigInteger())
+    # Migration 0006: server-tool fees (NULL on rows stored before: read as none) and where inference ran.
+    server_tool_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    inference_geo: Mapped[str | None] = mapped_column(sa.String())
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
@@ -194,8 +200,19 @@ ROLLUP_MEASURES = (
     "wasted_cost_usd",
     "estimated_output_tokens",
     "duration_s",
+    "unpriced_attempts",
+    "unpriced_tokens",
+    "wasted_input_cost_usd",
+    "wasted_cache_read_cost_usd",
+    "wasted_cache_write_cost_usd",
+    "wasted_output_cost_usd",
+    "wasted_server_tool_cost_usd",
 )
-"""The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them."""
+"""The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them.
+
+``unpriced_*`` count attempts on models without a known price (and their billed tokens), which
+add nothing to the costs; ``wasted_*_cost_usd`` split ``wasted_cost_usd`` by the part of the bill
+(migration 0006)."""
 
 
 class _RollupMeasures:
@@ -216,6 +233,13 @@ class _RollupMeasures:
     wasted_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
     estimated_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
     duration_s: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    unpriced_attempts: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    unpriced_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    wasted_input_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    wasted_cache_read_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    wasted_cache_write_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    wasted_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    wasted_server_tool_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
 
 
 class HourlyRollup(_RollupMeasures, Base):

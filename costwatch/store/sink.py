@@ -177,6 +177,27 @@ class SqlStore:
         with self._read() as connection:
             return read_rollup_totals(connection, query, group_by)
 
+    def retried_requests(
+        self, start: datetime | None = None, end: datetime | None = None
+    ) -> dict[str, list[AttemptRecord]]:
+        """Every attempt of the logical requests with a retry that started in ``[start, end)``, by request.
+
+        Reads the attempts table (not the rollups), scanning it by start time: for reports, not for
+        every scrape.
+        """
+        retried = sa.select(ATTEMPTS.c.logical_request_id).where(ATTEMPTS.c.attempt_number > 1)
+        if start is not None:
+            retried = retried.where(ATTEMPTS.c.started_at >= start)
+        if end is not None:
+            retried = retried.where(ATTEMPTS.c.started_at < end)
+        query = sa.select(ATTEMPTS).where(ATTEMPTS.c.logical_request_id.in_(retried.distinct()))
+        requests: dict[str, list[AttemptRecord]] = {}
+        with self._read() as connection:
+            for row in connection.execute(query).mappings():
+                record = record_from_row(row)
+                requests.setdefault(record.logical_request_id, []).append(record)
+        return requests
+
     def attempt(self, attempt_id: str) -> AttemptRecord | None:
         """The stored (latest) revision of one attempt, or ``None``."""
         with self._read() as connection:

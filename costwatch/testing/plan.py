@@ -7,6 +7,7 @@ Everything here is pure: the server only writes what a :class:`ResponsePlan` hol
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import random
@@ -16,7 +17,8 @@ from types import MappingProxyType
 from typing import Any
 
 from .faults import Fault, FaultKind
-from .spec import BlockKind, ContentType, ResponseSpec, input_tokens_for_body
+from .prompt_cache import CacheUsage
+from .spec import BlockKind, BlockSpec, ContentType, ResponseSpec, input_tokens_for_body
 from .vocabulary import command_json_fragments, json_object_fragments, prose_fragments
 
 __all__ = [
@@ -25,11 +27,13 @@ __all__ = [
     "ResponsePlan",
     "SentPrefix",
     "StreamCut",
+    "capped",
     "chunk",
     "error_body",
     "error_event",
     "error_message",
     "malformed_event",
+    "max_tokens_of",
     "non_utf8_event",
     "plan_response",
     "position_after_deltas",
@@ -240,9 +244,12 @@ class _Builder:
 
 
 def _usage(
-    spec_plan: dict[str, int], server_tool_use: Mapping[str, int], output_tokens: int
+    spec_plan: dict[str, int],
+    server_tool_use: Mapping[str, int],
+    output_tokens: int,
+    inference_geo: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    usage = {
         "input_tokens": spec_plan["input"],
         "cache_creation_input_tokens": spec_plan["write_5m"] + spec_plan["write_1h"],
         "cache_read_input_tokens": spec_plan["read"],
@@ -254,14 +261,54 @@ def _usage(
         "service_tier": "standard",
         "server_tool_use": dict(server_tool_use),
     }
+    if inference_geo is not None:
+        usage["inference_geo"] = inference_geo
+    return usage
 
 
-def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arrival: int = 1) -> ResponsePlan:
+def max_tokens_of(body: bytes) -> int | None:
+    """The request's ``max_tokens``, or ``None`` when the body does not give a positive integer."""
+    try:
+        value = json.loads(body).get("max_tokens") if body else None
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def capped(spec: ResponseSpec, max_tokens: int | None) -> ResponseSpec:
+    """``spec`` cut to ``max_tokens`` output tokens, as the API stops generating at the limit.
+
+    The block that reaches the limit is shortened, the blocks after it are left out, and the stop
+    reason becomes ``max_tokens``. A spec within the limit is returned unchanged.
+    """
+    if max_tokens is None or spec.output_tokens <= max_tokens:
+        return spec
+    blocks: list[BlockSpec] = []
+    left = max_tokens
+    for block in spec.blocks:
+        if left <= 0:
+            break
+        blocks.append(dataclasses.replace(block, output_tokens=min(block.output_tokens, left)))
+        left -= block.output_tokens
+    return dataclasses.replace(spec, blocks=tuple(blocks), stop_reason="max_tokens")
+
+
+def plan_response(
+    spec: ResponseSpec,
+    *,
+    body: bytes,
+    model_requested: str,
+    arrival: int = 1,
+    cache: CacheUsage | None = None,
+) -> ResponsePlan:
     """The full answer to a request with this raw ``body``.
 
     Content depends only on ``spec.seed`` and the body; ids also depend on ``arrival`` so a retried
-    request gets a fresh ``msg_...`` id, as from the real API.
+    request gets a fresh ``msg_...`` id, as from the real API. ``cache``, when given, is how the
+    server's prompt cache split the prompt, and replaces the spec's input and cache counts. Output
+    stops at the body's ``max_tokens`` (see :func:`capped`).
     """
+    spec = capped(spec, max_tokens_of(body))
     digest = hashlib.sha256(body).hexdigest()
     b = _Builder(spec, _rng(spec.seed, digest), _rng(spec.seed, digest, arrival, "ids"))
     model = spec.model or model_requested or "claude-sonnet-4-5"
@@ -272,6 +319,13 @@ def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arri
         "write_5m": spec.cache_write_5m_tokens,
         "write_1h": spec.cache_write_1h_tokens,
     }
+    if cache is not None:
+        tokens = {
+            "input": cache.input_tokens,
+            "read": cache.cache_read_tokens,
+            "write_5m": cache.cache_write_5m_tokens,
+            "write_1h": cache.cache_write_1h_tokens,
+        }
     server_tool_use = {"web_search_requests": 0, "web_fetch_requests": 0, **spec.server_tool_use}
     stop_reason = spec.derived_stop_reason
     shell: dict[str, Any] = {
@@ -283,7 +337,7 @@ def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arri
         "stop_reason": None,
         "stop_sequence": None,
         # The real API reports 1 output token in message_start, whatever follows.
-        "usage": _usage(tokens, server_tool_use, 1),
+        "usage": _usage(tokens, server_tool_use, 1, spec.inference_geo),
     }
     b.add("message_start", {"type": "message_start", "message": shell})
     b.ping()
@@ -364,7 +418,7 @@ def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arri
         index += 1
 
     output_tokens = spec.output_tokens
-    delta_usage = _usage(tokens, server_tool_use, output_tokens)
+    delta_usage = _usage(tokens, server_tool_use, output_tokens, spec.inference_geo)
     del delta_usage["cache_creation"], delta_usage["service_tier"]
     b.add(
         "message_delta",
@@ -380,7 +434,7 @@ def plan_response(spec: ResponseSpec, *, body: bytes, model_requested: str, arri
         **shell,
         "content": b.content,
         "stop_reason": stop_reason,
-        "usage": _usage(tokens, server_tool_use, output_tokens),
+        "usage": _usage(tokens, server_tool_use, output_tokens, spec.inference_geo),
     }
     return ResponsePlan(
         message_id=message_id,

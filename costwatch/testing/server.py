@@ -44,7 +44,8 @@ from .plan import (
     stream_cut_for,
     unknown_event,
 )
-from .spec import ResponseSpec
+from .prompt_cache import PromptCache, TooManyBreakpoints, breakpoint_prefixes
+from .spec import ResponseSpec, input_tokens_for_body
 
 __all__ = ["FakeAnthropicServer"]
 
@@ -183,6 +184,7 @@ class FakeAnthropicServer:
         host: str = "127.0.0.1",
         port: int = 0,
         seed: int = 0,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self.spec = spec or ResponseSpec()
         """The answer given to every request (unless ``spec_for`` picks one)."""
@@ -191,6 +193,8 @@ class FakeAnthropicServer:
         self.spec_for = spec_for
         self.ledger = Ledger()
         """One :class:`~costwatch.testing.ledger.LedgerEntry` per attempt received."""
+        self.prompt_cache = prompt_cache or PromptCache()
+        """The prefixes cached by ``cache_control`` breakpoints, billed as reads and writes."""
         self._host = host
         self._port = port
         self._seed = seed
@@ -479,9 +483,13 @@ class _Attempt:
         except ValueError:
             return self.send_error(400, "invalid_request_error")
         spec = self.server.spec_for(request) if self.server.spec_for else self.server.spec
-        plan = plan_response(
-            spec, body=self.raw_body, model_requested=self.base.model_requested, arrival=request.arrival
-        )
+        # The body whose cache_control breakpoints the prompt cache bills, if the spec lets it.
+        cached = request.body if isinstance(request.body, dict) and spec.models_prompt_caching else None
+        if cached is not None:
+            try:
+                breakpoint_prefixes(cached)
+            except TooManyBreakpoints:
+                return self.send_error(400, "invalid_request_error")
         # An SDK that sees this before any byte has nothing to retry on, so honor the delay first.
         self.wait(spec.first_byte_delay_s)
         if fault is not None and fault.kind is FaultKind.HTTP_ERROR:
@@ -494,6 +502,20 @@ class _Attempt:
             self.record(fault=fault, ending=Ending.STALL)
             self.connection.wait_for_hangup(fault.seconds)
             return False
+        cache = None
+        if cached is not None:
+            # The API reads and writes the cache as it starts answering, whatever happens to the body.
+            prompt = spec.input_tokens
+            if prompt is None:
+                prompt = input_tokens_for_body(len(self.raw_body))
+            cache = self.server.prompt_cache.bill(cached, prompt)
+        plan = plan_response(
+            spec,
+            body=self.raw_body,
+            model_requested=self.base.model_requested,
+            arrival=request.arrival,
+            cache=cache,
+        )
         if request.stream:
             return self.stream(plan, spec, fault)
         return self.json(plan, fault)

@@ -102,6 +102,8 @@ class ResponseSpec:
     """``None`` derives it: ``tool_use`` when the last block is a client tool call, else ``end_turn``."""
     server_tool_use: Mapping[str, int] = field(default_factory=lambda: _DEFAULT_SERVER_TOOL_USE)
     """``usage.server_tool_use``; the SDK's model needs ``web_search_requests`` and ``web_fetch_requests``."""
+    inference_geo: str | None = None
+    """``usage.inference_geo`` (where inference ran: ``global``, ``us``); ``None`` leaves it out."""
     tokens_per_delta: tuple[int, int] = (1, 3)
     """Each delta event carries a uniformly drawn number of tokens in this inclusive range."""
     ping_every: int = 0
@@ -112,6 +114,15 @@ class ResponseSpec:
     """Wait this long before each SSE event after ``message_start``."""
     seed: int = 0
     """With the request body, fixes every fragment, id and drawn number of the response."""
+    prompt_caching: bool = True
+    """Bill the request's ``cache_control`` breakpoints through the server's prompt cache (see
+    :mod:`costwatch.testing.prompt_cache`); ignored when the cache counts above are set explicitly."""
+
+    @property
+    def models_prompt_caching(self) -> bool:
+        """Whether the server's prompt cache decides this answer's cache reads and writes."""
+        explicit = self.cache_read_tokens or self.cache_write_5m_tokens or self.cache_write_1h_tokens
+        return self.prompt_caching and not explicit
 
     def __post_init__(self) -> None:
         low, high = self.tokens_per_delta

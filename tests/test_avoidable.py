@@ -1,0 +1,210 @@
+"""Avoidable waste: what prompt caching of the stable prefix would have saved the retried requests."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import sample_value, sync_client
+from prometheus_client import CollectorRegistry
+
+import costwatch
+from costwatch.avoidable import MIN_CACHEABLE_TOKENS, Unknown, avoidable_for_request
+from costwatch.cli import main
+from costwatch.metrics import MetricsSink
+from costwatch.pipeline import Pipeline
+from costwatch.pricing import load_prices
+from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
+from costwatch.report import avoidable_waste_section
+from costwatch.store import SqlStore
+from costwatch.testing import FakeAnthropicServer, Fault, LedgerEntry, ResponseSpec
+
+PRICES = load_prices()
+MODEL = "claude-sonnet-4-5"
+PRICE = PRICES.lookup(MODEL)
+assert PRICE is not None
+RATE = PRICE.input_usd_per_mtok / 1e6
+START = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
+
+
+def attempt(
+    number: int,
+    *,
+    after_s: float = 0.0,
+    prompt: int = 10_000,
+    failed: bool = True,
+    measured: tuple[int, int] | None = (40_000, 36_000),
+    cache_read: int = 0,
+    model: str = MODEL,
+) -> AttemptRecord:
+    usage = Usage(input_tokens=prompt - cache_read, cache_read_tokens=cache_read, output_tokens=100)
+    cost = PRICES.cost(model, usage)
+    return AttemptRecord(
+        attempt_id=f"a{number}",
+        logical_request_id="job-7",
+        attempt_number=number,
+        started_at=START + timedelta(seconds=after_s),
+        outcome=Outcome.DROPPED if failed else Outcome.COMPLETED,
+        model=model,
+        usage=usage,
+        cost=cost,
+        wasted=failed,
+        waste_reason=WasteReason.RETRIED if failed else None,
+        tags={"workflow": "nightly"},
+        prompt_bytes=measured[0] if measured and number > 1 else None,
+        stable_prefix_bytes=measured[1] if measured and number > 1 else None,
+    )
+
+
+def test_a_retry_within_five_minutes_would_have_read_the_prefix_the_first_attempt_wrote():
+    found = avoidable_for_request([attempt(1), attempt(2, after_s=30, failed=False)], PRICES)
+    assert found is not None and found.lifetime == "5m" and found.prefix_tokens == 9_000
+    # Actual: two full prompts. Cached: 1,000 + 9,000 x 1.25, then 1,000 + 9,000 x 0.1.
+    expected = (20_000 - (1_000 + 9_000 * 1.25 + 1_000 + 9_000 * 0.1)) * RATE
+    assert found.avoidable_usd == pytest.approx(expected)
+    assert found.wasted_usd == pytest.approx(attempt(1).wasted_cost_usd)
+    assert (found.model, found.workflow, found.attempts) == (MODEL, "nightly", 2)
+
+
+def test_gaps_over_five_minutes_are_priced_with_the_one_hour_lifetime_and_over_an_hour_save_nothing():
+    twenty_minutes = [attempt(1), attempt(2, after_s=1200), attempt(3, after_s=2400, failed=False)]
+    found = avoidable_for_request(twenty_minutes, PRICES)
+    assert found is not None and found.lifetime == "1h"
+    expected = (30_000 - (1_000 + 9_000 * 2.0 + 2 * (1_000 + 9_000 * 0.1))) * RATE
+    assert found.avoidable_usd == pytest.approx(expected)
+    # One retry 20 minutes later: the 1-hour write's premium costs more than one read saves.
+    one_retry = avoidable_for_request([attempt(1), attempt(2, after_s=1200, failed=False)], PRICES)
+    assert one_retry is not None and one_retry.avoidable_usd == 0.0 and one_retry.lifetime is None
+    hours_apart = avoidable_for_request([attempt(1), attempt(2, after_s=7200, failed=False)], PRICES)
+    assert hours_apart is not None and hours_apart.avoidable_usd == 0.0
+
+
+def test_what_cannot_be_known_is_said_and_what_cannot_be_cached_saves_nothing():
+    not_measured = avoidable_for_request([attempt(1), attempt(2, measured=None, failed=False)], PRICES)
+    assert not_measured is not None and not_measured.avoidable_usd is None
+    assert not_measured.unknown == Unknown.NOT_MEASURED
+    unpriced = avoidable_for_request(
+        [attempt(1, model="claude-mythos-5-2"), attempt(2, model="claude-mythos-5-2", failed=False)], PRICES
+    )
+    assert unpriced is not None and unpriced.unknown == Unknown.UNPRICED
+    cached = avoidable_for_request([attempt(1, cache_read=8000), attempt(2, cache_read=8000)], PRICES)
+    assert cached is not None and cached.avoidable_usd == 0.0 and cached.already_cached
+    short = [attempt(1, prompt=1000), attempt(2, prompt=1000, failed=False)]
+    found = avoidable_for_request(short, PRICES)
+    assert found is not None and found.prefix_tokens < MIN_CACHEABLE_TOKENS and found.avoidable_usd == 0.0
+    assert avoidable_for_request([attempt(1, failed=False)], PRICES) is None, "never retried"
+
+
+def test_the_report_section_totals_by_model_and_workflow_and_names_the_requests_that_gain_most():
+    gaining = avoidable_for_request([attempt(1), attempt(2, after_s=30, failed=False)], PRICES)
+    unknown = avoidable_for_request([attempt(1), attempt(2, measured=None, failed=False)], PRICES)
+    assert gaining is not None and unknown is not None
+    section = avoidable_waste_section([gaining, unknown], wasted_usd=1.0, refused_retries=3)
+    avoidable = section["avoidable_with_prompt_caching"]
+    assert avoidable["avoidable_usd"] == pytest.approx(gaining.avoidable_usd, abs=1e-6)
+    assert avoidable["wasted_usd"] == 1.0 and avoidable["retried_requests"] == 1
+    assert avoidable["unknown_requests"] == 1 and avoidable["unknown_reasons"] == {"prefix_not_measured": 1}
+    assert [row["model"] for row in avoidable["by_model"]] == [MODEL]
+    assert [row["workflow"] for row in avoidable["by_workflow"]] == ["nightly"]
+    assert avoidable["top_requests"][0]["logical_request_id"] == "job-7"
+    assert avoidable["top_requests"][0]["cache_lifetime"] == "5m"
+    assert section["refused_retries"] == 3
+
+
+# -- end to end: the SDK, the store, the report, the metric, and the fake's ledger as the truth ---------
+def agent_turn(task: int) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "max_tokens": 1024,
+        "system": "You are a careful agent. " + "Repository rules. " * 1500,
+        "messages": [
+            {"role": "user", "content": f"Task {task}: find the failing test. " + "log line\n" * 2000},
+            {"role": "assistant", "content": [{"type": "text", "text": "Reading the test file."}]},
+            {"role": "user", "content": "Here it is; now fix it."},
+        ],
+    }
+
+
+def run_workload(server: FakeAnthropicServer, *, cache_prefix_on_retry: bool) -> None:
+    client = sync_client(server)
+    for task in range(3):
+        server.enqueue(Fault.cut_after_deltas(10), Fault.cut_after_deltas(30), None)
+        with costwatch.tags(workflow="nightly"):
+            costwatch.stream_with_retries(
+                client,
+                cache_prefix_on_retry=cache_prefix_on_retry,
+                initial_backoff_s=0.001,
+                **agent_turn(task),
+            )
+
+
+def prompt_cost(entries: tuple[LedgerEntry, ...]) -> float:
+    return sum(
+        PRICES.cost(
+            MODEL,
+            Usage(
+                input_tokens=e.input_tokens,
+                cache_read_tokens=e.cache_read_tokens,
+                cache_write_5m_tokens=e.cache_write_5m_tokens,
+            ),
+        ).total_usd
+        for e in entries
+    )
+
+
+def test_the_report_and_the_metric_predict_what_caching_the_prefix_then_saves_on_the_fake_api(
+    capsys, tmp_path: Path
+):
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    pipeline = Pipeline()
+    store = SqlStore(db)
+    registry = CollectorRegistry()
+    metrics = MetricsSink(registry=registry, pipeline=pipeline, prices=PRICES)
+    costwatch.instrument(pipeline=pipeline, sinks=[store, metrics], listeners=[], prices=PRICES)
+    try:
+        with FakeAnthropicServer(ResponseSpec.small(200)) as server:
+            run_workload(server, cache_prefix_on_retry=False)
+            uncached = server.ledger.entries
+        assert costwatch.flush(10)
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()
+        store.shutdown()
+    reader = SqlStore(db)
+    try:
+        retries = list(reader.retried_requests().values())
+    finally:
+        reader.shutdown()
+    assert len(retries) == 3 and all(len(attempts) == 3 for attempts in retries)
+    assert all(r.prompt_bytes and r.stable_prefix_bytes for a in retries for r in a if r.attempt_number > 1)
+    assert all(r.prompt_bytes is None for a in retries for r in a if r.attempt_number == 1)
+
+    assert main(["report", "--db", db, "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    predicted = report["avoidable_with_prompt_caching"]["avoidable_usd"]
+    assert report["avoidable_with_prompt_caching"]["wasted_usd"] == report["wasted_cost_usd"]
+    assert 0 < predicted < report["wasted_cost_usd"]
+    counted = sample_value(registry, "costwatch_avoidable_waste_usd_total", model=MODEL, workflow="nightly")
+    assert counted == pytest.approx(predicted, abs=1e-5)
+
+    # The same workload with the lever pulled: the fake's ledger shows what caching really saved.
+    with FakeAnthropicServer(ResponseSpec.small(200)) as server:
+        run_workload(server, cache_prefix_on_retry=True)
+        cached = server.ledger.entries
+    saved = prompt_cost(uncached) - prompt_cost(cached)
+    prefixes = [e.cache_write_5m_tokens for e in cached if e.cache_write_5m_tokens]
+    assert len(prefixes) == 3, "each request's first retry wrote its prefix"
+    # Predicted, per request: three prompts in full, against a write on the first attempt (1.25) and
+    # reads on the two retries (0.1 each): 1.55 prefixes saved. The prefix is estimated from bytes.
+    assert predicted == pytest.approx(sum(1.55 * p * RATE for p in prefixes), rel=0.03)
+    # The lever never touches the first attempt: it writes on the first retry and reads on the
+    # second, so it saves 3 - (1 + 1.25 + 0.1) = 0.65 prefixes of those 1.55.
+    assert saved == pytest.approx(sum(0.65 * p * RATE for p in prefixes), rel=0.01)
+
+    assert main(["report", "--db", db]) == 0
+    table = capsys.readouterr().out
+    assert "Avoidable with prompt caching: $" in table and " wasted" in table
+    assert "logical requests that would gain most" in table
