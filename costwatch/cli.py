@@ -1,4 +1,4 @@
-"""The ``costwatch`` command: demo, report, serve, db and prices.
+"""The ``costwatch`` command: demo, report, serve, db, prices and run.
 
 Every command exits 0 on success and 2 on a user mistake, with one line on stderr saying what was
 wrong and what to do; database passwords are never printed (URLs go through ``safe_url``).
@@ -10,6 +10,8 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -739,6 +741,30 @@ def _command_prices(args: argparse.Namespace, out: Console, err: Console) -> int
 
 
 # -- the parser ------------------------------------------------------------------------------------
+def _command_run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from . import autostart  # the startup hook's directory; imports nothing of the SDK
+
+    command = list(args.program)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise UserError("costwatch run needs a program to start, e.g. costwatch run -- python app.py")
+    environ = dict(os.environ)
+    if args.db:
+        environ[DATABASE_URL_ENV] = args.db
+    try:
+        load_settings(environ=environ)  # a bad COSTWATCH_* value is a user error here, not in the program
+    except SettingsError as exc:
+        raise UserError(f"{exc}; fix the variable and run again") from None
+    executable = shutil.which(command[0], path=environ.get("PATH"))
+    if executable is None:
+        raise UserError(f"cannot find the program {command[0]!r}; give a command on PATH or a path to one")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The program replaces this process: its exit status and the signals sent to it are its own.
+    os.execve(executable, command, autostart.environment(environ))
+
+
 def _add_db(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", metavar="URL", help=_DB_HELP)
 
@@ -755,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
             "costwatch serve --port 9464          # Prometheus metrics from the store",
             "costwatch db upgrade --db postgresql://costwatch@db/costwatch",
             "costwatch prices claude-sonnet-5-5",
+            "costwatch run -- python app.py       # instrument a program without editing it",
         ),
     )
     parser.add_argument("--version", action="version", version=f"costwatch {__version__}")
@@ -985,6 +1012,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--prices-file", metavar="PATH", help=f"prices to merge over the built-in table (${PRICES_FILE_ENV})"
     )
     prices.set_defaults(handler=_command_prices)
+
+    run = commands.add_parser(
+        "run",
+        help="start a Python program with costwatch instrumenting it, without editing its code",
+        description=(
+            "Start PROGRAM with costwatch.instrument() run at interpreter startup (a sitecustomize hook on "
+            "PYTHONPATH), with settings from the COSTWATCH_* variables. The program replaces costwatch: "
+            "its exit status and signals are its own."
+        ),
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch run -- python app.py --workers 4",
+            "costwatch run --db postgresql://costwatch@db/costwatch -- gunicorn app:server",
+            "COSTWATCH_METRICS=false costwatch run -- python -m my_agent",
+        ),
+    )
+    _add_db(run)
+    run.add_argument("program", nargs=argparse.REMAINDER, help="the command to start, after --")
+    run.set_defaults(handler=_command_run)
     return parser
 
 

@@ -38,12 +38,15 @@ from typing import Any
 from . import context, waste_budget
 from .attribution import RetryTracker
 from .estimation import OutputEstimator
+from .event_stream import CONTENT_TYPE as EVENT_STREAM_CONTENT_TYPE
+from .event_stream import EventStreamMeter
 from .health import instrumentation_errors
 from .pipeline import Pipeline, drain_before_exit, get_pipeline
+from .platforms import ANTHROPIC, is_platform_path, route_of
 from .pricing import PriceTable, load_prices
 from .prompt_prefix import PromptSize, measure
 from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
-from .settings import load_settings
+from .settings import SettingsError, load_settings
 from .sinks import AttemptListener, Sink
 from .spool import SPOOL_DIR_ENV
 from .stream_meter import BodyMeter
@@ -95,6 +98,10 @@ class Accountant:
         started_at = datetime.now(_UTC)
         started = time.perf_counter()
         wanted = _wanted_headers(request.headers.raw)  # one pass: httpx's get() decodes every header
+        url = request.url
+        # Only a prefixed path can be Foundry's, which needs the header names to be told apart.
+        names = frozenset() if url.path == _MESSAGES_PATH_SUFFIX else _header_names(request.headers.raw)
+        route = route_of(url.host, url.path, names)
         tracker = self.tracker
         body = request.content
         # Small bodies are hashed at once; a larger one only if a failure of its size may be resent.
@@ -102,6 +109,8 @@ class Accountant:
         model, fingerprint = _describe_body(
             body, hash_now=size <= _HASH_NOW_MAX_BYTES or tracker.wants_fingerprint(size)
         )
+        if route.model:  # Bedrock and Vertex name the model in the path, not the body
+            model = route.model
         sdk_retry = _int_header(wanted.get(b"x-stainless-retry-count"))
         if owner is None:
             owner = threading.current_thread()
@@ -143,6 +152,8 @@ class Accountant:
         if assignment.attempt_number > 1 and body:
             # A retry: what of its prompt it resends unchanged, and so could have read from the cache.
             attempt.prompt_size = _guard("prompt_size", _prompt_size, body)
+        if route.platform != ANTHROPIC:
+            attempt.platform = route.platform
         if self.listeners:
             start = AttemptStart(
                 attempt_id=attempt.attempt_id,
@@ -250,7 +261,9 @@ class Accountant:
             if meter.first_delta_at is not None:
                 first_token_s = meter.first_delta_at - started
         cost = None
-        if model:
+        # The price table is the first-party API's; a platform's own prices are not in it, and an
+        # attempt there stays unpriced rather than priced at a guess.
+        if model and attempt.platform == ANTHROPIC:
             try:
                 cost = self.prices.cost(model, usage, inference_geo=inference_geo, server_tool_use=tool_use)
             except Exception as exc:  # the record is kept, unpriced: tokens are the ground truth
@@ -296,6 +309,7 @@ class Accountant:
             prompt_bytes=prompt_size.prompt_bytes if prompt_size is not None else None,
             stable_prefix_bytes=prompt_size.stable_prefix_bytes if prompt_size is not None else None,
             inference_geo=inference_geo,
+            platform=attempt.platform,
             output_chars=output_chars,
         )
         if attempt.refused is None:
@@ -343,6 +357,8 @@ class _Attempt:
     """Set when the waste budget refuses this retry: it is recorded, then raised instead of sent."""
     prompt_size: PromptSize | None = None
     """The sizes of a retry's prompt and stable prefix (never measured for a first attempt)."""
+    platform: str = ANTHROPIC
+    """Where the attempt went (:data:`costwatch.platforms.PLATFORMS`)."""
 
     def settle(self, outcome: Outcome, error: BaseException | None = None) -> None:
         """Finish the attempt once; later calls (close after an error, GC) do nothing."""
@@ -357,8 +373,9 @@ class _Attempt:
         """Read the status and headers of the response."""
         self.http_status = response.status_code
         headers = response.headers
-        self.request_id = headers.get("request-id")
-        self.stream = headers.get("content-type", "").startswith("text/event-stream")
+        self.request_id = headers.get("request-id") or headers.get("x-amzn-requestid")
+        content_type = headers.get("content-type", "")
+        self.stream = content_type.startswith(("text/event-stream", EVENT_STREAM_CONTENT_TYPE))
 
     def body_ended(self, error: BaseException | None) -> None:
         """The body ended: at EOF (``error`` None), by an exception, or by being closed early."""
@@ -548,6 +565,11 @@ def _wanted_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[bytes, str]:
     return found
 
 
+def _header_names(raw: Iterable[tuple[bytes, bytes]]) -> frozenset[str]:
+    """The request's lower-case header names; never their values."""
+    return frozenset(name.decode("latin-1").lower() for name, _ in raw)
+
+
 def _int_header(value: str | None) -> int:
     try:
         return max(int(value), 0) if value is not None else 0
@@ -712,10 +734,17 @@ class _Hooks:
         """Whether this request is a Messages API call we account for."""
         if not self.active:
             return False
-        if request.method != "POST" or not request.url.path.endswith(_MESSAGES_PATH_SUFFIX):
+        if request.method != "POST":
+            return False
+        path = request.url.path
+        first_party_shape = path.endswith(_MESSAGES_PATH_SUFFIX)
+        if not first_party_shape and not is_platform_path(path):
             return False
         if self.http_clients is not None and http_client not in self.http_clients:
             return False
+        if not first_party_shape:
+            # Bedrock and Vertex requests carry the API version in the body instead of a header.
+            return b'"anthropic_version"' in request.content
         return any(name.lower() == b"anthropic-version" for name, _ in request.headers.raw)
 
     def install(self, modules: Iterable[Any]) -> None:
@@ -828,11 +857,14 @@ def _observe_response(attempt: _Attempt, response: Any, stream_cls: type) -> Non
         meter.feed(response.content)
         attempt.body_ended(None)
         return
-    attempt.meter = BodyMeter(
-        stream=attempt.stream,
-        content_encoding=response.headers.get("content-encoding"),
-        clock=time.perf_counter,
-    )
+    if response.headers.get("content-type", "").startswith(EVENT_STREAM_CONTENT_TYPE):
+        attempt.meter = EventStreamMeter(clock=time.perf_counter)  # Bedrock's binary framing
+    else:
+        attempt.meter = BodyMeter(
+            stream=attempt.stream,
+            content_encoding=response.headers.get("content-encoding"),
+            clock=time.perf_counter,
+        )
     response.stream = stream_cls(response.stream, attempt)
 
 
@@ -973,8 +1005,20 @@ def _process_metrics_sink(config: Any, pipeline: Pipeline) -> Sink:
             retry_window_s=config.retry_window_s,
             workflow_label_limit=config.workflow_label_limit,
             model_label_limit=config.model_label_limit,
+            otlp=_otlp_metrics(config),
         )
     return _metrics_sink
+
+
+def _otlp_metrics(config: Any) -> Any:
+    if config.metrics_exporter != "otlp":
+        return None
+    from .otlp import OtlpMetrics  # the OpenTelemetry SDK is imported only when asked for
+
+    try:
+        return OtlpMetrics()
+    except (ImportError, ValueError) as exc:
+        raise SettingsError(f"COSTWATCH_METRICS_EXPORTER=otlp: {exc}") from None
 
 
 def _default_listeners() -> list[AttemptListener]:

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,6 +28,9 @@ from .health import instrumentation_errors
 from .pricing import PriceTable, load_prices
 from .records import AttemptRecord, Outcome, TokenType, WasteReason
 from .settings import default_of, load_settings
+
+if TYPE_CHECKING:
+    from .otlp import OtlpMetrics
 
 __all__ = [
     "ATTEMPTS_PER_REQUEST_BUCKETS",
@@ -455,6 +458,7 @@ class MetricsSink:
     default to the ``COSTWATCH_RETRY_WINDOW``, ``COSTWATCH_WORKFLOW_LABEL_LIMIT`` and
     ``COSTWATCH_MODEL_LABEL_LIMIT`` settings. ``pipeline`` is the
     pipeline whose health is reported (default: the process-wide one). ``clock`` is monotonic seconds.
+    ``otlp`` (a :class:`costwatch.otlp.OtlpMetrics`) also sends every metric over OTLP.
     """
 
     name = "metrics"
@@ -469,6 +473,7 @@ class MetricsSink:
         model_label_limit: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         prices: PriceTable | None = None,
+        otlp: OtlpMetrics | None = None,
     ) -> None:
         if retry_window_s is None or workflow_label_limit is None or model_label_limit is None:
             settings = load_settings()
@@ -493,9 +498,20 @@ class MetricsSink:
             self._multiprocess_health = _MultiprocessHealth(registry)
         elif registry is not None:
             registry.register(_HealthCollector(self))
+        self._otlp = otlp
+        if otlp is not None:
+            otlp.observe_families(
+                _health_families(_HealthReading(0, 0, 0, 0)),
+                lambda: _health_families(_read_health(self.pipeline)),
+            )
 
-        def counter(name: str, doc: str, labels: Sequence[str]) -> Counter:
-            return Counter(name, doc, labels, registry=registry)
+        def counter(name: str, doc: str, labels: Sequence[str]) -> Any:
+            metric = Counter(name, doc, labels, registry=registry)
+            return metric if otlp is None else otlp.counter(metric, name, doc, labels)
+
+        def histogram(name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Any:
+            metric = Histogram(name, doc, labels, registry=registry, buckets=buckets)
+            return metric if otlp is None else otlp.histogram(metric, name, doc, labels, buckets)
 
         self.attempts = counter(
             "costwatch_attempts", "HTTP attempts to the Messages API.", ("model", "outcome", "error_type")
@@ -536,26 +552,35 @@ class MetricsSink:
             "Attempts on models without a known price: their tokens are counted, their cost is not.",
             ("model",),
         )
-        self.attempt_duration = Histogram(
+        # By platform apart from the metrics above, whose label sets the fleet exporter and the
+        # dashboards share; the store's rollups have no platform, so these are in-process only.
+        self.platform_attempts = counter(
+            "costwatch_platform_attempts",
+            "HTTP attempts by the platform they went to (anthropic, bedrock, vertex, foundry).",
+            ("platform", "outcome"),
+        )
+        self.platform_billed_tokens = counter(
+            "costwatch_platform_billed_tokens",
+            "Tokens billed, by the platform that billed them and token type.",
+            ("platform", "token_type"),
+        )
+        self.attempt_duration = histogram(
             "costwatch_attempt_duration_seconds",
             "How long attempts took, from sending the request to the end of the body.",
             ("model", "outcome"),
-            registry=registry,
-            buckets=DURATION_BUCKETS,
+            DURATION_BUCKETS,
         )
-        self.time_to_drop = Histogram(
+        self.time_to_drop = histogram(
             "costwatch_time_to_drop_seconds",
             "How long dropped attempts ran before the connection was lost.",
             ("model",),
-            registry=registry,
-            buckets=DURATION_BUCKETS,
+            DURATION_BUCKETS,
         )
-        self.attempts_per_request = Histogram(
+        self.attempts_per_request = histogram(
             "costwatch_attempts_per_request",
             "Attempts a logical request took, observed when its result settles.",
             ("model",),
-            registry=registry,
-            buckets=ATTEMPTS_PER_REQUEST_BUCKETS,
+            ATTEMPTS_PER_REQUEST_BUCKETS,
         )
 
     # -- the Sink protocol -------------------------------------------------------------------------
@@ -567,8 +592,13 @@ class MetricsSink:
         self._update_multiprocess_health()
 
     def shutdown(self) -> None:
-        """Settle every pending waste and logical request, as the process will not see their retries."""
+        """Settle every pending waste and logical request, as the process will not see their retries.
+
+        With OTLP export, what that settled is exported now: the process may be about to exit.
+        """
         self.settle()
+        if self._otlp is not None:
+            self._otlp.flush()
 
     # -- settlement --------------------------------------------------------------------------------
     def settle_due(self) -> None:
@@ -598,8 +628,11 @@ class MetricsSink:
         model = self._model(record.model_name)
         workflow = self._workflow(record.workflow)
         self.attempts.labels(model, record.outcome.value, record.error_label).inc()
+        platform = record.platform
+        self.platform_attempts.labels(platform, record.outcome.value).inc()
         for token_type, tokens in record.usage.by_type().items():
             self.billed_tokens.labels(model, token_type.value).inc(tokens)
+            self.platform_billed_tokens.labels(platform, token_type.value).inc(tokens)
         self.billed_cost.labels(model, workflow).inc(
             record.cost.total_usd if record.cost is not None else 0.0
         )

@@ -302,6 +302,8 @@ class AttemptRecord:
     read from the prompt cache (see ``costwatch.prompt_prefix``). Sizes only, never content."""
     inference_geo: str | None = None
     """Where the API said inference ran (``usage.inference_geo``: ``global``, ``us``), when it said."""
+    platform: str = "anthropic"
+    """Where the attempt went: ``anthropic`` (the first-party API), ``bedrock``, ``vertex`` or ``foundry``."""
     output_chars: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
     """Characters of output received, per content type and character class (counts, never text):
     kept for an attempt whose output was estimated, and for a completed one measured to calibrate."""

@@ -38,7 +38,9 @@ __all__ = [
     "OUTCOME",
     "OUTPUT_ESTIMATED",
     "OUTPUT_TOKENS",
+    "PLATFORM",
     "PROVIDER_ANTHROPIC",
+    "PROVIDER_BY_PLATFORM",
     "PROVIDER_NAME",
     "REQUEST_MODEL",
     "RESPONSE_FINISH_REASONS",
@@ -65,6 +67,8 @@ OPERATION_CHAT = "chat"
 PROVIDER_NAME = "gen_ai.provider.name"
 """v1.37 and later; it replaced ``gen_ai.system``, so v1.41 already uses it."""
 PROVIDER_ANTHROPIC = "anthropic"
+PROVIDER_BY_PLATFORM = {"bedrock": "aws.bedrock", "vertex": "gcp.vertex_ai"}
+"""The platforms' provider names, as the anthropic SDK's own spans give them (Foundry: ``anthropic``)."""
 REQUEST_MODEL = "gen_ai.request.model"
 RESPONSE_MODEL = "gen_ai.response.model"
 RESPONSE_ID = "gen_ai.response.id"
@@ -92,6 +96,8 @@ GEN_AI_CLIENT_OPERATION_DURATION_BUCKETS = (
 ATTEMPT_NUMBER = "costwatch.attempt.number"
 LOGICAL_REQUEST_ID = "costwatch.logical_request.id"
 OUTCOME = "costwatch.attempt.outcome"
+PLATFORM = "costwatch.platform"
+"""Where the attempt went: ``anthropic``, ``bedrock``, ``vertex`` or ``foundry``."""
 WASTED_TOKENS = "costwatch.wasted.tokens"
 WASTE_REASON = "costwatch.waste.reason"
 COST_USD = "costwatch.cost.usd"

@@ -60,6 +60,16 @@ def _budget_scope(text: str) -> str:
     return text
 
 
+METRICS_EXPORTERS = ("prometheus", "otlp")
+
+
+def _metrics_exporter(text: str) -> str:
+    lowered = text.strip().lower()
+    if lowered not in METRICS_EXPORTERS:
+        raise ValueError(f"expected one of {', '.join(METRICS_EXPORTERS)}")
+    return lowered
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row of the settings table."""
@@ -126,6 +136,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "metrics", "COSTWATCH_METRICS", _bool, True, "Count attempts in Prometheus metrics in this process."
+    ),
+    Setting(
+        "metrics_exporter",
+        "COSTWATCH_METRICS_EXPORTER",
+        _metrics_exporter,
+        "prometheus",
+        "`otlp`: also send the metrics over OTLP (the `OTEL_EXPORTER_OTLP_*` variables; `costwatch[otlp]`).",
     ),
     Setting(
         "workflow_label_limit",

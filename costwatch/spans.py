@@ -23,6 +23,7 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, Statu
 
 from . import semconv
 from ._version import __version__
+from .platforms import ANTHROPIC
 from .records import AttemptRecord, AttemptStart
 
 __all__ = ["INSTRUMENTATION_SCOPE", "SpanListener", "attempt_attributes", "error_type_of", "span_name"]
@@ -58,7 +59,7 @@ def attempt_attributes(record: AttemptRecord, names: semconv.GenAINames = semcon
     usage = record.usage
     attributes: dict[str, Any] = {
         semconv.OPERATION_NAME: semconv.OPERATION_CHAT,
-        semconv.PROVIDER_NAME: semconv.PROVIDER_ANTHROPIC,
+        semconv.PROVIDER_NAME: semconv.PROVIDER_BY_PLATFORM.get(record.platform, semconv.PROVIDER_ANTHROPIC),
         # Anthropic's input_tokens excludes cache reads and writes; the conventions' count includes them.
         semconv.INPUT_TOKENS: usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens,
         semconv.OUTPUT_TOKENS: usage.output_tokens,
@@ -90,6 +91,8 @@ def attempt_attributes(record: AttemptRecord, names: semconv.GenAINames = semcon
         attributes[names.request_stream] = record.stream
     if names.response_time_to_first_chunk is not None and record.time_to_first_token_s is not None:
         attributes[names.response_time_to_first_chunk] = record.time_to_first_token_s
+    if record.platform != ANTHROPIC:
+        attributes[semconv.PLATFORM] = record.platform  # first-party spans keep their exact attribute set
     return attributes
 
 

@@ -307,3 +307,10 @@ def test_attempt_spans_nest_under_the_current_span_and_match_the_ledger(provider
     assert dict(retry.attributes or {})["gen_ai.usage.output_tokens"] == entries[1].output_tokens
     for span in attempts:
         assert not any(SECRET in str(value) for value in (span.attributes or {}).values())
+
+
+def test_a_platform_attempt_span_names_the_platform_and_its_provider(provider, exporter):
+    run(SpanListener(provider, environ={}), start(), finished(platform="bedrock"))
+    attributes = dict(only(exporter.get_finished_spans()).attributes or {})
+    assert attributes["gen_ai.provider.name"] == "aws.bedrock"
+    assert attributes["costwatch.platform"] == "bedrock"

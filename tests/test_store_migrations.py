@@ -118,7 +118,10 @@ def test_migration_0004_keeps_attempts_stored_before_it_findable_by_fingerprint(
     engine = create_store_engine(store_url)
     try:
         with engine.begin() as connection:
-            connection.execute(sa.insert(ATTEMPTS).values(_row_before_0005(stored_before)))
+            # Only the columns the table has at 0003: later migrations add more.
+            present = {c["name"] for c in sa.inspect(connection).get_columns(ATTEMPTS.name)}
+            row = {k: v for k, v in attempt_row(stored_before).items() if k in present}
+            connection.execute(sa.insert(ATTEMPTS).values(row))
     finally:
         engine.dispose()
     migrate.upgrade(store_url)
@@ -135,12 +138,33 @@ def test_migration_0004_keeps_attempts_stored_before_it_findable_by_fingerprint(
 
 _COLUMNS_OF_0005 = ("prompt_bytes", "stable_prefix_bytes")
 _COLUMNS_OF_0006 = ("server_tool_cost_usd", "inference_geo")
+_COLUMNS_OF_0007 = ("platform",)
 
 
 def _row_before_0005(record: AttemptRecord) -> dict[str, Any]:
     """An attempt's row as the tables before migration 0005 hold it."""
-    later = (*_COLUMNS_OF_0005, *_COLUMNS_OF_0006)
+    later = (*_COLUMNS_OF_0005, *_COLUMNS_OF_0006, *_COLUMNS_OF_0007)
     return {k: v for k, v in attempt_row(record).items() if k not in later}
+
+
+def test_migration_0007_reads_earlier_attempts_as_first_party(store_url: str) -> None:
+    migrate.upgrade(store_url, revision="0006")
+    engine = create_store_engine(store_url)
+    try:
+        with engine.begin() as connection:
+            row = {k: v for k, v in attempt_row(_ABANDONED_ATTEMPT).items() if k not in _COLUMNS_OF_0007}
+            connection.execute(sa.insert(ATTEMPTS).values(row))
+    finally:
+        engine.dispose()
+    migrate.upgrade(store_url)
+    store = SqlStore(store_url, auto_migrate=False)
+    try:
+        stored = store.attempt(_ABANDONED_ATTEMPT.attempt_id)
+        assert stored is not None and stored.platform == "anthropic"
+    finally:
+        store.shutdown()
+    migrate.downgrade(store_url, "0006")
+    assert migrate.current(store_url) == "0006"
 
 
 def test_migration_0005_reads_earlier_attempts_as_not_measured_and_keeps_measured_sizes(

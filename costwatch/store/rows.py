@@ -161,6 +161,7 @@ ATTEMPT_COLUMNS = (
     "stable_prefix_bytes",
     "server_tool_cost_usd",
     "inference_geo",
+    "platform",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
@@ -211,6 +212,7 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         record.stable_prefix_bytes,
         cost.server_tool_usd if cost is not None else None,
         record.inference_geo,
+        record.platform,
     )
 
 
@@ -282,4 +284,5 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         prompt_bytes=row.get("prompt_bytes"),
         stable_prefix_bytes=row.get("stable_prefix_bytes"),
         inference_geo=row.get("inference_geo"),
+        platform=row["platform"],
     )

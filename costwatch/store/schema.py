@@ -164,6 +164,8 @@ class Attempt(Base):
     # Migration 0006: server-tool fees (NULL on rows stored before: read as none) and where inference ran.
     server_tool_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
     inference_geo: Mapped[str | None] = mapped_column(sa.String())
+    platform: Mapped[str] = mapped_column(sa.String(), server_default="anthropic")
+    """Where the attempt went (migration 0007): anthropic, bedrock, vertex or foundry."""
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt

@@ -290,7 +290,9 @@ class ReceivedRequest:
 
     @property
     def stream(self) -> bool:
-        """Whether the body asked for a stream."""
+        """Whether the body asked for a stream (on Bedrock, the path: ``/invoke-with-response-stream``)."""
+        if self.path.endswith("/invoke-with-response-stream"):
+            return True
         return isinstance(self.body, dict) and bool(self.body.get("stream"))
 
     @property

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..event_stream import encode_frame
 from .faults import Fault, FaultKind
 from .prompt_cache import CacheUsage
 from .spec import BlockKind, BlockSpec, ContentType, ResponseSpec, input_tokens_for_body
@@ -27,6 +28,9 @@ __all__ = [
     "ResponsePlan",
     "SentPrefix",
     "StreamCut",
+    "bedrock_events",
+    "bedrock_exception_frame",
+    "bedrock_frame",
     "capped",
     "chunk",
     "error_body",
@@ -108,6 +112,50 @@ def non_utf8_event() -> bytes:
 def unknown_event() -> bytes:
     """An event of a type that no SDK version knows (the API may add event types at any time)."""
     return sse_event("costwatch_unknown", {"type": "costwatch_unknown", "detail": "ignored"})
+
+
+_BEDROCK_CHUNK_HEADERS = {
+    ":event-type": "chunk",
+    ":content-type": "application/json",
+    ":message-type": "event",
+}
+
+
+def bedrock_frame(event_json: bytes) -> bytes:
+    """One Messages event as Bedrock streams it: a ``chunk`` frame with the JSON base64 in ``bytes``."""
+    payload = _dumps({"bytes": base64.b64encode(event_json).decode("ascii")}).encode()
+    return encode_frame(_BEDROCK_CHUNK_HEADERS, payload)
+
+
+def bedrock_exception_frame(exception_type: str, message: str) -> bytes:
+    """An event-stream ``exception`` frame, as Bedrock sends when a stream fails mid-answer."""
+    headers = {
+        ":exception-type": exception_type,
+        ":content-type": "application/json",
+        ":message-type": "exception",
+    }
+    return encode_frame(headers, _dumps({"message": message}).encode())
+
+
+def bedrock_events(events: tuple[PlannedEvent, ...], plan: ResponsePlan) -> tuple[PlannedEvent, ...]:
+    """The planned SSE events as Bedrock's event-stream frames, invocation metrics on ``message_stop``.
+
+    Each frame takes the place of its SSE text, so every cut position keeps its meaning: a frame
+    counts as delivered once it is all on the wire, as an SSE event does.
+    """
+    out = []
+    for event in events:
+        data = json.loads(event.payload.split(b"\ndata: ", 1)[1])
+        if event.name == "message_stop":
+            data["amazon-bedrock-invocationMetrics"] = {
+                "inputTokenCount": plan.input_tokens,
+                "outputTokenCount": plan.output_tokens,
+                "invocationLatency": 0,
+                "firstByteLatency": 0,
+            }
+        framed = bedrock_frame(_dumps(data).encode())
+        out.append(dataclasses.replace(event, payload=framed))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

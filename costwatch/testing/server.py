@@ -14,15 +14,19 @@ import email.utils
 import hashlib
 import json
 import random
+import re
 import select
 import socket
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any
 
+from ..event_stream import CONTENT_TYPE as EVENT_STREAM_CONTENT_TYPE
+from ..platforms import ANTHROPIC, BEDROCK, canonical_model, route_of
 from .faults import FAULT_HEADER, DropProfile, Fault, FaultKind, FaultSchedule, ReceivedRequest
 from .ledger import Ending, Ledger, LedgerEntry
 from .plan import (
@@ -31,6 +35,8 @@ from .plan import (
     ResponsePlan,
     SentPrefix,
     StreamCut,
+    bedrock_events,
+    bedrock_exception_frame,
     chunk,
     error_body,
     error_event,
@@ -50,6 +56,8 @@ from .spec import ResponseSpec, input_tokens_for_body
 __all__ = ["FakeAnthropicServer"]
 
 _MESSAGES_PATH = "/v1/messages"
+"""The first-party route; Foundry's ``/anthropic/v1/messages`` ends in it too."""
+_PATH_MODEL = re.compile(r"/models?/([^/:]+)(?::|/invoke)")
 _PRIVATE_HEADERS = frozenset({"x-api-key", "authorization"})
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _REASONS = {
@@ -393,7 +401,15 @@ class _Attempt:
         self.request = request
         self.request_id = request_id
         body = request.body if isinstance(request.body, dict) else {}
+        # Bedrock and Vertex name the model in the path; the platform answers with the canonical id.
+        self.route = route_of(request.headers.get("host", ""), request.path, frozenset(request.headers))
         model_requested = str(body.get("model", ""))
+        self.answered_model = model_requested
+        if self.route.platform != ANTHROPIC:
+            match = _PATH_MODEL.search(request.path)
+            if match is not None:
+                model_requested = urllib.parse.unquote(match[1])
+                self.answered_model = canonical_model(self.route.platform, model_requested)
         self.base = LedgerEntry(
             attempt=request.attempt,
             request_id=request_id,
@@ -445,12 +461,17 @@ class _Attempt:
         return out
 
     def headers(self, *, stream: bool, length: int | None = None) -> dict[str, str]:
+        bedrock = self.route.platform == BEDROCK
         out = {
             "content-type": "text/event-stream; charset=utf-8" if stream else "application/json",
             "request-id": self.request_id,
             "connection": "keep-alive",
             "server": "costwatch-fake-anthropic",
         }
+        if bedrock:
+            out["x-amzn-requestid"] = out.pop("request-id")
+            if stream:
+                out["content-type"] = EVENT_STREAM_CONTENT_TYPE
         if stream:
             out["transfer-encoding"] = "chunked"
             out["cache-control"] = "no-cache"
@@ -476,7 +497,8 @@ class _Attempt:
 
     def run(self) -> bool:
         request = self.request
-        if request.method != "POST" or request.path != _MESSAGES_PATH:
+        known_path = request.path.endswith(_MESSAGES_PATH) or self.route.platform != ANTHROPIC
+        if request.method != "POST" or not known_path:
             return self.send_error(404, "not_found_error")
         try:
             fault = self.server._choose_fault(request)
@@ -512,7 +534,7 @@ class _Attempt:
         plan = plan_response(
             spec,
             body=self.raw_body,
-            model_requested=self.base.model_requested,
+            model_requested=self.answered_model,
             arrival=request.arrival,
             cache=cache,
         )
@@ -544,6 +566,8 @@ class _Attempt:
         if fault is not None and inserted is not None:
             position = min(fault.count, len(events) - 1)
             events = (*events[:position], inserted, *events[position:])
+        if self.route.platform == BEDROCK:
+            events = bedrock_events(events, plan)
         cut = stream_cut_for(fault, events)
         if fault is None and self.server.drop_profile is not None:
             nth = self.server.drop_profile.choose(self.request, plan.delta_count)
@@ -625,7 +649,10 @@ class _Attempt:
             self.record(fault=fault, ending=Ending.ENDED_EARLY, http_status=200, **billed)
             self.connection.send(TERMINAL_CHUNK)
             return True
-        if fault.kind is FaultKind.ERROR_EVENT:
+        if fault.kind is FaultKind.ERROR_EVENT and self.route.platform == BEDROCK:
+            frame = bedrock_exception_frame("modelStreamErrorException", error_message(fault.error_type))
+            last, ending = chunk(frame), Ending.ERROR_EVENT
+        elif fault.kind is FaultKind.ERROR_EVENT:
             last, ending = chunk(error_event(fault.error_type, self.request_id)), Ending.ERROR_EVENT
         else:
             last, ending = chunk(malformed_event()), Ending.MALFORMED
