@@ -25,7 +25,7 @@ from measure import Measurement, environment, markdown_table
 __all__ = ["PRESETS", "Sizes", "main", "run_benchmarks"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-BENCHMARKS = ("streams", "attempt", "store", "memory")
+BENCHMARKS = ("streams", "attempt", "store", "memory", "huge_event", "sigkill", "scrape_load")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,14 @@ class Sizes:
     read_repeats: int
     memory_attempts: int
     memory_warm_up: int
+    huge_event_mb: tuple[int, ...] = (4, 16)
+    huge_event_repeats: int = 3
+    sigkill_runs: int = 5
+    sigkill_after_s: float = 3.0
+    scrape_attempts: int = 1_000_000
+    scrape_pairs: int = 10_000
+    scrape_clients: int = 50
+    scrape_repeats: int = 20
 
 
 PRESETS = {
@@ -71,6 +79,8 @@ PRESETS = {
         read_repeats=3,
         memory_attempts=3_000,
         memory_warm_up=1_000,
+        scrape_attempts=100_000,
+        scrape_repeats=10,
     ),
     # For the smoke test: every code path once, in seconds.
     "tiny": Sizes(
@@ -85,6 +95,14 @@ PRESETS = {
         read_repeats=1,
         memory_attempts=20,
         memory_warm_up=10,
+        huge_event_mb=(1, 2),
+        huge_event_repeats=1,
+        sigkill_runs=1,
+        sigkill_after_s=0.5,
+        scrape_attempts=2_000,
+        scrape_pairs=100,
+        scrape_clients=4,
+        scrape_repeats=2,
     ),
 }
 
@@ -135,6 +153,28 @@ def run_benchmarks(
 
         log("memory ...")
         done(measure_memory_growth(sizes.memory_attempts, warm_up=sizes.memory_warm_up))
+    if "huge_event" in only:
+        from huge_event import measure_huge_event
+
+        log("one huge SSE event ...")
+        done(measure_huge_event(sizes.huge_event_mb, repeats=sizes.huge_event_repeats))
+    if "sigkill" in only:
+        from sigkill_loss import measure_sigkill_loss
+
+        log("SIGKILL loss ...")
+        done(measure_sigkill_loss(sizes.sigkill_runs, run_s=sizes.sigkill_after_s))
+    if "scrape_load" in only:
+        from scrape_load import measure_scrape_load
+
+        log("scrape load ...")
+        done(
+            measure_scrape_load(
+                sizes.scrape_attempts,
+                pairs=sizes.scrape_pairs,
+                scrapers=sizes.scrape_clients,
+                scrapes=sizes.scrape_repeats,
+            )
+        )
     return rows
 
 

@@ -23,6 +23,7 @@ from .retries import (
     astream_with_retries,
     stream_with_retries,
 )
+from .settings import SettingsError
 from .sinks import MemorySink, Sink
 from .waste_budget import WasteBudgetExceeded, waste_budget
 
@@ -34,6 +35,7 @@ __all__ = [
     "Outcome",
     "RetriedStream",
     "RetryPolicy",
+    "SettingsError",
     "Sink",
     "TokenType",
     "Usage",

@@ -28,7 +28,7 @@ from sqlalchemy.engine import URL
 
 from . import __version__
 from .avoidable import avoidable_for_request
-from .durations import MomentError, ceil_hour, floor_hour, parse_moment
+from .durations import MomentError, ceil_hour, floor_hour, parse_duration, parse_moment
 from .explain import explain_request, render_explain
 from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
 from .records import AttemptRecord, Outcome, WasteReason
@@ -50,16 +50,18 @@ from .report import (
     totals_from_attempts,
 )
 from .settings import SettingsError, load_settings
+from .spool import DEFAULT_SPOOL_DIR, SPOOL_DIR_ENV, Spool
 from .store import (
     DATABASE_URL_ENV,
     RollupTotals,
     SqlStore,
-    database_url,
     migrate,
     safe_url,
 )
+from .store.database import checked_database_url
 from .store.history import attempts_of_request, iter_attempts
 from .store.query import settled_before
+from .store.rejected import RejectedRecord
 
 __all__ = ["UserError", "build_parser", "main"]
 
@@ -89,12 +91,9 @@ def _epilog(*examples: str) -> str:
 # -- the database ----------------------------------------------------------------------------------
 def _resolve_url(text: str | None) -> URL:
     try:
-        return database_url(text)
-    except sa.exc.ArgumentError:
-        # The text may hold a password in a shape make_url cannot parse, so it is not echoed.
-        raise UserError(
-            "--db is not a database URL; use e.g. sqlite:///costwatch.db or postgresql://user@host:5432/db"
-        ) from None
+        return checked_database_url(text, name="--db" if text is not None else DATABASE_URL_ENV)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _one_line(exc: BaseException, url: URL) -> str:
@@ -394,6 +393,8 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
     try:
         report = _grouped(store, by, start, end, chosen, prices)
         retried, refused = _read_retried(store, start, end)
+        with _database_errors(store.url):
+            rejected, latest_rejected = store.rejected(limit=3)
         top_n = args.top if args.top is not None else (_HTML_TOP if args.format == "html" else None)
         if top_n is not None:
             with _database_errors(store.url):
@@ -411,6 +412,7 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
     report.update(
         avoidable_waste_section(avoidable, wasted_usd=report["wasted_cost_usd"], refused_retries=refused)
     )
+    report["rejected_records"] = rejected  # all time: refused records are outside the rollups
     if chosen.to_dict():
         report["filters"] = chosen.to_dict()
     if prices is not None:
@@ -456,6 +458,7 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
             render_waste_reduction(report, console)
         if top is not None:
             render_top(top, console)
+        _print_rejected(rejected, latest_rejected, console)
         if buffer is None:
             return 0
         text = buffer.getvalue()
@@ -609,22 +612,54 @@ def _read_retried(
         return store.retried_requests(start, end), sum(row.attempts for row in refused)
 
 
+def _print_rejected(count: int, latest: Sequence[RejectedRecord], out: Console) -> None:
+    if not count:
+        return
+    out.print(
+        f"{count:,} attempt record(s) were refused by the database and are kept, not counted above, in "
+        "costwatch_rejected_attempts (docs/runbooks.md#costwatchstorerejectedrecords). Latest:",
+        highlight=False,
+        markup=False,
+    )
+    for row in latest:
+        out.print(
+            f"  {row.rejected_at:%Y-%m-%d %H:%M} {row.attempt_id}: {row.reason}",
+            highlight=False,
+            markup=False,
+        )
+
+
 # -- costwatch serve -------------------------------------------------------------------------------
 def _serve(url: URL, port: int, addr: str, err: Console) -> int:
     # Imported here: the exporter pulls in prometheus_client, which other commands do not need.
     from .exporter import serve
 
-    err.print(
-        f"Serving costwatch metrics from {safe_url(url)} on http://{addr}:{port}/metrics (Ctrl-C to stop)",
-        highlight=False,
-    )
+    def listening() -> None:  # said only once the port is ours, so a busy port never says "Serving"
+        where = f"{safe_url(url)} on http://{addr}:{port}/metrics"
+        err.print(f"Serving costwatch metrics from {where} (Ctrl-C to stop)", highlight=False)
+
+    days = load_settings().retention_days
+    retention = timedelta(days=days) if days is not None else None
     try:
-        serve(url.render_as_string(hide_password=False), port, addr)
+        serve(
+            url.render_as_string(hide_password=False), port, addr, on_listening=listening, retention=retention
+        )
     except OSError as exc:
         raise UserError(
             f"cannot listen on {addr}:{port} ({exc.strerror or exc}); choose another --port"
         ) from None
     return 0
+
+
+def _port(text: str) -> int:
+    """A TCP port number for argparse, refused in one line when it is none."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return port
 
 
 def _command_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -657,6 +692,10 @@ def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
         _migration_errors(url, lambda: migrate.upgrade(url, args.revision))
     elif args.action == "downgrade":
         _migration_errors(url, lambda: migrate.downgrade(url, args.revision))
+    elif args.action == "replay":
+        return _replay_spool(url, args.spool_dir, out)
+    elif args.action == "prune":
+        return _prune(url, args.older_than, out)
     else:
         path = _sqlite_file(url)
         if path is not None and not path.exists():
@@ -666,6 +705,55 @@ def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
     with _database_errors(url):
         revision = migrate.current(url)
     out.print(f"{shown}: {_revision_text(revision)}", highlight=False)
+    return 0
+
+
+def _prune(url: URL, older_than: str, out: Console) -> int:
+    try:
+        age = parse_duration(older_than)
+    except MomentError as exc:
+        raise UserError(f"--older-than: {exc}") from None
+    window = timedelta(seconds=load_settings().retry_window_s)
+    if age < window:
+        # A failed attempt younger than the retry window may still be flipped to retried by its retry.
+        raise UserError(
+            f"--older-than {older_than} is shorter than the retry window ({window}); keep at least that"
+        )
+    store = _migrated_store(url)
+    try:
+        with _database_errors(url):
+            removed = store.prune_before(datetime.now(timezone.utc) - age)
+    finally:
+        store.shutdown()
+    out.print(
+        f"pruned {removed} attempt rows older than {older_than} from {safe_url(url)}; rollups kept",
+        highlight=False,
+    )
+    return 0
+
+
+def _replay_spool(url: URL, spool_dir: str | None, out: Console) -> int:
+    """Write what the spool holds for the store at ``url``; segments a live process writes are left."""
+    spool = Spool(spool_dir)
+    store = _migrated_store(url)
+    try:
+        if not spool.has_segments(store.name):
+            out.print(
+                f"nothing spooled for {safe_url(url)} in {spool.sink_directory(store.name)}", highlight=False
+            )
+            return 0
+        with _database_errors(url):
+            delivered = spool.replay(store.name, store.export)
+        refused = store.rejected_records
+    finally:
+        store.shutdown()
+    left = (
+        " (segments a running process is still writing were left to it)"
+        if spool.has_segments(store.name)
+        else ""
+    )
+    kept = f"; {refused} refused by the database, kept in costwatch_rejected_attempts" if refused else ""
+    out.print(f"replayed {delivered} spooled records into {safe_url(url)}{kept}{left}", highlight=False)
     return 0
 
 
@@ -823,7 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", choices=REPORT_FORMATS, default="table", help="report format")
     demo.add_argument(
         "--serve",
-        type=int,
+        type=_port,
         nargs="?",
         const=DEFAULT_METRICS_PORT,
         metavar="PORT",
@@ -951,7 +1039,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument(
-        "--port", type=int, default=DEFAULT_METRICS_PORT, help=f"default {DEFAULT_METRICS_PORT}"
+        "--port", type=_port, default=DEFAULT_METRICS_PORT, help=f"default {DEFAULT_METRICS_PORT}"
     )
     serve.add_argument("--addr", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     _add_db(serve)
@@ -989,7 +1077,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog("costwatch db downgrade base --db sqlite:///costwatch.db"),
     )
     downgrade.add_argument("revision", help="target revision; base removes every costwatch table")
-    for sub in (upgrade, current, downgrade):
+    replay = actions.add_parser(
+        "replay",
+        help="write the records a spool holds for this store (e.g. left by a killed process)",
+        formatter_class=_FORMATTER,
+        epilog=_epilog(
+            "costwatch db replay --db postgresql://costwatch@db/costwatch",
+            "costwatch db replay --spool-dir /var/lib/app/.costwatch/spool",
+        ),
+    )
+    replay.add_argument(
+        "--spool-dir",
+        help=f"the spool directory (default ${SPOOL_DIR_ENV}, else {DEFAULT_SPOOL_DIR} in this directory)",
+    )
+    prune = actions.add_parser(
+        "prune",
+        help="delete raw attempt rows older than a duration (the rollups keep every total)",
+        formatter_class=_FORMATTER,
+        epilog=_epilog("costwatch db prune --older-than 90d", "costwatch db prune --older-than 26w --db URL"),
+    )
+    prune.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 90d, 12w")
+    for sub in (upgrade, current, downgrade, replay, prune):
         _add_db(sub)
     db.set_defaults(handler=_command_db)
 
@@ -1047,7 +1155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         handler: Callable[[argparse.Namespace, Console, Console], int] = args.handler
         return handler(args, _console(), err)
-    except UserError as exc:
+    except (UserError, SettingsError) as exc:  # a setting from the environment, e.g. for serve
         print(f"costwatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help and --version

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
+from .validation import clean_text
+
 __all__ = ["current_logical_request", "current_tags", "logical_request", "tags"]
 
 MAX_TAGS = 16
@@ -28,7 +30,8 @@ _logical_request: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 def _clean(name: object, value: object) -> tuple[str, str]:
     if not isinstance(name, str) or not name:
         raise ValueError(f"costwatch.tags: tag names must be non-empty strings, got {name!r}")
-    return name[:MAX_TAG_LENGTH], str(value)[:MAX_TAG_LENGTH]
+    # Control characters are replaced here, once per block, so no store ever refuses a tag.
+    return clean_text(name[:MAX_TAG_LENGTH]), clean_text(str(value)[:MAX_TAG_LENGTH])
 
 
 @contextlib.contextmanager
@@ -36,8 +39,8 @@ def tags(**labels: object) -> Iterator[Mapping[str, str]]:
     """Label every attempt made inside the block, e.g. ``with costwatch.tags(workflow="nightly"):``.
 
     Nested blocks add to (and override) the outer labels. Values are turned into strings and cut to
-    200 characters; at most 16 tags are kept. Tags never go into metric labels except ``workflow``,
-    whose cardinality is capped by the exporters.
+    200 characters, control characters replaced by U+FFFD; at most 16 tags are kept. Tags never go
+    into metric labels except ``workflow``, whose cardinality is capped by the exporters.
     """
     merged = dict(_tags.get())
     for name, value in labels.items():

@@ -302,6 +302,19 @@ def alert_rules() -> list[AlertRule]:
             anchor="costwatchstorewriteerrors",
         ),
         AlertRule(
+            alert="CostwatchStoreRejectedRecords",
+            expr="sum by (job, instance) (increase(costwatch_store_rejected_records_total[1h])) > 0",
+            for_="0m",
+            severity="warning",
+            summary="The store refused attempt records; they are kept apart and missing from reports.",
+            description=(
+                "{{ $labels.instance }} had {{ $value | humanize }} attempt records refused by the database "
+                "in the last hour; each is kept in costwatch_rejected_attempts with the reason, and its "
+                "cost is missing from reports until a human looks."
+            ),
+            anchor="costwatchstorerejectedrecords",
+        ),
+        AlertRule(
             alert="CostwatchUnpricedAttempts",
             expr="sum by (model) (increase(costwatch_unpriced_attempts_total[15m])) > 0",
             for_=UNPRICED_FOR,

@@ -20,25 +20,38 @@ error. See ``docs/metrics.md``.
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from .metrics import MODEL_LABEL_LIMIT, LabelCap
+from .metrics import MODEL_LABEL_LIMIT, OTHER, LabelCap
 from .records import Outcome, TokenType, WasteReason
 from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
-from .store.query import all_time_with_recent_query, settled_before
+from .store.query import capped_all_time_with_recent_query, settled_before
 from .store.schema import ALL_TIME_DIMENSIONS
 
-__all__ = ["FleetCollector", "FleetSamples", "fleet_samples", "serve", "settled_before"]
+__all__ = [
+    "PRUNE_EVERY_S",
+    "SCRAPE_CACHE_S",
+    "FleetCollector",
+    "FleetSamples",
+    "fleet_samples",
+    "serve",
+    "settled_before",
+]
 
 log = logging.getLogger("costwatch")
 
@@ -306,6 +319,23 @@ def _families(samples: FleetSamples, up: bool) -> list[Metric]:
     return families
 
 
+SCRAPE_CACHE_S = 2.0
+"""How long ``costwatch serve`` answers scrapes with the text it last rendered before rendering anew
+(Prometheus scrapes every 15 s or more; a burst of scrapers, or several Prometheus servers, share
+one read of the store). Meanwhile scrapers get the previous answer, so values lag by up to this
+plus one read."""
+
+
+class _Flight:
+    """One read of the store in progress, and the families it produced, for the scrapes that wait on it."""
+
+    __slots__ = ("done", "families")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.families: list[Metric] = []
+
+
 class FleetCollector(Collector):
     """Reads the store's rollups at scrape time and exposes them as costwatch's metrics.
 
@@ -314,6 +344,11 @@ class FleetCollector(Collector):
     the store may still flip it to ``retried``). ``retry_window``, ``workflow_label_limit`` and
     ``model_label_limit`` default to their ``COSTWATCH_*`` settings. ``clock`` gives the current UTC
     time. :meth:`close` releases the database connections.
+
+    Concurrent scrapes share one read (single flight): a scrape that arrives while a read is under
+    way waits for it and answers with its result, so the database sees one query at a time however
+    many scrapers there are. A scrape within ``cache_s`` seconds of the last read answers with it
+    (``serve`` uses :data:`SCRAPE_CACHE_S`; 0, the default here, reads every time).
     """
 
     def __init__(
@@ -324,6 +359,7 @@ class FleetCollector(Collector):
         workflow_label_limit: int | None = None,
         model_label_limit: int | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        cache_s: float = 0.0,
     ) -> None:
         settings = load_settings()
         if retry_window is None:
@@ -340,6 +376,12 @@ class FleetCollector(Collector):
         self._lock = threading.Lock()
         self._last: FleetSamples | None = None
         self._failing = False
+        self.cache_s = cache_s
+        self._flight_lock = threading.Lock()
+        self._flight: _Flight | None = None
+        self._cached: tuple[float, list[Metric]] | None = None
+        self.reads = 0
+        """Reads of the store so far (each shared by every scrape that waited on it)."""
 
     def describe(self) -> Iterator[Metric]:
         """The metric families this collector exposes, without reading the database."""
@@ -347,7 +389,30 @@ class FleetCollector(Collector):
         return iter(_families(FleetSamples(), up=True))
 
     def collect(self) -> Iterator[Metric]:
-        """The fleet's metrics read now; after a failed read, ``costwatch_up 0`` and the last values."""
+        """The fleet's metrics read now (or by the read under way, or within ``cache_s``); after a
+        failed read, ``costwatch_up 0`` and the last values."""
+        with self._flight_lock:
+            cached = self._cached
+            if cached is not None and time.monotonic() - cached[0] < self.cache_s:
+                return iter(cached[1])
+            flight = self._flight
+            leading = flight is None
+            if flight is None:
+                flight = self._flight = _Flight()
+        if not leading:
+            flight.done.wait()
+            return iter(flight.families)
+        try:
+            flight.families = self._read_families()
+        finally:
+            with self._flight_lock:
+                self._flight = None
+                self._cached = (time.monotonic(), flight.families)
+            flight.done.set()
+        return iter(flight.families)
+
+    def _read_families(self) -> list[Metric]:
+        self.reads += 1
         with self._lock:
             try:
                 samples = self.read()
@@ -360,46 +425,52 @@ class FleetCollector(Collector):
                         str(exc).splitlines()[0] if str(exc) else "",
                     )
                 self._failing = True
-                return iter(_families(self._last or FleetSamples(), up=False))
+                return _families(self._last or FleetSamples(), up=False)
             if self._failing:
                 log.warning("costwatch exporter: reading %s works again", safe_url(self.store.url))
             self._failing = False
             # A flip after the window (rare) would lower a settled sum: hold every sample at its high mark.
             self._last = samples if self._last is None else samples.at_least(self._last)
-            return iter(_families(self._last, up=True))
+            return _families(self._last, up=True)
 
     def close(self) -> None:
         """Close the database connections (a later scrape opens new ones)."""
         self.store.shutdown()
 
     def read(self) -> FleetSamples:
-        """Query the rollups once and compute the metric values; raises if the database fails."""
+        """Query the rollups once and compute the metric values; raises if the database fails.
+
+        The label caps are applied by the database, which returns one row per combination of kept
+        labels (and ``other``): the work after the query is bounded by the exporter's output, not
+        by how many distinct models and workflows the store holds.
+        """
         boundary = settled_before(self._clock(), self.retry_window)
-        # Nothing is cached between scrapes: the rollups of settled hours still change (a late record
+        # Nothing is cached in the query: the rollups of settled hours still change (a late record
         # replayed from a spool, a revision, a retry written by another process flipping an attempt).
         # The all-time rollups follow every such change, and settled sums are all-time minus recent.
-        query = all_time_with_recent_query(
-            boundary, measures=_MEASURES, recent_where={"waste_reason": _ABANDONED}
+        query = capped_all_time_with_recent_query(
+            boundary,
+            caps={"model": self.model_label_limit, "workflow": self.workflow_label_limit},
+            other=OTHER,
+            measures=_MEASURES,
+            recent_where={"waste_reason": _ABANDONED},
         )
         with self.store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
             rows = connection.execute(query).all()
-        totals, settled_abandoned, first_hours, pending = _combine_all_time(rows)
-        models = _first_seen(first_hours, _DIMENSIONS.index("model"))
-        workflows = _first_seen(first_hours, _DIMENSIONS.index("workflow"))
+        totals, settled_abandoned, pending = _combine_all_time(rows)
         return _samples(
-            totals,
-            settled_abandoned,
-            model_of=LabelCap.first_seen(models, self.model_label_limit),
-            workflow_of=LabelCap.first_seen(workflows, self.workflow_label_limit),
-            pending_abandoned=pending,
+            totals, settled_abandoned, model_of=_as_is, workflow_of=_as_is, pending_abandoned=pending
         )
 
 
-def _combine_all_time(
-    rows: Iterable[Sequence[Any]],
-) -> tuple[list[Group], list[Group], dict[Labels, datetime], list[Group]]:
-    """All-hours totals, settled ``abandoned`` totals, first hours and pending ``abandoned`` totals
-    from an :func:`~costwatch.store.query.all_time_with_recent_query` whose recent part is ``abandoned`` only.
+def _as_is(value: str) -> str:
+    return value
+
+
+def _combine_all_time(rows: Iterable[Sequence[Any]]) -> tuple[list[Group], list[Group], list[Group]]:
+    """All-hours totals, settled ``abandoned`` totals and pending ``abandoned`` totals from a
+    :func:`~costwatch.store.query.capped_all_time_with_recent_query` whose recent part is
+    ``abandoned`` only.
 
     Groups summing to zero attempts are left out of the totals, as ``rollup_totals`` leaves them out.
     """
@@ -407,14 +478,12 @@ def _combine_all_time(
     totals: list[Group] = []
     all_time_abandoned: dict[Labels, list[float]] = {}
     recent_abandoned: dict[Labels, list[float]] = {}
-    first_hours: dict[Labels, datetime] = {}
     for row in rows:
         key: Labels = tuple(row[:width])
         if row[width]:
             recent_abandoned[key] = list(row[width + 2 :])
             continue
         values = list(row[width + 2 :])  # ints and floats, never NULL (the columns are NOT NULL)
-        first_hours[key] = row[width + 1]
         if values[0]:
             totals.append((key, values))
         if key[_WASTE_REASON] == _ABANDONED:
@@ -426,44 +495,214 @@ def _combine_all_time(
         if settled[0]:
             settled_abandoned.append((key, settled))
     pending: list[Group] = [(key, values) for key, values in recent_abandoned.items() if values[0]]
-    return totals, settled_abandoned, first_hours, pending
+    return totals, settled_abandoned, pending
 
 
-def _first_seen(first_hours: Mapping[Labels, datetime], position: int) -> list[str]:
-    """A dimension's values ordered by the first hour they appear in (then by value)."""
-    first: dict[str, datetime] = {}
-    for key, hour in first_hours.items():
-        value = str(key[position])
-        if value not in first or hour < first[value]:
-            first[value] = hour
-    return sorted(first, key=lambda value: (first[value], value))
+_CONNECTION = "costwatch.connection"
+_SERVING_SWITCH_INTERVAL_S = 0.0005
 
 
-def serve(database_url: str | None, port: int, addr: str = "127.0.0.1", *, block: bool = True) -> Any:
+class _ScrapeHandler(WSGIRequestHandler):
+    """Hands the client's socket to the app (to skip clients that left) and logs nothing."""
+
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        environ[_CONNECTION] = self.connection
+        return environ
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (as prometheus_client's own server does)."""
+
+
+def _client_gone(connection: socket.socket | None) -> bool:
+    """Whether the client closed its end: a read that would block means it is still there."""
+    if connection is None:
+        return False
+    try:
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class _Response:
+    """One rendered ``/metrics`` answer, and when it was rendered."""
+
+    __slots__ = ("at", "body", "headers", "status")
+
+    def __init__(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.at = time.monotonic()
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class _ScrapeAnswers:
+    """``/metrics`` answers rendered once and served to every scraper for ``fresh_s`` seconds.
+
+    Rendering the exposition of a few thousand series costs as much as reading the store, so the
+    rendered text is what is kept, per format (text or OpenMetrics, gzip or not). An answer older
+    than ``fresh_s`` is still served while one thread renders its successor (stale while
+    revalidate): no scraper waits for the store unless there is no answer at all yet, and then
+    all of them wait for the same one. Requests with a query (``name[]`` filters) are rendered for
+    themselves, through the collector's own single flight.
+    """
+
+    def __init__(self, exposition: Callable[..., Any], fresh_s: float) -> None:
+        self._exposition = exposition
+        self._fresh_s = fresh_s
+        self._lock = threading.Lock()
+        self._answers: dict[tuple[bool, bool], _Response] = {}
+        self._rendering: dict[tuple[bool, bool], threading.Event] = {}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if _client_gone(environ.get(_CONNECTION)):
+            # A scraper that timed out while waiting to be served: nothing is read for it.
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b""]
+        if environ.get("QUERY_STRING"):
+            return self._exposition(environ, start_response)
+        key = (
+            "application/openmetrics-text" in environ.get("HTTP_ACCEPT", ""),
+            "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""),
+        )
+        with self._lock:
+            answer = self._answers.get(key)
+            rendering = self._rendering.get(key)
+            stale = answer is None or time.monotonic() - answer.at >= self._fresh_s
+            start = stale and rendering is None
+            if start:
+                rendering = self._rendering[key] = threading.Event()
+        if start and rendering is not None:
+            if answer is None:
+                self._render(key, dict(environ), rendering)  # nothing to serve meanwhile: render here
+            else:
+                worker = threading.Thread(
+                    target=self._render, args=(key, dict(environ), rendering), daemon=True
+                )
+                worker.start()
+        if answer is None:
+            assert rendering is not None
+            rendering.wait()
+            with self._lock:
+                answer = self._answers.get(key)
+            if answer is None:  # rendering failed outright: let the exposition answer for itself
+                return self._exposition(environ, start_response)
+        start_response(answer.status, answer.headers)
+        return [answer.body]
+
+    def _render(self, key: tuple[bool, bool], environ: dict[str, Any], done: threading.Event) -> None:
+        environ.pop(_CONNECTION, None)
+        captured: list[Any] = []
+        try:
+            body = b"".join(
+                self._exposition(environ, lambda status, headers: captured.extend([status, headers]))
+            )
+            with self._lock:
+                self._answers[key] = _Response(captured[0], list(captured[1]), body)
+        except Exception:
+            log.exception("costwatch exporter: rendering the metrics failed")
+        finally:
+            with self._lock:
+                self._rendering.pop(key, None)
+            done.set()
+
+
+def _metrics_app(registry: CollectorRegistry, fresh_s: float = 0.0) -> Callable[..., Any]:
+    return _ScrapeAnswers(make_wsgi_app(registry), fresh_s)
+
+
+def _start_server(
+    port: int, addr: str, registry: CollectorRegistry, fresh_s: float
+) -> tuple[Any, threading.Thread]:
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        # socketserver's default backlog is 5: a burst of scrapers overflowed it, and each one left
+        # out waited a second or more for its SYN to be sent again.
+        request_queue_size = 128
+
+    server = make_server(addr, port, _metrics_app(registry, fresh_s), Server, handler_class=_ScrapeHandler)
+    thread = threading.Thread(target=server.serve_forever, name="costwatch-exporter", daemon=True)
+    thread.start()
+    return server, thread
+
+
+PRUNE_EVERY_S = 3600.0
+"""How often ``serve`` prunes raw attempt rows older than its ``retention``."""
+
+
+def _prune_periodically(database_url: str | None, retention: timedelta, stop: threading.Event) -> None:
+    store = SqlStore(database_url, auto_migrate=False)
+    failing = False
+    try:
+        while True:
+            try:
+                removed = store.prune_before(datetime.now(timezone.utc) - retention)
+                log.info("costwatch exporter: pruned %d attempt rows older than %s", removed, retention)
+                failing = False
+            except Exception as exc:
+                if not failing:  # once per outage
+                    log.warning(
+                        "costwatch exporter: pruning failed (%s); retrying in an hour", type(exc).__name__
+                    )
+                failing = True
+            if stop.wait(PRUNE_EVERY_S):
+                return
+    finally:
+        store.shutdown()
+
+
+def serve(
+    database_url: str | None,
+    port: int,
+    addr: str = "127.0.0.1",
+    *,
+    block: bool = True,
+    on_listening: Callable[[], object] | None = None,
+    retention: timedelta | None = None,
+) -> Any:
     """Serve the fleet's metrics on ``http://{addr}:{port}/metrics``.
 
     Blocks until interrupted when ``block`` is true (as the CLI runs it); otherwise returns the
     running HTTP server (call ``shutdown()`` and then ``server_close()`` on it to stop; the latter
-    also closes the database connections).
+    also closes the database connections). ``on_listening`` is called once the port is bound. With
+    ``retention``, raw attempt rows older than that are pruned now and every
+    :data:`PRUNE_EVERY_S` seconds (the rollups keep every total).
     """
     registry = CollectorRegistry()
-    collector = FleetCollector(database_url)
+    collector = FleetCollector(database_url)  # the rendered answers are what serve keeps
     registry.register(collector)
     try:
-        server, thread = start_http_server(port, addr=addr, registry=registry)
+        server, thread = _start_server(port, addr, registry, SCRAPE_CACHE_S)
     except BaseException:
         collector.close()
         raise
     # Closing the server (as a non-blocking caller does) closes the collector's connections too.
     close_server = server.server_close
 
+    stop_pruning = threading.Event()
+    if retention is not None:
+        threading.Thread(
+            target=_prune_periodically,
+            args=(database_url, retention, stop_pruning),
+            name="costwatch-retention",
+            daemon=True,
+        ).start()
+
     def server_close() -> None:
+        stop_pruning.set()
         close_server()
         collector.close()
 
-    server.server_close = server_close  # type: ignore[method-assign]
+    server.server_close = server_close
+    if on_listening is not None:
+        on_listening()
     if not block:
         return server
+    # This process only serves (the CLI runs it so): hand the GIL over more often, so that a scrape
+    # answered from the cache is not held up behind the thread rendering the next answer.
+    sys.setswitchinterval(_SERVING_SWITCH_INTERVAL_S)
     try:
         while thread.is_alive():
             thread.join(1.0)

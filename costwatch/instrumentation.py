@@ -41,7 +41,7 @@ from .estimation import OutputEstimator
 from .event_stream import CONTENT_TYPE as EVENT_STREAM_CONTENT_TYPE
 from .event_stream import EventStreamMeter
 from .health import instrumentation_errors
-from .pipeline import Pipeline, drain_before_exit, get_pipeline
+from .pipeline import Pipeline, drain_before_exit, get_pipeline, interrupt_before_exit
 from .platforms import ANTHROPIC, is_platform_path, route_of
 from .pricing import PriceTable, load_prices
 from .prompt_prefix import PromptSize, measure
@@ -149,6 +149,7 @@ class Accountant:
             tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
             context.current_tags(),
         )
+        _in_flight.add(attempt)
         if assignment.attempt_number > 1 and body:
             # A retry: what of its prompt it resends unchanged, and so could have read from the cache.
             attempt.prompt_size = _guard("prompt_size", _prompt_size, body)
@@ -364,6 +365,7 @@ class _Attempt:
         """Finish the attempt once; later calls (close after an error, GC) do nothing."""
         if not self._once.acquire(blocking=False):
             return  # never released: the account is closed for good
+        _in_flight.discard(self)
         try:
             self.accountant.settle(self, outcome, error)
         except Exception as exc:
@@ -414,6 +416,23 @@ class _Attempt:
         meter = self.meter
         return meter is not None and meter.unreadable is not None and self.closing
 
+    def settle_interrupted(self) -> None:
+        """At exit: settle an attempt still in flight, billed with what arrived so far.
+
+        A stream not yet ended is ``interrupted``; one whose end already arrived keeps its outcome.
+        """
+        if self._once.locked():
+            return
+        meter = self.meter
+        if meter is not None and meter.kept is not None:
+            try:
+                meter.finish_stream(read_all=True)  # its exact characters: the estimate's input
+            except Exception as exc:
+                instrumentation_errors.record("feed", exc)
+                meter = self.meter = None
+        outcome = self.outcome_after_body(None)
+        self.settle(Outcome.INTERRUPTED if outcome is Outcome.DROPPED else outcome)
+
     def outcome_after_body(self, error: BaseException | None) -> Outcome:
         """Classify how an attempt whose headers arrived ended."""
         meter = self.meter
@@ -447,7 +466,7 @@ class _DeferredSettler:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_Attempt | threading.Event] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Attempt | _Interrupted | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -459,6 +478,17 @@ class _DeferredSettler:
     def defer(self, attempt: _Attempt) -> None:
         """Queue an attempt whose body was closed before it ended."""
         self._queue.put(attempt)
+
+    def interrupt_in_flight(self, timeout: float) -> None:
+        """At exit: settle every attempt still in flight as interrupted, on the settler thread.
+
+        Never here: a signal handler may have interrupted a thread holding the locks settling takes.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            return
+        for attempt in list(_in_flight):
+            self._queue.put(_Interrupted(attempt))
+        self.wait(timeout)
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until every attempt deferred so far is settled; False on timeout."""
@@ -477,6 +507,7 @@ class _DeferredSettler:
 
     def reset_in_child(self) -> None:
         """In a forked child: drop the parent's queue (its attempts are the parent's) and thread."""
+        _in_flight.clear()
         self._queue = queue.SimpleQueue()
         self._thread = None
         if _hooks is not None:
@@ -495,11 +526,26 @@ class _DeferredSettler:
             _settle_item(item)
 
 
-def _settle_item(item: _Attempt | threading.Event) -> None:
+class _Interrupted:
+    """A queue item: an attempt still in flight at exit, to be settled as interrupted."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self, attempt: _Attempt) -> None:
+        self.attempt = attempt
+
+
+def _settle_item(item: _Attempt | _Interrupted | threading.Event) -> None:
     if isinstance(item, threading.Event):
         item.set()  # a waiter's marker: everything queued before it is settled
+    elif isinstance(item, _Interrupted):
+        _guard("interrupt", item.attempt.settle_interrupted)
     else:
         _guard("body_close", item.settle_body, GeneratorExit())
+
+
+_in_flight: set[_Attempt] = set()
+"""Attempts sent and not settled yet; settled as interrupted when the process exits."""
 
 
 _settler = _DeferredSettler()
@@ -927,8 +973,13 @@ def instrument(
         added += _fleet_calibration(added, accountant.estimator, config)
         for sink in added:
             pipeline.add_sink(sink)
+        if any(pipeline.spool.has_segments(sink.name) for sink in added):
+            # A spool left by an earlier (perhaps killed) process: replayed now, not at the first request.
+            pipeline.retry_spool()
         _settler.start()
-        # At exit, streams closed at the last moment are settled before any pipeline flushes.
+        # At exit, streams closed at the last moment are settled before any pipeline flushes, and
+        # so, when the process is ending, are attempts still in flight.
+        interrupt_before_exit(_settler.interrupt_in_flight)
         drain_before_exit(_settler.drain)
         hooks = _Hooks(accountant, http_clients, added)
         hooks.install(_importable_http_modules())
@@ -970,8 +1021,10 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
     sinks: list[Sink] = []
     if config.store:
         from .store import SqlStore  # SQLAlchemy is imported only when the store is used
+        from .store.database import checked_database_url
 
-        sinks.append(SqlStore(config.database_url, retry_window=timedelta(seconds=config.retry_window_s)))
+        url = checked_database_url(config.database_url)  # refused now, not at the first write
+        sinks.append(SqlStore(url, retry_window=timedelta(seconds=config.retry_window_s)))
     if config.metrics:
         sinks.append(_process_metrics_sink(config, pipeline))
     return sinks

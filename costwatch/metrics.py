@@ -357,6 +357,7 @@ class _HealthReading:
     spooled_records: float
     write_errors: float
     instrumentation_errors: float
+    rejected_records: float = 0.0
 
 
 def _read_health(pipeline: Any) -> _HealthReading:
@@ -370,6 +371,7 @@ def _read_health(pipeline: Any) -> _HealthReading:
         spooled_records=float(getattr(pipeline, "spooled_pending", 0) or 0),
         write_errors=float(getattr(pipeline, "write_errors", 0) or 0),
         instrumentation_errors=float(instrumentation_errors.total),
+        rejected_records=float(getattr(pipeline, "rejected_records", 0) or 0),
     )
 
 
@@ -409,7 +411,15 @@ def _health_families(reading: _HealthReading) -> list[Metric]:
         "Errors inside costwatch's SDK hooks (the application was unaffected).",
         value=reading.instrumentation_errors,
     )
-    return [depth, spooled, write_errors, hook_errors]
+    rejected = CounterMetricFamily(
+        "costwatch_store_rejected_records",
+        _REJECTED_HELP,
+        value=reading.rejected_records,
+    )
+    return [depth, spooled, write_errors, hook_errors, rejected]
+
+
+_REJECTED_HELP = "Attempt records the store refused to hold, kept apart and never retried."
 
 
 class _MultiprocessHealth:
@@ -438,6 +448,7 @@ class _MultiprocessHealth:
             "Errors inside costwatch's SDK hooks (the application was unaffected).",
             registry=registry,
         )
+        self.rejected = Counter("costwatch_store_rejected_records", _REJECTED_HELP, registry=registry)
         self._last = _HealthReading(0, 0, 0, 0)
 
     def update(self, reading: _HealthReading) -> None:
@@ -447,6 +458,8 @@ class _MultiprocessHealth:
             self.write_errors.inc(reading.write_errors - self._last.write_errors)
         if reading.instrumentation_errors > self._last.instrumentation_errors:
             self.hook_errors.inc(reading.instrumentation_errors - self._last.instrumentation_errors)
+        if reading.rejected_records > self._last.rejected_records:
+            self.rejected.inc(reading.rejected_records - self._last.rejected_records)
         self._last = reading
 
 

@@ -39,6 +39,7 @@ from .records import AttemptRecord, fingerprint_of
 from .settings import SettingsError
 from .sinks import Sink
 from .spool import Spool
+from .validation import storable
 
 __all__ = [
     "MAX_UNHASHED_BYTES",
@@ -47,6 +48,7 @@ __all__ = [
     "PipelineHealth",
     "drain_before_exit",
     "get_pipeline",
+    "interrupt_before_exit",
 ]
 
 log = logging.getLogger("costwatch")
@@ -67,6 +69,8 @@ class PipelineHealth:
     """Failed ``export`` calls (each failed batch or replay counts once)."""
     dropped: int
     """Records lost because neither a sink nor the spool could take them."""
+    rejected: int = 0
+    """Records a sink refused to hold and kept apart, never retried (summed over sinks)."""
 
 
 class _Unhashed:
@@ -185,6 +189,11 @@ class Pipeline:
         """Records in the spool waiting to be replayed (as far as this process knows)."""
         return self.spool.pending()
 
+    @property
+    def rejected_records(self) -> int:
+        """Records the sinks refused and kept apart (a sink's ``rejected_records``, summed)."""
+        return sum(int(getattr(sink, "rejected_records", 0) or 0) for sink in self._sinks)
+
     def health(self) -> PipelineHealth:
         """The health counters, for the metrics exporter and for tests."""
         return PipelineHealth(
@@ -192,6 +201,7 @@ class Pipeline:
             spooled_pending=self.spooled_pending,
             write_errors=self._write_errors,
             dropped=self._dropped,
+            rejected=self.rejected_records,
         )
 
     def add_sink(self, sink: Sink) -> None:
@@ -377,12 +387,12 @@ class Pipeline:
         return dataclasses.replace(record, fingerprint=fingerprint_of(body))  # the writer is behind
 
     def _finished(self, item: AttemptRecord | _Unhashed) -> AttemptRecord:
-        """The record of a queue item, fingerprinted if it was left unhashed."""
+        """The record of a queue item, fingerprinted if it was left unhashed, as sinks can store it."""
         if not isinstance(item, _Unhashed):
-            return item
+            return storable(item)
         with self._counter_lock:
             self._unhashed_bytes -= len(item.body)
-        return item.finished()
+        return storable(item.finished())
 
     def _count_write_error(self) -> None:
         with self._counter_lock:
@@ -427,7 +437,7 @@ class Pipeline:
 
     # -- exit, signals and fork --------------------------------------------------------------
     def _shutdown_at_exit(self) -> None:
-        _drain_upstream(EXIT_DRAIN_TIMEOUT_S)
+        _drain_upstream(EXIT_DRAIN_TIMEOUT_S, ending=True)
         self.shutdown()
 
     def _flush_for_exit(self, timeout: float) -> None:
@@ -453,6 +463,7 @@ EXIT_DRAIN_TIMEOUT_S = 10.0
 """How long interpreter exit and ``SIGTERM`` wait for each upstream stage to drain."""
 
 _upstream_drains: list[Callable[[float], object]] = []
+_interrupters: list[Callable[[float], object]] = []
 
 
 def drain_before_exit(drain: Callable[[float], object]) -> None:
@@ -466,9 +477,21 @@ def drain_before_exit(drain: Callable[[float], object]) -> None:
         _upstream_drains.append(drain)
 
 
-def _drain_upstream(timeout: float) -> None:
+def interrupt_before_exit(interrupt: Callable[[float], object]) -> None:
+    """Have ``interrupt(timeout)`` run first when the process is ending: at interpreter exit, and on
+    ``SIGTERM`` when its default action (termination) follows.
+
+    For the hooks' attempts still in flight: settled as interrupted, they are delivered with the
+    rest instead of vanishing with the process. Not on a ``SIGTERM`` the application handles itself
+    (it may go on serving, and those attempts finish). Registering it again does nothing.
+    """
+    if interrupt not in _interrupters:
+        _interrupters.append(interrupt)
+
+
+def _drain_upstream(timeout: float, *, ending: bool) -> None:
     deadline = time.monotonic() + timeout  # one budget for every stage, not one each
-    for drain in list(_upstream_drains):
+    for drain in [*(_interrupters if ending else ()), *_upstream_drains]:
         try:
             drain(max(0.0, deadline - time.monotonic()))
         except Exception:
@@ -476,13 +499,15 @@ def _drain_upstream(timeout: float) -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    _drain_upstream(EXIT_DRAIN_TIMEOUT_S)
+    previous = _previous_sigterm
+    # A handler of the application's own (or SIG_IGN) decides whether the process ends; if it does
+    # end, interpreter exit settles what is still in flight then.
+    _drain_upstream(EXIT_DRAIN_TIMEOUT_S, ending=not callable(previous) and previous != signal.SIG_IGN)
     for pipeline in list(_flush_on_sigterm):
         try:
             pipeline._flush_for_exit(SIGTERM_FLUSH_TIMEOUT_S)
         except Exception:
             log.exception("costwatch: flushing attempt records on SIGTERM failed")
-    previous = _previous_sigterm
     if callable(previous):
         previous(signum, frame)
     elif previous == signal.SIG_IGN:

@@ -27,6 +27,7 @@ from .records import AttemptRecord, Cost, Usage
 __all__ = [
     "ENTRY_DEFAULTS",
     "PRICES_FILE_ENV",
+    "UNPRICED_WARNINGS",
     "LongContextPrice",
     "ModelPrice",
     "PriceFileError",
@@ -209,12 +210,29 @@ class PriceTable:
             server_tool_use=record.server_tool_use,
         )
 
+    @property
+    def unpriced_seen(self) -> int:
+        """Distinct models this table was asked to price and could not (up to 100,000 are told apart)."""
+        return len(self._warned)
+
     def _warn_unpriced(self, model: str) -> None:
-        # Called once per attempt: keep the lock short and log outside it.
+        # Called once per attempt: keep the lock short and log outside it. The first few models are
+        # named; then one line says the rest are only counted, however many distinct names arrive.
         with self._warned_lock:
-            if model in self._warned:
+            if model in self._warned or len(self._warned) >= _UNPRICED_REMEMBERED:
                 return
             self._warned.add(model)
+            seen = len(self._warned)
+        if seen > UNPRICED_WARNINGS:
+            if seen == UNPRICED_WARNINGS + 1:
+                log.warning(
+                    "costwatch: %d models have no price so far (the latest %r); further ones are not "
+                    "logged, only counted in PriceTable.unpriced_seen. Add them with %s.",
+                    seen,
+                    model[:100],
+                    PRICES_FILE_ENV,
+                )
+            return
         reason = self._unpriced.get(model)
         if reason is not None:
             log.warning(
@@ -228,6 +246,12 @@ class PriceTable:
                 self.version,
                 PRICES_FILE_ENV,
             )
+
+
+UNPRICED_WARNINGS = 5
+"""Models without a price that a price table names in a warning each; one more line covers the rest."""
+
+_UNPRICED_REMEMBERED = 100_000
 
 
 def load_prices(override: str | os.PathLike[str] | None = None) -> PriceTable:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import math
 import os
 import random
 import sys
@@ -146,6 +147,8 @@ class Outcome(str, enum.Enum):
     """No response at all: refused, reset, or timed out before the headers."""
     CANCELLED = "cancelled"
     """The application stopped reading (``break``, ``close()``, task cancellation, garbage collection)."""
+    INTERRUPTED = "interrupted"
+    """The process exited (``SIGTERM``, interpreter exit) while the attempt was still in flight."""
 
     @property
     def failed(self) -> bool:
@@ -193,6 +196,8 @@ class Usage:
     output_tokens: int = 0
     output_estimated: bool = False
     estimated_output_tokens: int = 0
+    tokens_clamped: bool = False
+    """Whether a count beyond what any attempt can bill was clamped (see :mod:`costwatch.validation`)."""
 
     @property
     def cache_write_tokens(self) -> int:
@@ -366,24 +371,116 @@ class AttemptRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AttemptRecord:
-        """The inverse of :meth:`to_dict`; raises ``ValueError`` on a malformed record."""
+        """The inverse of :meth:`to_dict`; raises ``ValueError`` on a malformed record.
+
+        Every value is checked against its field's type (a number is finite, a count a whole number),
+        so a corrupt spool line is refused here rather than failing a batch in the database.
+        """
         try:
             kwargs = dict(data)
             kwargs.pop("priced", None)  # derived from ``cost`` (see to_dict)
+            for name, kinds in _FIELD_KINDS.items():
+                if name in kwargs:
+                    _check_kind(name, kwargs[name], kinds)
             kwargs["started_at"] = datetime.fromisoformat(kwargs["started_at"])
             kwargs["outcome"] = Outcome(kwargs["outcome"])
             reason = kwargs.get("waste_reason")
             kwargs["waste_reason"] = WasteReason(reason) if reason is not None else None
-            kwargs["usage"] = Usage(**kwargs.get("usage") or {})
+            usage = _checked_mapping("usage", kwargs.get("usage") or {}, _USAGE_KINDS)
+            kwargs["usage"] = Usage(**usage)
             cost = kwargs.get("cost")
-            kwargs["cost"] = Cost(**cost) if cost is not None else None
-            kwargs["beta_features"] = tuple(kwargs.get("beta_features") or ())
-            kwargs["server_tool_use"] = MappingProxyType(dict(kwargs.get("server_tool_use") or {}))
-            kwargs["tags"] = MappingProxyType(dict(kwargs.get("tags") or {}))
-            kwargs["output_chars"] = MappingProxyType(dict(kwargs.get("output_chars") or {}))
+            kwargs["cost"] = Cost(**_checked_mapping("cost", cost, _COST_KINDS)) if cost is not None else None
+            beta = _checked_items("beta_features", kwargs.get("beta_features") or ())
+            kwargs["beta_features"] = tuple(beta)
+            tool_use = _checked_pairs("server_tool_use", kwargs.get("server_tool_use") or {}, (int,))
+            kwargs["server_tool_use"] = MappingProxyType(tool_use)
+            kwargs["tags"] = MappingProxyType(_checked_pairs("tags", kwargs.get("tags") or {}, (str,)))
+            chars = _checked_pairs("output_chars", kwargs.get("output_chars") or {}, (int,))
+            kwargs["output_chars"] = MappingProxyType(chars)
             return cls(**kwargs)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed attempt record: {exc}") from exc
+
+
+_NONE = type(None)
+_FIELD_KINDS: dict[str, tuple[type, ...]] = {
+    "attempt_id": (str,),
+    "logical_request_id": (str,),
+    "attempt_number": (int,),
+    "started_at": (str,),
+    "outcome": (str,),
+    "model_requested": (str,),
+    "model": (str, _NONE),
+    "stream": (bool,),
+    "request_id": (str, _NONE),
+    "message_id": (str, _NONE),
+    "sdk_retry": (int,),
+    "http_status": (int, _NONE),
+    "error_type": (str, _NONE),
+    "api_error_type": (str, _NONE),
+    "time_to_first_token_s": (float, _NONE),
+    "duration_s": (float,),
+    "stop_reason": (str, _NONE),
+    "events_received": (int,),
+    "bytes_received": (int,),
+    "wasted": (bool,),
+    "waste_reason": (str, _NONE),
+    "fingerprint": (str, _NONE),
+    "revision": (int,),
+    "prompt_bytes": (int, _NONE),
+    "stable_prefix_bytes": (int, _NONE),
+    "inference_geo": (str, _NONE),
+    "platform": (str,),
+}
+"""What JSON gives each scalar field of a record; a float field also takes a whole number."""
+
+_USAGE_KINDS: dict[str, tuple[type, ...]] = {
+    f.name: (bool,) if f.type in ("bool", bool) else (int,) for f in dataclasses.fields(Usage)
+}
+_COST_KINDS: dict[str, tuple[type, ...]] = {f.name: (float,) for f in dataclasses.fields(Cost)}
+
+
+def _check_kind(name: str, value: Any, kinds: tuple[type, ...]) -> None:
+    if value is None and _NONE in kinds:
+        return
+    if isinstance(value, bool):
+        if bool in kinds:
+            return
+    elif float in kinds and isinstance(value, (int, float)):
+        if math.isfinite(value):
+            return
+        raise ValueError(f"{name} is {value!r}, not a finite number")
+    elif isinstance(value, tuple(k for k in kinds if k is not bool)):
+        return
+    wanted = " or ".join("null" if k is _NONE else k.__name__ for k in kinds)
+    raise ValueError(f"{name} is {type(value).__name__} {value!r:.40}, expected {wanted}")
+
+
+def _checked_mapping(name: str, value: Any, kinds: Mapping[str, tuple[type, ...]]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} is {type(value).__name__}, expected an object")
+    for key, item in value.items():
+        if key not in kinds:
+            raise ValueError(f"{name} has an unknown field {key!r:.40}")
+        _check_kind(f"{name}.{key}", item, kinds[key])
+    return dict(value)
+
+
+def _checked_pairs(name: str, value: Any, kinds: tuple[type, ...]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} is {type(value).__name__}, expected an object")
+    for key, item in value.items():
+        _check_kind(f"{name} key", key, (str,))
+        _check_kind(f"{name}.{key}", item, kinds)
+    return dict(value)
+
+
+def _checked_items(name: str, value: Any) -> list[str]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} is {type(value).__name__}, expected a list")
+    for item in value:
+        _check_kind(f"{name} item", item, (str,))
+    return list(value)
 
 
 @_fast_frozen_init

@@ -1,13 +1,14 @@
 """costwatch's settings: one table, each setting with its ``COSTWATCH_*`` variable, type and default.
 
 Keyword arguments to :func:`costwatch.instrument` override the environment, which overrides the
-defaults. A malformed value raises :class:`SettingsError` with one line naming the variable, the value
-and what would be accepted.
+defaults. A malformed value, or a number outside its setting's finite range, raises
+:class:`SettingsError` with one line naming the variable, the value and what would be accepted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ def _bool(text: str) -> bool:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise ValueError("expected a number above 0")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError("expected a finite number above 0")
     return value
 
 
@@ -43,14 +44,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _number_text(value: float | None) -> str:
+    return f"{value:g}" if value is None or not float(value).is_integer() else str(int(value))
+
+
 def _text(text: str) -> str:
     return text
 
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise ValueError("expected a number of 0 or more")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError("expected a finite number of 0 or more")
     return value
 
 
@@ -79,6 +84,24 @@ class Setting:
     parse: Callable[[str], Any]
     default: Any
     help: str
+    low: float | None = None
+    """The smallest value accepted (numbers only), inclusive."""
+    high: float | None = None
+    """The largest value accepted (numbers only), inclusive: every number has a finite bound."""
+
+    def checked(self, value: Any) -> Any:
+        """``value`` if it lies within ``[low, high]``; else ``ValueError`` saying what would."""
+        unbounded = self.low is None and self.high is None
+        if unbounded or value is None or isinstance(value, (bool, str)):
+            return value
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise ValueError(f"expected {self.range_text()}")
+        return value
+
+    def range_text(self) -> str:
+        """The accepted range in words, as the README's settings table and error messages give it."""
+        kind = "a whole number" if self.parse is _positive_int else "a number"
+        return f"{kind} from {_number_text(self.low)} to {_number_text(self.high)}"
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -116,6 +139,8 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         600.0,
         "Seconds within which a resent identical request counts as a retry of a failed one.",
+        low=0.001,
+        high=7 * 24 * 3600,
     ),
     Setting(
         "queue_capacity",
@@ -123,9 +148,17 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         100_000,
         "Records held in memory before new ones are spooled to disk.",
+        low=1,
+        high=10_000_000,
     ),
     Setting(
-        "batch_size", "COSTWATCH_BATCH_SIZE", _positive_int, 500, "Records written per database transaction."
+        "batch_size",
+        "COSTWATCH_BATCH_SIZE",
+        _positive_int,
+        500,
+        "Records written per database transaction.",
+        low=1,
+        high=100_000,
     ),
     Setting(
         "flush_interval_s",
@@ -133,6 +166,8 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         1.0,
         "Seconds between writes when fewer than a batch of records are waiting.",
+        low=0.001,
+        high=3600,
     ),
     Setting(
         "metrics", "COSTWATCH_METRICS", _bool, True, "Count attempts in Prometheus metrics in this process."
@@ -150,6 +185,8 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         20,
         "Distinct `workflow` label values kept in metrics; the rest are reported as `other`.",
+        low=1,
+        high=10_000,
     ),
     Setting(
         "calibration_refresh_s",
@@ -164,6 +201,17 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         50,
         "Distinct `model` label values kept in metrics; the rest are reported as `other`.",
+        low=1,
+        high=10_000,
+    ),
+    Setting(
+        "retention_days",
+        "COSTWATCH_RETENTION_DAYS",
+        _positive_float,
+        None,
+        "Days of raw attempt rows `costwatch serve` keeps (pruned hourly; rollups keep every total).",
+        low=1,
+        high=36_500,
     ),
     Setting(
         "waste_budget_usd_per_hour",
@@ -171,6 +219,8 @@ SETTINGS: tuple[Setting, ...] = (
         _non_negative_float,
         None,
         "Refuse retries of failed requests once the scope wasted more USD in the last hour (unset: off).",
+        low=0,
+        high=1_000_000_000,
     ),
     Setting(
         "waste_budget_scope",
@@ -205,10 +255,7 @@ def load_settings(
         raw = env.get(setting.env)
         if raw is None or raw == "":
             continue
-        try:
-            values[setting.name] = setting.parse(raw)
-        except ValueError as exc:
-            raise SettingsError(f"{setting.env}={raw!r} is not valid: {exc}") from None
+        values[setting.name] = _parsed(setting, raw, setting.env)
     for name, value in (overrides or {}).items():
         row = _BY_NAME.get(name)
         if row is None:
@@ -225,7 +272,15 @@ def _checked(setting: Setting, value: Any) -> Any:
         return value  # strings, or objects such as a SQLAlchemy URL: kept as given, never rendered
     if isinstance(value, bool) and setting.parse is not _bool:
         raise SettingsError(f"{setting.name}={value!r} is not valid: expected a number")
+    return _parsed(setting, str(value), setting.name, shown=value)
+
+
+def _parsed(setting: Setting, text: str, where: str, *, shown: Any = None) -> Any:
+    """``text`` parsed and range-checked, or :class:`SettingsError` in one line naming ``where``."""
     try:
-        return setting.parse(str(value))
-    except ValueError as exc:
-        raise SettingsError(f"{setting.name}={value!r} is not valid: {exc}") from None
+        return setting.checked(setting.parse(text))
+    except (ValueError, OverflowError) as exc:
+        wanted = f"expected {setting.range_text()}" if setting.high is not None else str(exc)
+        value = repr(text if shown is None else shown)
+        value = value if len(value) <= 40 else value[:37] + "..."
+        raise SettingsError(f"{where}={value} is not valid: {wanted}") from None

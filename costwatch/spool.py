@@ -131,7 +131,7 @@ class Spool:
         folder = self.sink_directory(sink_name)
         try:
             return any(entry.name.endswith(_SEGMENT_SUFFIX) for entry in os.scandir(folder))
-        except FileNotFoundError:
+        except OSError:  # missing, or not a directory at all: nothing can be spooled there
             return False
 
     # -- replaying ---------------------------------------------------------------------------

@@ -146,6 +146,8 @@ class BodyMeter:
         "_kept_bytes",
         "_kept_counted",
         "_stream",
+        "_tail",
+        "_waiting",
         "api_error_type",
         "bytes_received",
         "chars",
@@ -175,6 +177,10 @@ class BodyMeter:
     ) -> None:
         self._stream = stream
         self._buffer = b""
+        # Chunks of an event still incomplete after _buffer, joined only once the event can end: a
+        # single event of many megabytes would otherwise be copied and searched again per chunk.
+        self._waiting: list[bytes] = []
+        self._tail = b""
         self._json_body: list[bytes] = []
         self._decompressor = _decompressor(content_encoding)
         self.now = clock
@@ -219,7 +225,21 @@ class BodyMeter:
         if not self._stream:
             self._json_body.append(chunk)
             return
-        self._frame(self._buffer + chunk if self._buffer else chunk)
+        if self._buffer:
+            # Only a blank line that begins in the new bytes (or the last three before them) can
+            # end the waiting event; "\r\n" counts as "\n", as _frame reads it.
+            window = self._tail + chunk
+            if b"\r" in window:
+                window = window.replace(b"\r\n", b"\n")
+            if b"\n\n" not in window:
+                self._waiting.append(chunk)
+                self._tail = window[-3:] if len(chunk) >= 3 else (self._tail + chunk)[-3:]
+                return
+            chunk = b"".join([self._buffer, *self._waiting, chunk])
+            self._waiting.clear()
+            self._frame(chunk)
+            return
+        self._frame(chunk)
 
     def _frame(self, buffer: bytes) -> None:
         """Account for every whole SSE event in ``buffer``; keep the incomplete rest for later."""
@@ -235,6 +255,7 @@ class BodyMeter:
                 self._event(buffer[start:end])
             start = end + 2
         self._buffer = buffer[start:]
+        self._tail = self._buffer[-3:]
 
     # -- deferred reading ----------------------------------------------------------------------
     def defer(self) -> list[bytes] | None:
@@ -288,7 +309,7 @@ class BodyMeter:
         body = b"".join(self.kept or ())
         received = len(body)
         if self._buffer:
-            body = self._buffer + body
+            body = b"".join([self._buffer, *self._waiting, body])
         if not body.endswith(_MESSAGE_STOP) or b"\r" in body or not body.startswith(b"event: "):
             return False
         # The last message_delta: an earlier one would show in the skipped part, which is checked.
@@ -305,6 +326,7 @@ class BodyMeter:
         self.events += body.count(b"\n\nevent: ", 0, at + 7)
         self.bytes_received += received
         self._buffer = b""
+        self._waiting.clear()
         self._frame(body[at:])
         self.chars = {}
         self.chars_measured = False

@@ -30,6 +30,7 @@ from costwatch.spool import Spool
 from costwatch.store import SqlStore
 from costwatch.stream_meter import BodyMeter
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
+from costwatch.validation import MAX_TOKENS_PER_ATTEMPT, clean_text
 
 MODEL = "claude-haiku-4-5"
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Check the totals."}]
@@ -123,18 +124,43 @@ def test_missing_or_nonsensical_usage_counts_as_zero_and_never_raises(usage: dic
     assert meter.complete and meter.usage.input_tokens == 0 and meter.usage.output_tokens == 0
 
 
-HUGE = 10**15
+HUGE = 10**20  # beyond a 64-bit integer
 
 
-def test_huge_token_counts_are_kept_exactly_through_the_sdk_and_the_store(store_url: str, accounting) -> None:
+def test_absurd_token_counts_are_clamped_and_flagged_through_the_sdk_and_the_store(
+    store_url: str, accounting
+) -> None:
     _pipeline, sink = accounting
     spec = ResponseSpec.small(10, input_tokens=HUGE, cache_read_tokens=HUGE + 1)
     with FakeAnthropicServer(spec) as server:
         stream_events(server)
     assert costwatch.flush(10)
     (record,) = sink.records
-    assert record.usage.input_tokens == HUGE and record.usage.cache_read_tokens == HUGE + 1
-    assert record.cost is not None and record.cost.total_usd > 1e9
+    assert record.usage.input_tokens == record.usage.cache_read_tokens == MAX_TOKENS_PER_ATTEMPT
+    assert record.usage.output_tokens < MAX_TOKENS_PER_ATTEMPT and record.usage.tokens_clamped
+    assert record.cost is not None and 1e3 < record.cost.total_usd < 1e5
+    store = SqlStore(store_url)
+    try:
+        store.export([record])
+        assert store.attempt(record.attempt_id) == record
+    finally:
+        store.shutdown()
+
+
+def test_token_counts_up_to_the_clamp_are_kept_exactly_through_the_sdk_and_the_store(
+    store_url: str, accounting
+) -> None:
+    _pipeline, sink = accounting
+    spec = ResponseSpec.small(
+        10, input_tokens=MAX_TOKENS_PER_ATTEMPT, cache_read_tokens=MAX_TOKENS_PER_ATTEMPT - 1
+    )
+    with FakeAnthropicServer(spec) as server:
+        stream_events(server)
+    assert costwatch.flush(10)
+    (record,) = sink.records
+    assert record.usage.input_tokens == MAX_TOKENS_PER_ATTEMPT
+    assert record.usage.cache_read_tokens == MAX_TOKENS_PER_ATTEMPT - 1
+    assert not record.usage.tokens_clamped
     store = SqlStore(store_url)
     try:
         store.export([record])
@@ -214,7 +240,7 @@ HOSTILE = {
 }
 
 
-def test_hostile_tags_round_trip_through_the_sdk_and_the_store_exactly_up_to_200_chars(
+def test_hostile_tags_round_trip_through_the_sdk_and_the_store_up_to_200_chars_without_control_characters(
     store_url: str, accounting
 ) -> None:
     _pipeline, sink = accounting
@@ -222,7 +248,11 @@ def test_hostile_tags_round_trip_through_the_sdk_and_the_store_exactly_up_to_200
         stream_events(server)
     assert costwatch.flush(10)
     (recorded,) = sink.records
-    assert dict(recorded.tags) == {name: value[:200] for name, value in HOSTILE.items()}
+    assert dict(recorded.tags) == {name: clean_text(value[:200]) for name, value in HOSTILE.items()}
+    assert (
+        recorded.tags["nul"] == "before\ufffdafter"
+        and recorded.tags["lines"] == "one\ufffdtwo\ufffd\ufffdthree\ufffdtab"
+    )
     store = SqlStore(store_url)
     try:
         store.export([recorded])

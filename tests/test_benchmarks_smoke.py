@@ -43,6 +43,9 @@ def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(tmp_path: P
         "store writes",
         "store reads",
         "memory",
+        "huge SSE event",
+        "sigkill",
+        "scrape load",
     }
     for m in measurements:
         assert set(m) == {"benchmark", "case", "metric", "value", "unit", "target", "met", "detail"}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import socket
+import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import sample_value as value
 from conftest import wasted_tokens
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from costwatch.exporter import FleetCollector, serve, settled_before
 from costwatch.metrics import OTHER
@@ -313,3 +316,154 @@ def test_a_scrape_that_only_sees_counters_rise_shows_what_a_new_exporter_shows(s
     warm, cold = samples(registry), samples(fresh_registry)
     assert warm.keys() == cold.keys()
     assert warm == pytest.approx(cold, rel=1e-12)
+
+
+# -- the cost of a scrape is bounded by its output ------------------------------------------------
+def test_many_models_and_workflows_come_back_from_the_database_as_one_row_per_kept_label(store, store_url):
+    from costwatch.store.query import capped_all_time_with_recent_query
+
+    records = [
+        record(
+            f"many-{n}", NOW - timedelta(hours=3), model=f"claude-{n % 40:02}", workflow=f"wf-{n // 40:02}"
+        )
+        for n in range(400)
+    ]
+    store.write(records)
+    query = capped_all_time_with_recent_query(
+        settled_before(NOW, WINDOW), caps={"model": 5, "workflow": 4}, other=OTHER, measures=("attempts",)
+    )
+    with store.engine.connect() as connection:
+        rows = connection.execute(query).all()
+    assert len(rows) <= (5 + 1) * (4 + 1)
+    assert sum(row.attempts for row in rows if not row.recent) == 400
+    assert {row.model for row in rows} == {f"claude-{n:02}" for n in range(5)} | {OTHER}  # same hour: by name
+    assert {row.workflow for row in rows} == {f"wf-{n:02}" for n in range(4)} | {OTHER}
+    fleet = FleetCollector(
+        store_url, retry_window=WINDOW, clock=lambda: NOW, model_label_limit=5, workflow_label_limit=4
+    )
+    registry = CollectorRegistry()
+    registry.register(fleet)
+    try:
+        found = samples(registry)
+        assert sum(v for (name, _), v in found.items() if name == "costwatch_attempts_total") == 400
+    finally:
+        fleet.close()
+
+
+def test_concurrent_scrapes_share_one_read_of_the_store(store, store_url):
+    store.write([record("a1", NOW - timedelta(hours=3))])
+    fleet = FleetCollector(store_url, retry_window=WINDOW, clock=lambda: NOW)
+    registry = CollectorRegistry()
+    registry.register(fleet)
+    reading, release = threading.Event(), threading.Event()
+    read = fleet._read_families
+
+    def held_read():  # type: ignore[no-untyped-def]
+        reading.set()
+        release.wait(10)
+        return read()
+
+    fleet._read_families = held_read  # type: ignore[method-assign]
+    outputs: list[bytes] = []
+    leader = threading.Thread(target=lambda: outputs.append(generate_latest(registry)))
+    leader.start()
+    assert reading.wait(10)
+    followers = [
+        threading.Thread(target=lambda: outputs.append(generate_latest(registry))) for _ in range(20)
+    ]
+    for thread in followers:
+        thread.start()
+    time.sleep(0.2)  # the followers find the read under way and wait for it
+    release.set()
+    for thread in [leader, *followers]:
+        thread.join(10)
+    fleet.close()
+    assert fleet.reads == 1 and len(outputs) == 21 and len(set(outputs)) == 1
+    assert b"costwatch_up 1.0" in outputs[0]
+
+
+def test_a_scrape_within_the_cache_time_answers_with_the_last_read(store, store_url):
+    store.write([record("c1", NOW - timedelta(hours=3))])
+    cached = FleetCollector(store_url, retry_window=WINDOW, clock=lambda: NOW, cache_s=60.0)
+    fresh = FleetCollector(store_url, retry_window=WINDOW, clock=lambda: NOW)
+    try:
+        first = {m.name: m for m in cached.collect()}["costwatch_attempts"].samples
+        store.write([record("c2", NOW - timedelta(hours=3))])
+        again = {m.name: m for m in cached.collect()}["costwatch_attempts"].samples
+        now = {m.name: m for m in fresh.collect()}["costwatch_attempts"].samples
+    finally:
+        cached.close()
+        fresh.close()
+    assert again == first and cached.reads == 1
+    assert sum(s.value for s in now) == sum(s.value for s in first) + 1
+
+
+def test_serve_reads_nothing_for_a_scraper_that_has_gone():
+    from costwatch.exporter import _client_gone, _metrics_app
+
+    class Counting:
+        reads = 0
+
+        def collect(self):  # type: ignore[no-untyped-def]
+            Counting.reads += 1
+            return iter(())
+
+    registry = CollectorRegistry()
+    registry.register(Counting())
+    app = _metrics_app(registry)
+    statuses: list[str] = []
+    served, client = socket.socketpair()
+    with served, client:
+        assert not _client_gone(served)
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/metrics",
+            "QUERY_STRING": "",
+            "costwatch.connection": served,
+        }
+        app(environ, lambda status, headers: statuses.append(status))
+        assert Counting.reads == 1
+        client.close()
+        assert _client_gone(served)
+        app(environ, lambda status, headers: statuses.append(status))
+    assert Counting.reads == 1 and statuses[-1].startswith("503")
+
+
+def test_served_answers_are_rendered_once_and_a_stale_one_is_served_while_the_next_renders():
+    from costwatch.exporter import _ScrapeAnswers
+
+    renders: list[int] = []
+    rendering = threading.Event()
+    release = threading.Event()
+
+    def exposition(environ, start_response):  # type: ignore[no-untyped-def]
+        if renders:  # every render after the first is held until released
+            rendering.set()
+            release.wait(10)
+        renders.append(1)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [f"render {len(renders)}".encode()]
+
+    answers = _ScrapeAnswers(exposition, fresh_s=0.05)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": ""}
+
+    def scrape() -> bytes:
+        return b"".join(answers(dict(environ), lambda status, headers: None))
+
+    assert scrape() == scrape() == b"render 1" and len(renders) == 1  # fresh: rendered once
+    time.sleep(0.1)
+    assert scrape() == b"render 1"  # stale: served at once, the next one renders meanwhile
+    assert rendering.wait(10)
+    assert scrape() == b"render 1" and len(renders) == 1  # still rendering: no second render starts
+    release.set()
+    assert _eventually(lambda: scrape() == b"render 2")
+    assert len(renders) == 2
+
+
+def _eventually(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -23,7 +23,7 @@ from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
 from costwatch.sinks import MemorySink
 from costwatch.spool import Spool
-from costwatch.store import SqlStore
+from costwatch.store.sink import store_name
 from costwatch.testing import FakeAnthropicServer, ResponseSpec
 
 MODEL = "claude-haiku-4-5"
@@ -74,7 +74,7 @@ def unwritable(tmp_path: Path) -> Path:
     return blocker / "inside"
 
 
-@pytest.mark.parametrize("store", ["postgresql_closed_port", "sqlite_unwritable_path"])
+@pytest.mark.parametrize("store", ["postgresql_closed_port", "sqlite_directory_gone_after_instrument"])
 def test_a_store_that_is_down_leaves_streams_working_and_spools_every_record(
     store: str,
     fast_pipeline: Pipeline,
@@ -85,10 +85,13 @@ def test_a_store_that_is_down_leaves_streams_working_and_spools_every_record(
     url = (
         f"postgresql://costwatch:pw@127.0.0.1:{closed_port()}/costwatch?connect_timeout=2"
         if store == "postgresql_closed_port"
-        else f"sqlite:///{unwritable(tmp_path) / 'costwatch.db'}"
+        else f"sqlite:///{tmp_path / 'store' / 'costwatch.db'}"
     )
+    (tmp_path / "store").mkdir()  # a missing directory is refused at instrument(); this one goes later
     caplog.set_level(logging.DEBUG, logger="costwatch")
     costwatch.instrument(pipeline=fast_pipeline, database_url=url, metrics=False, listeners=[])
+    (tmp_path / "store").rmdir()
+    (tmp_path / "store").write_text("")  # nothing can be created under a file, even by root
     try:
         with FakeAnthropicServer(ResponseSpec.small(40)) as server:
             texts = stream_texts(server)
@@ -100,7 +103,7 @@ def test_a_store_that_is_down_leaves_streams_working_and_spools_every_record(
     assert health.write_errors >= 1 and health.dropped == 0
     assert health.spooled_pending == CALLS
     (line,) = costwatch_lines(caplog)
-    assert f"sink {SqlStore(url).name} failed" in line and "spooling" in line
+    assert f"sink {store_name(url)} failed" in line and "spooling" in line
 
 
 def test_a_spool_that_cannot_be_written_counts_dropped_records_and_says_so_once(

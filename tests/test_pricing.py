@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from costwatch.pricing import PRICES_FILE_ENV, PriceFileError, PriceTable, load_prices
+from costwatch.pricing import PRICES_FILE_ENV, UNPRICED_WARNINGS, PriceFileError, PriceTable, load_prices
 from costwatch.records import Cost, Usage
 
 
@@ -235,6 +235,20 @@ def test_unknown_model_is_unpriced_and_warned_about_once_per_model(
     assert len(messages) == 2
     assert "claude-imaginary-9" in messages[0] and PRICES_FILE_ENV in messages[0]
     assert "claude-other-1" in messages[1]
+
+
+def test_ten_thousand_unknown_models_log_a_few_lines_and_are_counted(
+    table: PriceTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="costwatch")
+    for n in range(10_000):
+        assert table.cost(f"claude-imaginary-{n}", Usage(input_tokens=10)) is None
+        assert table.cost(f"claude-imaginary-{n}", Usage(input_tokens=10)) is None
+    messages = [r.getMessage() for r in caplog.records if r.name == "costwatch"]
+    assert len(messages) == UNPRICED_WARNINGS + 1
+    assert f"{UNPRICED_WARNINGS + 1} models have no price so far" in messages[-1]
+    assert "only counted in PriceTable.unpriced_seen" in messages[-1]
+    assert table.unpriced_seen == 10_000
 
 
 def test_model_without_public_price_is_unpriced_with_its_reason_logged(

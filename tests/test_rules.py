@@ -27,6 +27,7 @@ REQUIRED_ALERTS = {
     "CostwatchStreamDropRateHigh",
     "CostwatchStoreSpooling",
     "CostwatchStoreWriteErrors",
+    "CostwatchStoreRejectedRecords",
     "CostwatchExporterDown",
     "CostwatchUnpricedAttempts",
 }

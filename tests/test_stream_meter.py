@@ -108,6 +108,33 @@ def test_chunk_boundaries_anywhere_give_the_same_result(size):
     assert meter.chars["text"] == len("Hello, world\n")
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 7, 64])
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_chunk_boundaries_anywhere_give_every_event_exactly_once(size, newline):
+    whole = b"".join(full_stream()).replace(b"\n", newline)
+    meter = BodyMeter(stream=True)
+    for i in range(0, len(whole), size):
+        meter.feed(whole[i : i + size])
+    assert meter.complete and meter.events == 14 and meter.usage.output_tokens == 42
+    assert meter.chars == {
+        "thinking": len("Let me think."),
+        "text": len("Hello, world\n"),
+        "tool_input": len('{"cmd": "ls -la"}'),
+    }
+
+
+def test_one_event_of_megabytes_in_many_chunks_is_measured_whole():
+    text = "x" * (3 << 20)
+    chunks = full_stream()
+    chunks.insert(5, delta(1, "text_delta", "text", text))
+    whole = b"".join(chunks)
+    meter = BodyMeter(stream=True)
+    for i in range(0, len(whole), 65536):
+        meter.feed(whole[i : i + 65536])
+    assert meter.complete and meter.events == 15
+    assert meter.chars["text"] == len("Hello, world\n") + len(text)
+
+
 def test_crlf_line_endings_are_understood():
     meter = BodyMeter(stream=True)
     for chunk in full_stream():

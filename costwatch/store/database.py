@@ -9,11 +9,14 @@ the write lock before it reads what it is about to change. PostgreSQL goes throu
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import StaticPool
+
+from ..settings import SettingsError
 
 __all__ = [
     "DATABASE_URL_ENV",
@@ -22,6 +25,8 @@ __all__ = [
     "READ_ONLY_OPTION",
     "SQLITE_BUSY_TIMEOUT_S",
     "SQLITE_WAL_CHECKPOINT_PAGES",
+    "SUPPORTED_BACKENDS",
+    "checked_database_url",
     "create_store_engine",
     "database_url",
     "safe_url",
@@ -57,6 +62,48 @@ def database_url(url: str | URL | None = None) -> URL:
     parsed = make_url(raw) if isinstance(raw, str) else raw
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+"""The databases the store can live in."""
+
+_URL_EXAMPLES = "use e.g. sqlite:///costwatch.db or postgresql://user@host:5432/db"
+
+
+def checked_database_url(
+    url: str | URL | None = None, *, name: str | None = None, directory_must_exist: bool = True
+) -> URL:
+    """:func:`database_url`, refused at once if the store could never use it.
+
+    Raises :class:`~costwatch.settings.SettingsError` in one line (never echoing a password) for
+    text that is not a URL or has a non-numeric port, a backend other than SQLite or PostgreSQL, and
+    a SQLite file whose directory does not exist (unless ``directory_must_exist`` is false: a store
+    built for later, whose directory may yet appear), rather than at the first write. ``name`` is what
+    the message calls the URL (default: ``database_url``, or its variable when it came from there).
+    """
+    from_environment = url is None or url == os.environ.get(DATABASE_URL_ENV)
+    where = name or (f"{DATABASE_URL_ENV} (database_url)" if from_environment else "database_url")
+    try:
+        parsed = database_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        # The text may hold a password in a shape make_url cannot parse, so it is not echoed.
+        raise SettingsError(
+            f"{where} is not a database URL (or its port is not a number); {_URL_EXAMPLES}"
+        ) from None
+    backend = parsed.get_backend_name()
+    shown = safe_url(parsed)
+    if backend not in SUPPORTED_BACKENDS:
+        raise SettingsError(
+            f"{where}={shown} is a {backend} database; costwatch stores in SQLite or PostgreSQL: "
+            f"{_URL_EXAMPLES}"
+        )
+    if directory_must_exist and backend == "sqlite" and not _is_memory_sqlite(parsed):
+        folder = Path(str(parsed.database)).absolute().parent
+        if not folder.is_dir():
+            raise SettingsError(
+                f"{where}={shown}: the directory {folder} does not exist; create it or choose another path"
+            )
     return parsed
 
 

@@ -20,6 +20,7 @@ from .schema import ALL_TIME_DIMENSIONS, ALL_TIME_ROLLUPS, ROLLUP_DIMENSIONS, RO
 __all__ = [
     "RollupTotals",
     "all_time_with_recent_query",
+    "capped_all_time_with_recent_query",
     "read_rollup_totals",
     "rollup_totals_query",
     "settled_before",
@@ -182,3 +183,69 @@ def all_time_with_recent_query(
         *(sa.cast(sa.func.sum(ROLLUPS.c[name]), ROLLUPS.c[name].type).label(name) for name in measures),
     ).where(ROLLUPS.c.hour >= boundary, *_where_in(ROLLUPS, recent_where))
     return sa.union_all(all_time, recent.group_by(*dimensions))
+
+
+def capped_all_time_with_recent_query(
+    boundary: datetime,
+    *,
+    caps: Mapping[str, int],
+    other: str,
+    measures: Sequence[str] = ROLLUP_MEASURES,
+    recent_where: Mapping[str, str | Sequence[str]] | None = None,
+) -> sa.CompoundSelect:
+    """:func:`all_time_with_recent_query` with label cardinality capped in the database.
+
+    For each dimension in ``caps``, the values kept are the first ``caps[dimension]`` to appear (by
+    the earliest hour of their all-time rows, then by value; ``""`` is always kept and not counted),
+    and every other value reads ``other``; rows are grouped (and summed) by the capped values, so
+    the result has at most a few rows per combination of kept values, however many distinct values
+    the store holds. First appearance, not size, picks them: a kept value stays kept as traffic
+    shifts, so no counter moves between a named series and ``other`` and goes down. One
+    statement, so one snapshot.
+    """
+    unknown = [name for name in [*caps, *(recent_where or {})] if name not in ALL_TIME_DIMENSIONS]
+    unknown += [name for name in measures if name not in ROLLUP_MEASURES]
+    if unknown:
+        raise ValueError(f"cannot cap, filter recent rollups by or sum {unknown}")
+
+    def kept(name: str) -> sa.Select[Any]:
+        column = ALL_TIME_ROLLUPS.c[name]
+        return (
+            sa.select(column)
+            .where(column != "")
+            .group_by(column)
+            .order_by(sa.func.min(ALL_TIME_ROLLUPS.c.first_hour), column)
+            .limit(caps[name])
+        )
+
+    kept_values = {name: kept(name) for name in caps}
+
+    def labels(table: sa.Table) -> list[sa.ColumnElement[Any]]:
+        out: list[sa.ColumnElement[Any]] = []
+        for name in ALL_TIME_DIMENSIONS:
+            column = table.c[name]
+            if name in caps:
+                keep = sa.or_(column == "", column.in_(kept_values[name]))
+                out.append(sa.case((keep, column), else_=sa.literal(other)).label(name))
+            else:
+                out.append(column.label(name))
+        return out
+
+    def grouped(table: sa.Table, first: sa.ColumnElement[Any], recent: bool, *where: Any) -> sa.Select[Any]:
+        # Capped in a subquery, grouped outside it: the capped values are plain columns there.
+        inner = sa.select(*labels(table), first.label("first_hour"), *(table.c[m] for m in measures))
+        capped = inner.where(*where).subquery()
+        dimensions = [capped.c[name] for name in ALL_TIME_DIMENSIONS]
+        return sa.select(
+            *dimensions,
+            sa.literal(recent).label("recent"),
+            sa.func.min(capped.c.first_hour).label("first_hour"),
+            # Cast back to the column's type: PostgreSQL sums bigints as numeric.
+            *(sa.cast(sa.func.sum(capped.c[m]), table.c[m].type).label(m) for m in measures),
+        ).group_by(*dimensions)
+
+    all_time = grouped(ALL_TIME_ROLLUPS, ALL_TIME_ROLLUPS.c.first_hour, False)
+    recent = grouped(
+        ROLLUPS, ROLLUPS.c.hour, True, ROLLUPS.c.hour >= boundary, *_where_in(ROLLUPS, recent_where)
+    )
+    return sa.union_all(all_time, recent)

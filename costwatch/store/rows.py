@@ -162,6 +162,7 @@ ATTEMPT_COLUMNS = (
     "server_tool_cost_usd",
     "inference_geo",
     "platform",
+    "tokens_clamped",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
@@ -213,6 +214,7 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         cost.server_tool_usd if cost is not None else None,
         record.inference_geo,
         record.platform,
+        usage.tokens_clamped,
     )
 
 
@@ -270,6 +272,7 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
             output_tokens=row["output_tokens"],
             output_estimated=bool(row["output_estimated"]),
             estimated_output_tokens=row["estimated_output_tokens"],
+            tokens_clamped=bool(row["tokens_clamped"]),
         ),
         server_tool_use=MappingProxyType(dict(row["server_tool_use"] or {})),
         stop_reason=row["stop_reason"],

@@ -21,6 +21,7 @@ __all__ = [
     "ATTEMPTS",
     "CALIBRATION_SAMPLES",
     "NAMING_CONVENTION",
+    "REJECTED_ATTEMPTS",
     "ROLLUPS",
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
@@ -30,6 +31,7 @@ __all__ = [
     "Base",
     "CalibrationSample",
     "HourlyRollup",
+    "RejectedAttempt",
     "UtcDateTime",
     "metadata",
     "utc_hour",
@@ -166,6 +168,8 @@ class Attempt(Base):
     inference_geo: Mapped[str | None] = mapped_column(sa.String())
     platform: Mapped[str] = mapped_column(sa.String(), server_default="anthropic")
     """Where the attempt went (migration 0007): anthropic, bedrock, vertex or foundry."""
+    # True when a token count beyond MAX_TOKENS_PER_ATTEMPT was clamped to it (migration 0008).
+    tokens_clamped: Mapped[bool] = mapped_column(sa.Boolean(), server_default=sa.false())
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
@@ -289,6 +293,26 @@ class AllTimeRollup(_RollupMeasures, Base):
 
 ALL_TIME_ROLLUPS = cast(sa.Table, AllTimeRollup.__table__)
 """The all-time rollups table, for Core statements."""
+
+
+class RejectedAttempt(Base):
+    """An attempt record the database refused, kept with the database's reason and never retried.
+
+    ``record`` is the record's JSON (ASCII-escaped, so text any backend stores); the key is its
+    ``attempt_id`` and ``revision``, so a refused record delivered twice is kept once.
+    """
+
+    __tablename__ = "costwatch_rejected_attempts"
+
+    attempt_id: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    revision: Mapped[int] = mapped_column(sa.Integer(), primary_key=True)
+    rejected_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    reason: Mapped[str] = mapped_column(sa.String())
+    record: Mapped[str] = mapped_column(sa.Text())
+
+
+REJECTED_ATTEMPTS = cast(sa.Table, RejectedAttempt.__table__)
+"""The dead-letter table of refused attempt records, for Core statements."""
 
 
 class CalibrationSample(Base):

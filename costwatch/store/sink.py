@@ -9,7 +9,7 @@ import os
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -18,14 +18,16 @@ from sqlalchemy.engine import URL, Engine
 
 from ..records import AttemptRecord, new_id
 from ..settings import default_of, load_settings
-from .database import READ_ONLY_OPTION, create_store_engine, database_url, safe_url
+from ..validation import clean_text
+from .database import READ_ONLY_OPTION, checked_database_url, create_store_engine, database_url, safe_url
 from .migrate import ensure_migrated
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
+from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
 from .rows import record_from_row
-from .schema import ATTEMPTS, CALIBRATION_SAMPLES
+from .schema import ATTEMPTS, CALIBRATION_SAMPLES, REJECTED_ATTEMPTS
 from .write import BatchResult, insert_calibration_samples, write_batch
 
-__all__ = ["DEFAULT_RETRY_WINDOW", "CalibrationRow", "SqlStore", "store_name"]
+__all__ = ["DEFAULT_RETRY_WINDOW", "PRUNE_BATCH", "CalibrationRow", "SqlStore", "store_name"]
 
 
 class CalibrationRow(NamedTuple):
@@ -48,6 +50,9 @@ log = logging.getLogger("costwatch")
 
 DEFAULT_RETRY_WINDOW = timedelta(seconds=default_of("retry_window_s"))
 """The default of ``COSTWATCH_RETRY_WINDOW``: how soon after a failed attempt ended its retry must start."""
+
+PRUNE_BATCH = 10_000
+"""Attempt rows a prune deletes per transaction."""
 
 _live_stores: weakref.WeakSet[SqlStore] = weakref.WeakSet()
 
@@ -82,7 +87,9 @@ class SqlStore:
         auto_migrate: bool = True,
         retry_window: timedelta | None = None,
     ) -> None:
-        self.url = database_url(url)
+        # Another backend or a bad port can never work; a missing SQLite directory is instrument()'s
+        # and the CLI's to refuse (the store itself may be built before its directory exists).
+        self.url = checked_database_url(url, directory_must_exist=False)
         self.name = store_name(self.url)
         self.auto_migrate = auto_migrate
         self.retry_window = (
@@ -91,6 +98,9 @@ class SqlStore:
         self._engine: Engine | None = None
         self._migrated = False
         self._lock = threading.Lock()
+        self.rejected_records = 0
+        """Records this store refused to hold (kept in ``costwatch_rejected_attempts``), this process."""
+        self._rejection_logged = False
         _live_stores.add(self)
 
     def __repr__(self) -> str:
@@ -113,9 +123,23 @@ class SqlStore:
         self.write(records)
 
     def write(self, records: Sequence[AttemptRecord]) -> BatchResult:
-        """Like :meth:`export`, returning what the batch changed."""
+        """Like :meth:`export`, returning what the batch changed.
+
+        A record the database refuses (see :func:`~costwatch.store.rejected.is_refusal`) does not
+        fail the batch: the batch is bisected until the refused records stand alone, the others are
+        written, and each refused one is kept in ``costwatch_rejected_attempts`` with the
+        database's reason and counted in :attr:`rejected_records`. An outage still raises.
+        """
         if not records:
             return BatchResult()
+        try:
+            return self._write_once(records)
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            return self._write_isolating(records, exc)
+
+    def _write_once(self, records: Sequence[AttemptRecord]) -> BatchResult:
         with self.engine.begin() as connection:
             result = write_batch(connection, records, retry_window=self.retry_window)
             insert_calibration_samples(connection, records, _writer_id)
@@ -144,6 +168,55 @@ class SqlStore:
             for row in reversed(rows)
         ]
 
+    def _write_isolating(self, records: Sequence[AttemptRecord], refusal: Exception) -> BatchResult:
+        """Write ``records``, one of which the database refused, by halves; keep the refused apart."""
+        if len(records) == 1:
+            self._reject(records[0], refusal)
+            return BatchResult()
+        middle = len(records) // 2
+        results = []
+        for half in (records[:middle], records[middle:]):
+            try:
+                results.append(self._write_once(half))
+            except Exception as exc:
+                if not is_refusal(exc):
+                    raise  # an outage in the middle: the caller spools the batch; writes are idempotent
+                results.append(self._write_isolating(half, exc))
+        return BatchResult(
+            inserted=sum(r.inserted for r in results),
+            revised=sum(r.revised for r in results),
+            reclassified=sum(r.reclassified for r in results),
+        )
+
+    def _reject(self, record: AttemptRecord, refusal: Exception) -> None:
+        reason = refusal_reason(refusal)
+        with self.engine.begin() as connection:
+            insert_rejected(connection, [rejected_row(record, reason, datetime.now(timezone.utc))])
+        with self._lock:
+            self.rejected_records += 1
+            first = not self._rejection_logged
+            self._rejection_logged = True
+        if first:
+            log.error(
+                "costwatch: the database refused attempt record %s (%s); it is kept in "
+                "costwatch_rejected_attempts and never retried; the rest of its batch was written "
+                "(further refusals are only counted, see `costwatch report`)",
+                clean_text(record.attempt_id)[:64],
+                reason,
+            )
+
+    def rejected(self, limit: int = 20) -> tuple[int, list[RejectedRecord]]:
+        """How many records the database refused (all processes), and the latest ``limit`` of them."""
+        table = REJECTED_ATTEMPTS
+        with self._read() as connection:
+            total = int(connection.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+            rows = connection.execute(
+                sa.select(table.c.attempt_id, table.c.revision, table.c.rejected_at, table.c.reason)
+                .order_by(table.c.rejected_at.desc(), table.c.attempt_id)
+                .limit(limit)
+            ).mappings()
+            return total, [RejectedRecord(**row) for row in rows]
+
     def shutdown(self) -> None:
         """Close the database connections."""
         with self._lock:
@@ -152,11 +225,24 @@ class SqlStore:
                 self._engine = None
 
     # -- retention ---------------------------------------------------------------------------
-    def prune_before(self, moment: datetime) -> int:
-        """Delete raw attempt rows that started before ``moment``; rollups are kept. Returns the count."""
-        with self.engine.begin() as connection:
-            result = connection.execute(sa.delete(ATTEMPTS).where(ATTEMPTS.c.started_at < moment))
-            return int(result.rowcount or 0)
+    def prune_before(self, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
+        """Delete raw attempt rows that started before ``moment``; rollups are kept. Returns the count.
+
+        In transactions of at most ``batch`` rows, so writers beside it wait for one short
+        transaction at a time (on SQLite, the write lock), never for the whole prune. Idempotent:
+        a second call deletes nothing.
+        """
+        old = sa.select(ATTEMPTS.c.attempt_id).where(ATTEMPTS.c.started_at < moment).limit(batch)
+        deleted = 0
+        while True:
+            with self.engine.begin() as connection:
+                result = connection.execute(
+                    sa.delete(ATTEMPTS).where(ATTEMPTS.c.attempt_id.in_(old.scalar_subquery()))
+                )
+                count = int(result.rowcount or 0)
+            deleted += count
+            if count < batch:
+                return deleted
 
     # -- the read side -----------------------------------------------------------------------
     def rollup_totals(

@@ -5,8 +5,8 @@ Every process loads the fleet's calibration of the output estimator from this ta
 output of a dropped stream as well as a long-running one. Rows hold counts only, never text. A
 writer of an older costwatch does not know the table and simply adds no samples.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-03 06:30:00
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0009"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,177 @@
+"""8. `costwatch serve` under load: many distinct model/workflow pairs, many concurrent scrapers.
+
+A SQLite store is filled with the store benchmark's synthetic attempts (30 days, retries, failures),
+each given one of ``pairs`` model/workflow pairs (``sqrt(pairs)`` models x ``sqrt(pairs)``
+workflows), through the store's own write path in batches of 500. ``costwatch serve``'s server
+(``costwatch serve`` in a process of its own) then answers ``scrapers`` threads that each scrape
+``/metrics`` over HTTP once a second, ``scrapes`` times (50 scrapers: 50 scrapes a second, the load
+under which nearly every scrape timed out before). The row is the 99th percentile of a scrape's
+latency as a scraper sees it; ``detail`` has the median, the reads of the store they caused, and the
+time of one uncached read (a new exporter's first scrape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import MappingProxyType
+
+from measure import Measurement
+from store_scale import PIPELINE_BATCH, SCRAPE_TARGET_S, synthetic_attempts
+
+from costwatch.pricing import load_prices
+from costwatch.records import AttemptRecord
+from costwatch.store import SqlStore
+
+__all__ = ["measure_scrape_load"]
+
+
+def _fill(url: str, attempts: int, pairs: int) -> None:
+    side = max(1, math.isqrt(pairs))
+    now = datetime.now(timezone.utc)
+    start = now - timedelta(days=30)
+    chunks = max(1, attempts // _CHUNK)
+    store = SqlStore(url)
+    try:
+        # Made and written a slice of the 30 days at a time, in order: memory stays bounded at 1M.
+        for chunk in range(chunks):
+            records = synthetic_attempts(
+                attempts // chunks,
+                seed=18 + chunk,
+                start=start + (now - start) * chunk / chunks,
+                end=start + (now - start) * (chunk + 1) / chunks - timedelta(minutes=1),
+                prices=load_prices(),
+            )
+            for first in range(0, len(records), PIPELINE_BATCH):
+                store.write([_paired(record, side) for record in records[first : first + PIPELINE_BATCH]])
+    finally:
+        store.shutdown()
+
+
+_CHUNK = 100_000
+
+
+def _paired(record: AttemptRecord, side: int) -> AttemptRecord:
+    """The record with one of ``side`` x ``side`` model/workflow pairs, the same for its retries."""
+    pair = int(record.logical_request_id[-8:], 16) % (side * side)
+    return dataclasses.replace(
+        record,
+        model=f"claude-bench-{pair % side}",
+        tags=MappingProxyType({"workflow": f"wf-{pair // side}"}),
+    )
+
+
+_SERVE = "import sys; from costwatch.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_until_serving(url: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            _scrape(url)
+            return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("costwatch serve did not start") from None
+            time.sleep(0.1)
+
+
+def _scrape(url: str) -> float:
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=60) as response:
+        body = response.read()
+    if b"costwatch_up 1.0" not in body:
+        raise RuntimeError("the exporter could not read the store")
+    return time.perf_counter() - started
+
+
+def measure_scrape_load(attempts: int, *, pairs: int, scrapers: int, scrapes: int) -> list[Measurement]:
+    """p99 scrape latency of ``scrapers`` concurrent scrapers over a store of ``attempts``."""
+    from costwatch.exporter import FleetCollector
+
+    with tempfile.TemporaryDirectory() as scratch:
+        url = f"sqlite:///{Path(scratch) / 'scrape.db'}"
+        fill_started = time.perf_counter()
+        _fill(url, attempts, pairs)
+        fill_s = time.perf_counter() - fill_started
+        cold = FleetCollector(url)
+        try:
+            started = time.perf_counter()
+            list(cold.collect())
+            read_s = time.perf_counter() - started
+        finally:
+            cold.close()
+        port = _free_port()
+        # `costwatch serve` in a process of its own, as it runs: the scrapers' threads here do not
+        # compete with it for the GIL.
+        server = subprocess.Popen(
+            [sys.executable, "-c", _SERVE, "serve", "--db", url, "--port", str(port)],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            metrics_url = f"http://127.0.0.1:{port}/metrics"
+            _wait_until_serving(metrics_url, server)  # and the first answer rendered: a running exporter
+            latencies: list[float] = []
+            lock = threading.Lock()
+
+            def scraper(phase: float) -> None:
+                # One scrape a second each, so ``scrapers`` scrapes per second in all, spread out.
+                mine = []
+                next_at = time.monotonic() + phase
+                for _ in range(scrapes):
+                    time.sleep(max(0.0, next_at - time.monotonic()))
+                    mine.append(_scrape(metrics_url))
+                    next_at += 1.0
+                with lock:
+                    latencies.extend(mine)
+
+            threads = [threading.Thread(target=scraper, args=(n / scrapers,)) for n in range(scrapers)]
+            wall = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            wall = time.perf_counter() - wall
+        finally:
+            server.terminate()
+            server.wait(30)
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]
+    return [
+        Measurement(
+            benchmark="scrape load",
+            case=f"{attempts:,} attempts, {pairs:,} model/workflow pairs, {scrapers} scrapers at 1/s each",
+            metric="scrape latency p99",
+            value=p99 * 1e3,
+            unit="ms",
+            target=f"< {SCRAPE_TARGET_S * 1e3:g} ms",
+            met=p99 < SCRAPE_TARGET_S,
+            detail={
+                "p50_ms": statistics.median(latencies) * 1e3,
+                "max_ms": latencies[-1] * 1e3,
+                "scrapes": len(latencies),
+                "scrapes_per_s": len(latencies) / wall,
+                "uncached_read_ms": read_s * 1e3,
+                "fill_s": fill_s,
+            },
+        )
+    ]
