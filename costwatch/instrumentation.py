@@ -120,7 +120,7 @@ class Accountant:
         explicit = context.current_logical_request()
         budget = waste_budget.current()
         if budget is not None:
-            refused = self._refused(budget, request, explicit, fingerprint, previous, in_context, model, size)
+            refused = self._refused(budget, explicit, fingerprint, previous, in_context, model, size)
             if refused is not None:
                 return refused
         assignment = tracker.begin(
@@ -174,7 +174,6 @@ class Accountant:
     def _refused(
         self,
         budget: waste_budget.WasteBudget,
-        request: Any,
         explicit: str | None,
         fingerprint: str | None,
         previous: str | None,
@@ -182,9 +181,11 @@ class Accountant:
         model: str,
         size: int,
     ) -> _Attempt | None:
-        """The account of a retry the waste budget refuses (it is never sent), or None to send it."""
-        if fingerprint is None and explicit is None and previous is None and request.content:
-            fingerprint = fingerprint_of(request.content)  # only with a budget: a resend joins by it
+        """The account of a retry the waste budget refuses (it is never sent), or None to send it.
+
+        A body left unhashed by ``begin`` is one the tracker has no failure of that size for, so it
+        cannot join a failed request by fingerprint: nothing is hashed here.
+        """
         joins = self.tracker.joins(
             explicit_id=explicit, fingerprint=fingerprint, previous_id=previous, context_id=in_context
         )

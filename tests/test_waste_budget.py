@@ -167,3 +167,22 @@ def test_stream_with_retries_raises_the_budgets_refusal_itself(accounted):
         with pytest.raises(costwatch.WasteBudgetExceeded, match="this retry was not sent"):
             costwatch.stream_with_retries(sync_client(server), initial_backoff_s=0.001, **REQUEST)
         assert len(server.ledger) == 1
+
+
+def test_a_large_body_resent_after_a_failure_is_recognised_as_a_retry_and_refused(accounted):
+    sink, _registry = accounted
+    costwatch.waste_budget(usd_per_hour=0.0)
+    large = {**REQUEST, "messages": [{"role": "user", "content": "fix it " * 4000}]}  # ~28 KB
+    with FakeAnthropicServer(ResponseSpec.small(200)) as server:
+        server.enqueue(Fault.cut_after_deltas(20))
+        client = sync_client(server)
+        with pytest.raises(HTTP_MODULE.RemoteProtocolError):
+            read_stream(client, **large)
+        assert costwatch.flush(10)
+        with pytest.raises(costwatch.WasteBudgetExceeded):
+            read_stream(client, **large)
+        assert len(server.ledger) == 1
+    assert costwatch.flush(10)
+    cut, refused = sink.records
+    assert refused.logical_request_id == cut.logical_request_id
+    assert refused.error_type == "WasteBudgetExceeded"
