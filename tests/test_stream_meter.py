@@ -116,10 +116,12 @@ def test_chunk_boundaries_anywhere_give_every_event_exactly_once(size, newline):
     for i in range(0, len(whole), size):
         meter.feed(whole[i : i + size])
     assert meter.complete and meter.events == 14 and meter.usage.output_tokens == 42
-    assert meter.chars == {
+    assert {key: meter.chars[key] for key in ("thinking", "text", "tool_input", "cjk", "symbol")} == {
         "thinking": len("Let me think."),
         "text": len("Hello, world\n"),
         "tool_input": len('{"cmd": "ls -la"}'),
+        "cjk": 0,
+        "symbol": 0,
     }
 
 
