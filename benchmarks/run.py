@@ -1,7 +1,8 @@
 """costwatch's benchmarks: one command, a markdown table on stdout and JSON in ``results/latest.json``.
 
     python benchmarks/run.py            # the full run (tens of minutes: 1M attempts per store)
-    python benchmarks/run.py --quick    # every benchmark, small sizes, about a minute (CI runs --tiny)
+    python benchmarks/run.py --quick    # every benchmark, small sizes, a few minutes (CI runs --tiny)
+    python benchmarks/run.py --only fresh --pairs 5   # fresh processes beside OpenLLMetry, Logfire
     /tmp/v0/bin/python benchmarks/run.py --quick   # the same on the other SDK line
 
 The SDK measured is the one installed in the interpreter that runs this. Benchmarks never fail
@@ -12,6 +13,7 @@ when a benchmark could not run at all. See ``benchmarks/README.md`` for what eac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,7 +27,7 @@ from measure import Measurement, environment, markdown_table
 __all__ = ["PRESETS", "Sizes", "main", "run_benchmarks"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-BENCHMARKS = ("streams", "attempt", "store", "memory", "huge_event", "sigkill", "scrape_load")
+BENCHMARKS = ("fresh", "streams", "attempt", "store", "memory", "huge_event", "sigkill", "scrape_load")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,12 @@ class Sizes:
     read_repeats: int
     memory_attempts: int
     memory_warm_up: int
+    fresh_pairs: int = 9
+    fresh_streams: int = 20
+    fresh_events: int = 2_000
+    fresh_creates: int = 100
+    fresh_peers: bool = True
+    """Whether the fresh-process rounds include the control and the other tools, or costwatch only."""
     huge_event_mb: tuple[int, ...] = (4, 16)
     huge_event_repeats: int = 3
     sigkill_runs: int = 5
@@ -79,6 +87,7 @@ PRESETS = {
         read_repeats=3,
         memory_attempts=3_000,
         memory_warm_up=1_000,
+        fresh_pairs=3,
         scrape_attempts=100_000,
         scrape_repeats=10,
     ),
@@ -95,6 +104,11 @@ PRESETS = {
         read_repeats=1,
         memory_attempts=20,
         memory_warm_up=10,
+        fresh_pairs=1,
+        fresh_streams=1,
+        fresh_events=50,
+        fresh_creates=2,
+        fresh_peers=False,
         huge_event_mb=(1, 2),
         huge_event_repeats=1,
         sigkill_runs=1,
@@ -108,7 +122,12 @@ PRESETS = {
 
 
 def run_benchmarks(
-    sizes: Sizes, *, only: Sequence[str] = BENCHMARKS, postgres_url: str | None, log: Callable[[str], None]
+    sizes: Sizes,
+    *,
+    only: Sequence[str] = BENCHMARKS,
+    postgres_url: str | None,
+    log: Callable[[str], None],
+    scrape_db: Path | None = None,
 ) -> list[Measurement]:
     """Run the chosen benchmarks at ``sizes`` and return every measurement."""
     rows: list[Measurement] = []
@@ -118,6 +137,20 @@ def run_benchmarks(
         rows.extend(new)
         log(markdown_table(new))
 
+    if "fresh" in only:
+        from fresh_process import measure_fresh_process
+
+        log(f"fresh processes, {sizes.fresh_pairs} rounds ...")
+        done(
+            measure_fresh_process(
+                pairs=sizes.fresh_pairs,
+                streams=sizes.fresh_streams,
+                events=sizes.fresh_events,
+                creates=sizes.fresh_creates,
+                peers=sizes.fresh_peers,
+                log=log,
+            )
+        )
     if "streams" in only:
         from stream_overhead import measure_stream_overhead
 
@@ -173,6 +206,7 @@ def run_benchmarks(
                 pairs=sizes.scrape_pairs,
                 scrapers=sizes.scrape_clients,
                 scrapes=sizes.scrape_repeats,
+                database=scrape_db,
             )
         )
     return rows
@@ -195,16 +229,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a PostgreSQL server to create a throwaway database on; '' to skip PostgreSQL",
     )
     parser.add_argument(
+        "--scrape-db",
+        type=Path,
+        help="a SQLite file for the scrape load's store: filled if missing, else reused as it is",
+    )
+    parser.add_argument(
         "--json", type=Path, default=RESULTS, help=f"where to write the results (default {RESULTS})"
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        help="rounds of fresh processes (each: the SDK alone and every variant once); 9 in a full run",
     )
     args = parser.parse_args(argv)
     mode_name = args.mode or "full"
+    sizes = PRESETS[mode_name]
+    if args.pairs is not None:
+        if args.pairs < 1:
+            parser.error(f"--pairs must be at least 1, got {args.pairs}")
+        sizes = dataclasses.replace(sizes, fresh_pairs=args.pairs)
     started = time.perf_counter()
     rows = run_benchmarks(
-        PRESETS[mode_name],
+        sizes,
         only=args.only or BENCHMARKS,
         postgres_url=args.postgres or None,
         log=lambda text: print(text, file=sys.stderr, flush=True),
+        scrape_db=args.scrape_db,
     )
     elapsed = time.perf_counter() - started
     print(markdown_table(rows))

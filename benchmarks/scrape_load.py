@@ -102,14 +102,24 @@ def _scrape(url: str) -> float:
     return time.perf_counter() - started
 
 
-def measure_scrape_load(attempts: int, *, pairs: int, scrapers: int, scrapes: int) -> list[Measurement]:
-    """p99 scrape latency of ``scrapers`` concurrent scrapers over a store of ``attempts``."""
+def measure_scrape_load(
+    attempts: int, *, pairs: int, scrapers: int, scrapes: int, database: Path | None = None
+) -> list[Measurement]:
+    """p99 scrape latency of ``scrapers`` concurrent scrapers over a store of ``attempts``.
+
+    ``database``: a SQLite file to keep the filled store in; when it exists it is used as it is
+    (filling 1M attempts takes minutes), so it must have been filled with the same sizes.
+    """
     from costwatch.exporter import FleetCollector
 
     with tempfile.TemporaryDirectory() as scratch:
-        url = f"sqlite:///{Path(scratch) / 'scrape.db'}"
+        path = database or Path(scratch) / "scrape.db"
+        url = f"sqlite:///{path}"
         fill_started = time.perf_counter()
-        _fill(url, attempts, pairs)
+        if not path.exists():
+            filling = path.with_name(path.name + ".filling")  # an interrupted fill is not reused
+            _fill(f"sqlite:///{filling}", attempts, pairs)
+            filling.rename(path)
         fill_s = time.perf_counter() - fill_started
         cold = FleetCollector(url)
         try:

@@ -30,6 +30,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
@@ -40,8 +41,8 @@ from .records import Outcome, TokenType, WasteReason
 from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
-from .store.query import capped_all_time_with_recent_query, settled_before
-from .store.schema import ALL_TIME_DIMENSIONS
+from .store.query import capped_all_time_with_recent_query, kept_labels_query, settled_before
+from .store.schema import ALL_TIME_DIMENSIONS, REJECTED_ATTEMPTS
 
 __all__ = [
     "PRUNE_EVERY_S",
@@ -246,6 +247,8 @@ def _samples(
 
 
 _DROPPED, _COMPLETED = Outcome.DROPPED.value, Outcome.COMPLETED.value
+# The in-process counter's name: the fleet alert on refused records sees the exporter's series too.
+_REJECTED = "costwatch_store_rejected_records"
 _RETRIED, _ABANDONED = WasteReason.RETRIED.value, WasteReason.ABANDONED.value
 _CANCELLED = WasteReason.CANCELLED.value
 
@@ -273,6 +276,10 @@ _COUNTERS: Mapping[str, tuple[str, Labels]] = {
     "costwatch_logical_requests": (
         "Logical requests by result: completed attempts, and abandoned attempts of settled hours.",
         ("model", "result"),
+    ),
+    _REJECTED: (
+        "Attempt records the database refused, in costwatch_rejected_attempts (whole store).",
+        (),
     ),
 }
 _GAUGES: Mapping[str, tuple[str, Labels]] = {
@@ -380,6 +387,7 @@ class FleetCollector(Collector):
         self._flight_lock = threading.Lock()
         self._flight: _Flight | None = None
         self._cached: tuple[float, list[Metric]] | None = None
+        self._kept: dict[str, tuple[str, ...]] = {}
         self.reads = 0
         """Reads of the store so far (each shared by every scrape that waited on it)."""
 
@@ -445,22 +453,35 @@ class FleetCollector(Collector):
         by how many distinct models and workflows the store holds.
         """
         boundary = settled_before(self._clock(), self.retry_window)
-        # Nothing is cached in the query: the rollups of settled hours still change (a late record
-        # replayed from a spool, a revision, a retry written by another process flipping an attempt).
-        # The all-time rollups follow every such change, and settled sums are all-time minus recent.
-        query = capped_all_time_with_recent_query(
-            boundary,
-            caps={"model": self.model_label_limit, "workflow": self.workflow_label_limit},
-            other=OTHER,
-            measures=_MEASURES,
-            recent_where={"waste_reason": _ABANDONED},
-        )
+        caps = {"model": self.model_label_limit, "workflow": self.workflow_label_limit}
         with self.store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
+            for name, cap in caps.items():
+                # Finding the kept labels costs a pass over the all-time rollups: once a dimension
+                # has its full set, later values only ever read `other`, so the set is read once.
+                if name not in self._kept:
+                    found = tuple(connection.execute(kept_labels_query(name, cap)).scalars())
+                    if len(found) == cap:
+                        self._kept[name] = found
+            # Nothing else is cached: the rollups of settled hours still change (a late record
+            # replayed from a spool, a revision, a retry written by another process flipping an
+            # attempt). The all-time rollups follow every such change; settled = all-time - recent.
+            # A set not yet full is found again inside the query, so one statement sees one snapshot.
+            query = capped_all_time_with_recent_query(
+                boundary,
+                caps=caps,
+                other=OTHER,
+                measures=_MEASURES,
+                recent_where={"waste_reason": _ABANDONED},
+                kept=self._kept,
+            )
             rows = connection.execute(query).all()
+            rejected = connection.execute(sa.select(sa.func.count()).select_from(REJECTED_ATTEMPTS)).scalar()
         totals, settled_abandoned, pending = _combine_all_time(rows)
-        return _samples(
+        samples = _samples(
             totals, settled_abandoned, model_of=_as_is, workflow_of=_as_is, pending_abandoned=pending
         )
+        samples.counters[_REJECTED] = {(): float(rejected or 0)}
+        return samples
 
 
 def _as_is(value: str) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import json
+import logging
 import os
 import queue
 import re
@@ -52,6 +53,8 @@ from .spool import SPOOL_DIR_ENV
 from .stream_meter import BodyMeter
 
 __all__ = ["Accountant", "flush", "instrument", "is_instrumented", "uninstrument"]
+
+log = logging.getLogger("costwatch")
 
 _HTTP_MODULES = ("httpx", "httpx2")
 _MESSAGES_PATH_SUFFIX = "/v1/messages"
@@ -939,14 +942,14 @@ def instrument(
     ``COSTWATCH_*`` variables. A ``spool_dir`` chosen there (keyword or variable) also moves the spool
     of a process-wide pipeline created earlier, say by ``costwatch.flush()``; once that pipeline's
     writer has started it cannot, and :class:`~costwatch.settings.SettingsError` says so. Returns True
-    if hooks were installed, False if costwatch was already instrumenting (a second call does nothing).
+    if hooks were installed, False if costwatch was already instrumenting: a second call installs
+    nothing, and only adds ``client`` to the accounted ones when the first call named clients too.
     """
     global _hooks
     with _state_lock:
         if _hooks is not None:
             if client is not None and _hooks.http_clients is not None:
                 _hooks.http_clients.add(_http_client_of(client))
-                return True
             return False
         config = load_settings(settings)
         # Everything that can fail on bad input happens before anything is attached or installed.
@@ -1025,7 +1028,14 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
         from .store.database import checked_database_url
 
         url = checked_database_url(config.database_url)  # refused now, not at the first write
-        sinks.append(SqlStore(url, retry_window=timedelta(seconds=config.retry_window_s)))
+        store = SqlStore(url, retry_window=timedelta(seconds=config.retry_window_s))
+        try:
+            store.prepare()
+        except Exception as exc:  # the database is down or refuses us: the writer retries and spools
+            log.info(
+                "costwatch: the store is not ready yet (%s); records spool until it is", type(exc).__name__
+            )
+        sinks.append(store)
     if config.metrics:
         sinks.append(_process_metrics_sink(config, pipeline))
     return sinks

@@ -292,7 +292,7 @@ class Pipeline:
                 self._wake.wait(self.interval_s)  # an error that repeats must not spin the CPU
             if self._stopping:
                 try:
-                    self._drain()
+                    self._drain(everything=True)
                 except Exception:
                     self._count_write_error()
                 return
@@ -304,12 +304,20 @@ class Pipeline:
         waits += [s.next_replay_at - now for s in list(self._states.values()) if s.failing]
         return max(0.0, min(waits))
 
-    def _drain(self) -> None:
-        while self._queue:
+    def _drain(self, *, everything: bool = False) -> None:
+        """Deliver what was queued when the writer woke, then only full batches (all, with ``everything``).
+
+        Records keep arriving while a batch is written: chasing them would write a batch of one or
+        two records per transaction for as long as the application keeps up its pace. They wait for
+        the next wake-up instead (``interval_s`` at most, or a full batch, or a flush).
+        """
+        woken_with = len(self._queue)
+        while self._queue and (everything or woken_with > 0 or len(self._queue) >= self.batch_size):
             batch: list[AttemptRecord] = []
             markers: list[_Flushed] = []
             while self._queue and len(batch) < self.batch_size:
                 item = self._queue.popleft()
+                woken_with -= 1
                 if isinstance(item, _Flushed):
                     markers.append(item)
                     break

@@ -8,6 +8,7 @@ merged over the built-in ones. A model without a known price is still recorded, 
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import json
 import logging
@@ -27,12 +28,12 @@ from .records import AttemptRecord, Cost, Usage
 __all__ = [
     "ENTRY_DEFAULTS",
     "PRICES_FILE_ENV",
-    "UNPRICED_WARNINGS",
     "LongContextPrice",
     "ModelPrice",
     "PriceFileError",
     "PriceTable",
     "ServerToolPrice",
+    "UnpricedModels",
     "load_prices",
 ]
 
@@ -181,7 +182,7 @@ class PriceTable:
         inference_geo: str | None = None,
         server_tool_use: Mapping[str, int] | None = None,
     ) -> Cost | None:
-        """The price of an attempt on ``model``; ``None`` (and one warning per model) if it has none.
+        """The price of an attempt on ``model``; ``None`` if it has none (see :class:`UnpricedModels`).
 
         ``inference_geo`` and ``server_tool_use`` are what the response's ``usage`` reported: where
         inference ran (priced by the model's multiplier) and the server tools used (priced per use).
@@ -216,41 +217,68 @@ class PriceTable:
         return len(self._warned)
 
     def _warn_unpriced(self, model: str) -> None:
-        # Called once per attempt: keep the lock short and log outside it. The first few models are
-        # named; then one line says the rest are only counted, however many distinct names arrive.
+        # Called once per attempt: keep the lock short; the process-wide log decides what is logged.
         with self._warned_lock:
             if model in self._warned or len(self._warned) >= _UNPRICED_REMEMBERED:
                 return
             self._warned.add(model)
-            seen = len(self._warned)
-        if seen > UNPRICED_WARNINGS:
-            if seen == UNPRICED_WARNINGS + 1:
-                log.warning(
-                    "costwatch: %d models have no price so far (the latest %r); further ones are not "
-                    "logged, only counted in PriceTable.unpriced_seen. Add them with %s.",
-                    seen,
-                    model[:100],
-                    PRICES_FILE_ENV,
-                )
+        _process_unpriced.note(model, self._unpriced.get(model), self.version)
+
+
+class UnpricedModels:
+    """The models without a price met in one process, however many price tables it builds.
+
+    The first is named in one WARNING that says later ones are only counted; at exit one more line
+    gives the count. So a process logs at most two lines about unpriced models, not one per model.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self._exit_hook = False
+
+    @property
+    def count(self) -> int:
+        """Distinct models without a price met so far (up to 100,000 are told apart)."""
+        return len(self._seen)
+
+    def note(self, model: str, reason: str | None, version: str) -> None:
+        """Count ``model``; log it if it is the first one of the process."""
+        with self._lock:
+            if model in self._seen or len(self._seen) >= _UNPRICED_REMEMBERED:
+                return
+            self._seen.add(model)
+            first = len(self._seen) == 1
+            if first and not self._exit_hook:
+                self._exit_hook = True
+                atexit.register(self.log_summary)
+        if not first:
             return
-        reason = self._unpriced.get(model)
-        if reason is not None:
+        why = (
+            f"it has no known price ({reason})"
+            if reason is not None
+            else (f"it is not in the price table (version {version}); add it with {PRICES_FILE_ENV}")
+        )
+        log.warning(
+            "costwatch: model %r is unpriced: %s. Its attempts keep their tokens but no cost; later "
+            "unpriced models are only counted (one line at exit gives the count).",
+            model[:100],
+            why,
+        )
+
+    def log_summary(self) -> None:
+        """Log the count of unpriced models once, if more than the one already named (run at exit)."""
+        count = self.count
+        if count > 1:
             log.warning(
-                "costwatch: model %r has no known price (%s); its attempts are unpriced", model, reason
-            )
-        else:
-            log.warning(
-                "costwatch: model %r is not in the price table (version %s); its attempts are unpriced. "
-                "Add it with %s.",
-                model,
-                self.version,
+                "costwatch: %d models without a price were met by this process (only the first was "
+                "named); `costwatch report` counts their attempts as unpriced. Add them with %s.",
+                count,
                 PRICES_FILE_ENV,
             )
 
 
-UNPRICED_WARNINGS = 5
-"""Models without a price that a price table names in a warning each; one more line covers the rest."""
-
+_process_unpriced = UnpricedModels()
 _UNPRICED_REMEMBERED = 100_000
 
 

@@ -19,7 +19,16 @@ from datetime import datetime
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TracerProvider
+from opentelemetry.trace import (
+    Link,
+    ProxyTracerProvider,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TracerProvider,
+)
 
 from . import semconv
 from ._version import __version__
@@ -126,11 +135,18 @@ class SpanListener:
         self.max_requests = max_requests
         self.max_links = max_links
         self._tracer = trace.get_tracer(INSTRUMENTATION_SCOPE, __version__, tracer_provider=tracer_provider)
+        self._global = tracer_provider is None
         self._lock = threading.Lock()
         self._earlier: OrderedDict[str, tuple[SpanContext, ...]] = OrderedDict()
 
     def attempt_started(self, attempt: AttemptStart) -> object:
-        """Start the attempt's span as a child of the current span, linked to earlier attempts' spans."""
+        """Start the attempt's span as a child of the current span, linked to earlier attempts' spans.
+
+        Nothing, while the application has set no global tracer provider: every span would be a
+        no-op one. The first attempt after it sets one gets its span.
+        """
+        if self._global and isinstance(trace.get_tracer_provider(), ProxyTracerProvider):
+            return None
         start_ns = _ns(attempt.started_at)
         with self._lock:
             earlier = self._earlier.get(attempt.logical_request_id, ())

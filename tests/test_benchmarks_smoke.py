@@ -38,6 +38,7 @@ def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(tmp_path: P
     measurements = document["measurements"]
     assert len(measurements) == len(rows)
     assert {m["benchmark"] for m in measurements} == {
+        "fresh process",
         "stream overhead",
         "attempt cost",
         "store writes",

@@ -69,13 +69,13 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
-def _run_until_streaming(tmp_path: Path, base_url: str, mode: str) -> tuple[int, str, str]:
+def _run_until_streaming(url: str, tmp_path: Path, base_url: str, mode: str) -> tuple[int, str, str]:
     child = subprocess.Popen(
         [
             sys.executable,
             "-c",
             IN_FLIGHT_CHILD,
-            f"sqlite:///{tmp_path / 'exit.db'}",
+            url,
             str(tmp_path / "spool"),
             base_url,
             mode,
@@ -100,15 +100,15 @@ def _run_until_streaming(tmp_path: Path, base_url: str, mode: str) -> tuple[int,
 
 @pytest.mark.timeout(120)
 def test_attempts_in_flight_at_sigterm_are_stored_as_interrupted_with_what_they_billed(
-    tmp_path: Path,
+    store_url: str, tmp_path: Path
 ) -> None:
     spec = ResponseSpec.small(3000, event_interval_s=0.01)  # ~30 s a stream: all four are in flight
     with FakeAnthropicServer(spec) as server:
-        code, _, err = _run_until_streaming(tmp_path, server.base_url, "-")
+        code, _, err = _run_until_streaming(store_url, tmp_path, server.base_url, "-")
         assert _eventually(lambda: len(server.ledger.entries) == STREAMS)  # as the cut sockets close
         billed_input = {entry.request_id: entry.input_tokens for entry in server.ledger.entries}
     assert code == -signal.SIGTERM, err
-    store = SqlStore(f"sqlite:///{tmp_path / 'exit.db'}")
+    store = SqlStore(store_url)
     try:
         with store.engine.connect() as connection:
             ids = [row[0] for row in connection.exec_driver_sql("SELECT attempt_id FROM costwatch_attempts")]
@@ -125,12 +125,14 @@ def test_attempts_in_flight_at_sigterm_are_stored_as_interrupted_with_what_they_
 
 
 @pytest.mark.timeout(120)
-def test_a_sigterm_the_application_handles_leaves_its_streams_to_finish(tmp_path: Path) -> None:
+def test_a_sigterm_the_application_handles_leaves_its_streams_to_finish(
+    store_url: str, tmp_path: Path
+) -> None:
     spec = ResponseSpec.small(300, event_interval_s=0.01)
     with FakeAnthropicServer(spec) as server:
-        code, out, err = _run_until_streaming(tmp_path, server.base_url, "handled")
+        code, out, err = _run_until_streaming(store_url, tmp_path, server.base_url, "handled")
     assert code == 0 and "handled" in out, err
-    store = SqlStore(f"sqlite:///{tmp_path / 'exit.db'}")
+    store = SqlStore(store_url)
     try:
         [totals] = store.rollup_totals(group_by=["outcome"])
     finally:
@@ -139,9 +141,9 @@ def test_a_sigterm_the_application_handles_leaves_its_streams_to_finish(tmp_path
 
 
 def test_a_spool_left_by_a_killed_process_is_replayed_at_instrument_without_any_request(
-    tmp_path: Path,
+    store_url: str, tmp_path: Path
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+    url = store_url
     left = Spool(tmp_path / "spool")
     left.append(SqlStore(url).name, [completed_attempt(n) for n in range(5)])
     left.close()  # what a killed process leaves: a segment nobody holds
@@ -169,9 +171,9 @@ def _eventually(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-un
 
 
 def test_costwatch_db_replay_writes_a_spool_left_behind_and_says_how_many(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+    url = store_url
     store = SqlStore(url)
     store.attempt_count()  # an existing, migrated store
     left = Spool(tmp_path / "spool")

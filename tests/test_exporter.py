@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import socket
 import threading
@@ -189,6 +190,25 @@ def test_labels_are_capped_in_first_seen_order(store, store_url):
     _, registry = exporter(store_url, model_label_limit=2)
     assert value(registry, "costwatch_billed_tokens_total", model="model-1", token_type="input") == 1000
     assert value(registry, "costwatch_billed_tokens_total", model=OTHER, token_type="input") == 2000
+
+
+def test_a_full_set_of_kept_labels_stays_when_a_late_record_brings_an_earlier_model(store, store_url):
+    store.write([record(f"m{i}", OLD + timedelta(hours=i), model=f"model-{i}") for i in range(3)])
+    collector, registry = exporter(store_url, model_label_limit=2)
+    assert value(registry, "costwatch_billed_tokens_total", model="model-1", token_type="input") == 1000
+    # A record replayed late from a spool, for an hour before every kept model's first one: the
+    # kept set is full, so it is not read again; the newcomer is `other` and no named series moves.
+    store.write([record("late", OLD - timedelta(hours=3), model="model-early")])
+    for _ in range(2):
+        assert value(registry, "costwatch_billed_tokens_total", model="model-1", token_type="input") == 1000
+        assert value(registry, "costwatch_billed_tokens_total", model=OTHER, token_type="input") == 2000
+        assert (
+            registry.get_sample_value(
+                "costwatch_billed_tokens_total", {"model": "model-early", "token_type": "input"}
+            )
+            is None
+        )
+    assert collector.reads >= 3
 
 
 def test_a_broken_database_gives_up_0_and_keeps_the_last_good_values(store, store_url, tmp_path):
@@ -467,3 +487,18 @@ def _eventually(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-un
             return False
         time.sleep(0.01)
     return True
+
+
+def test_exporter_counts_the_records_every_process_had_refused(store, store_url):
+    _, registry = exporter(store_url)
+    assert value(registry, "costwatch_store_rejected_records_total") == 0
+    other_process = SqlStore(store_url, retry_window=WINDOW)
+    try:
+        for writer, prefix in ((store, "a"), (other_process, "b")):
+            refused = dataclasses.replace(record(f"{prefix}-huge", OLD), usage=Usage(input_tokens=10**20))
+            writer.write([record(f"{prefix}-ok", OLD), refused])
+    finally:
+        other_process.shutdown()
+    assert store.rejected_records == 1
+    assert value(registry, "costwatch_store_rejected_records_total") == 2
+    assert value(registry, "costwatch_attempts_total", model=MODEL, outcome="completed", error_type="") == 2

@@ -94,3 +94,28 @@ def test_a_failed_instrument_attaches_nothing_to_the_pipeline():
     with pytest.raises(TypeError, match=r"expects an anthropic\.Anthropic or AsyncAnthropic client"):
         costwatch.instrument(object(), pipeline=pipeline, metrics=False, listeners=[])
     assert pipeline.sinks == () and not costwatch.is_instrumented()
+
+
+def test_instrument_connects_and_migrates_the_store_before_it_returns(tmp_path):
+    from costwatch.store.migrate import current, head
+
+    url = f"sqlite:///{tmp_path / 'records.db'}"
+    pipeline = Pipeline()
+    assert costwatch.instrument(pipeline=pipeline, database_url=url, metrics=False, listeners=[])
+    try:
+        # Before any attempt: the first write must not pay for connecting and migrating beside the app.
+        assert current(url) == head()
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()
+
+
+def test_instrument_with_an_unreachable_store_installs_and_spools_instead_of_raising(tmp_path):
+    url = "postgresql://postgres@127.0.0.1:1/test"  # nothing listens on port 1: refused at once
+    pipeline = Pipeline()
+    assert costwatch.instrument(pipeline=pipeline, database_url=url, metrics=False, listeners=[])
+    try:
+        assert costwatch.is_instrumented()
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()

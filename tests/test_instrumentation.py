@@ -445,6 +445,24 @@ def test_instrumenting_one_client_leaves_other_clients_unaccounted():
     assert len(sink.records) == 1
 
 
+def test_instrumenting_a_second_client_adds_it_and_says_nothing_was_installed():
+    pipeline = Pipeline()
+    sink = costwatch.MemorySink()
+    with FakeAnthropicServer(ResponseSpec.small(5)) as server:
+        first, second, other = sync_client(server), sync_client(server), sync_client(server)
+        assert costwatch.instrument(first, pipeline=pipeline, sinks=[sink], listeners=[]) is True
+        try:
+            assert costwatch.instrument(second) is False
+            for client in (first, second, other):
+                create(client)
+            costwatch.flush(10)
+        finally:
+            costwatch.uninstrument()
+            pipeline.shutdown()
+        assert len(server.ledger.entries) == 3
+    assert len(sink.records) == 2
+
+
 def test_other_http_traffic_is_passed_through_untouched(accounting):
     with FakeAnthropicServer(ResponseSpec.small(5)) as server:
         response = HTTP_MODULE.post(

@@ -8,6 +8,7 @@ counters say what went wrong, and costwatch logs it once, not once per attempt.
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,7 +91,7 @@ def test_a_store_that_is_down_leaves_streams_working_and_spools_every_record(
     (tmp_path / "store").mkdir()  # a missing directory is refused at instrument(); this one goes later
     caplog.set_level(logging.DEBUG, logger="costwatch")
     costwatch.instrument(pipeline=fast_pipeline, database_url=url, metrics=False, listeners=[])
-    (tmp_path / "store").rmdir()
+    shutil.rmtree(tmp_path / "store")  # instrument() created and migrated the database in it
     (tmp_path / "store").write_text("")  # nothing can be created under a file, even by root
     try:
         with FakeAnthropicServer(ResponseSpec.small(40)) as server:

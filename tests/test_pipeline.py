@@ -87,6 +87,36 @@ def test_batches_go_out_on_the_interval_without_a_flush(spool: Spool) -> None:
     pipeline.shutdown()
 
 
+def test_records_arriving_while_a_batch_is_written_wait_for_the_next_batch_instead_of_one_write_each(
+    spool: Spool,
+) -> None:
+    class BatchSizes(MemorySink):
+        """Records the size of every batch; while writing the first, the application submits more."""
+
+        def __init__(self, pipeline: Pipeline) -> None:
+            super().__init__()
+            self.pipeline = pipeline
+            self.sizes: list[int] = []
+
+        def export(self, records: Sequence[AttemptRecord]) -> None:
+            if not self.sizes:
+                for n in range(100, 103):  # one at a time, as an application's requests end
+                    self.pipeline.submit(completed_attempt(n))
+            self.sizes.append(len(records))
+            super().export(records)
+
+    pipeline = Pipeline(batch_size=500, interval_s=30, spool=spool)
+    sink = BatchSizes(pipeline)
+    pipeline.add_sink(sink)
+    pipeline.submit(completed_attempt(1))
+    assert _wait_for(lambda: sink.sizes == [1])
+    time.sleep(0.3)  # a writer chasing arrivals would have written them by now, one batch each
+    assert sink.sizes == [1]
+    assert pipeline.flush(timeout=5)
+    assert sink.sizes == [1, 3]
+    pipeline.shutdown()
+
+
 def test_flush_waits_for_a_batch_the_writer_already_took(spool: Spool) -> None:
     class SlowSink(MemorySink):
         def export(self, records: Sequence[AttemptRecord]) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import subprocess
+import sys
 import typing
+from collections.abc import Iterator
 from datetime import date
 from importlib import resources
 from pathlib import Path
@@ -12,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from costwatch.pricing import PRICES_FILE_ENV, UNPRICED_WARNINGS, PriceFileError, PriceTable, load_prices
+from costwatch import pricing
+from costwatch.pricing import PRICES_FILE_ENV, PriceFileError, PriceTable, UnpricedModels, load_prices
 from costwatch.records import Cost, Usage
 
 
@@ -224,35 +229,66 @@ def test_an_empty_usage_costs_nothing(table: PriceTable) -> None:
     assert cost is not None and cost.total_usd == 0
 
 
-def test_unknown_model_is_unpriced_and_warned_about_once_per_model(
-    table: PriceTable, caplog: pytest.LogCaptureFixture
+@pytest.fixture
+def unpriced_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[UnpricedModels]:
+    """A fresh process-wide log of unpriced models, so each test starts as a new process would."""
+    fresh = UnpricedModels()
+    monkeypatch.setattr(pricing, "_process_unpriced", fresh)
+    yield fresh
+    atexit.unregister(fresh.log_summary)  # its exit line would only be pytest's noise
+
+
+def test_unknown_model_is_unpriced_and_only_the_first_is_named(
+    table: PriceTable, unpriced_log: UnpricedModels, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="costwatch")
     assert table.cost("claude-imaginary-9", Usage(input_tokens=10)) is None
     assert table.cost("claude-imaginary-9", Usage(input_tokens=10)) is None
     assert table.cost("claude-other-1", Usage(input_tokens=10)) is None
     messages = [r.getMessage() for r in caplog.records if r.name == "costwatch"]
-    assert len(messages) == 2
+    assert len(messages) == 1
     assert "claude-imaginary-9" in messages[0] and PRICES_FILE_ENV in messages[0]
-    assert "claude-other-1" in messages[1]
+    assert "only counted" in messages[0]
+    assert table.unpriced_seen == unpriced_log.count == 2
 
 
-def test_ten_thousand_unknown_models_log_a_few_lines_and_are_counted(
-    table: PriceTable, caplog: pytest.LogCaptureFixture
+def test_ten_thousand_unknown_models_over_many_tables_log_one_line_and_one_at_exit(
+    unpriced_log: UnpricedModels, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="costwatch")
+    tables = [load_prices() for _ in range(20)]
     for n in range(10_000):
-        assert table.cost(f"claude-imaginary-{n}", Usage(input_tokens=10)) is None
-        assert table.cost(f"claude-imaginary-{n}", Usage(input_tokens=10)) is None
+        for table in tables[n % 20], tables[(n + 1) % 20]:
+            assert table.cost(f"claude-imaginary-{n}", Usage(input_tokens=10)) is None
+    assert len([r for r in caplog.records if r.name == "costwatch"]) == 1
+    assert unpriced_log.count == 10_000
+    assert sum(table.unpriced_seen for table in tables) == 20_000
+    unpriced_log.log_summary()
     messages = [r.getMessage() for r in caplog.records if r.name == "costwatch"]
-    assert len(messages) == UNPRICED_WARNINGS + 1
-    assert f"{UNPRICED_WARNINGS + 1} models have no price so far" in messages[-1]
-    assert "only counted in PriceTable.unpriced_seen" in messages[-1]
-    assert table.unpriced_seen == 10_000
+    assert len(messages) == 2
+    assert "10000 models without a price were met by this process" in messages[-1]
+
+
+def test_a_process_that_met_unknown_models_logs_their_count_at_exit() -> None:
+    script = (
+        "import logging; logging.basicConfig(format='%(message)s')\n"
+        "from costwatch.pricing import load_prices\n"
+        "from costwatch.records import Usage\n"
+        "for t in range(3):\n"
+        "    table = load_prices()\n"
+        "    for n in range(500):\n"
+        "        table.cost(f'claude-imaginary-{n}', Usage(input_tokens=1))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("costwatch:")]
+    assert len(lines) == 2, done.stderr
+    assert "claude-imaginary-0" in lines[0]
+    assert lines[1].startswith("costwatch: 500 models without a price were met by this process")
 
 
 def test_model_without_public_price_is_unpriced_with_its_reason_logged(
-    table: PriceTable, caplog: pytest.LogCaptureFixture
+    table: PriceTable, unpriced_log: UnpricedModels, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="costwatch")
     model, reason = next(iter(table.unpriced.items()))

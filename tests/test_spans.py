@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
@@ -307,6 +311,38 @@ def test_attempt_spans_nest_under_the_current_span_and_match_the_ledger(provider
     assert dict(retry.attributes or {})["gen_ai.usage.output_tokens"] == entries[1].output_tokens
     for span in attempts:
         assert not any(SECRET in str(value) for value in (span.attributes or {}).values())
+
+
+def test_default_listener_makes_no_span_until_the_application_sets_a_tracer_provider() -> None:
+    # In a child process: a global tracer provider can be set once per process.
+    script = textwrap.dedent(
+        """
+        from datetime import datetime, timezone
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from costwatch.records import AttemptStart
+        from costwatch.spans import SpanListener
+
+        listener = SpanListener()
+        start = AttemptStart(
+            attempt_id="a", logical_request_id="r", attempt_number=1,
+            started_at=datetime.now(timezone.utc), model_requested="claude-opus-4-6",
+        )
+        assert listener.attempt_started(start) is None
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        assert listener.attempt_started(start) is not None
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.pop("OTEL_PYTHON_TRACER_PROVIDER", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_a_platform_attempt_span_names_the_platform_and_its_provider(provider, exporter):

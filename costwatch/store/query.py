@@ -21,6 +21,7 @@ __all__ = [
     "RollupTotals",
     "all_time_with_recent_query",
     "capped_all_time_with_recent_query",
+    "kept_labels_query",
     "read_rollup_totals",
     "rollup_totals_query",
     "settled_before",
@@ -185,6 +186,19 @@ def all_time_with_recent_query(
     return sa.union_all(all_time, recent.group_by(*dimensions))
 
 
+def kept_labels_query(dimension: str, cap: int) -> sa.Select[Any]:
+    """The values of ``dimension`` that keep their name under a cap of ``cap``: the first to appear
+    (by the earliest hour of their all-time rows, then by value), ``""`` left out."""
+    column = ALL_TIME_ROLLUPS.c[dimension]
+    return (
+        sa.select(column)
+        .where(column != "")
+        .group_by(column)
+        .order_by(sa.func.min(ALL_TIME_ROLLUPS.c.first_hour), column)
+        .limit(cap)
+    )
+
+
 def capped_all_time_with_recent_query(
     boundary: datetime,
     *,
@@ -192,6 +206,7 @@ def capped_all_time_with_recent_query(
     other: str,
     measures: Sequence[str] = ROLLUP_MEASURES,
     recent_where: Mapping[str, str | Sequence[str]] | None = None,
+    kept: Mapping[str, Sequence[str]] | None = None,
 ) -> sa.CompoundSelect:
     """:func:`all_time_with_recent_query` with label cardinality capped in the database.
 
@@ -202,23 +217,20 @@ def capped_all_time_with_recent_query(
     the store holds. First appearance, not size, picks them: a kept value stays kept as traffic
     shifts, so no counter moves between a named series and ``other`` and goes down. One
     statement, so one snapshot.
+
+    ``kept`` gives, for some dimensions, their kept values as :func:`kept_labels_query` found them
+    once they were ``caps[dimension]`` many (a full set never changes, so the query need not find
+    it again).
     """
     unknown = [name for name in [*caps, *(recent_where or {})] if name not in ALL_TIME_DIMENSIONS]
     unknown += [name for name in measures if name not in ROLLUP_MEASURES]
     if unknown:
         raise ValueError(f"cannot cap, filter recent rollups by or sum {unknown}")
 
-    def kept(name: str) -> sa.Select[Any]:
-        column = ALL_TIME_ROLLUPS.c[name]
-        return (
-            sa.select(column)
-            .where(column != "")
-            .group_by(column)
-            .order_by(sa.func.min(ALL_TIME_ROLLUPS.c.first_hour), column)
-            .limit(caps[name])
-        )
-
-    kept_values = {name: kept(name) for name in caps}
+    known = kept or {}
+    kept_values: dict[str, Any] = {
+        name: list(known[name]) if name in known else kept_labels_query(name, caps[name]) for name in caps
+    }
 
     def labels(table: sa.Table) -> list[sa.ColumnElement[Any]]:
         out: list[sa.ColumnElement[Any]] = []

@@ -187,40 +187,6 @@ class Attempt(Base):
     )
 
 
-ROLLUP_DIMENSIONS = ("hour", "model", "outcome", "error_type", "waste_reason", "workflow")
-"""The columns a rollup row is keyed by; absent values are stored as ``""`` so they can be keys."""
-
-ROLLUP_MEASURES = (
-    "attempts",
-    "dropped_attempts",
-    "logical_requests_started",
-    "billed_input_tokens",
-    "billed_output_tokens",
-    "billed_cache_read_tokens",
-    "billed_cache_write_tokens",
-    "wasted_input_tokens",
-    "wasted_output_tokens",
-    "wasted_cache_read_tokens",
-    "wasted_cache_write_tokens",
-    "billed_cost_usd",
-    "wasted_cost_usd",
-    "estimated_output_tokens",
-    "duration_s",
-    "unpriced_attempts",
-    "unpriced_tokens",
-    "wasted_input_cost_usd",
-    "wasted_cache_read_cost_usd",
-    "wasted_cache_write_cost_usd",
-    "wasted_output_cost_usd",
-    "wasted_server_tool_cost_usd",
-)
-"""The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them.
-
-``unpriced_*`` count attempts on models without a known price (and their billed tokens), which
-add nothing to the costs; ``wasted_*_cost_usd`` split ``wasted_cost_usd`` by the part of the bill
-(migration 0006)."""
-
-
 class _RollupMeasures:
     """The additive columns every rollup table has, after its own key columns."""
 
@@ -266,6 +232,18 @@ ATTEMPTS = cast(sa.Table, Attempt.__table__)
 
 ROLLUPS = cast(sa.Table, HourlyRollup.__table__)
 """The hourly rollups table, for Core statements."""
+
+ROLLUP_DIMENSIONS = tuple(column.name for column in ROLLUPS.primary_key.columns)
+"""The columns a rollup row is keyed by (``hour``, ``model``, ``outcome``, ``error_type``,
+``waste_reason``, ``workflow``); absent values are stored as ``""`` so they can be keys."""
+
+ROLLUP_MEASURES = tuple(column.name for column in ROLLUPS.columns if not column.primary_key)
+"""The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them
+(read from the table, so a new measure column is a new measure everywhere).
+
+``unpriced_*`` count attempts on models without a known price (and their billed tokens), which
+add nothing to the costs; ``wasted_*_cost_usd`` split ``wasted_cost_usd`` by the part of the bill
+(migration 0006)."""
 
 
 ALL_TIME_DIMENSIONS = ROLLUP_DIMENSIONS[1:]

@@ -117,6 +117,17 @@ class SqlStore:
                 self._migrated = True
             return self._engine
 
+    def prepare(self) -> None:
+        """Connect and migrate now rather than at the first write.
+
+        ``instrument()`` calls it so that this one-time work is done before the application's first
+        request rather than on the writer thread beside it. Raises what connecting or migrating
+        raised; the writer then tries again at each write, spooling meanwhile. No connection is
+        kept open: the first write connects to the database as it then is (a SQLite file moved or
+        removed meanwhile must fail that write and spool, not go to the file that was).
+        """
+        self.engine.dispose()  # the property creates the engine and migrates
+
     # -- the Sink side -----------------------------------------------------------------------
     def export(self, records: Sequence[AttemptRecord]) -> None:
         """Write one batch in one transaction; raises (and writes nothing) if the database fails."""

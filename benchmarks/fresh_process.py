@@ -1,0 +1,351 @@
+"""What a fresh process pays, with each tool's defaults: costwatch beside OpenLLMetry, Logfire, SDK tracing.
+
+Every timed run is a new Python process (this file run with ``--child``), as a user's application
+starts: it imports the SDK, installs one variant, then times its own loop of ``streams`` streams of
+``events`` SSE events each through the real SDK against the fake API in another process, then
+``creates`` non-streaming ``messages.create`` calls. Variants:
+
+* ``none`` and ``none (control)``: the SDK alone, twice, so the table shows what two identical
+  variants read when timed the same way (the noise floor of the machine);
+* ``costwatch``: ``costwatch.instrument()`` with its defaults (SQLite store in the working directory,
+  in-process Prometheus metrics, spans on the global tracer);
+* ``OpenLLMetry``: ``AnthropicInstrumentor().instrument()`` with an SDK tracer provider exporting to
+  memory;
+* ``Logfire``: ``logfire.configure(send_to_logfire=False, console=False)`` and
+  ``logfire.instrument_anthropic()``;
+* ``SDK tracing`` (anthropic 1.x/2.x only): the SDK's own spans, with the same tracer provider.
+
+Each round starts one process per variant in rotated order; a ratio is the median over rounds of
+(variant / ``none`` of the same round), so a slow phase of a shared machine hits both sides of a
+pair. The stream loop is timed on the wall clock and on ``time.process_time`` (every thread of the
+process: costwatch's writer included). A create's CPU is ``process_time`` over the calls and a
+final flush of what the variant still holds, minus ``none``'s, per call. The costwatch processes
+share one working directory whose database a first, untimed process created and migrated, as the
+runs of a deployed application do; a separate row gives that first ``instrument()`` (new database).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PEERS", "measure_fresh_process"]
+
+MODEL = "claude-opus-4-6"
+NONE = "none"
+CONTROL = "none (control)"
+COSTWATCH = "costwatch"
+PEERS = ("OpenLLMetry", "Logfire", "SDK tracing")
+RATIO_TARGET = 1.03
+INSTRUMENT_TARGET_MS = 150.0
+CREATE_TARGET_US = 100.0
+_CHILD_TIMEOUT_S = 600.0
+
+
+# -- the child: one fresh process, one variant ------------------------------------------------------
+def _sdk_has_tracing() -> bool:
+    import anthropic
+
+    return int(anthropic.__version__.split(".")[0]) >= 1
+
+
+def _memory_tracer_provider() -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    return provider
+
+
+def _prepare(variant: str) -> tuple[dict[str, Any], Callable[[], object]]:
+    """The application's import line for ``variant``; returns client options and a flush of what it holds."""
+    if variant in (NONE, CONTROL):
+        return {}, lambda: None
+    if variant == COSTWATCH:
+        import costwatch
+
+        return {}, lambda: costwatch.flush(60)
+    if variant == "OpenLLMetry":
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.anthropic import AnthropicInstrumentor  # noqa: F401
+
+        provider = _memory_tracer_provider()
+        trace.set_tracer_provider(provider)
+        return {}, provider.force_flush
+    if variant == "Logfire":
+        import logfire
+
+        return {}, lambda: logfire.force_flush()
+    if variant == "SDK tracing":
+        from opentelemetry import trace
+
+        provider = _memory_tracer_provider()
+        trace.set_tracer_provider(provider)
+        return {"open_telemetry": {"tracer_provider": provider}}, provider.force_flush
+    raise SystemExit(f"unknown variant {variant!r}")
+
+
+def _install(variant: str) -> None:
+    """The install call of ``variant`` (what a user adds to an application after the import)."""
+    if variant == COSTWATCH:
+        import costwatch
+
+        costwatch.instrument()
+    elif variant == "OpenLLMetry":
+        from opentelemetry.instrumentation.anthropic import AnthropicInstrumentor
+
+        AnthropicInstrumentor().instrument()
+    elif variant == "Logfire":
+        import logfire
+
+        logfire.configure(send_to_logfire=False, console=False, inspect_arguments=False)
+        logfire.instrument_anthropic()
+
+
+_MARK = "costwatch-benchmark-mark:"
+"""Written to stderr around the install call: the ``-X importtime`` lines between two marks are the
+imports the call made, whose time is taken out of the call's."""
+
+
+def _child(variant: str, url: str, streams: int, events: int, creates: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    import anthropic
+
+    sdk_import_s = time.perf_counter() - started
+    before = time.perf_counter()
+    options, flush = _prepare(variant)
+    import_s = time.perf_counter() - before
+    print(_MARK, file=sys.stderr, flush=True)
+    before = time.perf_counter()
+    _install(variant)
+    install_s = time.perf_counter() - before
+    print(_MARK, file=sys.stderr, flush=True)
+    client = anthropic.Anthropic(base_url=url, api_key="bench", max_retries=0, **options)
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": max(1, events - 7),  # fake_api_process: n deltas are n + 7 events
+        "messages": [{"role": "user", "content": "benchmark request: summarise the quarterly report"}],
+    }
+    # The application's loop, timed as the application would time it.
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(streams):
+        body["messages"][0]["content"] = f"benchmark request {i}: summarise the quarterly report"
+        for _event in client.messages.create(**body, stream=True):
+            pass
+    loop_wall_s, loop_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+    flush()
+    small = {**body, "max_tokens": 16}
+    cpu = time.process_time()
+    for i in range(creates):
+        small["messages"] = [{"role": "user", "content": f"short request {i}"}]
+        client.messages.create(**small)
+    flush()  # all-in: what the writer thread does for these calls is counted here
+    create_cpu_s = time.process_time() - cpu
+    return {
+        "sdk_import_s": sdk_import_s,
+        "import_s": import_s,
+        "install_s": install_s,
+        "loop_wall_s": loop_wall_s,
+        "loop_cpu_s": loop_cpu_s,
+        "create_cpu_s": create_cpu_s,
+    }
+
+
+def _imports_between_marks(stderr: str) -> float:
+    """Seconds of the top-level imports ``-X importtime`` reported between the two marks."""
+    inside, total_us = False, 0
+    for line in stderr.splitlines():
+        if line.startswith(_MARK):
+            if inside:
+                break
+            inside = True
+        elif inside and line.startswith("import time:"):
+            _, cumulative, name = line.split("|")
+            if name.startswith(" ") and not name.startswith("  "):  # top level: not nested in another
+                total_us += int(cumulative)
+    return total_us / 1e6
+
+
+# -- the parent: rounds of fresh processes -------------------------------------------------------------
+def _run_child(
+    variant: str, url: str, *, streams: int, events: int, creates: int, cwd: str, env: dict[str, str]
+) -> dict[str, Any]:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            str(Path(__file__).resolve()),
+            "--child",
+            variant,
+            url,
+            str(streams),
+            str(events),
+            str(creates),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=_CHILD_TIMEOUT_S,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"the {variant} process failed:\n{completed.stderr[-3000:]}")
+    result = dict(json.loads(completed.stdout.strip().splitlines()[-1]))
+    result["install_imports_s"] = _imports_between_marks(completed.stderr)
+    return result
+
+
+def available_variants(*, peers: bool = True) -> list[str]:
+    """The variants this interpreter can run: peers whose packages are not installed are left out."""
+    import importlib.util
+
+    if not peers:
+        return [NONE, COSTWATCH]
+    found = [NONE, CONTROL, COSTWATCH]
+    if importlib.util.find_spec("opentelemetry.instrumentation.anthropic") is not None:
+        found.append("OpenLLMetry")
+    if importlib.util.find_spec("logfire") is not None:
+        found.append("Logfire")
+    if _sdk_has_tracing():
+        found.append("SDK tracing")
+    return found
+
+
+def measure_fresh_process(
+    *,
+    pairs: int,
+    streams: int = 20,
+    events: int = 2_000,
+    creates: int = 100,
+    peers: bool = True,
+    log: Callable[[str], None],
+) -> list[Any]:
+    """Rows for every variant: loop wall and CPU ratios, install time, CPU per non-streaming create."""
+    from fake_api_process import fake_api_in_subprocess
+    from measure import Measurement
+
+    variants = available_variants(peers=peers)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.pop("COSTWATCH_DATABASE_URL", None)
+    with fake_api_in_subprocess() as url, tempfile.TemporaryDirectory(prefix="costwatch-fresh-") as home:
+        # Untimed but for its install call: the first process creates and migrates the database,
+        # which every timed costwatch process then finds, as the runs of a deployed application do.
+        app_dir = home
+        first = _run_child(COSTWATCH, url, streams=1, events=events, creates=1, cwd=app_dir, env=env)
+        for round_number in range(pairs):
+            shift = round_number % len(variants)
+            for name in variants[shift:] + variants[:shift]:
+                run = _run_child(
+                    name, url, streams=streams, events=events, creates=creates, cwd=app_dir, env=env
+                )
+                results[name].append(run)
+            log(f"  round {round_number + 1}/{pairs} done")
+    base = results[NONE]
+    rows: list[Measurement] = []
+    case_of = {
+        CONTROL: "the SDK alone again (control)",
+        COSTWATCH: "costwatch.instrument() defaults (SQLite store, metrics, spans)",
+        "OpenLLMetry": "OpenLLMetry AnthropicInstrumentor, spans to memory",
+        "Logfire": "Logfire instrument_anthropic, send_to_logfire=False",
+        "SDK tracing": "the SDK's own tracing, spans to memory",
+    }
+    for name in variants[1:]:
+        runs = results[name]
+        gated = name == COSTWATCH
+        case = f"fresh process, {streams} x {events:,}-event streams, {case_of[name]}"
+        for metric, key in (
+            ("loop wall vs SDK alone", "loop_wall_s"),
+            ("loop CPU vs SDK alone", "loop_cpu_s"),
+        ):
+            ratios = [r[key] / b[key] for r, b in zip(runs, base, strict=True)]
+            ratio = statistics.median(ratios)
+            rows.append(
+                Measurement(
+                    benchmark="fresh process",
+                    case=case,
+                    metric=metric,
+                    value=ratio,
+                    unit="ratio",
+                    target=f"<= {RATIO_TARGET}" if gated else "",
+                    met=(ratio <= RATIO_TARGET) if gated else None,
+                    detail={"pairs": len(runs), "ratios": [round(r, 4) for r in ratios]},
+                )
+            )
+        if name == CONTROL:
+            continue
+        install_ms = statistics.median(r["install_s"] - r["install_imports_s"] for r in runs) * 1000
+        rows.append(
+            Measurement(
+                benchmark="fresh process",
+                case=f"{case_of[name]}, install call",
+                metric="time beyond the imports it makes",
+                value=install_ms,
+                unit="ms",
+                target=f"<= {INSTRUMENT_TARGET_MS:.0f} ms" if gated else "",
+                met=(install_ms <= INSTRUMENT_TARGET_MS) if gated else None,
+                detail={
+                    "install_ms": statistics.median(r["install_s"] for r in runs) * 1000,
+                    "install_imports_ms": statistics.median(r["install_imports_s"] for r in runs) * 1000,
+                },
+            )
+        )
+        rows.append(
+            Measurement(
+                benchmark="fresh process",
+                case=f"{case_of[name]}, import line and the install call's imports",
+                metric="time",
+                value=statistics.median(r["import_s"] + r["install_imports_s"] for r in runs) * 1000,
+                unit="ms",
+            )
+        )
+        per_call_us = statistics.median(
+            (r["create_cpu_s"] - b["create_cpu_s"]) / creates * 1e6 for r, b in zip(runs, base, strict=True)
+        )
+        rows.append(
+            Measurement(
+                benchmark="fresh process",
+                case=f"non-streaming create, {case_of[name]}",
+                metric="process CPU per call beyond SDK alone (all threads)",
+                value=per_call_us,
+                unit="us",
+                target=f"<= {CREATE_TARGET_US:.0f} us" if gated else "",
+                met=(per_call_us <= CREATE_TARGET_US) if gated else None,
+                detail={"creates": creates},
+            )
+        )
+    rows.append(
+        Measurement(
+            benchmark="fresh process",
+            case="costwatch.instrument() defaults on a new database (created and migrated)",
+            metric="install call beyond its imports",
+            value=(first["install_s"] - first["install_imports_s"]) * 1000,
+            unit="ms",
+        )
+    )
+    return rows
+
+
+def _main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", nargs=5, metavar=("VARIANT", "URL", "STREAMS", "EVENTS", "CREATES"))
+    args = parser.parse_args(argv)
+    variant, url, streams, events, creates = args.child
+    print(json.dumps(_child(variant, url, int(streams), int(events), int(creates))))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
