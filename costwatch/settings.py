@@ -189,6 +189,13 @@ SETTINGS: tuple[Setting, ...] = (
         high=10_000,
     ),
     Setting(
+        "calibration_refresh_s",
+        "COSTWATCH_CALIBRATION_REFRESH",
+        _positive_float,
+        300.0,
+        "Seconds between reads of the calibration samples other processes stored (output estimates).",
+    ),
+    Setting(
         "model_label_limit",
         "COSTWATCH_MODEL_LABEL_LIMIT",
         _positive_int,

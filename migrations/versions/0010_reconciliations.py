@@ -4,8 +4,8 @@ Adds ``costwatch_reconciliations``, written by ``costwatch reconcile`` (one row 
 width, model and API-key scope; reconciling a bucket again replaces its row) and read by
 ``costwatch serve``.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-03 07:30:00
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009"
-down_revision: str | None = "0008"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
