@@ -3,7 +3,10 @@
 Completed streams from ``costwatch.testing`` calibrate the estimator, as completed attempts do in
 production; then the same kind of stream is cut after a random number of ``content_block_delta``
 events, and each dropped attempt's estimate is compared with the tokens the server billed (its ledger).
-Prints a markdown table and a JSON line. Run: ``python benchmarks/estimator_accuracy.py [--cuts N]``.
+Three ways to be calibrated: not at all (a fresh process and a fresh store), by completed streams
+of the same process, and by completed streams another process stored (a fresh process over a warm
+store: the calibration samples loaded at ``instrument()``). Prints a markdown table and a JSON line.
+Run: ``python benchmarks/estimator_accuracy.py [--cuts N]``.
 """
 
 from __future__ import annotations
@@ -12,22 +15,44 @@ import argparse
 import json
 import random
 import statistics
+import tempfile
+from pathlib import Path
 
 import anthropic
 
 import costwatch
 from costwatch.pipeline import Pipeline
 from costwatch.sinks import MemorySink
+from costwatch.spool import Spool
+from costwatch.store import SqlStore
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 
 MODEL = "claude-haiku-4-5"
 
 
-def run(cuts: int, warm_up: int, seed: int) -> dict[str, float]:
+def warm_store(store_url: str, spool: Path, streams: int, seed: int) -> None:
+    """Another process: ``streams`` completed streams recorded in the store at ``store_url``."""
+    pipeline = Pipeline(spool=Spool(spool))
+    costwatch.instrument(pipeline=pipeline, sinks=[SqlStore(store_url)], listeners=[])
+    try:
+        with FakeAnthropicServer(ResponseSpec(seed=seed)) as server:
+            client = anthropic.Anthropic(base_url=server.base_url, api_key="bench", max_retries=0)
+            for i in range(streams):
+                messages = [{"role": "user", "content": f"earlier task {i}"}]
+                for _ in client.messages.create(model=MODEL, max_tokens=8192, messages=messages, stream=True):
+                    pass
+        pipeline.flush()
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()
+
+
+def run(cuts: int, warm_up: int, seed: int, store_url: str | None = None) -> dict[str, float]:
     rng = random.Random(seed)
     sink = MemorySink()
     pipeline = Pipeline()
-    costwatch.instrument(pipeline=pipeline, sinks=[sink], listeners=[])
+    sinks = [sink] if store_url is None else [sink, SqlStore(store_url)]
+    costwatch.instrument(pipeline=pipeline, sinks=sinks, listeners=[])
     try:
         with FakeAnthropicServer(ResponseSpec(seed=seed)) as server:
             client = anthropic.Anthropic(base_url=server.base_url, api_key="bench", max_retries=0)
@@ -82,17 +107,22 @@ def main() -> None:
     args = parser.parse_args()
     cold = run(args.cuts, 0, args.seed)
     warm = run(args.cuts, args.warm_up, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        store_url = f"sqlite:///{Path(tmp) / 'store.db'}"
+        warm_store(store_url, Path(tmp) / "spool", args.warm_up, args.seed + 1)
+        fleet = run(args.cuts, 0, args.seed, store_url)
     print("| estimator | cuts | total error | median error | p90 error | max error |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, result in (
-        ("defaults (no completed streams yet)", cold),
-        (f"after {args.warm_up} completed streams", warm),
+        ("defaults (fresh process, fresh store)", cold),
+        (f"after {args.warm_up} completed streams in the same process", warm),
+        (f"fresh process over a store holding {args.warm_up} completed streams", fleet),
     ):
         print(
             f"| {name} | {result['cuts']} | {result['total_error']:.1%} | {result['median_error']:.1%} "
             f"| {result['p90_error']:.1%} | {result['max_error']:.1%} |"
         )
-    print(json.dumps({"uncalibrated": cold, "calibrated": warm}))
+    print(json.dumps({"uncalibrated": cold, "calibrated": warm, "fleet": fleet}))
 
 
 if __name__ == "__main__":

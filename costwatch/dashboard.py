@@ -570,8 +570,9 @@ def _panels() -> list[_Panel | _Row]:
             "bargauge",
             "Wasted tokens by type and reason (range)",
             "Wasted tokens over the range by token type and reason: retried means the application tried "
-            "again (the retry re-billed the input), abandoned means it gave up. Abandoned waste appears "
-            "once the retry window has passed.",
+            "again (the retry re-billed the input), abandoned means it gave up, cancelled means the "
+            "application stopped reading a stream itself. Abandoned waste appears once the retry window "
+            "has passed.",
             "short",
             [
                 _Query(

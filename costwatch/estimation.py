@@ -1,10 +1,11 @@
 """Output-token estimation for dropped attempts: how many output tokens the characters that arrived cost.
 
 The API reports output tokens only in the final ``message_delta`` of a stream, so an attempt cut short
-is billed for output that nobody counted. :class:`OutputEstimator` turns the characters received per
-content type into tokens with a documented chars-per-token default, then corrects the default online
-with the exact counts of completed attempts of the same model. See docs/estimation.md for the method
-and its measured error.
+is billed for output that nobody counted. :class:`OutputEstimator` turns the characters received into
+tokens per *segment* — each content type's Latin (and other alphabetic) text, CJK characters, emoji
+and other symbols — with documented defaults per tokenizer generation, then corrects them with the
+exact counts of completed attempts of the same model. See docs/estimation.md for the method, its
+sources and its measured error.
 """
 
 from __future__ import annotations
@@ -21,23 +22,61 @@ __all__ = [
     "CONTENT_TYPES",
     "LEGACY_CHARS_PER_TOKEN",
     "NEW_TOKENIZER_CHARS_PER_TOKEN",
+    "SCRIPT_SEGMENTS",
     "OutputEstimator",
+    "count_scripts",
     "default_chars_per_token",
 ]
 
 CONTENT_TYPES = ("text", "thinking", "tool_input")
 """The content types counted: prose, thinking, and the JSON input of tool_use/server_tool_use blocks."""
 
-LEGACY_CHARS_PER_TOKEN: Mapping[str, float] = {"text": 3.5, "thinking": 3.5, "tool_input": 3.0}
-"""Characters per output token for the tokenizer of Claude 3 through Opus 4.6 / Sonnet 4.6 / Haiku 4.5."""
+SCRIPT_SEGMENTS = ("cjk", "symbol")
+"""Character classes predicted on their own whatever their content type: CJK ideographs, kana and
+hangul (``cjk``); emoji and other pictographic symbols (``symbol``)."""
+
+_SPACE_KEY = "space"
+"""Whitespace: counted (a subset of the content types' counts), predicted within its content type."""
+
+LEGACY_CHARS_PER_TOKEN: Mapping[str, float] = {
+    "text": 3.5,
+    "thinking": 3.5,
+    "tool_input": 3.0,
+    "cjk": 0.67,
+    "symbol": 0.5,
+}
+"""Characters per output token for the tokenizer of Claude 3 through Opus 4.6 / Sonnet 4.6 / Haiku 4.5
+(sources in docs/estimation.md: 3.5 per English character, 1.5 tokens per CJK character, 2 per emoji)."""
 
 NEW_TOKENIZER_CHARS_PER_TOKEN: Mapping[str, float] = {
-    content: round(chars / 1.3, 2) for content, chars in LEGACY_CHARS_PER_TOKEN.items()
+    segment: round(chars / 1.3, 2) for segment, chars in LEGACY_CHARS_PER_TOKEN.items()
 }
 """Characters per token for Claude 4.7 and later, whose tokenizer counts the same text as ~30% more tokens."""
 
+# What count_scripts() counts. CJK: Hangul Jamo, CJK radicals and punctuation (not the ideographic
+# space, which is whitespace), kana, bopomofo, ideographs and their extensions, Hangul syllables,
+# compatibility ideographs, half- and full-width forms. Symbols: arrows, technical and enclosed
+# symbols, dingbats, the emoji planes, variation selectors, the zero-width joiner and emoji tags.
+_CJK = re.compile(
+    "[\u1100-\u11ff\u2e80-\u2fdf\u3001-\u303f\u3040-\u30ff\u3100-\u31ff\u3400-\u4dbf"
+    "\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f]"
+)
+_SYMBOL = re.compile(
+    "[\u2190-\u21ff\u2300-\u23ff\u2460-\u27bf\u2900-\u2bff\ufe00-\ufe0f\u200d\u20e3"
+    "\U0001f000-\U0001faff\U000e0020-\U000e007f]"
+)
+_WHITESPACE = re.compile(r"\s")
+
+
+def count_scripts(text: str) -> tuple[int, int, int]:
+    """The CJK, symbol and whitespace characters of ``text``; the rest is Latin or another alphabet."""
+    if text.isascii():
+        return 0, 0, text.count(" ") + text.count("\n") + text.count("\t")
+    return len(_CJK.findall(text)), len(_SYMBOL.findall(text)), len(_WHITESPACE.findall(text))
+
+
 _MODEL_VERSION = re.compile(r"^claude-(?:opus|sonnet|haiku|fable|mythos)-(\d+)(?:-(\d{1,2}))?(?:-\d{8})?$")
-_SNAPSHOT_VERSION = 1
+_SNAPSHOT_VERSION = 2
 
 
 @functools.lru_cache(maxsize=1024)  # asked once per settled attempt; model ids are few
@@ -55,12 +94,24 @@ def default_chars_per_token(model: str) -> Mapping[str, float]:
     return LEGACY_CHARS_PER_TOKEN
 
 
+def _pool_of(model: str) -> str:
+    """The pooled calibration of every model sharing ``model``'s tokenizer generation: what a model with
+    no samples of its own starts from (the same tokenizer splits the same text the same way)."""
+    generation = "new" if default_chars_per_token(model) is NEW_TOKENIZER_CHARS_PER_TOKEN else "legacy"
+    return f"tokenizer:{generation}"
+
+
 @dataclass(slots=True)
 class _Factor:
-    """A running correction: the average ratio of actual to predicted tokens, and how many fed it."""
+    """A running correction: the log of the calibrated ratio of actual to predicted tokens, and how
+    many samples fed it."""
 
-    value: float = 1.0
+    log: float = 0.0
     samples: int = 0
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.log)
 
 
 _Key = TypeVar("_Key")
@@ -69,16 +120,22 @@ _Key = TypeVar("_Key")
 class OutputEstimator:
     """Estimates the output tokens of an attempt from the characters it received, calibrated per model.
 
-    ``observe()`` feeds the exact count of each completed attempt; the ratio of actual to predicted
-    tokens updates a per-model correction factor (an exponentially weighted mean, a plain mean for the
-    first ``1/alpha`` samples) and, when one content type makes up at least ``dominant_share`` of the
-    prediction, that type's own factor. Each ratio is clipped to ``bounds`` before it counts, so one
-    outlier moves a factor by at most ``alpha`` of the bound. A factor is used once it has
-    ``min_samples`` samples. Thread-safe; no I/O.
+    ``observe()`` feeds the exact count of each completed attempt. Its ratio of actual to predicted
+    tokens updates, in log space, a per-model correction factor (and one pooled over the models of
+    the same tokenizer generation, which a model without samples of its own uses) and, when one
+    segment (a content type's alphabetic text, ``cjk`` or ``symbol``) makes up at least
+    ``dominant_share`` of the prediction, that segment's own factor. A factor starts from the
+    defaults as a prior worth ``prior_weight`` samples and moves by ``1 / (samples +
+    prior_weight)`` of each sample's log-ratio (the posterior mean of the log-ratio), then by
+    ``alpha`` once that is smaller (an exponentially weighted mean that follows drift). A sample's
+    log-ratio is bounded to ``log(outlier_bound)`` either side of the current factor, so one outlier
+    moves a factor by at most that much times the weight, while a steady true ratio, however far
+    from the defaults, is reached. A factor is used once it has ``min_samples`` samples. Thread-safe;
+    no I/O.
 
     Measuring the characters of a completed stream costs far more than passing it on, so calibration
     samples completed attempts: :meth:`wants_sample` says yes to every one of a model until its factor
-    has ``1/alpha`` samples (the plain-mean phase), then to one in ``sample_every``.
+    has ``1/alpha`` samples, then to one in ``sample_every``.
     """
 
     def __init__(
@@ -86,26 +143,37 @@ class OutputEstimator:
         *,
         chars_per_token: Mapping[str, float] | None = None,
         alpha: float = 0.1,
-        min_samples: int = 5,
-        bounds: tuple[float, float] = (0.5, 2.0),
+        min_samples: int = 1,
+        prior_weight: float = 0.5,
+        outlier_bound: float = 4.0,
         dominant_share: float = 0.8,
         min_observed_tokens: int = 20,
         sample_every: int = 32,
     ) -> None:
         if chars_per_token is not None and (
-            set(chars_per_token) != set(CONTENT_TYPES) or any(v <= 0 for v in chars_per_token.values())
+            not set(CONTENT_TYPES) <= set(chars_per_token)
+            or not set(chars_per_token) <= set(CONTENT_TYPES) | set(SCRIPT_SEGMENTS)
+            or any(not v > 0 for v in chars_per_token.values())
         ):
-            raise ValueError(f"chars_per_token must give a positive ratio for each of {CONTENT_TYPES}")
+            raise ValueError(
+                f"chars_per_token must give a positive ratio for each of {CONTENT_TYPES} "
+                f"(and may for {SCRIPT_SEGMENTS})"
+            )
         if not 0 < alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
-        if not 0 < bounds[0] <= 1 <= bounds[1]:
-            raise ValueError("bounds must satisfy 0 < low <= 1 <= high")
+        if not prior_weight >= 0:
+            raise ValueError("prior_weight must be >= 0")
+        if not outlier_bound > 1:
+            raise ValueError("outlier_bound must be above 1")
         if sample_every < 1:
             raise ValueError("sample_every must be at least 1")
         self._chars_per_token = dict(chars_per_token) if chars_per_token is not None else None
         self.alpha = alpha
         self.min_samples = min_samples
-        self.bounds = bounds
+        self.prior_weight = prior_weight
+        """How many samples' worth of belief the defaults carry against the first observations."""
+        self.outlier_bound = outlier_bound
+        self._log_bound = math.log(outlier_bound)
         self.dominant_share = dominant_share
         self.min_observed_tokens = min_observed_tokens
         """Completed attempts predicted below this many tokens are too small to calibrate on."""
@@ -118,30 +186,43 @@ class OutputEstimator:
 
     # -- estimating ------------------------------------------------------------------------------
     def estimate(self, model: str, chars: Mapping[str, int]) -> int:
-        """The estimated output tokens for ``chars`` (characters received per content type), rounded up.
+        """The estimated output tokens for ``chars`` (characters received per content type, and of the
+        ``cjk`` and ``symbol`` classes), rounded up.
 
-        Unknown content types count as ``text``; negative counts as zero.
+        Unknown keys count as ``text``; ``space`` (whitespace, already within its content type) is
+        not counted again; negative counts count as zero.
         """
         predicted = self._predict(model, chars)
         if not predicted:
             return 0
+        pool = _pool_of(model)
         with self._lock:
             model_factor = self._usable(self._models.get(model))
-            factors = {content: self._usable(self._types.get((model, content))) for content in predicted}
+            pool_factor = self._usable(self._models.get(pool))
+            factors = {
+                segment: self._usable(self._types.get((model, segment)))
+                or (None if model_factor else self._usable(self._types.get((pool, segment))))
+                for segment in predicted
+            }
         total = 0.0
-        for content, tokens in predicted.items():
-            factor = factors[content] or model_factor or 1.0
+        for segment, tokens in predicted.items():
+            factor = factors[segment] or model_factor or pool_factor or 1.0
             total += tokens * factor
         # Rounding up bills a started token in full, and keeps float noise (2.0000001) from adding one.
         return max(0, math.ceil(total - 1e-9))
 
     def _predict(self, model: str, chars: Mapping[str, int]) -> dict[str, float]:
-        ratios = self._chars_per_token or default_chars_per_token(model)
+        defaults = default_chars_per_token(model)
+        ratios = self._chars_per_token or defaults
         predicted: dict[str, float] = {}
-        for content, count in chars.items():
-            if count > 0:
-                key = content if content in ratios else "text"
-                predicted[key] = predicted.get(key, 0.0) + count / ratios[key]
+        for segment, count in chars.items():
+            if count > 0 and segment != _SPACE_KEY:
+                if segment not in ratios:
+                    segment = segment if segment in defaults else "text"
+                    ratio = ratios.get(segment) or defaults[segment]
+                else:
+                    ratio = ratios[segment]
+                predicted[segment] = predicted.get(segment, 0.0) + count / ratio
         return predicted
 
     def _usable(self, factor: _Factor | None) -> float | None:
@@ -164,37 +245,30 @@ class OutputEstimator:
         Empty ``chars`` (an attempt whose characters were not measured) calibrate nothing.
         """
         predicted = self._predict(model, chars)
-        if len(predicted) == 1:
-            # The usual case, one content type: it is the dominant one, and the sum of one positive
-            # float is that float (what sum() and max() below would return, for less).
-            ((dominant, total),) = predicted.items()
-        else:
-            total = sum(predicted.values())
+        total = sum(predicted.values())
         if total <= 0 or total < self.min_observed_tokens or output_tokens <= 0:
             return
-        if len(predicted) > 1:
-            dominant = max(predicted, key=predicted.__getitem__)
-        low, high = self.bounds
-        # min(high, max(low, ratio)) without the two calls, choosing exactly as they do (NaN too).
-        ratio = output_tokens / total
-        ratio = ratio if ratio > low else low
-        ratio = ratio if ratio < high else high
+        dominant = max(predicted, key=predicted.__getitem__)
+        log_ratio = math.log(output_tokens / total)
+        pool = _pool_of(model)
         with self._lock:
-            self._update(self._models, model, ratio)
-            if predicted[dominant] >= self.dominant_share * total:
-                self._update(self._types, (model, dominant), ratio)
+            for key in (model, pool):
+                self._update(self._models, key, log_ratio)
+                if predicted[dominant] >= self.dominant_share * total:
+                    self._update(self._types, (key, dominant), log_ratio)
 
-    def _update(self, factors: dict[_Key, _Factor], key: _Key, ratio: float) -> None:
-        """Feed ``ratio`` to the factor under ``key``, created at first use (one call per factor)."""
+    def _update(self, factors: dict[_Key, _Factor], key: _Key, log_ratio: float) -> None:
+        """Feed ``log_ratio`` to the factor under ``key``, created at first use."""
         factor = factors.get(key)
-        if factor is None:  # not setdefault(), which would build a _Factor every call
+        if factor is None:
             factor = factors[key] = _Factor()
         factor.samples += 1
-        # A plain mean until 1/alpha samples, so the first few do not each carry a full alpha weight:
-        # max(alpha, 1 / samples), chosen as max() would without calling it.
-        inverse = 1.0 / factor.samples
-        weight = inverse if inverse > self.alpha else self.alpha
-        factor.value += weight * (ratio - factor.value)
+        # The posterior mean of the log-ratio under a prior at the defaults worth prior_weight samples,
+        # until that weight falls below alpha; then an exponentially weighted mean.
+        weight = max(self.alpha, 1.0 / (factor.samples + self.prior_weight))
+        bound = self._log_bound
+        residual = min(bound, max(-bound, log_ratio - factor.log))
+        factor.log += weight * residual
 
     # -- persistence -----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -204,18 +278,15 @@ class OutputEstimator:
                 model: {"factor": f.value, "samples": f.samples, "types": {}}
                 for model, f in self._models.items()
             }
-            for (model, content), f in self._types.items():
+            for (model, segment), f in self._types.items():
                 entry = models.setdefault(model, {"factor": 1.0, "samples": 0, "types": {}})
-                entry["types"][content] = {"factor": f.value, "samples": f.samples}
+                entry["types"][segment] = {"factor": f.value, "samples": f.samples}
         return {"version": _SNAPSHOT_VERSION, "models": models}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        """Replace the calibration state with one from :meth:`snapshot`; raises ``ValueError`` if malformed.
-
-        Factors outside ``bounds`` are clipped into them.
-        """
-        if not isinstance(state, Mapping) or state.get("version") != _SNAPSHOT_VERSION:
-            raise ValueError(f"not an OutputEstimator snapshot of version {_SNAPSHOT_VERSION}")
+        """Replace the calibration state with one from :meth:`snapshot`; ``ValueError`` if malformed."""
+        if not isinstance(state, Mapping) or state.get("version") not in (1, _SNAPSHOT_VERSION):
+            raise ValueError(f"not an OutputEstimator snapshot of version 1 or {_SNAPSHOT_VERSION}")
         models: dict[str, _Factor] = {}
         types: dict[tuple[str, str], _Factor] = {}
         entries = state.get("models")
@@ -228,19 +299,23 @@ class OutputEstimator:
             type_entries = entry.get("types") or {}
             if not isinstance(type_entries, Mapping):
                 raise ValueError(f"snapshot 'types' of {model!r} must be an object")
-            for content, type_entry in type_entries.items():
+            for segment, type_entry in type_entries.items():
                 if not isinstance(type_entry, Mapping):
-                    raise ValueError(f"snapshot entry for {model!r}/{content!r} must be an object")
-                types[(model, content)] = self._factor(type_entry, f"{model}/{content}")
+                    raise ValueError(f"snapshot entry for {model!r}/{segment!r} must be an object")
+                types[(model, segment)] = self._factor(type_entry, f"{model}/{segment}")
         with self._lock:
             self._models = models
             self._types = types
 
     def _factor(self, entry: Mapping[str, Any], where: str) -> _Factor:
         value, samples = entry.get("factor"), entry.get("samples")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"snapshot factor of {where!r} must be a finite number, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not value > 0
+        ):
+            raise ValueError(f"snapshot factor of {where!r} must be a positive finite number, got {value!r}")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
             raise ValueError(f"snapshot samples of {where!r} must be a non-negative integer, got {samples!r}")
-        low, high = self.bounds
-        return _Factor(value=min(high, max(low, float(value))), samples=samples)
+        return _Factor(log=math.log(value), samples=samples)

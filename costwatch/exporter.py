@@ -212,8 +212,8 @@ def _samples(
             observe(drops, (model,), count, values[_DURATION])
         if outcome == _COMPLETED:
             add(logical, (model, "succeeded"), count)
-        if waste_reason == _RETRIED:
-            waste(values, model, workflow, _RETRIED)
+        if waste_reason in (_RETRIED, _CANCELLED):  # final when written, unlike abandoned
+            waste(values, model, workflow, waste_reason)
     for (raw_model, _, _, _, raw_workflow), values in sorted(settled_abandoned):
         model, workflow = labels_of(raw_model, raw_workflow)
         waste(values, model, workflow, _ABANDONED)
@@ -250,6 +250,7 @@ _DROPPED, _COMPLETED = Outcome.DROPPED.value, Outcome.COMPLETED.value
 # The in-process counter's name: the fleet alert on refused records sees the exporter's series too.
 _REJECTED = "costwatch_store_rejected_records"
 _RETRIED, _ABANDONED = WasteReason.RETRIED.value, WasteReason.ABANDONED.value
+_CANCELLED = WasteReason.CANCELLED.value
 
 
 _COUNTERS: Mapping[str, tuple[str, Labels]] = {

@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 import time
 import weakref
@@ -59,15 +60,18 @@ _HTTP_MODULES = ("httpx", "httpx2")
 _MESSAGES_PATH_SUFFIX = "/v1/messages"
 _CANCELLATIONS = (GeneratorExit, KeyboardInterrupt, SystemExit)
 
-# The logical request of the last attempt begun in this thread or task: an SDK-internal retry
-# (``x-stainless-retry-count`` > 0) always runs in the same context as the attempt it repeats.
-_last_logical_request: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+# The thread or task that began the last attempt in this context, and that attempt's logical request:
+# an SDK-internal retry (``x-stainless-retry-count`` > 0) always runs in the same context as the
+# attempt it repeats, and an application's resend usually does. The owner is kept with the id
+# because a task starts with a copy of its parent's context: a value it inherited is not its own.
+_last_logical_request: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar(
     "costwatch_last_logical_request", default=None
 )
 
 
 _NOTHING_BILLED = Usage()
 _NO_TOOL_USE: Mapping[str, int] = MappingProxyType({})
+_NO_CHARS: Mapping[str, int] = MappingProxyType({})
 # Enum members read once: looking one up on its class costs ~70 ns, and settle() asks several times.
 _COMPLETED = Outcome.COMPLETED
 _INPUT_UNBILLED = (Outcome.HTTP_ERROR, Outcome.CONNECT_ERROR)
@@ -92,8 +96,8 @@ class Accountant:
         self.estimator = estimator or OutputEstimator()
         self.tracker = tracker or RetryTracker()
 
-    def begin(self, request: Any) -> _Attempt:
-        """Open the account of one attempt about to be sent."""
+    def begin(self, request: Any, owner: object = None) -> _Attempt:
+        """Open the account of one attempt about to be sent by ``owner``, the thread or task sending it."""
         started_at = datetime.now(_UTC)
         started = time.perf_counter()
         wanted = _wanted_headers(request.headers.raw)  # one pass: httpx's get() decodes every header
@@ -111,15 +115,25 @@ class Accountant:
         if route.model:  # Bedrock and Vertex name the model in the path, not the body
             model = route.model
         sdk_retry = _int_header(wanted.get(b"x-stainless-retry-count"))
-        previous = _last_logical_request.get() if sdk_retry > 0 else None
+        if owner is None:
+            owner = threading.current_thread()
+        last = _last_logical_request.get()
+        in_context = last[1] if last is not None and last[0] is owner else None
+        previous = in_context if sdk_retry > 0 else None
         explicit = context.current_logical_request()
         budget = waste_budget.current()
         if budget is not None:
-            refused = self._refused(budget, explicit, fingerprint, previous, model, size)
+            refused = self._refused(budget, explicit, fingerprint, previous, in_context, model, size)
             if refused is not None:
                 return refused
-        assignment = tracker.begin(explicit_id=explicit, fingerprint=fingerprint, previous_id=previous)
-        _last_logical_request.set(assignment.logical_request_id)
+        assignment = tracker.begin(
+            explicit_id=explicit,
+            fingerprint=fingerprint,
+            previous_id=previous,
+            context_id=in_context,
+            owner=owner,
+        )
+        _last_logical_request.set((owner, assignment.logical_request_id))
         for record in assignment.now_retried:
             self.pipeline.submit(record)
         beta = wanted.get(b"anthropic-beta")
@@ -166,6 +180,7 @@ class Accountant:
         explicit: str | None,
         fingerprint: str | None,
         previous: str | None,
+        in_context: str | None,
         model: str,
         size: int,
     ) -> _Attempt | None:
@@ -174,7 +189,9 @@ class Accountant:
         A body left unhashed by ``begin`` is one the tracker has no failure of that size for, so it
         cannot join a failed request by fingerprint: nothing is hashed here.
         """
-        joins = self.tracker.joins(explicit_id=explicit, fingerprint=fingerprint, previous_id=previous)
+        joins = self.tracker.joins(
+            explicit_id=explicit, fingerprint=fingerprint, previous_id=previous, context_id=in_context
+        )
         if joins is None:
             return None
         tags = context.current_tags()
@@ -209,8 +226,12 @@ class Accountant:
         answered_model = message_id = api_error_type = stop_reason = first_token_s = None
         events = bytes_received = 0
         tool_use = _NO_TOOL_USE
+        output_chars = _NO_CHARS
+        unreadable = None
         inference_geo = None
         if meter is not None:
+            if attempt.sdk_failed_reading():
+                unreadable = meter.unreadable
             answered_model = meter.model
             model = answered_model or model
             reported = meter.usage
@@ -220,8 +241,10 @@ class Accountant:
             if billed_input and not meter.output_reported:
                 estimated = self.estimator.estimate(model, meter.chars)
                 output = estimated
+                output_chars = _counted(meter.chars)  # kept, to revise the estimate later
             elif outcome is _COMPLETED and meter.output_reported and meter.chars_measured:
                 self.estimator.observe(model, meter.chars, reported.output_tokens)
+                output_chars = _counted(meter.chars)  # a calibration sample for the fleet
             if billed_input and (meter.message_id is not None or meter.output_reported):
                 usage = Usage(
                     input_tokens=reported.input_tokens,
@@ -272,7 +295,9 @@ class Accountant:
             message_id,
             attempt.sdk_retry,
             attempt.http_status,
-            type(error).__name__ if error is not None else None,  # error_type
+            # error_type: what the application saw; after an event the SDK could not read, the SDK's
+            # own exception, which the hooks never see.
+            type(error).__name__ if error is not None else unreadable,
             api_error_type,
             first_token_s,  # time_to_first_token_s
             time.perf_counter() - started,  # duration_s
@@ -290,6 +315,7 @@ class Accountant:
             stable_prefix_bytes=prompt_size.stable_prefix_bytes if prompt_size is not None else None,
             inference_geo=inference_geo,
             platform=attempt.platform,
+            output_chars=output_chars,
         )
         if attempt.refused is None:
             record = self.tracker.finish(record, body_size=attempt.body_size)
@@ -300,6 +326,10 @@ class Accountant:
             _guard("listener_finish", listener.attempt_finished, state, record)
         # A completed attempt's large body is fingerprinted later, on the pipeline's thread.
         self.pipeline.submit(record, body_to_fingerprint=body)
+
+
+def _counted(chars: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType({key: count for key, count in chars.items() if count > 0})
 
 
 @dataclass(slots=True, eq=False)
@@ -385,6 +415,11 @@ class _Attempt:
         # no error of the transport.
         self.settle(outcome, None if outcome is Outcome.CANCELLED or _is_stop(error) else error)
 
+    def sdk_failed_reading(self) -> bool:
+        """Whether the body was closed early after an event the SDK cannot read: the SDK raised there."""
+        meter = self.meter
+        return meter is not None and meter.unreadable is not None and self.closing
+
     def settle_interrupted(self) -> None:
         """At exit: settle an attempt still in flight, billed with what arrived so far.
 
@@ -409,6 +444,8 @@ class _Attempt:
             return Outcome.HTTP_ERROR
         if meter is not None and meter.api_error_type is not None:
             return Outcome.STREAM_ERROR
+        if self.sdk_failed_reading():
+            return Outcome.STREAM_ERROR  # not completed, even if message_stop arrived after the bad event
         if meter is not None and meter.complete:
             return Outcome.COMPLETED
         if self.closing or _is_stop(error):
@@ -815,7 +852,7 @@ def _wrap_async_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: ty
     async def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         if not hooks.wants(self, request):
             return await original(self, request, *args, **kwargs)
-        attempt = _guard("begin", hooks.accountant.begin, request)
+        attempt = _guard("begin", hooks.accountant.begin, request, _current_task())
         if attempt is None:
             return await original(self, request, *args, **kwargs)
         if attempt.refused is not None:
@@ -831,6 +868,25 @@ def _wrap_async_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: ty
 
     send.__wrapped__ = original  # type: ignore[attr-defined]
     return send
+
+
+def _current_task() -> object:
+    """The asyncio (or trio) task running this coroutine; the thread when neither says."""
+    asyncio = sys.modules.get("asyncio")  # imported already by any asyncio application
+    if asyncio is not None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no asyncio loop running: another event loop (anyio on trio)
+            task = None
+        if task is not None:
+            return task
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+    return threading.current_thread()
 
 
 def _settle_without_response(attempt: _Attempt, error: BaseException) -> None:
@@ -918,6 +974,7 @@ def instrument(
             listeners=listeners if listeners is not None else _default_listeners(),
             tracker=RetryTracker(window_s=config.retry_window_s),
         )
+        added += _fleet_calibration(added, accountant.estimator, config)
         for sink in added:
             pipeline.add_sink(sink)
         if any(pipeline.spool.has_segments(sink.name) for sink in added):
@@ -982,6 +1039,19 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
     if config.metrics:
         sinks.append(_process_metrics_sink(config, pipeline))
     return sinks
+
+
+def _fleet_calibration(sinks: Sequence[Sink], estimator: OutputEstimator, config: Any) -> list[Sink]:
+    """A :class:`~costwatch.calibration.FleetCalibration` over the first sink that stores calibration
+    samples (the SQL store), loaded now; none if no sink does."""
+    from .calibration import FleetCalibration
+
+    for sink in sinks:
+        if callable(getattr(sink, "calibration_samples", None)):
+            calibration = FleetCalibration(sink, estimator, refresh_s=config.calibration_refresh_s)  # type: ignore[arg-type]
+            calibration.load()
+            return [calibration]
+    return []
 
 
 _metrics_sink: Sink | None = None

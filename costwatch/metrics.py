@@ -244,6 +244,11 @@ class WasteSettlement:
             if pending is not None:
                 pending.deadline = now + self.retry_window_s
                 self._pending_requests.move_to_end(record.logical_request_id)
+        elif record.wasted and record.waste_reason is WasteReason.CANCELLED:
+            # The application's own stop: final at once, and no retry is coming.
+            self._pending_waste.pop(record.attempt_id, None)
+            self._settled_waste.add(record.attempt_id)
+            out.waste.append(SettledWaste(record, WasteReason.CANCELLED))
         elif record.wasted and record.waste_reason is WasteReason.ABANDONED:
             if record.attempt_id not in self._pending_waste:
                 self._pending_waste[record.attempt_id] = _Pending(record, now + self.retry_window_s)

@@ -166,6 +166,8 @@ class WasteReason(str, enum.Enum):
     """A later attempt of the same logical request exists: these tokens were paid for twice."""
     ABANDONED = "abandoned"
     """No later attempt exists (yet): the tokens bought nothing."""
+    CANCELLED = "cancelled"
+    """The application stopped reading (break, close, cancellation): its choice, not retry waste."""
 
 
 class TokenType(str, enum.Enum):
@@ -307,6 +309,9 @@ class AttemptRecord:
     """Where the API said inference ran (``usage.inference_geo``: ``global``, ``us``), when it said."""
     platform: str = "anthropic"
     """Where the attempt went: ``anthropic`` (the first-party API), ``bedrock``, ``vertex`` or ``foundry``."""
+    output_chars: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    """Characters of output received, per content type and character class (counts, never text):
+    kept for an attempt whose output was estimated, and for a completed one measured to calibrate."""
 
     @property
     def model_name(self) -> str:
@@ -390,6 +395,8 @@ class AttemptRecord:
             tool_use = _checked_pairs("server_tool_use", kwargs.get("server_tool_use") or {}, (int,))
             kwargs["server_tool_use"] = MappingProxyType(tool_use)
             kwargs["tags"] = MappingProxyType(_checked_pairs("tags", kwargs.get("tags") or {}, (str,)))
+            chars = _checked_pairs("output_chars", kwargs.get("output_chars") or {}, (int,))
+            kwargs["output_chars"] = MappingProxyType(chars)
             return cls(**kwargs)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed attempt record: {exc}") from exc

@@ -65,11 +65,11 @@ _UNLABELLED = {"workflow": "(untagged)", "error_type": "(no error)", "model": "(
 
 def rollup_group_by(by: str) -> tuple[str, ...]:
     """The rollup dimensions to read for a report grouped ``by`` this (``outcome`` is always read,
-    because the rollups count failed attempts only by outcome)."""
+    because the rollups count failed attempts only by outcome, and ``waste_reason``, which splits
+    the waste into retried, abandoned and cancelled)."""
     if by not in GROUPINGS:
         raise ValueError(f"unknown grouping {by!r}; choose from {', '.join(GROUPINGS)}")
     column = "hour" if by in TIME_GROUPINGS else by
-    # waste_reason too: the report splits wasted dollars by why they were wasted.
     return (column, "waste_reason") if column == "outcome" else (column, "outcome", "waste_reason")
 
 

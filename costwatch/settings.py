@@ -211,6 +211,13 @@ class Settings:
         high=10_000,
     )
 
+    calibration_refresh_s: float = _setting(
+        "COSTWATCH_CALIBRATION_REFRESH",
+        _positive_float,
+        300.0,
+        "Seconds between reads of the calibration samples other processes stored (output estimates).",
+    )
+
     model_label_limit: int = _setting(
         "COSTWATCH_MODEL_LABEL_LIMIT",
         _positive_int,

@@ -22,10 +22,15 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["CONTENT_TYPES", "FOLD_BYTES", "BodyMeter", "ReportedUsage"]
+from .estimation import count_scripts
+
+__all__ = ["CHAR_KEYS", "CONTENT_TYPES", "FOLD_BYTES", "BodyMeter", "ReportedUsage"]
 
 CONTENT_TYPES = ("text", "thinking", "tool_input")
 """The content types whose characters are counted to estimate the output of a cut stream."""
+
+CHAR_KEYS = (*CONTENT_TYPES, "cjk", "symbol", "space")
+"""The keys of :attr:`BodyMeter.chars`."""
 
 # Which content type a block's deltas count toward, by the block's type. Blocks not listed (tool
 # results, documents, redacted thinking) carry no output text that the client sees as deltas.
@@ -39,6 +44,17 @@ _BLOCK_CONTENT_TYPE = {
 FOLD_BYTES = 4 * 1024 * 1024
 """Kept (not yet read) bytes of a stream past which :meth:`BodyMeter.fold` reads them."""
 
+_MESSAGE_EVENTS = frozenset(
+    {
+        b"message_start",
+        b"message_delta",
+        b"message_stop",
+        b"content_block_start",
+        b"content_block_delta",
+        b"content_block_stop",
+    }
+)
+"""The event names whose data every SDK line parses as JSON (and raises on when it cannot)."""
 _DELTA_FIELD = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 _DELTA_CONTENT_TYPE = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "tool_input"}
 
@@ -147,6 +163,7 @@ class BodyMeter:
         "now",
         "output_reported",
         "stop_reason",
+        "unreadable",
         "usage",
     )
 
@@ -168,7 +185,10 @@ class BodyMeter:
         self._decompressor = _decompressor(content_encoding)
         self.now = clock
         self.usage = ReportedUsage()
-        self.chars = dict.fromkeys(CONTENT_TYPES, 0)
+        self.chars = dict.fromkeys(CHAR_KEYS, 0)
+        """Characters received: per content type those of Latin and other alphabetic scripts (with
+        their whitespace), then ``cjk`` and ``symbol`` characters of any type, and ``space``, the
+        whitespace among the content types' counts (a subset of them, kept for calibration)."""
         self.events = 0
         self.malformed_events = 0
         self.bytes_received = 0
@@ -180,6 +200,10 @@ class BodyMeter:
         self.message_stop_seen = False
         self.output_reported = False
         """True once the API reported the final output count (``message_delta`` or a JSON body)."""
+        self.unreadable: str | None = None
+        """The exception both SDK lines raise on the first event they cannot read, by class name:
+        ``UnicodeDecodeError`` for bytes that are not UTF-8, ``JSONDecodeError`` for broken JSON in an
+        event of the Messages API's own types (others the 0.x SDK skips unread)."""
         self.chars_measured = True
         """False when a completed stream was read from its tail only: ``chars`` is then empty."""
         self.kept: list[bytes] | None = None
@@ -308,6 +332,18 @@ class BodyMeter:
         self.chars_measured = False
         return True
 
+    def _count(self, content_type: str, piece: str) -> None:
+        """Count ``piece`` toward ``content_type``, its CJK and symbol characters toward their classes."""
+        cjk, symbol, space = count_scripts(piece)
+        chars = self.chars
+        chars[content_type] += len(piece) - cjk - symbol
+        if cjk:
+            chars["cjk"] += cjk
+        if symbol:
+            chars["symbol"] += symbol
+        if space:
+            chars["space"] += space
+
     def _delta_in_place(self, buffer: bytes, delta: re.Match[bytes], end: int) -> bool:
         """Count a text, thinking or tool-input delta in the API's own compact form, in place.
 
@@ -331,11 +367,19 @@ class BodyMeter:
         else:
             folded = 0
         try:
-            length = len(buffer[first:close].decode()) - folded
+            text = buffer[first:close].decode()
         except UnicodeDecodeError:
             return False
+        content_type = _COMPACT_DELTA_TYPES[delta.group(1)]
+        if len(text) == close - first:
+            # ASCII (the usual case): no CJK or symbols; spaces by one byte count, escapes folded.
+            self.chars[content_type] += len(text) - folded
+            self.chars["space"] += buffer.count(b" ", first, close)
+        elif folded:
+            return False  # escapes in non-ASCII text: the parser unescapes them before counting
+        else:
+            self._count(content_type, text)
         self.events += 1
-        self.chars[_COMPACT_DELTA_TYPES[delta.group(1)]] += length
         if self.first_delta_at is None and self.now is not None:
             self.first_delta_at = self.now()
         return True
@@ -382,9 +426,17 @@ class BodyMeter:
         if name == b"ping":
             return
         try:
-            payload = _decode_json(data.decode())
-        except (ValueError, UnicodeDecodeError):
+            text = data.decode()
+        except UnicodeDecodeError:
             self.malformed_events += 1
+            self.unreadable = self.unreadable or "UnicodeDecodeError"
+            return
+        try:
+            payload = _decode_json(text)
+        except ValueError:
+            self.malformed_events += 1
+            if name in _MESSAGE_EVENTS and text:
+                self.unreadable = self.unreadable or "JSONDecodeError"
             return
         if not isinstance(payload, dict):
             self.malformed_events += 1
@@ -398,7 +450,7 @@ class BodyMeter:
                 if content_type is not None:
                     piece = delta.get(_DELTA_FIELD[delta_type])  # type: ignore[index]
                     if isinstance(piece, str):
-                        self.chars[content_type] += len(piece)
+                        self._count(content_type, piece)
                 if self.first_delta_at is None and self.now is not None:
                     self.first_delta_at = self.now()
         elif kind == "content_block_start":
@@ -447,15 +499,15 @@ class BodyMeter:
         if content_type == "text":
             text = block.get("text")
             if isinstance(text, str):
-                self.chars["text"] += len(text)
+                self._count("text", text)
         elif content_type == "thinking":
             text = block.get("thinking")
             if isinstance(text, str):
-                self.chars["thinking"] += len(text)
+                self._count("thinking", text)
         elif content_type == "tool_input":
             tool_input = block.get("input")
             if tool_input:  # a streamed block starts with {} and sends its JSON as deltas
-                self.chars["tool_input"] += len(json.dumps(tool_input, separators=(",", ":")))
+                self._count("tool_input", json.dumps(tool_input, separators=(",", ":"), ensure_ascii=False))
 
 
 _COMPACT_DELTA = re.compile(

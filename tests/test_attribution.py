@@ -127,7 +127,9 @@ def test_a_logical_request_is_findable_by_one_fingerprint_only_and_forgets_it_wh
     tracker.finish(finished(first, Outcome.DROPPED, fingerprint="body-a"))
     second = tracker.begin(explicit_id="job-1", fingerprint="body-b", previous_id=None)
     tracker.finish(finished(second, Outcome.DROPPED, fingerprint="body-b"))
-    assert tracker._failed_by_fingerprint == {"body-b": "job-1"}
+    assert {fp: list(waiting) for fp, waiting in tracker._failed_by_fingerprint.items()} == {
+        "body-b": ["job-1"]
+    }
     clock.now = 10_000
     later = tracker.begin(explicit_id=None, fingerprint="body-a", previous_id=None)
     assert later.logical_request_id != "job-1" and later.attempt_number == 1
@@ -168,3 +170,78 @@ def test_an_explicit_logical_request_out_of_the_window_starts_over_at_attempt_on
     clock.now = 10.3
     again = tracker.begin(explicit_id="job-7", fingerprint=None, previous_id=None)
     assert again.logical_request_id == "job-7" and again.attempt_number == 1
+
+
+class Owner:
+    """A thread or task stand-in: alive until it ends."""
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def is_alive(self) -> bool:
+        return not self.ended
+
+
+def test_a_resend_joins_the_failure_of_its_own_context_before_an_older_one():
+    tracker = RetryTracker()
+    a, b = Owner(), Owner()
+    first_a = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None, owner=a)
+    first_b = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None, owner=b)
+    tracker.finish(finished(first_a, Outcome.DROPPED))
+    tracker.finish(finished(first_b, Outcome.DROPPED))
+    retry_b = tracker.begin(
+        explicit_id=None, fingerprint="fp", previous_id=None, context_id=first_b.logical_request_id, owner=b
+    )
+    assert retry_b.logical_request_id == first_b.logical_request_id and retry_b.attempt_number == 2
+    retry_a = tracker.begin(
+        explicit_id=None, fingerprint="fp", previous_id=None, context_id=first_a.logical_request_id, owner=a
+    )
+    assert retry_a.logical_request_id == first_a.logical_request_id and retry_a.attempt_number == 2
+
+
+def test_a_failure_whose_context_still_runs_is_not_taken_by_another_context_s_new_request():
+    tracker = RetryTracker()
+    a, b = Owner(), Owner()
+    first_a = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None, owner=a)
+    tracker.finish(finished(first_a, Outcome.DROPPED))
+    other = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None, owner=b)
+    assert other.logical_request_id != first_a.logical_request_id and other.attempt_number == 1
+    assert other.now_retried == ()
+    retry_a = tracker.begin(
+        explicit_id=None, fingerprint="fp", previous_id=None, context_id=first_a.logical_request_id, owner=a
+    )
+    assert (retry_a.logical_request_id, retry_a.attempt_number) == (first_a.logical_request_id, 2)
+
+
+def test_a_failure_whose_context_ended_or_moved_on_goes_to_the_next_resend_oldest_first():
+    tracker = RetryTracker()
+    a, b, c = Owner(), Owner(), Owner()
+    first_a = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None, owner=a)
+    first_b = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None, owner=b)
+    tracker.finish(finished(first_a, Outcome.DROPPED))
+    tracker.finish(finished(first_b, Outcome.DROPPED))
+    a.ended = True  # the thread that failed first is gone
+    # b goes on to other work: a different body, so its failure is free for another context too
+    moved_on = first_b.logical_request_id
+    tracker.begin(explicit_id=None, fingerprint="other", previous_id=None, context_id=moved_on, owner=b)
+    taken = [tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None, owner=c) for _ in range(3)]
+    assert [t.logical_request_id for t in taken[:2]] == [first_a.logical_request_id, moved_on]
+    assert [t.attempt_number for t in taken] == [2, 2, 1]
+    assert all(len(t.now_retried) == 1 for t in taken[:2]) and taken[2].now_retried == ()
+
+
+def test_each_failure_is_claimed_by_one_resend_only():
+    tracker = RetryTracker()
+    first = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    tracker.finish(finished(first, Outcome.DROPPED))
+    resends = [tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None) for _ in range(2)]
+    assert [r.logical_request_id == first.logical_request_id for r in resends] == [True, False]
+
+
+def test_a_stream_the_application_stopped_reading_is_cancelled_waste_never_resent():
+    tracker = RetryTracker()
+    first = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    record = tracker.finish(finished(first, Outcome.CANCELLED))
+    assert record.wasted and record.waste_reason is WasteReason.CANCELLED
+    again = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
+    assert again.logical_request_id != first.logical_request_id and again.now_retried == ()

@@ -23,7 +23,7 @@ from costwatch import AttemptRecord, Outcome, Usage
 from costwatch.metrics import MetricsSink
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import PriceFileError, load_prices
-from costwatch.records import WORKFLOW_LABEL_LENGTH
+from costwatch.records import WORKFLOW_LABEL_LENGTH, WasteReason
 from costwatch.settings import SettingsError
 from costwatch.sinks import MemorySink
 from costwatch.spool import Spool
@@ -63,9 +63,11 @@ def test_a_malformed_sse_event_raises_the_sdk_own_error_and_is_recorded_with_exa
         (entry,) = server.ledger.wait_for(1)
     assert costwatch.flush(10)
     (record,) = sink.records
-    assert record.outcome is Outcome.CANCELLED  # the SDK stopped reading at its parse error
+    # The SDK raised at its parse error and closed the body: that error is what the application saw,
+    # not a stop of its own.
+    assert record.outcome is Outcome.STREAM_ERROR and record.error_type == "JSONDecodeError"
     assert record.usage.input_tokens == entry.input_tokens
-    assert record.usage.output_estimated and record.error_type is None
+    assert record.usage.output_estimated and record.waste_reason is WasteReason.ABANDONED
 
 
 def test_unknown_sse_events_are_skipped_and_the_attempt_is_billed_exactly(accounting) -> None:
@@ -105,7 +107,7 @@ def test_unknown_block_and_delta_types_are_counted_as_events_and_never_raise() -
     )
     assert meter.complete and meter.events == 7 and meter.malformed_events == 0
     assert meter.usage.input_tokens == 120 and meter.usage.output_tokens == 9
-    assert meter.chars == {"text": 0, "thinking": 0, "tool_input": 0}
+    assert meter.chars == {"text": 0, "thinking": 0, "tool_input": 0, "cjk": 0, "symbol": 0, "space": 0}
 
 
 @pytest.mark.parametrize(

@@ -149,6 +149,13 @@ def test_exporter_exposes_billed_totals_and_only_settled_abandoned_waste(store, 
     )
 
 
+def test_cancelled_waste_is_final_when_written_and_exposed_apart_from_abandoned(store, store_url):
+    store.write([record("c-stop", RECENT, outcome=Outcome.CANCELLED, waste=WasteReason.CANCELLED)])
+    _, registry = exporter(store_url)
+    assert wasted(registry, "cancelled") == 1000  # from the recent hours too: no retry can flip it
+    assert wasted(registry, "abandoned") == 0 and wasted(registry, "retried") == 0
+
+
 def test_two_exporters_over_one_database_agree(store, store_url):
     store.write(
         [record(f"a{i}", OLD + timedelta(minutes=i)) for i in range(5)]

@@ -228,6 +228,70 @@ def test_breaking_out_of_a_stream_closes_it_and_records_a_cancelled_attempt(acco
         (record,) = accounting.records()
     assert record.outcome is Outcome.CANCELLED and record.error_type is None
     assert record.usage.output_estimated and record.usage.input_tokens > 0
+    assert record.wasted and record.waste_reason is WasteReason.CANCELLED
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_the_application_stopped_reading_stays_cancelled_waste_when_the_same_body_is_sent_again(
+    accounting, mode
+):
+    with FakeAnthropicServer(ResponseSpec.small(2000)) as server:
+        if mode == "sync":
+            client = sync_client(server)
+            for event in client.messages.create(model=MODEL, max_tokens=8192, messages=MESSAGES, stream=True):
+                if event.type == "content_block_delta":
+                    break
+            create_stream(client)
+        else:
+
+            async def run():
+                client = async_client(server)
+                stream = await client.messages.create(
+                    model=MODEL, max_tokens=8192, messages=MESSAGES, stream=True
+                )
+                async for event in stream:
+                    if event.type == "content_block_delta":
+                        break
+                await stream.close()
+                await acreate_stream(client)
+
+            asyncio.run(run())
+    cancelled, again = sorted(accounting.records(), key=lambda r: r.started_at)
+    assert cancelled.outcome is Outcome.CANCELLED and cancelled.waste_reason is WasteReason.CANCELLED
+    assert cancelled.revision == 0 and cancelled.wasted_tokens > 0
+    assert again.outcome is Outcome.COMPLETED and again.attempt_number == 1
+    assert again.logical_request_id != cancelled.logical_request_id
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("fault", "seen"),
+    [(Fault.malformed_then_end(6), "JSONDecodeError"), (Fault.non_utf8_then_end(6), "UnicodeDecodeError")],
+    ids=["malformed-json", "non-utf8"],
+)
+def test_an_unreadable_event_then_a_normal_end_records_the_exception_the_application_saw(
+    accounting, mode, fault, seen
+):
+    with FakeAnthropicServer(ResponseSpec.small(300)) as server:
+        server.enqueue(fault)
+        with pytest.raises(Exception) as raised:
+            call(server, mode, "create_stream", max_retries=0)
+    (entry,) = server.ledger.entries  # once stopped: the server may still be writing what nobody reads
+    assert type(raised.value).__name__ == seen
+    (record,) = accounting.records()
+    assert record.outcome is Outcome.STREAM_ERROR and record.error_type == seen
+    assert record.usage.input_tokens == entry.input_tokens
+    assert record.waste_reason is WasteReason.ABANDONED and record.wasted_tokens > 0
+
+
+def test_an_unknown_event_then_a_normal_end_is_completed_and_exact(accounting):
+    with FakeAnthropicServer(ResponseSpec.small(300)) as server:
+        server.enqueue(Fault.unknown_event(6))
+        create_stream(sync_client(server, max_retries=0))
+        (entry,) = server.ledger.entries
+    (record,) = accounting.records()
+    assert record.outcome is Outcome.COMPLETED and record.error_type is None
+    assert_billed_like_ledger(record, entry)
 
 
 def test_a_non_streaming_body_cut_mid_way_is_a_dropped_attempt_the_sdk_retries(accounting):

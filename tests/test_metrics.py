@@ -210,6 +210,24 @@ def test_abandoned_waste_is_not_counted_until_the_retry_window_passes(sink, regi
     assert wasted(registry, "retried") == 0
 
 
+def test_cancelled_waste_is_counted_at_once_apart_from_retried_and_abandoned(sink, registry):
+    cancelled = attempt(
+        outcome=Outcome.CANCELLED,
+        usage=Usage(input_tokens=1000, output_tokens=30, output_estimated=True, estimated_output_tokens=30),
+        cost=Cost(input_usd=3.0, output_usd=0.45),
+        waste=WasteReason.CANCELLED,
+    )
+    sink.export([cancelled])
+    assert wasted(registry, "cancelled") == 1000
+    assert wasted(registry, "cancelled", "output") == 30
+    assert value(
+        registry, "costwatch_wasted_cost_usd_total", model=MODEL, reason="cancelled", workflow=""
+    ) == pytest.approx(3.45)
+    sink.settle()
+    assert wasted(registry, "abandoned") == 0 and wasted(registry, "retried") == 0
+    assert wasted(registry, "cancelled") == 1000
+
+
 def test_a_scrape_settles_abandoned_waste_whose_window_has_passed(sink, registry, clock):
     sink.export([dropped()])
     clock.now += 601

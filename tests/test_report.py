@@ -161,6 +161,40 @@ def test_subtracting_an_earlier_read_leaves_only_what_was_added_since():
     assert subtract_totals(before, before) == []
 
 
+def test_waste_is_split_by_reason_with_cancelled_apart_from_retried_and_abandoned():
+    assert rollup_group_by("model") == ("model", "outcome", "waste_reason")
+    rows = [
+        totals(
+            {"model": "m", "outcome": "dropped", "waste_reason": "retried"},
+            attempts=2,
+            wasted_input_tokens=1000,
+            wasted_output_tokens=20,
+            wasted_cost_usd=0.5,
+        ),
+        totals(
+            {"model": "m", "outcome": "dropped", "waste_reason": "abandoned"},
+            attempts=1,
+            wasted_input_tokens=300,
+            wasted_cost_usd=0.1,
+        ),
+        totals(
+            {"model": "m", "outcome": "cancelled", "waste_reason": "cancelled"},
+            attempts=1,
+            wasted_input_tokens=400,
+            wasted_output_tokens=7,
+            wasted_cost_usd=0.2,
+        ),
+        totals({"model": "m", "outcome": "completed", "waste_reason": ""}, attempts=3),
+    ]
+    report = build_report(rows, "model")
+    assert report["wasted_cost_usd_by_reason"] == {"retried": 0.5, "abandoned": 0.1, "cancelled": 0.2}
+    assert report["groups"][0]["wasted_cost_usd_by_reason"] == report["wasted_cost_usd_by_reason"]
+    console = Console(file=io.StringIO(), width=200)
+    render_table(report, console)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "$0.20 cancelled (the application stopped reading)" in text
+
+
 def test_json_rendering_is_one_object_with_the_documented_keys():
     report = build_report(sonnet_dropped_and_retried(), "model")
     parsed = json.loads(render_json(report))

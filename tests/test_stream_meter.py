@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from costwatch.estimation import count_scripts
 from costwatch.stream_meter import BodyMeter
 
 
@@ -89,6 +90,9 @@ def test_completed_stream_reports_exact_usage_and_counts_chars_by_content_type()
         "thinking": len("Let me think."),
         "text": len("Hello, world\n"),
         "tool_input": len('{"cmd": "ls -la"}'),
+        "cjk": 0,
+        "symbol": 0,
+        "space": 6,
     }
     assert meter.events == 14
     assert meter.bytes_received == sum(len(c) for c in full_stream())
@@ -112,10 +116,12 @@ def test_chunk_boundaries_anywhere_give_every_event_exactly_once(size, newline):
     for i in range(0, len(whole), size):
         meter.feed(whole[i : i + size])
     assert meter.complete and meter.events == 14 and meter.usage.output_tokens == 42
-    assert meter.chars == {
+    assert {key: meter.chars[key] for key in ("thinking", "text", "tool_input", "cjk", "symbol")} == {
         "thinking": len("Let me think."),
         "text": len("Hello, world\n"),
         "tool_input": len('{"cmd": "ls -la"}'),
+        "cjk": 0,
+        "symbol": 0,
     }
 
 
@@ -264,7 +270,7 @@ def test_a_later_cache_write_total_without_split_keeps_the_known_split():
 
 
 @pytest.mark.parametrize("ensure_ascii", [False, True], ids=["utf8", "ascii_escapes"])
-def test_delta_lengths_are_exact_for_any_text_in_the_apis_compact_form(ensure_ascii):
+def test_delta_lengths_and_scripts_are_exact_for_any_text_in_the_apis_compact_form(ensure_ascii):
     import random
 
     rng = random.Random(11)
@@ -283,8 +289,15 @@ def test_delta_lengths_are_exact_for_any_text_in_the_apis_compact_form(ensure_as
                 ensure_ascii=ensure_ascii,
             )
             meter.feed(b"event: content_block_delta\ndata: " + data.encode() + b"\n\n")
-    total = sum(len(t) for t in texts)
-    assert meter.chars == {"text": total, "thinking": total, "tool_input": total}
+    scripts = [count_scripts(t) for t in texts]
+    alphabetic = sum(len(t) - cjk - symbol for t, (cjk, symbol, _) in zip(texts, scripts, strict=True))
+    assert {key: meter.chars[key] for key in ("text", "thinking", "tool_input", "cjk", "symbol")} == {
+        "text": alphabetic,
+        "thinking": alphabetic,
+        "tool_input": alphabetic,
+        "cjk": 3 * sum(cjk for cjk, _, _ in scripts),
+        "symbol": 3 * sum(symbol for _, symbol, _ in scripts),
+    }
     assert meter.malformed_events == 0
 
 

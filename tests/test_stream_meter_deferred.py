@@ -278,7 +278,8 @@ def test_a_stream_cut_after_the_meter_deferred_is_estimated_from_exact_chars(acc
     (record,) = accounting.records()
     assert record.outcome is Outcome.DROPPED and record.usage.output_estimated
     (chars,) = estimator.estimated
-    assert {k: v for k, v in chars.items() if v} == {k: v for k, v in entry.chars_by_type.items() if v}
+    received = {k: v for k, v in chars.items() if v and k != "space"}  # whitespace: a subset of text
+    assert received == {k: v for k, v in entry.chars_by_type.items() if v}
     assert record.events_received == entry.events_sent
 
 

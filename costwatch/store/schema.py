@@ -19,6 +19,7 @@ __all__ = [
     "ALL_TIME_DIMENSIONS",
     "ALL_TIME_ROLLUPS",
     "ATTEMPTS",
+    "CALIBRATION_SAMPLES",
     "NAMING_CONVENTION",
     "REJECTED_ATTEMPTS",
     "ROLLUPS",
@@ -28,6 +29,7 @@ __all__ = [
     "AllTimeRollup",
     "Attempt",
     "Base",
+    "CalibrationSample",
     "HourlyRollup",
     "RejectedAttempt",
     "UtcDateTime",
@@ -289,3 +291,31 @@ class RejectedAttempt(Base):
 
 REJECTED_ATTEMPTS = cast(sa.Table, RejectedAttempt.__table__)
 """The dead-letter table of refused attempt records, for Core statements."""
+
+
+class CalibrationSample(Base):
+    """The characters of output an attempt received, by content type and class, and its output tokens.
+
+    Completed attempts measured to calibrate the output estimator (``output_tokens`` reported) are the
+    fleet's calibration; dropped ones (``output_tokens`` NULL: estimated) keep what their estimate was
+    made from. Counts only, never text. ``writer`` says which process wrote the row, so a process
+    refreshing its calibration skips the samples it has already seen itself.
+    """
+
+    __tablename__ = "costwatch_calibration_samples"
+
+    # An integer key in insertion order: the cursor of a refresh (ids drawn at an attempt's start
+    # are written out of order, by as long as a stream lasts).
+    sample_id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    attempt_id: Mapped[str] = mapped_column(sa.String(), unique=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    model: Mapped[str] = mapped_column(sa.String())
+    output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
+    chars: Mapped[dict[str, int]] = mapped_column(sa.JSON())
+    writer: Mapped[str] = mapped_column(sa.String())
+
+
+CALIBRATION_SAMPLES = cast(sa.Table, CalibrationSample.__table__)
+"""The calibration samples table, for Core statements."""

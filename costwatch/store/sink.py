@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -9,11 +10,13 @@ import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
-from ..records import AttemptRecord
+from ..records import AttemptRecord, new_id
 from ..settings import default_of, load_settings
 from ..validation import clean_text
 from .database import READ_ONLY_OPTION, checked_database_url, create_store_engine, database_url, safe_url
@@ -21,10 +24,27 @@ from .migrate import ensure_migrated
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
 from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
 from .rows import record_from_row
-from .schema import ATTEMPTS, REJECTED_ATTEMPTS
-from .write import BatchResult, write_batch
+from .schema import ATTEMPTS, CALIBRATION_SAMPLES, REJECTED_ATTEMPTS
+from .write import BatchResult, insert_calibration_samples, write_batch
 
-__all__ = ["DEFAULT_RETRY_WINDOW", "PRUNE_BATCH", "SqlStore", "store_name"]
+__all__ = ["DEFAULT_RETRY_WINDOW", "PRUNE_BATCH", "CalibrationRow", "SqlStore", "store_name"]
+
+
+class CalibrationRow(NamedTuple):
+    """One stored calibration sample: what a completed attempt received, and its reported output."""
+
+    sample_id: int
+    model: str
+    chars: Mapping[str, int]
+    output_tokens: int
+
+
+def _new_writer_id() -> str:
+    return new_id()
+
+
+_writer_id = _new_writer_id()
+"""This process's mark on the calibration samples it writes (drawn again in a forked child)."""
 
 log = logging.getLogger("costwatch")
 
@@ -132,7 +152,32 @@ class SqlStore:
 
     def _write_once(self, records: Sequence[AttemptRecord]) -> BatchResult:
         with self.engine.begin() as connection:
-            return write_batch(connection, records, retry_window=self.retry_window)
+            result = write_batch(connection, records, retry_window=self.retry_window)
+            insert_calibration_samples(connection, records, _writer_id)
+            return result
+
+    # -- calibration -------------------------------------------------------------------------
+    def calibration_samples(
+        self, *, after: int = 0, since: datetime | None = None, limit: int = 5_000, others_only: bool = False
+    ) -> list[CalibrationRow]:
+        """Stored calibration samples (reported output only) with ``sample_id`` above ``after``, oldest
+        first: at most the ``limit`` newest, of attempts started at ``since`` or later, and with
+        ``others_only`` only those other processes wrote."""
+        table = CALIBRATION_SAMPLES
+        query = sa.select(table.c.sample_id, table.c.model, table.c.chars, table.c.output_tokens).where(
+            table.c.sample_id > after, table.c.output_tokens.is_not(None)
+        )
+        if since is not None:
+            query = query.where(table.c.started_at >= since)
+        if others_only:
+            query = query.where(table.c.writer != _writer_id)
+        query = query.order_by(table.c.sample_id.desc()).limit(limit)
+        with self._read() as connection:
+            rows = connection.execute(query).all()
+        return [
+            CalibrationRow(int(row.sample_id), row.model, _chars(row.chars), int(row.output_tokens))
+            for row in reversed(rows)
+        ]
 
     def _write_isolating(self, records: Sequence[AttemptRecord], refusal: Exception) -> BatchResult:
         """Write ``records``, one of which the database refused, by halves; keep the refused apart."""
@@ -257,7 +302,14 @@ class SqlStore:
                 sa.select(ATTEMPTS).where(ATTEMPTS.c.attempt_id == attempt_id)
             ).mappings()
             found = row.first()
-        return record_from_row(found) if found is not None else None
+            if found is None:
+                return None
+            chars = connection.execute(
+                sa.select(CALIBRATION_SAMPLES.c.chars).where(CALIBRATION_SAMPLES.c.attempt_id == attempt_id)
+            ).scalar()
+        record = record_from_row(found)
+        # The output characters live with the calibration samples, not in the attempts table.
+        return dataclasses.replace(record, output_chars=MappingProxyType(_chars(chars))) if chars else record
 
     def attempt_count(self) -> int:
         """How many raw attempt rows the store holds."""
@@ -274,7 +326,20 @@ class SqlStore:
         self._lock = threading.Lock()
 
 
+def _chars(value: object) -> dict[str, int]:
+    """Counts read back from JSON, anything unusable left out (a sample is advice, never trusted blindly)."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {
+        str(key): count
+        for key, count in value.items()
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0
+    }
+
+
 def _reset_stores_in_child() -> None:
+    global _writer_id
+    _writer_id = _new_writer_id()
     for store in list(_live_stores):
         store._after_fork_in_child()
 

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
 from ..records import AttemptRecord, WasteReason
@@ -47,6 +47,7 @@ from .schema import (
     ALL_TIME_DIMENSIONS,
     ALL_TIME_ROLLUPS,
     ATTEMPTS,
+    CALIBRATION_SAMPLES,
     ROLLUP_DIMENSIONS,
     ROLLUP_MEASURES,
     ROLLUPS,
@@ -54,7 +55,7 @@ from .schema import (
     utc_hour,
 )
 
-__all__ = ["BatchResult", "latest_revisions", "write_batch"]
+__all__ = ["BatchResult", "insert_calibration_samples", "latest_revisions", "write_batch"]
 
 _ROLLUP_COLUMNS = (*ROLLUP_DIMENSIONS, *ROLLUP_MEASURES)
 
@@ -538,3 +539,30 @@ def write_batch(
     retried, abandoned = _reclassify_retried(connection, [*inserted, *revised], retry_window)
     _apply_rollups(connection, rollup_delta_rows([*inserted, *revised, *retried], [*replaced, *abandoned]))
     return BatchResult(inserted=len(inserted), revised=len(revised), reclassified=len(retried))
+
+
+def insert_calibration_samples(
+    connection: sa.Connection, records: Sequence[AttemptRecord], writer: str
+) -> int:
+    """Store the output characters of the records that carry them (once per attempt); returns how many
+    rows the batch offered."""
+    rows = [
+        {
+            "attempt_id": record.attempt_id,
+            "started_at": record.started_at,
+            "model": record.model_name,
+            "output_tokens": None if record.usage.output_estimated else record.usage.output_tokens,
+            "chars": dict(record.output_chars),
+            "writer": writer,
+        }
+        for record in latest_revisions(records)
+        if record.output_chars and record.model_name
+    ]
+    if not rows:
+        return 0
+    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    # A revision of the same attempt (a waste flip, a redelivered batch) carries the same counts.
+    connection.execute(
+        insert(CALIBRATION_SAMPLES).on_conflict_do_nothing(index_elements=["attempt_id"]), rows
+    )
+    return len(rows)

@@ -50,6 +50,8 @@ class FaultKind(str, enum.Enum):
     END_EARLY = "end_early"
     MALFORMED_JSON = "malformed_json"
     UNKNOWN_EVENT = "unknown_event"
+    MALFORMED_THEN_END = "malformed_then_end"
+    NON_UTF8_THEN_END = "non_utf8_then_end"
 
     @property
     def cuts(self) -> bool:
@@ -200,6 +202,18 @@ class Fault:
     def unknown_event(cls, after_events: int) -> Fault:
         """Insert an event of a type no SDK knows after ``after_events`` events; the stream goes on."""
         return cls(FaultKind.UNKNOWN_EVENT, count=after_events)
+
+    @classmethod
+    def malformed_then_end(cls, after_events: int) -> Fault:
+        """Insert a delta event whose data is broken JSON after ``after_events`` events; the stream then
+        goes on to its normal end (``message_delta``, ``message_stop``), billed in full."""
+        return cls(FaultKind.MALFORMED_THEN_END, count=after_events)
+
+    @classmethod
+    def non_utf8_then_end(cls, after_events: int) -> Fault:
+        """Insert a delta event with bytes that are not UTF-8 after ``after_events`` events; the stream
+        then goes on to its normal end, billed in full."""
+        return cls(FaultKind.NON_UTF8_THEN_END, count=after_events)
 
     # -- header form --------------------------------------------------------------------------------
     def header_value(self) -> str:

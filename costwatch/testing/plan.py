@@ -38,6 +38,7 @@ __all__ = [
     "error_message",
     "malformed_event",
     "max_tokens_of",
+    "non_utf8_event",
     "plan_response",
     "position_after_deltas",
     "position_of_delta",
@@ -97,6 +98,14 @@ def malformed_event() -> bytes:
     """A ``content_block_delta`` event whose data is cut-off JSON."""
     return (
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"te\n\n'
+    )
+
+
+def non_utf8_event() -> bytes:
+    """A text ``content_block_delta`` event with two bytes that are not UTF-8 in its text."""
+    return (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"\xff\xfe"}}\n\n'
     )
 
 

@@ -42,6 +42,7 @@ from .plan import (
     error_event,
     error_message,
     malformed_event,
+    non_utf8_event,
     plan_response,
     position_after_deltas,
     position_of_delta,
@@ -374,6 +375,15 @@ class FakeAnthropicServer:
                 self._open_responses -= 1
 
 
+_INSERTED_EVENTS = {
+    FaultKind.UNKNOWN_EVENT: PlannedEvent("costwatch_unknown", unknown_event()),
+    # Not a delta of the plan (name differs), so billing counts only the planned deltas' tokens.
+    FaultKind.MALFORMED_THEN_END: PlannedEvent("costwatch_malformed", malformed_event()),
+    FaultKind.NON_UTF8_THEN_END: PlannedEvent("costwatch_non_utf8", non_utf8_event()),
+}
+"""Faults that insert one event into an otherwise whole stream, and the event."""
+
+
 class _Attempt:
     """Writes the answer to one request and records its ledger entry."""
 
@@ -552,10 +562,10 @@ class _Attempt:
 
     def stream(self, plan: ResponsePlan, spec: ResponseSpec, fault: Fault | None) -> bool:
         events = plan.events
-        if fault is not None and fault.kind is FaultKind.UNKNOWN_EVENT:
+        inserted = _INSERTED_EVENTS.get(fault.kind) if fault is not None else None
+        if fault is not None and inserted is not None:
             position = min(fault.count, len(events) - 1)
-            extra = PlannedEvent("costwatch_unknown", unknown_event())
-            events = (*events[:position], extra, *events[position:])
+            events = (*events[:position], inserted, *events[position:])
         if self.route.platform == BEDROCK:
             events = bedrock_events(events, plan)
         cut = stream_cut_for(fault, events)

@@ -83,13 +83,26 @@ def upgrade() -> None:
         sa.column("started_at", sa.DateTime(timezone=True)),
         *(
             sa.column(name, sa.String())
-            for name in ("model", "model_requested", "outcome", "error_type", "api_error_type", "waste_reason")
+            for name in (
+                "model",
+                "model_requested",
+                "outcome",
+                "error_type",
+                "api_error_type",
+                "waste_reason",
+            )
         ),
         sa.column("wasted", sa.Boolean()),
         sa.column("tags", sa.JSON()),
         *(
             sa.column(name, sa.BigInteger())
-            for name in ("input_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens", "cache_read_tokens", "output_tokens")
+            for name in (
+                "input_tokens",
+                "cache_write_5m_tokens",
+                "cache_write_1h_tokens",
+                "cache_read_tokens",
+                "output_tokens",
+            )
         ),
         *(
             sa.column(name, sa.Double())
@@ -102,7 +115,10 @@ def upgrade() -> None:
     after = ""
     while True:  # keyset pages, so a large store is never held in memory at once
         page = connection.execute(
-            sa.select(attempts).where(wanted, attempts.c.attempt_id > after).order_by(attempts.c.attempt_id).limit(_READ_BATCH)
+            sa.select(attempts)
+            .where(wanted, attempts.c.attempt_id > after)
+            .order_by(attempts.c.attempt_id)
+            .limit(_READ_BATCH)
         ).all()
         if not page:
             break
@@ -124,7 +140,11 @@ def upgrade() -> None:
                 values[4] += row.cache_write_cost_usd
                 values[5] += row.output_cost_usd
     names = (*_COUNTS, *_COSTS)
-    hourly = sa.table("costwatch_hourly_rollups", sa.column("hour", sa.DateTime(timezone=True)), *(sa.column(n) for n in (*_DIMENSIONS, *names)))
+    hourly = sa.table(
+        "costwatch_hourly_rollups",
+        sa.column("hour", sa.DateTime(timezone=True)),
+        *(sa.column(n) for n in (*_DIMENSIONS, *names)),
+    )
     all_time = sa.table("costwatch_all_time_rollups", *(sa.column(n) for n in (*_DIMENSIONS, *names)))
     for table, keyed in ((hourly, True), (all_time, False)):
         merged: dict[tuple[Any, ...], list[float]] = {}
@@ -133,7 +153,9 @@ def upgrade() -> None:
             known = merged.setdefault(target, [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0])
             for i, value in enumerate(values):
                 known[i] += value
-        columns = [table.c.hour, *(table.c[d] for d in _DIMENSIONS)] if keyed else [table.c[d] for d in _DIMENSIONS]
+        columns = (
+            [table.c.hour, *(table.c[d] for d in _DIMENSIONS)] if keyed else [table.c[d] for d in _DIMENSIONS]
+        )
         for key, values in sorted(merged.items()):
             where = [column == value for column, value in zip(columns, key, strict=True)]
             connection.execute(sa.update(table).where(*where).values(dict(zip(names, values, strict=True))))
@@ -143,6 +165,10 @@ def downgrade() -> None:
     """Drop the columns (the attempts still hold what they were computed from)."""
     # ALTER TABLE ... DROP COLUMN on both backends (SQLite 3.35 and later), for the same reason.
     for table in (*_TABLES, "costwatch_attempts"):
-        names = ("server_tool_cost_usd", "inference_geo") if table == "costwatch_attempts" else (*_COUNTS, *_COSTS)
+        names = (
+            ("server_tool_cost_usd", "inference_geo")
+            if table == "costwatch_attempts"
+            else (*_COUNTS, *_COSTS)
+        )
         for name in names:
             op.execute(f"ALTER TABLE {table} DROP COLUMN {name}")
