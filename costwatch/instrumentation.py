@@ -975,6 +975,13 @@ def instrument(
             tracker=RetryTracker(window_s=config.retry_window_s),
         )
         added += _fleet_calibration(added, accountant.estimator, config)
+        if sinks is None:
+            # Reading the fleet's calibration pooled a connection: the first write connects afresh
+            # (see SqlStore.prepare), to the database as it then is.
+            for sink in added:
+                close = getattr(sink, "close_connections", None)
+                if callable(close):
+                    _guard("store_prepare", close)
         for sink in added:
             pipeline.add_sink(sink)
         if any(pipeline.spool.has_segments(sink.name) for sink in added):

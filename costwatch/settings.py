@@ -104,132 +104,168 @@ class Setting:
         return f"{kind} from {_number_text(self.low)} to {_number_text(self.high)}"
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "database_url",
+def _setting(
+    env: str,
+    parse: Callable[[str], Any],
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+) -> Any:
+    """One setting: a field of :class:`Settings` whose metadata is its row of :data:`SETTINGS`."""
+    return dataclasses.field(
+        default=default, metadata={"env": env, "parse": parse, "help": help, "low": low, "high": high}
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings in effect: one typed field per setting, with its variable, parser, bounds and help."""
+
+    # a URL's text, or a SQLAlchemy URL given as a keyword (kept as given, never rendered)
+    database_url: Any = _setting(
         "COSTWATCH_DATABASE_URL",
         _text,
         "sqlite:///costwatch.db",
         "Where attempt records are stored (SQLAlchemy URL; SQLite file or PostgreSQL).",
-    ),
-    Setting(
-        "store",
+    )
+
+    store: bool = _setting(
         "COSTWATCH_STORE",
         _bool,
         True,
         "Write attempt records to the database (off: only metrics, spans and custom sinks).",
-    ),
-    Setting(
-        "spool_dir",
+    )
+
+    spool_dir: str | os.PathLike[str] = _setting(
         "COSTWATCH_SPOOL_DIR",
         _text,
         ".costwatch/spool",
         "Where records wait on local disk while the database is down or slow.",
-    ),
-    Setting(
-        "prices_file",
+    )
+
+    prices_file: str | os.PathLike[str] | None = _setting(
         "COSTWATCH_PRICES_FILE",
         _text,
         None,
         "A JSON price file merged over the built-in price table.",
-    ),
-    Setting(
-        "retry_window_s",
+    )
+
+    retry_window_s: float = _setting(
         "COSTWATCH_RETRY_WINDOW",
         _positive_float,
         600.0,
         "Seconds within which a resent identical request counts as a retry of a failed one.",
         low=0.001,
         high=7 * 24 * 3600,
-    ),
-    Setting(
-        "queue_capacity",
+    )
+
+    queue_capacity: int = _setting(
         "COSTWATCH_QUEUE_CAPACITY",
         _positive_int,
         100_000,
         "Records held in memory before new ones are spooled to disk.",
         low=1,
         high=10_000_000,
-    ),
-    Setting(
-        "batch_size",
+    )
+
+    batch_size: int = _setting(
         "COSTWATCH_BATCH_SIZE",
         _positive_int,
         500,
         "Records written per database transaction.",
         low=1,
         high=100_000,
-    ),
-    Setting(
-        "flush_interval_s",
+    )
+
+    flush_interval_s: float = _setting(
         "COSTWATCH_FLUSH_INTERVAL",
         _positive_float,
         1.0,
         "Seconds between writes when fewer than a batch of records are waiting.",
         low=0.001,
         high=3600,
-    ),
-    Setting(
-        "metrics", "COSTWATCH_METRICS", _bool, True, "Count attempts in Prometheus metrics in this process."
-    ),
-    Setting(
-        "metrics_exporter",
+    )
+
+    metrics: bool = _setting(
+        "COSTWATCH_METRICS",
+        _bool,
+        True,
+        "Count attempts in Prometheus metrics in this process.",
+    )
+
+    metrics_exporter: str = _setting(
         "COSTWATCH_METRICS_EXPORTER",
         _metrics_exporter,
         "prometheus",
         "`otlp`: also send the metrics over OTLP (the `OTEL_EXPORTER_OTLP_*` variables; `costwatch[otlp]`).",
-    ),
-    Setting(
-        "workflow_label_limit",
+    )
+
+    workflow_label_limit: int = _setting(
         "COSTWATCH_WORKFLOW_LABEL_LIMIT",
         _positive_int,
         20,
         "Distinct `workflow` label values kept in metrics; the rest are reported as `other`.",
         low=1,
         high=10_000,
-    ),
-    Setting(
-        "calibration_refresh_s",
+    )
+
+    calibration_refresh_s: float = _setting(
         "COSTWATCH_CALIBRATION_REFRESH",
         _positive_float,
         300.0,
         "Seconds between reads of the calibration samples other processes stored (output estimates).",
-    ),
-    Setting(
-        "model_label_limit",
+    )
+
+    model_label_limit: int = _setting(
         "COSTWATCH_MODEL_LABEL_LIMIT",
         _positive_int,
         50,
         "Distinct `model` label values kept in metrics; the rest are reported as `other`.",
         low=1,
         high=10_000,
-    ),
-    Setting(
-        "retention_days",
+    )
+
+    retention_days: float | None = _setting(
         "COSTWATCH_RETENTION_DAYS",
         _positive_float,
         None,
         "Days of raw attempt rows `costwatch serve` keeps (pruned hourly; rollups keep every total).",
         low=1,
         high=36_500,
-    ),
-    Setting(
-        "waste_budget_usd_per_hour",
+    )
+
+    waste_budget_usd_per_hour: float | None = _setting(
         "COSTWATCH_WASTE_BUDGET_USD_PER_HOUR",
         _non_negative_float,
         None,
         "Refuse retries of failed requests once the scope wasted more USD in the last hour (unset: off).",
         low=0,
         high=1_000_000_000,
-    ),
-    Setting(
-        "waste_budget_scope",
+    )
+
+    waste_budget_scope: str = _setting(
         "COSTWATCH_WASTE_BUDGET_SCOPE",
         _budget_scope,
         "process",
         "What the waste budget counts over: `process` (all waste) or `workflow` (each workflow tag alone).",
-    ),
+    )
+
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(
+        f.name,
+        f.metadata["env"],
+        f.metadata["parse"],
+        f.default,
+        f.metadata["help"],
+        low=f.metadata["low"],
+        high=f.metadata["high"],
+    )
+    for f in dataclasses.fields(Settings)
 )
+"""The settings table, one row per field of :class:`Settings` (the README's table is generated from it)."""
 
 _BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -239,15 +275,9 @@ def default_of(name: str) -> Any:
     return _BY_NAME[name].default
 
 
-Settings = dataclasses.make_dataclass(
-    "Settings", [(s.name, Any, dataclasses.field(default=s.default)) for s in SETTINGS], frozen=True
-)
-Settings.__doc__ = "The settings in effect, one attribute per row of :data:`SETTINGS`."
-
-
 def load_settings(
     overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-) -> Any:
+) -> Settings:
     """The settings from keyword ``overrides``, then ``environ`` (default ``os.environ``), then defaults."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}

@@ -22,12 +22,10 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-from .estimation import count_scripts
+from .estimation import CONTENT_TYPES, count_scripts
 
-__all__ = ["CHAR_KEYS", "CONTENT_TYPES", "FOLD_BYTES", "BodyMeter", "ReportedUsage"]
+__all__ = ["CHAR_KEYS", "FOLD_BYTES", "BodyMeter", "ReportedUsage"]
 
-CONTENT_TYPES = ("text", "thinking", "tool_input")
-"""The content types whose characters are counted to estimate the output of a cut stream."""
 
 CHAR_KEYS = (*CONTENT_TYPES, "cjk", "symbol", "space")
 """The keys of :attr:`BodyMeter.chars`."""

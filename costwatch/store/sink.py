@@ -126,7 +126,14 @@ class SqlStore:
         kept open: the first write connects to the database as it then is (a SQLite file moved or
         removed meanwhile must fail that write and spool, not go to the file that was).
         """
-        self.engine.dispose()  # the property creates the engine and migrates
+        self.engine  # noqa: B018  (the property creates the engine and migrates)
+        self.close_connections()
+
+    def close_connections(self) -> None:
+        """Close the pooled connections (the engine stays): the next use connects afresh."""
+        with self._lock:
+            if self._engine is not None:
+                self._engine.dispose()
 
     # -- the Sink side -----------------------------------------------------------------------
     def export(self, records: Sequence[AttemptRecord]) -> None:
