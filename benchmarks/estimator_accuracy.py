@@ -5,7 +5,8 @@ production; then the same kind of stream is cut after a random number of ``conte
 events, and each dropped attempt's estimate is compared with the tokens the server billed (its ledger).
 Three ways to be calibrated: not at all (a fresh process and a fresh store), by completed streams
 of the same process, and by completed streams another process stored (a fresh process over a warm
-store: the calibration samples loaded at ``instrument()``). Prints a markdown table and a JSON line.
+store: the calibration samples loaded at ``instrument()``). A fourth row counts instead of estimating
+(``count_partial_output``: the fake's ``count_tokens``). Prints a markdown table and a JSON line.
 Run: ``python benchmarks/estimator_accuracy.py [--cuts N]``.
 """
 
@@ -47,12 +48,16 @@ def warm_store(store_url: str, spool: Path, streams: int, seed: int) -> None:
         pipeline.shutdown()
 
 
-def run(cuts: int, warm_up: int, seed: int, store_url: str | None = None) -> dict[str, float]:
+def run(
+    cuts: int, warm_up: int, seed: int, store_url: str | None = None, count: bool = False
+) -> dict[str, float]:
     rng = random.Random(seed)
     sink = MemorySink()
     pipeline = Pipeline()
     sinks = [sink] if store_url is None else [sink, SqlStore(store_url)]
-    costwatch.instrument(pipeline=pipeline, sinks=sinks, listeners=[])
+    # The fake API has no rate limit on count_tokens: the bench counts as fast as it can.
+    counting = {"count_partial_output": True, "count_partial_output_rate": 100} if count else {}
+    costwatch.instrument(pipeline=pipeline, sinks=sinks, listeners=[], **counting)
     try:
         with FakeAnthropicServer(ResponseSpec(seed=seed)) as server:
             client = anthropic.Anthropic(base_url=server.base_url, api_key="bench", max_retries=0)
@@ -70,14 +75,14 @@ def run(cuts: int, warm_up: int, seed: int, store_url: str | None = None) -> dic
 
             for i in range(warm_up):
                 stream(i)
-            pipeline.flush()
+            costwatch.flush()
             sink.clear()
             server.ledger.clear()
             for i in range(cuts):
                 server.enqueue(Fault.cut_after_deltas(rng.randint(1, deltas)))
                 stream(warm_up + i)
             entries = {e.request_id: e for e in server.ledger.entries}
-            pipeline.flush()
+            costwatch.flush(None)  # with count: waits for the counts, while the fake still answers
     finally:
         costwatch.uninstrument()
         pipeline.shutdown()
@@ -111,18 +116,20 @@ def main() -> None:
         store_url = f"sqlite:///{Path(tmp) / 'store.db'}"
         warm_store(store_url, Path(tmp) / "spool", args.warm_up, args.seed + 1)
         fleet = run(args.cuts, 0, args.seed, store_url)
+    counted = run(args.cuts, 0, args.seed, count=True)
     print("| estimator | cuts | total error | median error | p90 error | max error |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, result in (
         ("defaults (fresh process, fresh store)", cold),
         (f"after {args.warm_up} completed streams in the same process", warm),
         (f"fresh process over a store holding {args.warm_up} completed streams", fleet),
+        ("count_partial_output (fresh process, fresh store)", counted),
     ):
         print(
             f"| {name} | {result['cuts']} | {result['total_error']:.1%} | {result['median_error']:.1%} "
             f"| {result['p90_error']:.1%} | {result['max_error']:.1%} |"
         )
-    print(json.dumps({"uncalibrated": cold, "calibrated": warm, "fleet": fleet}))
+    print(json.dumps({"uncalibrated": cold, "calibrated": warm, "fleet": fleet, "counted": counted}))
 
 
 if __name__ == "__main__":

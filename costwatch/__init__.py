@@ -15,7 +15,7 @@ from __future__ import annotations
 from ._version import __version__
 from .context import logical_request, tags
 from .instrumentation import flush, instrument, is_instrumented, uninstrument
-from .records import AttemptRecord, Cost, Outcome, TokenType, Usage, WasteReason
+from .records import AttemptRecord, Cost, Outcome, OutputSource, TokenType, Usage, WasteReason
 from .retries import (
     IncompleteStreamError,
     RetriedStream,
@@ -33,6 +33,7 @@ __all__ = [
     "IncompleteStreamError",
     "MemorySink",
     "Outcome",
+    "OutputSource",
     "RetriedStream",
     "RetryPolicy",
     "SettingsError",

@@ -1208,7 +1208,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one logical request's attempts as a timeline",
         description=(
             "Every attempt of one logical request, in order: how it ended, its error, its tokens by "
-            "type (output reported by the API or estimated), its cost, and the gap before the retry."
+            "type (and where the output count came from: reported, estimated, counted), its cost, and "
+            "the gap before the retry."
         ),
         formatter_class=_FORMATTER,
         epilog=_epilog(

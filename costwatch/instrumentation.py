@@ -20,6 +20,7 @@ never raised.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import importlib
 import json
 import logging
@@ -42,11 +43,12 @@ from .estimation import OutputEstimator
 from .event_stream import CONTENT_TYPE as EVENT_STREAM_CONTENT_TYPE
 from .event_stream import EventStreamMeter
 from .health import instrumentation_errors
+from .partial_output import CountTarget, PartialOutputCounter, count_target
 from .pipeline import Pipeline, drain_before_exit, get_pipeline, interrupt_before_exit
 from .platforms import ANTHROPIC, is_platform_path, route_of
 from .pricing import PriceTable, load_prices
 from .prompt_prefix import PromptSize, measure
-from .records import AttemptRecord, AttemptStart, Outcome, OutputSource, Usage, fingerprint_of, new_id
+from .records import AttemptRecord, AttemptStart, Cost, Outcome, OutputSource, Usage, fingerprint_of, new_id
 from .settings import SettingsError, load_settings
 from .sinks import AttemptListener, Sink
 from .spool import SPOOL_DIR_ENV
@@ -90,12 +92,23 @@ class Accountant:
         estimator: OutputEstimator | None = None,
         tracker: RetryTracker | None = None,
         listeners: Iterable[AttemptListener] = (),
+        count_partial_output_rate: float | None = None,
     ) -> None:
         self.listeners = tuple(listeners)
         self.pipeline = pipeline
         self.prices = prices
         self.estimator = estimator or OutputEstimator()
         self.tracker = tracker or RetryTracker()
+        self.counter: PartialOutputCounter | None = None
+        """With ``count_partial_output_rate``: counts the text of cut streams (``count_partial_output``)."""
+        if count_partial_output_rate is not None:
+            self.counter = PartialOutputCounter(
+                submit=pipeline.submit,
+                with_usage=self.with_usage,
+                rate_per_s=count_partial_output_rate,
+                remember_s=self.tracker.window_s,
+                observe=self._calibrate_on_count,
+            )
 
     def begin(self, request: Any, owner: object = None) -> _Attempt:
         """Open the account of one attempt about to be sent by ``owner``, the thread or task sending it."""
@@ -135,8 +148,11 @@ class Accountant:
             owner=owner,
         )
         _last_logical_request.set((owner, assignment.logical_request_id))
+        counter = self.counter
         for record in assignment.now_retried:
-            self.pipeline.submit(record)
+            revised = record if counter is None else counter.revision(record)
+            if revised is not None:  # else it waits for its attempt's count
+                self.pipeline.submit(revised)
         beta = wanted.get(b"anthropic-beta")
         attempt = _Attempt(
             self,
@@ -159,6 +175,9 @@ class Accountant:
             attempt.prompt_size = _guard("prompt_size", _prompt_size, body)
         if route.platform != ANTHROPIC:
             attempt.platform = route.platform
+        elif self.counter is not None:
+            # Platforms are never counted (docs/platforms.md); first-party text may be, if cut.
+            attempt.count_target = count_target(url, request.headers.raw)
         if self.listeners:
             start = AttemptStart(
                 attempt_id=attempt.attempt_id,
@@ -267,14 +286,7 @@ class Accountant:
             inference_geo = reported.inference_geo
             if meter.first_delta_at is not None:
                 first_token_s = meter.first_delta_at - started
-        cost = None
-        # The price table is the first-party API's; a platform's own prices are not in it, and an
-        # attempt there stays unpriced rather than priced at a guess.
-        if model and attempt.platform == ANTHROPIC:
-            try:
-                cost = self.prices.cost(model, usage, inference_geo=inference_geo, server_tool_use=tool_use)
-            except Exception as exc:  # the record is kept, unpriced: tokens are the ground truth
-                instrumentation_errors.record("price", exc)
+        cost = self._price(model, usage, attempt.platform, inference_geo, tool_use)
         fingerprint, body = attempt.fingerprint, attempt.body
         prompt_size = attempt.prompt_size
         attempt.body = None
@@ -326,8 +338,52 @@ class Accountant:
             budget.observe(record)
         for listener, state in attempt.listener_states:
             _guard("listener_finish", listener.attempt_finished, state, record)
+        if attempt.count_target is not None and self._held_to_count(attempt, record):
+            return  # the counter sends it on once its text is counted
         # A completed attempt's large body is fingerprinted later, on the pipeline's thread.
         self.pipeline.submit(record, body_to_fingerprint=body)
+
+    def _calibrate_on_count(self, record: AttemptRecord) -> None:
+        # A counted cut stream is exact output for known characters: as good a sample as a completed one.
+        if record.output_chars:
+            self.estimator.observe(record.model_name, record.output_chars, record.usage.output_tokens)
+
+    def _held_to_count(self, attempt: _Attempt, record: AttemptRecord) -> bool:
+        """Whether the counter took this record to count the text its cut stream received."""
+        meter, target, counter = attempt.meter, attempt.count_target, self.counter
+        attempt.count_target = None  # the credentials go with the text, or nowhere
+        if not isinstance(meter, BodyMeter):
+            return False
+        pieces, meter.texts = meter.texts, None
+        if counter is None or target is None or not pieces or record.usage.output_source is not _ESTIMATED:
+            return False
+        return counter.hold(record, target, {kind: "".join(parts) for kind, parts in pieces.items()})
+
+    def _price(
+        self,
+        model: str,
+        usage: Usage,
+        platform: str,
+        inference_geo: str | None,
+        tool_use: Mapping[str, int],
+    ) -> Cost | None:
+        """The cost of ``usage`` on ``model``; ``None`` when unpriced."""
+        # The price table is the first-party API's; a platform's own prices are not in it, and an
+        # attempt there stays unpriced rather than priced at a guess.
+        if not model or platform != ANTHROPIC:
+            return None
+        try:
+            return self.prices.cost(model, usage, inference_geo=inference_geo, server_tool_use=tool_use)
+        except Exception as exc:  # the record is kept, unpriced: tokens are the ground truth
+            instrumentation_errors.record("price", exc)
+            return None
+
+    def with_usage(self, record: AttemptRecord, usage: Usage) -> AttemptRecord:
+        """``record`` with ``usage`` instead of its own, priced as :meth:`settle` prices."""
+        cost = self._price(
+            record.model_name, usage, record.platform, record.inference_geo, record.server_tool_use
+        )
+        return dataclasses.replace(record, usage=usage, cost=cost)
 
 
 def _counted(chars: Mapping[str, int]) -> Mapping[str, int]:
@@ -366,6 +422,8 @@ class _Attempt:
     """The sizes of a retry's prompt and stable prefix (never measured for a first attempt)."""
     platform: str = ANTHROPIC
     """Where the attempt went (:data:`costwatch.platforms.PLATFORMS`)."""
+    count_target: CountTarget | None = field(default=None, repr=False)
+    """With ``count_partial_output``: where to count the text if the stream is cut (holds credentials)."""
 
     def settle(self, outcome: Outcome, error: BaseException | None = None) -> None:
         """Finish the attempt once; later calls (close after an error, GC) do nothing."""
@@ -912,11 +970,13 @@ def _observe_response(attempt: _Attempt, response: Any, stream_cls: type) -> Non
     if response.headers.get("content-type", "").startswith(EVENT_STREAM_CONTENT_TYPE):
         attempt.meter = EventStreamMeter(clock=time.perf_counter)  # Bedrock's binary framing
     else:
-        attempt.meter = BodyMeter(
+        meter = attempt.meter = BodyMeter(
             stream=attempt.stream,
             content_encoding=response.headers.get("content-encoding"),
             clock=time.perf_counter,
         )
+        if attempt.count_target is not None and attempt.stream:
+            meter.texts = {}  # kept until the stream ends: counted if it was cut
     response.stream = stream_cls(response.stream, attempt)
 
 
@@ -975,6 +1035,9 @@ def instrument(
             estimator=estimator,
             listeners=listeners if listeners is not None else _default_listeners(),
             tracker=RetryTracker(window_s=config.retry_window_s),
+            count_partial_output_rate=(
+                config.count_partial_output_rate if config.count_partial_output else None
+            ),
         )
         added += _fleet_calibration(added, accountant.estimator, config)
         if sinks is None:
@@ -994,6 +1057,7 @@ def instrument(
         # so, when the process is ending, are attempts still in flight.
         interrupt_before_exit(_settler.interrupt_in_flight)
         drain_before_exit(_settler.drain)
+        drain_before_exit(_drain_counter)  # after the settler: what it settles may be held to count
         hooks = _Hooks(accountant, http_clients, added)
         hooks.install(_importable_http_modules())
         _hooks = hooks
@@ -1015,6 +1079,8 @@ def uninstrument() -> bool:
         hooks, _hooks = _hooks, None
         hooks.remove()
     _settler.wait(10.0)
+    if hooks.accountant.counter is not None:
+        hooks.accountant.counter.close(10.0)  # what it holds goes out, counted or estimated
     for sink in hooks.sinks:
         hooks.accountant.pipeline.remove_sink(sink)
     return True
@@ -1026,8 +1092,20 @@ def flush(timeout: float | None = 30.0) -> bool:
     settled = _settler.wait(timeout)
     hooks = _hooks
     pipeline = hooks.accountant.pipeline if hooks is not None else get_pipeline()
+    counter = hooks.accountant.counter if hooks is not None else None
+    if counter is not None:  # the records of cut streams still being counted
+        settled = (
+            counter.wait(None if deadline is None else max(deadline - time.monotonic(), 0.0)) and settled
+        )
     remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
     return pipeline.flush(remaining) and settled
+
+
+def _drain_counter(timeout: float) -> None:
+    """At exit or on SIGTERM: let the counter count what it holds, within ``timeout``, then send the rest."""
+    hooks = _hooks
+    if hooks is not None and hooks.accountant.counter is not None:
+        hooks.accountant.counter.drain(timeout)
 
 
 def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:

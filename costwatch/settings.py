@@ -218,6 +218,22 @@ class Settings:
         "Seconds between reads of the calibration samples other processes stored (output estimates).",
     )
 
+    count_partial_output: bool = _setting(
+        "COSTWATCH_COUNT_PARTIAL_OUTPUT",
+        _bool,
+        False,
+        "Count the output of cut streams exactly with the API's `count_tokens` (in the background).",
+    )
+
+    count_partial_output_rate: float = _setting(
+        "COSTWATCH_COUNT_PARTIAL_OUTPUT_RATE",
+        _positive_float,
+        1.0,
+        "Most `count_tokens` calls a second that `count_partial_output` makes (bursts of 10).",
+        low=0.01,
+        high=100,
+    )
+
     model_label_limit: int = _setting(
         "COSTWATCH_MODEL_LABEL_LIMIT",
         _positive_int,

@@ -2,7 +2,8 @@
 
 This is pure logic with no I/O: the SDK hooks feed it the raw body chunks the application receives,
 and it keeps only numbers (token counts, character counts per content type, ids, the stop reason).
-It never keeps the text it measures beyond the life of the body it reads.
+It never keeps the text it measures beyond the life of the body it reads, and keeps it at all only
+when asked (:attr:`BodyMeter.texts`: the text of a cut stream, to be counted by the API).
 
 Reading every event as it passes would cost a few microseconds per event, a sizeable share of what
 the SDK itself spends. So a stream is read chunk by chunk only up to its first delta (its id, model,
@@ -161,6 +162,7 @@ class BodyMeter:
         "now",
         "output_reported",
         "stop_reason",
+        "texts",
         "unreadable",
         "usage",
     )
@@ -206,6 +208,9 @@ class BodyMeter:
         """False when a completed stream was read from its tail only: ``chars`` is then empty."""
         self.kept: list[bytes] | None = None
         """Chunks kept to be read when the body ends, once :meth:`defer` was called."""
+        self.texts: dict[str, list[str]] | None = None
+        """Set to ``{}`` to keep the text read, per content type (text, thinking, tool input), as the
+        pieces that arrived; ``None`` (the default) keeps none."""
         self.fold_bytes = fold_bytes
         self._kept_bytes = 0
         self._kept_counted = 0
@@ -332,6 +337,9 @@ class BodyMeter:
 
     def _count(self, content_type: str, piece: str) -> None:
         """Count ``piece`` toward ``content_type``, its CJK and symbol characters toward their classes."""
+        texts = self.texts
+        if texts is not None:
+            texts.setdefault(content_type, []).append(piece)
         cjk, symbol, space = count_scripts(piece)
         chars = self.chars
         chars[content_type] += len(piece) - cjk - symbol
@@ -350,8 +358,8 @@ class BodyMeter:
         sequence is one character). False leaves anything unusual to the full parser.
         """
         first, close = delta.end(), end - 3
-        if close < first or not buffer.startswith(b'"}}', close):
-            return False
+        if close < first or not buffer.startswith(b'"}}', close) or self.texts is not None:
+            return False  # (the parser unescapes a text to be kept)
         backslashes = buffer.count(b"\\", first, close)
         if backslashes:
             # every quote must be an escaped one, and \uXXXX escapes are left to the parser

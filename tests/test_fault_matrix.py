@@ -28,6 +28,7 @@ from costwatch import AttemptRecord, Outcome
 from costwatch.estimation import OutputEstimator
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
+from costwatch.records import OutputSource
 from costwatch.sinks import MemorySink
 from costwatch.testing import Ending, FakeAnthropicServer, Fault, LedgerEntry, ResponseSpec
 
@@ -238,12 +239,17 @@ def run_async(server: FakeAnthropicServer, case: Case) -> Seen:
 
 # -- one run -------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def accounted() -> Iterator[tuple[Pipeline, MemorySink]]:
+def accounted(**settings: Any) -> Iterator[tuple[Pipeline, MemorySink]]:
     """costwatch instrumenting every client, records to memory, with a fresh (uncalibrated) estimator."""
     pipeline = Pipeline()
     sink = MemorySink()
     costwatch.instrument(
-        pipeline=pipeline, sinks=[sink], listeners=[], prices=load_prices(), estimator=OutputEstimator()
+        pipeline=pipeline,
+        sinks=[sink],
+        listeners=[],
+        prices=load_prices(),
+        estimator=OutputEstimator(),
+        **settings,
     )
     try:
         yield pipeline, sink
@@ -252,12 +258,16 @@ def accounted() -> Iterator[tuple[Pipeline, MemorySink]]:
         pipeline.shutdown()
 
 
-def run(case: Case, mode: str) -> tuple[Seen, tuple[LedgerEntry, ...]]:
+def run(case: Case, mode: str, *, flush: bool = False) -> tuple[Seen, tuple[LedgerEntry, ...]]:
+    """Run a case against a fresh fake; with ``flush``, deliver the records while the fake still
+    answers (its ``count_tokens`` too)."""
     with FakeAnthropicServer(case.spec, faults=case.faults) as server:
         seen = run_sync(server, case) if mode == "sync" else run_async(server, case)
         gc.collect()  # the unread case: the stream's last reference may sit in a traceback or frame
         # A server still writing to a client that went away records the attempt when its write fails.
         entries = tuple(server.ledger.wait_for(len(case.outcomes), timeout=5))
+        if flush:
+            assert costwatch.flush(30)
     return seen, entries
 
 
@@ -312,3 +322,36 @@ def test_the_application_sees_the_same_and_records_match_the_ledger(name: str, m
         # The exception class is kept for attempts the transport broke, never for the application's own stop.
         broken = record.outcome in (Outcome.DROPPED, Outcome.CONNECT_ERROR)
         assert (record.error_type is not None) is broken, record.to_dict()
+
+
+COUNTED_CASES = (
+    "cut_between_events",
+    "cut_inside_event",
+    "cut_inside_chunk_header",
+    "cut_under_stream_helper",
+    "sse_error_event",
+    "stall_mid_body",
+    "application_breaks_out",
+    "asyncio_cancel_mid_stream",
+    "closed_from_another_thread",
+)
+
+
+@pytest.mark.parametrize(("name", "mode"), [(n, m) for n in COUNTED_CASES for m in CASES[n].modes])
+def test_with_count_partial_output_the_application_sees_the_same_and_cut_output_is_counted(
+    name: str, mode: str
+) -> None:
+    case = CASES[name]
+    bare, _ = run(case, mode)
+    with accounted(count_partial_output=True) as (_pipeline, sink):
+        seen, entries = run(case, mode, flush=True)
+        records = sink.records
+    assert seen == bare
+    assert [r.outcome for r in records] == list(case.outcomes)
+    for record, entry in zip(records, entries, strict=True):
+        assert record.output_source is OutputSource.COUNTED, record.to_dict()
+        if record.outcome is Outcome.CANCELLED:
+            # The server may have sent more than the application read before it stopped.
+            assert 0 < record.usage.output_tokens <= entry.output_tokens
+        else:
+            assert record.usage.output_tokens == entry.output_tokens

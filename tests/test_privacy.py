@@ -26,6 +26,7 @@ import costwatch
 from costwatch import AttemptRecord, Outcome, Usage
 from costwatch.cli import build_parser, main
 from costwatch.exporter import serve
+from costwatch.health import instrumentation_errors
 from costwatch.metrics import OTHER, MetricsSink, start_metrics_server
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
@@ -53,8 +54,9 @@ class DownSink:
         return None
 
 
+@pytest.mark.parametrize("count_partial_output", [False, True], ids=["estimated", "counted"])
 def test_no_prompt_completion_system_prompt_or_credential_reaches_any_output(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, count_partial_output: bool
 ) -> None:
     database = tmp_path / "costwatch.db"
     spool_dir = tmp_path / "spool"
@@ -71,11 +73,15 @@ def test_no_prompt_completion_system_prompt_or_credential_reaches_any_output(
         sinks=[store, metrics, DownSink()],
         listeners=[SpanListener(provider)],
         prices=load_prices(),
+        count_partial_output=count_partial_output,
     )
     completions: list[str] = []
+    failed_counts = instrumentation_errors.by_place().get("count_partial_output", 0)
     try:
         with FakeAnthropicServer(ResponseSpec.small(80, model="claude-unpriced-SENTINEL-free")) as server:
             server.enqueue(None, Fault.cut_after_deltas(20), Fault.error_event(after_deltas=5), None)
+            # The cut stream's count fails (and is logged); the stream error's text is counted.
+            server.enqueue_count_tokens(Fault.internal_server_error())
             key_client = anthropic.Anthropic(base_url=server.base_url, api_key=API_KEY, max_retries=0)
             token_client = anthropic.Anthropic(base_url=server.base_url, auth_token=AUTH_TOKEN, max_retries=0)
             for client in (key_client, key_client, key_client, token_client):
@@ -91,7 +97,7 @@ def test_no_prompt_completion_system_prompt_or_credential_reaches_any_output(
                 except Exception:  # the scripted faults
                     pass
                 completions.append("".join(text))
-        assert costwatch.flush(20)
+            assert costwatch.flush(20)  # while the fake answers count_tokens
     finally:
         costwatch.uninstrument()
         pipeline.shutdown(timeout=5)
@@ -114,6 +120,10 @@ def test_no_prompt_completion_system_prompt_or_credential_reaches_any_output(
     assert b"claude-unpriced-SENTINEL-free" in outputs["database"] and len(spans.get_finished_spans()) == 4
     assert outputs["spool"].count(b"attempt_id") >= 4  # every record, some in two revisions
     assert b"sink down failed" in outputs["logs"] and b"costwatch_attempts_total" in outputs["metrics"]
+    if count_partial_output:
+        # The failed count is logged the first time in a process (the line is scanned above then).
+        assert instrumentation_errors.by_place()["count_partial_output"] == failed_counts + 1
+        assert b'"output_source":"counted"' in outputs["spool"]
     for where, data in outputs.items():
         for secret in secrets:
             assert secret.encode() not in data, f"{secret!r} found in the {where}"

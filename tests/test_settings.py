@@ -30,6 +30,7 @@ def test_every_numeric_setting_has_finite_bounds_that_hold_its_default() -> None
         "model_label_limit",
         "retention_days",
         "waste_budget_usd_per_hour",
+        "count_partial_output_rate",
     }
     for setting in NUMERIC:
         assert setting.low is not None and setting.high is not None

@@ -272,6 +272,8 @@ class ReceivedRequest:
     """1-based count of attempts received so far with this exact body: a retry loop gets 1, 2, 3, ..."""
     attempt: int = 1
     """1-based count of all attempts received by the server."""
+    api_key_id: str | None = None
+    """Which key sent it, as the fake's usage report names keys (never the key itself)."""
 
     @property
     def beta_features(self) -> tuple[str, ...]:

@@ -54,6 +54,7 @@ from .plan import (
 )
 from .prompt_cache import PromptCache, TooManyBreakpoints, breakpoint_prefixes
 from .spec import ResponseSpec, input_tokens_for_body
+from .tokenizer import count_request_tokens
 from .usage_report import (
     ANALYTICS_BETA,
     COST_PATH,
@@ -69,6 +70,7 @@ from .usage_report import (
 __all__ = ["FakeAnthropicServer"]
 
 _MESSAGES_PATH = "/v1/messages"
+_COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 """The first-party route; Foundry's ``/anthropic/v1/messages`` ends in it too."""
 _PATH_MODEL = re.compile(r"/models?/([^/:]+)(?::|/invoke)")
 _PRIVATE_HEADERS = frozenset({"x-api-key", "authorization"})
@@ -243,6 +245,12 @@ class FakeAnthropicServer:
         self._port = port
         self._seed = seed
         self._queue: collections.deque[Fault | None] = collections.deque(faults)
+        self._count_faults: collections.deque[Fault | None] = collections.deque()
+        self.token_counts: list[ReceivedRequest] = []
+        self.count_tokens_delay_s = 0.0
+        """How long ``count_tokens`` takes to answer (a slow count)."""
+        """Every ``POST /v1/messages/count_tokens`` received, in order (they are no attempts: no ledger
+        entry). Their bodies hold the texts counted: this is the fake, where tests read them."""
         self._lock = threading.Lock()
         self._attempts = 0
         self._arrivals: dict[str, int] = {}
@@ -324,6 +332,12 @@ class FakeAnthropicServer:
             self._queue.extend(faults)
 
     # -- serving --------------------------------------------------------------------------------------
+    def enqueue_count_tokens(self, *faults: Fault | None) -> None:
+        """Script the next ``count_tokens`` answers: an HTTP error, a stall (a timeout) or a reset
+        each; ``None`` answers normally. Counts beyond the queue answer normally."""
+        with self._lock:
+            self._count_faults.extend(faults)
+
     def _accept_loop(self) -> None:
         assert self._listener is not None
         listener = self._listener
@@ -404,6 +418,8 @@ class FakeAnthropicServer:
         if raw.method == "GET" and path in (USAGE_PATH, COST_PATH):
             # Reading the usage report is not an attempt: it has no ledger entry.
             return self._analytics(connection, raw, path, query)
+        if raw.method == "POST" and path.endswith(_COUNT_TOKENS_PATH):
+            return self._count_tokens(connection, raw, query)  # free, and billed nothing: no attempt
         request, request_id = self._admit(raw)
         with self._lock:
             self._open_responses += 1
@@ -415,6 +431,60 @@ class FakeAnthropicServer:
         finally:
             with self._lock:
                 self._open_responses -= 1
+
+    def _count_tokens(self, connection: _Connection, raw: _RawRequest, query: str) -> bool:
+        """Answer ``count_tokens`` with :func:`~costwatch.testing.tokenizer.count_request_tokens`: the
+        tokenizer the fake bills output with, so a counted text matches its billed output exactly."""
+        try:
+            body: Any = json.loads(raw.body) if raw.body else None
+        except ValueError:
+            body = None
+        headers = {k: v for k, v in raw.headers.items() if k not in _PRIVATE_HEADERS}
+        received = ReceivedRequest(
+            method=raw.method,
+            path=raw.target.partition("?")[0],
+            query=query,
+            headers=MappingProxyType(headers),
+            body=body,
+            body_digest=hashlib.sha256(raw.body).hexdigest(),
+            arrival=0,
+            attempt=0,
+            api_key_id=api_key_id_of(key) if (key := _api_key(raw)) else None,
+        )
+        with self._lock:
+            self.token_counts.append(received)
+            fault = self._count_faults.popleft() if self._count_faults else None
+        request_id = (
+            "req_011C" + hashlib.sha256(raw.body + str(len(self.token_counts)).encode()).hexdigest()[:20]
+        )
+        extra: dict[str, str] = {}
+        if self.count_tokens_delay_s > 0:
+            self._stopping.wait(self.count_tokens_delay_s)
+        if fault is not None and fault.kind is FaultKind.STALL_BEFORE_HEADERS:
+            connection.wait_for_hangup(fault.seconds)
+            return False
+        if fault is not None and fault.kind is FaultKind.RESET:
+            connection.reset()
+            return False
+        if fault is not None and fault.kind is FaultKind.HTTP_ERROR:
+            status, payload = (
+                fault.status,
+                error_body(fault.error_type, error_message(fault.error_type), request_id),
+            )
+            if fault.retry_after_s is not None:
+                extra["retry-after"] = str(fault.retry_after_s)
+        elif received.api_key_id is None:
+            status, payload = (
+                401,
+                error_body("authentication_error", "x-api-key header is required", request_id),
+            )
+        else:
+            try:
+                status, payload = 200, {"input_tokens": count_request_tokens(body)}
+            except ValueError as exc:
+                status, payload = 400, error_body("invalid_request_error", str(exc), request_id)
+        _send_json(connection, status, payload, request_id, extra)
+        return True
 
     def _analytics(self, connection: _Connection, raw: _RawRequest, path: str, query: str) -> bool:
         now = datetime.now(timezone.utc)
@@ -442,16 +512,28 @@ class FakeAnthropicServer:
                 "error": {"type": exc.error_type, "message": exc.message},
                 "request_id": request_id,
             }
-        body = json.dumps(payload).encode()
-        headers = {
-            "content-type": "application/json",
-            "request-id": request_id,
-            "connection": "keep-alive",
-            "server": "costwatch-fake-anthropic",
-            "content-length": str(len(body)),
-        }
-        connection.send(_head(status, headers) + body)
+        _send_json(connection, status, payload, request_id)
         return True
+
+
+def _send_json(
+    connection: _Connection,
+    status: int,
+    payload: Any,
+    request_id: str,
+    extra: Mapping[str, str] | None = None,
+) -> None:
+    """Answer with a JSON body (an endpoint's result, or the API's error object)."""
+    body = json.dumps(payload).encode()
+    headers = {
+        "content-type": "application/json",
+        "request-id": request_id,
+        "connection": "keep-alive",
+        "server": "costwatch-fake-anthropic",
+        "content-length": str(len(body)),
+        **(extra or {}),
+    }
+    connection.send(_head(status, headers) + body)
 
 
 _INSERTED_EVENTS = {

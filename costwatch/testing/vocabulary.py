@@ -12,6 +12,12 @@ it carries. Three vocabularies mimic what a real tokenizer does to three kinds o
   keys and short value pieces; about 3 characters per token.
 
 The functions here are pure: same ``random.Random`` state in, same fragments out.
+
+:data:`VOCABULARY` is every fragment they can emit. Read back by greedy longest match (see
+:mod:`costwatch.testing.tokenizer`), any text they generate splits into exactly the fragments it was
+made of, so the fake's ``count_tokens`` counts a text as its billing counted it. The pieces are chosen
+so that no two adjacent fragments spell a longer one (``tests/test_testing_tokenizer.py`` holds them
+to it).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import random
 
 __all__ = [
+    "VOCABULARY",
     "code_fragments",
     "command_json_fragments",
     "json_object_fragments",
@@ -248,7 +255,7 @@ _JSON_VALUE_PIECES: tuple[str, ...] = (
     "re",
     "try",
     " of",
-    " in",
+    " is",
     " to",
     "-",
     ".",
@@ -258,11 +265,13 @@ _JSON_VALUE_PIECES: tuple[str, ...] = (
     "7",
     "js",
     "on",
-    " a",
+    " an",
     "id",
-    " the",
+    " we",
     " use",
 )
+# (" a", " in" and " the" are not value pieces: followed by another piece they would spell " at",
+# " int" or " there", one token where two were billed.)
 
 
 def prose_fragments(rng: random.Random, count: int) -> list[str]:
@@ -292,6 +301,36 @@ def prose_fragments(rng: random.Random, count: int) -> list[str]:
             out.extend(rng.choice(_PROSE_WORDS))
         words_in_sentence += 1
     return out[:count]
+
+
+_CODE_SYNTAX: tuple[str, ...] = (
+    "    ",
+    " =",
+    "(",
+    ")",
+    "for",
+    " in",
+    ":",
+    " +=",
+    ".",
+    "print",
+    '(f"',
+    "={",
+    '}")',
+    " [",
+    "[",
+    '"',
+    '"]',
+    "]",
+    "if",
+    " >",
+    "import",
+    " json",
+    "return",
+    "\n",
+)
+"""The fixed pieces of :func:`_code_line` (its identifiers, calls, attributes, numbers and strings are
+drawn from the tuples above)."""
 
 
 def _code_line(rng: random.Random, indent: int) -> list[str]:
@@ -337,7 +376,7 @@ def json_object_fragments(rng: random.Random, count: int) -> list[str]:
     if count == 1:
         return ["{}"]
     if count == 2:
-        return ["{", "}"]
+        return ["{ ", "}"]  # "{" then "}" would read back as the single token "{}"
     if count == 3:
         return ['{"', rng.choice(_JSON_KEYS), '":0}']
     out = ['{"', rng.choice(_JSON_KEYS), '": "']
@@ -366,3 +405,31 @@ def command_json_fragments(rng: random.Random, count: int, key: str) -> list[str
         return json_object_fragments(rng, count)
     code = code_fragments(rng, count - 4)
     return ['{"', key, '": "', *(json.dumps(piece)[1:-1] for piece in code), '"}']
+
+
+def _vocabulary() -> frozenset[str]:
+    prose = [
+        *(piece for word in _PROSE_WORDS for piece in word),
+        *_FUNCTION_WORDS,
+        *_SENTENCE_STARTS,
+        *(" " + start for start in _SENTENCE_STARTS),
+        *_CLAUSE_PUNCTUATION,
+        *_SENTENCE_END,
+    ]
+    code = [
+        *_CODE_SYNTAX,
+        *_IDENTIFIERS,
+        *(name.lstrip() for name in _IDENTIFIERS),
+        *_CALLS,
+        *_ATTRIBUTES,
+        *(" " + number for number in _NUMBERS),
+        *_STRINGS,
+    ]
+    json_pieces = ["{}", "{ ", "}", '{"', '":0}', '": "', '",', ' "', '"}', *_JSON_KEYS, *_JSON_VALUE_PIECES]
+    json_pieces.append("code")  # the key of a code_execution call's input (bash_code_execution's: "command")
+    escaped_code = [json.dumps(piece)[1:-1] for piece in code]  # a code-execution call's input
+    return frozenset([*prose, *code, *json_pieces, *escaped_code])
+
+
+VOCABULARY: frozenset[str] = _vocabulary()
+"""Every fragment the generators here emit: the fake's token vocabulary."""
