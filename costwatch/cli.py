@@ -790,7 +790,12 @@ def _replay_spool(url: URL, spool_dir: str | None, out: Console) -> int:
         if spool.has_segments(store.name)
         else ""
     )
-    kept = f"; {refused} refused by the database, kept in costwatch_rejected_attempts" if refused else ""
+    kept = (
+        f"; {refused} refused by the database or started before its retention cutoff, "
+        "kept in costwatch_rejected_attempts"
+        if refused
+        else ""
+    )
     out.print(f"replayed {delivered} spooled records into {safe_url(url)}{kept}{left}", highlight=False)
     return 0
 
