@@ -222,11 +222,12 @@ def test_migration_0011_partitions_an_existing_table_keeping_every_row_and_downg
 
         with engine.connect() as connection:
             kind = connection.exec_driver_sql(
-                "SELECT relkind FROM pg_class WHERE relname = 'costwatch_attempts'"
+                "SELECT relkind FROM pg_class WHERE oid = to_regclass('costwatch_attempts')"
             )
             assert kind.scalar() == "p"
             key = connection.exec_driver_sql(
-                "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'pk_costwatch_attempts'"
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE conrelid = to_regclass('costwatch_attempts') AND contype = 'p'"
             ).scalar()
             assert key == "PRIMARY KEY (attempt_id, started_at)"
         store = SqlStore(url, auto_migrate=False)
@@ -245,10 +246,29 @@ def test_migration_0011_partitions_an_existing_table_keeping_every_row_and_downg
 
         with engine.connect() as connection:
             kind = connection.exec_driver_sql(
-                "SELECT relkind FROM pg_class WHERE relname = 'costwatch_attempts'"
+                "SELECT relkind FROM pg_class WHERE oid = to_regclass('costwatch_attempts')"
             )
             assert kind.scalar() == "r"
             ids = connection.exec_driver_sql("SELECT attempt_id FROM costwatch_attempts").scalars()
             assert sorted(ids) == ["att-1", "att-2", "att-3", "att-4", "att-5"]
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_costwatch_serve_creates_the_day_partitions_ahead(postgres_store: SqlStore) -> None:
+    from costwatch.exporter import serve
+
+    last = TODAY.date() + timedelta(days=DAYS_AHEAD)
+    postgres_store.attempt_count()  # a migrated store, its partitions made by the migration
+    with postgres_store.engine.begin() as connection:
+        connection.exec_driver_sql(f"DROP TABLE {partition_name(last)}")
+    server = serve(postgres_store.url.render_as_string(hide_password=False), 0, block=False)
+    try:
+        deadline = time.monotonic() + 10
+        while last not in partition_days(postgres_store) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert last in partition_days(postgres_store)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -52,6 +52,9 @@ log = logging.getLogger("costwatch")
 DEFAULT_RETRY_WINDOW = timedelta(seconds=default_of("retry_window_s"))
 """The default of ``COSTWATCH_RETRY_WINDOW``: how soon after a failed attempt ended its retry must start."""
 
+_PARTITIONS_RETRY = timedelta(minutes=5)
+"""How soon a writer tries again to create partitions ahead after it could not."""
+
 _live_stores: weakref.WeakSet[SqlStore] = weakref.WeakSet()
 
 
@@ -128,6 +131,7 @@ class SqlStore:
         removed meanwhile must fail that write and spool, not go to the file that was).
         """
         self.engine  # noqa: B018  (the property creates the engine and migrates)
+        self.ensure_partitions()
         self.close_connections()
 
     def close_connections(self) -> None:
@@ -173,13 +177,16 @@ class SqlStore:
     def ensure_partitions(self) -> None:
         """Create the attempts table's day partitions ahead where missing (PostgreSQL only).
 
-        The writer does this at its first write and then about every few days; a failure (a lock
-        not granted in time) is logged and tried again at the next write: meanwhile rows of days
-        without a partition land in the DEFAULT partition, and are moved out when it is created.
+        ``prepare()`` does it (at ``instrument()``), the writer before its first write and then about
+        every few days; a failure (a lock not granted in time) is logged and tried again five
+        minutes later: meanwhile rows of days without a partition land in the DEFAULT partition,
+        and are moved out when it is created.
         """
         try:
             self._partitions_due = ensure_partitions_ahead(self.engine)
         except sa.exc.SQLAlchemyError as exc:
+            # Not at every batch: a lock not granted makes each try wait LOCK_TIMEOUT_MS.
+            self._partitions_due = datetime.now(timezone.utc) + _PARTITIONS_RETRY
             log.warning(
                 "costwatch: could not create the attempts table's partitions ahead (%s)", type(exc).__name__
             )
