@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
@@ -22,6 +22,7 @@ from ..validation import clean_text
 from .database import READ_ONLY_OPTION, checked_database_url, create_store_engine, database_url, safe_url
 from .migrate import ensure_migrated
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
+from .reconciliations import write_reconciliation
 from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
 from .rows import record_from_row
 from .schema import ATTEMPTS, CALIBRATION_SAMPLES, REJECTED_ATTEMPTS
@@ -162,6 +163,21 @@ class SqlStore:
             result = write_batch(connection, records, retry_window=self.retry_window)
             insert_calibration_samples(connection, records, _writer_id)
             return result
+
+    def write_reconciliation(
+        self, result: Mapping[str, Any], revisions: Sequence[AttemptRecord], *, reconciled_at: datetime
+    ) -> int:
+        """Store a reconciliation and the revisions of the attempts the bill corrected, in one
+        transaction (see :func:`~costwatch.store.reconciliations.write_reconciliation`)."""
+        with self.engine.begin() as connection:
+            return write_reconciliation(
+                connection,
+                result,
+                reconciled_at=reconciled_at,
+                revisions=revisions,
+                retry_window=self.retry_window,
+                writer=_writer_id,
+            )
 
     # -- calibration -------------------------------------------------------------------------
     def calibration_samples(
