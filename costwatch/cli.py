@@ -315,7 +315,9 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
             f"The fake server's ledger billed {truth['attempts']} attempts, "
             f"{sum(truth['billed_tokens'].values()):,} tokens.\n"
             f"costwatch recorded {report['attempts']} attempts, {sum(report['billed_tokens'].values()):,} "
-            f"tokens ({report['estimated_output_tokens']:,} of them estimated output of dropped streams).",
+            f"tokens ({report['estimated_output_tokens']:,} of them estimated output of dropped streams, "
+            f"{report['output_by_source']['reconciled']['tokens']:,} output of dropped streams as the bill "
+            "gave it in the reconciliation below).",
             highlight=False,
         )
         if reconciliation is not None:

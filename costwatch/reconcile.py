@@ -655,19 +655,11 @@ def _signed_money(value: float) -> str:
     return ("-" if value < 0 else "+") + _money(abs(value))
 
 
-def _waste_pair(correction: Mapping[str, Any]) -> str:
-    if correction["wasted_usd_at_bill"] is None:
-        return "-"
-    return f"{_money(correction['wasted_usd_at_estimate'])} / {_money(correction['wasted_usd_at_bill'])}"
-
-
 def _row_notes(row: Mapping[str, Any]) -> list[str]:
     correction = row["correction"]
     notes = list(row["flags"])
     if correction["status"] == "left_alone":
         notes.append(f"estimates kept: {correction['reason'].replace('_', ' ')}")
-    elif correction["status"] == "corrected":
-        notes.append("corrected")
     return notes
 
 
@@ -716,7 +708,6 @@ def render_table(result: Mapping[str, Any], console: Console) -> None:
         "output",
         "unseen $",
         "dropped est/billed",
-        "wasted $ est/billed",
         "flags",
     ):
         left = title in ("bucket", "model", "flags")
@@ -730,7 +721,6 @@ def render_table(result: Mapping[str, Any], console: Console) -> None:
             *(_percent(row["coverage"][t]) for t in TOKEN_TYPES),
             _money(row["unseen"]["usd"]),
             f"{dropped['estimated_tokens']:,} / {real}",
-            _waste_pair(row["correction"]),
             ", ".join(_row_notes(row)),
         )
     console.print(table)

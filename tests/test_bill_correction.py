@@ -84,7 +84,9 @@ def test_apportion_sums_exactly_in_proportion_with_the_largest_remainders_first(
     assert apportion(0, [4, 9]) == [0, 0]
     shares = apportion(1_000_003, [7, 11, 13, 17, 19])
     assert sum(shares) == 1_000_003
-    assert all(abs(share - 1_000_003 * w / 67) < 1 for share, w in zip(shares, [7, 11, 13, 17, 19], strict=True))
+    assert all(
+        abs(share - 1_000_003 * w / 67) < 1 for share, w in zip(shares, [7, 11, 13, 17, 19], strict=True)
+    )
 
 
 def test_apportion_refuses_a_negative_total_or_a_total_with_nowhere_to_go() -> None:
@@ -94,7 +96,7 @@ def test_apportion_refuses_a_negative_total_or_a_total_with_nowhere_to_go() -> N
         apportion(5, [])
 
 
-def test_a_matched_bucket_gives_its_dropped_attempts_the_billed_output_in_proportion_to_their_estimates() -> None:
+def test_a_matched_bucket_gives_its_dropped_attempts_the_billed_output_by_their_estimates() -> None:
     completed = _attempt(400)
     dropped = [_attempt(100, OutputSource.ESTIMATED), _attempt(300, OutputSource.ESTIMATED)]
     records = [completed, *dropped]
@@ -137,7 +139,9 @@ def test_reconciling_the_same_bill_again_changes_nothing() -> None:
     assert row["correction"]["status"] == "settled"
     assert row["correction"]["revised_attempts"] == row["correction"]["output_tokens_moved"] == 0
     assert row["correction"]["wasted_usd_moved"] == 0.0
-    assert row["correction"]["wasted_usd_at_bill"] == first.result["rows"][0]["correction"]["wasted_usd_at_bill"]
+    assert (
+        row["correction"]["wasted_usd_at_bill"] == first.result["rows"][0]["correction"]["wasted_usd_at_bill"]
+    )
     # The estimate the bill replaced still stands beside the bill, for the estimator drift alert.
     assert row["dropped_output"] == first.result["rows"][0]["dropped_output"]
 
