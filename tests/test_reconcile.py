@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -124,6 +125,17 @@ def _samples(db: str) -> list[dict[str, Any]]:
         engine.dispose()
 
 
+def _gauges(db: str) -> dict[str, dict[tuple[str, ...], float]]:
+    """What `costwatch serve` would export as gauges from the store."""
+    from costwatch.exporter import FleetCollector
+
+    collector = FleetCollector(db)
+    try:
+        return collector.read().gauges
+    finally:
+        collector.close()
+
+
 def _bucket_of(entry: LedgerEntry) -> str:
     hour = datetime.fromtimestamp(entry.billed_at, timezone.utc).replace(minute=0, second=0, microsecond=0)
     return hour.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -222,13 +234,7 @@ def test_a_lone_dropped_attempt_gets_exactly_its_billed_output_and_a_calibration
         finally:
             store.shutdown()
         # `costwatch serve` exports the waste before and after, and keeps the estimate beside the bill.
-        from costwatch.exporter import FleetCollector
-
-        collector = FleetCollector(store_url)
-        try:
-            gauges = collector.read().gauges
-        finally:
-            collector.close()
+        gauges = _gauges(store_url)
         wasted = gauges["costwatch_reconciled_wasted_cost_usd"]
         assert wasted[(MODEL, "billed")] == pytest.approx(row["correction"]["wasted_usd_at_bill"])
         assert wasted[(MODEL, "estimated")] == pytest.approx(row["correction"]["wasted_usd_at_estimate"])
@@ -405,7 +411,6 @@ def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_u
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from costwatch.exporter import FleetCollector
     from costwatch.store import create_store_engine
     from costwatch.store.schema import RECONCILIATIONS
 
@@ -424,11 +429,7 @@ def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_u
         engine.dispose()
     assert len(stored) == len(second["rows"])
     assert sum(row["reported_input_tokens"] for row in stored) == second["totals"]["reported"]["input_tokens"]
-    collector = FleetCollector(db)
-    try:
-        gauges = collector.read().gauges
-    finally:
-        collector.close()
+    gauges = _gauges(db)
     totals = second["totals"]
     coverage = gauges["costwatch_reconciled_coverage_ratio"]
     assert coverage[(MODEL, "input")] == pytest.approx(totals["coverage"]["input"], abs=1e-6)
@@ -436,6 +437,31 @@ def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_u
     assert gauges["costwatch_unseen_cost_usd"][()] == pytest.approx(totals["unseen"]["usd"], abs=1e-6)
     last = gauges["costwatch_last_reconciliation_timestamp_seconds"][()]
     assert abs(last - time.time()) < 60
+
+
+@contextlib.contextmanager
+def _watching(fake: FakeAnthropicServer, db: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """`costwatch reconcile --since 1h --watch 1s` against the fake, in a process of its own."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+        "ANTHROPIC_ADMIN_API_KEY": FAKE_ADMIN_KEY,
+    }
+    command = "import sys; from costwatch.cli import main; sys.exit(main())"
+    argv = ["reconcile", "--since", "1h", "--watch", "1s", *extra, "--base-url", fake.base_url, "--db", db]
+    process = subprocess.Popen(
+        [sys.executable, "-c", command, *argv],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_watch_reconciles_the_window_again_each_interval_without_duplicating_rows(
@@ -447,21 +473,7 @@ def test_watch_reconciles_the_window_again_each_interval_without_duplicating_row
     db = f"sqlite:///{tmp_path / 'cw.db'}"
     with FakeAnthropicServer(SPEC, usage_lag_s=3600) as fake:
         _instrumented(fake, db, 2)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(Path(__file__).parents[1]),
-            "ANTHROPIC_ADMIN_API_KEY": FAKE_ADMIN_KEY,
-        }
-        command = "import sys; from costwatch.cli import main; sys.exit(main())"
-        argv = ["reconcile", "--since", "1h", "--watch", "1s", "--base-url", fake.base_url, "--db", db]
-        process = subprocess.Popen(
-            [sys.executable, "-c", command, *argv],
-            env=env,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with _watching(fake, db) as process:
             assert process.stderr is not None
             lines = [process.stderr.readline()]
             # The API's data lags: the first rounds find the attempts not reported yet.
@@ -473,10 +485,6 @@ def test_watch_reconciles_the_window_again_each_interval_without_duplicating_row
             lines.append(process.stderr.readline())
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=30) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
     assert "input coverage 100.0%" in lines[-1], lines
     assert FAKE_ADMIN_KEY not in "".join(lines)
     engine = create_store_engine(db)
@@ -496,21 +504,7 @@ def test_watch_prints_each_round_in_the_format_asked_and_corrects_a_bucket_once_
     db = f"sqlite:///{tmp_path / 'cw.db'}"
     with FakeAnthropicServer(SPEC, faults=[Fault.cut_after_deltas(20), None], usage_lag_s=3600) as fake:
         _instrumented(fake, db, 2)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(Path(__file__).parents[1]),
-            "ANTHROPIC_ADMIN_API_KEY": FAKE_ADMIN_KEY,
-        }
-        command = "import sys; from costwatch.cli import main; sys.exit(main())"
-        argv = ["reconcile", "--since", "1h", "--watch", "1s", "--format", "json"]
-        process = subprocess.Popen(
-            [sys.executable, "-c", command, *argv, "--base-url", fake.base_url, "--db", db],
-            env=env,
-            stderr=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with _watching(fake, db, "--format", "json") as process:
             assert process.stdout is not None
             # One JSON document a line, a line a round.
             rounds = [json.loads(process.stdout.readline())]
@@ -523,10 +517,6 @@ def test_watch_prints_each_round_in_the_format_asked_and_corrects_a_bucket_once_
             rounds.append(json.loads(process.stdout.readline()))
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=30) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
     [cut] = [e for e in fake.ledger.entries if e.ending is not Ending.COMPLETED]
     corrected, settled = rounds[-2]["totals"]["correction"], rounds[-1]["totals"]["correction"]
     assert corrected["revised_attempts"] == corrected["attempts"] == 1
