@@ -28,7 +28,7 @@ from .pipeline import Pipeline
 from .platforms import ANTHROPIC, MESSAGES_PATH, route_of
 from .pricing import PriceTable
 from .prompt_prefix import PromptSize, measure
-from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
+from .records import AttemptRecord, AttemptStart, Outcome, OutputSource, Usage, fingerprint_of, new_id
 from .sinks import AttemptListener
 from .stream_meter import BodyMeter
 
@@ -52,6 +52,7 @@ _NO_CHARS: Mapping[str, int] = MappingProxyType({})
 # Enum members read once: looking one up on its class costs ~70 ns, and settle() asks several times.
 _COMPLETED = Outcome.COMPLETED
 _INPUT_UNBILLED = (Outcome.HTTP_ERROR, Outcome.CONNECT_ERROR)
+_REPORTED, _ESTIMATED = OutputSource.REPORTED, OutputSource.ESTIMATED
 _UTC = timezone.utc
 
 
@@ -231,6 +232,7 @@ class Accountant:
                     output_tokens=output,
                     output_estimated=not meter.output_reported,
                     estimated_output_tokens=estimated,
+                    output_source=_REPORTED if meter.output_reported else _ESTIMATED,
                 )
             message_id = meter.message_id
             api_error_type = meter.api_error_type
