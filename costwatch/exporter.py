@@ -327,6 +327,12 @@ _GAUGES: Mapping[str, tuple[str, Labels]] = {
         "source=estimated by costwatch, source=billed per Anthropic's usage report.",
         ("model", "source"),
     ),
+    "costwatch_reconciled_wasted_cost_usd": (
+        "Wasted dollars of the dropped attempts whose estimates the bill corrected, in the reconciled "
+        "buckets of the last 24 hours: source=estimated as costwatch first had them, source=billed as "
+        "they are now (US dollars).",
+        ("model", "source"),
+    ),
 }
 RECONCILED_WINDOW = timedelta(hours=24)
 """How far back the reconciliation gauges look (by bucket start)."""
@@ -542,12 +548,20 @@ def _reconciled_query(since: datetime) -> sa.Select[Any]:
     in the fully seen buckets."""
     table = RECONCILIATIONS
     matched = table.c.residual_output_tokens.is_not(None)
+    corrected = table.c.billed_wasted_cost_usd.is_not(None)
+    # What costwatch estimated, also for the attempts the bill has corrected since (rows stored
+    # before migration 0012 have only the estimates still standing).
+    estimated = sa.func.coalesce(
+        table.c.dropped_estimated_output_tokens, table.c.recorded_output_estimated_tokens
+    )
     return (
         sa.select(
             table.c.model,
             *(sa.func.sum(table.c[name]) for name in _RECONCILED_SUMS),
-            sa.func.sum(sa.case((matched, table.c.recorded_output_estimated_tokens), else_=0)),
+            sa.func.sum(sa.case((matched, estimated), else_=0)),
             sa.func.sum(sa.case((matched, table.c.residual_output_tokens), else_=0)),
+            sa.func.sum(sa.case((corrected, table.c.estimated_wasted_cost_usd), else_=0.0)),
+            sa.func.sum(sa.case((corrected, table.c.billed_wasted_cost_usd), else_=0.0)),
         )
         .where(table.c.bucket_start >= since)
         .group_by(table.c.model)
@@ -562,6 +576,7 @@ def reconciliation_gauges(
     reported: dict[Labels, float] = {}
     recorded: dict[Labels, float] = {}
     dropped: dict[Labels, float] = {}
+    wasted: dict[Labels, float] = {}
     unseen_usd = 0.0
     for row in rows:
         model = model_of(str(row[0]))
@@ -573,11 +588,14 @@ def reconciliation_gauges(
         unseen_usd += values[2 * width]
         for source, value in (("estimated", values[2 * width + 1]), ("billed", values[2 * width + 2])):
             dropped[(model, source)] = dropped.get((model, source), 0.0) + value
+        for source, value in (("estimated", values[2 * width + 3]), ("billed", values[2 * width + 4])):
+            wasted[(model, source)] = wasted.get((model, source), 0.0) + value
     gauges: dict[str, dict[Labels, float]] = {
         "costwatch_reconciled_coverage_ratio": {
             key: recorded[key] / value for key, value in reported.items() if value > 0
         },
         "costwatch_reconciled_dropped_output_tokens": dropped,
+        "costwatch_reconciled_wasted_cost_usd": wasted,
         "costwatch_unseen_cost_usd": {(): unseen_usd},
     }
     if last is not None:

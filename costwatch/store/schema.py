@@ -334,6 +334,10 @@ class CalibrationSample(Base):
     output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
     chars: Mapped[dict[str, int]] = mapped_column(sa.JSON())
     writer: Mapped[str] = mapped_column(sa.String())
+    output_source: Mapped[str] = mapped_column(sa.String(), server_default="reported")
+    """Where ``output_tokens`` came from (migration 0012): ``reported`` by the API for a completed
+    attempt, ``estimated`` (no tokens yet), ``counted``, or ``reconciled``: the billed output
+    ``costwatch reconcile`` found for a dropped attempt."""
 
 
 CALIBRATION_SAMPLES = cast(sa.Table, CalibrationSample.__table__)
@@ -367,6 +371,16 @@ class Reconciliation(Base):
     unseen_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
     residual_output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
     reconciled_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # The estimates corrected by the bill (migration 0012): the row's correction status and why it
+    # was left alone, the attempts that carry the billed output, what costwatch had estimated for
+    # the dropped attempts' output, and their wasted dollars at the estimate and at the bill (NULL
+    # unless every estimate of the row was corrected, or for an unpriced model).
+    correction: Mapped[str] = mapped_column(sa.String(), server_default="none")
+    correction_reason: Mapped[str | None] = mapped_column(sa.String())
+    corrected_attempts: Mapped[int] = mapped_column(sa.BigInteger(), server_default="0")
+    dropped_estimated_output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
+    estimated_wasted_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    billed_wasted_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
 
 
 RECONCILIATIONS = cast(sa.Table, Reconciliation.__table__)

@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
@@ -22,6 +22,7 @@ from ..validation import clean_text
 from .database import READ_ONLY_OPTION, checked_database_url, create_store_engine, database_url, safe_url
 from .migrate import ensure_migrated
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
+from .reconciliations import write_reconciliation
 from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
 from .retention import PRUNE_BATCH, ensure_partitions_ahead, prune_before
 from .rows import record_from_row
@@ -202,6 +203,21 @@ class SqlStore:
                 "spool replayed after a prune?); they were possibly counted before their rows were "
                 "pruned, so they are kept in costwatch_rejected_attempts and not counted again",
                 count,
+            )
+
+    def write_reconciliation(
+        self, result: Mapping[str, Any], revisions: Sequence[AttemptRecord], *, reconciled_at: datetime
+    ) -> int:
+        """Store a reconciliation and the revisions of the attempts the bill corrected, in one
+        transaction (see :func:`~costwatch.store.reconciliations.write_reconciliation`)."""
+        with self.engine.begin() as connection:
+            return write_reconciliation(
+                connection,
+                result,
+                reconciled_at=reconciled_at,
+                revisions=revisions,
+                retry_window=self.retry_window,
+                writer=_writer_id,
             )
 
     # -- calibration -------------------------------------------------------------------------

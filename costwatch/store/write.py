@@ -59,7 +59,13 @@ from .schema import (
     utc_hour,
 )
 
-__all__ = ["BatchResult", "insert_calibration_samples", "latest_revisions", "write_batch"]
+__all__ = [
+    "BatchResult",
+    "insert_calibration_samples",
+    "latest_revisions",
+    "reconcile_calibration_samples",
+    "write_batch",
+]
 
 _ROLLUP_COLUMNS = (*ROLLUP_DIMENSIONS, *ROLLUP_MEASURES)
 
@@ -621,6 +627,7 @@ def insert_calibration_samples(
             "started_at": record.started_at,
             "model": record.model_name,
             "output_tokens": None if record.usage.output_estimated else record.usage.output_tokens,
+            "output_source": record.output_source.value,
             "chars": dict(record.output_chars),
             "writer": writer,
         }
@@ -634,4 +641,40 @@ def insert_calibration_samples(
     connection.execute(
         insert(CALIBRATION_SAMPLES).on_conflict_do_nothing(index_elements=["attempt_id"]), rows
     )
+    return len(rows)
+
+
+def reconcile_calibration_samples(
+    connection: sa.Connection, records: Sequence[AttemptRecord], writer: str
+) -> int:
+    """Give the stored samples of these attempts, whose output the bill corrected, that output (flagged
+    ``reconciled``); returns how many samples changed.
+
+    A changed sample is written anew rather than updated: it gets a new ``sample_id``, so processes
+    that refresh their calibration past the ids they have read take it too. Idempotent: a sample
+    that already holds the attempt's output is left as it is.
+    """
+    table = CALIBRATION_SAMPLES
+    wanted = {record.attempt_id: record for record in records}
+    stored = connection.execute(
+        sa.select(table).where(_among(connection, table.c.attempt_id, sorted(wanted)))
+    ).mappings()
+    rows = [
+        {
+            "attempt_id": row["attempt_id"],
+            "started_at": row["started_at"],
+            "model": row["model"],
+            "output_tokens": wanted[row["attempt_id"]].usage.output_tokens,
+            "output_source": wanted[row["attempt_id"]].output_source.value,
+            "chars": row["chars"],
+            "writer": writer,
+        }
+        for row in stored
+        if (row["output_tokens"], row["output_source"])
+        != (wanted[row["attempt_id"]].usage.output_tokens, wanted[row["attempt_id"]].output_source.value)
+    ]
+    if rows:
+        changed = sorted(row["attempt_id"] for row in rows)
+        connection.execute(sa.delete(table).where(_among(connection, table.c.attempt_id, changed)))
+        connection.execute(sa.insert(table), rows)
     return len(rows)
