@@ -731,6 +731,8 @@ def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
     shown = safe_url(url)
     if args.action == "upgrade":
         _migration_errors(url, lambda: migrate.upgrade(url, args.revision))
+        if args.revision == "head":
+            _partitions_ahead(url)
     elif args.action == "downgrade":
         _migration_errors(url, lambda: migrate.downgrade(url, args.revision))
     elif args.action == "replay":
@@ -749,6 +751,16 @@ def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+def _partitions_ahead(url: URL) -> None:
+    """On PostgreSQL, the attempts table's day partitions for the days ahead (nothing on SQLite)."""
+    store = SqlStore(url, auto_migrate=False)
+    try:
+        with _database_errors(url):
+            store.ensure_partitions()
+    finally:
+        store.shutdown()
+
+
 def _prune(url: URL, older_than: str, out: Console) -> int:
     try:
         age = parse_duration(older_than)
@@ -764,6 +776,7 @@ def _prune(url: URL, older_than: str, out: Console) -> int:
     try:
         with _database_errors(url):
             removed = store.prune_before(datetime.now(timezone.utc) - age)
+            store.ensure_partitions()
     finally:
         store.shutdown()
     out.print(
@@ -793,7 +806,12 @@ def _replay_spool(url: URL, spool_dir: str | None, out: Console) -> int:
         if spool.has_segments(store.name)
         else ""
     )
-    kept = f"; {refused} refused by the database, kept in costwatch_rejected_attempts" if refused else ""
+    kept = (
+        f"; {refused} refused by the database or started before its retention cutoff, "
+        "kept in costwatch_rejected_attempts"
+        if refused
+        else ""
+    )
     out.print(f"replayed {delivered} spooled records into {safe_url(url)}{kept}{left}", highlight=False)
     return 0
 

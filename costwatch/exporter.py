@@ -41,6 +41,7 @@ from .records import Outcome, OutputSource, TokenType, WasteReason
 from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
+from .store.database import database_url as store_database_url
 from .store.query import capped_all_time_with_recent_query, kept_labels_query, settled_before
 from .store.schema import ALL_TIME_DIMENSIONS, RECONCILIATIONS, REJECTED_ATTEMPTS
 
@@ -769,17 +770,22 @@ def _start_server(
 
 
 PRUNE_EVERY_S = 3600.0
-"""How often ``serve`` prunes raw attempt rows older than its ``retention``."""
+"""How often ``serve`` prunes raw attempt rows older than its ``retention`` (and, on PostgreSQL,
+creates the attempts table's day partitions ahead)."""
 
 
-def _prune_periodically(database_url: str | None, retention: timedelta, stop: threading.Event) -> None:
+def _maintain_periodically(
+    database_url: str | None, retention: timedelta | None, stop: threading.Event
+) -> None:
     store = SqlStore(database_url, auto_migrate=False)
     failing = False
     try:
         while True:
+            store.ensure_partitions()  # logs its own failure; rows meanwhile land in the DEFAULT partition
             try:
-                removed = store.prune_before(datetime.now(timezone.utc) - retention)
-                log.info("costwatch exporter: pruned %d attempt rows older than %s", removed, retention)
+                if retention is not None:
+                    removed = store.prune_before(datetime.now(timezone.utc) - retention)
+                    log.info("costwatch exporter: pruned %d attempt rows older than %s", removed, retention)
                 failing = False
             except Exception as exc:
                 if not failing:  # once per outage
@@ -808,7 +814,8 @@ def serve(
     running HTTP server (call ``shutdown()`` and then ``server_close()`` on it to stop; the latter
     also closes the database connections). ``on_listening`` is called once the port is bound. With
     ``retention``, raw attempt rows older than that are pruned now and every
-    :data:`PRUNE_EVERY_S` seconds (the rollups keep every total).
+    :data:`PRUNE_EVERY_S` seconds (the rollups keep every total); on PostgreSQL the attempts
+    table's day partitions are created ahead as often.
     """
     registry = CollectorRegistry()
     collector = FleetCollector(database_url)  # the rendered answers are what serve keeps
@@ -822,9 +829,9 @@ def serve(
     close_server = server.server_close
 
     stop_pruning = threading.Event()
-    if retention is not None:
+    if retention is not None or store_database_url(database_url).get_backend_name() == "postgresql":
         threading.Thread(
-            target=_prune_periodically,
+            target=_maintain_periodically,
             args=(database_url, retention, stop_pruning),
             name="costwatch-retention",
             daemon=True,

@@ -23,6 +23,7 @@ __all__ = [
     "NAMING_CONVENTION",
     "RECONCILIATIONS",
     "REJECTED_ATTEMPTS",
+    "RETENTION",
     "ROLLUPS",
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
@@ -34,6 +35,7 @@ __all__ = [
     "HourlyRollup",
     "Reconciliation",
     "RejectedAttempt",
+    "Retention",
     "UtcDateTime",
     "metadata",
     "utc_hour",
@@ -119,7 +121,11 @@ class Base(DeclarativeBase):
 
 
 class Attempt(Base):
-    """One HTTP attempt: every field of :class:`~costwatch.records.AttemptRecord`, latest revision."""
+    """One HTTP attempt: every field of :class:`~costwatch.records.AttemptRecord`, latest revision.
+
+    On PostgreSQL (migration 0012) the table is partitioned by day on ``started_at`` and its primary
+    key is ``(attempt_id, started_at)`` (``costwatch.store.partitions``); the model keeps SQLite's.
+    """
 
     __tablename__ = "costwatch_attempts"
 
@@ -379,3 +385,22 @@ class Reconciliation(Base):
 
 RECONCILIATIONS = cast(sa.Table, Reconciliation.__table__)
 """The reconciliations table, for Core statements."""
+
+
+class Retention(Base):
+    """The cutoff of the latest prune (migration 0012): one row, ``id`` 1.
+
+    Attempts that started before ``pruned_before`` may have been stored and pruned, so the writer
+    does not store a record that started before it again (its rollups would count it twice): it
+    keeps it with the refused records instead.
+    """
+
+    __tablename__ = "costwatch_retention"
+
+    id: Mapped[int] = mapped_column(sa.Integer(), primary_key=True, autoincrement=False)
+    pruned_before: Mapped[datetime] = mapped_column(UtcDateTime())
+    pruned_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+RETENTION = cast(sa.Table, Retention.__table__)
+"""The retention cutoff table, for Core statements."""
