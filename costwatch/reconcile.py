@@ -670,9 +670,14 @@ def _print_correction(totals: Mapping[str, Any], rows: Sequence[Mapping[str, Any
             f"Estimates corrected by the bill: {totals['attempts']:,} dropped attempt(s) in {buckets} "
             f"bucket(s) carry the output Anthropic billed; their waste is "
             f"{_money(totals['wasted_usd_at_bill'])} at the bill, {_money(totals['wasted_usd_at_estimate'])} "
-            f"as estimated. This run wrote {totals['revised_attempts']:,} revision(s) and moved the waste "
-            f"figure by {_signed_money(totals['wasted_usd_moved'])} "
-            f"({totals['output_tokens_moved']:+,} output tokens).",
+            "as estimated. "
+            + (
+                f"This run wrote {totals['revised_attempts']:,} revision(s) and moved the waste figure "
+                f"by {_signed_money(totals['wasted_usd_moved'])} "
+                f"({totals['output_tokens_moved']:+,} output tokens)."
+                if totals["revised_attempts"]
+                else "They already stood: this run changed nothing."
+            ),
             highlight=False,
         )
     if totals["left_alone_rows"]:
