@@ -276,3 +276,94 @@ def test_the_platform_reaches_the_record_the_store_and_the_metrics(store_url):
     finally:
         costwatch.uninstrument()
         pipeline.shutdown()
+
+
+def _platform_records() -> list[Any]:
+    """One completed attempt per platform, in one hour; the Vertex one dropped and abandoned."""
+    import dataclasses
+    from datetime import datetime, timezone
+
+    from costwatch.records import AttemptRecord, Cost, Usage, WasteReason
+
+    started = datetime(2026, 11, 1, 9, 5, tzinfo=timezone.utc)
+    base = AttemptRecord(
+        attempt_id="",
+        logical_request_id="",
+        attempt_number=1,
+        started_at=started,
+        outcome=Outcome.COMPLETED,
+        model_requested="claude-haiku-4-5",
+        duration_s=1.0,
+        usage=Usage(input_tokens=100, output_tokens=10),
+    )
+    return [
+        dataclasses.replace(base, attempt_id="a", logical_request_id="a", cost=Cost(input_usd=0.01)),
+        dataclasses.replace(base, attempt_id="b", logical_request_id="b", platform=BEDROCK),
+        dataclasses.replace(
+            base,
+            attempt_id="v",
+            logical_request_id="v",
+            platform=VERTEX,
+            outcome=Outcome.DROPPED,
+            wasted=True,
+            waste_reason=WasteReason.ABANDONED,
+        ),
+        dataclasses.replace(
+            base, attempt_id="f", logical_request_id="f", platform=FOUNDRY, cost=Cost(input_usd=0.02)
+        ),
+        # A platform name this version does not know (a store written by a later one): bounded.
+        dataclasses.replace(base, attempt_id="x", logical_request_id="x", platform="somewhere-new"),
+    ]
+
+
+def test_the_report_groups_by_platform_from_the_rollups(tmp_path, capsys):
+    from costwatch.cli import main
+    from costwatch.store import SqlStore
+
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    store = SqlStore(db)
+    store.write(_platform_records())
+    store.shutdown()
+    assert main(["report", "--by", "platform", "--format", "json", "--db", db]) == 0
+    report = json.loads(capsys.readouterr().out)
+    groups = {group["platform"]: group for group in report["groups"]}
+    assert set(groups) == {"anthropic", BEDROCK, VERTEX, FOUNDRY, "somewhere-new"}
+    assert groups[FOUNDRY]["billed_cost_usd"] == pytest.approx(0.02)
+    assert groups[BEDROCK]["unpriced_attempts"] == 1 and groups[BEDROCK]["billed_cost_usd"] == 0
+    assert groups[VERTEX]["attempts"] == 1 and groups[VERTEX]["billed_tokens"]["input"] == 100
+    assert main(["report", "--by", "platform", "--format", "csv", "--db", db]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("platform,") and len(lines) == 1 + 5
+
+
+def test_the_fleet_exporter_labels_by_platform_with_a_bounded_label(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from costwatch.exporter import FleetCollector
+    from costwatch.store import SqlStore
+
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    store = SqlStore(db)
+    store.write(_platform_records())
+    store.shutdown()
+    later = datetime(2026, 11, 2, tzinfo=timezone.utc)
+    collector = FleetCollector(db, retry_window=timedelta(minutes=10), clock=lambda: later)
+    try:
+        samples = collector.read()
+    finally:
+        collector.close()
+    attempts = samples.counters["costwatch_platform_attempts"]
+    assert attempts == {
+        ("anthropic", "completed"): 1,
+        (BEDROCK, "completed"): 1,
+        (VERTEX, "dropped"): 1,
+        (FOUNDRY, "completed"): 1,
+        ("other", "completed"): 1,
+    }
+    assert samples.counters["costwatch_platform_billed_cost_usd"][(FOUNDRY,)] == pytest.approx(0.02)
+    assert samples.counters["costwatch_platform_unpriced_attempts"] == {
+        (BEDROCK,): 1,
+        (VERTEX,): 1,
+        ("other",): 1,
+    }
+    assert samples.counters["costwatch_platform_billed_tokens"][(VERTEX, "input")] == 100

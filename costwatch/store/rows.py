@@ -29,8 +29,8 @@ __all__ = [
 ]
 
 
-RollupKey = tuple[datetime, str, str, str, str, str]
-"""``(hour, model, outcome, error_type, waste_reason, workflow)``, as in ``ROLLUP_DIMENSIONS``."""
+RollupKey = tuple[datetime, str, str, str, str, str, str]
+"""``(hour, model, outcome, error_type, waste_reason, workflow, platform)``, as in ``ROLLUP_DIMENSIONS``."""
 
 
 def hour_of(moment: datetime) -> datetime:
@@ -53,6 +53,7 @@ def rollup_key(record: AttemptRecord) -> RollupKey:
         record.error_label,
         waste_reason._value_ if (record.wasted and waste_reason is not None) else "",
         record.workflow,
+        record.platform,
     )
 
 

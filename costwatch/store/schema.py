@@ -227,6 +227,8 @@ class HourlyRollup(_RollupMeasures, Base):
     error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    platform: Mapped[str] = mapped_column(sa.String(), primary_key=True, server_default="anthropic")
+    """Where the attempts went (migration 0011): anthropic, bedrock, vertex or foundry."""
 
 
 ATTEMPTS = cast(sa.Table, Attempt.__table__)
@@ -237,7 +239,7 @@ ROLLUPS = cast(sa.Table, HourlyRollup.__table__)
 
 ROLLUP_DIMENSIONS = tuple(column.name for column in ROLLUPS.primary_key.columns)
 """The columns a rollup row is keyed by (``hour``, ``model``, ``outcome``, ``error_type``,
-``waste_reason``, ``workflow``); absent values are stored as ``""`` so they can be keys."""
+``waste_reason``, ``workflow``, ``platform``); absent values are stored as ``""`` so they can be keys."""
 
 ROLLUP_MEASURES = tuple(column.name for column in ROLLUPS.columns if not column.primary_key)
 """The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them
@@ -268,6 +270,7 @@ class AllTimeRollup(_RollupMeasures, Base):
     error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    platform: Mapped[str] = mapped_column(sa.String(), primary_key=True, server_default="anthropic")
     first_hour: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
