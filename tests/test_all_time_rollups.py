@@ -250,7 +250,8 @@ def test_every_all_time_row_equals_its_hourly_rows_summed_after_every_kind_of_wr
     assert found[(*dropped, "retried", "nightly", "anthropic")]["attempts"] == 3
     assert found[(*dropped, "abandoned", "nightly", "anthropic")]["attempts"] == 0
     assert found[(*dropped, "abandoned", "w2", "anthropic")]["attempts"] == 1
-    assert found[(MODELS[1], "dropped", "RemoteProtocolError", "retried", "nightly", "anthropic")]["attempts"] == 1
+    other_model = (MODELS[1], "dropped", "RemoteProtocolError")
+    assert found[(*other_model, "retried", "nightly", "anthropic")]["attempts"] == 1
 
 
 def test_hostile_label_values_are_keys_like_any_other(store_url, store):
