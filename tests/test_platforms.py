@@ -25,7 +25,17 @@ from test_fault_matrix import (
 import costwatch
 from costwatch import Outcome
 from costwatch.event_stream import EventStreamMeter, decode_frames, encode_frame
-from costwatch.platforms import BEDROCK, FOUNDRY, VERTEX, Route, canonical_model, route_of
+from costwatch.platforms import (
+    BEDROCK,
+    FOUNDRY,
+    GLOBAL,
+    REGIONAL,
+    VERTEX,
+    Route,
+    canonical_model,
+    route_of,
+)
+from costwatch.pricing import load_prices
 from costwatch.testing import FakeAnthropicServer, Fault
 from costwatch.testing.plan import bedrock_exception_frame, bedrock_frame
 
@@ -62,19 +72,46 @@ def test_routes_name_the_platform_the_model_and_the_endpoint_kind():
     assert route_of(
         "bedrock-runtime.us-east-1.amazonaws.com",
         "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/invoke-with-response-stream",
-    ) == Route(BEDROCK, "claude-sonnet-4-5-20250929", stream=True, global_endpoint=False)
+    ) == Route(BEDROCK, "claude-sonnet-4-5-20250929", stream=True, endpoint=REGIONAL)
     assert route_of("h", "/model/global.anthropic.claude-sonnet-4-5-20250929-v1%3A0/invoke") == Route(
-        BEDROCK, "claude-sonnet-4-5-20250929", stream=False, global_endpoint=True
+        BEDROCK, "claude-sonnet-4-5-20250929", stream=False, endpoint=GLOBAL
     )
     vertex = "/v1/projects/p/locations/{}/publishers/anthropic/models/claude-sonnet-4-5@20250929:rawPredict"
-    assert route_of("h", vertex.format("global")).global_endpoint
-    assert route_of("h", vertex.format("us-east5")) == Route(
-        VERTEX, "claude-sonnet-4-5-20250929", global_endpoint=False
-    )
-    assert route_of("r.services.ai.azure.com", "/anthropic/v1/messages").platform == FOUNDRY
-    assert route_of("127.0.0.1", "/anthropic/v1/messages", {"api-key"}).platform == FOUNDRY
+    assert route_of("h", vertex.format("global")).endpoint == GLOBAL
+    # Multi-region (us, eu) and regional locations both carry the premium.
+    for location in ("us-east5", "us", "eu"):
+        assert route_of("h", vertex.format(location)) == Route(
+            VERTEX, "claude-sonnet-4-5-20250929", endpoint=REGIONAL
+        )
     assert route_of("api.anthropic.com", "/v1/messages").platform == "anthropic"
     assert route_of("proxy", "/anthropic/v1/messages", {"x-api-key"}).platform == "anthropic"
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "headers"),
+    [
+        # AnthropicFoundry(resource=...): https://{resource}.services.ai.azure.com/anthropic/
+        ("r.services.ai.azure.com", "/anthropic/v1/messages", set()),
+        # base_url=... with an API key: `api-key` is sent (besides x-api-key) whatever the URL.
+        ("127.0.0.1", "/anthropic/v1/messages", {"api-key", "x-api-key"}),
+        ("gateway.example.com", "/v1/messages", {"api-key", "x-api-key"}),
+        ("gateway.example.com", "/team-a/claude/v1/messages", {"api-key"}),
+    ],
+)
+def test_foundry_is_recognised_by_its_host_or_behind_any_base_url_by_its_api_key_header(host, path, headers):
+    assert route_of(host, path, headers) == Route(FOUNDRY)
+
+
+def test_bedrock_mantle_is_bedrock_whose_endpoint_kind_the_request_does_not_tell():
+    # AnthropicBedrockMantle: https://bedrock-mantle.{region}.api.aws/anthropic/v1/messages, the model in
+    # the body; behind a custom base URL it signs with SigV4 (x-amz-date).
+    assert route_of("bedrock-mantle.us-east-1.api.aws", "/anthropic/v1/messages") == Route(BEDROCK)
+    assert route_of("10.0.0.1", "/anthropic/v1/messages", {"x-amz-date", "authorization"}) == Route(BEDROCK)
+    # Claude Platform on AWS (AnthropicAWS) is Anthropic's own API, billed at its rates.
+    assert route_of("aws-external-anthropic.us-east-1.api.aws", "/v1/messages", {"x-amz-date"}).platform == (
+        "anthropic"
+    )
+    assert canonical_model(BEDROCK, "anthropic.claude-opus-5-5") == "claude-opus-5-5"
 
 
 # -- the event stream (pure) ---------------------------------------------------------------------------
@@ -209,8 +246,13 @@ def test_every_platform_client_sees_the_same_and_records_match_the_ledger(platfo
     assert len({r.logical_request_id for r in records}) == 1
     for record, entry in zip(records, entries, strict=True):
         assert_billed_like_ledger(record, entry, case)
-        # The price table is the first-party API's: a platform's attempt is unpriced, never guessed.
-        assert record.cost is None
+        # Foundry bills at the Claude API's rates; the built-in table holds no Bedrock or Vertex
+        # price, so their attempts are unpriced, never priced at a guess.
+        if platform == FOUNDRY:
+            assert record.cost is not None
+            assert record.cost == load_prices().cost(record.model_name, record.usage)
+        else:
+            assert record.cost is None
 
 
 def test_platform_attempts_are_recorded_under_the_canonical_model(accounting):
@@ -367,3 +409,124 @@ def test_the_fleet_exporter_labels_by_platform_with_a_bounded_label(tmp_path):
         ("other",): 1,
     }
     assert samples.counters["costwatch_platform_billed_tokens"][(VERTEX, "input")] == 100
+
+
+# -- prices per platform --------------------------------------------------------------------------------
+def _with_bedrock_prices(tmp_path, monkeypatch) -> Any:
+    """A prices file a Bedrock user would add: AWS's global-endpoint price of one model."""
+    override = {
+        "version": "acme-aws-1",
+        "platforms": {
+            BEDROCK: {
+                "models": {
+                    "claude-haiku-4-5-20251001": {
+                        "input_usd_per_mtok": 1.0,
+                        "output_usd_per_mtok": 5.0,
+                        "source": "https://aws.amazon.com/bedrock/pricing/",
+                        "retrieved": "2026-12-03",
+                    }
+                }
+            }
+        },
+        "models": {},
+    }
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps(override))
+    monkeypatch.setenv("COSTWATCH_PRICES_FILE", str(path))
+    return load_prices()
+
+
+def test_the_built_in_table_prices_foundry_at_claude_api_rates_and_leaves_bedrock_and_vertex_unpriced():
+    from costwatch.records import Usage
+
+    table = load_prices()
+    usage = Usage(input_tokens=1000, output_tokens=100)
+    first_party = table.cost("claude-haiku-4-5", usage)
+    assert first_party is not None and first_party.total_usd > 0
+    assert table.cost("claude-haiku-4-5", usage, platform=FOUNDRY) == first_party
+    for platform in (BEDROCK, VERTEX):
+        for endpoint in (GLOBAL, REGIONAL, None):
+            assert table.cost("claude-haiku-4-5", usage, platform=platform, endpoint=endpoint) is None
+    assert table.cost("claude-haiku-4-5", usage, platform="somewhere-new") is None
+    # Each platform's entry says where its rates come from, and when that was read.
+    for entry in table.platforms.values():
+        assert entry.source.startswith("https://platform.claude.com/") and entry.retrieved
+
+
+def test_a_platform_entry_prices_its_model_globally_and_at_the_regional_premium(tmp_path, monkeypatch):
+    from costwatch.records import Usage
+
+    table = _with_bedrock_prices(tmp_path, monkeypatch)
+    usage = Usage(input_tokens=1_000_000, output_tokens=100_000)
+    bedrock = {"platform": BEDROCK}
+    assert table.cost("claude-haiku-4-5", usage, **bedrock, endpoint=GLOBAL).total_usd == pytest.approx(1.5)
+    assert table.cost("claude-haiku-4-5", usage, **bedrock, endpoint=REGIONAL).total_usd == pytest.approx(
+        1.65
+    )
+    # Unpriced: the endpoint kind not known (Mantle), a model without a Bedrock price, a server-tool
+    # fee the table does not know, and Vertex (no price of its own).
+    assert table.cost("claude-haiku-4-5", usage, **bedrock, endpoint=None) is None
+    assert table.cost("claude-sonnet-4-5", usage, **bedrock, endpoint=GLOBAL) is None
+    searched = {"web_search_requests": 1}
+    assert table.cost("claude-haiku-4-5", usage, **bedrock, endpoint=GLOBAL, server_tool_use=searched) is None
+    assert table.cost("claude-haiku-4-5", usage, platform=VERTEX, endpoint=GLOBAL) is None
+    # The override's entry joins the built-in one, whose regional premium and provenance it keeps.
+    assert table.platforms[BEDROCK].name == "Amazon Bedrock"
+
+
+def test_a_prices_file_naming_a_platform_costwatch_does_not_know_is_one_clear_error(tmp_path):
+    from costwatch.pricing import PriceFileError
+
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"models": {}, "platforms": {"azure-openai": {"models": {}}}}))
+    with pytest.raises(PriceFileError, match=r"'azure-openai'.* choose from bedrock, vertex, foundry"):
+        load_prices(path)
+
+
+def test_bedrock_and_foundry_attempts_are_priced_from_their_platform_entry_end_to_end(
+    accounting, tmp_path, monkeypatch
+):
+    table = _with_bedrock_prices(tmp_path, monkeypatch)
+    costwatch.uninstrument()
+    from costwatch.pipeline import Pipeline
+    from costwatch.sinks import MemorySink
+
+    pipeline, sink = Pipeline(), MemorySink()
+    costwatch.instrument(pipeline=pipeline, sinks=[sink], listeners=[], prices=table)
+    try:
+        with FakeAnthropicServer() as server:
+            clients = _clients(server.base_url)
+            named = (
+                (BEDROCK, "global.anthropic.claude-haiku-4-5-20251001-v1:0"),
+                (BEDROCK, "us.anthropic.claude-haiku-4-5-20251001-v1:0"),
+                (BEDROCK, "global.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+                (VERTEX, "claude-haiku-4-5@20251001"),
+                (FOUNDRY, "claude-haiku-4-5"),
+            )
+            for platform, model in named:
+                with clients[platform][0](max_retries=0) as client:
+                    client.messages.create(
+                        model=model, max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+                    )
+        assert costwatch.flush(10)
+        records = sink.records
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()
+    assert [(r.platform, r.endpoint) for r in records] == [
+        (BEDROCK, GLOBAL),
+        (BEDROCK, REGIONAL),
+        (BEDROCK, GLOBAL),
+        (VERTEX, REGIONAL),
+        (FOUNDRY, None),
+    ]
+    global_, regional, no_price, vertex, foundry = records
+    price = table.platforms[BEDROCK].models["claude-haiku-4-5-20251001"]
+    assert global_.cost == price.cost(global_.usage)
+    assert regional.cost is not None and regional.cost.total_usd == pytest.approx(
+        1.1 * price.cost(regional.usage).total_usd
+    )
+    assert no_price.cost is None and vertex.cost is None
+    assert foundry.cost == table.cost("claude-haiku-4-5", foundry.usage)
+    # Repricing a stored record prices it the same way (its platform and endpoint are kept).
+    assert [table.cost_of(r) for r in records] == [r.cost for r in records]

@@ -170,6 +170,7 @@ def test_migration_0006_fills_the_new_rollup_measures_from_the_attempts_stored_b
                 del row["server_tool_cost_usd"], row["inference_geo"]
                 del row["platform"]  # and without the column 0007 adds
                 del row["tokens_clamped"]  # and the column 0008 adds
+                del row["endpoint"]  # and the column 0011 adds
             connection.execute(sa.insert(_old_table(ATTEMPTS, tuple(rows[0]))), rows)
             for row in deltas:
                 connection.execute(

@@ -164,6 +164,7 @@ ATTEMPT_COLUMNS = (
     "inference_geo",
     "platform",
     "tokens_clamped",
+    "endpoint",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
@@ -216,6 +217,7 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         record.inference_geo,
         record.platform,
         usage.tokens_clamped,
+        record.endpoint,
     )
 
 
@@ -289,4 +291,5 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         stable_prefix_bytes=row.get("stable_prefix_bytes"),
         inference_geo=row.get("inference_geo"),
         platform=row["platform"],
+        endpoint=row.get("endpoint"),
     )

@@ -172,6 +172,8 @@ class Attempt(Base):
     """Where the attempt went (migration 0007): anthropic, bedrock, vertex or foundry."""
     # True when a token count beyond MAX_TOKENS_PER_ATTEMPT was clamped to it (migration 0008).
     tokens_clamped: Mapped[bool] = mapped_column(sa.Boolean(), server_default=sa.false())
+    endpoint: Mapped[str | None] = mapped_column(sa.String())
+    """Bedrock's and Vertex's endpoint kind, ``global`` or ``regional`` (migration 0011)."""
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt

@@ -122,7 +122,11 @@ def _rekey(table: str, keys: Sequence[str]) -> None:
 
 
 def upgrade() -> None:
-    """Key both rollup tables by platform and move the other platforms' attempts to their own rows."""
+    """Key both rollup tables by platform and move the other platforms' attempts to their own rows;
+    add the attempts' endpoint kind (NULL on the rows stored before: not known)."""
+    # Plain ADD COLUMN (SQLite takes a nullable column in place; a batch copy of the attempts would
+    # lose migration 0004's expression index).
+    op.add_column("costwatch_attempts", sa.Column("endpoint", sa.String(), nullable=True))
     _rekey(_HOURLY, ("hour", *_DIMENSIONS))
     _rekey(_ALL_TIME, _DIMENSIONS)
     attempts = sa.table(
@@ -240,8 +244,9 @@ def _move(
 
 
 def downgrade() -> None:
-    """Fold every platform's rows back into the ``anthropic`` rows and drop the column."""
+    """Fold every platform's rows back into the ``anthropic`` rows and drop the columns."""
     connection = op.get_bind()
+    op.execute("ALTER TABLE costwatch_attempts DROP COLUMN endpoint")
     for table, keys, first in ((_HOURLY, ("hour", *_DIMENSIONS), False), (_ALL_TIME, _DIMENSIONS, True)):
         columns = [sa.column(n) for n in (*keys, "platform", *_MEASURES)]
         if first:
