@@ -39,6 +39,7 @@ from .plan import (
     StreamCut,
     bedrock_events,
     bedrock_exception_frame,
+    bedrock_frame,
     chunk,
     error_body,
     error_event,
@@ -736,6 +737,9 @@ class _Attempt:
             last, ending = chunk(frame), Ending.ERROR_EVENT
         elif fault.kind is FaultKind.ERROR_EVENT:
             last, ending = chunk(error_event(fault.error_type, self.request_id)), Ending.ERROR_EVENT
+        elif self.route.platform == BEDROCK:
+            malformed = malformed_event().split(b"\ndata: ", 1)[1].rstrip(b"\n")
+            last, ending = chunk(bedrock_frame(malformed)), Ending.MALFORMED
         else:
             last, ending = chunk(malformed_event()), Ending.MALFORMED
         billed.update(
