@@ -166,8 +166,16 @@ def _bedrock_auth() -> dict[str, Any]:
     )
 
 
+MANTLE = "bedrock-mantle"
+"""AnthropicBedrockMantle: Claude in Amazon Bedrock over the Messages API (platform ``bedrock``)."""
+
+
 def _clients(base_url: str) -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
     bedrock = {"base_url": base_url, "aws_region": "us-east-1", **_bedrock_auth()}
+    # Signed with SigV4 (x-amz-date), as with AWS credentials: behind this base URL the signature is
+    # what tells it apart from the first-party API.
+    mantle = {"base_url": base_url + "/anthropic", "aws_region": "us-east-1", "aws_access_key": "AK"}
+    mantle["aws_secret_key"] = "SK"
     vertex = {"base_url": base_url, "region": "us-east5", "project_id": "proj", "access_token": "token"}
     foundry = {"base_url": base_url + "/anthropic/", "api_key": "foundry-key"}
     return {
@@ -182,6 +190,10 @@ def _clients(base_url: str) -> dict[str, tuple[Callable[..., Any], Callable[...,
         FOUNDRY: (
             lambda **kw: anthropic.AnthropicFoundry(**foundry, **kw),
             lambda **kw: anthropic.AsyncAnthropicFoundry(**foundry, **kw),
+        ),
+        MANTLE: (
+            lambda **kw: anthropic.AnthropicBedrockMantle(**mantle, **kw),
+            lambda **kw: anthropic.AsyncAnthropicBedrockMantle(**mantle, **kw),
         ),
     }
 
@@ -249,16 +261,18 @@ def run_on(platform: str, name: str, mode: str):
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("name", PLATFORM_CASES)
-@pytest.mark.parametrize("platform", [BEDROCK, VERTEX, FOUNDRY])
-def test_every_platform_client_sees_the_same_and_records_match_the_ledger(platform, name, mode):
+@pytest.mark.parametrize("client", [BEDROCK, VERTEX, FOUNDRY, MANTLE])
+def test_every_platform_client_sees_the_same_and_records_match_the_ledger(client, name, mode):
+    platform = BEDROCK if client == MANTLE else client
     case = case_named(name)
-    bare, _ = run_on(platform, name, mode)
+    bare, _ = run_on(client, name, mode)
     with accounted() as (_pipeline, sink):
-        seen, entries = run_on(platform, name, mode)
+        seen, entries = run_on(client, name, mode)
         assert costwatch.flush(10)
         records = sink.records
     assert seen == bare
     assert [r.outcome for r in records] == list(case.outcomes), [r.to_dict() for r in records]
+    assert {r.platform for r in records} == {platform}
     assert len(entries) == len(records)
     assert len({r.logical_request_id for r in records}) == 1
     for record, entry in zip(records, entries, strict=True):
