@@ -158,7 +158,7 @@ def test_migration_0006_fills_the_new_rollup_measures_from_the_attempts_stored_b
         for row in rollup_delta_rows(RECORDS)
     ]
     old = tuple(m for m in ROLLUP_MEASURES if m not in _NEW_MEASURES)
-    # Keyed without the platform (migration 0011 adds it; these attempts are all first-party).
+    # Keyed without the platform (migration 0012 adds it; these attempts are all first-party).
     keys = tuple(d for d in ROLLUP_DIMENSIONS if d != "platform")
     hourly_columns, all_time_columns = (*keys, *old), (*keys[1:], "first_hour", *old)
     engine = create_store_engine(store_url)
@@ -170,7 +170,7 @@ def test_migration_0006_fills_the_new_rollup_measures_from_the_attempts_stored_b
                 del row["server_tool_cost_usd"], row["inference_geo"]
                 del row["platform"]  # and without the column 0007 adds
                 del row["tokens_clamped"]  # and the column 0008 adds
-                del row["endpoint"]  # and the column 0011 adds
+                del row["endpoint"]  # and the column 0012 adds
             connection.execute(sa.insert(_old_table(ATTEMPTS, tuple(rows[0]))), rows)
             for row in deltas:
                 connection.execute(

@@ -173,7 +173,7 @@ class Attempt(Base):
     # True when a token count beyond MAX_TOKENS_PER_ATTEMPT was clamped to it (migration 0008).
     tokens_clamped: Mapped[bool] = mapped_column(sa.Boolean(), server_default=sa.false())
     endpoint: Mapped[str | None] = mapped_column(sa.String())
-    """Bedrock's and Vertex's endpoint kind, ``global`` or ``regional`` (migration 0011)."""
+    """Bedrock's and Vertex's endpoint kind, ``global`` or ``regional`` (migration 0012)."""
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
@@ -230,7 +230,7 @@ class HourlyRollup(_RollupMeasures, Base):
     waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     platform: Mapped[str] = mapped_column(sa.String(), primary_key=True, server_default="anthropic")
-    """Where the attempts went (migration 0011): anthropic, bedrock, vertex or foundry."""
+    """Where the attempts went (migration 0012): anthropic, bedrock, vertex or foundry."""
 
 
 ATTEMPTS = cast(sa.Table, Attempt.__table__)

@@ -9,8 +9,8 @@ whose attempts are gone (retention) stay ``anthropic``: their platform is no lon
 Upgrade every writer of a database before (or when) migrating it: an older writer upserts on the
 old key, which no longer exists.
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-03 09:40:00
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0011"
-down_revision: str | None = "0010"
+revision: str = "0012"
+down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
