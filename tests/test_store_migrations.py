@@ -140,12 +140,20 @@ _COLUMNS_OF_0005 = ("prompt_bytes", "stable_prefix_bytes")
 _COLUMNS_OF_0006 = ("server_tool_cost_usd", "inference_geo")
 _COLUMNS_OF_0007 = ("platform",)
 _COLUMNS_OF_0008 = ("tokens_clamped",)
+_COLUMNS_OF_0011 = ("output_source",)
 _COLUMNS_OF_0012 = ("endpoint",)
 
 
 def _row_before_0005(record: AttemptRecord) -> dict[str, Any]:
     """An attempt's row as the tables before migration 0005 hold it."""
-    later = (*_COLUMNS_OF_0005, *_COLUMNS_OF_0006, *_COLUMNS_OF_0007, *_COLUMNS_OF_0008, *_COLUMNS_OF_0012)
+    later = (
+        *_COLUMNS_OF_0005,
+        *_COLUMNS_OF_0006,
+        *_COLUMNS_OF_0007,
+        *_COLUMNS_OF_0008,
+        *_COLUMNS_OF_0011,
+        *_COLUMNS_OF_0012,
+    )
     return {k: v for k, v in attempt_row(record).items() if k not in later}
 
 
@@ -157,7 +165,7 @@ def test_migration_0007_reads_earlier_attempts_as_first_party(store_url: str) ->
             row = {
                 k: v
                 for k, v in attempt_row(_ABANDONED_ATTEMPT).items()
-                if k not in (*_COLUMNS_OF_0007, *_COLUMNS_OF_0008, *_COLUMNS_OF_0012)
+                if k not in (*_COLUMNS_OF_0007, *_COLUMNS_OF_0008, *_COLUMNS_OF_0011, *_COLUMNS_OF_0012)
             }
             connection.execute(sa.insert(ATTEMPTS).values(row))
     finally:

@@ -56,7 +56,16 @@ _MEASURES = (
     "wasted_cache_write_cost_usd",
     "wasted_output_cost_usd",
     "wasted_server_tool_cost_usd",
+    "reported_output_tokens",
+    "counted_output_tokens",
+    "reconciled_output_tokens",
+    "reported_output_cost_usd",
+    "estimated_output_cost_usd",
+    "counted_output_cost_usd",
+    "reconciled_output_cost_usd",
 )
+_TOKEN_SOURCES = ("reported", "counted", "reconciled")
+_COST_SOURCES = ("reported", "estimated", "counted", "reconciled")
 _WORKFLOW_LABEL_LENGTH = 64
 _READ_BATCH = 5000
 
@@ -89,6 +98,8 @@ def _measures(row: Any) -> tuple[float, ...]:
     wasted = bool(row.wasted)
     cache_write = row.cache_write_5m_tokens + row.cache_write_1h_tokens
     tokens = (row.input_tokens, row.output_tokens, row.cache_read_tokens, cache_write)
+    output_usd = row.output_cost_usd if priced else 0.0
+    source = row.output_source
     return (
         1,
         1 if row.outcome == "dropped" else 0,
@@ -102,6 +113,8 @@ def _measures(row: Any) -> tuple[float, ...]:
         0 if priced else 1,
         0 if priced else sum(tokens),
         *(c if wasted else 0.0 for c in costs),
+        *(row.output_tokens if source == s else 0 for s in _TOKEN_SOURCES),
+        *(output_usd if source == s else 0.0 for s in _COST_SOURCES),
     )
 
 
@@ -159,6 +172,7 @@ def upgrade() -> None:
                 "cache_write_cost_usd",
                 "output_cost_usd",
                 "server_tool_cost_usd",
+                "output_source",
             )
         ),
     )
