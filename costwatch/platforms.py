@@ -28,6 +28,7 @@ __all__ = [
     "BEDROCK",
     "FOUNDRY",
     "GLOBAL",
+    "MESSAGES_PATH",
     "PLATFORMS",
     "REGIONAL",
     "VERTEX",
@@ -43,6 +44,8 @@ VERTEX: Final = "vertex"
 FOUNDRY: Final = "foundry"
 PLATFORMS = (ANTHROPIC, BEDROCK, VERTEX, FOUNDRY)
 """Every platform an attempt can go to; ``anthropic`` is the first-party API."""
+MESSAGES_PATH: Final = "/v1/messages"
+"""The first-party Messages API's path; Foundry's ends with it after a prefix."""
 GLOBAL: Final = "global"
 REGIONAL: Final = "regional"
 """The endpoint kinds Bedrock and Vertex price apart: regional (and Vertex's multi-region) endpoints
@@ -55,7 +58,6 @@ _VERTEX_PATH = re.compile(
 _PLATFORM_SUFFIXES = ("/invoke", "/invoke-with-response-stream", ":rawPredict", ":streamRawPredict")
 _FOUNDRY_HOST_SUFFIX = ".services.ai.azure.com"
 _PREFIXED_PATH_SUFFIX = "/anthropic/v1/messages"
-_MESSAGES_PATH_SUFFIX = "/v1/messages"
 _MANTLE_HOST = re.compile(r"\Abedrock-mantle(?:-fips)?\.[a-z0-9-]+\.api\.aws\Z")
 # Header names only, never values: AnthropicFoundry's API-key auth sends ``api-key`` (besides
 # ``x-api-key``), which no other client of the SDK sends; AWS SigV4 signing sends ``x-amz-date``.
@@ -113,7 +115,7 @@ def route_of(host: str, path: str, header_names: frozenset[str] | set[str] = fro
                 canonical_model(VERTEX, urllib.parse.unquote(match["model"])),
                 endpoint=GLOBAL if location is not None and location[1] == "global" else REGIONAL,
             )
-    if not path.endswith(_MESSAGES_PATH_SUFFIX):
+    if not path.endswith(MESSAGES_PATH):
         return FIRST_PARTY
     if _FOUNDRY_HEADER in header_names:
         return Route(FOUNDRY)
