@@ -145,6 +145,8 @@ class PlatformPrices:
     """The platform's own prices, by canonical model id (global endpoint)."""
     regional_multipliers: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     """Per model: what a regional endpoint costs relative to the global one."""
+    regional_multiplier: float = 1.0
+    """The platform's stated regional premium, which its models take unless their entry says otherwise."""
     source: str = ""
     retrieved: str | None = None
     note: str = ""
@@ -649,6 +651,7 @@ class _Reader:
                 claude_api_rates=rates == "claude_api",
                 models=MappingProxyType(models),
                 regional_multipliers=MappingProxyType(multipliers),
+                regional_multiplier=regional,
                 source=self.text(entry, "source", field, required=self.strict) or self.where,
                 retrieved=self.iso_date(entry, "retrieved", field, required=self.strict),
                 note=(self.text(entry, "note", field, required=False) or "") if entry.get("note") else "",

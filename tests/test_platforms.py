@@ -569,3 +569,13 @@ def test_bedrock_and_foundry_attempts_are_priced_from_their_platform_entry_end_t
     assert foundry.cost == table.cost("claude-haiku-4-5", foundry.usage)
     # Repricing a stored record prices it the same way (its platform and endpoint are kept).
     assert [table.cost_of(r) for r in records] == [r.cost for r in records]
+
+
+def test_costwatch_prices_says_how_each_platform_is_priced_and_where_that_is_stated(capsys):
+    from costwatch.cli import main
+
+    assert main(["prices"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "foundry (Claude in Microsoft Foundry): the rates above." in out
+    assert "bedrock (Amazon Bedrock): its own prices, for no model (its attempts are unpriced);" in out
+    assert "regional endpoints x1.1. source: https://platform.claude.com/" in out
