@@ -148,7 +148,7 @@ _COLUMNS_OF_0006 = ("server_tool_cost_usd", "inference_geo")
 _COLUMNS_OF_0007 = ("platform",)
 _COLUMNS_OF_0008 = ("tokens_clamped",)
 _COLUMNS_OF_0011 = ("output_source",)
-_COLUMNS_OF_0012 = ("endpoint",)
+_COLUMNS_OF_0014 = ("endpoint",)
 
 
 def _row_before_0005(record: AttemptRecord) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def _row_before_0005(record: AttemptRecord) -> dict[str, Any]:
         *_COLUMNS_OF_0007,
         *_COLUMNS_OF_0008,
         *_COLUMNS_OF_0011,
-        *_COLUMNS_OF_0012,
+        *_COLUMNS_OF_0014,
     )
     return {k: v for k, v in attempt_row(record).items() if k not in later}
 
@@ -172,7 +172,7 @@ def test_migration_0007_reads_earlier_attempts_as_first_party(store_url: str) ->
             row = {
                 k: v
                 for k, v in attempt_row(_ABANDONED_ATTEMPT).items()
-                if k not in (*_COLUMNS_OF_0007, *_COLUMNS_OF_0008, *_COLUMNS_OF_0011, *_COLUMNS_OF_0012)
+                if k not in (*_COLUMNS_OF_0007, *_COLUMNS_OF_0008, *_COLUMNS_OF_0011, *_COLUMNS_OF_0014)
             }
             connection.execute(sa.insert(ATTEMPTS).values(row))
     finally:
@@ -294,8 +294,8 @@ def test_migration_scripts_are_found_without_an_ini_file() -> None:
     assert any(scripts.glob("versions/0001_*.py"))
 
 
-def _rows_of_0011(records: list[AttemptRecord]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The hourly and all-time rollup rows a writer before migration 0012 stored for ``records``:
+def _rows_of_0013(records: list[AttemptRecord]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The hourly and all-time rollup rows a writer before migration 0014 stored for ``records``:
     keyed without the platform, so every platform's attempts share their rows."""
     from costwatch.store.rows import rollup_delta_rows
     from costwatch.store.schema import ROLLUP_DIMENSIONS, ROLLUP_MEASURES
@@ -329,7 +329,7 @@ def _rows_of_0011(records: list[AttemptRecord]) -> tuple[list[dict[str, Any]], l
     )
 
 
-def test_migration_0012_moves_each_platform_s_attempts_to_rollup_rows_of_their_own(
+def test_migration_0014_moves_each_platform_s_attempts_to_rollup_rows_of_their_own(
     store_url: str, tmp_path: Path
 ) -> None:
     from costwatch.records import Cost
@@ -338,7 +338,7 @@ def test_migration_0012_moves_each_platform_s_attempts_to_rollup_rows_of_their_o
     hour = datetime(2026, 11, 1, 9, tzinfo=timezone.utc)
     priced = Cost(input_usd=0.003, output_usd=0.0015)
     # A first-party and a Bedrock attempt of the same model, outcome and hour (one row before
-    # 0012), a dropped Vertex attempt an hour later, and a Foundry one in the first hour.
+    # 0014), a dropped Vertex attempt an hour later, and a Foundry one in the first hour.
     records = [
         dataclasses.replace(_ABANDONED_ATTEMPT, attempt_id=f"a{n}", logical_request_id=f"r{n}", **fields)
         for n, fields in enumerate(
@@ -350,14 +350,14 @@ def test_migration_0012_moves_each_platform_s_attempts_to_rollup_rows_of_their_o
             ]
         )
     ]
-    migrate.upgrade(store_url, revision="0011")
-    hourly, all_time = _rows_of_0011(records)
+    migrate.upgrade(store_url, revision="0013")
+    hourly, all_time = _rows_of_0013(records)
     engine = create_store_engine(store_url)
     try:
         with engine.begin() as connection:
             rows = [attempt_row(r) for r in records]
             for row in rows:
-                del row["endpoint"]  # migration 0012 adds it
+                del row["endpoint"]  # migration 0014 adds it
             connection.execute(sa.insert(ATTEMPTS), rows)
             for table, rows in (
                 (ROLLUPS, hourly),
@@ -405,5 +405,5 @@ def test_migration_0012_moves_each_platform_s_attempts_to_rollup_rows_of_their_o
     finally:
         fresh.shutdown()
         migrated.shutdown()
-    migrate.downgrade(store_url, "0011")
-    assert migrate.current(store_url) == "0011"
+    migrate.downgrade(store_url, "0013")
+    assert migrate.current(store_url) == "0013"

@@ -181,7 +181,7 @@ class Attempt(Base):
     output_source: Mapped[str] = mapped_column(sa.String(), server_default="reported")
     """Where ``output_tokens`` came from (migration 0011): reported, estimated, counted or reconciled."""
     endpoint: Mapped[str | None] = mapped_column(sa.String())
-    """Bedrock's and Vertex's endpoint kind, ``global`` or ``regional`` (migration 0012)."""
+    """Bedrock's and Vertex's endpoint kind, ``global`` or ``regional`` (migration 0014)."""
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
@@ -247,7 +247,7 @@ class HourlyRollup(_RollupMeasures, Base):
     waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     platform: Mapped[str] = mapped_column(sa.String(), primary_key=True, server_default="anthropic")
-    """Where the attempts went (migration 0012): anthropic, bedrock, vertex or foundry."""
+    """Where the attempts went (migration 0014): anthropic, bedrock, vertex or foundry."""
 
 
 ATTEMPTS = cast(sa.Table, Attempt.__table__)

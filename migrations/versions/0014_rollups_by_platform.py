@@ -9,8 +9,8 @@ whose attempts are gone (retention) stay ``anthropic``: their platform is no lon
 Upgrade every writer of a database before (or when) migrating it: an older writer upserts on the
 old key, which no longer exists.
 
-Revision ID: 0012
-Revises: 0011
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-12-03 09:40:00
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0012"
-down_revision: str | None = "0011"
+revision: str = "0014"
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
