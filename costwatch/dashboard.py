@@ -710,8 +710,10 @@ def _panels() -> list[_Panel | _Row]:
             "and workflows.",
             "short",
             [
+                # `or ... * 0`: a platform with attempts but none unpriced reads 0, not "No data".
                 _Query(
-                    "sum by (platform) (rate(costwatch_platform_unpriced_attempts_total[$__rate_interval]))",
+                    "sum by (platform) (rate(costwatch_platform_unpriced_attempts_total[$__rate_interval]))\n"
+                    "or\nsum by (platform) (rate(costwatch_platform_attempts_total[$__rate_interval])) * 0",
                     "{{platform}}",
                 )
             ],

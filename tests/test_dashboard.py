@@ -41,7 +41,11 @@ HEALTH_METRICS = {
 # Whole-organization figures of the reconciliation with Anthropic's usage report: not split by model.
 ORGANIZATION_METRICS = {"costwatch_unseen_cost_usd", "costwatch_last_reconciliation_timestamp_seconds"}
 # By platform only (docs/platforms.md): they carry no model or workflow label.
-PLATFORM_METRICS = {"costwatch_platform_billed_cost_usd_total", "costwatch_platform_unpriced_attempts_total"}
+PLATFORM_METRICS = {
+    "costwatch_platform_attempts_total",
+    "costwatch_platform_billed_cost_usd_total",
+    "costwatch_platform_unpriced_attempts_total",
+}
 SELECTOR = re.compile(r"(?<![\w:.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?(\[[^\]]+\])?")
 PROMQL_WORDS = {
     *(
