@@ -37,7 +37,7 @@ depends_on: str | Sequence[str] | None = None
 
 _TIMESTAMP = sa.DateTime(timezone=True)
 
-# Frozen copies of the attempts table's indexes as of 0012 (0001 and 0004).
+# Frozen copies of the attempts table's indexes as of 0012 (0001 and 0004; 0011 and 0012 add none).
 _INDEXES = (
     "CREATE INDEX ix_costwatch_attempts_logical_request_id ON {table} (logical_request_id)",
     "CREATE INDEX ix_costwatch_attempts_abandoned_fingerprint ON {table} (fingerprint) "
