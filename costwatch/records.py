@@ -83,8 +83,8 @@ def _fast_frozen_init(cls: _Frozen) -> _Frozen:
     The ``__init__`` that dataclasses generates for a frozen class calls ``object.__setattr__`` once
     per field, which made building a record a tenth of an attempt's whole cost on the caller's
     thread (the attempt-cost benchmark's 1 KB row would miss its target without this; see
-    benchmarks/README.md). This one has the same signature and effect. It lends the new instance, for the length
-    of the call, a mutable twin class with the same slots (so the same layout): under the twin,
+    benchmarks/README.md). This one has the same signature and effect. It lends the new instance,
+    for the length of the call, a mutable twin class with the same slots (so the same layout): under the twin,
     ``self.field = value`` is a plain slot store, several times cheaper than calling each slot's
     descriptor, and the instance gets its own class back before anyone else can see it. An
     instance of a subclass, whose layout may differ, is filled through the descriptors instead.
