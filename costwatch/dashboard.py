@@ -755,7 +755,7 @@ def _panels() -> list[_Panel | _Row]:
                     instant=True,
                 )
             ],
-            width=8,
+            width=6,
             options={"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
             defaults={
                 "min": 0,
@@ -779,8 +779,17 @@ def _panels() -> list[_Panel | _Row]:
                     instant=True,
                 )
             ],
-            width=8,
+            width=6,
             options={"displayMode": "basic", "orientation": "horizontal", "showUnfilled": True},
+        ),
+        _stat(
+            "Waste moved by the bill (24h)",
+            "How much `costwatch reconcile` changed the wasted dollars of the dropped attempts whose "
+            "estimates it replaced with the billed output, over the reconciled buckets of the last 24 hours "
+            "(billed minus estimated; negative: the estimates were too high).",
+            "currencyUSD",
+            f'sum(costwatch_reconciled_wasted_cost_usd{{source="billed",{_MODEL}}})'
+            f' - sum(costwatch_reconciled_wasted_cost_usd{{source="estimated",{_MODEL}}})',
         ),
         _Row("costwatch health"),
         _stat(

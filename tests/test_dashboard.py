@@ -174,6 +174,7 @@ def test_the_required_panels_are_there_with_their_units():
         "Since last reconciliation": "s",
         "Coverage by model and token type": "percentunit",
         "Dropped attempts' output: estimated vs billed": "short",
+        "Waste moved by the bill (24h)": "currencyUSD",
         "Fleet exporter up": "short",
         "Store queue and spool": "short",
         "Write and instrumentation errors": "short",
