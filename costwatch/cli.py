@@ -657,7 +657,8 @@ def _print_rejected(count: int, latest: Sequence[RejectedRecord], out: Console) 
     if not count:
         return
     out.print(
-        f"{count:,} attempt record(s) were refused by the database and are kept, not counted above, in "
+        f"{count:,} attempt record(s) were refused by the database, or started before its retention "
+        "cutoff (possibly counted before they were pruned), and are kept apart in "
         "costwatch_rejected_attempts (docs/runbooks.md#costwatchstorerejectedrecords). Latest:",
         highlight=False,
         markup=False,
@@ -882,8 +883,16 @@ def _command_prices(args: argparse.Namespace, out: Console, err: Console) -> int
         )
         if price.note:
             out.print(f"note: {price.note}", highlight=False)
-    elif table.unpriced:
-        out.print(f"Known without a public price: {', '.join(table.unpriced)}", highlight=False)
+    else:
+        if table.unpriced:
+            out.print(f"Known without a public price: {', '.join(table.unpriced)}", highlight=False)
+        for name, platform in table.platforms.items():
+            if platform.claude_api_rates:
+                how = "the rates above"
+            else:
+                priced = ", ".join(platform.models) or "no model (its attempts are unpriced)"
+                how = f"its own prices, for {priced}; regional endpoints x{platform.regional_multiplier:g}"
+            out.print(f"{name} ({platform.name}): {how}. source: {platform.source}", highlight=False)
     return 0
 
 
