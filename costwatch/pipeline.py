@@ -284,6 +284,7 @@ class Pipeline:
                 self._wake.clear()
                 self._drain()
                 self._replay_spools()
+                self._revise(final=False)
             except Exception:  # the writer thread must outlive any bug in a sink or in itself
                 self._count_write_error()
                 if not logged:
@@ -324,6 +325,9 @@ class Pipeline:
                 batch.append(self._finished(item))
             if batch:
                 self._deliver(batch)
+            if markers:
+                # A flush promises the sinks reflect everything seen so far: estimates included.
+                self._revise(final=True)
             for marker in markers:
                 marker.done.set()
 
@@ -344,6 +348,19 @@ class Pipeline:
                 self._count_write_error()
                 self._mark_failing(sink, state, exc)
                 self._spool_for(sink, batch)
+
+    def _revise(self, *, final: bool) -> None:
+        """Deliver the revisions the sinks that find them (:class:`~costwatch.sinks.Reviser`) have now."""
+        for sink in self._sinks:
+            revisions = getattr(sink, "revisions", None)
+            if revisions is None:
+                continue
+            try:
+                for batch in revisions(final=final):
+                    self._deliver([storable(record) for record in batch])
+            except Exception:
+                self._count_write_error()
+                log.exception("costwatch: revising stored records failed")
 
     def _replay_spools(self) -> None:
         now = time.monotonic()
