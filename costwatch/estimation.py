@@ -144,7 +144,7 @@ class OutputEstimator:
         chars_per_token: Mapping[str, float] | None = None,
         alpha: float = 0.1,
         min_samples: int = 1,
-        prior_weight: float = 0.5,
+        prior_weight: float = 0.1,
         outlier_bound: float = 4.0,
         dominant_share: float = 0.8,
         min_observed_tokens: int = 20,
