@@ -37,7 +37,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .metrics import MODEL_LABEL_LIMIT, OTHER, LabelCap
-from .records import Outcome, TokenType, WasteReason
+from .records import Outcome, OutputSource, TokenType, WasteReason
 from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
@@ -130,8 +130,12 @@ _MEASURES = (
     "estimated_output_tokens",
     "duration_s",
     "unpriced_attempts",
+    *(f"{source.value}_output_tokens" for source in OutputSource),
 )
 """The rollup measures the exporter's metrics are made of, in the order a group's values list them."""
+
+_SOURCES = tuple((source.value, _MEASURES.index(f"{source.value}_output_tokens")) for source in OutputSource)
+"""Each output source and where its tokens are among a group's values."""
 
 Group = tuple[Labels, Sequence[float]]
 """One rollup group: its values of ``_DIMENSIONS`` and its sums of ``_MEASURES``."""
@@ -167,6 +171,7 @@ def _samples(
     billed_tokens: dict[Labels, float] = {}
     billed_cost: dict[Labels, float] = {}
     estimated: dict[Labels, float] = {}
+    output_by_source: dict[Labels, float] = {}
     unpriced: dict[Labels, float] = {}
     logical: dict[Labels, float] = {}
     wasted_tokens: dict[Labels, float] = {}
@@ -207,6 +212,9 @@ def _samples(
             add(billed_tokens, (model, token_type), values[_BILLED + offset])
         add(billed_cost, (model, workflow), values[_BILLED_COST])
         add(estimated, (model,), values[_ESTIMATED])
+        for source, index in _SOURCES:
+            if values[index]:
+                add(output_by_source, (model, source), values[index])
         if values[_UNPRICED]:
             add(unpriced, (model,), values[_UNPRICED])
         observe(durations, (model, outcome), count, values[_DURATION])
@@ -232,6 +240,7 @@ def _samples(
         "costwatch_billed_tokens": billed_tokens,
         "costwatch_billed_cost_usd": billed_cost,
         "costwatch_estimated_output_tokens": estimated,
+        "costwatch_output_tokens": output_by_source,
         "costwatch_unpriced_attempts": unpriced,
         "costwatch_logical_requests": logical,
         "costwatch_wasted_tokens": wasted_tokens,
@@ -270,6 +279,10 @@ _COUNTERS: Mapping[str, tuple[str, Labels]] = {
     "costwatch_estimated_output_tokens": (
         "Output tokens estimated from the text received before a stream was cut.",
         ("model",),
+    ),
+    "costwatch_output_tokens": (
+        "Billed output tokens by where the figure came from: reported, estimated, counted, reconciled.",
+        ("model", "source"),
     ),
     "costwatch_unpriced_attempts": (
         "Attempts on models without a known price: their tokens are counted, their cost is not.",

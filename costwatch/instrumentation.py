@@ -46,7 +46,7 @@ from .pipeline import Pipeline, drain_before_exit, get_pipeline, interrupt_befor
 from .platforms import ANTHROPIC, is_platform_path, route_of
 from .pricing import PriceTable, load_prices
 from .prompt_prefix import PromptSize, measure
-from .records import AttemptRecord, AttemptStart, Outcome, Usage, fingerprint_of, new_id
+from .records import AttemptRecord, AttemptStart, Outcome, OutputSource, Usage, fingerprint_of, new_id
 from .settings import SettingsError, load_settings
 from .sinks import AttemptListener, Sink
 from .spool import SPOOL_DIR_ENV
@@ -75,6 +75,7 @@ _NO_CHARS: Mapping[str, int] = MappingProxyType({})
 # Enum members read once: looking one up on its class costs ~70 ns, and settle() asks several times.
 _COMPLETED = Outcome.COMPLETED
 _INPUT_UNBILLED = (Outcome.HTTP_ERROR, Outcome.CONNECT_ERROR)
+_REPORTED, _ESTIMATED = OutputSource.REPORTED, OutputSource.ESTIMATED
 _UTC = timezone.utc
 
 
@@ -254,6 +255,7 @@ class Accountant:
                     output_tokens=output,
                     output_estimated=not meter.output_reported,
                     estimated_output_tokens=estimated,
+                    output_source=_REPORTED if meter.output_reported else _ESTIMATED,
                 )
             message_id = meter.message_id
             api_error_type = meter.api_error_type

@@ -593,6 +593,11 @@ class MetricsSink:
             "Output tokens estimated from the text received before a stream was cut.",
             ("model",),
         )
+        self.output_tokens = counter(
+            "costwatch_output_tokens",
+            "Billed output tokens by where the figure came from: reported, estimated, counted, reconciled.",
+            ("model", "source"),
+        )
         self.logical_requests = counter(
             "costwatch_logical_requests",
             "Logical requests (an attempt and its retries), by result.",
@@ -702,6 +707,8 @@ class MetricsSink:
             (model,),
             usage.estimated_output_tokens if usage.output_estimated else 0,
         )
+        if usage.output_tokens:
+            self.output_tokens.labels(model, record.output_source.value).inc(usage.output_tokens)
         self.attempt_duration.labels(model, record.outcome.value).observe(record.duration_s)
         if record.outcome is Outcome.DROPPED:
             self.time_to_drop.labels(model).observe(record.duration_s)

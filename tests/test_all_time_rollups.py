@@ -30,7 +30,7 @@ WINDOW = timedelta(hours=1)
 OLD = NOW - timedelta(hours=20)  # settled
 RECENT = NOW - timedelta(minutes=10)  # not settled
 MODELS = ("claude-sonnet-4-6", "claude-opus-4-6", "claude-haiku-4-5")
-_FLOATS = frozenset({"billed_cost_usd", "wasted_cost_usd", "duration_s"})
+_FLOATS = frozenset(m for m in ROLLUP_MEASURES if m.endswith("_usd") or m == "duration_s")
 
 
 def attempt(

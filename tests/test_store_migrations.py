@@ -140,11 +140,12 @@ _COLUMNS_OF_0005 = ("prompt_bytes", "stable_prefix_bytes")
 _COLUMNS_OF_0006 = ("server_tool_cost_usd", "inference_geo")
 _COLUMNS_OF_0007 = ("platform",)
 _COLUMNS_OF_0008 = ("tokens_clamped",)
+_COLUMNS_OF_0011 = ("output_source",)
 
 
 def _row_before_0005(record: AttemptRecord) -> dict[str, Any]:
     """An attempt's row as the tables before migration 0005 hold it."""
-    later = (*_COLUMNS_OF_0005, *_COLUMNS_OF_0006, *_COLUMNS_OF_0007, *_COLUMNS_OF_0008)
+    later = (*_COLUMNS_OF_0005, *_COLUMNS_OF_0006, *_COLUMNS_OF_0007, *_COLUMNS_OF_0008, *_COLUMNS_OF_0011)
     return {k: v for k, v in attempt_row(record).items() if k not in later}
 
 
@@ -156,7 +157,7 @@ def test_migration_0007_reads_earlier_attempts_as_first_party(store_url: str) ->
             row = {
                 k: v
                 for k, v in attempt_row(_ABANDONED_ATTEMPT).items()
-                if k not in (*_COLUMNS_OF_0007, *_COLUMNS_OF_0008)
+                if k not in (*_COLUMNS_OF_0007, *_COLUMNS_OF_0008, *_COLUMNS_OF_0011)
             }
             connection.execute(sa.insert(ATTEMPTS).values(row))
     finally:

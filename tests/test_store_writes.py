@@ -126,6 +126,10 @@ def sums_over_raw_rows(store: SqlStore) -> dict[tuple[Any, ...], dict[str, float
         s["unpriced_tokens"] += sum(tokens.values()) if unpriced else 0
         for part in ("input", "cache_read", "cache_write", "output", "server_tool"):
             s[f"wasted_{part}_cost_usd"] += (r[f"{part}_cost_usd"] or 0.0) if r["wasted"] else 0.0
+        source = r["output_source"]
+        if source != "estimated":  # the estimated tokens are estimated_output_tokens, above
+            s[f"{source}_output_tokens"] += r["output_tokens"]
+        s[f"{source}_output_cost_usd"] += r["output_cost_usd"] or 0.0
     return dict(sums)
 
 

@@ -71,6 +71,13 @@ class RollupTotals:
     wasted_cache_write_cost_usd: float = 0.0
     wasted_output_cost_usd: float = 0.0
     wasted_server_tool_cost_usd: float = 0.0
+    reported_output_tokens: int = 0
+    counted_output_tokens: int = 0
+    reconciled_output_tokens: int = 0
+    reported_output_cost_usd: float = 0.0
+    estimated_output_cost_usd: float = 0.0
+    counted_output_cost_usd: float = 0.0
+    reconciled_output_cost_usd: float = 0.0
 
     @property
     def billed_tokens(self) -> int:

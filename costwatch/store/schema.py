@@ -172,6 +172,8 @@ class Attempt(Base):
     """Where the attempt went (migration 0007): anthropic, bedrock, vertex or foundry."""
     # True when a token count beyond MAX_TOKENS_PER_ATTEMPT was clamped to it (migration 0008).
     tokens_clamped: Mapped[bool] = mapped_column(sa.Boolean(), server_default=sa.false())
+    output_source: Mapped[str] = mapped_column(sa.String(), server_default="reported")
+    """Where ``output_tokens`` came from (migration 0011): reported, estimated, counted or reconciled."""
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
@@ -214,6 +216,15 @@ class _RollupMeasures:
     wasted_cache_write_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
     wasted_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
     wasted_server_tool_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    # Billed output by where its count came from (migration 0011; OutputSource). The estimated
+    # tokens are ``estimated_output_tokens`` above; the four token figures sum to billed_output_tokens.
+    reported_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    counted_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    reconciled_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    reported_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    estimated_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    counted_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    reconciled_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
 
 
 class HourlyRollup(_RollupMeasures, Base):
