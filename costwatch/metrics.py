@@ -708,7 +708,7 @@ class MetricsSink:
             usage.estimated_output_tokens if usage.output_estimated else 0,
         )
         if usage.output_tokens:
-            self.output_tokens.labels(model, record.output_source.value).inc(usage.output_tokens)
+            self._inc(self.output_tokens, (model, record.output_source.value), usage.output_tokens)
         self.attempt_duration.labels(model, record.outcome.value).observe(record.duration_s)
         if record.outcome is Outcome.DROPPED:
             self.time_to_drop.labels(model).observe(record.duration_s)
@@ -742,6 +742,7 @@ class MetricsSink:
         self._inc(self.platform_billed_tokens, (new.platform, TokenType.OUTPUT.value), output)
         self._inc(self.billed_cost, (model, workflow), cost)
         self._inc(self.estimated_output_tokens, (model,), estimated)
+        self._inc(self.output_tokens, (model, new.output_source.value), output)
         if correction.settled is not None:
             reason = correction.settled.value
             self._inc(self.wasted_tokens, (model, TokenType.OUTPUT.value, reason, workflow), output)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from .estimation import OutputEstimator
 from .pricing import PriceTable
-from .records import AttemptRecord, Cost
+from .records import AttemptRecord, Cost, OutputSource
 
 __all__ = ["MATERIAL_SHARE", "EstimateRevision", "EstimatedSource", "is_material", "revised_estimate"]
 
@@ -57,9 +57,11 @@ def revised_estimate(
     record: AttemptRecord, estimator: OutputEstimator, prices: PriceTable
 ) -> AttemptRecord | None:
     """``record``'s next revision with its output estimated again, or ``None`` if the estimate has
-    not moved materially (or the record has no estimated output, or no counts to estimate from)."""
+    not moved materially (or its output was not estimated, or it has no counts to estimate from).
+    The revision's output stays ``estimated``."""
     usage = record.usage
-    if not usage.output_estimated or not record.output_chars:
+    # Only an estimate is revised: a reported, counted or reconciled figure is better than any.
+    if usage.output_source is not OutputSource.ESTIMATED or not record.output_chars:
         return None
     old = usage.estimated_output_tokens
     new = estimator.estimate(record.model_name, record.output_chars)

@@ -19,7 +19,7 @@ from costwatch.estimation import OutputEstimator
 from costwatch.metrics import MetricsSink
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
-from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
+from costwatch.records import AttemptRecord, Outcome, OutputSource, Usage, WasteReason
 from costwatch.revise import EstimateRevision, is_material, revised_estimate
 from costwatch.spool import Spool
 from costwatch.store import SqlStore
@@ -138,6 +138,9 @@ def test_drops_before_any_completion_are_revised_at_flush_and_the_rollups_and_me
     assert sample_value(registry, "costwatch_estimated_output_tokens_total", model=MODEL) == max(
         first, revised
     )
+    estimated = sample_value(registry, "costwatch_output_tokens_total", model=MODEL, source="estimated")
+    assert estimated == max(first, revised)
+    assert all(r.output_source is OutputSource.ESTIMATED for r in dropped)  # revised, still an estimate
     assert (
         sample_value(registry, "costwatch_billed_tokens_total", model=MODEL, token_type="output")
         == max(first, revised) + 3 * 600
@@ -316,12 +319,13 @@ def test_a_revision_is_material_from_one_token_and_more_than_two_percent():
     assert is_material(0, 1)
 
 
-def test_a_record_without_counts_or_with_reported_output_is_never_revised():
+def test_a_record_without_counts_or_whose_output_was_not_estimated_is_never_revised():
     estimator = calibrated(0.5)
     record = dropped("d", 3500, 1000)
     assert revised_estimate(dataclasses.replace(record, output_chars={}), estimator, PRICES) is None
-    reported = dataclasses.replace(record, usage=Usage(input_tokens=1, output_tokens=1000))
-    assert revised_estimate(reported, estimator, PRICES) is None
+    for source in (OutputSource.REPORTED, OutputSource.COUNTED, OutputSource.RECONCILED):
+        usage = Usage(input_tokens=1, output_tokens=1000, output_source=source)
+        assert revised_estimate(dataclasses.replace(record, usage=usage), estimator, PRICES) is None
     revised = revised_estimate(record, estimator, PRICES)
     assert revised is not None and (revised.revision, revised.usage.output_tokens) == (1, 500)
 

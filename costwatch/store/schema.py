@@ -329,7 +329,7 @@ class CalibrationSample(Base):
     chars: Mapped[dict[str, int]] = mapped_column(sa.JSON())
     writer: Mapped[str] = mapped_column(sa.String())
 
-    # The estimated attempts of a time window (migration 0011), for revising their estimates as the
+    # The estimated attempts of a time window (migration 0012), for revising their estimates as the
     # calibration improves: a partial index, since completed samples are most rows and never revised.
     __table_args__ = (
         sa.Index(
