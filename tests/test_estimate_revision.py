@@ -4,6 +4,7 @@ and the store, its rollups and the metrics follow, as they follow an abandoned a
 from __future__ import annotations
 
 import dataclasses
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
 from costwatch.records import AttemptRecord, Outcome, OutputSource, Usage, WasteReason
 from costwatch.revise import EstimateRevision, is_material, revised_estimate
+from costwatch.sinks import MemorySink
 from costwatch.spool import Spool
 from costwatch.store import SqlStore
 from costwatch.store.rows import record_from_row
@@ -233,6 +235,67 @@ def test_a_revision_is_written_once_however_many_processes_find_it_at_the_same_t
         (r.revision, r.usage.output_tokens, r.usage.estimated_output_tokens) for r in stored(store_url)
     } == {(1, 700, 700)}
     assert_rollups_are_the_rows_summed(store_url)
+
+
+def test_processes_revising_the_same_window_at_once_write_each_revision_once(store_url):
+    setup = SqlStore(store_url)
+    try:
+        setup.write([dropped(f"d{i:02}", 3500, 1000) for i in range(40)])
+    finally:
+        setup.shutdown()
+    estimator = calibrated(0.7)
+    stores = [SqlStore(store_url) for _ in range(4)]
+    start = threading.Barrier(len(stores))
+    written: list[int] = []
+
+    def process(store: SqlStore) -> None:
+        batches = list(reviser(store, estimator, batch_size=7).revisions(final=True))
+        start.wait()
+        written.append(sum(store.write(batch).revised for batch in batches))
+
+    try:
+        threads = [threading.Thread(target=process, args=(store,)) for store in stores]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        for store in stores:
+            store.shutdown()
+    assert sum(written) == 40  # every attempt revised by exactly one of them
+    assert {(r.revision, r.usage.output_tokens) for r in stored(store_url)} == {(1, 700)}
+    assert_rollups_are_the_rows_summed(store_url)
+
+
+def test_a_reviser_runs_on_the_writer_thread_at_a_flush_and_its_revisions_reach_every_sink(tmp_path):
+    record = dropped("d", 3500, 1000)
+    threads: list[str] = []
+
+    class Revising:
+        name = "revising"
+
+        def revisions(self, *, final: bool) -> Any:
+            threads.append(threading.current_thread().name)
+            if final:
+                yield [dataclasses.replace(record, usage=_output(record.usage, 700), revision=1)]
+
+        def export(self, records: Any) -> None:
+            pass
+
+        def shutdown(self) -> None:
+            pass
+
+    memory = MemorySink()
+    pipeline = Pipeline(spool=Spool(tmp_path / "spool"))
+    pipeline.add_sink(memory)
+    pipeline.add_sink(Revising())
+    try:
+        pipeline.submit(record)
+        assert pipeline.flush(10)
+        assert [(r.revision, r.usage.output_tokens) for r in memory.records] == [(1, 700)]
+    finally:
+        pipeline.shutdown()
+    assert threads and set(threads) == {"costwatch-pipeline"}
 
 
 def test_a_revision_keeps_what_the_store_decided_since_and_takes_the_next_number(store_url):
