@@ -22,6 +22,7 @@ __all__ = [
     "ANTHROPIC",
     "BEDROCK",
     "FOUNDRY",
+    "MESSAGES_PATH",
     "PLATFORMS",
     "VERTEX",
     "Route",
@@ -36,6 +37,8 @@ VERTEX: Final = "vertex"
 FOUNDRY: Final = "foundry"
 PLATFORMS = (ANTHROPIC, BEDROCK, VERTEX, FOUNDRY)
 """Every platform an attempt can go to; ``anthropic`` is the first-party API."""
+MESSAGES_PATH: Final = "/v1/messages"
+"""The first-party Messages API's path; Foundry's ends with it after a prefix."""
 
 _BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<action>invoke|invoke-with-response-stream)\Z")
 _VERTEX_PATH = re.compile(
