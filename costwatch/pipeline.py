@@ -142,6 +142,7 @@ class Pipeline:
         self._counter_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._exiting = False
         self._dropped = 0
         self._write_errors = 0
         self._drop_logged = False
@@ -284,7 +285,8 @@ class Pipeline:
                 self._wake.clear()
                 self._drain()
                 self._replay_spools()
-                self._revise(final=False)
+                if not self._exiting:
+                    self._revise(final=False)
             except Exception:  # the writer thread must outlive any bug in a sink or in itself
                 self._count_write_error()
                 if not logged:
@@ -325,7 +327,7 @@ class Pipeline:
                 batch.append(self._finished(item))
             if batch:
                 self._deliver(batch)
-            if markers:
+            if markers and not self._exiting:
                 # A flush promises the sinks reflect everything seen so far: estimates included.
                 self._revise(final=True)
             for marker in markers:
@@ -461,13 +463,22 @@ class Pipeline:
             )
 
     # -- exit, signals and fork --------------------------------------------------------------
+    # Exit delivers the records and nothing more: no revision pass (any later process revises within
+    # its window). Its time is short, and a first use of some SQLAlchemy constructs execs generated
+    # code, which would make Python exit after an uncaught KeyboardInterrupt with status 1 instead of
+    # dying of SIGINT.
     def _shutdown_at_exit(self) -> None:
+        self._exiting = True
         _drain_upstream(EXIT_DRAIN_TIMEOUT_S, ending=True)
         self.shutdown()
 
     def _flush_for_exit(self, timeout: float) -> None:
-        if not self.flush(timeout):
-            self._spill_queue()
+        self._exiting = True
+        try:
+            if not self.flush(timeout):
+                self._spill_queue()
+        finally:
+            self._exiting = False  # an application's own SIGTERM handler may carry on
 
     def _after_fork_in_child(self) -> None:
         # The queued records are the parent's to deliver; the child starts empty, with its own thread
