@@ -41,6 +41,7 @@ from .records import Outcome, OutputSource, TokenType, WasteReason
 from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
+from .store.database import database_url as store_database_url
 from .store.query import capped_all_time_with_recent_query, kept_labels_query, settled_before
 from .store.schema import ALL_TIME_DIMENSIONS, RECONCILIATIONS, REJECTED_ATTEMPTS
 
@@ -326,6 +327,12 @@ _GAUGES: Mapping[str, tuple[str, Labels]] = {
         "source=estimated by costwatch, source=billed per Anthropic's usage report.",
         ("model", "source"),
     ),
+    "costwatch_reconciled_wasted_cost_usd": (
+        "Wasted dollars of the dropped attempts whose estimates the bill corrected, in the reconciled "
+        "buckets of the last 24 hours: source=estimated as costwatch first had them, source=billed as "
+        "they are now (US dollars).",
+        ("model", "source"),
+    ),
 }
 RECONCILED_WINDOW = timedelta(hours=24)
 """How far back the reconciliation gauges look (by bucket start)."""
@@ -541,12 +548,20 @@ def _reconciled_query(since: datetime) -> sa.Select[Any]:
     in the fully seen buckets."""
     table = RECONCILIATIONS
     matched = table.c.residual_output_tokens.is_not(None)
+    corrected = table.c.billed_wasted_cost_usd.is_not(None)
+    # What costwatch estimated, also for the attempts the bill has corrected since (rows stored
+    # before migration 0012 have only the estimates still standing).
+    estimated = sa.func.coalesce(
+        table.c.dropped_estimated_output_tokens, table.c.recorded_output_estimated_tokens
+    )
     return (
         sa.select(
             table.c.model,
             *(sa.func.sum(table.c[name]) for name in _RECONCILED_SUMS),
-            sa.func.sum(sa.case((matched, table.c.recorded_output_estimated_tokens), else_=0)),
+            sa.func.sum(sa.case((matched, estimated), else_=0)),
             sa.func.sum(sa.case((matched, table.c.residual_output_tokens), else_=0)),
+            sa.func.sum(sa.case((corrected, table.c.estimated_wasted_cost_usd), else_=0.0)),
+            sa.func.sum(sa.case((corrected, table.c.billed_wasted_cost_usd), else_=0.0)),
         )
         .where(table.c.bucket_start >= since)
         .group_by(table.c.model)
@@ -561,6 +576,7 @@ def reconciliation_gauges(
     reported: dict[Labels, float] = {}
     recorded: dict[Labels, float] = {}
     dropped: dict[Labels, float] = {}
+    wasted: dict[Labels, float] = {}
     unseen_usd = 0.0
     for row in rows:
         model = model_of(str(row[0]))
@@ -572,11 +588,14 @@ def reconciliation_gauges(
         unseen_usd += values[2 * width]
         for source, value in (("estimated", values[2 * width + 1]), ("billed", values[2 * width + 2])):
             dropped[(model, source)] = dropped.get((model, source), 0.0) + value
+        for source, value in (("estimated", values[2 * width + 3]), ("billed", values[2 * width + 4])):
+            wasted[(model, source)] = wasted.get((model, source), 0.0) + value
     gauges: dict[str, dict[Labels, float]] = {
         "costwatch_reconciled_coverage_ratio": {
             key: recorded[key] / value for key, value in reported.items() if value > 0
         },
         "costwatch_reconciled_dropped_output_tokens": dropped,
+        "costwatch_reconciled_wasted_cost_usd": wasted,
         "costwatch_unseen_cost_usd": {(): unseen_usd},
     }
     if last is not None:
@@ -751,17 +770,22 @@ def _start_server(
 
 
 PRUNE_EVERY_S = 3600.0
-"""How often ``serve`` prunes raw attempt rows older than its ``retention``."""
+"""How often ``serve`` prunes raw attempt rows older than its ``retention`` (and, on PostgreSQL,
+creates the attempts table's day partitions ahead)."""
 
 
-def _prune_periodically(database_url: str | None, retention: timedelta, stop: threading.Event) -> None:
+def _maintain_periodically(
+    database_url: str | None, retention: timedelta | None, stop: threading.Event
+) -> None:
     store = SqlStore(database_url, auto_migrate=False)
     failing = False
     try:
         while True:
+            store.ensure_partitions()  # logs its own failure; rows meanwhile land in the DEFAULT partition
             try:
-                removed = store.prune_before(datetime.now(timezone.utc) - retention)
-                log.info("costwatch exporter: pruned %d attempt rows older than %s", removed, retention)
+                if retention is not None:
+                    removed = store.prune_before(datetime.now(timezone.utc) - retention)
+                    log.info("costwatch exporter: pruned %d attempt rows older than %s", removed, retention)
                 failing = False
             except Exception as exc:
                 if not failing:  # once per outage
@@ -790,7 +814,8 @@ def serve(
     running HTTP server (call ``shutdown()`` and then ``server_close()`` on it to stop; the latter
     also closes the database connections). ``on_listening`` is called once the port is bound. With
     ``retention``, raw attempt rows older than that are pruned now and every
-    :data:`PRUNE_EVERY_S` seconds (the rollups keep every total).
+    :data:`PRUNE_EVERY_S` seconds (the rollups keep every total); on PostgreSQL the attempts
+    table's day partitions are created ahead as often.
     """
     registry = CollectorRegistry()
     collector = FleetCollector(database_url)  # the rendered answers are what serve keeps
@@ -804,9 +829,9 @@ def serve(
     close_server = server.server_close
 
     stop_pruning = threading.Event()
-    if retention is not None:
+    if retention is not None or store_database_url(database_url).get_backend_name() == "postgresql":
         threading.Thread(
-            target=_prune_periodically,
+            target=_maintain_periodically,
             args=(database_url, retention, stop_pruning),
             name="costwatch-retention",
             daemon=True,

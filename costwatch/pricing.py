@@ -169,6 +169,11 @@ class PriceTable:
         """Models known to exist but without a public price, each with the reason."""
         return self._unpriced
 
+    def canonical(self, model: str) -> str:
+        """The table's id for ``model`` when it names a priced model or one of its aliases (a dated
+        id and its undated alias are one model), else ``model`` itself."""
+        return self._names.get(model, model)
+
     def lookup(self, model: str) -> ModelPrice | None:
         """The price of ``model`` (an id or an alias), or ``None`` when it is unknown or unpriced."""
         return self._by_name.get(model)

@@ -23,6 +23,7 @@ __all__ = [
     "NAMING_CONVENTION",
     "RECONCILIATIONS",
     "REJECTED_ATTEMPTS",
+    "RETENTION",
     "ROLLUPS",
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
@@ -34,6 +35,7 @@ __all__ = [
     "HourlyRollup",
     "Reconciliation",
     "RejectedAttempt",
+    "Retention",
     "UtcDateTime",
     "metadata",
     "utc_hour",
@@ -119,7 +121,11 @@ class Base(DeclarativeBase):
 
 
 class Attempt(Base):
-    """One HTTP attempt: every field of :class:`~costwatch.records.AttemptRecord`, latest revision."""
+    """One HTTP attempt: every field of :class:`~costwatch.records.AttemptRecord`, latest revision.
+
+    On PostgreSQL (migration 0012) the table is partitioned by day on ``started_at`` and its primary
+    key is ``(attempt_id, started_at)`` (``costwatch.store.partitions``); the model keeps SQLite's.
+    """
 
     __tablename__ = "costwatch_attempts"
 
@@ -328,8 +334,12 @@ class CalibrationSample(Base):
     output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
     chars: Mapped[dict[str, int]] = mapped_column(sa.JSON())
     writer: Mapped[str] = mapped_column(sa.String())
+    output_source: Mapped[str] = mapped_column(sa.String(), server_default="reported")
+    """Where ``output_tokens`` came from (migration 0012): ``reported`` by the API for a completed
+    attempt, ``estimated`` (no tokens yet), ``counted``, or ``reconciled``: the billed output
+    ``costwatch reconcile`` found for a dropped attempt."""
 
-    # The estimated attempts of a time window (migration 0012), for revising their estimates as the
+    # The estimated attempts of a time window (migration 0014), for revising their estimates as the
     # calibration improves: a partial index, since completed samples are most rows and never revised.
     __table_args__ = (
         sa.Index(
@@ -372,7 +382,36 @@ class Reconciliation(Base):
     unseen_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
     residual_output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
     reconciled_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # The estimates corrected by the bill (migration 0012): the row's correction status and why it
+    # was left alone, the attempts that carry the billed output, what costwatch had estimated for
+    # the dropped attempts' output, and their wasted dollars at the estimate and at the bill (NULL
+    # unless every estimate of the row was corrected, or for an unpriced model).
+    correction: Mapped[str] = mapped_column(sa.String(), server_default="none")
+    correction_reason: Mapped[str | None] = mapped_column(sa.String())
+    corrected_attempts: Mapped[int] = mapped_column(sa.BigInteger(), server_default="0")
+    dropped_estimated_output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
+    estimated_wasted_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    billed_wasted_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
 
 
 RECONCILIATIONS = cast(sa.Table, Reconciliation.__table__)
 """The reconciliations table, for Core statements."""
+
+
+class Retention(Base):
+    """The cutoff of the latest prune (migration 0012): one row, ``id`` 1.
+
+    Attempts that started before ``pruned_before`` may have been stored and pruned, so the writer
+    does not store a record that started before it again (its rollups would count it twice): it
+    keeps it with the refused records instead.
+    """
+
+    __tablename__ = "costwatch_retention"
+
+    id: Mapped[int] = mapped_column(sa.Integer(), primary_key=True, autoincrement=False)
+    pruned_before: Mapped[datetime] = mapped_column(UtcDateTime())
+    pruned_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+RETENTION = cast(sa.Table, Retention.__table__)
+"""The retention cutoff table, for Core statements."""
