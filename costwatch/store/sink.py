@@ -266,10 +266,18 @@ class SqlStore:
         table = CALIBRATION_SAMPLES
         query = (
             sa.select(table.c.sample_id, table.c.chars, ATTEMPTS)
-            .join(ATTEMPTS, ATTEMPTS.c.attempt_id == table.c.attempt_id)
+            # By start time too: on PostgreSQL the attempts are partitioned by day (only the window's
+            # partitions are read) and keyed by attempt and start time.
+            .join(
+                ATTEMPTS,
+                sa.and_(
+                    ATTEMPTS.c.attempt_id == table.c.attempt_id, ATTEMPTS.c.started_at == table.c.started_at
+                ),
+            )
             .where(
                 table.c.output_tokens.is_(None),
                 table.c.started_at >= since,
+                ATTEMPTS.c.started_at >= since,
                 table.c.sample_id > after,
                 ATTEMPTS.c.output_estimated.is_(True),
             )
