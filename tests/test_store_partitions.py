@@ -202,11 +202,11 @@ def test_a_prune_waits_for_a_writer_that_read_the_old_cutoff(postgres_store: Sql
 
 # -- the upgrade from an unpartitioned table --------------------------------------------------------
 @pytest.mark.postgres
-def test_migration_0012_partitions_an_existing_table_keeping_every_row_and_downgrades(
+def test_migration_0013_partitions_an_existing_table_keeping_every_row_and_downgrades(
     postgres_schema: str,
 ) -> None:
     url = postgres_schema_url(postgres_schema)
-    migrate.upgrade(url, revision="0011")
+    migrate.upgrade(url, revision="0012")
     records = [
         on_day(1, -30),
         dropped(2, started_at=TODAY + timedelta(hours=12, minutes=4)),
@@ -242,7 +242,7 @@ def test_migration_0012_partitions_an_existing_table_keeping_every_row_and_downg
         finally:
             store.shutdown()
 
-        migrate.downgrade(url, "0011")
+        migrate.downgrade(url, "0012")
 
         with engine.connect() as connection:
             kind = connection.exec_driver_sql(

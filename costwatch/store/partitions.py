@@ -1,6 +1,6 @@
 """PostgreSQL's attempts table partitioned by day: creating partitions ahead, dropping old ones.
 
-On PostgreSQL (from migration 0012) ``costwatch_attempts`` is range-partitioned on ``started_at``,
+On PostgreSQL (from migration 0013) ``costwatch_attempts`` is range-partitioned on ``started_at``,
 one partition per UTC day (``costwatch_attempts_pYYYYMMDD``), plus a DEFAULT partition
 (``costwatch_attempts_default``) that takes any row no day partition covers, so an insert never
 fails for a missing partition. Days, not months: a prune drops whole days and deletes rows from one
@@ -73,7 +73,7 @@ class DayPartition:
 
 
 def is_partitioned(connection: sa.Connection) -> bool:
-    """Whether the attempts table is partitioned here (PostgreSQL at migration 0012 or later)."""
+    """Whether the attempts table is partitioned here (PostgreSQL at migration 0013 or later)."""
     if connection.dialect.name != "postgresql":
         return False
     kind = connection.exec_driver_sql(

@@ -123,7 +123,7 @@ class Base(DeclarativeBase):
 class Attempt(Base):
     """One HTTP attempt: every field of :class:`~costwatch.records.AttemptRecord`, latest revision.
 
-    On PostgreSQL (migration 0012) the table is partitioned by day on ``started_at`` and its primary
+    On PostgreSQL (migration 0013) the table is partitioned by day on ``started_at`` and its primary
     key is ``(attempt_id, started_at)`` (``costwatch.store.partitions``); the model keeps SQLite's.
     """
 
@@ -399,7 +399,7 @@ RECONCILIATIONS = cast(sa.Table, Reconciliation.__table__)
 
 
 class Retention(Base):
-    """The cutoff of the latest prune (migration 0012): one row, ``id`` 1.
+    """The cutoff of the latest prune (migration 0013): one row, ``id`` 1.
 
     Attempts that started before ``pruned_before`` may have been stored and pruned, so the writer
     does not store a record that started before it again (its rollups would count it twice): it

@@ -243,7 +243,7 @@ def _statements_for(dialect: Dialect) -> _Statements:
         raise NotImplementedError(f"costwatch's store supports SQLite and PostgreSQL, not {dialect.name}")
     quote = dialect.identifier_preparer.quote
     # On PostgreSQL the insert says which rows were new; on SQLite the writer has read that first.
-    # PostgreSQL's key holds the partition key too (migration 0012): every revision of an attempt
+    # PostgreSQL's key holds the partition key too (migration 0013): every revision of an attempt
     # carries its first's start time, so (attempt_id, started_at) still names one attempt.
     attempts_tail = (
         f"ON CONFLICT ({quote('attempt_id')}, {quote('started_at')}) DO NOTHING "

@@ -17,8 +17,8 @@ rollups twice): it goes to ``costwatch_rejected_attempts`` with that reason.
 
 SQLite's attempts table is unchanged.
 
-Revision ID: 0012
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-03 09:30:00
 """
 
@@ -30,14 +30,14 @@ from datetime import date, datetime, timedelta, timezone
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0012"
-down_revision: str | None = "0011"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _TIMESTAMP = sa.DateTime(timezone=True)
 
-# Frozen copies of the attempts table's indexes as of 0011 (0001 and 0004).
+# Frozen copies of the attempts table's indexes as of 0012 (0001 and 0004; 0011 and 0012 add none).
 _INDEXES = (
     "CREATE INDEX ix_costwatch_attempts_logical_request_id ON {table} (logical_request_id)",
     "CREATE INDEX ix_costwatch_attempts_abandoned_fingerprint ON {table} (fingerprint) "
