@@ -25,7 +25,7 @@ from .estimation import OutputEstimator
 from .event_stream import CONTENT_TYPE as EVENT_STREAM_CONTENT_TYPE
 from .health import guarded, instrumentation_errors
 from .pipeline import Pipeline
-from .platforms import ANTHROPIC, MESSAGES_PATH, route_of
+from .platforms import ANTHROPIC, canonical_model, route_of
 from .pricing import PriceTable
 from .prompt_prefix import PromptSize, measure
 from .records import AttemptRecord, AttemptStart, Outcome, OutputSource, Usage, fingerprint_of, new_id
@@ -80,8 +80,7 @@ class Accountant:
         started = time.perf_counter()
         wanted = _wanted_headers(request.headers.raw)  # one pass: httpx's get() decodes every header
         url = request.url
-        # Only a prefixed path can be Foundry's, which needs the header names to be told apart.
-        names = frozenset() if url.path == MESSAGES_PATH else _header_names(request.headers.raw)
+        names = frozenset(name.decode() for name in _ROUTE_HEADERS if name in wanted)
         route = route_of(url.host, url.path, names)
         tracker = self.tracker
         body = request.content
@@ -92,6 +91,8 @@ class Accountant:
         )
         if route.model:  # Bedrock and Vertex name the model in the path, not the body
             model = route.model
+        elif route.platform != ANTHROPIC and model:  # Mantle's anthropic.-prefixed ids
+            model = canonical_model(route.platform, model)
         sdk_retry = _int_header(wanted.get(b"x-stainless-retry-count"))
         if owner is None:
             owner = threading.current_thread()
@@ -136,6 +137,7 @@ class Accountant:
             attempt.prompt_size = guarded("prompt_size", _prompt_size, body)
         if route.platform != ANTHROPIC:
             attempt.platform = route.platform
+            attempt.endpoint = route.endpoint
         if self.listeners:
             start = AttemptStart(
                 attempt_id=attempt.attempt_id,
@@ -211,6 +213,8 @@ class Accountant:
             if attempt.sdk_failed_reading():
                 unreadable = meter.unreadable
             answered_model = meter.model
+            if answered_model and attempt.platform != ANTHROPIC:
+                answered_model = canonical_model(attempt.platform, answered_model)
             model = answered_model or model
             reported = meter.usage
             billed_input = outcome not in _INPUT_UNBILLED
@@ -245,11 +249,17 @@ class Accountant:
             if meter.first_delta_at is not None:
                 first_token_s = meter.first_delta_at - started
         cost = None
-        # The price table is the first-party API's; a platform's own prices are not in it, and an
-        # attempt there stays unpriced rather than priced at a guess.
-        if model and attempt.platform == ANTHROPIC:
+        # A platform's attempt is priced from that platform's entry, or left unpriced: never at a guess.
+        if model:
             try:
-                cost = self.prices.cost(model, usage, inference_geo=inference_geo, server_tool_use=tool_use)
+                cost = self.prices.cost(
+                    model,
+                    usage,
+                    inference_geo=inference_geo,
+                    server_tool_use=tool_use,
+                    platform=attempt.platform,
+                    endpoint=attempt.endpoint,
+                )
             except Exception as exc:  # the record is kept, unpriced: tokens are the ground truth
                 instrumentation_errors.record("price", exc)
         fingerprint, body = attempt.fingerprint, attempt.body
@@ -294,6 +304,7 @@ class Accountant:
             stable_prefix_bytes=prompt_size.stable_prefix_bytes if prompt_size is not None else None,
             inference_geo=inference_geo,
             platform=attempt.platform,
+            endpoint=attempt.endpoint,
             output_chars=output_chars,
         )
         if attempt.refused is None:
@@ -343,6 +354,8 @@ class Attempt:
     """The sizes of a retry's prompt and stable prefix (never measured for a first attempt)."""
     platform: str = ANTHROPIC
     """Where the attempt went (:data:`costwatch.platforms.PLATFORMS`)."""
+    endpoint: str | None = None
+    """Bedrock's and Vertex's endpoint kind, when the request tells (:attr:`Route.endpoint`)."""
 
     def settle(self, outcome: Outcome, error: BaseException | None = None) -> None:
         """Finish the attempt once; later calls (close after an error, GC) do nothing."""
@@ -483,22 +496,20 @@ def _requested_model(body: bytes) -> str:
         end = at
 
 
-_WANTED_HEADERS = frozenset((b"x-stainless-retry-count", b"anthropic-beta"))
+_ROUTE_HEADERS = frozenset((b"api-key", b"x-amz-date"))
+"""Headers whose presence (never their value: one is an API key) tells a platform apart
+(:func:`costwatch.platforms.route_of`)."""
+_WANTED_HEADERS = frozenset((b"x-stainless-retry-count", b"anthropic-beta", *_ROUTE_HEADERS))
 
 
 def _wanted_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[bytes, str]:
-    """The request headers the account needs, by lower-case name."""
+    """The request headers the account needs, by lower-case name (``""`` for :data:`_ROUTE_HEADERS`)."""
     found = {}
     for name, value in raw:
         lowered = name.lower()
         if lowered in _WANTED_HEADERS:
-            found[lowered] = value.decode("latin-1")
+            found[lowered] = "" if lowered in _ROUTE_HEADERS else value.decode("latin-1")
     return found
-
-
-def _header_names(raw: Iterable[tuple[bytes, bytes]]) -> frozenset[str]:
-    """The request's lower-case header names; never their values."""
-    return frozenset(name.decode("latin-1").lower() for name, _ in raw)
 
 
 def _int_header(value: str | None) -> int:

@@ -882,8 +882,16 @@ def _command_prices(args: argparse.Namespace, out: Console, err: Console) -> int
         )
         if price.note:
             out.print(f"note: {price.note}", highlight=False)
-    elif table.unpriced:
-        out.print(f"Known without a public price: {', '.join(table.unpriced)}", highlight=False)
+    else:
+        if table.unpriced:
+            out.print(f"Known without a public price: {', '.join(table.unpriced)}", highlight=False)
+        for name, platform in table.platforms.items():
+            if platform.claude_api_rates:
+                how = "the rates above"
+            else:
+                priced = ", ".join(platform.models) or "no model (its attempts are unpriced)"
+                how = f"its own prices, for {priced}; regional endpoints x{platform.regional_multiplier:g}"
+            out.print(f"{name} ({platform.name}): {how}. source: {platform.source}", highlight=False)
     return 0
 
 

@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from .metrics import MODEL_LABEL_LIMIT, OTHER, LabelCap
+from .metrics import MODEL_LABEL_LIMIT, OTHER, LabelCap, platform_label
 from .records import Outcome, OutputSource, TokenType, WasteReason
 from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
@@ -106,7 +106,8 @@ def fleet_samples(
     workflow_label_limit: int = default_of("workflow_label_limit"),
     pending_abandoned: Iterable[RollupTotals] = (),
 ) -> FleetSamples:
-    """The metric values from rollup totals grouped by model, outcome, error_type, waste_reason, workflow.
+    """The metric values from rollup totals grouped by model, outcome, error_type, waste_reason, workflow,
+    platform (``ALL_TIME_DIMENSIONS``).
 
     ``totals`` covers every hour; ``settled_abandoned`` only the ``abandoned`` rows of settled hours,
     ``pending_abandoned`` those of the hours not settled yet.
@@ -174,6 +175,10 @@ def _samples(
     estimated: dict[Labels, float] = {}
     output_by_source: dict[Labels, float] = {}
     unpriced: dict[Labels, float] = {}
+    platform_attempts: dict[Labels, float] = {}
+    platform_tokens: dict[Labels, float] = {}
+    platform_cost: dict[Labels, float] = {}
+    platform_unpriced: dict[Labels, float] = {}
     logical: dict[Labels, float] = {}
     wasted_tokens: dict[Labels, float] = {}
     wasted_cost: dict[Labels, float] = {}
@@ -205,19 +210,24 @@ def _samples(
         return model, workflow
 
     # In key order, so that float sums do not depend on the order the database returned the groups in.
-    for (raw_model, outcome, error_type, waste_reason, raw_workflow), values in sorted(totals):
+    for (raw_model, outcome, error_type, waste_reason, raw_workflow, raw_platform), values in sorted(totals):
         model, workflow = labels_of(raw_model, raw_workflow)
+        platform = platform_label(raw_platform)
         count = values[0]
         add(attempts, (model, outcome, error_type), count)
+        add(platform_attempts, (platform, outcome), count)
         for offset, token_type in enumerate(_TOKEN_TYPES):
             add(billed_tokens, (model, token_type), values[_BILLED + offset])
+            add(platform_tokens, (platform, token_type), values[_BILLED + offset])
         add(billed_cost, (model, workflow), values[_BILLED_COST])
+        add(platform_cost, (platform,), values[_BILLED_COST])
         add(estimated, (model,), values[_ESTIMATED])
         for source, index in _SOURCES:
             if values[index]:
                 add(output_by_source, (model, source), values[index])
         if values[_UNPRICED]:
             add(unpriced, (model,), values[_UNPRICED])
+            add(platform_unpriced, (platform,), values[_UNPRICED])
         observe(durations, (model, outcome), count, values[_DURATION])
         if outcome == _DROPPED:
             observe(drops, (model,), count, values[_DURATION])
@@ -225,14 +235,14 @@ def _samples(
             add(logical, (model, "succeeded"), count)
         if waste_reason in (_RETRIED, _CANCELLED):  # final when written, unlike abandoned
             waste(values, model, workflow, waste_reason)
-    for (raw_model, _, _, _, raw_workflow), values in sorted(settled_abandoned):
+    for (raw_model, _, _, _, raw_workflow, _), values in sorted(settled_abandoned):
         model, workflow = labels_of(raw_model, raw_workflow)
         waste(values, model, workflow, _ABANDONED)
         # Each abandoned attempt is the last attempt of a logical request that failed.
         add(logical, (model, "failed"), values[0])
     pending_attempts: dict[Labels, float] = {}
     pending_cost: dict[Labels, float] = {}
-    for (raw_model, _, _, _, raw_workflow), values in sorted(pending_abandoned):
+    for (raw_model, _, _, _, raw_workflow, _), values in sorted(pending_abandoned):
         model, _workflow = labels_of(raw_model, raw_workflow)
         add(pending_attempts, (model,), values[0])
         add(pending_cost, (model,), values[_WASTED_COST])
@@ -243,6 +253,10 @@ def _samples(
         "costwatch_estimated_output_tokens": estimated,
         "costwatch_output_tokens": output_by_source,
         "costwatch_unpriced_attempts": unpriced,
+        "costwatch_platform_attempts": platform_attempts,
+        "costwatch_platform_billed_tokens": platform_tokens,
+        "costwatch_platform_billed_cost_usd": platform_cost,
+        "costwatch_platform_unpriced_attempts": platform_unpriced,
         "costwatch_logical_requests": logical,
         "costwatch_wasted_tokens": wasted_tokens,
         "costwatch_wasted_cost_usd": wasted_cost,
@@ -288,6 +302,22 @@ _COUNTERS: Mapping[str, tuple[str, Labels]] = {
     "costwatch_unpriced_attempts": (
         "Attempts on models without a known price: their tokens are counted, their cost is not.",
         ("model",),
+    ),
+    "costwatch_platform_attempts": (
+        "HTTP attempts by the platform they went to (anthropic, bedrock, vertex, foundry).",
+        ("platform", "outcome"),
+    ),
+    "costwatch_platform_billed_tokens": (
+        "Tokens billed, by the platform that billed them and token type.",
+        ("platform", "token_type"),
+    ),
+    "costwatch_platform_billed_cost_usd": (
+        "Cost of billed tokens in US dollars, by the platform that billed them.",
+        ("platform",),
+    ),
+    "costwatch_platform_unpriced_attempts": (
+        "Attempts without a known price on their platform: their tokens are counted, their cost is not.",
+        ("platform",),
     ),
     "costwatch_logical_requests": (
         "Logical requests by result: completed attempts, and abandoned attempts of settled hours.",

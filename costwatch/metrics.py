@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from .avoidable import avoidable_for_request
 from .health import instrumentation_errors
+from .platforms import PLATFORMS
 from .pricing import PriceTable, load_prices
 from .records import AttemptRecord, Outcome, TokenType, WasteReason
 from .settings import default_of, load_settings
@@ -45,6 +46,7 @@ __all__ = [
     "Settlement",
     "WasteSettlement",
     "multiprocess_mode",
+    "platform_label",
     "start_metrics_server",
 ]
 
@@ -78,6 +80,12 @@ ATTEMPTS_PER_REQUEST_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 2
 
 
 # -- labels -----------------------------------------------------------------------------------------
+def platform_label(platform: str) -> str:
+    """The ``platform`` label of a platform: one of :data:`~costwatch.platforms.PLATFORMS`, else ``other``
+    (a record read back from a spool or a store written by another version may name anything)."""
+    return platform if platform in PLATFORMS else OTHER
+
+
 class LabelCap:
     """Bounds a label's cardinality: the first ``limit`` distinct values are kept, later ones read ``other``.
 
@@ -613,8 +621,8 @@ class MetricsSink:
             "Attempts on models without a known price: their tokens are counted, their cost is not.",
             ("model",),
         )
-        # By platform apart from the metrics above, whose label sets the fleet exporter and the
-        # dashboards share; the store's rollups have no platform, so these are in-process only.
+        # By platform apart from the metrics above, whose label sets stay as they were for the
+        # dashboards and alert rules built on them; the fleet exporter has the same four.
         self.platform_attempts = counter(
             "costwatch_platform_attempts",
             "HTTP attempts by the platform they went to (anthropic, bedrock, vertex, foundry).",
@@ -624,6 +632,16 @@ class MetricsSink:
             "costwatch_platform_billed_tokens",
             "Tokens billed, by the platform that billed them and token type.",
             ("platform", "token_type"),
+        )
+        self.platform_billed_cost = counter(
+            "costwatch_platform_billed_cost_usd",
+            "Cost of billed tokens in US dollars, by the platform that billed them.",
+            ("platform",),
+        )
+        self.platform_unpriced_attempts = counter(
+            "costwatch_platform_unpriced_attempts",
+            "Attempts without a known price on their platform: their tokens are counted, their cost is not.",
+            ("platform",),
         )
         self.attempt_duration = histogram(
             "costwatch_attempt_duration_seconds",
@@ -691,16 +709,17 @@ class MetricsSink:
         model = self._model(record.model_name)
         workflow = self._workflow(record.workflow)
         self.attempts.labels(model, record.outcome.value, record.error_label).inc()
-        platform = record.platform
+        platform = platform_label(record.platform)
         self.platform_attempts.labels(platform, record.outcome.value).inc()
         for token_type, tokens in record.usage.by_type().items():
             self._inc(self.billed_tokens, (model, token_type.value), tokens)
             self._inc(self.platform_billed_tokens, (platform, token_type.value), tokens)
-        self._inc(
-            self.billed_cost, (model, workflow), record.cost.total_usd if record.cost is not None else 0.0
-        )
+        cost = record.cost.total_usd if record.cost is not None else 0.0
+        self._inc(self.billed_cost, (model, workflow), cost)
+        self._inc(self.platform_billed_cost, (platform,), cost)
         if record.cost is None:
             self.unpriced_attempts.labels(model).inc()
+            self.platform_unpriced_attempts.labels(platform).inc()
         usage = record.usage
         self._inc(
             self.estimated_output_tokens,
@@ -738,9 +757,11 @@ class MetricsSink:
         cost = (new.cost.total_usd if new.cost is not None else 0.0) - (
             old.cost.total_usd if old.cost is not None else 0.0
         )
+        platform = platform_label(new.platform)
         self._inc(self.billed_tokens, (model, TokenType.OUTPUT.value), output)
-        self._inc(self.platform_billed_tokens, (new.platform, TokenType.OUTPUT.value), output)
+        self._inc(self.platform_billed_tokens, (platform, TokenType.OUTPUT.value), output)
         self._inc(self.billed_cost, (model, workflow), cost)
+        self._inc(self.platform_billed_cost, (platform,), cost)
         self._inc(self.estimated_output_tokens, (model,), estimated)
         self._inc(self.output_tokens, (model, new.output_source.value), output)
         if correction.settled is not None:

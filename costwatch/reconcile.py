@@ -97,8 +97,6 @@ class _Side:
     dropped_estimate: int = 0
     """What costwatch estimated for the attempts whose output is (or was) an estimate."""
     requests: int = 0
-    billed_requests: int = 0
-    """Attempts that billed any token: what the API counts as requests."""
     dropped: int = 0
     cost_usd: float | None = 0.0
     seen: bool = False
@@ -121,7 +119,6 @@ class _Side:
             "output_reconciled",
             "dropped_estimate",
             "requests",
-            "billed_requests",
             "dropped",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -151,7 +148,6 @@ def _recorded_side(records: Iterable[AttemptRecord]) -> _Side:
             # A reconciled attempt keeps the estimate the bill replaced (records.Usage).
             side.dropped_estimate += usage.estimated_output_tokens
         side.requests += 1
-        side.billed_requests += 1 if usage.billed_tokens > 0 else 0
         side.dropped += 1 if record.outcome is Outcome.DROPPED else 0
         cost = record.cost
         side.cost_usd = None if cost is None or side.cost_usd is None else side.cost_usd + cost.total_usd
@@ -370,8 +366,9 @@ def _left_alone_because(pair: _Pair, tolerance: float) -> str | None:
     if not _input_matched(pair, tolerance):
         return "input_not_matched"
     # A request costwatch never saw may hide in the input tolerance, but not in the request count
-    # (when the API gives one): its output would be taken for the dropped attempts'.
-    if reported.requests and reported.requests > recorded.billed_requests:
+    # (when the API gives one): its output would be taken for the dropped attempts'. Every recorded
+    # attempt counts, errors too: whether the API counts a refused request is not documented.
+    if reported.requests and reported.requests > recorded.requests:
         return "unseen_requests"
     if _over_recorded(pair, tolerance):
         return "over_recorded"

@@ -350,6 +350,9 @@ class AttemptRecord:
     """Where the API said inference ran (``usage.inference_geo``: ``global``, ``us``), when it said."""
     platform: str = "anthropic"
     """Where the attempt went: ``anthropic`` (the first-party API), ``bedrock``, ``vertex`` or ``foundry``."""
+    endpoint: str | None = None
+    """Bedrock's and Vertex's endpoint kind, ``global`` or ``regional`` (priced apart); ``None`` where
+    the request did not tell or the platform does not price by it."""
     output_chars: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
     """Characters of output received, per content type and character class (counts, never text):
     kept for an attempt whose output was estimated, and for a completed one measured to calibrate."""
@@ -482,6 +485,7 @@ _FIELD_KINDS: dict[str, tuple[type, ...]] = {
     "stable_prefix_bytes": (int, _NONE),
     "inference_geo": (str, _NONE),
     "platform": (str,),
+    "endpoint": (str, _NONE),
 }
 """What JSON gives each scalar field of a record; a float field also takes a whole number."""
 

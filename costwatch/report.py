@@ -45,7 +45,7 @@ __all__ = [
     "totals_from_attempts",
 ]
 
-GROUPINGS: tuple[str, ...] = ("model", "workflow", "outcome", "error_type", "hour", "day")
+GROUPINGS: tuple[str, ...] = ("model", "workflow", "outcome", "error_type", "platform", "hour", "day")
 """What ``--by`` accepts."""
 
 TIME_GROUPINGS = frozenset({"hour", "day"})
@@ -285,6 +285,8 @@ def _attempt_group(by: str, record: AttemptRecord) -> Any:
         return record.error_label
     if by == "workflow":
         return record.workflow
+    if by == "platform":
+        return record.platform
     return record.outcome.value
 
 

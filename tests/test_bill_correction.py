@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import sqlalchemy as sa
 
 from costwatch.pricing import load_prices
 from costwatch.reconcile import apportion, billed_revision, reconcile
@@ -220,3 +221,32 @@ def test_an_unchanged_attempt_has_no_billed_revision() -> None:
     revision = billed_revision(dropped, 130, PRICES)
     assert revision is not None and revision.usage.output_tokens == 130
     assert billed_revision(revision, 130, PRICES) is None
+
+
+def test_a_correction_of_an_attempt_revised_meanwhile_writes_nothing(store_url: str) -> None:
+    from costwatch.store import SqlStore, create_store_engine
+    from costwatch.store.reconciliations import AttemptsChanged
+    from costwatch.store.schema import RECONCILIATIONS
+
+    completed, dropped = _attempt(400), _attempt(100, OutputSource.ESTIMATED)
+    store = SqlStore(store_url)
+    try:
+        store.write([completed, dropped])
+        read = [completed, dropped]
+        found = _reconcile(_bill(read, output=550), read)
+        assert len(found.revisions) == 1
+        # The attempt's retry lands between the read and the write: the stored attempt moves on.
+        store.write([dropped.with_waste(WasteReason.RETRIED)])
+        with pytest.raises(AttemptsChanged):
+            store.write_reconciliation(found.result, found.revisions, reconciled_at=HOUR)
+        stored = store.attempt(dropped.attempt_id)
+        assert stored is not None
+        assert stored.output_source is OutputSource.ESTIMATED and stored.usage.output_tokens == 100
+    finally:
+        store.shutdown()
+    engine = create_store_engine(store_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(sa.select(sa.func.count()).select_from(RECONCILIATIONS)).scalar() == 0
+    finally:
+        engine.dispose()

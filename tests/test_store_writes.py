@@ -462,7 +462,7 @@ def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them
         connection.exec_driver_sql("ANALYZE costwatch_attempts")  # as autovacuum would have by now
         for statement, params in lookups:
             [[plan]] = connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, params).all()
-            # The table, or its day partitions (migration 0012) that hold rows: an empty one (a day
+            # The table, or its day partitions (migration 0013) that hold rows: an empty one (a day
             # ahead) has nothing to scan, and the planner rightly reads it whole.
             reads = [
                 node

@@ -164,7 +164,7 @@ def all_time_with_recent_query(
 
     One statement, so one snapshot: the recent part can be subtracted from the all-time part (to
     get the sums over the hours before ``boundary``) without a write landing in between. Each row
-    is the five dimension values (``ALL_TIME_DIMENSIONS``), then ``recent`` (false for an all-time
+    is the dimension values (``ALL_TIME_DIMENSIONS``), then ``recent`` (false for an all-time
     row), ``first_hour`` (the group's earliest hour in its part) and the sums in the order of
     ``measures``. ``recent_where`` keeps only the recent hourly rows whose dimensions have these
     values. All-time rows that sum to zero attempts are kept: their first hour still says when a

@@ -29,8 +29,8 @@ __all__ = [
 ]
 
 
-RollupKey = tuple[datetime, str, str, str, str, str]
-"""``(hour, model, outcome, error_type, waste_reason, workflow)``, as in ``ROLLUP_DIMENSIONS``."""
+RollupKey = tuple[datetime, str, str, str, str, str, str]
+"""``(hour, model, outcome, error_type, waste_reason, workflow, platform)``, as in ``ROLLUP_DIMENSIONS``."""
 
 
 def hour_of(moment: datetime) -> datetime:
@@ -53,6 +53,7 @@ def rollup_key(record: AttemptRecord) -> RollupKey:
         record.error_label,
         waste_reason._value_ if (record.wasted and waste_reason is not None) else "",
         record.workflow,
+        record.platform,
     )
 
 
@@ -177,6 +178,7 @@ ATTEMPT_COLUMNS = (
     "platform",
     "tokens_clamped",
     "output_source",
+    "endpoint",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
@@ -230,6 +232,7 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         record.platform,
         usage.tokens_clamped,
         record.output_source.value,
+        record.endpoint,
     )
 
 
@@ -304,4 +307,5 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         stable_prefix_bytes=row.get("stable_prefix_bytes"),
         inference_geo=row.get("inference_geo"),
         platform=row["platform"],
+        endpoint=row.get("endpoint"),
     )

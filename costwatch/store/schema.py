@@ -180,6 +180,8 @@ class Attempt(Base):
     tokens_clamped: Mapped[bool] = mapped_column(sa.Boolean(), server_default=sa.false())
     output_source: Mapped[str] = mapped_column(sa.String(), server_default="reported")
     """Where ``output_tokens`` came from (migration 0011): reported, estimated, counted or reconciled."""
+    endpoint: Mapped[str | None] = mapped_column(sa.String())
+    """Bedrock's and Vertex's endpoint kind, ``global`` or ``regional`` (migration 0014)."""
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
@@ -244,6 +246,8 @@ class HourlyRollup(_RollupMeasures, Base):
     error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    platform: Mapped[str] = mapped_column(sa.String(), primary_key=True, server_default="anthropic")
+    """Where the attempts went (migration 0014): anthropic, bedrock, vertex or foundry."""
 
 
 ATTEMPTS = cast(sa.Table, Attempt.__table__)
@@ -254,7 +258,7 @@ ROLLUPS = cast(sa.Table, HourlyRollup.__table__)
 
 ROLLUP_DIMENSIONS = tuple(column.name for column in ROLLUPS.primary_key.columns)
 """The columns a rollup row is keyed by (``hour``, ``model``, ``outcome``, ``error_type``,
-``waste_reason``, ``workflow``); absent values are stored as ``""`` so they can be keys."""
+``waste_reason``, ``workflow``, ``platform``); absent values are stored as ``""`` so they can be keys."""
 
 ROLLUP_MEASURES = tuple(column.name for column in ROLLUPS.columns if not column.primary_key)
 """The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them
@@ -285,6 +289,7 @@ class AllTimeRollup(_RollupMeasures, Base):
     error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    platform: Mapped[str] = mapped_column(sa.String(), primary_key=True, server_default="anthropic")
     first_hour: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
@@ -339,7 +344,7 @@ class CalibrationSample(Base):
     attempt, ``estimated`` (no tokens yet), ``counted``, or ``reconciled``: the billed output
     ``costwatch reconcile`` found for a dropped attempt."""
 
-    # The estimated attempts of a time window (migration 0014), for revising their estimates as the
+    # The estimated attempts of a time window (migration 0015), for revising their estimates as the
     # calibration improves: a partial index, since completed samples are most rows and never revised.
     __table_args__ = (
         sa.Index(

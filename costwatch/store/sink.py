@@ -374,8 +374,8 @@ class SqlStore:
         """Sums from the hourly rollups for hours in ``[start, end)``, one entry per group.
 
         ``group_by`` and the keys of ``where`` are rollup dimensions: ``hour``, ``model``,
-        ``outcome``, ``error_type``, ``waste_reason``, ``workflow``. With no ``group_by`` the result
-        is one overall total (or nothing if no attempt matched).
+        ``outcome``, ``error_type``, ``waste_reason``, ``workflow``, ``platform``. With no
+        ``group_by`` the result is one overall total (or nothing if no attempt matched).
         """
         query = rollup_totals_query(start, end, group_by=group_by, where=where)
         with self._read() as connection:

@@ -6,8 +6,8 @@ of the last ``COSTWATCH_REVISION_WINDOW`` seconds and writes a new revision of t
 moved materially (docs/estimation.md). This partial index holds only those samples, by start time:
 completed samples, the bulk of the table, are never revised.
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0015
+Revises: 0014
 Create Date: 2026-12-03 09:30:00
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0014"
-down_revision: str | None = "0013"
+revision: str = "0015"
+down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
