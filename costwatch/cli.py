@@ -657,7 +657,8 @@ def _print_rejected(count: int, latest: Sequence[RejectedRecord], out: Console) 
     if not count:
         return
     out.print(
-        f"{count:,} attempt record(s) were refused by the database and are kept, not counted above, in "
+        f"{count:,} attempt record(s) were refused by the database, or started before its retention "
+        "cutoff (possibly counted before they were pruned), and are kept apart in "
         "costwatch_rejected_attempts (docs/runbooks.md#costwatchstorerejectedrecords). Latest:",
         highlight=False,
         markup=False,

@@ -17,6 +17,7 @@ doing either at once take turns.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
@@ -27,7 +28,7 @@ __all__ = [
     "DEFAULT_PARTITION",
     "DayPartition",
     "day_partitions",
-    "drop_day_partition",
+    "drop_day_partitions",
     "ensure_day_partitions",
     "is_attempt_partition",
     "is_partitioned",
@@ -148,14 +149,22 @@ def ensure_day_partitions(connection: sa.Connection, first: date, last: date) ->
     return created
 
 
-def drop_day_partition(connection: sa.Connection, partition: DayPartition) -> int | None:
-    """Drop one day partition inside the caller's transaction; returns the rows it held (``None``:
-    another process dropped it first)."""
+def drop_day_partitions(connection: sa.Connection, partitions: Sequence[DayPartition]) -> int:
+    """Drop day partitions inside the caller's transaction; returns the rows they held (a partition
+    another process dropped first counts none).
+
+    One transaction for all of them: the table's exclusive lock is taken once and held until commit
+    (a month: well under a second), where one transaction each paid a lock and a commit per day.
+    """
     connection.exec_driver_sql(_LOCK_SQL)
     connection.exec_driver_sql(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
-    if partition not in day_partitions(connection):
-        return None
-    name = connection.dialect.identifier_preparer.quote(partition.name)
-    rows = int(connection.exec_driver_sql(f"SELECT count(*) FROM {name}").scalar_one())
-    connection.exec_driver_sql(f"DROP TABLE {name}")
+    present = set(day_partitions(connection))
+    quote = connection.dialect.identifier_preparer.quote
+    rows = 0
+    for partition in partitions:
+        if partition not in present:
+            continue
+        name = quote(partition.name)
+        rows += int(connection.exec_driver_sql(f"SELECT count(*) FROM {name}").scalar_one())
+        connection.exec_driver_sql(f"DROP TABLE {name}")
     return rows

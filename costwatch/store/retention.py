@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .partitions import DAYS_AHEAD, day_partitions, drop_day_partition, ensure_day_partitions
+from .partitions import DAYS_AHEAD, day_partitions, drop_day_partitions, ensure_day_partitions
 from .schema import ATTEMPTS, RETENTION
 
 __all__ = [
@@ -84,8 +84,8 @@ def ensure_partitions_ahead(engine: Engine, now: datetime | None = None) -> date
 def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
     """Remove raw attempt rows that started before ``moment``; returns how many. Idempotent.
 
-    The cutoff is raised first (one short transaction). PostgreSQL: each day partition wholly before
-    ``moment`` is dropped in a transaction of its own; then (both backends) the rows left before it
+    The cutoff is raised first (one short transaction). PostgreSQL: the day partitions wholly before
+    ``moment`` are dropped, in one transaction; then (both backends) the rows left before it
     are deleted in transactions of at most ``batch`` rows, so a writer beside the prune waits for one
     short transaction at a time, never for the whole prune.
     """
@@ -95,9 +95,9 @@ def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) 
     removed = 0
     with engine.connect() as connection:
         old_days = [partition for partition in day_partitions(connection) if partition.end <= moment]
-    for partition in old_days:
+    if old_days:
         with engine.begin() as connection:
-            removed += drop_day_partition(connection, partition) or 0
+            removed += drop_day_partitions(connection, old_days)
     return removed + _delete_before(engine, moment, batch)
 
 
