@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,6 @@ from costwatch.testing.usage_report import FAKE_ADMIN_KEY
 MODEL = "claude-opus-4-6"
 MESSAGES: Any = [{"role": "user", "content": "Refactor the billing module and explain each change."}]
 SPEC = ResponseSpec(cache_read_tokens=800, cache_write_5m_tokens=120)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAnthropicServer]:
-    with FakeAnthropicServer(SPEC, drop_profile=DropProfile(0.5, seed=3)) as server:
-        yield server
 
 
 def _send(server: FakeAnthropicServer, count: int, model: str = MODEL) -> None:
@@ -61,44 +56,72 @@ def _instrumented(server: FakeAnthropicServer, db: str, count: int, model: str =
         pipeline.shutdown()
 
 
-def _reconcile(
-    server: FakeAnthropicServer,
-    db: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    *extra: str,
-    key: str | None = FAKE_ADMIN_KEY,
-) -> tuple[int, str, str]:
-    if key is None:
-        monkeypatch.delenv("ANTHROPIC_ADMIN_API_KEY", raising=False)
-    else:
-        monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", key)
-    capsys.readouterr()
-    code = main(["reconcile", "--since", "1h", "--base-url", server.base_url, "--db", db, *extra])
-    out, err = capsys.readouterr()
-    assert key is None or key not in out + err
-    return code, out, err
+def _stored_reconciliations(db: str) -> list[Any]:
+    from costwatch.store import create_store_engine
+    from costwatch.store.schema import RECONCILIATIONS
+
+    engine = create_store_engine(db)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(sa.select(RECONCILIATIONS)).mappings().all())
+    finally:
+        engine.dispose()
 
 
-def _json(
-    server: FakeAnthropicServer, db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> dict[str, Any]:
-    code, out, err = _reconcile(server, db, capsys, monkeypatch, "--format", "json")
-    assert code == 0, err
-    result: dict[str, Any] = json.loads(out)
-    return result
+@dataclass
+class Reconciling:
+    """A fake API, a SQLite store, and ``costwatch reconcile`` run in this process against both."""
+
+    fake: FakeAnthropicServer
+    db: str
+    capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch
+
+    def send(self, count: int, model: str = MODEL) -> None:
+        """Streams from an application costwatch does not see."""
+        _send(self.fake, count, model)
+
+    def instrumented(self, count: int, model: str = MODEL) -> None:
+        """Streams from an instrumented application that stores into ``db``."""
+        _instrumented(self.fake, self.db, count, model)
+
+    def run(
+        self, *extra: str, since: str = "1h", base_url: str | None = None, key: str | None = FAKE_ADMIN_KEY
+    ) -> tuple[int, str, str]:
+        """``costwatch reconcile``'s exit code, stdout and stderr (which never show the admin key)."""
+        if key is None:
+            self.monkeypatch.delenv("ANTHROPIC_ADMIN_API_KEY", raising=False)
+        else:
+            self.monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", key)
+        self.capsys.readouterr()
+        url = base_url or self.fake.base_url
+        code = main(["reconcile", "--since", since, "--base-url", url, "--db", self.db, *extra])
+        out, err = self.capsys.readouterr()
+        assert key is None or key not in out + err
+        return code, out, err
+
+    def json(self) -> dict[str, Any]:
+        code, out, err = self.run("--format", "json")
+        assert code == 0, err
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+
+@pytest.fixture
+def reconciling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Reconciling]:
+    with FakeAnthropicServer(SPEC) as server:
+        yield Reconciling(server, f"sqlite:///{tmp_path / 'cw.db'}", capsys, monkeypatch)
 
 
 def test_instrumented_traffic_has_full_coverage_and_dropped_output_reconciled_to_the_billed_figure(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    reconciling: Reconciling,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    _instrumented(fake, db, 10)
-    result = _json(fake, db, capsys, monkeypatch)
-    ledger = fake.ledger.entries
+    reconciling.fake.drop_profile = DropProfile(0.5, seed=3)
+    reconciling.instrumented(10)
+    result = reconciling.json()
+    ledger = reconciling.fake.ledger.entries
     dropped = [e for e in ledger if e.ending is not Ending.COMPLETED]
     assert dropped, "the drop profile should have cut some streams"
     totals = result["totals"]
@@ -129,18 +152,13 @@ def test_instrumented_traffic_has_full_coverage_and_dropped_output_reconciled_to
 
 
 def test_traffic_without_costwatch_is_the_exact_unseen_share_in_tokens_and_dollars(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    reconciling: Reconciling,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _send(fake, 3)  # an uninstrumented process
-    unseen_entries = fake.ledger.entries
-    _instrumented(fake, db, 5)
-    result = _json(fake, db, capsys, monkeypatch)
-    ledger = fake.ledger.entries
+    reconciling.send(3)
+    unseen_entries = reconciling.fake.ledger.entries
+    reconciling.instrumented(5)
+    result = reconciling.json()
+    ledger = reconciling.fake.ledger.entries
     totals = result["totals"]
     unseen_input = sum(e.input_tokens for e in unseen_entries)
     assert totals["unseen"]["tokens"]["input"] == unseen_input
@@ -164,40 +182,28 @@ def test_traffic_without_costwatch_is_the_exact_unseen_share_in_tokens_and_dolla
 
 
 def test_models_without_a_price_are_flagged_rows_with_unknown_unseen_dollars(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    reconciling: Reconciling,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _send(fake, 1, model="claude-unreleased-9")
-    _instrumented(fake, db, 1)
-    result = _json(fake, db, capsys, monkeypatch)
+    reconciling.send(1, model="claude-unreleased-9")
+    reconciling.instrumented(1)
+    result = reconciling.json()
     unpriced = [row for row in result["rows"] if row["model"] == "claude-unreleased-9"]
     assert unpriced and all(row["priced"] is False and "unpriced" in row["flags"] for row in unpriced)
     assert all(row["unseen"]["usd"] is None for row in unpriced)
     assert result["totals"]["unpriced_rows"] == len(unpriced)
-    code, out, _ = _reconcile(fake, db, capsys, monkeypatch)
+    code, out, _ = reconciling.run()
     assert code == 0 and "no price" in out
 
 
-def test_table_and_csv_show_coverage_per_token_type(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _instrumented(fake, db, 2)
-    code, out, _ = _reconcile(fake, db, capsys, monkeypatch)
+def test_table_and_csv_show_coverage_per_token_type(reconciling: Reconciling) -> None:
+    reconciling.instrumented(2)
+    code, out, _ = reconciling.run()
     assert code == 0
     assert (
         "Coverage (recorded / reported): input 100.0%, cache read 100.0%, cache write 100.0%, output 100.0%"
         in out
     )
-    code, out, _ = _reconcile(fake, db, capsys, monkeypatch, "--format", "csv")
+    code, out, _ = reconciling.run("--format", "csv")
     header, *lines = out.splitlines()
     assert code == 0 and header.startswith("bucket_start,bucket_end,model,priced,flags,")
     assert lines and all(f",{MODEL},True,," in line for line in lines)
@@ -212,79 +218,42 @@ def test_table_and_csv_show_coverage_per_token_type(
     ],
 )
 def test_a_missing_wrong_or_workspace_key_is_one_line_and_exit_2(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    reconciling: Reconciling,
     key: str | None,
     complaint: str,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _instrumented(fake, db, 1)
-    code, out, err = _reconcile(fake, db, capsys, monkeypatch, key=key)
+    reconciling.instrumented(1)
+    code, out, err = reconciling.run(key=key)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and complaint in err
 
 
-def test_an_unreachable_api_is_one_line_and_exit_1(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _instrumented(fake, db, 1)
-    monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", FAKE_ADMIN_KEY)
-    capsys.readouterr()
-    code = main(["reconcile", "--since", "1h", "--base-url", "http://127.0.0.1:9", "--db", db])
-    out, err = capsys.readouterr()
+def test_an_unreachable_api_is_one_line_and_exit_1(reconciling: Reconciling) -> None:
+    reconciling.instrumented(1)
+    code, out, err = reconciling.run(base_url="http://127.0.0.1:9")
     assert code == 1 and out == "" and err.count("\n") == 1 and "cannot reach the usage API" in err
 
 
-def test_a_window_before_the_api_keeps_data_is_exit_2(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _instrumented(fake, db, 1)
-    monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", FAKE_ADMIN_KEY)
-    capsys.readouterr()
-    code = main(["reconcile", "--since", "2025-06-01", "--base-url", fake.base_url, "--db", db])
-    _, err = capsys.readouterr()
+def test_a_window_before_the_api_keeps_data_is_exit_2(reconciling: Reconciling) -> None:
+    reconciling.instrumented(1)
+    code, _, err = reconciling.run(since="2025-06-01")
     assert code == 2 and "2026-01-01" in err and err.count("\n") == 1
 
 
 def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_unseen_cost_and_time(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    reconciling: Reconciling,
 ) -> None:
     from costwatch.exporter import FleetCollector
-    from costwatch.store import create_store_engine
-    from costwatch.store.schema import RECONCILIATIONS
 
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _send(fake, 2)  # unseen
-    _instrumented(fake, db, 3)
-    first = _json(fake, db, capsys, monkeypatch)
-    second = _json(fake, db, capsys, monkeypatch)
+    reconciling.send(2)  # unseen
+    reconciling.instrumented(3)
+    first = reconciling.json()
+    second = reconciling.json()
     assert first["rows"] == second["rows"]
-    engine = create_store_engine(db)
-    try:
-        with engine.connect() as connection:
-            stored = connection.execute(sa.select(RECONCILIATIONS)).mappings().all()
-    finally:
-        engine.dispose()
+    stored = _stored_reconciliations(reconciling.db)
     assert len(stored) == len(second["rows"])
     assert sum(row["reported_input_tokens"] for row in stored) == second["totals"]["reported"]["input_tokens"]
-    collector = FleetCollector(db)
+    collector = FleetCollector(reconciling.db)
     try:
         gauges = collector.read().gauges
     finally:
@@ -301,9 +270,6 @@ def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_u
 def test_watch_reconciles_the_window_again_each_interval_without_duplicating_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from costwatch.store import create_store_engine
-    from costwatch.store.schema import RECONCILIATIONS
-
     db = f"sqlite:///{tmp_path / 'cw.db'}"
     with FakeAnthropicServer(SPEC, usage_lag_s=3600) as fake:
         _instrumented(fake, db, 2)
@@ -339,12 +305,7 @@ def test_watch_reconciles_the_window_again_each_interval_without_duplicating_row
                 process.wait()
     assert "input coverage 100.0%" in lines[-1], lines
     assert FAKE_ADMIN_KEY not in "".join(lines)
-    engine = create_store_engine(db)
-    try:
-        with engine.connect() as connection:
-            stored = connection.execute(sa.select(RECONCILIATIONS)).mappings().all()
-    finally:
-        engine.dispose()
+    stored = _stored_reconciliations(db)
     # Reconciled many times, one row per bucket and model, with the settled figures.
     assert len({(row["bucket_start"], row["model"]) for row in stored}) == len(stored) >= 1
     assert sum(row["reported_requests"] for row in stored) == 2
