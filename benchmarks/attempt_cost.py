@@ -22,7 +22,7 @@ from typing import Any
 
 from measure import Measurement
 
-from costwatch.instrumentation import Accountant
+from costwatch.accounting import Accountant
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
 from costwatch.records import Outcome

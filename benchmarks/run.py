@@ -27,7 +27,17 @@ from measure import Measurement, environment, markdown_table
 __all__ = ["PRESETS", "Sizes", "main", "run_benchmarks"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-BENCHMARKS = ("fresh", "streams", "attempt", "store", "memory", "huge_event", "sigkill", "scrape_load")
+BENCHMARKS = (
+    "fresh",
+    "streams",
+    "attempt",
+    "store",
+    "memory",
+    "huge_event",
+    "sigkill",
+    "scrape_load",
+    "retention",
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,8 @@ class Sizes:
     scrape_pairs: int = 10_000
     scrape_clients: int = 50
     scrape_repeats: int = 20
+    retention_attempts: int = 2_000_000
+    """PostgreSQL at retention scale (the issue's size is 10M: ``--retention-attempts 10000000``)."""
 
 
 PRESETS = {
@@ -90,6 +102,7 @@ PRESETS = {
         fresh_pairs=3,
         scrape_attempts=100_000,
         scrape_repeats=10,
+        retention_attempts=200_000,
     ),
     # For the smoke test: every code path once, in seconds.
     "tiny": Sizes(
@@ -117,6 +130,7 @@ PRESETS = {
         scrape_pairs=100,
         scrape_clients=4,
         scrape_repeats=2,
+        retention_attempts=2_000,
     ),
 }
 
@@ -128,6 +142,7 @@ def run_benchmarks(
     postgres_url: str | None,
     log: Callable[[str], None],
     scrape_db: Path | None = None,
+    scrape_on_postgres: bool = False,
 ) -> list[Measurement]:
     """Run the chosen benchmarks at ``sizes`` and return every measurement."""
     rows: list[Measurement] = []
@@ -207,6 +222,16 @@ def run_benchmarks(
                 scrapers=sizes.scrape_clients,
                 scrapes=sizes.scrape_repeats,
                 database=scrape_db,
+                postgres_url=postgres_url if scrape_on_postgres else None,
+            )
+        )
+    if "retention" in only:
+        from store_retention import measure_retention
+
+        log(f"PostgreSQL at {sizes.retention_attempts:,} attempts: writes, reads, a month pruned ...")
+        done(
+            measure_retention(
+                sizes.retention_attempts, read_repeats=sizes.read_repeats, postgres_url=postgres_url
             )
         )
     return rows
@@ -234,6 +259,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a SQLite file for the scrape load's store: filled if missing, else reused as it is",
     )
     parser.add_argument(
+        "--scrape-on-postgres",
+        action="store_true",
+        help="the scrape load's store in a throwaway database on --postgres instead of SQLite",
+    )
+    parser.add_argument(
+        "--retention-attempts",
+        type=int,
+        help="attempts in the PostgreSQL retention benchmark (2M in a full run; the issue's size is 10M)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=RESULTS, help=f"where to write the results (default {RESULTS})"
     )
     parser.add_argument(
@@ -248,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pairs < 1:
             parser.error(f"--pairs must be at least 1, got {args.pairs}")
         sizes = dataclasses.replace(sizes, fresh_pairs=args.pairs)
+    if args.retention_attempts is not None:
+        if args.retention_attempts < 1:
+            parser.error(f"--retention-attempts must be at least 1, got {args.retention_attempts}")
+        sizes = dataclasses.replace(sizes, retention_attempts=args.retention_attempts)
     started = time.perf_counter()
     rows = run_benchmarks(
         sizes,
@@ -255,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         postgres_url=args.postgres or None,
         log=lambda text: print(text, file=sys.stderr, flush=True),
         scrape_db=args.scrape_db,
+        scrape_on_postgres=args.scrape_on_postgres,
     )
     elapsed = time.perf_counter() - started
     print(markdown_table(rows))

@@ -12,6 +12,7 @@ time of one uncached read (a new exporter's first scrape).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -28,7 +29,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from measure import Measurement
-from store_scale import PIPELINE_BATCH, SCRAPE_TARGET_S, synthetic_attempts
+from sqlalchemy.engine import make_url
+from store_scale import PIPELINE_BATCH, SCRAPE_TARGET_S, _postgres_url, synthetic_attempts
 
 from costwatch.pricing import load_prices
 from costwatch.records import AttemptRecord
@@ -103,73 +105,93 @@ def _scrape(url: str) -> float:
 
 
 def measure_scrape_load(
-    attempts: int, *, pairs: int, scrapers: int, scrapes: int, database: Path | None = None
+    attempts: int,
+    *,
+    pairs: int,
+    scrapers: int,
+    scrapes: int,
+    database: Path | None = None,
+    postgres_url: str | None = None,
 ) -> list[Measurement]:
     """p99 scrape latency of ``scrapers`` concurrent scrapers over a store of ``attempts``.
 
     ``database``: a SQLite file to keep the filled store in; when it exists it is used as it is
     (filling 1M attempts takes minutes), so it must have been filled with the same sizes.
+    ``postgres_url``: the store in a throwaway database on that PostgreSQL server instead.
     """
+    with contextlib.ExitStack() as stack:
+        fill_started = time.perf_counter()
+        if postgres_url:
+            url = stack.enter_context(_postgres_url(postgres_url))
+            _fill(url, attempts, pairs)
+        else:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory())
+            path = database or Path(scratch) / "scrape.db"
+            url = f"sqlite:///{path}"
+            if not path.exists():
+                filling = path.with_name(path.name + ".filling")  # an interrupted fill is not reused
+                _fill(f"sqlite:///{filling}", attempts, pairs)
+                filling.rename(path)
+        fill_s = time.perf_counter() - fill_started
+        return _measure(url, attempts, pairs=pairs, scrapers=scrapers, scrapes=scrapes, fill_s=fill_s)
+    raise AssertionError("unreachable")  # mypy: ExitStack may swallow exceptions
+
+
+def _measure(
+    url: str, attempts: int, *, pairs: int, scrapers: int, scrapes: int, fill_s: float
+) -> list[Measurement]:
     from costwatch.exporter import FleetCollector
 
-    with tempfile.TemporaryDirectory() as scratch:
-        path = database or Path(scratch) / "scrape.db"
-        url = f"sqlite:///{path}"
-        fill_started = time.perf_counter()
-        if not path.exists():
-            filling = path.with_name(path.name + ".filling")  # an interrupted fill is not reused
-            _fill(f"sqlite:///{filling}", attempts, pairs)
-            filling.rename(path)
-        fill_s = time.perf_counter() - fill_started
-        cold = FleetCollector(url)
-        try:
-            started = time.perf_counter()
-            list(cold.collect())
-            read_s = time.perf_counter() - started
-        finally:
-            cold.close()
-        port = _free_port()
-        # `costwatch serve` in a process of its own, as it runs: the scrapers' threads here do not
-        # compete with it for the GIL.
-        server = subprocess.Popen(
-            [sys.executable, "-c", _SERVE, "serve", "--db", url, "--port", str(port)],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            metrics_url = f"http://127.0.0.1:{port}/metrics"
-            _wait_until_serving(metrics_url, server)  # and the first answer rendered: a running exporter
-            latencies: list[float] = []
-            lock = threading.Lock()
+    cold = FleetCollector(url)
+    try:
+        started = time.perf_counter()
+        list(cold.collect())
+        read_s = time.perf_counter() - started
+    finally:
+        cold.close()
+    port = _free_port()
+    # `costwatch serve` in a process of its own, as it runs: the scrapers' threads here do not
+    # compete with it for the GIL.
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVE, "serve", "--db", url, "--port", str(port)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
+        _wait_until_serving(metrics_url, server)  # and the first answer rendered: a running exporter
+        latencies: list[float] = []
+        lock = threading.Lock()
 
-            def scraper(phase: float) -> None:
-                # One scrape a second each, so ``scrapers`` scrapes per second in all, spread out.
-                mine = []
-                next_at = time.monotonic() + phase
-                for _ in range(scrapes):
-                    time.sleep(max(0.0, next_at - time.monotonic()))
-                    mine.append(_scrape(metrics_url))
-                    next_at += 1.0
-                with lock:
-                    latencies.extend(mine)
+        def scraper(phase: float) -> None:
+            # One scrape a second each, so ``scrapers`` scrapes per second in all, spread out.
+            mine = []
+            next_at = time.monotonic() + phase
+            for _ in range(scrapes):
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                mine.append(_scrape(metrics_url))
+                next_at += 1.0
+            with lock:
+                latencies.extend(mine)
 
-            threads = [threading.Thread(target=scraper, args=(n / scrapers,)) for n in range(scrapers)]
-            wall = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            wall = time.perf_counter() - wall
-        finally:
-            server.terminate()
-            server.wait(30)
+        threads = [threading.Thread(target=scraper, args=(n / scrapers,)) for n in range(scrapers)]
+        wall = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - wall
+    finally:
+        server.terminate()
+        server.wait(30)
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]
     return [
         Measurement(
             benchmark="scrape load",
-            case=f"{attempts:,} attempts, {pairs:,} model/workflow pairs, {scrapers} scrapers at 1/s each",
+            case=f"{make_url(url).get_backend_name()}, {attempts:,} attempts, "
+            f"{pairs:,} model/workflow pairs, {scrapers} scrapers at 1/s each",
             metric="scrape latency p99",
             value=p99 * 1e3,
             unit="ms",

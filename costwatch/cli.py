@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import shutil
 import sys
@@ -267,20 +268,20 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
             now = datetime.now(timezone.utc)
             start, end = bucket_window(demo_start, now + timedelta(seconds=1), "1m")
             try:
-                found = _reconcile_window(
+                found, _ = _reconcile_window(
                     store,
                     key=FAKE_ADMIN_KEY,
                     start=start,
                     end=end,
                     bucket="1m",
                     base_url=base_url,
+                    now=now,
                     prices=prices,
                     recorded_from=demo_start,
                 )
             except (_UsageUnavailable, UserError) as exc:
                 err.print(f"costwatch: the demo could not reconcile: {exc}", highlight=False, markup=False)
                 return None
-            _store_reconciliation(store, found, now)
             return found
 
         with progress:
@@ -314,7 +315,9 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
             f"The fake server's ledger billed {truth['attempts']} attempts, "
             f"{sum(truth['billed_tokens'].values()):,} tokens.\n"
             f"costwatch recorded {report['attempts']} attempts, {sum(report['billed_tokens'].values()):,} "
-            f"tokens ({report['estimated_output_tokens']:,} of them estimated output of dropped streams).",
+            f"tokens ({report['estimated_output_tokens']:,} of them estimated output of dropped streams, "
+            f"{report['output_by_source']['reconciled']['tokens']:,} output of dropped streams as the bill "
+            "gave it in the reconciliation below).",
             highlight=False,
         )
         if reconciliation is not None:
@@ -654,7 +657,8 @@ def _print_rejected(count: int, latest: Sequence[RejectedRecord], out: Console) 
     if not count:
         return
     out.print(
-        f"{count:,} attempt record(s) were refused by the database and are kept, not counted above, in "
+        f"{count:,} attempt record(s) were refused by the database, or started before its retention "
+        "cutoff (possibly counted before they were pruned), and are kept apart in "
         "costwatch_rejected_attempts (docs/runbooks.md#costwatchstorerejectedrecords). Latest:",
         highlight=False,
         markup=False,
@@ -728,6 +732,8 @@ def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
     shown = safe_url(url)
     if args.action == "upgrade":
         _migration_errors(url, lambda: migrate.upgrade(url, args.revision))
+        if args.revision == "head":
+            _partitions_ahead(url)
     elif args.action == "downgrade":
         _migration_errors(url, lambda: migrate.downgrade(url, args.revision))
     elif args.action == "replay":
@@ -746,6 +752,16 @@ def _command_db(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+def _partitions_ahead(url: URL) -> None:
+    """On PostgreSQL, the attempts table's day partitions for the days ahead (nothing on SQLite)."""
+    store = SqlStore(url, auto_migrate=False)
+    try:
+        with _database_errors(url):
+            store.ensure_partitions()
+    finally:
+        store.shutdown()
+
+
 def _prune(url: URL, older_than: str, out: Console) -> int:
     try:
         age = parse_duration(older_than)
@@ -761,6 +777,7 @@ def _prune(url: URL, older_than: str, out: Console) -> int:
     try:
         with _database_errors(url):
             removed = store.prune_before(datetime.now(timezone.utc) - age)
+            store.ensure_partitions()
     finally:
         store.shutdown()
     out.print(
@@ -790,7 +807,12 @@ def _replay_spool(url: URL, spool_dir: str | None, out: Console) -> int:
         if spool.has_segments(store.name)
         else ""
     )
-    kept = f"; {refused} refused by the database, kept in costwatch_rejected_attempts" if refused else ""
+    kept = (
+        f"; {refused} refused by the database or started before its retention cutoff, "
+        "kept in costwatch_rejected_attempts"
+        if refused
+        else ""
+    )
     out.print(f"replayed {delivered} spooled records into {safe_url(url)}{kept}{left}", highlight=False)
     return 0
 
@@ -861,14 +883,27 @@ def _command_prices(args: argparse.Namespace, out: Console, err: Console) -> int
         )
         if price.note:
             out.print(f"note: {price.note}", highlight=False)
-    elif table.unpriced:
-        out.print(f"Known without a public price: {', '.join(table.unpriced)}", highlight=False)
+    else:
+        if table.unpriced:
+            out.print(f"Known without a public price: {', '.join(table.unpriced)}", highlight=False)
+        for name, platform in table.platforms.items():
+            if platform.claude_api_rates:
+                how = "the rates above"
+            else:
+                priced = ", ".join(platform.models) or "no model (its attempts are unpriced)"
+                how = f"its own prices, for {priced}; regional endpoints x{platform.regional_multiplier:g}"
+            out.print(f"{name} ({platform.name}): {how}. source: {platform.source}", highlight=False)
     return 0
 
 
 # -- costwatch reconcile ---------------------------------------------------------------------------
 class _UsageUnavailable(Exception):
-    """Anthropic's usage figures could not be read; not the user's mistake (exit 1, one line)."""
+    """The reconciliation cannot be done now (Anthropic's usage figures unreadable, or the store's
+    attempts changing under it): not the user's mistake (exit 1, one line)."""
+
+
+_RECONCILE_TRIES = 3
+"""Reads of the store a reconciliation makes when attempts it corrects keep changing meanwhile."""
 
 
 def _reconcile_window(
@@ -879,14 +914,17 @@ def _reconcile_window(
     end: datetime,
     bucket: str,
     base_url: str | None,
+    now: datetime,
     api_key_ids: tuple[str, ...] = (),
     tolerance: float = 0.001,
     prices: PriceTable | None = None,
     recorded_from: datetime | None = None,
-) -> dict[str, Any]:
-    """Read both sides of one reconciliation window (whole buckets); raises before anything is
-    written. ``recorded_from`` leaves out attempts that started before it (the demo's own run)."""
+) -> tuple[dict[str, Any], int]:
+    """Reconcile one window (whole buckets) and store it, with the estimates the bill corrected, in
+    one transaction; returns the result and the rows stored. Raises before anything is written.
+    ``recorded_from`` leaves out attempts that started before it (the demo's own run)."""
     from .reconcile import reconcile
+    from .store.reconciliations import AttemptsChanged
     from .usage_api import UsageApiError, UsageApiRefused, read_reported
 
     try:
@@ -897,28 +935,44 @@ def _reconcile_window(
         raise UserError(str(exc)) from None
     except UsageApiError as exc:
         raise _UsageUnavailable(str(exc)) from None
-    with _database_errors(store.url):
-        recorded = [
-            record
-            for record in _window_attempts(store, start, end, AttemptFilter(), None)
-            if recorded_from is None or record.started_at >= recorded_from
-        ]
-    return reconcile(
-        reported,
-        costs,
-        recorded,
-        start=start,
-        end=end,
-        bucket=bucket,
-        prices=prices if prices is not None else _load_prices(None),
-        tolerance=tolerance,
-        api_key_ids=api_key_ids,
-        data_refreshed_at=refreshed,
-    )
+    table = prices if prices is not None else _load_prices(None)
+    for tries in range(1, _RECONCILE_TRIES + 1):
+        with _database_errors(store.url):
+            recorded = [
+                record
+                for record in _window_attempts(store, start, end, AttemptFilter(), None)
+                if recorded_from is None or record.started_at >= recorded_from
+            ]
+        reconciled = reconcile(
+            reported,
+            costs,
+            recorded,
+            start=start,
+            end=end,
+            bucket=bucket,
+            prices=table,
+            tolerance=tolerance,
+            api_key_ids=api_key_ids,
+            data_refreshed_at=refreshed,
+        )
+        try:
+            with _database_errors(store.url):
+                written = store.write_reconciliation(
+                    reconciled.result, reconciled.revisions, reconciled_at=now
+                )
+        except AttemptsChanged as exc:
+            # A retry flip or an estimate revision landed between the read and the write: read again.
+            if tries == _RECONCILE_TRIES:
+                raise _UsageUnavailable(f"{exc} {tries} times; nothing was written, run it again") from None
+            continue
+        return reconciled.result, written
+    raise AssertionError("unreachable")
 
 
-def _reconcile_once(args: argparse.Namespace, key: str, store: SqlStore, now: datetime) -> dict[str, Any]:
-    """One reconciliation of the window the options name."""
+def _reconcile_once(
+    args: argparse.Namespace, key: str, store: SqlStore, now: datetime
+) -> tuple[dict[str, Any], int]:
+    """One reconciliation of the window the options name, stored."""
     from .reconcile import bucket_window
 
     since = _moment("--since", args.since, now)
@@ -934,17 +988,11 @@ def _reconcile_once(args: argparse.Namespace, key: str, store: SqlStore, now: da
         end=end,
         bucket=args.bucket,
         base_url=args.base_url,
+        now=now,
         api_key_ids=tuple(args.api_key_id or ()),
         tolerance=args.tolerance,
         prices=_load_prices(args.prices_file),
     )
-
-
-def _store_reconciliation(store: SqlStore, result: dict[str, Any], now: datetime) -> int:
-    from .store.reconciliations import write_reconciliation
-
-    with _database_errors(store.url), store.engine.begin() as connection:
-        return write_reconciliation(connection, result, reconciled_at=now)
 
 
 def _render_reconciliation(result: dict[str, Any], output: str, out: Console) -> None:
@@ -956,6 +1004,20 @@ def _render_reconciliation(result: dict[str, Any], output: str, out: Console) ->
         sys.stdout.write(render_csv(result))
     else:
         render_table(result, out)
+
+
+def _render_watch_round(result: dict[str, Any], output: str | None, out: Console, *, first: bool) -> None:
+    """One ``--watch`` round in ``--format``: JSON one document a line, CSV its header once."""
+    from .reconcile import render_csv, render_table
+
+    if output == "json":
+        sys.stdout.write(json.dumps(result, separators=(",", ":")) + "\n")
+    elif output == "csv":
+        text = render_csv(result)
+        sys.stdout.write(text if first else text.split("\n", 1)[1])
+    elif output == "table":
+        render_table(result, out)
+    sys.stdout.flush()
 
 
 def _command_reconcile(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -984,11 +1046,12 @@ def _command_reconcile(args: argparse.Namespace, out: Console, err: Console) -> 
         raise UserError(str(exc)) from None
     url = _resolve_url(args.db)
     store = _migrated_store(url)
+    rounds = 0
     try:
         while True:
             now = datetime.now(timezone.utc)
             try:
-                result = _reconcile_once(args, key, store, now)
+                result, written = _reconcile_once(args, key, store, now)
             except _UsageUnavailable as exc:
                 if interval is None:
                     err.print(f"costwatch: error: {exc}", highlight=False, markup=False)
@@ -1001,17 +1064,21 @@ def _command_reconcile(args: argparse.Namespace, out: Console, err: Console) -> 
                     soft_wrap=True,
                 )
             else:
-                written = _store_reconciliation(store, result, now)
                 if interval is None:
-                    _render_reconciliation(result, args.format, out)
+                    _render_reconciliation(result, args.format or "table", out)
                     return 0
+                rounds += 1
+                _render_watch_round(result, args.format, out, first=rounds == 1)
                 totals = result["totals"]
                 coverage = totals["coverage"]["input"]
+                corrected = totals["correction"]
                 err.print(
                     f"{now:%H:%M:%S} reconciled {written} bucket-model rows, "
                     f"{result['start']} to {result['end']}: "
                     f"input coverage {'-' if coverage is None else f'{coverage:.1%}'}, "
-                    f"unseen ${totals['unseen']['usd']:,.2f}",
+                    f"unseen ${totals['unseen']['usd']:,.2f}, "
+                    f"{corrected['revised_attempts']} estimate(s) corrected by the bill "
+                    f"(waste moved ${corrected['wasted_usd_moved']:+,.4f})",
                     highlight=False,
                     soft_wrap=True,
                 )
@@ -1259,7 +1326,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="only usage of these API keys (apikey_...; repeat); the default is the whole organization",
     )
     reconcile.add_argument(
-        "--format", choices=("table", "json", "csv"), default="table", help="output format"
+        "--format",
+        choices=("table", "json", "csv"),
+        help="output format (default table; with --watch, each round in it: json one document a line, "
+        "csv the header once; without it --watch prints one status line a round on stderr)",
     )
     reconcile.add_argument(
         "--base-url", metavar="URL", help="the API's base URL (default $ANTHROPIC_BASE_URL, else Anthropic's)"

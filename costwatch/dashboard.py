@@ -684,6 +684,41 @@ def _panels() -> list[_Panel | _Row]:
             [_Query(f"model:costwatch_estimated_output_ratio:rate5m{{{_MODEL}}}", "{{model}}")],
             width=12,
         ),
+        _Panel(
+            "timeseries",
+            "Billed USD per hour by platform",
+            "Each bar is the dollars billed in the hour before it, by the platform the attempts went to "
+            "(anthropic, bedrock, vertex, foundry), at that platform's price; all models and workflows "
+            "(the platform metrics carry neither label). Attempts without a price on their platform add "
+            "nothing here: see the panel beside it.",
+            "currencyUSD",
+            [
+                _Query(
+                    "sum by (platform) (increase(costwatch_platform_billed_cost_usd_total[1h]))",
+                    "{{platform}}",
+                )
+            ],
+            width=12,
+            interval="1h",
+            defaults={"custom": {"drawStyle": "bars", "fillOpacity": 80, "stacking": {"mode": "normal"}}},
+        ),
+        _Panel(
+            "timeseries",
+            "Unpriced attempts by platform",
+            "Attempts per second whose model, on its platform and endpoint, has no sourced price in the "
+            "price table (docs/platforms.md): their tokens are counted, their dollars are not. All models "
+            "and workflows.",
+            "short",
+            [
+                # `or ... * 0`: a platform with attempts but none unpriced reads 0, not "No data".
+                _Query(
+                    "sum by (platform) (rate(costwatch_platform_unpriced_attempts_total[$__rate_interval]))\n"
+                    "or\nsum by (platform) (rate(costwatch_platform_attempts_total[$__rate_interval])) * 0",
+                    "{{platform}}",
+                )
+            ],
+            width=12,
+        ),
         _Row("Reducing waste"),
         _stat(
             "Avoidable with prompt caching (range)",
@@ -755,7 +790,7 @@ def _panels() -> list[_Panel | _Row]:
                     instant=True,
                 )
             ],
-            width=8,
+            width=6,
             options={"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
             defaults={
                 "min": 0,
@@ -779,8 +814,17 @@ def _panels() -> list[_Panel | _Row]:
                     instant=True,
                 )
             ],
-            width=8,
+            width=6,
             options={"displayMode": "basic", "orientation": "horizontal", "showUnfilled": True},
+        ),
+        _stat(
+            "Waste moved by the bill (24h)",
+            "How much `costwatch reconcile` changed the wasted dollars of the dropped attempts whose "
+            "estimates it replaced with the billed output, over the reconciled buckets of the last 24 hours "
+            "(billed minus estimated; negative: the estimates were too high).",
+            "currencyUSD",
+            f'sum(costwatch_reconciled_wasted_cost_usd{{source="billed",{_MODEL}}})'
+            f' - sum(costwatch_reconciled_wasted_cost_usd{{source="estimated",{_MODEL}}})',
         ),
         _Row("costwatch health"),
         _stat(

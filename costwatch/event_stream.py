@@ -137,7 +137,12 @@ class EventStreamMeter(BodyMeter):
             self.events += 1
             self.malformed_events += 1
             return
+        before = self.malformed_events
         self._event(b"data: " + event)
+        if self.malformed_events > before and self.unreadable is None:
+            # The SDK names an event it cannot parse as JSON "completion" and then fails parsing it
+            # (an SSE event here has no name to skip it by): the application sees that error.
+            self.unreadable = "JSONDecodeError"
         if self.message_stop_seen and b"amazon-bedrock-invocationMetrics" in event:
             self._take_invocation_metrics(event)
 

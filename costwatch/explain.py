@@ -20,14 +20,9 @@ __all__ = ["explain_request", "output_source", "render_explain"]
 
 
 def output_source(record: AttemptRecord) -> str:
-    """Where the output count came from: ``reported`` by the API, or ``estimated`` from the text received.
-
-    A record that says its own source (``usage.output_source``) is believed.
-    """
-    stated = getattr(record.usage, "output_source", None) or getattr(record, "output_source", None)
-    if stated:
-        return str(getattr(stated, "value", stated))
-    return "estimated" if record.usage.output_estimated else "reported"
+    """Where the output count came from (:class:`~costwatch.records.OutputSource`): ``reported`` by
+    the API, ``estimated`` from the text received, ``counted`` by the API, or ``reconciled``."""
+    return record.output_source.value
 
 
 def explain_request(attempts: Sequence[AttemptRecord]) -> dict[str, Any]:
@@ -82,7 +77,7 @@ def explain_request(attempts: Sequence[AttemptRecord]) -> dict[str, Any]:
     }
 
 
-_SOURCE_SHORT = {"reported": "API", "estimated": "est."}
+_SOURCE_SHORT = {"reported": "API", "estimated": "est.", "counted": "count", "reconciled": "recon."}
 
 
 def _usd(value: float | None) -> str:
@@ -125,7 +120,8 @@ def render_explain(story: Mapping[str, Any], console: Console) -> None:
     console.print(table)
     console.print(
         "source of the output count: API = reported by the API, "
-        "est. = estimated from the text of a cut stream",
+        "est. = estimated from the text of a cut stream, count = that text counted by the API's "
+        "count_tokens, recon. = corrected by reconciliation",
         style="dim",
         highlight=False,
     )

@@ -36,11 +36,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from .metrics import MODEL_LABEL_LIMIT, OTHER, LabelCap
-from .records import Outcome, TokenType, WasteReason
+from .metrics import MODEL_LABEL_LIMIT, OTHER, LabelCap, platform_label
+from .records import Outcome, OutputSource, TokenType, WasteReason
 from .settings import default_of, load_settings
 from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
+from .store.database import database_url as store_database_url
 from .store.query import capped_all_time_with_recent_query, kept_labels_query, settled_before
 from .store.schema import ALL_TIME_DIMENSIONS, RECONCILIATIONS, REJECTED_ATTEMPTS
 
@@ -105,7 +106,8 @@ def fleet_samples(
     workflow_label_limit: int = default_of("workflow_label_limit"),
     pending_abandoned: Iterable[RollupTotals] = (),
 ) -> FleetSamples:
-    """The metric values from rollup totals grouped by model, outcome, error_type, waste_reason, workflow.
+    """The metric values from rollup totals grouped by model, outcome, error_type, waste_reason, workflow,
+    platform (``ALL_TIME_DIMENSIONS``).
 
     ``totals`` covers every hour; ``settled_abandoned`` only the ``abandoned`` rows of settled hours,
     ``pending_abandoned`` those of the hours not settled yet.
@@ -130,8 +132,12 @@ _MEASURES = (
     "estimated_output_tokens",
     "duration_s",
     "unpriced_attempts",
+    *(f"{source.value}_output_tokens" for source in OutputSource),
 )
 """The rollup measures the exporter's metrics are made of, in the order a group's values list them."""
+
+_SOURCES = tuple((source.value, _MEASURES.index(f"{source.value}_output_tokens")) for source in OutputSource)
+"""Each output source and where its tokens are among a group's values."""
 
 Group = tuple[Labels, Sequence[float]]
 """One rollup group: its values of ``_DIMENSIONS`` and its sums of ``_MEASURES``."""
@@ -167,7 +173,12 @@ def _samples(
     billed_tokens: dict[Labels, float] = {}
     billed_cost: dict[Labels, float] = {}
     estimated: dict[Labels, float] = {}
+    output_by_source: dict[Labels, float] = {}
     unpriced: dict[Labels, float] = {}
+    platform_attempts: dict[Labels, float] = {}
+    platform_tokens: dict[Labels, float] = {}
+    platform_cost: dict[Labels, float] = {}
+    platform_unpriced: dict[Labels, float] = {}
     logical: dict[Labels, float] = {}
     wasted_tokens: dict[Labels, float] = {}
     wasted_cost: dict[Labels, float] = {}
@@ -199,16 +210,24 @@ def _samples(
         return model, workflow
 
     # In key order, so that float sums do not depend on the order the database returned the groups in.
-    for (raw_model, outcome, error_type, waste_reason, raw_workflow), values in sorted(totals):
+    for (raw_model, outcome, error_type, waste_reason, raw_workflow, raw_platform), values in sorted(totals):
         model, workflow = labels_of(raw_model, raw_workflow)
+        platform = platform_label(raw_platform)
         count = values[0]
         add(attempts, (model, outcome, error_type), count)
+        add(platform_attempts, (platform, outcome), count)
         for offset, token_type in enumerate(_TOKEN_TYPES):
             add(billed_tokens, (model, token_type), values[_BILLED + offset])
+            add(platform_tokens, (platform, token_type), values[_BILLED + offset])
         add(billed_cost, (model, workflow), values[_BILLED_COST])
+        add(platform_cost, (platform,), values[_BILLED_COST])
         add(estimated, (model,), values[_ESTIMATED])
+        for source, index in _SOURCES:
+            if values[index]:
+                add(output_by_source, (model, source), values[index])
         if values[_UNPRICED]:
             add(unpriced, (model,), values[_UNPRICED])
+            add(platform_unpriced, (platform,), values[_UNPRICED])
         observe(durations, (model, outcome), count, values[_DURATION])
         if outcome == _DROPPED:
             observe(drops, (model,), count, values[_DURATION])
@@ -216,14 +235,14 @@ def _samples(
             add(logical, (model, "succeeded"), count)
         if waste_reason in (_RETRIED, _CANCELLED):  # final when written, unlike abandoned
             waste(values, model, workflow, waste_reason)
-    for (raw_model, _, _, _, raw_workflow), values in sorted(settled_abandoned):
+    for (raw_model, _, _, _, raw_workflow, _), values in sorted(settled_abandoned):
         model, workflow = labels_of(raw_model, raw_workflow)
         waste(values, model, workflow, _ABANDONED)
         # Each abandoned attempt is the last attempt of a logical request that failed.
         add(logical, (model, "failed"), values[0])
     pending_attempts: dict[Labels, float] = {}
     pending_cost: dict[Labels, float] = {}
-    for (raw_model, _, _, _, raw_workflow), values in sorted(pending_abandoned):
+    for (raw_model, _, _, _, raw_workflow, _), values in sorted(pending_abandoned):
         model, _workflow = labels_of(raw_model, raw_workflow)
         add(pending_attempts, (model,), values[0])
         add(pending_cost, (model,), values[_WASTED_COST])
@@ -232,7 +251,12 @@ def _samples(
         "costwatch_billed_tokens": billed_tokens,
         "costwatch_billed_cost_usd": billed_cost,
         "costwatch_estimated_output_tokens": estimated,
+        "costwatch_output_tokens": output_by_source,
         "costwatch_unpriced_attempts": unpriced,
+        "costwatch_platform_attempts": platform_attempts,
+        "costwatch_platform_billed_tokens": platform_tokens,
+        "costwatch_platform_billed_cost_usd": platform_cost,
+        "costwatch_platform_unpriced_attempts": platform_unpriced,
         "costwatch_logical_requests": logical,
         "costwatch_wasted_tokens": wasted_tokens,
         "costwatch_wasted_cost_usd": wasted_cost,
@@ -271,9 +295,29 @@ _COUNTERS: Mapping[str, tuple[str, Labels]] = {
         "Output tokens estimated from the text received before a stream was cut.",
         ("model",),
     ),
+    "costwatch_output_tokens": (
+        "Billed output tokens by where the figure came from: reported, estimated, counted, reconciled.",
+        ("model", "source"),
+    ),
     "costwatch_unpriced_attempts": (
         "Attempts on models without a known price: their tokens are counted, their cost is not.",
         ("model",),
+    ),
+    "costwatch_platform_attempts": (
+        "HTTP attempts by the platform they went to (anthropic, bedrock, vertex, foundry).",
+        ("platform", "outcome"),
+    ),
+    "costwatch_platform_billed_tokens": (
+        "Tokens billed, by the platform that billed them and token type.",
+        ("platform", "token_type"),
+    ),
+    "costwatch_platform_billed_cost_usd": (
+        "Cost of billed tokens in US dollars, by the platform that billed them.",
+        ("platform",),
+    ),
+    "costwatch_platform_unpriced_attempts": (
+        "Attempts without a known price on their platform: their tokens are counted, their cost is not.",
+        ("platform",),
     ),
     "costwatch_logical_requests": (
         "Logical requests by result: completed attempts, and abandoned attempts of settled hours.",
@@ -311,6 +355,12 @@ _GAUGES: Mapping[str, tuple[str, Labels]] = {
     "costwatch_reconciled_dropped_output_tokens": (
         "Output of dropped attempts in the fully seen reconciled buckets of the last 24 hours: "
         "source=estimated by costwatch, source=billed per Anthropic's usage report.",
+        ("model", "source"),
+    ),
+    "costwatch_reconciled_wasted_cost_usd": (
+        "Wasted dollars of the dropped attempts whose estimates the bill corrected, in the reconciled "
+        "buckets of the last 24 hours: source=estimated as costwatch first had them, source=billed as "
+        "they are now (US dollars).",
         ("model", "source"),
     ),
 }
@@ -528,12 +578,20 @@ def _reconciled_query(since: datetime) -> sa.Select[Any]:
     in the fully seen buckets."""
     table = RECONCILIATIONS
     matched = table.c.residual_output_tokens.is_not(None)
+    corrected = table.c.billed_wasted_cost_usd.is_not(None)
+    # What costwatch estimated, also for the attempts the bill has corrected since (rows stored
+    # before migration 0012 have only the estimates still standing).
+    estimated = sa.func.coalesce(
+        table.c.dropped_estimated_output_tokens, table.c.recorded_output_estimated_tokens
+    )
     return (
         sa.select(
             table.c.model,
             *(sa.func.sum(table.c[name]) for name in _RECONCILED_SUMS),
-            sa.func.sum(sa.case((matched, table.c.recorded_output_estimated_tokens), else_=0)),
+            sa.func.sum(sa.case((matched, estimated), else_=0)),
             sa.func.sum(sa.case((matched, table.c.residual_output_tokens), else_=0)),
+            sa.func.sum(sa.case((corrected, table.c.estimated_wasted_cost_usd), else_=0.0)),
+            sa.func.sum(sa.case((corrected, table.c.billed_wasted_cost_usd), else_=0.0)),
         )
         .where(table.c.bucket_start >= since)
         .group_by(table.c.model)
@@ -548,6 +606,7 @@ def reconciliation_gauges(
     reported: dict[Labels, float] = {}
     recorded: dict[Labels, float] = {}
     dropped: dict[Labels, float] = {}
+    wasted: dict[Labels, float] = {}
     unseen_usd = 0.0
     for row in rows:
         model = model_of(str(row[0]))
@@ -559,11 +618,14 @@ def reconciliation_gauges(
         unseen_usd += values[2 * width]
         for source, value in (("estimated", values[2 * width + 1]), ("billed", values[2 * width + 2])):
             dropped[(model, source)] = dropped.get((model, source), 0.0) + value
+        for source, value in (("estimated", values[2 * width + 3]), ("billed", values[2 * width + 4])):
+            wasted[(model, source)] = wasted.get((model, source), 0.0) + value
     gauges: dict[str, dict[Labels, float]] = {
         "costwatch_reconciled_coverage_ratio": {
             key: recorded[key] / value for key, value in reported.items() if value > 0
         },
         "costwatch_reconciled_dropped_output_tokens": dropped,
+        "costwatch_reconciled_wasted_cost_usd": wasted,
         "costwatch_unseen_cost_usd": {(): unseen_usd},
     }
     if last is not None:
@@ -738,17 +800,22 @@ def _start_server(
 
 
 PRUNE_EVERY_S = 3600.0
-"""How often ``serve`` prunes raw attempt rows older than its ``retention``."""
+"""How often ``serve`` prunes raw attempt rows older than its ``retention`` (and, on PostgreSQL,
+creates the attempts table's day partitions ahead)."""
 
 
-def _prune_periodically(database_url: str | None, retention: timedelta, stop: threading.Event) -> None:
+def _maintain_periodically(
+    database_url: str | None, retention: timedelta | None, stop: threading.Event
+) -> None:
     store = SqlStore(database_url, auto_migrate=False)
     failing = False
     try:
         while True:
+            store.ensure_partitions()  # logs its own failure; rows meanwhile land in the DEFAULT partition
             try:
-                removed = store.prune_before(datetime.now(timezone.utc) - retention)
-                log.info("costwatch exporter: pruned %d attempt rows older than %s", removed, retention)
+                if retention is not None:
+                    removed = store.prune_before(datetime.now(timezone.utc) - retention)
+                    log.info("costwatch exporter: pruned %d attempt rows older than %s", removed, retention)
                 failing = False
             except Exception as exc:
                 if not failing:  # once per outage
@@ -777,7 +844,8 @@ def serve(
     running HTTP server (call ``shutdown()`` and then ``server_close()`` on it to stop; the latter
     also closes the database connections). ``on_listening`` is called once the port is bound. With
     ``retention``, raw attempt rows older than that are pruned now and every
-    :data:`PRUNE_EVERY_S` seconds (the rollups keep every total).
+    :data:`PRUNE_EVERY_S` seconds (the rollups keep every total); on PostgreSQL the attempts
+    table's day partitions are created ahead as often.
     """
     registry = CollectorRegistry()
     collector = FleetCollector(database_url)  # the rendered answers are what serve keeps
@@ -791,9 +859,9 @@ def serve(
     close_server = server.server_close
 
     stop_pruning = threading.Event()
-    if retention is not None:
+    if retention is not None or store_database_url(database_url).get_backend_name() == "postgresql":
         threading.Thread(
-            target=_prune_periodically,
+            target=_maintain_periodically,
             args=(database_url, retention, stop_pruning),
             name="costwatch-retention",
             daemon=True,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["InstrumentationErrors", "instrumentation_errors"]
+__all__ = ["InstrumentationErrors", "guarded", "instrumentation_errors"]
 
 log = logging.getLogger("costwatch")
 
@@ -46,3 +48,12 @@ class InstrumentationErrors:
 
 instrumentation_errors = InstrumentationErrors()
 """The process-wide counter, exported as ``costwatch_instrumentation_errors_total``."""
+
+
+def guarded(where: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or None after counting its failure at ``where``: the application never sees it."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        instrumentation_errors.record(where, exc)
+        return None

@@ -97,20 +97,25 @@ def _bars(plt: Any, title: str, names: Sequence[str], values: Sequence[float], c
     return _svg(plt, figure)
 
 
+_SOURCE_BARS = (
+    ("reported", "#2ca02c", "reported by the API"),
+    ("estimated", "#bcbd22", "estimated (cut streams)"),
+    ("counted", "#17becf", "counted by the API (cut streams)"),
+    ("reconciled", "#9467bd", "reconciled"),
+)
+
+
 def _split(plt: Any, report: Mapping[str, Any]) -> str:
-    output = report["billed_tokens"]["output"]
-    estimated = report["estimated_output_tokens"]
+    by_source = report["output_by_source"]
     figure, axes = plt.subplots(figsize=(9, 1.6))
-    axes.barh(["output tokens"], [output - estimated], color="#2ca02c", label="reported by the API")
-    axes.barh(
-        ["output tokens"],
-        [estimated],
-        left=[output - estimated],
-        color="#bcbd22",
-        label="estimated (cut streams)",
-    )
-    axes.set_title("Output tokens: reported by the API vs estimated from cut streams")
-    axes.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, fontsize=8)
+    left = 0
+    for source, color, label in _SOURCE_BARS:
+        tokens = by_source[source]["tokens"]
+        if tokens or source in ("reported", "estimated"):
+            axes.barh(["output tokens"], [tokens], left=[left], color=color, label=label)
+            left += tokens
+    axes.set_title("Output tokens by where the count came from: the API's report, estimates, counts")
+    axes.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=4, fontsize=8)
     axes.spines[["top", "right"]].set_visible(False)
     return _svg(plt, figure)
 
@@ -137,7 +142,7 @@ def render_html(
     window: str,
 ) -> str:
     """The page: totals, waste over time by reason, waste by model and by workflow, the most wasteful
-    logical requests and the reported/estimated split of output tokens.
+    logical requests and the split of output tokens by where their count came from.
 
     ``report`` gives the totals; the other reports are the same window grouped by time (``hour`` or
     ``day``), ``model`` and ``workflow``; ``top`` is a report's ``top`` list. Raises
@@ -215,7 +220,7 @@ def render_html(
             "#d62728",
         )
         charts.append(("top-requests", "Most wasteful logical requests", svg))
-    charts.append(("estimated-split", "Reported and estimated output", _split(plt, report)))
+    charts.append(("estimated-split", "Output by where its count came from", _split(plt, report)))
     for anchor, title, svg in charts:
         parts.append(f'<h2>{e(title)}</h2><div class="chart" id="{anchor}">{svg}</div>')
     if top:

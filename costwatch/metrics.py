@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from .avoidable import avoidable_for_request
 from .health import instrumentation_errors
+from .platforms import PLATFORMS
 from .pricing import PriceTable, load_prices
 from .records import AttemptRecord, Outcome, TokenType, WasteReason
 from .settings import default_of, load_settings
@@ -44,6 +45,7 @@ __all__ = [
     "Settlement",
     "WasteSettlement",
     "multiprocess_mode",
+    "platform_label",
     "start_metrics_server",
 ]
 
@@ -77,6 +79,12 @@ ATTEMPTS_PER_REQUEST_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 2
 
 
 # -- labels -----------------------------------------------------------------------------------------
+def platform_label(platform: str) -> str:
+    """The ``platform`` label of a platform: one of :data:`~costwatch.platforms.PLATFORMS`, else ``other``
+    (a record read back from a spool or a store written by another version may name anything)."""
+    return platform if platform in PLATFORMS else OTHER
+
+
 class LabelCap:
     """Bounds a label's cardinality: the first ``limit`` distinct values are kept, later ones read ``other``.
 
@@ -550,6 +558,11 @@ class MetricsSink:
             "Output tokens estimated from the text received before a stream was cut.",
             ("model",),
         )
+        self.output_tokens = counter(
+            "costwatch_output_tokens",
+            "Billed output tokens by where the figure came from: reported, estimated, counted, reconciled.",
+            ("model", "source"),
+        )
         self.logical_requests = counter(
             "costwatch_logical_requests",
             "Logical requests (an attempt and its retries), by result.",
@@ -565,8 +578,8 @@ class MetricsSink:
             "Attempts on models without a known price: their tokens are counted, their cost is not.",
             ("model",),
         )
-        # By platform apart from the metrics above, whose label sets the fleet exporter and the
-        # dashboards share; the store's rollups have no platform, so these are in-process only.
+        # By platform apart from the metrics above, whose label sets stay as they were for the
+        # dashboards and alert rules built on them; the fleet exporter has the same four.
         self.platform_attempts = counter(
             "costwatch_platform_attempts",
             "HTTP attempts by the platform they went to (anthropic, bedrock, vertex, foundry).",
@@ -576,6 +589,16 @@ class MetricsSink:
             "costwatch_platform_billed_tokens",
             "Tokens billed, by the platform that billed them and token type.",
             ("platform", "token_type"),
+        )
+        self.platform_billed_cost = counter(
+            "costwatch_platform_billed_cost_usd",
+            "Cost of billed tokens in US dollars, by the platform that billed them.",
+            ("platform",),
+        )
+        self.platform_unpriced_attempts = counter(
+            "costwatch_platform_unpriced_attempts",
+            "Attempts without a known price on their platform: their tokens are counted, their cost is not.",
+            ("platform",),
         )
         self.attempt_duration = histogram(
             "costwatch_attempt_duration_seconds",
@@ -641,20 +664,23 @@ class MetricsSink:
         model = self._model(record.model_name)
         workflow = self._workflow(record.workflow)
         self.attempts.labels(model, record.outcome.value, record.error_label).inc()
-        platform = record.platform
+        platform = platform_label(record.platform)
         self.platform_attempts.labels(platform, record.outcome.value).inc()
         for token_type, tokens in record.usage.by_type().items():
             self.billed_tokens.labels(model, token_type.value).inc(tokens)
             self.platform_billed_tokens.labels(platform, token_type.value).inc(tokens)
-        self.billed_cost.labels(model, workflow).inc(
-            record.cost.total_usd if record.cost is not None else 0.0
-        )
+        cost = record.cost.total_usd if record.cost is not None else 0.0
+        self.billed_cost.labels(model, workflow).inc(cost)
+        self.platform_billed_cost.labels(platform).inc(cost)
         if record.cost is None:
             self.unpriced_attempts.labels(model).inc()
+            self.platform_unpriced_attempts.labels(platform).inc()
         usage = record.usage
         self.estimated_output_tokens.labels(model).inc(
             usage.estimated_output_tokens if usage.output_estimated else 0
         )
+        if usage.output_tokens:
+            self.output_tokens.labels(model, record.output_source.value).inc(usage.output_tokens)
         self.attempt_duration.labels(model, record.outcome.value).observe(record.duration_s)
         if record.outcome is Outcome.DROPPED:
             self.time_to_drop.labels(model).observe(record.duration_s)

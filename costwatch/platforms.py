@@ -8,7 +8,12 @@ Messages API request in three shapes (see ``docs/platforms.md``):
 * ``AnthropicVertex`` posts to ``.../publishers/anthropic/models/{model}:rawPredict`` or
   ``:streamRawPredict``, ``anthropic_version`` in the body;
 * ``AnthropicFoundry`` posts the first-party request to
-  ``{resource}.services.ai.azure.com/anthropic/v1/messages``.
+  ``{resource}.services.ai.azure.com/anthropic/v1/messages``, or to any ``base_url``;
+* ``AnthropicBedrockMantle`` (Claude in Amazon Bedrock) posts the first-party request to
+  ``bedrock-mantle.{region}.api.aws/anthropic/v1/messages``, ``anthropic.``-prefixed model in the body.
+
+``AnthropicAWS`` (Claude Platform on AWS) is Anthropic's own API billed through AWS at the Claude API
+rates: its attempts are first-party (``anthropic``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ __all__ = [
     "ANTHROPIC",
     "BEDROCK",
     "FOUNDRY",
+    "GLOBAL",
+    "MESSAGES_PATH",
     "PLATFORMS",
+    "REGIONAL",
     "VERTEX",
     "Route",
     "canonical_model",
@@ -36,6 +44,12 @@ VERTEX: Final = "vertex"
 FOUNDRY: Final = "foundry"
 PLATFORMS = (ANTHROPIC, BEDROCK, VERTEX, FOUNDRY)
 """Every platform an attempt can go to; ``anthropic`` is the first-party API."""
+MESSAGES_PATH: Final = "/v1/messages"
+"""The first-party Messages API's path; Foundry's ends with it after a prefix."""
+GLOBAL: Final = "global"
+REGIONAL: Final = "regional"
+"""The endpoint kinds Bedrock and Vertex price apart: regional (and Vertex's multi-region) endpoints
+carry a premium over global ones (docs/platforms.md)."""
 
 _BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<action>invoke|invoke-with-response-stream)\Z")
 _VERTEX_PATH = re.compile(
@@ -43,7 +57,12 @@ _VERTEX_PATH = re.compile(
 )
 _PLATFORM_SUFFIXES = ("/invoke", "/invoke-with-response-stream", ":rawPredict", ":streamRawPredict")
 _FOUNDRY_HOST_SUFFIX = ".services.ai.azure.com"
-_FOUNDRY_PATH_SUFFIX = "/anthropic/v1/messages"
+_PREFIXED_PATH_SUFFIX = "/anthropic/v1/messages"
+_MANTLE_HOST = re.compile(r"\Abedrock-mantle(?:-fips)?\.[a-z0-9-]+\.api\.aws\Z")
+# Header names only, never values: AnthropicFoundry's API-key auth sends ``api-key`` (besides
+# ``x-api-key``), which no other client of the SDK sends; AWS SigV4 signing sends ``x-amz-date``.
+_FOUNDRY_HEADER = "api-key"
+_SIGV4_HEADER = "x-amz-date"
 
 # Bedrock model ids: an optional inference-profile geography, the vendor, the model, a version.
 _BEDROCK_GEOGRAPHY = re.compile(r"\A(?:global|us|us-gov|eu|apac|jp|au|ca)\.")
@@ -58,8 +77,9 @@ class Route:
     model: str = ""
     stream: bool | None = None
     """Whether the path asked for a stream (Bedrock), ``None`` when only the body says."""
-    global_endpoint: bool = True
-    """False for a regional (or geographic) endpoint, which the platforms price differently."""
+    endpoint: str | None = None
+    """Bedrock and Vertex: :data:`GLOBAL` or :data:`REGIONAL` (priced apart); ``None`` where the
+    request does not tell (Bedrock's Mantle endpoint) or the platform does not price by it."""
 
 
 FIRST_PARTY = Route(ANTHROPIC)
@@ -74,7 +94,8 @@ def route_of(host: str, path: str, header_names: frozenset[str] | set[str] = fro
     """The platform and path-named model of a Messages API request to ``host`` and ``path``.
 
     ``header_names`` are the request's lower-case header names (never their values): Foundry's
-    API-key auth sends ``api-key``, which tells it apart behind a custom base URL.
+    API-key auth sends ``api-key``, which tells it apart behind any custom base URL; AWS signing
+    (``x-amz-date``) tells Bedrock's Mantle endpoint apart behind a custom base URL.
     """
     if path.endswith(_PLATFORM_SUFFIXES):
         match = _BEDROCK_PATH.search(path)
@@ -84,7 +105,7 @@ def route_of(host: str, path: str, header_names: frozenset[str] | set[str] = fro
                 BEDROCK,
                 canonical_model(BEDROCK, raw),
                 stream=match["action"] == "invoke-with-response-stream",
-                global_endpoint=_bedrock_id(raw).startswith("global."),
+                endpoint=GLOBAL if _bedrock_id(raw).startswith("global.") else REGIONAL,
             )
         match = _VERTEX_PATH.search(path)
         if match is not None:
@@ -92,12 +113,17 @@ def route_of(host: str, path: str, header_names: frozenset[str] | set[str] = fro
             return Route(
                 VERTEX,
                 canonical_model(VERTEX, urllib.parse.unquote(match["model"])),
-                global_endpoint=location is not None and location[1] == "global",
+                endpoint=GLOBAL if location is not None and location[1] == "global" else REGIONAL,
             )
-    if path.endswith(_FOUNDRY_PATH_SUFFIX) and (
-        host.endswith(_FOUNDRY_HOST_SUFFIX) or "api-key" in header_names
-    ):
+    if not path.endswith(MESSAGES_PATH):
+        return FIRST_PARTY
+    if _FOUNDRY_HEADER in header_names:
         return Route(FOUNDRY)
+    if path.endswith(_PREFIXED_PATH_SUFFIX):
+        if host.endswith(_FOUNDRY_HOST_SUFFIX):
+            return Route(FOUNDRY)
+        if _MANTLE_HOST.match(host) or _SIGV4_HEADER in header_names:
+            return Route(BEDROCK)  # the model is in the body, the endpoint kind nowhere
     return FIRST_PARTY
 
 

@@ -9,6 +9,7 @@ merged over the built-in ones. A model without a known price is still recorded, 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import difflib
 import json
 import logging
@@ -23,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .platforms import ANTHROPIC, GLOBAL, PLATFORMS, REGIONAL
 from .records import AttemptRecord, Cost, Usage
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "PRICES_FILE_ENV",
     "LongContextPrice",
     "ModelPrice",
+    "PlatformPrices",
     "PriceFileError",
     "PriceTable",
     "ServerToolPrice",
@@ -125,6 +128,35 @@ class ServerToolPrice:
     note: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class PlatformPrices:
+    """How one platform (Bedrock, Vertex, Foundry) bills Claude, and where that is stated.
+
+    Either at the Claude API's own per-model rates (``claude_api_rates``: Anthropic-operated
+    platforms billed through a marketplace), or at the platform's own per-model rates (``models``,
+    each the price of its global endpoint), with ``regional_multiplier`` on a regional endpoint.
+    A model missing from ``models`` is unpriced there: never priced at another platform's rates.
+    """
+
+    platform: str
+    name: str
+    claude_api_rates: bool = False
+    models: Mapping[str, ModelPrice] = field(default_factory=lambda: MappingProxyType({}))
+    """The platform's own prices, by canonical model id (global endpoint)."""
+    regional_multipliers: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    """Per model: what a regional endpoint costs relative to the global one."""
+    regional_multiplier: float = 1.0
+    """The platform's stated regional premium, which its models take unless their entry says otherwise."""
+    source: str = ""
+    retrieved: str | None = None
+    note: str = ""
+
+    def price(self, model: str, canonical: str) -> ModelPrice | None:
+        """The platform's own price of ``model`` (or of its canonical id), if the table has one."""
+        found = self.models.get(model)
+        return found if found is not None else self.models.get(canonical)
+
+
 class PriceTable:
     """The prices of every known model, looked up by model id or alias. Immutable once built."""
 
@@ -137,6 +169,7 @@ class PriceTable:
         updated: str,
         source: str,
         server_tools: Mapping[str, ServerToolPrice] = MappingProxyType({}),
+        platforms: Mapping[str, PlatformPrices] = MappingProxyType({}),
     ) -> None:
         self.version = version
         """The data version, ``<built-in>`` or ``<built-in>+<override>`` after a merge."""
@@ -156,6 +189,8 @@ class PriceTable:
         self._names = MappingProxyType(names)
         # Looked up once per attempt: one plain dict from every id and alias straight to its price.
         self._by_name = {name: self._prices[model] for name, model in names.items()}
+        self.platforms: Mapping[str, PlatformPrices] = MappingProxyType(dict(platforms))
+        """How each platform other than the first-party API bills (docs/platforms.md)."""
         self._warned: set[str] = set()
         self._warned_lock = threading.Lock()
 
@@ -169,6 +204,11 @@ class PriceTable:
         """Models known to exist but without a public price, each with the reason."""
         return self._unpriced
 
+    def canonical(self, model: str) -> str:
+        """The table's id for ``model`` when it names a priced model or one of its aliases (a dated
+        id and its undated alias are one model), else ``model`` itself."""
+        return self._names.get(model, model)
+
     def lookup(self, model: str) -> ModelPrice | None:
         """The price of ``model`` (an id or an alias), or ``None`` when it is unknown or unpriced."""
         return self._by_name.get(model)
@@ -181,17 +221,71 @@ class PriceTable:
         batch: bool = False,
         inference_geo: str | None = None,
         server_tool_use: Mapping[str, int] | None = None,
+        platform: str = ANTHROPIC,
+        endpoint: str | None = None,
     ) -> Cost | None:
         """The price of an attempt on ``model``; ``None`` if it has none (see :class:`UnpricedModels`).
 
         ``inference_geo`` and ``server_tool_use`` are what the response's ``usage`` reported: where
         inference ran (priced by the model's multiplier) and the server tools used (priced per use).
+        ``platform`` and ``endpoint`` are where the attempt went (:class:`PlatformPrices`): a platform
+        billing at its own rates prices it from its own entry, and only where the endpoint kind is
+        known; anything else there stays unpriced.
         """
+        if platform != ANTHROPIC:
+            return self._platform_cost(
+                model, usage, batch, inference_geo, server_tool_use, platform, endpoint
+            )
         price = self._by_name.get(model)
         if price is None:
             self._warn_unpriced(model)
             return None
+        return self._with_fees(price.cost(usage, batch=batch, inference_geo=inference_geo), server_tool_use)
+
+    def _platform_cost(
+        self,
+        model: str,
+        usage: Usage,
+        batch: bool,
+        inference_geo: str | None,
+        server_tool_use: Mapping[str, int] | None,
+        platform: str,
+        endpoint: str | None,
+    ) -> Cost | None:
+        spec = self.platforms.get(platform)
+        if spec is None:
+            self._warn_unpriced(f"{model} on {platform}", "the price table knows nothing of that platform")
+            return None
+        if spec.claude_api_rates:
+            return self.cost(
+                model, usage, batch=batch, inference_geo=inference_geo, server_tool_use=server_tool_use
+            )
+        price = spec.price(model, self._names.get(model, model))
+        if price is None:
+            self._warn_unpriced(
+                f"{model} on {platform}",
+                f"{spec.name} bills at its own prices and the table has none for it; add them under "
+                f"platforms.{platform}.models with {PRICES_FILE_ENV}",
+            )
+            return None
+        if endpoint not in (GLOBAL, REGIONAL):
+            self._warn_unpriced(
+                f"{model} on {platform}", f"{spec.name} prices by endpoint, and it is not known"
+            )
+            return None
+        if server_tool_use and any(uses > 0 for uses in server_tool_use.values()):
+            # The platform's fees for server tools are not in the table: no guessed fee.
+            self._warn_unpriced(
+                f"{model} on {platform}", f"{spec.name}'s server-tool fees are not in the table"
+            )
+            return None
         cost = price.cost(usage, batch=batch, inference_geo=inference_geo)
+        if endpoint == REGIONAL:
+            scale = spec.regional_multipliers.get(price.model, 1.0)
+            cost = Cost(*(part * scale for part in dataclasses.astuple(cost)))
+        return cost
+
+    def _with_fees(self, cost: Cost, server_tool_use: Mapping[str, int] | None) -> Cost:
         if server_tool_use:
             fees = 0.0
             for counter, uses in server_tool_use.items():
@@ -209,6 +303,8 @@ class PriceTable:
             record.usage,
             inference_geo=record.inference_geo,
             server_tool_use=record.server_tool_use,
+            platform=record.platform,
+            endpoint=record.endpoint,
         )
 
     @property
@@ -216,13 +312,13 @@ class PriceTable:
         """Distinct models this table was asked to price and could not (up to 100,000 are told apart)."""
         return len(self._warned)
 
-    def _warn_unpriced(self, model: str) -> None:
+    def _warn_unpriced(self, model: str, reason: str | None = None) -> None:
         # Called once per attempt: keep the lock short; the process-wide log decides what is logged.
         with self._warned_lock:
             if model in self._warned or len(self._warned) >= _UNPRICED_REMEMBERED:
                 return
             self._warned.add(model)
-        _process_unpriced.note(model, self._unpriced.get(model), self.version)
+        _process_unpriced.note(model, reason or self._unpriced.get(model), self.version)
 
 
 class UnpricedModels:
@@ -291,7 +387,7 @@ def load_prices(override: str | os.PathLike[str] | None = None) -> PriceTable:
     override file is missing or malformed, naming every problem of the file at once.
     """
     text = resources.files("costwatch").joinpath("data/prices.json").read_text(encoding="utf-8")
-    table, builtin_entries = _parse(text, _BUILTIN, strict=True)
+    table, builtin_entries, builtin_platforms = _parse(text, _BUILTIN, strict=True)
     if override is None:
         override = os.environ.get(PRICES_FILE_ENV) or None
     if override is None:
@@ -301,7 +397,9 @@ def load_prices(override: str | os.PathLike[str] | None = None) -> PriceTable:
         override_text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PriceFileError(_message(str(path), f"cannot be read ({exc.strerror or exc})")) from exc
-    over, _ = _parse(override_text, str(path), strict=False, base=builtin_entries)
+    over, _, _ = _parse(
+        override_text, str(path), strict=False, base=builtin_entries, base_platforms=builtin_platforms
+    )
     return _merge(table, over)
 
 
@@ -337,7 +435,10 @@ _ENTRY_KEYS = (
     "inference_geo_multipliers",
     *_PROVENANCE,
 )
-_FILE_KEYS = ("version", "updated", "currency", "unit", "source", "models", "server_tools")
+_FILE_KEYS = ("version", "updated", "currency", "unit", "source", "models", "server_tools", "platforms")
+_PLATFORM_KEYS = ("name", "rates", "regional_multiplier", "models", "source", "retrieved", "note")
+_RATES = ("claude_api", "own")
+"""``claude_api``: billed at the Claude API's per-model rates; ``own``: at the platform's own."""
 _LONG_CONTEXT_KEYS = ("above_input_tokens", "input_usd_per_mtok", "output_usd_per_mtok")
 _SERVER_TOOL_KEYS = ("usd_per_use", *_PROVENANCE)
 
@@ -422,11 +523,13 @@ class _Reader:
             {str(geo): self.rate(value, geo, f"{field}.inference_geo_multipliers") for geo in value}
         )
 
-    def model(self, model: str, entry: Any, base: Mapping[str, Any] | None) -> ModelPrice | str | None:
+    def model(
+        self, model: str, entry: Any, base: Mapping[str, Any] | None, where: str = "models"
+    ) -> ModelPrice | str | None:
         """A :class:`ModelPrice`, the reason string of a model listed as unpriced, or ``None`` when
         the entry has problems (recorded). ``base`` is what the entry is merged over: the built-in
         entry it names, or ``None`` for a new model (then :data:`ENTRY_DEFAULTS`)."""
-        field = f"models[{model!r}]"
+        field = f"{where}[{model!r}]"
         if not isinstance(entry, Mapping):
             self.problem(f"{field} must be an object, got {type(entry).__name__}")
             return None
@@ -501,6 +604,65 @@ class _Reader:
             output_usd_per_mtok=self.rate(value, "output_usd_per_mtok", field),
         )
 
+    def platforms(self, value: Any, base: Mapping[str, Any]) -> dict[str, PlatformPrices]:
+        """The ``platforms`` section; ``base`` (the built-in section) is what an override's
+        platform-level keys are merged over (its models are merged in :func:`_merge`)."""
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.problem(f"'platforms' must be an object of platform -> entry, got {type(value).__name__}")
+            return {}
+        known = [p for p in PLATFORMS if p != ANTHROPIC]
+        out: dict[str, PlatformPrices] = {}
+        for platform, entry in value.items():
+            field = f"platforms[{platform!r}]"
+            if platform not in known:
+                self.problem(f"{field} is not a platform costwatch knows; choose from {', '.join(known)}")
+                continue
+            if not isinstance(entry, Mapping):
+                self.problem(f"{field} must be an object, got {type(entry).__name__}")
+                continue
+            self.known_keys(entry, _PLATFORM_KEYS, field)
+            if not self.strict:
+                inherited = base.get(platform) or {}
+                entry = {
+                    **{k: v for k, v in inherited.items() if k not in (*_PROVENANCE, "models")},
+                    **entry,
+                }
+            rates = entry.get("rates", "own")
+            if rates not in _RATES:
+                self.problem(f"{field}.rates must be one of {', '.join(_RATES)}, got {rates!r}")
+            regional = (
+                self.rate(entry, "regional_multiplier", field) if "regional_multiplier" in entry else 1.0
+            )
+            models_entry = entry.get("models") or {}
+            if not isinstance(models_entry, Mapping):
+                self.problem(f"{field}.models must be an object of model id -> entry")
+                models_entry = {}
+            models: dict[str, ModelPrice] = {}
+            multipliers: dict[str, float] = {}
+            for model, model_entry in models_entry.items():
+                own = regional
+                if isinstance(model_entry, Mapping) and "regional_multiplier" in model_entry:
+                    own = self.rate(model_entry, "regional_multiplier", f"{field}.models[{model!r}]")
+                    model_entry = {k: v for k, v in model_entry.items() if k != "regional_multiplier"}
+                parsed = self.model(model, model_entry, None, where=f"{field}.models")
+                if isinstance(parsed, ModelPrice):
+                    models[model] = parsed
+                    multipliers[model] = own
+            out[str(platform)] = PlatformPrices(
+                platform=str(platform),
+                name=self.text(entry, "name", field, required=self.strict) or str(platform),
+                claude_api_rates=rates == "claude_api",
+                models=MappingProxyType(models),
+                regional_multipliers=MappingProxyType(multipliers),
+                regional_multiplier=regional,
+                source=self.text(entry, "source", field, required=self.strict) or self.where,
+                retrieved=self.iso_date(entry, "retrieved", field, required=self.strict),
+                note=(self.text(entry, "note", field, required=False) or "") if entry.get("note") else "",
+            )
+        return out
+
     def server_tools(self, value: Any) -> dict[str, ServerToolPrice]:
         if value is None:
             return {}
@@ -529,11 +691,18 @@ class _Reader:
 
 
 def _parse(
-    text: str, where: str, *, strict: bool, base: Mapping[str, Mapping[str, Any]] | None = None
-) -> tuple[PriceTable, dict[str, Mapping[str, Any]]]:
-    """The table a file holds, and its raw entries by every name (id and alias) they answer to.
+    text: str,
+    where: str,
+    *,
+    strict: bool,
+    base: Mapping[str, Mapping[str, Any]] | None = None,
+    base_platforms: Mapping[str, Any] | None = None,
+) -> tuple[PriceTable, dict[str, Mapping[str, Any]], Mapping[str, Any]]:
+    """The table a file holds, its raw entries by every name (id and alias) they answer to, and its
+    raw ``platforms`` section.
 
-    ``base`` (raw built-in entries by name) is what an override's entries are merged over.
+    ``base`` (raw built-in entries by name) is what an override's entries are merged over, and
+    ``base_platforms`` (the built-in ``platforms``) what its platforms are.
     """
     reader = _Reader(where, strict=strict)
     try:
@@ -549,6 +718,8 @@ def _parse(
     version = reader.text(data, "version", "file", required=strict) or Path(where).name
     updated = reader.iso_date(data, "updated", "file", required=strict) or ""
     server_tools = reader.server_tools(data.get("server_tools"))
+    raw_platforms = data.get("platforms") or {}
+    platforms = reader.platforms(data.get("platforms"), base_platforms or {})
     prices: dict[str, ModelPrice] = {}
     unpriced: dict[str, str] = {}
     raw: dict[str, Mapping[str, Any]] = {}
@@ -569,9 +740,15 @@ def _parse(
             unpriced[model] = parsed
     reader.check()
     table = PriceTable(
-        prices, unpriced=unpriced, version=version, updated=updated, source=where, server_tools=server_tools
+        prices,
+        unpriced=unpriced,
+        version=version,
+        updated=updated,
+        source=where,
+        server_tools=server_tools,
+        platforms=platforms,
     )
-    return table, raw
+    return table, raw, raw_platforms if isinstance(raw_platforms, Mapping) else {}
 
 
 def _merge(base: PriceTable, override: PriceTable) -> PriceTable:
@@ -597,9 +774,23 @@ def _merge(base: PriceTable, override: PriceTable) -> PriceTable:
                     )
                 )
         prices[canonical] = replace(new, model=canonical, aliases=tuple(sorted(aliases - {canonical})))
+    platforms = dict(base.platforms)
+    for name, given in override.platforms.items():
+        known = platforms.get(name)
+        if known is not None:
+            # The override's models join the built-in ones; the rest of its entry replaces theirs.
+            given = replace(
+                given,
+                models=MappingProxyType({**known.models, **given.models}),
+                regional_multipliers=MappingProxyType(
+                    {**known.regional_multipliers, **given.regional_multipliers}
+                ),
+            )
+        platforms[name] = given
     return PriceTable(
         prices,
         unpriced=unpriced,
+        platforms=platforms,
         server_tools={**base.server_tools, **override.server_tools},
         version=f"{base.version}+{override.version}",
         updated=max(base.updated, override.updated),

@@ -26,6 +26,7 @@ __all__ = [
     "AttemptStart",
     "Cost",
     "Outcome",
+    "OutputSource",
     "TokenType",
     "Usage",
     "WasteReason",
@@ -87,10 +88,12 @@ def _fast_frozen_init(cls: _Frozen) -> _Frozen:
     descriptor, and the instance gets its own class back before anyone else can see it. An
     instance of a subclass, whose layout may differ, is filled through the descriptors instead.
     Every default of the classes it is used on is immutable, so a ``default_factory`` is called
-    once here and its value shared.
+    once here and its value shared. A ``__post_init__`` is called at the end, as dataclasses do.
     """
-    if hasattr(cls, "__post_init__") or any(getattr(base, "__slots__", ()) for base in cls.__mro__[1:]):
-        raise TypeError(f"{cls.__name__}: a fast __init__ would skip __post_init__ or a base's slots")
+    if any(getattr(base, "__slots__", ()) for base in cls.__mro__[1:]):
+        raise TypeError(f"{cls.__name__}: a fast __init__ would skip a base's slots")
+    # Called last, on the instance's own class (a frozen class sets through object.__setattr__).
+    post_init = "    self.__post_init__()" if hasattr(cls, "__post_init__") else ""
     params: list[str] = []
     stores: list[str] = []
     sets: list[str] = []
@@ -122,6 +125,7 @@ def _fast_frozen_init(cls: _Frozen) -> _Frozen:
             "        self.__class__ = _cls",
             "    else:",
             *sets,
+            post_init,
             "",
         ]
     )
@@ -170,6 +174,24 @@ class WasteReason(str, enum.Enum):
     """The application stopped reading (break, close, cancellation): its choice, not retry waste."""
 
 
+class OutputSource(str, enum.Enum):
+    """Where an attempt's output token count came from (``Usage.output_source``)."""
+
+    REPORTED = "reported"
+    """The API reported the output usage (a completed response, or a ``message_delta`` before the cut)."""
+    ESTIMATED = "estimated"
+    """The stream was cut before the API reported it: estimated from the text received
+    (``costwatch.estimation``); ``Usage.output_estimated`` is then true."""
+    COUNTED = "counted"
+    """The stream was cut, and the text received was counted exactly by the Messages API's
+    ``count_tokens`` endpoint (``instrument(count_partial_output=True)``; docs/estimation.md)."""
+    RECONCILED = "reconciled"
+    """Set by reconciliation: the count was corrected from Anthropic's own usage report."""
+
+
+_REPORTED, _ESTIMATED = OutputSource.REPORTED, OutputSource.ESTIMATED
+
+
 class TokenType(str, enum.Enum):
     """The billed token kinds, as used in metric labels and report columns."""
 
@@ -187,6 +209,8 @@ class Usage:
     ``input_tokens`` excludes cache reads and writes, as in the API's ``usage`` object. When
     ``output_estimated`` is true, ``estimated_output_tokens`` of ``output_tokens`` were estimated
     from the text that arrived before the stream was cut; the rest were reported by the API.
+    ``output_source`` says where ``output_tokens`` came from; ``output_estimated`` is true exactly
+    when it is ``estimated`` (a usage built with only the flag set is ``estimated``).
     """
 
     input_tokens: int = 0
@@ -198,6 +222,23 @@ class Usage:
     estimated_output_tokens: int = 0
     tokens_clamped: bool = False
     """Whether a count beyond what any attempt can bill was clamped (see :mod:`costwatch.validation`)."""
+    output_source: OutputSource = OutputSource.REPORTED
+    """Where ``output_tokens`` came from: reported by the API, estimated, counted or reconciled."""
+
+    def __post_init__(self) -> None:
+        # One account of the output's source: code that sets only the older flag means "estimated",
+        # and a source decides the flag (a counted or reconciled figure is no estimate).
+        source, flagged = self.output_source, self.output_estimated
+        if flagged is (source is _ESTIMATED):
+            return
+        if flagged and source is _REPORTED:
+            object.__setattr__(self, "output_source", _ESTIMATED)
+        elif flagged:
+            object.__setattr__(self, "output_estimated", False)
+        else:
+            object.__setattr__(self, "output_estimated", True)
+            if not self.estimated_output_tokens:
+                object.__setattr__(self, "estimated_output_tokens", self.output_tokens)
 
     @property
     def cache_write_tokens(self) -> int:
@@ -309,9 +350,17 @@ class AttemptRecord:
     """Where the API said inference ran (``usage.inference_geo``: ``global``, ``us``), when it said."""
     platform: str = "anthropic"
     """Where the attempt went: ``anthropic`` (the first-party API), ``bedrock``, ``vertex`` or ``foundry``."""
+    endpoint: str | None = None
+    """Bedrock's and Vertex's endpoint kind, ``global`` or ``regional`` (priced apart); ``None`` where
+    the request did not tell or the platform does not price by it."""
     output_chars: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
     """Characters of output received, per content type and character class (counts, never text):
     kept for an attempt whose output was estimated, and for a completed one measured to calibrate."""
+
+    @property
+    def output_source(self) -> OutputSource:
+        """Where the output token count came from (``usage.output_source``)."""
+        return self.usage.output_source
 
     @property
     def model_name(self) -> str:
@@ -358,7 +407,10 @@ class AttemptRecord:
                 value = value.value
             elif isinstance(value, datetime):
                 value = value.isoformat()
-            elif isinstance(value, (Usage, Cost)):
+            elif isinstance(value, Usage):
+                value = dataclasses.asdict(value)
+                value["output_source"] = value["output_source"].value
+            elif isinstance(value, Cost):
                 value = dataclasses.asdict(value)
             elif isinstance(value, Mapping):
                 value = dict(value)
@@ -387,6 +439,8 @@ class AttemptRecord:
             reason = kwargs.get("waste_reason")
             kwargs["waste_reason"] = WasteReason(reason) if reason is not None else None
             usage = _checked_mapping("usage", kwargs.get("usage") or {}, _USAGE_KINDS)
+            if "output_source" in usage:  # absent from records written before it (the flag says)
+                usage["output_source"] = OutputSource(usage["output_source"])
             kwargs["usage"] = Usage(**usage)
             cost = kwargs.get("cost")
             kwargs["cost"] = Cost(**_checked_mapping("cost", cost, _COST_KINDS)) if cost is not None else None
@@ -431,12 +485,14 @@ _FIELD_KINDS: dict[str, tuple[type, ...]] = {
     "stable_prefix_bytes": (int, _NONE),
     "inference_geo": (str, _NONE),
     "platform": (str,),
+    "endpoint": (str, _NONE),
 }
 """What JSON gives each scalar field of a record; a float field also takes a whole number."""
 
 _USAGE_KINDS: dict[str, tuple[type, ...]] = {
     f.name: (bool,) if f.type in ("bool", bool) else (int,) for f in dataclasses.fields(Usage)
 }
+_USAGE_KINDS["output_source"] = (str,)
 _COST_KINDS: dict[str, tuple[type, ...]] = {f.name: (float,) for f in dataclasses.fields(Cost)}
 
 

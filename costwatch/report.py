@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .avoidable import RequestAvoidable
-from .records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Outcome, TokenType, WasteReason
+from .records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Outcome, OutputSource, TokenType, WasteReason
 from .store import ROLLUP_MEASURES, RollupTotals
 from .store.rows import hour_of, rollup_measures
 
@@ -45,7 +45,7 @@ __all__ = [
     "totals_from_attempts",
 ]
 
-GROUPINGS: tuple[str, ...] = ("model", "workflow", "outcome", "error_type", "hour", "day")
+GROUPINGS: tuple[str, ...] = ("model", "workflow", "outcome", "error_type", "platform", "hour", "day")
 """What ``--by`` accepts."""
 
 TIME_GROUPINGS = frozenset({"hour", "day"})
@@ -60,6 +60,8 @@ _REASON_KEYS = tuple(reason.value for reason in WasteReason)
 _PART_KEYS = ("input", "cache_read", "cache_write", "output", "server_tool")
 """The parts of a wasted bill: re-billed input, cache reads, cache writes, (partial) output and
 server-tool fees (web searches)."""
+_SOURCE_KEYS = tuple(source.value for source in OutputSource)
+"""Where billed output counts came from: reported by the API, estimated, counted or reconciled."""
 _UNLABELLED = {"workflow": "(untagged)", "error_type": "(no error)", "model": "(unknown)"}
 
 
@@ -92,6 +94,8 @@ class _Tally:
     wasted_by_part: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PART_KEYS, 0.0))
     pending_abandoned_attempts: int = 0
     pending_abandoned_cost_usd: float = 0.0
+    output_tokens_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_SOURCE_KEYS, 0))
+    output_cost_by_source: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_SOURCE_KEYS, 0.0))
 
     def add_pending(self, row: RollupTotals) -> None:
         """Count ``abandoned`` attempts of unsettled hours: their retry may still arrive."""
@@ -117,6 +121,9 @@ class _Tally:
             self.wasted_by_reason[reason] = self.wasted_by_reason.get(reason, 0.0) + row.wasted_cost_usd
         for part in _PART_KEYS:
             self.wasted_by_part[part] += getattr(row, f"wasted_{part}_cost_usd")
+        for source in _SOURCE_KEYS:  # the estimated tokens are the rollups' estimated_output_tokens
+            self.output_tokens_by_source[source] += int(getattr(row, f"{source}_output_tokens"))
+            self.output_cost_by_source[source] += getattr(row, f"{source}_output_cost_usd")
 
     def to_dict(self) -> dict[str, Any]:
         billed = sum(self.billed_tokens.values())
@@ -141,6 +148,13 @@ class _Tally:
             "wasted_cost_usd_by_part": {k: round(v, 6) for k, v in self.wasted_by_part.items()},
             "pending_abandoned_attempts": self.pending_abandoned_attempts,
             "pending_abandoned_cost_usd": round(self.pending_abandoned_cost_usd, 6),
+            "output_by_source": {
+                source: {
+                    "tokens": self.output_tokens_by_source[source],
+                    "cost_usd": round(self.output_cost_by_source[source], 6),
+                }
+                for source in _SOURCE_KEYS
+            },
         }
 
 
@@ -271,6 +285,8 @@ def _attempt_group(by: str, record: AttemptRecord) -> Any:
         return record.error_label
     if by == "workflow":
         return record.workflow
+    if by == "platform":
+        return record.platform
     return record.outcome.value
 
 
@@ -449,6 +465,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     *(f"wasted_{part}_cost_usd" for part in _PART_KEYS),
     "pending_abandoned_attempts",
     "pending_abandoned_cost_usd",
+    *(f"{source}_output_{measure}" for source in _SOURCE_KEYS for measure in ("tokens", "cost_usd")),
 )
 
 
@@ -461,6 +478,9 @@ def _flat(entry: Mapping[str, Any]) -> dict[str, Any]:
         flat[f"wasted_{reason}_cost_usd"] = entry["wasted_cost_usd_by_reason"].get(reason, 0.0)
     for part in _PART_KEYS:
         flat[f"wasted_{part}_cost_usd"] = entry["wasted_cost_usd_by_part"][part]
+    for source, figures in entry["output_by_source"].items():
+        flat[f"{source}_output_tokens"] = figures["tokens"]
+        flat[f"{source}_output_cost_usd"] = figures["cost_usd"]
     return flat
 
 
@@ -509,6 +529,27 @@ _PART_WORDS = {
     "output": "partial output",
     "server_tool": "server-tool fees",
 }
+
+
+_SOURCE_WORDS = {
+    "reported": "reported by the API",
+    "estimated": "estimated from cut streams",
+    "counted": "counted by the API from cut streams",
+    "reconciled": "corrected by reconciliation",
+}
+
+
+def _output_line(report: Mapping[str, Any]) -> str | None:
+    """Where the billed output's figures came from, when any did not come from the API's own report."""
+    sources = report["output_by_source"]
+    if not any(figures["tokens"] for source, figures in sources.items() if source != "reported"):
+        return None
+    parts = [
+        f"{_tokens(figures['tokens'])} ({_usd(figures['cost_usd'])}) {_SOURCE_WORDS.get(source, source)}"
+        for source, figures in sources.items()
+        if figures["tokens"]
+    ]
+    return f"output tokens: {', '.join(parts)}"
 
 
 def _calls(count: int) -> str:
@@ -571,6 +612,9 @@ def render_table(report: Mapping[str, Any], console: Console, *, window: str | N
     console.print(summary)
     for line in _why_lines(report):
         console.print(line, highlight=False)
+    output_line = _output_line(report)
+    if output_line is not None:
+        console.print(output_line, highlight=False)
     if report["pending_abandoned_attempts"]:
         console.print(
             f"pending: {_usd(report['pending_abandoned_cost_usd'])} of it ("

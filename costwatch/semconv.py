@@ -104,6 +104,8 @@ COST_USD = "costwatch.cost.usd"
 COST_PRICED = "costwatch.cost.priced"
 """False when the model has no known price: the span then carries no ``costwatch.cost.usd``."""
 OUTPUT_ESTIMATED = "costwatch.usage.output_estimated"
+OUTPUT_SOURCE = "costwatch.usage.output_source"
+"""Where ``gen_ai.usage.output_tokens`` came from: reported, estimated, counted or reconciled."""
 
 
 @dataclass(frozen=True)

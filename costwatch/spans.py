@@ -79,6 +79,7 @@ def attempt_attributes(record: AttemptRecord, names: semconv.GenAINames = semcon
         semconv.OUTCOME: record.outcome.value,
         semconv.WASTED_TOKENS: record.wasted_tokens,
         semconv.OUTPUT_ESTIMATED: usage.output_estimated,
+        semconv.OUTPUT_SOURCE: record.output_source.value,
     }
     if record.model_requested:
         attributes[semconv.REQUEST_MODEL] = record.model_requested

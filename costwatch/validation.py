@@ -44,6 +44,7 @@ _TEXT_FIELDS = (
     "fingerprint",
     "inference_geo",
     "platform",
+    "endpoint",
 )
 _TOKEN_FIELDS = (
     "input_tokens",
@@ -106,7 +107,8 @@ def _needs_cleaning(record: AttemptRecord) -> bool:
     texts = (
         f"{r.attempt_id}{r.logical_request_id}{r.model_requested}{r.model or ''}{r.request_id or ''}"
         f"{r.message_id or ''}{r.error_type or ''}{r.api_error_type or ''}{r.stop_reason or ''}"
-        f"{r.fingerprint or ''}{r.inference_geo or ''}{r.platform or ''}{''.join(r.beta_features)}"
+        f"{r.fingerprint or ''}{r.inference_geo or ''}{r.platform or ''}{r.endpoint or ''}"
+        f"{''.join(r.beta_features)}"
     )
     if _UNSTORABLE.search(texts):
         return True

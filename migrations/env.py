@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from costwatch.store.partitions import is_attempt_partition
 from costwatch.store.schema import VERSION_TABLE, metadata
 
 connection = context.config.attributes.get("connection")
@@ -21,6 +22,8 @@ context.configure(
     # SQLite cannot ALTER most things in place; batch mode rebuilds the table instead.
     render_as_batch=connection.dialect.name == "sqlite",
     compare_type=True,
+    # The attempts table's partitions (PostgreSQL) are made at run time, not by the models.
+    include_name=lambda name, kind, _parents: not (kind == "table" and is_attempt_partition(name)),
 )
 
 with context.begin_transaction():

@@ -30,7 +30,7 @@ WINDOW = timedelta(hours=1)
 OLD = NOW - timedelta(hours=20)  # settled
 RECENT = NOW - timedelta(minutes=10)  # not settled
 MODELS = ("claude-sonnet-4-6", "claude-opus-4-6", "claude-haiku-4-5")
-_FLOATS = frozenset({"billed_cost_usd", "wasted_cost_usd", "duration_s"})
+_FLOATS = frozenset(m for m in ROLLUP_MEASURES if m.endswith("_usd") or m == "duration_s")
 
 
 def attempt(
@@ -133,18 +133,19 @@ def write_a_mix(store_url: str, store: SqlStore) -> None:
 
 
 def hourly_grouping(connection: sa.Connection) -> dict[tuple[str, ...], dict[str, Any]]:
-    """The five-dimension grouping of every hourly rollup row, with its earliest hour."""
+    """The all-time grouping of every hourly rollup row, with its earliest hour."""
     dimensions = [ROLLUPS.c[name] for name in ALL_TIME_DIMENSIONS]
     query = sa.select(
         *dimensions,
         sa.func.min(ROLLUPS.c.hour).label("first_hour"),
         *(sa.func.sum(ROLLUPS.c[name]).label(name) for name in ROLLUP_MEASURES),
     ).group_by(*dimensions)
-    return {tuple(row[:5]): dict(row._mapping) for row in connection.execute(query)}
+    return {tuple(row[: len(ALL_TIME_DIMENSIONS)]): dict(row._mapping) for row in connection.execute(query)}
 
 
 def all_time_rows(connection: sa.Connection) -> dict[tuple[str, ...], dict[str, Any]]:
-    return {tuple(row[:5]): dict(row._mapping) for row in connection.execute(sa.select(ALL_TIME_ROLLUPS))}
+    width = len(ALL_TIME_DIMENSIONS)
+    return {tuple(row[:width]): dict(row._mapping) for row in connection.execute(sa.select(ALL_TIME_ROLLUPS))}
 
 
 def assert_same_rows(
@@ -163,7 +164,7 @@ def assert_same_rows(
 def samples_from_every_hourly_row(store: SqlStore, **limits: int) -> FleetSamples:
     """What the exporter showed when it grouped every hourly rollup row (the rule the module states)."""
     boundary = settled_before(NOW, WINDOW)
-    dimensions = ("model", "outcome", "error_type", "waste_reason", "workflow")
+    dimensions = ("model", "outcome", "error_type", "waste_reason", "workflow", "platform")
 
     def totals(*where: sa.ColumnElement[bool]) -> sa.Select[Any]:
         columns = [ROLLUPS.c[name] for name in dimensions]
@@ -217,23 +218,24 @@ def test_deltas_are_summed_over_hours_with_the_earliest_hour_in_key_order():
     h1, h2 = datetime(2025, 3, 1, 9, tzinfo=timezone.utc), datetime(2025, 3, 1, 7, tzinfo=timezone.utc)
     zeros = [0] * (len(ROLLUP_MEASURES) - 1)
     rows = [
-        (h1, "m", "completed", "", "", "w", 2, *zeros),
-        (h2, "m", "completed", "", "", "w", 3, *zeros),
-        (h1, "a", "dropped", "E", "abandoned", "", -1, *zeros),
-        (h2, "a", "dropped", "E", "retried", "", 1, *zeros),
+        (h1, "m", "completed", "", "", "w", "anthropic", 2, *zeros),
+        (h2, "m", "completed", "", "", "w", "anthropic", 3, *zeros),
+        (h1, "a", "dropped", "E", "abandoned", "", "bedrock", -1, *zeros),
+        (h2, "a", "dropped", "E", "retried", "", "bedrock", 1, *zeros),
     ]
     assert all_time_delta_rows(rows) == [
-        ("a", "dropped", "E", "abandoned", "", h1, -1, *zeros),
-        ("a", "dropped", "E", "retried", "", h2, 1, *zeros),
-        ("m", "completed", "", "", "w", h2, 5, *zeros),
+        ("a", "dropped", "E", "abandoned", "", "bedrock", h1, -1, *zeros),
+        ("a", "dropped", "E", "retried", "", "bedrock", h2, 1, *zeros),
+        ("m", "completed", "", "", "w", "anthropic", h2, 5, *zeros),
     ]
 
 
 def test_a_key_whose_deltas_cancel_is_kept_for_its_hour():
     h1, h2 = datetime(2025, 3, 1, 9, tzinfo=timezone.utc), datetime(2025, 3, 1, 7, tzinfo=timezone.utc)
     zeros = [0] * (len(ROLLUP_MEASURES) - 1)
-    rows = [(h1, "m", "completed", "", "", "w", 1, *zeros), (h2, "m", "completed", "", "", "w", -1, *zeros)]
-    assert all_time_delta_rows(rows) == [("m", "completed", "", "", "w", h2, 0, *zeros)]
+    key = ("m", "completed", "", "", "w", "anthropic")
+    rows = [(h1, *key, 1, *zeros), (h2, *key, -1, *zeros)]
+    assert all_time_delta_rows(rows) == [(*key, h2, 0, *zeros)]
 
 
 # -- the store keeps them --------------------------------------------------------------------------
@@ -245,10 +247,11 @@ def test_every_all_time_row_equals_its_hourly_rows_summed_after_every_kind_of_wr
     assert_same_rows(found, wanted)
     # The mix did flip attempts: across processes, by fingerprint, and a retry stored first.
     dropped = (MODELS[0], "dropped", "RemoteProtocolError")
-    assert found[(*dropped, "retried", "nightly")]["attempts"] == 3
-    assert found[(*dropped, "abandoned", "nightly")]["attempts"] == 0
-    assert found[(*dropped, "abandoned", "w2")]["attempts"] == 1
-    assert found[(MODELS[1], "dropped", "RemoteProtocolError", "retried", "nightly")]["attempts"] == 1
+    assert found[(*dropped, "retried", "nightly", "anthropic")]["attempts"] == 3
+    assert found[(*dropped, "abandoned", "nightly", "anthropic")]["attempts"] == 0
+    assert found[(*dropped, "abandoned", "w2", "anthropic")]["attempts"] == 1
+    other_model = (MODELS[1], "dropped", "RemoteProtocolError")
+    assert found[(*other_model, "retried", "nightly", "anthropic")]["attempts"] == 1
 
 
 def test_hostile_label_values_are_keys_like_any_other(store_url, store):

@@ -21,8 +21,8 @@ from test_instrumentation import HTTP_MODULE
 import costwatch
 import costwatch.pipeline
 from costwatch import Outcome, WasteReason
+from costwatch.accounting import Accountant
 from costwatch.attribution import RetryTracker
-from costwatch.instrumentation import Accountant
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
 from costwatch.records import AttemptRecord, AttemptStart, Cost, Usage, fingerprint_of, new_id

@@ -40,6 +40,12 @@ HEALTH_METRICS = {
 }
 # Whole-organization figures of the reconciliation with Anthropic's usage report: not split by model.
 ORGANIZATION_METRICS = {"costwatch_unseen_cost_usd", "costwatch_last_reconciliation_timestamp_seconds"}
+# By platform only (docs/platforms.md): they carry no model or workflow label.
+PLATFORM_METRICS = {
+    "costwatch_platform_attempts_total",
+    "costwatch_platform_billed_cost_usd_total",
+    "costwatch_platform_unpriced_attempts_total",
+}
 SELECTOR = re.compile(r"(?<![\w:.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?(\[[^\]]+\])?")
 PROMQL_WORDS = {
     *(
@@ -59,7 +65,7 @@ PROMQL_WORDS = {
         "le",
     )
 }
-LABELS = {"model", "workflow", "token_type", "reason", "instance", "job"}
+LABELS = {"model", "workflow", "token_type", "reason", "instance", "job", "platform"}
 
 
 def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
@@ -167,6 +173,8 @@ def test_the_required_panels_are_there_with_their_units():
         "Top workflows by wasted USD (range)": "currencyUSD",
         "Time to drop": "s",
         "Share of output that is estimated": "percentunit",
+        "Billed USD per hour by platform": "currencyUSD",
+        "Unpriced attempts by platform": "short",
         "Avoidable with prompt caching (range)": "currencyUSD",
         "Share of waste avoidable with prompt caching (range)": "percentunit",
         "Avoidable USD by workflow (range)": "currencyUSD",
@@ -174,6 +182,7 @@ def test_the_required_panels_are_there_with_their_units():
         "Since last reconciliation": "s",
         "Coverage by model and token type": "percentunit",
         "Dropped attempts' output: estimated vs billed": "short",
+        "Waste moved by the bill (24h)": "currencyUSD",
         "Fleet exporter up": "short",
         "Store queue and spool": "short",
         "Write and instrumentation errors": "short",
@@ -186,7 +195,11 @@ def test_rates_use_rate_interval_and_range_stats_use_range():
             for name, _, window in selectors(target["expr"]):
                 if not window:
                     continue
-                if panel["title"] in {"Wasted USD per hour", "Projected 30-day waste"}:
+                if panel["title"] in {
+                    "Wasted USD per hour",
+                    "Billed USD per hour by platform",
+                    "Projected 30-day waste",
+                }:
                     assert window == "[1h]", (panel["title"], name)  # an hour by definition
                 elif target["instant"]:
                     assert window == "[$__range]", (panel["title"], name)
@@ -209,8 +222,8 @@ def test_every_series_exists_and_honours_the_model_and_workflow_variables(expose
                 used_rules.add(name)
             else:
                 assert name in exposed_names or name == "up", (title, name)
-            if name in HEALTH_METRICS or name in ORGANIZATION_METRICS or name.startswith(":"):
-                continue  # per process or whole fleet: not split by model
+            if name in HEALTH_METRICS | ORGANIZATION_METRICS | PLATFORM_METRICS or name.startswith(":"):
+                continue  # per process, whole fleet or by platform: not split by model
             assert 'model=~"$model"' in matchers, (title, name)
             if name in WORKFLOW_METRICS:
                 assert 'workflow=~"$workflow"' in matchers, (title, name)

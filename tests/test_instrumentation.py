@@ -156,6 +156,7 @@ def test_scripted_drops_bill_exact_input_and_estimate_partial_output_within_ten_
     assert all(
         r.usage.output_estimated and r.usage.estimated_output_tokens == r.usage.output_tokens for r in dropped
     )
+    assert [r.output_source.value for r in records] == ["estimated", "estimated", "reported"]
     estimated = sum(r.usage.output_tokens for r in dropped)
     truth = sum(e.output_tokens for e in entries[:2])
     assert abs(estimated - truth) <= 0.10 * truth, (estimated, truth)

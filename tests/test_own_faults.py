@@ -155,7 +155,8 @@ def test_a_metrics_port_already_taken_raises_a_clear_error_naming_the_port() -> 
 def fresh_errors(monkeypatch: pytest.MonkeyPatch) -> InstrumentationErrors:
     """A fresh error counter, so 'logged once per place' does not depend on earlier tests."""
     errors = InstrumentationErrors()
-    monkeypatch.setattr("costwatch.instrumentation.instrumentation_errors", errors)
+    for module in ("health", "accounting", "instrumentation"):
+        monkeypatch.setattr(f"costwatch.{module}.instrumentation_errors", errors)
     monkeypatch.setattr("costwatch.metrics.instrumentation_errors", errors)
     return errors
 

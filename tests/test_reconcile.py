@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,23 @@ import costwatch
 from costwatch.cli import main
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
-from costwatch.records import Usage
-from costwatch.testing import DropProfile, Ending, FakeAnthropicServer, ResponseSpec
+from costwatch.records import AttemptRecord, OutputSource, Usage
+from costwatch.store import RollupTotals, SqlStore, create_store_engine
+from costwatch.store.history import iter_attempts
+from costwatch.store.schema import CALIBRATION_SAMPLES
+from costwatch.testing import DropProfile, Ending, FakeAnthropicServer, Fault, ResponseSpec
+from costwatch.testing.ledger import LedgerEntry
 from costwatch.testing.usage_report import FAKE_ADMIN_KEY
 
 MODEL = "claude-opus-4-6"
 MESSAGES: Any = [{"role": "user", "content": "Refactor the billing module and explain each change."}]
 SPEC = ResponseSpec(cache_read_tokens=800, cache_write_5m_tokens=120)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAnthropicServer]:
+    with FakeAnthropicServer(SPEC, drop_profile=DropProfile(0.5, seed=3)) as server:
+        yield server
 
 
 def _send(server: FakeAnthropicServer, count: int, model: str = MODEL) -> None:
@@ -56,109 +67,226 @@ def _instrumented(server: FakeAnthropicServer, db: str, count: int, model: str =
         pipeline.shutdown()
 
 
-def _stored_reconciliations(db: str) -> list[Any]:
-    from costwatch.store import create_store_engine
-    from costwatch.store.schema import RECONCILIATIONS
+def _reconcile(
+    server: FakeAnthropicServer,
+    db: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    *extra: str,
+    key: str | None = FAKE_ADMIN_KEY,
+) -> tuple[int, str, str]:
+    if key is None:
+        monkeypatch.delenv("ANTHROPIC_ADMIN_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", key)
+    capsys.readouterr()
+    code = main(["reconcile", "--since", "1h", "--base-url", server.base_url, "--db", db, *extra])
+    out, err = capsys.readouterr()
+    assert key is None or key not in out + err
+    return code, out, err
 
+
+def _json(
+    server: FakeAnthropicServer, db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    code, out, err = _reconcile(server, db, capsys, monkeypatch, "--format", "json")
+    assert code == 0, err
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def _stored(db: str) -> list[AttemptRecord]:
+    store = SqlStore(db)
+    try:
+        with store.engine.connect() as connection:
+            return [record for page in iter_attempts(connection) for record in page]
+    finally:
+        store.shutdown()
+
+
+def _rollups(db: str) -> RollupTotals:
+    store = SqlStore(db)
+    try:
+        [totals] = store.rollup_totals()
+        return totals
+    finally:
+        store.shutdown()
+
+
+def _samples(db: str) -> list[dict[str, Any]]:
     engine = create_store_engine(db)
     try:
         with engine.connect() as connection:
-            return list(connection.execute(sa.select(RECONCILIATIONS)).mappings().all())
+            rows = connection.execute(
+                sa.select(CALIBRATION_SAMPLES).order_by(CALIBRATION_SAMPLES.c.sample_id)
+            )
+            return [dict(row) for row in rows.mappings()]
     finally:
         engine.dispose()
 
 
-@dataclass
-class Reconciling:
-    """A fake API, a SQLite store, and ``costwatch reconcile`` run in this process against both."""
+def _gauges(db: str) -> dict[str, dict[tuple[str, ...], float]]:
+    """What `costwatch serve` would export as gauges from the store."""
+    from costwatch.exporter import FleetCollector
 
-    fake: FakeAnthropicServer
-    db: str
-    capsys: pytest.CaptureFixture[str]
-    monkeypatch: pytest.MonkeyPatch
-
-    def send(self, count: int, model: str = MODEL) -> None:
-        """Streams from an application costwatch does not see."""
-        _send(self.fake, count, model)
-
-    def instrumented(self, count: int, model: str = MODEL) -> None:
-        """Streams from an instrumented application that stores into ``db``."""
-        _instrumented(self.fake, self.db, count, model)
-
-    def run(
-        self, *extra: str, since: str = "1h", base_url: str | None = None, key: str | None = FAKE_ADMIN_KEY
-    ) -> tuple[int, str, str]:
-        """``costwatch reconcile``'s exit code, stdout and stderr (which never show the admin key)."""
-        if key is None:
-            self.monkeypatch.delenv("ANTHROPIC_ADMIN_API_KEY", raising=False)
-        else:
-            self.monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", key)
-        self.capsys.readouterr()
-        url = base_url or self.fake.base_url
-        code = main(["reconcile", "--since", since, "--base-url", url, "--db", self.db, *extra])
-        out, err = self.capsys.readouterr()
-        assert key is None or key not in out + err
-        return code, out, err
-
-    def json(self) -> dict[str, Any]:
-        code, out, err = self.run("--format", "json")
-        assert code == 0, err
-        result: dict[str, Any] = json.loads(out)
-        return result
+    collector = FleetCollector(db)
+    try:
+        return collector.read().gauges
+    finally:
+        collector.close()
 
 
-@pytest.fixture
-def reconciling(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Reconciling]:
-    with FakeAnthropicServer(SPEC) as server:
-        yield Reconciling(server, f"sqlite:///{tmp_path / 'cw.db'}", capsys, monkeypatch)
+def _bucket_of(entry: LedgerEntry) -> str:
+    hour = datetime.fromtimestamp(entry.billed_at, timezone.utc).replace(minute=0, second=0, microsecond=0)
+    return hour.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def test_instrumented_traffic_has_full_coverage_and_dropped_output_reconciled_to_the_billed_figure(
-    reconciling: Reconciling,
+def test_instrumented_traffic_has_full_coverage_and_dropped_estimates_corrected_to_the_billed_figure(
+    fake: FakeAnthropicServer,
+    store_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    reconciling.fake.drop_profile = DropProfile(0.5, seed=3)
-    reconciling.instrumented(10)
-    result = reconciling.json()
-    ledger = reconciling.fake.ledger.entries
+    _instrumented(fake, store_url, 10)
+    estimated = {r.attempt_id: r for r in _stored(store_url) if r.output_source is OutputSource.ESTIMATED}
+    result = _json(fake, store_url, capsys, monkeypatch)
+    ledger = fake.ledger.entries
     dropped = [e for e in ledger if e.ending is not Ending.COMPLETED]
-    assert dropped, "the drop profile should have cut some streams"
+    assert dropped and estimated, "the drop profile should have cut some streams"
     totals = result["totals"]
-    assert totals["coverage"] == {
-        "input": 1.0,
-        "cache_read": 1.0,
-        "cache_write": 1.0,
-        "output": pytest.approx(totals["recorded"]["output_tokens"] / sum(e.output_tokens for e in ledger)),
-    }
+    # After the correction the store holds exactly what Anthropic billed, output included.
+    assert totals["coverage"] == {"input": 1.0, "cache_read": 1.0, "cache_write": 1.0, "output": 1.0}
     assert totals["unseen"] == {
         "tokens": {"input": 0, "cache_read": 0, "cache_write": 0, "output": 0},
         "usd": 0.0,
     }
     assert totals["reported"]["requests"] == len(ledger) == totals["recorded"]["attempts"]
-    # What the dropped attempts really generated, from the bill, is exactly what the server sent them.
-    completed_output = sum(e.output_tokens for e in ledger if e.ending is Ending.COMPLETED)
-    reported_part_of_dropped = totals["recorded"]["output_reported_tokens"] - completed_output
-    assert (
-        totals["dropped_output"]["residual_tokens"]
-        == sum(e.output_tokens for e in dropped) - reported_part_of_dropped
+    stored = _stored(store_url)
+    reconciled = [r for r in stored if r.output_source is OutputSource.RECONCILED]
+    assert {r.attempt_id for r in reconciled} == set(estimated)
+    # Per bucket, the dropped attempts' output is what the server billed them, to the token.
+    for row in result["rows"]:
+        assert row["correction"]["status"] == "corrected"
+        in_bucket = [
+            r for r in reconciled if r.started_at.strftime("%Y-%m-%dT%H:00:00Z") == row["bucket_start"]
+        ]
+        billed = sum(e.output_tokens for e in dropped if _bucket_of(e) == row["bucket_start"])
+        assert (
+            sum(r.usage.output_tokens for r in in_bucket)
+            == billed
+            == row["dropped_output"]["residual_tokens"]
+        )
+    assert totals["dropped_output"]["estimated_tokens"] == sum(
+        r.usage.estimated_output_tokens for r in estimated.values()
     )
-    assert totals["dropped_output"]["estimated_tokens"] == totals["recorded"]["output_estimated_tokens"] > 0
-    assert all(row["dropped_output"]["input_matched"] for row in result["rows"])
+    assert totals["recorded"]["output_estimated_tokens"] == 0
+    assert totals["recorded"]["output_reconciled_tokens"] == sum(e.output_tokens for e in dropped)
+    # The rollups moved with the rows: the store's totals are the bill's, and the waste moved by
+    # what the JSON says.
+    rollups = _rollups(store_url)
+    assert rollups.billed_output_tokens == sum(e.output_tokens for e in ledger)
+    assert rollups.estimated_output_tokens == 0
+    assert rollups.reconciled_output_tokens == sum(e.output_tokens for e in dropped)
+    assert rollups.wasted_cost_usd == pytest.approx(sum(r.wasted_cost_usd for r in stored))
+    moved = totals["correction"]
+    assert moved["revised_attempts"] == moved["attempts"] == len(estimated)
+    assert moved["wasted_usd_moved"] == pytest.approx(
+        sum(r.wasted_cost_usd for r in reconciled) - sum(r.wasted_cost_usd for r in estimated.values()),
+        abs=1e-6,
+    )
+    assert moved["wasted_usd_at_bill"] - moved["wasted_usd_at_estimate"] == pytest.approx(
+        moved["wasted_usd_moved"], abs=1e-5
+    )
     assert result["source"]["endpoints"] == [
         "/v1/organizations/analytics/usage",
         "/v1/organizations/analytics/cost",
     ]
 
 
-def test_traffic_without_costwatch_is_the_exact_unseen_share_in_tokens_and_dollars(
-    reconciling: Reconciling,
+def test_a_lone_dropped_attempt_gets_exactly_its_billed_output_and_a_calibration_sample_of_it(
+    store_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reconciling.send(3)
-    unseen_entries = reconciling.fake.ledger.entries
-    reconciling.instrumented(5)
-    result = reconciling.json()
-    ledger = reconciling.fake.ledger.entries
+    with FakeAnthropicServer(SPEC, faults=[None, Fault.cut_after_deltas(30), None]) as fake:
+        _instrumented(fake, store_url, 3)
+        [cut] = [e for e in fake.ledger.entries if e.ending is not Ending.COMPLETED]
+        [before] = [r for r in _stored(store_url) if r.output_source is OutputSource.ESTIMATED]
+        result = _json(fake, store_url, capsys, monkeypatch)
+        [after] = [r for r in _stored(store_url) if r.attempt_id == before.attempt_id]
+        assert after.request_id == cut.request_id
+        assert after.usage.output_tokens == cut.output_tokens > 0
+        assert after.output_source is OutputSource.RECONCILED
+        assert after.usage.estimated_output_tokens == before.usage.output_tokens  # the estimate, kept
+        assert after.cost == load_prices().cost_of(after)
+        assert after.revision == before.revision + 1
+        [row] = result["rows"]
+        assert row["correction"]["attempts"] == 1
+        assert row["correction"]["output_tokens_moved"] == cut.output_tokens - before.usage.output_tokens
+        # The fleet's estimator learns from the bill: the attempt's sample now holds its billed output.
+        [sample] = [s for s in _samples(store_url) if s["attempt_id"] == before.attempt_id]
+        assert sample["output_source"] == "reconciled"
+        assert sample["output_tokens"] == cut.output_tokens
+        assert sample["chars"]
+        store = SqlStore(store_url)
+        try:
+            assert [
+                (s.model, s.output_tokens) for s in store.calibration_samples(after=sample["sample_id"] - 1)
+            ] == [(MODEL, cut.output_tokens)]
+        finally:
+            store.shutdown()
+        # `costwatch serve` exports the waste before and after, and keeps the estimate beside the bill.
+        gauges = _gauges(store_url)
+        wasted = gauges["costwatch_reconciled_wasted_cost_usd"]
+        assert wasted[(MODEL, "billed")] == pytest.approx(row["correction"]["wasted_usd_at_bill"])
+        assert wasted[(MODEL, "estimated")] == pytest.approx(row["correction"]["wasted_usd_at_estimate"])
+        assert gauges["costwatch_reconciled_dropped_output_tokens"] == {
+            (MODEL, "estimated"): before.usage.output_tokens,
+            (MODEL, "billed"): cut.output_tokens,
+        }
+        # Reconciling the settled bucket again changes nothing: no revision, no sample, same rollups.
+        rollups, samples = _rollups(store_url), _samples(store_url)
+        again = _json(fake, store_url, capsys, monkeypatch)
+        assert again["rows"][0]["correction"]["status"] == "settled"
+        assert again["totals"]["correction"]["revised_attempts"] == 0
+        assert again["totals"]["correction"]["wasted_usd_moved"] == 0.0
+        assert again["rows"][0]["correction"]["wasted_usd_at_bill"] == row["correction"]["wasted_usd_at_bill"]
+        assert _rollups(store_url) == rollups
+        assert _samples(store_url) == samples
+        assert [r for r in _stored(store_url) if r.attempt_id == after.attempt_id] == [after]
+
+
+def test_a_bucket_with_traffic_costwatch_did_not_see_keeps_its_estimates_and_says_why(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    _send(fake, 2)  # an uninstrumented process on the same organization
+    _instrumented(fake, db, 8)
+    before = _stored(db)
+    assert any(r.output_source is OutputSource.ESTIMATED for r in before)
+    result = _json(fake, db, capsys, monkeypatch)
+    assert {row["correction"]["status"] for row in result["rows"]} == {"left_alone"}
+    assert {row["correction"]["reason"] for row in result["rows"]} == {"input_not_matched"}
+    assert result["totals"]["correction"]["revised_attempts"] == 0
+    assert sorted(_stored(db), key=lambda r: r.attempt_id) == sorted(before, key=lambda r: r.attempt_id)
+    code, out, _ = _reconcile(fake, db, capsys, monkeypatch)
+    assert code == 0 and "left alone (input not matched)" in out
+
+
+def test_traffic_without_costwatch_is_the_exact_unseen_share_in_tokens_and_dollars(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _send(fake, 3)  # an uninstrumented process
+    unseen_entries = fake.ledger.entries
+    _instrumented(fake, db, 5)
+    result = _json(fake, db, capsys, monkeypatch)
+    ledger = fake.ledger.entries
     totals = result["totals"]
     unseen_input = sum(e.input_tokens for e in unseen_entries)
     assert totals["unseen"]["tokens"]["input"] == unseen_input
@@ -182,28 +310,40 @@ def test_traffic_without_costwatch_is_the_exact_unseen_share_in_tokens_and_dolla
 
 
 def test_models_without_a_price_are_flagged_rows_with_unknown_unseen_dollars(
-    reconciling: Reconciling,
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    reconciling.send(1, model="claude-unreleased-9")
-    reconciling.instrumented(1)
-    result = reconciling.json()
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _send(fake, 1, model="claude-unreleased-9")
+    _instrumented(fake, db, 1)
+    result = _json(fake, db, capsys, monkeypatch)
     unpriced = [row for row in result["rows"] if row["model"] == "claude-unreleased-9"]
     assert unpriced and all(row["priced"] is False and "unpriced" in row["flags"] for row in unpriced)
     assert all(row["unseen"]["usd"] is None for row in unpriced)
     assert result["totals"]["unpriced_rows"] == len(unpriced)
-    code, out, _ = reconciling.run()
+    code, out, _ = _reconcile(fake, db, capsys, monkeypatch)
     assert code == 0 and "no price" in out
 
 
-def test_table_and_csv_show_coverage_per_token_type(reconciling: Reconciling) -> None:
-    reconciling.instrumented(2)
-    code, out, _ = reconciling.run()
+def test_table_and_csv_show_coverage_per_token_type(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _instrumented(fake, db, 2)
+    code, out, _ = _reconcile(fake, db, capsys, monkeypatch)
     assert code == 0
     assert (
         "Coverage (recorded / reported): input 100.0%, cache read 100.0%, cache write 100.0%, output 100.0%"
         in out
     )
-    code, out, _ = reconciling.run("--format", "csv")
+    code, out, _ = _reconcile(fake, db, capsys, monkeypatch, "--format", "csv")
     header, *lines = out.splitlines()
     assert code == 0 and header.startswith("bucket_start,bucket_end,model,priced,flags,")
     assert lines and all(f",{MODEL},True,," in line for line in lines)
@@ -218,46 +358,78 @@ def test_table_and_csv_show_coverage_per_token_type(reconciling: Reconciling) ->
     ],
 )
 def test_a_missing_wrong_or_workspace_key_is_one_line_and_exit_2(
-    reconciling: Reconciling,
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
     key: str | None,
     complaint: str,
 ) -> None:
-    reconciling.instrumented(1)
-    code, out, err = reconciling.run(key=key)
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _instrumented(fake, db, 1)
+    code, out, err = _reconcile(fake, db, capsys, monkeypatch, key=key)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and complaint in err
 
 
-def test_an_unreachable_api_is_one_line_and_exit_1(reconciling: Reconciling) -> None:
-    reconciling.instrumented(1)
-    code, out, err = reconciling.run(base_url="http://127.0.0.1:9")
+def test_an_unreachable_api_is_one_line_and_exit_1(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _instrumented(fake, db, 1)
+    monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", FAKE_ADMIN_KEY)
+    capsys.readouterr()
+    code = main(["reconcile", "--since", "1h", "--base-url", "http://127.0.0.1:9", "--db", db])
+    out, err = capsys.readouterr()
     assert code == 1 and out == "" and err.count("\n") == 1 and "cannot reach the usage API" in err
 
 
-def test_a_window_before_the_api_keeps_data_is_exit_2(reconciling: Reconciling) -> None:
-    reconciling.instrumented(1)
-    code, _, err = reconciling.run(since="2025-06-01")
+def test_a_window_before_the_api_keeps_data_is_exit_2(
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _instrumented(fake, db, 1)
+    monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", FAKE_ADMIN_KEY)
+    capsys.readouterr()
+    code = main(["reconcile", "--since", "2025-06-01", "--base-url", fake.base_url, "--db", db])
+    _, err = capsys.readouterr()
     assert code == 2 and "2026-01-01" in err and err.count("\n") == 1
 
 
 def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_unseen_cost_and_time(
-    reconciling: Reconciling,
+    fake: FakeAnthropicServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from costwatch.exporter import FleetCollector
+    from costwatch.store import create_store_engine
+    from costwatch.store.schema import RECONCILIATIONS
 
-    reconciling.send(2)  # unseen
-    reconciling.instrumented(3)
-    first = reconciling.json()
-    second = reconciling.json()
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    fake.drop_profile = None
+    _send(fake, 2)  # unseen
+    _instrumented(fake, db, 3)
+    first = _json(fake, db, capsys, monkeypatch)
+    second = _json(fake, db, capsys, monkeypatch)
     assert first["rows"] == second["rows"]
-    stored = _stored_reconciliations(reconciling.db)
+    engine = create_store_engine(db)
+    try:
+        with engine.connect() as connection:
+            stored = connection.execute(sa.select(RECONCILIATIONS)).mappings().all()
+    finally:
+        engine.dispose()
     assert len(stored) == len(second["rows"])
     assert sum(row["reported_input_tokens"] for row in stored) == second["totals"]["reported"]["input_tokens"]
-    collector = FleetCollector(reconciling.db)
-    try:
-        gauges = collector.read().gauges
-    finally:
-        collector.close()
+    gauges = _gauges(db)
     totals = second["totals"]
     coverage = gauges["costwatch_reconciled_coverage_ratio"]
     assert coverage[(MODEL, "input")] == pytest.approx(totals["coverage"]["input"], abs=1e-6)
@@ -267,27 +439,41 @@ def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_u
     assert abs(last - time.time()) < 60
 
 
+@contextlib.contextmanager
+def _watching(fake: FakeAnthropicServer, db: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """`costwatch reconcile --since 1h --watch 1s` against the fake, in a process of its own."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+        "ANTHROPIC_ADMIN_API_KEY": FAKE_ADMIN_KEY,
+    }
+    command = "import sys; from costwatch.cli import main; sys.exit(main())"
+    argv = ["reconcile", "--since", "1h", "--watch", "1s", *extra, "--base-url", fake.base_url, "--db", db]
+    process = subprocess.Popen(
+        [sys.executable, "-c", command, *argv],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_watch_reconciles_the_window_again_each_interval_without_duplicating_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from costwatch.store import create_store_engine
+    from costwatch.store.schema import RECONCILIATIONS
+
     db = f"sqlite:///{tmp_path / 'cw.db'}"
     with FakeAnthropicServer(SPEC, usage_lag_s=3600) as fake:
         _instrumented(fake, db, 2)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(Path(__file__).parents[1]),
-            "ANTHROPIC_ADMIN_API_KEY": FAKE_ADMIN_KEY,
-        }
-        command = "import sys; from costwatch.cli import main; sys.exit(main())"
-        argv = ["reconcile", "--since", "1h", "--watch", "1s", "--base-url", fake.base_url, "--db", db]
-        process = subprocess.Popen(
-            [sys.executable, "-c", command, *argv],
-            env=env,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with _watching(fake, db) as process:
             assert process.stderr is not None
             lines = [process.stderr.readline()]
             # The API's data lags: the first rounds find the attempts not reported yet.
@@ -299,13 +485,42 @@ def test_watch_reconciles_the_window_again_each_interval_without_duplicating_row
             lines.append(process.stderr.readline())
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=30) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
     assert "input coverage 100.0%" in lines[-1], lines
     assert FAKE_ADMIN_KEY not in "".join(lines)
-    stored = _stored_reconciliations(db)
+    engine = create_store_engine(db)
+    try:
+        with engine.connect() as connection:
+            stored = connection.execute(sa.select(RECONCILIATIONS)).mappings().all()
+    finally:
+        engine.dispose()
     # Reconciled many times, one row per bucket and model, with the settled figures.
     assert len({(row["bucket_start"], row["model"]) for row in stored}) == len(stored) >= 1
     assert sum(row["reported_requests"] for row in stored) == 2
+
+
+def test_watch_prints_each_round_in_the_format_asked_and_corrects_a_bucket_once_it_settles(
+    tmp_path: Path,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    with FakeAnthropicServer(SPEC, faults=[Fault.cut_after_deltas(20), None], usage_lag_s=3600) as fake:
+        _instrumented(fake, db, 2)
+        with _watching(fake, db, "--format", "json") as process:
+            assert process.stdout is not None
+            # One JSON document a line, a line a round.
+            rounds = [json.loads(process.stdout.readline())]
+            # The API's data lags: the bucket is not reported yet, its estimate is left alone.
+            assert rounds[0]["totals"]["correction"]["left_alone_rows"] == 1, rounds[0]
+            fake.usage_lag_s = 0
+            deadline = time.monotonic() + 30
+            while rounds[-1]["totals"]["correction"]["revised_attempts"] == 0 and time.monotonic() < deadline:
+                rounds.append(json.loads(process.stdout.readline()))
+            rounds.append(json.loads(process.stdout.readline()))
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=30) == 0
+    [cut] = [e for e in fake.ledger.entries if e.ending is not Ending.COMPLETED]
+    corrected, settled = rounds[-2]["totals"]["correction"], rounds[-1]["totals"]["correction"]
+    assert corrected["revised_attempts"] == corrected["attempts"] == 1
+    # The rounds after it find the bucket settled and write nothing.
+    assert settled["revised_attempts"] == 0 and settled["settled_rows"] == 1
+    [dropped] = [r for r in _stored(db) if r.output_source is OutputSource.RECONCILED]
+    assert dropped.usage.output_tokens == cut.output_tokens

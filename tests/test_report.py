@@ -150,7 +150,7 @@ def test_report_by_hour_and_day_merges_hours_in_time_order():
 def test_unknown_grouping_is_refused():
     with pytest.raises(ValueError, match="choose from"):
         rollup_group_by("colour")
-    assert set(GROUPINGS) == {"model", "workflow", "outcome", "error_type", "hour", "day"}
+    assert set(GROUPINGS) == {"model", "workflow", "outcome", "error_type", "platform", "hour", "day"}
 
 
 def test_empty_report_has_zero_totals_and_no_groups():

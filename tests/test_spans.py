@@ -131,6 +131,7 @@ def test_completed_attempt_span_has_exactly_the_genai_and_costwatch_attributes(p
         "costwatch.attempt.outcome": "completed",
         "costwatch.wasted.tokens": 0,
         "costwatch.usage.output_estimated": False,
+        "costwatch.usage.output_source": "reported",
         "costwatch.cost.usd": 0.75,
         "costwatch.cost.priced": True,
     }
@@ -156,6 +157,7 @@ def test_dropped_attempt_span_has_error_status_error_type_and_its_waste(provider
     assert attributes["costwatch.wasted.tokens"] == 912
     assert attributes["costwatch.waste.reason"] == "abandoned"
     assert attributes["costwatch.usage.output_estimated"] is True
+    assert attributes["costwatch.usage.output_source"] == "estimated"
     assert attributes["costwatch.cost.usd"] == pytest.approx(2.88)
     assert "gen_ai.response.finish_reasons" not in attributes
 

@@ -17,6 +17,7 @@ from sqlalchemy.schema import CreateIndex
 
 from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
 from costwatch.store import SqlStore, create_store_engine, database_url, metadata, migrate, safe_url
+from costwatch.store.partitions import is_attempt_partition
 from costwatch.store.rows import attempt_row
 from costwatch.store.schema import ATTEMPTS, VERSION_TABLE
 
@@ -67,8 +68,14 @@ def test_models_and_migrations_agree(store_url: str) -> None:
     engine = create_store_engine(store_url)
     try:
         with engine.connect() as connection:
+            # As migrations/env.py does: the attempts table's partitions are made at run time.
             context = MigrationContext.configure(
-                connection, opts={"compare_type": True, "version_table": VERSION_TABLE}
+                connection,
+                opts={
+                    "compare_type": True,
+                    "version_table": VERSION_TABLE,
+                    "include_name": lambda name, kind, _: kind != "table" or not is_attempt_partition(name),
+                },
             )
             assert compare_metadata(context, metadata) == []
     finally:
@@ -140,11 +147,20 @@ _COLUMNS_OF_0005 = ("prompt_bytes", "stable_prefix_bytes")
 _COLUMNS_OF_0006 = ("server_tool_cost_usd", "inference_geo")
 _COLUMNS_OF_0007 = ("platform",)
 _COLUMNS_OF_0008 = ("tokens_clamped",)
+_COLUMNS_OF_0011 = ("output_source",)
+_COLUMNS_OF_0014 = ("endpoint",)
 
 
 def _row_before_0005(record: AttemptRecord) -> dict[str, Any]:
     """An attempt's row as the tables before migration 0005 hold it."""
-    later = (*_COLUMNS_OF_0005, *_COLUMNS_OF_0006, *_COLUMNS_OF_0007, *_COLUMNS_OF_0008)
+    later = (
+        *_COLUMNS_OF_0005,
+        *_COLUMNS_OF_0006,
+        *_COLUMNS_OF_0007,
+        *_COLUMNS_OF_0008,
+        *_COLUMNS_OF_0011,
+        *_COLUMNS_OF_0014,
+    )
     return {k: v for k, v in attempt_row(record).items() if k not in later}
 
 
@@ -156,7 +172,7 @@ def test_migration_0007_reads_earlier_attempts_as_first_party(store_url: str) ->
             row = {
                 k: v
                 for k, v in attempt_row(_ABANDONED_ATTEMPT).items()
-                if k not in (*_COLUMNS_OF_0007, *_COLUMNS_OF_0008)
+                if k not in (*_COLUMNS_OF_0007, *_COLUMNS_OF_0008, *_COLUMNS_OF_0011, *_COLUMNS_OF_0014)
             }
             connection.execute(sa.insert(ATTEMPTS).values(row))
     finally:
@@ -276,3 +292,118 @@ def test_migration_scripts_are_found_without_an_ini_file() -> None:
     scripts = migrate.migrations_path()
     assert (scripts / "env.py").is_file()
     assert any(scripts.glob("versions/0001_*.py"))
+
+
+def _rows_of_0013(records: list[AttemptRecord]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The hourly and all-time rollup rows a writer before migration 0014 stored for ``records``:
+    keyed without the platform, so every platform's attempts share their rows."""
+    from costwatch.store.rows import rollup_delta_rows
+    from costwatch.store.schema import ROLLUP_DIMENSIONS, ROLLUP_MEASURES
+
+    width = len(ROLLUP_DIMENSIONS)
+    hourly: dict[tuple[Any, ...], list[float]] = {}
+    first: dict[tuple[Any, ...], datetime] = {}
+    for row in rollup_delta_rows(records):
+        key, values = row[: width - 1], row[width:]  # the platform is the last dimension
+        known = hourly.setdefault(key, [0] * len(values))
+        known[:] = [a + b for a, b in zip(known, values, strict=True)]
+        first[key[1:]] = min(first.get(key[1:], key[0]), key[0])
+    all_time: dict[tuple[Any, ...], list[float]] = {}
+    for key, values in hourly.items():
+        known = all_time.setdefault(key[1:], [0] * len(values))
+        known[:] = [a + b for a, b in zip(known, values, strict=True)]
+    names = ROLLUP_DIMENSIONS[: width - 1]
+    return (
+        [
+            {**dict(zip(names, k, strict=True)), **dict(zip(ROLLUP_MEASURES, v, strict=True))}
+            for k, v in hourly.items()
+        ],
+        [
+            {
+                **dict(zip(names[1:], k, strict=True)),
+                "first_hour": first[k],
+                **dict(zip(ROLLUP_MEASURES, v, strict=True)),
+            }
+            for k, v in all_time.items()
+        ],
+    )
+
+
+def test_migration_0014_moves_each_platform_s_attempts_to_rollup_rows_of_their_own(
+    store_url: str, tmp_path: Path
+) -> None:
+    from costwatch.records import Cost
+    from costwatch.store.schema import ALL_TIME_ROLLUPS, ROLLUP_DIMENSIONS, ROLLUPS
+
+    hour = datetime(2026, 11, 1, 9, tzinfo=timezone.utc)
+    priced = Cost(input_usd=0.003, output_usd=0.0015)
+    # A first-party and a Bedrock attempt of the same model, outcome and hour (one row before
+    # 0014), a dropped Vertex attempt an hour later, and a Foundry one in the first hour.
+    records = [
+        dataclasses.replace(_ABANDONED_ATTEMPT, attempt_id=f"a{n}", logical_request_id=f"r{n}", **fields)
+        for n, fields in enumerate(
+            [
+                {"outcome": Outcome.COMPLETED, "wasted": False, "waste_reason": None, "cost": priced},
+                {"outcome": Outcome.COMPLETED, "wasted": False, "waste_reason": None, "platform": "bedrock"},
+                {"started_at": hour + timedelta(hours=1, minutes=5), "platform": "vertex"},
+                {"started_at": hour + timedelta(minutes=1), "platform": "foundry", "attempt_number": 2},
+            ]
+        )
+    ]
+    migrate.upgrade(store_url, revision="0013")
+    hourly, all_time = _rows_of_0013(records)
+    engine = create_store_engine(store_url)
+    try:
+        with engine.begin() as connection:
+            rows = [attempt_row(r) for r in records]
+            for row in rows:
+                del row["endpoint"]  # migration 0014 adds it
+            connection.execute(sa.insert(ATTEMPTS), rows)
+            for table, rows in (
+                (ROLLUPS, hourly),
+                (ALL_TIME_ROLLUPS, all_time),
+            ):
+                # Typed as the store's columns, so timestamps are stored as the store stores them.
+                columns = [sa.column(name, table.c[name].type) for name in rows[0]]
+                connection.execute(sa.insert(sa.table(table.name, *columns)), rows)
+    finally:
+        engine.dispose()
+    migrate.upgrade(store_url)
+
+    # What a store of today writes for the same attempts.
+    fresh_url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    fresh = SqlStore(fresh_url)
+    migrated = SqlStore(store_url, auto_migrate=False)
+    try:
+        fresh.write(records)
+        for table in (ROLLUPS, ALL_TIME_ROLLUPS):
+            keys = [c.name for c in table.primary_key.columns]
+
+            def rows(
+                store: SqlStore, table: sa.Table = table, keys: list[str] = keys
+            ) -> list[tuple[Any, ...]]:
+                with store.engine.connect() as connection:
+                    found = connection.execute(sa.select(table).order_by(*(table.c[k] for k in keys))).all()
+                return [tuple(round(v, 9) if isinstance(v, float) else v for v in row) for row in found]
+
+            expected = rows(fresh)
+            assert rows(migrated) == expected
+            assert {row[keys.index("platform")] for row in expected} == {
+                "anthropic",
+                "bedrock",
+                "vertex",
+                "foundry",
+            }
+        by_platform = migrated.rollup_totals(group_by=("platform",))
+        assert {t.group["platform"]: t.attempts for t in by_platform} == {
+            "anthropic": 1,
+            "bedrock": 1,
+            "vertex": 1,
+            "foundry": 1,
+        }
+        assert ROLLUP_DIMENSIONS[-1] == "platform"
+    finally:
+        fresh.shutdown()
+        migrated.shutdown()
+    migrate.downgrade(store_url, "0013")
+    assert migrate.current(store_url) == "0013"

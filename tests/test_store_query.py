@@ -47,7 +47,7 @@ def all_time_and_recent(
         rows = connection.execute(query).all()
     return {
         (model, waste_reason, bool(recent)): (first, int(count), int(tokens))
-        for model, _, _, waste_reason, _, recent, first, count, tokens in rows
+        for model, _, _, waste_reason, _, _, recent, first, count, tokens in rows
     }
 
 

@@ -302,7 +302,7 @@ def test_delta_lengths_and_scripts_are_exact_for_any_text_in_the_apis_compact_fo
 
 
 def test_the_requested_model_is_the_top_level_one_whatever_the_messages_and_tools_say():
-    from costwatch.instrumentation import _requested_model
+    from costwatch.accounting import _requested_model
 
     body = {
         "max_tokens": 5,

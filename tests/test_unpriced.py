@@ -134,6 +134,15 @@ def test_the_fleet_exporter_serves_unpriced_attempts_by_model(store, store_url):
         collector.close()
 
 
+_MEASURES_OF_0011 = (
+    "reported_output_tokens",
+    "counted_output_tokens",
+    "reconciled_output_tokens",
+    "reported_output_cost_usd",
+    "estimated_output_cost_usd",
+    "counted_output_cost_usd",
+    "reconciled_output_cost_usd",
+)
 _NEW_MEASURES = (
     "unpriced_attempts",
     "unpriced_tokens",
@@ -157,8 +166,10 @@ def test_migration_0006_fills_the_new_rollup_measures_from_the_attempts_stored_b
         dict(zip((*ROLLUP_DIMENSIONS, *ROLLUP_MEASURES), row, strict=True))
         for row in rollup_delta_rows(RECORDS)
     ]
-    old = tuple(m for m in ROLLUP_MEASURES if m not in _NEW_MEASURES)
-    hourly_columns, all_time_columns = (*ROLLUP_DIMENSIONS, *old), (*ALL_TIME_DIMENSIONS, "first_hour", *old)
+    old = tuple(m for m in ROLLUP_MEASURES if m not in (*_NEW_MEASURES, *_MEASURES_OF_0011))
+    # Keyed without the platform (migration 0014 adds it; these attempts are all first-party).
+    keys = tuple(d for d in ROLLUP_DIMENSIONS if d != "platform")
+    hourly_columns, all_time_columns = (*keys, *old), (*keys[1:], "first_hour", *old)
     engine = create_store_engine(store_url)
     try:
         with engine.begin() as connection:
@@ -168,6 +179,8 @@ def test_migration_0006_fills_the_new_rollup_measures_from_the_attempts_stored_b
                 del row["server_tool_cost_usd"], row["inference_geo"]
                 del row["platform"]  # and without the column 0007 adds
                 del row["tokens_clamped"]  # and the column 0008 adds
+                del row["output_source"]  # and the column 0011 adds
+                del row["endpoint"]  # and the column 0014 adds
             connection.execute(sa.insert(_old_table(ATTEMPTS, tuple(rows[0]))), rows)
             for row in deltas:
                 connection.execute(

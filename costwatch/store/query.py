@@ -71,6 +71,13 @@ class RollupTotals:
     wasted_cache_write_cost_usd: float = 0.0
     wasted_output_cost_usd: float = 0.0
     wasted_server_tool_cost_usd: float = 0.0
+    reported_output_tokens: int = 0
+    counted_output_tokens: int = 0
+    reconciled_output_tokens: int = 0
+    reported_output_cost_usd: float = 0.0
+    estimated_output_cost_usd: float = 0.0
+    counted_output_cost_usd: float = 0.0
+    reconciled_output_cost_usd: float = 0.0
 
     @property
     def billed_tokens(self) -> int:
@@ -157,7 +164,7 @@ def all_time_with_recent_query(
 
     One statement, so one snapshot: the recent part can be subtracted from the all-time part (to
     get the sums over the hours before ``boundary``) without a write landing in between. Each row
-    is the five dimension values (``ALL_TIME_DIMENSIONS``), then ``recent`` (false for an all-time
+    is the dimension values (``ALL_TIME_DIMENSIONS``), then ``recent`` (false for an all-time
     row), ``first_hour`` (the group's earliest hour in its part) and the sums in the order of
     ``measures``. ``recent_where`` keeps only the recent hourly rows whose dimensions have these
     values. All-time rows that sum to zero attempts are kept: their first hour still says when a

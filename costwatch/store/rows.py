@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
-from ..records import AttemptRecord, Cost, Outcome, Usage, WasteReason
+from ..records import AttemptRecord, Cost, Outcome, OutputSource, Usage, WasteReason
 from .schema import ROLLUP_MEASURES
 
 __all__ = [
@@ -29,8 +29,8 @@ __all__ = [
 ]
 
 
-RollupKey = tuple[datetime, str, str, str, str, str]
-"""``(hour, model, outcome, error_type, waste_reason, workflow)``, as in ``ROLLUP_DIMENSIONS``."""
+RollupKey = tuple[datetime, str, str, str, str, str, str]
+"""``(hour, model, outcome, error_type, waste_reason, workflow, platform)``, as in ``ROLLUP_DIMENSIONS``."""
 
 
 def hour_of(moment: datetime) -> datetime:
@@ -53,6 +53,7 @@ def rollup_key(record: AttemptRecord) -> RollupKey:
         record.error_label,
         waste_reason._value_ if (record.wasted and waste_reason is not None) else "",
         record.workflow,
+        record.platform,
     )
 
 
@@ -67,6 +68,8 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
     billed_cost = cost.total_usd if cost is not None else 0.0
     wasted = record.wasted
     wasted_cost = cost if (wasted and cost is not None) else _NO_COST
+    source = record.output_source
+    output_usd = cost.output_usd if cost is not None else 0.0
     return (
         1,
         1 if record.outcome is Outcome.DROPPED else 0,
@@ -90,7 +93,18 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
         wasted_cost.cache_write_usd,
         wasted_cost.output_usd,
         wasted_cost.server_tool_usd,
+        output_tokens if source is _REPORTED else 0,
+        output_tokens if source is _COUNTED else 0,
+        output_tokens if source is _RECONCILED else 0,
+        output_usd if source is _REPORTED else 0.0,
+        output_usd if source is _ESTIMATED else 0.0,
+        output_usd if source is _COUNTED else 0.0,
+        output_usd if source is _RECONCILED else 0.0,
     )
+
+
+_REPORTED, _ESTIMATED = OutputSource.REPORTED, OutputSource.ESTIMATED
+_COUNTED, _RECONCILED = OutputSource.COUNTED, OutputSource.RECONCILED
 
 
 _NO_COST = Cost()
@@ -163,6 +177,8 @@ ATTEMPT_COLUMNS = (
     "inference_geo",
     "platform",
     "tokens_clamped",
+    "output_source",
+    "endpoint",
 )
 """The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
@@ -215,6 +231,8 @@ def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
         record.inference_geo,
         record.platform,
         usage.tokens_clamped,
+        record.output_source.value,
+        record.endpoint,
     )
 
 
@@ -273,6 +291,7 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
             output_estimated=bool(row["output_estimated"]),
             estimated_output_tokens=row["estimated_output_tokens"],
             tokens_clamped=bool(row["tokens_clamped"]),
+            output_source=OutputSource(row["output_source"]),
         ),
         server_tool_use=MappingProxyType(dict(row["server_tool_use"] or {})),
         stop_reason=row["stop_reason"],
@@ -288,4 +307,5 @@ def record_from_row(row: Mapping[Any, Any]) -> AttemptRecord:
         stable_prefix_bytes=row.get("stable_prefix_bytes"),
         inference_geo=row.get("inference_geo"),
         platform=row["platform"],
+        endpoint=row.get("endpoint"),
     )

@@ -23,6 +23,7 @@ __all__ = [
     "NAMING_CONVENTION",
     "RECONCILIATIONS",
     "REJECTED_ATTEMPTS",
+    "RETENTION",
     "ROLLUPS",
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
@@ -34,6 +35,7 @@ __all__ = [
     "HourlyRollup",
     "Reconciliation",
     "RejectedAttempt",
+    "Retention",
     "UtcDateTime",
     "metadata",
     "utc_hour",
@@ -119,7 +121,11 @@ class Base(DeclarativeBase):
 
 
 class Attempt(Base):
-    """One HTTP attempt: every field of :class:`~costwatch.records.AttemptRecord`, latest revision."""
+    """One HTTP attempt: every field of :class:`~costwatch.records.AttemptRecord`, latest revision.
+
+    On PostgreSQL (migration 0013) the table is partitioned by day on ``started_at`` and its primary
+    key is ``(attempt_id, started_at)`` (``costwatch.store.partitions``); the model keeps SQLite's.
+    """
 
     __tablename__ = "costwatch_attempts"
 
@@ -172,6 +178,10 @@ class Attempt(Base):
     """Where the attempt went (migration 0007): anthropic, bedrock, vertex or foundry."""
     # True when a token count beyond MAX_TOKENS_PER_ATTEMPT was clamped to it (migration 0008).
     tokens_clamped: Mapped[bool] = mapped_column(sa.Boolean(), server_default=sa.false())
+    output_source: Mapped[str] = mapped_column(sa.String(), server_default="reported")
+    """Where ``output_tokens`` came from (migration 0011): reported, estimated, counted or reconciled."""
+    endpoint: Mapped[str | None] = mapped_column(sa.String())
+    """Bedrock's and Vertex's endpoint kind, ``global`` or ``regional`` (migration 0014)."""
 
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
@@ -214,6 +224,15 @@ class _RollupMeasures:
     wasted_cache_write_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
     wasted_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
     wasted_server_tool_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    # Billed output by where its count came from (migration 0011; OutputSource). The estimated
+    # tokens are ``estimated_output_tokens`` above; the four token figures sum to billed_output_tokens.
+    reported_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    counted_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    reconciled_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
+    reported_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    estimated_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    counted_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
+    reconciled_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
 
 
 class HourlyRollup(_RollupMeasures, Base):
@@ -227,6 +246,8 @@ class HourlyRollup(_RollupMeasures, Base):
     error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    platform: Mapped[str] = mapped_column(sa.String(), primary_key=True, server_default="anthropic")
+    """Where the attempts went (migration 0014): anthropic, bedrock, vertex or foundry."""
 
 
 ATTEMPTS = cast(sa.Table, Attempt.__table__)
@@ -237,7 +258,7 @@ ROLLUPS = cast(sa.Table, HourlyRollup.__table__)
 
 ROLLUP_DIMENSIONS = tuple(column.name for column in ROLLUPS.primary_key.columns)
 """The columns a rollup row is keyed by (``hour``, ``model``, ``outcome``, ``error_type``,
-``waste_reason``, ``workflow``); absent values are stored as ``""`` so they can be keys."""
+``waste_reason``, ``workflow``, ``platform``); absent values are stored as ``""`` so they can be keys."""
 
 ROLLUP_MEASURES = tuple(column.name for column in ROLLUPS.columns if not column.primary_key)
 """The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them
@@ -268,6 +289,7 @@ class AllTimeRollup(_RollupMeasures, Base):
     error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
     workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    platform: Mapped[str] = mapped_column(sa.String(), primary_key=True, server_default="anthropic")
     first_hour: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
@@ -317,6 +339,10 @@ class CalibrationSample(Base):
     output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
     chars: Mapped[dict[str, int]] = mapped_column(sa.JSON())
     writer: Mapped[str] = mapped_column(sa.String())
+    output_source: Mapped[str] = mapped_column(sa.String(), server_default="reported")
+    """Where ``output_tokens`` came from (migration 0012): ``reported`` by the API for a completed
+    attempt, ``estimated`` (no tokens yet), ``counted``, or ``reconciled``: the billed output
+    ``costwatch reconcile`` found for a dropped attempt."""
 
 
 CALIBRATION_SAMPLES = cast(sa.Table, CalibrationSample.__table__)
@@ -350,7 +376,36 @@ class Reconciliation(Base):
     unseen_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
     residual_output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
     reconciled_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # The estimates corrected by the bill (migration 0012): the row's correction status and why it
+    # was left alone, the attempts that carry the billed output, what costwatch had estimated for
+    # the dropped attempts' output, and their wasted dollars at the estimate and at the bill (NULL
+    # unless every estimate of the row was corrected, or for an unpriced model).
+    correction: Mapped[str] = mapped_column(sa.String(), server_default="none")
+    correction_reason: Mapped[str | None] = mapped_column(sa.String())
+    corrected_attempts: Mapped[int] = mapped_column(sa.BigInteger(), server_default="0")
+    dropped_estimated_output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
+    estimated_wasted_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    billed_wasted_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
 
 
 RECONCILIATIONS = cast(sa.Table, Reconciliation.__table__)
 """The reconciliations table, for Core statements."""
+
+
+class Retention(Base):
+    """The cutoff of the latest prune (migration 0013): one row, ``id`` 1.
+
+    Attempts that started before ``pruned_before`` may have been stored and pruned, so the writer
+    does not store a record that started before it again (its rollups would count it twice): it
+    keeps it with the refused records instead.
+    """
+
+    __tablename__ = "costwatch_retention"
+
+    id: Mapped[int] = mapped_column(sa.Integer(), primary_key=True, autoincrement=False)
+    pruned_before: Mapped[datetime] = mapped_column(UtcDateTime())
+    pruned_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+RETENTION = cast(sa.Table, Retention.__table__)
+"""The retention cutoff table, for Core statements."""

@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
@@ -22,7 +22,9 @@ from ..validation import clean_text
 from .database import READ_ONLY_OPTION, checked_database_url, create_store_engine, database_url, safe_url
 from .migrate import ensure_migrated
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
+from .reconciliations import write_reconciliation
 from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
+from .retention import PRUNE_BATCH, ensure_partitions_ahead, prune_before
 from .rows import record_from_row
 from .schema import ATTEMPTS, CALIBRATION_SAMPLES, REJECTED_ATTEMPTS
 from .write import BatchResult, insert_calibration_samples, write_batch
@@ -51,8 +53,8 @@ log = logging.getLogger("costwatch")
 DEFAULT_RETRY_WINDOW = timedelta(seconds=default_of("retry_window_s"))
 """The default of ``COSTWATCH_RETRY_WINDOW``: how soon after a failed attempt ended its retry must start."""
 
-PRUNE_BATCH = 10_000
-"""Attempt rows a prune deletes per transaction."""
+_PARTITIONS_RETRY = timedelta(minutes=5)
+"""How soon a writer tries again to create partitions ahead after it could not."""
 
 _live_stores: weakref.WeakSet[SqlStore] = weakref.WeakSet()
 
@@ -101,6 +103,9 @@ class SqlStore:
         self.rejected_records = 0
         """Records this store refused to hold (kept in ``costwatch_rejected_attempts``), this process."""
         self._rejection_logged = False
+        self._cutoff_logged = False
+        self._partitions_due: datetime | None = datetime.min.replace(tzinfo=timezone.utc)
+        """When to create partitions ahead again (PostgreSQL; ``None``: never, as on SQLite)."""
         _live_stores.add(self)
 
     def __repr__(self) -> str:
@@ -127,6 +132,7 @@ class SqlStore:
         removed meanwhile must fail that write and spool, not go to the file that was).
         """
         self.engine  # noqa: B018  (the property creates the engine and migrates)
+        self.ensure_partitions()
         self.close_connections()
 
     def close_connections(self) -> None:
@@ -158,10 +164,61 @@ class SqlStore:
             return self._write_isolating(records, exc)
 
     def _write_once(self, records: Sequence[AttemptRecord]) -> BatchResult:
-        with self.engine.begin() as connection:
+        engine = self.engine
+        due = self._partitions_due
+        if due is not None and datetime.now(timezone.utc) >= due:
+            self.ensure_partitions()
+        with engine.begin() as connection:
             result = write_batch(connection, records, retry_window=self.retry_window)
             insert_calibration_samples(connection, records, _writer_id)
-            return result
+        if result.before_cutoff:
+            self._count_before_cutoff(result.before_cutoff)
+        return result
+
+    def ensure_partitions(self) -> None:
+        """Create the attempts table's day partitions ahead where missing (PostgreSQL only).
+
+        ``prepare()`` does it (at ``instrument()``), the writer before its first write and then about
+        every few days; a failure (a lock not granted in time) is logged and tried again five
+        minutes later: meanwhile rows of days without a partition land in the DEFAULT partition,
+        and are moved out when it is created.
+        """
+        try:
+            self._partitions_due = ensure_partitions_ahead(self.engine)
+        except sa.exc.SQLAlchemyError as exc:
+            # Not at every batch: a lock not granted makes each try wait LOCK_TIMEOUT_MS.
+            self._partitions_due = datetime.now(timezone.utc) + _PARTITIONS_RETRY
+            log.warning(
+                "costwatch: could not create the attempts table's partitions ahead (%s)", type(exc).__name__
+            )
+
+    def _count_before_cutoff(self, count: int) -> None:
+        with self._lock:
+            self.rejected_records += count
+            first = not self._cutoff_logged
+            self._cutoff_logged = True
+        if first:
+            log.warning(
+                "costwatch: %d attempt record(s) started before the store's retention cutoff (an old "
+                "spool replayed after a prune?); they were possibly counted before their rows were "
+                "pruned, so they are kept in costwatch_rejected_attempts and not counted again",
+                count,
+            )
+
+    def write_reconciliation(
+        self, result: Mapping[str, Any], revisions: Sequence[AttemptRecord], *, reconciled_at: datetime
+    ) -> int:
+        """Store a reconciliation and the revisions of the attempts the bill corrected, in one
+        transaction (see :func:`~costwatch.store.reconciliations.write_reconciliation`)."""
+        with self.engine.begin() as connection:
+            return write_reconciliation(
+                connection,
+                result,
+                reconciled_at=reconciled_at,
+                revisions=revisions,
+                retry_window=self.retry_window,
+                writer=_writer_id,
+            )
 
     # -- calibration -------------------------------------------------------------------------
     def calibration_samples(
@@ -204,6 +261,7 @@ class SqlStore:
             inserted=sum(r.inserted for r in results),
             revised=sum(r.revised for r in results),
             reclassified=sum(r.reclassified for r in results),
+            before_cutoff=sum(r.before_cutoff for r in results),
         )
 
     def _reject(self, record: AttemptRecord, refusal: Exception) -> None:
@@ -244,23 +302,15 @@ class SqlStore:
 
     # -- retention ---------------------------------------------------------------------------
     def prune_before(self, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
-        """Delete raw attempt rows that started before ``moment``; rollups are kept. Returns the count.
+        """Remove raw attempt rows that started before ``moment``; rollups are kept. Returns the count.
 
-        In transactions of at most ``batch`` rows, so writers beside it wait for one short
+        PostgreSQL drops the day partitions wholly before ``moment``; what is left before it is
+        deleted in transactions of at most ``batch`` rows, so writers beside it wait for one short
         transaction at a time (on SQLite, the write lock), never for the whole prune. Idempotent:
-        a second call deletes nothing.
+        a second call removes nothing. From then on the store keeps records that started before
+        ``moment`` out of the attempts and the rollups (see ``costwatch.store.retention``).
         """
-        old = sa.select(ATTEMPTS.c.attempt_id).where(ATTEMPTS.c.started_at < moment).limit(batch)
-        deleted = 0
-        while True:
-            with self.engine.begin() as connection:
-                result = connection.execute(
-                    sa.delete(ATTEMPTS).where(ATTEMPTS.c.attempt_id.in_(old.scalar_subquery()))
-                )
-                count = int(result.rowcount or 0)
-            deleted += count
-            if count < batch:
-                return deleted
+        return prune_before(self.engine, moment, batch=batch)
 
     # -- the read side -----------------------------------------------------------------------
     def rollup_totals(
@@ -274,8 +324,8 @@ class SqlStore:
         """Sums from the hourly rollups for hours in ``[start, end)``, one entry per group.
 
         ``group_by`` and the keys of ``where`` are rollup dimensions: ``hour``, ``model``,
-        ``outcome``, ``error_type``, ``waste_reason``, ``workflow``. With no ``group_by`` the result
-        is one overall total (or nothing if no attempt matched).
+        ``outcome``, ``error_type``, ``waste_reason``, ``workflow``, ``platform``. With no
+        ``group_by`` the result is one overall total (or nothing if no attempt matched).
         """
         query = rollup_totals_query(start, end, group_by=group_by, where=where)
         with self._read() as connection:

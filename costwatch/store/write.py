@@ -7,7 +7,9 @@ The rules, all applied inside the caller's transaction so that rows and rollups 
 * a stored attempt marked ``abandoned`` whose retry has now arrived (same logical request, or same
   fingerprint, started within the retry window after the failed attempt ended) becomes ``retried``,
   whichever process wrote either of them;
-* rollup rows are upserted in key order, so concurrent writers lock them in the same order.
+* rollup rows are upserted in key order, so concurrent writers lock them in the same order;
+* a record that started before the latest prune's cutoff is kept with the refused records, not
+  written (``costwatch.store.retention``: a pruned attempt is never counted twice).
 
 A batch is a handful of statements whatever its size, each with the same text every time, so
 neither SQLAlchemy nor the driver compiles or parses anything per batch, and no value is formatted
@@ -35,6 +37,8 @@ from sqlalchemy.engine import Dialect
 
 from ..records import AttemptRecord, WasteReason
 from .all_time import ALL_TIME_COLUMNS, all_time_delta_rows
+from .rejected import insert_rejected, rejected_row
+from .retention import as_utc, cutoff_for_writing
 from .rows import (
     ATTEMPT_COLUMNS,
     attempt_row,
@@ -55,7 +59,13 @@ from .schema import (
     utc_hour,
 )
 
-__all__ = ["BatchResult", "insert_calibration_samples", "latest_revisions", "write_batch"]
+__all__ = [
+    "BatchResult",
+    "insert_calibration_samples",
+    "latest_revisions",
+    "reconcile_calibration_samples",
+    "write_batch",
+]
 
 _ROLLUP_COLUMNS = (*ROLLUP_DIMENSIONS, *ROLLUP_MEASURES)
 
@@ -70,6 +80,9 @@ class BatchResult:
     """Stored attempts replaced by a higher revision from the batch."""
     reclassified: int = 0
     """Stored ``abandoned`` attempts turned ``retried`` because their retry arrived."""
+    before_cutoff: int = 0
+    """Records that started before the latest prune's cutoff, kept with the refused records instead
+    (a pruned attempt stored again would be counted twice)."""
 
 
 def latest_revisions(records: Iterable[AttemptRecord]) -> list[AttemptRecord]:
@@ -230,8 +243,11 @@ def _statements_for(dialect: Dialect) -> _Statements:
         raise NotImplementedError(f"costwatch's store supports SQLite and PostgreSQL, not {dialect.name}")
     quote = dialect.identifier_preparer.quote
     # On PostgreSQL the insert says which rows were new; on SQLite the writer has read that first.
+    # PostgreSQL's key holds the partition key too (migration 0013): every revision of an attempt
+    # carries its first's start time, so (attempt_id, started_at) still names one attempt.
     attempts_tail = (
-        f"ON CONFLICT ({quote('attempt_id')}) DO NOTHING RETURNING {quote('attempt_id')}"
+        f"ON CONFLICT ({quote('attempt_id')}, {quote('started_at')}) DO NOTHING "
+        f"RETURNING {quote('attempt_id')}"
         if dialect.name == "postgresql"
         else ""
     )
@@ -282,6 +298,24 @@ def _among(
     return column.in_(sa.select(sa.func.json_each(listed).table_valued("value").c.value))
 
 
+def _started_within(
+    connection: sa.Connection, first: datetime | None, last: datetime | None
+) -> sa.ColumnElement[bool]:
+    """Attempts that started in ``[first, last]`` (``None``: unbounded), stated on PostgreSQL only.
+
+    There it lets the planner skip the partitions of other days (a lookup by key alone would probe
+    every day's index); on SQLite, where nothing is partitioned, the lookups stay as they were.
+    """
+    if connection.dialect.name != "postgresql":
+        return sa.true()
+    conditions = []
+    if first is not None:
+        conditions.append(ATTEMPTS.c.started_at >= first)
+    if last is not None:
+        conditions.append(ATTEMPTS.c.started_at <= last)
+    return sa.and_(sa.true(), *conditions)
+
+
 def _select_rows(connection: sa.Connection, where: sa.ColumnElement[bool]) -> list[AttemptRecord]:
     """The stored rows matching ``where``, locked on PostgreSQL in ``attempt_id`` order (the lock order).
 
@@ -305,8 +339,15 @@ def _insert_new(
         # Insert-or-ignore says which rows were new (RETURNING); then lock and read the others.
         rows = [attempt_values(record) for record in records]
         new_ids = set(connection.exec_driver_sql(statement.sql, statement.parameters(rows)).scalars())
-        others = [record.attempt_id for record in records if record.attempt_id not in new_ids]
-        stored = _select_rows(connection, _among(connection, ATTEMPTS.c.attempt_id, others)) if others else []
+        others = [record for record in records if record.attempt_id not in new_ids]
+        stored: list[AttemptRecord] = []
+        if others:
+            # A stored revision started when its attempt did: only those days' partitions are read.
+            among = _among(connection, ATTEMPTS.c.attempt_id, [record.attempt_id for record in others])
+            starts = [record.started_at for record in others]
+            stored = _select_rows(
+                connection, sa.and_(among, _started_within(connection, min(starts), max(starts)))
+            )
         return [record for record in records if record.attempt_id in new_ids], stored
     # SQLite: this transaction holds the database's write lock, so what is stored now stays so
     # until commit; read it, then insert the rest (a plain insert: a conflict here would be a bug).
@@ -317,6 +358,14 @@ def _insert_new(
     if new:
         connection.exec_driver_sql(statement.sql, statement.parameters([attempt_values(r) for r in new]))
     return new, stored
+
+
+def _is_row_of(connection: sa.Connection, stored: AttemptRecord) -> sa.ColumnElement[bool]:
+    """The row of a stored attempt (on PostgreSQL by its whole key: one partition is probed)."""
+    where = ATTEMPTS.c.attempt_id == stored.attempt_id
+    if connection.dialect.name == "postgresql":
+        return sa.and_(where, ATTEMPTS.c.started_at == stored.started_at)
+    return where
 
 
 def _apply_revisions(
@@ -332,7 +381,7 @@ def _apply_revisions(
             continue
         row = attempt_row(record)
         del row["attempt_id"]
-        connection.execute(sa.update(ATTEMPTS).where(ATTEMPTS.c.attempt_id == record.attempt_id).values(row))
+        connection.execute(sa.update(ATTEMPTS).where(_is_row_of(connection, old)).values(row))
         added.append(record)
         removed.append(old)
     return added, removed
@@ -403,7 +452,10 @@ def _abandoned_matching(
     a partial index on abandoned rows: the query states its condition as a literal, or the planner
     cannot use it). ``tests/test_store_writes.py`` checks that both branches probe their index.
     """
-    abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True))
+    # An abandoned attempt's retry starts at most _retry_wait after it: none started earlier than
+    # this can have one among ``landed`` (and the partitions of older days are skipped).
+    recent = _started_within(connection, since - timedelta(seconds=_LONGEST_DURATION_S), None)
+    abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True), recent)
     request_ids = sorted({record.logical_request_id for record in landed})
     fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
     by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), abandoned)
@@ -423,7 +475,13 @@ def _retries_matching(
     (``ix_costwatch_attempts_hour_fingerprint``, probed by hour and fingerprint).
     """
     request_ids = sorted({record.logical_request_id for record in abandoned})
-    by_request = _among(connection, ATTEMPTS.c.logical_request_id, request_ids)
+    # A retry starts after the attempt it retries, and at most _retry_wait after it.
+    started = _started_within(
+        connection,
+        min(record.started_at for record in abandoned),
+        max(record.started_at + _retry_wait(record, window) for record in abandoned),
+    )
+    by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), started)
     hours: set[datetime] = set()
     fingerprints: set[str] = set()
     for record in abandoned:
@@ -443,7 +501,9 @@ def _retries_matching(
     else:
         naive = sorted(hour.replace(tzinfo=None) for hour in hours)  # timestamp without time zone
         in_hours = hour_column == sa.any_(sa.bindparam(None, naive, type_=postgresql.ARRAY(sa.DateTime())))
-    by_fingerprint = sa.and_(in_hours, _among(connection, ATTEMPTS.c.fingerprint, sorted(fingerprints)))
+    by_fingerprint = sa.and_(
+        in_hours, _among(connection, ATTEMPTS.c.fingerprint, sorted(fingerprints)), started
+    )
     return sa.or_(by_request, by_fingerprint)
 
 
@@ -482,7 +542,7 @@ def _reclassify_retried(
         retried = stored.with_waste(WasteReason.RETRIED)
         connection.execute(
             sa.update(ATTEMPTS)
-            .where(ATTEMPTS.c.attempt_id == stored.attempt_id)
+            .where(_is_row_of(connection, stored))
             .values(wasted=True, waste_reason=WasteReason.RETRIED.value, revision=retried.revision)
         )
         added.append(retried)
@@ -533,12 +593,27 @@ def write_batch(
     batch = latest_revisions(records)
     if not batch:
         return BatchResult()
+    cutoff = cutoff_for_writing(connection)
+    too_old = [] if cutoff is None else [record for record in batch if as_utc(record.started_at) < cutoff]
+    if cutoff is not None and too_old:
+        reason = (
+            f"started before the store's retention cutoff ({cutoff.isoformat()}): a pruned attempt may "
+            "have been counted already, so it is not counted again"
+        )
+        now = datetime.now(timezone.utc)
+        insert_rejected(connection, [rejected_row(record, reason, now) for record in too_old])
+        kept_apart = {record.attempt_id for record in too_old}
+        batch = [record for record in batch if record.attempt_id not in kept_apart]
+        if not batch:
+            return BatchResult(before_cutoff=len(too_old))
     _lock_requests(connection, batch)
     inserted, stored = _insert_new(connection, batch)
     revised, replaced = _apply_revisions(connection, batch, stored)
     retried, abandoned = _reclassify_retried(connection, [*inserted, *revised], retry_window)
     _apply_rollups(connection, rollup_delta_rows([*inserted, *revised, *retried], [*replaced, *abandoned]))
-    return BatchResult(inserted=len(inserted), revised=len(revised), reclassified=len(retried))
+    return BatchResult(
+        inserted=len(inserted), revised=len(revised), reclassified=len(retried), before_cutoff=len(too_old)
+    )
 
 
 def insert_calibration_samples(
@@ -552,6 +627,7 @@ def insert_calibration_samples(
             "started_at": record.started_at,
             "model": record.model_name,
             "output_tokens": None if record.usage.output_estimated else record.usage.output_tokens,
+            "output_source": record.output_source.value,
             "chars": dict(record.output_chars),
             "writer": writer,
         }
@@ -565,4 +641,40 @@ def insert_calibration_samples(
     connection.execute(
         insert(CALIBRATION_SAMPLES).on_conflict_do_nothing(index_elements=["attempt_id"]), rows
     )
+    return len(rows)
+
+
+def reconcile_calibration_samples(
+    connection: sa.Connection, records: Sequence[AttemptRecord], writer: str
+) -> int:
+    """Give the stored samples of these attempts, whose output the bill corrected, that output (flagged
+    ``reconciled``); returns how many samples changed.
+
+    A changed sample is written anew rather than updated: it gets a new ``sample_id``, so processes
+    that refresh their calibration past the ids they have read take it too. Idempotent: a sample
+    that already holds the attempt's output is left as it is.
+    """
+    table = CALIBRATION_SAMPLES
+    wanted = {record.attempt_id: record for record in records}
+    stored = connection.execute(
+        sa.select(table).where(_among(connection, table.c.attempt_id, sorted(wanted)))
+    ).mappings()
+    rows = [
+        {
+            "attempt_id": row["attempt_id"],
+            "started_at": row["started_at"],
+            "model": row["model"],
+            "output_tokens": wanted[row["attempt_id"]].usage.output_tokens,
+            "output_source": wanted[row["attempt_id"]].output_source.value,
+            "chars": row["chars"],
+            "writer": writer,
+        }
+        for row in stored
+        if (row["output_tokens"], row["output_source"])
+        != (wanted[row["attempt_id"]].usage.output_tokens, wanted[row["attempt_id"]].output_source.value)
+    ]
+    if rows:
+        changed = sorted(row["attempt_id"] for row in rows)
+        connection.execute(sa.delete(table).where(_among(connection, table.c.attempt_id, changed)))
+        connection.execute(sa.insert(table), rows)
     return len(rows)

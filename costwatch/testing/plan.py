@@ -145,7 +145,12 @@ def bedrock_events(events: tuple[PlannedEvent, ...], plan: ResponsePlan) -> tupl
     """
     out = []
     for event in events:
-        data = json.loads(event.payload.split(b"\ndata: ", 1)[1])
+        carried = event.payload.split(b"\ndata: ", 1)[1]
+        try:
+            data = json.loads(carried)
+        except ValueError:  # a malformed or non-UTF-8 event: carried as it is, in a well-formed frame
+            out.append(dataclasses.replace(event, payload=bedrock_frame(carried.rstrip(b"\n"))))
+            continue
         if event.name == "message_stop":
             data["amazon-bedrock-invocationMetrics"] = {
                 "inputTokenCount": plan.input_tokens,

@@ -39,6 +39,7 @@ from .plan import (
     StreamCut,
     bedrock_events,
     bedrock_exception_frame,
+    bedrock_frame,
     chunk,
     error_body,
     error_event,
@@ -487,6 +488,9 @@ class _Attempt:
         body = request.body if isinstance(request.body, dict) else {}
         # Bedrock and Vertex name the model in the path; the platform answers with the canonical id.
         self.route = route_of(request.headers.get("host", ""), request.path, frozenset(request.headers))
+        # Bedrock's InvokeModel paths answer in the AWS event-stream framing; its Mantle endpoint
+        # (the first-party request under /anthropic/v1/messages) answers as the first-party API does.
+        self.event_stream = self.route.platform == BEDROCK and self.route.stream is not None
         model_requested = str(body.get("model", ""))
         self.answered_model = model_requested
         if self.route.platform != ANTHROPIC:
@@ -547,7 +551,7 @@ class _Attempt:
         return out
 
     def headers(self, *, stream: bool, length: int | None = None) -> dict[str, str]:
-        bedrock = self.route.platform == BEDROCK
+        bedrock = self.event_stream
         out = {
             "content-type": "text/event-stream; charset=utf-8" if stream else "application/json",
             "request-id": self.request_id,
@@ -652,7 +656,7 @@ class _Attempt:
         if fault is not None and inserted is not None:
             position = min(fault.count, len(events) - 1)
             events = (*events[:position], inserted, *events[position:])
-        if self.route.platform == BEDROCK:
+        if self.event_stream:
             events = bedrock_events(events, plan)
         cut = stream_cut_for(fault, events)
         if fault is None and self.server.drop_profile is not None:
@@ -735,11 +739,14 @@ class _Attempt:
             self.record(fault=fault, ending=Ending.ENDED_EARLY, http_status=200, **billed)
             self.connection.send(TERMINAL_CHUNK)
             return True
-        if fault.kind is FaultKind.ERROR_EVENT and self.route.platform == BEDROCK:
+        if fault.kind is FaultKind.ERROR_EVENT and self.event_stream:
             frame = bedrock_exception_frame("modelStreamErrorException", error_message(fault.error_type))
             last, ending = chunk(frame), Ending.ERROR_EVENT
         elif fault.kind is FaultKind.ERROR_EVENT:
             last, ending = chunk(error_event(fault.error_type, self.request_id)), Ending.ERROR_EVENT
+        elif self.event_stream:
+            malformed = malformed_event().split(b"\ndata: ", 1)[1].rstrip(b"\n")
+            last, ending = chunk(bedrock_frame(malformed)), Ending.MALFORMED
         else:
             last, ending = chunk(malformed_event()), Ending.MALFORMED
         billed.update(

@@ -1,0 +1,162 @@
+"""9. PostgreSQL at retention scale: sustained writes, a scrape and a report, and pruning a month.
+
+A throwaway PostgreSQL database is filled with the store benchmark's synthetic attempts spread over
+the last ``days`` days (60: two months), with a day partition for each of those days as a store
+running that long has made them, through the store's own write path (``SqlStore.export``, batches of
+500 as the pipeline sends them), in order, 100,000 attempts made and written at a time. Rows:
+
+* writer throughput over the whole fill, and over its last tenth (sustained: at nearly full size);
+* a fleet-exporter scrape (first of a process, and later ones) and ``costwatch report --by model``
+  at that size;
+* ``SqlStore.prune_before`` at a day boundary ``days/2`` days after the first attempt: a month of
+  day partitions dropped (target < 1 s), then half a day more (the rows of the day the cutoff falls
+  in deleted rather than dropped: no target, for scale).
+
+The issue's size is 10M attempts (``python benchmarks/run.py --only retention --retention-attempts
+10000000``: about an hour of writing at the target rate, and ~10 GB of disk); a full run does 2M.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+from measure import Measurement
+from store_scale import (
+    DEFAULT_POSTGRES_URL,
+    PIPELINE_BATCH,
+    REPORT_TARGET_S,
+    SCRAPE_TARGET_S,
+    WRITE_TARGETS,
+    _postgres_url,
+    _report_s,
+    _scrape_s,
+    synthetic_attempts,
+)
+
+from costwatch.pricing import load_prices
+from costwatch.store import SqlStore
+from costwatch.store.partitions import ensure_day_partitions
+
+__all__ = ["PRUNE_TARGET_S", "measure_retention"]
+
+PRUNE_TARGET_S = 1.0
+"""Pruning a month of attempts (dropping its day partitions) must take less than this."""
+
+_CHUNK = 100_000
+
+
+def measure_retention(
+    attempts: int,
+    *,
+    read_repeats: int,
+    days: int = 60,
+    postgres_url: str | None = DEFAULT_POSTGRES_URL,
+    seed: int = 9,
+) -> list[Measurement]:
+    """The rows above for a store of ``attempts`` over ``days`` days (a "skipped" row without PostgreSQL)."""
+    try:
+        database = _postgres_url(postgres_url or "")
+        url = database.__enter__()
+    except Exception as exc:  # no server here: say so in the table rather than fail
+        return [
+            Measurement(
+                benchmark="retention",
+                case=f"postgresql skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}",
+                metric="skipped",
+                value=0.0,
+                unit="",
+            )
+        ]
+    try:
+        return _measure(url, attempts, read_repeats=read_repeats, days=days, seed=seed)
+    finally:
+        database.__exit__(None, None, None)
+
+
+def _measure(url: str, attempts: int, *, read_repeats: int, days: int, seed: int) -> list[Measurement]:
+    store = SqlStore(url)
+    rows: list[Measurement] = []
+    now = datetime.now(timezone.utc)
+    first = (now - timedelta(days=days)).replace(hour=0, minute=0, second=0, microsecond=0)
+    try:
+        store.attempt_count()  # migrated before any write is timed
+        with store.engine.begin() as connection:
+            ensure_day_partitions(connection, first.date(), now.date())
+        chunks = max(1, attempts // _CHUNK)
+        prices = load_prices()
+        written, writing_s, last_tenth = 0, 0.0, (0, 0.0)
+        for chunk in range(chunks):
+            records = synthetic_attempts(
+                attempts // chunks,
+                seed=seed + chunk,
+                start=first + (now - first) * chunk / chunks,
+                end=first + (now - first) * (chunk + 1) / chunks - timedelta(minutes=1),
+                prices=prices,
+            )
+            started = time.perf_counter()
+            for start in range(0, len(records), PIPELINE_BATCH):
+                store.export(records[start : start + PIPELINE_BATCH])
+            seconds = time.perf_counter() - started
+            written, writing_s = written + len(records), writing_s + seconds
+            if chunk >= chunks - max(1, chunks // 10):
+                last_tenth = (last_tenth[0] + len(records), last_tenth[1] + seconds)
+        target = WRITE_TARGETS["postgresql"]
+        for case, (count, seconds) in (
+            (f"postgresql, 0 to {written:,} attempts over {days} days", (written, writing_s)),
+            (f"postgresql, the last {last_tenth[0]:,} of {written:,} (sustained)", last_tenth),
+        ):
+            rate = count / seconds
+            rows.append(
+                Measurement(
+                    benchmark="retention",
+                    case=f"{case}, batches of {PIPELINE_BATCH}, day partitions",
+                    metric="writer throughput",
+                    value=rate,
+                    unit="attempts/s",
+                    target=f">= {target:,.0f}/s",
+                    met=rate >= target,
+                    detail={"attempts": count, "seconds": seconds},
+                )
+            )
+        cold_s, warm_s = _scrape_s(url, read_repeats)
+        for name, seconds, target_s in (
+            ("fleet exporter scrape, first of a process (cold)", cold_s, SCRAPE_TARGET_S),
+            ("fleet exporter scrape, later ones (warm)", warm_s, SCRAPE_TARGET_S),
+            ("costwatch report --by model", _report_s(url, read_repeats), REPORT_TARGET_S),
+        ):
+            rows.append(
+                Measurement(
+                    benchmark="retention",
+                    case=f"postgresql, {name}, {written:,} attempts stored",
+                    metric="median time",
+                    value=seconds * 1000,
+                    unit="ms",
+                    target=f"< {target_s * 1000:g} ms",
+                    met=seconds < target_s,
+                    detail={"attempts": written, "repeats": read_repeats},
+                )
+            )
+        month_end = first + timedelta(days=days // 2)
+        for name, cutoff, target_s in (
+            (f"{days // 2} days (whole day partitions dropped)", month_end, PRUNE_TARGET_S),
+            ("half a day more (the cutoff's day: rows deleted)", month_end + timedelta(hours=12), None),
+        ):
+            started = time.perf_counter()
+            removed = store.prune_before(cutoff)
+            seconds = time.perf_counter() - started
+            rows.append(
+                Measurement(
+                    benchmark="retention",
+                    case=f"postgresql, prune {name}, of {written:,} attempts",
+                    metric="prune time",
+                    value=seconds * 1000,
+                    unit="ms",
+                    target="" if target_s is None else f"< {target_s * 1000:g} ms",
+                    met=None if target_s is None else seconds < target_s,
+                    detail={"rows_removed": removed, "rows_per_s": removed / seconds if seconds else 0.0},
+                )
+            )
+    finally:
+        store.shutdown()
+    return rows

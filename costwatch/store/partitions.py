@@ -1,0 +1,170 @@
+"""PostgreSQL's attempts table partitioned by day: creating partitions ahead, dropping old ones.
+
+On PostgreSQL (from migration 0013) ``costwatch_attempts`` is range-partitioned on ``started_at``,
+one partition per UTC day (``costwatch_attempts_pYYYYMMDD``), plus a DEFAULT partition
+(``costwatch_attempts_default``) that takes any row no day partition covers, so an insert never
+fails for a missing partition. Days, not months: a prune drops whole days and deletes rows from one
+day at most (the day the cutoff falls in), and the writer's lookups carry a start-time range, so
+they probe only the few partitions of the last days whatever the retention. SQLite has no
+partitions; every function here does nothing there.
+
+Partitions are created :data:`DAYS_AHEAD` days ahead by the writer (at first use and again when
+fewer than half of those days are left), by ``costwatch serve`` (hourly) and by ``costwatch db
+upgrade`` / ``prune``. Creating and dropping partitions take the same advisory lock, so processes
+doing either at once take turns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+
+import sqlalchemy as sa
+
+__all__ = [
+    "DAYS_AHEAD",
+    "DEFAULT_PARTITION",
+    "DayPartition",
+    "day_partitions",
+    "drop_day_partitions",
+    "ensure_day_partitions",
+    "is_attempt_partition",
+    "is_partitioned",
+    "partition_name",
+]
+
+DAYS_AHEAD = 7
+"""How many days past today the attempts table has partitions for."""
+
+DEFAULT_PARTITION = "costwatch_attempts_default"
+"""The partition for rows no day partition covers (a clock far off, a day not created yet)."""
+
+LOCK_TIMEOUT_MS = 5_000
+"""How long creating or dropping a partition waits for the table's writers before giving up (and
+trying again later): meanwhile new writers queue behind it."""
+
+_PARENT = "costwatch_attempts"
+_NAME = re.compile(r"^costwatch_attempts_(p(\d{8})|default)$")
+_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('costwatch.partitions:' || current_schema()))"
+
+
+def partition_name(day: date) -> str:
+    """The name of the partition holding the attempts that started on ``day`` (UTC)."""
+    return f"{_PARENT}_p{day:%Y%m%d}"
+
+
+def is_attempt_partition(name: str | None) -> bool:
+    """Whether ``name`` is one of the attempts table's partitions (which the models do not list)."""
+    return name is not None and _NAME.match(name) is not None
+
+
+@dataclass(frozen=True)
+class DayPartition:
+    """One day's partition: its name and the UTC day it holds."""
+
+    name: str
+    day: date
+
+    @property
+    def end(self) -> datetime:
+        """The first moment past this partition's day."""
+        return datetime.combine(self.day + timedelta(days=1), time(), timezone.utc)
+
+
+def is_partitioned(connection: sa.Connection) -> bool:
+    """Whether the attempts table is partitioned here (PostgreSQL at migration 0013 or later)."""
+    if connection.dialect.name != "postgresql":
+        return False
+    kind = connection.exec_driver_sql(
+        "SELECT relkind FROM pg_class WHERE oid = to_regclass(%(parent)s)", {"parent": _PARENT}
+    ).scalar()
+    return bool(kind == "p")
+
+
+def day_partitions(connection: sa.Connection) -> list[DayPartition]:
+    """The attempts table's day partitions, oldest first (none where it is not partitioned)."""
+    if not is_partitioned(connection):
+        return []
+    names = connection.exec_driver_sql(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = to_regclass(%(parent)s)",
+        {"parent": _PARENT},
+    ).scalars()
+    found = []
+    for name in names:
+        match = _NAME.match(name)
+        if match is not None and match.group(2) is not None:
+            found.append(DayPartition(name, datetime.strptime(match.group(2), "%Y%m%d").date()))
+    return sorted(found, key=lambda partition: partition.day)
+
+
+def _bound(day: date) -> str:
+    # A literal: DDL takes no parameters; made from a date, so nothing to escape.
+    return f"'{day.isoformat()} 00:00:00+00'"
+
+
+def ensure_day_partitions(connection: sa.Connection, first: date, last: date) -> list[str]:
+    """Create the missing day partitions for ``first`` to ``last`` (inclusive), inside the caller's
+    transaction; returns the names created.
+
+    Rows of those days already in the DEFAULT partition (written before their day's partition
+    existed) are moved into the new partition, which is then attached: PostgreSQL refuses to create
+    a partition whose rows the DEFAULT partition holds.
+    """
+    if not is_partitioned(connection):
+        return []
+    connection.exec_driver_sql(_LOCK_SQL)
+    connection.exec_driver_sql(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+    existing = {partition.day for partition in day_partitions(connection)}
+    quote = connection.dialect.identifier_preparer.quote
+    created = []
+    day = first
+    while day <= last:
+        if day not in existing:
+            name = quote(partition_name(day))
+            start, end = _bound(day), _bound(day + timedelta(days=1))
+            in_range = f"started_at >= {start} AND started_at < {end}"
+            in_default = connection.exec_driver_sql(
+                f"SELECT 1 FROM {DEFAULT_PARTITION} WHERE {in_range} LIMIT 1"
+            ).first()
+            if in_default is None:
+                connection.exec_driver_sql(
+                    f"CREATE TABLE {name} PARTITION OF {_PARENT} FOR VALUES FROM ({start}) TO ({end})"
+                )
+            else:
+                connection.exec_driver_sql(
+                    f"CREATE TABLE {name} (LIKE {_PARENT} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+                )
+                connection.exec_driver_sql(
+                    f"WITH moved AS (DELETE FROM {DEFAULT_PARTITION} WHERE {in_range} RETURNING *) "
+                    f"INSERT INTO {name} SELECT * FROM moved"
+                )
+                connection.exec_driver_sql(
+                    f"ALTER TABLE {_PARENT} ATTACH PARTITION {name} FOR VALUES FROM ({start}) TO ({end})"
+                )
+            created.append(partition_name(day))
+        day += timedelta(days=1)
+    return created
+
+
+def drop_day_partitions(connection: sa.Connection, partitions: Sequence[DayPartition]) -> int:
+    """Drop day partitions inside the caller's transaction; returns the rows they held (a partition
+    another process dropped first counts none).
+
+    One transaction for all of them: the table's exclusive lock is taken once and held until commit
+    (a month: well under a second), where one transaction each paid a lock and a commit per day.
+    """
+    connection.exec_driver_sql(_LOCK_SQL)
+    connection.exec_driver_sql(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+    present = set(day_partitions(connection))
+    quote = connection.dialect.identifier_preparer.quote
+    rows = 0
+    for partition in partitions:
+        if partition not in present:
+            continue
+        name = quote(partition.name)
+        rows += int(connection.exec_driver_sql(f"SELECT count(*) FROM {name}").scalar_one())
+        connection.exec_driver_sql(f"DROP TABLE {name}")
+    return rows

@@ -1,0 +1,120 @@
+"""Retention: pruning raw attempt rows before a cutoff, and never counting a pruned attempt twice.
+
+A prune first raises the store's cutoff (``costwatch_retention``), then removes the rows: on
+PostgreSQL it drops the day partitions wholly before the cutoff and deletes the rest row by row
+(the day the cutoff falls in, the DEFAULT partition); on SQLite it deletes rows. The rollups are
+never touched, so every total stays.
+
+The cutoff is what keeps a pruned attempt from being counted again: a spool older than the retention
+replayed after the prune (or a later revision of a pruned attempt) would find no row, be stored as
+new and add to the rollups a second time. So the writer keeps every record that started before the
+cutoff out of the attempts table and the rollups, and in ``costwatch_rejected_attempts`` with the
+reason. On PostgreSQL, writers hold a shared advisory lock while they read the cutoff and write,
+and raising the cutoff takes it exclusively: a writer that read the old cutoff has committed before
+any row is removed. SQLite's write lock does the same.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .partitions import DAYS_AHEAD, day_partitions, drop_day_partitions, ensure_day_partitions
+from .schema import ATTEMPTS, RETENTION
+
+__all__ = [
+    "PRUNE_BATCH",
+    "as_utc",
+    "cutoff_for_writing",
+    "ensure_partitions_ahead",
+    "prune_before",
+    "raise_cutoff",
+]
+
+PRUNE_BATCH = 10_000
+"""Attempt rows a prune deletes per transaction (where it deletes rather than drops)."""
+
+_LOCK = "hashtext('costwatch.prune:' || current_schema())"
+
+
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` as timezone-aware UTC (naive is taken as UTC, as the store stores it)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def cutoff_for_writing(connection: sa.Connection) -> datetime | None:
+    """The latest prune's cutoff, read inside a writer's transaction, where it stays in force until
+    the transaction ends (``None``: never pruned)."""
+    if connection.dialect.name == "postgresql":
+        # A statement of its own: the next one's snapshot is taken after the lock is granted.
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock_shared({_LOCK})")
+    cutoff = connection.execute(sa.select(RETENTION.c.pruned_before)).scalar()
+    return None if cutoff is None else as_utc(cutoff)
+
+
+def raise_cutoff(connection: sa.Connection, moment: datetime, now: datetime) -> None:
+    """Raise the store's cutoff to ``moment`` (never lower it), inside the caller's transaction.
+
+    On PostgreSQL this waits for the writers in flight, which may have read the older cutoff.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK})")
+    stored = connection.execute(sa.select(RETENTION.c.pruned_before)).scalar()
+    if stored is None:
+        connection.execute(sa.insert(RETENTION).values(id=1, pruned_before=moment, pruned_at=now))
+    elif as_utc(stored) < moment:
+        connection.execute(sa.update(RETENTION).values(pruned_before=moment, pruned_at=now))
+
+
+def ensure_partitions_ahead(engine: Engine, now: datetime | None = None) -> datetime | None:
+    """Create the day partitions from yesterday to :data:`~costwatch.store.partitions.DAYS_AHEAD`
+    days ahead where missing (PostgreSQL; nothing on SQLite). Returns when to do it again (``None``:
+    never needed here)."""
+    if engine.dialect.name != "postgresql":
+        return None
+    today = (now or datetime.now(timezone.utc)).date()
+    with engine.begin() as connection:
+        ensure_day_partitions(connection, today - timedelta(days=1), today + timedelta(days=DAYS_AHEAD))
+    # Again when half the days ahead are used up: one writer's check a day, at most.
+    return datetime.combine(today, datetime.min.time(), timezone.utc) + timedelta(days=DAYS_AHEAD // 2)
+
+
+def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
+    """Remove raw attempt rows that started before ``moment``; returns how many. Idempotent.
+
+    The cutoff is raised first (one short transaction). PostgreSQL: the day partitions wholly before
+    ``moment`` are dropped, in one transaction; then (both backends) the rows left before it
+    are deleted in transactions of at most ``batch`` rows, so a writer beside the prune waits for one
+    short transaction at a time, never for the whole prune.
+    """
+    moment = as_utc(moment)
+    with engine.begin() as connection:
+        raise_cutoff(connection, moment, datetime.now(timezone.utc))
+    removed = 0
+    with engine.connect() as connection:
+        old_days = [partition for partition in day_partitions(connection) if partition.end <= moment]
+    if old_days:
+        with engine.begin() as connection:
+            removed += drop_day_partitions(connection, old_days)
+    return removed + _delete_before(engine, moment, batch)
+
+
+def _delete_before(engine: Engine, moment: datetime, batch: int) -> int:
+    if engine.dialect.name == "postgresql":
+        # The key is (attempt_id, started_at); the start-time condition keeps the scan to the
+        # partitions before the cutoff (the day it falls in and the DEFAULT partition).
+        key = sa.tuple_(ATTEMPTS.c.attempt_id, ATTEMPTS.c.started_at)
+        old = sa.select(ATTEMPTS.c.attempt_id, ATTEMPTS.c.started_at).where(ATTEMPTS.c.started_at < moment)
+        delete = sa.delete(ATTEMPTS).where(ATTEMPTS.c.started_at < moment, key.in_(old.limit(batch)))
+    else:
+        old = sa.select(ATTEMPTS.c.attempt_id).where(ATTEMPTS.c.started_at < moment).limit(batch)
+        delete = sa.delete(ATTEMPTS).where(ATTEMPTS.c.attempt_id.in_(old.scalar_subquery()))
+    deleted = 0
+    while True:
+        with engine.begin() as connection:
+            count = int(connection.execute(delete).rowcount or 0)
+        deleted += count
+        if count < batch:
+            return deleted

@@ -1,0 +1,276 @@
+"""Retention at scale: the attempts table partitioned by day on PostgreSQL (created ahead, dropped by a
+prune, upgraded from an unpartitioned table), and a pruned attempt never counted twice on either
+backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import postgres_schema_url
+from test_store_writes import assert_rollups_match_raw_rows, attempt, dropped, rollup_rows
+
+from costwatch.cli import main
+from costwatch.pricing import load_prices
+from costwatch.records import AttemptRecord, WasteReason
+from costwatch.reprice import repriced
+from costwatch.spool import Spool
+from costwatch.store import SqlStore, create_store_engine, migrate
+from costwatch.store.partitions import (
+    DAYS_AHEAD,
+    DEFAULT_PARTITION,
+    day_partitions,
+    ensure_day_partitions,
+    partition_name,
+)
+from costwatch.store.retention import cutoff_for_writing
+from costwatch.store.rows import attempt_row
+from costwatch.store.schema import ATTEMPTS
+from costwatch.validation import storable
+
+TODAY = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def on_day(n: int, day: int, **changes: object) -> AttemptRecord:
+    """The ``n``-th attempt, started ``day`` days from today (negative: ago), ``n`` minutes past noon."""
+    return attempt(n, started_at=TODAY + timedelta(days=day, hours=12, minutes=n), **changes)
+
+
+@pytest.fixture
+def postgres_store(postgres_schema: str) -> Iterator[SqlStore]:
+    store = SqlStore(postgres_schema_url(postgres_schema))
+    yield store
+    store.shutdown()
+
+
+def partition_days(store: SqlStore) -> list[date]:
+    with store.engine.connect() as connection:
+        return [partition.day for partition in day_partitions(connection)]
+
+
+def rows_in(store: SqlStore, table: str) -> set[str]:
+    with store.engine.connect() as connection:
+        return set(connection.exec_driver_sql(f"SELECT attempt_id FROM {table}").scalars())
+
+
+def make_days(store: SqlStore, first: int, last: int) -> None:
+    """Partitions for the days ``first`` to ``last`` from today, as a store running then made them."""
+    with store.engine.begin() as connection:
+        ensure_day_partitions(
+            connection, (TODAY + timedelta(days=first)).date(), (TODAY + timedelta(days=last)).date()
+        )
+
+
+def reprice(record: AttemptRecord) -> AttemptRecord:
+    """The revision ``costwatch reprice`` writes for ``record`` with today's prices."""
+    revision = repriced(record, load_prices())
+    assert revision is not None
+    return revision
+
+
+# -- partitions -------------------------------------------------------------------------------------
+@pytest.mark.postgres
+def test_the_writer_creates_day_partitions_ahead_and_rows_land_in_their_day(postgres_store: SqlStore) -> None:
+    postgres_store.export([on_day(1, 0), on_day(2, 3)])
+    today = TODAY.date()
+    assert set(partition_days(postgres_store)) >= {today + timedelta(days=n) for n in range(DAYS_AHEAD + 1)}
+    assert rows_in(postgres_store, partition_name(today)) == {"att-1"}
+    assert rows_in(postgres_store, partition_name(today + timedelta(days=3))) == {"att-2"}
+
+
+@pytest.mark.postgres
+def test_a_row_no_day_partition_covers_lands_in_the_default_partition_and_moves_out_when_its_day_is_made(
+    postgres_store: SqlStore,
+) -> None:
+    far = on_day(1, 40)  # a clock far ahead, or a day nobody created yet: the insert never fails
+    postgres_store.export([far, on_day(2, -400)])
+    assert rows_in(postgres_store, DEFAULT_PARTITION) == {"att-1", "att-2"}
+
+    make_days(postgres_store, 40, 40)
+
+    assert rows_in(postgres_store, partition_name((TODAY + timedelta(days=40)).date())) == {"att-1"}
+    assert rows_in(postgres_store, DEFAULT_PARTITION) == {"att-2"}
+    assert postgres_store.attempt_count() == 2
+    assert postgres_store.write([far]).inserted == 0  # still found where it moved
+
+
+@pytest.mark.postgres
+def test_redelivery_and_revisions_find_their_row_in_its_day_partition(postgres_store: SqlStore) -> None:
+    make_days(postgres_store, -3, 0)
+    batch = [on_day(1, -3), dropped(2, started_at=TODAY - timedelta(days=2)), on_day(3, 0)]
+    postgres_store.export(batch)
+    before = rollup_rows(postgres_store)
+
+    assert postgres_store.write(batch).inserted == 0  # a redelivered batch
+    assert rollup_rows(postgres_store) == before
+    revised = batch[1].with_waste(WasteReason.RETRIED)
+    assert postgres_store.write([revised, reprice(batch[0])]).revised == 2
+
+    assert postgres_store.attempt_count() == 3
+    stored = postgres_store.attempt("att-2")
+    assert stored is not None and stored.waste_reason is WasteReason.RETRIED
+    assert_rollups_match_raw_rows(postgres_store)
+
+
+def test_every_revision_of_a_record_keeps_the_start_time_of_its_first() -> None:
+    """The partitioned key is (attempt_id, started_at): a revision must name the same row."""
+    first = dropped(1)
+    revisions = [
+        first.with_waste(WasteReason.RETRIED),
+        reprice(first),
+        AttemptRecord.from_dict(first.with_waste(WasteReason.RETRIED).to_dict()),  # through a spool
+        storable(dataclasses.replace(first, revision=3, tags={"workflow": "a\x00b"})),
+    ]
+    assert all(r.started_at == first.started_at and r.revision > first.revision for r in revisions)
+
+
+# -- prune ------------------------------------------------------------------------------------------
+@pytest.mark.postgres
+def test_prune_drops_whole_days_deletes_from_the_day_of_the_cutoff_and_keeps_every_total(
+    postgres_store: SqlStore,
+) -> None:
+    make_days(postgres_store, -5, 0)
+    postgres_store.export([on_day(n, day) for day in range(-5, 1) for n in (day * 10 + 60, day * 10 + 65)])
+    before = postgres_store.rollup_totals()
+    cutoff = TODAY - timedelta(days=2) + timedelta(hours=12, minutes=45)  # between day -2's two attempts
+
+    assert postgres_store.prune_before(cutoff) == 7
+
+    days = partition_days(postgres_store)
+    assert min(days) == (TODAY - timedelta(days=2)).date()  # days -5 to -3 are gone whole
+    assert rows_in(postgres_store, partition_name(days[0])) == {"att-45"}
+    assert postgres_store.attempt_count() == 5
+    assert postgres_store.rollup_totals() == before
+    assert postgres_store.prune_before(cutoff) == 0
+
+
+def test_a_spool_replayed_after_a_prune_adds_nothing_the_rollups_counted(
+    store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A spool older than the retention (its batch was written, then the process died before it let
+    go of the spool) is replayed after a prune: the pruned attempts are kept apart, not counted again."""
+    store = SqlStore(store_url)
+    old, recent = [on_day(n, -100) for n in range(5)], [on_day(n, 0) for n in range(5, 8)]
+    store.export([*old, *recent])
+    spool = Spool(tmp_path / "spool")
+    spool.append(store.name, [*old, old[0].with_waste(WasteReason.RETRIED), *recent, on_day(9, 0)])
+    spool.close()
+    assert main(["db", "prune", "--older-than", "90d", "--db", store_url]) == 0
+    before = store.rollup_totals()
+
+    assert main(["db", "replay", "--db", store_url, "--spool-dir", str(tmp_path / "spool")]) == 0
+
+    totals = store.rollup_totals()
+    assert totals[0].attempts == before[0].attempts + 1  # att-9 only: new, after the cutoff
+    assert totals[0].billed_cost_usd == pytest.approx(before[0].billed_cost_usd + on_day(9, 0).cost.total_usd)
+    assert store.attempt_count() == 4
+    rejected, latest = store.rejected()
+    assert rejected == 5 and {r.attempt_id for r in latest} == {r.attempt_id for r in old}
+    assert all("retention cutoff" in r.reason for r in latest)
+    assert "5 refused by the database or started before its retention cutoff" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    store.shutdown()
+
+
+@pytest.mark.postgres
+def test_a_prune_waits_for_a_writer_that_read_the_old_cutoff(postgres_store: SqlStore) -> None:
+    postgres_store.export([on_day(1, -100)])
+    raised = threading.Event()
+
+    def prune() -> None:
+        postgres_store.prune_before(TODAY - timedelta(days=90))
+        raised.set()
+
+    with postgres_store.engine.begin() as writer:
+        assert cutoff_for_writing(writer) is None  # a writer in flight: it may still store old records
+        pruning = threading.Thread(target=prune)
+        pruning.start()
+        time.sleep(0.5)
+        assert not raised.is_set()
+        writer.execute(sa.insert(ATTEMPTS).values(attempt_row(on_day(2, -100))))
+    pruning.join(10)
+    assert raised.is_set()
+    assert postgres_store.attempt_count() == 0  # what it stored meanwhile was pruned too
+
+
+# -- the upgrade from an unpartitioned table --------------------------------------------------------
+@pytest.mark.postgres
+def test_migration_0013_partitions_an_existing_table_keeping_every_row_and_downgrades(
+    postgres_schema: str,
+) -> None:
+    url = postgres_schema_url(postgres_schema)
+    migrate.upgrade(url, revision="0012")
+    records = [
+        on_day(1, -30),
+        dropped(2, started_at=TODAY + timedelta(hours=12, minutes=4)),
+        on_day(3, 0),
+        on_day(4, -2000),
+    ]
+    engine = create_store_engine(url)
+    try:
+        with engine.begin() as connection:
+            # Rows as revision 0012 holds them: without the endpoint column migration 0014 adds.
+            rows = [{k: v for k, v in attempt_row(record).items() if k != "endpoint"} for record in records]
+            connection.execute(sa.insert(ATTEMPTS), rows)
+
+        migrate.upgrade(url)
+
+        with engine.connect() as connection:
+            kind = connection.exec_driver_sql(
+                "SELECT relkind FROM pg_class WHERE oid = to_regclass('costwatch_attempts')"
+            )
+            assert kind.scalar() == "p"
+            key = connection.exec_driver_sql(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE conrelid = to_regclass('costwatch_attempts') AND contype = 'p'"
+            ).scalar()
+            assert key == "PRIMARY KEY (attempt_id, started_at)"
+        store = SqlStore(url, auto_migrate=False)
+        try:
+            assert [store.attempt(r.attempt_id) for r in records] == records
+            assert rows_in(store, partition_name((TODAY - timedelta(days=30)).date())) == {"att-1"}
+            assert rows_in(store, DEFAULT_PARTITION) == {"att-4"}  # over two years back
+            assert store.write(records).inserted == 0
+            store.write([on_day(5, 0, logical_request_id="req-2", attempt_number=2)])
+            retried = store.attempt("att-2")
+            assert retried is not None and retried.waste_reason is WasteReason.RETRIED
+        finally:
+            store.shutdown()
+
+        migrate.downgrade(url, "0012")
+
+        with engine.connect() as connection:
+            kind = connection.exec_driver_sql(
+                "SELECT relkind FROM pg_class WHERE oid = to_regclass('costwatch_attempts')"
+            )
+            assert kind.scalar() == "r"
+            ids = connection.exec_driver_sql("SELECT attempt_id FROM costwatch_attempts").scalars()
+            assert sorted(ids) == ["att-1", "att-2", "att-3", "att-4", "att-5"]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_costwatch_serve_creates_the_day_partitions_ahead(postgres_store: SqlStore) -> None:
+    from costwatch.exporter import serve
+
+    last = TODAY.date() + timedelta(days=DAYS_AHEAD)
+    postgres_store.attempt_count()  # a migrated store, its partitions made by the migration
+    with postgres_store.engine.begin() as connection:
+        connection.exec_driver_sql(f"DROP TABLE {partition_name(last)}")
+    server = serve(postgres_store.url.render_as_string(hide_password=False), 0, block=False)
+    try:
+        deadline = time.monotonic() + 10
+        while last not in partition_days(postgres_store) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert last in partition_days(postgres_store)
+    finally:
+        server.shutdown()
+        server.server_close()
