@@ -439,8 +439,9 @@ def reconcile(
     attempts' estimates replaced by the bill where a row's figures match it.
 
     Models are matched by the price table's id (a dated id and its alias are one model); a row is
-    named as the API names it. Only first-party attempts count: the usage report does not bill
-    Bedrock, Vertex or Foundry traffic.
+    named as costwatch recorded the model (so it meets the rollups' labels), else as the API names
+    it. Only first-party attempts count: the usage report does not bill Bedrock, Vertex or Foundry
+    traffic.
     """
     width = BUCKET_WIDTHS[bucket]
     pairs: dict[tuple[datetime, str], _Pair] = {}
@@ -462,11 +463,13 @@ def reconcile(
         side = pairs.setdefault(key, _Pair()).reported
         side.cost_usd = (side.cost_usd or 0.0) + charged.usd
     grouped: dict[tuple[datetime, str], list[AttemptRecord]] = {}
+    recorded_names: dict[tuple[datetime, str], str] = {}
     for record in recorded:
         if record.platform != FIRST_PARTY or not start <= record.started_at < end:
             continue
         key = (_floor(record.started_at, width), prices.canonical(record.model_name))
-        names.setdefault(key, record.model_name)
+        names[key] = min(record.model_name, recorded_names.get(key, record.model_name))
+        recorded_names[key] = names[key]
         pairs.setdefault(key, _Pair())
         grouped.setdefault(key, []).append(record)
     rows = []
@@ -667,9 +670,14 @@ def _print_correction(totals: Mapping[str, Any], rows: Sequence[Mapping[str, Any
             f"Estimates corrected by the bill: {totals['attempts']:,} dropped attempt(s) in {buckets} "
             f"bucket(s) carry the output Anthropic billed; their waste is "
             f"{_money(totals['wasted_usd_at_bill'])} at the bill, {_money(totals['wasted_usd_at_estimate'])} "
-            f"as estimated. This run wrote {totals['revised_attempts']:,} revision(s) and moved the waste "
-            f"figure by {_signed_money(totals['wasted_usd_moved'])} "
-            f"({totals['output_tokens_moved']:+,} output tokens).",
+            "as estimated. "
+            + (
+                f"This run wrote {totals['revised_attempts']:,} revision(s) and moved the waste figure "
+                f"by {_signed_money(totals['wasted_usd_moved'])} "
+                f"({totals['output_tokens_moved']:+,} output tokens)."
+                if totals["revised_attempts"]
+                else "They already stood: this run changed nothing."
+            ),
             highlight=False,
         )
     if totals["left_alone_rows"]:

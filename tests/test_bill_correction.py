@@ -210,7 +210,7 @@ def test_a_dated_model_id_meets_its_alias_in_the_report_and_other_platforms_stay
     bedrock = _attempt(999, model=dated, platform="bedrock")
     found = _reconcile(_bill(records, output=520, model="claude-sonnet-4-5"), [*records, bedrock])
     [row] = found.result["rows"]
-    assert row["model"] == "claude-sonnet-4-5"
+    assert row["model"] == dated  # as costwatch's other figures label it
     assert row["coverage"]["input"] == 1.0
     assert row["correction"]["status"] == "corrected"
     assert [r.usage.output_tokens for r in found.revisions] == [120]

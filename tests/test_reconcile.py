@@ -252,6 +252,9 @@ def test_a_lone_dropped_attempt_gets_exactly_its_billed_output_and_a_calibration
         assert _rollups(store_url) == rollups
         assert _samples(store_url) == samples
         assert [r for r in _stored(store_url) if r.attempt_id == after.attempt_id] == [after]
+        code, out, _ = _reconcile(fake, store_url, capsys, monkeypatch)
+        assert code == 0 and "1 dropped attempt(s) in 1 bucket(s) carry the output Anthropic billed" in out
+        assert "this run changed nothing" in out
 
 
 def test_a_bucket_with_traffic_costwatch_did_not_see_keeps_its_estimates_and_says_why(
