@@ -1,12 +1,21 @@
-"""How well costwatch estimates the billed output of a stream cut mid-way.
+"""How close the wasted output of dropped streams comes to what the API billed: issue 20's targets.
 
-Completed streams from ``costwatch.testing`` calibrate the estimator, as completed attempts do in
-production; then the same kind of stream is cut after a random number of ``content_block_delta``
-events, and each dropped attempt's estimate is compared with the tokens the server billed (its ledger).
-Three ways to be calibrated: not at all (a fresh process and a fresh store), by completed streams
-of the same process, and by completed streams another process stored (a fresh process over a warm
-store: the calibration samples loaded at ``instrument()``). Prints a markdown table and a JSON line.
-Run: ``python benchmarks/estimator_accuracy.py [--cuts N]``.
+Every scenario runs in a process of its own over a database of its own, with the fake API (in a
+thread of that process) answering through the real SDK. Its tokenizer is set to 0.6x and 1.6x its
+default characters per token (``ResponseSpec.chars_per_token_scale``), and its answers are one
+content kind each: English prose, CJK, emoji + CJK, code (a code-execution call's input),
+thinking-heavy and tool-input-heavy. A stream is cut after a random number of
+``content_block_delta`` events; the report's wasted output tokens, read from the store after
+``costwatch.flush()``, are compared with the output the fake billed for the cut attempts (its ledger):
+
+* **fresh**: a fresh process over a fresh database; the cuts come before any stream completed, then
+  three streams complete in the same run (target: aggregate wasted-output error <= 10%);
+* **warm**: a store holding ten completed streams of the same kind, written by an earlier process
+  (target: <= 5% for every content kind);
+* **counted**: ``count_partial_output=True`` (target: exact) — a slot, filled once that feature is in.
+
+Input, cache and attempt counts must be exact in every scenario: the benchmark asserts it. Prints a
+markdown table and a JSON line. Run: ``python benchmarks/estimator_accuracy.py [--cuts N] [--seed S]``.
 """
 
 from __future__ import annotations
@@ -14,115 +23,222 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
+import subprocess
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-
-import anthropic
-
-import costwatch
-from costwatch.pipeline import Pipeline
-from costwatch.sinks import MemorySink
-from costwatch.spool import Spool
-from costwatch.store import SqlStore
-from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
+from typing import Any
 
 MODEL = "claude-haiku-4-5"
+SCALES = (0.6, 1.6)
+KINDS: dict[str, dict[str, Any]] = {
+    # kind: the answer's blocks (kind, output tokens) and the script of its text
+    "English prose": {"blocks": (("text", 1200),), "script": "latin"},
+    "CJK": {"blocks": (("text", 1200),), "script": "cjk"},
+    "emoji + CJK": {"blocks": (("text", 1200),), "script": "emoji_cjk"},
+    "code": {"blocks": (("text", 60), ("code_execution", 1200)), "script": "latin"},
+    "thinking-heavy": {"blocks": (("thinking", 1500), ("text", 300)), "script": "latin"},
+    "tool-input-heavy": {"blocks": (("text", 80), ("tool_use", 1200)), "script": "latin"},
+}
+WARM_STREAMS = 10
+FRESH_COMPLETIONS = 3
+FRESH_TARGET = 0.10
+WARM_TARGET = 0.05
 
 
-def warm_store(store_url: str, spool: Path, streams: int, seed: int) -> None:
-    """Another process: ``streams`` completed streams recorded in the store at ``store_url``."""
-    pipeline = Pipeline(spool=Spool(spool))
-    costwatch.instrument(pipeline=pipeline, sinks=[SqlStore(store_url)], listeners=[])
+# -- one scenario, in a process of its own --------------------------------------------------------
+def _spec(kind: str, scale: float, seed: int) -> Any:
+    from costwatch.testing import ResponseSpec
+    from costwatch.testing.spec import BlockKind, BlockSpec
+
+    shape = KINDS[kind]
+    return ResponseSpec(
+        blocks=tuple(BlockSpec(BlockKind(name), tokens) for name, tokens in shape["blocks"]),
+        script=shape["script"],
+        chars_per_token_scale=scale,
+        # Cache figures of their own, so that "exact" covers them too.
+        cache_read_tokens=2_000,
+        cache_write_5m_tokens=300,
+        seed=seed,
+    )
+
+
+def _stream(client: Any, label: str) -> None:
+    messages = [{"role": "user", "content": f"task {label}"}]
     try:
-        with FakeAnthropicServer(ResponseSpec(seed=seed)) as server:
-            client = anthropic.Anthropic(base_url=server.base_url, api_key="bench", max_retries=0)
-            for i in range(streams):
-                messages = [{"role": "user", "content": f"earlier task {i}"}]
-                for _ in client.messages.create(model=MODEL, max_tokens=8192, messages=messages, stream=True):
-                    pass
-        pipeline.flush()
+        for _ in client.messages.create(model=MODEL, max_tokens=8192, messages=messages, stream=True):
+            pass
+    except Exception as exc:  # the cut: the SDK line's transport error, or the SDK's own
+        if (
+            "incomplete" not in str(exc)
+            and "closed" not in str(exc)
+            and "Connection" not in type(exc).__name__
+        ):
+            raise
+
+
+def _session(store_url: str, spool: Path, work: Any, **settings: Any) -> None:
+    """One process's worth of costwatch: instrument over the store, ``work()``, flush, uninstrument."""
+    import costwatch
+    from costwatch.pipeline import Pipeline
+    from costwatch.spool import Spool
+
+    pipeline = Pipeline(spool=Spool(spool))
+    costwatch.instrument(pipeline=pipeline, database_url=store_url, metrics=False, listeners=[], **settings)
+    try:
+        work()
+        assert costwatch.flush(60), "records did not reach the store"
     finally:
         costwatch.uninstrument()
         pipeline.shutdown()
 
 
-def run(cuts: int, warm_up: int, seed: int, store_url: str | None = None) -> dict[str, float]:
-    rng = random.Random(seed)
-    sink = MemorySink()
-    pipeline = Pipeline()
-    sinks = [sink] if store_url is None else [sink, SqlStore(store_url)]
-    costwatch.instrument(pipeline=pipeline, sinks=sinks, listeners=[])
+def _totals(store_url: str) -> dict[str, int]:
+    """The report's overall totals (every rollup measure) of the store at ``store_url``."""
+    from costwatch.store import ROLLUP_MEASURES, SqlStore
+
+    store = SqlStore(store_url)
     try:
-        with FakeAnthropicServer(ResponseSpec(seed=seed)) as server:
-            client = anthropic.Anthropic(base_url=server.base_url, api_key="bench", max_retries=0)
-            deltas = ResponseSpec().output_tokens // 2  # about two tokens per delta event
+        found = store.rollup_totals()
+    finally:
+        store.shutdown()
+    return {name: getattr(found[0], name) for name in ROLLUP_MEASURES} if found else {}
 
-            def stream(i: int) -> None:
-                messages = [{"role": "user", "content": f"task {i}"}]
-                try:
-                    for _ in client.messages.create(
-                        model=MODEL, max_tokens=8192, messages=messages, stream=True
-                    ):
-                        pass
-                except Exception:
-                    pass
 
-            for i in range(warm_up):
-                stream(i)
-            pipeline.flush()
-            sink.clear()
-            server.ledger.clear()
+def scenario(mode: str, kind: str, scale: float, cuts: int, seed: int) -> dict[str, Any]:
+    """Run one scenario; the report's figures beside the fake's ledger (exact counts asserted)."""
+    import anthropic
+
+    from costwatch.testing import FakeAnthropicServer, Fault
+
+    rng = random.Random(f"{mode}:{kind}:{scale}:{seed}")
+    spec = _spec(kind, scale, seed)
+    with tempfile.TemporaryDirectory() as tmp, FakeAnthropicServer(spec) as server:
+        store_url = f"sqlite:///{Path(tmp) / 'store.db'}"
+        client = anthropic.Anthropic(base_url=server.base_url, api_key="bench", max_retries=0)
+        if mode == "warm":
+            # An earlier process: completed streams of the same kind, their samples in the store.
+            _session(
+                store_url,
+                Path(tmp) / "spool-0",
+                lambda: [_stream(client, f"w{i}") for i in range(WARM_STREAMS)],
+            )
+        server.ledger.clear()
+        deltas = max(1, spec.output_tokens * 9 // 20)  # two tokens a delta on average: cut before the end
+
+        def work() -> None:
             for i in range(cuts):
                 server.enqueue(Fault.cut_after_deltas(rng.randint(1, deltas)))
-                stream(warm_up + i)
-            entries = {e.request_id: e for e in server.ledger.entries}
-            pipeline.flush()
-    finally:
-        costwatch.uninstrument()
-        pipeline.shutdown()
-    errors, estimated, truth = [], 0, 0
-    for record in sink.records:
-        entry = entries[record.request_id]
-        if not entry.output_tokens:
-            continue
-        estimated += record.usage.output_tokens
-        truth += entry.output_tokens
-        errors.append(abs(record.usage.output_tokens - entry.output_tokens) / entry.output_tokens)
-    errors.sort()
-    return {
-        "cuts": len(errors),
-        "total_error": abs(estimated - truth) / truth,
-        "median_error": statistics.median(errors),
-        "p90_error": errors[int(0.9 * (len(errors) - 1))],
-        "max_error": errors[-1],
+                _stream(client, f"cut {i}")
+            if mode == "fresh":
+                for i in range(FRESH_COMPLETIONS):
+                    _stream(client, f"done {i}")
+
+        settings = {"count_partial_output": True} if mode == "counted" else {}
+        before = _totals(store_url)
+        _session(store_url, Path(tmp) / "spool-1", work, **settings)
+        ledger = server.ledger.entries
+        after = _totals(store_url)
+    totals = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    cut = [e for e in ledger if e.ending.value != "completed"]
+    assert len(cut) == cuts, f"{len(cut)} streams were cut, not {cuts}"
+    exact = {
+        "attempts": (totals["attempts"], len(ledger)),
+        "input tokens": (totals["billed_input_tokens"], sum(e.input_tokens for e in ledger)),
+        "cache read tokens": (totals["billed_cache_read_tokens"], sum(e.cache_read_tokens for e in ledger)),
+        "cache write tokens": (
+            totals["billed_cache_write_tokens"],
+            sum(e.cache_write_tokens for e in ledger),
+        ),
+        "wasted input tokens": (totals["wasted_input_tokens"], sum(e.input_tokens for e in cut)),
     }
+    for name, (reported, billed) in exact.items():
+        assert reported == billed, f"{mode}/{kind}/{scale}: {name} {reported} in the report, {billed} billed"
+    truth = sum(e.output_tokens for e in cut)
+    return {
+        "mode": mode,
+        "kind": kind,
+        "scale": scale,
+        "cuts": cuts,
+        "wasted_output_reported": totals["wasted_output_tokens"],
+        "wasted_output_billed": truth,
+        "error": (totals["wasted_output_tokens"] - truth) / truth if truth else 0.0,
+    }
+
+
+# -- the driver ----------------------------------------------------------------------------------
+def _run_apart(mode: str, kind: str, scale: float, cuts: int, seed: int) -> dict[str, Any]:
+    """:func:`scenario` in a fresh Python process (nothing of costwatch's carried over)."""
+    arguments = json.dumps({"mode": mode, "kind": kind, "scale": scale, "cuts": cuts, "seed": seed})
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--scenario", arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"scenario {arguments} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _aggregate(rows: Sequence[dict[str, Any]]) -> float:
+    reported = sum(r["wasted_output_reported"] for r in rows)
+    billed = sum(r["wasted_output_billed"] for r in rows)
+    return (reported - billed) / billed if billed else 0.0
+
+
+def _counted_available() -> bool:
+    from costwatch.settings import Settings
+
+    return "count_partial_output" in Settings.__dataclass_fields__
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cuts", type=int, default=60)
-    parser.add_argument("--warm-up", type=int, default=8)
+    parser.add_argument("--cuts", type=int, default=6, help="streams cut per scenario (default 6)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    cold = run(args.cuts, 0, args.seed)
-    warm = run(args.cuts, args.warm_up, args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        store_url = f"sqlite:///{Path(tmp) / 'store.db'}"
-        warm_store(store_url, Path(tmp) / "spool", args.warm_up, args.seed + 1)
-        fleet = run(args.cuts, 0, args.seed, store_url)
-    print("| estimator | cuts | total error | median error | p90 error | max error |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, result in (
-        ("defaults (fresh process, fresh store)", cold),
-        (f"after {args.warm_up} completed streams in the same process", warm),
-        (f"fresh process over a store holding {args.warm_up} completed streams", fleet),
-    ):
-        print(
-            f"| {name} | {result['cuts']} | {result['total_error']:.1%} | {result['median_error']:.1%} "
-            f"| {result['p90_error']:.1%} | {result['max_error']:.1%} |"
+    if args.scenario:
+        print(json.dumps(scenario(**json.loads(args.scenario))))
+        return
+    modes = ["fresh", "warm"] + (["counted"] if _counted_available() else [])
+    results = [
+        _run_apart(mode, kind, scale, args.cuts, args.seed)
+        for mode in modes
+        for scale in SCALES
+        for kind in KINDS
+    ]
+    print("| scenario | tokenizer | " + " | ".join(KINDS) + " | aggregate |")
+    print("|---|---:|" + "---:|" * (len(KINDS) + 1))
+    for mode in modes:
+        for scale in SCALES:
+            rows = [r for r in results if r["mode"] == mode and r["scale"] == scale]
+            cells = " | ".join(f"{r['error']:+.1%}" for r in rows)
+            print(f"| {mode} | {scale}x | {cells} | {_aggregate(rows):+.1%} |")
+    if "counted" not in modes:
+        print("| counted | 0.6x, 1.6x | (count_partial_output is not in this costwatch yet) |")
+    fresh = [r for r in results if r["mode"] == "fresh"]
+    warm = [r for r in results if r["mode"] == "warm"]
+    verdicts = {
+        f"fresh, aggregate <= {FRESH_TARGET:.0%}": abs(_aggregate(fresh)) <= FRESH_TARGET,
+        f"fresh, each tokenizer's aggregate <= {FRESH_TARGET:.0%}": all(
+            abs(_aggregate([r for r in fresh if r["scale"] == s])) <= FRESH_TARGET for s in SCALES
+        ),
+        f"warm, every kind <= {WARM_TARGET:.0%}": all(abs(r["error"]) <= WARM_TARGET for r in warm),
+    }
+    counted = [r for r in results if r["mode"] == "counted"]
+    if counted:
+        verdicts["counted, exact"] = all(
+            r["wasted_output_reported"] == r["wasted_output_billed"] for r in counted
         )
-    print(json.dumps({"uncalibrated": cold, "calibrated": warm, "fleet": fleet}))
+    print()
+    for name, met in verdicts.items():
+        print(f"- {name}: {'met' if met else 'MISSED'}")
+    print("- input, cache and attempt counts: exact in every scenario (asserted)")
+    print(json.dumps({"results": results, "targets": verdicts}))
 
 
 if __name__ == "__main__":

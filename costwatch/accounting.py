@@ -46,14 +46,10 @@ _last_logical_request: contextvars.ContextVar[tuple[object, str] | None] = conte
 )
 
 
-_NOTHING_BILLED = Usage()
 _NO_TOOL_USE: Mapping[str, int] = MappingProxyType({})
 _NO_CHARS: Mapping[str, int] = MappingProxyType({})
-# Enum members read once: looking one up on its class costs ~70 ns, and settle() asks several times.
-_COMPLETED = Outcome.COMPLETED
 _INPUT_UNBILLED = (Outcome.HTTP_ERROR, Outcome.CONNECT_ERROR)
-_REPORTED, _ESTIMATED = OutputSource.REPORTED, OutputSource.ESTIMATED
-_UTC = timezone.utc
+"""Outcomes whose request never reached a model: nothing of them is billed."""
 
 
 class Accountant:
@@ -76,7 +72,7 @@ class Accountant:
 
     def begin(self, request: Any, owner: object = None) -> Attempt:
         """Open the account of one attempt about to be sent by ``owner``, the thread or task sending it."""
-        started_at = datetime.now(_UTC)
+        started_at = datetime.now(timezone.utc)
         started = time.perf_counter()
         wanted = _wanted_headers(request.headers.raw)  # one pass: httpx's get() decodes every header
         url = request.url
@@ -117,19 +113,19 @@ class Accountant:
             self.pipeline.submit(record)
         beta = wanted.get(b"anthropic-beta")
         attempt = Attempt(
-            self,
-            new_id(),
-            assignment.logical_request_id,
-            assignment.attempt_number,
-            started_at,
-            started,
-            model,
-            fingerprint,
-            body if fingerprint is None and body else None,
-            size,
-            sdk_retry,
-            tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
-            context.current_tags(),
+            accountant=self,
+            attempt_id=new_id(),
+            logical_request_id=assignment.logical_request_id,
+            attempt_number=assignment.attempt_number,
+            started_at=started_at,
+            started=started,
+            model_requested=model,
+            fingerprint=fingerprint,
+            body=body if fingerprint is None and body else None,
+            body_size=size,
+            sdk_retry=sdk_retry,
+            beta_features=tuple(b.strip() for b in beta.split(",") if b.strip()) if beta else (),
+            tags=context.current_tags(),
         )
         in_flight.add(attempt)
         if assignment.attempt_number > 1 and body:
@@ -181,19 +177,19 @@ class Accountant:
         # Outside the tracker: a refused retry is no attempt of its request, and leaves the earlier
         # failures abandoned (nothing paid for them again).
         return Attempt(
-            self,
-            new_id(),
-            joins[0],
-            joins[1] + 1,
-            datetime.now(_UTC),
-            time.perf_counter(),
-            model,
-            fingerprint,
-            None,
-            size,
-            0,
-            (),
-            tags,
+            accountant=self,
+            attempt_id=new_id(),
+            logical_request_id=joins[0],
+            attempt_number=joins[1] + 1,
+            started_at=datetime.now(timezone.utc),
+            started=time.perf_counter(),
+            model_requested=model,
+            fingerprint=fingerprint,
+            body=None,
+            body_size=size,
+            sdk_retry=0,
+            beta_features=(),
+            tags=tags,
             refused=refusal,
         )
 
@@ -201,7 +197,7 @@ class Accountant:
         """Close the account: build the record and hand it to the pipeline."""
         meter = attempt.meter
         started = attempt.started
-        usage = _NOTHING_BILLED
+        usage = Usage()  # nothing billed unless the meter read usage
         model = attempt.model_requested
         answered_model = message_id = api_error_type = stop_reason = first_token_s = None
         events = bytes_received = 0
@@ -224,7 +220,7 @@ class Accountant:
                 estimated = self.estimator.estimate(model, meter.chars)
                 output = estimated
                 output_chars = _counted(meter.chars)  # kept, to revise the estimate later
-            elif outcome is _COMPLETED and meter.output_reported and meter.chars_measured:
+            elif outcome is Outcome.COMPLETED and meter.output_reported and meter.chars_measured:
                 self.estimator.observe(model, meter.chars, reported.output_tokens)
                 output_chars = _counted(meter.chars)  # a calibration sample for the fleet
             if billed_input and (meter.message_id is not None or meter.output_reported):
@@ -236,7 +232,7 @@ class Accountant:
                     output_tokens=output,
                     output_estimated=not meter.output_reported,
                     estimated_output_tokens=estimated,
-                    output_source=_REPORTED if meter.output_reported else _ESTIMATED,
+                    output_source=OutputSource.REPORTED if meter.output_reported else OutputSource.ESTIMATED,
                 )
             message_id = meter.message_id
             api_error_type = meter.api_error_type
@@ -265,41 +261,38 @@ class Accountant:
         fingerprint, body = attempt.fingerprint, attempt.body
         prompt_size = attempt.prompt_size
         attempt.body = None
-        if body is not None and outcome is not _COMPLETED:
+        if body is not None and outcome is not Outcome.COMPLETED:
             # The tracker remembers a failed attempt by its fingerprint: a resend may come any moment.
             fingerprint, body = fingerprint_of(body), None
-        # Positional, in field order (tests/test_attempt_cost.py pins the order): a call with more
-        # than 15 keyword arguments packs them into a dict first, which cost ~1 us here.
+        # Not wasted yet: the tracker decides.
         record = AttemptRecord(
-            attempt.attempt_id,
-            attempt.logical_request_id,
-            attempt.attempt_number,
-            attempt.started_at,
-            outcome,
-            attempt.model_requested,
-            answered_model,  # model
-            attempt.stream,
-            attempt.beta_features,
-            attempt.request_id,
-            message_id,
-            attempt.sdk_retry,
-            attempt.http_status,
-            # error_type: what the application saw; after an event the SDK could not read, the SDK's
-            # own exception, which the hooks never see.
-            type(error).__name__ if error is not None else unreadable,
-            api_error_type,
-            first_token_s,  # time_to_first_token_s
-            time.perf_counter() - started,  # duration_s
-            usage,
-            tool_use,  # server_tool_use
-            stop_reason,
-            events,  # events_received
-            bytes_received,
-            cost,
-            False,  # wasted: the tracker decides
-            None,  # waste_reason
-            attempt.tags,
-            fingerprint,
+            attempt_id=attempt.attempt_id,
+            logical_request_id=attempt.logical_request_id,
+            attempt_number=attempt.attempt_number,
+            started_at=attempt.started_at,
+            outcome=outcome,
+            model_requested=attempt.model_requested,
+            model=answered_model,
+            stream=attempt.stream,
+            beta_features=attempt.beta_features,
+            request_id=attempt.request_id,
+            message_id=message_id,
+            sdk_retry=attempt.sdk_retry,
+            http_status=attempt.http_status,
+            # What the application saw; after an event the SDK could not read, the SDK's own
+            # exception, which the hooks never see.
+            error_type=type(error).__name__ if error is not None else unreadable,
+            api_error_type=api_error_type,
+            time_to_first_token_s=first_token_s,
+            duration_s=time.perf_counter() - started,
+            usage=usage,
+            server_tool_use=tool_use,
+            stop_reason=stop_reason,
+            events_received=events,
+            bytes_received=bytes_received,
+            cost=cost,
+            tags=attempt.tags,
+            fingerprint=fingerprint,
             prompt_bytes=prompt_size.prompt_bytes if prompt_size is not None else None,
             stable_prefix_bytes=prompt_size.stable_prefix_bytes if prompt_size is not None else None,
             inference_geo=inference_geo,

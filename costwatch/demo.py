@@ -23,7 +23,6 @@ import anthropic
 
 import costwatch
 
-from .estimation import CONTENT_TYPES, OutputEstimator
 from .pipeline import Pipeline
 from .pricing import PriceTable
 from .testing import (
@@ -35,7 +34,6 @@ from .testing import (
     ReceivedRequest,
     ResponseSpec,
 )
-from .testing.plan import plan_response
 
 __all__ = [
     "DEFAULT_WORKFLOWS",
@@ -47,7 +45,6 @@ __all__ = [
     "default_models",
     "demo_requests",
     "demo_response_spec",
-    "fake_api_chars_per_token",
     "ledger_summary",
     "run_demo",
 ]
@@ -196,27 +193,6 @@ def demo_response_spec(body_digest: str, *, seed: int = 0) -> ResponseSpec:
     )
 
 
-def fake_api_chars_per_token(samples: int = 8, *, seed: int = 0) -> dict[str, float]:
-    """Characters per output token of the fake API's answers, measured on ``samples`` planned answers.
-
-    The fake server's tokens are fragments of its own vocabularies (``docs/testing.md``), not a
-    Claude tokenizer, so the demo tells the output estimator what it measured here, as an
-    application would tell it what it measured on its own traffic.
-    """
-    chars = dict.fromkeys(CONTENT_TYPES, 0)
-    tokens = dict.fromkeys(CONTENT_TYPES, 0)
-    for sample in range(samples):
-        body = f"sample {sample}".encode()
-        spec = demo_response_spec(hashlib.sha256(body).hexdigest(), seed=seed)
-        plan = plan_response(spec, body=body, model_requested="sample")
-        for content, count in plan.chars_by_type().items():
-            # The estimator counts every tool's JSON input (client and server tools) as tool_input.
-            key = content if content in chars else "tool_input"
-            chars[key] += count
-            tokens[key] += plan.tokens_by_type()[content]
-    return {key: chars[key] / tokens[key] if tokens[key] else 1.0 for key in CONTENT_TYPES}
-
-
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """What a dropped stream raises while it is read: the transport error of either SDK line."""
     errors: list[type[BaseException]] = []
@@ -270,7 +246,6 @@ def run_demo(
     if costwatch.is_instrumented():
         raise DemoError("costwatch is already instrumenting this process; run the demo on its own")
     retryable: tuple[type[BaseException], ...] = (anthropic.APIError, *_transport_errors())
-    estimator = OutputEstimator(chars_per_token=fake_api_chars_per_token(seed=options.seed))
     started = time.monotonic()
     server = FakeAnthropicServer(
         drop_profile=DropProfile(options.drop_rate, seed=options.seed),
@@ -294,9 +269,7 @@ def run_demo(
         # writer thread and spool) is left untouched for whatever runs after the demo in this process.
         pipeline = Pipeline()
         # The one line an application adds (without the pipeline argument):
-        costwatch.instrument(
-            pipeline=pipeline, database_url=database_url, metrics=False, prices=prices, estimator=estimator
-        )
+        costwatch.instrument(pipeline=pipeline, database_url=database_url, metrics=False, prices=prices)
         try:
             with ThreadPoolExecutor(
                 max_workers=options.concurrency, thread_name_prefix="costwatch-demo"

@@ -144,7 +144,7 @@ class OutputEstimator:
         chars_per_token: Mapping[str, float] | None = None,
         alpha: float = 0.1,
         min_samples: int = 1,
-        prior_weight: float = 0.5,
+        prior_weight: float = 0.1,
         outlier_bound: float = 4.0,
         dominant_share: float = 0.8,
         min_observed_tokens: int = 20,
@@ -182,6 +182,7 @@ class OutputEstimator:
         self._models: dict[str, _Factor] = {}
         self._offered: dict[str, int] = {}
         self._types: dict[tuple[str, str], _Factor] = {}
+        self._changes = 0
         self._lock = threading.Lock()
 
     # -- estimating ------------------------------------------------------------------------------
@@ -225,6 +226,12 @@ class OutputEstimator:
                 predicted[segment] = predicted.get(segment, 0.0) + count / ratio
         return predicted
 
+    @property
+    def changes(self) -> int:
+        """How many times the calibration changed (an observed sample, a restore): estimates made
+        before the count last moved may now come out differently."""
+        return self._changes
+
     def _usable(self, factor: _Factor | None) -> float | None:
         return factor.value if factor is not None and factor.samples >= self.min_samples else None
 
@@ -252,6 +259,7 @@ class OutputEstimator:
         log_ratio = math.log(output_tokens / total)
         pool = _pool_of(model)
         with self._lock:
+            self._changes += 1
             for key in (model, pool):
                 self._update(self._models, key, log_ratio)
                 if predicted[dominant] >= self.dominant_share * total:
@@ -306,6 +314,7 @@ class OutputEstimator:
         with self._lock:
             self._models = models
             self._types = types
+            self._changes += 1
 
     def _factor(self, entry: Mapping[str, Any], where: str) -> _Factor:
         value, samples = entry.get("factor"), entry.get("samples")

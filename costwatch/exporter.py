@@ -229,15 +229,16 @@ def _samples(
             add(unpriced, (model,), values[_UNPRICED])
             add(platform_unpriced, (platform,), values[_UNPRICED])
         observe(durations, (model, outcome), count, values[_DURATION])
-        if outcome == _DROPPED:
+        if outcome == Outcome.DROPPED.value:
             observe(drops, (model,), count, values[_DURATION])
-        if outcome == _COMPLETED:
+        if outcome == Outcome.COMPLETED.value:
             add(logical, (model, "succeeded"), count)
-        if waste_reason in (_RETRIED, _CANCELLED):  # final when written, unlike abandoned
+        # Retried and cancelled waste is final when written, unlike abandoned.
+        if waste_reason in (WasteReason.RETRIED.value, WasteReason.CANCELLED.value):
             waste(values, model, workflow, waste_reason)
     for (raw_model, _, _, _, raw_workflow, _), values in sorted(settled_abandoned):
         model, workflow = labels_of(raw_model, raw_workflow)
-        waste(values, model, workflow, _ABANDONED)
+        waste(values, model, workflow, WasteReason.ABANDONED.value)
         # Each abandoned attempt is the last attempt of a logical request that failed.
         add(logical, (model, "failed"), values[0])
     pending_attempts: dict[Labels, float] = {}
@@ -272,11 +273,8 @@ def _samples(
     )
 
 
-_DROPPED, _COMPLETED = Outcome.DROPPED.value, Outcome.COMPLETED.value
 # The in-process counter's name: the fleet alert on refused records sees the exporter's series too.
 _REJECTED = "costwatch_store_rejected_records"
-_RETRIED, _ABANDONED = WasteReason.RETRIED.value, WasteReason.ABANDONED.value
-_CANCELLED = WasteReason.CANCELLED.value
 
 
 _COUNTERS: Mapping[str, tuple[str, Labels]] = {
@@ -544,7 +542,7 @@ class FleetCollector(Collector):
                 caps=caps,
                 other=OTHER,
                 measures=_MEASURES,
-                recent_where={"waste_reason": _ABANDONED},
+                recent_where={"waste_reason": WasteReason.ABANDONED.value},
                 kept=self._kept,
             )
             rows = connection.execute(query).all()
@@ -657,7 +655,7 @@ def _combine_all_time(rows: Iterable[Sequence[Any]]) -> tuple[list[Group], list[
         values = list(row[width + 2 :])  # ints and floats, never NULL (the columns are NOT NULL)
         if values[0]:
             totals.append((key, values))
-        if key[_WASTE_REASON] == _ABANDONED:
+        if key[_WASTE_REASON] == WasteReason.ABANDONED.value:
             all_time_abandoned[key] = values
     settled_abandoned: list[Group] = []
     for key, values in all_time_abandoned.items():

@@ -497,7 +497,7 @@ def instrument(
             listeners=listeners if listeners is not None else _default_listeners(),
             tracker=RetryTracker(window_s=config.retry_window_s),
         )
-        added += _fleet_calibration(added, accountant.estimator, config)
+        added += _fleet_calibration(added, accountant.estimator, price_table, config)
         if sinks is None:
             # Reading the fleet's calibration pooled a connection: the first write connects afresh
             # (see SqlStore.prepare), to the database as it then is.
@@ -571,16 +571,29 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
     return sinks
 
 
-def _fleet_calibration(sinks: Sequence[Sink], estimator: OutputEstimator, config: Any) -> list[Sink]:
+def _fleet_calibration(
+    sinks: Sequence[Sink], estimator: OutputEstimator, prices: PriceTable, config: Any
+) -> list[Sink]:
     """A :class:`~costwatch.calibration.FleetCalibration` over the first sink that stores calibration
-    samples (the SQL store), loaded now; none if no sink does."""
+    samples (the SQL store), loaded now, and an :class:`~costwatch.revise.EstimateRevision` of that
+    store's estimates after it (so a refresh comes before the revisions it makes possible); none if
+    no sink stores samples."""
     from .calibration import FleetCalibration
+    from .revise import EstimateRevision
 
     for sink in sinks:
         if callable(getattr(sink, "calibration_samples", None)):
             calibration = FleetCalibration(sink, estimator, refresh_s=config.calibration_refresh_s)  # type: ignore[arg-type]
             calibration.load()
-            return [calibration]
+            revision = EstimateRevision(
+                sink,  # type: ignore[arg-type]
+                estimator,
+                prices,
+                window_s=config.revision_window_s,
+                refresh_s=config.calibration_refresh_s,
+                batch_size=config.batch_size,
+            )
+            return [calibration, revision]
     return []
 
 

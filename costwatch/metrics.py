@@ -38,6 +38,7 @@ __all__ = [
     "DURATION_BUCKETS",
     "MODEL_LABEL_LIMIT",
     "OTHER",
+    "Correction",
     "LabelCap",
     "MetricsSink",
     "SettledRequest",
@@ -135,6 +136,16 @@ class SettledRequest:
     succeeded: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Correction:
+    """A counted attempt whose output estimate was revised: count the difference ``new - old``, also
+    as waste when its waste was already counted (under ``settled``)."""
+
+    old: AttemptRecord
+    new: AttemptRecord
+    settled: WasteReason | None
+
+
 @dataclass(slots=True)
 class Settlement:
     """What became countable after some records arrived or some time passed."""
@@ -143,12 +154,14 @@ class Settlement:
     """Attempts seen for the first time: count the attempt, its billed tokens and its cost."""
     waste: list[SettledWaste] = field(default_factory=list)
     requests: list[SettledRequest] = field(default_factory=list)
+    corrections: list[Correction] = field(default_factory=list)
 
     def extend(self, other: Settlement) -> None:
         """Append another settlement's items to this one."""
         self.new_attempts.extend(other.new_attempts)
         self.waste.extend(other.waste)
         self.requests.extend(other.requests)
+        self.corrections.extend(other.corrections)
 
 
 @dataclass(slots=True)
@@ -161,7 +174,10 @@ class WasteSettlement:
     """Decides when each attempt's waste and each logical request's result is final.
 
     * An attempt is new the first time any revision of it arrives; later copies of the same or a
-      lower revision are ignored, so redelivered batches count nothing twice.
+      lower revision are ignored, so redelivered batches count nothing twice, except that a
+      ``retried`` flip is believed whatever its revision (a flip made in memory and an estimate
+      revised in the store, each one revision up, can carry the same number).
+    * A higher revision whose estimated output differs from the one counted is a correction.
     * ``retried`` waste settles when a record says so; ``abandoned`` waste settles when
       ``retry_window_s`` has passed since it arrived with no ``retried`` revision.
     * A logical request succeeds when one of its attempts completes. It fails when its latest
@@ -187,7 +203,8 @@ class WasteSettlement:
         self.max_pending = max_pending
         self.max_remembered = max_remembered
         self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()  # id -> (revision, first seen)
-        self._settled_waste: set[str] = set()
+        self._settled_waste: dict[str, WasteReason] = {}
+        self._estimated: OrderedDict[str, AttemptRecord] = OrderedDict()  # counted, output estimated
         self._pending_waste: OrderedDict[str, _Pending] = OrderedDict()
         self._pending_requests: OrderedDict[str, _Pending] = OrderedDict()
         self._finished_requests: OrderedDict[str, int] = OrderedDict()  # id -> last attempt number
@@ -234,37 +251,59 @@ class WasteSettlement:
 
     # -- internals --------------------------------------------------------------------------------
     def _observe(self, record: AttemptRecord, now: float, out: Settlement) -> None:
-        seen = self._seen.get(record.attempt_id)
+        attempt_id = record.attempt_id
+        seen = self._seen.get(attempt_id)
         if seen is not None and record.revision <= seen[0]:
+            pending = self._pending_waste.get(attempt_id)
+            if pending is not None and record.wasted and record.waste_reason is WasteReason.RETRIED:
+                self._settle_retried(pending.record, now, out)  # the latest figures held for it
             return
-        self._seen[record.attempt_id] = (record.revision, now if seen is None else seen[1])
+        self._seen[attempt_id] = (record.revision, now if seen is None else seen[1])
         if seen is None:
             out.new_attempts.append(record)
             self._request_attempt(record, now, out)
-        if record.attempt_id in self._settled_waste:
+        else:
+            self._revised(record, out)
+        if record.usage.output_estimated:
+            self._estimated[attempt_id] = record
+        if attempt_id in self._settled_waste:
             return
         if record.wasted and record.waste_reason is WasteReason.RETRIED:
-            self._pending_waste.pop(record.attempt_id, None)
-            self._settled_waste.add(record.attempt_id)
-            out.waste.append(SettledWaste(record, WasteReason.RETRIED))
-            # A retry has started; its own record arrives only when it ends, maybe much later.
-            pending = self._pending_requests.get(record.logical_request_id)
-            if pending is not None:
-                pending.deadline = now + self.retry_window_s
-                self._pending_requests.move_to_end(record.logical_request_id)
+            self._settle_retried(record, now, out)
         elif record.wasted and record.waste_reason is WasteReason.CANCELLED:
             # The application's own stop: final at once, and no retry is coming.
-            self._pending_waste.pop(record.attempt_id, None)
-            self._settled_waste.add(record.attempt_id)
+            self._pending_waste.pop(attempt_id, None)
+            self._settled_waste[attempt_id] = WasteReason.CANCELLED
             out.waste.append(SettledWaste(record, WasteReason.CANCELLED))
         elif record.wasted and record.waste_reason is WasteReason.ABANDONED:
-            if record.attempt_id not in self._pending_waste:
-                self._pending_waste[record.attempt_id] = _Pending(record, now + self.retry_window_s)
+            pending = self._pending_waste.get(attempt_id)
+            if pending is not None:
+                pending.record = record  # settles with the latest figures (a revised estimate)
+            else:
+                self._pending_waste[attempt_id] = _Pending(record, now + self.retry_window_s)
                 if len(self._pending_waste) > self.max_pending:
                     oldest_id, oldest = self._pending_waste.popitem(last=False)
                     self._settle_abandoned(oldest_id, oldest.record, out)
         else:
             self._pending_waste.pop(record.attempt_id, None)
+
+    def _settle_retried(self, record: AttemptRecord, now: float, out: Settlement) -> None:
+        self._pending_waste.pop(record.attempt_id, None)
+        self._settled_waste[record.attempt_id] = WasteReason.RETRIED
+        out.waste.append(SettledWaste(record, WasteReason.RETRIED))
+        # A retry has started; its own record arrives only when it ends, maybe much later.
+        pending = self._pending_requests.get(record.logical_request_id)
+        if pending is not None:
+            pending.deadline = now + self.retry_window_s
+            self._pending_requests.move_to_end(record.logical_request_id)
+
+    def _revised(self, record: AttemptRecord, out: Settlement) -> None:
+        """A higher revision of a counted attempt: a correction if its estimated output moved."""
+        counted = self._estimated.get(record.attempt_id)
+        if counted is None:
+            return
+        if counted.usage.output_tokens != record.usage.output_tokens or counted.cost != record.cost:
+            out.corrections.append(Correction(counted, record, self._settled_waste.get(record.attempt_id)))
 
     def _request_attempt(self, record: AttemptRecord, now: float, out: Settlement) -> None:
         request_id = record.logical_request_id
@@ -285,7 +324,7 @@ class WasteSettlement:
             self._finish_request(oldest_id, oldest.record, succeeded=False, out=out)
 
     def _settle_abandoned(self, attempt_id: str, record: AttemptRecord, out: Settlement) -> None:
-        self._settled_waste.add(attempt_id)
+        self._settled_waste[attempt_id] = WasteReason.ABANDONED
         out.waste.append(SettledWaste(record, WasteReason.ABANDONED))
 
     def _finish_request(
@@ -306,7 +345,8 @@ class WasteSettlement:
             if attempt_id in self._pending_waste:
                 break  # still waiting; it settles (and is forgotten) in a later pass
             self._seen.popitem(last=False)
-            self._settled_waste.discard(attempt_id)
+            self._settled_waste.pop(attempt_id, None)
+            self._estimated.pop(attempt_id, None)
 
 
 # -- the Prometheus side -----------------------------------------------------------------------------
@@ -514,6 +554,9 @@ class MetricsSink:
         self._workflow = LabelCap(workflow_label_limit)
         self._prices = prices
         self._retried = _RetriedRequests()
+        self._owed: dict[tuple[int, tuple[str, ...]], float] = {}
+        """Per series, what downward corrections took off that a counter could not: paid out of
+        its later increases (a counter never goes down)."""
         self._multiprocess_health: _MultiprocessHealth | None = None
         if multiprocess_mode():
             self._multiprocess_health = _MultiprocessHealth(registry)
@@ -654,6 +697,8 @@ class MetricsSink:
             self._count_attempt(record)
         for waste in settlement.waste:
             self._count_waste(waste.record, waste.reason)
+        for correction in settlement.corrections:
+            self._correct(correction)
         for request in settlement.requests:
             model = self._model(request.last.model_name)
             result = "succeeded" if request.succeeded else "failed"
@@ -667,20 +712,22 @@ class MetricsSink:
         platform = platform_label(record.platform)
         self.platform_attempts.labels(platform, record.outcome.value).inc()
         for token_type, tokens in record.usage.by_type().items():
-            self.billed_tokens.labels(model, token_type.value).inc(tokens)
-            self.platform_billed_tokens.labels(platform, token_type.value).inc(tokens)
+            self._inc(self.billed_tokens, (model, token_type.value), tokens)
+            self._inc(self.platform_billed_tokens, (platform, token_type.value), tokens)
         cost = record.cost.total_usd if record.cost is not None else 0.0
-        self.billed_cost.labels(model, workflow).inc(cost)
-        self.platform_billed_cost.labels(platform).inc(cost)
+        self._inc(self.billed_cost, (model, workflow), cost)
+        self._inc(self.platform_billed_cost, (platform,), cost)
         if record.cost is None:
             self.unpriced_attempts.labels(model).inc()
             self.platform_unpriced_attempts.labels(platform).inc()
         usage = record.usage
-        self.estimated_output_tokens.labels(model).inc(
-            usage.estimated_output_tokens if usage.output_estimated else 0
+        self._inc(
+            self.estimated_output_tokens,
+            (model,),
+            usage.estimated_output_tokens if usage.output_estimated else 0,
         )
         if usage.output_tokens:
-            self.output_tokens.labels(model, record.output_source.value).inc(usage.output_tokens)
+            self._inc(self.output_tokens, (model, record.output_source.value), usage.output_tokens)
         self.attempt_duration.labels(model, record.outcome.value).observe(record.duration_s)
         if record.outcome is Outcome.DROPPED:
             self.time_to_drop.labels(model).observe(record.duration_s)
@@ -689,12 +736,50 @@ class MetricsSink:
         model = self._model(record.model_name)
         workflow = self._workflow(record.workflow)
         for token_type in TokenType:
-            self.wasted_tokens.labels(model, token_type.value, reason.value, workflow).inc(
-                record.usage.by_type()[token_type]
+            self._inc(
+                self.wasted_tokens,
+                (model, token_type.value, reason.value, workflow),
+                record.usage.by_type()[token_type],
             )
-        self.wasted_cost.labels(model, reason.value, workflow).inc(
-            record.cost.total_usd if record.cost is not None else 0.0
+        self._inc(
+            self.wasted_cost,
+            (model, reason.value, workflow),
+            record.cost.total_usd if record.cost is not None else 0.0,
         )
+
+    def _correct(self, correction: Correction) -> None:
+        """Count the difference a revised estimate makes, wherever the attempt was counted."""
+        old, new = correction.old, correction.new
+        model = self._model(new.model_name)
+        workflow = self._workflow(new.workflow)
+        output = new.usage.output_tokens - old.usage.output_tokens
+        estimated = new.usage.estimated_output_tokens - old.usage.estimated_output_tokens
+        cost = (new.cost.total_usd if new.cost is not None else 0.0) - (
+            old.cost.total_usd if old.cost is not None else 0.0
+        )
+        platform = platform_label(new.platform)
+        self._inc(self.billed_tokens, (model, TokenType.OUTPUT.value), output)
+        self._inc(self.platform_billed_tokens, (platform, TokenType.OUTPUT.value), output)
+        self._inc(self.billed_cost, (model, workflow), cost)
+        self._inc(self.platform_billed_cost, (platform,), cost)
+        self._inc(self.estimated_output_tokens, (model,), estimated)
+        self._inc(self.output_tokens, (model, new.output_source.value), output)
+        if correction.settled is not None:
+            reason = correction.settled.value
+            self._inc(self.wasted_tokens, (model, TokenType.OUTPUT.value, reason, workflow), output)
+            self._inc(self.wasted_cost, (model, reason, workflow), cost)
+
+    def _inc(self, metric: Any, labels: tuple[str, ...], amount: float) -> None:
+        """Add ``amount`` (which a correction may make negative) to a counter's series."""
+        if amount >= 0 and not self._owed:
+            metric.labels(*labels).inc(amount)
+            return
+        key = (id(metric), labels)
+        owed = self._owed.pop(key, 0.0) - amount
+        if owed > 0:
+            self._owed[key] = owed
+        else:
+            metric.labels(*labels).inc(-owed)
 
     def _count_avoidable(self, records: Sequence[AttemptRecord]) -> None:
         if self._prices is None:

@@ -142,6 +142,7 @@ class Pipeline:
         self._counter_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._exiting = False
         self._dropped = 0
         self._write_errors = 0
         self._drop_logged = False
@@ -284,6 +285,8 @@ class Pipeline:
                 self._wake.clear()
                 self._drain()
                 self._replay_spools()
+                if not self._exiting:
+                    self._revise(final=False)
             except Exception:  # the writer thread must outlive any bug in a sink or in itself
                 self._count_write_error()
                 if not logged:
@@ -324,6 +327,9 @@ class Pipeline:
                 batch.append(self._finished(item))
             if batch:
                 self._deliver(batch)
+            if markers and not self._exiting:
+                # A flush promises the sinks reflect everything seen so far: estimates included.
+                self._revise(final=True)
             for marker in markers:
                 marker.done.set()
 
@@ -344,6 +350,19 @@ class Pipeline:
                 self._count_write_error()
                 self._mark_failing(sink, state, exc)
                 self._spool_for(sink, batch)
+
+    def _revise(self, *, final: bool) -> None:
+        """Deliver the revisions the sinks that find them (:class:`~costwatch.sinks.Reviser`) have now."""
+        for sink in self._sinks:
+            revisions = getattr(sink, "revisions", None)
+            if revisions is None:
+                continue
+            try:
+                for batch in revisions(final=final):
+                    self._deliver([storable(record) for record in batch])
+            except Exception:
+                self._count_write_error()
+                log.exception("costwatch: revising stored records failed")
 
     def _replay_spools(self) -> None:
         now = time.monotonic()
@@ -444,13 +463,22 @@ class Pipeline:
             )
 
     # -- exit, signals and fork --------------------------------------------------------------
+    # Exit delivers the records and nothing more: no revision pass (any later process revises within
+    # its window). Its time is short, and a first use of some SQLAlchemy constructs execs generated
+    # code, which would make Python exit after an uncaught KeyboardInterrupt with status 1 instead of
+    # dying of SIGINT.
     def _shutdown_at_exit(self) -> None:
+        self._exiting = True
         _drain_upstream(EXIT_DRAIN_TIMEOUT_S, ending=True)
         self.shutdown()
 
     def _flush_for_exit(self, timeout: float) -> None:
-        if not self.flush(timeout):
-            self._spill_queue()
+        self._exiting = True
+        try:
+            if not self.flush(timeout):
+                self._spill_queue()
+        finally:
+            self._exiting = False  # an application's own SIGTERM handler may carry on
 
     def _after_fork_in_child(self) -> None:
         # The queued records are the parent's to deliver; the child starts empty, with its own thread

@@ -82,8 +82,9 @@ def _fast_frozen_init(cls: _Frozen) -> _Frozen:
 
     The ``__init__`` that dataclasses generates for a frozen class calls ``object.__setattr__`` once
     per field, which made building a record a tenth of an attempt's whole cost on the caller's
-    thread. This one has the same signature and effect. It lends the new instance, for the length
-    of the call, a mutable twin class with the same slots (so the same layout): under the twin,
+    thread (the attempt-cost benchmark's 1 KB row would miss its target without this; see
+    benchmarks/README.md). This one has the same signature and effect. It lends the new instance,
+    for the length of the call, a mutable twin class with the same slots (so the same layout): under the twin,
     ``self.field = value`` is a plain slot store, several times cheaper than calling each slot's
     descriptor, and the instance gets its own class back before anyone else can see it. An
     instance of a subclass, whose layout may differ, is filled through the descriptors instead.
@@ -157,10 +158,7 @@ class Outcome(str, enum.Enum):
     @property
     def failed(self) -> bool:
         """Whether the attempt did not deliver a whole response."""
-        return self is not _COMPLETED  # a module global: Outcome.COMPLETED is a slower lookup
-
-
-_COMPLETED = Outcome.COMPLETED
+        return self is not Outcome.COMPLETED
 
 
 class WasteReason(str, enum.Enum):
@@ -187,9 +185,6 @@ class OutputSource(str, enum.Enum):
     ``count_tokens`` endpoint (``instrument(count_partial_output=True)``; docs/estimation.md)."""
     RECONCILED = "reconciled"
     """Set by reconciliation: the count was corrected from Anthropic's own usage report."""
-
-
-_REPORTED, _ESTIMATED = OutputSource.REPORTED, OutputSource.ESTIMATED
 
 
 class TokenType(str, enum.Enum):
@@ -229,10 +224,10 @@ class Usage:
         # One account of the output's source: code that sets only the older flag means "estimated",
         # and a source decides the flag (a counted or reconciled figure is no estimate).
         source, flagged = self.output_source, self.output_estimated
-        if flagged is (source is _ESTIMATED):
+        if flagged is (source is OutputSource.ESTIMATED):
             return
-        if flagged and source is _REPORTED:
-            object.__setattr__(self, "output_source", _ESTIMATED)
+        if flagged and source is OutputSource.REPORTED:
+            object.__setattr__(self, "output_source", OutputSource.ESTIMATED)
         elif flagged:
             object.__setattr__(self, "output_estimated", False)
         else:

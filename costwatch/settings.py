@@ -218,6 +218,15 @@ class Settings:
         "Seconds between reads of the calibration samples other processes stored (output estimates).",
     )
 
+    revision_window_s: float = _setting(
+        "COSTWATCH_REVISION_WINDOW",
+        _non_negative_float,
+        86_400.0,
+        "Seconds back that dropped attempts' output estimates are revised as calibration moves (0: never).",
+        low=0,
+        high=7 * 24 * 3600,
+    )
+
     model_label_limit: int = _setting(
         "COSTWATCH_MODEL_LABEL_LIMIT",
         _positive_int,

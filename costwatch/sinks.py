@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from .records import AttemptRecord, AttemptStart
 
-__all__ = ["AttemptListener", "MemorySink", "Sink"]
+__all__ = ["AttemptListener", "MemorySink", "Reviser", "Sink"]
 
 
 @runtime_checkable
@@ -27,6 +27,19 @@ class Sink(Protocol):
 
     def shutdown(self) -> None:
         """Release resources; called once, after the last export."""
+
+
+@runtime_checkable
+class Reviser(Protocol):
+    """A sink that also finds new revisions of records already stored (better output estimates).
+
+    The pipeline asks it on its writer thread after each wake-up (``final=False``: it decides whether
+    a pass is due) and at each flush (``final=True``: a pass now), and delivers each batch it yields
+    to every sink like any other records. It must not raise.
+    """
+
+    def revisions(self, *, final: bool) -> Iterator[list[AttemptRecord]]:
+        """Batches of records, each a higher revision of a stored attempt."""
 
 
 @runtime_checkable

@@ -222,8 +222,7 @@ _ANSWER = b"".join(
 
 
 @pytest.mark.parametrize("outcome", [Outcome.COMPLETED, Outcome.STREAM_ERROR])
-def test_settle_puts_every_value_in_its_own_record_field(tmp_path: Path, outcome: Outcome) -> None:
-    # settle() passes the record's fields positionally, for speed: each must land where it belongs.
+def test_a_settled_attempt_records_every_fact_its_account_gathered(tmp_path: Path, outcome: Outcome) -> None:
     pipeline = Pipeline(spool=Spool(tmp_path / "spool"))
     sink = MemorySink()
     pipeline.add_sink(sink)

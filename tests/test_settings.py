@@ -28,6 +28,7 @@ def test_every_numeric_setting_has_finite_bounds_that_hold_its_default() -> None
         "flush_interval_s",
         "workflow_label_limit",
         "model_label_limit",
+        "revision_window_s",
         "retention_days",
         "waste_budget_usd_per_hour",
     }

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from costwatch.estimation import count_scripts
 from costwatch.testing import (
     BlockKind,
     BlockSpec,
@@ -26,10 +27,12 @@ from costwatch.testing.plan import (
     stream_cut_for,
 )
 from costwatch.testing.vocabulary import (
+    cjk_fragments,
     code_fragments,
     command_json_fragments,
     json_object_fragments,
     prose_fragments,
+    rescaled,
 )
 
 BODY = b'{"model":"claude-opus-4-6","messages":[]}'
@@ -58,6 +61,55 @@ def test_fragment_generators_give_exactly_the_tokens_asked_for_and_valid_json(co
     if count:
         assert isinstance(json.loads("".join(tool_input)), dict)
         assert isinstance(json.loads("".join(command)), dict)
+
+
+def test_cjk_prose_is_about_one_character_a_token_and_emoji_cost_two_or_three() -> None:
+    cjk = cjk_fragments(random.Random(0), 4000)
+    assert 0.95 <= _ratio(cjk) <= 1.2
+    assert all(count_scripts(piece)[0] == len(piece.strip()) for piece in cjk if piece.strip())
+    mixed = cjk_fragments(random.Random(0), 4000, emoji_share=0.2)
+    emoji_tokens = sum(
+        1
+        for i, piece in enumerate(mixed)
+        if count_scripts(piece)[1] or (not piece and i and count_scripts(mixed[i - 1])[1])
+    )
+    assert 0.25 <= emoji_tokens / 4000 <= 0.4
+    assert len(mixed) == 4000
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.6, 1.6, 2.5])
+def test_a_rescaled_vocabulary_holds_scale_times_the_characters_a_token_and_the_same_text(
+    scale: float,
+) -> None:
+    def natural(count: int) -> list[str]:
+        return command_json_fragments(random.Random(1), count, "command")
+
+    scaled = rescaled(natural, 3000, scale)
+    assert len(scaled) == 3000
+    assert "".join(scaled) == "".join(natural(round(3000 * scale)))
+    assert _ratio(scaled) == pytest.approx(scale * _ratio(natural(3000)), rel=0.05)
+    # A JSON escape is never cut in two: no token ends in the middle of one.
+    assert all((len(piece) - len(piece.rstrip("\\"))) % 2 == 0 for piece in scaled)
+
+
+@pytest.mark.parametrize("script", ["latin", "cjk", "emoji_cjk"])
+@pytest.mark.parametrize("scale", [0.6, 1.0, 1.6])
+def test_a_spec_s_script_and_scale_change_the_text_never_the_token_counts(script: str, scale: float) -> None:
+    blocks = (BlockSpec(BlockKind.TEXT, 800), BlockSpec(BlockKind.TOOL_USE, 200))
+    spec = ResponseSpec(blocks=blocks, script=script, chars_per_token_scale=scale)
+    plan = plan_response(spec, body=BODY, model_requested="claude-opus-4-6")
+    assert plan.tokens_by_type() == {"text": 800, "tool_input": 200}
+    base = plan_response(ResponseSpec(blocks=blocks, script=script), body=BODY, model_requested="m")
+    chars, base_chars = plan.chars_by_type(), base.chars_by_type()
+    assert chars["text"] / base_chars["text"] == pytest.approx(scale, rel=0.1)
+    assert isinstance(plan.message["content"][1]["input"], dict)
+
+
+def test_a_spec_refuses_an_unknown_script_or_a_scale_out_of_range() -> None:
+    with pytest.raises(ValueError, match="script"):
+        ResponseSpec(script="klingon")
+    with pytest.raises(ValueError, match="chars_per_token_scale"):
+        ResponseSpec(chars_per_token_scale=0)
 
 
 def test_fragments_are_deterministic_for_a_seed() -> None:

@@ -44,14 +44,13 @@ def hour_of(moment: datetime) -> datetime:
 
 def rollup_key(record: AttemptRecord) -> RollupKey:
     """The rollup row an attempt counts towards."""
-    # Enums' ``_value_``, not ``.value`` (a Python-level descriptor): this runs for every attempt written.
     waste_reason = record.waste_reason
     return (
         hour_of(record.started_at),
         record.model_name,
-        record.outcome._value_,
+        record.outcome.value,
         record.error_label,
-        waste_reason._value_ if (record.wasted and waste_reason is not None) else "",
+        waste_reason.value if (record.wasted and waste_reason is not None) else "",
         record.workflow,
         record.platform,
     )
@@ -93,18 +92,14 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
         wasted_cost.cache_write_usd,
         wasted_cost.output_usd,
         wasted_cost.server_tool_usd,
-        output_tokens if source is _REPORTED else 0,
-        output_tokens if source is _COUNTED else 0,
-        output_tokens if source is _RECONCILED else 0,
-        output_usd if source is _REPORTED else 0.0,
-        output_usd if source is _ESTIMATED else 0.0,
-        output_usd if source is _COUNTED else 0.0,
-        output_usd if source is _RECONCILED else 0.0,
+        output_tokens if source is OutputSource.REPORTED else 0,
+        output_tokens if source is OutputSource.COUNTED else 0,
+        output_tokens if source is OutputSource.RECONCILED else 0,
+        output_usd if source is OutputSource.REPORTED else 0.0,
+        output_usd if source is OutputSource.ESTIMATED else 0.0,
+        output_usd if source is OutputSource.COUNTED else 0.0,
+        output_usd if source is OutputSource.RECONCILED else 0.0,
     )
-
-
-_REPORTED, _ESTIMATED = OutputSource.REPORTED, OutputSource.ESTIMATED
-_COUNTED, _RECONCILED = OutputSource.COUNTED, OutputSource.RECONCILED
 
 
 _NO_COST = Cost()

@@ -344,6 +344,17 @@ class CalibrationSample(Base):
     attempt, ``estimated`` (no tokens yet), ``counted``, or ``reconciled``: the billed output
     ``costwatch reconcile`` found for a dropped attempt."""
 
+    # The estimated attempts of a time window (migration 0015), for revising their estimates as the
+    # calibration improves: a partial index, since completed samples are most rows and never revised.
+    __table_args__ = (
+        sa.Index(
+            "ix_costwatch_calibration_samples_estimated_started_at",
+            "started_at",
+            sqlite_where=sa.text("output_tokens IS NULL"),
+            postgresql_where=sa.text("output_tokens IS NULL"),
+        ),
+    )
+
 
 CALIBRATION_SAMPLES = cast(sa.Table, CalibrationSample.__table__)
 """The calibration samples table, for Core statements."""

@@ -29,7 +29,14 @@ from .rows import record_from_row
 from .schema import ATTEMPTS, CALIBRATION_SAMPLES, REJECTED_ATTEMPTS
 from .write import BatchResult, insert_calibration_samples, write_batch
 
-__all__ = ["DEFAULT_RETRY_WINDOW", "PRUNE_BATCH", "CalibrationRow", "SqlStore", "store_name"]
+__all__ = [
+    "DEFAULT_RETRY_WINDOW",
+    "PRUNE_BATCH",
+    "CalibrationRow",
+    "EstimatedAttempt",
+    "SqlStore",
+    "store_name",
+]
 
 
 class CalibrationRow(NamedTuple):
@@ -39,6 +46,13 @@ class CalibrationRow(NamedTuple):
     model: str
     chars: Mapping[str, int]
     output_tokens: int
+
+
+class EstimatedAttempt(NamedTuple):
+    """A stored attempt whose output was estimated, and the id of its calibration sample."""
+
+    sample_id: int
+    record: AttemptRecord
 
 
 def _new_writer_id() -> str:
@@ -242,6 +256,42 @@ class SqlStore:
             CalibrationRow(int(row.sample_id), row.model, _chars(row.chars), int(row.output_tokens))
             for row in reversed(rows)
         ]
+
+    def estimated_attempts(
+        self, *, since: datetime, after: int = 0, limit: int = 500
+    ) -> list[EstimatedAttempt]:
+        """Stored attempts whose output was estimated, started at ``since`` or later, with ``sample_id``
+        above ``after``: at most ``limit``, in ``sample_id`` order, each with the characters its
+        estimate was made from (``output_chars``)."""
+        table = CALIBRATION_SAMPLES
+        query = (
+            sa.select(table.c.sample_id, table.c.chars, ATTEMPTS)
+            # By start time too: on PostgreSQL the attempts are partitioned by day (only the window's
+            # partitions are read) and keyed by attempt and start time.
+            .join(
+                ATTEMPTS,
+                sa.and_(
+                    ATTEMPTS.c.attempt_id == table.c.attempt_id, ATTEMPTS.c.started_at == table.c.started_at
+                ),
+            )
+            .where(
+                table.c.output_tokens.is_(None),
+                table.c.started_at >= since,
+                ATTEMPTS.c.started_at >= since,
+                table.c.sample_id > after,
+                ATTEMPTS.c.output_estimated.is_(True),
+            )
+            .order_by(table.c.sample_id)
+            .limit(limit)
+        )
+        found = []
+        with self._read() as connection:
+            for row in connection.execute(query).mappings():
+                record = dataclasses.replace(
+                    record_from_row(row), output_chars=MappingProxyType(_chars(row["chars"]))
+                )
+                found.append(EstimatedAttempt(int(row["sample_id"]), record))
+        return found
 
     def _write_isolating(self, records: Sequence[AttemptRecord], refusal: Exception) -> BatchResult:
         """Write ``records``, one of which the database refused, by halves; keep the refused apart."""

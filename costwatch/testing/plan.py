@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -20,7 +21,13 @@ from ..event_stream import encode_frame
 from .faults import Fault, FaultKind
 from .prompt_cache import CacheUsage
 from .spec import BlockKind, BlockSpec, ContentType, ResponseSpec, input_tokens_for_body
-from .vocabulary import command_json_fragments, json_object_fragments, prose_fragments
+from .vocabulary import (
+    cjk_fragments,
+    command_json_fragments,
+    json_object_fragments,
+    prose_fragments,
+    rescaled,
+)
 
 __all__ = [
     "TERMINAL_CHUNK",
@@ -264,6 +271,18 @@ class _Builder:
     def ping(self) -> None:
         self.add("ping", {"type": "ping"})
 
+    def scaled(self, fragments_of: Callable[[int], list[str]], count: int) -> list[str]:
+        """``count`` tokens of a vocabulary, at the spec's characters per token."""
+        return rescaled(fragments_of, count, self.spec.chars_per_token_scale)
+
+    def prose(self, count: int) -> list[str]:
+        """``count`` tokens of text or thinking, in the spec's script."""
+        script = self.spec.script
+        if script == "latin":
+            return self.scaled(lambda n: prose_fragments(self.rng, n), count)
+        share = 0.2 if script == "emoji_cjk" else 0.0
+        return self.scaled(lambda n: cjk_fragments(self.rng, n, emoji_share=share), count)
+
     def deltas(
         self, index: int, fragments: list[str], delta_type: str, field_name: str, ct: ContentType
     ) -> str:
@@ -400,14 +419,12 @@ def plan_response(
         n = block.output_tokens
         if block.kind is BlockKind.TEXT:
             b.block(index, {"type": "text", "text": ""})
-            text = b.deltas(index, prose_fragments(b.rng, n), "text_delta", "text", ContentType.TEXT)
+            text = b.deltas(index, b.prose(n), "text_delta", "text", ContentType.TEXT)
             b.stop(index)
             b.content.append({"type": "text", "text": text})
         elif block.kind is BlockKind.THINKING:
             b.block(index, {"type": "thinking", "thinking": "", "signature": ""})
-            thinking = b.deltas(
-                index, prose_fragments(b.rng, n), "thinking_delta", "thinking", ContentType.THINKING
-            )
+            thinking = b.deltas(index, b.prose(n), "thinking_delta", "thinking", ContentType.THINKING)
             signature = base64.b64encode(b.rng.randbytes(b.rng.randint(96, 192))).decode()
             # Signature deltas carry no billed output: they are not model tokens.
             b.add(
@@ -425,7 +442,7 @@ def plan_response(
             b.block(index, {"type": "tool_use", "id": tool_id, "name": block.name, "input": {}})
             raw = b.deltas(
                 index,
-                json_object_fragments(b.rng, n),
+                b.scaled(lambda count: json_object_fragments(b.rng, count), n),
                 "input_json_delta",
                 "partial_json",
                 ContentType.TOOL_INPUT,
@@ -441,7 +458,7 @@ def plan_response(
             b.block(index, {"type": "server_tool_use", "id": tool_id, "name": name, "input": {}})
             raw = b.deltas(
                 index,
-                command_json_fragments(b.rng, n, key),
+                b.scaled(functools.partial(command_json_fragments, b.rng, key=key), n),
                 "input_json_delta",
                 "partial_json",
                 ContentType.SERVER_TOOL_INPUT,

@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 __all__ = [
     "DEFAULT_BLOCKS",
+    "SCRIPTS",
     "BlockKind",
     "BlockSpec",
     "ContentType",
@@ -79,6 +80,10 @@ _DEFAULT_SERVER_TOOL_USE: Mapping[str, int] = MappingProxyType(
 )
 
 
+SCRIPTS = ("latin", "cjk", "emoji_cjk")
+"""The scripts a :class:`ResponseSpec` can write text and thinking in."""
+
+
 def input_tokens_for_body(body_size: int) -> int:
     """The default ``input_tokens`` of a request: one token per 4 bytes of request body, rounded up."""
     return max(1, math.ceil(body_size / 4))
@@ -117,6 +122,13 @@ class ResponseSpec:
     prompt_caching: bool = True
     """Bill the request's ``cache_control`` breakpoints through the server's prompt cache (see
     :mod:`costwatch.testing.prompt_cache`); ignored when the cache counts above are set explicitly."""
+    script: str = "latin"
+    """What text and thinking blocks are written in: ``latin`` (English prose), ``cjk`` (Chinese with
+    some kana) or ``emoji_cjk`` (the same with an emoji in place of one character in five, about a
+    third of the tokens)."""
+    chars_per_token_scale: float = 1.0
+    """The fake tokenizer's characters per token, as a multiple of its own (every vocabulary): 0.6
+    spells the same kind of text in 1/0.6 as many tokens, 1.6 in 1/1.6 as many."""
 
     @property
     def models_prompt_caching(self) -> bool:
@@ -128,6 +140,10 @@ class ResponseSpec:
         low, high = self.tokens_per_delta
         if low < 1 or high < low:
             raise ValueError("tokens_per_delta must be (low, high) with 1 <= low <= high")
+        if self.script not in SCRIPTS:
+            raise ValueError(f"script must be one of {', '.join(SCRIPTS)}")
+        if not 0.1 <= self.chars_per_token_scale <= 10:
+            raise ValueError("chars_per_token_scale must be from 0.1 to 10")
 
     @classmethod
     def small(cls, tokens: int = 12, **kwargs: object) -> ResponseSpec:

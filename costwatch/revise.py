@@ -1,0 +1,173 @@
+"""Revising the output estimates of dropped attempts as the calibration improves.
+
+A dropped attempt's output is estimated when it ends, with the calibration of that moment: in a
+fresh process that is the defaults, or a calibration from a few samples. Its character counts stay
+in the store (as a calibration sample with no reported output), so once the calibration has moved,
+the same counts give a better estimate. :class:`EstimateRevision` finds, on the pipeline's writer
+thread, the estimated attempts of the last ``window_s`` seconds whose estimate would now move
+materially (:func:`is_material`), and hands the pipeline their next revision: the store replaces the
+row and moves the rollups by the difference in the same transaction, as it does for an ``abandoned``
+attempt turned ``retried``, and the metrics count the difference. Work is bounded: only the window,
+in pages of ``batch_size``, and a whole pass only after the calibration changed (otherwise only
+the estimates stored since the last pass are looked at).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+
+from .estimation import OutputEstimator
+from .pricing import PriceTable
+from .records import AttemptRecord, Cost, OutputSource
+
+__all__ = ["MATERIAL_SHARE", "EstimateRevision", "EstimatedSource", "is_material", "revised_estimate"]
+
+log = logging.getLogger("costwatch")
+
+MATERIAL_SHARE = 0.02
+"""A new estimate is written when it differs from the stored one by at least one token and by more
+than this share of it (docs/estimation.md says why)."""
+
+
+def is_material(old: int, new: int) -> bool:
+    """Whether an estimate of ``new`` tokens is worth a new revision of one of ``old`` tokens."""
+    change = abs(new - old)
+    return change >= 1 and change > MATERIAL_SHARE * old
+
+
+def _moved(cost: Cost, before: Cost | None, after: Cost | None) -> Cost | None:
+    """``cost`` moved by what the change of output costs (``after - before``) and nothing else: a
+    price table changed since the record was priced is ``costwatch reprice``'s business, not this."""
+    if before is None or after is None:
+        return cost
+    return Cost(
+        **{
+            name: getattr(cost, name) + getattr(after, name) - getattr(before, name)
+            for name in (f.name for f in dataclasses.fields(Cost))
+        }
+    )
+
+
+def revised_estimate(
+    record: AttemptRecord, estimator: OutputEstimator, prices: PriceTable
+) -> AttemptRecord | None:
+    """``record``'s next revision with its output estimated again, or ``None`` if the estimate has
+    not moved materially (or its output was not estimated, or it has no counts to estimate from).
+    The revision's output stays ``estimated``."""
+    usage = record.usage
+    # Only an estimate is revised: a reported, counted or reconciled figure is better than any.
+    if usage.output_source is not OutputSource.ESTIMATED or not record.output_chars:
+        return None
+    old = usage.estimated_output_tokens
+    new = estimator.estimate(record.model_name, record.output_chars)
+    if not is_material(old, new):
+        return None
+    revised_usage = dataclasses.replace(
+        usage, output_tokens=usage.output_tokens - old + new, estimated_output_tokens=new
+    )
+    cost = record.cost
+    if cost is not None:
+        try:
+            cost = _moved(
+                cost, prices.cost_of(record), prices.cost_of(dataclasses.replace(record, usage=revised_usage))
+            )
+        except Exception:  # an unpriceable model now: keep the cost, the tokens are still revised
+            cost = record.cost
+    return dataclasses.replace(record, usage=revised_usage, cost=cost, revision=record.revision + 1)
+
+
+class EstimatedSource(Protocol):
+    """Where the stored estimated attempts are read from (the SQL store)."""
+
+    def estimated_attempts(self, *, since: datetime, after: int = 0, limit: int = ...) -> Sequence[Any]:
+        """``(sample_id, record)`` pairs in ``sample_id`` order, each record with its ``output_chars``."""
+
+
+class EstimateRevision:
+    """Finds the stored estimates that the current calibration would change, for the pipeline to write.
+
+    A :class:`~costwatch.sinks.Sink` that takes nothing in (the store writes the records) and gives
+    out revisions: the pipeline calls :meth:`revisions` on its writer thread after each wake-up
+    (``final=False``: at most every ``refresh_s`` seconds) and at each flush (``final=True``: now),
+    and delivers what it yields to every sink. Never raises: a store that cannot be read is logged
+    once at info level and tried again at the next pass.
+    """
+
+    name = "estimate-revision"
+
+    def __init__(
+        self,
+        source: EstimatedSource,
+        estimator: OutputEstimator,
+        prices: PriceTable,
+        *,
+        window_s: float,
+        refresh_s: float,
+        batch_size: int = 500,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.estimator = estimator
+        self.prices = prices
+        self.window_s = window_s
+        self.refresh_s = refresh_s
+        self.batch_size = batch_size
+        self._clock = clock
+        self._next = 0.0
+        self._cursor = 0
+        """The highest sample id looked at: estimates stored later are new to this process."""
+        self._changes: int | None = None
+        """The estimator's change count at the last whole pass; ``None`` before the first."""
+        self._warned = False
+        self.revised = 0
+        """Revisions this process handed to the pipeline."""
+
+    def revisions(self, *, final: bool) -> Iterator[list[AttemptRecord]]:
+        """Batches of new revisions of stored estimates that moved materially (see the class)."""
+        if self.window_s <= 0 or (not final and self._clock() < self._next):
+            return
+        self._next = self._clock() + self.refresh_s
+        changes = self.estimator.changes
+        # The calibration moved: every estimate of the window may move. Else only the estimates
+        # stored since the last pass may (another process made them, with its own calibration).
+        after = 0 if changes != self._changes else self._cursor
+        since = datetime.now(timezone.utc) - timedelta(seconds=self.window_s)
+        try:
+            while True:
+                page = self.source.estimated_attempts(since=since, after=after, limit=self.batch_size)
+                batch = [
+                    revised
+                    for _, record in page
+                    if (revised := revised_estimate(record, self.estimator, self.prices)) is not None
+                ]
+                if page:
+                    after = page[-1][0]
+                    self._cursor = max(self._cursor, after)
+                if batch:
+                    self.revised += len(batch)
+                    yield batch
+                if len(page) < self.batch_size:
+                    break
+        except Exception as exc:
+            if not self._warned:
+                self._warned = True
+                log.info(
+                    "costwatch: could not read the stored estimates to revise them (%s: %s); trying again "
+                    "at the next pass",
+                    type(exc).__name__,
+                    exc,
+                )
+            return
+        self._changes = changes
+
+    # -- the Sink side ---------------------------------------------------------------------------
+    def export(self, records: Sequence[AttemptRecord]) -> None:
+        """Nothing: the records go to the store; their estimates are read back from there."""
+
+    def shutdown(self) -> None:
+        """Nothing to release."""
