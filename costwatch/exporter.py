@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from . import metric_names as m
 from .metrics import MODEL_LABEL_LIMIT, OTHER, LabelCap, platform_label
 from .records import Outcome, OutputSource, TokenType, WasteReason
 from .settings import default_of, load_settings
@@ -248,150 +249,78 @@ def _samples(
         add(pending_attempts, (model,), values[0])
         add(pending_cost, (model,), values[_WASTED_COST])
     counters = {
-        "costwatch_attempts": attempts,
-        "costwatch_billed_tokens": billed_tokens,
-        "costwatch_billed_cost_usd": billed_cost,
-        "costwatch_estimated_output_tokens": estimated,
-        "costwatch_output_tokens": output_by_source,
-        "costwatch_unpriced_attempts": unpriced,
-        "costwatch_platform_attempts": platform_attempts,
-        "costwatch_platform_billed_tokens": platform_tokens,
-        "costwatch_platform_billed_cost_usd": platform_cost,
-        "costwatch_platform_unpriced_attempts": platform_unpriced,
-        "costwatch_logical_requests": logical,
-        "costwatch_wasted_tokens": wasted_tokens,
-        "costwatch_wasted_cost_usd": wasted_cost,
+        m.ATTEMPTS.name: attempts,
+        m.BILLED_TOKENS.name: billed_tokens,
+        m.BILLED_COST.name: billed_cost,
+        m.ESTIMATED_OUTPUT_TOKENS.name: estimated,
+        m.OUTPUT_TOKENS.name: output_by_source,
+        m.UNPRICED_ATTEMPTS.name: unpriced,
+        m.PLATFORM_ATTEMPTS.name: platform_attempts,
+        m.PLATFORM_BILLED_TOKENS.name: platform_tokens,
+        m.PLATFORM_BILLED_COST.name: platform_cost,
+        m.PLATFORM_UNPRICED_ATTEMPTS.name: platform_unpriced,
+        m.LOGICAL_REQUESTS.name: logical,
+        m.WASTED_TOKENS.name: wasted_tokens,
+        m.WASTED_COST.name: wasted_cost,
     }
-    histograms = {"costwatch_attempt_duration_seconds": durations, "costwatch_time_to_drop_seconds": drops}
+    histograms = {m.ATTEMPT_DURATION.name: durations, m.TIME_TO_DROP.name: drops}
     return FleetSamples(
         counters={name: values for name, values in counters.items() if values},
         histograms={name: values for name, values in histograms.items() if values},
         gauges={
-            "costwatch_pending_abandoned_attempts": pending_attempts,
-            "costwatch_pending_abandoned_cost_usd": pending_cost,
+            m.PENDING_ABANDONED_ATTEMPTS.name: pending_attempts,
+            m.PENDING_ABANDONED_COST.name: pending_cost,
         },
     )
 
 
-# The in-process counter's name: the fleet alert on refused records sees the exporter's series too.
-_REJECTED = "costwatch_store_rejected_records"
-
-
-_COUNTERS: Mapping[str, tuple[str, Labels]] = {
-    "costwatch_attempts": ("HTTP attempts to the Messages API.", ("model", "outcome", "error_type")),
-    "costwatch_billed_tokens": ("Tokens billed, by token type.", ("model", "token_type")),
-    "costwatch_wasted_tokens": (
-        "Billed tokens of failed attempts; abandoned only from settled hours.",
-        ("model", "token_type", "reason", "workflow"),
-    ),
-    "costwatch_billed_cost_usd": ("Cost of billed tokens in US dollars.", ("model", "workflow")),
-    "costwatch_wasted_cost_usd": (
-        "Cost of wasted tokens in US dollars; abandoned only from settled hours.",
-        ("model", "reason", "workflow"),
-    ),
-    "costwatch_estimated_output_tokens": (
-        "Output tokens estimated from the text received before a stream was cut.",
-        ("model",),
-    ),
-    "costwatch_output_tokens": (
-        "Billed output tokens by where the figure came from: reported, estimated, counted, reconciled.",
-        ("model", "source"),
-    ),
-    "costwatch_unpriced_attempts": (
-        "Attempts on models without a known price: their tokens are counted, their cost is not.",
-        ("model",),
-    ),
-    "costwatch_platform_attempts": (
-        "HTTP attempts by the platform they went to (anthropic, bedrock, vertex, foundry).",
-        ("platform", "outcome"),
-    ),
-    "costwatch_platform_billed_tokens": (
-        "Tokens billed, by the platform that billed them and token type.",
-        ("platform", "token_type"),
-    ),
-    "costwatch_platform_billed_cost_usd": (
-        "Cost of billed tokens in US dollars, by the platform that billed them.",
-        ("platform",),
-    ),
-    "costwatch_platform_unpriced_attempts": (
-        "Attempts without a known price on their platform: their tokens are counted, their cost is not.",
-        ("platform",),
-    ),
-    "costwatch_logical_requests": (
-        "Logical requests by result: completed attempts, and abandoned attempts of settled hours.",
-        ("model", "result"),
-    ),
-    _REJECTED: (
-        "Attempt records the database refused, in costwatch_rejected_attempts (whole store).",
-        (),
-    ),
-}
-_GAUGES: Mapping[str, tuple[str, Labels]] = {
-    "costwatch_pending_abandoned_attempts": (
-        "Abandoned attempts of hours not settled yet: they may still turn retried, and are not in "
-        "costwatch_wasted_* until their hour settles.",
-        ("model",),
-    ),
-    "costwatch_pending_abandoned_cost_usd": (
-        "Cost of the abandoned attempts of hours not settled yet (US dollars).",
-        ("model",),
-    ),
-    "costwatch_reconciled_coverage_ratio": (
-        "Tokens costwatch recorded / tokens Anthropic's usage report billed, over the buckets of the "
-        "last 24 hours that costwatch reconcile stored.",
-        ("model", "token_type"),
-    ),
-    "costwatch_unseen_cost_usd": (
-        "Cost of the tokens Anthropic billed that costwatch never saw, over the reconciled buckets of "
-        "the last 24 hours (US dollars; models without a price count 0).",
-        (),
-    ),
-    "costwatch_last_reconciliation_timestamp_seconds": (
-        "When costwatch reconcile last stored a reconciliation (Unix time).",
-        (),
-    ),
-    "costwatch_reconciled_dropped_output_tokens": (
-        "Output of dropped attempts in the fully seen reconciled buckets of the last 24 hours: "
-        "source=estimated by costwatch, source=billed per Anthropic's usage report.",
-        ("model", "source"),
-    ),
-    "costwatch_reconciled_wasted_cost_usd": (
-        "Wasted dollars of the dropped attempts whose estimates the bill corrected, in the reconciled "
-        "buckets of the last 24 hours: source=estimated as costwatch first had them, source=billed as "
-        "they are now (US dollars).",
-        ("model", "source"),
-    ),
-}
+_COUNTERS = (
+    m.ATTEMPTS,
+    m.BILLED_TOKENS,
+    m.WASTED_TOKENS,
+    m.BILLED_COST,
+    m.WASTED_COST,
+    m.ESTIMATED_OUTPUT_TOKENS,
+    m.OUTPUT_TOKENS,
+    m.UNPRICED_ATTEMPTS,
+    m.PLATFORM_ATTEMPTS,
+    m.PLATFORM_BILLED_TOKENS,
+    m.PLATFORM_BILLED_COST,
+    m.PLATFORM_UNPRICED_ATTEMPTS,
+    m.LOGICAL_REQUESTS,
+    # The in-process counter: the fleet alert on refused records sees the exporter's series too.
+    m.STORE_REJECTED_RECORDS,
+)
+_GAUGES = (
+    m.PENDING_ABANDONED_ATTEMPTS,
+    m.PENDING_ABANDONED_COST,
+    m.RECONCILED_COVERAGE,
+    m.UNSEEN_COST,
+    m.LAST_RECONCILIATION,
+    m.RECONCILED_DROPPED_OUTPUT,
+    m.RECONCILED_WASTED_COST,
+)
 RECONCILED_WINDOW = timedelta(hours=24)
 """How far back the reconciliation gauges look (by bucket start)."""
-_HISTOGRAMS: Mapping[str, tuple[str, Labels]] = {
-    "costwatch_attempt_duration_seconds": (
-        "How long attempts took (count and sum only).",
-        ("model", "outcome"),
-    ),
-    "costwatch_time_to_drop_seconds": ("How long dropped attempts ran (count and sum only).", ("model",)),
-}
+_HISTOGRAMS = (m.ATTEMPT_DURATION, m.TIME_TO_DROP)
+"""Served with only the ``+Inf`` bucket: count and sum."""
 
 
 def _families(samples: FleetSamples, up: bool) -> list[Metric]:
-    families: list[Metric] = [
-        GaugeMetricFamily(
-            "costwatch_up", "Whether the last read of the store worked.", value=1.0 if up else 0.0
-        )
-    ]
-    for name, (doc, labels) in _COUNTERS.items():
-        counter = CounterMetricFamily(name, doc, labels=list(labels))
-        for values, value in sorted(samples.counters.get(name, {}).items()):
+    families: list[Metric] = [GaugeMetricFamily(m.UP.name, m.UP.help, value=1.0 if up else 0.0)]
+    for metric in _COUNTERS:
+        counter = CounterMetricFamily(metric.name, metric.help, labels=list(metric.labels))
+        for values, value in sorted(samples.counters.get(metric.name, {}).items()):
             counter.add_metric(list(values), value)
         families.append(counter)
-    for name, (doc, labels) in _GAUGES.items():
-        gauge = GaugeMetricFamily(name, doc, labels=list(labels))
-        for values, value in sorted(samples.gauges.get(name, {}).items()):
+    for metric in _GAUGES:
+        gauge = GaugeMetricFamily(metric.name, metric.help, labels=list(metric.labels))
+        for values, value in sorted(samples.gauges.get(metric.name, {}).items()):
             gauge.add_metric(list(values), value)
         families.append(gauge)
-    for name, (doc, labels) in _HISTOGRAMS.items():
-        histogram = HistogramMetricFamily(name, doc, labels=list(labels))
-        for values, (count, total) in sorted(samples.histograms.get(name, {}).items()):
+    for metric in _HISTOGRAMS:
+        histogram = HistogramMetricFamily(metric.name, metric.help, labels=list(metric.labels))
+        for values, (count, total) in sorted(samples.histograms.get(metric.name, {}).items()):
             histogram.add_metric(list(values), buckets=[("+Inf", count)], sum_value=total)
         families.append(histogram)
     return families
@@ -553,7 +482,7 @@ class FleetCollector(Collector):
         samples = _samples(
             totals, settled_abandoned, model_of=_as_is, workflow_of=_as_is, pending_abandoned=pending
         )
-        samples.counters[_REJECTED] = {(): float(rejected or 0)}
+        samples.counters[m.STORE_REJECTED_RECORDS.name] = {(): float(rejected or 0)}
         # The reconciliation's models get the labels the capped rollups gave out, others ``other``:
         # a model only Anthropic saw adds no series.
         labelled = {str(key[_DIMENSIONS.index("model")]) for key, _ in totals}
@@ -619,16 +548,16 @@ def reconciliation_gauges(
         for source, value in (("estimated", values[2 * width + 3]), ("billed", values[2 * width + 4])):
             wasted[(model, source)] = wasted.get((model, source), 0.0) + value
     gauges: dict[str, dict[Labels, float]] = {
-        "costwatch_reconciled_coverage_ratio": {
+        m.RECONCILED_COVERAGE.name: {
             key: recorded[key] / value for key, value in reported.items() if value > 0
         },
-        "costwatch_reconciled_dropped_output_tokens": dropped,
-        "costwatch_reconciled_wasted_cost_usd": wasted,
-        "costwatch_unseen_cost_usd": {(): unseen_usd},
+        m.RECONCILED_DROPPED_OUTPUT.name: dropped,
+        m.RECONCILED_WASTED_COST.name: wasted,
+        m.UNSEEN_COST.name: {(): unseen_usd},
     }
     if last is not None:
         stamp = last if last.tzinfo is not None else last.replace(tzinfo=timezone.utc)
-        gauges["costwatch_last_reconciliation_timestamp_seconds"] = {(): stamp.timestamp()}
+        gauges[m.LAST_RECONCILIATION.name] = {(): stamp.timestamp()}
     return gauges
 
 

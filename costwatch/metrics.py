@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import metric_names as m
 from .avoidable import avoidable_for_request
 from .health import instrumentation_errors
 from .platforms import PLATFORMS
@@ -439,35 +440,19 @@ class _HealthCollector(Collector):
 
 
 def _health_families(reading: _HealthReading) -> list[Metric]:
-    depth = GaugeMetricFamily(
-        "costwatch_store_queue_depth",
-        "Attempt records waiting in memory for the sinks.",
-        value=reading.queue_depth,
+    values = (
+        (m.STORE_QUEUE_DEPTH, reading.queue_depth),
+        (m.STORE_SPOOLED_RECORDS, reading.spooled_records),
+        (m.STORE_WRITE_ERRORS, reading.write_errors),
+        (m.INSTRUMENTATION_ERRORS, reading.instrumentation_errors),
+        (m.STORE_REJECTED_RECORDS, reading.rejected_records),
     )
-    spooled = GaugeMetricFamily(
-        "costwatch_store_spooled_records",
-        "Attempt records in the local spool waiting to be replayed to a sink.",
-        value=reading.spooled_records,
-    )
-    write_errors = CounterMetricFamily(
-        "costwatch_store_write_errors",
-        "Failed sink exports (each failed batch or replay counts once).",
-        value=reading.write_errors,
-    )
-    hook_errors = CounterMetricFamily(
-        "costwatch_instrumentation_errors",
-        "Errors inside costwatch's SDK hooks (the application was unaffected).",
-        value=reading.instrumentation_errors,
-    )
-    rejected = CounterMetricFamily(
-        "costwatch_store_rejected_records",
-        _REJECTED_HELP,
-        value=reading.rejected_records,
-    )
-    return [depth, spooled, write_errors, hook_errors, rejected]
-
-
-_REJECTED_HELP = "Attempt records the store refused to hold, kept apart and never retried."
+    return [
+        (CounterMetricFamily if metric.kind == "counter" else GaugeMetricFamily)(
+            metric.name, metric.help, value=value
+        )
+        for metric, value in values
+    ]
 
 
 class _MultiprocessHealth:
@@ -475,28 +460,21 @@ class _MultiprocessHealth:
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.queue_depth = Gauge(
-            "costwatch_store_queue_depth",
-            "Attempt records waiting in memory for the sinks.",
-            registry=registry,
-            multiprocess_mode="livesum",
+            m.STORE_QUEUE_DEPTH.name, m.STORE_QUEUE_DEPTH.help, registry=registry, multiprocess_mode="livesum"
         )
         self.spooled = Gauge(
-            "costwatch_store_spooled_records",
-            "Attempt records in the local spool waiting to be replayed to a sink.",
+            m.STORE_SPOOLED_RECORDS.name,
+            m.STORE_SPOOLED_RECORDS.help,
             registry=registry,
             multiprocess_mode="livesum",
         )
-        self.write_errors = Counter(
-            "costwatch_store_write_errors",
-            "Failed sink exports (each failed batch or replay counts once).",
-            registry=registry,
-        )
+        self.write_errors = Counter(m.STORE_WRITE_ERRORS.name, m.STORE_WRITE_ERRORS.help, registry=registry)
         self.hook_errors = Counter(
-            "costwatch_instrumentation_errors",
-            "Errors inside costwatch's SDK hooks (the application was unaffected).",
-            registry=registry,
+            m.INSTRUMENTATION_ERRORS.name, m.INSTRUMENTATION_ERRORS.help, registry=registry
         )
-        self.rejected = Counter("costwatch_store_rejected_records", _REJECTED_HELP, registry=registry)
+        self.rejected = Counter(
+            m.STORE_REJECTED_RECORDS.name, m.STORE_REJECTED_RECORDS.help, registry=registry
+        )
         self._last = _HealthReading(0, 0, 0, 0)
 
     def update(self, reading: _HealthReading) -> None:
@@ -569,98 +547,35 @@ class MetricsSink:
                 lambda: _health_families(_read_health(self.pipeline)),
             )
 
-        def counter(name: str, doc: str, labels: Sequence[str]) -> Any:
-            metric = Counter(name, doc, labels, registry=registry)
-            return metric if otlp is None else otlp.counter(metric, name, doc, labels)
+        def counter(metric: m.Metric) -> Any:
+            prometheus = Counter(metric.name, metric.help, metric.labels, registry=registry)
+            return prometheus if otlp is None else otlp.counter(prometheus, metric)
 
-        def histogram(name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Any:
-            metric = Histogram(name, doc, labels, registry=registry, buckets=buckets)
-            return metric if otlp is None else otlp.histogram(metric, name, doc, labels, buckets)
+        def histogram(metric: m.Metric, buckets: Sequence[float]) -> Any:
+            prometheus = Histogram(
+                metric.name, metric.help, metric.labels, registry=registry, buckets=buckets
+            )
+            return prometheus if otlp is None else otlp.histogram(prometheus, metric, buckets)
 
-        self.attempts = counter(
-            "costwatch_attempts", "HTTP attempts to the Messages API.", ("model", "outcome", "error_type")
-        )
-        self.billed_tokens = counter(
-            "costwatch_billed_tokens", "Tokens billed, by token type.", ("model", "token_type")
-        )
-        self.wasted_tokens = counter(
-            "costwatch_wasted_tokens",
-            "Billed tokens of failed attempts, counted once their waste reason is settled.",
-            ("model", "token_type", "reason", "workflow"),
-        )
-        self.billed_cost = counter(
-            "costwatch_billed_cost_usd", "Cost of billed tokens in US dollars.", ("model", "workflow")
-        )
-        self.wasted_cost = counter(
-            "costwatch_wasted_cost_usd",
-            "Cost of wasted tokens in US dollars, counted once their waste reason is settled.",
-            ("model", "reason", "workflow"),
-        )
-        self.estimated_output_tokens = counter(
-            "costwatch_estimated_output_tokens",
-            "Output tokens estimated from the text received before a stream was cut.",
-            ("model",),
-        )
-        self.output_tokens = counter(
-            "costwatch_output_tokens",
-            "Billed output tokens by where the figure came from: reported, estimated, counted, reconciled.",
-            ("model", "source"),
-        )
-        self.logical_requests = counter(
-            "costwatch_logical_requests",
-            "Logical requests (an attempt and its retries), by result.",
-            ("model", "result"),
-        )
-        self.avoidable_waste = counter(
-            "costwatch_avoidable_waste_usd",
-            "Wasted US dollars that prompt caching of the retried requests' stable prefix would have saved.",
-            ("model", "workflow"),
-        )
-        self.unpriced_attempts = counter(
-            "costwatch_unpriced_attempts",
-            "Attempts on models without a known price: their tokens are counted, their cost is not.",
-            ("model",),
-        )
+        self.attempts = counter(m.ATTEMPTS)
+        self.billed_tokens = counter(m.BILLED_TOKENS)
+        self.wasted_tokens = counter(m.WASTED_TOKENS)
+        self.billed_cost = counter(m.BILLED_COST)
+        self.wasted_cost = counter(m.WASTED_COST)
+        self.estimated_output_tokens = counter(m.ESTIMATED_OUTPUT_TOKENS)
+        self.output_tokens = counter(m.OUTPUT_TOKENS)
+        self.logical_requests = counter(m.LOGICAL_REQUESTS)
+        self.avoidable_waste = counter(m.AVOIDABLE_WASTE)
+        self.unpriced_attempts = counter(m.UNPRICED_ATTEMPTS)
         # By platform apart from the metrics above, whose label sets stay as they were for the
         # dashboards and alert rules built on them; the fleet exporter has the same four.
-        self.platform_attempts = counter(
-            "costwatch_platform_attempts",
-            "HTTP attempts by the platform they went to (anthropic, bedrock, vertex, foundry).",
-            ("platform", "outcome"),
-        )
-        self.platform_billed_tokens = counter(
-            "costwatch_platform_billed_tokens",
-            "Tokens billed, by the platform that billed them and token type.",
-            ("platform", "token_type"),
-        )
-        self.platform_billed_cost = counter(
-            "costwatch_platform_billed_cost_usd",
-            "Cost of billed tokens in US dollars, by the platform that billed them.",
-            ("platform",),
-        )
-        self.platform_unpriced_attempts = counter(
-            "costwatch_platform_unpriced_attempts",
-            "Attempts without a known price on their platform: their tokens are counted, their cost is not.",
-            ("platform",),
-        )
-        self.attempt_duration = histogram(
-            "costwatch_attempt_duration_seconds",
-            "How long attempts took, from sending the request to the end of the body.",
-            ("model", "outcome"),
-            DURATION_BUCKETS,
-        )
-        self.time_to_drop = histogram(
-            "costwatch_time_to_drop_seconds",
-            "How long dropped attempts ran before the connection was lost.",
-            ("model",),
-            DURATION_BUCKETS,
-        )
-        self.attempts_per_request = histogram(
-            "costwatch_attempts_per_request",
-            "Attempts a logical request took, observed when its result settles.",
-            ("model",),
-            ATTEMPTS_PER_REQUEST_BUCKETS,
-        )
+        self.platform_attempts = counter(m.PLATFORM_ATTEMPTS)
+        self.platform_billed_tokens = counter(m.PLATFORM_BILLED_TOKENS)
+        self.platform_billed_cost = counter(m.PLATFORM_BILLED_COST)
+        self.platform_unpriced_attempts = counter(m.PLATFORM_UNPRICED_ATTEMPTS)
+        self.attempt_duration = histogram(m.ATTEMPT_DURATION, DURATION_BUCKETS)
+        self.time_to_drop = histogram(m.TIME_TO_DROP, DURATION_BUCKETS)
+        self.attempts_per_request = histogram(m.ATTEMPTS_PER_REQUEST, ATTEMPTS_PER_REQUEST_BUCKETS)
 
     # -- the Sink protocol -------------------------------------------------------------------------
     def export(self, records: Sequence[AttemptRecord]) -> None:

@@ -1,10 +1,10 @@
 """costwatch's metrics sent over OTLP by the OpenTelemetry metrics SDK (``COSTWATCH_METRICS_EXPORTER=otlp``).
 
-Nothing here defines a metric. :class:`~costwatch.metrics.MetricsSink` defines each one once (name,
-help, labels, buckets) and, given an :class:`OtlpMetrics`, makes every Prometheus counter and
+Nothing here defines a metric: :mod:`costwatch.metric_names` does (name, help, unit, labels), and
+:class:`~costwatch.metrics.MetricsSink`, given an :class:`OtlpMetrics`, makes every Prometheus counter and
 histogram a :class:`Tee` that also records into an OpenTelemetry instrument of the same name, with
 the same (already capped) label values; its health gauges and counters are observed from the same
-families the Prometheus collector serves. Units follow from the names (:func:`unit_of`). Counters are
+families the Prometheus collector serves. Counters are
 monotonic sums exported cumulatively, so they never go backwards.
 
 The exporter is the SDK's OTLP/HTTP one, configured by the standard ``OTEL_EXPORTER_OTLP_*``
@@ -20,28 +20,15 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ._version import __version__
+from .metric_names import METRICS, Metric
 
 __all__ = ["OtlpMetrics", "Tee", "unit_of"]
 
-_UNIT_SUFFIXES = (
-    ("_seconds", "s"),
-    ("_usd", "USD"),
-    ("_tokens", "{token}"),
-    ("_records", "{record}"),
-    ("_depth", "{record}"),
-    ("_attempts", "{attempt}"),
-    ("_attempts_per_request", "{attempt}"),
-    ("_requests", "{request}"),
-    ("_errors", "{error}"),
-)
-
 
 def unit_of(name: str) -> str:
-    """The UCUM unit of the metric called ``name``, read from its name's Prometheus-style suffix."""
-    for suffix, unit in _UNIT_SUFFIXES:
-        if name.endswith(suffix):
-            return unit
-    return "1"
+    """The UCUM unit of the metric called ``name``, as :mod:`costwatch.metric_names` defines it."""
+    metric = METRICS.get(name)
+    return metric.unit if metric is not None else "1"
 
 
 class _TeeChild:
@@ -91,24 +78,17 @@ class OtlpMetrics:
         self.meter_provider = meter_provider
         self.meter = meter_provider.get_meter("costwatch", __version__)
 
-    def counter(self, prometheus: Any, name: str, documentation: str, labelnames: Sequence[str]) -> Tee:
-        """``prometheus``, the counter defined by the other arguments, teed into a monotonic counter."""
-        instrument = self.meter.create_counter(name, unit_of(name), documentation)
-        return Tee(prometheus, instrument, labelnames)
+    def counter(self, prometheus: Any, metric: Metric) -> Tee:
+        """``prometheus``, the counter ``metric`` defines, teed into a monotonic counter."""
+        instrument = self.meter.create_counter(metric.name, metric.unit, metric.help)
+        return Tee(prometheus, instrument, metric.labels)
 
-    def histogram(
-        self,
-        prometheus: Any,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        buckets: Sequence[float],
-    ) -> Tee:
-        """``prometheus``, the histogram defined by the other arguments, teed into one with its buckets."""
+    def histogram(self, prometheus: Any, metric: Metric, buckets: Sequence[float]) -> Tee:
+        """``prometheus``, the histogram ``metric`` defines, teed into one with its buckets."""
         instrument = self.meter.create_histogram(
-            name, unit_of(name), documentation, explicit_bucket_boundaries_advisory=list(buckets)
+            metric.name, metric.unit, metric.help, explicit_bucket_boundaries_advisory=list(buckets)
         )
-        return Tee(prometheus, instrument, labelnames)
+        return Tee(prometheus, instrument, metric.labels)
 
     def observe_families(self, described: Iterable[Any], collect: Callable[[], Sequence[Any]]) -> None:
         """Observe Prometheus metric families (``GaugeMetricFamily``, ``CounterMetricFamily``) at each export.

@@ -175,6 +175,34 @@ def _input_matched(pair: _Pair, tolerance: float) -> bool:
     )
 
 
+def _reported_json(reported: _Side, cost_usd: float | None) -> dict[str, Any]:
+    """The reported side of a row or of the totals, as the JSON shows it."""
+    return {
+        "input_tokens": reported.input,
+        "cache_read_tokens": reported.cache_read,
+        "cache_write_tokens": reported.tokens("cache_write"),
+        "output_tokens": reported.output,
+        "requests": reported.requests,
+        "cost_usd": cost_usd,
+    }
+
+
+def _recorded_json(recorded: _Side, cost_usd: float | None) -> dict[str, Any]:
+    """The recorded side of a row or of the totals, as the JSON shows it."""
+    return {
+        "input_tokens": recorded.input,
+        "cache_read_tokens": recorded.cache_read,
+        "cache_write_tokens": recorded.tokens("cache_write"),
+        "output_tokens": recorded.output,
+        "output_reported_tokens": recorded.output_reported,
+        "output_estimated_tokens": recorded.output_estimated,
+        "output_reconciled_tokens": recorded.output_reconciled,
+        "attempts": recorded.requests,
+        "dropped_attempts": recorded.dropped,
+        "cost_usd": cost_usd,
+    }
+
+
 def _row(pair: _Pair, prices: PriceTable, model: str, tolerance: float) -> dict[str, Any]:
     reported, recorded = pair.reported, pair.recorded
     input_matched = _input_matched(pair, tolerance)
@@ -207,26 +235,8 @@ def _row(pair: _Pair, prices: PriceTable, model: str, tolerance: float) -> dict[
     return {
         "priced": price is not None,
         "flags": flags,
-        "reported": {
-            "input_tokens": reported.input,
-            "cache_read_tokens": reported.cache_read,
-            "cache_write_tokens": reported.tokens("cache_write"),
-            "output_tokens": reported.output,
-            "requests": reported.requests,
-            "cost_usd": _usd(reported.cost_usd) if reported.seen else None,
-        },
-        "recorded": {
-            "input_tokens": recorded.input,
-            "cache_read_tokens": recorded.cache_read,
-            "cache_write_tokens": recorded.tokens("cache_write"),
-            "output_tokens": recorded.output,
-            "output_reported_tokens": recorded.output_reported,
-            "output_estimated_tokens": recorded.output_estimated,
-            "output_reconciled_tokens": recorded.output_reconciled,
-            "attempts": recorded.requests,
-            "dropped_attempts": recorded.dropped,
-            "cost_usd": _usd(recorded.cost_usd),
-        },
+        "reported": _reported_json(reported, _usd(reported.cost_usd) if reported.seen else None),
+        "recorded": _recorded_json(recorded, _usd(recorded.cost_usd)),
         "coverage": {t: _ratio(recorded.tokens(t), reported.tokens(t)) for t in TOKEN_TYPES},
         "unseen": {"tokens": unseen, "usd": unseen_usd},
         "dropped_output": {
@@ -524,26 +534,9 @@ def _totals(rows: list[dict[str, Any]], total: _Pair) -> dict[str, Any]:
     return {
         "rows": len(rows),
         "unpriced_rows": sum(1 for row in rows if "unpriced" in row["flags"]),
-        "reported": {
-            "input_tokens": reported.input,
-            "cache_read_tokens": reported.cache_read,
-            "cache_write_tokens": reported.tokens("cache_write"),
-            "output_tokens": reported.output,
-            "requests": reported.requests,
-            "cost_usd": _usd(sum(row["reported"]["cost_usd"] or 0.0 for row in rows)),
-        },
-        "recorded": {
-            "input_tokens": recorded.input,
-            "cache_read_tokens": recorded.cache_read,
-            "cache_write_tokens": recorded.tokens("cache_write"),
-            "output_tokens": recorded.output,
-            "output_reported_tokens": recorded.output_reported,
-            "output_estimated_tokens": recorded.output_estimated,
-            "output_reconciled_tokens": recorded.output_reconciled,
-            "attempts": recorded.requests,
-            "dropped_attempts": recorded.dropped,
-            "cost_usd": _usd(sum(row["recorded"]["cost_usd"] or 0.0 for row in rows)),
-        },
+        # The totals' costs sum the rows' costs, a row without one (unpriced, not reported) counting 0.
+        "reported": _reported_json(reported, _usd(sum(row["reported"]["cost_usd"] or 0.0 for row in rows))),
+        "recorded": _recorded_json(recorded, _usd(sum(row["recorded"]["cost_usd"] or 0.0 for row in rows))),
         "coverage": {t: _ratio(recorded.tokens(t), reported.tokens(t)) for t in TOKEN_TYPES},
         "unseen": {"tokens": unseen, "usd": _usd(unseen_usd)},
         "dropped_output": {

@@ -183,14 +183,22 @@ class _Retrying:
         return self.request
 
     def wait_before_retry(self, attempt: int, error: BaseException) -> float | None:
-        """Seconds to wait before attempt ``attempt + 1``, or None to give up and raise ``error``."""
+        """Seconds to wait before attempt ``attempt + 1``, or None to give up and re-raise ``error``.
+
+        Where giving up must not show ``error`` itself, raises what the caller gets instead: the waste
+        budget's refusal, or :class:`IncompleteStreamError` for a stream that ended early every time.
+        """
         refusal = WasteBudgetExceeded.found_in(error)
         if refusal is not None:
             raise refusal  # the SDK wrapped it in an APIConnectionError, which reads as retryable
-        if attempt >= self.policy.max_attempts or not is_retryable(error):
-            return None
-        delay = self.policy.backoff_s(attempt, error, self.rng)
-        if time.monotonic() - self.started + delay >= self.policy.max_total_s:
+        delay: float | None = None
+        if attempt < self.policy.max_attempts and is_retryable(error):
+            delay = self.policy.backoff_s(attempt, error, self.rng)
+            if time.monotonic() - self.started + delay >= self.policy.max_total_s:
+                delay = None
+        if delay is None:
+            if isinstance(error, _EndedEarly):
+                raise IncompleteStreamError("the stream ended before message_stop on every attempt") from None
             return None
         log.info(
             "costwatch: attempt %d of logical request %s failed (%s); retrying in %.2f s",
@@ -215,12 +223,6 @@ def _policy(policy: RetryPolicy | None, overrides: dict[str, Any]) -> RetryPolic
     if policy is not None and overrides:
         raise TypeError("pass either policy= or its fields (max_attempts=, ...), not both")
     return policy or RetryPolicy(**overrides)
-
-
-def _give_up(error: BaseException) -> BaseException:
-    if isinstance(error, _EndedEarly):
-        return IncompleteStreamError("the stream ended before message_stop on every attempt")
-    return error
 
 
 _POLICY_FIELDS = ("max_attempts", "max_total_s", "initial_backoff_s", "max_backoff_s", "jitter")
@@ -268,10 +270,7 @@ def stream_with_retries(
             except Exception as error:
                 delay = state.wait_before_retry(attempt, error)
                 if delay is None:
-                    failure = _give_up(error)
-                    if failure is error:
-                        raise
-                    raise failure from None
+                    raise
                 time.sleep(delay)
 
 
@@ -302,8 +301,5 @@ async def astream_with_retries(
             except Exception as error:
                 delay = state.wait_before_retry(attempt, error)
                 if delay is None:
-                    failure = _give_up(error)
-                    if failure is error:
-                        raise
-                    raise failure from None
+                    raise
                 await asyncio.sleep(delay)

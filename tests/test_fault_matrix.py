@@ -38,6 +38,9 @@ SMALL = ResponseSpec.small(60)
 # Slow enough that the application is mid-stream (blocked in a read) when it cancels or closes.
 SLOW = ResponseSpec.small(60, event_interval_s=0.03)
 BREAK_AFTER = 6
+# A stalled response ends only when the client's timeout fires: one second is ample for the headers
+# and first deltas of a healthy response, and the tests are about what a timeout records, not how long.
+STALLED_CLIENT = {"max_retries": 0, "timeout": 1.0}
 _IDS = re.compile(r"\b(req|msg|toolu|srvtoolu)_\w+")
 _ADDRESS = re.compile(r"0x[0-9a-f]+")
 
@@ -121,10 +124,10 @@ CASES: dict[str, Case] = {
         client={"max_retries": 1},
     ),
     "timeout_before_headers": Case(
-        (Fault.stall_before_headers(),), (Outcome.CONNECT_ERROR,), client={"max_retries": 0, "timeout": 2.0}
+        (Fault.stall_before_headers(),), (Outcome.CONNECT_ERROR,), client=STALLED_CLIENT
     ),
     "stall_mid_body": Case(
-        (Fault.stall_mid_body(after_deltas=4),), (Outcome.DROPPED,), client={"max_retries": 0, "timeout": 2.0}
+        (Fault.stall_mid_body(after_deltas=4),), (Outcome.DROPPED,), client=STALLED_CLIENT
     ),
     "application_breaks_out": Case((None,), (Outcome.CANCELLED,), read="break", spec=SLOW),
     "dropped_unread_and_collected": Case((None,), (Outcome.CANCELLED,), read="unread"),

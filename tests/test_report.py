@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -28,6 +29,19 @@ HOUR = datetime(2026, 11, 25, 18, tzinfo=timezone.utc)
 
 def totals(group: dict[str, object], **measures: float) -> RollupTotals:
     return RollupTotals(group=group, **measures)  # type: ignore[arg-type]
+
+
+def on_m(outcome: str, waste_reason: str, **measures: float) -> RollupTotals:
+    """A rollup row of model ``m``, grouped by outcome and waste reason."""
+    return totals({"model": "m", "outcome": outcome, "waste_reason": waste_reason}, **measures)
+
+
+def table_text(report: dict[str, Any], width: int = 140) -> str:
+    """The report as ``render_table`` prints it on a terminal ``width`` columns wide."""
+    console = Console(file=io.StringIO(), width=width)
+    render_table(report, console)
+    text: str = console.file.getvalue()  # type: ignore[attr-defined]
+    return text
 
 
 def sonnet_dropped_and_retried() -> list[RollupTotals]:
@@ -164,34 +178,29 @@ def test_subtracting_an_earlier_read_leaves_only_what_was_added_since():
 def test_waste_is_split_by_reason_with_cancelled_apart_from_retried_and_abandoned():
     assert rollup_group_by("model") == ("model", "outcome", "waste_reason")
     rows = [
-        totals(
-            {"model": "m", "outcome": "dropped", "waste_reason": "retried"},
+        on_m(
+            "dropped",
+            "retried",
             attempts=2,
             wasted_input_tokens=1000,
             wasted_output_tokens=20,
             wasted_cost_usd=0.5,
         ),
-        totals(
-            {"model": "m", "outcome": "dropped", "waste_reason": "abandoned"},
-            attempts=1,
-            wasted_input_tokens=300,
-            wasted_cost_usd=0.1,
-        ),
-        totals(
-            {"model": "m", "outcome": "cancelled", "waste_reason": "cancelled"},
+        on_m("dropped", "abandoned", attempts=1, wasted_input_tokens=300, wasted_cost_usd=0.1),
+        on_m(
+            "cancelled",
+            "cancelled",
             attempts=1,
             wasted_input_tokens=400,
             wasted_output_tokens=7,
             wasted_cost_usd=0.2,
         ),
-        totals({"model": "m", "outcome": "completed", "waste_reason": ""}, attempts=3),
+        on_m("completed", "", attempts=3),
     ]
     report = build_report(rows, "model")
     assert report["wasted_cost_usd_by_reason"] == {"retried": 0.5, "abandoned": 0.1, "cancelled": 0.2}
     assert report["groups"][0]["wasted_cost_usd_by_reason"] == report["wasted_cost_usd_by_reason"]
-    console = Console(file=io.StringIO(), width=200)
-    render_table(report, console)
-    text = console.file.getvalue()  # type: ignore[attr-defined]
+    text = table_text(report, width=200)
     assert "$0.20 cancelled (the application stopped reading)" in text
 
 
@@ -224,18 +233,14 @@ def test_csv_rendering_has_one_row_per_group_with_flat_token_columns():
 
 
 def test_table_rendering_names_totals_and_the_top_offender():
-    console = Console(file=io.StringIO(), width=140)
-    render_table(build_report(sonnet_dropped_and_retried(), "model"), console)
-    text = console.file.getvalue()  # type: ignore[attr-defined]
+    text = table_text(build_report(sonnet_dropped_and_retried(), "model"))
     assert "2 requests took 4 calls to the API: 2 calls failed (1 of them cut off mid-answer)" in text
     assert "Top offenders" in text
     assert "claude-sonnet-5-5: $0.50 wasted (100% of all waste) over 1 failed attempt\n" in text
 
 
 def test_table_rendering_of_an_empty_window_says_so():
-    console = Console(file=io.StringIO(), width=140)
-    render_table(build_report([], "model"), console)
-    assert "No attempts recorded" in console.file.getvalue()  # type: ignore[attr-defined]
+    assert "No attempts recorded" in table_text(build_report([], "model"))
 
 
 # -- durations and moments ------------------------------------------------------------------------
@@ -283,8 +288,9 @@ def test_report_windows_widen_to_whole_hours():
 def wasted_by_reason() -> list[RollupTotals]:
     """Waste on one model: retried (input and output), abandoned (cache), and a completed call."""
     return [
-        totals(
-            {"model": "m", "outcome": "dropped", "waste_reason": "retried"},
+        on_m(
+            "dropped",
+            "retried",
             attempts=2,
             billed_cost_usd=3.0,
             wasted_cost_usd=3.0,
@@ -293,8 +299,9 @@ def wasted_by_reason() -> list[RollupTotals]:
             billed_input_tokens=100,
             wasted_input_tokens=100,
         ),
-        totals(
-            {"model": "m", "outcome": "dropped", "waste_reason": "abandoned"},
+        on_m(
+            "dropped",
+            "abandoned",
             attempts=1,
             billed_cost_usd=0.5,
             wasted_cost_usd=0.5,
@@ -303,12 +310,7 @@ def wasted_by_reason() -> list[RollupTotals]:
             billed_cache_read_tokens=1000,
             wasted_cache_read_tokens=1000,
         ),
-        totals(
-            {"model": "m", "outcome": "completed", "waste_reason": ""},
-            attempts=1,
-            billed_cost_usd=6.5,
-            billed_input_tokens=900,
-        ),
+        on_m("completed", "", attempts=1, billed_cost_usd=6.5, billed_input_tokens=900),
     ]
 
 
@@ -329,9 +331,7 @@ def test_wasted_dollars_are_split_by_every_waste_reason_and_by_part_of_the_bill(
     row = next(csv.DictReader(io.StringIO(render_csv(report))))
     assert float(row["wasted_retried_cost_usd"]) == 3.0 and float(row["wasted_cache_write_cost_usd"]) == 0.3
 
-    console = Console(file=io.StringIO(), width=120)
-    render_table(report, console)
-    text = console.file.getvalue()  # type: ignore[attr-defined]
+    text = table_text(report, width=120)
     assert "why: $3.00 retried (paid again by a retry), $0.50 abandoned (the request was given up)" in text
     assert "what: $2.00 re-billed input, $0.20 cache reads, $0.30 cache writes, $1.00 partial output" in text
     assert "wasted share: 55.0% of billed tokens, 35.0% of billed dollars" in text
@@ -343,6 +343,4 @@ def test_abandoned_waste_of_unsettled_hours_is_reported_as_pending():
     report = build_report(wasted_by_reason(), "model", pending=pending)
     assert (report["pending_abandoned_attempts"], report["pending_abandoned_cost_usd"]) == (1, 0.5)
     assert report["groups"][0]["pending_abandoned_attempts"] == 1
-    console = Console(file=io.StringIO(), width=120)
-    render_table(report, console)
-    assert "pending: $0.50 of it (1 call given up" in console.file.getvalue()  # type: ignore[attr-defined]
+    assert "pending: $0.50 of it (1 call given up" in table_text(report, width=120)

@@ -30,6 +30,8 @@ SDK_MAJOR = int(anthropic.__version__.split(".")[0])
 HTTP_MODULE = "httpx" if SDK_MAJOR == 0 else "httpx2"
 DROP_MESSAGE = "peer closed connection without sending complete message body (incomplete chunked read)"
 MODEL = "claude-opus-4-6"
+# A stall ends when the client's timeout fires; these tests are about what a stall bills, not how long.
+STALL_TIMEOUT_S = 1.0
 MESSAGES: Any = [{"role": "user", "content": "Summarise the billing table."}]
 
 # Every content type, few tokens: each stream has about 45 delta events.
@@ -268,7 +270,7 @@ def test_reset_before_any_response_is_a_connection_error_and_bills_nothing(
 
 def test_stall_before_headers_times_the_client_out_and_bills_nothing(server: FakeAnthropicServer) -> None:
     server.enqueue(Fault.stall_before_headers())
-    received = consume(client_for(server, timeout=2.0))
+    received = consume(client_for(server, timeout=STALL_TIMEOUT_S))
 
     assert isinstance(received.error, anthropic.APITimeoutError)
     (entry,) = server.ledger.entries
@@ -277,7 +279,7 @@ def test_stall_before_headers_times_the_client_out_and_bills_nothing(server: Fak
 
 def test_stall_mid_body_times_the_client_out_and_bills_what_was_sent(server: FakeAnthropicServer) -> None:
     server.enqueue(Fault.stall_mid_body(after_deltas=4))
-    received = consume(client_for(server, timeout=2.0))
+    received = consume(client_for(server, timeout=STALL_TIMEOUT_S))
 
     assert type(received.error).__name__ == "ReadTimeout"
     (entry,) = server.ledger.entries
