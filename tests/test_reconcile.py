@@ -443,8 +443,14 @@ def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_u
 
 
 @contextlib.contextmanager
-def _watching(fake: FakeAnthropicServer, db: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
-    """`costwatch reconcile --since 1h --watch 1s` against the fake, in a process of its own."""
+def _watching(
+    fake: FakeAnthropicServer, db: str, *extra: str, read: str = "stderr"
+) -> Iterator[subprocess.Popen[str]]:
+    """`costwatch reconcile --since 1h --watch 1s` against the fake, in a process of its own.
+
+    Only the stream the test reads is a pipe: a pipe nobody drains fills up over many rounds and
+    blocks the process in a write, where SIGINT cannot end it.
+    """
     env = {
         **os.environ,
         "PYTHONPATH": str(Path(__file__).parents[1]),
@@ -455,8 +461,8 @@ def _watching(fake: FakeAnthropicServer, db: str, *extra: str) -> Iterator[subpr
     process = subprocess.Popen(
         [sys.executable, "-c", command, *argv],
         env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if read == "stderr" else subprocess.DEVNULL,
+        stdout=subprocess.PIPE if read == "stdout" else subprocess.DEVNULL,
         text=True,
     )
     try:
@@ -507,7 +513,7 @@ def test_watch_prints_each_round_in_the_format_asked_and_corrects_a_bucket_once_
     db = f"sqlite:///{tmp_path / 'cw.db'}"
     with FakeAnthropicServer(SPEC, faults=[Fault.cut_after_deltas(20), None], usage_lag_s=3600) as fake:
         _instrumented(fake, db, 2)
-        with _watching(fake, db, "--format", "json") as process:
+        with _watching(fake, db, "--format", "json", read="stdout") as process:
             assert process.stdout is not None
             # One JSON document a line, a line a round.
             rounds = [json.loads(process.stdout.readline())]
