@@ -60,6 +60,20 @@ def async_client(server, **kwargs) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=server.base_url, api_key="sk-ant-test-key", **kwargs)
 
 
+def read_stream_through_a_cut(server, i: int, model: str) -> None:
+    """Stream job ``i`` through the real SDK to its end, or to the cut the fake made in its body."""
+    client = sync_client(server, max_retries=0)
+    messages = [{"role": "user", "content": f"job {i}"}]
+    try:
+        for _ in client.messages.create(model=model, max_tokens=4096, messages=messages, stream=True):
+            pass
+    except anthropic.APIConnectionError:
+        pass
+    except Exception as exc:  # httpx's own RemoteProtocolError, whichever SDK line
+        if "incomplete" not in str(exc) and "closed" not in str(exc):
+            raise
+
+
 # -- PostgreSQL -------------------------------------------------------------------------------------
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 """The test server's database (trust auth); each test works in a schema of its own."""

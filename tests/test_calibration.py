@@ -6,7 +6,7 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
-import anthropic
+from conftest import read_stream_through_a_cut
 
 import costwatch
 import costwatch.store.sink
@@ -37,16 +37,7 @@ def run_process(store_url: str, tmp_path: Path, work) -> None:
 
 
 def stream(server: FakeAnthropicServer, i: int) -> None:
-    client = anthropic.Anthropic(base_url=server.base_url, api_key="sk-ant-test", max_retries=0)
-    messages = [{"role": "user", "content": f"job {i}"}]
-    try:
-        for _ in client.messages.create(model=MODEL, max_tokens=4096, messages=messages, stream=True):
-            pass
-    except anthropic.APIConnectionError:
-        pass
-    except Exception as exc:  # httpx's own RemoteProtocolError, whichever SDK line
-        if "incomplete" not in str(exc) and "closed" not in str(exc):
-            raise
+    read_stream_through_a_cut(server, i, MODEL)
 
 
 def test_a_new_process_estimates_a_drop_with_the_calibration_earlier_processes_stored(store_url, tmp_path):

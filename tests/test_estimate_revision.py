@@ -9,10 +9,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import pytest
 import sqlalchemy as sa
-from conftest import sample_value
+from conftest import read_stream_through_a_cut, sample_value
 from prometheus_client import CollectorRegistry
 
 import costwatch
@@ -50,16 +49,7 @@ def run_process(store_url: str, spool: Path, work, *, registry: CollectorRegistr
 
 
 def stream(server: FakeAnthropicServer, i: int) -> None:
-    client = anthropic.Anthropic(base_url=server.base_url, api_key="sk-ant-test", max_retries=0)
-    messages = [{"role": "user", "content": f"job {i}"}]
-    try:
-        for _ in client.messages.create(model=MODEL, max_tokens=4096, messages=messages, stream=True):
-            pass
-    except anthropic.APIConnectionError:
-        pass
-    except Exception as exc:  # httpx's own RemoteProtocolError, whichever SDK line
-        if "incomplete" not in str(exc) and "closed" not in str(exc):
-            raise
+    read_stream_through_a_cut(server, i, MODEL)
 
 
 def cut(server: FakeAnthropicServer, i: int, deltas: int = 120) -> None:
