@@ -246,29 +246,30 @@ def _ident(rng: random.Random, prefix: str, length: int = 24) -> str:
     return prefix + "".join(rng.choice(_BASE62) for _ in range(length))
 
 
-def _split(rng: random.Random, pieces: list[Piece], low: int, high: int) -> list[list[Piece]]:
-    """``pieces`` in groups of ``low`` to ``high`` tokens each (one group per delta event).
+def _split(rng: random.Random, pieces: list[Piece], low: int, high: int) -> list[tuple[str, int]]:
+    """``pieces`` in groups of ``low`` to ``high`` tokens each (one group per delta event): the
+    text of each group and the tokens it counts.
 
     A group ends at a piece boundary, never inside a piece: the API never sends part of a character,
     and a cut between deltas must leave a text that counts exactly what the sent deltas billed. Pieces
     that count no token (merged into the token before them) are kept with the group before, at the end.
     """
-    groups: list[list[Piece]] = []
-    group: list[Piece] = []
+    groups: list[tuple[str, int]] = []
+    texts: list[str] = []
     tokens = size = 0
-    for piece in pieces:
-        if not group:
+    for text, count in pieces:
+        if not texts:
             size = rng.randint(low, high)
-        group.append(piece)
-        tokens += piece.tokens
+        texts.append(text)
+        tokens += count
         if tokens >= size:
-            groups.append(group)
-            group, tokens = [], 0
-    if group:
+            groups.append(("".join(texts), tokens))
+            texts, tokens = [], 0
+    if texts:
         if tokens == 0 and groups:
-            groups[-1].extend(group)
+            groups[-1] = (groups[-1][0] + "".join(texts), groups[-1][1])
         else:
-            groups.append(group)
+            groups.append(("".join(texts), tokens))
     return groups
 
 
@@ -315,7 +316,7 @@ class _Builder:
                 tried.add(n)
                 rng.setstate(draw_start)
                 pieces = tokenizer.pieces("".join(write(rng, n)))
-                have = sum(piece.tokens for piece in pieces)
+                have = sum(tokens for _, tokens in pieces)
                 if have == count:
                     self.rng.setstate(rng.getstate())
                     return pieces
@@ -341,8 +342,7 @@ class _Builder:
         self, index: int, pieces: list[Piece], delta_type: str, field_name: str, ct: ContentType
     ) -> str:
         low, high = self.spec.tokens_per_delta
-        for group in _split(self.rng, pieces, low, high):
-            text = "".join(piece.text for piece in group)
+        for text, tokens in _split(self.rng, pieces, low, high):
             self.add(
                 "content_block_delta",
                 {
@@ -350,7 +350,7 @@ class _Builder:
                     "index": index,
                     "delta": {"type": delta_type, field_name: text},
                 },
-                tokens=sum(piece.tokens for piece in group),
+                tokens=tokens,
                 content_type=ct,
                 chars=len(text),
             )
@@ -358,7 +358,7 @@ class _Builder:
             if self.spec.ping_every and self.deltas_since_ping >= self.spec.ping_every:
                 self.ping()
                 self.deltas_since_ping = 0
-        return "".join(piece.text for piece in pieces)
+        return "".join(text for text, _ in pieces)
 
     def block(self, index: int, start: Mapping[str, Any]) -> None:
         self.add(
