@@ -635,7 +635,8 @@ class _ScrapeAnswers:
     than ``fresh_s`` is still served while one thread renders its successor (stale while
     revalidate): no scraper waits for the store unless there is no answer at all yet, and then
     all of them wait for the same one. Requests with a query (``name[]`` filters) are rendered for
-    themselves, through the collector's own single flight.
+    themselves, through the collector's own single flight. ``renderer``, when set, renders the
+    kept answers instead of ``exposition`` (``serve`` sets a :class:`_RenderProcess`).
     """
 
     def __init__(self, exposition: Callable[..., Any], fresh_s: float) -> None:
@@ -644,6 +645,7 @@ class _ScrapeAnswers:
         self._lock = threading.Lock()
         self._answers: dict[tuple[bool, bool], _Response] = {}
         self._rendering: dict[tuple[bool, bool], threading.Event] = {}
+        self.renderer: Callable[..., Any] | None = None
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if _client_gone(environ.get(_CONNECTION)):
@@ -683,19 +685,133 @@ class _ScrapeAnswers:
 
     def _render(self, key: tuple[bool, bool], environ: dict[str, Any], done: threading.Event) -> None:
         environ.pop(_CONNECTION, None)
-        captured: list[Any] = []
         try:
-            body = b"".join(
-                self._exposition(environ, lambda status, headers: captured.extend([status, headers]))
-            )
+            status, headers, body = _answer_of(self.renderer or self._exposition, environ)
             with self._lock:
-                self._answers[key] = _Response(captured[0], list(captured[1]), body)
+                self._answers[key] = _Response(status, headers, body)
         except Exception:
             log.exception("costwatch exporter: rendering the metrics failed")
         finally:
             with self._lock:
                 self._rendering.pop(key, None)
             done.set()
+
+
+def _answer_of(app: Callable[..., Any], environ: dict[str, Any]) -> tuple[str, list[Any], bytes]:
+    """The status, headers and body of one call of a WSGI ``app``."""
+    captured: list[Any] = []
+    body = b"".join(app(environ, lambda status, headers: captured.extend([status, headers])))
+    return captured[0], list(captured[1]), body
+
+
+class _RenderProcess:
+    """A WSGI app that renders ``/metrics`` in a process of its own, for ``costwatch serve``.
+
+    Rendering an answer (reading the store, computing the samples, writing a megabyte of text) is
+    pure Python for hundreds of milliseconds; in the serving process it held the GIL while the
+    scrapes answered from the kept text waited for it, and on a busy machine each hand-over of the
+    GIL waits for the scheduler too (scrape p99 of 100-500 ms at 1M attempts, 9 ms with no render
+    during the run: benchmarks/README.md). In a process of its own it shares only the CPU. The
+    worker logs through this process's ``costwatch`` logger; if it dies, the answers are rendered
+    here again (``fallback``), after one warning.
+    """
+
+    def __init__(self, database_url: str | None, fallback: Callable[..., Any]) -> None:
+        import multiprocessing
+
+        # Spawned, not forked: this process has threads (the server's, the maintenance thread).
+        context = multiprocessing.get_context("spawn")
+        self._connection, theirs = context.Pipe()
+        self._process = context.Process(
+            target=_render_worker,
+            args=(database_url, theirs, log.getEffectiveLevel()),
+            name="costwatch-exporter-render",
+            daemon=True,
+        )
+        self._process.start()
+        theirs.close()
+        self._fallback = fallback
+        self._lock = threading.Lock()
+        self._broken = False
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if not self._broken:
+            request = {name: value for name, value in environ.items() if isinstance(value, str)}
+            try:
+                with self._lock:
+                    self._connection.send(request)
+                    status, headers, body, logged = self._connection.recv()
+            except (EOFError, OSError) as exc:
+                self._broken = True
+                log.warning(
+                    "costwatch exporter: the render process ended (%s); rendering in the serving process",
+                    type(exc).__name__,
+                )
+            else:
+                for level, message in logged:
+                    log.log(level, "%s", message)
+                if status is None:
+                    raise RuntimeError(body)
+                start_response(status, headers)
+                return [body]
+        return self._fallback(environ, start_response)
+
+    def close(self) -> None:
+        """End the worker: it exits when its end of the pipe closes (terminated if it does not)."""
+        self._broken = True
+        with self._lock:
+            self._connection.close()
+        self._process.join(5.0)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5.0)
+
+
+class _Collected(logging.Handler):
+    """Keeps the worker's log lines, to be logged by the serving process with the answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.lines: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelno, self.format(record)))
+
+
+def _render_worker(database_url: str | None, connection: Any, level: int) -> None:
+    """The render process: answers each environ sent on ``connection`` until it closes."""
+    import signal
+
+    # Ctrl-C reaches the whole process group; the serving process decides when this one ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    collected = _Collected()
+    log.addHandler(collected)
+    log.setLevel(level)
+    log.propagate = False
+    registry = CollectorRegistry()
+    collector = FleetCollector(database_url)
+    registry.register(collector)
+    app = make_wsgi_app(registry)
+    try:
+        while True:
+            try:
+                environ = connection.recv()
+            except (EOFError, OSError):
+                return
+            answer: tuple[Any, ...]
+            try:
+                answer = _answer_of(app, environ)
+            except Exception as exc:
+                log.exception("costwatch exporter: rendering the metrics failed")
+                answer = (None, [], f"{type(exc).__name__}: {exc}")
+            try:
+                connection.send((*answer, collected.lines))
+            except (EOFError, OSError):
+                return
+            collected.lines = []
+    finally:
+        collector.close()
 
 
 def _metrics_app(registry: CollectorRegistry, fresh_s: float = 0.0) -> Callable[..., Any]:
@@ -755,6 +871,7 @@ def serve(
     block: bool = True,
     on_listening: Callable[[], object] | None = None,
     retention: timedelta | None = None,
+    render_process: bool = False,
 ) -> Any:
     """Serve the fleet's metrics on ``http://{addr}:{port}/metrics``.
 
@@ -763,7 +880,10 @@ def serve(
     also closes the database connections). ``on_listening`` is called once the port is bound. With
     ``retention``, raw attempt rows older than that are pruned now and every
     :data:`PRUNE_EVERY_S` seconds (the rollups keep every total); on PostgreSQL the attempts
-    table's day partitions are created ahead as often.
+    table's day partitions are created ahead as often. With ``render_process`` (as the CLI runs
+    it), the answers are rendered in a process of their own, started with ``multiprocessing``'s
+    spawn method (so the calling program's main module must be safe to import), so that scrapes
+    answered meanwhile never wait for a render.
     """
     registry = CollectorRegistry()
     collector = FleetCollector(database_url)  # the rendered answers are what serve keeps
@@ -773,6 +893,10 @@ def serve(
     except BaseException:
         collector.close()
         raise
+    renderer: _RenderProcess | None = None
+    if render_process:
+        app = server.get_app()
+        renderer = app.renderer = _RenderProcess(database_url, fallback=app._exposition)
     # Closing the server (as a non-blocking caller does) closes the collector's connections too.
     close_server = server.server_close
 
@@ -788,6 +912,8 @@ def serve(
     def server_close() -> None:
         stop_pruning.set()
         close_server()
+        if renderer is not None:
+            renderer.close()
         collector.close()
 
     server.server_close = server_close
