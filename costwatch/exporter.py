@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -733,6 +734,7 @@ class _RenderProcess:
         self._fallback = fallback
         self._lock = threading.Lock()
         self._broken = False
+        self._closed = False
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if not self._broken:
@@ -743,27 +745,32 @@ class _RenderProcess:
                     status, headers, body, logged = self._connection.recv()
             except (EOFError, OSError) as exc:
                 self._broken = True
-                log.warning(
-                    "costwatch exporter: the render process ended (%s); rendering in the serving process",
-                    type(exc).__name__,
-                )
+                if not self._closed:
+                    log.warning(
+                        "costwatch exporter: the render process ended (%s); rendering in the serving process",
+                        type(exc).__name__,
+                    )
             else:
                 for level, message in logged:
                     log.log(level, "%s", message)
                 if status is None:
-                    raise RuntimeError(body)
+                    raise RuntimeError(f"the render process failed:\n{body}")
                 start_response(status, headers)
                 return [body]
         return self._fallback(environ, start_response)
 
     def close(self) -> None:
-        """End the worker: it exits when its end of the pipe closes (terminated if it does not)."""
-        self._broken = True
-        with self._lock:
-            self._connection.close()
-        self._process.join(5.0)
+        """End the worker: it exits when its end of the pipe closes, or is terminated when a render
+        keeps it longer (a store that does not answer must not hold up the server's close)."""
+        self._broken = self._closed = True
+        if self._lock.acquire(timeout=5.0):
+            try:
+                self._connection.close()
+            finally:
+                self._lock.release()
+            self._process.join(5.0)
         if self._process.is_alive():
-            self._process.terminate()
+            self._process.terminate()  # the render waiting on it then reads EOF
             self._process.join(5.0)
 
 
@@ -802,9 +809,8 @@ def _render_worker(database_url: str | None, connection: Any, level: int) -> Non
             answer: tuple[Any, ...]
             try:
                 answer = _answer_of(app, environ)
-            except Exception as exc:
-                log.exception("costwatch exporter: rendering the metrics failed")
-                answer = (None, [], f"{type(exc).__name__}: {exc}")
+            except Exception:  # raised again in the serving process, which logs it
+                answer = (None, [], traceback.format_exc())
             try:
                 connection.send((*answer, collected.lines))
             except (EOFError, OSError):
