@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -258,12 +258,23 @@ class SqlStore:
         ]
 
     def estimated_attempts(
-        self, *, since: datetime, after: int = 0, limit: int = 500
+        self,
+        *,
+        since: datetime,
+        after: int = 0,
+        limit: int = 500,
+        until: int | None = None,
+        models: Collection[str] | None = None,
     ) -> list[EstimatedAttempt]:
         """Stored attempts whose output was estimated, started at ``since`` or later, with ``sample_id``
-        above ``after``: at most ``limit``, in ``sample_id`` order, each with the characters its
-        estimate was made from (``output_chars``)."""
+        above ``after`` (and at most ``until``), of ``models`` if given: at most ``limit``, in
+        ``sample_id`` order, each with the characters its estimate was made from (``output_chars``)."""
         table = CALIBRATION_SAMPLES
+        narrower = []
+        if until is not None:
+            narrower.append(table.c.sample_id <= until)
+        if models is not None:
+            narrower.append(table.c.model.in_(sorted(models)))
         query = (
             sa.select(table.c.sample_id, table.c.chars, ATTEMPTS)
             # By start time too: on PostgreSQL the attempts are partitioned by day (only the window's
@@ -280,6 +291,7 @@ class SqlStore:
                 ATTEMPTS.c.started_at >= since,
                 table.c.sample_id > after,
                 ATTEMPTS.c.output_estimated.is_(True),
+                *narrower,
             )
             .order_by(table.c.sample_id)
             .limit(limit)
