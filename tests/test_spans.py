@@ -479,6 +479,40 @@ def test_a_counted_cut_streams_span_ends_with_the_count_at_the_attempts_end(prov
     }
 
 
+def test_a_retry_made_while_the_count_was_on_its_way_shows_on_the_counted_spans_waste_reason(
+    provider, exporter
+):
+    listener = SpanListener(provider, environ={})
+    pipeline, memory = Pipeline(), MemorySink()
+    with FakeAnthropicServer(ResponseSpec(blocks=(BlockSpec(BlockKind.TEXT, 900),))) as server:
+        server.count_tokens_delay_s = 0.5  # the application resends before the count arrives
+        costwatch.instrument(
+            pipeline=pipeline,
+            sinks=[memory],
+            listeners=[listener],
+            prices=load_prices(),
+            estimator=OutputEstimator(),
+            count_partial_output=True,
+        )
+        try:
+            server.enqueue(Fault.cut_after_deltas(60), None)
+            for _ in range(2):
+                read_stream_through_a_cut(server, 0, MODEL)
+            assert costwatch.flush(30)
+        finally:
+            costwatch.uninstrument()
+            pipeline.shutdown(10)
+        cut_entry = server.ledger.entries[0]
+    by_number = {
+        dict(s.attributes or {})["costwatch.attempt.number"]: s for s in exporter.get_finished_spans()
+    }
+    cut = dict(by_number[1].attributes or {})
+    assert cut["costwatch.waste.reason"] == "retried"
+    assert cut["costwatch.usage.output_source"] == "counted"
+    assert cut["gen_ai.usage.output_tokens"] == cut_entry.output_tokens
+    assert [link.context for link in by_number[2].links] == [by_number[1].context]
+
+
 def test_estimates_revised_at_flush_get_spans_linked_to_their_attempts_with_the_stored_figures(
     provider, exporter, tmp_path
 ):
