@@ -11,13 +11,17 @@ which the calibration would revise (the steady state), a pipeline with the store
 :class:`~costwatch.revise.EstimateRevision` over it, and one pass already made. Each round then, in
 alternating order:
 
-* **whole window** (what every flush did before): the reviser's memory of what it read is
-  forgotten, so the pass reads the window as it did after any calibration change;
+* **before**: what every such flush did before issue 20 (c): the whole window read again, each page
+  by the store's query of then (every estimate of the window past the page's start joined to its
+  attempt, then the first ``batch_size`` taken: each page cost the whole window);
+* **whole window**: the same pass with today's page query (the page's sample ids first, then their
+  attempts), as a pass still reads the window after a material calibration change;
 * **what changed** (now): one calibration sample that moves the factor by well under
   ``RECHECK_SHARE``, as a completed stream does in a calibrated process, then a flush.
 
-Both are timed around ``Pipeline.flush()`` (wall, and this process's CPU, the writer thread
-included). The rows give each side's median and their paired ratio, with the estimates each read.
+All are timed around ``Pipeline.flush()`` (wall, and this process's CPU, the writer thread
+included). The rows give each variant's median, with the estimates each read, and the paired
+ratios of today's flush to the two others.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from types import MappingProxyType
+from typing import Any
 
+import sqlalchemy as sa
 from measure import Measurement, Timing, alternating_runs, median_ratio, timed
 from store_scale import _postgres_url, _sqlite_url
 
@@ -40,12 +47,66 @@ from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason, new_id
 from costwatch.revise import EstimateRevision
 from costwatch.spool import Spool
 from costwatch.store import SqlStore
+from costwatch.store.rows import record_from_row
+from costwatch.store.schema import ATTEMPTS, CALIBRATION_SAMPLES
 
 __all__ = ["measure_revision_pass"]
 
 _MODELS = ("claude-sonnet-4-6", "claude-haiku-4-5", "claude-opus-4-6")
 _CHARS = {"text": 3_500}
 _WRITE_BATCH = 5_000
+
+
+class _QueryOfBefore:
+    """The store's page query before issue 20 (c), for the **before** variant: one statement that
+    joins every estimate of the window past ``after`` to its attempt, sorts, and takes a page."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+
+    def estimated_attempts(
+        self,
+        *,
+        since: datetime,
+        after: int = 0,
+        limit: int = 500,
+        until: int | None = None,
+        models: Collection[str] | None = None,
+    ) -> list[tuple[int, AttemptRecord]]:
+        assert until is None and models is None, "the pass of before read the whole window"
+        table = CALIBRATION_SAMPLES
+        query = (
+            sa.select(table.c.sample_id, table.c.chars, ATTEMPTS)
+            .join(
+                ATTEMPTS,
+                sa.and_(
+                    ATTEMPTS.c.attempt_id == table.c.attempt_id, ATTEMPTS.c.started_at == table.c.started_at
+                ),
+            )
+            .where(
+                table.c.output_tokens.is_(None),
+                table.c.started_at >= since,
+                ATTEMPTS.c.started_at >= since,
+                table.c.sample_id > after,
+                ATTEMPTS.c.output_estimated.is_(True),
+            )
+            .order_by(table.c.sample_id)
+            .limit(limit)
+        )
+        with self.store.engine.connect() as connection:
+            return [
+                (
+                    int(row["sample_id"]),
+                    dataclasses.replace(
+                        record_from_row(row), output_chars=MappingProxyType(_chars(row["chars"]))
+                    ),
+                )
+                for row in connection.execute(query).mappings()
+            ]
+
+
+def _chars(value: Any) -> dict[str, int]:
+    return {str(k): int(v) for k, v in dict(value).items()}
 
 
 def _calibrated() -> OutputEstimator:
@@ -109,7 +170,8 @@ def _backend_rows(backend: str, url: str, n: int, repeats: int) -> list[Measurem
     last = _fill(url, n, estimator)
     store = SqlStore(url)
     revision = EstimateRevision(store, estimator, load_prices(), window_s=86_400, refresh_s=300)
-    reads: dict[str, list[int]] = {"whole window": [], "what changed": []}
+    reads: dict[str, list[int]] = {"before": [], "whole window": [], "what changed": []}
+    query_of_before = _QueryOfBefore(store)
     with TemporaryDirectory(prefix="costwatch-bench-") as spool:
         pipeline = Pipeline(spool=Spool(Path(spool)))
         pipeline.add_sink(store)
@@ -124,18 +186,31 @@ def _backend_rows(backend: str, url: str, n: int, repeats: int) -> list[Measurem
                 reads[name].append(revision.rows_read - before)
                 return timing
 
-            def whole_window() -> Timing:
-                # What the pass did before after any calibration change: nothing remembered.
+            def forget() -> None:
+                # What a pass did before after any calibration change: nothing of what it read counts.
                 revision._changes = None
                 revision._cursor = 0
                 revision._checked.clear()
+
+            def before() -> Timing:
+                forget()
+                revision.source = query_of_before
+                try:
+                    return flush("before")
+                finally:
+                    revision.source = store
+
+            def whole_window() -> Timing:
+                forget()
                 return flush("whole window")
 
             def what_changed() -> Timing:
                 estimator.observe(_MODELS[0], _CHARS, 1_010)  # moves the factor by ~0.1%
                 return flush("what changed")
 
-            timings = alternating_runs({"whole window": whole_window, "what changed": what_changed}, repeats)
+            timings = alternating_runs(
+                {"before": before, "whole window": whole_window, "what changed": what_changed}, repeats
+            )
         finally:
             pipeline.shutdown()
     assert revision.revised == 0, "the steady state revises nothing"
@@ -156,22 +231,18 @@ def _backend_rows(backend: str, url: str, n: int, repeats: int) -> list[Measurem
                 },
             )
         )
-    rows.append(
-        Measurement(
-            benchmark="revision pass",
-            case=case,
-            metric="flush() CPU, what changed vs whole window",
-            value=median_ratio(
-                [t.cpu_s for t in timings["what changed"]], [t.cpu_s for t in timings["whole window"]]
-            ),
-            unit="ratio",
-            detail={
-                "wall_ratio": median_ratio(
-                    [t.wall_s for t in timings["what changed"]], [t.wall_s for t in timings["whole window"]]
-                )
-            },
+    now = timings["what changed"]
+    for other in ("before", "whole window"):
+        rows.append(
+            Measurement(
+                benchmark="revision pass",
+                case=case,
+                metric=f"flush() wall, what changed vs {other}",
+                value=median_ratio([t.wall_s for t in now], [t.wall_s for t in timings[other]]),
+                unit="ratio",
+                detail={"cpu_ratio": median_ratio([t.cpu_s for t in now], [t.cpu_s for t in timings[other]])},
+            )
         )
-    )
     return rows
 
 

@@ -72,8 +72,8 @@ class Sizes:
     scrape_repeats: int = 20
     retention_attempts: int = 2_000_000
     """PostgreSQL at retention scale (the issue's size is 10M: ``--retention-attempts 10000000``)."""
-    revision_estimates: tuple[int, ...] = (10_000, 100_000)
-    revision_repeats: int = 7
+    revision_estimates: tuple[int, ...] = (10_000, 50_000)
+    revision_repeats: int = 5
 
 
 PRESETS = {
@@ -106,8 +106,8 @@ PRESETS = {
         scrape_attempts=100_000,
         scrape_repeats=10,
         retention_attempts=200_000,
-        revision_estimates=(10_000,),
-        revision_repeats=5,
+        revision_estimates=(5_000,),
+        revision_repeats=3,
     ),
     # For the smoke test: every code path once, in seconds.
     "tiny": Sizes(

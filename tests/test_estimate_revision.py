@@ -432,6 +432,22 @@ def test_drift_below_the_recheck_share_accumulates_until_it_reads_the_window_aga
         store.shutdown()
 
 
+def test_a_page_is_full_however_many_samples_have_lost_their_estimated_attempt(store_url):
+    store = SqlStore(store_url)
+    try:
+        store.write([dropped(f"d{i}", 3500, 1000) for i in range(9)])
+        with store.engine.begin() as connection:  # as a prune that left their samples would
+            connection.execute(sa.delete(ATTEMPTS).where(ATTEMPTS.c.attempt_id.in_(["d1", "d2", "d3", "d5"])))
+        since = datetime.now(timezone.utc) - timedelta(hours=1)
+        pages, after = [], 0
+        while page := store.estimated_attempts(since=since, after=after, limit=2):
+            pages.append([record.attempt_id for _, record in page])
+            after = page[-1][0]
+    finally:
+        store.shutdown()
+    assert pages == [["d0", "d4"], ["d6", "d7"], ["d8"]]
+
+
 def test_a_window_of_zero_revises_nothing(store_url):
     store = SqlStore(store_url)
     try:
