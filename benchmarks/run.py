@@ -150,6 +150,7 @@ def run_benchmarks(
     log: Callable[[str], None],
     scrape_db: Path | None = None,
     scrape_on_postgres: bool = False,
+    scrape_postgres_db: str | None = None,
 ) -> list[Measurement]:
     """Run the chosen benchmarks at ``sizes`` and return every measurement."""
     rows: list[Measurement] = []
@@ -230,6 +231,7 @@ def run_benchmarks(
                 scrapes=sizes.scrape_repeats,
                 database=scrape_db,
                 postgres_url=postgres_url if scrape_on_postgres else None,
+                postgres_database=scrape_postgres_db,
             )
         )
     if "retention" in only:
@@ -238,7 +240,10 @@ def run_benchmarks(
         log(f"PostgreSQL at {sizes.retention_attempts:,} attempts: writes, reads, a month pruned ...")
         done(
             measure_retention(
-                sizes.retention_attempts, read_repeats=sizes.read_repeats, postgres_url=postgres_url
+                sizes.retention_attempts,
+                read_repeats=sizes.read_repeats,
+                postgres_url=postgres_url,
+                log=log,
             )
         )
     if "revision" in only:
@@ -280,6 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the scrape load's store in a throwaway database on --postgres instead of SQLite",
     )
     parser.add_argument(
+        "--scrape-postgres-db",
+        metavar="NAME",
+        help="with --scrape-on-postgres: keep the store in database NAME on --postgres, "
+        "filled if missing, else reused as it is (filling 1M attempts takes 10 minutes or more)",
+    )
+    parser.add_argument(
         "--retention-attempts",
         type=int,
         help="attempts in the PostgreSQL retention benchmark (2M in a full run; the issue's size is 10M)",
@@ -310,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         postgres_url=args.postgres or None,
         log=lambda text: print(text, file=sys.stderr, flush=True),
         scrape_db=args.scrape_db,
+        scrape_postgres_db=args.scrape_postgres_db,
         scrape_on_postgres=args.scrape_on_postgres,
     )
     elapsed = time.perf_counter() - started
