@@ -22,10 +22,12 @@ Only when the spool itself cannot be written is a record dropped; that is counte
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -464,13 +466,16 @@ class Pipeline:
 
     # -- exit, signals and fork --------------------------------------------------------------
     # Exit delivers the records and nothing more: no revision pass (any later process revises within
-    # its window). Its time is short, and a first use of some SQLAlchemy constructs execs generated
-    # code, which would make Python exit after an uncaught KeyboardInterrupt with status 1 instead of
-    # dying of SIGINT.
+    # its window): its time is short.
     def _shutdown_at_exit(self) -> None:
+        interrupted = _exiting_on_keyboard_interrupt()
         self._exiting = True
-        _drain_upstream(EXIT_DRAIN_TIMEOUT_S, ending=True)
-        self.shutdown()
+        try:
+            _drain_upstream(EXIT_DRAIN_TIMEOUT_S, ending=True)
+            self.shutdown()
+        finally:
+            if interrupted:
+                _still_die_of_sigint()
 
     def _flush_for_exit(self, timeout: float) -> None:
         self._exiting = True
@@ -532,6 +537,27 @@ def _drain_upstream(timeout: float, *, ending: bool) -> None:
             drain(max(0.0, deadline - time.monotonic()))
         except Exception:
             log.exception("costwatch: draining attempt records before exit failed")
+
+
+def _exiting_on_keyboard_interrupt() -> bool:
+    """Whether the interpreter is exiting because the program did not catch a KeyboardInterrupt."""
+    if hasattr(sys, "ps1"):  # interactive: the last error shown is not why the interpreter exits
+        return False
+    uncaught = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)  # 3.12+ / older
+    return isinstance(uncaught, KeyboardInterrupt)
+
+
+def _still_die_of_sigint() -> None:
+    """Make the interpreter end the process by SIGINT again, as it does after an uncaught Ctrl-C.
+
+    CPython (before gh-128130) forgets that an uncaught KeyboardInterrupt is ending the process when
+    any thread, until the very end, runs ``exec()`` of a string: SQLAlchemy, dataclasses and
+    namedtuple generate code that way on first use, and the writer thread or this exit flush may be
+    the first to use them. The process then exits with status 1 where a shell or supervisor expects
+    death by SIGINT. Running a string that raises KeyboardInterrupt sets that state again.
+    """
+    with contextlib.suppress(KeyboardInterrupt):
+        exec("raise KeyboardInterrupt")  # a string, not a code object: only that path sets the state
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
