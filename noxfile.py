@@ -22,9 +22,11 @@ SDK_LINES = {
 # it, and each of the suite's subprocesses would compile the SDK again (a second of CPU apiece).
 COMPILED = {"UV_COMPILE_BYTECODE": "1"}
 
-# The suite runs in one process by default: under pytest-xdist (`nox -- -n 4 --dist worksteal`, about
-# half the wall time on 2 cores) the signal tests that time a subprocess's exit (SIGINT, SIGTERM) failed
-# in some full runs on a loaded machine (docs/testing.md), and CI must not be red by chance.
+# Four pytest-xdist workers on two cores: a third of the suite's wall time is spent waiting (subprocesses
+# starting, sockets, timeouts), so two workers per core keep both busy. worksteal: the few long tests
+# (subprocesses, Prometheus, the benchmarks' smoke run) do not finish alone at the end. `nox -- -n 0`
+# runs a line in one process.
+XDIST = ("-n", "4", "--dist", "worksteal")
 
 
 @nox.session
@@ -33,7 +35,7 @@ def tests(session: nox.Session, sdk: str) -> None:
     """The whole test suite against the newest release of one SDK line."""
     session.install("-e", ".[dev]", SDK_LINES[sdk], env=COMPILED)
     session.run("python", "-c", "import anthropic; print('anthropic', anthropic.__version__)")
-    session.run("pytest", "-q", "-ra", *session.posargs)
+    session.run("pytest", "-q", "-ra", *XDIST, *session.posargs)
 
 
 @nox.session

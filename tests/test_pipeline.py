@@ -276,7 +276,8 @@ SIGTERM_CHILD = textwrap.dedent(
             started_at=t0 + timedelta(seconds=n), outcome=Outcome.COMPLETED, usage=Usage(input_tokens=1),
         ))
     print(f"queued {pipeline.queue_depth}", flush=True)
-    time.sleep(60)
+    for _ in range(300):  # short slices: a signal right after "queued" is not left for a minute
+        time.sleep(0.2)
     """
 )
 
@@ -357,7 +358,8 @@ CTRL_C_CHILD = textwrap.dedent(
     pipeline.submit(record("at-exit"))  # the writer sleeps for an hour: delivered at exit
     try:
         print("ready", flush=True)
-        time.sleep(60)
+        for _ in range(300):  # short slices: a signal right after "ready" is not left for a minute
+            time.sleep(0.2)
     except KeyboardInterrupt:
         if program != "handles":
             raise
