@@ -424,7 +424,7 @@ EXIT_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_a_stream_closed_just_before_exit_is_settled_and_stored_before_the_pipeline_shuts_down(
     tmp_path: Path,
 ) -> None:
@@ -435,7 +435,7 @@ def test_a_stream_closed_just_before_exit_is_settled_and_stored_before_the_pipel
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=50,
+        timeout=150,
     )
     assert child.returncode == 0, child.stderr
     store = SqlStore(url)
