@@ -170,7 +170,12 @@ def mixed_requests(table: PriceTable, count: int, *, seed: int) -> list[AttemptR
     rng = random.Random(seed)
     workflows = ("nightly", "", "triage", "w" * 80)
     models = (MODEL, "claude-haiku-4-5", "claude-opus-4-1", "claude-mythos-5-2")
-    routes = (("anthropic", None),) * 4 + ((BEDROCK, GLOBAL), (BEDROCK, REGIONAL), (BEDROCK, None), (VERTEX, None))
+    routes = (("anthropic", None),) * 4 + (
+        (BEDROCK, GLOBAL),
+        (BEDROCK, REGIONAL),
+        (BEDROCK, None),
+        (VERTEX, None),
+    )
     made = []
     for request in range(count):
         started = START + timedelta(seconds=rng.uniform(0, 3 * 86_400))
