@@ -231,7 +231,10 @@ def run_benchmarks(
         log(f"PostgreSQL at {sizes.retention_attempts:,} attempts: writes, reads, a month pruned ...")
         done(
             measure_retention(
-                sizes.retention_attempts, read_repeats=sizes.read_repeats, postgres_url=postgres_url
+                sizes.retention_attempts,
+                read_repeats=sizes.read_repeats,
+                postgres_url=postgres_url,
+                log=log,
             )
         )
     return rows

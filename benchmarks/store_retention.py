@@ -24,7 +24,7 @@ import contextlib
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 
 from measure import Measurement
@@ -91,8 +91,12 @@ def measure_retention(
     days: int = 60,
     postgres_url: str | None = DEFAULT_POSTGRES_URL,
     seed: int = 9,
+    log: Callable[[str], None] | None = None,
 ) -> list[Measurement]:
-    """The rows above for a store of ``attempts`` over ``days`` days (a "skipped" row without PostgreSQL)."""
+    """The rows above for a store of ``attempts`` over ``days`` days (a "skipped" row without PostgreSQL).
+
+    ``log``, if given, gets a progress line after each 100,000 attempts written (a long run can be
+    read while it runs: how far it got, its rates, the machine's load)."""
     try:
         database = _postgres_url(postgres_url or "")
         url = database.__enter__()
@@ -107,12 +111,22 @@ def measure_retention(
             )
         ]
     try:
-        return _measure(url, attempts, read_repeats=read_repeats, days=days, seed=seed)
+        return _measure(url, attempts, read_repeats=read_repeats, days=days, seed=seed, log=log)
     finally:
         database.__exit__(None, None, None)
 
 
-def _measure(url: str, attempts: int, *, read_repeats: int, days: int, seed: int) -> list[Measurement]:
+def _load_average() -> str:
+    try:
+        with open("/proc/loadavg") as file:
+            return " ".join(file.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def _measure(
+    url: str, attempts: int, *, read_repeats: int, days: int, seed: int, log: Callable[[str], None] | None
+) -> list[Measurement]:
     store = SqlStore(url)
     rows: list[Measurement] = []
     now = datetime.now(timezone.utc)
@@ -139,6 +153,12 @@ def _measure(url: str, attempts: int, *, read_repeats: int, days: int, seed: int
             written, writing_s = written + len(records), writing_s + seconds
             if chunk >= chunks - max(1, chunks // 10):
                 last_tenth = (last_tenth[0] + len(records), last_tenth[1] + seconds)
+            if log is not None:
+                log(
+                    f"  {written:,} of ~{attempts:,} attempts written: {len(records) / seconds:,.0f}/s "
+                    f"for the last {len(records):,}, {written / writing_s:,.0f}/s overall "
+                    f"(load average {_load_average()})"
+                )
         target = WRITE_TARGETS["postgresql"]
         for case, (count, seconds) in (
             (f"postgresql, 0 to {written:,} attempts over {days} days", (written, writing_s)),
