@@ -685,7 +685,12 @@ def _serve(url: URL, port: int, addr: str, err: Console) -> int:
     retention = timedelta(days=days) if days is not None else None
     try:
         serve(
-            url.render_as_string(hide_password=False), port, addr, on_listening=listening, retention=retention
+            url.render_as_string(hide_password=False),
+            port,
+            addr,
+            on_listening=listening,
+            retention=retention,
+            render_process=True,
         )
     except OSError as exc:
         raise UserError(
