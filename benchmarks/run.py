@@ -37,6 +37,7 @@ BENCHMARKS = (
     "sigkill",
     "scrape_load",
     "retention",
+    "revision",
 )
 
 
@@ -71,6 +72,8 @@ class Sizes:
     scrape_repeats: int = 20
     retention_attempts: int = 2_000_000
     """PostgreSQL at retention scale (the issue's size is 10M: ``--retention-attempts 10000000``)."""
+    revision_estimates: tuple[int, ...] = (10_000, 50_000)
+    revision_repeats: int = 5
 
 
 PRESETS = {
@@ -103,6 +106,8 @@ PRESETS = {
         scrape_attempts=100_000,
         scrape_repeats=10,
         retention_attempts=200_000,
+        revision_estimates=(5_000,),
+        revision_repeats=3,
     ),
     # For the smoke test: every code path once, in seconds.
     "tiny": Sizes(
@@ -131,6 +136,8 @@ PRESETS = {
         scrape_clients=4,
         scrape_repeats=2,
         retention_attempts=2_000,
+        revision_estimates=(200,),
+        revision_repeats=1,
     ),
 }
 
@@ -143,6 +150,7 @@ def run_benchmarks(
     log: Callable[[str], None],
     scrape_db: Path | None = None,
     scrape_on_postgres: bool = False,
+    scrape_postgres_db: str | None = None,
 ) -> list[Measurement]:
     """Run the chosen benchmarks at ``sizes`` and return every measurement."""
     rows: list[Measurement] = []
@@ -223,6 +231,7 @@ def run_benchmarks(
                 scrapes=sizes.scrape_repeats,
                 database=scrape_db,
                 postgres_url=postgres_url if scrape_on_postgres else None,
+                postgres_database=scrape_postgres_db,
             )
         )
     if "retention" in only:
@@ -231,7 +240,19 @@ def run_benchmarks(
         log(f"PostgreSQL at {sizes.retention_attempts:,} attempts: writes, reads, a month pruned ...")
         done(
             measure_retention(
-                sizes.retention_attempts, read_repeats=sizes.read_repeats, postgres_url=postgres_url
+                sizes.retention_attempts,
+                read_repeats=sizes.read_repeats,
+                postgres_url=postgres_url,
+                log=log,
+            )
+        )
+    if "revision" in only:
+        from revision_pass import measure_revision_pass
+
+        log("revision pass at flush ...")
+        done(
+            measure_revision_pass(
+                sizes.revision_estimates, repeats=sizes.revision_repeats, postgres_url=postgres_url
             )
         )
     return rows
@@ -264,6 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the scrape load's store in a throwaway database on --postgres instead of SQLite",
     )
     parser.add_argument(
+        "--scrape-postgres-db",
+        metavar="NAME",
+        help="with --scrape-on-postgres: keep the store in database NAME on --postgres, "
+        "filled if missing, else reused as it is (filling 1M attempts takes 10 minutes or more)",
+    )
+    parser.add_argument(
         "--retention-attempts",
         type=int,
         help="attempts in the PostgreSQL retention benchmark (2M in a full run; the issue's size is 10M)",
@@ -294,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         postgres_url=args.postgres or None,
         log=lambda text: print(text, file=sys.stderr, flush=True),
         scrape_db=args.scrape_db,
+        scrape_postgres_db=args.scrape_postgres_db,
         scrape_on_postgres=args.scrape_on_postgres,
     )
     elapsed = time.perf_counter() - started

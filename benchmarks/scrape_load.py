@@ -28,6 +28,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import MappingProxyType
 
+import sqlalchemy as sa
 from measure import Measurement
 from sqlalchemy.engine import make_url
 from store_scale import PIPELINE_BATCH, SCRAPE_TARGET_S, _postgres_url, synthetic_attempts
@@ -62,6 +63,27 @@ def _fill(url: str, attempts: int, pairs: int) -> None:
 
 
 _CHUNK = 100_000
+
+
+def _kept_postgres_database(server_url: str, name: str, attempts: int, pairs: int) -> str:
+    """The URL of database ``name`` on the server of ``server_url``, created and filled if missing.
+
+    Filled under another name and renamed once full, so that an interrupted fill is never reused.
+    """
+    server = sa.make_url(server_url).set(drivername="postgresql+psycopg")
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        with admin.connect() as connection:
+            exists = sa.text("SELECT 1 FROM pg_database WHERE datname = :name")
+            if not connection.execute(exists, {"name": name}).scalar():
+                filling = f"{name}_filling"
+                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{filling}" WITH (FORCE)')
+                connection.exec_driver_sql(f'CREATE DATABASE "{filling}"')
+                _fill(server.set(database=filling).render_as_string(hide_password=False), attempts, pairs)
+                connection.exec_driver_sql(f'ALTER DATABASE "{filling}" RENAME TO "{name}"')
+    finally:
+        admin.dispose()
+    return server.set(database=name).render_as_string(hide_password=False)
 
 
 def _paired(record: AttemptRecord, side: int) -> AttemptRecord:
@@ -112,16 +134,20 @@ def measure_scrape_load(
     scrapes: int,
     database: Path | None = None,
     postgres_url: str | None = None,
+    postgres_database: str | None = None,
 ) -> list[Measurement]:
     """p99 scrape latency of ``scrapers`` concurrent scrapers over a store of ``attempts``.
 
     ``database``: a SQLite file to keep the filled store in; when it exists it is used as it is
     (filling 1M attempts takes minutes), so it must have been filled with the same sizes.
-    ``postgres_url``: the store in a throwaway database on that PostgreSQL server instead.
+    ``postgres_url``: the store in a throwaway database on that PostgreSQL server instead, or in
+    ``postgres_database`` there, kept: created and filled when missing, else used as it is.
     """
     with contextlib.ExitStack() as stack:
         fill_started = time.perf_counter()
-        if postgres_url:
+        if postgres_url and postgres_database:
+            url = _kept_postgres_database(postgres_url, postgres_database, attempts, pairs)
+        elif postgres_url:
             url = stack.enter_context(_postgres_url(postgres_url))
             _fill(url, attempts, pairs)
         else:

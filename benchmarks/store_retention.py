@@ -10,7 +10,9 @@ running that long has made them, through the store's own write path (``SqlStore.
   at that size;
 * ``SqlStore.prune_before`` at a day boundary ``days/2`` days after the first attempt: a month of
   day partitions dropped (target < 1 s), then half a day more (the rows of the day the cutoff falls
-  in deleted rather than dropped: no target, for scale).
+  in deleted rather than dropped: no target, for scale); and, for each, the longest a second store
+  writing batches of 10 new attempts meanwhile waited for one batch (what the prune's locks cost
+  the writers).
 
 The issue's size is 10M attempts (``python benchmarks/run.py --only retention --retention-attempts
 10000000``: about an hour of writing at the target rate, and ~10 GB of disk); a full run does 2M.
@@ -18,7 +20,11 @@ The issue's size is 10M attempts (``python benchmarks/run.py --only retention --
 
 from __future__ import annotations
 
+import contextlib
+import statistics
+import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 
 from measure import Measurement
@@ -35,6 +41,7 @@ from store_scale import (
 )
 
 from costwatch.pricing import load_prices
+from costwatch.records import AttemptRecord
 from costwatch.store import SqlStore
 from costwatch.store.partitions import ensure_day_partitions
 
@@ -44,6 +51,37 @@ PRUNE_TARGET_S = 1.0
 """Pruning a month of attempts (dropping its day partitions) must take less than this."""
 
 _CHUNK = 100_000
+_WRITER_BATCH = 10
+
+
+@contextlib.contextmanager
+def _writing_beside(url: str, records: Sequence[AttemptRecord]) -> Iterator[list[float]]:
+    """A second store writing ``records`` in small batches, as a running service would, while the
+    block runs; yields the seconds of each batch that ended after the block began (filled on exit)."""
+    writer = SqlStore(url)
+    writer.export(list(records[:_WRITER_BATCH]))  # connected and its partitions checked before
+    stop, began, waits = threading.Event(), threading.Event(), []
+
+    def write() -> None:
+        for start in range(_WRITER_BATCH, len(records), _WRITER_BATCH):
+            if stop.is_set():
+                return
+            started = time.perf_counter()
+            writer.export(list(records[start : start + _WRITER_BATCH]))
+            if began.is_set():
+                waits.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    began.set()
+    try:
+        yield waits
+        time.sleep(0.1)  # the batch the prune held up, if any, ends
+    finally:
+        stop.set()
+        thread.join()
+        writer.shutdown()
 
 
 def measure_retention(
@@ -53,8 +91,12 @@ def measure_retention(
     days: int = 60,
     postgres_url: str | None = DEFAULT_POSTGRES_URL,
     seed: int = 9,
+    log: Callable[[str], None] | None = None,
 ) -> list[Measurement]:
-    """The rows above for a store of ``attempts`` over ``days`` days (a "skipped" row without PostgreSQL)."""
+    """The rows above for a store of ``attempts`` over ``days`` days (a "skipped" row without PostgreSQL).
+
+    ``log``, if given, gets a progress line after each 100,000 attempts written (a long run can be
+    read while it runs: how far it got, its rates, the machine's load)."""
     try:
         database = _postgres_url(postgres_url or "")
         url = database.__enter__()
@@ -69,12 +111,22 @@ def measure_retention(
             )
         ]
     try:
-        return _measure(url, attempts, read_repeats=read_repeats, days=days, seed=seed)
+        return _measure(url, attempts, read_repeats=read_repeats, days=days, seed=seed, log=log)
     finally:
         database.__exit__(None, None, None)
 
 
-def _measure(url: str, attempts: int, *, read_repeats: int, days: int, seed: int) -> list[Measurement]:
+def _load_average() -> str:
+    try:
+        with open("/proc/loadavg") as file:
+            return " ".join(file.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def _measure(
+    url: str, attempts: int, *, read_repeats: int, days: int, seed: int, log: Callable[[str], None] | None
+) -> list[Measurement]:
     store = SqlStore(url)
     rows: list[Measurement] = []
     now = datetime.now(timezone.utc)
@@ -101,6 +153,12 @@ def _measure(url: str, attempts: int, *, read_repeats: int, days: int, seed: int
             written, writing_s = written + len(records), writing_s + seconds
             if chunk >= chunks - max(1, chunks // 10):
                 last_tenth = (last_tenth[0] + len(records), last_tenth[1] + seconds)
+            if log is not None:
+                log(
+                    f"  {written:,} of ~{attempts:,} attempts written: {len(records) / seconds:,.0f}/s "
+                    f"for the last {len(records):,}, {written / writing_s:,.0f}/s overall "
+                    f"(load average {_load_average()})"
+                )
         target = WRITE_TARGETS["postgresql"]
         for case, (count, seconds) in (
             (f"postgresql, 0 to {written:,} attempts over {days} days", (written, writing_s)),
@@ -138,13 +196,30 @@ def _measure(url: str, attempts: int, *, read_repeats: int, days: int, seed: int
                 )
             )
         month_end = first + timedelta(days=days // 2)
+        fresh = synthetic_attempts(
+            20_000, seed=seed - 1, start=now - timedelta(hours=1), end=now, prices=prices
+        )
         for name, cutoff, target_s in (
             (f"{days // 2} days (whole day partitions dropped)", month_end, PRUNE_TARGET_S),
             ("half a day more (the cutoff's day: rows deleted)", month_end + timedelta(hours=12), None),
         ):
-            started = time.perf_counter()
-            removed = store.prune_before(cutoff)
-            seconds = time.perf_counter() - started
+            with _writing_beside(url, fresh) as waits:
+                started = time.perf_counter()
+                removed = store.prune_before(cutoff)
+                seconds = time.perf_counter() - started
+            rows.append(
+                Measurement(
+                    benchmark="retention",
+                    case=f"postgresql, a writer's longest batch ({_WRITER_BATCH} attempts), prune of {name}",
+                    metric="writer wait",
+                    value=max(waits, default=0.0) * 1000,
+                    unit="ms",
+                    detail={
+                        "batches": len(waits),
+                        "median_ms": statistics.median(waits) * 1000 if waits else 0.0,
+                    },
+                )
+            )
             rows.append(
                 Measurement(
                     benchmark="retention",

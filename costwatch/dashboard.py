@@ -483,6 +483,39 @@ def _stat(title: str, description: str, unit: str, expr: str, **kw: Any) -> _Pan
     )
 
 
+def _bars(
+    title: str, description: str, unit: str, expr: str, legend: str, *, display: str = "gradient", **kw: Any
+) -> _Panel:
+    """A horizontal bar gauge: one bar per series of one instant query."""
+    return _Panel(
+        "bargauge",
+        title,
+        description,
+        unit,
+        [_Query(expr, legend, instant=True)],
+        width=kw.pop("width", 12),
+        options={"displayMode": display, "orientation": "horizontal", "showUnfilled": True},
+        **kw,
+    )
+
+
+def _graph(title: str, description: str, unit: str, *queries: _Query, **kw: Any) -> _Panel:
+    """A time series panel of ``queries``, half the grid wide unless told."""
+    return _Panel("timeseries", title, description, unit, list(queries), width=kw.pop("width", 12), **kw)
+
+
+def _hourly_bars(title: str, description: str, unit: str, query: _Query) -> _Panel:
+    """Stacked bars, one an hour, each the ``increase(...[1h])`` of ``query`` in the hour before it."""
+    return _graph(
+        title,
+        description,
+        unit,
+        query,
+        interval="1h",
+        defaults={"custom": {"drawStyle": "bars", "fillOpacity": 80, "stacking": {"mode": "normal"}}},
+    )
+
+
 def _panels() -> list[_Panel | _Row]:
     wasted_usd = f"costwatch_wasted_cost_usd_total{{{_MODEL_WORKFLOW}}}"
     billed_usd = f"costwatch_billed_cost_usd_total{{{_MODEL_WORKFLOW}}}"
@@ -548,44 +581,35 @@ def _panels() -> list[_Panel | _Row]:
             f"sum(increase(costwatch_logical_requests_total{{{_MODEL}}}[$__range]))",
             defaults={"thresholds": _thresholds(("green", None)), "decimals": 2},
         ),
-        _Panel(
-            "timeseries",
+        _hourly_bars(
             "Wasted USD per hour",
             "Each bar is the dollars wasted in the hour before it, by model (selected workflows only). "
             "A step that appears an hour or so late is abandoned waste settling.",
             "currencyUSD",
-            [_Query(f"sum by (model) (increase({wasted_usd}[1h]))", "{{model}}")],
-            width=12,
-            interval="1h",
-            defaults={"custom": {"drawStyle": "bars", "fillOpacity": 80, "stacking": {"mode": "normal"}}},
+            _Query(f"sum by (model) (increase({wasted_usd}[1h]))", "{{model}}"),
         ),
-        _Panel(
-            "timeseries",
+        _graph(
             "Waste ratio by model",
             "Wasted tokens divided by billed tokens per model over 5 minutes (recording rule "
             "model:costwatch_waste_ratio:rate5m). 0.2 means a fifth of what the model billed was for "
             "attempts that failed. The dashed lines are the alert thresholds, which use a 1-hour window.",
             "percentunit",
-            [_Query(f"model:costwatch_waste_ratio:rate5m{{{_MODEL}}}", "{{model}}")],
-            width=12,
+            _Query(f"model:costwatch_waste_ratio:rate5m{{{_MODEL}}}", "{{model}}"),
             defaults={"thresholds": ratio_steps, "custom": {"thresholdsStyle": {"mode": "dashed"}}},
         ),
-        _Panel(
-            "timeseries",
+        _graph(
             "Stream drop rate by model",
             "Dropped attempts (streams cut mid-response) divided by all attempts per model over 5 minutes "
             "(recording rule model:costwatch_stream_drop_ratio:rate5m). The dashed line is the "
             f"alert threshold ({STREAM_DROP_RATIO_WARNING:.0%} over an hour).",
             "percentunit",
-            [_Query(f"model:costwatch_stream_drop_ratio:rate5m{{{_MODEL}}}", "{{model}}")],
-            width=12,
+            _Query(f"model:costwatch_stream_drop_ratio:rate5m{{{_MODEL}}}", "{{model}}"),
             defaults={
                 "thresholds": _thresholds(("green", None), ("orange", STREAM_DROP_RATIO_WARNING)),
                 "custom": {"thresholdsStyle": {"mode": "dashed"}},
             },
         ),
-        _Panel(
-            "timeseries",
+        _graph(
             "Attempts per logical request",
             "Attempts per logical request per model over 5 minutes (recording rule "
             "model:costwatch_attempts_per_logical_request:rate5m): 1 is no retries. The p90 line comes "
@@ -593,131 +617,93 @@ def _panels() -> list[_Panel | _Row]:
             "rounded up to a whole attempt, because interpolating inside the first bucket (0 to 1) "
             "would show impossible values such as 0.9 when every request took one attempt.",
             "short",
-            [
-                _Query(f"model:costwatch_attempts_per_logical_request:rate5m{{{_MODEL}}}", "{{model}} mean"),
-                _Query(
-                    # The buckets are one attempt wide up to 6, so the ceiling is the exact quantile there.
-                    "ceil(histogram_quantile(0.9, sum by (model, le) "
-                    f"(rate(costwatch_attempts_per_request_bucket{{{_MODEL}}}[$__rate_interval]))))",
-                    "{{model}} p90",
-                ),
-            ],
-            width=12,
+            _Query(f"model:costwatch_attempts_per_logical_request:rate5m{{{_MODEL}}}", "{{model}} mean"),
+            _Query(
+                # The buckets are one attempt wide up to 6, so the ceiling is the exact quantile there.
+                "ceil(histogram_quantile(0.9, sum by (model, le) "
+                f"(rate(costwatch_attempts_per_request_bucket{{{_MODEL}}}[$__rate_interval]))))",
+                "{{model}} p90",
+            ),
         ),
-        _Panel(
-            "timeseries",
+        _graph(
             "Wasted tokens by type",
             "Wasted tokens per second by token type (selected models and workflows). Input and cache "
             "writes dominate when long prompts are retried; cache reads are the cheap kind, so moving "
             "retried input into cache reads is the fix for expensive waste.",
             "short",
-            [_Query(f"sum by (token_type) (rate({wasted_tokens}[$__rate_interval]))", "{{token_type}}")],
-            width=12,
+            _Query(f"sum by (token_type) (rate({wasted_tokens}[$__rate_interval]))", "{{token_type}}"),
             defaults={"custom": {"stacking": {"mode": "normal"}, "fillOpacity": 30}},
         ),
-        _Panel(
-            "bargauge",
+        _bars(
             "Wasted tokens by type and reason (range)",
             "Wasted tokens over the range by token type and reason: retried means the application tried "
             "again (the retry re-billed the input), abandoned means it gave up, cancelled means the "
             "application stopped reading a stream itself. Abandoned waste appears once the retry window "
             "has passed.",
             "short",
-            [
-                _Query(
-                    f"sum by (token_type, reason) (increase({wasted_tokens}[$__range]))",
-                    "{{token_type}} {{reason}}",
-                    instant=True,
-                )
-            ],
-            width=12,
-            options={"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
+            f"sum by (token_type, reason) (increase({wasted_tokens}[$__range]))",
+            "{{token_type}} {{reason}}",
         ),
-        _Panel(
-            "bargauge",
+        _bars(
             "Top workflows by wasted USD (range)",
             "The ten workflows (the `workflow` tag) that wasted the most dollars over the range. An "
             "empty name is untagged work; `other` gathers workflows beyond the label limit. Start "
             "checkpointing or splitting steps with the top one.",
             "currencyUSD",
-            [
-                _Query(
-                    f"topk(10, sum by (workflow) (increase({wasted_usd}[$__range])))",
-                    "{{workflow}}",
-                    instant=True,
-                )
-            ],
-            width=12,
-            options={"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
+            f"topk(10, sum by (workflow) (increase({wasted_usd}[$__range])))",
+            "{{workflow}}",
         ),
-        _Panel(
-            "timeseries",
+        _graph(
             "Time to drop",
             "How long dropped streams ran before the connection was lost. The mean works with either "
             "source; the quantiles need the in-process histogram buckets (the fleet exporter has only "
             "count and sum). Drops clustering at one duration point at a proxy or load-balancer timeout.",
             "s",
-            [
+            _Query(
+                f"sum(rate(costwatch_time_to_drop_seconds_sum{{{_MODEL}}}[$__rate_interval]))\n/\n"
+                f"sum(rate(costwatch_time_to_drop_seconds_count{{{_MODEL}}}[$__rate_interval]))",
+                "mean",
+            ),
+            *(
                 _Query(
-                    f"sum(rate(costwatch_time_to_drop_seconds_sum{{{_MODEL}}}[$__rate_interval]))\n/\n"
-                    f"sum(rate(costwatch_time_to_drop_seconds_count{{{_MODEL}}}[$__rate_interval]))",
-                    "mean",
-                ),
-                *(
-                    _Query(
-                        f"histogram_quantile({q}, sum by (le) "
-                        f"(rate(costwatch_time_to_drop_seconds_bucket{{{_MODEL}}}[$__rate_interval])))",
-                        f"p{round(q * 100)}",
-                    )
-                    for q in (0.5, 0.9, 0.99)
-                ),
-            ],
-            width=12,
+                    f"histogram_quantile({q}, sum by (le) "
+                    f"(rate(costwatch_time_to_drop_seconds_bucket{{{_MODEL}}}[$__rate_interval])))",
+                    f"p{round(q * 100)}",
+                )
+                for q in (0.5, 0.9, 0.99)
+            ),
         ),
-        _Panel(
-            "timeseries",
+        _graph(
             "Share of output that is estimated",
             "Estimated output tokens divided by billed output tokens per model over 5 minutes (recording "
             "rule model:costwatch_estimated_output_ratio:rate5m). Output of a cut stream is estimated "
             "from the text that arrived; this is how much of the output bill rests on that estimate.",
             "percentunit",
-            [_Query(f"model:costwatch_estimated_output_ratio:rate5m{{{_MODEL}}}", "{{model}}")],
-            width=12,
+            _Query(f"model:costwatch_estimated_output_ratio:rate5m{{{_MODEL}}}", "{{model}}"),
         ),
-        _Panel(
-            "timeseries",
+        _hourly_bars(
             "Billed USD per hour by platform",
             "Each bar is the dollars billed in the hour before it, by the platform the attempts went to "
             "(anthropic, bedrock, vertex, foundry), at that platform's price; all models and workflows "
             "(the platform metrics carry neither label). Attempts without a price on their platform add "
             "nothing here: see the panel beside it.",
             "currencyUSD",
-            [
-                _Query(
-                    "sum by (platform) (increase(costwatch_platform_billed_cost_usd_total[1h]))",
-                    "{{platform}}",
-                )
-            ],
-            width=12,
-            interval="1h",
-            defaults={"custom": {"drawStyle": "bars", "fillOpacity": 80, "stacking": {"mode": "normal"}}},
+            _Query(
+                "sum by (platform) (increase(costwatch_platform_billed_cost_usd_total[1h]))", "{{platform}}"
+            ),
         ),
-        _Panel(
-            "timeseries",
+        _graph(
             "Unpriced attempts by platform",
             "Attempts per second whose model, on its platform and endpoint, has no sourced price in the "
             "price table (docs/platforms.md): their tokens are counted, their dollars are not. All models "
             "and workflows.",
             "short",
-            [
-                # `or ... * 0`: a platform with attempts but none unpriced reads 0, not "No data".
-                _Query(
-                    "sum by (platform) (rate(costwatch_platform_unpriced_attempts_total[$__rate_interval]))\n"
-                    "or\nsum by (platform) (rate(costwatch_platform_attempts_total[$__rate_interval])) * 0",
-                    "{{platform}}",
-                )
-            ],
-            width=12,
+            # `or ... * 0`: a platform with attempts but none unpriced reads 0, not "No data".
+            _Query(
+                "sum by (platform) (rate(costwatch_platform_unpriced_attempts_total[$__rate_interval]))\n"
+                "or\nsum by (platform) (rate(costwatch_platform_attempts_total[$__rate_interval])) * 0",
+                "{{platform}}",
+            ),
         ),
         _Row("Reducing waste"),
         _stat(
@@ -743,23 +729,15 @@ def _panels() -> list[_Panel | _Row]:
             width=6,
             defaults={"thresholds": _thresholds(("green", None))},
         ),
-        _Panel(
-            "bargauge",
+        _bars(
             "Avoidable USD by workflow (range)",
             "The ten workflows whose retried requests would have saved most with prompt caching of their "
             "stable prefix over the range: where a cache_control breakpoint (or stream_with_retries with "
             "cache_prefix_on_retry) pays first.",
             "currencyUSD",
-            [
-                _Query(
-                    "topk(10, sum by (workflow) "
-                    f"(increase(costwatch_avoidable_waste_usd_total{{{_MODEL_WORKFLOW}}}[$__range])))",
-                    "{{workflow}}",
-                    instant=True,
-                )
-            ],
-            width=12,
-            options={"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
+            "topk(10, sum by (workflow) "
+            f"(increase(costwatch_avoidable_waste_usd_total{{{_MODEL_WORKFLOW}}}[$__range])))",
+            "{{workflow}}",
         ),
         _Row("Reconciliation with Anthropic's usage report"),
         _stat(
@@ -777,21 +755,14 @@ def _panels() -> list[_Panel | _Row]:
             f'time() - max(costwatch_last_reconciliation_timestamp_seconds{{job="{EXPORTER_JOB}"}})',
             defaults={"thresholds": _thresholds(("green", None), ("orange", 3600), ("red", 86400))},
         ),
-        _Panel(
-            "bargauge",
+        _bars(
             "Coverage by model and token type",
             "Tokens costwatch recorded / tokens Anthropic billed, over the reconciled buckets of the last "
             f"24 hours. Below {RECONCILED_COVERAGE_MIN:.0%} of input, CostwatchUninstrumentedTraffic fires.",
             "percentunit",
-            [
-                _Query(
-                    f"costwatch_reconciled_coverage_ratio{{{_MODEL}}}",
-                    "{{model}} {{token_type}}",
-                    instant=True,
-                )
-            ],
+            f"costwatch_reconciled_coverage_ratio{{{_MODEL}}}",
+            "{{model}} {{token_type}}",
             width=6,
-            options={"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
             defaults={
                 "min": 0,
                 "max": 1,
@@ -800,22 +771,16 @@ def _panels() -> list[_Panel | _Row]:
                 ),
             },
         ),
-        _Panel(
-            "bargauge",
+        _bars(
             "Dropped attempts' output: estimated vs billed",
             "Output tokens of dropped attempts in the fully seen reconciled buckets of the last 24 hours: "
             "costwatch's estimate beside what Anthropic billed. Apart by more than "
             f"{ESTIMATOR_DRIFT_MAX:.0%}, CostwatchEstimatorDrift fires.",
             "short",
-            [
-                _Query(
-                    f"costwatch_reconciled_dropped_output_tokens{{{_MODEL}}}",
-                    "{{model}} {{source}}",
-                    instant=True,
-                )
-            ],
+            f"costwatch_reconciled_dropped_output_tokens{{{_MODEL}}}",
+            "{{model}} {{source}}",
             width=6,
-            options={"displayMode": "basic", "orientation": "horizontal", "showUnfilled": True},
+            display="basic",
         ),
         _stat(
             "Waste moved by the bill (24h)",
@@ -839,36 +804,30 @@ def _panels() -> list[_Panel | _Row]:
                 "mappings": [{"type": "value", "options": {"0": {"text": "DOWN"}, "1": {"text": "UP"}}}],
             },
         ),
-        _Panel(
-            "timeseries",
+        _graph(
             "Store queue and spool",
             "Attempt records waiting in memory for the sinks (queue) and on local disk because a sink "
             "failed (spool), per process. A queue that only grows means the store cannot keep up; a "
             "spool above 0 for long means it is down.",
             "short",
-            [
-                _Query("sum by (instance) (costwatch_store_queue_depth)", "queue {{instance}}"),
-                _Query("sum by (instance) (costwatch_store_spooled_records)", "spool {{instance}}"),
-            ],
+            _Query("sum by (instance) (costwatch_store_queue_depth)", "queue {{instance}}"),
+            _Query("sum by (instance) (costwatch_store_spooled_records)", "spool {{instance}}"),
             width=10,
         ),
-        _Panel(
-            "timeseries",
+        _graph(
             "Write and instrumentation errors",
             "Failed sink exports and errors inside costwatch's SDK hooks, per second, per process. "
             "Both should be 0; hook errors never reach the application but mean attempts went "
             "unrecorded.",
             "short",
-            [
-                _Query(
-                    "sum by (instance) (rate(costwatch_store_write_errors_total[$__rate_interval]))",
-                    "write errors {{instance}}",
-                ),
-                _Query(
-                    "sum by (instance) (rate(costwatch_instrumentation_errors_total[$__rate_interval]))",
-                    "hook errors {{instance}}",
-                ),
-            ],
+            _Query(
+                "sum by (instance) (rate(costwatch_store_write_errors_total[$__rate_interval]))",
+                "write errors {{instance}}",
+            ),
+            _Query(
+                "sum by (instance) (rate(costwatch_instrumentation_errors_total[$__rate_interval]))",
+                "hook errors {{instance}}",
+            ),
             width=10,
         ),
     ]

@@ -20,10 +20,12 @@ error. See ``docs/metrics.md``.
 from __future__ import annotations
 
 import logging
+import operator
 import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -44,7 +46,7 @@ from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
 from .store.database import database_url as store_database_url
 from .store.query import capped_all_time_with_recent_query, kept_labels_query, settled_before
-from .store.schema import ALL_TIME_DIMENSIONS, RECONCILIATIONS, REJECTED_ATTEMPTS
+from .store.schema import ALL_TIME_DIMENSIONS, RECONCILIATIONS, REJECTED_ATTEMPTS, ROLLUP_MEASURES
 
 __all__ = [
     "PRUNE_EVERY_S",
@@ -62,7 +64,11 @@ log = logging.getLogger("costwatch")
 
 _DIMENSIONS = ALL_TIME_DIMENSIONS
 """The label dimensions of a rollup group, in the order the store's queries give them."""
-_WASTE_REASON = _DIMENSIONS.index("waste_reason")
+_LABELS = operator.itemgetter(
+    *map(_DIMENSIONS.index, ("model", "outcome", "error_type", "waste_reason", "workflow", "platform"))
+)
+"""A group's model, outcome, error type, waste reason, workflow and platform, found by name."""
+_MODEL, _WASTE_REASON, _WORKFLOW = map(_DIMENSIONS.index, ("model", "waste_reason", "workflow"))
 
 Labels = tuple[str, ...]
 
@@ -124,40 +130,28 @@ def fleet_samples(
     )
 
 
-_MEASURES = (
-    "attempts",
-    *(f"billed_{token_type.value}_tokens" for token_type in TokenType),
-    *(f"wasted_{token_type.value}_tokens" for token_type in TokenType),
-    "billed_cost_usd",
-    "wasted_cost_usd",
-    "estimated_output_tokens",
-    "duration_s",
-    "unpriced_attempts",
-    *(f"{source.value}_output_tokens" for source in OutputSource),
-)
-"""The rollup measures the exporter's metrics are made of, in the order a group's values list them."""
+_MEASURES = ROLLUP_MEASURES
+"""The rollup measures a group's values list: every measure column, in the table's order."""
 
-_SOURCES = tuple((source.value, _MEASURES.index(f"{source.value}_output_tokens")) for source in OutputSource)
-"""Each output source and where its tokens are among a group's values."""
+_TOKEN_TYPES = tuple(token_type.value for token_type in TokenType)
+_AT = {name: index for index, name in enumerate(_MEASURES)}
+# Where each metric's measures stand among a group's values, looked up by column name.
+_ATTEMPTS = _AT["attempts"]
+_BILLED = tuple((token_type, _AT[f"billed_{token_type}_tokens"]) for token_type in _TOKEN_TYPES)
+_WASTED = tuple((token_type, _AT[f"wasted_{token_type}_tokens"]) for token_type in _TOKEN_TYPES)
+_BILLED_COST = _AT["billed_cost_usd"]
+_WASTED_COST = _AT["wasted_cost_usd"]
+_ESTIMATED = _AT["estimated_output_tokens"]
+_DURATION = _AT["duration_s"]
+_UNPRICED = _AT["unpriced_attempts"]
+_SOURCES = tuple((source.value, _AT[f"{source.value}_output_tokens"]) for source in OutputSource)
 
 Group = tuple[Labels, Sequence[float]]
 """One rollup group: its values of ``_DIMENSIONS`` and its sums of ``_MEASURES``."""
 
-_TOKEN_TYPES = tuple(token_type.value for token_type in TokenType)
-_BILLED, _WASTED = 1, 1 + len(_TOKEN_TYPES)
-_BILLED_COST, _WASTED_COST, _ESTIMATED, _DURATION, _UNPRICED = (
-    _MEASURES.index(name)
-    for name in (
-        "billed_cost_usd",
-        "wasted_cost_usd",
-        "estimated_output_tokens",
-        "duration_s",
-        "unpriced_attempts",
-    )
-)
-
 
 def _group_of(row: RollupTotals) -> Group:
+    """The group of a :class:`RollupTotals` grouped by every one of ``ALL_TIME_DIMENSIONS``."""
     return tuple(row.group[name] for name in _DIMENSIONS), [getattr(row, name) for name in _MEASURES]
 
 
@@ -198,8 +192,8 @@ def _samples(
         histogram[labels] = (before[0] + count, before[1] + total)
 
     def waste(values: Sequence[float], model: str, workflow: str, reason: str) -> None:
-        for offset, token_type in enumerate(_TOKEN_TYPES):
-            add(wasted_tokens, (model, token_type, reason, workflow), values[_WASTED + offset])
+        for token_type, index in _WASTED:
+            add(wasted_tokens, (model, token_type, reason, workflow), values[index])
         add(wasted_cost, (model, reason, workflow), values[_WASTED_COST])
 
     def labels_of(raw_model: str, raw_workflow: str) -> tuple[str, str]:
@@ -211,15 +205,16 @@ def _samples(
         return model, workflow
 
     # In key order, so that float sums do not depend on the order the database returned the groups in.
-    for (raw_model, outcome, error_type, waste_reason, raw_workflow, raw_platform), values in sorted(totals):
+    for key, values in sorted(totals):
+        raw_model, outcome, error_type, waste_reason, raw_workflow, raw_platform = _LABELS(key)
         model, workflow = labels_of(raw_model, raw_workflow)
         platform = platform_label(raw_platform)
-        count = values[0]
+        count = values[_ATTEMPTS]
         add(attempts, (model, outcome, error_type), count)
         add(platform_attempts, (platform, outcome), count)
-        for offset, token_type in enumerate(_TOKEN_TYPES):
-            add(billed_tokens, (model, token_type), values[_BILLED + offset])
-            add(platform_tokens, (platform, token_type), values[_BILLED + offset])
+        for token_type, index in _BILLED:
+            add(billed_tokens, (model, token_type), values[index])
+            add(platform_tokens, (platform, token_type), values[index])
         add(billed_cost, (model, workflow), values[_BILLED_COST])
         add(platform_cost, (platform,), values[_BILLED_COST])
         add(estimated, (model,), values[_ESTIMATED])
@@ -237,16 +232,16 @@ def _samples(
         # Retried and cancelled waste is final when written, unlike abandoned.
         if waste_reason in (WasteReason.RETRIED.value, WasteReason.CANCELLED.value):
             waste(values, model, workflow, waste_reason)
-    for (raw_model, _, _, _, raw_workflow, _), values in sorted(settled_abandoned):
-        model, workflow = labels_of(raw_model, raw_workflow)
+    for key, values in sorted(settled_abandoned):
+        model, workflow = labels_of(key[_MODEL], key[_WORKFLOW])
         waste(values, model, workflow, WasteReason.ABANDONED.value)
         # Each abandoned attempt is the last attempt of a logical request that failed.
-        add(logical, (model, "failed"), values[0])
+        add(logical, (model, "failed"), values[_ATTEMPTS])
     pending_attempts: dict[Labels, float] = {}
     pending_cost: dict[Labels, float] = {}
-    for (raw_model, _, _, _, raw_workflow, _), values in sorted(pending_abandoned):
-        model, _workflow = labels_of(raw_model, raw_workflow)
-        add(pending_attempts, (model,), values[0])
+    for key, values in sorted(pending_abandoned):
+        model, _workflow = labels_of(key[_MODEL], key[_WORKFLOW])
+        add(pending_attempts, (model,), values[_ATTEMPTS])
         add(pending_cost, (model,), values[_WASTED_COST])
     counters = {
         m.ATTEMPTS.name: attempts,
@@ -485,24 +480,17 @@ class FleetCollector(Collector):
         samples.counters[m.STORE_REJECTED_RECORDS.name] = {(): float(rejected or 0)}
         # The reconciliation's models get the labels the capped rollups gave out, others ``other``:
         # a model only Anthropic saw adds no series.
-        labelled = {str(key[_DIMENSIONS.index("model")]) for key, _ in totals}
+        labelled = {str(key[_MODEL]) for key, _ in totals}
         samples.gauges.update(
             reconciliation_gauges(reconciled, last, model_of=lambda m: m if m in labelled else OTHER)
         )
         return samples
 
 
-_RECONCILED_SUMS = (
-    *(f"reported_{t}_tokens" for t in _TOKEN_TYPES),
-    *(f"recorded_{t}_tokens" for t in _TOKEN_TYPES),
-    "unseen_cost_usd",
-)
-
-
 def _reconciled_query(since: datetime) -> sa.Select[Any]:
     """Per model, over the stored reconciliation rows of buckets from ``since``: the sums of both
-    sides by token type, the unseen dollars, and the estimated and billed output of dropped attempts
-    in the fully seen buckets."""
+    sides by token type, the unseen dollars, and the estimated and billed output (and wasted
+    dollars) of dropped attempts in the fully seen buckets; each column labelled by what it is."""
     table = RECONCILIATIONS
     matched = table.c.residual_output_tokens.is_not(None)
     corrected = table.c.billed_wasted_cost_usd.is_not(None)
@@ -511,14 +499,19 @@ def _reconciled_query(since: datetime) -> sa.Select[Any]:
     estimated = sa.func.coalesce(
         table.c.dropped_estimated_output_tokens, table.c.recorded_output_estimated_tokens
     )
+    sides = [f"{side}_{t}_tokens" for side in ("reported", "recorded") for t in _TOKEN_TYPES]
     return (
         sa.select(
             table.c.model,
-            *(sa.func.sum(table.c[name]) for name in _RECONCILED_SUMS),
-            sa.func.sum(sa.case((matched, estimated), else_=0)),
-            sa.func.sum(sa.case((matched, table.c.residual_output_tokens), else_=0)),
-            sa.func.sum(sa.case((corrected, table.c.estimated_wasted_cost_usd), else_=0.0)),
-            sa.func.sum(sa.case((corrected, table.c.billed_wasted_cost_usd), else_=0.0)),
+            *(sa.func.sum(table.c[name]).label(name) for name in [*sides, "unseen_cost_usd"]),
+            sa.func.sum(sa.case((matched, estimated), else_=0)).label("dropped_estimated"),
+            sa.func.sum(sa.case((matched, table.c.residual_output_tokens), else_=0)).label("dropped_billed"),
+            sa.func.sum(sa.case((corrected, table.c.estimated_wasted_cost_usd), else_=0.0)).label(
+                "wasted_estimated"
+            ),
+            sa.func.sum(sa.case((corrected, table.c.billed_wasted_cost_usd), else_=0.0)).label(
+                "wasted_billed"
+            ),
         )
         .where(table.c.bucket_start >= since)
         .group_by(table.c.model)
@@ -526,27 +519,25 @@ def _reconciled_query(since: datetime) -> sa.Select[Any]:
 
 
 def reconciliation_gauges(
-    rows: Iterable[Sequence[Any]], last: datetime | None, *, model_of: Callable[[str], str]
+    rows: Iterable[sa.Row[Any]], last: datetime | None, *, model_of: Callable[[str], str]
 ) -> dict[str, dict[Labels, float]]:
     """The reconciliation gauges from :func:`_reconciled_query`'s rows and the last reconciliation time."""
-    width = len(_TOKEN_TYPES)
     reported: dict[Labels, float] = {}
     recorded: dict[Labels, float] = {}
     dropped: dict[Labels, float] = {}
     wasted: dict[Labels, float] = {}
     unseen_usd = 0.0
     for row in rows:
-        model = model_of(str(row[0]))
-        values = [float(value or 0) for value in row[1:]]
-        for position, token_type in enumerate(_TOKEN_TYPES):
+        model = model_of(str(row.model))
+        values = {name: float(value or 0) for name, value in row._mapping.items() if name != "model"}
+        for token_type in _TOKEN_TYPES:
             key = (model, token_type)
-            reported[key] = reported.get(key, 0.0) + values[position]
-            recorded[key] = recorded.get(key, 0.0) + values[width + position]
-        unseen_usd += values[2 * width]
-        for source, value in (("estimated", values[2 * width + 1]), ("billed", values[2 * width + 2])):
-            dropped[(model, source)] = dropped.get((model, source), 0.0) + value
-        for source, value in (("estimated", values[2 * width + 3]), ("billed", values[2 * width + 4])):
-            wasted[(model, source)] = wasted.get((model, source), 0.0) + value
+            reported[key] = reported.get(key, 0.0) + values[f"reported_{token_type}_tokens"]
+            recorded[key] = recorded.get(key, 0.0) + values[f"recorded_{token_type}_tokens"]
+        unseen_usd += values["unseen_cost_usd"]
+        for source in ("estimated", "billed"):
+            dropped[(model, source)] = dropped.get((model, source), 0.0) + values[f"dropped_{source}"]
+            wasted[(model, source)] = wasted.get((model, source), 0.0) + values[f"wasted_{source}"]
     gauges: dict[str, dict[Labels, float]] = {
         m.RECONCILED_COVERAGE.name: {
             key: recorded[key] / value for key, value in reported.items() if value > 0
@@ -572,17 +563,18 @@ def _combine_all_time(rows: Iterable[Sequence[Any]]) -> tuple[list[Group], list[
 
     Groups summing to zero attempts are left out of the totals, as ``rollup_totals`` leaves them out.
     """
-    width = len(_DIMENSIONS)
+    # A row is the dimensions, ``recent``, ``first_hour`` and then the sums of ``_MEASURES``.
+    width, sums = len(_DIMENSIONS), -len(_MEASURES)
     totals: list[Group] = []
     all_time_abandoned: dict[Labels, list[float]] = {}
     recent_abandoned: dict[Labels, list[float]] = {}
     for row in rows:
         key: Labels = tuple(row[:width])
         if row[width]:
-            recent_abandoned[key] = list(row[width + 2 :])
+            recent_abandoned[key] = list(row[sums:])
             continue
-        values = list(row[width + 2 :])  # ints and floats, never NULL (the columns are NOT NULL)
-        if values[0]:
+        values = list(row[sums:])  # ints and floats, never NULL (the columns are NOT NULL)
+        if values[_ATTEMPTS]:
             totals.append((key, values))
         if key[_WASTE_REASON] == WasteReason.ABANDONED.value:
             all_time_abandoned[key] = values
@@ -590,9 +582,9 @@ def _combine_all_time(rows: Iterable[Sequence[Any]]) -> tuple[list[Group], list[
     for key, values in all_time_abandoned.items():
         recent = recent_abandoned.get(key)
         settled = values if recent is None else [a - b for a, b in zip(values, recent, strict=True)]
-        if settled[0]:
+        if settled[_ATTEMPTS]:
             settled_abandoned.append((key, settled))
-    pending: list[Group] = [(key, values) for key, values in recent_abandoned.items() if values[0]]
+    pending: list[Group] = [(key, values) for key, values in recent_abandoned.items() if values[_ATTEMPTS]]
     return totals, settled_abandoned, pending
 
 
@@ -644,7 +636,8 @@ class _ScrapeAnswers:
     than ``fresh_s`` is still served while one thread renders its successor (stale while
     revalidate): no scraper waits for the store unless there is no answer at all yet, and then
     all of them wait for the same one. Requests with a query (``name[]`` filters) are rendered for
-    themselves, through the collector's own single flight.
+    themselves, through the collector's own single flight. ``renderer``, when set, renders the
+    kept answers instead of ``exposition`` (``serve`` sets a :class:`_RenderProcess`).
     """
 
     def __init__(self, exposition: Callable[..., Any], fresh_s: float) -> None:
@@ -653,6 +646,7 @@ class _ScrapeAnswers:
         self._lock = threading.Lock()
         self._answers: dict[tuple[bool, bool], _Response] = {}
         self._rendering: dict[tuple[bool, bool], threading.Event] = {}
+        self.renderer: Callable[..., Any] | None = None
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if _client_gone(environ.get(_CONNECTION)):
@@ -692,19 +686,138 @@ class _ScrapeAnswers:
 
     def _render(self, key: tuple[bool, bool], environ: dict[str, Any], done: threading.Event) -> None:
         environ.pop(_CONNECTION, None)
-        captured: list[Any] = []
         try:
-            body = b"".join(
-                self._exposition(environ, lambda status, headers: captured.extend([status, headers]))
-            )
+            status, headers, body = _answer_of(self.renderer or self._exposition, environ)
             with self._lock:
-                self._answers[key] = _Response(captured[0], list(captured[1]), body)
+                self._answers[key] = _Response(status, headers, body)
         except Exception:
             log.exception("costwatch exporter: rendering the metrics failed")
         finally:
             with self._lock:
                 self._rendering.pop(key, None)
             done.set()
+
+
+def _answer_of(app: Callable[..., Any], environ: dict[str, Any]) -> tuple[str, list[Any], bytes]:
+    """The status, headers and body of one call of a WSGI ``app``."""
+    captured: list[Any] = []
+    body = b"".join(app(environ, lambda status, headers: captured.extend([status, headers])))
+    return captured[0], list(captured[1]), body
+
+
+class _RenderProcess:
+    """A WSGI app that renders ``/metrics`` in a process of its own, for ``costwatch serve``.
+
+    Rendering an answer (reading the store, computing the samples, writing a megabyte of text) is
+    pure Python for hundreds of milliseconds; in the serving process it held the GIL while the
+    scrapes answered from the kept text waited for it, and on a busy machine each hand-over of the
+    GIL waits for the scheduler too (scrape p99 of 100-500 ms at 1M attempts, 9 ms with no render
+    during the run: benchmarks/README.md). In a process of its own it shares only the CPU. The
+    worker logs through this process's ``costwatch`` logger; if it dies, the answers are rendered
+    here again (``fallback``), after one warning.
+    """
+
+    def __init__(self, database_url: str | None, fallback: Callable[..., Any]) -> None:
+        import multiprocessing
+
+        # Spawned, not forked: this process has threads (the server's, the maintenance thread).
+        context = multiprocessing.get_context("spawn")
+        self._connection, theirs = context.Pipe()
+        self._process = context.Process(
+            target=_render_worker,
+            args=(database_url, theirs, log.getEffectiveLevel()),
+            name="costwatch-exporter-render",
+            daemon=True,
+        )
+        self._process.start()
+        theirs.close()
+        self._fallback = fallback
+        self._lock = threading.Lock()
+        self._broken = False
+        self._closed = False
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if not self._broken:
+            request = {name: value for name, value in environ.items() if isinstance(value, str)}
+            try:
+                with self._lock:
+                    self._connection.send(request)
+                    status, headers, body, logged = self._connection.recv()
+            except (EOFError, OSError) as exc:
+                self._broken = True
+                if not self._closed:
+                    log.warning(
+                        "costwatch exporter: the render process ended (%s); rendering in the serving process",
+                        type(exc).__name__,
+                    )
+            else:
+                for level, message in logged:
+                    log.log(level, "%s", message)
+                if status is None:
+                    raise RuntimeError(f"the render process failed:\n{body}")
+                start_response(status, headers)
+                return [body]
+        return self._fallback(environ, start_response)
+
+    def close(self) -> None:
+        """End the worker: it exits when its end of the pipe closes, or is terminated when a render
+        keeps it longer (a store that does not answer must not hold up the server's close)."""
+        self._broken = self._closed = True
+        if self._lock.acquire(timeout=5.0):
+            try:
+                self._connection.close()
+            finally:
+                self._lock.release()
+            self._process.join(5.0)
+        if self._process.is_alive():
+            self._process.terminate()  # the render waiting on it then reads EOF
+            self._process.join(5.0)
+
+
+class _Collected(logging.Handler):
+    """Keeps the worker's log lines, to be logged by the serving process with the answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.lines: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelno, self.format(record)))
+
+
+def _render_worker(database_url: str | None, connection: Any, level: int) -> None:
+    """The render process: answers each environ sent on ``connection`` until it closes."""
+    import signal
+
+    # Ctrl-C reaches the whole process group; the serving process decides when this one ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    collected = _Collected()
+    log.addHandler(collected)
+    log.setLevel(level)
+    log.propagate = False
+    registry = CollectorRegistry()
+    collector = FleetCollector(database_url)
+    registry.register(collector)
+    app = make_wsgi_app(registry)
+    try:
+        while True:
+            try:
+                environ = connection.recv()
+            except (EOFError, OSError):
+                return
+            answer: tuple[Any, ...]
+            try:
+                answer = _answer_of(app, environ)
+            except Exception:  # raised again in the serving process, which logs it
+                answer = (None, [], traceback.format_exc())
+            try:
+                connection.send((*answer, collected.lines))
+            except (EOFError, OSError):
+                return
+            collected.lines = []
+    finally:
+        collector.close()
 
 
 def _metrics_app(registry: CollectorRegistry, fresh_s: float = 0.0) -> Callable[..., Any]:
@@ -764,6 +877,7 @@ def serve(
     block: bool = True,
     on_listening: Callable[[], object] | None = None,
     retention: timedelta | None = None,
+    render_process: bool = False,
 ) -> Any:
     """Serve the fleet's metrics on ``http://{addr}:{port}/metrics``.
 
@@ -772,7 +886,10 @@ def serve(
     also closes the database connections). ``on_listening`` is called once the port is bound. With
     ``retention``, raw attempt rows older than that are pruned now and every
     :data:`PRUNE_EVERY_S` seconds (the rollups keep every total); on PostgreSQL the attempts
-    table's day partitions are created ahead as often.
+    table's day partitions are created ahead as often. With ``render_process`` (as the CLI runs
+    it), the answers are rendered in a process of their own, started with ``multiprocessing``'s
+    spawn method (so the calling program's main module must be safe to import), so that scrapes
+    answered meanwhile never wait for a render.
     """
     registry = CollectorRegistry()
     collector = FleetCollector(database_url)  # the rendered answers are what serve keeps
@@ -782,6 +899,10 @@ def serve(
     except BaseException:
         collector.close()
         raise
+    renderer: _RenderProcess | None = None
+    if render_process:
+        app = server.get_app()
+        renderer = app.renderer = _RenderProcess(database_url, fallback=app._exposition)
     # Closing the server (as a non-blocking caller does) closes the collector's connections too.
     close_server = server.server_close
 
@@ -797,6 +918,8 @@ def serve(
     def server_close() -> None:
         stop_pruning.set()
         close_server()
+        if renderer is not None:
+            renderer.close()
         collector.close()
 
     server.server_close = server_close

@@ -9,12 +9,14 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -452,26 +454,66 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_serve_exposes_the_store_as_prometheus_metrics(tmp_path, known_db):
+@contextlib.contextmanager
+def _serving(db: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`costwatch serve` on ``db`` in a process of its own, and its first answer (ended afterwards)."""
     port = free_port()
     process = subprocess.Popen(
-        [str(COSTWATCH), "serve", "--port", str(port), "--db", known_db],
-        stdout=subprocess.PIPE,
+        [str(COSTWATCH), "serve", "--port", str(port), "--db", db],
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         deadline, body = time.monotonic() + 120, ""  # generous: a loaded machine is slow, not wrong
-        while time.monotonic() < deadline and process.poll() is None:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
-                    body = response.read().decode()
-                break
+        while time.monotonic() < deadline and process.poll() is None and not body:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response,
+            ):
+                body = response.read().decode()
             time.sleep(0.2)
-        assert "costwatch_up 1.0" in body
+        yield process, body
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_serve_exposes_the_store_as_prometheus_metrics(known_db):
+    with _serving(known_db) as (_, body):
+        assert "costwatch_up 1.0" in body
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has exited (gone, or a zombie nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the child process in /proc")
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_renders_in_a_process_of_its_own_that_ends_with_it(known_db, stop):
+    with _serving(known_db) as (process, body):
+        assert "costwatch_up 1.0" in body
+        tasks = Path(f"/proc/{process.pid}/task")
+        # The render process, and multiprocessing's resource tracker beside it.
+        children = [int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+        assert any(b"multiprocessing.spawn" in command for command in commands), commands
+        process.send_signal(stop)
+        _, err = process.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while not all(map(_ended, children)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(map(_ended, children))
+    assert "Traceback" not in err
 
 
 def test_serve_checks_the_schema_revision_without_opening_a_store(capsys, known_db, monkeypatch):

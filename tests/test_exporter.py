@@ -502,3 +502,87 @@ def test_exporter_counts_the_records_every_process_had_refused(store, store_url)
     assert store.rejected_records == 1
     assert value(registry, "costwatch_store_rejected_records_total") == 2
     assert value(registry, "costwatch_attempts_total", model=MODEL, outcome="completed", error_type="") == 2
+
+
+def _scraped(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        return str(response.read().decode())
+
+
+def _render_processes() -> list[Any]:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.name == "costwatch-exporter-render"]
+
+
+def _input_tokens(text: str) -> float | None:
+    prefix = f'costwatch_billed_tokens_total{{model="{MODEL}",token_type="input"}} '
+    found = [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
+    return float(found[0]) if found else None
+
+
+@dataclasses.dataclass
+class RenderedApart:
+    """A store of one attempt ("a", 1,000 input tokens), served with answers rendered in a worker."""
+
+    writer: SqlStore
+    port: int
+    worker: Any
+
+    def input_tokens(self) -> float | None:
+        return _input_tokens(_scraped(self.port))
+
+
+@pytest.fixture
+def rendered_apart(tmp_path) -> Iterator[RenderedApart]:
+    url = f"sqlite:///{tmp_path / 'served.db'}"
+    writer = SqlStore(url)
+    writer.write([record("a", OLD)])
+    server = serve(url, 0, block=False, render_process=True)
+    try:
+        [worker] = _render_processes()
+        yield RenderedApart(writer, server.server_port, worker)
+    finally:
+        writer.shutdown()
+        server.shutdown()
+        server.server_close()
+
+
+def test_answers_rendered_in_a_process_of_their_own_follow_the_store(rendered_apart):
+    assert rendered_apart.input_tokens() == 1000
+    rendered_apart.writer.write([record("b", OLD)])
+    # Rendered anew by the worker once the kept answer is older than SCRAPE_CACHE_S.
+    assert _eventually(lambda: rendered_apart.input_tokens() == 2000, timeout=60)
+    assert rendered_apart.worker.is_alive()
+
+
+def test_the_render_process_ends_with_the_server(tmp_path):
+    server = serve(f"sqlite:///{tmp_path / 'served.db'}", 0, block=False, render_process=True)
+    try:
+        [worker] = _render_processes()
+        assert "costwatch_up" in _scraped(server.server_port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not worker.is_alive() and _render_processes() == []
+
+
+def test_the_render_process_logs_through_the_serving_process(tmp_path, caplog):
+    server = serve(f"sqlite:///{tmp_path / 'nothing-here.db'}", 0, block=False, render_process=True)
+    try:
+        with caplog.at_level("WARNING", logger="costwatch"):
+            assert "costwatch_up 0.0" in _scraped(server.server_port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r.getMessage() for r in caplog.records if "reporting costwatch_up 0" in r.getMessage()]
+
+
+def test_when_the_render_process_dies_the_serving_process_renders_and_keeps_answering(rendered_apart, caplog):
+    assert rendered_apart.input_tokens() == 1000
+    rendered_apart.worker.kill()
+    rendered_apart.worker.join(10)
+    rendered_apart.writer.write([record("b", OLD)])
+    with caplog.at_level("WARNING", logger="costwatch"):
+        assert _eventually(lambda: rendered_apart.input_tokens() == 2000, timeout=60)
+    assert any("the render process ended" in r.getMessage() for r in caplog.records)

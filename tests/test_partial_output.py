@@ -122,6 +122,62 @@ def test_a_cut_streams_output_is_counted_exactly_as_the_fake_billed_it(content, 
         assert record.cost == load_prices().cost(MODEL, record.usage)
 
 
+TOKENIZERS = [
+    (script, scale)
+    for script in ("latin", "cjk", "emoji_cjk")
+    for scale in (0.6, 1.0, 1.6)
+    if (script, scale) != ("latin", 1.0)  # the default: every test above
+]
+MIXED_BLOCKS = (
+    BlockSpec(BlockKind.THINKING, 400),
+    BlockSpec(BlockKind.TEXT, 300),
+    BlockSpec(BlockKind.TOOL_USE, 200),
+    BlockSpec(BlockKind.TEXT, 250),
+    BlockSpec(BlockKind.TOOL_USE, 150),
+)
+
+
+@pytest.mark.parametrize(("script", "scale"), TOKENIZERS)
+def test_counted_output_is_exact_in_every_script_and_at_every_scale_of_the_fakes_tokenizer(script, scale):
+    # The fake bills and counts with one tokenizer (its spec's script and scale): a count of the text
+    # of thinking, text and tool input that arrived, framing off, is the billed output, 0 tokens off.
+    spec = ResponseSpec(blocks=MIXED_BLOCKS, script=script, chars_per_token_scale=scale)
+    with counting() as (_, sink), FakeAnthropicServer(spec) as server:
+        stream_sync(anthropic.Anthropic(base_url=server.base_url, api_key=KEY, max_retries=0))
+        whole = server.ledger.entries[0].deltas_sent  # the same body: the same deltas, cut below
+        # One delta; into the thinking; into the first text; into the last tool input (the blocks
+        # before it joined to the blocks of their content type).
+        for deltas in (1, whole // 8, whole // 2, whole - 15):
+            cut_once(server, "sync", deltas)
+        assert costwatch.flush(30)
+        records, entries, counts = sink.records[1:], server.ledger.entries[1:], server.token_counts
+    assert len(records) == len(entries) == 4
+    assert entries[3].tokens_by_type.keys() == {"thinking", "text", "tool_input"}
+    for record, entry in zip(records, entries, strict=True):
+        assert record.output_source is OutputSource.COUNTED, record.to_dict()
+        assert record.usage.output_tokens == entry.output_tokens  # 0 tokens off
+    # The framing baseline: one one-character message, counted once, one token plus the framing.
+    baseline = counts[0].body["messages"][0]["content"]
+    assert baseline == "." and [c.body["messages"][0]["content"] for c in counts].count(".") == 1
+    assert spec.tokenizer.count_request(counts[0].body) == REQUEST_FRAMING_TOKENS + MESSAGE_FRAMING_TOKENS + 1
+
+
+def test_the_fakes_count_tokens_counts_with_the_tokenizer_it_bills_with():
+    text = "\u6211\u4eec\u7684\u8bf7\u6c42 The request is the cost of a stream."
+    answers = {}
+    for scale in (0.6, 1.0, 1.6):
+        with FakeAnthropicServer(ResponseSpec(chars_per_token_scale=scale)) as server:
+            answered = HTTP_MODULE.post(
+                server.base_url + "/v1/messages/count_tokens",
+                json={"model": MODEL, "messages": [{"role": "user", "content": text}]},
+                headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+            )
+        framing = REQUEST_FRAMING_TOKENS + MESSAGE_FRAMING_TOKENS
+        answers[scale] = answered.json()["input_tokens"] - framing
+        assert answers[scale] == ResponseSpec(chars_per_token_scale=scale).tokenizer.count(text)
+    assert answers[0.6] > answers[1.0] > answers[1.6]
+
+
 def test_counts_go_to_the_same_base_url_and_route_with_the_same_key_as_user_messages():
     with counting() as (_, sink), FakeAnthropicServer(CONTENT["thinking"]) as server:
         gateway = server.base_url + "/gateway"

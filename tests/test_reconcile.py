@@ -25,7 +25,7 @@ from costwatch.pricing import load_prices
 from costwatch.records import AttemptRecord, OutputSource, Usage
 from costwatch.store import RollupTotals, SqlStore, create_store_engine
 from costwatch.store.history import iter_attempts
-from costwatch.store.schema import CALIBRATION_SAMPLES
+from costwatch.store.schema import CALIBRATION_SAMPLES, RECONCILIATIONS
 from costwatch.testing import DropProfile, Ending, FakeAnthropicServer, Fault, ResponseSpec
 from costwatch.testing.ledger import LedgerEntry
 from costwatch.testing.usage_report import FAKE_ADMIN_KEY
@@ -37,8 +37,22 @@ SPEC = ResponseSpec(cache_read_tokens=800, cache_write_5m_tokens=120)
 
 @pytest.fixture
 def fake() -> Iterator[FakeAnthropicServer]:
+    """The fake API cutting about half of the streams."""
     with FakeAnthropicServer(SPEC, drop_profile=DropProfile(0.5, seed=3)) as server:
         yield server
+
+
+@pytest.fixture
+def steady() -> Iterator[FakeAnthropicServer]:
+    """The fake API cutting no stream: every attempt reports its usage."""
+    with FakeAnthropicServer(SPEC) as server:
+        yield server
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    """An empty SQLite store."""
+    return f"sqlite:///{tmp_path / 'cw.db'}"
 
 
 def _send(server: FakeAnthropicServer, count: int, model: str = MODEL) -> None:
@@ -67,32 +81,45 @@ def _instrumented(server: FakeAnthropicServer, db: str, count: int, model: str =
         pipeline.shutdown()
 
 
-def _reconcile(
-    server: FakeAnthropicServer,
-    db: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    *extra: str,
-    key: str | None = FAKE_ADMIN_KEY,
-) -> tuple[int, str, str]:
-    if key is None:
-        monkeypatch.delenv("ANTHROPIC_ADMIN_API_KEY", raising=False)
-    else:
-        monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", key)
-    capsys.readouterr()
-    code = main(["reconcile", "--since", "1h", "--base-url", server.base_url, "--db", db, *extra])
-    out, err = capsys.readouterr()
-    assert key is None or key not in out + err
-    return code, out, err
+class Reconcile:
+    """`costwatch reconcile` run in-process as the CLI runs it, against a fake's usage report."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        self._capsys = capsys
+        self._monkeypatch = monkeypatch
+
+    def __call__(
+        self,
+        server: FakeAnthropicServer,
+        db: str,
+        *extra: str,
+        key: str | None = FAKE_ADMIN_KEY,
+        since: str = "1h",
+        base_url: str | None = None,
+    ) -> tuple[int, str, str]:
+        """Exit status, standard output and standard error of one run; the key never shows in them."""
+        if key is None:
+            self._monkeypatch.delenv("ANTHROPIC_ADMIN_API_KEY", raising=False)
+        else:
+            self._monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", key)
+        self._capsys.readouterr()
+        argv = ["reconcile", "--since", since, "--base-url", base_url or server.base_url, "--db", db, *extra]
+        code = main(argv)
+        out, err = self._capsys.readouterr()
+        assert key is None or key not in out + err
+        return code, out, err
+
+    def json(self, server: FakeAnthropicServer, db: str) -> dict[str, Any]:
+        """The JSON document of a run that succeeded."""
+        code, out, err = self(server, db, "--format", "json")
+        assert code == 0, err
+        result: dict[str, Any] = json.loads(out)
+        return result
 
 
-def _json(
-    server: FakeAnthropicServer, db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> dict[str, Any]:
-    code, out, err = _reconcile(server, db, capsys, monkeypatch, "--format", "json")
-    assert code == 0, err
-    result: dict[str, Any] = json.loads(out)
-    return result
+@pytest.fixture
+def reconcile(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Reconcile:
+    return Reconcile(capsys, monkeypatch)
 
 
 def _stored(db: str) -> list[AttemptRecord]:
@@ -113,16 +140,23 @@ def _rollups(db: str) -> RollupTotals:
         store.shutdown()
 
 
-def _samples(db: str) -> list[dict[str, Any]]:
+def _rows(db: str, query: sa.Select[Any]) -> list[dict[str, Any]]:
     engine = create_store_engine(db)
     try:
         with engine.connect() as connection:
-            rows = connection.execute(
-                sa.select(CALIBRATION_SAMPLES).order_by(CALIBRATION_SAMPLES.c.sample_id)
-            )
-            return [dict(row) for row in rows.mappings()]
+            return [dict(row) for row in connection.execute(query).mappings()]
     finally:
         engine.dispose()
+
+
+def _samples(db: str) -> list[dict[str, Any]]:
+    """The calibration samples stored, oldest first."""
+    return _rows(db, sa.select(CALIBRATION_SAMPLES).order_by(CALIBRATION_SAMPLES.c.sample_id))
+
+
+def _reconciliations(db: str) -> list[dict[str, Any]]:
+    """The reconciliation rows stored."""
+    return _rows(db, sa.select(RECONCILIATIONS))
 
 
 def _gauges(db: str) -> dict[str, dict[tuple[str, ...], float]]:
@@ -144,12 +178,11 @@ def _bucket_of(entry: LedgerEntry) -> str:
 def test_instrumented_traffic_has_full_coverage_and_dropped_estimates_corrected_to_the_billed_figure(
     fake: FakeAnthropicServer,
     store_url: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    reconcile: Reconcile,
 ) -> None:
     _instrumented(fake, store_url, 10)
     estimated = {r.attempt_id: r for r in _stored(store_url) if r.output_source is OutputSource.ESTIMATED}
-    result = _json(fake, store_url, capsys, monkeypatch)
+    result = reconcile.json(fake, store_url)
     ledger = fake.ledger.entries
     dropped = [e for e in ledger if e.ending is not Ending.COMPLETED]
     assert dropped and estimated, "the drop profile should have cut some streams"
@@ -204,13 +237,13 @@ def test_instrumented_traffic_has_full_coverage_and_dropped_estimates_corrected_
 
 
 def test_a_lone_dropped_attempt_gets_exactly_its_billed_output_and_a_calibration_sample_of_it(
-    store_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    store_url: str, reconcile: Reconcile
 ) -> None:
     with FakeAnthropicServer(SPEC, faults=[None, Fault.cut_after_deltas(30), None]) as fake:
         _instrumented(fake, store_url, 3)
         [cut] = [e for e in fake.ledger.entries if e.ending is not Ending.COMPLETED]
         [before] = [r for r in _stored(store_url) if r.output_source is OutputSource.ESTIMATED]
-        result = _json(fake, store_url, capsys, monkeypatch)
+        result = reconcile.json(fake, store_url)
         [after] = [r for r in _stored(store_url) if r.attempt_id == before.attempt_id]
         assert after.request_id == cut.request_id
         assert after.usage.output_tokens == cut.output_tokens > 0
@@ -244,7 +277,7 @@ def test_a_lone_dropped_attempt_gets_exactly_its_billed_output_and_a_calibration
         }
         # Reconciling the settled bucket again changes nothing: no revision, no sample, same rollups.
         rollups, samples = _rollups(store_url), _samples(store_url)
-        again = _json(fake, store_url, capsys, monkeypatch)
+        again = reconcile.json(fake, store_url)
         assert again["rows"][0]["correction"]["status"] == "settled"
         assert again["totals"]["correction"]["revised_attempts"] == 0
         assert again["totals"]["correction"]["wasted_usd_moved"] == 0.0
@@ -252,44 +285,39 @@ def test_a_lone_dropped_attempt_gets_exactly_its_billed_output_and_a_calibration
         assert _rollups(store_url) == rollups
         assert _samples(store_url) == samples
         assert [r for r in _stored(store_url) if r.attempt_id == after.attempt_id] == [after]
-        code, out, _ = _reconcile(fake, store_url, capsys, monkeypatch)
+        code, out, _ = reconcile(fake, store_url)
         assert code == 0 and "1 dropped attempt(s) in 1 bucket(s) carry the output Anthropic billed" in out
         assert "this run changed nothing" in out
 
 
 def test_a_bucket_with_traffic_costwatch_did_not_see_keeps_its_estimates_and_says_why(
     fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    db: str,
+    reconcile: Reconcile,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
     _send(fake, 2)  # an uninstrumented process on the same organization
     _instrumented(fake, db, 8)
     before = _stored(db)
     assert any(r.output_source is OutputSource.ESTIMATED for r in before)
-    result = _json(fake, db, capsys, monkeypatch)
+    result = reconcile.json(fake, db)
     assert {row["correction"]["status"] for row in result["rows"]} == {"left_alone"}
     assert {row["correction"]["reason"] for row in result["rows"]} == {"input_not_matched"}
     assert result["totals"]["correction"]["revised_attempts"] == 0
     assert sorted(_stored(db), key=lambda r: r.attempt_id) == sorted(before, key=lambda r: r.attempt_id)
-    code, out, _ = _reconcile(fake, db, capsys, monkeypatch)
+    code, out, _ = reconcile(fake, db)
     assert code == 0 and "left alone (input not matched)" in out
 
 
 def test_traffic_without_costwatch_is_the_exact_unseen_share_in_tokens_and_dollars(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    steady: FakeAnthropicServer,
+    db: str,
+    reconcile: Reconcile,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _send(fake, 3)  # an uninstrumented process
-    unseen_entries = fake.ledger.entries
-    _instrumented(fake, db, 5)
-    result = _json(fake, db, capsys, monkeypatch)
-    ledger = fake.ledger.entries
+    _send(steady, 3)  # an uninstrumented process
+    unseen_entries = steady.ledger.entries
+    _instrumented(steady, db, 5)
+    result = reconcile.json(steady, db)
+    ledger = steady.ledger.entries
     totals = result["totals"]
     unseen_input = sum(e.input_tokens for e in unseen_entries)
     assert totals["unseen"]["tokens"]["input"] == unseen_input
@@ -313,40 +341,34 @@ def test_traffic_without_costwatch_is_the_exact_unseen_share_in_tokens_and_dolla
 
 
 def test_models_without_a_price_are_flagged_rows_with_unknown_unseen_dollars(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    steady: FakeAnthropicServer,
+    db: str,
+    reconcile: Reconcile,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _send(fake, 1, model="claude-unreleased-9")
-    _instrumented(fake, db, 1)
-    result = _json(fake, db, capsys, monkeypatch)
+    _send(steady, 1, model="claude-unreleased-9")
+    _instrumented(steady, db, 1)
+    result = reconcile.json(steady, db)
     unpriced = [row for row in result["rows"] if row["model"] == "claude-unreleased-9"]
     assert unpriced and all(row["priced"] is False and "unpriced" in row["flags"] for row in unpriced)
     assert all(row["unseen"]["usd"] is None for row in unpriced)
     assert result["totals"]["unpriced_rows"] == len(unpriced)
-    code, out, _ = _reconcile(fake, db, capsys, monkeypatch)
+    code, out, _ = reconcile(steady, db)
     assert code == 0 and "no price" in out
 
 
 def test_table_and_csv_show_coverage_per_token_type(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    steady: FakeAnthropicServer,
+    db: str,
+    reconcile: Reconcile,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _instrumented(fake, db, 2)
-    code, out, _ = _reconcile(fake, db, capsys, monkeypatch)
+    _instrumented(steady, db, 2)
+    code, out, _ = reconcile(steady, db)
     assert code == 0
     assert (
         "Coverage (recorded / reported): input 100.0%, cache read 100.0%, cache write 100.0%, output 100.0%"
         in out
     )
-    code, out, _ = _reconcile(fake, db, capsys, monkeypatch, "--format", "csv")
+    code, out, _ = reconcile(steady, db, "--format", "csv")
     header, *lines = out.splitlines()
     assert code == 0 and header.startswith("bucket_start,bucket_end,model,priced,flags,")
     assert lines and all(f",{MODEL},True,," in line for line in lines)
@@ -361,75 +383,49 @@ def test_table_and_csv_show_coverage_per_token_type(
     ],
 )
 def test_a_missing_wrong_or_workspace_key_is_one_line_and_exit_2(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    steady: FakeAnthropicServer,
+    db: str,
+    reconcile: Reconcile,
     key: str | None,
     complaint: str,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _instrumented(fake, db, 1)
-    code, out, err = _reconcile(fake, db, capsys, monkeypatch, key=key)
+    _instrumented(steady, db, 1)
+    code, out, err = reconcile(steady, db, key=key)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and complaint in err
 
 
 def test_an_unreachable_api_is_one_line_and_exit_1(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    steady: FakeAnthropicServer,
+    db: str,
+    reconcile: Reconcile,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _instrumented(fake, db, 1)
-    monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", FAKE_ADMIN_KEY)
-    capsys.readouterr()
-    code = main(["reconcile", "--since", "1h", "--base-url", "http://127.0.0.1:9", "--db", db])
-    out, err = capsys.readouterr()
+    _instrumented(steady, db, 1)
+    code, out, err = reconcile(steady, db, base_url="http://127.0.0.1:9")
     assert code == 1 and out == "" and err.count("\n") == 1 and "cannot reach the usage API" in err
 
 
 def test_a_window_before_the_api_keeps_data_is_exit_2(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    steady: FakeAnthropicServer,
+    db: str,
+    reconcile: Reconcile,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _instrumented(fake, db, 1)
-    monkeypatch.setenv("ANTHROPIC_ADMIN_API_KEY", FAKE_ADMIN_KEY)
-    capsys.readouterr()
-    code = main(["reconcile", "--since", "2025-06-01", "--base-url", fake.base_url, "--db", db])
-    _, err = capsys.readouterr()
+    _instrumented(steady, db, 1)
+    code, _, err = reconcile(steady, db, since="2025-06-01")
     assert code == 2 and "2026-01-01" in err and err.count("\n") == 1
 
 
 def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_unseen_cost_and_time(
-    fake: FakeAnthropicServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    steady: FakeAnthropicServer,
+    db: str,
+    reconcile: Reconcile,
 ) -> None:
-    from costwatch.store import create_store_engine
-    from costwatch.store.schema import RECONCILIATIONS
-
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
-    fake.drop_profile = None
-    _send(fake, 2)  # unseen
-    _instrumented(fake, db, 3)
-    first = _json(fake, db, capsys, monkeypatch)
-    second = _json(fake, db, capsys, monkeypatch)
+    _send(steady, 2)  # unseen
+    _instrumented(steady, db, 3)
+    first = reconcile.json(steady, db)
+    second = reconcile.json(steady, db)
     assert first["rows"] == second["rows"]
-    engine = create_store_engine(db)
-    try:
-        with engine.connect() as connection:
-            stored = connection.execute(sa.select(RECONCILIATIONS)).mappings().all()
-    finally:
-        engine.dispose()
+    stored = _reconciliations(db)
     assert len(stored) == len(second["rows"])
     assert sum(row["reported_input_tokens"] for row in stored) == second["totals"]["reported"]["input_tokens"]
     gauges = _gauges(db)
@@ -473,13 +469,7 @@ def _watching(
             process.wait()
 
 
-def test_watch_reconciles_the_window_again_each_interval_without_duplicating_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from costwatch.store import create_store_engine
-    from costwatch.store.schema import RECONCILIATIONS
-
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
+def test_watch_reconciles_the_window_again_each_interval_without_duplicating_rows(db: str) -> None:
     with FakeAnthropicServer(SPEC, usage_lag_s=3600) as fake:
         _instrumented(fake, db, 2)
         with _watching(fake, db) as process:
@@ -496,21 +486,13 @@ def test_watch_reconciles_the_window_again_each_interval_without_duplicating_row
             assert process.wait(timeout=30) == 0
     assert "input coverage 100.0%" in lines[-1], lines
     assert FAKE_ADMIN_KEY not in "".join(lines)
-    engine = create_store_engine(db)
-    try:
-        with engine.connect() as connection:
-            stored = connection.execute(sa.select(RECONCILIATIONS)).mappings().all()
-    finally:
-        engine.dispose()
+    stored = _reconciliations(db)
     # Reconciled many times, one row per bucket and model, with the settled figures.
     assert len({(row["bucket_start"], row["model"]) for row in stored}) == len(stored) >= 1
     assert sum(row["reported_requests"] for row in stored) == 2
 
 
-def test_watch_prints_each_round_in_the_format_asked_and_corrects_a_bucket_once_it_settles(
-    tmp_path: Path,
-) -> None:
-    db = f"sqlite:///{tmp_path / 'cw.db'}"
+def test_watch_prints_each_round_in_the_format_asked_and_corrects_a_bucket_once_it_settles(db: str) -> None:
     with FakeAnthropicServer(SPEC, faults=[Fault.cut_after_deltas(20), None], usage_lag_s=3600) as fake:
         _instrumented(fake, db, 2)
         with _watching(fake, db, "--format", "json", read="stdout") as process:

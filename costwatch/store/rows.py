@@ -7,14 +7,16 @@ stay equal to the sums over the raw rows without ever rescanning them.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
 from ..records import AttemptRecord, Cost, Outcome, OutputSource, Usage, WasteReason
-from .schema import ROLLUP_MEASURES
+from .schema import ATTEMPTS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES
 
 __all__ = [
     "ATTEMPT_COLUMNS",
@@ -43,16 +45,18 @@ def hour_of(moment: datetime) -> datetime:
 
 
 def rollup_key(record: AttemptRecord) -> RollupKey:
-    """The rollup row an attempt counts towards."""
+    """The rollup row an attempt counts towards, its values in ``ROLLUP_DIMENSIONS`` order."""
     waste_reason = record.waste_reason
-    return (
-        hour_of(record.started_at),
-        record.model_name,
-        record.outcome.value,
-        record.error_label,
-        waste_reason.value if (record.wasted and waste_reason is not None) else "",
-        record.workflow,
-        record.platform,
+    return _in_dimension_order(
+        {
+            "hour": hour_of(record.started_at),
+            "model": record.model_name,
+            "outcome": record.outcome.value,
+            "error_type": record.error_label,
+            "waste_reason": waste_reason.value if (record.wasted and waste_reason is not None) else "",
+            "workflow": record.workflow,
+            "platform": record.platform,
+        }
     )
 
 
@@ -69,37 +73,46 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
     wasted_cost = cost if (wasted and cost is not None) else _NO_COST
     source = record.output_source
     output_usd = cost.output_usd if cost is not None else 0.0
-    return (
-        1,
-        1 if record.outcome is Outcome.DROPPED else 0,
-        1 if record.attempt_number == 1 else 0,
-        input_tokens,
-        output_tokens,
-        cache_read,
-        cache_write,
-        input_tokens if wasted else 0,
-        output_tokens if wasted else 0,
-        cache_read if wasted else 0,
-        cache_write if wasted else 0,
-        billed_cost,
-        billed_cost if wasted else 0.0,
-        usage.estimated_output_tokens if usage.output_estimated else 0,
-        record.duration_s,
-        0 if cost is not None else 1,
-        0 if cost is not None else input_tokens + output_tokens + cache_read + cache_write,
-        wasted_cost.input_usd,
-        wasted_cost.cache_read_usd,
-        wasted_cost.cache_write_usd,
-        wasted_cost.output_usd,
-        wasted_cost.server_tool_usd,
-        output_tokens if source is OutputSource.REPORTED else 0,
-        output_tokens if source is OutputSource.COUNTED else 0,
-        output_tokens if source is OutputSource.RECONCILED else 0,
-        output_usd if source is OutputSource.REPORTED else 0.0,
-        output_usd if source is OutputSource.ESTIMATED else 0.0,
-        output_usd if source is OutputSource.COUNTED else 0.0,
-        output_usd if source is OutputSource.RECONCILED else 0.0,
+    billed_tokens = input_tokens + output_tokens + cache_read + cache_write
+    return _in_measure_order(
+        {
+            "attempts": 1,
+            "dropped_attempts": 1 if record.outcome is Outcome.DROPPED else 0,
+            "logical_requests_started": 1 if record.attempt_number == 1 else 0,
+            "billed_input_tokens": input_tokens,
+            "billed_output_tokens": output_tokens,
+            "billed_cache_read_tokens": cache_read,
+            "billed_cache_write_tokens": cache_write,
+            "wasted_input_tokens": input_tokens if wasted else 0,
+            "wasted_output_tokens": output_tokens if wasted else 0,
+            "wasted_cache_read_tokens": cache_read if wasted else 0,
+            "wasted_cache_write_tokens": cache_write if wasted else 0,
+            "billed_cost_usd": billed_cost,
+            "wasted_cost_usd": billed_cost if wasted else 0.0,
+            "estimated_output_tokens": usage.estimated_output_tokens if usage.output_estimated else 0,
+            "duration_s": record.duration_s,
+            "unpriced_attempts": 0 if cost is not None else 1,
+            "unpriced_tokens": 0 if cost is not None else billed_tokens,
+            "wasted_input_cost_usd": wasted_cost.input_usd,
+            "wasted_cache_read_cost_usd": wasted_cost.cache_read_usd,
+            "wasted_cache_write_cost_usd": wasted_cost.cache_write_usd,
+            "wasted_output_cost_usd": wasted_cost.output_usd,
+            "wasted_server_tool_cost_usd": wasted_cost.server_tool_usd,
+            "reported_output_tokens": output_tokens if source is OutputSource.REPORTED else 0,
+            "counted_output_tokens": output_tokens if source is OutputSource.COUNTED else 0,
+            "reconciled_output_tokens": output_tokens if source is OutputSource.RECONCILED else 0,
+            "reported_output_cost_usd": output_usd if source is OutputSource.REPORTED else 0.0,
+            "estimated_output_cost_usd": output_usd if source is OutputSource.ESTIMATED else 0.0,
+            "counted_output_cost_usd": output_usd if source is OutputSource.COUNTED else 0.0,
+            "reconciled_output_cost_usd": output_usd if source is OutputSource.RECONCILED else 0.0,
+        }
     )
+
+
+# The tables order the values: the two functions above name each one, so a new column is added
+# in one place (here by name; a name missing here fails at the first write, and in the tests).
+_in_dimension_order = operator.itemgetter(*ROLLUP_DIMENSIONS)
+_in_measure_order = operator.itemgetter(*ROLLUP_MEASURES)
 
 
 _NO_COST = Cost()
@@ -128,107 +141,63 @@ def rollup_delta_rows(
 _NO_MEASURES = (0,) * len(ROLLUP_MEASURES)
 
 
-ATTEMPT_COLUMNS = (
-    "attempt_id",
-    "logical_request_id",
-    "attempt_number",
-    "started_at",
-    "outcome",
-    "model_requested",
-    "model",
-    "stream",
-    "beta_features",
-    "request_id",
-    "message_id",
-    "sdk_retry",
-    "http_status",
-    "error_type",
-    "api_error_type",
-    "time_to_first_token_s",
-    "duration_s",
-    "input_tokens",
-    "cache_write_5m_tokens",
-    "cache_write_1h_tokens",
-    "cache_read_tokens",
-    "output_tokens",
-    "output_estimated",
-    "estimated_output_tokens",
-    "server_tool_use",
-    "stop_reason",
-    "events_received",
-    "bytes_received",
-    "input_cost_usd",
-    "cache_write_cost_usd",
-    "cache_read_cost_usd",
-    "output_cost_usd",
-    "wasted",
-    "waste_reason",
-    "tags",
-    "fingerprint",
-    "revision",
-    "prompt_bytes",
-    "stable_prefix_bytes",
-    "server_tool_cost_usd",
-    "inference_geo",
-    "platform",
-    "tokens_clamped",
-    "output_source",
-    "endpoint",
+ATTEMPT_COLUMNS = tuple(column.name for column in ATTEMPTS.columns)
+"""The columns of ``costwatch_attempts`` (read from the table), in the order :func:`attempt_values`
+gives their values."""
+
+
+def _enum_value(member: enum.Enum | None) -> Any:
+    return None if member is None else member.value
+
+
+_STORED_AS: dict[str, Callable[[Any], Any]] = {
+    "outcome": _enum_value,
+    "waste_reason": _enum_value,
+    "output_source": _enum_value,
+    "beta_features": list,
+    "server_tool_use": dict,
+    "tags": dict,
+}
+"""How a record's value is stored where it is not stored as it is (enums by value, JSON as plain
+containers); keyed by column."""
+
+_RECORD_FIELDS = frozenset(field.name for field in dataclasses.fields(AttemptRecord))
+_USAGE_FIELDS = frozenset(field.name for field in dataclasses.fields(Usage))
+_COST_FIELDS = frozenset(field.name for field in dataclasses.fields(Cost))
+
+
+def _source_of(column: str, priced: bool) -> tuple[str, Callable[[Any], Any] | None]:
+    """Where a column's value is on a record: the record's field of its name, else its usage's, else
+    (``X_cost_usd``) its cost's ``X_usd`` (``cost`` itself, ``None``, for a record without a price);
+    and how it is stored (``None``: as it is)."""
+    if column in _RECORD_FIELDS:
+        return column, _STORED_AS.get(column)
+    if column in _USAGE_FIELDS:
+        return f"usage.{column}", _STORED_AS.get(column)
+    part = column.removesuffix("_cost_usd") + "_usd"
+    if column.endswith("_cost_usd") and part in _COST_FIELDS:
+        return (f"cost.{part}" if priced else "cost"), None  # NULL: no known price
+    raise LookupError(f"costwatch_attempts.{column} names no field of AttemptRecord, Usage or Cost")
+
+
+def _reader(priced: bool) -> Callable[[AttemptRecord], tuple[Any, ...]]:
+    return operator.attrgetter(*(_source_of(column, priced)[0] for column in ATTEMPT_COLUMNS))
+
+
+_read_priced, _read_unpriced = _reader(priced=True), _reader(priced=False)
+_CONVERSIONS = tuple(
+    (index, stored)
+    for index, stored in enumerate(_source_of(column, True)[1] for column in ATTEMPT_COLUMNS)
+    if stored is not None
 )
-"""The columns of ``costwatch_attempts``, in the order :func:`attempt_values` gives their values."""
 
 
 def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
     """The ``costwatch_attempts`` row of a record, one value per ``ATTEMPT_COLUMNS`` entry."""
-    usage, cost = record.usage, record.cost
-    waste_reason = record.waste_reason
-    return (
-        record.attempt_id,
-        record.logical_request_id,
-        record.attempt_number,
-        record.started_at,
-        record.outcome.value,
-        record.model_requested,
-        record.model,
-        record.stream,
-        list(record.beta_features),
-        record.request_id,
-        record.message_id,
-        record.sdk_retry,
-        record.http_status,
-        record.error_type,
-        record.api_error_type,
-        record.time_to_first_token_s,
-        record.duration_s,
-        usage.input_tokens,
-        usage.cache_write_5m_tokens,
-        usage.cache_write_1h_tokens,
-        usage.cache_read_tokens,
-        usage.output_tokens,
-        usage.output_estimated,
-        usage.estimated_output_tokens,
-        dict(record.server_tool_use),
-        record.stop_reason,
-        record.events_received,
-        record.bytes_received,
-        cost.input_usd if cost is not None else None,
-        cost.cache_write_usd if cost is not None else None,
-        cost.cache_read_usd if cost is not None else None,
-        cost.output_usd if cost is not None else None,
-        record.wasted,
-        waste_reason.value if waste_reason is not None else None,
-        dict(record.tags),
-        record.fingerprint,
-        record.revision,
-        record.prompt_bytes,
-        record.stable_prefix_bytes,
-        cost.server_tool_usd if cost is not None else None,
-        record.inference_geo,
-        record.platform,
-        usage.tokens_clamped,
-        record.output_source.value,
-        record.endpoint,
-    )
+    values = list(_read_unpriced(record) if record.cost is None else _read_priced(record))
+    for index, stored in _CONVERSIONS:
+        values[index] = stored(values[index])
+    return tuple(values)
 
 
 def attempt_row(record: AttemptRecord) -> dict[str, Any]:

@@ -13,9 +13,9 @@ The rules, all applied inside the caller's transaction so that rows and rollups 
 
 A batch is a handful of statements whatever its size, each with the same text every time, so
 neither SQLAlchemy nor the driver compiles or parses anything per batch, and no value is formatted
-one by one in Python: on PostgreSQL the rows go in as one JSON parameter, an array of arrays
-(``INSERT ... SELECT ... FROM jsonb_array_elements(...)``, prepared by psycopg after a few
-batches), on SQLite through the driver's ``executemany``; lists of keys are one JSON array
+one by one in Python: on PostgreSQL the rows are copied in binary (``COPY ... FROM STDIN``, encoded
+by psycopg in C) into a temporary staging table and inserted from there with one ``INSERT ...
+SELECT``; on SQLite they go through the driver's ``executemany``. Lists of keys are one JSON array
 parameter on both (SQLite's ``json_each`` needs its JSON functions, built in since 3.38 and in
 Python's own builds long before).
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -98,43 +97,88 @@ def latest_revisions(records: Iterable[AttemptRecord]) -> list[AttemptRecord]:
 # -- statements, built once per table and backend -------------------------------------------------
 @dataclass(frozen=True)
 class _BulkStatement:
-    """An insert of many rows as driver SQL, and how to turn rows into its parameters."""
+    """An insert of many rows, and how the rows get to it.
+
+    SQLite: one ``INSERT ... VALUES (?, ...)`` through the driver's ``executemany``. PostgreSQL: the
+    rows are copied (``COPY ... FROM STDIN`` in binary, which psycopg encodes in C) into a temporary
+    staging table, then one ``INSERT ... SELECT`` from it does what the statement does (insert or
+    ignore, add to rollups): the staging table is emptied at commit.
+    """
 
     sql: str
     convert: tuple[Callable[[Any], Any] | None, ...]
     """Per column, what SQLAlchemy's bind processing would do to a value (``None``: nothing)."""
-    as_json: bool
-    """The rows go as one JSON array of arrays (PostgreSQL), else one tuple each (``executemany``)."""
+    stage: _Stage | None = None
+    """PostgreSQL: where the rows are copied first."""
 
-    def parameters(self, rows: Sequence[tuple[Any, ...]]) -> Any:
-        """The parameters of this statement for ``rows`` (tuples in the order of its columns)."""
+    def run(self, connection: sa.Connection, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Insert ``rows`` (tuples in the order of the statement's columns); returns the first value
+        of each row the statement returns (``RETURNING``), else nothing."""
         if any(self.convert):
             columns = [
                 values if convert is None else tuple(map(convert, values))
                 for values, convert in zip(zip(*rows, strict=True), self.convert, strict=True)
             ]
             rows = list(zip(*columns, strict=True))
-        if self.as_json:
-            return {"rows": _rows_json(rows)}
-        return rows
+        if self.stage is None:
+            result = connection.exec_driver_sql(self.sql, rows)
+            return list(result.scalars()) if result.returns_rows else []
+        return self.stage.insert(connection, self.sql, rows)
 
 
-def _rows_json(rows: Sequence[tuple[Any, ...]]) -> str:
-    try:
-        return json.dumps(rows, allow_nan=False)
-    except ValueError:
-        # JSON has no NaN or infinity; PostgreSQL reads them from strings into float columns.
-        return json.dumps([[_finite_or_text(value) for value in row] for row in rows])
+@dataclass(frozen=True)
+class _Stage:
+    """A temporary table (one per session, emptied at commit) that a batch's rows are copied into."""
+
+    create_sql: str
+    copy_sql: str
+    types: tuple[str, ...]
+    """The PostgreSQL type of each copied column, for the binary format."""
+
+    def insert(self, connection: sa.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
+        driver: Any = connection.connection.driver_connection
+        dbapi_error = connection.dialect.loaded_dbapi.Error
+        try:
+            with driver.cursor() as cursor:
+                # Every time: a pooler may hand the next transaction another session, and a
+                # rolled-back transaction takes a table it created with it.
+                cursor.execute(self.create_sql)
+                with cursor.copy(self.copy_sql) as copy:
+                    copy.set_types(self.types)
+                    for position, row in enumerate(rows):
+                        copy.write_row((*row, position))
+                cursor.execute(sql)
+                return [row[0] for row in cursor.fetchall()] if cursor.description else []
+        except dbapi_error as exc:
+            # As SQLAlchemy wraps what the driver raises, so a refused value is told from an outage.
+            raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi_error, dialect=connection.dialect) from exc
 
 
-def _finite_or_text(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value
+_STAGE_POSITION = "costwatch_position"
+"""The staging tables' extra column: each row's place in the batch, the order rows are inserted
+(and so locked) in."""
 
 
-_json_texts: dict[Any, str] = {}
-_JSON_TEXTS_KEPT = 4096
+def _stage_type(column_type: sa.types.TypeEngine[Any]) -> str:
+    """The staging column's type for a column of ``column_type``.
+
+    Integers are staged as ``bigint`` whatever the column: the server then refuses one beyond the
+    column's range on insert, where the binary format of a narrower type would wrap it silently.
+    JSON goes as its text (cast in the ``SELECT``): it was made once per distinct value.
+    """
+    if isinstance(column_type, UtcDateTime):
+        return "timestamptz"
+    if isinstance(column_type, sa.JSON):
+        return "text"
+    if isinstance(column_type, sa.Boolean):
+        return "bool"
+    if isinstance(column_type, sa.Integer):
+        return "int8"
+    if isinstance(column_type, sa.Float):
+        return "float8"
+    if isinstance(column_type, sa.String):
+        return "text"
+    raise NotImplementedError(f"no staging type for {column_type!r}")
 
 
 def _json_text(value: Any) -> str | None:
@@ -155,13 +199,15 @@ def _json_text(value: Any) -> str | None:
     return text
 
 
-def _utc_text(value: datetime | None) -> str | None:
-    """As :class:`UtcDateTime` binds for PostgreSQL (naive is UTC), as ISO 8601 text."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat()
+_json_texts: dict[Any, str] = {}
+_JSON_TEXTS_KEPT = 4096
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """As :class:`UtcDateTime` binds for PostgreSQL: naive is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
 
 
 def _sqlite_utc_text(value: datetime | None) -> str | None:
@@ -182,16 +228,15 @@ def _bind_conversions(
     """Per column, what SQLAlchemy's bind processing would do to a value, done in one call.
 
     Booleans and floats need nothing: SQLite's column affinity stores them as SQLAlchemy would,
-    and PostgreSQL reads them from JSON. JSON columns go as their text on both: nested in the batch's
-    ``jsonb``, PostgreSQL would refuse a ``\\u0000`` escape in a tag value, which a ``json`` column keeps.
+    and psycopg copies them as they are. JSON columns go as their text on both.
     """
     conversions: list[Callable[[Any], Any] | None] = []
     for name in names:
         column_type = table.c[name].type
         if isinstance(column_type, UtcDateTime):
-            text = _sqlite_utc_text if dialect.name == "sqlite" else _utc_text
+            convert = _sqlite_utc_text if dialect.name == "sqlite" else _utc
             # A rollup's timestamps are whole hours, a few distinct ones per batch: remembered.
-            conversions.append(text if table is ATTEMPTS else functools.lru_cache(maxsize=1024)(text))
+            conversions.append(convert if table is ATTEMPTS else functools.lru_cache(maxsize=1024)(convert))
         elif isinstance(column_type, sa.JSON):
             conversions.append(_json_text)
         else:
@@ -206,22 +251,28 @@ def _bulk_insert(table: sa.Table, names: Sequence[str], dialect: Dialect, tail: 
     if dialect.name == "sqlite":
         marks = ", ".join("?" for _ in names)
         sql = f"INSERT INTO {quote(table.name)} ({columns}) VALUES ({marks}) {tail}"
-        return _BulkStatement(sql, convert, as_json=False)
-    # PostgreSQL parses the whole batch from one JSON parameter, in C: an array of rows, each an
-    # array of values (naming every value in every row made encoding the batch three times as
-    # slow); the driver would otherwise format every value of a 500-row statement in Python.
-    # ``->>`` gives each value as text (NULL for null), cast to its column's type; a JSON column
-    # arrives as a string holding its text. ORDER BY: rows are inserted, and so locked, in the
-    # order they are given.
+        return _BulkStatement(sql, convert)
+    # PostgreSQL: a JSON parameter of every row (parsed and cast value by value by the server) or a
+    # multi-row VALUES (formatted value by value by the driver in Python) cost more, on both sides,
+    # than copying the rows in binary into a staging table and inserting from there.
+    stage_name = quote(f"costwatch_stage_{table.name.removeprefix('costwatch_')}")
+    types = tuple(_stage_type(table.c[name].type) for name in names)
+    definitions = ", ".join(f"{quote(name)} {kind}" for name, kind in zip(names, types, strict=True))
     selected = ", ".join(
-        f"(row ->> {i})::{table.c[name].type.compile(dialect)}" for i, name in enumerate(names)
+        f"CAST({quote(name)} AS JSON)" if isinstance(table.c[name].type, sa.JSON) else quote(name)
+        for name in names
+    )
+    stage = _Stage(
+        create_sql=f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage_name} ({definitions}, "
+        f"{_STAGE_POSITION} int8) ON COMMIT DELETE ROWS",
+        copy_sql=f"COPY {stage_name} ({columns}, {_STAGE_POSITION}) FROM STDIN (FORMAT BINARY)",
+        types=(*types, "int8"),
     )
     sql = (
-        f"INSERT INTO {quote(table.name)} ({columns}) SELECT {selected} "
-        f"FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS batch(row, ordinality) "
-        f"ORDER BY ordinality {tail}"
+        f"INSERT INTO {quote(table.name)} ({columns}) SELECT {selected} FROM {stage_name} "
+        f"ORDER BY {_STAGE_POSITION} {tail}"
     )
-    return _BulkStatement(sql, convert, as_json=True)
+    return _BulkStatement(sql, convert, stage)
 
 
 @dataclass(frozen=True)
@@ -316,17 +367,33 @@ def _started_within(
     return sa.and_(sa.true(), *conditions)
 
 
-def _select_rows(connection: sa.Connection, where: sa.ColumnElement[bool]) -> list[AttemptRecord]:
-    """The stored rows matching ``where``, locked on PostgreSQL in ``attempt_id`` order (the lock order).
+def _select_rows(
+    connection: sa.Connection, *matching: sa.ColumnElement[bool], lock: bool = True
+) -> list[AttemptRecord]:
+    """The stored rows matching any of ``matching``, locked on PostgreSQL (unless ``lock`` is false)
+    in ``attempt_id`` order (the lock order).
 
-    SQLite has no row locks (the writer holds the database's) and no order is asked of it: with
-    statistics, its planner would rather walk the whole primary key in order than probe the
-    key indexes and sort.
+    On PostgreSQL each condition is a statement of its own: asked for an ``OR`` of lookups by
+    different indexes (logical request, fingerprint), the planner would rather read the whole partial
+    index of abandoned attempts of every recent day and test each row against every key, which at
+    ten million attempts took 0.4 s a batch; one condition each is one index probed per key (the
+    rows they lock were already serialised by the batch's advisory locks, so locking them in two
+    statements' orders cannot deadlock). SQLite has no row locks (the writer holds the database's)
+    and no order is asked of it: with statistics, its planner would rather walk the whole primary key
+    in order than probe the key indexes and sort.
     """
-    query = sa.select(ATTEMPTS).where(where)
-    if connection.dialect.name == "postgresql":
-        query = query.order_by(ATTEMPTS.c.attempt_id).with_for_update()
-    return [record_from_row(row) for row in connection.execute(query).mappings()]
+    if connection.dialect.name != "postgresql":
+        query = sa.select(ATTEMPTS).where(sa.or_(*matching))
+        return [record_from_row(row) for row in connection.execute(query).mappings()]
+    found: dict[tuple[str, datetime], AttemptRecord] = {}
+    for condition in matching:
+        query = sa.select(ATTEMPTS).where(condition).order_by(ATTEMPTS.c.attempt_id)
+        if lock:
+            query = query.with_for_update()
+        for row in connection.execute(query).mappings():
+            record = record_from_row(row)
+            found.setdefault((record.attempt_id, record.started_at), record)
+    return [found[key] for key in sorted(found)]
 
 
 # -- the steps of a batch --------------------------------------------------------------------------
@@ -338,7 +405,7 @@ def _insert_new(
     if connection.dialect.name == "postgresql":
         # Insert-or-ignore says which rows were new (RETURNING); then lock and read the others.
         rows = [attempt_values(record) for record in records]
-        new_ids = set(connection.exec_driver_sql(statement.sql, statement.parameters(rows)).scalars())
+        new_ids = set(statement.run(connection, rows))
         others = [record for record in records if record.attempt_id not in new_ids]
         stored: list[AttemptRecord] = []
         if others:
@@ -356,7 +423,7 @@ def _insert_new(
     stored_ids = {record.attempt_id for record in stored}
     new = [record for record in records if record.attempt_id not in stored_ids]
     if new:
-        connection.exec_driver_sql(statement.sql, statement.parameters([attempt_values(r) for r in new]))
+        statement.run(connection, [attempt_values(record) for record in new])
     return new, stored
 
 
@@ -444,8 +511,8 @@ _ABANDONED: sa.ColumnElement[str] = sa.literal_column(f"'{WasteReason.ABANDONED.
 
 def _abandoned_matching(
     connection: sa.Connection, landed: Sequence[AttemptRecord], since: datetime
-) -> sa.ColumnElement[bool]:
-    """Stored abandoned attempts that ``landed`` may be the retries of.
+) -> list[sa.ColumnElement[bool]]:
+    """Which stored abandoned attempts ``landed`` may be the retries of: one condition per index.
 
     Those of the same logical request (``ix_costwatch_attempts_logical_request_id``), and those of
     the same fingerprint that ended at or after ``since`` (``ix_costwatch_attempts_abandoned_fingerprint``,
@@ -460,15 +527,16 @@ def _abandoned_matching(
     fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
     by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), abandoned)
     if not fingerprints:
-        return by_request
+        return [by_request]
     in_fingerprints = _among(connection, ATTEMPTS.c.fingerprint, fingerprints)
-    return sa.or_(by_request, sa.and_(in_fingerprints, abandoned, _ended_since(connection, since)))
+    return [by_request, sa.and_(in_fingerprints, abandoned, _ended_since(connection, since))]
 
 
 def _retries_matching(
     connection: sa.Connection, abandoned: Sequence[AttemptRecord], window: timedelta
-) -> sa.ColumnElement[bool]:
-    """Stored attempts that may be retries of the just-landed ``abandoned`` attempts.
+) -> list[sa.ColumnElement[bool]]:
+    """Which stored attempts may be retries of the just-landed ``abandoned`` attempts: one condition
+    per index.
 
     Those of the same logical request, and those of the same fingerprint that started in an hour
     between an abandoned attempt's start and its end plus ``window``
@@ -492,7 +560,7 @@ def _retries_matching(
         wait = _retry_wait(record, window)
         hours.update(first + timedelta(hours=n) for n in range(int(wait / timedelta(hours=1)) + 2))
     if not fingerprints:
-        return by_request
+        return [by_request]
     hour_column = utc_hour(ATTEMPTS.c.started_at)
     in_hours: sa.ColumnElement[bool]
     if connection.dialect.name == "sqlite":
@@ -504,7 +572,7 @@ def _retries_matching(
     by_fingerprint = sa.and_(
         in_hours, _among(connection, ATTEMPTS.c.fingerprint, sorted(fingerprints)), started
     )
-    return sa.or_(by_request, by_fingerprint)
+    return [by_request, by_fingerprint]
 
 
 def _reclassify_retried(
@@ -514,7 +582,7 @@ def _reclassify_retried(
     if not landed:
         return [], []
     since = min(record.started_at for record in landed) - window
-    abandoned = _select_rows(connection, _abandoned_matching(connection, landed, since))
+    abandoned = _select_rows(connection, *_abandoned_matching(connection, landed, since))
     if not abandoned:
         return [], []
     landed_ids = {record.attempt_id for record in landed}
@@ -522,8 +590,7 @@ def _reclassify_retried(
     new_abandoned = [record for record in abandoned if record.attempt_id in landed_ids]
     others: list[AttemptRecord] = []
     if new_abandoned:
-        query = sa.select(ATTEMPTS).where(_retries_matching(connection, new_abandoned, window))
-        others = [record_from_row(row) for row in connection.execute(query).mappings()]
+        others = _select_rows(connection, *_retries_matching(connection, new_abandoned, window), lock=False)
     by_request: dict[str, list[AttemptRecord]] = {}
     by_fingerprint: dict[str, list[AttemptRecord]] = {}
     for record in {record.attempt_id: record for record in [*others, *landed]}.values():
@@ -554,11 +621,9 @@ def _apply_rollups(connection: sa.Connection, rows: Sequence[tuple[Any, ...]]) -
     if not rows:
         return
     statements = _statements_for(connection.dialect)
-    hourly = statements.upsert_rollups
-    connection.exec_driver_sql(hourly.sql, hourly.parameters(rows))
+    statements.upsert_rollups.run(connection, rows)
     # After the hourly rows (the lock order), the same deltas summed over the hours, in key order.
-    all_time = statements.upsert_all_time
-    connection.exec_driver_sql(all_time.sql, all_time.parameters(all_time_delta_rows(rows)))
+    statements.upsert_all_time.run(connection, all_time_delta_rows(rows))
 
 
 def _request_key(kind: str, value: str) -> int:

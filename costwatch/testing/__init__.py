@@ -11,6 +11,7 @@ from .faults import FAULT_HEADER, DropProfile, Fault, FaultKind, FaultSchedule, 
 from .ledger import Ending, Ledger, LedgerEntry, LedgerTotals
 from .server import FakeAnthropicServer
 from .spec import DEFAULT_BLOCKS, BlockKind, BlockSpec, ContentType, ResponseSpec, input_tokens_for_body
+from .tokenizer import Tokenizer
 
 __all__ = [
     "DEFAULT_BLOCKS",
@@ -29,5 +30,6 @@ __all__ = [
     "LedgerTotals",
     "ReceivedRequest",
     "ResponseSpec",
+    "Tokenizer",
     "input_tokens_for_body",
 ]

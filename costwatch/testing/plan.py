@@ -21,12 +21,12 @@ from ..event_stream import encode_frame
 from .faults import Fault, FaultKind
 from .prompt_cache import CacheUsage
 from .spec import BlockKind, BlockSpec, ContentType, ResponseSpec, input_tokens_for_body
+from .tokenizer import Piece
 from .vocabulary import (
     cjk_fragments,
     command_json_fragments,
     json_object_fragments,
     prose_fragments,
-    rescaled,
 )
 
 __all__ = [
@@ -246,14 +246,35 @@ def _ident(rng: random.Random, prefix: str, length: int = 24) -> str:
     return prefix + "".join(rng.choice(_BASE62) for _ in range(length))
 
 
-def _split(rng: random.Random, fragments: list[str], low: int, high: int) -> list[list[str]]:
-    groups: list[list[str]] = []
-    position = 0
-    while position < len(fragments):
-        size = rng.randint(low, high)
-        groups.append(fragments[position : position + size])
-        position += size
+def _split(rng: random.Random, pieces: list[Piece], low: int, high: int) -> list[tuple[str, int]]:
+    """``pieces`` in groups of ``low`` to ``high`` tokens each (one group per delta event): the
+    text of each group and the tokens it counts.
+
+    A group ends at a piece boundary, never inside a piece: the API never sends part of a character,
+    and a cut between deltas must leave a text that counts exactly what the sent deltas billed. Pieces
+    that count no token (merged into the token before them) are kept with the group before, at the end.
+    """
+    groups: list[tuple[str, int]] = []
+    texts: list[str] = []
+    tokens = size = 0
+    for text, count in pieces:
+        if not texts:
+            size = rng.randint(low, high)
+        texts.append(text)
+        tokens += count
+        if tokens >= size:
+            groups.append(("".join(texts), tokens))
+            texts, tokens = [], 0
+    if texts:
+        if tokens == 0 and groups:
+            groups[-1] = (groups[-1][0] + "".join(texts), groups[-1][1])
+        else:
+            groups.append(("".join(texts), tokens))
     return groups
+
+
+_SEARCH_STEPS = 12
+_SEARCH_DRAWS = 40
 
 
 @dataclass
@@ -271,40 +292,73 @@ class _Builder:
     def ping(self) -> None:
         self.add("ping", {"type": "ping"})
 
-    def scaled(self, fragments_of: Callable[[int], list[str]], count: int) -> list[str]:
-        """``count`` tokens of a vocabulary, at the spec's characters per token."""
-        return rescaled(fragments_of, count, self.spec.chars_per_token_scale)
+    def exactly(self, write: Callable[[random.Random, int], list[str]], count: int) -> list[Piece]:
+        """Text that ``write(rng, n)`` writes, cut by the spec's tokenizer into ``count`` tokens.
 
-    def prose(self, count: int) -> list[str]:
+        The tokenizer, not the writer, says how many tokens a text is (it is what the fake bills and
+        what its ``count_tokens`` answers), so ``n`` is searched for: from ``count`` times the scale,
+        corrected by how far the text's count is off, with a fresh draw of text when no ``n`` lands
+        exactly (a piece counting two tokens can step over ``count``). At the default scale English,
+        code and JSON land at once on ``n = count``. If no draw lands (a block too small for its
+        shape, such as one token of JSON at a small scale), the closest text is taken.
+        """
+        if count <= 0:
+            return []
+        tokenizer = self.spec.tokenizer
+        start = self.rng.getstate()
+        best: tuple[int, list[Piece], Any] | None = None
+        for draw in range(_SEARCH_DRAWS):
+            rng = self.rng if draw == 0 else _rng(repr(start), draw)
+            draw_start = rng.getstate()
+            n = max(1, round(count * self.spec.chars_per_token_scale))
+            tried: set[int] = set()
+            for _ in range(_SEARCH_STEPS):
+                tried.add(n)
+                rng.setstate(draw_start)
+                pieces = tokenizer.pieces("".join(write(rng, n)))
+                have = sum(tokens for _, tokens in pieces)
+                if have == count:
+                    self.rng.setstate(rng.getstate())
+                    return pieces
+                if best is None or abs(have - count) < best[0]:
+                    best = (abs(have - count), pieces, rng.getstate())
+                step = round((count - have) * n / have) if have else count
+                n = max(1, n + (step or (1 if have < count else -1)))
+                if n in tried:
+                    break
+        assert best is not None
+        self.rng.setstate(best[2])
+        return best[1]
+
+    def prose(self, count: int) -> list[Piece]:
         """``count`` tokens of text or thinking, in the spec's script."""
         script = self.spec.script
         if script == "latin":
-            return self.scaled(lambda n: prose_fragments(self.rng, n), count)
+            return self.exactly(prose_fragments, count)
         share = 0.2 if script == "emoji_cjk" else 0.0
-        return self.scaled(lambda n: cjk_fragments(self.rng, n, emoji_share=share), count)
+        return self.exactly(lambda rng, n: cjk_fragments(rng, n, emoji_share=share), count)
 
     def deltas(
-        self, index: int, fragments: list[str], delta_type: str, field_name: str, ct: ContentType
+        self, index: int, pieces: list[Piece], delta_type: str, field_name: str, ct: ContentType
     ) -> str:
         low, high = self.spec.tokens_per_delta
-        for group in _split(self.rng, fragments, low, high):
-            piece = "".join(group)
+        for text, tokens in _split(self.rng, pieces, low, high):
             self.add(
                 "content_block_delta",
                 {
                     "type": "content_block_delta",
                     "index": index,
-                    "delta": {"type": delta_type, field_name: piece},
+                    "delta": {"type": delta_type, field_name: text},
                 },
-                tokens=len(group),
+                tokens=tokens,
                 content_type=ct,
-                chars=len(piece),
+                chars=len(text),
             )
             self.deltas_since_ping += 1
             if self.spec.ping_every and self.deltas_since_ping >= self.spec.ping_every:
                 self.ping()
                 self.deltas_since_ping = 0
-        return "".join(fragments)
+        return "".join(text for text, _ in pieces)
 
     def block(self, index: int, start: Mapping[str, Any]) -> None:
         self.add(
@@ -442,7 +496,7 @@ def plan_response(
             b.block(index, {"type": "tool_use", "id": tool_id, "name": block.name, "input": {}})
             raw = b.deltas(
                 index,
-                b.scaled(lambda count: json_object_fragments(b.rng, count), n),
+                b.exactly(json_object_fragments, n),
                 "input_json_delta",
                 "partial_json",
                 ContentType.TOOL_INPUT,
@@ -458,7 +512,7 @@ def plan_response(
             b.block(index, {"type": "server_tool_use", "id": tool_id, "name": name, "input": {}})
             raw = b.deltas(
                 index,
-                b.scaled(functools.partial(command_json_fragments, b.rng, key=key), n),
+                b.exactly(functools.partial(command_json_fragments, key=key), n),
                 "input_json_delta",
                 "partial_json",
                 ContentType.SERVER_TOOL_INPUT,
@@ -487,7 +541,8 @@ def plan_response(
             b.content.append(result)
         index += 1
 
-    output_tokens = spec.output_tokens
+    # What the tokenizer cut, which is the spec's output unless a block was too small for its shape.
+    output_tokens = sum(event.tokens for event in b.events)
     delta_usage = _usage(tokens, server_tool_use, output_tokens, spec.inference_geo)
     del delta_usage["cache_creation"], delta_usage["service_tier"]
     b.add(

@@ -55,7 +55,6 @@ from .plan import (
 )
 from .prompt_cache import PromptCache, TooManyBreakpoints, breakpoint_prefixes
 from .spec import ResponseSpec, input_tokens_for_body
-from .tokenizer import count_request_tokens
 from .usage_report import (
     ANALYTICS_BETA,
     COST_PATH,
@@ -438,8 +437,8 @@ class FakeAnthropicServer:
                 self._open_responses -= 1
 
     def _count_tokens(self, connection: _Connection, raw: _RawRequest, query: str) -> bool:
-        """Answer ``count_tokens`` with :func:`~costwatch.testing.tokenizer.count_request_tokens`: the
-        tokenizer the fake bills output with, so a counted text matches its billed output exactly."""
+        """Answer ``count_tokens`` with the tokenizer of the server's spec (:attr:`ResponseSpec.tokenizer`):
+        the one the fake bills output with, so a counted text matches its billed output exactly."""
         try:
             body: Any = json.loads(raw.body) if raw.body else None
         except ValueError:
@@ -485,7 +484,7 @@ class FakeAnthropicServer:
             )
         else:
             try:
-                status, payload = 200, {"input_tokens": count_request_tokens(body)}
+                status, payload = 200, {"input_tokens": self.spec.tokenizer.count_request(body)}
             except ValueError as exc:
                 status, payload = 400, error_body("invalid_request_error", str(exc), request_id)
         _send_json(connection, status, payload, request_id, extra)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from .tokenizer import Tokenizer
+
 __all__ = [
     "DEFAULT_BLOCKS",
     "SCRIPTS",
@@ -128,7 +130,13 @@ class ResponseSpec:
     third of the tokens)."""
     chars_per_token_scale: float = 1.0
     """The fake tokenizer's characters per token, as a multiple of its own (every vocabulary): 0.6
-    spells the same kind of text in 1/0.6 as many tokens, 1.6 in 1/1.6 as many."""
+    spells the same kind of text in about 1/0.6 as many tokens, 1.6 in about 1/1.6 as many (see
+    :class:`~costwatch.testing.tokenizer.Tokenizer`; the server's ``count_tokens`` counts with it too)."""
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the fake bills this answer's output with (and counts ``count_tokens`` with)."""
+        return Tokenizer(self.chars_per_token_scale)
 
     @property
     def models_prompt_caching(self) -> bool:

@@ -12,35 +12,31 @@ it carries. Three vocabularies mimic what a real tokenizer does to three kinds o
   keys and short value pieces; about 3 characters per token.
 
 Two more stand in for text that is not English: CJK prose (Chinese characters and kana, mostly one
-character per token, some two-character words, some characters spelled in two tokens; about 1.1
-characters per token), optionally with emoji (each spelled in two or three tokens). A fragment may
-be empty: the second token of a character spelled in two, as a byte-level tokenizer does.
-:func:`rescaled` turns any of them into a tokenizer with a different characters-per-token ratio.
+character per token, some two-character words, some rarer characters spelled in two tokens; about 1.1
+characters per token), optionally with emoji (each spelled in two or three tokens).
 
-The functions here are pure: same ``random.Random`` state in, same fragments out.
-
-:data:`VOCABULARY` is every fragment they can emit. Read back by greedy longest match (see
-:mod:`costwatch.testing.tokenizer`), any text they generate splits into exactly the fragments it was
-made of, so the fake's ``count_tokens`` counts a text as its billing counted it. The pieces are chosen
-so that no two adjacent fragments spell a longer one (``tests/test_testing_tokenizer.py`` holds them
-to it).
+The functions here are pure: same ``random.Random`` state in, same fragments out. They only write
+text: how many tokens a text is, billed or counted, is :mod:`costwatch.testing.tokenizer`'s to say,
+over :data:`VOCABULARY` (every multi-character piece), :data:`TWO_TOKEN_CHARACTERS` and
+:data:`OPENING_PIECES`. The English, code and JSON pieces are chosen so that no two adjacent
+fragments spell a longer one: read back, their text splits into the fragments it was made of, one
+token each at the default scale (``tests/test_testing_tokenizer.py`` holds them to it).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
-from collections.abc import Callable
 
 __all__ = [
+    "OPENING_PIECES",
+    "TWO_TOKEN_CHARACTERS",
     "VOCABULARY",
     "cjk_fragments",
     "code_fragments",
     "command_json_fragments",
     "json_object_fragments",
     "prose_fragments",
-    "rescaled",
 ]
 
 # One token each; several multi-piece words are listed as their pieces, which keeps the mean length
@@ -417,6 +413,20 @@ def command_json_fragments(rng: random.Random, count: int, key: str) -> list[str
     return ['{"', key, '": "', *(json.dumps(piece)[1:-1] for piece in code), '"}']
 
 
+_HANZI = (
+    "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可"
+    "里后小么心多天而能好都然没日于起还发成事只作当想看文无开手用主行方又如前所本见经头面公同已老从动"
+    "两长知民样现分将外但身些与高意进把法此实回理美点月明其种声全工己话者向情部正名定问力机给等几很业"
+    "最间新什打便位因重被走电第门相次东政海口使教西再平真听世气信北少关并内加化由却代产入先山太水万市"
+)
+_KANA = "のはにをがとでたしてるいうかなれですまもっ"
+_CJK_WORDS = ("我们", "这个", "时间", "问题", "可以", "因为", "所以", "已经", "数据", "请求", "模型", "成本")
+_CJK_PUNCTUATION = ("，", "，", "。", "、", "：", "！", "？", "。\n")  # noqa: RUF001 (full-width, as written)
+_EMOJI = ("😀", "😂", "🤔", "👍", "🚀", "🔥", "✨", "🎉", "💡", "✅", "👀", "🙏", "😅", "📈", "❤️", "⚠️")
+_RARE_HANZI = "鑫龘麤饕餮魑魅魍魉瓒璨琰婕嫣蓁蕤靥缱绻翊曦湛珩祎璟骞"
+"""Rarer characters, which a byte-level tokenizer spells in two tokens (none of them is in _HANZI)."""
+
+
 def _vocabulary() -> frozenset[str]:
     prose = [
         *(piece for word in _PROSE_WORDS for piece in word),
@@ -438,35 +448,30 @@ def _vocabulary() -> frozenset[str]:
     json_pieces = ["{}", "{ ", "}", '{"', '":0}', '": "', '",', ' "', '"}', *_JSON_KEYS, *_JSON_VALUE_PIECES]
     json_pieces.append("code")  # the key of a code_execution call's input (bash_code_execution's: "command")
     escaped_code = [json.dumps(piece)[1:-1] for piece in code]  # a code-execution call's input
-    return frozenset([*prose, *code, *json_pieces, *escaped_code])
+    cjk = [*_CJK_WORDS, *(p for p in _CJK_PUNCTUATION if len(p) > 1)]
+    return frozenset([*prose, *code, *json_pieces, *escaped_code, *cjk])
 
 
 VOCABULARY: frozenset[str] = _vocabulary()
-"""Every fragment the generators here emit: the fake's token vocabulary."""
+"""Every fragment the generators here emit (and the CJK words): the fake tokenizer's vocabulary."""
 
+TWO_TOKEN_CHARACTERS: frozenset[str] = frozenset(_RARE_HANZI) | frozenset(e[0] for e in _EMOJI)
+"""Characters the fake tokenizer spells in two tokens, as a byte-level tokenizer does a rarer one."""
 
-_HANZI = (
-    "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可"
-    "里后小么心多天而能好都然没日于起还发成事只作当想看文无开手用主行方又如前所本见经头面公同已老从动"
-    "两长知民样现分将外但身些与高意进把法此实回理美点月明其种声全工己话者向情部正名定问力机给等几很业"
-    "最间新什打便位因重被走电第门相次东政海口使教西再平真听世气信北少关并内加化由却代产入先山太水万市"
-)
-_KANA = "のはにをがとでたしてるいうかなれですまもっ"
-_CJK_WORDS = ("我们", "这个", "时间", "问题", "可以", "因为", "所以", "已经", "数据", "请求", "模型", "成本")
-_CJK_PUNCTUATION = ("，", "，", "。", "、", "：", "！", "？", "。\n")  # noqa: RUF001 (full-width, as written)
-_EMOJI = ("😀", "😂", "🤔", "👍", "🚀", "🔥", "✨", "🎉", "💡", "✅", "👀", "🙏", "😅", "📈", "❤️", "⚠️")
+OPENING_PIECES: frozenset[str] = frozenset([*_SENTENCE_STARTS, *_CJK_WORDS])
+"""Pieces the generators start a block with, which the tokenizer never merges into the token before
+them (with every piece that starts with ``{``): so blocks joined count as their sum."""
 
 
 def cjk_fragments(rng: random.Random, count: int, *, emoji_share: float = 0.0) -> list[str]:
-    """``count`` tokens of CJK prose (Chinese with some kana); ``emoji_share`` is the chance that the
-    next thing written is an emoji (spelled in two or three tokens) rather than a character."""
-    out: list[str] = []
+    """About ``count`` tokens of CJK prose (Chinese with some kana), starting with a word;
+    ``emoji_share`` is the chance that the next thing written is an emoji rather than a character."""
+    out: list[str] = [rng.choice(_CJK_WORDS)] if count > 0 else []
     since_punctuation = 0
     while len(out) < count:
         roll = rng.random()
         if roll < emoji_share:
-            emoji = rng.choice(_EMOJI)
-            out.extend([emoji, ""] if len(emoji) == 1 else [emoji[0], "", emoji[1:]])
+            out.append(rng.choice(_EMOJI))
             continue
         if since_punctuation > rng.randint(6, 18):
             out.append(rng.choice(_CJK_PUNCTUATION))
@@ -477,32 +482,9 @@ def cjk_fragments(rng: random.Random, count: int, *, emoji_share: float = 0.0) -
         if roll < 0.15:
             out.append(rng.choice(_CJK_WORDS))
         elif roll < 0.30:
-            out.extend([rng.choice(_HANZI), ""])  # a rarer character: two byte-level tokens
+            out.append(rng.choice(_RARE_HANZI))
         elif roll < 0.42:
             out.append(rng.choice(_KANA))
         else:
             out.append(rng.choice(_HANZI))
     return out[:count]
-
-
-_ATOM = re.compile(r"\\u[0-9a-fA-F]{4}|\\.|.", re.DOTALL)
-"""What a token boundary never cuts: a JSON escape (the SDK parses tool input as it arrives)."""
-
-
-def rescaled(fragments_of: Callable[[int], list[str]], count: int, scale: float) -> list[str]:
-    """``count`` tokens of what ``fragments_of`` makes, re-cut so a token holds ``scale`` times as
-    many characters as it does there: the text of ``count * scale`` of its tokens, its tokens merged
-    (``scale`` above 1) or cut into pieces, empty when a piece has no character left (below 1)."""
-    if scale == 1.0 or count <= 0:
-        return fragments_of(count)
-    natural = fragments_of(max(1, round(count * scale)))
-    have = len(natural)
-    if have >= count:
-        return ["".join(natural[i * have // count : (i + 1) * have // count]) for i in range(count)]
-    out: list[str] = []
-    for j, fragment in enumerate(natural):
-        pieces = (j + 1) * count // have - j * count // have
-        atoms = _ATOM.findall(fragment)
-        n = len(atoms)
-        out.extend("".join(atoms[i * n // pieces : (i + 1) * n // pieces]) for i in range(pieces))
-    return out
