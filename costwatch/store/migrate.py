@@ -182,7 +182,7 @@ def _at_scripted_head(engine: Engine) -> bool:
     head_revision = _scripted_head()
     if head_revision is None:
         return False
-    query = sa.select(sa.column("version_num")).select_from(sa.table(VERSION_TABLE))
+    query = sa.select(sa.column("version_num", sa.String)).select_from(sa.table(VERSION_TABLE))
     try:
         with engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
             rows = connection.execute(query).scalars().all()
