@@ -713,8 +713,8 @@ class _RenderProcess:
     scrapes answered from the kept text waited for it, and on a busy machine each hand-over of the
     GIL waits for the scheduler too (scrape p99 of 100-500 ms at 1M attempts, 9 ms with no render
     during the run: benchmarks/README.md). In a process of its own it shares only the CPU. The
-    worker logs through this process's ``costwatch`` logger; if it dies, the answers are rendered
-    here again (``fallback``), after one warning.
+    worker logs through this process's ``costwatch`` logger. Until it is ready, and if it dies
+    (after one warning), the answers are rendered here (``fallback``).
     """
 
     def __init__(self, database_url: str | None, fallback: Callable[..., Any]) -> None:
@@ -735,21 +735,46 @@ class _RenderProcess:
         self._lock = threading.Lock()
         self._broken = False
         self._closed = False
+        self._ready = False
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the worker is ready to render (or gone); whether it is ready."""
+        deadline = time.monotonic() + timeout
+        while not self._is_ready() and not self._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._ready and not self._broken
+
+    def _is_ready(self) -> bool:
+        # The worker says "ready" once it has imported what it needs: until then (seconds, on a busy
+        # machine) answers are rendered here, so that the first scrapes do not wait for it.
+        if not self._ready and not self._broken and self._lock.acquire(blocking=False):
+            try:
+                if self._connection.poll():
+                    self._connection.recv()
+                    self._ready = True
+            except (EOFError, OSError) as exc:
+                self._end(exc)
+            finally:
+                self._lock.release()
+        return self._ready
+
+    def _end(self, exc: BaseException) -> None:
+        self._broken = True
+        if not self._closed:
+            log.warning(
+                "costwatch exporter: the render process ended (%s); rendering in the serving process",
+                type(exc).__name__,
+            )
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        if not self._broken:
+        if self._is_ready() and not self._broken:
             request = {name: value for name, value in environ.items() if isinstance(value, str)}
             try:
                 with self._lock:
                     self._connection.send(request)
                     status, headers, body, logged = self._connection.recv()
             except (EOFError, OSError) as exc:
-                self._broken = True
-                if not self._closed:
-                    log.warning(
-                        "costwatch exporter: the render process ended (%s); rendering in the serving process",
-                        type(exc).__name__,
-                    )
+                self._end(exc)
             else:
                 for level, message in logged:
                     log.log(level, "%s", message)
@@ -801,6 +826,10 @@ def _render_worker(database_url: str | None, connection: Any, level: int) -> Non
     registry.register(collector)
     app = make_wsgi_app(registry)
     try:
+        try:
+            connection.send("ready")
+        except (EOFError, OSError):
+            return
         while True:
             try:
                 environ = connection.recv()
