@@ -37,6 +37,7 @@ BENCHMARKS = (
     "sigkill",
     "scrape_load",
     "retention",
+    "revision",
 )
 
 
@@ -71,6 +72,8 @@ class Sizes:
     scrape_repeats: int = 20
     retention_attempts: int = 2_000_000
     """PostgreSQL at retention scale (the issue's size is 10M: ``--retention-attempts 10000000``)."""
+    revision_estimates: tuple[int, ...] = (10_000, 50_000)
+    revision_repeats: int = 5
 
 
 PRESETS = {
@@ -103,6 +106,8 @@ PRESETS = {
         scrape_attempts=100_000,
         scrape_repeats=10,
         retention_attempts=200_000,
+        revision_estimates=(5_000,),
+        revision_repeats=3,
     ),
     # For the smoke test: every code path once, in seconds.
     "tiny": Sizes(
@@ -131,6 +136,8 @@ PRESETS = {
         scrape_clients=4,
         scrape_repeats=2,
         retention_attempts=2_000,
+        revision_estimates=(200,),
+        revision_repeats=1,
     ),
 }
 
@@ -237,6 +244,15 @@ def run_benchmarks(
                 read_repeats=sizes.read_repeats,
                 postgres_url=postgres_url,
                 log=log,
+            )
+        )
+    if "revision" in only:
+        from revision_pass import measure_revision_pass
+
+        log("revision pass at flush ...")
+        done(
+            measure_revision_pass(
+                sizes.revision_estimates, repeats=sizes.revision_repeats, postgres_url=postgres_url
             )
         )
     return rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import json
 import re
 import threading
@@ -52,6 +53,11 @@ _NO_TOOL_USE: Mapping[str, int] = MappingProxyType({})
 _NO_CHARS: Mapping[str, int] = MappingProxyType({})
 _INPUT_UNBILLED = (Outcome.HTTP_ERROR, Outcome.CONNECT_ERROR)
 """Outcomes whose request never reached a model: nothing of them is billed."""
+
+
+def _tell_finished(states: Sequence[tuple[AttemptListener, object]], record: AttemptRecord) -> None:
+    for listener, state in states:
+        guarded("listener_finish", listener.attempt_finished, state, record)
 
 
 class Accountant:
@@ -239,7 +245,14 @@ class Accountant:
                 estimated = self.estimator.estimate(model, meter.chars)
                 output = estimated
                 output_chars = _counted(meter.chars)  # kept, to revise the estimate later
-            elif outcome is Outcome.COMPLETED and meter.output_reported and meter.chars_measured:
+            elif (
+                outcome is Outcome.COMPLETED
+                and meter.output_reported
+                and meter.chars_measured
+                # A JSON body's characters come with its parse, but a sample still costs a calibration
+                # step and a stored row: sampled as streams are (a stream read in full was sampled).
+                and (attempt.stream or self.estimator.wants_sample(model))
+            ):
                 self.estimator.observe(model, meter.chars, reported.output_tokens)
                 output_chars = _counted(meter.chars)  # a calibration sample for the fleet
             if billed_input and (meter.message_id is not None or meter.output_reported):
@@ -311,15 +324,15 @@ class Accountant:
         budget = waste_budget.current()
         if budget is not None:
             budget.observe(record)
-        for listener, state in attempt.listener_states:
-            guarded("listener_finish", listener.attempt_finished, state, record)
         if attempt.count_target is not None and self._held_to_count(attempt, record):
-            return  # the counter sends it on once its text is counted
+            return  # the counter sends it on, and tells the listeners, once its text is counted
+        _tell_finished(attempt.listener_states, record)
         # A completed attempt's large body is fingerprinted later, on the pipeline's thread.
         self.pipeline.submit(record, body_to_fingerprint=body)
 
     def _held_to_count(self, attempt: Attempt, record: AttemptRecord) -> bool:
-        """Whether the counter took this record to count the text its cut stream received."""
+        """Whether the counter took this record to count the text its cut stream received; if so, it
+        tells the attempt's listeners when the record goes out (so a span carries the count)."""
         meter, target, counter = attempt.meter, attempt.count_target, self.counter
         attempt.count_target = None  # the credentials go with the text, or nowhere
         if not isinstance(meter, BodyMeter):
@@ -332,7 +345,13 @@ class Accountant:
             or record.output_source is not OutputSource.ESTIMATED
         ):
             return False
-        return counter.hold(record, target, {kind: "".join(parts) for kind, parts in pieces.items()})
+        states = attempt.listener_states
+        return counter.hold(
+            record,
+            target,
+            {kind: "".join(parts) for kind, parts in pieces.items()},
+            on_sent=functools.partial(_tell_finished, states) if states else None,
+        )
 
     def _calibrate_on_count(self, record: AttemptRecord) -> None:
         # A counted cut stream is exact output for known characters: as good a sample as a completed one.

@@ -14,7 +14,7 @@ import functools
 import math
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,6 +34,8 @@ CONTENT_TYPES = ("text", "thinking", "tool_input")
 SCRIPT_SEGMENTS = ("cjk", "symbol")
 """Character classes predicted on their own whatever their content type: CJK ideographs, kana and
 hangul (``cjk``); emoji and other pictographic symbols (``symbol``)."""
+
+_SEGMENTS = CONTENT_TYPES + SCRIPT_SEGMENTS
 
 _SPACE_KEY = "space"
 """Whitespace: counted (a subset of the content types' counts), predicted within its content type."""
@@ -196,21 +198,31 @@ class OutputEstimator:
         predicted = self._predict(model, chars)
         if not predicted:
             return 0
+        factors = self._factors(model, predicted)
+        total = 0.0
+        for segment, tokens in predicted.items():
+            total += tokens * factors[segment]
+        # Rounding up bills a started token in full, and keeps float noise (2.0000001) from adding one.
+        return max(0, math.ceil(total - 1e-9))
+
+    def factors(self, model: str) -> tuple[float, ...]:
+        """The correction :meth:`estimate` applies to each segment of ``model``'s output, in the order of
+        ``CONTENT_TYPES + SCRIPT_SEGMENTS``: all an estimate depends on besides its characters."""
+        return tuple(self._factors(model, _SEGMENTS).values())
+
+    def _factors(self, model: str, segments: Iterable[str]) -> dict[str, float]:
         pool = _pool_of(model)
         with self._lock:
             model_factor = self._usable(self._models.get(model))
             pool_factor = self._usable(self._models.get(pool))
-            factors = {
+            return {
                 segment: self._usable(self._types.get((model, segment)))
                 or (None if model_factor else self._usable(self._types.get((pool, segment))))
-                for segment in predicted
+                or model_factor
+                or pool_factor
+                or 1.0
+                for segment in segments
             }
-        total = 0.0
-        for segment, tokens in predicted.items():
-            factor = factors[segment] or model_factor or pool_factor or 1.0
-            total += tokens * factor
-        # Rounding up bills a started token in full, and keeps float noise (2.0000001) from adding one.
-        return max(0, math.ceil(total - 1e-9))
 
     def _predict(self, model: str, chars: Mapping[str, int]) -> dict[str, float]:
         defaults = default_chars_per_token(model)

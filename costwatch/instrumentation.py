@@ -502,7 +502,7 @@ def instrument(
                 config.count_partial_output_rate if config.count_partial_output else None
             ),
         )
-        added += _fleet_calibration(added, accountant.estimator, price_table, config)
+        added += _fleet_calibration(added, accountant.estimator, price_table, config, accountant.listeners)
         if sinks is None:
             # Reading the fleet's calibration pooled a connection: the first write connects afresh
             # (see SqlStore.prepare), to the database as it then is.
@@ -592,12 +592,16 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
 
 
 def _fleet_calibration(
-    sinks: Sequence[Sink], estimator: OutputEstimator, prices: PriceTable, config: Any
+    sinks: Sequence[Sink],
+    estimator: OutputEstimator,
+    prices: PriceTable,
+    config: Any,
+    listeners: Sequence[AttemptListener],
 ) -> list[Sink]:
     """A :class:`~costwatch.calibration.FleetCalibration` over the first sink that stores calibration
     samples (the SQL store), loaded now, and an :class:`~costwatch.revise.EstimateRevision` of that
-    store's estimates after it (so a refresh comes before the revisions it makes possible); none if
-    no sink stores samples."""
+    store's estimates after it (so a refresh comes before the revisions it makes possible), which
+    tells ``listeners`` of the revisions; none if no sink stores samples."""
     from .calibration import FleetCalibration
     from .revise import EstimateRevision
 
@@ -612,6 +616,7 @@ def _fleet_calibration(
                 window_s=config.revision_window_s,
                 refresh_s=config.calibration_refresh_s,
                 batch_size=config.batch_size,
+                listeners=listeners,
             )
             return [calibration, revision]
     return []

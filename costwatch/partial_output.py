@@ -8,7 +8,8 @@ messages) for the tokens of the text that did arrive, and records that figure wi
 
 * The record of a cut stream waits here, in memory, until its count is made or fails, then goes to
   the pipeline once: counted, or with its estimate. No sink sees the estimate first, so no rollup,
-  metric or exporter has a figure to take back. A waste flip (``abandoned`` to ``retried``) of a
+  metric or exporter has a figure to take back; nor does a listener (the attempt's span ends then,
+  with the counted figure: docs/tracing.md). A waste flip (``abandoned`` to ``retried``) of a
   waiting record replaces it here; a flip of a record already counted gets its count
   (:meth:`PartialOutputCounter.revision`).
 * The application never waits: one daemon thread makes the counts, from a bounded queue, at most
@@ -196,10 +197,15 @@ class _TokenBucket:
 class _Job:
     """One cut stream to count: its record (the latest revision), where to count, and its text."""
 
-    __slots__ = ("chars", "deadline", "done", "record", "target", "texts")
+    __slots__ = ("chars", "deadline", "done", "on_sent", "record", "target", "texts")
 
     def __init__(
-        self, record: AttemptRecord, target: CountTarget, texts: Mapping[str, str], deadline: float
+        self,
+        record: AttemptRecord,
+        target: CountTarget,
+        texts: Mapping[str, str],
+        deadline: float,
+        on_sent: Callable[[AttemptRecord], None] | None,
     ) -> None:
         self.record = record
         self.target = target
@@ -207,6 +213,7 @@ class _Job:
         self.chars = sum(map(len, texts.values()))
         self.deadline = deadline
         self.done = False
+        self.on_sent = on_sent
 
 
 class PartialOutputCounter:
@@ -258,13 +265,21 @@ class PartialOutputCounter:
         self._thread: threading.Thread | None = None
 
     # -- the hooks' side ---------------------------------------------------------------------------
-    def hold(self, record: AttemptRecord, target: CountTarget, texts: Mapping[str, str]) -> bool:
+    def hold(
+        self,
+        record: AttemptRecord,
+        target: CountTarget,
+        texts: Mapping[str, str],
+        on_sent: Callable[[AttemptRecord], None] | None = None,
+    ) -> bool:
         """Take a cut stream's record to count ``texts`` (by content type); False to leave it to the
-        caller (nothing to count, or too much waiting already). Never blocks."""
+        caller (nothing to count, or too much waiting already). Never blocks. ``on_sent`` is called
+        with the record as it goes to the pipeline (counted or not), on this object's thread, outside
+        its lock; it must not raise."""
         texts = {kind: text for kind, text in texts.items() if text}
         if not texts or self._stop.is_set():
             return False
-        job = _Job(record, target, texts, self._clock() + self.hold_s)
+        job = _Job(record, target, texts, self._clock() + self.hold_s, on_sent)
         with self._lock:
             if len(self._pending) >= MAX_PENDING or self._pending_chars + job.chars > MAX_PENDING_CHARS:
                 return False
@@ -312,9 +327,10 @@ class PartialOutputCounter:
             return
         with self._lock:
             left = [job for job in self._pending.values() if not job.done]
-            for job in left:
-                self._finish(job, None)
+            sent = [(job, self._finish(job, None)) for job in left]
             self._queue.clear()
+        for job, record in sent:
+            _tell(job, record)
 
     def close(self, timeout: float = 10.0) -> None:
         """:meth:`drain`, then stop the counting thread."""
@@ -354,11 +370,14 @@ class PartialOutputCounter:
                 tokens = None
                 instrumentation_errors.record("count_partial_output", exc)
             with self._lock:
-                if not job.done:
-                    self._finish(job, tokens)
+                sent = None if job.done else self._finish(job, tokens)
+            if sent is not None:
+                _tell(job, sent)
 
-    def _finish(self, job: _Job, tokens: int | None) -> None:
-        """Send a job's record on, with its count if made (the caller holds the lock)."""
+    def _finish(self, job: _Job, tokens: int | None) -> AttemptRecord:
+        """Send a job's record on, with its count if made (the caller holds the lock); the record sent.
+        The caller then tells the job's ``on_sent`` (:func:`_tell`), outside the lock: a listener may
+        take its time (a span processor that exports as a span ends), and ``hold`` must not wait."""
         job.done = True
         record = job.record
         if tokens is not None:
@@ -381,6 +400,7 @@ class PartialOutputCounter:
         self._pending_chars -= job.chars
         job.texts = {}
         self._changed.notify_all()
+        return record
 
     def _with_count(self, record: AttemptRecord, tokens: int) -> AttemptRecord:
         usage = replace(
@@ -422,6 +442,12 @@ class PartialOutputCounter:
     def _after_fork_in_child(self) -> None:
         # The waiting records are the parent's to send; the child starts empty, its thread lazily.
         self._reset()
+
+
+def _tell(job: _Job, record: AttemptRecord) -> None:
+    on_sent, job.on_sent = job.on_sent, None
+    if on_sent is not None:
+        on_sent(record)
 
 
 _live: weakref.WeakSet[PartialOutputCounter] = weakref.WeakSet()

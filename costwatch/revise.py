@@ -7,25 +7,35 @@ the same counts give a better estimate. :class:`EstimateRevision` finds, on the 
 thread, the estimated attempts of the last ``window_s`` seconds whose estimate would now move
 materially (:func:`is_material`), and hands the pipeline their next revision: the store replaces the
 row and moves the rollups by the difference in the same transaction, as it does for an ``abandoned``
-attempt turned ``retried``, and the metrics count the difference. Work is bounded: only the window,
-in pages of ``batch_size``, and a whole pass only after the calibration changed (otherwise only
-the estimates stored since the last pass are looked at).
+attempt turned ``retried``, and the metrics count the difference. Work is bounded and follows what
+changed: each pass reads the estimates stored since the last one, and the window's older estimates
+only of the models whose calibration moved by more than :data:`RECHECK_SHARE` since they were last
+read; always in pages of ``batch_size``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from .estimation import OutputEstimator
+from .health import guarded
 from .pricing import PriceTable
 from .records import AttemptRecord, Cost, OutputSource
 
-__all__ = ["MATERIAL_SHARE", "EstimateRevision", "EstimatedSource", "is_material", "revised_estimate"]
+__all__ = [
+    "MATERIAL_SHARE",
+    "RECHECK_SHARE",
+    "EstimateRevision",
+    "EstimatedSource",
+    "is_material",
+    "revised_estimate",
+]
 
 log = logging.getLogger("costwatch")
 
@@ -33,11 +43,22 @@ MATERIAL_SHARE = 0.02
 """A new estimate is written when it differs from the stored one by at least one token and by more
 than this share of it (docs/estimation.md says why)."""
 
+RECHECK_SHARE = MATERIAL_SHARE / 2
+"""The window's estimates of a model are read again once any of the model's calibration factors moved
+by more than this share since they were last read; smaller moves cannot make many estimates material
+(docs/estimation.md bounds what they can leave behind)."""
+
 
 def is_material(old: int, new: int) -> bool:
     """Whether an estimate of ``new`` tokens is worth a new revision of one of ``old`` tokens."""
     change = abs(new - old)
     return change >= 1 and change > MATERIAL_SHARE * old
+
+
+def _moved_beyond(before: Sequence[float], after: Sequence[float], share: float) -> bool:
+    """Whether any factor moved by more than ``share`` of itself, up or down (in log space)."""
+    bound = math.log1p(share)
+    return any(abs(math.log(a / b)) > bound for a, b in zip(after, before, strict=True))
 
 
 def _moved(cost: Cost, before: Cost | None, after: Cost | None) -> Cost | None:
@@ -84,8 +105,17 @@ def revised_estimate(
 class EstimatedSource(Protocol):
     """Where the stored estimated attempts are read from (the SQL store)."""
 
-    def estimated_attempts(self, *, since: datetime, after: int = 0, limit: int = ...) -> Sequence[Any]:
-        """``(sample_id, record)`` pairs in ``sample_id`` order, each record with its ``output_chars``."""
+    def estimated_attempts(
+        self,
+        *,
+        since: datetime,
+        after: int = 0,
+        limit: int = ...,
+        until: int | None = None,
+        models: Collection[str] | None = None,
+    ) -> Sequence[Any]:
+        """``(sample_id, record)`` pairs with ``after < sample_id <= until``, of ``models`` if given, in
+        ``sample_id`` order, each record with its ``output_chars``."""
 
 
 class EstimateRevision:
@@ -94,8 +124,9 @@ class EstimateRevision:
     A :class:`~costwatch.sinks.Sink` that takes nothing in (the store writes the records) and gives
     out revisions: the pipeline calls :meth:`revisions` on its writer thread after each wake-up
     (``final=False``: at most every ``refresh_s`` seconds) and at each flush (``final=True``: now),
-    and delivers what it yields to every sink. Never raises: a store that cannot be read is logged
-    once at info level and tried again at the next pass.
+    and delivers what it yields to every sink. Each batch's records are then told to ``listeners``
+    that have an ``attempt_revised`` method (the span listener: docs/tracing.md). Never raises: a
+    store that cannot be read is logged once at info level and tried again at the next pass.
     """
 
     name = "estimate-revision"
@@ -109,6 +140,7 @@ class EstimateRevision:
         window_s: float,
         refresh_s: float,
         batch_size: int = 500,
+        listeners: Sequence[object] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
@@ -117,15 +149,22 @@ class EstimateRevision:
         self.window_s = window_s
         self.refresh_s = refresh_s
         self.batch_size = batch_size
+        self._told = [
+            told for listener in listeners if callable(told := getattr(listener, "attempt_revised", None))
+        ]
         self._clock = clock
         self._next = 0.0
         self._cursor = 0
         """The highest sample id looked at: estimates stored later are new to this process."""
         self._changes: int | None = None
-        """The estimator's change count at the last whole pass; ``None`` before the first."""
+        """The estimator's change count at the last pass that read everything it meant to."""
+        self._checked: dict[str, tuple[float, ...]] = {}
+        """Per model, the calibration factors its window's estimates were last read against."""
         self._warned = False
         self.revised = 0
         """Revisions this process handed to the pipeline."""
+        self.rows_read = 0
+        """Stored estimates read so far: the work the passes did, for tests and benchmarks."""
 
     def revisions(self, *, final: bool) -> Iterator[list[AttemptRecord]]:
         """Batches of new revisions of stored estimates that moved materially (see the class)."""
@@ -133,26 +172,26 @@ class EstimateRevision:
             return
         self._next = self._clock() + self.refresh_s
         changes = self.estimator.changes
-        # The calibration moved: every estimate of the window may move. Else only the estimates
-        # stored since the last pass may (another process made them, with its own calibration).
-        after = 0 if changes != self._changes else self._cursor
         since = datetime.now(timezone.utc) - timedelta(seconds=self.window_s)
+        # Models whose calibration moved since their estimates were read: all of those are read again.
+        # An unchanged change count means no factor moved, and spares computing them.
+        moved: dict[str, tuple[float, ...]] = {}
+        if changes != self._changes:
+            for model, checked in self._checked.items():
+                now = self.estimator.factors(model)
+                if _moved_beyond(checked, now, RECHECK_SHARE):
+                    moved[model] = now
+        known = self._cursor
         try:
-            while True:
-                page = self.source.estimated_attempts(since=since, after=after, limit=self.batch_size)
-                batch = [
-                    revised
-                    for _, record in page
-                    if (revised := revised_estimate(record, self.estimator, self.prices)) is not None
-                ]
-                if page:
-                    after = page[-1][0]
-                    self._cursor = max(self._cursor, after)
-                if batch:
-                    self.revised += len(batch)
-                    yield batch
-                if len(page) < self.batch_size:
-                    break
+            if moved and len(moved) == len(self._checked):  # every model moved: one read of the window
+                yield from self._read(since, after=0, until=None, models=None)
+            else:
+                # The estimates stored since the last pass (by any process, with its calibration), each
+                # read once against the calibration of now; then the older ones of the models that moved.
+                yield from self._read(since, after=known, until=None, models=None)
+                if moved:
+                    yield from self._read(since, after=0, until=known, models=tuple(moved))
+            self._checked.update(moved)
         except Exception as exc:
             if not self._warned:
                 self._warned = True
@@ -164,6 +203,38 @@ class EstimateRevision:
                 )
             return
         self._changes = changes
+
+    def _read(
+        self, since: datetime, *, after: int, until: int | None, models: Collection[str] | None
+    ) -> Iterator[list[AttemptRecord]]:
+        """Read the matching estimates page by page; yield the revisions of those that moved."""
+        while True:
+            page = self.source.estimated_attempts(
+                since=since, after=after, limit=self.batch_size, until=until, models=models
+            )
+            self.rows_read += len(page)
+            batch = []
+            for _, record in page:
+                model = record.model_name
+                if model not in self._checked:  # a model new to this process: read against now
+                    self._checked[model] = self.estimator.factors(model)
+                revised = revised_estimate(record, self.estimator, self.prices)
+                if revised is not None:
+                    batch.append(revised)
+            if page:
+                after = page[-1][0]
+                self._cursor = max(self._cursor, after)
+            if batch:
+                self.revised += len(batch)
+                yield batch
+                self._tell(batch)  # the pipeline has delivered it when the generator resumes
+            if len(page) < self.batch_size:
+                return
+
+    def _tell(self, batch: Sequence[AttemptRecord]) -> None:
+        for told in self._told:
+            for record in batch:
+                guarded("listener_revised", told, record)
 
     # -- the Sink side ---------------------------------------------------------------------------
     def export(self, records: Sequence[AttemptRecord]) -> None:

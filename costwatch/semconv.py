@@ -46,6 +46,11 @@ __all__ = [
     "RESPONSE_FINISH_REASONS",
     "RESPONSE_ID",
     "RESPONSE_MODEL",
+    "REVISION_COST_USD",
+    "REVISION_MODEL",
+    "REVISION_NUMBER",
+    "REVISION_OUTPUT_TOKENS",
+    "REVISION_PREVIOUS_OUTPUT_TOKENS",
     "SEMCONV_OPT_IN_ENV",
     "SEMCONV_OPT_IN_LATEST",
     "V1_41",
@@ -106,6 +111,19 @@ COST_PRICED = "costwatch.cost.priced"
 OUTPUT_ESTIMATED = "costwatch.usage.output_estimated"
 OUTPUT_SOURCE = "costwatch.usage.output_source"
 """Where ``gen_ai.usage.output_tokens`` came from: reported, estimated, counted or reconciled."""
+
+# -- the span of a later figure for an attempt whose span has ended (docs/tracing.md) --------------
+REVISION_NUMBER = "costwatch.revision.number"
+"""The attempt record's revision that carries the new figure."""
+REVISION_MODEL = "costwatch.revision.model"
+"""The model the attempt's estimate was made for (the response's model, else the requested one)."""
+REVISION_OUTPUT_TOKENS = "costwatch.revision.output_tokens"
+"""The attempt's output tokens now. Not ``gen_ai.usage.output_tokens``: a backend summing that
+over spans would count the attempt's output twice."""
+REVISION_PREVIOUS_OUTPUT_TOKENS = "costwatch.revision.previous_output_tokens"
+"""The figure the attempt's span (or the last revision span) carried."""
+REVISION_COST_USD = "costwatch.revision.cost.usd"
+"""The attempt's price now, when the model's price is known."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ its parent is whatever span is current, which on anthropic 2.x with SDK tracing 
 span is then a child of it. A retry's span links to the spans of the earlier attempts of its logical
 request. Attribute names follow the GenAI semantic conventions (see :mod:`costwatch.semconv` and
 ``docs/tracing.md``). No prompt or completion text is ever recorded.
+
+An ended span cannot change. The span of a cut stream whose text is counted ends when the count
+arrives (at the attempt's end time), so it carries the counted figure; an estimate revised later,
+as the calibration improves, gets a short ``revise output`` span linked to the attempt's span.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import (
     Link,
     ProxyTracerProvider,
@@ -33,12 +38,23 @@ from opentelemetry.trace import (
 from . import semconv
 from ._version import __version__
 from .platforms import ANTHROPIC
-from .records import AttemptRecord, AttemptStart
+from .records import AttemptRecord, AttemptStart, OutputSource
 
-__all__ = ["INSTRUMENTATION_SCOPE", "SpanListener", "attempt_attributes", "error_type_of", "span_name"]
+__all__ = [
+    "INSTRUMENTATION_SCOPE",
+    "REVISION_SPAN_NAME",
+    "SpanListener",
+    "attempt_attributes",
+    "error_type_of",
+    "revision_attributes",
+    "span_name",
+]
 
 INSTRUMENTATION_SCOPE = "costwatch"
 """The tracer name of costwatch's spans."""
+
+REVISION_SPAN_NAME = "revise output"
+"""The name of the span that carries a later figure of an attempt whose span has ended."""
 
 
 def span_name(model: str) -> str:
@@ -106,6 +122,23 @@ def attempt_attributes(record: AttemptRecord, names: semconv.GenAINames = semcon
     return attributes
 
 
+def revision_attributes(record: AttemptRecord, previous_output_tokens: int) -> dict[str, Any]:
+    """The attributes of the span of ``record``'s revised output; the attempt's span (or the last
+    revision span) carried ``previous_output_tokens``."""
+    attributes: dict[str, Any] = {
+        semconv.LOGICAL_REQUEST_ID: record.logical_request_id,
+        semconv.ATTEMPT_NUMBER: record.attempt_number,
+        semconv.REVISION_NUMBER: record.revision,
+        semconv.REVISION_MODEL: record.model_name,
+        semconv.REVISION_OUTPUT_TOKENS: record.usage.output_tokens,
+        semconv.REVISION_PREVIOUS_OUTPUT_TOKENS: previous_output_tokens,
+        semconv.OUTPUT_SOURCE: record.output_source.value,
+    }
+    if record.cost is not None:
+        attributes[semconv.REVISION_COST_USD] = record.cost.total_usd
+    return attributes
+
+
 def _ns(moment: datetime) -> int:
     return int(moment.timestamp() * 1_000_000_000)
 
@@ -121,7 +154,9 @@ class SpanListener:
 
     ``tracer_provider`` defaults to the global one. ``environ`` (default ``os.environ``) is read
     once for ``OTEL_SEMCONV_STABILITY_OPT_IN``. Up to ``max_requests`` logical requests are
-    remembered for linking retries, each with its last ``max_links`` attempt spans.
+    remembered for linking retries, each with its last ``max_links`` attempt spans; and the spans of
+    the ``max_revisable`` most recent attempts whose output was estimated, for linking the span of a
+    revised estimate (:meth:`attempt_revised`).
     """
 
     def __init__(
@@ -131,14 +166,18 @@ class SpanListener:
         environ: Mapping[str, str] | None = None,
         max_requests: int = 10_000,
         max_links: int = 16,
+        max_revisable: int = 10_000,
     ) -> None:
         self.names = semconv.gen_ai_names(environ)
         self.max_requests = max_requests
         self.max_links = max_links
+        self.max_revisable = max_revisable
         self._tracer = trace.get_tracer(INSTRUMENTATION_SCOPE, __version__, tracer_provider=tracer_provider)
         self._global = tracer_provider is None
         self._lock = threading.Lock()
         self._earlier: OrderedDict[str, tuple[SpanContext, ...]] = OrderedDict()
+        self._revisable: OrderedDict[str, tuple[SpanContext, int]] = OrderedDict()
+        """Per estimated attempt, its span and the output figure last put on a span. Ids only, in memory."""
 
     def attempt_started(self, attempt: AttemptStart) -> object:
         """Start the attempt's span as a child of the current span, linked to earlier attempts' spans.
@@ -177,12 +216,50 @@ class SpanListener:
         return _OpenSpan(span, start_ns)
 
     def attempt_finished(self, state: object, record: AttemptRecord) -> None:
-        """Set the record's attributes and status on the span and end it at the attempt's end."""
+        """Set the record's attributes and status on the span and end it at the attempt's end.
+
+        Called when the attempt ends, or, for a cut stream whose text is being counted, when the count
+        arrives or its wait ends (on costwatch's counting thread): the span then carries the count.
+        """
         if not isinstance(state, _OpenSpan):
             return
         span = state.span
-        if span.is_recording():
+        recording = span.is_recording()
+        if recording:
             span.set_attributes(attempt_attributes(record, self.names))
             if record.outcome.failed:
                 span.set_status(Status(StatusCode.ERROR, error_type_of(record)))
         span.end(end_time=state.start_ns + int(record.duration_s * 1_000_000_000))
+        if recording and record.output_source is OutputSource.ESTIMATED and record.output_chars:
+            with self._lock:
+                self._revisable[record.attempt_id] = (span.get_span_context(), record.usage.output_tokens)
+                while len(self._revisable) > self.max_revisable:
+                    self._revisable.popitem(last=False)
+
+    def attempt_revised(self, record: AttemptRecord) -> None:
+        """A later figure for an attempt whose span has ended: a ``revise output`` span linked to it.
+
+        Only for attempts this listener made a span for (the process's own, among the most recent
+        ``max_revisable`` estimated ones), and only when the output figure changed. The span is a
+        root span of its own trace (the attempt's trace may long be complete), INTERNAL, instant.
+        """
+        with self._lock:
+            remembered = self._revisable.get(record.attempt_id)
+            if remembered is None:
+                return
+            context, previous = remembered
+            now = record.usage.output_tokens
+            if now == previous:
+                return
+            if record.output_source is OutputSource.ESTIMATED:
+                self._revisable[record.attempt_id] = (context, now)  # it may be revised again
+            else:
+                del self._revisable[record.attempt_id]
+        span = self._tracer.start_span(
+            REVISION_SPAN_NAME,
+            context=Context(),  # a root: never a child of whatever is current on this thread
+            kind=SpanKind.INTERNAL,
+            attributes=revision_attributes(record, previous),
+            links=[Link(context)],
+        )
+        span.end()

@@ -48,6 +48,7 @@ def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(tmp_path: P
         "sigkill",
         "scrape load",
         "retention",
+        "revision pass",
     }
     for m in measurements:
         assert set(m) == {"benchmark", "case", "metric", "value", "unit", "target", "met", "detail"}

@@ -20,7 +20,7 @@ from costwatch.metrics import MetricsSink
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
 from costwatch.records import AttemptRecord, Outcome, OutputSource, Usage, WasteReason
-from costwatch.revise import EstimateRevision, is_material, revised_estimate
+from costwatch.revise import RECHECK_SHARE, EstimateRevision, is_material, revised_estimate
 from costwatch.sinks import MemorySink
 from costwatch.spool import Spool
 from costwatch.store import SqlStore
@@ -167,7 +167,7 @@ def test_a_later_process_revises_the_estimates_an_earlier_process_made_with_the_
 
 # -- the store side, with records made by hand -------------------------------------------------------
 def dropped(
-    attempt_id: str, chars: int, estimate: int, *, started_at: datetime | None = None
+    attempt_id: str, chars: int, estimate: int, *, started_at: datetime | None = None, model: str = MODEL
 ) -> AttemptRecord:
     usage = Usage(
         input_tokens=100, output_tokens=estimate, output_estimated=True, estimated_output_tokens=estimate
@@ -178,8 +178,8 @@ def dropped(
         attempt_number=1,
         started_at=started_at or datetime.now(timezone.utc),
         outcome=Outcome.DROPPED,
-        model_requested=MODEL,
-        model=MODEL,
+        model_requested=model,
+        model=model,
         stream=True,
         usage=usage,
         wasted=True,
@@ -189,11 +189,13 @@ def dropped(
     return dataclasses.replace(record, cost=PRICES.cost_of(record))
 
 
-def calibrated(factor: float) -> OutputEstimator:
-    """An estimator whose text factor is ``factor`` (from 20 identical samples, no prior)."""
+def calibrated(factor: float, *models: str) -> OutputEstimator:
+    """An estimator whose text factor is ``factor`` for ``models`` (by default ``MODEL``), from 20
+    identical samples each, no prior."""
     estimator = OutputEstimator(prior_weight=0)
-    for _ in range(20):
-        estimator.observe(MODEL, {"text": 3500}, round(1000 * factor))
+    for model in models or (MODEL,):
+        for _ in range(20):
+            estimator.observe(model, {"text": 3500}, round(1000 * factor))
     return estimator
 
 
@@ -353,6 +355,97 @@ def test_a_pass_reads_the_whole_window_only_after_the_calibration_moved(store_ur
     finally:
         store.shutdown()
     assert_rollups_are_the_rows_summed(store_url)
+
+
+OTHER_MODEL = "claude-sonnet-4-5"
+
+
+def test_a_second_flush_after_a_calibration_change_too_small_to_matter_reads_no_stored_estimate(
+    store_url, tmp_path
+):
+    estimator = calibrated(1.0)
+    store = SqlStore(store_url)
+    revision = reviser(store, estimator)
+    pipeline = Pipeline(spool=Spool(tmp_path / "spool"))
+    pipeline.add_sink(store)
+    pipeline.add_sink(revision)
+    try:
+        for i in range(50):
+            pipeline.submit(dropped(f"d{i:02}", 3500, 1000))
+        assert pipeline.flush(20)
+        assert revision.rows_read == 50  # the first pass reads the window once
+        before = estimator.factors(MODEL)
+        estimator.observe(MODEL, {"text": 3500}, 1000)  # a sample the calibration already predicts
+        estimator.observe(MODEL, {"text": 3500}, 1030)  # and one that moves the factor by 0.3%
+        after = estimator.factors(MODEL)
+        assert after != before and max(a / b for a, b in zip(after, before, strict=True)) < 1.01
+        assert pipeline.flush(20)
+        assert pipeline.flush(20)
+        assert revision.rows_read == 50  # nothing read again: no estimate can have moved materially
+        assert revision.revised == 0
+    finally:
+        pipeline.shutdown()
+
+
+def test_a_material_move_of_one_model_reads_again_only_that_models_estimates(store_url):
+    estimator = calibrated(1.0, MODEL, OTHER_MODEL)
+    store = SqlStore(store_url)
+    revision = reviser(store, estimator, batch_size=7)
+    try:
+        store.write(
+            [dropped(f"a{i:02}", 3500, 1000) for i in range(20)]
+            + [dropped(f"b{i:02}", 3500, 1000, model=OTHER_MODEL) for i in range(30)]
+        )
+        assert write_all(store, revision) == 0 and revision.rows_read == 50
+        for _ in range(20):
+            estimator.observe(MODEL, {"text": 3500}, 700)
+        store.write([dropped("new", 3500, 1000, model=OTHER_MODEL)])  # stored since the last pass
+        assert write_all(store, revision) == 20
+        # MODEL's 20 estimates, and the one estimate stored since; not OTHER_MODEL's 30 older ones.
+        assert revision.rows_read == 50 + 20 + 1
+    finally:
+        store.shutdown()
+    by_id = {r.attempt_id: r for r in stored(store_url)}
+    now = estimator.estimate(MODEL, {"text": 3500})
+    assert now < 750
+    assert {r.usage.output_tokens for key, r in by_id.items() if key.startswith("a")} == {now}
+    assert {r.usage.output_tokens for key, r in by_id.items() if not key.startswith("a")} == {1000}
+    assert_rollups_are_the_rows_summed(store_url)
+
+
+def test_drift_below_the_recheck_share_accumulates_until_it_reads_the_window_again(store_url):
+    estimator = calibrated(1.0)
+    store = SqlStore(store_url)
+    revision = reviser(store, estimator)
+    try:
+        store.write([dropped(f"d{i}", 3500, 1000) for i in range(5)])
+        assert write_all(store, revision) == 0 and revision.rows_read == 5
+        passes = 0
+        while revision.rows_read == 5:  # each step moves the factor by ~0.3%, less than RECHECK_SHARE
+            estimator.observe(MODEL, {"text": 3500}, 1030)
+            write_all(store, revision)
+            passes += 1
+        assert passes > 1  # not at the first small step
+        assert revision.rows_read == 10  # the window once more, when the moves added up past it
+        assert estimator.factors(MODEL)[0] > 1 + RECHECK_SHARE
+    finally:
+        store.shutdown()
+
+
+def test_a_page_is_full_however_many_samples_have_lost_their_estimated_attempt(store_url):
+    store = SqlStore(store_url)
+    try:
+        store.write([dropped(f"d{i}", 3500, 1000) for i in range(9)])
+        with store.engine.begin() as connection:  # as a prune that left their samples would
+            connection.execute(sa.delete(ATTEMPTS).where(ATTEMPTS.c.attempt_id.in_(["d1", "d2", "d3", "d5"])))
+        since = datetime.now(timezone.utc) - timedelta(hours=1)
+        pages, after = [], 0
+        while page := store.estimated_attempts(since=since, after=after, limit=2):
+            pages.append([record.attempt_id for _, record in page])
+            after = page[-1][0]
+    finally:
+        store.shutdown()
+    assert pages == [["d0", "d4"], ["d6", "d7"], ["d8"]]
 
 
 def test_a_window_of_zero_revises_nothing(store_url):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
@@ -13,6 +15,8 @@ from typing import Any
 
 import anthropic
 import pytest
+import sqlalchemy as sa
+from conftest import read_stream_through_a_cut
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -20,14 +24,20 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import costwatch
 from costwatch import semconv
+from costwatch.estimation import OutputEstimator
 from costwatch.pipeline import Pipeline
-from costwatch.records import AttemptRecord, AttemptStart, Cost, Outcome, Usage, WasteReason
+from costwatch.pricing import load_prices
+from costwatch.records import AttemptRecord, AttemptStart, Cost, Outcome, OutputSource, Usage, WasteReason
 from costwatch.sinks import MemorySink
 from costwatch.spans import SpanListener, attempt_attributes
 from costwatch.spool import Spool
-from costwatch.testing import FakeAnthropicServer, Fault
+from costwatch.store import SqlStore
+from costwatch.store.rows import record_from_row
+from costwatch.store.schema import ATTEMPTS
+from costwatch.testing import BlockKind, BlockSpec, FakeAnthropicServer, Fault, ResponseSpec
 
 MODEL = "claude-sonnet-4-6"
+HAIKU = "claude-haiku-4-5"
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
 SDK_2 = int(anthropic.__version__.split(".")[0]) >= 1
 
@@ -352,3 +362,212 @@ def test_a_platform_attempt_span_names_the_platform_and_its_provider(provider, e
     attributes = dict(only(exporter.get_finished_spans()).attributes or {})
     assert attributes["gen_ai.provider.name"] == "aws.bedrock"
     assert attributes["costwatch.platform"] == "bedrock"
+
+
+# -- figures that arrive after the attempt ended ----------------------------------------------------
+def estimated(attempt_id: str = "a1", tokens: int = 12, revision: int = 0) -> AttemptRecord:
+    record = dropped(attempt_id, output_chars=MappingProxyType({"text": 42}))
+    usage = dataclasses.replace(record.usage, output_tokens=tokens, estimated_output_tokens=tokens)
+    return dataclasses.replace(
+        record, usage=usage, cost=Cost(input_usd=2.7, output_usd=tokens * 0.015), revision=revision
+    )
+
+
+def test_a_revised_estimate_gets_a_root_span_linked_to_the_attempt_span_with_the_new_figure(
+    provider, exporter
+):
+    listener = SpanListener(provider, environ={})
+    run(listener, start(), estimated(tokens=12))
+    listener.attempt_revised(estimated(tokens=20, revision=1))
+    listener.attempt_revised(estimated(tokens=18, revision=2))
+    attempt, first, second = exporter.get_finished_spans()
+    assert dict(attempt.attributes or {})["gen_ai.usage.output_tokens"] == 12  # its first figure, for good
+    for span in (first, second):
+        assert span.name == "revise output" and span.kind is SpanKind.INTERNAL
+        assert span.parent is None and span.context.trace_id != attempt.context.trace_id
+        assert [link.context for link in span.links] == [attempt.context]
+        assert span.instrumentation_scope is not None and span.instrumentation_scope.name == "costwatch"
+    assert dict(first.attributes or {}) == {
+        "costwatch.logical_request.id": "r1",
+        "costwatch.attempt.number": 1,
+        "costwatch.revision.number": 1,
+        "costwatch.revision.model": MODEL,
+        "costwatch.revision.output_tokens": 20,
+        "costwatch.revision.previous_output_tokens": 12,
+        "costwatch.usage.output_source": "estimated",
+        "costwatch.revision.cost.usd": pytest.approx(2.7 + 20 * 0.015),
+    }
+    assert dict(second.attributes or {})["costwatch.revision.previous_output_tokens"] == 20
+    assert dict(second.attributes or {})["costwatch.revision.output_tokens"] == 18
+    assert not any(name.startswith("gen_ai.") for name in dict(second.attributes or {}))
+
+
+def test_no_revision_span_without_a_changed_figure_or_an_attempt_span_of_this_listener(provider, exporter):
+    listener = SpanListener(provider, environ={})
+    run(listener, start(), estimated(tokens=12))
+    run(listener, start("c1", request="r2"), finished("c1", request="r2"))
+    listener.attempt_revised(estimated(tokens=12, revision=1))  # the same figure: a waste flip, say
+    listener.attempt_revised(estimated("other", tokens=30, revision=1))  # another process's attempt
+    listener.attempt_revised(dataclasses.replace(finished("c1", request="r2"), revision=1))  # reported
+    assert len(exporter.get_finished_spans()) == 2
+
+
+def test_remembered_estimated_attempts_are_bounded(provider, exporter):
+    listener = SpanListener(provider, environ={}, max_revisable=1)
+    run(listener, start("a1"), estimated("a1"))
+    run(listener, start("a2", request="r2"), estimated("a2"))
+    listener.attempt_revised(estimated("a1", tokens=40, revision=1))  # forgotten: no span
+    listener.attempt_revised(estimated("a2", tokens=40, revision=1))
+    assert [s.name for s in exporter.get_finished_spans()] == [f"chat {MODEL}"] * 2 + ["revise output"]
+
+
+def test_a_counted_cut_streams_span_ends_with_the_count_at_the_attempts_end(provider, exporter):
+    listener = SpanListener(provider, environ={})
+    pipeline, memory = Pipeline(), MemorySink()
+    spec = ResponseSpec(blocks=(BlockSpec(BlockKind.TEXT, 900),))
+    with FakeAnthropicServer(spec) as server:
+        server.count_tokens_delay_s = 0.3  # the count arrives after the attempt ended
+        costwatch.instrument(
+            pipeline=pipeline,
+            sinks=[memory],
+            listeners=[listener],
+            prices=load_prices(),
+            estimator=OutputEstimator(),
+            count_partial_output=True,
+        )
+        try:
+            server.enqueue(Fault.cut_after_deltas(120))
+            client = anthropic.Anthropic(base_url=server.base_url, api_key="test", max_retries=0)
+            with pytest.raises(Exception, match=r"incomplete|closed"):
+                for _ in client.messages.create(
+                    model=MODEL, max_tokens=4096, messages=[{"role": "user", "content": "go"}], stream=True
+                ):
+                    pass
+            ended_at = time.time_ns()
+            assert exporter.get_finished_spans() == ()  # held until the count arrives
+            assert costwatch.flush(30)
+        finally:
+            costwatch.uninstrument()
+            pipeline.shutdown(10)
+        (entry,) = server.ledger.entries
+    (record,) = memory.records
+    span = only(exporter.get_finished_spans())
+    assert record.output_source is OutputSource.COUNTED and record.usage.output_tokens == entry.output_tokens
+    assert span.end_time is not None and span.end_time <= ended_at  # the attempt's end, not the count's
+    assert span.end_time - span.start_time == int(record.duration_s * 1e9)
+    assert record.cost is not None
+    assert dict(span.attributes or {}) == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "anthropic",
+        "gen_ai.request.model": MODEL,
+        "gen_ai.response.model": entry.model,
+        "gen_ai.response.id": entry.message_id,
+        "gen_ai.usage.input_tokens": entry.input_tokens,
+        "gen_ai.usage.output_tokens": entry.output_tokens,  # counted: 0 off the fake's bill
+        "gen_ai.usage.cache_read.input_tokens": 0,
+        "gen_ai.usage.cache_creation.input_tokens": 0,
+        "error.type": record.error_type,
+        "costwatch.attempt.number": 1,
+        "costwatch.logical_request.id": record.logical_request_id,
+        "costwatch.attempt.outcome": "dropped",
+        "costwatch.wasted.tokens": entry.input_tokens + entry.output_tokens,
+        "costwatch.waste.reason": "abandoned",
+        "costwatch.usage.output_estimated": False,
+        "costwatch.usage.output_source": "counted",
+        "costwatch.cost.usd": record.cost.total_usd,
+        "costwatch.cost.priced": True,
+    }
+
+
+def test_a_retry_made_while_the_count_was_on_its_way_shows_on_the_counted_spans_waste_reason(
+    provider, exporter
+):
+    listener = SpanListener(provider, environ={})
+    pipeline, memory = Pipeline(), MemorySink()
+    with FakeAnthropicServer(ResponseSpec(blocks=(BlockSpec(BlockKind.TEXT, 900),))) as server:
+        server.count_tokens_delay_s = 0.5  # the application resends before the count arrives
+        costwatch.instrument(
+            pipeline=pipeline,
+            sinks=[memory],
+            listeners=[listener],
+            prices=load_prices(),
+            estimator=OutputEstimator(),
+            count_partial_output=True,
+        )
+        try:
+            server.enqueue(Fault.cut_after_deltas(60), None)
+            for _ in range(2):
+                read_stream_through_a_cut(server, 0, MODEL)
+            assert costwatch.flush(30)
+        finally:
+            costwatch.uninstrument()
+            pipeline.shutdown(10)
+        cut_entry = server.ledger.entries[0]
+    by_number = {
+        dict(s.attributes or {})["costwatch.attempt.number"]: s for s in exporter.get_finished_spans()
+    }
+    cut = dict(by_number[1].attributes or {})
+    assert cut["costwatch.waste.reason"] == "retried"
+    assert cut["costwatch.usage.output_source"] == "counted"
+    assert cut["gen_ai.usage.output_tokens"] == cut_entry.output_tokens
+    assert [link.context for link in by_number[2].links] == [by_number[1].context]
+
+
+def test_estimates_revised_at_flush_get_spans_linked_to_their_attempts_with_the_stored_figures(
+    provider, exporter, tmp_path
+):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    listener = SpanListener(provider, environ={})
+    pipeline = Pipeline(spool=Spool(tmp_path / "spool"))
+    with FakeAnthropicServer(ResponseSpec.small(600)) as server:
+        costwatch.instrument(
+            pipeline=pipeline, sinks=[SqlStore(url)], listeners=[listener], prices=load_prices()
+        )
+        try:
+            for i in range(3):  # cut before any stream completed: estimated with the defaults
+                server.enqueue(Fault.cut_after_deltas(60 + 30 * i))
+                read_stream_through_a_cut(server, i, HAIKU)
+            for i in range(3):
+                read_stream_through_a_cut(server, 10 + i, HAIKU)
+            assert costwatch.flush(30)
+        finally:
+            costwatch.uninstrument()
+            pipeline.shutdown(10)
+    store = SqlStore(url)
+    try:
+        with store.engine.connect() as connection:
+            rows = [record_from_row(r) for r in connection.execute(sa.select(ATTEMPTS)).mappings()]
+    finally:
+        store.shutdown()
+    cuts = {r.attempt_id: r for r in rows if r.outcome is Outcome.DROPPED}
+    assert len(cuts) == 3 and all(r.revision >= 1 for r in cuts.values())
+    spans = exporter.get_finished_spans()
+    revisions = [s for s in spans if s.name == "revise output"]
+    for span in (s for s in spans if s.name == f"chat {HAIKU}"):
+        attributes = dict(span.attributes or {})
+        if attributes["costwatch.attempt.outcome"] != "dropped":
+            continue
+        stored = next(
+            r for r in cuts.values() if r.logical_request_id == attributes["costwatch.logical_request.id"]
+        )
+        linked = [s for s in revisions if [link.context for link in s.links] == [span.context]]
+        assert linked, "every revised estimate has its span"
+        # A chain from the attempt span's figure to the stored one, one span per revision.
+        carried = attributes["gen_ai.usage.output_tokens"]
+        for revision in linked:
+            revised = dict(revision.attributes or {})
+            assert revised["costwatch.revision.previous_output_tokens"] == carried
+            carried = revised["costwatch.revision.output_tokens"]
+        assert dict(linked[-1].attributes or {}) == {
+            "costwatch.logical_request.id": stored.logical_request_id,
+            "costwatch.attempt.number": stored.attempt_number,
+            "costwatch.revision.number": stored.revision,
+            "costwatch.revision.model": HAIKU,
+            "costwatch.revision.output_tokens": stored.usage.output_tokens,
+            "costwatch.revision.previous_output_tokens": dict(
+                (linked[-2] if len(linked) > 1 else span).attributes or {}
+            )["costwatch.revision.output_tokens" if len(linked) > 1 else "gen_ai.usage.output_tokens"],
+            "costwatch.usage.output_source": "estimated",
+            "costwatch.revision.cost.usd": pytest.approx(stored.cost.total_usd if stored.cost else 0),
+        }
+    assert len({tuple(link.context.span_id for link in s.links) for s in revisions}) == 3

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
+from ..avoidable import PromptAttempt, RetriedAlike
 from ..records import AttemptRecord, new_id
 from ..settings import default_of, load_settings
 from ..validation import clean_text
@@ -25,6 +26,7 @@ from .query import RollupTotals, read_rollup_totals, rollup_totals_query
 from .reconciliations import write_reconciliation
 from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
 from .retention import PRUNE_BATCH, ensure_partitions_ahead, prune_before
+from .retried import retried_prompts
 from .rows import record_from_row
 from .schema import ATTEMPTS, CALIBRATION_SAMPLES, REJECTED_ATTEMPTS
 from .write import BatchResult, insert_calibration_samples, write_batch
@@ -258,39 +260,70 @@ class SqlStore:
         ]
 
     def estimated_attempts(
-        self, *, since: datetime, after: int = 0, limit: int = 500
+        self,
+        *,
+        since: datetime,
+        after: int = 0,
+        limit: int = 500,
+        until: int | None = None,
+        models: Collection[str] | None = None,
     ) -> list[EstimatedAttempt]:
         """Stored attempts whose output was estimated, started at ``since`` or later, with ``sample_id``
-        above ``after``: at most ``limit``, in ``sample_id`` order, each with the characters its
-        estimate was made from (``output_chars``)."""
+        above ``after`` (and at most ``until``), of ``models`` if given: at most ``limit``, in
+        ``sample_id`` order, each with the characters its estimate was made from (``output_chars``)."""
         table = CALIBRATION_SAMPLES
-        query = (
-            sa.select(table.c.sample_id, table.c.chars, ATTEMPTS)
-            # By start time too: on PostgreSQL the attempts are partitioned by day (only the window's
-            # partitions are read) and keyed by attempt and start time.
-            .join(
-                ATTEMPTS,
-                sa.and_(
-                    ATTEMPTS.c.attempt_id == table.c.attempt_id, ATTEMPTS.c.started_at == table.c.started_at
-                ),
-            )
-            .where(
-                table.c.output_tokens.is_(None),
-                table.c.started_at >= since,
-                ATTEMPTS.c.started_at >= since,
-                table.c.sample_id > after,
-                ATTEMPTS.c.output_estimated.is_(True),
-            )
-            .order_by(table.c.sample_id)
-            .limit(limit)
-        )
-        found = []
+        narrower = []
+        if until is not None:
+            narrower.append(table.c.sample_id <= until)
+        if models is not None:
+            narrower.append(table.c.model.in_(sorted(models)))
+        found: list[EstimatedAttempt] = []
         with self._read() as connection:
-            for row in connection.execute(query).mappings():
-                record = dataclasses.replace(
-                    record_from_row(row), output_chars=MappingProxyType(_chars(row["chars"]))
+            # The page's sample ids first, from the samples alone, then their attempts: joining every
+            # sample of the window before taking a page made each page cost the whole window.
+            while len(found) < limit:
+                wanted = limit - len(found)
+                ids = list(
+                    connection.execute(
+                        sa.select(table.c.sample_id)
+                        .where(
+                            table.c.output_tokens.is_(None),
+                            table.c.started_at >= since,
+                            table.c.sample_id > after,
+                            *narrower,
+                        )
+                        .order_by(table.c.sample_id)
+                        .limit(wanted)
+                    ).scalars()
                 )
-                found.append(EstimatedAttempt(int(row["sample_id"]), record))
+                if not ids:
+                    break
+                rows = connection.execute(
+                    sa.select(table.c.sample_id, table.c.chars, ATTEMPTS)
+                    # By start time too: on PostgreSQL the attempts are partitioned by day (only the
+                    # window's partitions are read) and keyed by attempt and start time.
+                    .join(
+                        ATTEMPTS,
+                        sa.and_(
+                            ATTEMPTS.c.attempt_id == table.c.attempt_id,
+                            ATTEMPTS.c.started_at == table.c.started_at,
+                        ),
+                    )
+                    .where(
+                        table.c.sample_id.in_(ids),
+                        ATTEMPTS.c.started_at >= since,
+                        ATTEMPTS.c.output_estimated.is_(True),
+                    )
+                    .order_by(table.c.sample_id)
+                )
+                for row in rows.mappings():
+                    record = dataclasses.replace(
+                        record_from_row(row), output_chars=MappingProxyType(_chars(row["chars"]))
+                    )
+                    found.append(EstimatedAttempt(int(row["sample_id"]), record))
+                after = ids[-1]
+                if len(ids) < wanted:  # no more samples: the page ends short
+                    break
         return found
 
     def _write_isolating(self, records: Sequence[AttemptRecord], refusal: Exception) -> BatchResult:
@@ -401,6 +434,15 @@ class SqlStore:
                 record = record_from_row(row)
                 requests.setdefault(record.logical_request_id, []).append(record)
         return requests
+
+    def retried_prompts(
+        self, start: datetime | None = None, end: datetime | None = None
+    ) -> tuple[list[RetriedAlike], dict[str, list[PromptAttempt]]]:
+        """What the report's avoidable waste reads of the requests retried in ``[start, end)``: those
+        with nothing to price one by one, summed, and the prompt figures of the others' attempts
+        (``costwatch.store.retried``). Grouped in the database: for reports at any size."""
+        with self._read() as connection:
+            return retried_prompts(connection, start, end)
 
     def attempt(self, attempt_id: str) -> AttemptRecord | None:
         """The stored (latest) revision of one attempt, or ``None``."""
