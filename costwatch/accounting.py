@@ -245,7 +245,14 @@ class Accountant:
                 estimated = self.estimator.estimate(model, meter.chars)
                 output = estimated
                 output_chars = _counted(meter.chars)  # kept, to revise the estimate later
-            elif outcome is Outcome.COMPLETED and meter.output_reported and meter.chars_measured:
+            elif (
+                outcome is Outcome.COMPLETED
+                and meter.output_reported
+                and meter.chars_measured
+                # A JSON body's characters come with its parse, but a sample still costs a calibration
+                # step and a stored row: sampled as streams are (a stream read in full was sampled).
+                and (attempt.stream or self.estimator.wants_sample(model))
+            ):
                 self.estimator.observe(model, meter.chars, reported.output_tokens)
                 output_chars = _counted(meter.chars)  # a calibration sample for the fleet
             if billed_input and (meter.message_id is not None or meter.output_reported):

@@ -532,6 +532,9 @@ class MetricsSink:
         self._workflow = LabelCap(workflow_label_limit)
         self._prices = prices
         self._retried = _RetriedRequests()
+        self._series_of: dict[tuple[int, tuple[str, ...]], Any] = {}
+        """Each series' child by metric and label values, as bounded as the labels: ``labels()`` checks
+        and converts its values at every call, and a record touches some fifteen series."""
         self._owed: dict[tuple[int, tuple[str, ...]], float] = {}
         """Per series, what downward corrections took off that a counter could not: paid out of
         its later increases (a counter never goes down)."""
@@ -617,15 +620,15 @@ class MetricsSink:
         for request in settlement.requests:
             model = self._model(request.last.model_name)
             result = "succeeded" if request.succeeded else "failed"
-            self.logical_requests.labels(model, result).inc()
-            self.attempts_per_request.labels(model).observe(request.last.attempt_number)
+            self._series(self.logical_requests, model, result).inc()
+            self._series(self.attempts_per_request, model).observe(request.last.attempt_number)
 
     def _count_attempt(self, record: AttemptRecord) -> None:
         model = self._model(record.model_name)
         workflow = self._workflow(record.workflow)
-        self.attempts.labels(model, record.outcome.value, record.error_label).inc()
+        self._series(self.attempts, model, record.outcome.value, record.error_label).inc()
         platform = platform_label(record.platform)
-        self.platform_attempts.labels(platform, record.outcome.value).inc()
+        self._series(self.platform_attempts, platform, record.outcome.value).inc()
         for token_type, tokens in record.usage.by_type().items():
             self._inc(self.billed_tokens, (model, token_type.value), tokens)
             self._inc(self.platform_billed_tokens, (platform, token_type.value), tokens)
@@ -633,8 +636,8 @@ class MetricsSink:
         self._inc(self.billed_cost, (model, workflow), cost)
         self._inc(self.platform_billed_cost, (platform,), cost)
         if record.cost is None:
-            self.unpriced_attempts.labels(model).inc()
-            self.platform_unpriced_attempts.labels(platform).inc()
+            self._series(self.unpriced_attempts, model).inc()
+            self._series(self.platform_unpriced_attempts, platform).inc()
         usage = record.usage
         self._inc(
             self.estimated_output_tokens,
@@ -643,9 +646,9 @@ class MetricsSink:
         )
         if usage.output_tokens:
             self._inc(self.output_tokens, (model, record.output_source.value), usage.output_tokens)
-        self.attempt_duration.labels(model, record.outcome.value).observe(record.duration_s)
+        self._series(self.attempt_duration, model, record.outcome.value).observe(record.duration_s)
         if record.outcome is Outcome.DROPPED:
-            self.time_to_drop.labels(model).observe(record.duration_s)
+            self._series(self.time_to_drop, model).observe(record.duration_s)
 
     def _count_waste(self, record: AttemptRecord, reason: WasteReason) -> None:
         model = self._model(record.model_name)
@@ -684,17 +687,25 @@ class MetricsSink:
             self._inc(self.wasted_tokens, (model, TokenType.OUTPUT.value, reason, workflow), output)
             self._inc(self.wasted_cost, (model, reason, workflow), cost)
 
+    def _series(self, metric: Any, *labels: str) -> Any:
+        """The child of ``metric`` for ``labels`` (created at first use), as ``metric.labels(*labels)``."""
+        key = (id(metric), labels)
+        series = self._series_of.get(key)
+        if series is None:
+            series = self._series_of[key] = metric.labels(*labels)
+        return series
+
     def _inc(self, metric: Any, labels: tuple[str, ...], amount: float) -> None:
         """Add ``amount`` (which a correction may make negative) to a counter's series."""
         if amount >= 0 and not self._owed:
-            metric.labels(*labels).inc(amount)
+            self._series(metric, *labels).inc(amount)
             return
         key = (id(metric), labels)
         owed = self._owed.pop(key, 0.0) - amount
         if owed > 0:
             self._owed[key] = owed
         else:
-            metric.labels(*labels).inc(-owed)
+            self._series(metric, *labels).inc(-owed)
 
     def _count_avoidable(self, records: Sequence[AttemptRecord]) -> None:
         if self._prices is None:
@@ -706,7 +717,7 @@ class MetricsSink:
                 continue
             # A counter only rises: a request's figure is counted as it grows with its retries.
             more = found.avoidable_usd - self._retried.counted(request_id, found.avoidable_usd)
-            self.avoidable_waste.labels(self._model(found.model), self._workflow(found.workflow)).inc(
+            self._series(self.avoidable_waste, self._model(found.model), self._workflow(found.workflow)).inc(
                 max(more, 0.0)
             )
 
