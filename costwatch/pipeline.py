@@ -133,6 +133,9 @@ class Pipeline:
         self.spool = spool if spool is not None else Spool()
         self._sinks: list[Sink] = []
         self._states: dict[int, _SinkState] = {}
+        self.sinkless_by_choice = False
+        """Set when the application chose no sinks (``instrument(sinks=[])``, store and metrics off):
+        records then go nowhere by design, which is not a loss to log or count."""
         self._reset_runtime()
         _live_pipelines.add(self)
 
@@ -338,8 +341,9 @@ class Pipeline:
     def _deliver(self, batch: list[AttemptRecord]) -> None:
         sinks = self._sinks
         if not sinks:
-            # e.g. a stream that ended after uninstrument() detached the sinks
-            self._count_dropped(len(batch), "no sink was attached when they were delivered")
+            if not self.sinkless_by_choice:
+                # e.g. a stream that ended after uninstrument() detached the sinks
+                self._count_dropped(len(batch), "no sink was attached when they were delivered")
             return
         for sink in sinks:
             state = self._states.setdefault(id(sink), _SinkState())
@@ -437,7 +441,8 @@ class Pipeline:
         """Put records that cannot wait for the writer thread straight into every sink's spool."""
         sinks = self._sinks
         if not sinks:
-            self._count_dropped(len(records), f"{reason} and no sink is configured")
+            if not self.sinkless_by_choice:
+                self._count_dropped(len(records), f"{reason} and no sink is configured")
             return
         for sink in sinks:
             self._spool_for(sink, records)
