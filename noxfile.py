@@ -22,9 +22,10 @@ SDK_LINES = {
 # it, and each of the suite's subprocesses would compile the SDK again (a second of CPU apiece).
 COMPILED = {"UV_COMPILE_BYTECODE": "1"}
 
-# The suite runs in one process by default: under pytest-xdist (`nox -- -n 4 --dist worksteal`, about
-# half the wall time on 2 cores) the signal tests that time a subprocess's exit (SIGINT, SIGTERM) failed
-# in some full runs on a loaded machine (docs/testing.md), and CI must not be red by chance.
+# The suite runs in one process by default. `nox -- -n 4 --dist worksteal` runs it on pytest-xdist
+# workers (worksteal: the few long tests do not finish alone at the end); it is not the default yet:
+# on a heavily loaded machine (load 17 on 2 cores) four workers pushed timed tests past their
+# deadlines, and CI must not be red by chance (docs/testing.md).
 
 
 @nox.session

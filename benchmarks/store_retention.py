@@ -10,7 +10,9 @@ running that long has made them, through the store's own write path (``SqlStore.
   at that size;
 * ``SqlStore.prune_before`` at a day boundary ``days/2`` days after the first attempt: a month of
   day partitions dropped (target < 1 s), then half a day more (the rows of the day the cutoff falls
-  in deleted rather than dropped: no target, for scale).
+  in deleted rather than dropped: no target, for scale); and, for each, the longest a second store
+  writing batches of 10 new attempts meanwhile waited for one batch (what the prune's locks cost
+  the writers).
 
 The issue's size is 10M attempts (``python benchmarks/run.py --only retention --retention-attempts
 10000000``: about an hour of writing at the target rate, and ~10 GB of disk); a full run does 2M.
@@ -18,8 +20,11 @@ The issue's size is 10M attempts (``python benchmarks/run.py --only retention --
 
 from __future__ import annotations
 
+import contextlib
+import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 
 from measure import Measurement
@@ -36,6 +41,7 @@ from store_scale import (
 )
 
 from costwatch.pricing import load_prices
+from costwatch.records import AttemptRecord
 from costwatch.store import SqlStore
 from costwatch.store.partitions import ensure_day_partitions
 
@@ -45,6 +51,37 @@ PRUNE_TARGET_S = 1.0
 """Pruning a month of attempts (dropping its day partitions) must take less than this."""
 
 _CHUNK = 100_000
+_WRITER_BATCH = 10
+
+
+@contextlib.contextmanager
+def _writing_beside(url: str, records: Sequence[AttemptRecord]) -> Iterator[list[float]]:
+    """A second store writing ``records`` in small batches, as a running service would, while the
+    block runs; yields the seconds of each batch that ended after the block began (filled on exit)."""
+    writer = SqlStore(url)
+    writer.export(list(records[:_WRITER_BATCH]))  # connected and its partitions checked before
+    stop, began, waits = threading.Event(), threading.Event(), []
+
+    def write() -> None:
+        for start in range(_WRITER_BATCH, len(records), _WRITER_BATCH):
+            if stop.is_set():
+                return
+            started = time.perf_counter()
+            writer.export(list(records[start : start + _WRITER_BATCH]))
+            if began.is_set():
+                waits.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    began.set()
+    try:
+        yield waits
+        time.sleep(0.1)  # the batch the prune held up, if any, ends
+    finally:
+        stop.set()
+        thread.join()
+        writer.shutdown()
 
 
 def measure_retention(
@@ -159,13 +196,30 @@ def _measure(
                 )
             )
         month_end = first + timedelta(days=days // 2)
+        fresh = synthetic_attempts(
+            20_000, seed=seed - 1, start=now - timedelta(hours=1), end=now, prices=prices
+        )
         for name, cutoff, target_s in (
             (f"{days // 2} days (whole day partitions dropped)", month_end, PRUNE_TARGET_S),
             ("half a day more (the cutoff's day: rows deleted)", month_end + timedelta(hours=12), None),
         ):
-            started = time.perf_counter()
-            removed = store.prune_before(cutoff)
-            seconds = time.perf_counter() - started
+            with _writing_beside(url, fresh) as waits:
+                started = time.perf_counter()
+                removed = store.prune_before(cutoff)
+                seconds = time.perf_counter() - started
+            rows.append(
+                Measurement(
+                    benchmark="retention",
+                    case=f"postgresql, a writer's longest batch ({_WRITER_BATCH} attempts), prune of {name}",
+                    metric="writer wait",
+                    value=max(waits, default=0.0) * 1000,
+                    unit="ms",
+                    detail={
+                        "batches": len(waits),
+                        "median_ms": statistics.median(waits) * 1000 if waits else 0.0,
+                    },
+                )
+            )
             rows.append(
                 Measurement(
                     benchmark="retention",

@@ -24,11 +24,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import NamedTuple
 
-from .pricing import ModelPrice, PriceTable
+from .pricing import PriceTable
 from .records import AttemptRecord, Usage
 
-__all__ = ["LIFETIMES_S", "MIN_CACHEABLE_TOKENS", "RequestAvoidable", "Unknown", "avoidable_for_request"]
+__all__ = [
+    "LIFETIMES_S",
+    "MIN_CACHEABLE_TOKENS",
+    "PromptAttempt",
+    "RequestAvoidable",
+    "RetriedAlike",
+    "Unknown",
+    "avoidable_for_prompts",
+    "avoidable_for_request",
+    "avoidable_of_alike",
+    "avoidable_of_retried",
+]
 
 MIN_CACHEABLE_TOKENS = 1024
 """The shortest prompt prefix the API caches. The API's minimum is 1,024 tokens or more depending on
@@ -46,9 +59,55 @@ class Unknown:
     UNPRICED = "unpriced"
 
 
+class PromptAttempt(NamedTuple):
+    """What the avoidable waste reads of one attempt: its prompt's tokens and sizes, and its price's keys.
+
+    The store reads these columns alone (``SqlStore.retried_prompts``); live records give
+    :meth:`of`.
+    """
+
+    logical_request_id: str
+    attempt_number: int
+    started_at: datetime
+    model: str
+    """The model that answered, else the one asked for (``AttemptRecord.model_name``)."""
+    workflow: str
+    platform: str
+    endpoint: str | None
+    inference_geo: str | None
+    prompt_tokens: int
+    """Input, cache reads and cache writes: the whole prompt as the API counted it."""
+    cache_tokens: int
+    """Cache reads and writes."""
+    wasted_usd: float
+    prompt_bytes: int | None
+    stable_prefix_bytes: int | None
+
+    @classmethod
+    def of(cls, record: AttemptRecord) -> PromptAttempt:
+        """The parts of ``record`` the avoidable waste reads."""
+        usage = record.usage
+        cache = usage.cache_read_tokens + usage.cache_write_tokens
+        return cls(
+            record.logical_request_id,
+            record.attempt_number,
+            record.started_at,
+            record.model_name,
+            record.workflow,
+            record.platform,
+            record.endpoint,
+            record.inference_geo,
+            usage.input_tokens + cache,
+            cache,
+            record.wasted_cost_usd,
+            record.prompt_bytes,
+            record.stable_prefix_bytes,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class RequestAvoidable:
-    """The avoidable waste of one retried logical request."""
+    """The avoidable waste of one retried logical request (or of ``requests`` alike ones, summed)."""
 
     logical_request_id: str
     model: str
@@ -66,10 +125,37 @@ class RequestAvoidable:
     """Why ``avoidable_usd`` is ``None`` (an :class:`Unknown` value)."""
     already_cached: bool = False
     """The application already reads or writes the prompt cache on this request: nothing counted."""
+    requests: int = 1
+    """How many logical requests this stands for: more than one for requests the store summed because
+    there was nothing to price one by one (:func:`avoidable_of_alike`; ``logical_request_id`` is
+    then ``""``, the other figures are their sums)."""
 
 
-def _prompt_tokens(usage: Usage) -> int:
-    return usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
+class RetriedAlike(NamedTuple):
+    """Retried logical requests summed in the store because none has a prefix to price: those that
+    already use the prompt cache, or none of whose attempts was measured. Keyed by the last
+    attempt's model, workflow, platform and endpoint (what decides whether the model is priced)."""
+
+    already_cached: bool
+    model: str
+    workflow: str
+    platform: str
+    endpoint: str | None
+    requests: int
+    attempts: int
+    wasted_usd: float
+
+
+def _priced(prices: PriceTable, attempt: PromptAttempt | RetriedAlike, usage: Usage) -> float | None:
+    # The one pricing function (as `costwatch reprice` uses it): a platform's own rates and endpoint.
+    cost = prices.cost(
+        attempt.model,
+        usage,
+        platform=attempt.platform,
+        endpoint=attempt.endpoint,
+        inference_geo=attempt.inference_geo if isinstance(attempt, PromptAttempt) else None,
+    )
+    return None if cost is None else cost.total_usd
 
 
 def avoidable_for_request(attempts: Iterable[AttemptRecord], prices: PriceTable) -> RequestAvoidable | None:
@@ -77,34 +163,37 @@ def avoidable_for_request(attempts: Iterable[AttemptRecord], prices: PriceTable)
 
     ``None`` when the request was never retried after billing a prompt: nothing was paid twice.
     """
-    ordered = sorted(attempts, key=lambda r: (r.attempt_number, r.started_at))
+    return avoidable_for_prompts([PromptAttempt.of(record) for record in attempts], prices)
+
+
+def avoidable_for_prompts(attempts: Iterable[PromptAttempt], prices: PriceTable) -> RequestAvoidable | None:
+    """:func:`avoidable_for_request` from the prompt figures of a request's attempts."""
+    ordered = sorted(attempts, key=lambda a: (a.attempt_number, a.started_at))
     if not ordered:
         return None
-    billed = [r for r in ordered if _prompt_tokens(r.usage) > 0]
+    billed = [a for a in ordered if a.prompt_tokens > 0]
     last = ordered[-1]
-    wasted = sum(r.wasted_cost_usd for r in ordered)
-    model = last.model_name
-    base = RequestAvoidable(last.logical_request_id, model, last.workflow, len(ordered), wasted, None)
+    wasted = sum(a.wasted_usd for a in ordered)
+    base = RequestAvoidable(last.logical_request_id, last.model, last.workflow, len(ordered), wasted, None)
     if len(billed) < 2:
         return None
-    if any(r.usage.cache_read_tokens or r.usage.cache_write_tokens for r in billed):
+    if any(a.cache_tokens for a in billed):
         return replace(base, avoidable_usd=0.0, already_cached=True)
-    price = prices.lookup(model)
-    if price is None:
+    if _priced(prices, last, Usage()) is None:
         return replace(base, avoidable_usd=None, unknown=Unknown.UNPRICED)
-    measured = [r for r in ordered if r.prompt_bytes and r.stable_prefix_bytes is not None]
+    measured = [a for a in ordered if a.prompt_bytes and a.stable_prefix_bytes is not None]
     if not measured:
         return replace(base, avoidable_usd=None, unknown=Unknown.NOT_MEASURED)
     share = min(measured[-1].stable_prefix_bytes or 0, measured[-1].prompt_bytes or 0) / (
         measured[-1].prompt_bytes or 1
     )
-    prefix = min(round(share * _prompt_tokens(r.usage)) for r in billed)
+    prefix = min(round(share * a.prompt_tokens) for a in billed)
     if prefix < MIN_CACHEABLE_TOKENS:
         return replace(base, avoidable_usd=0.0, prefix_tokens=prefix)
-    actual = sum(price.cost(Usage(input_tokens=_prompt_tokens(r.usage))).total_usd for r in billed)
+    actual = sum(_priced(prices, last, Usage(input_tokens=a.prompt_tokens)) or 0.0 for a in billed)
     best, best_lifetime = actual, None
     for lifetime in LIFETIMES_S:
-        cost = _cost_with_cache(billed, prefix, lifetime, price)
+        cost = _cost_with_cache(billed, last, prefix, lifetime, prices)
         if cost < best:
             best, best_lifetime = cost, lifetime
     # Caching can save on the last attempt too, but no more than the retries paid again.
@@ -112,14 +201,41 @@ def avoidable_for_request(attempts: Iterable[AttemptRecord], prices: PriceTable)
     return replace(base, avoidable_usd=max(saved, 0.0), prefix_tokens=prefix, lifetime=best_lifetime)
 
 
-def _cost_with_cache(billed: Sequence[AttemptRecord], prefix: int, lifetime: str, price: ModelPrice) -> float:
+def avoidable_of_alike(alike: RetriedAlike, prices: PriceTable) -> RequestAvoidable:
+    """The entry of requests summed alike: nothing avoidable when they already use the cache, else
+    unknown (unpriced, or not measured), as :func:`avoidable_for_prompts` finds each of them."""
+    base = RequestAvoidable(
+        "", alike.model, alike.workflow, alike.attempts, alike.wasted_usd, None, requests=alike.requests
+    )
+    if alike.already_cached:
+        return replace(base, avoidable_usd=0.0, already_cached=True)
+    if _priced(prices, alike, Usage()) is None:
+        return replace(base, unknown=Unknown.UNPRICED)
+    return replace(base, unknown=Unknown.NOT_MEASURED)
+
+
+def avoidable_of_retried(
+    alike: Iterable[RetriedAlike], prompts: Iterable[Sequence[PromptAttempt]], prices: PriceTable
+) -> list[RequestAvoidable]:
+    """Every entry of the report's avoidable waste from what ``SqlStore.retried_prompts`` read."""
+    found = [avoidable_of_alike(group, prices) for group in alike]
+    for attempts in prompts:
+        request = avoidable_for_prompts(attempts, prices)
+        if request is not None:
+            found.append(request)
+    return found
+
+
+def _cost_with_cache(
+    billed: Sequence[PromptAttempt], last: PromptAttempt, prefix: int, lifetime: str, prices: PriceTable
+) -> float:
     """What the billed attempts' prompts would have cost with ``prefix`` tokens cached for ``lifetime``."""
     ttl = LIFETIMES_S[lifetime]
     cached_until = None
     total = 0.0
-    for record in billed:
-        at = record.started_at.timestamp()
-        rest = _prompt_tokens(record.usage) - prefix
+    for attempt in billed:
+        at = attempt.started_at.timestamp()
+        rest = attempt.prompt_tokens - prefix
         if cached_until is not None and at <= cached_until:
             usage = Usage(input_tokens=rest, cache_read_tokens=prefix)
         elif lifetime == "5m":
@@ -127,5 +243,5 @@ def _cost_with_cache(billed: Sequence[AttemptRecord], prefix: int, lifetime: str
         else:
             usage = Usage(input_tokens=rest, cache_write_1h_tokens=prefix)
         cached_until = at + ttl  # a write starts the lifetime, a read refreshes it
-        total += price.cost(usage).total_usd
+        total += _priced(prices, last, usage) or 0.0
     return total

@@ -28,7 +28,7 @@ from rich.table import Table
 from sqlalchemy.engine import URL
 
 from . import __version__
-from .avoidable import avoidable_for_request
+from .avoidable import PromptAttempt, RetriedAlike, avoidable_of_retried
 from .durations import MomentError, ceil_hour, floor_hour, parse_duration, parse_moment
 from .explain import explain_request, render_explain
 from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
@@ -449,7 +449,7 @@ def _command_report(args: argparse.Namespace, out: Console, err: Console) -> int
     finally:
         store.shutdown()
     current = prices if prices is not None else _load_prices(None)
-    avoidable = [found for found in (avoidable_for_request(r, current) for r in retried.values()) if found]
+    avoidable = avoidable_of_retried(retried[0], retried[1].values(), current)
     report.update(
         avoidable_waste_section(avoidable, wasted_usd=report["wasted_cost_usd"], refused_retries=refused)
     )
@@ -646,11 +646,12 @@ def _command_explain(args: argparse.Namespace, out: Console, err: Console) -> in
 
 def _read_retried(
     store: SqlStore, start: datetime | None, end: datetime | None
-) -> tuple[dict[str, list[AttemptRecord]], int]:
-    """The attempts of the window's retried logical requests, and the retries the waste budget refused."""
+) -> tuple[tuple[list[RetriedAlike], dict[str, list[PromptAttempt]]], int]:
+    """What the avoidable waste reads of the window's retried requests, and the retries the waste
+    budget refused."""
     with _database_errors(store.url):
         refused = store.rollup_totals(start, end, where={"error_type": "WasteBudgetExceeded"})
-        return store.retried_requests(start, end), sum(row.attempts for row in refused)
+        return store.retried_prompts(start, end), sum(row.attempts for row in refused)
 
 
 def _print_rejected(count: int, latest: Sequence[RejectedRecord], out: Console) -> None:
@@ -786,7 +787,7 @@ def _prune(url: URL, older_than: str, out: Console) -> int:
     finally:
         store.shutdown()
     out.print(
-        f"pruned {removed} attempt rows older than {older_than} from {safe_url(url)}; rollups kept",
+        f"pruned {removed:,} attempt rows older than {older_than} from {safe_url(url)}; rollups kept",
         highlight=False,
     )
     return 0

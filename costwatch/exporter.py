@@ -646,7 +646,7 @@ class _ScrapeAnswers:
         self._lock = threading.Lock()
         self._answers: dict[tuple[bool, bool], _Response] = {}
         self._rendering: dict[tuple[bool, bool], threading.Event] = {}
-        self.renderer: Callable[..., Any] | None = None
+        self.renderer: _RenderProcess | None = None
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if _client_gone(environ.get(_CONNECTION)):
@@ -687,7 +687,10 @@ class _ScrapeAnswers:
     def _render(self, key: tuple[bool, bool], environ: dict[str, Any], done: threading.Event) -> None:
         environ.pop(_CONNECTION, None)
         try:
-            status, headers, body = _answer_of(self.renderer or self._exposition, environ)
+            renderer = self.renderer
+            if renderer is not None and key not in self._answers and not renderer.ready:
+                renderer = None  # scrapers wait for this first answer: render it without the worker
+            status, headers, body = _answer_of(renderer or self._exposition, environ)
             with self._lock:
                 self._answers[key] = _Response(status, headers, body)
         except Exception:
@@ -705,6 +708,10 @@ def _answer_of(app: Callable[..., Any], environ: dict[str, Any]) -> tuple[str, l
     return captured[0], list(captured[1]), body
 
 
+_WORKER_START_S = 60.0
+"""How long a render waits for the render process to start before rendering in the serving process."""
+
+
 class _RenderProcess:
     """A WSGI app that renders ``/metrics`` in a process of its own, for ``costwatch serve``.
 
@@ -713,8 +720,9 @@ class _RenderProcess:
     scrapes answered from the kept text waited for it, and on a busy machine each hand-over of the
     GIL waits for the scheduler too (scrape p99 of 100-500 ms at 1M attempts, 9 ms with no render
     during the run: benchmarks/README.md). In a process of its own it shares only the CPU. The
-    worker logs through this process's ``costwatch`` logger; if it dies, the answers are rendered
-    here again (``fallback``), after one warning.
+    worker logs through this process's ``costwatch`` logger. A render waits for it to start (a
+    stale answer is served meanwhile); if it dies, after one warning, or does not start, the answers
+    are rendered here (``fallback``).
     """
 
     def __init__(self, database_url: str | None, fallback: Callable[..., Any]) -> None:
@@ -735,21 +743,51 @@ class _RenderProcess:
         self._lock = threading.Lock()
         self._broken = False
         self._closed = False
+        self._ready = False
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the worker is ready to render (or gone); whether it is ready."""
+        deadline = time.monotonic() + timeout
+        while not self._is_ready() and not self._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._ready and not self._broken
+
+    def _is_ready(self) -> bool:
+        # The worker says "ready" once it has imported what it needs: until then (seconds, on a busy
+        # machine) answers are rendered here, so that the first scrapes do not wait for it.
+        if not self._ready and not self._broken and self._lock.acquire(blocking=False):
+            try:
+                if self._connection.poll():
+                    self._connection.recv()
+                    self._ready = True
+            except (EOFError, OSError) as exc:
+                self._end(exc)
+            finally:
+                self._lock.release()
+        return self._ready
+
+    def _end(self, exc: BaseException) -> None:
+        self._broken = True
+        if not self._closed:
+            log.warning(
+                "costwatch exporter: the render process ended (%s); rendering in the serving process",
+                type(exc).__name__,
+            )
+
+    @property
+    def ready(self) -> bool:
+        """Whether the worker has started and can render."""
+        return self._is_ready() and not self._broken
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        if not self._broken:
+        if self.wait_ready(_WORKER_START_S):
             request = {name: value for name, value in environ.items() if isinstance(value, str)}
             try:
                 with self._lock:
                     self._connection.send(request)
                     status, headers, body, logged = self._connection.recv()
             except (EOFError, OSError) as exc:
-                self._broken = True
-                if not self._closed:
-                    log.warning(
-                        "costwatch exporter: the render process ended (%s); rendering in the serving process",
-                        type(exc).__name__,
-                    )
+                self._end(exc)
             else:
                 for level, message in logged:
                     log.log(level, "%s", message)
@@ -801,6 +839,10 @@ def _render_worker(database_url: str | None, connection: Any, level: int) -> Non
     registry.register(collector)
     app = make_wsgi_app(registry)
     try:
+        try:
+            connection.send("ready")
+        except (EOFError, OSError):
+            return
         while True:
             try:
                 environ = connection.recv()

@@ -512,6 +512,8 @@ def instrument(
                     guarded("store_prepare", close)
         for sink in added:
             pipeline.add_sink(sink)
+        # Only a choice made now: sinks detached later (uninstrument) still make a stream's record a loss.
+        pipeline.sinkless_by_choice = not pipeline.sinks
         if any(pipeline.spool.has_segments(sink.name) for sink in added):
             # A spool left by an earlier (perhaps killed) process: replayed now, not at the first request.
             pipeline.retry_spool()

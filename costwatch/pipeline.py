@@ -22,10 +22,12 @@ Only when the spool itself cannot be written is a record dropped; that is counte
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -131,6 +133,9 @@ class Pipeline:
         self.spool = spool if spool is not None else Spool()
         self._sinks: list[Sink] = []
         self._states: dict[int, _SinkState] = {}
+        self.sinkless_by_choice = False
+        """Set when the application chose no sinks (``instrument(sinks=[])``, store and metrics off):
+        records then go nowhere by design, which is not a loss to log or count."""
         self._reset_runtime()
         _live_pipelines.add(self)
 
@@ -336,8 +341,9 @@ class Pipeline:
     def _deliver(self, batch: list[AttemptRecord]) -> None:
         sinks = self._sinks
         if not sinks:
-            # e.g. a stream that ended after uninstrument() detached the sinks
-            self._count_dropped(len(batch), "no sink was attached when they were delivered")
+            if not self.sinkless_by_choice:
+                # e.g. a stream that ended after uninstrument() detached the sinks
+                self._count_dropped(len(batch), "no sink was attached when they were delivered")
             return
         for sink in sinks:
             state = self._states.setdefault(id(sink), _SinkState())
@@ -435,7 +441,8 @@ class Pipeline:
         """Put records that cannot wait for the writer thread straight into every sink's spool."""
         sinks = self._sinks
         if not sinks:
-            self._count_dropped(len(records), f"{reason} and no sink is configured")
+            if not self.sinkless_by_choice:
+                self._count_dropped(len(records), f"{reason} and no sink is configured")
             return
         for sink in sinks:
             self._spool_for(sink, records)
@@ -464,13 +471,16 @@ class Pipeline:
 
     # -- exit, signals and fork --------------------------------------------------------------
     # Exit delivers the records and nothing more: no revision pass (any later process revises within
-    # its window). Its time is short, and a first use of some SQLAlchemy constructs execs generated
-    # code, which would make Python exit after an uncaught KeyboardInterrupt with status 1 instead of
-    # dying of SIGINT.
+    # its window): its time is short.
     def _shutdown_at_exit(self) -> None:
+        interrupted = _exiting_on_keyboard_interrupt()
         self._exiting = True
-        _drain_upstream(EXIT_DRAIN_TIMEOUT_S, ending=True)
-        self.shutdown()
+        try:
+            _drain_upstream(EXIT_DRAIN_TIMEOUT_S, ending=True)
+            self.shutdown()
+        finally:
+            if interrupted:
+                _still_die_of_sigint()
 
     def _flush_for_exit(self, timeout: float) -> None:
         self._exiting = True
@@ -532,6 +542,27 @@ def _drain_upstream(timeout: float, *, ending: bool) -> None:
             drain(max(0.0, deadline - time.monotonic()))
         except Exception:
             log.exception("costwatch: draining attempt records before exit failed")
+
+
+def _exiting_on_keyboard_interrupt() -> bool:
+    """Whether the interpreter is exiting because the program did not catch a KeyboardInterrupt."""
+    if hasattr(sys, "ps1"):  # interactive: the last error shown is not why the interpreter exits
+        return False
+    uncaught = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)  # 3.12+ / older
+    return isinstance(uncaught, KeyboardInterrupt)
+
+
+def _still_die_of_sigint() -> None:
+    """Make the interpreter end the process by SIGINT again, as it does after an uncaught Ctrl-C.
+
+    CPython (before gh-128130) forgets that an uncaught KeyboardInterrupt is ending the process when
+    any thread, until the very end, runs ``exec()`` of a string: SQLAlchemy, dataclasses and
+    namedtuple generate code that way on first use, and the writer thread or this exit flush may be
+    the first to use them. The process then exits with status 1 where a shell or supervisor expects
+    death by SIGINT. Running a string that raises KeyboardInterrupt sets that state again.
+    """
+    with contextlib.suppress(KeyboardInterrupt):
+        exec("raise KeyboardInterrupt")  # a string, not a code object: only that path sets the state
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

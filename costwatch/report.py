@@ -387,17 +387,17 @@ def avoidable_waste_section(
     for request in requests:
         if request.avoidable_usd is None:
             reason = request.unknown or "unknown"
-            unknown[reason] = unknown.get(reason, 0) + 1
+            unknown[reason] = unknown.get(reason, 0) + request.requests
             unknown_usd += request.wasted_usd
             continue
         if request.already_cached:
-            already_cached += 1
+            already_cached += request.requests
         known.append(request)
         for groups, key in ((by_model, request.model), (by_workflow, request.workflow)):
             group = groups.setdefault(key, {"avoidable_usd": 0.0, "wasted_usd": 0.0, "requests": 0})
             group["avoidable_usd"] += request.avoidable_usd
             group["wasted_usd"] += request.wasted_usd
-            group["requests"] += 1
+            group["requests"] += request.requests
 
     def listed(groups: dict[str, dict[str, float]], name: str) -> list[dict[str, Any]]:
         rows = [
@@ -416,7 +416,7 @@ def avoidable_waste_section(
         "avoidable_with_prompt_caching": {
             "avoidable_usd": round(sum(r.avoidable_usd or 0.0 for r in known), 6),
             "wasted_usd": round(wasted_usd, 6),
-            "retried_requests": len(known),
+            "retried_requests": sum(r.requests for r in known),
             "already_cached_requests": already_cached,
             "unknown_requests": sum(unknown.values()),
             "unknown_wasted_usd": round(unknown_usd, 6),

@@ -49,6 +49,11 @@ class AttemptListener(Protocol):
     For consumers that must act inside the attempt's own context, such as a tracer whose span must
     be a child of the span current when the SDK sent the request. Both calls must be cheap and must
     not block; whatever they raise is counted as an instrumentation error and otherwise ignored.
+
+    One exception to "live": a cut stream whose text ``count_partial_output`` counts is finished
+    when its count arrives or its wait ends, on costwatch's counting thread, so the record carries
+    the count. A listener may also have an ``attempt_revised(record)`` method: it is then told, on
+    the pipeline's writer thread, of each later revision of an estimate (docs/tracing.md).
     """
 
     def attempt_started(self, attempt: AttemptStart) -> object:

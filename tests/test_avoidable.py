@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,12 @@ from conftest import sample_value, sync_client
 from prometheus_client import CollectorRegistry
 
 import costwatch
-from costwatch.avoidable import MIN_CACHEABLE_TOKENS, Unknown, avoidable_for_request
+from costwatch.avoidable import MIN_CACHEABLE_TOKENS, Unknown, avoidable_for_request, avoidable_of_retried
 from costwatch.cli import main
 from costwatch.metrics import MetricsSink
 from costwatch.pipeline import Pipeline
-from costwatch.pricing import load_prices
+from costwatch.platforms import BEDROCK, FOUNDRY, GLOBAL, REGIONAL, VERTEX
+from costwatch.pricing import PriceTable, load_prices
 from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
 from costwatch.report import avoidable_waste_section
 from costwatch.store import SqlStore
@@ -39,9 +41,12 @@ def attempt(
     measured: tuple[int, int] | None = (40_000, 36_000),
     cache_read: int = 0,
     model: str = MODEL,
+    platform: str = "anthropic",
+    endpoint: str | None = None,
+    prices: PriceTable = PRICES,
 ) -> AttemptRecord:
     usage = Usage(input_tokens=prompt - cache_read, cache_read_tokens=cache_read, output_tokens=100)
-    cost = PRICES.cost(model, usage)
+    cost = prices.cost(model, usage, platform=platform, endpoint=endpoint)
     return AttemptRecord(
         attempt_id=f"a{number}",
         logical_request_id="job-7",
@@ -56,6 +61,8 @@ def attempt(
         tags={"workflow": "nightly"},
         prompt_bytes=measured[0] if measured and number > 1 else None,
         stable_prefix_bytes=measured[1] if measured and number > 1 else None,
+        platform=platform,
+        endpoint=endpoint,
     )
 
 
@@ -112,6 +119,142 @@ def test_the_report_section_totals_by_model_and_workflow_and_names_the_requests_
     assert avoidable["top_requests"][0]["logical_request_id"] == "job-7"
     assert avoidable["top_requests"][0]["cache_lifetime"] == "5m"
     assert section["refused_retries"] == 3
+
+
+BEDROCK_HAIKU = {"input_usd_per_mtok": 2.0, "output_usd_per_mtok": 9.0, "source": "https://aws.amazon.com/"}
+
+
+def with_bedrock_prices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PriceTable:
+    """The built-in table plus a Bedrock price of one model, unlike its first-party price."""
+    path = tmp_path / "prices.json"
+    platforms = {BEDROCK: {"models": {"claude-haiku-4-5-20251001": BEDROCK_HAIKU}}}
+    path.write_text(json.dumps({"version": "aws-1", "models": {}, "platforms": platforms}))
+    monkeypatch.setenv("COSTWATCH_PRICES_FILE", str(path))
+    return load_prices()
+
+
+def test_a_platform_attempt_is_priced_at_its_platform_and_endpoint_and_unpriced_where_they_are_unknown(
+    tmp_path, monkeypatch
+):
+    table = with_bedrock_prices(tmp_path, monkeypatch)
+    haiku = "claude-haiku-4-5"
+
+    def request(platform: str, endpoint: str | None) -> list[AttemptRecord]:
+        on = {"model": haiku, "platform": platform, "endpoint": endpoint, "prices": table}
+        return [attempt(1, **on), attempt(2, after_s=30, failed=False, **on)]
+
+    def caching_saves(rate_usd_per_mtok: float) -> float:
+        # As above: two full prompts against a 5-minute write then a read of the 9,000-token prefix.
+        return (20_000 - (1_000 + 9_000 * 1.25 + 1_000 + 9_000 * 0.1)) * rate_usd_per_mtok / 1e6
+
+    regional = avoidable_for_request(request(BEDROCK, REGIONAL), table)
+    assert regional is not None and regional.avoidable_usd == pytest.approx(caching_saves(2.0 * 1.1))
+    global_ = avoidable_for_request(request(BEDROCK, GLOBAL), table)
+    assert global_ is not None and global_.avoidable_usd == pytest.approx(caching_saves(2.0))
+    first_party = table.lookup(haiku)
+    assert first_party is not None and first_party.input_usd_per_mtok != 2.0
+    foundry = avoidable_for_request(request(FOUNDRY, None), table)  # Foundry bills the Claude API's rates
+    assert foundry is not None
+    assert foundry.avoidable_usd == pytest.approx(caching_saves(first_party.input_usd_per_mtok))
+    # Bedrock with its endpoint kind unknown, and Vertex (no price of its own in the table): unpriced.
+    for platform, endpoint in ((BEDROCK, None), (VERTEX, GLOBAL)):
+        unpriced = avoidable_for_request(request(platform, endpoint), table)
+        assert unpriced is not None and unpriced.avoidable_usd is None, platform
+        assert unpriced.unknown == Unknown.UNPRICED
+
+
+def mixed_requests(table: PriceTable, count: int, *, seed: int) -> list[AttemptRecord]:
+    """Logical requests of every kind the avoidable waste tells apart, over three days from ``START``:
+    retried or not, billed or not, measured or not, caching or not, priced or not (an unknown model,
+    a platform or endpoint without a price), a model switched on the last attempt, long workflows."""
+    rng = random.Random(seed)
+    workflows = ("nightly", "", "triage", "w" * 80)
+    models = (MODEL, "claude-haiku-4-5", "claude-opus-4-1", "claude-mythos-5-2")
+    routes = (("anthropic", None),) * 4 + (
+        (BEDROCK, GLOBAL),
+        (BEDROCK, REGIONAL),
+        (BEDROCK, None),
+        (VERTEX, None),
+    )
+    made = []
+    for request in range(count):
+        started = START + timedelta(seconds=rng.uniform(0, 3 * 86_400))
+        model, workflow = rng.choice(models), rng.choice(workflows)
+        platform, endpoint = rng.choice(routes)
+        measured, cached = rng.random() < 0.6, rng.random() < 0.15
+        attempts = rng.choice((1, 2, 2, 3, 4))
+        for number in range(1, attempts + 1):
+            last = number == attempts
+            billed = rng.random() < 0.85
+            prompt = rng.randint(500, 50_000) if billed else 0
+            usage = Usage(
+                input_tokens=prompt // 2 if cached else prompt,
+                cache_read_tokens=prompt - prompt // 2 if cached else 0,
+                output_tokens=rng.randint(0, 2_000) if billed else 0,
+            )
+            answered = rng.choice(models) if last and rng.random() < 0.1 else model
+            made.append(
+                AttemptRecord(
+                    attempt_id=f"r{request}-a{number}",
+                    logical_request_id=f"r{request}",
+                    attempt_number=number,
+                    started_at=started + timedelta(seconds=rng.choice((5, 200, 900, 4_000)) * (number - 1)),
+                    outcome=Outcome.COMPLETED if last else Outcome.DROPPED,
+                    model_requested=model,
+                    model=answered if billed else None,
+                    platform=platform,
+                    endpoint=endpoint,
+                    usage=usage,
+                    cost=table.cost(answered, usage, platform=platform, endpoint=endpoint),
+                    wasted=not last and billed,
+                    waste_reason=WasteReason.RETRIED if not last and billed else None,
+                    tags={"workflow": workflow} if workflow else {},
+                    prompt_bytes=rng.randint(1_000, 200_000) if measured and number > 1 else None,
+                    stable_prefix_bytes=rng.randint(0, 1_000) * 200 if measured and number > 1 else None,
+                )
+            )
+    return made
+
+
+def assert_same_section(grouped: dict[str, Any], every_record: dict[str, Any]) -> None:
+    """Equal, up to the last float bit of sums added in another order."""
+    assert grouped.keys() == every_record.keys()
+    for key, value in every_record.items():
+        if isinstance(value, dict):
+            assert_same_section(grouped[key], value)
+        elif isinstance(value, list):
+            assert len(grouped[key]) == len(value), key
+            for ours, theirs in zip(grouped[key], value, strict=True):
+                assert_same_section(ours, theirs)
+        elif isinstance(value, float):
+            assert grouped[key] == pytest.approx(value, abs=2e-6), key
+        else:
+            assert grouped[key] == value, key
+
+
+def test_the_report_groups_the_avoidable_waste_in_the_database_to_the_same_numbers_as_from_every_record(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    table = with_bedrock_prices(tmp_path, monkeypatch)
+    records = mixed_requests(table, 400, seed=18)
+    store = SqlStore(store_url)
+    try:
+        store.export(records)
+        for start, end in ((None, None), (START + timedelta(days=1), START + timedelta(days=2))):
+            every = [avoidable_for_request(r, table) for r in store.retried_requests(start, end).values()]
+            alike, prompts = store.retried_prompts(start, end)
+            grouped = avoidable_of_retried(alike, prompts.values(), table)
+            assert len(prompts) < len(every) and alike, "some summed, some priced one by one"
+            wasted = sum(r.wasted_cost_usd for r in records)
+            expected = avoidable_waste_section([r for r in every if r is not None], wasted_usd=wasted, top=20)
+            assert expected["avoidable_with_prompt_caching"]["avoidable_usd"] > 0
+            assert set(expected["avoidable_with_prompt_caching"]["unknown_reasons"]) == {
+                Unknown.UNPRICED,
+                Unknown.NOT_MEASURED,
+            }
+            assert_same_section(avoidable_waste_section(grouped, wasted_usd=wasted, top=20), expected)
+    finally:
+        store.shutdown()
 
 
 # -- end to end: the SDK, the store, the report, the metric, and the fake's ledger as the truth ---------

@@ -465,11 +465,11 @@ def _serving(db: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
         text=True,
     )
     try:
-        deadline, body = time.monotonic() + 60, ""
+        deadline, body = time.monotonic() + 120, ""  # generous: a loaded machine is slow, not wrong
         while time.monotonic() < deadline and process.poll() is None and not body:
             with (
                 contextlib.suppress(OSError),
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response,
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response,
             ):
                 body = response.read().decode()
             time.sleep(0.2)

@@ -28,14 +28,16 @@ STREAMS = 4
 
 IN_FLIGHT_CHILD = textwrap.dedent(
     """
-    import signal, sys, threading, time
+    import faulthandler, os, select, signal, sys, threading, time
     import anthropic
     import costwatch
 
     url, spool_dir, base_url, handled = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "handled"
     if handled:
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())  # the application's own
+        # The application's own handler only writes to a pipe: one that took a lock (Event.set) could
+        # interrupt the main thread holding that very lock inside Event.wait, and wait forever.
+        got_sigterm, on_sigterm = os.pipe()
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.write(on_sigterm, b"."))
     costwatch.instrument(database_url=url, spool_dir=spool_dir, metrics=False, listeners=[])
     client = anthropic.Anthropic(base_url=base_url, api_key="sk-ant-test-key", max_retries=0)
     reading = threading.Semaphore(0)
@@ -53,14 +55,19 @@ IN_FLIGHT_CHILD = textwrap.dedent(
         thread.start()
     for _ in threads:
         reading.acquire()
+    faulthandler.dump_traceback_later(100, exit=True)  # a hang ends with every thread's stack
     print("streaming", flush=True)
+    # Waits in short slices: with other threads busy, CPython can run a signal's Python handler only
+    # after the blocking call it arrived just before returns (a minute, in one long wait).
     if handled:
-        stop.wait(60)
+        while not select.select([got_sigterm], [], [], 0.2)[0]:
+            pass
         print("handled", flush=True)
         for thread in threads:
             thread.join(60)
     else:
-        time.sleep(60)
+        while True:
+            time.sleep(0.2)
     """
 )
 
@@ -91,14 +98,14 @@ def _run_until_streaming(url: str, tmp_path: Path, base_url: str, mode: str) -> 
         line = child.stdout.readline()
         assert line == "streaming\n", child.stderr.read() if child.stderr else ""
         child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=60)
+        out, err = child.communicate(timeout=110)  # the child dumps its stacks and exits at 100 s
     finally:
         child.kill()
         child.wait()
     return child.returncode, out, err
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_attempts_in_flight_at_sigterm_are_stored_as_interrupted_with_what_they_billed(
     store_url: str, tmp_path: Path
 ) -> None:
@@ -124,7 +131,7 @@ def test_attempts_in_flight_at_sigterm_are_stored_as_interrupted_with_what_they_
     assert not any(Path(tmp_path / "spool").rglob("*.jsonl"))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_a_sigterm_the_application_handles_leaves_its_streams_to_finish(
     store_url: str, tmp_path: Path
 ) -> None:

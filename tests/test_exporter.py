@@ -541,6 +541,7 @@ def rendered_apart(tmp_path) -> Iterator[RenderedApart]:
     server = serve(url, 0, block=False, render_process=True)
     try:
         [worker] = _render_processes()
+        assert server.get_app().renderer.wait_ready(60)  # until then, answers are rendered in process
         yield RenderedApart(writer, server.server_port, worker)
     finally:
         writer.shutdown()
@@ -556,11 +557,12 @@ def test_answers_rendered_in_a_process_of_their_own_follow_the_store(rendered_ap
     assert rendered_apart.worker.is_alive()
 
 
-def test_the_render_process_ends_with_the_server(tmp_path):
+def test_the_first_answers_do_not_wait_for_the_render_process_and_it_ends_with_the_server(tmp_path):
     server = serve(f"sqlite:///{tmp_path / 'served.db'}", 0, block=False, render_process=True)
     try:
         [worker] = _render_processes()
-        assert "costwatch_up" in _scraped(server.server_port)
+        assert "costwatch_up" in _scraped(server.server_port)  # rendered here if the worker is not ready
+        assert server.get_app().renderer.wait_ready(60)
     finally:
         server.shutdown()
         server.server_close()
@@ -570,6 +572,7 @@ def test_the_render_process_ends_with_the_server(tmp_path):
 def test_the_render_process_logs_through_the_serving_process(tmp_path, caplog):
     server = serve(f"sqlite:///{tmp_path / 'nothing-here.db'}", 0, block=False, render_process=True)
     try:
+        assert server.get_app().renderer.wait_ready(60)
         with caplog.at_level("WARNING", logger="costwatch"):
             assert "costwatch_up 0.0" in _scraped(server.server_port)
     finally:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import anthropic
 import pytest
+from conftest import completed_attempt
 
 import costwatch
-from costwatch import Outcome, WasteReason
+from costwatch import MemorySink, Outcome, WasteReason
 from costwatch.pipeline import Pipeline
 from costwatch.settings import SettingsError
+from costwatch.spool import Spool
 from costwatch.store import SqlStore
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 
@@ -119,3 +122,40 @@ def test_instrument_with_an_unreachable_store_installs_and_spools_instead_of_rai
     finally:
         costwatch.uninstrument()
         pipeline.shutdown()
+
+
+def _one_request() -> None:
+    with FakeAnthropicServer(ResponseSpec.small(20)) as server:
+        client = anthropic.Anthropic(base_url=server.base_url, api_key="k")
+        client.messages.create(
+            model="claude-haiku-4-5", max_tokens=50, messages=[{"role": "user", "content": "go"}]
+        )
+
+
+@pytest.mark.parametrize(
+    "choice", [{"sinks": []}, {"store": False, "metrics": False}], ids=["sinks=[]", "store-and-metrics-off"]
+)
+def test_records_of_an_application_that_chose_no_sinks_are_not_reported_as_lost(tmp_path, caplog, choice):
+    pipeline = Pipeline(spool=Spool(tmp_path / "spool"), interval_s=0.05)
+    assert costwatch.instrument(pipeline=pipeline, listeners=[], **choice)
+    try:
+        _one_request()
+        assert pipeline.flush(10)
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown(timeout=5)
+    assert pipeline.dropped == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_record_delivered_after_the_chosen_sinks_were_detached_is_a_logged_loss(tmp_path, caplog):
+    pipeline = Pipeline(spool=Spool(tmp_path / "spool"), interval_s=0.05)
+    assert costwatch.instrument(pipeline=pipeline, sinks=[MemorySink()], listeners=[])
+    costwatch.uninstrument()  # detaches the sink; a stream still open would settle after this
+    try:
+        pipeline.submit(completed_attempt(1))
+        assert pipeline.flush(10)
+    finally:
+        pipeline.shutdown(timeout=5)
+    assert pipeline.dropped == 1
+    assert "no sink was attached" in caplog.text

@@ -276,7 +276,8 @@ SIGTERM_CHILD = textwrap.dedent(
             started_at=t0 + timedelta(seconds=n), outcome=Outcome.COMPLETED, usage=Usage(input_tokens=1),
         ))
     print(f"queued {pipeline.queue_depth}", flush=True)
-    time.sleep(60)
+    for _ in range(300):  # short slices: a signal right after "queued" is not left for a minute
+        time.sleep(0.2)
     """
 )
 
@@ -323,6 +324,80 @@ def test_sigterm_mid_workload_loses_nothing_already_submitted(tmp_path: Path, ch
         store.shutdown()
 
 
+CTRL_C_CHILD = textwrap.dedent(
+    """
+    import collections, sys, time
+    from datetime import datetime, timezone
+    from costwatch.pipeline import Pipeline
+    from costwatch.records import AttemptRecord, Outcome, Usage
+    from costwatch.spool import Spool
+
+    delivered, spool_dir, program = sys.argv[1], sys.argv[2], sys.argv[3]
+
+    class CodeGeneratingSink:
+        # Generates code as SQLAlchemy does on the first use of a construct: exec() of a string.
+        name = "generating"
+        def export(self, records):
+            collections.namedtuple("Row", "attempt_id")
+            with open(delivered, "a") as out:
+                out.writelines(record.attempt_id + "\\n" for record in records)
+        def shutdown(self):
+            pass
+
+    def record(attempt_id):
+        return AttemptRecord(
+            attempt_id=attempt_id, logical_request_id=attempt_id, attempt_number=1,
+            started_at=datetime.now(timezone.utc), outcome=Outcome.COMPLETED, usage=Usage(input_tokens=1),
+        )
+
+    pipeline = Pipeline(interval_s=3600, spool=Spool(spool_dir))
+    pipeline.add_sink(CodeGeneratingSink())
+    pipeline.install_exit_handlers()
+    pipeline.submit(record("before"))
+    assert pipeline.flush(60)
+    pipeline.submit(record("at-exit"))  # the writer sleeps for an hour: delivered at exit
+    try:
+        print("ready", flush=True)
+        for _ in range(300):  # short slices: a signal right after "ready" is not left for a minute
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        if program != "handles":
+            raise
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("program", "ends_with"),
+    [("does-not-catch", -signal.SIGINT), ("handles", 0)],
+    ids=["uncaught", "caught"],
+)
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_ends_the_program_as_python_would_after_the_records_are_delivered(
+    tmp_path: Path, program: str, ends_with: int
+) -> None:
+    """An uncaught Ctrl-C ends the process by SIGINT, as Python does, although delivering the records
+    at exit ran generated code; a Ctrl-C the program caught leaves its exit status its own."""
+    delivered = tmp_path / "delivered.txt"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_CHILD, str(delivered), str(tmp_path / "spool"), program],
+        env=_child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n", child.stderr.read() if child.stderr else ""
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=100)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == ends_with, err
+    assert delivered.read_text().split() == ["before", "at-exit"]
+
+
 EXIT_CHILD = textwrap.dedent(
     """
     import sys, time
@@ -349,7 +424,7 @@ EXIT_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_a_stream_closed_just_before_exit_is_settled_and_stored_before_the_pipeline_shuts_down(
     tmp_path: Path,
 ) -> None:
@@ -360,7 +435,7 @@ def test_a_stream_closed_just_before_exit_is_settled_and_stored_before_the_pipel
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=50,
+        timeout=150,
     )
     assert child.returncode == 0, child.stderr
     store = SqlStore(url)

@@ -407,3 +407,46 @@ def test_migration_0014_moves_each_platform_s_attempts_to_rollup_rows_of_their_o
         migrated.shutdown()
     migrate.downgrade(store_url, "0013")
     assert migrate.current(store_url) == "0013"
+
+
+def test_head_read_from_the_script_files_is_alembic_s_head() -> None:
+    # The start-up check reads the head from the scripts' text instead of importing them through
+    # Alembic: the two readings must never disagree.
+    assert migrate._scripted_head() == migrate.head()
+
+
+def test_a_database_at_head_is_checked_quietly_and_left_as_it_is(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    migrate.upgrade(store_url)
+    engine = create_store_engine(store_url)
+    caplog.set_level(logging.DEBUG)
+    try:
+        migrate.ensure_migrated(engine)
+    finally:
+        engine.dispose()
+    assert not [r for r in caplog.records if r.name.startswith("alembic") or "migrated" in r.getMessage()]
+    assert migrate.current(store_url) == migrate.head()
+
+
+def test_a_database_behind_head_is_migrated_at_start_and_says_so(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    migrate.upgrade(store_url, revision="0014")
+    engine = create_store_engine(store_url)
+    caplog.set_level(logging.INFO, logger="costwatch")
+    try:
+        migrate.ensure_migrated(engine)
+    finally:
+        engine.dispose()
+    assert migrate.current(store_url) == migrate.head()
+    assert "from 0014 to " + migrate.head() in caplog.text
+
+
+def test_a_fresh_database_is_migrated_at_start(store_url: str) -> None:
+    engine = create_store_engine(store_url)
+    try:
+        migrate.ensure_migrated(engine)
+    finally:
+        engine.dispose()
+    assert migrate.current(store_url) == migrate.head()

@@ -26,6 +26,9 @@ from costwatch.store.partitions import (
     DAYS_AHEAD,
     DEFAULT_PARTITION,
     day_partitions,
+    detach_day_partitions,
+    detached_partitions,
+    drop_detached_partitions,
     ensure_day_partitions,
     partition_name,
 )
@@ -177,6 +180,54 @@ def test_a_spool_replayed_after_a_prune_adds_nothing_the_rollups_counted(
         capsys.readouterr().out.split()
     )
     store.shutdown()
+
+
+@pytest.mark.postgres
+def test_a_writer_waits_for_no_partition_being_dropped(postgres_store: SqlStore) -> None:
+    """The table is locked only while the old days are detached; removing their files, which grows
+    with their size, locks only them, so writers go on meanwhile."""
+    make_days(postgres_store, -5, 0)
+    postgres_store.export([on_day(n, -4) for n in range(5)])
+    with postgres_store.engine.begin() as connection:
+        detach_day_partitions(connection, day_partitions(connection)[:2])
+    wrote = threading.Event()
+
+    def write() -> None:
+        postgres_store.export([on_day(n, 0) for n in range(10, 15)])
+        wrote.set()
+
+    with postgres_store.engine.begin() as dropping:  # a prune dropping them, not yet committed
+        assert drop_detached_partitions(dropping) == 5
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(10)
+        assert wrote.is_set(), "a writer waited for the partitions being dropped"
+    assert postgres_store.attempt_count() == 5
+    with postgres_store.engine.connect() as connection:
+        assert detached_partitions(connection) == []
+
+
+@pytest.mark.postgres
+def test_a_prune_drops_what_a_prune_that_stopped_after_detaching_left_and_no_other_table(
+    postgres_store: SqlStore,
+) -> None:
+    make_days(postgres_store, -5, 0)
+    postgres_store.export([on_day((day + 10) * 10 + n, day) for day in (-5, -4, -3) for n in range(3)])
+    with postgres_store.engine.begin() as connection:
+        old = [p for p in day_partitions(connection) if p.day < (TODAY - timedelta(days=3)).date()]
+        assert len(old) == 2
+        detach_day_partitions(connection, old)  # then the prune died
+        # A table an operator detached by hand to archive it: not the prune's to drop.
+        kept = partition_name((TODAY - timedelta(days=3)).date())
+        connection.exec_driver_sql(f"ALTER TABLE costwatch_attempts DETACH PARTITION {kept}")
+    assert postgres_store.attempt_count() == 0
+
+    assert postgres_store.prune_before(TODAY - timedelta(days=4)) == 6  # what the earlier one detached
+
+    assert postgres_store.prune_before(TODAY - timedelta(days=4)) == 0
+    with postgres_store.engine.connect() as connection:
+        assert detached_partitions(connection) == []
+        assert connection.exec_driver_sql(f"SELECT count(*) FROM {kept}").scalar() == 3
 
 
 @pytest.mark.postgres

@@ -200,7 +200,8 @@ def test_costwatch_run_passes_signals_to_the_program_and_its_records_are_kept(se
         messages = [{"role": "user", "content": "hi"}]
         client.messages.create(model="claude-sonnet-5-5", max_tokens=256, messages=messages)
         print("ready", flush=True)
-        time.sleep(60)
+        for _ in range(300):  # short slices: a signal right after "ready" is not left for a minute
+            time.sleep(0.2)
         """,
     )
     process = subprocess.Popen(

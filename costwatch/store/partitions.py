@@ -28,7 +28,9 @@ __all__ = [
     "DEFAULT_PARTITION",
     "DayPartition",
     "day_partitions",
-    "drop_day_partitions",
+    "detach_day_partitions",
+    "detached_partitions",
+    "drop_detached_partitions",
     "ensure_day_partitions",
     "is_attempt_partition",
     "is_partitioned",
@@ -47,7 +49,10 @@ trying again later): meanwhile new writers queue behind it."""
 
 _PARENT = "costwatch_attempts"
 _NAME = re.compile(r"^costwatch_attempts_(p(\d{8})|default)$")
+_PRUNED = "costwatch_attempts_pruned_"
+"""A prefix for a detached partition, which a prune drops next: never a table it did not detach."""
 _LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('costwatch.partitions:' || current_schema()))"
+_DROP_LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtext('costwatch.drop:' || current_schema()))"
 
 
 def partition_name(day: date) -> str:
@@ -57,7 +62,7 @@ def partition_name(day: date) -> str:
 
 def is_attempt_partition(name: str | None) -> bool:
     """Whether ``name`` is one of the attempts table's partitions (which the models do not list)."""
-    return name is not None and _NAME.match(name) is not None
+    return name is not None and (_NAME.match(name) is not None or name.startswith(_PRUNED))
 
 
 @dataclass(frozen=True)
@@ -149,22 +154,66 @@ def ensure_day_partitions(connection: sa.Connection, first: date, last: date) ->
     return created
 
 
-def drop_day_partitions(connection: sa.Connection, partitions: Sequence[DayPartition]) -> int:
-    """Drop day partitions inside the caller's transaction; returns the rows they held (a partition
-    another process dropped first counts none).
+def detach_day_partitions(connection: sa.Connection, partitions: Sequence[DayPartition]) -> list[str]:
+    """Detach day partitions from the attempts table inside the caller's transaction, renamed for
+    :func:`drop_detached_partitions`; returns the names they have now (a partition another process
+    detached first is skipped).
 
-    One transaction for all of them: the table's exclusive lock is taken once and held until commit
-    (a month: well under a second), where one transaction each paid a lock and a commit per day.
+    Detaching changes the catalog only, so the table's exclusive lock, which it takes (and holds until
+    the caller commits), is held for milliseconds: writers wait that long, not for the files to be
+    removed, which happens apart, under no lock on the table. ``DETACH ... CONCURRENTLY`` would not
+    block writers at all, but PostgreSQL refuses it on a table with a DEFAULT partition.
     """
     connection.exec_driver_sql(_LOCK_SQL)
     connection.exec_driver_sql(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
     present = set(day_partitions(connection))
     quote = connection.dialect.identifier_preparer.quote
-    rows = 0
+    detached = []
     for partition in partitions:
-        if partition not in present:
-            continue
-        name = quote(partition.name)
-        rows += int(connection.exec_driver_sql(f"SELECT count(*) FROM {name}").scalar_one())
-        connection.exec_driver_sql(f"DROP TABLE {name}")
+        if partition in present:
+            name = quote(partition.name)
+            pruned = f"{_PRUNED}{partition.name.removeprefix(_PARENT + '_')}"
+            connection.exec_driver_sql(f"ALTER TABLE {_PARENT} DETACH PARTITION {name}")
+            connection.exec_driver_sql(f"ALTER TABLE {name} RENAME TO {quote(pruned)}")
+            detached.append(pruned)
+    return detached
+
+
+def detached_partitions(connection: sa.Connection) -> list[str]:
+    """The partitions a prune detached and has not dropped yet (it drops them next, or the next
+    prune does if it stopped in between)."""
+    if not is_partitioned(connection):
+        return []
+    names = connection.exec_driver_sql(
+        "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' AND c.relname LIKE %(pattern)s "
+        "AND c.relnamespace = "
+        "(SELECT p.relnamespace FROM pg_class p WHERE p.oid = to_regclass(%(parent)s)) "
+        "ORDER BY c.relname",
+        {"pattern": f"{_PRUNED}%", "parent": _PARENT},
+    ).scalars()
+    return [name for name in names if name.startswith(_PRUNED)]  # LIKE's _ matches any character
+
+
+def drop_detached_partitions(connection: sa.Connection) -> int:
+    """Drop the partitions a prune detached, inside the caller's transaction; returns the rows they held.
+
+    No lock on the attempts table: they are tables of their own now. The cost is removing their
+    files when the caller commits, which grows with their size (benchmarks/README.md, row 9).
+    """
+    # Not the partitions' lock (a writer creating its days would wait for the files' removal): a
+    # lock of its own, and a prune that finds it taken leaves the dropping to the one holding it.
+    dropping = connection.exec_driver_sql(_DROP_LOCK_SQL).scalar()
+    if not dropping:
+        return 0
+    quote = connection.dialect.identifier_preparer.quote
+    names = [quote(name) for name in detached_partitions(connection)]
+    if not names:
+        return 0
+    # One statement each for all of them: fewer round trips, one walk of their dependencies, and
+    # a count the database can share among parallel workers (a sum of scalar counts it runs in turn).
+    # No JIT: at ten million attempts its compile time would exceed the count's.
+    connection.exec_driver_sql("SET LOCAL jit = off")
+    tables = " UNION ALL ".join(f"SELECT 1 FROM {name}" for name in names)
+    rows = int(connection.exec_driver_sql(f"SELECT count(*) FROM ({tables}) AS detached").scalar_one())
+    connection.exec_driver_sql(f"DROP TABLE {', '.join(names)}")
     return rows

@@ -1,8 +1,9 @@
 """Retention: pruning raw attempt rows before a cutoff, and never counting a pruned attempt twice.
 
 A prune first raises the store's cutoff (``costwatch_retention``), then removes the rows: on
-PostgreSQL it drops the day partitions wholly before the cutoff and deletes the rest row by row
-(the day the cutoff falls in, the DEFAULT partition); on SQLite it deletes rows. The rollups are
+PostgreSQL it detaches the day partitions wholly before the cutoff (the one moment it locks the
+table), drops them, and deletes the rest row by row (the day the cutoff falls in, the DEFAULT
+partition); on SQLite it deletes rows. The rollups are
 never touched, so every total stays.
 
 The cutoff is what keeps a pruned attempt from being counted again: a spool older than the retention
@@ -21,7 +22,14 @@ from datetime import datetime, timedelta, timezone
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .partitions import DAYS_AHEAD, day_partitions, drop_day_partitions, ensure_day_partitions
+from .partitions import (
+    DAYS_AHEAD,
+    day_partitions,
+    detach_day_partitions,
+    drop_detached_partitions,
+    ensure_day_partitions,
+    is_partitioned,
+)
 from .schema import ATTEMPTS, RETENTION
 
 __all__ = [
@@ -85,19 +93,25 @@ def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) 
     """Remove raw attempt rows that started before ``moment``; returns how many. Idempotent.
 
     The cutoff is raised first (one short transaction). PostgreSQL: the day partitions wholly before
-    ``moment`` are dropped, in one transaction; then (both backends) the rows left before it
-    are deleted in transactions of at most ``batch`` rows, so a writer beside the prune waits for one
-    short transaction at a time, never for the whole prune.
+    ``moment`` are detached, in one short transaction (the only one that locks the table), then
+    counted and dropped in another; then (both backends) the rows left before it are deleted in
+    transactions of at most ``batch`` rows, so a writer beside the prune waits for one short
+    transaction at a time, never for the whole prune.
     """
     moment = as_utc(moment)
     with engine.begin() as connection:
         raise_cutoff(connection, moment, datetime.now(timezone.utc))
     removed = 0
     with engine.connect() as connection:
+        partitioned = is_partitioned(connection)
         old_days = [partition for partition in day_partitions(connection) if partition.end <= moment]
     if old_days:
         with engine.begin() as connection:
-            removed += drop_day_partitions(connection, old_days)
+            detach_day_partitions(connection, old_days)
+    if partitioned:
+        # Also what an earlier prune detached and did not drop (it stopped in between).
+        with engine.begin() as connection:
+            removed += drop_detached_partitions(connection)
     return removed + _delete_before(engine, moment, batch)
 
 

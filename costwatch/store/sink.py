@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
+from ..avoidable import PromptAttempt, RetriedAlike
 from ..records import AttemptRecord, new_id
 from ..settings import default_of, load_settings
 from ..validation import clean_text
@@ -25,6 +26,7 @@ from .query import RollupTotals, read_rollup_totals, rollup_totals_query
 from .reconciliations import write_reconciliation
 from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
 from .retention import PRUNE_BATCH, ensure_partitions_ahead, prune_before
+from .retried import retried_prompts
 from .rows import record_from_row
 from .schema import ATTEMPTS, CALIBRATION_SAMPLES, REJECTED_ATTEMPTS
 from .write import BatchResult, insert_calibration_samples, write_batch
@@ -432,6 +434,15 @@ class SqlStore:
                 record = record_from_row(row)
                 requests.setdefault(record.logical_request_id, []).append(record)
         return requests
+
+    def retried_prompts(
+        self, start: datetime | None = None, end: datetime | None = None
+    ) -> tuple[list[RetriedAlike], dict[str, list[PromptAttempt]]]:
+        """What the report's avoidable waste reads of the requests retried in ``[start, end)``: those
+        with nothing to price one by one, summed, and the prompt figures of the others' attempts
+        (``costwatch.store.retried``). Grouped in the database: for reports at any size."""
+        with self._read() as connection:
+            return retried_prompts(connection, start, end)
 
     def attempt(self, attempt_id: str) -> AttemptRecord | None:
         """The stored (latest) revision of one attempt, or ``None``."""
