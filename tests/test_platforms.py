@@ -281,7 +281,11 @@ def test_every_platform_client_sees_the_same_and_records_match_the_ledger(client
             # rest: input exact, output estimated from what was read, the error the application saw.
             assert bare.error is not None and bare.error[0].endswith("." + str(record.error_type))
             assert record.usage.input_tokens == entry.input_tokens
-            assert record.usage.output_estimated and 0 < record.usage.output_tokens < entry.output_tokens
+            # The server bills what it sent until the client closed, which can be barely more than
+            # what was read: an estimate of the read part is not always below the bill, so only its
+            # presence is a fact here (its accuracy is the estimator's tests' and benchmark's).
+            assert record.usage.output_estimated and record.usage.output_tokens > 0
+            assert sum(record.output_chars.values()) > 0
             assert record.waste_reason is WasteReason.ABANDONED
         else:
             assert_billed_like_ledger(record, entry, case)
