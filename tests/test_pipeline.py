@@ -526,9 +526,10 @@ def test_a_sigterm_at_any_line_of_submit_or_flush_still_delivers_and_ends_the_pr
     tmp_path: Path, scenario: str
 ) -> None:
     """The SIGTERM handler runs in the main thread between two of its lines, whatever it was doing:
-    waking the writer (``wake``), starting it (``start``) or waiting in a flush (``flush``). For every line of that call, one forked child is signalled
-    there: each ends by SIGTERM, with what was queued before delivered (or spooled) exactly once. A
-    lock the interrupted line held and the handler needed again would leave a child hanging."""
+    waking the writer (``wake``), starting it (``start``) or waiting in a flush (``flush``). For
+    every line of that call, one forked child is signalled there: each ends by SIGTERM, with what
+    was queued before delivered (or spooled) exactly once. A lock the interrupted line held and the
+    handler needed again would leave a child hanging."""
     done = subprocess.run(
         [sys.executable, "-c", SIGTERM_AT_EVERY_LINE_CHILD, str(tmp_path), scenario],
         env=_child_env(),
