@@ -323,8 +323,10 @@ class Pipeline:
     # -- the writer's side -------------------------------------------------------------------
     def _start(self) -> None:
         # Not from a signal handler: the thread it interrupted may hold threading's own locks (inside
-        # Thread.start) or this one; whoever holds this one is starting the writer anyway.
-        if _in_signal_handler or not self._start_lock.acquire(blocking=False):
+        # Thread.start) or this one; whoever holds this one is starting the writer anyway. (Other
+        # threads, like the settler's while the handler waits for it, may start it.)
+        in_handler = _in_signal_handler and threading.current_thread() is threading.main_thread()
+        if in_handler or not self._start_lock.acquire(blocking=False):
             return
         try:
             if self._thread is None:
