@@ -382,6 +382,8 @@ def test_a_ctrl_c_ends_the_program_as_python_would_after_the_records_are_deliver
     child = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_CHILD, str(delivered), str(tmp_path / "spool"), program],
         env=_child_env(),
+        # A test runner started as a background job ignores SIGINT, and so would this child.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
