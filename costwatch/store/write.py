@@ -519,9 +519,11 @@ def _abandoned_matching(
     a partial index on abandoned rows: the query states its condition as a literal, or the planner
     cannot use it). ``tests/test_store_writes.py`` checks that both branches probe their index.
     """
-    # An abandoned attempt's retry starts at most _retry_wait after it: none started earlier than
-    # this can have one among ``landed`` (and the partitions of older days are skipped).
-    recent = _started_within(connection, since - timedelta(seconds=_LONGEST_DURATION_S), None)
+    # An abandoned attempt's retry starts at most _retry_wait after it, and after it: none started
+    # earlier than this or later than the last of ``landed`` can have one among them (and only the
+    # partitions of those days are planned and read, not every day since, nor the days ahead).
+    last = max(record.started_at for record in landed)
+    recent = _started_within(connection, since - timedelta(seconds=_LONGEST_DURATION_S), last)
     abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True), recent)
     request_ids = sorted({record.logical_request_id for record in landed})
     fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
