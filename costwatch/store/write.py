@@ -565,21 +565,24 @@ def _abandoned_matching(
     request_ids: Sequence[str] | sa.BindParameter[str],
     fingerprints: Sequence[str] | sa.BindParameter[str],
     since: datetime | sa.BindParameter[datetime],
+    last: datetime | None = None,
 ) -> list[sa.ColumnElement[bool]]:
-    """Which stored abandoned attempts a batch of ``request_ids`` and ``fingerprints`` may be the
-    retries of: one condition per index (values, or named parameters: see :func:`_sqlite_lookups`).
+    """Which stored abandoned attempts a batch of ``request_ids`` and ``fingerprints``, the last of
+    which started at ``last``, may be the retries of: one condition per index (values, or named
+    parameters: see :func:`_sqlite_lookups`).
 
     Those of the same logical request (``ix_costwatch_attempts_logical_request_id``), and those of
     the same fingerprint that ended at or after ``since`` (``ix_costwatch_attempts_abandoned_fingerprint``,
     a partial index on abandoned rows: the query states its condition as a literal, or the planner
     cannot use it). ``tests/test_store_writes.py`` checks that both branches probe their index.
     """
-    # An abandoned attempt's retry starts at most _retry_wait after it: none started earlier than
-    # this can have one among the batch (and the partitions of older days are skipped).
+    # An abandoned attempt's retry starts at most _retry_wait after it, and after it: none started
+    # earlier than this or later than ``last`` can have one among the batch (and only the partitions
+    # of those days are planned and read, not every day since, nor the days ahead).
     recent = (
         sa.true()  # SQLite's lookups, which nothing partitions
         if isinstance(since, sa.BindParameter)
-        else _started_within(connection, since - timedelta(seconds=_LONGEST_DURATION_S), None)
+        else _started_within(connection, since - timedelta(seconds=_LONGEST_DURATION_S), last)
     )
     abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True), recent)
     by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), abandoned)
@@ -649,7 +652,8 @@ def _reclassify_retried(
             )
         )
     else:
-        matching = _abandoned_matching(connection, request_ids, fingerprints, since)
+        last = max(record.started_at for record in landed)
+        matching = _abandoned_matching(connection, request_ids, fingerprints, since, last)
         abandoned = _select_rows(connection, *matching)
     if not abandoned:
         return [], []
