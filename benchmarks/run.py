@@ -62,6 +62,8 @@ class Sizes:
     fresh_creates: int = 100
     fresh_peers: bool = True
     """Whether the fresh-process rounds include the control and the other tools, or costwatch only."""
+    fresh_calibration_samples: int = 5_000
+    """Calibration samples in the store of the install-call row on a calibrated store."""
     huge_event_mb: tuple[int, ...] = (4, 16)
     huge_event_repeats: int = 3
     sigkill_runs: int = 5
@@ -128,6 +130,7 @@ PRESETS = {
         fresh_events=50,
         fresh_creates=2,
         fresh_peers=False,
+        fresh_calibration_samples=200,
         huge_event_mb=(1, 2),
         huge_event_repeats=1,
         sigkill_runs=1,
@@ -173,6 +176,7 @@ def run_benchmarks(
                 events=sizes.fresh_events,
                 creates=sizes.fresh_creates,
                 peers=sizes.fresh_peers,
+                calibration_samples=sizes.fresh_calibration_samples,
                 log=log,
             )
         )

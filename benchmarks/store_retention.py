@@ -3,7 +3,8 @@
 A throwaway PostgreSQL database is filled with the store benchmark's synthetic attempts spread over
 the last ``days`` days (60: two months), with a day partition for each of those days as a store
 running that long has made them, through the store's own write path (``SqlStore.export``, batches of
-500 as the pipeline sends them), in order, 100,000 attempts made and written at a time. Rows:
+``COSTWATCH_BATCH_SIZE`` as the pipeline sends them), in order, 100,000 attempts made and written at
+a time. Rows:
 
 * writer throughput over the whole fill, and over its last tenth (sustained: at nearly full size);
 * a fleet-exporter scrape (first of a process, and later ones) and ``costwatch report --by model``

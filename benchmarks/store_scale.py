@@ -33,6 +33,7 @@ from measure import Measurement
 
 from costwatch.pricing import PriceTable, load_prices
 from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason, new_id
+from costwatch.settings import default_of
 from costwatch.store import SqlStore
 
 __all__ = [
@@ -49,7 +50,8 @@ WRITE_TARGETS = {"sqlite": 20_000.0, "postgresql": 10_000.0}
 """Attempts per second one process must write, by backend."""
 SCRAPE_TARGET_S = 0.100
 REPORT_TARGET_S = 1.0
-PIPELINE_BATCH = 500
+PIPELINE_BATCH: int = default_of("batch_size")
+"""Records a batch of the store benchmarks holds: the pipeline's default, ``COSTWATCH_BATCH_SIZE``."""
 _TARGET_ROWS = 1_000_000
 _SPAN = timedelta(days=30)
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from .estimation import OutputEstimator
 from .records import AttemptRecord
 
-__all__ = ["CALIBRATION_WINDOW", "CalibrationSource", "FleetCalibration"]
+__all__ = ["CALIBRATION_WINDOW", "PER_MODEL", "CalibrationSource", "FleetCalibration"]
 
 log = logging.getLogger("costwatch")
 
@@ -27,14 +27,26 @@ CALIBRATION_WINDOW = timedelta(days=7)
 """How far back stored samples count: a model's output does not change, but the mix of its work does."""
 
 _LOAD_LIMIT = 5_000
-"""The newest samples read at a load: far more than the estimator's memory of ~20 per factor needs."""
+"""The newest samples a read looks at."""
+
+PER_MODEL = 100
+"""Of those, the newest of each model read into the estimator. A factor past its first samples moves
+by ``alpha`` (0.1) of each new one, so what a sample 100 samples back still weighs is 0.9**90 of it
+(1e-4 of a log-ratio): the 101st newest sample changes no estimate, and reading the fleet's
+calibration costs the same with 5,000 samples stored as with 100 a model."""
 
 
 class CalibrationSource(Protocol):
     """Where stored calibration samples are read from (the SQL store)."""
 
     def calibration_samples(
-        self, *, after: int = 0, since: datetime | None = None, limit: int = ..., others_only: bool = False
+        self,
+        *,
+        after: int = 0,
+        since: datetime | None = None,
+        limit: int = ...,
+        others_only: bool = False,
+        per_model: int | None = None,
     ) -> Sequence[Any]:
         """Samples with ``sample_id``, ``model``, ``chars`` and ``output_tokens``, oldest first."""
 
@@ -69,7 +81,8 @@ class FleetCalibration:
         self._lock = threading.Lock()
 
     def load(self) -> int:
-        """Read the samples of the last :data:`CALIBRATION_WINDOW` into the estimator; how many."""
+        """Read the samples of the last :data:`CALIBRATION_WINDOW` into the estimator (the newest
+        :data:`PER_MODEL` of each model among the newest 5,000); how many."""
         with self._lock:
             return self._read(others_only=False)
 
@@ -83,7 +96,11 @@ class FleetCalibration:
         try:
             since = datetime.now(timezone.utc) - CALIBRATION_WINDOW
             rows = self.source.calibration_samples(
-                after=self._cursor or 0, since=since, limit=_LOAD_LIMIT, others_only=others_only
+                after=self._cursor or 0,
+                since=since,
+                limit=_LOAD_LIMIT,
+                others_only=others_only,
+                per_model=PER_MODEL,
             )
         except Exception as exc:
             if not self._warned:

@@ -39,7 +39,7 @@ from types import FrameType
 from typing import Any
 
 from .records import AttemptRecord, fingerprint_of
-from .settings import SettingsError
+from .settings import SettingsError, default_of
 from .sinks import Sink
 from .spool import Spool
 from .validation import storable
@@ -161,7 +161,7 @@ class Pipeline:
         self,
         *,
         capacity: int = 100_000,
-        batch_size: int = 500,
+        batch_size: int = default_of("batch_size"),
         interval_s: float = 1.0,
         spool: Spool | None = None,
         retry_initial_s: float = 1.0,

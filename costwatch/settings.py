@@ -173,7 +173,7 @@ class Settings:
     batch_size: int = _setting(
         "COSTWATCH_BATCH_SIZE",
         _positive_int,
-        500,
+        2_000,
         "Records written per database transaction.",
         low=1,
         high=100_000,

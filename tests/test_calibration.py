@@ -10,7 +10,7 @@ from conftest import read_stream_through_a_cut
 
 import costwatch
 import costwatch.store.sink
-from costwatch.calibration import FleetCalibration
+from costwatch.calibration import PER_MODEL, FleetCalibration
 from costwatch.estimation import OutputEstimator
 from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
@@ -76,14 +76,14 @@ def _records(store: SqlStore) -> list[AttemptRecord]:
         return [record_from_row(row) for row in connection.execute(sa.select(ATTEMPTS)).mappings()]
 
 
-def sample(attempt_id: str, tokens: int, chars: int = 3500) -> AttemptRecord:
+def sample(attempt_id: str, tokens: int, chars: int = 3500, model: str = MODEL) -> AttemptRecord:
     return AttemptRecord(
         attempt_id=attempt_id,
         logical_request_id=attempt_id,
         attempt_number=1,
         started_at=datetime.now(timezone.utc),
         outcome=Outcome.COMPLETED,
-        model=MODEL,
+        model=model,
         usage=Usage(input_tokens=10, output_tokens=tokens),
         output_chars={"text": chars},
     )
@@ -105,6 +105,26 @@ def test_a_refresh_reads_only_the_samples_other_processes_stored_since(store_url
         assert calibration.refresh() == 0
     finally:
         store.shutdown()
+
+
+def test_a_load_reads_the_newest_samples_of_each_model_and_calibrates_as_all_of_them_would(store_url):
+    other = "claude-opus-4-6"
+    stored = [sample(f"h-{i}", 900 + (i * 37) % 400, 3500, MODEL) for i in range(3 * PER_MODEL)]
+    stored += [sample(f"o-{i}", 1200 + (i * 53) % 300, 3500, other) for i in range(PER_MODEL // 4)]
+    store = SqlStore(store_url)
+    try:
+        store.write(stored)
+        estimator = OutputEstimator()
+        assert FleetCalibration(store, estimator, refresh_s=300.0).load() == PER_MODEL + PER_MODEL // 4
+        everything = store.calibration_samples()  # in the order they were stored
+    finally:
+        store.shutdown()
+    assert len(everything) == len(stored)
+    fed_everything = OutputEstimator()
+    for row in everything:
+        fed_everything.observe(row.model, row.chars, row.output_tokens)
+    for model in (MODEL, other):
+        assert estimator.estimate(model, {"text": 35_000}) == fed_everything.estimate(model, {"text": 35_000})
 
 
 def test_an_unreadable_store_leaves_the_estimator_as_it_is_and_says_so_once(caplog):

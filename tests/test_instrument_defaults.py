@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import anthropic
 import pytest
@@ -61,6 +66,37 @@ def _ids(store: SqlStore) -> list[str]:
 
     with store.engine.connect() as connection:
         return list(connection.execute(sa.select(ATTEMPTS.c.attempt_id)).scalars())
+
+
+def test_a_fresh_process_has_the_full_collection_its_store_imports_made_due_inside_instrument(tmp_path):
+    # The store's imports leave ~40,000 long-lived objects, enough to make the interpreter's next full
+    # garbage collection (a pass over the whole heap) fall among the application's first requests.
+    program = textwrap.dedent(
+        """
+        import gc, json, sys
+        import costwatch
+
+        full = []
+        gc.callbacks.append(
+            lambda phase, info: phase == "start" and info["generation"] == 2
+            and full.append(("costwatch.store" in sys.modules, costwatch.is_instrumented()))
+        )
+        costwatch.instrument()
+        print(json.dumps(full))
+        """
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    full_collections = json.loads(ran.stdout)
+    # The last one ran after the store was imported and the hooks installed: within instrument()'s end.
+    assert full_collections and full_collections[-1] == [True, True]
 
 
 def test_an_unknown_setting_is_a_clear_error_and_installs_nothing():

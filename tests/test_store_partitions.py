@@ -151,6 +151,10 @@ def test_prune_drops_whole_days_deletes_from_the_day_of_the_cutoff_and_keeps_eve
     assert postgres_store.attempt_count() == 5
     assert postgres_store.rollup_totals() == before
     assert postgres_store.prune_before(cutoff) == 0
+    # Days -2 and -1 dropped whole: day -2 holds one row, though its hours' rollups count both of its
+    # attempts, so it is counted row by row; day -1, which no prune touched, from the rollups.
+    assert postgres_store.prune_before(TODAY) == 1 + 2
+    assert postgres_store.rollup_totals() == before
 
 
 def test_a_spool_replayed_after_a_prune_adds_nothing_the_rollups_counted(

@@ -23,6 +23,8 @@ from datetime import date, datetime, time, timedelta, timezone
 
 import sqlalchemy as sa
 
+from .schema import ROLLUPS
+
 __all__ = [
     "DAYS_AHEAD",
     "DEFAULT_PARTITION",
@@ -168,14 +170,18 @@ def detach_day_partitions(connection: sa.Connection, partitions: Sequence[DayPar
     connection.exec_driver_sql(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
     present = set(day_partitions(connection))
     quote = connection.dialect.identifier_preparer.quote
-    detached = []
+    detached, statements = [], []
     for partition in partitions:
         if partition in present:
             name = quote(partition.name)
             pruned = f"{_PRUNED}{partition.name.removeprefix(_PARENT + '_')}"
-            connection.exec_driver_sql(f"ALTER TABLE {_PARENT} DETACH PARTITION {name}")
-            connection.exec_driver_sql(f"ALTER TABLE {name} RENAME TO {quote(pruned)}")
+            statements.append(f"ALTER TABLE {_PARENT} DETACH PARTITION {name}")
+            statements.append(f"ALTER TABLE {name} RENAME TO {quote(pruned)}")
             detached.append(pruned)
+    if statements:
+        # One round trip for all of them: writers wait while this runs, and on a busy host each
+        # statement's round trip cost more than the statement itself.
+        connection.exec_driver_sql("; ".join(statements))
     return detached
 
 
@@ -194,26 +200,70 @@ def detached_partitions(connection: sa.Connection) -> list[str]:
     return [name for name in names if name.startswith(_PRUNED)]  # LIKE's _ matches any character
 
 
-def drop_detached_partitions(connection: sa.Connection) -> int:
+def drop_detached_partitions(connection: sa.Connection, rows_deleted_before: datetime | None = None) -> int:
     """Drop the partitions a prune detached, inside the caller's transaction; returns the rows they held.
 
     No lock on the attempts table: they are tables of their own now. The cost is removing their
     files when the caller commits, which grows with their size (benchmarks/README.md, row 9).
+
+    The rows are not counted by reading them: a day that starts at or after ``rows_deleted_before``
+    (the cutoff before this prune's; ``None``: never pruned) never had a row deleted, so its rows are
+    the attempts its hours' rollups count, exactly, in a few index pages. Only a day some earlier
+    prune deleted rows from (the day its cutoff fell in, or one a stopped prune left detached) is
+    counted row by row.
     """
     # Not the partitions' lock (a writer creating its days would wait for the files' removal): a
     # lock of its own, and a prune that finds it taken leaves the dropping to the one holding it.
     dropping = connection.exec_driver_sql(_DROP_LOCK_SQL).scalar()
     if not dropping:
         return 0
-    quote = connection.dialect.identifier_preparer.quote
-    names = [quote(name) for name in detached_partitions(connection)]
+    names = detached_partitions(connection)
     if not names:
         return 0
-    # One statement each for all of them: fewer round trips, one walk of their dependencies, and
-    # a count the database can share among parallel workers (a sum of scalar counts it runs in turn).
-    # No JIT: at ten million attempts its compile time would exceed the count's.
-    connection.exec_driver_sql("SET LOCAL jit = off")
-    tables = " UNION ALL ".join(f"SELECT 1 FROM {name}" for name in names)
-    rows = int(connection.exec_driver_sql(f"SELECT count(*) FROM ({tables}) AS detached").scalar_one())
-    connection.exec_driver_sql(f"DROP TABLE {', '.join(names)}")
+    quote = connection.dialect.identifier_preparer.quote
+    whole: list[date] = []
+    counted: list[str] = []
+    for name in names:
+        day = _pruned_day(name)
+        if day is not None and (rows_deleted_before is None or _start(day) >= rows_deleted_before):
+            whole.append(day)
+        else:
+            counted.append(quote(name))
+    rows = _rows_of_days(connection, whole)
+    if counted:
+        # No JIT: its compile time would exceed the count's.
+        connection.exec_driver_sql("SET LOCAL jit = off")
+        tables = " UNION ALL ".join(f"SELECT 1 FROM {name}" for name in counted)
+        rows += int(connection.exec_driver_sql(f"SELECT count(*) FROM ({tables}) AS detached").scalar_one())
+    connection.exec_driver_sql(f"DROP TABLE {', '.join(quote(name) for name in names)}")
     return rows
+
+
+def _start(day: date) -> datetime:
+    return datetime.combine(day, time(), timezone.utc)
+
+
+def _pruned_day(name: str) -> date | None:
+    """The day a detached partition held (``None``: a name that says none)."""
+    match = _NAME.match(_PARENT + "_" + name.removeprefix(_PRUNED))
+    if match is None or match.group(2) is None:
+        return None
+    return datetime.strptime(match.group(2), "%Y%m%d").date()
+
+
+def _rows_of_days(connection: sa.Connection, days: Sequence[date]) -> int:
+    """The attempts that started on ``days``, as the hourly rollups count them (every stored attempt
+    is in its hour's rollups once, whatever its revisions and reclassifications moved)."""
+    if not days:
+        return 0
+    hour = ROLLUPS.c.hour
+    # One index range of the rollups' key (the hour leads it) per run of consecutive days.
+    runs: list[list[date]] = []
+    for day in sorted(days):
+        if runs and runs[-1][1] + timedelta(days=1) == day:
+            runs[-1][1] = day
+        else:
+            runs.append([day, day])
+    ranges = [sa.and_(hour >= _start(first), hour < _start(last + timedelta(days=1))) for first, last in runs]
+    query = sa.select(sa.func.coalesce(sa.func.sum(ROLLUPS.c.attempts), 0)).where(sa.or_(*ranges))
+    return int(connection.execute(query).scalar_one())

@@ -62,8 +62,9 @@ def cutoff_for_writing(connection: sa.Connection) -> datetime | None:
     return None if cutoff is None else as_utc(cutoff)
 
 
-def raise_cutoff(connection: sa.Connection, moment: datetime, now: datetime) -> None:
-    """Raise the store's cutoff to ``moment`` (never lower it), inside the caller's transaction.
+def raise_cutoff(connection: sa.Connection, moment: datetime, now: datetime) -> datetime | None:
+    """Raise the store's cutoff to ``moment`` (never lower it), inside the caller's transaction;
+    returns the cutoff before (``None``: never pruned).
 
     On PostgreSQL this waits for the writers in flight, which may have read the older cutoff.
     """
@@ -72,8 +73,10 @@ def raise_cutoff(connection: sa.Connection, moment: datetime, now: datetime) -> 
     stored = connection.execute(sa.select(RETENTION.c.pruned_before)).scalar()
     if stored is None:
         connection.execute(sa.insert(RETENTION).values(id=1, pruned_before=moment, pruned_at=now))
-    elif as_utc(stored) < moment:
+        return None
+    if as_utc(stored) < moment:
         connection.execute(sa.update(RETENTION).values(pruned_before=moment, pruned_at=now))
+    return as_utc(stored)
 
 
 def ensure_partitions_ahead(engine: Engine, now: datetime | None = None) -> datetime | None:
@@ -94,13 +97,13 @@ def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) 
 
     The cutoff is raised first (one short transaction). PostgreSQL: the day partitions wholly before
     ``moment`` are detached, in one short transaction (the only one that locks the table), then
-    counted and dropped in another; then (both backends) the rows left before it are deleted in
-    transactions of at most ``batch`` rows, so a writer beside the prune waits for one short
-    transaction at a time, never for the whole prune.
+    dropped in another (their rows counted from the hourly rollups); then (both backends) the rows
+    left before it are deleted in transactions of at most ``batch`` rows, so a writer beside the
+    prune waits for one short transaction at a time, never for the whole prune.
     """
     moment = as_utc(moment)
     with engine.begin() as connection:
-        raise_cutoff(connection, moment, datetime.now(timezone.utc))
+        earlier = raise_cutoff(connection, moment, datetime.now(timezone.utc))
     removed = 0
     with engine.connect() as connection:
         partitioned = is_partitioned(connection)
@@ -111,7 +114,7 @@ def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) 
     if partitioned:
         # Also what an earlier prune detached and did not drop (it stopped in between).
         with engine.begin() as connection:
-            removed += drop_detached_partitions(connection)
+            removed += drop_detached_partitions(connection, rows_deleted_before=earlier)
     return removed + _delete_before(engine, moment, batch)
 
 

@@ -238,11 +238,18 @@ class SqlStore:
 
     # -- calibration -------------------------------------------------------------------------
     def calibration_samples(
-        self, *, after: int = 0, since: datetime | None = None, limit: int = 5_000, others_only: bool = False
+        self,
+        *,
+        after: int = 0,
+        since: datetime | None = None,
+        limit: int = 5_000,
+        others_only: bool = False,
+        per_model: int | None = None,
     ) -> list[CalibrationRow]:
         """Stored calibration samples (reported output only) with ``sample_id`` above ``after``, oldest
         first: at most the ``limit`` newest, of attempts started at ``since`` or later, and with
-        ``others_only`` only those other processes wrote."""
+        ``others_only`` only those other processes wrote; with ``per_model``, of those only the
+        ``per_model`` newest of each model (chosen in the database: the rest are never read)."""
         table = CALIBRATION_SAMPLES
         query = sa.select(table.c.sample_id, table.c.model, table.c.chars, table.c.output_tokens).where(
             table.c.sample_id > after, table.c.output_tokens.is_not(None)
@@ -252,6 +259,19 @@ class SqlStore:
         if others_only:
             query = query.where(table.c.writer != _writer_id)
         query = query.order_by(table.c.sample_id.desc()).limit(limit)
+        if per_model is not None:
+            newest = query.subquery("newest")
+            ranked = sa.select(
+                newest,
+                sa.func.row_number()
+                .over(partition_by=newest.c.model, order_by=newest.c.sample_id.desc())
+                .label("rank"),
+            ).subquery("ranked")
+            query = (
+                sa.select(ranked.c.sample_id, ranked.c.model, ranked.c.chars, ranked.c.output_tokens)
+                .where(ranked.c.rank <= per_model)
+                .order_by(ranked.c.sample_id.desc())
+            )
         with self._read() as connection:
             rows = connection.execute(query).all()
         return [
