@@ -266,7 +266,9 @@ SIGTERM_CHILD = textwrap.dedent(
         signal.signal(signal.SIGTERM, previous_handler)
     store = SqlStore(url)
     store.attempt_count()  # migrate before the clock starts
-    pipeline = Pipeline(batch_size=500, interval_s=3600, spool=Spool(spool_dir))
+    # Batches larger than the workload and an hour's interval: the writer takes nothing before SIGTERM,
+    # however fast the store is (with 500 a fast writer had drained most before "queued").
+    pipeline = Pipeline(batch_size=5000, interval_s=3600, spool=Spool(spool_dir))
     pipeline.add_sink(store)
     pipeline.install_exit_handlers()
     t0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
