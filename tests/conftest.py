@@ -21,6 +21,9 @@ from costwatch.pricing import load_prices
 from costwatch.records import AttemptRecord, Outcome, Usage
 from costwatch.sinks import MemorySink
 
+# Which tests run on every SDK line (marked ``sdk``), and the guard on the others.
+pytest_plugins = ["sdk_lines"]
+
 
 @dataclass
 class Accounting:
