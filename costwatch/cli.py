@@ -13,10 +13,13 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
@@ -31,6 +34,7 @@ from . import __version__
 from .avoidable import PromptAttempt, RetriedAlike, avoidable_of_retried
 from .durations import MomentError, ceil_hour, floor_hour, parse_duration, parse_moment
 from .explain import explain_request, render_explain
+from .pipeline import SignalSafeEvent
 from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
 from .records import AttemptRecord, Outcome, WasteReason
 from .report import (
@@ -1029,8 +1033,6 @@ def _render_watch_round(result: dict[str, Any], output: str | None, out: Console
 
 
 def _command_reconcile(args: argparse.Namespace, out: Console, err: Console) -> int:
-    import time
-
     from .durations import parse_duration
     from .usage_api import admin_key
 
@@ -1055,6 +1057,8 @@ def _command_reconcile(args: argparse.Namespace, out: Console, err: Console) -> 
     url = _resolve_url(args.db)
     store = _migrated_store(url)
     rounds = 0
+    stop = SignalSafeEvent()
+    previous = _stop_on_signals(stop) if interval is not None else {}
     try:
         while True:
             now = datetime.now(timezone.utc)
@@ -1090,11 +1094,36 @@ def _command_reconcile(args: argparse.Namespace, out: Console, err: Console) -> 
                     highlight=False,
                     soft_wrap=True,
                 )
-            time.sleep(interval.total_seconds())
+            if stop.wait(interval.total_seconds()):
+                err.print(f"costwatch: stopped watching after {rounds} round(s)", highlight=False)
+                return 0
     except KeyboardInterrupt:
         return 0
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         store.shutdown()
+
+
+def _stop_on_signals(stop: SignalSafeEvent) -> dict[int, Any]:
+    """Have Ctrl-C and SIGTERM set ``stop`` (a second one interrupts at once); the handlers replaced.
+
+    The watch then ends after its round, or at once while it waits, and never in the middle of
+    printing or writing a round. A signal the process was started ignoring stays ignored.
+    """
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, request_stop)
+    return previous
 
 
 # -- the parser ------------------------------------------------------------------------------------

@@ -222,18 +222,27 @@ def _sqlite_utc_text(value: datetime | None) -> str | None:
     return value.isoformat(sep=" ", timespec="microseconds")
 
 
+def _sqlite_boolean(value: bool | None) -> int | None:
+    """As SQLAlchemy binds a boolean for SQLite."""
+    return None if value is None else int(value)
+
+
 def _bind_conversions(
     table: sa.Table, names: Sequence[str], dialect: Dialect
 ) -> tuple[Callable[[Any], Any] | None, ...]:
     """Per column, what SQLAlchemy's bind processing would do to a value, done in one call.
 
-    Booleans and floats need nothing: SQLite's column affinity stores them as SQLAlchemy would,
-    and psycopg copies them as they are. JSON columns go as their text on both.
+    Floats need nothing, nor do booleans for psycopg, which copies them as they are. Booleans go to
+    SQLite as the integers SQLAlchemy stores: Python's driver passes an exact ``int`` straight
+    through, but looks for an adapter for a ``bool`` first (two failed attribute lookups, each
+    formatting an error message). JSON columns go as their text on both.
     """
     conversions: list[Callable[[Any], Any] | None] = []
     for name in names:
         column_type = table.c[name].type
-        if isinstance(column_type, UtcDateTime):
+        if isinstance(column_type, sa.Boolean) and dialect.name == "sqlite":
+            conversions.append(_sqlite_boolean)
+        elif isinstance(column_type, UtcDateTime):
             convert = _sqlite_utc_text if dialect.name == "sqlite" else _utc
             # A rollup's timestamps are whole hours, a few distinct ones per batch: remembered.
             conversions.append(convert if table is ATTEMPTS else functools.lru_cache(maxsize=1024)(convert))
@@ -773,12 +782,17 @@ def insert_calibration_samples(
     ]
     if not rows:
         return 0
-    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-    # A revision of the same attempt (a waste flip, a redelivered batch) carries the same counts.
-    connection.execute(
-        insert(CALIBRATION_SAMPLES).on_conflict_do_nothing(index_elements=["attempt_id"]), rows
-    )
+    connection.execute(_INSERT_SAMPLES[connection.dialect.name], rows)
     return len(rows)
+
+
+_INSERT_SAMPLES = {
+    name: insert(CALIBRATION_SAMPLES).on_conflict_do_nothing(index_elements=["attempt_id"])
+    for name, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
+"""The calibration samples' insert on each backend, built once: a batch binds only its rows. A revision
+of the same attempt (a waste flip, a redelivered batch) carries the same counts, so a conflict is
+ignored."""
 
 
 def reconcile_calibration_samples(
