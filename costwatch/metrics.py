@@ -697,6 +697,8 @@ class MetricsSink:
 
     def _inc(self, metric: Any, labels: tuple[str, ...], amount: float) -> None:
         """Add ``amount`` (which a correction may make negative) to a counter's series."""
+        if amount == 0 and (id(metric), labels) in self._series_of:
+            return  # most token types of most attempts: the series is shown (at 0) already
         if amount >= 0 and not self._owed:
             self._series(metric, *labels).inc(amount)
             return

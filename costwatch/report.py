@@ -11,7 +11,7 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -219,14 +219,13 @@ def subtract_totals(after: Sequence[RollupTotals], before: Sequence[RollupTotals
         return tuple(sorted((name, str(value)) for name, value in row.group.items()))
 
     earlier = {key(row): row for row in before}
-    measures = [f.name for f in fields(RollupTotals) if f.name != "group"]
     changed = []
     for row in after:
         old = earlier.get(key(row))
         if old is None:
             changed.append(row)
             continue
-        difference = {name: getattr(row, name) - getattr(old, name) for name in measures}
+        difference = {name: getattr(row, name) - getattr(old, name) for name in ROLLUP_MEASURES}
         if any(difference.values()):
             changed.append(replace(row, **difference))
     return changed

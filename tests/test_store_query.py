@@ -9,10 +9,12 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+import sqlalchemy as sa
 
 from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
-from costwatch.store import SqlStore
+from costwatch.store import ROLLUP_MEASURES, RollupTotals, SqlStore
 from costwatch.store.query import all_time_with_recent_query, rollup_totals_query
+from costwatch.store.schema import ROLLUPS
 
 BOUNDARY = datetime(2025, 3, 1, 11, tzinfo=timezone.utc)
 
@@ -121,3 +123,16 @@ def test_a_report_over_all_time_equals_the_sum_of_every_hour(store):
     for group_by in [(), ("model",), ("model", "outcome"), ("waste_reason", "workflow")]:
         every_hour = store.rollup_totals(datetime(2000, 1, 1, tzinfo=timezone.utc), group_by=group_by)
         assert store.rollup_totals(group_by=group_by) == every_hour, group_by
+
+
+def test_rollup_totals_has_a_field_per_rollup_column_typed_as_its_column() -> None:
+    """Made from the rollup table: a new measure column is a new field, zero unless given."""
+    fields = {field.name: field.type for field in dataclasses.fields(RollupTotals)}
+    assert list(fields) == ["group", *ROLLUP_MEASURES]
+    empty = RollupTotals()
+    for name in ROLLUP_MEASURES:
+        integer = isinstance(ROLLUPS.c[name].type, sa.Integer)
+        assert fields[name] is (int if integer else float)
+        assert getattr(empty, name) == 0 and type(getattr(empty, name)) is fields[name]
+    totals = RollupTotals(group={"model": "m"}, billed_input_tokens=3, wasted_output_tokens=2)
+    assert (totals.billed_tokens, totals.wasted_tokens) == (3, 2)

@@ -473,6 +473,25 @@ def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them
             assert reads and all(_probes_an_index(node) for node in reads), plan
 
 
+def test_a_batch_runs_the_same_statements_whatever_its_size(store: SqlStore) -> None:
+    """A batch's cost per record is its rows; its statements (and their texts) are fixed."""
+    store.export([attempt(1)])  # the first batch of a process checks and compiles once
+    executed: list[str] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        executed.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        store.export([attempt(2)])
+        one = list(executed)
+        executed.clear()
+        store.export([attempt(n) for n in range(3, 203)])
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", capture)
+    assert executed == one
+
+
 def _holds_rows(connection: sa.Connection, read: dict[str, Any]) -> bool:
     name = read["Relation Name"]
     return connection.exec_driver_sql(f'SELECT 1 FROM "{name}" LIMIT 1').first() is not None

@@ -8,9 +8,9 @@ all-time rollups (a few thousand rows), not from grouping every hourly row.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 
@@ -27,7 +27,10 @@ __all__ = [
     "settled_before",
 ]
 
-_INTEGER_MEASURES = frozenset(m for m in ROLLUP_MEASURES if not m.endswith("_usd") and m != "duration_s")
+_MEASURE_TYPES: dict[str, type[int] | type[float]] = {
+    name: int if isinstance(ROLLUPS.c[name].type, sa.Integer) else float for name in ROLLUP_MEASURES
+}
+"""Each rollup measure's Python type, read from its column (counts and tokens are integers)."""
 
 
 def settled_before(now: datetime, retry_window: timedelta) -> datetime:
@@ -40,64 +43,58 @@ def settled_before(now: datetime, retry_window: timedelta) -> datetime:
     return hour_of(now - retry_window)
 
 
-@dataclass(frozen=True)
-class RollupTotals:
-    """Sums of every rollup measure for one group (``group`` maps each grouped dimension to its value).
+_TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
 
-    Dimensions that were absent on the attempts read as ``""``: ``waste_reason == ""`` means not
-    wasted, ``workflow == ""`` untagged, ``error_type == ""`` no error.
-    """
 
-    group: Mapping[str, Any] = field(default_factory=dict)
-    attempts: int = 0
-    dropped_attempts: int = 0
-    logical_requests_started: int = 0
-    billed_input_tokens: int = 0
-    billed_output_tokens: int = 0
-    billed_cache_read_tokens: int = 0
-    billed_cache_write_tokens: int = 0
-    wasted_input_tokens: int = 0
-    wasted_output_tokens: int = 0
-    wasted_cache_read_tokens: int = 0
-    wasted_cache_write_tokens: int = 0
-    billed_cost_usd: float = 0.0
-    wasted_cost_usd: float = 0.0
-    estimated_output_tokens: int = 0
-    duration_s: float = 0.0
-    unpriced_attempts: int = 0
-    unpriced_tokens: int = 0
-    wasted_input_cost_usd: float = 0.0
-    wasted_cache_read_cost_usd: float = 0.0
-    wasted_cache_write_cost_usd: float = 0.0
-    wasted_output_cost_usd: float = 0.0
-    wasted_server_tool_cost_usd: float = 0.0
-    reported_output_tokens: int = 0
-    counted_output_tokens: int = 0
-    reconciled_output_tokens: int = 0
-    reported_output_cost_usd: float = 0.0
-    estimated_output_cost_usd: float = 0.0
-    counted_output_cost_usd: float = 0.0
-    reconciled_output_cost_usd: float = 0.0
+def _billed_tokens(self: Any) -> int:
+    """Billed tokens of every kind."""
+    return sum(getattr(self, f"billed_{kind}_tokens") for kind in _TOKEN_KINDS)
 
-    @property
-    def billed_tokens(self) -> int:
-        """Billed tokens of every kind."""
-        return (
-            self.billed_input_tokens
-            + self.billed_output_tokens
-            + self.billed_cache_read_tokens
-            + self.billed_cache_write_tokens
-        )
 
-    @property
-    def wasted_tokens(self) -> int:
-        """Wasted tokens of every kind."""
-        return (
-            self.wasted_input_tokens
-            + self.wasted_output_tokens
-            + self.wasted_cache_read_tokens
-            + self.wasted_cache_write_tokens
-        )
+def _wasted_tokens(self: Any) -> int:
+    """Wasted tokens of every kind."""
+    return sum(getattr(self, f"wasted_{kind}_tokens") for kind in _TOKEN_KINDS)
+
+
+_ROLLUP_TOTALS_DOC = """Sums of every rollup measure for one group (``group``: its dimensions' values).
+
+One attribute per rollup measure, named and typed as its column (``ROLLUP_MEASURES``: integers for
+counts and tokens, floats for dollars and seconds), zero unless given; and ``billed_tokens`` and
+``wasted_tokens``, of every kind. Dimensions that were absent on the attempts read as ``""``:
+``waste_reason == ""`` means not wasted, ``workflow == ""`` untagged, ``error_type == ""`` no error.
+"""
+
+if TYPE_CHECKING:
+
+    class RollupTotals:
+        # What the type checker sees of the class made below from the rollup tables' columns.
+        __dataclass_fields__: ClassVar[dict[str, Any]]
+        group: Mapping[str, Any]
+
+        def __init__(self, group: Mapping[str, Any] = ..., **measures: float) -> None: ...
+        def __getattr__(self, measure: str) -> Any: ...
+        @property
+        def billed_tokens(self) -> int: ...
+        @property
+        def wasted_tokens(self) -> int: ...
+
+else:
+    # The measures are the rollup tables' columns: a new column is a new field here, with no list to
+    # keep in step (as rows.py names each measure's value and the table orders them).
+    RollupTotals = make_dataclass(
+        "RollupTotals",
+        [
+            ("group", Mapping[str, Any], field(default_factory=dict)),
+            *((name, kind, field(default=kind())) for name, kind in _MEASURE_TYPES.items()),
+        ],
+        frozen=True,
+        namespace={
+            "__doc__": _ROLLUP_TOTALS_DOC,
+            "__module__": __name__,
+            "billed_tokens": property(_billed_tokens),
+            "wasted_tokens": property(_wasted_tokens),
+        },
+    )
 
 
 def _where_in(
@@ -146,10 +143,7 @@ def read_rollup_totals(
     """Run a :func:`rollup_totals_query` and return one :class:`RollupTotals` per group."""
     totals = []
     for row in connection.execute(query).mappings():
-        measures: dict[str, Any] = {
-            name: int(row[name] or 0) if name in _INTEGER_MEASURES else float(row[name] or 0.0)
-            for name in ROLLUP_MEASURES
-        }
+        measures: dict[str, Any] = {name: kind(row[name] or 0) for name, kind in _MEASURE_TYPES.items()}
         totals.append(RollupTotals(group={name: row[name] for name in group_by}, **measures))
     return totals
 

@@ -46,6 +46,9 @@ PRUNE_BATCH = 10_000
 
 _LOCK = "hashtext('costwatch.prune:' || current_schema())"
 
+_READ_CUTOFF = sa.select(RETENTION.c.pruned_before)
+"""Read by every batch: built once, so that SQLAlchemy neither builds nor keys it each time."""
+
 
 def as_utc(moment: datetime) -> datetime:
     """``moment`` as timezone-aware UTC (naive is taken as UTC, as the store stores it)."""
@@ -58,7 +61,7 @@ def cutoff_for_writing(connection: sa.Connection) -> datetime | None:
     if connection.dialect.name == "postgresql":
         # A statement of its own: the next one's snapshot is taken after the lock is granted.
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock_shared({_LOCK})")
-    cutoff = connection.execute(sa.select(RETENTION.c.pruned_before)).scalar()
+    cutoff = connection.execute(_READ_CUTOFF).scalar()
     return None if cutoff is None else as_utc(cutoff)
 
 
@@ -70,7 +73,7 @@ def raise_cutoff(connection: sa.Connection, moment: datetime, now: datetime) -> 
     """
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK})")
-    stored = connection.execute(sa.select(RETENTION.c.pruned_before)).scalar()
+    stored = connection.execute(_READ_CUTOFF).scalar()
     if stored is None:
         connection.execute(sa.insert(RETENTION).values(id=1, pruned_before=moment, pruned_at=now))
         return None

@@ -222,18 +222,27 @@ def _sqlite_utc_text(value: datetime | None) -> str | None:
     return value.isoformat(sep=" ", timespec="microseconds")
 
 
+def _sqlite_boolean(value: bool | None) -> int | None:
+    """As SQLAlchemy binds a boolean for SQLite."""
+    return None if value is None else int(value)
+
+
 def _bind_conversions(
     table: sa.Table, names: Sequence[str], dialect: Dialect
 ) -> tuple[Callable[[Any], Any] | None, ...]:
     """Per column, what SQLAlchemy's bind processing would do to a value, done in one call.
 
-    Booleans and floats need nothing: SQLite's column affinity stores them as SQLAlchemy would,
-    and psycopg copies them as they are. JSON columns go as their text on both.
+    Floats need nothing, nor do booleans for psycopg, which copies them as they are. Booleans go to
+    SQLite as the integers SQLAlchemy stores: Python's driver passes an exact ``int`` straight
+    through, but looks for an adapter for a ``bool`` first (two failed attribute lookups, each
+    formatting an error message). JSON columns go as their text on both.
     """
     conversions: list[Callable[[Any], Any] | None] = []
     for name in names:
         column_type = table.c[name].type
-        if isinstance(column_type, UtcDateTime):
+        if isinstance(column_type, sa.Boolean) and dialect.name == "sqlite":
+            conversions.append(_sqlite_boolean)
+        elif isinstance(column_type, UtcDateTime):
             convert = _sqlite_utc_text if dialect.name == "sqlite" else _utc
             # A rollup's timestamps are whole hours, a few distinct ones per batch: remembered.
             conversions.append(convert if table is ATTEMPTS else functools.lru_cache(maxsize=1024)(convert))
@@ -332,16 +341,20 @@ def _statements_for(dialect: Dialect) -> _Statements:
 
 # -- reading what is stored ------------------------------------------------------------------------
 def _among(
-    connection: sa.Connection, column: sa.ColumnElement[Any], values: Sequence[str]
+    connection: sa.Connection, column: sa.ColumnElement[Any], values: Sequence[str] | sa.BindParameter[str]
 ) -> sa.ColumnElement[bool]:
-    """``column`` is one of ``values``, given as one JSON array parameter (so one statement text).
+    """``column`` is one of ``values``, given as one JSON array parameter (so one statement text), or
+    one of the values of a named parameter that each execution binds to such an array (:func:`_listed`).
 
     SQLAlchemy would otherwise expand an ``IN`` list into hundreds of parameters, and psycopg format
     an array parameter element by element, both in Python, for every batch.
     """
-    if not values:
+    if isinstance(values, sa.BindParameter):
+        listed = values
+    elif not values:
         return sa.false()
-    listed = sa.bindparam(None, json.dumps(list(values)), type_=sa.String())
+    else:
+        listed = sa.bindparam(None, _listed(values), type_=sa.String())
     if connection.dialect.name == "postgresql":
         # = ANY(ARRAY(...)), not IN (SELECT ...): inside an OR, only the array form is an index scan.
         elements = sa.select(sa.func.json_array_elements_text(sa.cast(listed, postgresql.JSON)))
@@ -383,8 +396,7 @@ def _select_rows(
     in order than probe the key indexes and sort.
     """
     if connection.dialect.name != "postgresql":
-        query = sa.select(ATTEMPTS).where(sa.or_(*matching))
-        return [record_from_row(row) for row in connection.execute(query).mappings()]
+        return _records(connection.execute(sa.select(ATTEMPTS).where(sa.or_(*matching))))
     found: dict[tuple[str, datetime], AttemptRecord] = {}
     for condition in matching:
         query = sa.select(ATTEMPTS).where(condition).order_by(ATTEMPTS.c.attempt_id)
@@ -394,6 +406,50 @@ def _select_rows(
             record = record_from_row(row)
             found.setdefault((record.attempt_id, record.started_at), record)
     return [found[key] for key in sorted(found)]
+
+
+def _records(result: sa.CursorResult[Any]) -> list[AttemptRecord]:
+    return [record_from_row(row) for row in result.mappings()]
+
+
+def _listed(values: Sequence[str]) -> str:
+    """``values`` as the JSON array that :func:`_among` reads them from."""
+    return json.dumps(list(values))
+
+
+@dataclass(frozen=True)
+class _SqliteLookups:
+    """The two lookups of every batch on SQLite, built once with named parameters.
+
+    A batch then only binds its values: SQLAlchemy neither builds nor keys a statement per batch, which
+    cost more than running both (a non-streaming call's batch is a few records).
+    """
+
+    stored: sa.Select[Any]
+    """The stored attempts among ``ids`` (a JSON array)."""
+    abandoned: sa.Select[Any]
+    """The stored abandoned attempts of ``request_ids``, or of ``fingerprints`` that ended at or after
+    ``since`` (:func:`_abandoned_matching`)."""
+
+
+_lookups: dict[str, _SqliteLookups] = {}
+
+
+def _sqlite_lookups(connection: sa.Connection) -> _SqliteLookups:
+    found = _lookups.get(connection.dialect.name)
+    if found is None:
+        listed = functools.partial(sa.bindparam, type_=sa.String())
+        matching = _abandoned_matching(
+            connection,
+            listed("request_ids"),
+            listed("fingerprints"),
+            sa.bindparam("since", type_=ATTEMPTS.c.started_at.type),
+        )
+        found = _lookups[connection.dialect.name] = _SqliteLookups(
+            stored=sa.select(ATTEMPTS).where(_among(connection, ATTEMPTS.c.attempt_id, listed("ids"))),
+            abandoned=sa.select(ATTEMPTS).where(sa.or_(*matching)),
+        )
+    return found
 
 
 # -- the steps of a batch --------------------------------------------------------------------------
@@ -419,7 +475,7 @@ def _insert_new(
     # SQLite: this transaction holds the database's write lock, so what is stored now stays so
     # until commit; read it, then insert the rest (a plain insert: a conflict here would be a bug).
     ids = [record.attempt_id for record in records]
-    stored = _select_rows(connection, _among(connection, ATTEMPTS.c.attempt_id, ids))
+    stored = _records(connection.execute(_sqlite_lookups(connection).stored, {"ids": _listed(ids)}))
     stored_ids = {record.attempt_id for record in stored}
     new = [record for record in records if record.attempt_id not in stored_ids]
     if new:
@@ -486,8 +542,11 @@ def _is_retry_of(later: AttemptRecord, abandoned: AttemptRecord, window: timedel
     )
 
 
-def _ended_since(connection: sa.Connection, since: datetime) -> sa.ColumnElement[bool]:
-    """Rows of attempts that ended (``started_at + duration_s``) at or after ``since``.
+def _ended_since(
+    connection: sa.Connection, since: datetime | sa.BindParameter[datetime]
+) -> sa.ColumnElement[bool]:
+    """Rows of attempts that ended (``started_at + duration_s``) at or after ``since`` (a moment, or on
+    SQLite a named parameter of the start time's type that each execution binds).
 
     The duration is clamped to ``[0, _LONGEST_DURATION_S]`` first: PostgreSQL refuses to make an
     interval of a NaN or huge number of seconds (and orders NaN above every number, so a stored NaN
@@ -500,9 +559,10 @@ def _ended_since(connection: sa.Connection, since: datetime) -> sa.ColumnElement
     # SQLite keeps timestamps as text; julianday() reads them as (fractional) days. A second of
     # slack absorbs its rounding; _is_retry_of decides exactly. (A filter on the rows the key
     # indexes found, so it costs no index.)
-    bound = sa.func.julianday(sa.literal(since - timedelta(seconds=1), ATTEMPTS.c.started_at.type))
+    if not isinstance(since, sa.BindParameter):
+        since = sa.literal(since, ATTEMPTS.c.started_at.type)
     duration = sa.func.min(sa.func.max(ATTEMPTS.c.duration_s, 0.0), _LONGEST_DURATION_S)
-    return sa.func.julianday(ATTEMPTS.c.started_at) + duration / 86400.0 >= bound
+    return sa.func.julianday(ATTEMPTS.c.started_at) + (duration + 1.0) / 86400.0 >= sa.func.julianday(since)
 
 
 _ABANDONED: sa.ColumnElement[str] = sa.literal_column(f"'{WasteReason.ABANDONED.value}'")
@@ -510,9 +570,15 @@ _ABANDONED: sa.ColumnElement[str] = sa.literal_column(f"'{WasteReason.ABANDONED.
 
 
 def _abandoned_matching(
-    connection: sa.Connection, landed: Sequence[AttemptRecord], since: datetime
+    connection: sa.Connection,
+    request_ids: Sequence[str] | sa.BindParameter[str],
+    fingerprints: Sequence[str] | sa.BindParameter[str],
+    since: datetime | sa.BindParameter[datetime],
+    last: datetime | None = None,
 ) -> list[sa.ColumnElement[bool]]:
-    """Which stored abandoned attempts ``landed`` may be the retries of: one condition per index.
+    """Which stored abandoned attempts a batch of ``request_ids`` and ``fingerprints``, the last of
+    which started at ``last``, may be the retries of: one condition per index (values, or named
+    parameters: see :func:`_sqlite_lookups`).
 
     Those of the same logical request (``ix_costwatch_attempts_logical_request_id``), and those of
     the same fingerprint that ended at or after ``since`` (``ix_costwatch_attempts_abandoned_fingerprint``,
@@ -520,15 +586,16 @@ def _abandoned_matching(
     cannot use it). ``tests/test_store_writes.py`` checks that both branches probe their index.
     """
     # An abandoned attempt's retry starts at most _retry_wait after it, and after it: none started
-    # earlier than this or later than the last of ``landed`` can have one among them (and only the
-    # partitions of those days are planned and read, not every day since, nor the days ahead).
-    last = max(record.started_at for record in landed)
-    recent = _started_within(connection, since - timedelta(seconds=_LONGEST_DURATION_S), last)
+    # earlier than this or later than ``last`` can have one among the batch (and only the partitions
+    # of those days are planned and read, not every day since, nor the days ahead).
+    recent = (
+        sa.true()  # SQLite's lookups, which nothing partitions
+        if isinstance(since, sa.BindParameter)
+        else _started_within(connection, since - timedelta(seconds=_LONGEST_DURATION_S), last)
+    )
     abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True), recent)
-    request_ids = sorted({record.logical_request_id for record in landed})
-    fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
     by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), abandoned)
-    if not fingerprints:
+    if not isinstance(fingerprints, sa.BindParameter) and not fingerprints:
         return [by_request]
     in_fingerprints = _among(connection, ATTEMPTS.c.fingerprint, fingerprints)
     return [by_request, sa.and_(in_fingerprints, abandoned, _ended_since(connection, since))]
@@ -584,7 +651,19 @@ def _reclassify_retried(
     if not landed:
         return [], []
     since = min(record.started_at for record in landed) - window
-    abandoned = _select_rows(connection, *_abandoned_matching(connection, landed, since))
+    request_ids = sorted({record.logical_request_id for record in landed})
+    fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
+    if connection.dialect.name == "sqlite":
+        abandoned = _records(
+            connection.execute(
+                _sqlite_lookups(connection).abandoned,
+                {"request_ids": _listed(request_ids), "fingerprints": _listed(fingerprints), "since": since},
+            )
+        )
+    else:
+        last = max(record.started_at for record in landed)
+        matching = _abandoned_matching(connection, request_ids, fingerprints, since, last)
+        abandoned = _select_rows(connection, *matching)
     if not abandoned:
         return [], []
     landed_ids = {record.attempt_id for record in landed}
@@ -703,12 +782,17 @@ def insert_calibration_samples(
     ]
     if not rows:
         return 0
-    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-    # A revision of the same attempt (a waste flip, a redelivered batch) carries the same counts.
-    connection.execute(
-        insert(CALIBRATION_SAMPLES).on_conflict_do_nothing(index_elements=["attempt_id"]), rows
-    )
+    connection.execute(_INSERT_SAMPLES[connection.dialect.name], rows)
     return len(rows)
+
+
+_INSERT_SAMPLES = {
+    name: insert(CALIBRATION_SAMPLES).on_conflict_do_nothing(index_elements=["attempt_id"])
+    for name, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
+"""The calibration samples' insert on each backend, built once: a batch binds only its rows. A revision
+of the same attempt (a waste flip, a redelivered batch) carries the same counts, so a conflict is
+ignored."""
 
 
 def reconcile_calibration_samples(
