@@ -272,14 +272,17 @@ def _command_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
             from .testing.usage_report import FAKE_ADMIN_KEY
 
             now = datetime.now(timezone.utc)
-            start, end = bucket_window(demo_start, now + timedelta(seconds=1), "1m")
+            # Hour buckets: the fake bills an attempt in the bucket of its arrival, costwatch records
+            # it in the bucket of its start; on a loaded machine the two can be a second apart, and an
+            # attempt split across a minute's edge leaves both minutes' estimates uncorrected.
+            start, end = bucket_window(demo_start, now + timedelta(seconds=1), "1h")
             try:
                 found, _ = _reconcile_window(
                     store,
                     key=FAKE_ADMIN_KEY,
                     start=start,
                     end=end,
-                    bucket="1m",
+                    bucket="1h",
                     base_url=base_url,
                     now=now,
                     prices=prices,
