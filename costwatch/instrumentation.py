@@ -39,7 +39,7 @@ from .estimation import OutputEstimator
 from .event_stream import CONTENT_TYPE as EVENT_STREAM_CONTENT_TYPE
 from .event_stream import EventStreamMeter
 from .health import guarded, instrumentation_errors
-from .pipeline import Pipeline, drain_before_exit, get_pipeline, interrupt_before_exit
+from .pipeline import Pipeline, SignalSafeEvent, drain_before_exit, get_pipeline, interrupt_before_exit
 from .platforms import MESSAGES_PATH, is_platform_path
 from .pricing import PriceTable, load_prices
 from .records import Outcome
@@ -68,7 +68,7 @@ class _DeferredSettler:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Attempt | _Interrupted | threading.Event] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Attempt | _Interrupted | SignalSafeEvent] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -97,7 +97,7 @@ class _DeferredSettler:
         if self._thread is None or not self._thread.is_alive():
             self._settle_queued()  # no thread (not instrumented yet, or a forked child): settle here
             return True
-        done = threading.Event()
+        done = SignalSafeEvent()  # a SIGTERM handler may wait while the thread it interrupted waits too
         self._queue.put(done)
         return done.wait(timeout)
 
@@ -137,8 +137,8 @@ class _Interrupted:
         self.attempt = attempt
 
 
-def _settle_item(item: Attempt | _Interrupted | threading.Event) -> None:
-    if isinstance(item, threading.Event):
+def _settle_item(item: Attempt | _Interrupted | SignalSafeEvent) -> None:
+    if isinstance(item, SignalSafeEvent):
         item.set()  # a waiter's marker: everything queued before it is settled
     elif isinstance(item, _Interrupted):
         guarded("interrupt", item.attempt.settle_interrupted)

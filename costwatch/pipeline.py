@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -48,6 +49,7 @@ __all__ = [
     "SIGTERM_FLUSH_TIMEOUT_S",
     "Pipeline",
     "PipelineHealth",
+    "SignalSafeEvent",
     "drain_before_exit",
     "get_pipeline",
     "interrupt_before_exit",
@@ -89,13 +91,53 @@ class _Unhashed:
         return dataclasses.replace(self.record, fingerprint=fingerprint_of(self.body))
 
 
+class SignalSafeEvent:
+    """A :class:`threading.Event` that a signal handler may set, or wait on, at any moment.
+
+    ``threading.Event.set`` takes a lock that is not reentrant: a signal handler calling it while the
+    thread it interrupted was inside ``set`` (or ``wait``) of the same event deadlocks the process.
+    Here the flag is a token in a :class:`queue.SimpleQueue`, whose ``put`` is reentrant and whose
+    waiting holds no lock a ``put`` needs.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self) -> None:
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def set(self) -> None:
+        """Set the flag, waking every waiter."""
+        self._tokens.put(None)
+
+    def is_set(self) -> bool:
+        """Whether the flag is set."""
+        return not self._tokens.empty()
+
+    def clear(self) -> None:
+        """Unset the flag."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._tokens.get_nowait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the flag is set (at most ``timeout`` seconds); whether it is."""
+        if timeout is not None:
+            timeout = min(max(0.0, timeout), threading.TIMEOUT_MAX)
+        try:
+            self._tokens.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        self._tokens.put(None)  # still set, for the next waiter
+        return True
+
+
 class _Flushed:
     """A marker in the queue: everything before it has been delivered or spooled once it is reached."""
 
     __slots__ = ("done",)
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.done = SignalSafeEvent()
 
 
 @dataclass
@@ -142,9 +184,12 @@ class Pipeline:
     def _reset_runtime(self) -> None:
         self._queue: deque[AttemptRecord | _Unhashed | _Flushed] = deque()
         self._unhashed_bytes = 0
-        self._wake = threading.Event()
+        # Everything a SIGTERM handler may touch while it interrupts the main thread is safe to
+        # re-enter: the wake-up and flush markers are signal-safe events, the counters' lock is
+        # reentrant, and the writer thread is never started from the handler.
+        self._wake = SignalSafeEvent()
         self._start_lock = threading.Lock()
-        self._counter_lock = threading.Lock()
+        self._counter_lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._exiting = False
@@ -169,9 +214,9 @@ class Pipeline:
         self._queue.append(item)
         if self._thread is None:
             self._start()
-        # Until the writer gets the GIL, every submit finds a full batch waiting: Event.set() takes a
-        # lock and notifies, ~1 us, even when the event is already set. A set event is cleared by
-        # the writer only before it drains the queue, so this record is delivered either way.
+        # Until the writer gets the GIL, every submit finds a full batch waiting: one wake-up is
+        # enough. A set event is cleared by the writer only before it drains the queue, so this
+        # record is delivered either way.
         if len(self._queue) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
@@ -277,10 +322,18 @@ class Pipeline:
 
     # -- the writer's side -------------------------------------------------------------------
     def _start(self) -> None:
-        with self._start_lock:
+        # Not from a signal handler: the thread it interrupted may hold threading's own locks (inside
+        # Thread.start) or this one; whoever holds this one is starting the writer anyway. (Other
+        # threads, like the settler's while the handler waits for it, may start it.)
+        in_handler = _in_signal_handler and threading.current_thread() is threading.main_thread()
+        if in_handler or not self._start_lock.acquire(blocking=False):
+            return
+        try:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="costwatch-pipeline", daemon=True)
                 self._thread.start()
+        finally:
+            self._start_lock.release()
 
     def _run(self) -> None:
         logged = False
@@ -411,10 +464,11 @@ class Pipeline:
 
     def _unhashed(self, record: AttemptRecord, body: bytes) -> AttemptRecord | _Unhashed:
         """A queue item that leaves hashing ``body`` to the writer, unless too many bodies wait."""
+        size = len(body)
         with self._counter_lock:
-            held = self._unhashed_bytes + len(body) <= MAX_UNHASHED_BYTES
+            held = self._unhashed_bytes + size <= MAX_UNHASHED_BYTES
             if held:
-                self._unhashed_bytes += len(body)
+                self._unhashed_bytes += size
         if held:
             return _Unhashed(record, body)
         return dataclasses.replace(record, fingerprint=fingerprint_of(body))  # the writer is behind
@@ -423,8 +477,9 @@ class Pipeline:
         """The record of a queue item, fingerprinted if it was left unhashed, as sinks can store it."""
         if not isinstance(item, _Unhashed):
             return storable(item)
+        size = len(item.body)
         with self._counter_lock:
-            self._unhashed_bytes -= len(item.body)
+            self._unhashed_bytes -= size
         return storable(item.finished())
 
     def _count_write_error(self) -> None:
@@ -483,9 +538,11 @@ class Pipeline:
                 _still_die_of_sigint()
 
     def _flush_for_exit(self, timeout: float) -> None:
+        """On SIGTERM, in the handler: deliver what is queued, or spool it if no writer can in time."""
         self._exiting = True
         try:
-            if not self.flush(timeout):
+            writer = self._thread
+            if writer is None or not writer.is_alive() or not self.flush(timeout):
                 self._spill_queue()
         finally:
             self._exiting = False  # an application's own SIGTERM handler may carry on
@@ -501,6 +558,7 @@ _live_pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 _flush_on_sigterm: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 _previous_sigterm: Callable[[int, FrameType | None], Any] | int | None = None
 _sigterm_installed = False
+_in_signal_handler = False
 
 SIGTERM_FLUSH_TIMEOUT_S = 10.0
 """How long a ``SIGTERM`` waits for queued records to be delivered before spooling the rest."""
@@ -566,6 +624,24 @@ def _still_die_of_sigint() -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    global _in_signal_handler
+    _in_signal_handler = True
+    try:
+        _flush_on_sigterm_now()
+    finally:
+        _in_signal_handler = False
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_IGN:
+        return
+    else:
+        # The default action (terminate), as if we had never been here.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _flush_on_sigterm_now() -> None:
     previous = _previous_sigterm
     # A handler of the application's own (or SIG_IGN) decides whether the process ends; if it does
     # end, interpreter exit settles what is still in flight then.
@@ -575,14 +651,6 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
             pipeline._flush_for_exit(SIGTERM_FLUSH_TIMEOUT_S)
         except Exception:
             log.exception("costwatch: flushing attempt records on SIGTERM failed")
-    if callable(previous):
-        previous(signum, frame)
-    elif previous == signal.SIG_IGN:
-        return
-    else:
-        # The default action (terminate), as if we had never been here.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _install_sigterm_handler() -> None:

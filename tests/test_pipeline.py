@@ -266,7 +266,9 @@ SIGTERM_CHILD = textwrap.dedent(
         signal.signal(signal.SIGTERM, previous_handler)
     store = SqlStore(url)
     store.attempt_count()  # migrate before the clock starts
-    pipeline = Pipeline(batch_size=500, interval_s=3600, spool=Spool(spool_dir))
+    # Batches larger than the workload and an hour's interval: the writer takes nothing before SIGTERM,
+    # however fast the store is (with 500 a fast writer had drained most before "queued").
+    pipeline = Pipeline(batch_size=5000, interval_s=3600, spool=Spool(spool_dir))
     pipeline.add_sink(store)
     pipeline.install_exit_handlers()
     t0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
@@ -283,7 +285,7 @@ SIGTERM_CHILD = textwrap.dedent(
 
 
 @pytest.mark.parametrize("chain", [False, True], ids=["default-action", "chained-handler"])
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(300)  # the child took over 60 s to start and queue at load 15
 def test_sigterm_mid_workload_loses_nothing_already_submitted(tmp_path: Path, chain: bool) -> None:
     url = f"sqlite:///{tmp_path / 'sigterm.db'}"
     child = subprocess.Popen(
@@ -308,7 +310,7 @@ def test_sigterm_mid_workload_loses_nothing_already_submitted(tmp_path: Path, ch
         assert line.startswith("queued "), child.stderr.read() if child.stderr else ""
         assert int(line.split()[1]) > 2000
         child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=30)
+        out, err = child.communicate(timeout=150)
     finally:
         child.kill()
     if chain:
@@ -382,6 +384,8 @@ def test_a_ctrl_c_ends_the_program_as_python_would_after_the_records_are_deliver
     child = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_CHILD, str(delivered), str(tmp_path / "spool"), program],
         env=_child_env(),
+        # A test runner started as a background job ignores SIGINT, and so would this child.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -396,6 +400,148 @@ def test_a_ctrl_c_ends_the_program_as_python_would_after_the_records_are_deliver
         child.wait()
     assert child.returncode == ends_with, err
     assert delivered.read_text().split() == ["before", "at-exit"]
+
+
+SIGTERM_AT_EVERY_LINE_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from datetime import datetime, timedelta, timezone
+    from costwatch.pipeline import Pipeline
+    from costwatch.records import AttemptRecord, Outcome, Usage
+    from costwatch.spool import Spool
+
+    work, scenario = sys.argv[1], sys.argv[2]
+    HANG_S = 60.0  # far beyond the handler's own deadlines: a process still alive then is deadlocked
+
+
+    class FileSink:
+        # Writes the ids it is given to a file, so the parent sees what was delivered.
+        name = "file"
+
+        def __init__(self, path):
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+        def export(self, records):
+            os.write(self.fd, "".join(r.attempt_id + "\\n" for r in records).encode())
+
+        def shutdown(self):
+            pass
+
+
+    def record(n):
+        return AttemptRecord(
+            attempt_id=f"r{n}", logical_request_id=f"q{n}", attempt_number=1,
+            started_at=datetime(2025, 3, 1, tzinfo=timezone.utc) + timedelta(seconds=n),
+            outcome=Outcome.COMPLETED, model="claude-sonnet-4-5", usage=Usage(input_tokens=1),
+        )
+
+
+    def prepare(folder):
+        # The pipeline as the scenario finds it, and the call to interrupt.
+        pipeline = Pipeline(batch_size=1 if scenario == "wake" else 500, interval_s=3600,
+                            spool=Spool(os.path.join(folder, "spool")))
+        pipeline.add_sink(FileSink(os.path.join(folder, "delivered")))
+        pipeline.install_exit_handlers()
+        if scenario != "start":
+            pipeline.submit(record(1))
+            assert pipeline.flush(30)
+        if scenario == "flush":
+            pipeline.submit(record(2))
+            return lambda: pipeline.flush(30)
+        return lambda: pipeline.submit(record(2))
+
+
+    def run(folder, fire_at):
+        # In a forked child: run the call under a tracer that sends SIGTERM at its fire_at-th line.
+        call = prepare(folder)
+        seen = 0
+
+        def tracer(frame, event, arg):
+            nonlocal seen
+            if seen > fire_at:
+                return None
+            if event == "line":
+                seen += 1
+                if seen == fire_at:
+                    seen += 1
+                    sys.settrace(None)
+                    with open(os.path.join(folder, "at"), "w") as f:
+                        f.write(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return None
+            return tracer
+
+        sys.settrace(tracer)
+        call()
+        sys.settrace(None)
+        os.write(1, f"{seen}\\n".encode())  # how many lines the call ran (when the signal never fired)
+        os._exit(0)
+
+
+    fire_at = 1
+    while True:
+        folder = os.path.join(work, f"{scenario}-{fire_at}")
+        os.makedirs(folder)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            os.dup2(write, 1)
+            run(folder, fire_at)
+        os.close(write)
+        deadline = time.monotonic() + HANG_S
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                at = open(os.path.join(folder, "at")).read()
+                print(f"HUNG after SIGTERM at line {fire_at} of {scenario}: {at}", flush=True)
+                sys.exit(1)
+            time.sleep(0.01)
+        out = os.read(read, 100).decode()
+        os.close(read)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and out:
+            print(f"{scenario}: {fire_at - 1} lines, each interrupted", flush=True)
+            sys.exit(0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, (fire_at, status)
+        target = os.path.join(folder, "delivered")
+        delivered = open(target).read().split() if os.path.exists(target) else []
+        spool = Spool(os.path.join(folder, "spool"))
+        spooled = []
+        spool.replay("file", lambda rs: spooled.extend(r.attempt_id for r in rs))
+        kept = delivered + spooled
+        assert len(kept) == len(set(kept)), (fire_at, kept)
+        if scenario != "start":
+            assert "r1" in delivered, (fire_at, delivered)
+        if scenario == "flush":
+            assert "r2" in kept, (fire_at, kept)
+        fire_at += 1
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("scenario", ["wake", "start", "flush"])
+@pytest.mark.timeout(600)
+def test_a_sigterm_at_any_line_of_submit_or_flush_still_delivers_and_ends_the_process(
+    tmp_path: Path, scenario: str
+) -> None:
+    """The SIGTERM handler runs in the main thread between two of its lines, whatever it was doing:
+    waking the writer (``wake``), starting it (``start``) or waiting in a flush (``flush``). For
+    every line of that call, one forked child is signalled there: each ends by SIGTERM, with what
+    was queued before delivered (or spooled) exactly once. A lock the interrupted line held and the
+    handler needed again would leave a child hanging."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AT_EVERY_LINE_CHILD, str(tmp_path), scenario],
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
+    assert done.returncode == 0 and "each interrupted" in done.stdout, done.stdout + done.stderr[-3000:]
 
 
 EXIT_CHILD = textwrap.dedent(

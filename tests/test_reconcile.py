@@ -440,23 +440,24 @@ def test_reconciling_again_replaces_the_stored_rows_and_serve_exports_coverage_u
 
 @contextlib.contextmanager
 def _watching(
-    fake: FakeAnthropicServer, db: str, *extra: str, read: str = "stderr"
+    fake: FakeAnthropicServer, db: str, *extra: str, read: str = "stderr", every: str = "1s"
 ) -> Iterator[subprocess.Popen[str]]:
-    """`costwatch reconcile --since 1h --watch 1s` against the fake, in a process of its own.
+    """`python -m costwatch reconcile --since 1h --watch 1s` against the fake, in a process of its own.
 
     Only the stream the test reads is a pipe: a pipe nobody drains fills up over many rounds and
-    blocks the process in a write, where SIGINT cannot end it.
+    blocks the process in a write, where SIGINT cannot end it. SIGINT is restored to its default in
+    the child: a test runner started as a background job ignores it, and its children would too.
     """
     env = {
         **os.environ,
         "PYTHONPATH": str(Path(__file__).parents[1]),
         "ANTHROPIC_ADMIN_API_KEY": FAKE_ADMIN_KEY,
     }
-    command = "import sys; from costwatch.cli import main; sys.exit(main())"
-    argv = ["reconcile", "--since", "1h", "--watch", "1s", *extra, "--base-url", fake.base_url, "--db", db]
+    argv = ["reconcile", "--since", "1h", "--watch", every, *extra, "--base-url", fake.base_url, "--db", db]
     process = subprocess.Popen(
-        [sys.executable, "-c", command, *argv],
+        [sys.executable, "-m", "costwatch", *argv],
         env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stderr=subprocess.PIPE if read == "stderr" else subprocess.DEVNULL,
         stdout=subprocess.PIPE if read == "stdout" else subprocess.DEVNULL,
         text=True,
@@ -490,6 +491,25 @@ def test_watch_reconciles_the_window_again_each_interval_without_duplicating_row
     # Reconciled many times, one row per bucket and model, with the settled figures.
     assert len({(row["bucket_start"], row["model"]) for row in stored}) == len(stored) >= 1
     assert sum(row["reported_requests"] for row in stored) == 2
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_watch_stops_cleanly_on_ctrl_c_or_sigterm_in_the_middle_of_its_wait(
+    db: str, steady: FakeAnthropicServer, stop: signal.Signals
+) -> None:
+    """Waiting an hour for its next round, a watch still ends at once, with its rounds kept."""
+    _instrumented(steady, db, 1)
+    with _watching(steady, db, every="1h") as process:
+        assert process.stderr is not None
+        first = process.stderr.readline()
+        assert "reconciled" in first, first + process.stderr.read()
+        process.send_signal(stop)
+        # A hang detector, far beyond a round: without the fix it would wait out the hour.
+        process.wait(timeout=120)
+        rest = process.stderr.read()
+    assert process.returncode == 0, rest
+    assert rest == "costwatch: stopped watching after 1 round(s)\n"
+    assert sum(row["reported_requests"] for row in _reconciliations(db)) == 1
 
 
 def test_watch_prints_each_round_in_the_format_asked_and_corrects_a_bucket_once_it_settles(db: str) -> None:
