@@ -12,10 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 COLUMNS = "| benchmark | case | metric | result | target | met |"
 
 
+@pytest.mark.timeout(900)  # beyond the run's own 600 s, which says more when it is reached
 def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
     finished = subprocess.run(
@@ -57,6 +60,7 @@ def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(tmp_path: P
         assert (m["met"] is None) == (m["target"] == "" or m["target"].startswith("("))
 
 
+@pytest.mark.timeout(900)
 def test_the_waste_levers_benchmark_prints_its_table_and_json_for_every_lever(tmp_path: Path) -> None:
     finished = subprocess.run(
         [sys.executable, str(BENCHMARKS / "waste_levers.py"), "--tiny"],

@@ -414,7 +414,7 @@ def test_a_script_that_exits_right_after_a_drop_stores_its_counted_output(tmp_pa
             [sys.executable, "-c", EXITING_CHILD, url, server.base_url, str(tmp_path / "spool")],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=240,  # seconds idle; minutes at load 15 with the suite on several workers
         )
         (entry,) = server.ledger.entries
     assert done.returncode == 0 and done.stdout.strip() == "RemoteProtocolError", done.stderr

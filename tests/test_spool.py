@@ -139,7 +139,7 @@ def test_segment_of_a_process_that_died_is_replayed_by_another(tmp_path: Path) -
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True, timeout=30)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True, timeout=300)
     delivered = Collect()
     assert Spool(tmp_path).replay("sql", delivered) == 1
     assert delivered.records[0].attempt_id == "orphan"

@@ -251,26 +251,32 @@ class SqlStore:
         ``others_only`` only those other processes wrote; with ``per_model``, of those only the
         ``per_model`` newest of each model (chosen in the database: the rest are never read)."""
         table = CALIBRATION_SAMPLES
-        query = sa.select(table.c.sample_id, table.c.model, table.c.chars, table.c.output_tokens).where(
-            table.c.sample_id > after, table.c.output_tokens.is_not(None)
-        )
+        wanted = [table.c.sample_id > after, table.c.output_tokens.is_not(None)]
         if since is not None:
-            query = query.where(table.c.started_at >= since)
+            wanted.append(table.c.started_at >= since)
         if others_only:
-            query = query.where(table.c.writer != _writer_id)
-        query = query.order_by(table.c.sample_id.desc()).limit(limit)
-        if per_model is not None:
-            newest = query.subquery("newest")
+            wanted.append(table.c.writer != _writer_id)
+        columns = (table.c.sample_id, table.c.model, table.c.chars, table.c.output_tokens)
+        if per_model is None:
+            query = sa.select(*columns).where(*wanted).order_by(table.c.sample_id.desc()).limit(limit)
+        else:
+            # Ranked by their ids and models alone: the counts of only the chosen samples are read.
+            newest = (
+                sa.select(table.c.sample_id, table.c.model)
+                .where(*wanted)
+                .order_by(table.c.sample_id.desc())
+                .limit(limit)
+                .subquery("newest")
+            )
             ranked = sa.select(
-                newest,
+                newest.c.sample_id,
                 sa.func.row_number()
                 .over(partition_by=newest.c.model, order_by=newest.c.sample_id.desc())
                 .label("rank"),
             ).subquery("ranked")
+            chosen = sa.select(ranked.c.sample_id).where(ranked.c.rank <= per_model)
             query = (
-                sa.select(ranked.c.sample_id, ranked.c.model, ranked.c.chars, ranked.c.output_tokens)
-                .where(ranked.c.rank <= per_model)
-                .order_by(ranked.c.sample_id.desc())
+                sa.select(*columns).where(table.c.sample_id.in_(chosen)).order_by(table.c.sample_id.desc())
             )
         with self._read() as connection:
             rows = connection.execute(query).all()
