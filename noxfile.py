@@ -28,10 +28,12 @@ ONLY_ON_EVERY_LINE = ["-m", "sdk"]
 # it, and each of the suite's subprocesses would compile the SDK again (a second of CPU apiece).
 COMPILED = {"UV_COMPILE_BYTECODE": "1"}
 
-# The suite runs in one process by default. `nox -- -n 4 --dist worksteal` runs it on pytest-xdist
-# workers (worksteal: the few long tests do not finish alone at the end); it is not the default yet:
-# on a heavily loaded machine (load 17 on 2 cores) four workers pushed timed tests past their
-# deadlines, and CI must not be red by chance (docs/testing.md).
+# Each line's suite runs on three pytest-xdist workers: on two cores, a third worker fills the time
+# the others wait on subprocesses and sockets. worksteal: the few long tests (subprocesses, the
+# benchmarks' smoke run) do not finish alone at the end. `nox -- -n 0` runs it in one process.
+# Tests wait on subprocesses with deadlines of minutes, so a busy machine is slow, not red
+# (docs/testing.md, "The split and xdist by default").
+WORKERS = ["-n", "3", "--dist", "worksteal"]
 
 
 @nox.session
@@ -41,7 +43,7 @@ def tests(session: nox.Session, sdk: str) -> None:
     session.install("-e", ".[dev]", SDK_LINES[sdk], env=COMPILED)
     session.run("python", "-c", "import anthropic; print('anthropic', anthropic.__version__)")
     which = [] if sdk == NEWEST else ONLY_ON_EVERY_LINE
-    session.run("pytest", "-q", "-ra", *which, *session.posargs)
+    session.run("pytest", "-q", "-ra", *WORKERS, *which, *session.posargs)
 
 
 @nox.session
