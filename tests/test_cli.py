@@ -656,3 +656,20 @@ def test_serve_on_a_busy_port_says_so_without_first_claiming_to_serve(capsys, kn
         code, _, err = run(capsys, "serve", "--port", str(port), "--db", known_db)
     assert_user_error(code, err, f"cannot listen on 127.0.0.1:{port}", "choose another --port")
     assert "Serving" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["report", "--since", "999999d"], "--since: '999999d' ago is before the year 1"),
+        (["report", "--since", "999999999999d"], "--since: '999999999999d' is longer than any calendar"),
+        (["db", "prune", "--older-than", "999999d"], "--older-than 999999d reaches before the year 1"),
+    ],
+    ids=["since-before-year-1", "since-beyond-timedelta", "prune-before-year-1"],
+)
+def test_a_duration_beyond_the_calendar_is_one_line_not_a_traceback(capsys, tmp_path, argv, fragment):
+    db = f"sqlite:///{tmp_path / 'cw.db'}"
+    assert main(["db", "upgrade", "--db", db]) == 0
+    capsys.readouterr()
+    code, _, err = run(capsys, *argv, "--db", db)
+    assert_user_error(code, err, fragment)
