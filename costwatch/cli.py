@@ -35,7 +35,14 @@ from .avoidable import PromptAttempt, RetriedAlike, avoidable_of_retried
 from .durations import MomentError, ceil_hour, floor_hour, parse_duration, parse_moment
 from .explain import explain_request, render_explain
 from .pipeline import SignalSafeEvent
-from .pricing import PRICES_FILE_ENV, ModelPrice, PriceFileError, PriceTable, load_prices
+from .pricing import (
+    PRICES_FILE_ENV,
+    ModelPrice,
+    PriceFileError,
+    PriceTable,
+    load_prices,
+    unpriced_models_reported_in_output,
+)
 from .records import AttemptRecord, Outcome, WasteReason
 from .report import (
     GROUPINGS,
@@ -1518,7 +1525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler: Callable[[argparse.Namespace, Console, Console], int] = args.handler
-        return handler(args, _console(), err)
+        with unpriced_models_reported_in_output():
+            return handler(args, _console(), err)
     except (UserError, SettingsError) as exc:  # a setting from the environment, e.g. for serve
         print(f"costwatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

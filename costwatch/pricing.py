@@ -9,6 +9,7 @@ merged over the built-in ones. A model without a known price is still recorded, 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -16,7 +17,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date
 from importlib import resources
@@ -38,6 +39,7 @@ __all__ = [
     "ServerToolPrice",
     "UnpricedModels",
     "load_prices",
+    "unpriced_models_reported_in_output",
 ]
 
 log = logging.getLogger("costwatch")
@@ -332,6 +334,8 @@ class UnpricedModels:
         self._seen: set[str] = set()
         self._lock = threading.Lock()
         self._exit_hook = False
+        self.quiet = False
+        """Count without logging: the program says it in its own output (``costwatch report``)."""
 
     @property
     def count(self) -> int:
@@ -344,7 +348,7 @@ class UnpricedModels:
             if model in self._seen or len(self._seen) >= _UNPRICED_REMEMBERED:
                 return
             self._seen.add(model)
-            first = len(self._seen) == 1
+            first = len(self._seen) == 1 and not self.quiet
             if first and not self._exit_hook:
                 self._exit_hook = True
                 atexit.register(self.log_summary)
@@ -376,6 +380,21 @@ class UnpricedModels:
 
 _process_unpriced = UnpricedModels()
 _UNPRICED_REMEMBERED = 100_000
+
+
+@contextlib.contextmanager
+def unpriced_models_reported_in_output() -> Iterator[None]:
+    """Within it, log nothing about unpriced models: the caller's own output reports them.
+
+    For the ``costwatch`` commands that read the store: a report warns once, above its figures, of
+    the attempts it could not price; a log line naming the first model and another at exit
+    counting "models met by this process" would only repeat it, in an application's words.
+    """
+    previous, _process_unpriced.quiet = _process_unpriced.quiet, True
+    try:
+        yield
+    finally:
+        _process_unpriced.quiet = previous
 
 
 def load_prices(override: str | os.PathLike[str] | None = None) -> PriceTable:

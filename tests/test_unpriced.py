@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -212,3 +217,32 @@ def test_migration_0006_fills_the_new_rollup_measures_from_the_attempts_stored_b
         assert report["unpriced_attempts"] == 2 and report["unpriced_tokens"] == 10_400
     finally:
         store.shutdown()
+
+
+def test_costwatch_report_warns_of_unpriced_models_once_in_its_output_and_logs_nothing(tmp_path):
+    """The report's own warning says it, above the figures; no log line names the first model, and
+    none at exit counts "models met by this process" (a report is not an application)."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    retried = []
+    for model in (UNKNOWN, "claude-unreleased-10"):
+        for number, outcome in ((1, Outcome.DROPPED), (2, Outcome.COMPLETED)):
+            first = attempt(f"{model}-{number}", model, outcome=outcome, usage=Usage(input_tokens=1_000))
+            alike = {"logical_request_id": model, "attempt_number": number, "fingerprint": "f" * 64}
+            alike["started_at"] = datetime.now(timezone.utc) - timedelta(hours=1, seconds=3 - number)
+            retried.append(dataclasses.replace(first, **alike))
+    store = SqlStore(url)
+    try:
+        store.write(retried)  # retried alike: the report prices them for "avoidable with caching" too
+    finally:
+        store.shutdown()
+    done = subprocess.run(
+        [sys.executable, "-m", "costwatch", "report", "--db", url],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.count("unpriced attempts") == 1
+    assert done.stdout.startswith("warning: 4 unpriced attempts (4,000 tokens)")
