@@ -248,6 +248,8 @@ def run_benchmarks(
             measure_retention(
                 sizes.retention_attempts,
                 read_repeats=sizes.read_repeats,
+                scrapers=sizes.scrape_clients,
+                scrapes=sizes.scrape_repeats,
                 postgres_url=postgres_url,
                 log=log,
             )

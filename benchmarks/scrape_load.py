@@ -31,13 +31,20 @@ from types import MappingProxyType
 import sqlalchemy as sa
 from measure import Measurement
 from sqlalchemy.engine import make_url
-from store_scale import PIPELINE_BATCH, SCRAPE_TARGET_S, _postgres_url, synthetic_attempts
+from store_scale import (
+    _MODELS,
+    _WORKFLOWS,
+    PIPELINE_BATCH,
+    SCRAPE_TARGET_S,
+    _postgres_url,
+    synthetic_attempts,
+)
 
 from costwatch.pricing import load_prices
 from costwatch.records import AttemptRecord
 from costwatch.store import SqlStore
 
-__all__ = ["measure_scrape_load"]
+__all__ = ["measure_scrape_load", "scrape_load_rows"]
 
 
 def _fill(url: str, attempts: int, pairs: int) -> None:
@@ -159,13 +166,17 @@ def measure_scrape_load(
                 _fill(f"sqlite:///{filling}", attempts, pairs)
                 filling.rename(path)
         fill_s = time.perf_counter() - fill_started
-        return _measure(url, attempts, pairs=pairs, scrapers=scrapers, scrapes=scrapes, fill_s=fill_s)
+        return scrape_load_rows(url, attempts, pairs=pairs, scrapers=scrapers, scrapes=scrapes, fill_s=fill_s)
     raise AssertionError("unreachable")  # mypy: ExitStack may swallow exceptions
 
 
-def _measure(
-    url: str, attempts: int, *, pairs: int, scrapers: int, scrapes: int, fill_s: float
+def scrape_load_rows(
+    url: str, attempts: int, *, scrapers: int, scrapes: int, fill_s: float, pairs: int | None = None
 ) -> list[Measurement]:
+    """The row above for the store at ``url``, already filled with ``attempts`` attempts (``pairs``:
+    its model/workflow pairs, for the row's name; ``None``: the store benchmark's own)."""
+    if pairs is None:
+        pairs = len(_MODELS) * len(_WORKFLOWS)
     from costwatch.exporter import FleetCollector
 
     cold = FleetCollector(url)

@@ -8,7 +8,8 @@ a time. Rows:
 
 * writer throughput over the whole fill, and over its last tenth (sustained: at nearly full size);
 * a fleet-exporter scrape (first of a process, and later ones) and ``costwatch report --by model``
-  at that size;
+  at that size, and the 99th percentile of a scrape's latency with ``scrapers`` concurrent scrapers
+  (50: the scrape-load benchmark's, row 8) scraping ``costwatch serve`` once a second each;
 * ``SqlStore.prune_before`` at a day boundary ``days/2`` days after the first attempt: a month of
   day partitions dropped (target < 1 s), then half a day more (the rows of the day the cutoff falls
   in deleted rather than dropped: no target, for scale); and, for each, the longest a second store
@@ -22,6 +23,7 @@ The issue's size is 10M attempts (``python benchmarks/run.py --only retention --
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import threading
 import time
@@ -29,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 
 from measure import Measurement
+from scrape_load import scrape_load_rows
 from store_scale import (
     DEFAULT_POSTGRES_URL,
     PIPELINE_BATCH,
@@ -89,6 +92,8 @@ def measure_retention(
     attempts: int,
     *,
     read_repeats: int,
+    scrapers: int = 50,
+    scrapes: int = 10,
     days: int = 60,
     postgres_url: str | None = DEFAULT_POSTGRES_URL,
     seed: int = 9,
@@ -112,7 +117,16 @@ def measure_retention(
             )
         ]
     try:
-        return _measure(url, attempts, read_repeats=read_repeats, days=days, seed=seed, log=log)
+        return _measure(
+            url,
+            attempts,
+            read_repeats=read_repeats,
+            scrapers=scrapers,
+            scrapes=scrapes,
+            days=days,
+            seed=seed,
+            log=log,
+        )
     finally:
         database.__exit__(None, None, None)
 
@@ -126,7 +140,15 @@ def _load_average() -> str:
 
 
 def _measure(
-    url: str, attempts: int, *, read_repeats: int, days: int, seed: int, log: Callable[[str], None] | None
+    url: str,
+    attempts: int,
+    *,
+    read_repeats: int,
+    scrapers: int,
+    scrapes: int,
+    days: int,
+    seed: int,
+    log: Callable[[str], None] | None,
 ) -> list[Measurement]:
     store = SqlStore(url)
     rows: list[Measurement] = []
@@ -196,6 +218,10 @@ def _measure(
                     detail={"attempts": written, "repeats": read_repeats},
                 )
             )
+        rows += [
+            dataclasses.replace(row, benchmark="retention")
+            for row in scrape_load_rows(url, written, scrapers=scrapers, scrapes=scrapes, fill_s=writing_s)
+        ]
         month_end = first + timedelta(days=days // 2)
         fresh = synthetic_attempts(
             20_000, seed=seed - 1, start=now - timedelta(hours=1), end=now, prices=prices
