@@ -61,7 +61,15 @@ def assert_report_matches_ledger(report: dict, ledger: dict) -> None:
     dropped = [g for g in report["groups"] if g["outcome"] != "completed"]
     assert ledger["failed_output_tokens"] > 0, "the demo must drop streams that had sent output"
     # The demo ends with a reconciliation, which corrects the dropped streams' estimates to the bill.
-    assert sum(g["billed_tokens"]["output"] for g in dropped) == ledger["failed_output_tokens"]
+    # (A row left alone says why: an attempt whose trip to the server crossed a minute edge is in one
+    # bucket for costwatch and the next for the bill, a limit docs/reconcile.md states.)
+    left_alone = [
+        (row["bucket_start"], row["model"], row["correction"]["reason"], row["flags"])
+        for row in (report.get("reconciliation") or {}).get("rows", [])
+        if row["correction"]["status"] == "left_alone"
+    ]
+    dropped_output = sum(g["billed_tokens"]["output"] for g in dropped)
+    assert dropped_output == ledger["failed_output_tokens"], left_alone
     assert report["output_by_source"]["reconciled"]["tokens"] == ledger["failed_output_tokens"]
     assert report["estimated_output_tokens"] == 0
     assert report["dropped_attempts"] == report["failed_attempts"] > 0
