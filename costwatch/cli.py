@@ -795,10 +795,14 @@ def _prune(url: URL, older_than: str, out: Console) -> int:
         raise UserError(
             f"--older-than {older_than} is shorter than the retry window ({window}); keep at least that"
         )
+    try:
+        cutoff = datetime.now(timezone.utc) - age
+    except OverflowError:
+        raise UserError(f"--older-than {older_than} reaches before the year 1; nothing is that old") from None
     store = _migrated_store(url)
     try:
         with _database_errors(url):
-            removed = store.prune_before(datetime.now(timezone.utc) - age)
+            removed = store.prune_before(cutoff)
             store.ensure_partitions()
     finally:
         store.shutdown()

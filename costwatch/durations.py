@@ -22,7 +22,10 @@ def parse_duration(text: str) -> timedelta:
     if match is None:
         raise MomentError(f"{text!r} is not a duration; {_EXAMPLES}")
     amount, unit = float(match.group(1)), _UNITS[match.group(2).lower()]
-    return timedelta(**{unit: amount})
+    try:
+        return timedelta(**{unit: amount})
+    except OverflowError:
+        raise MomentError(f"{text!r} is longer than any calendar can count; {_EXAMPLES}") from None
 
 
 def parse_moment(text: str, now: datetime) -> datetime:
@@ -31,7 +34,10 @@ def parse_moment(text: str, now: datetime) -> datetime:
     A date means its midnight in UTC; a datetime without an offset is taken as UTC.
     """
     if _DURATION.match(text):
-        return now.astimezone(timezone.utc) - parse_duration(text)
+        try:
+            return now.astimezone(timezone.utc) - parse_duration(text)
+        except OverflowError:
+            raise MomentError(f"{text!r} ago is before the year 1; {_EXAMPLES}") from None
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
