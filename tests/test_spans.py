@@ -421,20 +421,25 @@ def test_remembered_estimated_attempts_are_bounded(provider, exporter):
     assert [s.name for s in exporter.get_finished_spans()] == [f"chat {MODEL}"] * 2 + ["revise output"]
 
 
+def _instrument_counting(listener: SpanListener, pipeline: Pipeline, memory: MemorySink) -> None:
+    """Instrument with ``count_partial_output``: a cut stream's output is counted by the API."""
+    costwatch.instrument(
+        pipeline=pipeline,
+        sinks=[memory],
+        listeners=[listener],
+        prices=load_prices(),
+        estimator=OutputEstimator(),
+        count_partial_output=True,
+    )
+
+
 def test_a_counted_cut_streams_span_ends_with_the_count_at_the_attempts_end(provider, exporter):
     listener = SpanListener(provider, environ={})
     pipeline, memory = Pipeline(), MemorySink()
     spec = ResponseSpec(blocks=(BlockSpec(BlockKind.TEXT, 900),))
     with FakeAnthropicServer(spec) as server:
         server.count_tokens_delay_s = 0.3  # the count arrives after the attempt ended
-        costwatch.instrument(
-            pipeline=pipeline,
-            sinks=[memory],
-            listeners=[listener],
-            prices=load_prices(),
-            estimator=OutputEstimator(),
-            count_partial_output=True,
-        )
+        _instrument_counting(listener, pipeline, memory)
         try:
             server.enqueue(Fault.cut_after_deltas(120))
             client = anthropic.Anthropic(base_url=server.base_url, api_key="test", max_retries=0)
@@ -486,14 +491,7 @@ def test_a_retry_made_while_the_count_was_on_its_way_shows_on_the_counted_spans_
     pipeline, memory = Pipeline(), MemorySink()
     with FakeAnthropicServer(ResponseSpec(blocks=(BlockSpec(BlockKind.TEXT, 900),))) as server:
         server.count_tokens_delay_s = 0.5  # the application resends before the count arrives
-        costwatch.instrument(
-            pipeline=pipeline,
-            sinks=[memory],
-            listeners=[listener],
-            prices=load_prices(),
-            estimator=OutputEstimator(),
-            count_partial_output=True,
-        )
+        _instrument_counting(listener, pipeline, memory)
         try:
             server.enqueue(Fault.cut_after_deltas(60), None)
             for _ in range(2):
