@@ -3,6 +3,10 @@ schema per test, metric sample readers, and a guard against tests that leak stat
 
 from __future__ import annotations
 
+import atexit
+import os
+import ssl
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +27,33 @@ from costwatch.sinks import MemorySink
 
 # Which tests run on every SDK line (marked ``sdk``), and the guard on the others.
 pytest_plugins = ["sdk_lines"]
+
+
+# -- one CA certificate instead of a bundle ---------------------------------------------------------
+def _trust_one_ca_certificate() -> None:
+    """Point ``SSL_CERT_FILE`` at one certificate of the CA bundle, for this process and its children.
+
+    httpx and httpx2 load the whole bundle (about 140 certificates, 60 ms of CPU) into a new SSL context
+    for every client they build, and the suite builds hundreds, here and in the processes it starts.
+    Its clients speak plain HTTP to the fake server and never check a certificate; both HTTP clients
+    read ``SSL_CERT_FILE`` first, so each now loads one. Without a bundle to take it from, nothing changes.
+    """
+    bundle = ssl.get_default_verify_paths().cafile
+    if bundle is None:
+        return
+    with open(bundle, encoding="ascii", errors="replace") as file:
+        pem = file.read()
+    end = pem.find("-----END CERTIFICATE-----")
+    if end < 0:
+        return
+    handle, path = tempfile.mkstemp(prefix="costwatch-tests-ca-", suffix=".pem")
+    with os.fdopen(handle, "w", encoding="ascii") as file:
+        file.write(pem[: end + len("-----END CERTIFICATE-----")] + "\n")
+    atexit.register(os.unlink, path)
+    os.environ["SSL_CERT_FILE"] = path
+
+
+_trust_one_ca_certificate()
 
 
 @dataclass
