@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anthropic
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
@@ -24,6 +24,11 @@ from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
 from costwatch.records import AttemptRecord, Outcome, Usage
 from costwatch.sinks import MemorySink
+
+if TYPE_CHECKING:
+    # Imported where a client is built: pytest-xdist's controller loads this module and runs no test,
+    # and the SDK's import is seconds of CPU.
+    import anthropic
 
 # Which tests run on every SDK line (marked ``sdk``), and the guard on the others.
 pytest_plugins = ["sdk_lines"]
@@ -87,15 +92,21 @@ def accounting() -> Iterator[Accounting]:
 
 
 def sync_client(server, **kwargs) -> anthropic.Anthropic:
+    import anthropic
+
     return anthropic.Anthropic(base_url=server.base_url, api_key="sk-ant-test-key", **kwargs)
 
 
 def async_client(server, **kwargs) -> anthropic.AsyncAnthropic:
+    import anthropic
+
     return anthropic.AsyncAnthropic(base_url=server.base_url, api_key="sk-ant-test-key", **kwargs)
 
 
 def read_stream_through_a_cut(server, i: int, model: str) -> None:
     """Stream job ``i`` through the real SDK to its end, or to the cut the fake made in its body."""
+    import anthropic
+
     client = sync_client(server, max_retries=0)
     messages = [{"role": "user", "content": f"job {i}"}]
     try:
