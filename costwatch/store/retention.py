@@ -2,9 +2,10 @@
 
 A prune first raises the store's cutoff (``costwatch_retention``), then removes the rows: on
 PostgreSQL it detaches the day partitions wholly before the cutoff (the one moment it locks the
-table), drops them, and deletes the rest row by row (the day the cutoff falls in, the DEFAULT
-partition); on SQLite it deletes rows. The rollups are
-never touched, so every total stays.
+table) and deletes the rest row by row (the day the cutoff falls in, the DEFAULT partition); on
+SQLite it deletes rows. The detached days are dropped, and their disk space given back, in a step of
+its own (:func:`drop_pruned`), which blocks nobody and whose time grows with their bytes. The
+rollups are never touched, so every total stays.
 
 The cutoff is what keeps a pruned attempt from being counted again: a spool older than the retention
 replayed after the prune (or a later revision of a pruned attempt) would find no row, be stored as
@@ -17,18 +18,21 @@ any row is removed. SQLite's write lock does the same.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date, datetime, time, timedelta, timezone
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from .partitions import (
     DAYS_AHEAD,
+    DayPartition,
     day_partitions,
     detach_day_partitions,
     drop_detached_partitions,
     ensure_day_partitions,
-    is_partitioned,
+    rows_of_days,
+    rows_of_detached,
 )
 from .schema import ATTEMPTS, RETENTION
 
@@ -36,6 +40,7 @@ __all__ = [
     "PRUNE_BATCH",
     "as_utc",
     "cutoff_for_writing",
+    "drop_pruned",
     "ensure_partitions_ahead",
     "prune_before",
     "raise_cutoff",
@@ -99,26 +104,58 @@ def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) 
     """Remove raw attempt rows that started before ``moment``; returns how many. Idempotent.
 
     The cutoff is raised first (one short transaction). PostgreSQL: the day partitions wholly before
-    ``moment`` are detached, in one short transaction (the only one that locks the table), then
-    dropped in another (their rows counted from the hourly rollups); then (both backends) the rows
-    left before it are deleted in transactions of at most ``batch`` rows, so a writer beside the
-    prune waits for one short transaction at a time, never for the whole prune.
+    ``moment`` are detached, in one short transaction (the only one that locks the table): their
+    rows leave the table then, and are counted as removed by this prune; their files stay until
+    :func:`drop_pruned`. Then (both backends) the rows left before it are deleted in transactions
+    of at most ``batch`` rows, so a writer beside the prune waits for one short transaction at a
+    time, never for the whole prune.
     """
     moment = as_utc(moment)
     with engine.begin() as connection:
         earlier = raise_cutoff(connection, moment, datetime.now(timezone.utc))
-    removed = 0
     with engine.connect() as connection:
-        partitioned = is_partitioned(connection)
         old_days = [partition for partition in day_partitions(connection) if partition.end <= moment]
-    if old_days:
-        with engine.begin() as connection:
-            detach_day_partitions(connection, old_days)
-    if partitioned:
-        # Also what an earlier prune detached and did not drop (it stopped in between).
-        with engine.begin() as connection:
-            removed += drop_detached_partitions(connection, rows_deleted_before=earlier)
+    removed = _detach(engine, old_days, earlier) if old_days else 0
     return removed + _delete_before(engine, moment, batch)
+
+
+def drop_pruned(engine: Engine) -> int:
+    """Drop the day partitions prunes detached (PostgreSQL; nothing on SQLite); returns the bytes
+    given back to the file system. Blocks no writer; its time grows with those bytes."""
+    if engine.dialect.name != "postgresql":
+        return 0
+    with engine.begin() as connection:
+        return drop_detached_partitions(connection)
+
+
+def _detach(engine: Engine, old_days: list[DayPartition], earlier: datetime | None) -> int:
+    """Detach ``old_days``; returns their rows. ``earlier``: the cutoff before this prune's."""
+    # A day that starts at or after the earlier cutoff never had a row deleted, so its rows are the
+    # attempts its hours' rollups count. No writer moves those counts any more (the cutoff is raised,
+    # and a revision keeps an attempt in its hour), so they are summed on a connection of their own
+    # while the detach waits for the writers in flight.
+    whole = {partition.day for partition in old_days if earlier is None or _start(partition.day) >= earlier}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        summed = pool.submit(_rows_of_days, engine, sorted(whole))
+        with engine.begin() as connection:
+            detached = detach_day_partitions(connection, old_days)
+        rows = summed.result()
+    mine = {partition.day for partition in detached}
+    with engine.begin() as connection:
+        if whole - mine:  # another prune detached some of them first: its rows, not ours
+            rows = rows_of_days(connection, sorted(whole & mine))
+        # A day an earlier prune deleted rows from (the day its cutoff fell in): counted row by row.
+        rows += rows_of_detached(connection, [day for day in detached if day.day not in whole])
+    return rows
+
+
+def _rows_of_days(engine: Engine, days: list[date]) -> int:
+    with engine.connect() as connection:
+        return rows_of_days(connection, days)
+
+
+def _start(day: date) -> datetime:
+    return datetime.combine(day, time(), timezone.utc)
 
 
 def _delete_before(engine: Engine, moment: datetime, batch: int) -> int:
