@@ -202,7 +202,7 @@ def _fill(
             )
     target = WRITE_TARGETS["postgresql"]
     batches = f"batches of {PIPELINE_BATCH}, day partitions"
-    how = "written through the writer" if fill == "writer" else "copied in SQL (bulk_fill.py, not the writer)"
+    how = "copied in SQL (bulk_fill.py, not the writer)" if fill == "bulk" else "written again by the writer"
     rows = [
         Measurement(
             benchmark="retention",
@@ -216,7 +216,7 @@ def _fill(
         ),
         Measurement(
             benchmark="retention",
-            case=f"postgresql, days 2-{copied_days}: copies of day 1's rows and rollups {how} ({copied:,})",
+            case=f"postgresql, days 2-{copied_days}: day 1's attempts and rollups {how} ({copied:,})",
             metric="fill throughput" if fill == "bulk" else "writer throughput",
             value=copied / copies_s if copies_s else 0.0,
             unit="attempts/s",
@@ -237,6 +237,19 @@ def _fill(
         ),
     ]
     return written + sustained, template_s + copies_s + sustained_s, rows
+
+
+def _pruned_rows(what: str, waits: list[float]) -> list[Measurement]:
+    return [
+        Measurement(
+            benchmark="retention",
+            case=f"postgresql, a writer's longest batch ({_WRITER_BATCH} attempts) during the {what}",
+            metric="writer wait",
+            value=max(waits, default=0.0) * 1000,
+            unit="ms",
+            detail={"batches": len(waits), "median_ms": statistics.median(waits) * 1000 if waits else 0.0},
+        )
+    ]
 
 
 def _load_average() -> str:
@@ -296,26 +309,14 @@ def _measure(
             20_000, seed=seed - 1, start=now - timedelta(hours=1), end=now, prices=load_prices()
         )
         for name, cutoff, target_s in (
-            (f"{days // 2} days (whole day partitions dropped)", month_end, PRUNE_TARGET_S),
+            (f"{days // 2} days (whole day partitions detached)", month_end, PRUNE_TARGET_S),
             ("half a day more (the cutoff's day: rows deleted)", month_end + timedelta(hours=12), None),
         ):
             with _writing_beside(url, fresh) as waits:
                 started = time.perf_counter()
                 removed = store.prune_before(cutoff)
                 seconds = time.perf_counter() - started
-            rows.append(
-                Measurement(
-                    benchmark="retention",
-                    case=f"postgresql, a writer's longest batch ({_WRITER_BATCH} attempts), prune of {name}",
-                    metric="writer wait",
-                    value=max(waits, default=0.0) * 1000,
-                    unit="ms",
-                    detail={
-                        "batches": len(waits),
-                        "median_ms": statistics.median(waits) * 1000 if waits else 0.0,
-                    },
-                )
-            )
+            rows += _pruned_rows(f"prune {name}", waits)
             rows.append(
                 Measurement(
                     benchmark="retention",
@@ -328,6 +329,22 @@ def _measure(
                     detail={"rows_removed": removed, "rows_per_s": removed / seconds if seconds else 0.0},
                 )
             )
+            with _writing_beside(url, fresh) as waits:
+                started = time.perf_counter()
+                freed = store.drop_pruned()
+                seconds = time.perf_counter() - started
+            if freed:
+                rows += _pruned_rows(f"drop_pruned after the prune of {name}", waits)
+                rows.append(
+                    Measurement(
+                        benchmark="retention",
+                        case=f"postgresql, drop_pruned: the detached days dropped, {freed / 1e6:,.0f} MB",
+                        metric="drop time",
+                        value=seconds * 1000,
+                        unit="ms",
+                        detail={"bytes": freed},
+                    )
+                )
     finally:
         store.shutdown()
     return rows
