@@ -1,11 +1,11 @@
 """Retention: pruning raw attempt rows before a cutoff, and never counting a pruned attempt twice.
 
 A prune first raises the store's cutoff (``costwatch_retention``), then removes the rows: on
-PostgreSQL it detaches the day partitions wholly before the cutoff (the one moment it locks the
-table) and deletes the rest row by row (the day the cutoff falls in, the DEFAULT partition); on
-SQLite it deletes rows. The detached days are dropped, and their disk space given back, in a step of
-its own (:func:`drop_pruned`), which blocks nobody and whose time grows with their bytes. The
-rollups are never touched, so every total stays.
+PostgreSQL it detaches the day partitions wholly before the cutoff in the same transaction (the one
+moment it locks the table) and deletes the rest row by row (the day the cutoff falls in, the
+DEFAULT partition); on SQLite it deletes rows. The detached days are dropped, and their disk space
+given back, in a step of its own (:func:`drop_pruned`), which blocks nobody and whose time grows
+with their bytes. The rollups are never touched, so every total stays.
 
 The cutoff is what keeps a pruned attempt from being counted again: a spool older than the retention
 replayed after the prune (or a later revision of a pruned attempt) would find no row, be stored as
@@ -103,19 +103,18 @@ def ensure_partitions_ahead(engine: Engine, now: datetime | None = None) -> date
 def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
     """Remove raw attempt rows that started before ``moment``; returns how many. Idempotent.
 
-    The cutoff is raised first (one short transaction). PostgreSQL: the day partitions wholly before
-    ``moment`` are detached, in one short transaction (the only one that locks the table): their
-    rows leave the table then, and are counted as removed by this prune; their files stay until
-    :func:`drop_pruned`. Then (both backends) the rows left before it are deleted in transactions
-    of at most ``batch`` rows, so a writer beside the prune waits for one short transaction at a
-    time, never for the whole prune.
+    The cutoff is raised first. PostgreSQL: in the same short transaction, the day partitions wholly
+    before ``moment`` are detached (the only moment the table is locked): their rows leave the table
+    at its commit, counted as removed by this prune; their files stay until :func:`drop_pruned`.
+    Then (both backends) the rows left before it are deleted in transactions of at most ``batch``
+    rows, so a writer beside the prune waits for one short transaction at a time, never for the
+    whole prune.
     """
     moment = as_utc(moment)
     with engine.begin() as connection:
         earlier = raise_cutoff(connection, moment, datetime.now(timezone.utc))
-    with engine.connect() as connection:
         old_days = [partition for partition in day_partitions(connection) if partition.end <= moment]
-    removed = _detach(engine, old_days, earlier) if old_days else 0
+        removed = _detach(engine, connection, old_days, earlier) if old_days else 0
     return removed + _delete_before(engine, moment, batch)
 
 
@@ -128,25 +127,27 @@ def drop_pruned(engine: Engine) -> int:
         return drop_detached_partitions(connection)
 
 
-def _detach(engine: Engine, old_days: list[DayPartition], earlier: datetime | None) -> int:
-    """Detach ``old_days``; returns their rows. ``earlier``: the cutoff before this prune's."""
+def _detach(
+    engine: Engine, connection: sa.Connection, old_days: list[DayPartition], earlier: datetime | None
+) -> int:
+    """Detach ``old_days`` in the transaction that raised the cutoff; returns their rows.
+    ``earlier``: the cutoff before this prune's."""
     # A day that starts at or after the earlier cutoff never had a row deleted, so its rows are the
-    # attempts its hours' rollups count. No writer moves those counts any more (the cutoff is raised,
-    # and a revision keeps an attempt in its hour), so they are summed on a connection of their own
-    # while the detach waits for the writers in flight.
+    # attempts its hours' rollups count. No writer moves those counts any more: the writers that
+    # read the old cutoff have committed (raise_cutoff waited for them), later ones wait for this
+    # transaction and then refuse records before the new one, and a reclassification keeps an
+    # attempt in its hour. So they are summed on a connection of their own while the detach waits
+    # for its lock, not after it.
     whole = {partition.day for partition in old_days if earlier is None or _start(partition.day) >= earlier}
     with ThreadPoolExecutor(max_workers=1) as pool:
         summed = pool.submit(_rows_of_days, engine, sorted(whole))
-        with engine.begin() as connection:
-            detached = detach_day_partitions(connection, old_days)
+        detached = detach_day_partitions(connection, old_days)
         rows = summed.result()
     mine = {partition.day for partition in detached}
-    with engine.begin() as connection:
-        if whole - mine:  # another prune detached some of them first: its rows, not ours
-            rows = rows_of_days(connection, sorted(whole & mine))
-        # A day an earlier prune deleted rows from (the day its cutoff fell in): counted row by row.
-        rows += rows_of_detached(connection, [day for day in detached if day.day not in whole])
-    return rows
+    if whole - mine:  # detached by hand, or by a prune of older code: not ours to count
+        rows = rows_of_days(connection, sorted(whole & mine))
+    # A day an earlier prune deleted rows from (the day its cutoff fell in): counted row by row.
+    return rows + rows_of_detached(connection, [day for day in detached if day.day not in whole])
 
 
 def _rows_of_days(engine: Engine, days: list[date]) -> int:
