@@ -26,7 +26,6 @@ from sqlalchemy.engine import Engine
 
 from .partitions import (
     DAYS_AHEAD,
-    DayPartition,
     day_partitions,
     detach_day_partitions,
     drop_detached_partitions,
@@ -111,10 +110,24 @@ def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) 
     whole prune.
     """
     moment = as_utc(moment)
-    with engine.begin() as connection:
-        earlier = raise_cutoff(connection, moment, datetime.now(timezone.utc))
-        old_days = [partition for partition in day_partitions(connection) if partition.end <= moment]
-        removed = _detach(engine, connection, old_days, earlier) if old_days else 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with engine.begin() as connection:
+            earlier = raise_cutoff(connection, moment, datetime.now(timezone.utc))
+            old_days = [partition for partition in day_partitions(connection) if partition.end <= moment]
+            # A day that starts at or after the earlier cutoff never had a row deleted, so its rows
+            # are the attempts its hours' rollups count. No writer moves those counts any more: the
+            # writers that read the old cutoff have committed (raise_cutoff waited for them), later
+            # ones wait for this transaction and then refuse records before the new cutoff, and a
+            # reclassification keeps an attempt in its hour. So they are summed on a connection of
+            # their own while the detach waits for its lock and commits, not after it.
+            whole = {day.day for day in old_days if earlier is None or _start(day.day) >= earlier}
+            summed = pool.submit(_rows_of_days, engine, sorted(whole))
+            detached = detach_day_partitions(connection, old_days) if old_days else []
+            # A day an earlier prune deleted rows from (the day its cutoff fell in): counted row by
+            # row, before another process could drop it.
+            removed = rows_of_detached(connection, [day for day in detached if day.day not in whole])
+        ours = {day.day for day in detached} & whole
+        removed += summed.result() if ours == whole else _rows_of_days(engine, sorted(ours))
     return removed + _delete_before(engine, moment, batch)
 
 
@@ -127,30 +140,9 @@ def drop_pruned(engine: Engine) -> int:
         return drop_detached_partitions(connection)
 
 
-def _detach(
-    engine: Engine, connection: sa.Connection, old_days: list[DayPartition], earlier: datetime | None
-) -> int:
-    """Detach ``old_days`` in the transaction that raised the cutoff; returns their rows.
-    ``earlier``: the cutoff before this prune's."""
-    # A day that starts at or after the earlier cutoff never had a row deleted, so its rows are the
-    # attempts its hours' rollups count. No writer moves those counts any more: the writers that
-    # read the old cutoff have committed (raise_cutoff waited for them), later ones wait for this
-    # transaction and then refuse records before the new one, and a reclassification keeps an
-    # attempt in its hour. So they are summed on a connection of their own while the detach waits
-    # for its lock, not after it.
-    whole = {partition.day for partition in old_days if earlier is None or _start(partition.day) >= earlier}
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        summed = pool.submit(_rows_of_days, engine, sorted(whole))
-        detached = detach_day_partitions(connection, old_days)
-        rows = summed.result()
-    mine = {partition.day for partition in detached}
-    if whole - mine:  # detached by hand, or by a prune of older code: not ours to count
-        rows = rows_of_days(connection, sorted(whole & mine))
-    # A day an earlier prune deleted rows from (the day its cutoff fell in): counted row by row.
-    return rows + rows_of_detached(connection, [day for day in detached if day.day not in whole])
-
-
 def _rows_of_days(engine: Engine, days: list[date]) -> int:
+    if not days:
+        return 0
     with engine.connect() as connection:
         return rows_of_days(connection, days)
 
