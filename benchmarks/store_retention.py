@@ -2,22 +2,26 @@
 
 A throwaway PostgreSQL database is filled with the store benchmark's synthetic attempts spread over
 the last ``days`` days (60: two months), with a day partition for each of those days as a store
-running that long has made them, through the store's own write path (``SqlStore.export``, batches of
-``COSTWATCH_BATCH_SIZE`` as the pipeline sends them), in order, 100,000 attempts made and written at
-a time. Rows:
+running that long has made them. The first day is written through the store's own write path
+(``SqlStore.export``, batches of ``COSTWATCH_BATCH_SIZE`` as the pipeline sends them); the days up
+to the last tenth are copies of it made in SQL (:mod:`bulk_fill`: not the writer, but the store the
+writer makes of those copies), or with ``fill="writer"`` written through the writer too; the last
+tenth of the days is written through the writer, in order, 100,000 attempts made and written at a
+time. Rows:
 
-* writer throughput over the whole fill, and over its last tenth (sustained: at nearly full size);
+* writer throughput on the first day (an empty store) and on the last tenth (sustained: on top of
+  nearly the whole store), and the copies' rate (no target: not the writer);
 * a fleet-exporter scrape (first of a process, and later ones) and ``costwatch report --by model``
   at that size, and the 99th percentile of a scrape's latency with ``scrapers`` concurrent scrapers
   (50: the scrape-load benchmark's, row 8) scraping ``costwatch serve`` once a second each;
 * ``SqlStore.prune_before`` at a day boundary ``days/2`` days after the first attempt: a month of
-  day partitions dropped (target < 1 s), then half a day more (the rows of the day the cutoff falls
-  in deleted rather than dropped: no target, for scale); and, for each, the longest a second store
-  writing batches of 10 new attempts meanwhile waited for one batch (what the prune's locks cost
-  the writers).
+  day partitions detached (target < 1 s), ``SqlStore.drop_pruned`` after it (the detached days
+  dropped, their disk given back: no target), then half a day more (the rows of the day the cutoff
+  falls in deleted: no target, for scale); and, for each, the longest a second store writing
+  batches of 10 new attempts meanwhile waited for one batch (what their locks cost the writers).
 
 The issue's size is 10M attempts (``python benchmarks/run.py --only retention --retention-attempts
-10000000``: about an hour of writing at the target rate, and ~10 GB of disk); a full run does 2M.
+10000000``, ~10 GB of disk); a full run does 2M.
 """
 
 from __future__ import annotations
