@@ -614,7 +614,7 @@ class MetricsSink:
 
     # -- internals ---------------------------------------------------------------------------------
     def _apply(self, settlement: Settlement) -> None:
-        """Count what ``settlement`` made countable: each counter series once, by what the batch adds to it."""
+        """Count what ``settlement`` made countable: each counter series once, by the batch's sum for it."""
         for record in settlement.new_attempts:
             self._count_attempt(record)
         for waste in settlement.waste:
@@ -698,7 +698,7 @@ class MetricsSink:
         return series
 
     def _add(self, metric: Any, labels: tuple[str, ...], amount: float) -> None:
-        """Add ``amount`` (which a correction may make negative) to what this batch adds to a counter's series."""
+        """Add ``amount`` (a correction may make it negative) to the batch's sum for a counter's series."""
         key = (metric, labels)
         self._adding[key] = self._adding.get(key, 0) + amount
 
