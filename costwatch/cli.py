@@ -31,7 +31,7 @@ from rich.table import Table
 from sqlalchemy.engine import URL
 
 from . import __version__
-from .avoidable import PromptAttempt, RetriedAlike, avoidable_of_retried
+from .avoidable import RetriedAlike, RetriedRequest, avoidable_of_retried
 from .durations import MomentError, ceil_hour, floor_hour, parse_duration, parse_moment
 from .explain import explain_request, render_explain
 from .pipeline import SignalSafeEvent
@@ -662,7 +662,7 @@ def _command_explain(args: argparse.Namespace, out: Console, err: Console) -> in
 
 def _read_retried(
     store: SqlStore, start: datetime | None, end: datetime | None
-) -> tuple[tuple[list[RetriedAlike], dict[str, list[PromptAttempt]]], int]:
+) -> tuple[tuple[list[RetriedAlike], dict[str, RetriedRequest]], int]:
     """What the avoidable waste reads of the window's retried requests, and the retries the waste
     budget refused."""
     with _database_errors(store.url):

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -24,6 +25,7 @@ __all__ = [
     "RECONCILIATIONS",
     "REJECTED_ATTEMPTS",
     "RETENTION",
+    "RETRIED_REQUESTS",
     "ROLLUPS",
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
@@ -36,6 +38,7 @@ __all__ = [
     "Reconciliation",
     "RejectedAttempt",
     "Retention",
+    "RetriedRequestSummary",
     "UtcDateTime",
     "metadata",
     "utc_hour",
@@ -420,3 +423,43 @@ class Retention(Base):
 
 RETENTION = cast(sa.Table, Retention.__table__)
 """The retention cutoff table, for Core statements."""
+
+
+class RetriedRequestSummary(Base):
+    """One retried logical request (one with an attempt numbered 2 or more): what the report's
+    avoidable waste reads of it, kept by the writer (migration 0016; ``costwatch.store.retried``).
+
+    The sums are over the request's attempts (their latest revisions); the pricing keys are its last
+    attempt's (by attempt number, then start, then id); ``prompts`` holds each attempt's prompt as
+    pricing one by one reads it, by ``attempt_id``: ``[attempt_number, started_at in microseconds
+    since 1970, prompt_tokens, prompt_bytes, stable_prefix_bytes]``. A prune leaves the rows, as it
+    leaves the rollups.
+    """
+
+    __tablename__ = "costwatch_retried_requests"
+
+    logical_request_id: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    attempts: Mapped[int] = mapped_column(sa.BigInteger())
+    billed_attempts: Mapped[int] = mapped_column(sa.BigInteger())
+    """Attempts that billed a prompt (input, cache reads or cache writes)."""
+    cached_attempts: Mapped[int] = mapped_column(sa.BigInteger())
+    """Attempts that billed a prompt and read or wrote the prompt cache."""
+    measured_attempts: Mapped[int] = mapped_column(sa.BigInteger())
+    """Attempts whose prompt and stable prefix sizes were measured."""
+    wasted_cost_usd: Mapped[float] = mapped_column(sa.Double())
+    last_attempt_number: Mapped[int] = mapped_column(sa.Integer())
+    last_started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_attempt_id: Mapped[str] = mapped_column(sa.String())
+    model: Mapped[str] = mapped_column(sa.String())
+    workflow: Mapped[str] = mapped_column(sa.String())
+    platform: Mapped[str] = mapped_column(sa.String())
+    endpoint: Mapped[str | None] = mapped_column(sa.String())
+    inference_geo: Mapped[str | None] = mapped_column(sa.String())
+    # JSONB on PostgreSQL: a batch merges its attempts' entries into the stored ones (``||``).
+    prompts: Mapped[dict[str, list[int | None]]] = mapped_column(
+        sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+    )
+
+
+RETRIED_REQUESTS = cast(sa.Table, RetriedRequestSummary.__table__)
+"""The retried requests' summaries, for Core statements."""
