@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..avoidable import PromptAttempt, RetriedAlike, RetriedPrompt, RetriedRequest
 from ..records import WORKFLOW_LABEL_LENGTH, AttemptRecord
-from .schema import ATTEMPTS, RETRIED_REQUESTS
+from .schema import ATTEMPTS, RETRIED_ALIKE, RETRIED_REQUESTS
 
 __all__ = ["REQUEST_SPAN", "retried_prompts", "update_retried_requests"]
 
@@ -135,35 +135,35 @@ def retried_prompts(
 
 
 def _all_time(connection: sa.Connection) -> tuple[list[RetriedAlike], dict[str, RetriedRequest]]:
-    t = RETRIED_REQUESTS.c
-    twice = t.billed_attempts >= 2
-    cached = sa.case((t.cached_attempts > 0, 1), else_=0)
-    keys = (t.model, t.workflow, t.platform, t.endpoint)
-    # One statement, so one snapshot: the requests priced one by one, then the others summed.
+    t, g = RETRIED_REQUESTS.c, RETRIED_ALIKE.c
+    # One statement, so one snapshot: the requests priced one by one (through their partial index),
+    # then the others as the writer summed them.
     detail = sa.select(
         t.logical_request_id,
-        *keys,
+        t.model,
+        t.workflow,
+        t.platform,
+        t.endpoint,
         t.inference_geo,
         t.attempts,
         t.wasted_cost_usd,
         t.prompts,
         sa.cast(sa.null(), sa.Integer).label("cached"),
         sa.cast(sa.null(), sa.BigInteger).label("requests"),
-    ).where(twice, t.cached_attempts == 0, t.measured_attempts > 0)
-    summed = (
-        sa.select(
-            sa.cast(sa.null(), sa.String),
-            *keys,
-            sa.cast(sa.null(), sa.String),
-            sa.func.sum(t.attempts),
-            sa.func.sum(t.wasted_cost_usd),
-            sa.cast(sa.null(), t.prompts.type),
-            cached,
-            sa.func.count(),
-        )
-        .where(twice, sa.or_(t.cached_attempts > 0, t.measured_attempts == 0))
-        .group_by(cached, *keys)
-    )
+    ).where(*_PRICED_ONE_BY_ONE)
+    summed = sa.select(
+        sa.cast(sa.null(), sa.String),
+        g.model,
+        g.workflow,
+        g.platform,
+        g.endpoint,
+        sa.cast(sa.null(), sa.String),
+        g.attempts,
+        g.wasted_cost_usd,
+        sa.cast(sa.null(), t.prompts.type),
+        sa.case((g.already_cached, 1), else_=0),
+        g.requests,
+    ).where(g.requests != 0)  # groups whose requests all moved elsewhere
     alike: list[RetriedAlike] = []
     requests: dict[str, RetriedRequest] = {}
     for row in connection.execute(sa.union_all(detail, summed)):
@@ -190,7 +190,7 @@ def _all_time(connection: sa.Connection) -> tuple[list[RetriedAlike], dict[str, 
                     model,
                     workflow,
                     platform,
-                    endpoint,
+                    endpoint or None,
                     int(count),
                     int(attempts),
                     float(wasted or 0.0),
@@ -471,38 +471,110 @@ def update_retried_requests(
     """
     if not added:
         return
-    t = RETRIED_REQUESTS.c
     request_ids = sorted({record.logical_request_id for record in added})
-    stored = set(
-        connection.execute(
-            sa.select(t.logical_request_id).where(
-                _json_array_contains(connection, t.logical_request_id, request_ids)
-            )
-        ).scalars()
-    )
+    before = _places(connection, request_ids)
     dialect = connection.dialect.name
-    if stored:
-        moved = _deltas(
-            [record for record in added if record.logical_request_id in stored],
-            [record for record in removed if record.logical_request_id in stored],
-        )
-        if moved:
-            connection.execute(_move_summaries(dialect), moved)
-    first_retried = [
-        record for record in added if record.logical_request_id not in stored and record.attempt_number > 1
+    moved = _deltas(
+        [record for record in added if record.logical_request_id in before],
+        [record for record in removed if record.logical_request_id in before],
+    )
+    if moved:
+        connection.execute(_move_summaries(dialect), moved)
+    first_retried = {
+        record.logical_request_id
+        for record in added
+        if record.logical_request_id not in before and record.attempt_number > 1
+    }
+    if first_retried:
+        new_ids = sorted(first_retried)
+        starts = [record.started_at for record in added if record.logical_request_id in first_retried]
+        c = ATTEMPTS.c
+        where = [
+            _json_array_contains(connection, c.logical_request_id, new_ids),
+            c.started_at >= min(starts) - REQUEST_SPAN,
+            c.started_at <= max(starts),
+        ]
+        made = _summaries_from_attempts(dialect, where)
+        connection.execute(sa.insert(RETRIED_REQUESTS).from_select(_MADE_COLUMNS, made))
+    changed = sorted({row["logical_request_id"] for row in moved} | first_retried)
+    if changed:
+        _move_alike(connection, before, _places(connection, changed))
+
+
+_PRICED_ONE_BY_ONE = (
+    RETRIED_REQUESTS.c.billed_attempts >= 2,
+    RETRIED_REQUESTS.c.cached_attempts == 0,
+    RETRIED_REQUESTS.c.measured_attempts > 0,
+)
+"""The summaries the report prices one by one (the condition of their partial index)."""
+
+_PLACE = (
+    "billed_attempts",
+    "cached_attempts",
+    "measured_attempts",
+    "model",
+    "workflow",
+    "platform",
+    "endpoint",
+)
+
+
+def _places(connection: sa.Connection, request_ids: Sequence[str]) -> dict[str, Any]:
+    """The stored summaries of these requests: what decides where the report counts each, and its sums."""
+    t = RETRIED_REQUESTS.c
+    query = sa.select(
+        t.logical_request_id, *(t[name] for name in _PLACE), t.attempts, t.wasted_cost_usd
+    ).where(_json_array_contains(connection, t.logical_request_id, request_ids))
+    return {row.logical_request_id: row for row in connection.execute(query)}
+
+
+def _alike_key(summary: Any) -> tuple[bool, str, str, str, str] | None:
+    """Where a summary counts in ``costwatch_retried_alike`` (``None``: nowhere; not retried after
+    billing a prompt, or priced one by one)."""
+    if summary.billed_attempts < 2 or (summary.cached_attempts == 0 and summary.measured_attempts > 0):
+        return None
+    cached = summary.cached_attempts > 0
+    return (cached, summary.model, summary.workflow, summary.platform, summary.endpoint or "")
+
+
+def _move_alike(connection: sa.Connection, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Move the sums of requests alike by the changed summaries: each out of its old place, into its new."""
+    sums: dict[tuple[bool, str, str, str, str], list[Any]] = {}
+    for places, sign in ((before, -1), (after, 1)):
+        for request_id in after:
+            summary = places.get(request_id)
+            key = None if summary is None else _alike_key(summary)
+            if summary is None or key is None:
+                continue
+            row = sums.setdefault(key, [0, 0, 0.0])
+            row[0] += sign
+            row[1] += sign * summary.attempts
+            row[2] += sign * summary.wasted_cost_usd
+    rows = [
+        dict(zip(_ALIKE_COLUMNS, (*key, *measures), strict=True))
+        for key, measures in sorted(sums.items())
+        if measures != [0, 0, 0.0]
     ]
-    if not first_retried:
-        return
-    new_ids = sorted({record.logical_request_id for record in first_retried})
-    starts = [record.started_at for record in added if record.logical_request_id in set(new_ids)]
-    c = ATTEMPTS.c
-    where = [
-        _json_array_contains(connection, c.logical_request_id, new_ids),
-        c.started_at >= min(starts) - REQUEST_SPAN,
-        c.started_at <= max(starts),
-    ]
-    made = _summaries_from_attempts(dialect, where)
-    connection.execute(sa.insert(RETRIED_REQUESTS).from_select(_MADE_COLUMNS, made))
+    if rows:
+        connection.execute(_ADD_ALIKE[connection.dialect.name], rows)
+
+
+_ALIKE_COLUMNS = tuple(column.name for column in RETRIED_ALIKE.columns)
+
+
+def _add_alike(dialect: str) -> Any:
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(RETRIED_ALIKE)
+    return insert.on_conflict_do_update(
+        index_elements=[column.name for column in RETRIED_ALIKE.primary_key.columns],
+        set_={
+            name: RETRIED_ALIKE.c[name] + insert.excluded[name]
+            for name in ("requests", "attempts", "wasted_cost_usd")
+        },
+    )
+
+
+_ADD_ALIKE = {dialect: _add_alike(dialect) for dialect in ("postgresql", "sqlite")}
+"""The upsert that adds to the sums of requests alike, built once per backend."""
 
 
 _MADE_COLUMNS = ("logical_request_id", *_SUMS, *_LAST, "prompts")

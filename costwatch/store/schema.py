@@ -25,6 +25,7 @@ __all__ = [
     "RECONCILIATIONS",
     "REJECTED_ATTEMPTS",
     "RETENTION",
+    "RETRIED_ALIKE",
     "RETRIED_REQUESTS",
     "ROLLUPS",
     "ROLLUP_DIMENSIONS",
@@ -38,6 +39,7 @@ __all__ = [
     "Reconciliation",
     "RejectedAttempt",
     "Retention",
+    "RetriedAlikeSums",
     "RetriedRequestSummary",
     "UtcDateTime",
     "metadata",
@@ -460,6 +462,43 @@ class RetriedRequestSummary(Base):
         sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
     )
 
+    # The requests the report prices one by one (billed a prompt twice, none cached, one measured):
+    # the others are read summed from ``costwatch_retried_alike``, so the report never scans this table.
+    __table_args__ = (
+        sa.Index(
+            "ix_costwatch_retried_requests_priced_one_by_one",
+            "logical_request_id",
+            sqlite_where=sa.text("billed_attempts >= 2 AND cached_attempts = 0 AND measured_attempts > 0"),
+            postgresql_where=sa.text(
+                "billed_attempts >= 2 AND cached_attempts = 0 AND measured_attempts > 0"
+            ),
+        ),
+    )
+
 
 RETRIED_REQUESTS = cast(sa.Table, RetriedRequestSummary.__table__)
 """The retried requests' summaries, for Core statements."""
+
+
+class RetriedAlikeSums(Base):
+    """The retried requests with nothing to price one by one, summed (migration 0016): those that billed
+    a prompt twice or more and already read or wrote the prompt cache (``already_cached``), or none of
+    whose attempts was measured; keyed by their last attempt's model, workflow, platform and endpoint
+    (``""``: none). The writer moves it by each changed summary's old and new place, in the same
+    transaction, so it always equals those summaries grouped; rows that sum to no request are kept.
+    """
+
+    __tablename__ = "costwatch_retried_alike"
+
+    already_cached: Mapped[bool] = mapped_column(sa.Boolean(), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    platform: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    requests: Mapped[int] = mapped_column(sa.BigInteger())
+    attempts: Mapped[int] = mapped_column(sa.BigInteger())
+    wasted_cost_usd: Mapped[float] = mapped_column(sa.Double())
+
+
+RETRIED_ALIKE = cast(sa.Table, RetriedAlikeSums.__table__)
+"""The sums of retried requests alike, for Core statements."""

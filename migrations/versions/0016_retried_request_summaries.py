@@ -3,8 +3,10 @@
 The report's avoidable waste (docs/report.md) reads, for every retried logical request, its sums
 and each attempt's prompt. Over all time that was a read of every attempt of every retried request
 (seconds at a million attempts on PostgreSQL). The writer now keeps one row per retried request in
-``costwatch_retried_requests`` (``costwatch.store.retried``), in the batch's transaction, and this
-migration fills it from the attempts already stored, in one ``INSERT ... SELECT ... GROUP BY``.
+``costwatch_retried_requests`` (``costwatch.store.retried``), and the requests with nothing to price
+one by one summed by their last attempt's model, workflow, platform and endpoint in
+``costwatch_retried_alike``, in the batch's transaction; this migration fills the first from the
+attempts already stored, in one ``INSERT ... SELECT ... GROUP BY``, and the second from the first.
 
 What it locks: on PostgreSQL the attempts table in ``SHARE`` mode from the fill to the commit, so
 writers wait (their pipelines queue, then spool: nothing is lost) while reads go on; a write
@@ -32,6 +34,8 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _TABLE = "costwatch_retried_requests"
+_ALIKE = "costwatch_retried_alike"
+_PRICED_ONE_BY_ONE = "billed_attempts >= 2 AND cached_attempts = 0 AND measured_attempts > 0"
 _TIMESTAMP = sa.DateTime(timezone=True)
 _COLUMNS = (
     "logical_request_id",
@@ -96,6 +100,16 @@ FROM (
 GROUP BY logical_request_id
 """
 
+_FILL_ALIKE = f"""
+INSERT INTO {_ALIKE}
+    (already_cached, model, workflow, platform, endpoint, requests, attempts, wasted_cost_usd)
+SELECT cached_attempts > 0, model, workflow, platform, coalesce(endpoint, ''), count(*), sum(attempts),
+    sum(wasted_cost_usd)
+FROM {_TABLE}
+WHERE billed_attempts >= 2 AND NOT ({_PRICED_ONE_BY_ONE})
+GROUP BY cached_attempts > 0, model, workflow, platform, coalesce(endpoint, '')
+"""
+
 _BACKEND = {
     "postgresql": {
         "workflow": "tags ->> 'workflow'",
@@ -116,7 +130,8 @@ _BACKEND = {
 
 
 def upgrade() -> None:
-    """Create ``costwatch_retried_requests`` and fill it from the attempts stored."""
+    """Create ``costwatch_retried_requests`` and ``costwatch_retried_alike`` and fill them from the
+    attempts stored."""
     op.create_table(
         _TABLE,
         sa.Column("logical_request_id", sa.String(), nullable=False),
@@ -136,6 +151,27 @@ def upgrade() -> None:
         sa.Column("prompts", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
         sa.PrimaryKeyConstraint("logical_request_id", name=op.f(f"pk_{_TABLE}")),
     )
+    op.create_index(
+        "ix_costwatch_retried_requests_priced_one_by_one",
+        _TABLE,
+        ["logical_request_id"],
+        sqlite_where=sa.text(_PRICED_ONE_BY_ONE),
+        postgresql_where=sa.text(_PRICED_ONE_BY_ONE),
+    )
+    op.create_table(
+        _ALIKE,
+        sa.Column("already_cached", sa.Boolean(), nullable=False),
+        *(
+            sa.Column(name, sa.String(), nullable=False)
+            for name in ("model", "workflow", "platform", "endpoint")
+        ),
+        sa.Column("requests", sa.BigInteger(), nullable=False),
+        sa.Column("attempts", sa.BigInteger(), nullable=False),
+        sa.Column("wasted_cost_usd", sa.Double(), nullable=False),
+        sa.PrimaryKeyConstraint(
+            "already_cached", "model", "workflow", "platform", "endpoint", name=op.f(f"pk_{_ALIKE}")
+        ),
+    )
     bind = op.get_bind()
     backend = bind.dialect.name
     if backend == "postgresql":
@@ -147,9 +183,12 @@ def upgrade() -> None:
         op.execute("SET LOCAL work_mem = '64MB'")
         op.execute("SET LOCAL jit = off")
     op.execute(_FILL.format(columns=", ".join(_COLUMNS), **_BACKEND[backend]))
+    op.execute(_FILL_ALIKE)
 
 
 def downgrade() -> None:
-    """Drop ``costwatch_retried_requests`` (the attempts hold what it was made from, but not what a
-    prune removed since)."""
+    """Drop both tables (the attempts hold what they were made from, but not what a prune removed
+    since)."""
+    op.drop_table(_ALIKE)
+    op.drop_index("ix_costwatch_retried_requests_priced_one_by_one", table_name=_TABLE)
     op.drop_table(_TABLE)
