@@ -807,7 +807,8 @@ def _prune(url: URL, older_than: str, out: Console) -> int:
     finally:
         store.shutdown()
     out.print(
-        f"pruned {removed:,} attempt rows older than {older_than} from {safe_url(url)}; rollups kept",
+        f"pruned {removed:,} attempt rows older than {older_than} from {safe_url(url)}; rollups and "
+        "retried-request summaries kept",
         highlight=False,
     )
     return 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -445,15 +446,55 @@ def _summaries_from_attempts(dialect: str, where: Sequence[sa.ColumnElement[bool
     ).group_by(a.logical_request_id)
 
 
-def _json_array_contains(
-    connection: sa.Connection, column: Any, values: Sequence[str]
-) -> sa.ColumnElement[bool]:
-    """``column`` is one of ``values``, bound as one JSON array (as the writer's lookups bind keys)."""
-    listed = sa.bindparam(None, json.dumps(list(values)), type_=sa.String())
-    if connection.dialect.name == "postgresql":
+def _among(dialect: str, column: Any, name: str) -> sa.ColumnElement[bool]:
+    """``column`` is one of the values of the parameter ``name``, bound as one JSON array of them (as
+    the writer's lookups bind keys: a list would be formatted element by element)."""
+    listed = sa.bindparam(name, type_=sa.String())
+    if dialect == "postgresql":
         elements = sa.select(sa.func.json_array_elements_text(sa.cast(listed, postgresql.JSON)))
         return column == sa.any_(sa.func.array(elements.scalar_subquery()))
     return column.in_(sa.select(sa.func.json_each(listed).table_valued("value").c.value))
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """A batch's statements on one backend, built once: a batch binds only its values (building and
+    keying them each time cost more in the writer than running them)."""
+
+    places: Any
+    """The stored summaries of the requests ``ids``: their place among the sums and their sums."""
+    move: Any
+    """Delta rows added to stored summaries."""
+    make: Any
+    """Summaries made from the attempts of the requests ``ids`` started in ``[first, last]``."""
+    add_alike: Any
+    """Rows added to the sums of requests alike."""
+
+
+def _build(dialect: str) -> _Statements:
+    t, c = RETRIED_REQUESTS.c, ATTEMPTS.c
+    places = sa.select(t.logical_request_id, *(t[name] for name in _PLACE), t.attempts, t.wasted_cost_usd)
+    span = (
+        c.started_at >= sa.bindparam("first", type_=c.started_at.type),
+        c.started_at <= sa.bindparam("last", type_=c.started_at.type),
+    )
+    made = _summaries_from_attempts(dialect, [_among(dialect, c.logical_request_id, "ids"), *span])
+    return _Statements(
+        places=places.where(_among(dialect, t.logical_request_id, "ids")),
+        move=_move_summaries(dialect),
+        make=sa.insert(RETRIED_REQUESTS).from_select(_MADE_COLUMNS, made),
+        add_alike=_add_alike(dialect),
+    )
+
+
+_statements: dict[str, _Statements] = {}
+
+
+def _statements_for(dialect: str) -> _Statements:
+    found = _statements.get(dialect)
+    if found is None:
+        found = _statements[dialect] = _build(dialect)
+    return found
 
 
 def update_retried_requests(
@@ -471,34 +512,33 @@ def update_retried_requests(
     """
     if not added:
         return
+    statements = _statements_for(connection.dialect.name)
     request_ids = sorted({record.logical_request_id for record in added})
-    before = _places(connection, request_ids)
-    dialect = connection.dialect.name
+    before = _places(connection, statements, request_ids)
     moved = _deltas(
         [record for record in added if record.logical_request_id in before],
         [record for record in removed if record.logical_request_id in before],
     )
     if moved:
-        connection.execute(_move_summaries(dialect), moved)
+        connection.execute(statements.move, moved)
     first_retried = {
         record.logical_request_id
         for record in added
         if record.logical_request_id not in before and record.attempt_number > 1
     }
     if first_retried:
-        new_ids = sorted(first_retried)
         starts = [record.started_at for record in added if record.logical_request_id in first_retried]
-        c = ATTEMPTS.c
-        where = [
-            _json_array_contains(connection, c.logical_request_id, new_ids),
-            c.started_at >= min(starts) - REQUEST_SPAN,
-            c.started_at <= max(starts),
-        ]
-        made = _summaries_from_attempts(dialect, where)
-        connection.execute(sa.insert(RETRIED_REQUESTS).from_select(_MADE_COLUMNS, made))
+        connection.execute(
+            statements.make,
+            {
+                "ids": json.dumps(sorted(first_retried)),
+                "first": min(starts) - REQUEST_SPAN,
+                "last": max(starts),
+            },
+        )
     changed = sorted({row["logical_request_id"] for row in moved} | first_retried)
     if changed:
-        _move_alike(connection, before, _places(connection, changed))
+        _move_alike(connection, statements, before, _places(connection, statements, changed))
 
 
 _PRICED_ONE_BY_ONE = (
@@ -519,13 +559,10 @@ _PLACE = (
 )
 
 
-def _places(connection: sa.Connection, request_ids: Sequence[str]) -> dict[str, Any]:
+def _places(connection: sa.Connection, statements: _Statements, request_ids: Sequence[str]) -> dict[str, Any]:
     """The stored summaries of these requests: what decides where the report counts each, and its sums."""
-    t = RETRIED_REQUESTS.c
-    query = sa.select(
-        t.logical_request_id, *(t[name] for name in _PLACE), t.attempts, t.wasted_cost_usd
-    ).where(_json_array_contains(connection, t.logical_request_id, request_ids))
-    return {row.logical_request_id: row for row in connection.execute(query)}
+    rows = connection.execute(statements.places, {"ids": json.dumps(list(request_ids))})
+    return {row.logical_request_id: row for row in rows}
 
 
 def _alike_key(summary: Any) -> tuple[bool, str, str, str, str] | None:
@@ -537,7 +574,9 @@ def _alike_key(summary: Any) -> tuple[bool, str, str, str, str] | None:
     return (cached, summary.model, summary.workflow, summary.platform, summary.endpoint or "")
 
 
-def _move_alike(connection: sa.Connection, before: dict[str, Any], after: dict[str, Any]) -> None:
+def _move_alike(
+    connection: sa.Connection, statements: _Statements, before: dict[str, Any], after: dict[str, Any]
+) -> None:
     """Move the sums of requests alike by the changed summaries: each out of its old place, into its new."""
     sums: dict[tuple[bool, str, str, str, str], list[Any]] = {}
     for places, sign in ((before, -1), (after, 1)):
@@ -556,7 +595,7 @@ def _move_alike(connection: sa.Connection, before: dict[str, Any], after: dict[s
         if measures != [0, 0, 0.0]
     ]
     if rows:
-        connection.execute(_ADD_ALIKE[connection.dialect.name], rows)
+        connection.execute(statements.add_alike, rows)
 
 
 _ALIKE_COLUMNS = tuple(column.name for column in RETRIED_ALIKE.columns)
@@ -571,10 +610,6 @@ def _add_alike(dialect: str) -> Any:
             for name in ("requests", "attempts", "wasted_cost_usd")
         },
     )
-
-
-_ADD_ALIKE = {dialect: _add_alike(dialect) for dialect in ("postgresql", "sqlite")}
-"""The upsert that adds to the sums of requests alike, built once per backend."""
 
 
 _MADE_COLUMNS = ("logical_request_id", *_SUMS, *_LAST, "prompts")
