@@ -8,9 +8,14 @@
 
     with costwatch.tags(workflow="nightly-refactor"):
         ...  # every attempt made here is labelled
+
+Importing costwatch does not import the ``anthropic`` SDK (a ``costwatch`` command needs none of it):
+:class:`WasteBudgetExceeded`, an ``anthropic.AnthropicError``, is loaded on first use.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .context import logical_request, tags
@@ -25,7 +30,10 @@ from .retries import (
 )
 from .settings import SettingsError
 from .sinks import MemorySink, Sink
-from .waste_budget import WasteBudgetExceeded, waste_budget
+from .waste_budget import waste_budget
+
+if TYPE_CHECKING:
+    from .budget_exceeded import WasteBudgetExceeded
 
 __all__ = [
     "AttemptRecord",
@@ -53,3 +61,16 @@ __all__ = [
     "uninstrument",
     "waste_budget",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WasteBudgetExceeded":  # imports the SDK, its base class
+        from .budget_exceeded import WasteBudgetExceeded
+
+        globals()[name] = WasteBudgetExceeded
+        return WasteBudgetExceeded
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from . import context
 from .prompt_prefix import with_cache_breakpoint
 from .records import new_id
-from .waste_budget import WasteBudgetExceeded
 
 if TYPE_CHECKING:  # the SDK is imported when a retry loop first runs, not with costwatch
     import anthropic
@@ -188,6 +187,8 @@ class _Retrying:
         Where giving up must not show ``error`` itself, raises what the caller gets instead: the waste
         budget's refusal, or :class:`IncompleteStreamError` for a stream that ended early every time.
         """
+        from .budget_exceeded import WasteBudgetExceeded  # with the SDK: not when costwatch is imported
+
         refusal = WasteBudgetExceeded.found_in(error)
         if refusal is not None:
             raise refusal  # the SDK wrapped it in an APIConnectionError, which reads as retryable

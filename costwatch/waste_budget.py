@@ -10,7 +10,8 @@ with :func:`waste_budget` or the ``waste_budget_usd_per_hour`` setting.
 
 The exception is an ``anthropic.AnthropicError``: both SDK lines pass such an error raised by their
 HTTP client's ``send()`` straight to the caller, neither wrapped in ``APIConnectionError`` nor
-retried, where any other exception would be both.
+retried, where any other exception would be both. It is defined in :mod:`costwatch.budget_exceeded`
+and read from here on first use, so that importing costwatch does not import the SDK.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-
-import anthropic
+from typing import TYPE_CHECKING, Any
 
 from .records import WORKFLOW_LABEL_LENGTH, AttemptRecord
+
+if TYPE_CHECKING:
+    from .budget_exceeded import WasteBudgetExceeded
 
 __all__ = ["SCOPES", "WasteBudget", "WasteBudgetExceeded", "current", "waste_budget"]
 
@@ -35,33 +38,12 @@ _MAX_WORKFLOWS = 1_000
 _MAX_FAILED_REQUESTS = 10_000
 
 
-def _usd(value: float) -> str:
-    return f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:,.4f}"
+def __getattr__(name: str) -> Any:
+    if name == "WasteBudgetExceeded":  # imports the SDK, which importing this module does not
+        from .budget_exceeded import WasteBudgetExceeded
 
-
-class WasteBudgetExceeded(anthropic.AnthropicError):
-    """A retry was refused, unsent, because its scope wasted more than its budget in the last hour."""
-
-    def __init__(self, *, scope: str, workflow: str, wasted_usd: float, usd_per_hour: float) -> None:
-        self.scope = scope
-        self.workflow = workflow
-        """The workflow whose waste was counted (``""`` for the process scope or untagged calls)."""
-        self.wasted_usd = wasted_usd
-        self.usd_per_hour = usd_per_hour
-        where = f"workflow {workflow!r}" if scope == "workflow" else "this process"
-        super().__init__(
-            f"costwatch waste budget: {where} wasted {_usd(wasted_usd)} in the last hour, over its budget "
-            f"of {_usd(usd_per_hour)}/hour; this retry was not sent (first attempts still are)"
-        )
-
-    @staticmethod
-    def found_in(error: BaseException | None) -> WasteBudgetExceeded | None:
-        """The budget's refusal inside ``error`` (itself, or the cause the SDK wrapped it in), if any."""
-        while error is not None:
-            if isinstance(error, WasteBudgetExceeded):
-                return error
-            error = error.__cause__
-        return None
+        return WasteBudgetExceeded
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Window:
@@ -149,6 +131,8 @@ class WasteBudget:
         wasted = self.wasted_usd(workflow)
         if wasted <= self.usd_per_hour:
             return None
+        from .budget_exceeded import WasteBudgetExceeded  # the SDK is loaded: a request is being sent
+
         return WasteBudgetExceeded(
             scope=self.scope,
             workflow=workflow[:WORKFLOW_LABEL_LENGTH] if self.scope == "workflow" else "",

@@ -456,6 +456,43 @@ def test_help_of_every_command_has_examples(capsys):
         assert code == 0 and "examples:" in out, command
 
 
+def _imported_by(*argv: str, cwd: Path) -> set[str]:
+    """The modules a fresh ``costwatch`` process imported to run ``argv`` (from ``-X importtime``)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.pop("COSTWATCH_DATABASE_URL", None)
+    finished = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "costwatch", *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    lines = [line for line in finished.stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip() for line in lines}
+
+
+def test_commands_that_send_no_request_do_not_import_the_sdk(tmp_path):
+    # Importing the SDK takes seconds of CPU; of the commands, only demo and reconcile send requests.
+    db = f"sqlite:///{tmp_path / 'costwatch.db'}"
+    for argv in (["report", "--help"], ["db", "upgrade", "--db", db], ["report", "--db", db]):
+        modules = _imported_by(*argv, cwd=tmp_path)
+        assert "costwatch.cli" in modules, argv
+        assert "anthropic" not in modules, argv
+
+
+def test_importing_costwatch_imports_neither_the_sdk_nor_the_store():
+    program = (
+        "import sys, costwatch; print([m for m in ('anthropic', 'costwatch.store') if m in sys.modules])"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    finished = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert finished.stdout.strip() == "[]"
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -60,6 +60,17 @@ def failed(request_id: str, usd: float, workflow: str = "") -> AttemptRecord:
     )
 
 
+def test_the_refusal_is_an_anthropic_error_wherever_it_is_imported_from():
+    from costwatch.waste_budget import WasteBudgetExceeded
+
+    # An AnthropicError raised by the HTTP client's send() reaches the caller unwrapped, unretried.
+    assert issubclass(costwatch.WasteBudgetExceeded, anthropic.AnthropicError)
+    assert WasteBudgetExceeded is costwatch.WasteBudgetExceeded
+    assert "WasteBudgetExceeded" in costwatch.__all__ and "WasteBudgetExceeded" in dir(costwatch)
+    with pytest.raises(AttributeError, match="no attribute 'WasteBudgetExceded'"):
+        costwatch.WasteBudgetExceded  # noqa: B018
+
+
 def test_only_retries_of_failed_requests_are_refused_and_only_while_the_last_hour_is_over_budget():
     clock = Clock()
     budget = WasteBudget(1.0, clock=clock)
