@@ -13,7 +13,10 @@ day's rows of the tables the writer fills are copied, in the database, to each l
 * ``costwatch_hourly_rollups``: the day's rows, their hour moved by the same days (each copied hour
   holds exactly the copied attempts of that hour, so its sums are theirs);
 * ``costwatch_all_time_rollups``: each row set to the sum of its hourly rows and their earliest hour,
-  which is what the writer keeps it equal to.
+  which is what the writer keeps it equal to;
+* ``costwatch_retried_requests`` and ``costwatch_retried_alike``: made again from all the attempts
+  (``rebuild_retried_requests``, as migration 0016 makes them), which is what the writer keeps them
+  equal to.
 
 Any other table the writer filled for that day is refused (:class:`UnknownTable`), so the copies
 cannot silently miss what a later writer starts to store. :func:`replicated` is the same copy made
@@ -34,11 +37,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from costwatch.records import AttemptRecord
+from costwatch.store.retried import rebuild_retried_requests
 from costwatch.store.rows import ATTEMPT_COLUMNS
 from costwatch.store.schema import (
     ALL_TIME_DIMENSIONS,
     ALL_TIME_ROLLUPS,
     ATTEMPTS,
+    RETRIED_ALIKE,
+    RETRIED_REQUESTS,
     ROLLUP_DIMENSIONS,
     ROLLUP_MEASURES,
     ROLLUPS,
@@ -49,7 +55,7 @@ __all__ = ["UnknownTable", "copy_day", "replicated", "sum_all_time_rollups"]
 
 _DAY_MS = 86_400_000
 
-_COPIED = {ATTEMPTS.name, ROLLUPS.name, ALL_TIME_ROLLUPS.name}
+_COPIED = {ATTEMPTS.name, ROLLUPS.name, ALL_TIME_ROLLUPS.name, RETRIED_REQUESTS.name, RETRIED_ALIKE.name}
 _UNCHANGED = {"costwatch_retention", "costwatch_reconciliations"}
 """Tables the writer does not fill from a batch of attempts (checked empty of the day all the same)."""
 
@@ -116,7 +122,8 @@ def copy_day(
 ) -> int:
     """Copy ``day``'s attempts and hourly rollups to each of the ``copies`` days after it (their
     partitions made first, their days empty), one transaction a day, ``sessions`` at a time; then
-    sum the all-time rollups again. Returns the attempts copied."""
+    sum the all-time rollups and make the retried requests' summaries again. Returns the attempts
+    copied."""
     start, end = _start(day), _start(day + timedelta(days=1))
     columns = ", ".join(ATTEMPT_COLUMNS)
     values = ", ".join(_ATTEMPT_COPIED.get(name, name) for name in ATTEMPT_COLUMNS)
@@ -154,6 +161,7 @@ def copy_day(
             finished.result()
     with engine.begin() as connection:
         sum_all_time_rollups(connection)
+        rebuild_retried_requests(connection)
     return sum(done)
 
 
