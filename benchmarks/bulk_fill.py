@@ -14,9 +14,10 @@ day's rows of the tables the writer fills are copied, in the database, to each l
   holds exactly the copied attempts of that hour, so its sums are theirs);
 * ``costwatch_all_time_rollups``: each row set to the sum of its hourly rows and their earliest hour,
   which is what the writer keeps it equal to;
-* ``costwatch_retried_requests`` and ``costwatch_retried_alike``: made again from all the attempts
-  (``rebuild_retried_requests``, as migration 0016 makes them), which is what the writer keeps them
-  equal to.
+* ``costwatch_retried_requests`` (migration 0016): each retried request's summary, its ids, last
+  start and its attempts' entries moved as its attempts were;
+* ``costwatch_retried_alike`` (migration 0016): the sums of the alike requests, which the copied
+  day alone made (the store holds nothing else when it is copied), times the days they now cover.
 
 Any other table the writer filled for that day is refused (:class:`UnknownTable`), so the copies
 cannot silently miss what a later writer starts to store. :func:`replicated` is the same copy made
@@ -37,14 +38,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from costwatch.records import AttemptRecord
-from costwatch.store.retried import rebuild_retried_requests
 from costwatch.store.rows import ATTEMPT_COLUMNS
 from costwatch.store.schema import (
     ALL_TIME_DIMENSIONS,
     ALL_TIME_ROLLUPS,
     ATTEMPTS,
-    RETRIED_ALIKE,
-    RETRIED_REQUESTS,
     ROLLUP_DIMENSIONS,
     ROLLUP_MEASURES,
     ROLLUPS,
@@ -55,7 +53,8 @@ __all__ = ["UnknownTable", "copy_day", "replicated", "sum_all_time_rollups"]
 
 _DAY_MS = 86_400_000
 
-_COPIED = {ATTEMPTS.name, ROLLUPS.name, ALL_TIME_ROLLUPS.name, RETRIED_REQUESTS.name, RETRIED_ALIKE.name}
+_SUMMARIES, _ALIKE = "costwatch_retried_requests", "costwatch_retried_alike"
+_COPIED = {ATTEMPTS.name, ROLLUPS.name, ALL_TIME_ROLLUPS.name, _SUMMARIES, _ALIKE}
 _UNCHANGED = {"costwatch_retention", "costwatch_reconciliations"}
 """Tables the writer does not fill from a batch of attempts (checked empty of the day all the same)."""
 
@@ -96,6 +95,32 @@ _ATTEMPT_COPIED = {
 }
 
 
+def _summaries_copied() -> sa.TextClause | None:
+    """The statement copying the day's retried-request summaries (``None``: no such table yet)."""
+    table = metadata.tables.get(_SUMMARIES)
+    if table is None:
+        return None
+    moved = {
+        "logical_request_id": _sql_moved_id("logical_request_id"),
+        "last_attempt_id": _sql_moved_id("last_attempt_id"),
+        "last_started_at": "last_started_at + make_interval(hours => :days * 24)",
+        # Each entry: attempt id -> [attempt number, start in microseconds, ...].
+        "prompts": (
+            f"(SELECT coalesce(jsonb_object_agg({_sql_moved_id('key')}, jsonb_set(value, '{{1}}', "
+            f"to_jsonb((value ->> 1)::bigint + CAST(:days AS bigint) * {_DAY_MS * 1000}))), '{{}}'::jsonb) "
+            "FROM jsonb_each(prompts))"
+        ),
+    }
+    names = [column.name for column in table.columns]
+    return sa.text(
+        f"INSERT INTO {_SUMMARIES} ({', '.join(names)}) "
+        f"SELECT {', '.join(moved.get(name, name) for name in names)} FROM {_SUMMARIES} "
+        # The day's own (the copies made meanwhile are later days): a request's attempts all
+        # started within its day.
+        "WHERE last_started_at >= :start AND last_started_at < :end"
+    )
+
+
 def _start(day: date) -> datetime:
     return datetime.combine(day, time(), timezone.utc)
 
@@ -122,8 +147,7 @@ def copy_day(
 ) -> int:
     """Copy ``day``'s attempts and hourly rollups to each of the ``copies`` days after it (their
     partitions made first, their days empty), one transaction a day, ``sessions`` at a time; then
-    sum the all-time rollups and make the retried requests' summaries again. Returns the attempts
-    copied."""
+    sum the all-time rollups again. Returns the attempts copied."""
     start, end = _start(day), _start(day + timedelta(days=1))
     columns = ", ".join(ATTEMPT_COLUMNS)
     values = ", ".join(_ATTEMPT_COPIED.get(name, name) for name in ATTEMPT_COLUMNS)
@@ -139,8 +163,16 @@ def copy_day(
         f"INSERT INTO {ROLLUPS.name} ({', '.join(rollup_columns)}) SELECT {', '.join(rollup_values)} "
         f"FROM {ROLLUPS.name} WHERE hour >= :start AND hour < :end"
     )
+    summaries = _summaries_copied()
     with engine.connect() as connection:
         _check_tables(connection, day)
+        others = sa.text(
+            f"SELECT 1 FROM {ATTEMPTS.name} WHERE started_at < :start OR started_at >= :end LIMIT 1"
+        )
+        if connection.execute(others, {"start": start, "end": end}).first() is not None:
+            raise ValueError(
+                f"the store holds attempts outside {day}: only a store of that day alone is copied"
+            )
     done: list[int] = []
     lock = threading.Lock()
 
@@ -150,6 +182,8 @@ def copy_day(
             bounds = {"start": start, "end": end, "days": days}
             count = int(connection.execute(attempts, bounds).rowcount or 0)
             connection.execute(rollups, bounds)
+            if summaries is not None:
+                connection.execute(summaries, bounds)
         with lock:
             done.append(count)
             if log is not None and (len(done) % 10 == 0 or len(done) == copies):
@@ -161,7 +195,12 @@ def copy_day(
             finished.result()
     with engine.begin() as connection:
         sum_all_time_rollups(connection)
-        rebuild_retried_requests(connection)
+        alike = metadata.tables.get(_ALIKE)
+        if alike is not None:
+            sums = [column.name for column in alike.columns if not column.primary_key]
+            connection.exec_driver_sql(
+                f"UPDATE {_ALIKE} SET {', '.join(f'{name} = {name} * {copies + 1}' for name in sums)}"
+            )
     return sum(done)
 
 

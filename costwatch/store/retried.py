@@ -41,7 +41,7 @@ from ..avoidable import PromptAttempt, RetriedAlike, RetriedPrompt, RetriedReque
 from ..records import WORKFLOW_LABEL_LENGTH, AttemptRecord
 from .schema import ATTEMPTS, RETRIED_ALIKE, RETRIED_REQUESTS
 
-__all__ = ["REQUEST_SPAN", "rebuild_retried_requests", "retried_prompts", "update_retried_requests"]
+__all__ = ["REQUEST_SPAN", "retried_prompts", "update_retried_requests"]
 
 REQUEST_SPAN = timedelta(days=1)
 """How far before or after a report's range an attempt of one of its retried requests is still read
@@ -615,26 +615,3 @@ def _add_alike(dialect: str) -> Any:
 _MADE_COLUMNS = ("logical_request_id", *_SUMS, *_LAST, "prompts")
 """The summary's columns in the order :func:`_summaries_from_attempts` selects them."""
 
-
-def rebuild_retried_requests(connection: sa.Connection) -> None:
-    """Make every summary again from the stored attempts, and the sums alike from those, inside the
-    caller's transaction (what migration 0016 does; for stores filled other than through the writer)."""
-    dialect = connection.dialect.name
-    if dialect == "postgresql":
-        # As the report's range read: no statistics on the partitioned table, JIT per partition.
-        connection.exec_driver_sql("SET LOCAL enable_nestloop = off")
-        connection.exec_driver_sql("SET LOCAL work_mem = '64MB'")
-        connection.exec_driver_sql("SET LOCAL jit = off")
-    connection.execute(sa.delete(RETRIED_ALIKE))
-    connection.execute(sa.delete(RETRIED_REQUESTS))
-    c, t = ATTEMPTS.c, RETRIED_REQUESTS.c
-    retried = sa.select(c.logical_request_id).where(c.attempt_number > 1)
-    made = _summaries_from_attempts(dialect, [c.logical_request_id.in_(retried)])
-    connection.execute(sa.insert(RETRIED_REQUESTS).from_select(_MADE_COLUMNS, made))
-    keys = (t.cached_attempts > 0, t.model, t.workflow, t.platform, sa.func.coalesce(t.endpoint, ""))
-    alike = (
-        sa.select(*keys, sa.func.count(), sa.func.sum(t.attempts), sa.func.sum(t.wasted_cost_usd))
-        .where(t.billed_attempts >= 2, sa.not_(sa.and_(*_PRICED_ONE_BY_ONE)))
-        .group_by(*keys)
-    )
-    connection.execute(sa.insert(RETRIED_ALIKE).from_select(_ALIKE_COLUMNS, alike))
