@@ -614,4 +614,3 @@ def _add_alike(dialect: str) -> Any:
 
 _MADE_COLUMNS = ("logical_request_id", *_SUMS, *_LAST, "prompts")
 """The summary's columns in the order :func:`_summaries_from_attempts` selects them."""
-
