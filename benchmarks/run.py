@@ -74,6 +74,9 @@ class Sizes:
     scrape_repeats: int = 20
     retention_attempts: int = 2_000_000
     """PostgreSQL at retention scale (the issue's size is 10M: ``--retention-attempts 10000000``)."""
+    retention_fill: str = "bulk"
+    """How the retention store's first nine tenths are filled: ``bulk`` (copies in SQL of a day the
+    writer wrote) or ``writer`` (the same copies through the writer)."""
     revision_estimates: tuple[int, ...] = (10_000, 50_000)
     revision_repeats: int = 5
     revision_on_postgres: bool = True
@@ -251,6 +254,7 @@ def run_benchmarks(
                 scrapers=sizes.scrape_clients,
                 scrapes=sizes.scrape_repeats,
                 postgres_url=postgres_url,
+                fill=sizes.retention_fill,
                 log=log,
             )
         )
@@ -306,6 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="attempts in the PostgreSQL retention benchmark (2M in a full run; the issue's size is 10M)",
     )
     parser.add_argument(
+        "--retention-fill",
+        choices=("bulk", "writer"),
+        help="the retention store's days before its last tenth: copies of its first day made in SQL "
+        "(bulk, the default) or written through the writer (writer: ~45 minutes at 10M here)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=RESULTS, help=f"where to write the results (default {RESULTS})"
     )
     parser.add_argument(
@@ -324,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.retention_attempts < 1:
             parser.error(f"--retention-attempts must be at least 1, got {args.retention_attempts}")
         sizes = dataclasses.replace(sizes, retention_attempts=args.retention_attempts)
+    if args.retention_fill is not None:
+        sizes = dataclasses.replace(sizes, retention_fill=args.retention_fill)
     started = time.perf_counter()
     rows = run_benchmarks(
         sizes,

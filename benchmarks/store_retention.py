@@ -2,22 +2,26 @@
 
 A throwaway PostgreSQL database is filled with the store benchmark's synthetic attempts spread over
 the last ``days`` days (60: two months), with a day partition for each of those days as a store
-running that long has made them, through the store's own write path (``SqlStore.export``, batches of
-``COSTWATCH_BATCH_SIZE`` as the pipeline sends them), in order, 100,000 attempts made and written at
-a time. Rows:
+running that long has made them. The first day is written through the store's own write path
+(``SqlStore.export``, batches of ``COSTWATCH_BATCH_SIZE`` as the pipeline sends them); the days up
+to the last tenth are copies of it made in SQL (:mod:`bulk_fill`: not the writer, but the store the
+writer makes of those copies), or with ``fill="writer"`` written through the writer too; the last
+tenth of the days is written through the writer, in order, 100,000 attempts made and written at a
+time. Rows:
 
-* writer throughput over the whole fill, and over its last tenth (sustained: at nearly full size);
+* writer throughput on the first day (an empty store) and on the last tenth (sustained: on top of
+  nearly the whole store), and the copies' rate (no target: not the writer);
 * a fleet-exporter scrape (first of a process, and later ones) and ``costwatch report --by model``
   at that size, and the 99th percentile of a scrape's latency with ``scrapers`` concurrent scrapers
   (50: the scrape-load benchmark's, row 8) scraping ``costwatch serve`` once a second each;
 * ``SqlStore.prune_before`` at a day boundary ``days/2`` days after the first attempt: a month of
-  day partitions dropped (target < 1 s), then half a day more (the rows of the day the cutoff falls
-  in deleted rather than dropped: no target, for scale); and, for each, the longest a second store
-  writing batches of 10 new attempts meanwhile waited for one batch (what the prune's locks cost
-  the writers).
+  day partitions detached (target < 1 s), ``SqlStore.drop_pruned`` after it (the detached days
+  dropped, their disk given back: no target), then half a day more (the rows of the day the cutoff
+  falls in deleted: no target, for scale); and, for each, the longest a second store writing
+  batches of 10 new attempts meanwhile waited for one batch (what their locks cost the writers).
 
 The issue's size is 10M attempts (``python benchmarks/run.py --only retention --retention-attempts
-10000000``: about an hour of writing at the target rate, and ~10 GB of disk); a full run does 2M.
+10000000``, ~10 GB of disk); a full run does 2M.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 
+from bulk_fill import copy_day, replicated
 from measure import Measurement
 from scrape_load import scrape_load_rows
 from store_scale import (
@@ -97,6 +102,7 @@ def measure_retention(
     days: int = 60,
     postgres_url: str | None = DEFAULT_POSTGRES_URL,
     seed: int = 9,
+    fill: str = "bulk",
     log: Callable[[str], None] | None = None,
 ) -> list[Measurement]:
     """The rows above for a store of ``attempts`` over ``days`` days (a "skipped" row without PostgreSQL).
@@ -125,10 +131,129 @@ def measure_retention(
             scrapes=scrapes,
             days=days,
             seed=seed,
+            fill=fill,
             log=log,
         )
     finally:
         database.__exit__(None, None, None)
+
+
+def _write(store: SqlStore, records: Sequence[AttemptRecord]) -> float:
+    """Seconds to write ``records`` through the store's writer, in the pipeline's batches."""
+    started = time.perf_counter()
+    for start in range(0, len(records), PIPELINE_BATCH):
+        store.export(records[start : start + PIPELINE_BATCH])
+    return time.perf_counter() - started
+
+
+def _fill(
+    store: SqlStore,
+    attempts: int,
+    *,
+    days: int,
+    first: datetime,
+    now: datetime,
+    seed: int,
+    fill: str,
+    log: Callable[[str], None] | None,
+) -> tuple[int, float, list[Measurement]]:
+    """Fill the store with ~``attempts`` from ``first`` to ``now``; returns how many, the seconds
+    and the rows.
+
+    The first day is written through the writer; the days up to the last tenth are copies of it
+    (``fill="bulk"``: copied in SQL by :mod:`bulk_fill`; ``"writer"``: the same copies written
+    through the writer, for comparing the two); the last tenth of the days (at least one) is written
+    through the writer on top of them, 100,000 attempts at a time: the sustained rate.
+    """
+    prices = load_prices()
+    copied_days = days - max(1, days // 10)  # the template day and its copies
+    per_day = max(1, round(attempts / ((now - first) / timedelta(days=1))))
+    template = synthetic_attempts(
+        per_day, seed=seed, start=first, end=first + timedelta(days=1, minutes=-1), prices=prices
+    )
+    template_s = _write(store, template)
+    if fill == "bulk":
+        started = time.perf_counter()
+        copied = copy_day(store.engine, first.date(), copied_days - 1, log=log)
+        copies_s = time.perf_counter() - started
+    else:
+        copied, copies_s = 0, 0.0
+        for days_later in range(1, copied_days):
+            copies = [replicated(record, days_later) for record in template]
+            copies_s += _write(store, copies)
+            copied += len(copies)
+    written = len(template) + copied
+    if log is not None:
+        log(f"  {written:,} attempts stored for days 1-{copied_days} (load average {_load_average()})")
+    start = first + timedelta(days=copied_days)
+    later = max(1, attempts - written)
+    chunks = max(1, round(later / _CHUNK))
+    sustained, sustained_s = 0, 0.0
+    for chunk in range(chunks):
+        records = synthetic_attempts(
+            later // chunks,
+            seed=seed + 1 + chunk,
+            start=start + (now - start) * chunk / chunks,
+            end=start + (now - start) * (chunk + 1) / chunks - timedelta(minutes=1),
+            prices=prices,
+        )
+        seconds = _write(store, records)
+        sustained, sustained_s = sustained + len(records), sustained_s + seconds
+        if log is not None:
+            log(
+                f"  {written + sustained:,} of ~{attempts:,} stored, {len(records) / seconds:,.0f}/s "
+                f"for the last {len(records):,} (the writer; load average {_load_average()})"
+            )
+    target = WRITE_TARGETS["postgresql"]
+    batches = f"batches of {PIPELINE_BATCH}, day partitions"
+    how = "copied in SQL (bulk_fill.py, not the writer)" if fill == "bulk" else "written again by the writer"
+    rows = [
+        Measurement(
+            benchmark="retention",
+            case=f"postgresql, writer: day 1 of {days}, empty store ({len(template):,} attempts), {batches}",
+            metric="writer throughput",
+            value=len(template) / template_s,
+            unit="attempts/s",
+            target=f">= {target:,.0f}/s",
+            met=len(template) / template_s >= target,
+            detail={"attempts": len(template), "seconds": template_s},
+        ),
+        Measurement(
+            benchmark="retention",
+            case=f"postgresql, days 2-{copied_days}: day 1's attempts and rollups {how} ({copied:,})",
+            metric="fill throughput" if fill == "bulk" else "writer throughput",
+            value=copied / copies_s if copies_s else 0.0,
+            unit="attempts/s",
+            detail={"attempts": copied, "seconds": copies_s, "fill": fill},
+        ),
+        Measurement(
+            benchmark="retention",
+            case=(
+                f"postgresql, writer: days {copied_days + 1}-{days} ({sustained:,} attempts) on top of "
+                f"{written:,} stored (sustained), {batches}"
+            ),
+            metric="writer throughput",
+            value=sustained / sustained_s,
+            unit="attempts/s",
+            target=f">= {target:,.0f}/s",
+            met=sustained / sustained_s >= target,
+            detail={"attempts": sustained, "seconds": sustained_s, "stored_before": written},
+        ),
+    ]
+    return written + sustained, template_s + copies_s + sustained_s, rows
+
+
+def _pruned_rows(what: str, waits: list[float]) -> list[Measurement]:
+    return [
+        Measurement(
+            benchmark="retention",
+            case=f"postgresql, a writer's longest batch ({_WRITER_BATCH} attempts) during the {what}",
+            metric="writer wait",
+            value=max(waits, default=0.0) * 1000,
+            unit="ms",
+            detail={"batches": len(waits), "median_ms": statistics.median(waits) * 1000 if waits else 0.0},
+        )
+    ]
 
 
 def _load_average() -> str:
@@ -148,58 +273,19 @@ def _measure(
     scrapes: int,
     days: int,
     seed: int,
+    fill: str,
     log: Callable[[str], None] | None,
 ) -> list[Measurement]:
     store = SqlStore(url)
-    rows: list[Measurement] = []
     now = datetime.now(timezone.utc)
     first = (now - timedelta(days=days)).replace(hour=0, minute=0, second=0, microsecond=0)
     try:
         store.attempt_count()  # migrated before any write is timed
         with store.engine.begin() as connection:
             ensure_day_partitions(connection, first.date(), now.date())
-        chunks = max(1, attempts // _CHUNK)
-        prices = load_prices()
-        written, writing_s, last_tenth = 0, 0.0, (0, 0.0)
-        for chunk in range(chunks):
-            records = synthetic_attempts(
-                attempts // chunks,
-                seed=seed + chunk,
-                start=first + (now - first) * chunk / chunks,
-                end=first + (now - first) * (chunk + 1) / chunks - timedelta(minutes=1),
-                prices=prices,
-            )
-            started = time.perf_counter()
-            for start in range(0, len(records), PIPELINE_BATCH):
-                store.export(records[start : start + PIPELINE_BATCH])
-            seconds = time.perf_counter() - started
-            written, writing_s = written + len(records), writing_s + seconds
-            if chunk >= chunks - max(1, chunks // 10):
-                last_tenth = (last_tenth[0] + len(records), last_tenth[1] + seconds)
-            if log is not None:
-                log(
-                    f"  {written:,} of ~{attempts:,} attempts written: {len(records) / seconds:,.0f}/s "
-                    f"for the last {len(records):,}, {written / writing_s:,.0f}/s overall "
-                    f"(load average {_load_average()})"
-                )
-        target = WRITE_TARGETS["postgresql"]
-        for case, (count, seconds) in (
-            (f"postgresql, 0 to {written:,} attempts over {days} days", (written, writing_s)),
-            (f"postgresql, the last {last_tenth[0]:,} of {written:,} (sustained)", last_tenth),
-        ):
-            rate = count / seconds
-            rows.append(
-                Measurement(
-                    benchmark="retention",
-                    case=f"{case}, batches of {PIPELINE_BATCH}, day partitions",
-                    metric="writer throughput",
-                    value=rate,
-                    unit="attempts/s",
-                    target=f">= {target:,.0f}/s",
-                    met=rate >= target,
-                    detail={"attempts": count, "seconds": seconds},
-                )
-            )
+        written, fill_s, rows = _fill(
+            store, attempts, days=days, first=first, now=now, seed=seed, fill=fill, log=log
+        )
         cold_s, warm_s = _scrape_s(url, read_repeats)
         for name, seconds, target_s in (
             ("fleet exporter scrape, first of a process (cold)", cold_s, SCRAPE_TARGET_S),
@@ -220,33 +306,21 @@ def _measure(
             )
         rows += [
             dataclasses.replace(row, benchmark="retention")
-            for row in scrape_load_rows(url, written, scrapers=scrapers, scrapes=scrapes, fill_s=writing_s)
+            for row in scrape_load_rows(url, written, scrapers=scrapers, scrapes=scrapes, fill_s=fill_s)
         ]
         month_end = first + timedelta(days=days // 2)
         fresh = synthetic_attempts(
-            20_000, seed=seed - 1, start=now - timedelta(hours=1), end=now, prices=prices
+            20_000, seed=seed - 1, start=now - timedelta(hours=1), end=now, prices=load_prices()
         )
         for name, cutoff, target_s in (
-            (f"{days // 2} days (whole day partitions dropped)", month_end, PRUNE_TARGET_S),
+            (f"{days // 2} days (whole day partitions detached)", month_end, PRUNE_TARGET_S),
             ("half a day more (the cutoff's day: rows deleted)", month_end + timedelta(hours=12), None),
         ):
             with _writing_beside(url, fresh) as waits:
                 started = time.perf_counter()
                 removed = store.prune_before(cutoff)
                 seconds = time.perf_counter() - started
-            rows.append(
-                Measurement(
-                    benchmark="retention",
-                    case=f"postgresql, a writer's longest batch ({_WRITER_BATCH} attempts), prune of {name}",
-                    metric="writer wait",
-                    value=max(waits, default=0.0) * 1000,
-                    unit="ms",
-                    detail={
-                        "batches": len(waits),
-                        "median_ms": statistics.median(waits) * 1000 if waits else 0.0,
-                    },
-                )
-            )
+            rows += _pruned_rows(f"prune {name}", waits)
             rows.append(
                 Measurement(
                     benchmark="retention",
@@ -259,6 +333,22 @@ def _measure(
                     detail={"rows_removed": removed, "rows_per_s": removed / seconds if seconds else 0.0},
                 )
             )
+            with _writing_beside(url, fresh) as waits:
+                started = time.perf_counter()
+                freed = store.drop_pruned()
+                seconds = time.perf_counter() - started
+            if freed:
+                rows += _pruned_rows(f"drop_pruned after the prune of {name}", waits)
+                rows.append(
+                    Measurement(
+                        benchmark="retention",
+                        case=f"postgresql, drop_pruned: the detached days dropped, {freed / 1e6:,.0f} MB",
+                        metric="drop time",
+                        value=seconds * 1000,
+                        unit="ms",
+                        detail={"bytes": freed},
+                    )
+                )
     finally:
         store.shutdown()
     return rows

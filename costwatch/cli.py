@@ -808,13 +808,18 @@ def _prune(url: URL, older_than: str, out: Console) -> int:
     try:
         with _database_errors(url):
             removed = store.prune_before(cutoff)
+            out.print(
+                f"pruned {removed:,} attempt rows older than {older_than} from {safe_url(url)}; rollups kept",
+                highlight=False,
+            )
+            freed = store.drop_pruned()
+            if freed:
+                out.print(
+                    f"dropped the pruned days' tables: {freed / 1e6:,.1f} MB back on disk", highlight=False
+                )
             store.ensure_partitions()
     finally:
         store.shutdown()
-    out.print(
-        f"pruned {removed:,} attempt rows older than {older_than} from {safe_url(url)}; rollups kept",
-        highlight=False,
-    )
     return 0
 
 

@@ -898,6 +898,8 @@ def _maintain_periodically(
                 if retention is not None:
                     removed = store.prune_before(datetime.now(timezone.utc) - retention)
                     log.info("costwatch exporter: pruned %d attempt rows older than %s", removed, retention)
+                # Also what a prune that stopped, or another process's, detached and left.
+                store.drop_pruned()
                 failing = False
             except Exception as exc:
                 if not failing:  # once per outage

@@ -15,6 +15,7 @@ as the calibration improves, gets a short ``revise output`` span linked to the a
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -149,6 +150,11 @@ class _OpenSpan:
     start_ns: int
 
 
+_PROVIDER_VARIABLE = "OTEL_PYTHON_TRACER_PROVIDER"
+"""The variable that names a global tracer provider for OpenTelemetry to load at first use."""
+_UNKNOWN = object()
+
+
 class SpanListener:
     """Starts a CLIENT span ``chat {model}`` when an attempt is sent and ends it with the attempt's record.
 
@@ -174,6 +180,7 @@ class SpanListener:
         self.max_revisable = max_revisable
         self._tracer = trace.get_tracer(INSTRUMENTATION_SCOPE, __version__, tracer_provider=tracer_provider)
         self._global = tracer_provider is None
+        self._provider_named_in_environment = _PROVIDER_VARIABLE in os.environ
         self._lock = threading.Lock()
         self._earlier: OrderedDict[str, tuple[SpanContext, ...]] = OrderedDict()
         self._revisable: OrderedDict[str, tuple[SpanContext, int]] = OrderedDict()
@@ -185,7 +192,7 @@ class SpanListener:
         Nothing, while the application has set no global tracer provider: every span would be a
         no-op one. The first attempt after it sets one gets its span.
         """
-        if self._global and isinstance(trace.get_tracer_provider(), ProxyTracerProvider):
+        if self._global and not self._global_provider_set():
             return None
         start_ns = _ns(attempt.started_at)
         with self._lock:
@@ -214,6 +221,20 @@ class SpanListener:
                 while len(self._earlier) > self.max_requests:
                     self._earlier.popitem(last=False)
         return _OpenSpan(span, start_ns)
+
+    def _global_provider_set(self) -> bool:
+        """Whether the application has set a global tracer provider (else every span is a no-op one).
+
+        ``trace.get_tracer_provider()`` answers, but while none is set it looks its environment
+        variable up in ``os.environ`` at every call (a ``KeyError`` raised and caught each time), on
+        the caller's thread of every attempt. The variable is looked up once, at construction; then,
+        unless it names a provider (which OpenTelemetry loads at that call), the module's global
+        says whether one was set. Were that global gone from a later OpenTelemetry, the call decides.
+        """
+        provider = getattr(trace, "_TRACER_PROVIDER", _UNKNOWN)
+        if provider is _UNKNOWN or (provider is None and self._provider_named_in_environment):
+            return not isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
+        return provider is not None
 
     def attempt_finished(self, state: object, record: AttemptRecord) -> None:
         """Set the record's attributes and status on the span and end it at the attempt's end.

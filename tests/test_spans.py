@@ -357,6 +357,31 @@ def test_default_listener_makes_no_span_until_the_application_sets_a_tracer_prov
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+def test_default_listener_makes_spans_with_a_provider_named_by_the_environment() -> None:
+    # OTEL_PYTHON_TRACER_PROVIDER: OpenTelemetry loads the provider at the first look for the global one.
+    script = textwrap.dedent(
+        """
+        from datetime import datetime, timezone
+        from opentelemetry import trace
+        from costwatch.records import AttemptStart
+        from costwatch.spans import SpanListener
+
+        listener = SpanListener()
+        start = AttemptStart(
+            attempt_id="a", logical_request_id="r", attempt_number=1,
+            started_at=datetime.now(timezone.utc), model_requested="claude-opus-4-6",
+        )
+        assert listener.attempt_started(start) is not None
+        assert type(trace.get_tracer_provider()).__module__.startswith("opentelemetry.sdk")
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env["OTEL_PYTHON_TRACER_PROVIDER"] = "sdk_tracer_provider"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_a_platform_attempt_span_names_the_platform_and_its_provider(provider, exporter):
     run(SpanListener(provider, environ={}), start(), finished(platform="bedrock"))
     attributes = dict(only(exporter.get_finished_spans()).attributes or {})

@@ -135,7 +135,7 @@ def test_every_revision_of_a_record_keeps_the_start_time_of_its_first() -> None:
 
 # -- prune ------------------------------------------------------------------------------------------
 @pytest.mark.postgres
-def test_prune_drops_whole_days_deletes_from_the_day_of_the_cutoff_and_keeps_every_total(
+def test_prune_detaches_whole_days_deletes_from_the_day_of_the_cutoff_and_keeps_every_total(
     postgres_store: SqlStore,
 ) -> None:
     make_days(postgres_store, -5, 0)
@@ -151,10 +151,25 @@ def test_prune_drops_whole_days_deletes_from_the_day_of_the_cutoff_and_keeps_eve
     assert postgres_store.attempt_count() == 5
     assert postgres_store.rollup_totals() == before
     assert postgres_store.prune_before(cutoff) == 0
-    # Days -2 and -1 dropped whole: day -2 holds one row, though its hours' rollups count both of its
+    # Days -2 and -1 detached whole: day -2 holds one row, though its hours' rollups count both of its
     # attempts, so it is counted row by row; day -1, which no prune touched, from the rollups.
     assert postgres_store.prune_before(TODAY) == 1 + 2
     assert postgres_store.rollup_totals() == before
+
+
+@pytest.mark.postgres
+def test_the_detached_days_keep_their_disk_until_dropped_apart(postgres_store: SqlStore) -> None:
+    make_days(postgres_store, -5, 0)
+    postgres_store.export([on_day(n, day) for day in (-5, -4) for n in (day * 10 + 60, day * 10 + 65)])
+
+    assert postgres_store.prune_before(TODAY - timedelta(days=3)) == 4
+
+    with postgres_store.engine.connect() as connection:
+        assert len(detached_partitions(connection)) == 2  # out of the table, still on disk
+    assert postgres_store.drop_pruned() > 0
+    with postgres_store.engine.connect() as connection:
+        assert detached_partitions(connection) == []
+    assert postgres_store.drop_pruned() == 0
 
 
 def test_a_spool_replayed_after_a_prune_adds_nothing_the_rollups_counted(
@@ -201,7 +216,7 @@ def test_a_writer_waits_for_no_partition_being_dropped(postgres_store: SqlStore)
         wrote.set()
 
     with postgres_store.engine.begin() as dropping:  # a prune dropping them, not yet committed
-        assert drop_detached_partitions(dropping) == 5
+        assert drop_detached_partitions(dropping) > 0  # the bytes its commit gives back
         writer = threading.Thread(target=write)
         writer.start()
         writer.join(10)
@@ -212,26 +227,47 @@ def test_a_writer_waits_for_no_partition_being_dropped(postgres_store: SqlStore)
 
 
 @pytest.mark.postgres
-def test_a_prune_drops_what_a_prune_that_stopped_after_detaching_left_and_no_other_table(
+def test_what_a_prune_that_stopped_after_detaching_left_is_dropped_never_counted_again_and_no_other_table(
     postgres_store: SqlStore,
 ) -> None:
     make_days(postgres_store, -5, 0)
     postgres_store.export([on_day((day + 10) * 10 + n, day) for day in (-5, -4, -3) for n in range(3)])
+    before = postgres_store.rollup_totals()
     with postgres_store.engine.begin() as connection:
         old = [p for p in day_partitions(connection) if p.day < (TODAY - timedelta(days=3)).date()]
         assert len(old) == 2
-        detach_day_partitions(connection, old)  # then the prune died
+        detach_day_partitions(connection, old)  # then the prune died, before dropping them
         # A table an operator detached by hand to archive it: not the prune's to drop.
         kept = partition_name((TODAY - timedelta(days=3)).date())
         connection.exec_driver_sql(f"ALTER TABLE costwatch_attempts DETACH PARTITION {kept}")
     assert postgres_store.attempt_count() == 0
 
-    assert postgres_store.prune_before(TODAY - timedelta(days=4)) == 6  # what the earlier one detached
-
+    # Their rows left the table when they were detached: a later prune does not count them again.
     assert postgres_store.prune_before(TODAY - timedelta(days=4)) == 0
+    assert postgres_store.drop_pruned() > 0
+
+    assert postgres_store.drop_pruned() == 0
+    assert postgres_store.rollup_totals() == before
     with postgres_store.engine.connect() as connection:
         assert detached_partitions(connection) == []
         assert connection.exec_driver_sql(f"SELECT count(*) FROM {kept}").scalar() == 3
+
+
+@pytest.mark.postgres
+def test_db_prune_detaches_the_old_days_then_drops_them_and_says_what_disk_came_back(
+    postgres_store: SqlStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_days(postgres_store, -100, -98)
+    postgres_store.export([on_day(n, -100 + n // 4) for n in range(1, 7)])  # days -100 and -99
+    url = postgres_store.engine.url.render_as_string(hide_password=False)
+
+    assert main(["db", "prune", "--older-than", "90d", "--db", url]) == 0
+
+    out = " ".join(capsys.readouterr().out.split())
+    assert "pruned 6 attempt rows older than 90d" in out
+    assert "dropped the pruned days' tables:" in out and "MB back on disk" in out
+    with postgres_store.engine.connect() as connection:
+        assert detached_partitions(connection) == []
 
 
 @pytest.mark.postgres

@@ -37,6 +37,8 @@ __all__ = [
     "is_attempt_partition",
     "is_partitioned",
     "partition_name",
+    "rows_of_days",
+    "rows_of_detached",
 ]
 
 DAYS_AHEAD = 7
@@ -156,10 +158,12 @@ def ensure_day_partitions(connection: sa.Connection, first: date, last: date) ->
     return created
 
 
-def detach_day_partitions(connection: sa.Connection, partitions: Sequence[DayPartition]) -> list[str]:
+def detach_day_partitions(
+    connection: sa.Connection, partitions: Sequence[DayPartition]
+) -> list[DayPartition]:
     """Detach day partitions from the attempts table inside the caller's transaction, renamed for
-    :func:`drop_detached_partitions`; returns the names they have now (a partition another process
-    detached first is skipped).
+    :func:`drop_detached_partitions`; returns those it detached, under their new names (a partition
+    another process detached first is skipped).
 
     Detaching changes the catalog only, so the table's exclusive lock, which it takes (and holds until
     the caller commits), is held for milliseconds: writers wait that long, not for the files to be
@@ -177,7 +181,7 @@ def detach_day_partitions(connection: sa.Connection, partitions: Sequence[DayPar
             pruned = f"{_PRUNED}{partition.name.removeprefix(_PARENT + '_')}"
             statements.append(f"ALTER TABLE {_PARENT} DETACH PARTITION {name}")
             statements.append(f"ALTER TABLE {name} RENAME TO {quote(pruned)}")
-            detached.append(pruned)
+            detached.append(DayPartition(pruned, partition.day))
     if statements:
         # One round trip for all of them: writers wait while this runs, and on a busy host each
         # statement's round trip cost more than the statement itself.
@@ -186,8 +190,7 @@ def detach_day_partitions(connection: sa.Connection, partitions: Sequence[DayPar
 
 
 def detached_partitions(connection: sa.Connection) -> list[str]:
-    """The partitions a prune detached and has not dropped yet (it drops them next, or the next
-    prune does if it stopped in between)."""
+    """The partitions a prune detached and nobody has dropped yet (:func:`drop_detached_partitions`)."""
     if not is_partitioned(connection):
         return []
     names = connection.exec_driver_sql(
@@ -200,20 +203,16 @@ def detached_partitions(connection: sa.Connection) -> list[str]:
     return [name for name in names if name.startswith(_PRUNED)]  # LIKE's _ matches any character
 
 
-def drop_detached_partitions(connection: sa.Connection, rows_deleted_before: datetime | None = None) -> int:
-    """Drop the partitions a prune detached, inside the caller's transaction; returns the rows they held.
+def drop_detached_partitions(connection: sa.Connection) -> int:
+    """Drop the partitions prunes detached, inside the caller's transaction; returns the bytes their
+    files held, which the commit gives back to the file system.
 
-    No lock on the attempts table: they are tables of their own now. The cost is removing their
+    Their rows left the attempts table (and were counted) when they were detached: this only frees
+    the disk. No lock on the attempts table: they are tables of their own. The cost is removing their
     files when the caller commits, which grows with their size (benchmarks/README.md, row 9).
-
-    The rows are not counted by reading them: a day that starts at or after ``rows_deleted_before``
-    (the cutoff before this prune's; ``None``: never pruned) never had a row deleted, so its rows are
-    the attempts its hours' rollups count, exactly, in a few index pages. Only a day some earlier
-    prune deleted rows from (the day its cutoff fell in, or one a stopped prune left detached) is
-    counted row by row.
     """
     # Not the partitions' lock (a writer creating its days would wait for the files' removal): a
-    # lock of its own, and a prune that finds it taken leaves the dropping to the one holding it.
+    # lock of its own, and a process that finds it taken leaves the dropping to the one holding it.
     dropping = connection.exec_driver_sql(_DROP_LOCK_SQL).scalar()
     if not dropping:
         return 0
@@ -221,39 +220,36 @@ def drop_detached_partitions(connection: sa.Connection, rows_deleted_before: dat
     if not names:
         return 0
     quote = connection.dialect.identifier_preparer.quote
-    whole: list[date] = []
-    counted: list[str] = []
-    for name in names:
-        day = _pruned_day(name)
-        if day is not None and (rows_deleted_before is None or _start(day) >= rows_deleted_before):
-            whole.append(day)
-        else:
-            counted.append(quote(name))
-    rows = _rows_of_days(connection, whole)
-    if counted:
-        # No JIT: its compile time would exceed the count's.
-        connection.exec_driver_sql("SET LOCAL jit = off")
-        tables = " UNION ALL ".join(f"SELECT 1 FROM {name}" for name in counted)
-        rows += int(connection.exec_driver_sql(f"SELECT count(*) FROM ({tables}) AS detached").scalar_one())
-    connection.exec_driver_sql(f"DROP TABLE {', '.join(quote(name) for name in names)}")
-    return rows
+    tables = ", ".join(quote(name) for name in names)
+    size = connection.exec_driver_sql(
+        "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+        "WHERE c.oid = ANY(%(tables)s::regclass[])",
+        {"tables": [quote(name) for name in names]},
+    ).scalar_one()
+    connection.exec_driver_sql(f"DROP TABLE {tables}")
+    return int(size)
+
+
+def rows_of_detached(connection: sa.Connection, partitions: Sequence[DayPartition]) -> int:
+    """The rows of detached day partitions, counted one by one (see :func:`rows_of_days` for days
+    whose rollups count them)."""
+    if not partitions:
+        return 0
+    quote = connection.dialect.identifier_preparer.quote
+    # No JIT: its compile time would exceed the count's.
+    connection.exec_driver_sql("SET LOCAL jit = off")
+    tables = " UNION ALL ".join(f"SELECT 1 FROM {quote(partition.name)}" for partition in partitions)
+    return int(connection.exec_driver_sql(f"SELECT count(*) FROM ({tables}) AS detached").scalar_one())
 
 
 def _start(day: date) -> datetime:
     return datetime.combine(day, time(), timezone.utc)
 
 
-def _pruned_day(name: str) -> date | None:
-    """The day a detached partition held (``None``: a name that says none)."""
-    match = _NAME.match(_PARENT + "_" + name.removeprefix(_PRUNED))
-    if match is None or match.group(2) is None:
-        return None
-    return datetime.strptime(match.group(2), "%Y%m%d").date()
-
-
-def _rows_of_days(connection: sa.Connection, days: Sequence[date]) -> int:
-    """The attempts that started on ``days``, as the hourly rollups count them (every stored attempt
-    is in its hour's rollups once, whatever its revisions and reclassifications moved)."""
+def rows_of_days(connection: sa.Connection, days: Sequence[date]) -> int:
+    """The attempts that started on ``days``, as the hourly rollups count them: every stored attempt
+    is in its hour's rollups once, whatever its revisions and reclassifications moved, so for a day
+    no prune deleted rows from this is its rows, exactly, read from its rollup rows whatever it holds."""
     if not days:
         return 0
     hour = ROLLUPS.c.hour

@@ -1,10 +1,11 @@
 """Retention: pruning raw attempt rows before a cutoff, and never counting a pruned attempt twice.
 
 A prune first raises the store's cutoff (``costwatch_retention``), then removes the rows: on
-PostgreSQL it detaches the day partitions wholly before the cutoff (the one moment it locks the
-table), drops them, and deletes the rest row by row (the day the cutoff falls in, the DEFAULT
-partition); on SQLite it deletes rows. The rollups are
-never touched, so every total stays.
+PostgreSQL it detaches the day partitions wholly before the cutoff in the same transaction (the one
+moment it locks the table) and deletes the rest row by row (the day the cutoff falls in, the
+DEFAULT partition); on SQLite it deletes rows. The detached days are dropped, and their disk space
+given back, in a step of its own (:func:`drop_pruned`), which blocks nobody and whose time grows
+with their bytes. The rollups are never touched, so every total stays.
 
 The cutoff is what keeps a pruned attempt from being counted again: a spool older than the retention
 replayed after the prune (or a later revision of a pruned attempt) would find no row, be stored as
@@ -17,7 +18,8 @@ any row is removed. SQLite's write lock does the same.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date, datetime, time, timedelta, timezone
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -28,7 +30,8 @@ from .partitions import (
     detach_day_partitions,
     drop_detached_partitions,
     ensure_day_partitions,
-    is_partitioned,
+    rows_of_days,
+    rows_of_detached,
 )
 from .schema import ATTEMPTS, RETENTION
 
@@ -36,6 +39,7 @@ __all__ = [
     "PRUNE_BATCH",
     "as_utc",
     "cutoff_for_writing",
+    "drop_pruned",
     "ensure_partitions_ahead",
     "prune_before",
     "raise_cutoff",
@@ -98,27 +102,53 @@ def ensure_partitions_ahead(engine: Engine, now: datetime | None = None) -> date
 def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
     """Remove raw attempt rows that started before ``moment``; returns how many. Idempotent.
 
-    The cutoff is raised first (one short transaction). PostgreSQL: the day partitions wholly before
-    ``moment`` are detached, in one short transaction (the only one that locks the table), then
-    dropped in another (their rows counted from the hourly rollups); then (both backends) the rows
-    left before it are deleted in transactions of at most ``batch`` rows, so a writer beside the
-    prune waits for one short transaction at a time, never for the whole prune.
+    The cutoff is raised first. PostgreSQL: in the same short transaction, the day partitions wholly
+    before ``moment`` are detached (the only moment the table is locked): their rows leave the table
+    at its commit, counted as removed by this prune; their files stay until :func:`drop_pruned`.
+    Then (both backends) the rows left before it are deleted in transactions of at most ``batch``
+    rows, so a writer beside the prune waits for one short transaction at a time, never for the
+    whole prune.
     """
     moment = as_utc(moment)
-    with engine.begin() as connection:
-        earlier = raise_cutoff(connection, moment, datetime.now(timezone.utc))
-    removed = 0
-    with engine.connect() as connection:
-        partitioned = is_partitioned(connection)
-        old_days = [partition for partition in day_partitions(connection) if partition.end <= moment]
-    if old_days:
+    with ThreadPoolExecutor(max_workers=1) as pool:
         with engine.begin() as connection:
-            detach_day_partitions(connection, old_days)
-    if partitioned:
-        # Also what an earlier prune detached and did not drop (it stopped in between).
-        with engine.begin() as connection:
-            removed += drop_detached_partitions(connection, rows_deleted_before=earlier)
+            earlier = raise_cutoff(connection, moment, datetime.now(timezone.utc))
+            old_days = [partition for partition in day_partitions(connection) if partition.end <= moment]
+            # A day that starts at or after the earlier cutoff never had a row deleted, so its rows
+            # are the attempts its hours' rollups count. No writer moves those counts any more: the
+            # writers that read the old cutoff have committed (raise_cutoff waited for them), later
+            # ones wait for this transaction and then refuse records before the new cutoff, and a
+            # reclassification keeps an attempt in its hour. So they are summed on a connection of
+            # their own while the detach waits for its lock and commits, not after it.
+            whole = {day.day for day in old_days if earlier is None or _start(day.day) >= earlier}
+            summed = pool.submit(_rows_of_days, engine, sorted(whole))
+            detached = detach_day_partitions(connection, old_days) if old_days else []
+            # A day an earlier prune deleted rows from (the day its cutoff fell in): counted row by
+            # row, before another process could drop it.
+            removed = rows_of_detached(connection, [day for day in detached if day.day not in whole])
+        ours = {day.day for day in detached} & whole
+        removed += summed.result() if ours == whole else _rows_of_days(engine, sorted(ours))
     return removed + _delete_before(engine, moment, batch)
+
+
+def drop_pruned(engine: Engine) -> int:
+    """Drop the day partitions prunes detached (PostgreSQL; nothing on SQLite); returns the bytes
+    given back to the file system. Blocks no writer; its time grows with those bytes."""
+    if engine.dialect.name != "postgresql":
+        return 0
+    with engine.begin() as connection:
+        return drop_detached_partitions(connection)
+
+
+def _rows_of_days(engine: Engine, days: list[date]) -> int:
+    if not days:
+        return 0
+    with engine.connect() as connection:
+        return rows_of_days(connection, days)
+
+
+def _start(day: date) -> datetime:
+    return datetime.combine(day, time(), timezone.utc)
 
 
 def _delete_before(engine: Engine, moment: datetime, batch: int) -> int:

@@ -25,7 +25,7 @@ from .migrate import ensure_migrated
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
 from .reconciliations import write_reconciliation
 from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
-from .retention import PRUNE_BATCH, ensure_partitions_ahead, prune_before
+from .retention import PRUNE_BATCH, drop_pruned, ensure_partitions_ahead, prune_before
 from .retried import retried_prompts
 from .rows import record_from_row
 from .schema import ATTEMPTS, CALIBRATION_SAMPLES, REJECTED_ATTEMPTS
@@ -413,13 +413,20 @@ class SqlStore:
     def prune_before(self, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
         """Remove raw attempt rows that started before ``moment``; rollups are kept. Returns the count.
 
-        PostgreSQL drops the day partitions wholly before ``moment``; what is left before it is
-        deleted in transactions of at most ``batch`` rows, so writers beside it wait for one short
-        transaction at a time (on SQLite, the write lock), never for the whole prune. Idempotent:
-        a second call removes nothing. From then on the store keeps records that started before
-        ``moment`` out of the attempts and the rollups (see ``costwatch.store.retention``).
+        PostgreSQL detaches the day partitions wholly before ``moment`` (their disk space comes back
+        at :meth:`drop_pruned`); what is left before it is deleted in transactions of at most
+        ``batch`` rows, so writers beside it wait for one short transaction at a time (on SQLite,
+        the write lock), never for the whole prune. Idempotent: a second call removes nothing. From
+        then on the store keeps records that started before ``moment`` out of the attempts and the
+        rollups (see ``costwatch.store.retention``).
         """
         return prune_before(self.engine, moment, batch=batch)
+
+    def drop_pruned(self) -> int:
+        """Drop the day partitions that prunes detached, giving their disk space back (PostgreSQL;
+        ``0`` on SQLite); returns the bytes. Run after :meth:`prune_before` (``costwatch db prune``
+        and ``costwatch serve`` do); blocks no writer, and takes longer the more the days held."""
+        return drop_pruned(self.engine)
 
     # -- the read side -----------------------------------------------------------------------
     def rollup_totals(
