@@ -36,10 +36,13 @@ __all__ = [
     "PromptAttempt",
     "RequestAvoidable",
     "RetriedAlike",
+    "RetriedPrompt",
+    "RetriedRequest",
     "Unknown",
     "avoidable_for_prompts",
     "avoidable_for_request",
     "avoidable_of_alike",
+    "avoidable_of_request",
     "avoidable_of_retried",
 ]
 
@@ -146,14 +149,14 @@ class RetriedAlike(NamedTuple):
     wasted_usd: float
 
 
-def _priced(prices: PriceTable, attempt: PromptAttempt | RetriedAlike, usage: Usage) -> float | None:
+def _priced(prices: PriceTable, attempt: RetriedRequest | RetriedAlike, usage: Usage) -> float | None:
     # The one pricing function (as `costwatch reprice` uses it): a platform's own rates and endpoint.
     cost = prices.cost(
         attempt.model,
         usage,
         platform=attempt.platform,
         endpoint=attempt.endpoint,
-        inference_geo=attempt.inference_geo if isinstance(attempt, PromptAttempt) else None,
+        inference_geo=attempt.inference_geo if isinstance(attempt, RetriedRequest) else None,
     )
     return None if cost is None else cost.total_usd
 
@@ -166,22 +169,82 @@ def avoidable_for_request(attempts: Iterable[AttemptRecord], prices: PriceTable)
     return avoidable_for_prompts([PromptAttempt.of(record) for record in attempts], prices)
 
 
+class RetriedPrompt(NamedTuple):
+    """One attempt of a retried request as its pricing one by one reads it: when it started, its
+    prompt as the API counted it, and the prompt's and the stable prefix's sizes (if measured)."""
+
+    attempt_number: int
+    started_at: datetime
+    prompt_tokens: int
+    prompt_bytes: int | None
+    stable_prefix_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetriedRequest:
+    """What the avoidable waste reads of one logical request: every attempt's prompt, the pricing keys
+    of the last attempt, and its sums. Made from the attempts (:meth:`of`) or kept by the store."""
+
+    logical_request_id: str
+    model: str
+    """The last attempt's (``AttemptRecord.model_name``), as are ``workflow`` to ``inference_geo``."""
+    workflow: str
+    platform: str
+    endpoint: str | None
+    inference_geo: str | None
+    attempts: int
+    wasted_usd: float
+    cached: bool
+    """An attempt that billed a prompt read or wrote the prompt cache."""
+    prompts: tuple[RetriedPrompt, ...]
+    """Every attempt, ordered by attempt number, then start."""
+
+    @classmethod
+    def of(cls, attempts: Iterable[PromptAttempt]) -> RetriedRequest | None:
+        """The request these attempts make up (``None`` for no attempts)."""
+        ordered = sorted(attempts, key=lambda a: (a.attempt_number, a.started_at))
+        if not ordered:
+            return None
+        last = ordered[-1]
+        return cls(
+            last.logical_request_id,
+            last.model,
+            last.workflow,
+            last.platform,
+            last.endpoint,
+            last.inference_geo,
+            len(ordered),
+            sum(a.wasted_usd for a in ordered),
+            any(a.cache_tokens for a in ordered if a.prompt_tokens > 0),
+            tuple(
+                RetriedPrompt(
+                    a.attempt_number, a.started_at, a.prompt_tokens, a.prompt_bytes, a.stable_prefix_bytes
+                )
+                for a in ordered
+            ),
+        )
+
+
 def avoidable_for_prompts(attempts: Iterable[PromptAttempt], prices: PriceTable) -> RequestAvoidable | None:
     """:func:`avoidable_for_request` from the prompt figures of a request's attempts."""
-    ordered = sorted(attempts, key=lambda a: (a.attempt_number, a.started_at))
-    if not ordered:
-        return None
-    billed = [a for a in ordered if a.prompt_tokens > 0]
-    last = ordered[-1]
-    wasted = sum(a.wasted_usd for a in ordered)
-    base = RequestAvoidable(last.logical_request_id, last.model, last.workflow, len(ordered), wasted, None)
+    request = RetriedRequest.of(attempts)
+    return None if request is None else avoidable_of_request(request, prices)
+
+
+def avoidable_of_request(request: RetriedRequest, prices: PriceTable) -> RequestAvoidable | None:
+    """:func:`avoidable_for_request` from what the avoidable waste reads of the request."""
+    billed = [a for a in request.prompts if a.prompt_tokens > 0]
+    wasted = request.wasted_usd
+    base = RequestAvoidable(
+        request.logical_request_id, request.model, request.workflow, request.attempts, wasted, None
+    )
     if len(billed) < 2:
         return None
-    if any(a.cache_tokens for a in billed):
+    if request.cached:
         return replace(base, avoidable_usd=0.0, already_cached=True)
-    if _priced(prices, last, Usage()) is None:
+    if _priced(prices, request, Usage()) is None:
         return replace(base, avoidable_usd=None, unknown=Unknown.UNPRICED)
-    measured = [a for a in ordered if a.prompt_bytes and a.stable_prefix_bytes is not None]
+    measured = [a for a in request.prompts if a.prompt_bytes and a.stable_prefix_bytes is not None]
     if not measured:
         return replace(base, avoidable_usd=None, unknown=Unknown.NOT_MEASURED)
     share = min(measured[-1].stable_prefix_bytes or 0, measured[-1].prompt_bytes or 0) / (
@@ -190,10 +253,10 @@ def avoidable_for_prompts(attempts: Iterable[PromptAttempt], prices: PriceTable)
     prefix = min(round(share * a.prompt_tokens) for a in billed)
     if prefix < MIN_CACHEABLE_TOKENS:
         return replace(base, avoidable_usd=0.0, prefix_tokens=prefix)
-    actual = sum(_priced(prices, last, Usage(input_tokens=a.prompt_tokens)) or 0.0 for a in billed)
+    actual = sum(_priced(prices, request, Usage(input_tokens=a.prompt_tokens)) or 0.0 for a in billed)
     best, best_lifetime = actual, None
     for lifetime in LIFETIMES_S:
-        cost = _cost_with_cache(billed, last, prefix, lifetime, prices)
+        cost = _cost_with_cache(billed, request, prefix, lifetime, prices)
         if cost < best:
             best, best_lifetime = cost, lifetime
     # Caching can save on the last attempt too, but no more than the retries paid again.
@@ -215,19 +278,19 @@ def avoidable_of_alike(alike: RetriedAlike, prices: PriceTable) -> RequestAvoida
 
 
 def avoidable_of_retried(
-    alike: Iterable[RetriedAlike], prompts: Iterable[Sequence[PromptAttempt]], prices: PriceTable
+    alike: Iterable[RetriedAlike], requests: Iterable[RetriedRequest], prices: PriceTable
 ) -> list[RequestAvoidable]:
     """Every entry of the report's avoidable waste from what ``SqlStore.retried_prompts`` read."""
     found = [avoidable_of_alike(group, prices) for group in alike]
-    for attempts in prompts:
-        request = avoidable_for_prompts(attempts, prices)
-        if request is not None:
-            found.append(request)
+    for request in requests:
+        avoidable = avoidable_of_request(request, prices)
+        if avoidable is not None:
+            found.append(avoidable)
     return found
 
 
 def _cost_with_cache(
-    billed: Sequence[PromptAttempt], last: PromptAttempt, prefix: int, lifetime: str, prices: PriceTable
+    billed: Sequence[RetriedPrompt], last: RetriedRequest, prefix: int, lifetime: str, prices: PriceTable
 ) -> float:
     """What the billed attempts' prompts would have cost with ``prefix`` tokens cached for ``lifetime``."""
     ttl = LIFETIMES_S[lifetime]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import sample_value, sync_client
+import sqlalchemy as sa
+from conftest import postgres_schema_url, sample_value, sync_client
 from prometheus_client import CollectorRegistry
 
 import costwatch
@@ -21,7 +24,8 @@ from costwatch.platforms import BEDROCK, FOUNDRY, GLOBAL, REGIONAL, VERTEX
 from costwatch.pricing import PriceTable, load_prices
 from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
 from costwatch.report import avoidable_waste_section
-from costwatch.store import SqlStore
+from costwatch.store import SqlStore, create_store_engine, migrate
+from costwatch.store.schema import RETRIED_ALIKE, RETRIED_REQUESTS
 from costwatch.testing import FakeAnthropicServer, Fault, LedgerEntry, ResponseSpec
 
 PRICES = load_prices()
@@ -253,6 +257,146 @@ def test_the_report_groups_the_avoidable_waste_in_the_database_to_the_same_numbe
                 Unknown.NOT_MEASURED,
             }
             assert_same_section(avoidable_waste_section(grouped, wasted_usd=wasted, top=20), expected)
+    finally:
+        store.shutdown()
+
+
+# -- the summaries the writer keeps (all time) ------------------------------------------------------
+def section_from_every_record(store: SqlStore, table: PriceTable, wasted: float) -> dict[str, Any]:
+    every = [avoidable_for_request(r, table) for r in store.retried_requests().values()]
+    return avoidable_waste_section([r for r in every if r is not None], wasted_usd=wasted, top=20)
+
+
+def section_from_summaries(store: SqlStore, table: PriceTable, wasted: float) -> dict[str, Any]:
+    alike, requests = store.retried_prompts()
+    return avoidable_waste_section(
+        avoidable_of_retried(alike, requests.values(), table), wasted_usd=wasted, top=20
+    )
+
+
+def summaries(url: str) -> list[tuple[Any, ...]]:
+    """The stored summaries and sums of requests alike, dollars rounded (sums added in another order
+    differ in the last bit), groups of no request left out."""
+    engine = create_store_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = [
+                *connection.execute(
+                    sa.select(RETRIED_REQUESTS).order_by(RETRIED_REQUESTS.c.logical_request_id)
+                ),
+                *connection.execute(
+                    sa.select(RETRIED_ALIKE)
+                    .where(RETRIED_ALIKE.c.requests != 0)
+                    .order_by(*RETRIED_ALIKE.primary_key.columns)
+                ),
+            ]
+            return [tuple(round(v, 9) if isinstance(v, float) else v for v in row) for row in rows]
+    finally:
+        engine.dispose()
+
+
+def revised(record: AttemptRecord, table: PriceTable) -> AttemptRecord:
+    """A later revision of ``record``: more output and another prompt measurement, repriced."""
+    usage = dataclasses.replace(record.usage, output_tokens=record.usage.output_tokens + 500)
+    cost = table.cost(record.model_name, usage, platform=record.platform, endpoint=record.endpoint)
+    return dataclasses.replace(
+        record,
+        usage=usage,
+        cost=cost,
+        revision=record.revision + 1,
+        prompt_bytes=None if record.prompt_bytes else 50_000,
+        stable_prefix_bytes=None if record.prompt_bytes else 45_000,
+    )
+
+
+def test_the_summaries_written_in_any_order_batches_and_revisions_are_those_of_the_attempts_as_stored(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A request's first attempt may land after its retries, in another batch, or be revised later;
+    the summary the writer keeps is the one made from the attempts as stored (migration 0016's fill
+    makes the same rows), and the all-time report reads from it what it read from every record."""
+    table = with_bedrock_prices(tmp_path, monkeypatch)
+    rng = random.Random(5)
+    records = mixed_requests(table, 300, seed=5)
+    later = [revised(r, table) for r in rng.sample(records, 120)]
+    arriving = [*records, *rng.sample(records, 40)]  # some delivered twice
+    rng.shuffle(arriving)
+    store = SqlStore(store_url)
+    try:
+        while arriving:
+            size = rng.randint(1, 25)
+            store.export(arriving[:size])
+            arriving = arriving[size:]
+        for start in range(0, len(later), 7):
+            store.export(later[start : start + 7])
+        stored = store.retried_requests()
+        assert sum(len(a) for a in stored.values()) < len(records) and stored
+        wasted = sum(r.wasted_cost_usd for attempts in stored.values() for r in attempts)
+        assert_same_section(
+            section_from_summaries(store, table, wasted), section_from_every_record(store, table, wasted)
+        )
+    finally:
+        store.shutdown()
+    kept = summaries(store_url)
+    assert sum(isinstance(row[0], str) for row in kept) == len(stored)  # and the sums alike
+    migrate.downgrade(store_url, "0015")
+    migrate.upgrade(store_url)
+    assert summaries(store_url) == kept
+
+
+@pytest.mark.postgres
+def test_writers_of_the_same_requests_at_once_keep_one_summary_each(
+    postgres_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Two processes' writers storing the attempts of the same requests at the same moment, each in its
+    own order: every request's summary is made once and moved by every attempt."""
+    table = with_bedrock_prices(tmp_path, monkeypatch)
+    url = postgres_schema_url(postgres_schema)
+    records = mixed_requests(table, 200, seed=11)
+    SqlStore(url).shutdown()  # migrated before the race
+    halves = [[r for r in records if r.attempt_number % 2 == parity] for parity in (0, 1)]
+    random.Random(3).shuffle(halves[1])
+    stores = [SqlStore(url) for _ in halves]
+    start = threading.Barrier(len(halves))
+
+    def write(store: SqlStore, half: list[AttemptRecord]) -> None:
+        start.wait()
+        for at in range(0, len(half), 4):
+            store.export(half[at : at + 4])
+
+    threads = [threading.Thread(target=write, args=pair) for pair in zip(stores, halves, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert all(store.rejected_records == 0 for store in stores)
+        wasted = sum(r.wasted_cost_usd for r in records)
+        assert_same_section(
+            section_from_summaries(stores[0], table, wasted),
+            section_from_every_record(stores[0], table, wasted),
+        )
+    finally:
+        for store in stores:
+            store.shutdown()
+
+
+def test_a_prune_leaves_the_all_time_avoidable_waste_as_it_leaves_the_all_time_waste(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    table = with_bedrock_prices(tmp_path, monkeypatch)
+    records = mixed_requests(table, 200, seed=13)
+    store = SqlStore(store_url)
+    try:
+        store.export(records)
+        wasted = store.rollup_totals()[0].wasted_cost_usd
+        before = section_from_summaries(store, table, wasted)
+        assert before["avoidable_with_prompt_caching"]["avoidable_usd"] > 0
+        assert store.prune_before(START + timedelta(days=5)) == len(records)
+        assert store.rollup_totals()[0].wasted_cost_usd == wasted
+        assert section_from_summaries(store, table, wasted) == before
+        # A range reads the attempts: those of pruned days are gone.
+        assert store.retried_prompts(START, START + timedelta(days=5)) == ([], {})
     finally:
         store.shutdown()
 

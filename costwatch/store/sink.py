@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
-from ..avoidable import PromptAttempt, RetriedAlike
+from ..avoidable import RetriedAlike, RetriedRequest
 from ..records import AttemptRecord, new_id
 from ..settings import default_of, load_settings
 from ..validation import clean_text
@@ -470,10 +470,11 @@ class SqlStore:
 
     def retried_prompts(
         self, start: datetime | None = None, end: datetime | None = None
-    ) -> tuple[list[RetriedAlike], dict[str, list[PromptAttempt]]]:
+    ) -> tuple[list[RetriedAlike], dict[str, RetriedRequest]]:
         """What the report's avoidable waste reads of the requests retried in ``[start, end)``: those
-        with nothing to price one by one, summed, and the prompt figures of the others' attempts
-        (``costwatch.store.retried``). Grouped in the database: for reports at any size."""
+        with nothing to price one by one, summed, and the others by logical request, with their
+        attempts' prompts (``costwatch.store.retried``). All time from the summaries the writer
+        keeps, a range grouped in the database: for reports at any size."""
         with self._read() as connection:
             return retried_prompts(connection, start, end)
 

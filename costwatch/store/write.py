@@ -38,6 +38,7 @@ from ..records import AttemptRecord, WasteReason
 from .all_time import ALL_TIME_COLUMNS, all_time_delta_rows
 from .rejected import insert_rejected, rejected_row
 from .retention import as_utc, cutoff_for_writing
+from .retried import update_retried_requests
 from .rows import (
     ATTEMPT_COLUMNS,
     attempt_row,
@@ -800,6 +801,7 @@ def write_batch(
     else:
         deltas = rollup_delta_rows([*inserted, *revised, *retried], [*replaced, *abandoned])
     _apply_rollups(connection, deltas)
+    update_retried_requests(connection, [*inserted, *revised], replaced)
     return BatchResult(
         inserted=len(inserted), revised=len(revised), reclassified=len(retried), before_cutoff=len(too_old)
     )
