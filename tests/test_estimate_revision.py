@@ -125,17 +125,18 @@ def test_drops_before_any_completion_are_revised_at_flush_and_the_rollups_and_me
         assert abs(record.usage.output_tokens - real) / real < 0.10
     assert_rollups_are_the_rows_summed(store_url)
     revised = sum(r.usage.output_tokens for r in dropped)
-    # The metrics counted each drop's first estimate, then the difference the revision made; a
-    # counter cannot go down, so a lower estimate holds it where it was until later counts pay it off.
-    assert sample_value(registry, "costwatch_estimated_output_tokens_total", model=MODEL) == max(
-        first, revised
-    )
+    # The metrics counted each drop's first estimate, then the difference the revision made. A
+    # counter cannot go down, and a batch's additions and corrections net out before they reach it
+    # (docs/metrics.md): where the first estimates and the revisions fall into batches decides how
+    # high the counter went, between the revised total and the first estimates', never outside.
+    counted = sample_value(registry, "costwatch_estimated_output_tokens_total", model=MODEL)
+    assert revised <= counted <= max(first, revised)
     estimated = sample_value(registry, "costwatch_output_tokens_total", model=MODEL, source="estimated")
-    assert estimated == max(first, revised)
+    assert estimated == counted
     assert all(r.output_source is OutputSource.ESTIMATED for r in dropped)  # revised, still an estimate
     assert (
         sample_value(registry, "costwatch_billed_tokens_total", model=MODEL, token_type="output")
-        == max(first, revised) + 3 * 600
+        == counted + 3 * 600
     )
 
 
