@@ -13,7 +13,11 @@ day's rows of the tables the writer fills are copied, in the database, to each l
 * ``costwatch_hourly_rollups``: the day's rows, their hour moved by the same days (each copied hour
   holds exactly the copied attempts of that hour, so its sums are theirs);
 * ``costwatch_all_time_rollups``: each row set to the sum of its hourly rows and their earliest hour,
-  which is what the writer keeps it equal to.
+  which is what the writer keeps it equal to;
+* ``costwatch_retried_requests`` (migration 0016): each retried request's summary, its ids, last
+  start and its attempts' entries moved as its attempts were;
+* ``costwatch_retried_alike`` (migration 0016): the sums of the alike requests, which the copied
+  day alone made (the store holds nothing else when it is copied), times the days they now cover.
 
 Any other table the writer filled for that day is refused (:class:`UnknownTable`), so the copies
 cannot silently miss what a later writer starts to store. :func:`replicated` is the same copy made
@@ -49,7 +53,8 @@ __all__ = ["UnknownTable", "copy_day", "replicated", "sum_all_time_rollups"]
 
 _DAY_MS = 86_400_000
 
-_COPIED = {ATTEMPTS.name, ROLLUPS.name, ALL_TIME_ROLLUPS.name}
+_SUMMARIES, _ALIKE = "costwatch_retried_requests", "costwatch_retried_alike"
+_COPIED = {ATTEMPTS.name, ROLLUPS.name, ALL_TIME_ROLLUPS.name, _SUMMARIES, _ALIKE}
 _UNCHANGED = {"costwatch_retention", "costwatch_reconciliations"}
 """Tables the writer does not fill from a batch of attempts (checked empty of the day all the same)."""
 
@@ -88,6 +93,32 @@ _ATTEMPT_COPIED = {
     "fingerprint": "md5(fingerprint || ':' || :days)",
     "started_at": "started_at + make_interval(hours => :days * 24)",
 }
+
+
+def _summaries_copied() -> sa.TextClause | None:
+    """The statement copying the day's retried-request summaries (``None``: no such table yet)."""
+    table = metadata.tables.get(_SUMMARIES)
+    if table is None:
+        return None
+    moved = {
+        "logical_request_id": _sql_moved_id("logical_request_id"),
+        "last_attempt_id": _sql_moved_id("last_attempt_id"),
+        "last_started_at": "last_started_at + make_interval(hours => :days * 24)",
+        # Each entry: attempt id -> [attempt number, start in microseconds, ...].
+        "prompts": (
+            f"(SELECT coalesce(jsonb_object_agg({_sql_moved_id('key')}, jsonb_set(value, '{{1}}', "
+            f"to_jsonb((value ->> 1)::bigint + CAST(:days AS bigint) * {_DAY_MS * 1000}))), '{{}}'::jsonb) "
+            "FROM jsonb_each(prompts))"
+        ),
+    }
+    names = [column.name for column in table.columns]
+    return sa.text(
+        f"INSERT INTO {_SUMMARIES} ({', '.join(names)}) "
+        f"SELECT {', '.join(moved.get(name, name) for name in names)} FROM {_SUMMARIES} "
+        # The day's own (the copies made meanwhile are later days): a request's attempts all
+        # started within its day.
+        "WHERE last_started_at >= :start AND last_started_at < :end"
+    )
 
 
 def _start(day: date) -> datetime:
@@ -132,8 +163,16 @@ def copy_day(
         f"INSERT INTO {ROLLUPS.name} ({', '.join(rollup_columns)}) SELECT {', '.join(rollup_values)} "
         f"FROM {ROLLUPS.name} WHERE hour >= :start AND hour < :end"
     )
+    summaries = _summaries_copied()
     with engine.connect() as connection:
         _check_tables(connection, day)
+        others = sa.text(
+            f"SELECT 1 FROM {ATTEMPTS.name} WHERE started_at < :start OR started_at >= :end LIMIT 1"
+        )
+        if connection.execute(others, {"start": start, "end": end}).first() is not None:
+            raise ValueError(
+                f"the store holds attempts outside {day}: only a store of that day alone is copied"
+            )
     done: list[int] = []
     lock = threading.Lock()
 
@@ -143,6 +182,8 @@ def copy_day(
             bounds = {"start": start, "end": end, "days": days}
             count = int(connection.execute(attempts, bounds).rowcount or 0)
             connection.execute(rollups, bounds)
+            if summaries is not None:
+                connection.execute(summaries, bounds)
         with lock:
             done.append(count)
             if log is not None and (len(done) % 10 == 0 or len(done) == copies):
@@ -154,6 +195,12 @@ def copy_day(
             finished.result()
     with engine.begin() as connection:
         sum_all_time_rollups(connection)
+        alike = metadata.tables.get(_ALIKE)
+        if alike is not None:
+            sums = [column.name for column in alike.columns if not column.primary_key]
+            connection.exec_driver_sql(
+                f"UPDATE {_ALIKE} SET {', '.join(f'{name} = {name} * {copies + 1}' for name in sums)}"
+            )
     return sum(done)
 
 

@@ -3,13 +3,17 @@ schema per test, metric sample readers, and a guard against tests that leak stat
 
 from __future__ import annotations
 
+import atexit
+import os
+import ssl
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anthropic
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
@@ -21,8 +25,40 @@ from costwatch.pricing import load_prices
 from costwatch.records import AttemptRecord, Outcome, Usage
 from costwatch.sinks import MemorySink
 
+if TYPE_CHECKING:
+    # Imported where a client is built: pytest-xdist's controller loads this module and runs no test,
+    # and the SDK's import is seconds of CPU.
+    import anthropic
+
 # Which tests run on every SDK line (marked ``sdk``), and the guard on the others.
 pytest_plugins = ["sdk_lines"]
+
+
+# -- one CA certificate instead of a bundle ---------------------------------------------------------
+def _trust_one_ca_certificate() -> None:
+    """Point ``SSL_CERT_FILE`` at one certificate of the CA bundle, for this process and its children.
+
+    httpx and httpx2 load the whole bundle (about 140 certificates, 60 ms of CPU) into a new SSL context
+    for every client they build, and the suite builds hundreds, here and in the processes it starts.
+    Its clients speak plain HTTP to the fake server and never check a certificate; both HTTP clients
+    read ``SSL_CERT_FILE`` first, so each now loads one. Without a bundle to take it from, nothing changes.
+    """
+    bundle = ssl.get_default_verify_paths().cafile
+    if bundle is None:
+        return
+    with open(bundle, encoding="ascii", errors="replace") as file:
+        pem = file.read()
+    end = pem.find("-----END CERTIFICATE-----")
+    if end < 0:
+        return
+    handle, path = tempfile.mkstemp(prefix="costwatch-tests-ca-", suffix=".pem")
+    with os.fdopen(handle, "w", encoding="ascii") as file:
+        file.write(pem[: end + len("-----END CERTIFICATE-----")] + "\n")
+    atexit.register(os.unlink, path)
+    os.environ["SSL_CERT_FILE"] = path
+
+
+_trust_one_ca_certificate()
 
 
 @dataclass
@@ -56,15 +92,21 @@ def accounting() -> Iterator[Accounting]:
 
 
 def sync_client(server, **kwargs) -> anthropic.Anthropic:
+    import anthropic
+
     return anthropic.Anthropic(base_url=server.base_url, api_key="sk-ant-test-key", **kwargs)
 
 
 def async_client(server, **kwargs) -> anthropic.AsyncAnthropic:
+    import anthropic
+
     return anthropic.AsyncAnthropic(base_url=server.base_url, api_key="sk-ant-test-key", **kwargs)
 
 
 def read_stream_through_a_cut(server, i: int, model: str) -> None:
     """Stream job ``i`` through the real SDK to its end, or to the cut the fake made in its body."""
+    import anthropic
+
     client = sync_client(server, max_retries=0)
     messages = [{"role": "user", "content": f"job {i}"}]
     try:
