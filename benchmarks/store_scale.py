@@ -335,11 +335,10 @@ def _write_rate(store: SqlStore, records: Sequence[AttemptRecord]) -> float:
 
 
 def _rollup_rows(store: SqlStore) -> int:
-    from costwatch.store import HourlyRollup
+    from costwatch.store import ROLLUPS
 
     with store.engine.connect() as connection:
-        table = HourlyRollup.__table__
-        return int(connection.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+        return int(connection.execute(sa.select(sa.func.count()).select_from(ROLLUPS)).scalar_one())
 
 
 def measure_store(

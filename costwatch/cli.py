@@ -145,14 +145,19 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(url.database)
 
 
-def _check_migrated(url: URL) -> None:
-    """Refuse a missing or not fully migrated database: reports and the exporter never migrate."""
+_NO_DATABASE = "run `costwatch demo` to make one, or pass --db URL"
+"""What to do about a missing SQLite database, for the commands that read one."""
+
+
+def _check_migrated(url: URL, missing: str = _NO_DATABASE) -> None:
+    """Refuse a missing or not fully migrated database: reports and the exporter never migrate.
+
+    ``missing`` says what to do when an SQLite file does not exist.
+    """
     shown = safe_url(url)
     path = _sqlite_file(url)
     if path is not None and not path.exists():
-        raise UserError(
-            f"no costwatch database at {path}; run `costwatch demo` to make one, or pass --db URL"
-        )
+        raise UserError(f"no costwatch database at {path}; {missing}")
     with _database_errors(url):
         if migrate.at_head(url):  # the common case, without importing Alembic (~1.5 s at load 15)
             return
@@ -167,9 +172,9 @@ def _check_migrated(url: URL) -> None:
         )
 
 
-def _migrated_store(url: URL) -> SqlStore:
+def _migrated_store(url: URL, missing: str = _NO_DATABASE) -> SqlStore:
     """A store over an existing, fully migrated database."""
-    _check_migrated(url)
+    _check_migrated(url, missing)
     return SqlStore(url, auto_migrate=False)
 
 
@@ -799,7 +804,7 @@ def _prune(url: URL, older_than: str, out: Console) -> int:
         cutoff = datetime.now(timezone.utc) - age
     except OverflowError:
         raise UserError(f"--older-than {older_than} reaches before the year 1; nothing is that old") from None
-    store = _migrated_store(url)
+    store = _migrated_store(url, "nothing to prune there; pass the database to prune as --db")
     try:
         with _database_errors(url):
             removed = store.prune_before(cutoff)
@@ -821,7 +826,12 @@ def _prune(url: URL, older_than: str, out: Console) -> int:
 def _replay_spool(url: URL, spool_dir: str | None, out: Console) -> int:
     """Write what the spool holds for the store at ``url``; segments a live process writes are left."""
     spool = Spool(spool_dir)
-    store = _migrated_store(url)
+    # The spool's records belong in the database the application writes to, which may not exist yet.
+    store = _migrated_store(
+        url,
+        f"pass the application's database as --db, or create this one first with "
+        f"`costwatch db upgrade --db {safe_url(url)}`",
+    )
     try:
         if not spool.has_segments(store.name):
             out.print(
@@ -877,25 +887,26 @@ def _price_row(price: ModelPrice) -> list[str]:
 
 def _command_prices(args: argparse.Namespace, out: Console, err: Console) -> int:
     table = _load_prices(args.prices_file)
+    unpriced_reason = None
+    if args.model is not None:
+        price = table.lookup(args.model)
+        unpriced_reason = table.unpriced.get(args.model) if price is None else None
+        if price is None and unpriced_reason is None:  # before any output: an error is its only line
+            raise UserError(
+                f"unknown model {args.model!r}; `costwatch prices` lists the known ones, "
+                f"and {PRICES_FILE_ENV} or --prices-file adds others"
+            )
+        prices = [price] if price is not None else []
+    else:
+        prices = [p for p in (table.lookup(m) for m in table.models) if p is not None]
     out.print(
         f"[bold]Price table[/bold] version {table.version}, updated {table.updated}, "
         f"USD per million tokens\nsource: {table.source}",
         highlight=False,
     )
-    if args.model is not None:
-        price = table.lookup(args.model)
-        if price is None:
-            reason = table.unpriced.get(args.model)
-            if reason is not None:
-                out.print(f"{args.model}: known, but no public price. {reason}", highlight=False)
-                return 0
-            raise UserError(
-                f"unknown model {args.model!r}; `costwatch prices` lists the known ones, "
-                f"and {PRICES_FILE_ENV} or --prices-file adds others"
-            )
-        prices = [price]
-    else:
-        prices = [p for p in (table.lookup(m) for m in table.models) if p is not None]
+    if unpriced_reason is not None:
+        out.print(f"{args.model}: known, but no public price. {unpriced_reason}", highlight=False)
+        return 0
     grid = Table(box=box.SIMPLE_HEAD)
     grid.add_column("model", no_wrap=True)
     grid.add_column("status", no_wrap=True)

@@ -9,6 +9,7 @@ __all__ = ["MomentError", "ceil_hour", "floor_hour", "parse_duration", "parse_mo
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_DURATIONS = "use a number and a unit (s, m, h, d or w) like 30s, 90m, 24h, 7d or 2w"
 _EXAMPLES = "use a duration like 90m, 24h, 7d or 2w (meaning that long ago), or a date like 2026-11-25"
 
 
@@ -20,12 +21,12 @@ def parse_duration(text: str) -> timedelta:
     """A duration written as a number and a unit: ``30s``, ``90m``, ``24h``, ``7d``, ``2w``."""
     match = _DURATION.match(text)
     if match is None:
-        raise MomentError(f"{text!r} is not a duration; {_EXAMPLES}")
+        raise MomentError(f"{text!r} is not a duration; {_DURATIONS}")
     amount, unit = float(match.group(1)), _UNITS[match.group(2).lower()]
     try:
         return timedelta(**{unit: amount})
     except OverflowError:
-        raise MomentError(f"{text!r} is longer than any calendar can count; {_EXAMPLES}") from None
+        raise MomentError(f"{text!r} is longer than any calendar can count; {_DURATIONS}") from None
 
 
 def parse_moment(text: str, now: datetime) -> datetime:
@@ -38,6 +39,8 @@ def parse_moment(text: str, now: datetime) -> datetime:
             return now.astimezone(timezone.utc) - parse_duration(text)
         except OverflowError:
             raise MomentError(f"{text!r} ago is before the year 1; {_EXAMPLES}") from None
+        except MomentError:  # beyond what a timedelta holds: a moment may be a date as well
+            raise MomentError(f"{text!r} is longer than any calendar can count; {_EXAMPLES}") from None
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:

@@ -19,7 +19,6 @@ never raised. What an attempt billed and how it ended is worked out in :mod:`cos
 
 from __future__ import annotations
 
-import gc
 import importlib
 import logging
 import os
@@ -53,8 +52,6 @@ __all__ = ["flush", "instrument", "is_instrumented", "uninstrument"]
 log = logging.getLogger("costwatch")
 
 _HTTP_MODULES = ("httpx", "httpx2")
-
-_STORE_MODULE = "costwatch.store"
 
 
 class _DeferredSettler:
@@ -480,7 +477,6 @@ def instrument(
                 _hooks.http_clients.add(_http_client_of(client))
             return False
         config = load_settings(settings)
-        store_was_imported = _STORE_MODULE in sys.modules
         # Everything that can fail on bad input happens before anything is attached or installed.
         http_clients: weakref.WeakSet[Any] | None = None
         if client is not None:
@@ -530,11 +526,6 @@ def instrument(
         hooks = _Hooks(accountant, http_clients, added)
         hooks.install(_importable_http_modules())
         _hooks = hooks
-        if not store_was_imported and _STORE_MODULE in sys.modules:
-            # The store's imports (SQLAlchemy, its ORM, the schema) leave ~40,000 long-lived objects:
-            # enough to make the interpreter's next full collection, a pass over the whole heap,
-            # fall in the application's first requests. Paid here, once, instead.
-            gc.collect()
         return True
 
 

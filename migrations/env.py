@@ -22,7 +22,7 @@ context.configure(
     # SQLite cannot ALTER most things in place; batch mode rebuilds the table instead.
     render_as_batch=connection.dialect.name == "sqlite",
     compare_type=True,
-    # The attempts table's partitions (PostgreSQL) are made at run time, not by the models.
+    # The attempts table's partitions (PostgreSQL) are made at run time, not by the schema's tables.
     include_name=lambda name, kind, _parents: not (kind == "table" and is_attempt_partition(name)),
 )
 

@@ -703,6 +703,37 @@ def test_serve_on_a_busy_port_says_so_without_first_claiming_to_serve(capsys, kn
     assert "Serving" not in err
 
 
+def test_prices_of_an_unknown_model_is_one_line_on_stderr_and_nothing_on_stdout(capsys):
+    code, out, err = run(capsys, "prices", "nosuchmodel")
+    assert_user_error(code, err, "unknown model 'nosuchmodel'", "`costwatch prices` lists the known ones")
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["reconcile", "--watch", "soon"], ["db", "prune", "--older-than", "soon"]],
+    ids=["reconcile-watch", "prune-older-than"],
+)
+def test_an_option_that_takes_only_a_duration_says_so_without_offering_a_date(capsys, tmp_path, argv):
+    code, _, err = run(capsys, *argv, "--db", f"sqlite:///{tmp_path / 'cw.db'}")
+    assert_user_error(code, err, f"{argv[-2]}: 'soon' is not a duration", "like 30s, 90m, 24h, 7d or 2w")
+    assert "date" not in err
+
+
+def test_replay_into_a_database_that_does_not_exist_says_how_to_create_it(capsys, tmp_path):
+    db = f"sqlite:///{tmp_path / 'missing.db'}"
+    code, _, err = run(capsys, "db", "replay", "--db", db, "--spool-dir", str(tmp_path / "spool"))
+    assert_user_error(code, err, "no costwatch database at", f"`costwatch db upgrade --db {db}`", "--db")
+    assert "costwatch demo" not in err  # the demo's database is not where an application's spool belongs
+
+
+def test_prune_of_a_database_that_does_not_exist_has_nothing_to_prune(capsys, tmp_path):
+    code, _, err = run(
+        capsys, "db", "prune", "--older-than", "30d", "--db", f"sqlite:///{tmp_path / 'no.db'}"
+    )
+    assert_user_error(code, err, "no costwatch database at", "nothing to prune there")
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [

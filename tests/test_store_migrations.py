@@ -1,4 +1,4 @@
-"""The store's schema: migrations up and down on SQLite and PostgreSQL, and agreement with the models."""
+"""The store's schema: migrations up and down on SQLite and PostgreSQL, and agreement with its tables."""
 
 from __future__ import annotations
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from .database import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, create_store_engine, database_url, safe_url
 from .query import RollupTotals
-from .schema import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, Attempt, HourlyRollup, metadata
+from .schema import ATTEMPTS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUPS, metadata
 from .sink import DEFAULT_RETRY_WINDOW, SqlStore
 from .write import BatchResult
 
 __all__ = [
+    "ATTEMPTS",
     "DATABASE_URL_ENV",
     "DEFAULT_DATABASE_URL",
     "DEFAULT_RETRY_WINDOW",
+    "ROLLUPS",
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
-    "Attempt",
     "BatchResult",
-    "HourlyRollup",
     "RollupTotals",
     "SqlStore",
     "create_store_engine",

@@ -65,7 +65,7 @@ def partition_name(day: date) -> str:
 
 
 def is_attempt_partition(name: str | None) -> bool:
-    """Whether ``name`` is one of the attempts table's partitions (which the models do not list)."""
+    """Whether ``name`` is one of the attempts table's partitions (which the schema's tables do not list)."""
     return name is not None and (_NAME.match(name) is not None or name.startswith(_PRUNED))
 
 

@@ -2,17 +2,19 @@
 
 The tables carry a ``costwatch_`` prefix (and Alembic's version table is ``costwatch_alembic_version``)
 so the store can live in an application's own database next to its own tables and migrations.
+They are SQLAlchemy Core tables on one ``MetaData``: every statement of the store is Core, and the
+ORM's mapped classes would leave thousands of long-lived objects in every instrumented process
+(benchmarks/README.md, "The install call without the ORM").
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.compiler import SQLCompiler
 
 __all__ = [
@@ -28,14 +30,6 @@ __all__ = [
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
     "VERSION_TABLE",
-    "AllTimeRollup",
-    "Attempt",
-    "Base",
-    "CalibrationSample",
-    "HourlyRollup",
-    "Reconciliation",
-    "RejectedAttempt",
-    "Retention",
     "UtcDateTime",
     "metadata",
     "utc_hour",
@@ -55,7 +49,8 @@ NAMING_CONVENTION = {
 every backend."""
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
-"""The store's ``MetaData``; Alembic's autogenerate compares the migrations against it."""
+"""The store's ``MetaData``, holding every table below; Alembic's autogenerate compares the migrations
+against it."""
 
 
 class UtcDateTime(sa.types.TypeDecorator[datetime]):
@@ -114,154 +109,140 @@ def _utc_hour_postgresql(element: utc_hour, compiler: SQLCompiler, **kw: Any) ->
     return f"date_trunc('hour'::text, ({compiler.process(element.clauses, **kw)} AT TIME ZONE 'UTC'::text))"
 
 
-class Base(DeclarativeBase):
-    """Declarative base bound to the store's ``metadata``."""
+def _rollup_measures() -> list[sa.Column[Any]]:
+    """The additive columns every rollup table has, after its own key columns (new objects each call:
+    a column belongs to one table)."""
+    return [
+        sa.Column("attempts", sa.BigInteger(), nullable=False),
+        sa.Column("dropped_attempts", sa.BigInteger(), nullable=False),
+        sa.Column("logical_requests_started", sa.BigInteger(), nullable=False),
+        sa.Column("billed_input_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("billed_output_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("billed_cache_read_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("billed_cache_write_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("wasted_input_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("wasted_output_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("wasted_cache_read_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("wasted_cache_write_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("billed_cost_usd", sa.Double(), nullable=False),
+        sa.Column("wasted_cost_usd", sa.Double(), nullable=False),
+        sa.Column("estimated_output_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("duration_s", sa.Double(), nullable=False),
+        sa.Column("unpriced_attempts", sa.BigInteger(), nullable=False),
+        sa.Column("unpriced_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("wasted_input_cost_usd", sa.Double(), nullable=False),
+        sa.Column("wasted_cache_read_cost_usd", sa.Double(), nullable=False),
+        sa.Column("wasted_cache_write_cost_usd", sa.Double(), nullable=False),
+        sa.Column("wasted_output_cost_usd", sa.Double(), nullable=False),
+        sa.Column("wasted_server_tool_cost_usd", sa.Double(), nullable=False),
+        # Billed output by where its count came from (migration 0011; OutputSource). The estimated
+        # tokens are ``estimated_output_tokens`` above; the four token figures sum to billed_output_tokens.
+        sa.Column("reported_output_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("counted_output_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("reconciled_output_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("reported_output_cost_usd", sa.Double(), nullable=False),
+        sa.Column("estimated_output_cost_usd", sa.Double(), nullable=False),
+        sa.Column("counted_output_cost_usd", sa.Double(), nullable=False),
+        sa.Column("reconciled_output_cost_usd", sa.Double(), nullable=False),
+    ]
 
-    metadata = metadata
 
-
-class Attempt(Base):
-    """One HTTP attempt: every field of :class:`~costwatch.records.AttemptRecord`, latest revision.
-
-    On PostgreSQL (migration 0013) the table is partitioned by day on ``started_at`` and its primary
-    key is ``(attempt_id, started_at)`` (``costwatch.store.partitions``); the model keeps SQLite's.
-    """
-
-    __tablename__ = "costwatch_attempts"
-
-    attempt_id: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    logical_request_id: Mapped[str] = mapped_column(sa.String(), index=True)
-    attempt_number: Mapped[int] = mapped_column(sa.Integer())
+ATTEMPTS = sa.Table(
+    "costwatch_attempts",
+    metadata,
+    sa.Column("attempt_id", sa.String(), primary_key=True),
+    sa.Column("logical_request_id", sa.String(), index=True, nullable=False),
+    sa.Column("attempt_number", sa.Integer(), nullable=False),
     # Not indexed: nothing reads attempts by time but retention (migration 0002).
-    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
-    outcome: Mapped[str] = mapped_column(sa.String())
-    model_requested: Mapped[str] = mapped_column(sa.String())
-    model: Mapped[str | None] = mapped_column(sa.String())
-    stream: Mapped[bool] = mapped_column(sa.Boolean())
-    beta_features: Mapped[list[str]] = mapped_column(sa.JSON())
-    request_id: Mapped[str | None] = mapped_column(sa.String())
-    message_id: Mapped[str | None] = mapped_column(sa.String())
-    sdk_retry: Mapped[int] = mapped_column(sa.Integer())
-    http_status: Mapped[int | None] = mapped_column(sa.Integer())
-    error_type: Mapped[str | None] = mapped_column(sa.String())
-    api_error_type: Mapped[str | None] = mapped_column(sa.String())
-    time_to_first_token_s: Mapped[float | None] = mapped_column(sa.Double())
-    duration_s: Mapped[float] = mapped_column(sa.Double())
-    input_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    cache_write_5m_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    cache_write_1h_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    output_estimated: Mapped[bool] = mapped_column(sa.Boolean())
-    estimated_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    server_tool_use: Mapped[dict[str, int]] = mapped_column(sa.JSON())
-    stop_reason: Mapped[str | None] = mapped_column(sa.String())
-    events_received: Mapped[int] = mapped_column(sa.BigInteger())
-    bytes_received: Mapped[int] = mapped_column(sa.BigInteger())
+    sa.Column("started_at", UtcDateTime(), nullable=False),
+    sa.Column("outcome", sa.String(), nullable=False),
+    sa.Column("model_requested", sa.String(), nullable=False),
+    sa.Column("model", sa.String()),
+    sa.Column("stream", sa.Boolean(), nullable=False),
+    sa.Column("beta_features", sa.JSON(), nullable=False),
+    sa.Column("request_id", sa.String()),
+    sa.Column("message_id", sa.String()),
+    sa.Column("sdk_retry", sa.Integer(), nullable=False),
+    sa.Column("http_status", sa.Integer()),
+    sa.Column("error_type", sa.String()),
+    sa.Column("api_error_type", sa.String()),
+    sa.Column("time_to_first_token_s", sa.Double()),
+    sa.Column("duration_s", sa.Double(), nullable=False),
+    sa.Column("input_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("cache_write_5m_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("cache_write_1h_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("cache_read_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("output_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("output_estimated", sa.Boolean(), nullable=False),
+    sa.Column("estimated_output_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("server_tool_use", sa.JSON(), nullable=False),
+    sa.Column("stop_reason", sa.String()),
+    sa.Column("events_received", sa.BigInteger(), nullable=False),
+    sa.Column("bytes_received", sa.BigInteger(), nullable=False),
     # NULL cost columns mean "no known price" (AttemptRecord.cost is None), not zero.
-    input_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
-    cache_write_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
-    cache_read_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
-    output_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
-    wasted: Mapped[bool] = mapped_column(sa.Boolean())
-    waste_reason: Mapped[str | None] = mapped_column(sa.String())
-    tags: Mapped[dict[str, str]] = mapped_column(sa.JSON())
-    fingerprint: Mapped[str | None] = mapped_column(sa.String())
-    revision: Mapped[int] = mapped_column(sa.Integer())
+    sa.Column("input_cost_usd", sa.Double()),
+    sa.Column("cache_write_cost_usd", sa.Double()),
+    sa.Column("cache_read_cost_usd", sa.Double()),
+    sa.Column("output_cost_usd", sa.Double()),
+    sa.Column("wasted", sa.Boolean(), nullable=False),
+    sa.Column("waste_reason", sa.String()),
+    sa.Column("tags", sa.JSON(), nullable=False),
+    sa.Column("fingerprint", sa.String()),
+    sa.Column("revision", sa.Integer(), nullable=False),
     # Sizes of the prompt and its stable prefix, of retries only (migration 0005): avoidable waste.
-    prompt_bytes: Mapped[int | None] = mapped_column(sa.BigInteger())
-    stable_prefix_bytes: Mapped[int | None] = mapped_column(sa.BigInteger())
+    sa.Column("prompt_bytes", sa.BigInteger()),
+    sa.Column("stable_prefix_bytes", sa.BigInteger()),
     # Migration 0006: server-tool fees (NULL on rows stored before: read as none) and where inference ran.
-    server_tool_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
-    inference_geo: Mapped[str | None] = mapped_column(sa.String())
-    platform: Mapped[str] = mapped_column(sa.String(), server_default="anthropic")
-    """Where the attempt went (migration 0007): anthropic, bedrock, vertex or foundry."""
+    sa.Column("server_tool_cost_usd", sa.Double()),
+    sa.Column("inference_geo", sa.String()),
+    # Where the attempt went (migration 0007): anthropic, bedrock, vertex or foundry.
+    sa.Column("platform", sa.String(), server_default="anthropic", nullable=False),
     # True when a token count beyond MAX_TOKENS_PER_ATTEMPT was clamped to it (migration 0008).
-    tokens_clamped: Mapped[bool] = mapped_column(sa.Boolean(), server_default=sa.false())
-    output_source: Mapped[str] = mapped_column(sa.String(), server_default="reported")
-    """Where ``output_tokens`` came from (migration 0011): reported, estimated, counted or reconciled."""
-    endpoint: Mapped[str | None] = mapped_column(sa.String())
-    """Bedrock's and Vertex's endpoint kind, ``global`` or ``regional`` (migration 0014)."""
-
+    sa.Column("tokens_clamped", sa.Boolean(), server_default=sa.false(), nullable=False),
+    # Where output_tokens came from (migration 0011): reported, estimated, counted or reconciled.
+    sa.Column("output_source", sa.String(), server_default="reported", nullable=False),
+    # Bedrock's and Vertex's endpoint kind, global or regional (migration 0014).
+    sa.Column("endpoint", sa.String()),
     # The writer finds attempts by fingerprint in two ways (migration 0004): abandoned ones, for
     # the retries landing now (a partial index: few rows, and those rows change), and any attempt
     # started in a given hour, for the retries of abandoned attempts landing now. Keyed by hour
     # first, an attempt's index entry lands next to those of the attempts of the same hour (a batch
     # dirties a few pages), where an index on the fingerprint alone, a hash, dirtied a page a row.
-    __table_args__ = (
-        sa.Index(
-            "ix_costwatch_attempts_abandoned_fingerprint",
-            "fingerprint",
-            sqlite_where=sa.text("waste_reason = 'abandoned'"),
-            postgresql_where=sa.text("waste_reason = 'abandoned'"),
-        ),
-        sa.Index("ix_costwatch_attempts_hour_fingerprint", utc_hour(sa.column("started_at")), "fingerprint"),
-    )
+    sa.Index(
+        "ix_costwatch_attempts_abandoned_fingerprint",
+        "fingerprint",
+        sqlite_where=sa.text("waste_reason = 'abandoned'"),
+        postgresql_where=sa.text("waste_reason = 'abandoned'"),
+    ),
+    sa.Index("ix_costwatch_attempts_hour_fingerprint", utc_hour(sa.column("started_at")), "fingerprint"),
+)
+"""One row per HTTP attempt: every field of :class:`~costwatch.records.AttemptRecord`, latest revision.
 
+On PostgreSQL (migration 0013) the table is partitioned by day on ``started_at`` and its primary
+key is ``(attempt_id, started_at)`` (``costwatch.store.partitions``); this definition keeps SQLite's.
+"""
 
-class _RollupMeasures:
-    """The additive columns every rollup table has, after its own key columns."""
-
-    attempts: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    dropped_attempts: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    logical_requests_started: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    billed_input_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    billed_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    billed_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    billed_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    wasted_input_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    wasted_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    wasted_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    wasted_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    billed_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    wasted_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    estimated_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    duration_s: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    unpriced_attempts: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    unpriced_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    wasted_input_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    wasted_cache_read_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    wasted_cache_write_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    wasted_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    wasted_server_tool_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    # Billed output by where its count came from (migration 0011; OutputSource). The estimated
-    # tokens are ``estimated_output_tokens`` above; the four token figures sum to billed_output_tokens.
-    reported_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    counted_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    reconciled_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), sort_order=1)
-    reported_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    estimated_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    counted_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-    reconciled_output_cost_usd: Mapped[float] = mapped_column(sa.Double(), sort_order=1)
-
-
-class HourlyRollup(_RollupMeasures, Base):
-    """Sums over the attempts that started in one UTC hour, for one combination of dimensions."""
-
-    __tablename__ = "costwatch_hourly_rollups"
-
-    hour: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True)
-    model: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    outcome: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    platform: Mapped[str] = mapped_column(sa.String(), primary_key=True, server_default="anthropic")
-    """Where the attempts went (migration 0014): anthropic, bedrock, vertex or foundry."""
-
-
-ATTEMPTS = cast(sa.Table, Attempt.__table__)
-"""The attempts table, for Core statements."""
-
-ROLLUPS = cast(sa.Table, HourlyRollup.__table__)
-"""The hourly rollups table, for Core statements."""
+ROLLUPS = sa.Table(
+    "costwatch_hourly_rollups",
+    metadata,
+    sa.Column("hour", UtcDateTime(), primary_key=True),
+    sa.Column("model", sa.String(), primary_key=True),
+    sa.Column("outcome", sa.String(), primary_key=True),
+    sa.Column("error_type", sa.String(), primary_key=True),
+    sa.Column("waste_reason", sa.String(), primary_key=True),
+    sa.Column("workflow", sa.String(), primary_key=True),
+    # Where the attempts went (migration 0014): anthropic, bedrock, vertex or foundry.
+    sa.Column("platform", sa.String(), primary_key=True, server_default="anthropic"),
+    *_rollup_measures(),
+)
+"""Sums over the attempts that started in one UTC hour, for one combination of dimensions."""
 
 ROLLUP_DIMENSIONS = tuple(column.name for column in ROLLUPS.primary_key.columns)
 """The columns a rollup row is keyed by (``hour``, ``model``, ``outcome``, ``error_type``,
 ``waste_reason``, ``workflow``, ``platform``); absent values are stored as ``""`` so they can be keys."""
 
 ROLLUP_MEASURES = tuple(column.name for column in ROLLUPS.columns if not column.primary_key)
-"""The additive columns of a rollup row, in the order :class:`HourlyRollup` declares them
+"""The additive columns of a rollup row, in the order the table declares them
 (read from the table, so a new measure column is a new measure everywhere).
 
 ``unpriced_*`` count attempts on models without a known price (and their billed tokens), which
@@ -272,151 +253,127 @@ add nothing to the costs; ``wasted_*_cost_usd`` split ``wasted_cost_usd`` by the
 ALL_TIME_DIMENSIONS = ROLLUP_DIMENSIONS[1:]
 """The columns an all-time rollup row is keyed by: the hourly rollups' dimensions but the hour."""
 
+ALL_TIME_ROLLUPS = sa.Table(
+    "costwatch_all_time_rollups",
+    metadata,
+    sa.Column("model", sa.String(), primary_key=True),
+    sa.Column("outcome", sa.String(), primary_key=True),
+    sa.Column("error_type", sa.String(), primary_key=True),
+    sa.Column("waste_reason", sa.String(), primary_key=True),
+    sa.Column("workflow", sa.String(), primary_key=True),
+    sa.Column("platform", sa.String(), primary_key=True, server_default="anthropic"),
+    sa.Column("first_hour", UtcDateTime(), nullable=False),
+    *_rollup_measures(),
+)
+"""Sums over every attempt ever stored, for one combination of dimensions, and its first hour.
 
-class AllTimeRollup(_RollupMeasures, Base):
-    """Sums over every attempt ever stored, for one combination of dimensions, and its first hour.
+The writer moves it by the same deltas as the hourly rollups, in the same transaction, so each
+row equals the sum of the hourly rows of its dimensions. ``first_hour`` is the earliest hour
+any of those hourly rows has (it orders label values by when they first appeared); rows that
+sum to zero attempts are kept for it, as the hourly rows are.
+"""
 
-    The writer moves it by the same deltas as the hourly rollups, in the same transaction, so each
-    row equals the sum of the hourly rows of its dimensions. ``first_hour`` is the earliest hour
-    any of those hourly rows has (it orders label values by when they first appeared); rows that
-    sum to zero attempts are kept for it, as the hourly rows are.
-    """
+REJECTED_ATTEMPTS = sa.Table(
+    "costwatch_rejected_attempts",
+    metadata,
+    sa.Column("attempt_id", sa.String(), primary_key=True),
+    sa.Column("revision", sa.Integer(), primary_key=True),
+    sa.Column("rejected_at", UtcDateTime(), nullable=False),
+    sa.Column("reason", sa.String(), nullable=False),
+    sa.Column("record", sa.Text(), nullable=False),
+)
+"""The dead-letter table: attempt records the database refused, kept with its reason, never retried.
 
-    __tablename__ = "costwatch_all_time_rollups"
+``record`` is the record's JSON (ASCII-escaped, so text any backend stores); the key is its
+``attempt_id`` and ``revision``, so a refused record delivered twice is kept once.
+"""
 
-    model: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    outcome: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    error_type: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    waste_reason: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    workflow: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    platform: Mapped[str] = mapped_column(sa.String(), primary_key=True, server_default="anthropic")
-    first_hour: Mapped[datetime] = mapped_column(UtcDateTime())
-
-
-ALL_TIME_ROLLUPS = cast(sa.Table, AllTimeRollup.__table__)
-"""The all-time rollups table, for Core statements."""
-
-
-class RejectedAttempt(Base):
-    """An attempt record the database refused, kept with the database's reason and never retried.
-
-    ``record`` is the record's JSON (ASCII-escaped, so text any backend stores); the key is its
-    ``attempt_id`` and ``revision``, so a refused record delivered twice is kept once.
-    """
-
-    __tablename__ = "costwatch_rejected_attempts"
-
-    attempt_id: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    revision: Mapped[int] = mapped_column(sa.Integer(), primary_key=True)
-    rejected_at: Mapped[datetime] = mapped_column(UtcDateTime())
-    reason: Mapped[str] = mapped_column(sa.String())
-    record: Mapped[str] = mapped_column(sa.Text())
-
-
-REJECTED_ATTEMPTS = cast(sa.Table, RejectedAttempt.__table__)
-"""The dead-letter table of refused attempt records, for Core statements."""
-
-
-class CalibrationSample(Base):
-    """The characters of output an attempt received, by content type and class, and its output tokens.
-
-    Completed attempts measured to calibrate the output estimator (``output_tokens`` reported) are the
-    fleet's calibration; dropped ones (``output_tokens`` NULL: estimated) keep what their estimate was
-    made from. Counts only, never text. ``writer`` says which process wrote the row, so a process
-    refreshing its calibration skips the samples it has already seen itself.
-    """
-
-    __tablename__ = "costwatch_calibration_samples"
-
+CALIBRATION_SAMPLES = sa.Table(
+    "costwatch_calibration_samples",
+    metadata,
     # An integer key in insertion order: the cursor of a refresh (ids drawn at an attempt's start
     # are written out of order, by as long as a stream lasts).
-    sample_id: Mapped[int] = mapped_column(
-        sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
-    )
-    attempt_id: Mapped[str] = mapped_column(sa.String(), unique=True)
-    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
-    model: Mapped[str] = mapped_column(sa.String())
-    output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
-    chars: Mapped[dict[str, int]] = mapped_column(sa.JSON())
-    writer: Mapped[str] = mapped_column(sa.String())
-    output_source: Mapped[str] = mapped_column(sa.String(), server_default="reported")
-    """Where ``output_tokens`` came from (migration 0012): ``reported`` by the API for a completed
-    attempt, ``estimated`` (no tokens yet), ``counted``, or ``reconciled``: the billed output
-    ``costwatch reconcile`` found for a dropped attempt."""
-
+    sa.Column(
+        "sample_id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("attempt_id", sa.String(), unique=True, nullable=False),
+    sa.Column("started_at", UtcDateTime(), nullable=False),
+    sa.Column("model", sa.String(), nullable=False),
+    sa.Column("output_tokens", sa.BigInteger()),
+    sa.Column("chars", sa.JSON(), nullable=False),
+    sa.Column("writer", sa.String(), nullable=False),
+    # Where output_tokens came from (migration 0012): reported by the API for a completed attempt,
+    # estimated (no tokens yet), counted, or reconciled: the billed output `costwatch reconcile`
+    # found for a dropped attempt.
+    sa.Column("output_source", sa.String(), server_default="reported", nullable=False),
     # The estimated attempts of a time window (migration 0015), for revising their estimates as the
     # calibration improves: a partial index, since completed samples are most rows and never revised.
-    __table_args__ = (
-        sa.Index(
-            "ix_costwatch_calibration_samples_estimated_started_at",
-            "started_at",
-            sqlite_where=sa.text("output_tokens IS NULL"),
-            postgresql_where=sa.text("output_tokens IS NULL"),
-        ),
-    )
+    sa.Index(
+        "ix_costwatch_calibration_samples_estimated_started_at",
+        "started_at",
+        sqlite_where=sa.text("output_tokens IS NULL"),
+        postgresql_where=sa.text("output_tokens IS NULL"),
+    ),
+)
+"""The characters of output an attempt received, by content type and class, and its output tokens.
 
+Completed attempts measured to calibrate the output estimator (``output_tokens`` reported) are the
+fleet's calibration; dropped ones (``output_tokens`` NULL: estimated) keep what their estimate was
+made from. Counts only, never text. ``writer`` says which process wrote the row, so a process
+refreshing its calibration skips the samples it has already seen itself.
+"""
 
-CALIBRATION_SAMPLES = cast(sa.Table, CalibrationSample.__table__)
-"""The calibration samples table, for Core statements."""
-
-
-class Reconciliation(Base):
-    """One time bucket and model of a ``costwatch reconcile`` run: Anthropic's figures beside the
-    store's (migration 0010). Reconciling the bucket again replaces the row."""
-
-    __tablename__ = "costwatch_reconciliations"
-
-    bucket_start: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True)
-    bucket: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    """The bucket width: ``1m``, ``1h`` or ``1d``."""
-    model: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    scope: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    """The ``--api-key-id`` filters, sorted and comma-joined (``""``: the whole organization)."""
-    reported_input_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    reported_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    reported_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    reported_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    reported_requests: Mapped[int] = mapped_column(sa.BigInteger())
-    reported_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
-    recorded_input_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    recorded_cache_read_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    recorded_cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    recorded_output_tokens: Mapped[int] = mapped_column(sa.BigInteger())
-    recorded_output_estimated_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+RECONCILIATIONS = sa.Table(
+    "costwatch_reconciliations",
+    metadata,
+    sa.Column("bucket_start", UtcDateTime(), primary_key=True),
+    # The bucket width: 1m, 1h or 1d.
+    sa.Column("bucket", sa.String(), primary_key=True),
+    sa.Column("model", sa.String(), primary_key=True),
+    # The --api-key-id filters, sorted and comma-joined ("": the whole organization).
+    sa.Column("scope", sa.String(), primary_key=True),
+    sa.Column("reported_input_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("reported_cache_read_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("reported_cache_write_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("reported_output_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("reported_requests", sa.BigInteger(), nullable=False),
+    sa.Column("reported_cost_usd", sa.Double()),
+    sa.Column("recorded_input_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("recorded_cache_read_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("recorded_cache_write_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("recorded_output_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("recorded_output_estimated_tokens", sa.BigInteger(), nullable=False),
     # NULL: the model has no price (unseen dollars unknown) / the bucket's input was not all seen.
-    unseen_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
-    residual_output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
-    reconciled_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    sa.Column("unseen_cost_usd", sa.Double()),
+    sa.Column("residual_output_tokens", sa.BigInteger()),
+    sa.Column("reconciled_at", UtcDateTime(), nullable=False),
     # The estimates corrected by the bill (migration 0012): the row's correction status and why it
     # was left alone, the attempts that carry the billed output, what costwatch had estimated for
     # the dropped attempts' output, and their wasted dollars at the estimate and at the bill (NULL
     # unless every estimate of the row was corrected, or for an unpriced model).
-    correction: Mapped[str] = mapped_column(sa.String(), server_default="none")
-    correction_reason: Mapped[str | None] = mapped_column(sa.String())
-    corrected_attempts: Mapped[int] = mapped_column(sa.BigInteger(), server_default="0")
-    dropped_estimated_output_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
-    estimated_wasted_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
-    billed_wasted_cost_usd: Mapped[float | None] = mapped_column(sa.Double())
+    sa.Column("correction", sa.String(), server_default="none", nullable=False),
+    sa.Column("correction_reason", sa.String()),
+    sa.Column("corrected_attempts", sa.BigInteger(), server_default="0", nullable=False),
+    sa.Column("dropped_estimated_output_tokens", sa.BigInteger()),
+    sa.Column("estimated_wasted_cost_usd", sa.Double()),
+    sa.Column("billed_wasted_cost_usd", sa.Double()),
+)
+"""One time bucket and model of a ``costwatch reconcile`` run: Anthropic's figures beside the
+store's (migration 0010). Reconciling the bucket again replaces the row."""
 
+RETENTION = sa.Table(
+    "costwatch_retention",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("pruned_before", UtcDateTime(), nullable=False),
+    sa.Column("pruned_at", UtcDateTime(), nullable=False),
+)
+"""The cutoff of the latest prune (migration 0013): one row, ``id`` 1.
 
-RECONCILIATIONS = cast(sa.Table, Reconciliation.__table__)
-"""The reconciliations table, for Core statements."""
-
-
-class Retention(Base):
-    """The cutoff of the latest prune (migration 0013): one row, ``id`` 1.
-
-    Attempts that started before ``pruned_before`` may have been stored and pruned, so the writer
-    does not store a record that started before it again (its rollups would count it twice): it
-    keeps it with the refused records instead.
-    """
-
-    __tablename__ = "costwatch_retention"
-
-    id: Mapped[int] = mapped_column(sa.Integer(), primary_key=True, autoincrement=False)
-    pruned_before: Mapped[datetime] = mapped_column(UtcDateTime())
-    pruned_at: Mapped[datetime] = mapped_column(UtcDateTime())
-
-
-RETENTION = cast(sa.Table, Retention.__table__)
-"""The retention cutoff table, for Core statements."""
+Attempts that started before ``pruned_before`` may have been stored and pruned, so the writer
+does not store a record that started before it again (its rollups would count it twice): it
+keeps it with the refused records instead.
+"""

@@ -111,9 +111,15 @@ class _BulkStatement:
     stage: _Stage | None = None
     """PostgreSQL: where the rows are copied first."""
 
-    def run(self, connection: sa.Connection, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
+    def run(
+        self,
+        connection: sa.Connection,
+        rows: Sequence[tuple[Any, ...]],
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[Any]:
         """Insert ``rows`` (tuples in the order of the statement's columns); returns the first value
-        of each row the statement returns (``RETURNING``), else nothing."""
+        of each row the statement returns (``RETURNING``), else nothing. On PostgreSQL,
+        ``meanwhile`` is called while the server runs the insert; elsewhere, after it."""
         if any(self.convert):
             columns = [
                 values if convert is None else tuple(map(convert, values))
@@ -122,8 +128,10 @@ class _BulkStatement:
             rows = list(zip(*columns, strict=True))
         if self.stage is None:
             result = connection.exec_driver_sql(self.sql, rows)
+            if meanwhile is not None:
+                meanwhile()
             return list(result.scalars()) if result.returns_rows else []
-        return self.stage.insert(connection, self.sql, rows)
+        return self.stage.insert(connection, self.sql, rows, meanwhile)
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,13 @@ class _Stage:
     types: tuple[str, ...]
     """The PostgreSQL type of each copied column, for the binary format."""
 
-    def insert(self, connection: sa.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
+    def insert(
+        self,
+        connection: sa.Connection,
+        sql: str,
+        rows: Sequence[tuple[Any, ...]],
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[Any]:
         driver: Any = connection.connection.driver_connection
         dbapi_error = connection.dialect.loaded_dbapi.Error
         try:
@@ -147,11 +161,28 @@ class _Stage:
                     copy.set_types(self.types)
                     for position, row in enumerate(rows):
                         copy.write_row((*row, position))
-                cursor.execute(sql)
+                if meanwhile is not None and _pipelines_work():
+                    # Sent without waiting for it (pipeline mode): the writer's Python and the
+                    # server's insert run at once. Leaving the block waits for the results.
+                    with driver.pipeline():
+                        cursor.execute(sql)
+                        meanwhile()
+                else:
+                    cursor.execute(sql)
+                    if meanwhile is not None:
+                        meanwhile()
                 return [row[0] for row in cursor.fetchall()] if cursor.description else []
         except dbapi_error as exc:
             # As SQLAlchemy wraps what the driver raises, so a refused value is told from an outage.
             raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi_error, dialect=connection.dialect) from exc
+
+
+@functools.cache
+def _pipelines_work() -> bool:
+    """Whether psycopg's pipeline mode is there (it needs libpq 14 or later)."""
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())
 
 
 _STAGE_POSITION = "costwatch_position"
@@ -454,14 +485,17 @@ def _sqlite_lookups(connection: sa.Connection) -> _SqliteLookups:
 
 # -- the steps of a batch --------------------------------------------------------------------------
 def _insert_new(
-    connection: sa.Connection, records: Sequence[AttemptRecord]
+    connection: sa.Connection, records: Sequence[AttemptRecord], meanwhile: Callable[[], None] | None = None
 ) -> tuple[list[AttemptRecord], list[AttemptRecord]]:
-    """Insert the attempts not stored yet; returns (those inserted, stored revisions of the others)."""
+    """Insert the attempts not stored yet; returns (those inserted, stored revisions of the others).
+
+    ``meanwhile`` is called once the rows are sent (on PostgreSQL, while the server inserts them).
+    """
     statement = _statements_for(connection.dialect).insert_attempts
     if connection.dialect.name == "postgresql":
         # Insert-or-ignore says which rows were new (RETURNING); then lock and read the others.
         rows = [attempt_values(record) for record in records]
-        new_ids = set(statement.run(connection, rows))
+        new_ids = set(statement.run(connection, rows, meanwhile))
         others = [record for record in records if record.attempt_id not in new_ids]
         stored: list[AttemptRecord] = []
         if others:
@@ -480,6 +514,8 @@ def _insert_new(
     new = [record for record in records if record.attempt_id not in stored_ids]
     if new:
         statement.run(connection, [attempt_values(record) for record in new])
+    if meanwhile is not None:
+        meanwhile()
     return new, stored
 
 
@@ -753,10 +789,17 @@ def write_batch(
         if not batch:
             return BatchResult(before_cutoff=len(too_old))
     _lock_requests(connection, batch)
-    inserted, stored = _insert_new(connection, batch)
+    # The usual batch is all new attempts, nothing reclassified: its rollup deltas are summed while
+    # the server inserts it (they are then the very sums computed below), and used if so.
+    every_new: list[list[tuple[Any, ...]]] = []
+    inserted, stored = _insert_new(connection, batch, lambda: every_new.append(rollup_delta_rows(batch)))
     revised, replaced = _apply_revisions(connection, batch, stored)
     retried, abandoned = _reclassify_retried(connection, [*inserted, *revised], retry_window)
-    _apply_rollups(connection, rollup_delta_rows([*inserted, *revised, *retried], [*replaced, *abandoned]))
+    if len(inserted) == len(batch) and not retried:
+        deltas = every_new[0]
+    else:
+        deltas = rollup_delta_rows([*inserted, *revised, *retried], [*replaced, *abandoned])
+    _apply_rollups(connection, deltas)
     return BatchResult(
         inserted=len(inserted), revised=len(revised), reclassified=len(retried), before_cutoff=len(too_old)
     )
