@@ -28,7 +28,7 @@ from .avoidable import avoidable_for_request
 from .health import instrumentation_errors
 from .platforms import PLATFORMS
 from .pricing import PriceTable, load_prices
-from .records import AttemptRecord, Outcome, TokenType, WasteReason
+from .records import AttemptRecord, Outcome, OutputSource, TokenType, WasteReason
 from .settings import default_of, load_settings
 
 if TYPE_CHECKING:
@@ -489,6 +489,32 @@ class _MultiprocessHealth:
         self._last = reading
 
 
+@dataclass(slots=True)
+class _AttemptSums:
+    """What attempts counted under the same labels add up to."""
+
+    attempts: int = 0
+    tokens: dict[TokenType, int] = field(default_factory=lambda: dict.fromkeys(TokenType, 0))
+    cost_usd: float = 0.0
+    estimated_output_tokens: int = 0
+    durations: list[float] = field(default_factory=list)
+
+    def add(self, record: AttemptRecord) -> None:
+        """Add one attempt."""
+        self.attempts += 1
+        usage = record.usage
+        tokens = self.tokens
+        tokens[TokenType.INPUT] += usage.input_tokens
+        tokens[TokenType.OUTPUT] += usage.output_tokens
+        tokens[TokenType.CACHE_READ] += usage.cache_read_tokens
+        tokens[TokenType.CACHE_WRITE] += usage.cache_write_tokens
+        if record.cost is not None:
+            self.cost_usd += record.cost.total_usd
+        if usage.output_estimated:
+            self.estimated_output_tokens += usage.estimated_output_tokens
+        self.durations.append(record.duration_s)
+
+
 class MetricsSink:
     """A :class:`~costwatch.sinks.Sink` that counts attempts, billed and wasted tokens and cost in Prometheus.
 
@@ -615,8 +641,7 @@ class MetricsSink:
     # -- internals ---------------------------------------------------------------------------------
     def _apply(self, settlement: Settlement) -> None:
         """Count what ``settlement`` made countable: each counter series once, by the batch's sum for it."""
-        for record in settlement.new_attempts:
-            self._count_attempt(record)
+        self._count_attempts(settlement.new_attempts)
         for waste in settlement.waste:
             self._count_waste(waste.record, waste.reason)
         for correction in settlement.corrections:
@@ -628,33 +653,49 @@ class MetricsSink:
             self._series(self.attempts_per_request, model).observe(request.last.attempt_number)
         self._add_up()
 
-    def _count_attempt(self, record: AttemptRecord) -> None:
-        model = self._model(record.model_name)
-        workflow = self._workflow(record.workflow)
-        outcome = record.outcome.value
-        self._add(self.attempts, (model, outcome, record.error_label), 1)
-        platform = platform_label(record.platform)
-        self._add(self.platform_attempts, (platform, outcome), 1)
-        for token_type, tokens in record.usage.by_type().items():
-            self._add(self.billed_tokens, (model, token_type.value), tokens)
-            self._add(self.platform_billed_tokens, (platform, token_type.value), tokens)
-        cost = record.cost.total_usd if record.cost is not None else 0.0
-        self._add(self.billed_cost, (model, workflow), cost)
-        self._add(self.platform_billed_cost, (platform,), cost)
-        if record.cost is None:
-            self._add(self.unpriced_attempts, (model,), 1)
-            self._add(self.platform_unpriced_attempts, (platform,), 1)
-        usage = record.usage
-        self._add(
-            self.estimated_output_tokens,
-            (model,),
-            usage.estimated_output_tokens if usage.output_estimated else 0,
-        )
-        if usage.output_tokens:
-            self._add(self.output_tokens, (model, record.output_source.value), usage.output_tokens)
-        self._series(self.attempt_duration, model, outcome).observe(record.duration_s)
-        if record.outcome is Outcome.DROPPED:
-            self._series(self.time_to_drop, model).observe(record.duration_s)
+    def _count_attempts(self, records: Sequence[AttemptRecord]) -> None:
+        """Count attempts seen for the first time, summed first by the labels they count under (the
+        records of a batch of similar calls fall into a few groups)."""
+        groups: dict[tuple[str, str, str, Outcome, str, OutputSource, bool], _AttemptSums] = {}
+        for record in records:
+            key = (
+                record.model_name,
+                record.workflow,
+                record.platform,
+                record.outcome,
+                record.error_label,
+                record.output_source,
+                record.cost is None,
+            )
+            sums = groups.get(key)
+            if sums is None:
+                sums = groups[key] = _AttemptSums()
+            sums.add(record)
+        for key, sums in groups.items():
+            model_name, workflow_name, platform_name, outcome, error_label, source, unpriced = key
+            model = self._model(model_name)
+            workflow = self._workflow(workflow_name)
+            platform = platform_label(platform_name)
+            self._add(self.attempts, (model, outcome.value, error_label), sums.attempts)
+            self._add(self.platform_attempts, (platform, outcome.value), sums.attempts)
+            for token_type, tokens in sums.tokens.items():
+                self._add(self.billed_tokens, (model, token_type.value), tokens)
+                self._add(self.platform_billed_tokens, (platform, token_type.value), tokens)
+            self._add(self.billed_cost, (model, workflow), sums.cost_usd)
+            self._add(self.platform_billed_cost, (platform,), sums.cost_usd)
+            if unpriced:
+                self._add(self.unpriced_attempts, (model,), sums.attempts)
+                self._add(self.platform_unpriced_attempts, (platform,), sums.attempts)
+            self._add(self.estimated_output_tokens, (model,), sums.estimated_output_tokens)
+            if sums.tokens[TokenType.OUTPUT]:
+                self._add(self.output_tokens, (model, source.value), sums.tokens[TokenType.OUTPUT])
+            durations = self._series(self.attempt_duration, model, outcome.value)
+            for duration in sums.durations:
+                durations.observe(duration)
+            if outcome is Outcome.DROPPED:
+                drops = self._series(self.time_to_drop, model)
+                for duration in sums.durations:
+                    drops.observe(duration)
 
     def _count_waste(self, record: AttemptRecord, reason: WasteReason) -> None:
         model = self._model(record.model_name)
