@@ -253,8 +253,9 @@ class Accountant:
                 # step and a stored row: sampled as streams are (a stream read in full was sampled).
                 and (attempt.stream or self.estimator.wants_sample(model))
             ):
-                self.estimator.observe(model, meter.chars, reported.output_tokens)
-                output_chars = _counted(meter.chars)  # a calibration sample for the fleet
+                # A sample too small to calibrate on (that observe() does not count) is worth no row.
+                if self.estimator.observe(model, meter.chars, reported.output_tokens):
+                    output_chars = _counted(meter.chars)  # a calibration sample for the fleet
             if billed_input and (meter.message_id is not None or meter.output_reported):
                 usage = Usage(
                     input_tokens=reported.input_tokens,
