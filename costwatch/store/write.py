@@ -493,6 +493,7 @@ def prepare_statements(connection: sa.Connection) -> None:
     """
     _statements_for(connection.dialect)
     prepare_retried_statements(connection)
+    cutoff_for_writing(connection)
     if connection.dialect.name == "sqlite":
         lookups, nothing = _sqlite_lookups(connection), _listed([])
         connection.execute(lookups.stored, {"ids": nothing})
