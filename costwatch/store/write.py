@@ -493,8 +493,8 @@ def prepare_statements(connection: sa.Connection) -> None:
     """
     _statements_for(connection.dialect)
     prepare_retried_statements(connection)
-    cutoff_for_writing(connection)
-    if connection.dialect.name == "sqlite":
+    if connection.dialect.name == "sqlite":  # (on PostgreSQL the cutoff's read would wait for a prune)
+        cutoff_for_writing(connection)
         lookups, nothing = _sqlite_lookups(connection), _listed([])
         connection.execute(lookups.stored, {"ids": nothing})
         abandoned = {"request_ids": nothing, "fingerprints": nothing, "since": datetime.now(timezone.utc)}
