@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -410,7 +410,14 @@ class SqlStore:
                 self._engine = None
 
     # -- retention ---------------------------------------------------------------------------
-    def prune_before(self, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
+    def prune_before(
+        self,
+        moment: datetime,
+        *,
+        batch: int = PRUNE_BATCH,
+        lock_wait_s: float | None = None,
+        on_wait: Callable[[float], object] | None = None,
+    ) -> int:
         """Remove raw attempt rows that started before ``moment``; rollups are kept. Returns the count.
 
         PostgreSQL detaches the day partitions wholly before ``moment`` (their disk space comes back
@@ -418,9 +425,12 @@ class SqlStore:
         ``batch`` rows, so writers beside it wait for one short transaction at a time (on SQLite,
         the write lock), never for the whole prune. Idempotent: a second call removes nothing. From
         then on the store keeps records that started before ``moment`` out of the attempts and the
-        rollups (see ``costwatch.store.retention``).
+        rollups (see ``costwatch.store.retention``). While other sessions hold the attempts table (a
+        long read), the detach is tried again, holding writers at most 0.1 s a try, for up to
+        ``lock_wait_s`` (default ``retention.PRUNE_LOCK_WAIT_S``, 5 min); then ``PruneLockTimeout``
+        with nothing pruned (``on_wait`` is told at the first such try).
         """
-        return prune_before(self.engine, moment, batch=batch)
+        return prune_before(self.engine, moment, batch=batch, lock_wait_s=lock_wait_s, on_wait=on_wait)
 
     def drop_pruned(self) -> int:
         """Drop the day partitions that prunes detached, giving their disk space back (PostgreSQL;
