@@ -139,7 +139,8 @@ def measure_create_instructions(
 def _table(results: dict[str, dict[str, int]], creates: int) -> str:
     base = results.get("none")
     lines = [
-        "| variant | creates phase, a create | flush phase, a create | all in, a create | beyond the SDK alone |",
+        "| variant | creates phase, a create | flush phase, a create | all in, a create "
+        "| beyond the SDK alone |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for variant, phases in results.items():
