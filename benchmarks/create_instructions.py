@@ -21,6 +21,7 @@ given several times (``none``, ``costwatch``, ``costwatch, no sinks``: the calle
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -68,6 +69,7 @@ def _child(variant: str, url: str, warmup: int, creates: int) -> None:
     for i in range(warmup):
         call(i)
     flush()
+    collections = [generation["collections"] for generation in gc.get_stats()]
     _callgrind("-i", "on")
     for i in range(creates):
         call(warmup + i)
@@ -75,6 +77,10 @@ def _child(variant: str, url: str, warmup: int, creates: int) -> None:
     flush()
     _callgrind("-d", "flush")
     _callgrind("-i", "off")
+    # A full collection costs tens of millions of instructions: whether one fell in the counted
+    # calls moves a create's figure by ~100k (see the README), so each run says how many did.
+    after = [generation["collections"] for generation in gc.get_stats()]
+    print(json.dumps({"gc": [b - a for a, b in zip(collections, after, strict=True)]}))
 
 
 def _totals(directory: Path, stem: str) -> dict[str, int]:
@@ -113,7 +119,7 @@ def measure_create_instructions(
             stem = "callgrind." + variant.replace(",", "").replace(" ", "-")
             for old in out.glob(f"{stem}.*"):
                 old.unlink()
-            subprocess.run(
+            completed = subprocess.run(
                 [
                     "valgrind",
                     "--tool=callgrind",
@@ -133,6 +139,8 @@ def measure_create_instructions(
                 capture_output=True,
             )
             results[variant] = _totals(out, stem)
+            gcs = json.loads(completed.stdout.strip().splitlines()[-1])["gc"]
+            results[variant].update({f"gc{generation}": count for generation, count in enumerate(gcs)})
     return results
 
 
@@ -140,16 +148,17 @@ def _table(results: dict[str, dict[str, int]], creates: int) -> str:
     base = results.get("none")
     lines = [
         "| variant | creates phase, a create | flush phase, a create | all in, a create "
-        "| beyond the SDK alone |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| beyond the SDK alone | collections (gen 0/1/2) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for variant, phases in results.items():
         per = {phase: phases.get(phase, 0) / creates for phase in _PHASES}
         total = sum(per.values())
-        beyond = "" if base is None else f"{(total - sum(base.values()) / creates) / 1000:,.0f} k"
+        beyond = "" if base is None else f"{(total - sum(base[p] for p in _PHASES) / creates) / 1000:,.0f} k"
+        collections = "/".join(str(phases.get(f"gc{generation}", "?")) for generation in range(3))
         lines.append(
             f"| {variant} | {per['creates'] / 1000:,.0f} k | {per['flush'] / 1000:,.0f} k "
-            f"| {total / 1000:,.0f} k | {beyond} |"
+            f"| {total / 1000:,.0f} k | {beyond} | {collections} |"
         )
     return "\n".join(lines)
 
