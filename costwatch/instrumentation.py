@@ -531,7 +531,7 @@ def instrument(
             pipeline.capacity = config.queue_capacity
             pipeline.batch_size = config.batch_size
             pipeline.interval_s = config.flush_interval_s
-        added = list(sinks) if sinks is not None else _default_sinks(config, pipeline)
+        added = list(sinks) if sinks is not None else _default_sinks(config, pipeline, price_table)
         accountant = Accountant(
             pipeline=pipeline,
             prices=price_table,
@@ -613,7 +613,7 @@ def _drain_counter(timeout: float) -> None:
         hooks.accountant.counter.drain(timeout)
 
 
-def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
+def _default_sinks(config: Any, pipeline: Pipeline, prices: PriceTable) -> list[Sink]:
     sinks: list[Sink] = []
     if config.store:
         from .store import SqlStore  # SQLAlchemy is imported only when the store is used
@@ -629,7 +629,7 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
             )
         sinks.append(store)
     if config.metrics:
-        sinks.append(_process_metrics_sink(config, pipeline))
+        sinks.append(_process_metrics_sink(config, pipeline, prices))
     return sinks
 
 
@@ -667,9 +667,11 @@ def _fleet_calibration(
 _metrics_sink: Sink | None = None
 
 
-def _process_metrics_sink(config: Any, pipeline: Pipeline) -> Sink:
+def _process_metrics_sink(config: Any, pipeline: Pipeline, prices: PriceTable) -> Sink:
     # prometheus_client's default registry accepts each metric name once per process, so the sink
-    # registered there outlives uninstrument() and serves every later instrument() call.
+    # registered there outlives uninstrument() and serves every later instrument() call. It prices
+    # avoidable waste with the first call's table, given here rather than loaded at its first batch,
+    # on the writer thread beside the application.
     global _metrics_sink
     if _metrics_sink is None:
         from .metrics import MetricsSink
@@ -680,6 +682,7 @@ def _process_metrics_sink(config: Any, pipeline: Pipeline) -> Sink:
             workflow_label_limit=config.workflow_label_limit,
             model_label_limit=config.model_label_limit,
             otlp=_otlp_metrics(config),
+            prices=prices,
         )
     return _metrics_sink
 

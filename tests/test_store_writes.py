@@ -20,6 +20,14 @@ from costwatch.store.partitions import is_attempt_partition
 from costwatch.store.rows import attempt_row, record_from_row, rollup_delta_rows, rollup_key, rollup_measures
 from costwatch.store.schema import ATTEMPTS, ROLLUPS
 
+
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests are of what
+    a store does, not of how it is created."""
+    return new_store_url
+
+
 T0 = datetime(2025, 3, 1, 10, 15, tzinfo=timezone.utc)
 
 

@@ -38,7 +38,7 @@ from ..records import AttemptRecord, WasteReason
 from .all_time import ALL_TIME_COLUMNS, all_time_delta_rows
 from .rejected import insert_rejected, rejected_row
 from .retention import as_utc, cutoff_for_writing
-from .retried import update_retried_requests
+from .retried import prepare_retried_statements, update_retried_requests
 from .rows import (
     ATTEMPT_COLUMNS,
     attempt_row,
@@ -63,6 +63,7 @@ __all__ = [
     "BatchResult",
     "insert_calibration_samples",
     "latest_revisions",
+    "prepare_statements",
     "reconcile_calibration_samples",
     "write_batch",
 ]
@@ -526,6 +527,22 @@ def _sqlite_lookups(connection: sa.Connection) -> _SqliteLookups:
             abandoned=sa.select(ATTEMPTS).where(sa.or_(*matching)),
         )
     return found
+
+
+def prepare_statements(connection: sa.Connection) -> None:
+    """Build the statements a batch runs and have SQLAlchemy compile its lookups, looking up nothing.
+
+    Both are once per process: :meth:`costwatch.store.SqlStore.prepare` does them where
+    ``instrument()`` pays for them, not the writer's first batch, beside the application.
+    """
+    _statements_for(connection.dialect)
+    prepare_retried_statements(connection)
+    if connection.dialect.name == "sqlite":  # (on PostgreSQL the cutoff's read would wait for a prune)
+        cutoff_for_writing(connection)
+        lookups, nothing = _sqlite_lookups(connection), _listed([])
+        connection.execute(lookups.stored, {"ids": nothing})
+        abandoned = {"request_ids": nothing, "fingerprints": nothing, "since": datetime.now(timezone.utc)}
+        connection.execute(lookups.abandoned, abandoned)
 
 
 # -- the steps of a batch --------------------------------------------------------------------------
