@@ -252,8 +252,9 @@ class Accountant:
                 # A JSON body's characters come with its parse, but a sample still costs a calibration
                 # step and a stored row: sampled as streams are (a stream read in full was sampled).
                 and (attempt.stream or self.estimator.wants_sample(model))
+                # Calibrates; a sample too small to calibrate on (not counted) is worth no row either.
+                and self.estimator.observe(model, meter.chars, reported.output_tokens)
             ):
-                self.estimator.observe(model, meter.chars, reported.output_tokens)
                 output_chars = _counted(meter.chars)  # a calibration sample for the fleet
             if billed_input and (meter.message_id is not None or meter.output_reported):
                 usage = Usage(

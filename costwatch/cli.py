@@ -74,6 +74,7 @@ from .store.database import checked_database_url
 from .store.history import attempts_of_request, iter_attempts
 from .store.query import settled_before
 from .store.rejected import RejectedRecord
+from .store.retention import PruneLockTimeout
 
 __all__ = ["UserError", "build_parser", "main"]
 
@@ -805,9 +806,20 @@ def _prune(url: URL, older_than: str, out: Console) -> int:
     except OverflowError:
         raise UserError(f"--older-than {older_than} reaches before the year 1; nothing is that old") from None
     store = _migrated_store(url, "nothing to prune there; pass the database to prune as --db")
+
+    def waiting(lock_wait_s: float) -> None:
+        out.print(
+            "other sessions hold the attempts table (a long read, such as a report): trying again for up "
+            f"to {lock_wait_s / 60:.0f} min, each try holding writers at most 0.1 s",
+            highlight=False,
+        )
+
     try:
         with _database_errors(url):
-            removed = store.prune_before(cutoff)
+            try:
+                removed = store.prune_before(cutoff, on_wait=waiting)
+            except PruneLockTimeout as exc:
+                raise UserError(f"{exc}; run `costwatch db prune` again once those reads are done") from None
             out.print(
                 f"pruned {removed:,} attempt rows older than {older_than} from {safe_url(url)}; rollups "
                 "and retried-request summaries kept",

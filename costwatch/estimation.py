@@ -137,7 +137,9 @@ class OutputEstimator:
 
     Measuring the characters of a completed stream costs far more than passing it on, so calibration
     samples completed attempts: :meth:`wants_sample` says yes to every one of a model until its factor
-    has ``1/alpha`` samples, then to one in ``sample_every``.
+    has ``1/alpha`` samples, or until ``1/alpha`` samples in a row were too small to count (a model
+    whose answers are all short: sampled again in full from its next one that counts), then to one in
+    ``sample_every``.
     """
 
     def __init__(
@@ -183,6 +185,9 @@ class OutputEstimator:
         """Once a model is calibrated, one completed attempt in this many is measured to calibrate on."""
         self._models: dict[str, _Factor] = {}
         self._offered: dict[str, int] = {}
+        self._uncounted: dict[str, int] = {}
+        """Per model, the samples :meth:`observe` could not count (too small, no output reported) since
+        the last it could."""
         self._types: dict[tuple[str, str], _Factor] = {}
         self._changes = 0
         self._lock = threading.Lock()
@@ -252,30 +257,42 @@ class OutputEstimator:
         """Whether to measure the characters of the next completed attempt of ``model`` (to observe)."""
         with self._lock:
             factor = self._models.get(model)
-            if factor is None or factor.samples * self.alpha < 1:
+            samples = factor.samples if factor is not None else 0
+            # The first phase ends after 1/alpha samples counted, or 1/alpha in a row that could not be:
+            # a model whose answers are all short is then sampled at the settled rate, not on every
+            # attempt for ever; the first long answer that rate finds starts the first phase again.
+            if samples * self.alpha < 1 and self._uncounted.get(model, 0) * self.alpha < 1:
                 return True
             offered = self._offered.get(model, 0) + 1
             self._offered[model] = offered % self.sample_every
             return offered == self.sample_every
 
-    def observe(self, model: str, chars: Mapping[str, int], output_tokens: int) -> None:
-        """Calibrate on a completed attempt of ``model`` whose exact ``output_tokens`` are known.
+    def observe(self, model: str, chars: Mapping[str, int], output_tokens: int) -> bool:
+        """Calibrate on a completed attempt of ``model`` whose exact ``output_tokens`` are known; whether
+        it counted (an attempt predicted under ``min_observed_tokens``, or reporting no output, does not:
+        it is worth no stored sample either).
 
         Empty ``chars`` (an attempt whose characters were not measured) calibrate nothing.
         """
         predicted = self._predict(model, chars)
+        if not predicted:
+            return False
         total = sum(predicted.values())
-        if total <= 0 or total < self.min_observed_tokens or output_tokens <= 0:
-            return
+        if total < self.min_observed_tokens or output_tokens <= 0:
+            with self._lock:
+                self._uncounted[model] = self._uncounted.get(model, 0) + 1
+            return False
         dominant = max(predicted, key=predicted.__getitem__)
         log_ratio = math.log(output_tokens / total)
         pool = _pool_of(model)
         with self._lock:
             self._changes += 1
+            self._uncounted.pop(model, None)  # sampled in full again until its factor settles
             for key in (model, pool):
                 self._update(self._models, key, log_ratio)
                 if predicted[dominant] >= self.dominant_share * total:
                     self._update(self._types, (key, dominant), log_ratio)
+        return True
 
     def _update(self, factors: dict[_Key, _Factor], key: _Key, log_ratio: float) -> None:
         """Feed ``log_ratio`` to the factor under ``key``, created at first use."""

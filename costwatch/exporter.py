@@ -46,9 +46,11 @@ from .store import RollupTotals, SqlStore, safe_url
 from .store.database import READ_ONLY_OPTION
 from .store.database import database_url as store_database_url
 from .store.query import capped_all_time_with_recent_query, kept_labels_query, settled_before
+from .store.retention import PruneLockTimeout
 from .store.schema import ALL_TIME_DIMENSIONS, RECONCILIATIONS, REJECTED_ATTEMPTS, ROLLUP_MEASURES
 
 __all__ = [
+    "PRUNE_AGAIN_S",
     "PRUNE_EVERY_S",
     "RECONCILED_WINDOW",
     "SCRAPE_CACHE_S",
@@ -885,6 +887,10 @@ PRUNE_EVERY_S = 3600.0
 """How often ``serve`` prunes raw attempt rows older than its ``retention`` (and, on PostgreSQL,
 creates the attempts table's day partitions ahead)."""
 
+PRUNE_AGAIN_S = 600.0
+"""How soon ``serve`` prunes again after a prune that found the attempts table held by long reads for
+its whole lock wait (``PruneLockTimeout``)."""
+
 
 def _maintain_periodically(
     database_url: str | None, retention: timedelta | None, stop: threading.Event
@@ -894,6 +900,7 @@ def _maintain_periodically(
     try:
         while True:
             store.ensure_partitions()  # logs its own failure; rows meanwhile land in the DEFAULT partition
+            wait = PRUNE_EVERY_S
             try:
                 if retention is not None:
                     removed = store.prune_before(datetime.now(timezone.utc) - retention)
@@ -901,13 +908,17 @@ def _maintain_periodically(
                 # Also what a prune that stopped, or another process's, detached and left.
                 store.drop_pruned()
                 failing = False
+            except PruneLockTimeout as exc:
+                # Not an outage: the reads that held the table will end; try again well before the hour.
+                log.warning("costwatch exporter: %s; trying again in %.0f min", exc, PRUNE_AGAIN_S / 60)
+                wait = PRUNE_AGAIN_S
             except Exception as exc:
                 if not failing:  # once per outage
                     log.warning(
                         "costwatch exporter: pruning failed (%s); retrying in an hour", type(exc).__name__
                     )
                 failing = True
-            if stop.wait(PRUNE_EVERY_S):
+            if stop.wait(wait):
                 return
     finally:
         store.shutdown()

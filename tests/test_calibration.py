@@ -6,6 +6,7 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from conftest import read_stream_through_a_cut
 
 import costwatch
@@ -19,15 +20,25 @@ from costwatch.spool import Spool
 from costwatch.store import SqlStore
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 
+
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests are of what
+    a store does, not of how it is created."""
+    return new_store_url
+
+
 MODEL = "claude-haiku-4-5"
 SPEC = ResponseSpec.small(600)
 
 
-def run_process(store_url: str, tmp_path: Path, work) -> None:
+def run_process(store_url: str, tmp_path: Path, work, estimator: OutputEstimator | None = None) -> None:
     """One "process": costwatch instrumented over the store, ``work`` run, records flushed, uninstrumented."""
     store = SqlStore(store_url)
     pipeline = Pipeline(spool=Spool(tmp_path / f"spool-{id(work)}"))
-    assert costwatch.instrument(pipeline=pipeline, sinks=[store], listeners=[], prices=load_prices())
+    assert costwatch.instrument(
+        pipeline=pipeline, sinks=[store], listeners=[], prices=load_prices(), estimator=estimator
+    )
     try:
         work()
         assert costwatch.flush(20)
@@ -42,7 +53,18 @@ def stream(server: FakeAnthropicServer, i: int) -> None:
 
 def test_a_new_process_estimates_a_drop_with_the_calibration_earlier_processes_stored(store_url, tmp_path):
     with FakeAnthropicServer(SPEC) as server:
-        run_process(store_url, tmp_path / "a", lambda: [stream(server, i) for i in range(3)])
+
+        def short_answers_then_long_ones() -> None:
+            # Answers too short to calibrate on store no sample and, once 1/alpha of them were seen,
+            # are measured only at the settled rate; a long answer found then is sampled and stored.
+            server.spec = ResponseSpec.small(4)
+            for i in range(11):
+                stream(server, 100 + i)
+            server.spec = SPEC
+            for i in range(3):
+                stream(server, i)
+
+        run_process(store_url, tmp_path / "a", short_answers_then_long_ones, OutputEstimator(sample_every=2))
 
         def cut() -> None:
             server.enqueue(Fault.cut_after_deltas(150))

@@ -202,6 +202,21 @@ def test_every_completed_attempt_is_sampled_until_the_first_phase_then_one_in_sa
     assert estimator.wants_sample("claude-opus-4-6")  # another model starts its own first phase
 
 
+def test_a_model_whose_answers_are_too_small_to_count_backs_off_and_still_calibrates_on_a_long_one() -> None:
+    estimator = OutputEstimator(alpha=0.1, sample_every=4)
+    for _ in range(10):  # 1/alpha samples that observe() cannot count
+        assert estimator.wants_sample(LEGACY_MODEL)
+        assert not estimator.observe(LEGACY_MODEL, {"text": 35}, 10)  # predicted 10 tokens: too small
+    sampled = [estimator.wants_sample(LEGACY_MODEL) for _ in range(8)]
+    assert sampled == [False, False, False, True] * 2  # the settled rate, not every attempt for ever
+    assert estimator.observe(LEGACY_MODEL, {"text": 3500}, 2000)  # a long answer, found at that rate
+    assert estimator.estimate(LEGACY_MODEL, {"text": 3500}) > 1500
+    for _ in range(9):  # a model that now answers at length is sampled in full until calibrated
+        assert estimator.wants_sample(LEGACY_MODEL)
+        assert estimator.observe(LEGACY_MODEL, {"text": 3500}, 2000)
+    assert [estimator.wants_sample(LEGACY_MODEL) for _ in range(4)] == [False, False, False, True]
+
+
 def test_sample_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="sample_every"):
         OutputEstimator(sample_every=0)

@@ -291,6 +291,55 @@ def test_a_prune_waits_for_a_writer_that_read_the_old_cutoff(postgres_store: Sql
     assert postgres_store.attempt_count() == 0  # what it stored meanwhile was pruned too
 
 
+def _detach_waits(store: SqlStore) -> bool:
+    """Whether a session waits for the attempts table's exclusive lock (a prune's detach)."""
+    with store.engine.connect() as connection:
+        return bool(
+            connection.exec_driver_sql(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock' "
+                "AND relation = to_regclass('costwatch_attempts')"
+            ).scalar()
+        )
+
+
+@pytest.mark.postgres
+def test_a_prune_that_finds_the_table_held_by_a_long_read_lets_writers_by_and_prunes_when_it_ends(
+    postgres_store: SqlStore, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A waiting detach queues every writer behind it: each try waits a moment, then lets them by."""
+    make_days(postgres_store, -100, 0)
+    postgres_store.export([on_day(n, -99) for n in range(3)])
+    url = postgres_store.engine.url.render_as_string(hide_password=False)
+    outcome: list[object] = []
+
+    def prune() -> None:
+        try:
+            outcome.append(postgres_store.prune_before(TODAY - timedelta(days=90)))
+        except Exception as exc:  # what the test reports
+            outcome.append(exc)
+
+    with postgres_store.engine.connect() as report:  # a long report: holds the table until it ends
+        report.exec_driver_sql("SELECT count(*) FROM costwatch_attempts").scalar()
+        monkeypatch.setattr("costwatch.store.retention.PRUNE_LOCK_WAIT_S", 0.5)
+        assert main(["db", "prune", "--older-than", "90d", "--db", url]) == 2
+        captured = capsys.readouterr()
+        assert "other sessions hold the attempts table" in captured.out
+        assert "nothing was pruned; run `costwatch db prune` again" in " ".join(captured.err.split())
+        assert postgres_store.attempt_count() == 3  # nor was the cutoff raised
+        monkeypatch.undo()
+
+        pruning = threading.Thread(target=prune)
+        pruning.start()
+        while not _detach_waits(postgres_store) and pruning.is_alive():
+            time.sleep(0.005)
+        postgres_store.export([on_day(n, 0) for n in range(10, 13)])  # a writer gets by
+        assert pruning.is_alive() and not outcome, outcome  # still trying
+        report.rollback()
+    pruning.join(30)
+    assert outcome == [3]
+    assert postgres_store.attempt_count() == 3  # the writer's, of today
+
+
 # -- the upgrade from an unpartitioned table --------------------------------------------------------
 @pytest.mark.postgres
 def test_migration_0013_partitions_an_existing_table_keeping_every_row_and_downgrades(

@@ -28,6 +28,7 @@ from .schema import ROLLUPS
 __all__ = [
     "DAYS_AHEAD",
     "DEFAULT_PARTITION",
+    "DETACH_LOCK_TIMEOUT_MS",
     "DayPartition",
     "day_partitions",
     "detach_day_partitions",
@@ -36,6 +37,7 @@ __all__ = [
     "ensure_day_partitions",
     "is_attempt_partition",
     "is_partitioned",
+    "lock_for_detach",
     "partition_name",
     "rows_of_days",
     "rows_of_detached",
@@ -48,8 +50,14 @@ DEFAULT_PARTITION = "costwatch_attempts_default"
 """The partition for rows no day partition covers (a clock far off, a day not created yet)."""
 
 LOCK_TIMEOUT_MS = 5_000
-"""How long creating or dropping a partition waits for the table's writers before giving up (and
-trying again later): meanwhile new writers queue behind it."""
+"""How long creating a partition waits for the table's writers before giving up (and trying again
+later): meanwhile new writers queue behind it."""
+
+DETACH_LOCK_TIMEOUT_MS = 100
+"""How long one try of a prune's detach waits for its locks (the attempts table's exclusive lock
+among them) before it gives up, to try again a little later: writers queue behind a waiting
+exclusive request, so this is the longest a reader holding the table (a long ``report``) can make
+them wait for a prune."""
 
 _PARENT = "costwatch_attempts"
 _NAME = re.compile(r"^costwatch_attempts_(p(\d{8})|default)$")
@@ -158,6 +166,18 @@ def ensure_day_partitions(connection: sa.Connection, first: date, last: date) ->
     return created
 
 
+def lock_for_detach(connection: sa.Connection) -> None:
+    """Take the locks :func:`detach_day_partitions` needs, inside the caller's transaction, each
+    waited for at most :data:`DETACH_LOCK_TIMEOUT_MS`: past that the statement fails with
+    ``lock_not_available`` (SQLSTATE 55P03), the transaction is rolled back and the writers queued
+    behind the request go on."""
+    connection.exec_driver_sql(f"SET LOCAL lock_timeout = {DETACH_LOCK_TIMEOUT_MS}")
+    connection.exec_driver_sql(_LOCK_SQL)
+    # The parent alone: the partitions' locks come with the detach, which a reader holding the
+    # parent would block anyway.
+    connection.exec_driver_sql(f"LOCK TABLE ONLY {_PARENT} IN ACCESS EXCLUSIVE MODE")
+
+
 def detach_day_partitions(
     connection: sa.Connection, partitions: Sequence[DayPartition]
 ) -> list[DayPartition]:
@@ -168,10 +188,10 @@ def detach_day_partitions(
     Detaching changes the catalog only, so the table's exclusive lock, which it takes (and holds until
     the caller commits), is held for milliseconds: writers wait that long, not for the files to be
     removed, which happens apart, under no lock on the table. ``DETACH ... CONCURRENTLY`` would not
-    block writers at all, but PostgreSQL refuses it on a table with a DEFAULT partition.
+    block writers at all, but PostgreSQL refuses it on a table with a DEFAULT partition. Each lock is
+    waited for at most :data:`DETACH_LOCK_TIMEOUT_MS` (:func:`lock_for_detach`).
     """
-    connection.exec_driver_sql(_LOCK_SQL)
-    connection.exec_driver_sql(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+    lock_for_detach(connection)
     present = set(day_partitions(connection))
     quote = connection.dialect.identifier_preparer.quote
     detached, statements = [], []

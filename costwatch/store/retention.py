@@ -14,10 +14,16 @@ cutoff out of the attempts table and the rollups, and in ``costwatch_rejected_at
 reason. On PostgreSQL, writers hold a shared advisory lock while they read the cutoff and write,
 and raising the cutoff takes it exclusively: a writer that read the old cutoff has committed before
 any row is removed. SQLite's write lock does the same.
+
+The detach waits a moment for the table's lock, never long: a waiting request for it holds every
+writer queued behind it, so a prune that finds the table held by a long read lets the writers by and
+tries again (:func:`prune_before`).
 """
 
 from __future__ import annotations
 
+import time as clock
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, time, timedelta, timezone
 
@@ -30,6 +36,7 @@ from .partitions import (
     detach_day_partitions,
     drop_detached_partitions,
     ensure_day_partitions,
+    lock_for_detach,
     rows_of_days,
     rows_of_detached,
 )
@@ -37,6 +44,8 @@ from .schema import ATTEMPTS, RETENTION
 
 __all__ = [
     "PRUNE_BATCH",
+    "PRUNE_LOCK_WAIT_S",
+    "PruneLockTimeout",
     "as_utc",
     "cutoff_for_writing",
     "drop_pruned",
@@ -47,6 +56,32 @@ __all__ = [
 
 PRUNE_BATCH = 10_000
 """Attempt rows a prune deletes per transaction (where it deletes rather than drops)."""
+
+PRUNE_LOCK_WAIT_S = 300.0
+"""How long a prune keeps trying to detach the expired days (PostgreSQL) while other sessions hold
+the attempts table (a long ``report``), before it gives up with :class:`PruneLockTimeout`."""
+
+_FIRST_PAUSE_S = 0.2
+_LONGEST_PAUSE_S = 5.0
+"""Between tries of the detach, a pause doubling from the first to the longest: writers queued behind
+a try go on during it, and a try waits at most ``DETACH_LOCK_TIMEOUT_MS`` (0.1 s)."""
+
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
+class PruneLockTimeout(Exception):
+    """A prune found the attempts table held by other sessions (long reads) at every try for its whole
+    lock wait: nothing was pruned, and the store's cutoff was not raised."""
+
+    def __init__(self, waited_s: float, tries: int) -> None:
+        super().__init__(
+            f"other sessions held the attempts table (a long read, such as a report) at each of {tries} "
+            f"tries over {waited_s:.0f} s; nothing was pruned"
+        )
+        self.waited_s = waited_s
+        """How long the prune kept trying."""
+        self.tries = tries
+        """How many times it tried."""
 
 _LOCK = "hashtext('costwatch.prune:' || current_schema())"
 
@@ -99,7 +134,14 @@ def ensure_partitions_ahead(engine: Engine, now: datetime | None = None) -> date
     return datetime.combine(today, datetime.min.time(), timezone.utc) + timedelta(days=DAYS_AHEAD // 2)
 
 
-def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
+def prune_before(
+    engine: Engine,
+    moment: datetime,
+    *,
+    batch: int = PRUNE_BATCH,
+    lock_wait_s: float | None = None,
+    on_wait: Callable[[float], object] | None = None,
+) -> int:
     """Remove raw attempt rows that started before ``moment``; returns how many. Idempotent.
 
     The cutoff is raised first. PostgreSQL: in the same short transaction, the day partitions wholly
@@ -108,12 +150,49 @@ def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) 
     Then (both backends) the rows left before it are deleted in transactions of at most ``batch``
     rows, so a writer beside the prune waits for one short transaction at a time, never for the
     whole prune.
+
+    While other sessions hold the attempts table (a long read), the detach is tried again and again,
+    each try waiting at most ``DETACH_LOCK_TIMEOUT_MS`` so that the writers queued behind it are held
+    no longer, for up to ``lock_wait_s`` seconds (default :data:`PRUNE_LOCK_WAIT_S`); then
+    :class:`PruneLockTimeout`, with nothing pruned. ``on_wait`` is told once, at the first try that
+    found the table held, with that wait.
     """
     moment = as_utc(moment)
+    budget = PRUNE_LOCK_WAIT_S if lock_wait_s is None else lock_wait_s
+    started = clock.monotonic()
+    pause, tries = _FIRST_PAUSE_S, 0
+    while True:
+        tries += 1
+        try:
+            removed = _detach_before(engine, moment)
+            break
+        except sa.exc.OperationalError as exc:
+            if not _lock_not_available(exc):
+                raise
+            waited = clock.monotonic() - started
+            if waited >= budget:
+                raise PruneLockTimeout(waited, tries) from None
+            if tries == 1 and on_wait is not None:
+                on_wait(budget)
+            clock.sleep(min(pause, budget - waited))
+            pause = min(2 * pause, _LONGEST_PAUSE_S)
+    return removed + _delete_before(engine, moment, batch)
+
+
+def _lock_not_available(exc: sa.exc.OperationalError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE
+
+
+def _detach_before(engine: Engine, moment: datetime) -> int:
+    """Raise the cutoff to ``moment`` and detach the day partitions wholly before it, in one
+    transaction; returns the rows those days held."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         with engine.begin() as connection:
             earlier = raise_cutoff(connection, moment, datetime.now(timezone.utc))
             old_days = [partition for partition in day_partitions(connection) if partition.end <= moment]
+            if old_days:
+                # Before the rows are summed: a try that cannot have the table costs nothing more.
+                lock_for_detach(connection)
             # A day that starts at or after the earlier cutoff never had a row deleted, so its rows
             # are the attempts its hours' rollups count. No writer moves those counts any more: the
             # writers that read the old cutoff have committed (raise_cutoff waited for them), later
@@ -128,7 +207,7 @@ def prune_before(engine: Engine, moment: datetime, *, batch: int = PRUNE_BATCH) 
             removed = rows_of_detached(connection, [day for day in detached if day.day not in whole])
         ours = {day.day for day in detached} & whole
         removed += summed.result() if ours == whole else _rows_of_days(engine, sorted(ours))
-    return removed + _delete_before(engine, moment, batch)
+    return removed
 
 
 def drop_pruned(engine: Engine) -> int:

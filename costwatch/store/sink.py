@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -29,7 +29,7 @@ from .retention import PRUNE_BATCH, drop_pruned, ensure_partitions_ahead, prune_
 from .retried import retried_prompts
 from .rows import record_from_row
 from .schema import ATTEMPTS, CALIBRATION_SAMPLES, REJECTED_ATTEMPTS
-from .write import BatchResult, insert_calibration_samples, write_batch
+from .write import BatchResult, insert_calibration_samples, prepare_statements, write_batch
 
 __all__ = [
     "DEFAULT_RETRY_WINDOW",
@@ -139,7 +139,7 @@ class SqlStore:
             return self._engine
 
     def prepare(self) -> None:
-        """Connect and migrate now rather than at the first write.
+        """Connect, migrate and build the writer's statements now rather than at the first write.
 
         ``instrument()`` calls it so that this one-time work is done before the application's first
         request rather than on the writer thread beside it. Raises what connecting or migrating
@@ -147,8 +147,10 @@ class SqlStore:
         kept open: the first write connects to the database as it then is (a SQLite file moved or
         removed meanwhile must fail that write and spool, not go to the file that was).
         """
-        self.engine  # noqa: B018  (the property creates the engine and migrates)
+        engine = self.engine  # the property creates the engine and migrates
         self.ensure_partitions()
+        with engine.connect() as connection:
+            prepare_statements(connection)  # and the statements' one-time work
         self.close_connections()
 
     def close_connections(self) -> None:
@@ -410,7 +412,14 @@ class SqlStore:
                 self._engine = None
 
     # -- retention ---------------------------------------------------------------------------
-    def prune_before(self, moment: datetime, *, batch: int = PRUNE_BATCH) -> int:
+    def prune_before(
+        self,
+        moment: datetime,
+        *,
+        batch: int = PRUNE_BATCH,
+        lock_wait_s: float | None = None,
+        on_wait: Callable[[float], object] | None = None,
+    ) -> int:
         """Remove raw attempt rows that started before ``moment``; rollups are kept. Returns the count.
 
         PostgreSQL detaches the day partitions wholly before ``moment`` (their disk space comes back
@@ -418,9 +427,12 @@ class SqlStore:
         ``batch`` rows, so writers beside it wait for one short transaction at a time (on SQLite,
         the write lock), never for the whole prune. Idempotent: a second call removes nothing. From
         then on the store keeps records that started before ``moment`` out of the attempts and the
-        rollups (see ``costwatch.store.retention``).
+        rollups (see ``costwatch.store.retention``). While other sessions hold the attempts table (a
+        long read), the detach is tried again, holding writers at most 0.1 s a try, for up to
+        ``lock_wait_s`` (default ``retention.PRUNE_LOCK_WAIT_S``, 5 min); then ``PruneLockTimeout``
+        with nothing pruned (``on_wait`` is told at the first such try).
         """
-        return prune_before(self.engine, moment, batch=batch)
+        return prune_before(self.engine, moment, batch=batch, lock_wait_s=lock_wait_s, on_wait=on_wait)
 
     def drop_pruned(self) -> int:
         """Drop the day partitions that prunes detached, giving their disk space back (PostgreSQL;
