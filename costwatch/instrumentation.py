@@ -33,7 +33,7 @@ from datetime import timedelta
 from typing import Any
 
 from . import waste_budget
-from .accounting import Accountant, Attempt, in_flight, is_stop
+from .accounting import Accountant, Attempt, in_flight, is_stop, wanted_headers
 from .attribution import RetryTracker
 from .estimation import OutputEstimator
 from .event_stream import CONTENT_TYPE as EVENT_STREAM_CONTENT_TYPE
@@ -294,22 +294,25 @@ class _Hooks:
         # (class, the original send, our wrapper, whether the class itself defined the original)
         self.originals: list[tuple[type, Callable[..., Any], Callable[..., Any], bool]] = []
 
-    def wants(self, http_client: Any, request: Any) -> bool:
-        """Whether this request is a Messages API call we account for."""
+    def wants(self, http_client: Any, request: Any) -> dict[bytes, str] | None:
+        """The request's :func:`~costwatch.accounting.wanted_headers` if it is a Messages API call we
+        account for, else ``None``."""
         if not self.active:
-            return False
+            return None
         if request.method != "POST":
-            return False
+            return None
         path = request.url.path
         first_party_shape = path.endswith(MESSAGES_PATH)
         if not first_party_shape and not is_platform_path(path):
-            return False
+            return None
         if self.http_clients is not None and http_client not in self.http_clients:
-            return False
+            return None
         if not first_party_shape:
             # Bedrock and Vertex requests carry the API version in the body instead of a header.
-            return b'"anthropic_version"' in request.content
-        return any(name.lower() == b"anthropic-version" for name, _ in request.headers.raw)
+            wanted = b'"anthropic_version"' in request.content
+            return wanted_headers(request.headers.raw) if wanted else None
+        headers = wanted_headers(request.headers.raw)
+        return headers if b"anthropic-version" in headers else None
 
     def install(self, modules: Iterable[Any]) -> None:
         for module in modules:
@@ -342,9 +345,10 @@ class _Hooks:
 
 def _wrap_sync_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: type) -> Callable[..., Any]:
     def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        if not hooks.wants(self, request):
+        headers = hooks.wants(self, request)
+        if headers is None:
             return original(self, request, *args, **kwargs)
-        attempt = guarded("begin", hooks.accountant.begin, request)
+        attempt = guarded("begin", hooks.accountant.begin, request, None, headers)
         if attempt is None:
             return original(self, request, *args, **kwargs)
         if attempt.refused is not None:
@@ -364,9 +368,10 @@ def _wrap_sync_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: typ
 
 def _wrap_async_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: type) -> Callable[..., Any]:
     async def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        if not hooks.wants(self, request):
+        headers = hooks.wants(self, request)
+        if headers is None:
             return await original(self, request, *args, **kwargs)
-        attempt = guarded("begin", hooks.accountant.begin, request, _current_task())
+        attempt = guarded("begin", hooks.accountant.begin, request, _current_task(), headers)
         if attempt is None:
             return await original(self, request, *args, **kwargs)
         if attempt.refused is not None:
