@@ -19,6 +19,7 @@ never raised. What an attempt billed and how it ended is worked out in :mod:`cos
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
@@ -432,6 +433,10 @@ def _observe_response(attempt: Attempt, response: Any, stream_cls: type) -> None
         meter = attempt.meter = BodyMeter(stream=attempt.stream, clock=time.perf_counter)
         meter.feed(response.content)
         _body_ended(attempt, None)
+        parsed, meter.parsed = meter.parsed, None
+        if parsed is not None:
+            with contextlib.suppress(AttributeError):  # a response class with slots keeps its own
+                response.json = _ParsedBody(response, parsed)
         return
     if response.headers.get("content-type", "").startswith(EVENT_STREAM_CONTENT_TYPE):
         attempt.meter = EventStreamMeter(clock=time.perf_counter)  # Bedrock's binary framing
@@ -444,6 +449,36 @@ def _observe_response(attempt: Attempt, response: Any, stream_cls: type) -> None
         if attempt.count_target is not None and attempt.stream:
             meter.texts = {}  # kept until the stream ends: counted if it was cut
     response.stream = stream_cls(response.stream, attempt)
+
+
+class _ParsedBody:
+    """A response's ``json()`` that hands the first call without arguments the body costwatch parsed.
+
+    Both SDK lines parse a non-streaming body with ``response.json()`` as soon as ``send()`` returns:
+    they get costwatch's parse instead of making a second one (a tenth of what costwatch costs a
+    small call). The parse goes to one caller only and costwatch keeps no reference to it, so the
+    caller owns it as it would own a fresh parse; the first call also puts the response's own
+    ``json()`` back, which answers every later call (and one with arguments) with a fresh parse.
+    """
+
+    __slots__ = ("_parsed", "_response")
+
+    def __init__(self, response: Any, parsed: dict[str, Any]) -> None:
+        self._response = weakref.ref(response)  # the response holds this: no reference cycle
+        self._parsed = [parsed]
+
+    def __call__(self, **kwargs: Any) -> Any:
+        response = self._response()
+        if response is not None and response.__dict__.get("json") is self:
+            del response.json
+        try:
+            parsed = self._parsed.pop()  # once, even for two threads at a time
+        except IndexError:
+            parsed = None
+        if parsed is not None and not kwargs:
+            return parsed
+        assert response is not None  # its caller holds it
+        return response.json(**kwargs)
 
 
 # -- instrument() / uninstrument() ----------------------------------------------------------------

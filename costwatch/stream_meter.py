@@ -161,6 +161,7 @@ class BodyMeter:
         "model",
         "now",
         "output_reported",
+        "parsed",
         "stop_reason",
         "texts",
         "unreadable",
@@ -204,6 +205,9 @@ class BodyMeter:
         """The exception both SDK lines raise on the first event they cannot read, by class name:
         ``UnicodeDecodeError`` for bytes that are not UTF-8, ``JSONDecodeError`` for broken JSON in an
         event of the Messages API's own types (others the 0.x SDK skips unread)."""
+        self.parsed: dict[str, Any] | None = None
+        """A non-streaming body as :meth:`take_json` parsed it (a JSON object), for whoever parses the
+        same body next to take instead (costwatch reads nothing of it after the parse)."""
         self.chars_measured = True
         """False when a completed stream was read from its tail only: ``chars`` is then empty."""
         self.kept: list[bytes] | None = None
@@ -407,6 +411,7 @@ class BodyMeter:
             return
         if not isinstance(data, dict):
             return
+        self.parsed = data
         if data.get("type") == "error":
             self._error(data)
             return

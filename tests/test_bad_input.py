@@ -7,6 +7,7 @@ the documented 200-character cut) and metric label values stay bounded in number
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from costwatch.spool import Spool
 from costwatch.store import SqlStore
 from costwatch.stream_meter import BodyMeter
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
-from costwatch.validation import MAX_TOKENS_PER_ATTEMPT, clean_text
+from costwatch.validation import MAX_TOKENS_PER_ATTEMPT, clean_text, storable
 
 MODEL = "claude-haiku-4-5"
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Check the totals."}]
@@ -273,3 +274,23 @@ def test_hostile_workflow_tags_give_parseable_bounded_metric_labels() -> None:
     workflows = {s.labels["workflow"] for s in families["costwatch_billed_cost_usd"].samples}
     assert workflows == {str(r.tags["workflow"])[:WORKFLOW_LABEL_LENGTH] for r in records}
     assert all(len(value) <= WORKFLOW_LABEL_LENGTH for value in workflows)
+
+
+def test_storable_keeps_unprintable_text_it_can_store_and_replaces_only_controls_and_surrogates() -> None:
+    # Not printable, yet storable (the quick all-printable check must fall back to the search):
+    # a no-break space, a line separator, a private-use character; beside them, a C1 control.
+    storable_text = "a\u00a0b\u2028c\ue000d ✓"
+    record = AttemptRecord(
+        attempt_id="a1",
+        logical_request_id="r1",
+        attempt_number=1,
+        started_at=datetime.now(timezone.utc),
+        outcome=Outcome.COMPLETED,
+        model_requested=storable_text,
+        tags={"workflow": storable_text},
+    )
+    assert storable(record) is record
+    dirty = dataclasses.replace(record, model_requested=storable_text + "\x85", tags={"w": "\ud800x"})
+    cleaned = storable(dirty)
+    assert cleaned.model_requested == storable_text + "\ufffd"
+    assert dict(cleaned.tags) == {"w": "\ufffdx"}

@@ -18,6 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 COLUMNS = "| benchmark | case | metric | result | target | met |"
 
 
+@pytest.mark.sdk  # the benchmarks drive the SDK in the processes they start
 @pytest.mark.timeout(900)  # beyond the run's own 600 s, which says more when it is reached
 def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
@@ -60,6 +61,7 @@ def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(tmp_path: P
         assert (m["met"] is None) == (m["target"] == "" or m["target"].startswith("("))
 
 
+@pytest.mark.sdk
 @pytest.mark.timeout(900)
 def test_the_waste_levers_benchmark_prints_its_table_and_json_for_every_lever(tmp_path: Path) -> None:
     finished = subprocess.run(

@@ -76,6 +76,7 @@ def assert_report_matches_ledger(report: dict, ledger: dict) -> None:
     assert report["wasted_cost_usd"] > 0 and 0 < report["waste_ratio"] < 1
 
 
+@pytest.mark.sdk  # the demo drives the SDK against the fake server
 def test_demo_in_process_reports_what_the_fake_server_billed(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     db = f"sqlite:///{tmp_path / 'demo.db'}"
@@ -107,6 +108,7 @@ def test_demo_in_process_reports_what_the_fake_server_billed(capsys, tmp_path, m
     assert stored["logical_requests"] == 8
 
 
+@pytest.mark.sdk  # the demo drives the SDK against the fake server
 def test_demo_ends_with_a_reconciliation_at_full_coverage_and_the_billed_dropped_output(
     capsys, tmp_path, monkeypatch
 ):
@@ -153,6 +155,7 @@ def test_demo_ends_with_a_reconciliation_at_full_coverage_and_the_billed_dropped
     assert gauges["costwatch_unseen_cost_usd"][()] == 0.0
 
 
+@pytest.mark.sdk  # the demo drives the SDK against the fake server
 def test_demo_table_ends_with_the_waste_report(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = run(
@@ -177,6 +180,7 @@ def test_demo_table_ends_with_the_waste_report(capsys, tmp_path, monkeypatch):
     assert "3/3" in err, "the progress bar counts logical requests"
 
 
+@pytest.mark.sdk  # the demo drives the SDK against the fake server
 def test_demo_runs_as_a_real_command_and_its_store_matches_the_ledger(capsys, tmp_path):
     db = f"sqlite:///{tmp_path / 'demo.db'}"
     env = {**os.environ, "COSTWATCH_SPOOL_DIR": str(tmp_path / "spool")}

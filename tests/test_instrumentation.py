@@ -611,3 +611,31 @@ def test_us_only_inference_and_web_searches_reported_in_usage_are_recorded_and_p
     assert record.cost is not None and tokens_only is not None
     assert record.cost.server_tool_usd == pytest.approx(0.04)
     assert record.cost.total_usd == pytest.approx(tokens_only.total_usd * 1.1 + 0.04)
+
+
+def test_the_sdk_takes_costwatch_parse_of_a_non_streaming_body_instead_of_parsing_it_again(
+    accounting, monkeypatch
+):
+    parses: list[object] = []
+    loads = json.loads
+
+    def counted(*args, **kwargs):
+        parsed = loads(*args, **kwargs)
+        if isinstance(parsed, dict) and parsed.get("type") == "message":  # not the fake's reads of requests
+            parses.append(parsed)
+        return parsed
+
+    with FakeAnthropicServer(ResponseSpec.small(20)) as server:
+        client = sync_client(server, max_retries=0)
+        bare = create(client)  # warm: the SDK's first call may parse more than the body
+        monkeypatch.setattr(json, "loads", counted)
+        message = create(client)
+        raw = resource(client, False).with_raw_response.create(model=MODEL, max_tokens=8192, messages=MESSAGES)
+        first, second = raw.http_response.json(), raw.http_response.json()
+        monkeypatch.undo()
+    assert len(parses) == 3  # one per answer, then the raw response's second json()
+    assert message.model_dump(exclude={"id"}) == bare.model_dump(exclude={"id"})
+    # Each caller owns what it gets: a later call parses afresh, and costwatch's json() is gone.
+    assert first == second and first is not second and "json" not in vars(raw.http_response)
+    assert raw.parse().usage.output_tokens == 20
+    assert [record.usage.output_tokens for record in accounting.records()] == [20, 20, 20]

@@ -492,6 +492,33 @@ def test_a_batch_runs_the_same_statements_whatever_its_size(store: SqlStore) -> 
     assert executed == one
 
 
+def test_columns_null_in_a_whole_batch_store_as_null_and_beside_values_as_given(store: SqlStore) -> None:
+    """SQLite leaves a column NULL in every row of a batch out of its insert (the driver looks for an
+    adapter for each NULL it binds): what is stored is the same either way."""
+    store.export([attempt(1)])
+    inserts: list[str] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if statement.startswith("INSERT INTO") and "costwatch_attempts " in statement:
+            inserts.append(statement)
+
+    all_null = [attempt(n) for n in (2, 3)]  # request_id, message_id, stop_reason... NULL in both
+    mixed = [attempt(4, request_id="req_4", http_status=200, time_to_first_token_s=0.25), attempt(5)]
+    sa.event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        store.export(all_null)
+        store.export(mixed)
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", capture)
+    for record in [*all_null, *mixed]:
+        assert store.attempt(record.attempt_id) == record
+    if store.engine.dialect.name == "sqlite":
+        left_out, beside_values = inserts
+        assert "request_id" not in left_out.replace("logical_request_id", "")
+        assert "request_id" in beside_values.replace("logical_request_id", "")
+        assert "message_id" not in beside_values  # NULL in both rows of that batch too
+
+
 def _holds_rows(connection: sa.Connection, read: dict[str, Any]) -> bool:
     name = read["Relation Name"]
     return connection.exec_driver_sql(f'SELECT 1 FROM "{name}" LIMIT 1').first() is not None

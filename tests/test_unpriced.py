@@ -235,9 +235,11 @@ def test_costwatch_report_warns_of_unpriced_models_once_in_its_output_and_logs_n
         store.write(retried)  # retried alike: the report prices them for "avoidable with caching" too
     finally:
         store.shutdown()
+    # This checkout's costwatch, after what PYTHONPATH holds already (tests/sdk_lines.py's child guard).
+    path = [*filter(None, [os.environ.get("PYTHONPATH")]), str(Path(__file__).parents[1])]
     done = subprocess.run(
         [sys.executable, "-m", "costwatch", "report", "--db", url],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
         capture_output=True,
         text=True,
         timeout=120,

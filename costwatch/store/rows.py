@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..records import AttemptRecord, Cost, Outcome, OutputSource, Usage, WasteReason
 from .schema import ATTEMPTS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES
@@ -60,25 +60,95 @@ def rollup_key(record: AttemptRecord) -> RollupKey:
     )
 
 
+class _Kind(NamedTuple):
+    """What, beside its rollup key, decides which measures an attempt's amounts count towards."""
+
+    dropped: bool
+    first: bool
+    """The logical request's first attempt."""
+    wasted: bool
+    priced: bool
+    estimated: bool
+    """Its output tokens were estimated."""
+    source: OutputSource
+
+
+class _Amounts(NamedTuple):
+    """The numbers an attempt adds to its rollup row, whatever its kind (or attempts' sums)."""
+
+    attempts: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    estimated_output_tokens: int
+    duration_s: float
+    cost_usd: float
+    input_usd: float
+    cache_read_usd: float
+    cache_write_usd: float
+    output_usd: float
+    server_tool_usd: float
+
+
+def _kind(record: AttemptRecord) -> _Kind:
+    return _Kind(
+        record.outcome is Outcome.DROPPED,
+        record.attempt_number == 1,
+        record.wasted,
+        record.cost is not None,
+        record.usage.output_estimated,
+        record.output_source,
+    )
+
+
+def _amounts(record: AttemptRecord) -> _Amounts:
+    usage = record.usage
+    cost = record.cost
+    if cost is None:
+        cost = _NO_COST
+    return _Amounts(
+        1,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_tokens,
+        usage.cache_write_tokens,
+        usage.estimated_output_tokens,
+        record.duration_s,
+        cost.total_usd,
+        cost.input_usd,
+        cost.cache_read_usd,
+        cost.cache_write_usd,
+        cost.output_usd,
+        cost.server_tool_usd,
+    )
+
+
 def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
     """What one attempt adds to its rollup row: one value per ``ROLLUP_MEASURES`` entry, in order."""
-    usage = record.usage
-    input_tokens = usage.input_tokens
-    output_tokens = usage.output_tokens
-    cache_read = usage.cache_read_tokens
-    cache_write = usage.cache_write_tokens
-    cost = record.cost
-    billed_cost = cost.total_usd if cost is not None else 0.0
-    wasted = record.wasted
-    wasted_cost = cost if (wasted and cost is not None) else _NO_COST
-    source = record.output_source
-    output_usd = cost.output_usd if cost is not None else 0.0
-    billed_tokens = input_tokens + output_tokens + cache_read + cache_write
+    return _measures(_kind(record), _amounts(record))
+
+
+def _measures(kind: _Kind, amounts: _Amounts) -> tuple[float, ...]:
+    """What attempts of one ``kind`` add to their rollup row, from their summed ``amounts``.
+
+    Each measure is one of the amounts or zero (or, for integers, a sum of them): the measures of
+    attempts' summed amounts are the sums of their measures, added in the same order.
+    """
+    input_tokens = amounts.input_tokens
+    output_tokens = amounts.output_tokens
+    cache_read = amounts.cache_read_tokens
+    cache_write = amounts.cache_write_tokens
+    count = amounts.attempts
+    wasted = kind.wasted
+    wasted_costs = wasted and kind.priced
+    source = kind.source
+    output_usd = amounts.output_usd
     return _in_measure_order(
         {
-            "attempts": 1,
-            "dropped_attempts": 1 if record.outcome is Outcome.DROPPED else 0,
-            "logical_requests_started": 1 if record.attempt_number == 1 else 0,
+            "attempts": count,
+            "dropped_attempts": count if kind.dropped else 0,
+            "logical_requests_started": count if kind.first else 0,
             "billed_input_tokens": input_tokens,
             "billed_output_tokens": output_tokens,
             "billed_cache_read_tokens": cache_read,
@@ -87,17 +157,17 @@ def rollup_measures(record: AttemptRecord) -> tuple[float, ...]:
             "wasted_output_tokens": output_tokens if wasted else 0,
             "wasted_cache_read_tokens": cache_read if wasted else 0,
             "wasted_cache_write_tokens": cache_write if wasted else 0,
-            "billed_cost_usd": billed_cost,
-            "wasted_cost_usd": billed_cost if wasted else 0.0,
-            "estimated_output_tokens": usage.estimated_output_tokens if usage.output_estimated else 0,
-            "duration_s": record.duration_s,
-            "unpriced_attempts": 0 if cost is not None else 1,
-            "unpriced_tokens": 0 if cost is not None else billed_tokens,
-            "wasted_input_cost_usd": wasted_cost.input_usd,
-            "wasted_cache_read_cost_usd": wasted_cost.cache_read_usd,
-            "wasted_cache_write_cost_usd": wasted_cost.cache_write_usd,
-            "wasted_output_cost_usd": wasted_cost.output_usd,
-            "wasted_server_tool_cost_usd": wasted_cost.server_tool_usd,
+            "billed_cost_usd": amounts.cost_usd,
+            "wasted_cost_usd": amounts.cost_usd if wasted else 0.0,
+            "estimated_output_tokens": amounts.estimated_output_tokens if kind.estimated else 0,
+            "duration_s": amounts.duration_s,
+            "unpriced_attempts": 0 if kind.priced else count,
+            "unpriced_tokens": 0 if kind.priced else input_tokens + output_tokens + cache_read + cache_write,
+            "wasted_input_cost_usd": amounts.input_usd if wasted_costs else 0.0,
+            "wasted_cache_read_cost_usd": amounts.cache_read_usd if wasted_costs else 0.0,
+            "wasted_cache_write_cost_usd": amounts.cache_write_usd if wasted_costs else 0.0,
+            "wasted_output_cost_usd": output_usd if wasted_costs else 0.0,
+            "wasted_server_tool_cost_usd": amounts.server_tool_usd if wasted_costs else 0.0,
             "reported_output_tokens": output_tokens if source is OutputSource.REPORTED else 0,
             "counted_output_tokens": output_tokens if source is OutputSource.COUNTED else 0,
             "reconciled_output_tokens": output_tokens if source is OutputSource.RECONCILED else 0,
@@ -125,17 +195,45 @@ def rollup_delta_rows(
 
     ``added`` land and ``removed`` (replaced revisions) leave. Keys whose every measure nets to zero
     are left out, so a no-op reclassification writes nothing. Key order is the lock order.
+
+    The attempts of a key that are all of one kind (as a batch of similar calls is) are summed
+    first and their measures made once; the others' measures are made one attempt at a time. The
+    sums are the same either way, to the bit: each float measure is added up in the attempts' order.
     """
-    sums: dict[RollupKey, tuple[float, ...]] = {}
+    added_by_key: dict[RollupKey, list[tuple[_Kind, _Amounts]]] = {}
     for record in added:
-        key = rollup_key(record)
-        known = sums.get(key)
-        values = rollup_measures(record)
-        sums[key] = values if known is None else tuple(map(operator.add, known, values))
+        added_by_key.setdefault(rollup_key(record), []).append((_kind(record), _amounts(record)))
+    removed_by_key: dict[RollupKey, list[tuple[_Kind, _Amounts]]] = {}
     for record in removed:
-        key = rollup_key(record)
-        sums[key] = tuple(map(operator.sub, sums.get(key, _NO_MEASURES), rollup_measures(record)))
-    return [(*key, *values) for key, values in sorted(sums.items()) if any(values)]
+        removed_by_key.setdefault(rollup_key(record), []).append((_kind(record), _amounts(record)))
+    rows = []
+    for key in sorted(added_by_key.keys() | removed_by_key.keys()):
+        values = _summed_measures(added_by_key.get(key, ()), removed_by_key.get(key, ()))
+        if any(values):
+            rows.append((*key, *values))
+    return rows
+
+
+def _summed_measures(
+    added: Sequence[tuple[_Kind, _Amounts]], removed: Sequence[tuple[_Kind, _Amounts]]
+) -> tuple[float, ...]:
+    """The measures of one key's attempts: ``added`` land, then ``removed`` leave."""
+    kind = added[0][0] if added else None
+    if kind is not None and not removed and all(other == kind for other, _ in added):
+        return _measures(kind, _Amounts._make(_sum(amounts for _, amounts in added)))
+    sums = _sum(_measures(kind, amounts) for kind, amounts in added) if added else _NO_MEASURES
+    for kind, amounts in removed:
+        sums = tuple(map(operator.sub, sums, _measures(kind, amounts)))
+    return sums
+
+
+def _sum(rows: Iterable[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """Rows added up column by column, in order (the first row as it is: ``0 + -0.0`` is ``0.0``)."""
+    it = iter(rows)
+    total = next(it)
+    for row in it:
+        total = tuple(map(operator.add, total, row))
+    return total
 
 
 _NO_MEASURES = (0,) * len(ROLLUP_MEASURES)

@@ -1,0 +1,188 @@
+"""Instructions a non-streaming ``messages.create`` costs with ``costwatch.instrument()`` defaults.
+
+Instruction counts (valgrind's callgrind) are what a loaded, shared machine cannot blur: this runs
+one fresh process per variant under ``valgrind --tool=callgrind --instr-atstart=no``, each making
+``warmup`` creates through the real SDK against the fake API in another process (not counted), then
+switching counting on (``callgrind_control -i on``), making ``creates`` more (dump 1: the caller's
+thread, and anything else running meanwhile) and flushing what the variant holds (dump 2: the
+writer's batch). ``COSTWATCH_FLUSH_INTERVAL`` is set high, so the writer wakes only for the
+flush and the records are one batch, one transaction, as ~100 creates are within a default
+1 s wake outside valgrind. The costwatch processes use a database that an untimed process created
+and migrated first.
+
+Prints a table: instructions per create in each phase and all in, and beyond the SDK alone. Run::
+
+    PYTHONPATH=. python benchmarks/create_instructions.py [--creates 100] [--warmup 30] [--keep DIR]
+
+``--keep`` leaves the callgrind files in ``DIR`` for ``callgrind_annotate``. ``--variant`` may be
+given several times (``none``, ``costwatch``, ``costwatch, no sinks``: the caller's side alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["VARIANTS", "measure_create_instructions"]
+
+MODEL = "claude-opus-4-6"
+VARIANTS = ("none", "costwatch", "costwatch, no sinks")
+_PHASES = ("creates", "flush")
+
+
+def _callgrind(*command: str) -> None:
+    if _COUNTING:
+        subprocess.run(["callgrind_control", *command, str(os.getpid())], check=True, capture_output=True)
+
+
+_COUNTING = os.environ.get("COSTWATCH_BENCH_COUNTING") == "1"
+"""Whether this process runs under callgrind (the untimed first process does not)."""
+
+
+def _child(variant: str, url: str, warmup: int, creates: int) -> None:
+    import anthropic
+
+    flush: Any = lambda: None  # noqa: E731
+    if variant != "none":
+        import costwatch
+
+        if variant == "costwatch":
+            costwatch.instrument()
+        else:
+            costwatch.instrument(sinks=[], listeners=[])
+        flush = lambda: costwatch.flush(600)  # noqa: E731
+    client = anthropic.Anthropic(base_url=url, api_key="bench", max_retries=0)
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 16}
+
+    def call(i: int) -> None:
+        client.messages.create(**body, messages=[{"role": "user", "content": f"short request {i}"}])
+
+    for i in range(warmup):
+        call(i)
+    flush()
+    collections = [generation["collections"] for generation in gc.get_stats()]
+    _callgrind("-i", "on")
+    for i in range(creates):
+        call(warmup + i)
+    _callgrind("-d", "creates")
+    flush()
+    _callgrind("-d", "flush")
+    _callgrind("-i", "off")
+    # A full collection costs tens of millions of instructions: whether one fell in the counted
+    # calls moves a create's figure by ~100k (see the README), so each run says how many did.
+    after = [generation["collections"] for generation in gc.get_stats()]
+    print(json.dumps({"gc": [b - a for a, b in zip(collections, after, strict=True)]}))
+
+
+def _totals(directory: Path, stem: str) -> dict[str, int]:
+    """Instructions per dump of one run, by the trigger's name."""
+    found: dict[str, int] = {}
+    for path in directory.glob(f"{stem}.*"):
+        trigger, total = None, None
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("desc: Trigger: dump "):
+                trigger = line.removeprefix("desc: Trigger: dump ").strip()
+            elif line.startswith("totals:"):
+                total = int(line.split()[1])
+        if trigger in _PHASES and total is not None:
+            found[trigger] = total
+    return found
+
+
+def measure_create_instructions(
+    variants: Sequence[str], *, creates: int, warmup: int, keep: Path | None = None
+) -> dict[str, dict[str, int]]:
+    """Instructions of each phase (``creates``, ``flush``) for each variant, from one process each."""
+    from fake_api_process import fake_api_in_subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "PYTHONHASHSEED": "0"}
+    env.pop("COSTWATCH_DATABASE_URL", None)
+    env["COSTWATCH_FLUSH_INTERVAL"] = "600"
+    results: dict[str, dict[str, int]] = {}
+    with fake_api_in_subprocess() as url, tempfile.TemporaryDirectory(prefix="costwatch-cg-") as home:
+        out = keep or Path(home) / "callgrind"
+        out.mkdir(parents=True, exist_ok=True)
+        me = str(Path(__file__).resolve())
+        # Untimed: creates and migrates the database the counted processes then find.
+        prepare = [sys.executable, me, "--child", "costwatch", url, "1", "0"]
+        subprocess.run(prepare, cwd=home, env=env, check=True, capture_output=True)
+        for variant in variants:
+            stem = "callgrind." + variant.replace(",", "").replace(" ", "-")
+            for old in out.glob(f"{stem}.*"):
+                old.unlink()
+            completed = subprocess.run(
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    "--instr-atstart=no",
+                    f"--callgrind-out-file={out / stem}.%p",
+                    sys.executable,
+                    me,
+                    "--child",
+                    variant,
+                    url,
+                    str(warmup),
+                    str(creates),
+                ],
+                cwd=home,
+                env={**env, "COSTWATCH_BENCH_COUNTING": "1"},
+                check=True,
+                capture_output=True,
+            )
+            results[variant] = _totals(out, stem)
+            gcs = json.loads(completed.stdout.strip().splitlines()[-1])["gc"]
+            results[variant].update({f"gc{generation}": count for generation, count in enumerate(gcs)})
+    return results
+
+
+def _table(results: dict[str, dict[str, int]], creates: int) -> str:
+    base = results.get("none")
+    lines = [
+        "| variant | creates phase, a create | flush phase, a create | all in, a create "
+        "| beyond the SDK alone | collections (gen 0/1/2) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for variant, phases in results.items():
+        per = {phase: phases.get(phase, 0) / creates for phase in _PHASES}
+        total = sum(per.values())
+        beyond = "" if base is None else f"{(total - sum(base[p] for p in _PHASES) / creates) / 1000:,.0f} k"
+        collections = "/".join(str(phases.get(f"gc{generation}", "?")) for generation in range(3))
+        lines.append(
+            f"| {variant} | {per['creates'] / 1000:,.0f} k | {per['flush'] / 1000:,.0f} k "
+            f"| {total / 1000:,.0f} k | {beyond} | {collections} |"
+        )
+    return "\n".join(lines)
+
+
+def _main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=4, metavar=("VARIANT", "URL", "WARMUP", "CREATES"))
+    parser.add_argument("--creates", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--variant", action="append", choices=VARIANTS)
+    parser.add_argument("--keep", type=Path, help="leave the callgrind files here")
+    args = parser.parse_args(argv)
+    if args.child:
+        variant, url, warmup, creates = args.child
+        _child(variant, url, int(warmup), int(creates))
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    variants = args.variant or ["none", "costwatch"]
+    results = measure_create_instructions(variants, creates=args.creates, warmup=args.warmup, keep=args.keep)
+    print(json.dumps(results))
+    print(_table(results, args.creates))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
