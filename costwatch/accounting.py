@@ -35,7 +35,7 @@ from .records import AttemptRecord, AttemptStart, Cost, Outcome, OutputSource, U
 from .sinks import AttemptListener
 from .stream_meter import BodyMeter
 
-__all__ = ["Accountant", "Attempt", "in_flight", "is_stop"]
+__all__ = ["Accountant", "Attempt", "in_flight", "is_stop", "wanted_headers"]
 
 _CANCELLATIONS = (GeneratorExit, KeyboardInterrupt, SystemExit)
 
@@ -51,6 +51,7 @@ _last_logical_request: contextvars.ContextVar[tuple[object, str] | None] = conte
 
 _NO_TOOL_USE: Mapping[str, int] = MappingProxyType({})
 _NO_CHARS: Mapping[str, int] = MappingProxyType({})
+_NO_USAGE = Usage()
 _INPUT_UNBILLED = (Outcome.HTTP_ERROR, Outcome.CONNECT_ERROR)
 """Outcomes whose request never reached a model: nothing of them is billed."""
 
@@ -89,11 +90,16 @@ class Accountant:
                 observe=self._calibrate_on_count,
             )
 
-    def begin(self, request: Any, owner: object = None) -> Attempt:
-        """Open the account of one attempt about to be sent by ``owner``, the thread or task sending it."""
+    def begin(
+        self, request: Any, owner: object = None, headers: Mapping[bytes, str] | None = None
+    ) -> Attempt:
+        """Open the account of one attempt about to be sent by ``owner``, the thread or task sending it.
+
+        ``headers`` are the request's :func:`wanted_headers`, if the caller read them already.
+        """
         started_at = datetime.now(timezone.utc)
         started = time.perf_counter()
-        wanted = _wanted_headers(request.headers.raw)  # one pass: httpx's get() decodes every header
+        wanted = wanted_headers(request.headers.raw) if headers is None else headers
         url = request.url
         names = frozenset(name.decode() for name in _ROUTE_HEADERS if name in wanted)
         route = route_of(url.host, url.path, names)
@@ -222,7 +228,7 @@ class Accountant:
         """Close the account: build the record and hand it to the pipeline."""
         meter = attempt.meter
         started = attempt.started
-        usage = Usage()  # nothing billed unless the meter read usage
+        usage = _NO_USAGE  # nothing billed unless the meter read usage
         model = attempt.model_requested
         answered_model = message_id = api_error_type = stop_reason = first_token_s = None
         events = bytes_received = 0
@@ -581,11 +587,14 @@ def _requested_model(body: bytes) -> str:
 _ROUTE_HEADERS = frozenset((b"api-key", b"x-amz-date"))
 """Headers whose presence (never their value: one is an API key) tells a platform apart
 (:func:`costwatch.platforms.route_of`)."""
-_WANTED_HEADERS = frozenset((b"x-stainless-retry-count", b"anthropic-beta", *_ROUTE_HEADERS))
+_WANTED_HEADERS = frozenset(
+    (b"anthropic-version", b"x-stainless-retry-count", b"anthropic-beta", *_ROUTE_HEADERS)
+)
 
 
-def _wanted_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[bytes, str]:
-    """The request headers the account needs, by lower-case name (``""`` for :data:`_ROUTE_HEADERS`)."""
+def wanted_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[bytes, str]:
+    """The request headers the hooks and the account need, by lower-case name (``""`` for
+    :data:`_ROUTE_HEADERS`), in one pass over ``raw`` (httpx's ``get()`` decodes every header)."""
     found = {}
     for name, value in raw:
         lowered = name.lower()

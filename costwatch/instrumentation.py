@@ -34,7 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 from . import waste_budget
-from .accounting import Accountant, Attempt, in_flight, is_stop
+from .accounting import Accountant, Attempt, in_flight, is_stop, wanted_headers
 from .attribution import RetryTracker
 from .estimation import OutputEstimator
 from .event_stream import CONTENT_TYPE as EVENT_STREAM_CONTENT_TYPE
@@ -297,22 +297,25 @@ class _Hooks:
         # (class, the original send, our wrapper, whether the class itself defined the original)
         self.originals: list[tuple[type, Callable[..., Any], Callable[..., Any], bool]] = []
 
-    def wants(self, http_client: Any, request: Any) -> bool:
-        """Whether this request is a Messages API call we account for."""
+    def wants(self, http_client: Any, request: Any) -> dict[bytes, str] | None:
+        """The request's :func:`~costwatch.accounting.wanted_headers` if it is a Messages API call we
+        account for, else ``None``."""
         if not self.active:
-            return False
+            return None
         if request.method != "POST":
-            return False
+            return None
         path = request.url.path
         first_party_shape = path.endswith(MESSAGES_PATH)
         if not first_party_shape and not is_platform_path(path):
-            return False
+            return None
         if self.http_clients is not None and http_client not in self.http_clients:
-            return False
+            return None
         if not first_party_shape:
             # Bedrock and Vertex requests carry the API version in the body instead of a header.
-            return b'"anthropic_version"' in request.content
-        return any(name.lower() == b"anthropic-version" for name, _ in request.headers.raw)
+            wanted = b'"anthropic_version"' in request.content
+            return wanted_headers(request.headers.raw) if wanted else None
+        headers = wanted_headers(request.headers.raw)
+        return headers if b"anthropic-version" in headers else None
 
     def install(self, modules: Iterable[Any]) -> None:
         for module in modules:
@@ -345,9 +348,10 @@ class _Hooks:
 
 def _wrap_sync_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: type) -> Callable[..., Any]:
     def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        if not hooks.wants(self, request):
+        headers = hooks.wants(self, request)
+        if headers is None:
             return original(self, request, *args, **kwargs)
-        attempt = guarded("begin", hooks.accountant.begin, request)
+        attempt = guarded("begin", hooks.accountant.begin, request, None, headers)
         if attempt is None:
             return original(self, request, *args, **kwargs)
         if attempt.refused is not None:
@@ -367,9 +371,10 @@ def _wrap_sync_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: typ
 
 def _wrap_async_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: type) -> Callable[..., Any]:
     async def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        if not hooks.wants(self, request):
+        headers = hooks.wants(self, request)
+        if headers is None:
             return await original(self, request, *args, **kwargs)
-        attempt = guarded("begin", hooks.accountant.begin, request, _current_task())
+        attempt = guarded("begin", hooks.accountant.begin, request, _current_task(), headers)
         if attempt is None:
             return await original(self, request, *args, **kwargs)
         if attempt.refused is not None:
@@ -530,7 +535,7 @@ def instrument(
             pipeline.capacity = config.queue_capacity
             pipeline.batch_size = config.batch_size
             pipeline.interval_s = config.flush_interval_s
-        added = list(sinks) if sinks is not None else _default_sinks(config, pipeline)
+        added = list(sinks) if sinks is not None else _default_sinks(config, pipeline, price_table)
         accountant = Accountant(
             pipeline=pipeline,
             prices=price_table,
@@ -623,7 +628,7 @@ def _drain_counter(timeout: float) -> None:
         hooks.accountant.counter.drain(timeout)
 
 
-def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
+def _default_sinks(config: Any, pipeline: Pipeline, prices: PriceTable) -> list[Sink]:
     sinks: list[Sink] = []
     if config.store:
         from .store import SqlStore  # SQLAlchemy is imported only when the store is used
@@ -639,7 +644,7 @@ def _default_sinks(config: Any, pipeline: Pipeline) -> list[Sink]:
             )
         sinks.append(store)
     if config.metrics:
-        sinks.append(_process_metrics_sink(config, pipeline))
+        sinks.append(_process_metrics_sink(config, pipeline, prices))
     return sinks
 
 
@@ -677,9 +682,11 @@ def _fleet_calibration(
 _metrics_sink: Sink | None = None
 
 
-def _process_metrics_sink(config: Any, pipeline: Pipeline) -> Sink:
+def _process_metrics_sink(config: Any, pipeline: Pipeline, prices: PriceTable) -> Sink:
     # prometheus_client's default registry accepts each metric name once per process, so the sink
-    # registered there outlives uninstrument() and serves every later instrument() call.
+    # registered there outlives uninstrument() and serves every later instrument() call. It prices
+    # avoidable waste with the first call's table, given here rather than loaded at its first batch,
+    # on the writer thread beside the application.
     global _metrics_sink
     if _metrics_sink is None:
         from .metrics import MetricsSink
@@ -690,6 +697,7 @@ def _process_metrics_sink(config: Any, pipeline: Pipeline) -> Sink:
             workflow_label_limit=config.workflow_label_limit,
             model_label_limit=config.model_label_limit,
             otlp=_otlp_metrics(config),
+            prices=prices,
         )
     return _metrics_sink
 

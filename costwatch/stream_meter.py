@@ -326,11 +326,15 @@ class BodyMeter:
         if (
             body.find(b'"type":"message_', 0, at) >= 0  # a message_start, _delta or _stop
             or body.find(b'"type":"error"', 0, at) >= 0
-            or _UNNAMED_EVENT.search(body, 0, at + 7) is not None
         ):
             return False
-        # Every blank line before message_delta ends an event that starts with its name (checked).
-        self.events += body.count(b"\n\nevent: ", 0, at + 7)
+        # Every blank line before message_delta must end an event that starts with its name: as many
+        # blank lines as names after one. (Counted apart, a run of n newlines is n // 2 blank lines: so
+        # a run of three before a name passes, and frames the same events, a blank line ignored.)
+        named = body.count(b"\n\nevent: ", 0, at + 7)
+        if body.count(b"\n\n", 0, at) != named:
+            return False
+        self.events += named
         self.bytes_received += received
         self._buffer = b""
         self._waiting.clear()
@@ -525,7 +529,6 @@ _COMPACT_DELTA = re.compile(
     rb'event: content_block_delta\ndata: \{"type":"content_block_delta","index":\d+,"delta":\{"type":'
     rb'"(text_delta|thinking_delta|input_json_delta)","(?:text|thinking|partial_json)":"'
 )
-_UNNAMED_EVENT = re.compile(rb"\n\n(?!event: )")  # a blank line not followed by an event's name
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _COMPACT_DELTA_TYPES = {name.encode(): kind for name, kind in _DELTA_CONTENT_TYPE.items()}
 _decode_json = json.JSONDecoder().decode  # skips json.loads' per-call type and encoding checks

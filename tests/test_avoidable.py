@@ -30,6 +30,14 @@ from costwatch.store import SqlStore, create_store_engine, migrate
 from costwatch.store.schema import RETRIED_ALIKE, RETRIED_REQUESTS
 from costwatch.testing import FakeAnthropicServer, Fault, LedgerEntry, ResponseSpec
 
+
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests start from
+    the newest schema (the migration's own test downgrades it first), never from an empty database."""
+    return new_store_url
+
+
 PRICES = load_prices()
 MODEL = "claude-sonnet-4-5"
 PRICE = PRICES.lookup(MODEL)

@@ -33,6 +33,14 @@ from costwatch.stream_meter import BodyMeter
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 from costwatch.validation import MAX_TOKENS_PER_ATTEMPT, clean_text, storable
 
+
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests are of what
+    a store does, not of how it is created."""
+    return new_store_url
+
+
 MODEL = "claude-haiku-4-5"
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Check the totals."}]
 

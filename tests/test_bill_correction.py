@@ -14,6 +14,14 @@ from costwatch.reconcile import apportion, billed_revision, reconcile
 from costwatch.records import AttemptRecord, Outcome, OutputSource, Usage, WasteReason
 from costwatch.usage_api import ReportedUsage
 
+
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests are of what
+    a store does, not of how it is created."""
+    return new_store_url
+
+
 PRICES = load_prices()
 MODEL = "claude-opus-4-6"
 HOUR = datetime(2026, 11, 30, 10, tzinfo=timezone.utc)

@@ -6,6 +6,7 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from conftest import read_stream_through_a_cut
 
 import costwatch
@@ -18,6 +19,14 @@ from costwatch.records import AttemptRecord, Outcome, Usage
 from costwatch.spool import Spool
 from costwatch.store import SqlStore
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
+
+
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests are of what
+    a store does, not of how it is created."""
+    return new_store_url
+
 
 MODEL = "claude-haiku-4-5"
 SPEC = ResponseSpec.small(600)

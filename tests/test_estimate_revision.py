@@ -28,6 +28,14 @@ from costwatch.store.rows import record_from_row
 from costwatch.store.schema import ALL_TIME_ROLLUPS, ATTEMPTS, ROLLUPS
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 
+
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests are of what
+    a store does, not of how it is created."""
+    return new_store_url
+
+
 MODEL = "claude-haiku-4-5"
 SPEC = ResponseSpec.small(600)
 PRICES = load_prices()

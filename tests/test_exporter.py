@@ -25,6 +25,14 @@ from costwatch.records import AttemptRecord, Cost, Outcome, Usage, WasteReason
 from costwatch.store import SqlStore
 from costwatch.store import sink as sql_store_sink
 
+
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests are of what
+    a store does, not of how it is created."""
+    return new_store_url
+
+
 MODEL = "claude-sonnet-4-6"
 NOW = datetime(2025, 3, 1, 12, 30, tzinfo=timezone.utc)
 WINDOW = timedelta(hours=1)

@@ -630,7 +630,7 @@ def test_the_sdk_takes_costwatch_parse_of_a_non_streaming_body_instead_of_parsin
         bare = create(client)  # warm: the SDK's first call may parse more than the body
         monkeypatch.setattr(json, "loads", counted)
         message = create(client)
-        raw = resource(client, False).with_raw_response.create(model=MODEL, max_tokens=8192, messages=MESSAGES)
+        raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=8192, messages=MESSAGES)
         first, second = raw.http_response.json(), raw.http_response.json()
         monkeypatch.undo()
     assert len(parses) == 3  # one per answer, then the raw response's second json()

@@ -23,6 +23,14 @@ from costwatch.report import build_report, render_csv, render_table, rollup_grou
 from costwatch.store import SqlStore, migrate
 from costwatch.store.schema import ALL_TIME_ROLLUPS, ATTEMPTS, ROLLUPS
 
+
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests start from
+    the newest schema (the migration's own test downgrades it first), never from an empty database."""
+    return new_store_url
+
+
 MODEL = "claude-sonnet-4-6"
 HOUR = datetime(2026, 11, 25, 9, tzinfo=timezone.utc)
 

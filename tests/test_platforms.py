@@ -42,6 +42,13 @@ from costwatch.testing import FakeAnthropicServer, Fault
 from costwatch.testing.plan import bedrock_exception_frame, bedrock_frame
 
 
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests are of what
+    a store does, not of how it is created."""
+    return new_store_url
+
+
 # -- canonical models and routes (pure) ----------------------------------------------------------------
 @pytest.mark.parametrize(
     ("platform", "given", "canonical"),

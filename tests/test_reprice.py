@@ -18,6 +18,14 @@ from costwatch.store.query import rollup_totals_query
 from costwatch.store.rows import rollup_delta_rows
 from costwatch.store.schema import ALL_TIME_DIMENSIONS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES
 
+
+@pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests are of what
+    a store does, not of how it is created."""
+    return new_store_url
+
+
 PRICES = load_prices()
 UNKNOWN = "claude-unreleased-9"
 SONNET = "claude-sonnet-5-5"

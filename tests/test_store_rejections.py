@@ -26,6 +26,13 @@ from costwatch.validation import MAX_TOKENS_PER_ATTEMPT, storable
 
 
 @pytest.fixture
+def store_url(new_store_url: str) -> str:
+    """A store at the newest revision already (conftest's ``new_store_url``): these tests are of what
+    a store does, not of how it is created."""
+    return new_store_url
+
+
+@pytest.fixture
 def store(store_url: str) -> Iterator[SqlStore]:
     sql_store = SqlStore(store_url)
     try:

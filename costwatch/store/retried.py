@@ -40,7 +40,7 @@ from ..avoidable import PromptAttempt, RetriedAlike, RetriedPrompt, RetriedReque
 from ..records import WORKFLOW_LABEL_LENGTH, AttemptRecord
 from .schema import ATTEMPTS, RETRIED_ALIKE, RETRIED_REQUESTS, insert_of
 
-__all__ = ["REQUEST_SPAN", "retried_prompts", "update_retried_requests"]
+__all__ = ["REQUEST_SPAN", "prepare_retried_statements", "retried_prompts", "update_retried_requests"]
 
 REQUEST_SPAN = timedelta(days=1)
 """How far before or after a report's range an attempt of one of its retried requests is still read
@@ -494,6 +494,12 @@ def _statements_for(dialect: str) -> _Statements:
     if found is None:
         found = _statements[dialect] = _build(dialect)
     return found
+
+
+def prepare_retried_statements(connection: sa.Connection) -> None:
+    """Build the statements of :func:`update_retried_requests` and have SQLAlchemy compile its lookup,
+    looking up no request: once per process (see :func:`costwatch.store.write.prepare_statements`)."""
+    _places(connection, _statements_for(connection.dialect.name), [])
 
 
 def update_retried_requests(

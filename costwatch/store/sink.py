@@ -29,7 +29,7 @@ from .retention import PRUNE_BATCH, drop_pruned, ensure_partitions_ahead, prune_
 from .retried import retried_prompts
 from .rows import record_from_row
 from .schema import ATTEMPTS, CALIBRATION_SAMPLES, REJECTED_ATTEMPTS
-from .write import BatchResult, insert_calibration_samples, write_batch
+from .write import BatchResult, insert_calibration_samples, prepare_statements, write_batch
 
 __all__ = [
     "DEFAULT_RETRY_WINDOW",
@@ -139,7 +139,7 @@ class SqlStore:
             return self._engine
 
     def prepare(self) -> None:
-        """Connect and migrate now rather than at the first write.
+        """Connect, migrate and build the writer's statements now rather than at the first write.
 
         ``instrument()`` calls it so that this one-time work is done before the application's first
         request rather than on the writer thread beside it. Raises what connecting or migrating
@@ -147,8 +147,10 @@ class SqlStore:
         kept open: the first write connects to the database as it then is (a SQLite file moved or
         removed meanwhile must fail that write and spool, not go to the file that was).
         """
-        self.engine  # noqa: B018  (the property creates the engine and migrates)
+        engine = self.engine  # the property creates the engine and migrates
         self.ensure_partitions()
+        with engine.connect() as connection:
+            prepare_statements(connection)  # and the statements' one-time work
         self.close_connections()
 
     def close_connections(self) -> None:

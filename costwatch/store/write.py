@@ -37,7 +37,7 @@ from ..records import AttemptRecord, WasteReason
 from .all_time import ALL_TIME_COLUMNS, all_time_delta_rows
 from .rejected import insert_rejected, rejected_row
 from .retention import as_utc, cutoff_for_writing
-from .retried import update_retried_requests
+from .retried import prepare_retried_statements, update_retried_requests
 from .rows import (
     ATTEMPT_COLUMNS,
     attempt_row,
@@ -63,6 +63,7 @@ __all__ = [
     "BatchResult",
     "insert_calibration_samples",
     "latest_revisions",
+    "prepare_statements",
     "reconcile_calibration_samples",
     "write_batch",
 ]
@@ -528,6 +529,22 @@ def _sqlite_lookups(connection: sa.Connection) -> _SqliteLookups:
     return found
 
 
+def prepare_statements(connection: sa.Connection) -> None:
+    """Build the statements a batch runs and have SQLAlchemy compile its lookups, looking up nothing.
+
+    Both are once per process: :meth:`costwatch.store.SqlStore.prepare` does them where
+    ``instrument()`` pays for them, not the writer's first batch, beside the application.
+    """
+    _statements_for(connection.dialect)
+    prepare_retried_statements(connection)
+    if connection.dialect.name == "sqlite":  # (on PostgreSQL the cutoff's read would wait for a prune)
+        cutoff_for_writing(connection)
+        lookups, nothing = _sqlite_lookups(connection), _listed([])
+        connection.execute(lookups.stored, {"ids": nothing})
+        abandoned = {"request_ids": nothing, "fingerprints": nothing, "since": datetime.now(timezone.utc)}
+        connection.execute(lookups.abandoned, abandoned)
+
+
 # -- the steps of a batch --------------------------------------------------------------------------
 def _insert_new(
     connection: sa.Connection, records: Sequence[AttemptRecord], meanwhile: Callable[[], None] | None = None
@@ -652,34 +669,67 @@ _ABANDONED: sa.ColumnElement[str] = sa.literal_column(f"'{WasteReason.ABANDONED.
 
 def _abandoned_matching(
     connection: sa.Connection,
-    request_ids: Sequence[str] | sa.BindParameter[str],
-    fingerprints: Sequence[str] | sa.BindParameter[str],
-    since: datetime | sa.BindParameter[datetime],
-    last: datetime | None = None,
+    request_ids: sa.BindParameter[str],
+    fingerprints: sa.BindParameter[str],
+    since: sa.BindParameter[datetime],
 ) -> list[sa.ColumnElement[bool]]:
-    """Which stored abandoned attempts a batch of ``request_ids`` and ``fingerprints``, the last of
-    which started at ``last``, may be the retries of: one condition per index (values, or named
-    parameters: see :func:`_sqlite_lookups`).
+    """On SQLite, which stored abandoned attempts a batch of ``request_ids`` and ``fingerprints``
+    (named parameters: see :func:`_sqlite_lookups`) may be the retries of: one condition per index.
 
     Those of the same logical request (``ix_costwatch_attempts_logical_request_id``), and those of
     the same fingerprint that ended at or after ``since`` (``ix_costwatch_attempts_abandoned_fingerprint``,
     a partial index on abandoned rows: the query states its condition as a literal, or the planner
     cannot use it). ``tests/test_store_writes.py`` checks that both branches probe their index.
+    PostgreSQL reads them otherwise: :func:`_postgres_abandoned`.
     """
-    # An abandoned attempt's retry starts at most _retry_wait after it, and after it: none started
-    # earlier than this or later than ``last`` can have one among the batch (and only the partitions
-    # of those days are planned and read, not every day since, nor the days ahead).
-    recent = (
-        sa.true()  # SQLite's lookups, which nothing partitions
-        if isinstance(since, sa.BindParameter)
-        else _started_within(connection, since - timedelta(seconds=_LONGEST_DURATION_S), last)
-    )
-    abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True), recent)
+    abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True))
     by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), abandoned)
-    if not isinstance(fingerprints, sa.BindParameter) and not fingerprints:
-        return [by_request]
     in_fingerprints = _among(connection, ATTEMPTS.c.fingerprint, fingerprints)
     return [by_request, sa.and_(in_fingerprints, abandoned, _ended_since(connection, since))]
+
+
+def _postgres_text_array(values: Sequence[str]) -> str:
+    """``values`` as a PostgreSQL array literal (``{"a","b"}``), for a ``text[]`` parameter: psycopg
+    would dump a list element by element in Python (~3 us an element)."""
+    joined = '","'.join(values)
+    if "\\" in joined or '"' in joined:
+        joined = '","'.join(value.replace("\\", "\\\\").replace('"', '\\"') for value in values)
+    return '{"' + joined + '"}' if values else "{}"
+
+
+@functools.cache
+def _postgres_abandoned() -> sa.Select[Any]:
+    """On PostgreSQL, the stored abandoned attempts of the logical requests ``request_ids``, or of the
+    ``fingerprints`` that ended at or after ``since``, started in ``[first, last]``: one statement,
+    built once, locking them in ``attempt_id`` order.
+
+    It reads every abandoned attempt of those days (the partial index on abandoned attempts: a few
+    percent of the rows) and tests each against the batch's keys, hashed once (the keys are an array
+    parameter). Probing the indexes by key instead, as SQLite does, costs a descent per key and per
+    day partition the 7-day bound spans: ~16,000 a batch of 2,000, and at ten million attempts 61 ms
+    a batch for the two lookups against 18-41 ms for this one (benchmarks/README.md, row 9).
+    """
+    c = ATTEMPTS.c
+    keys = sa.cast(sa.bindparam("request_ids"), postgresql.ARRAY(sa.Text()))
+    fingerprints = sa.cast(sa.bindparam("fingerprints"), postgresql.ARRAY(sa.Text()))
+    started = functools.partial(sa.bindparam, type_=c.started_at.type)
+    duration = sa.func.least(sa.func.greatest(c.duration_s, 0.0), _LONGEST_DURATION_S)
+    ended = c.started_at + duration * sa.literal_column("interval '1 second'")
+    return (
+        sa.select(ATTEMPTS)
+        .where(
+            c.waste_reason == _ABANDONED,
+            c.wasted.is_(True),
+            c.started_at >= started("first"),
+            c.started_at <= started("last"),
+            sa.or_(
+                c.logical_request_id == sa.any_(keys),
+                sa.and_(c.fingerprint == sa.any_(fingerprints), ended >= started("since")),
+            ),
+        )
+        .order_by(c.attempt_id)
+        .with_for_update()
+    )
 
 
 def _retries_matching(
@@ -742,9 +792,21 @@ def _reclassify_retried(
             )
         )
     else:
-        last = max(record.started_at for record in landed)
-        matching = _abandoned_matching(connection, request_ids, fingerprints, since, last)
-        abandoned = _select_rows(connection, *matching)
+        # An abandoned attempt's retry starts at most _retry_wait after it, and after it: none started
+        # earlier than this or later than the batch's last can have one among the batch (and only
+        # the partitions of those days are planned and read).
+        abandoned = _records(
+            connection.execute(
+                _postgres_abandoned(),
+                {
+                    "request_ids": _postgres_text_array(request_ids),
+                    "fingerprints": _postgres_text_array(fingerprints),
+                    "since": since,
+                    "first": since - timedelta(seconds=_LONGEST_DURATION_S),
+                    "last": max(record.started_at for record in landed),
+                },
+            )
+        )
     if not abandoned:
         return [], []
     landed_ids = {record.attempt_id for record in landed}
@@ -788,9 +850,22 @@ def _apply_rollups(connection: sa.Connection, rows: Sequence[tuple[Any, ...]]) -
     statements.upsert_all_time.run(connection, all_time_delta_rows(rows))
 
 
-def _request_key(kind: str, value: str) -> int:
-    digest = hashlib.blake2b(f"costwatch:{kind}:{value}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+_KEY_PREFIXES = {
+    kind: hashlib.blake2b(f"costwatch:{kind}:".encode(), digest_size=8) for kind in ("request", "fingerprint")
+}
+"""Each kind of lock key's hash, fed its prefix once: a copy fed the value is the hash of the whole."""
+
+
+def _lock_keys(kind: str, values: Iterable[str]) -> set[int]:
+    """The advisory-lock keys of ``values``: the first 8 bytes of ``blake2b("costwatch:<kind>:<value>")``
+    as a signed integer. Every costwatch writer sharing a store must compute the same keys."""
+    prefix = _KEY_PREFIXES[kind]
+    keys = set()
+    for value in values:
+        hashed = prefix.copy()
+        hashed.update(value.encode())
+        keys.add(int.from_bytes(hashed.digest(), "big", signed=True))
+    return keys
 
 
 def _lock_requests(connection: sa.Connection, records: Sequence[AttemptRecord]) -> None:
@@ -804,8 +879,8 @@ def _lock_requests(connection: sa.Connection, records: Sequence[AttemptRecord]) 
     """
     if connection.dialect.name != "postgresql":
         return
-    keys = {_request_key("request", record.logical_request_id) for record in records}
-    keys |= {_request_key("fingerprint", record.fingerprint) for record in records if record.fingerprint}
+    keys = _lock_keys("request", {record.logical_request_id for record in records})
+    keys |= _lock_keys("fingerprint", {record.fingerprint for record in records if record.fingerprint})
     # The keys as one array literal: psycopg would format a list parameter element by element.
     connection.execute(
         sa.text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS t(k)"),
