@@ -710,8 +710,8 @@ def _postgres_abandoned() -> sa.Select[Any]:
     a batch for the two lookups against 18-41 ms for this one (benchmarks/README.md, row 9).
     """
     c = ATTEMPTS.c
-    keys = sa.cast(sa.bindparam("request_ids"), postgresql.ARRAY(sa.Text()))
-    fingerprints = sa.cast(sa.bindparam("fingerprints"), postgresql.ARRAY(sa.Text()))
+    keys = sa.cast(sa.bindparam("request_ids"), sa.ARRAY(sa.Text()))
+    fingerprints = sa.cast(sa.bindparam("fingerprints"), sa.ARRAY(sa.Text()))
     started = functools.partial(sa.bindparam, type_=c.started_at.type)
     duration = sa.func.least(sa.func.greatest(c.duration_s, 0.0), _LONGEST_DURATION_S)
     ended = c.started_at + duration * sa.literal_column("interval '1 second'")
