@@ -20,6 +20,7 @@ never raised. What an attempt billed and how it ended is worked out in :mod:`cos
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -53,6 +54,8 @@ __all__ = ["flush", "instrument", "is_instrumented", "uninstrument"]
 log = logging.getLogger("costwatch")
 
 _HTTP_MODULES = ("httpx", "httpx2")
+
+_STORE_MODULE = "costwatch.store"
 
 
 class _DeferredSettler:
@@ -517,6 +520,7 @@ def instrument(
                 _hooks.http_clients.add(_http_client_of(client))
             return False
         config = load_settings(settings)
+        store_was_imported = _STORE_MODULE in sys.modules
         # Everything that can fail on bad input happens before anything is attached or installed.
         http_clients: weakref.WeakSet[Any] | None = None
         if client is not None:
@@ -566,7 +570,18 @@ def instrument(
         hooks = _Hooks(accountant, http_clients, added)
         hooks.install(_importable_http_modules())
         _hooks = hooks
+        if not store_was_imported and _STORE_MODULE in sys.modules and _full_collection_next():
+            # The store's imports made the interpreter's next full collection (a pass over the whole
+            # heap) due within a few thousand allocations: in the application's first request. Paid
+            # here, once, instead; when it is not that close (anthropic 2.x), nothing is run.
+            gc.collect()
         return True
+
+
+def _full_collection_next() -> bool:
+    """Whether the interpreter's next pass over its middle generation ends in a full collection (it
+    has made as many passes as the oldest generation's threshold since the last one)."""
+    return gc.get_count()[2] >= gc.get_threshold()[2]
 
 
 def uninstrument() -> bool:

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from .avoidable import RequestAvoidable
 from .records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Outcome, OutputSource, TokenType, WasteReason
+from .report_options import GROUPINGS, REPORT_FORMATS
 from .store import ROLLUP_MEASURES, RollupTotals
 from .store.rows import hour_of, rollup_measures
 
@@ -45,14 +46,8 @@ __all__ = [
     "totals_from_attempts",
 ]
 
-GROUPINGS: tuple[str, ...] = ("model", "workflow", "outcome", "error_type", "platform", "hour", "day")
-"""What ``--by`` accepts."""
-
 TIME_GROUPINGS = frozenset({"hour", "day"})
 """Groupings whose groups are listed in time order rather than by waste."""
-
-REPORT_FORMATS: tuple[str, ...] = ("table", "json", "csv")
-"""What ``--format`` accepts."""
 
 _TOKEN_KEYS = tuple(token_type.value for token_type in TokenType)
 # Every reason the records know, so a reason added to WasteReason shows up without a change here.

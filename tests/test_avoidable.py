@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
 import threading
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -228,6 +230,17 @@ def mixed_requests(table: PriceTable, count: int, *, seed: int) -> list[AttemptR
     return made
 
 
+@contextlib.contextmanager
+def exported(store_url: str, records: list[AttemptRecord]) -> Iterator[SqlStore]:
+    """A store at ``store_url`` holding ``records``, shut down afterwards."""
+    store = SqlStore(store_url)
+    try:
+        store.export(records)
+        yield store
+    finally:
+        store.shutdown()
+
+
 def assert_same_section(grouped: dict[str, Any], every_record: dict[str, Any]) -> None:
     """Equal, up to the last float bit of sums added in another order."""
     assert grouped.keys() == every_record.keys()
@@ -249,9 +262,7 @@ def test_the_report_groups_the_avoidable_waste_in_the_database_to_the_same_numbe
 ):
     table = with_bedrock_prices(tmp_path, monkeypatch)
     records = mixed_requests(table, 400, seed=18)
-    store = SqlStore(store_url)
-    try:
-        store.export(records)
+    with exported(store_url, records) as store:
         for start, end in ((None, None), (START + timedelta(days=1), START + timedelta(days=2))):
             every = [avoidable_for_request(r, table) for r in store.retried_requests(start, end).values()]
             alike, prompts = store.retried_prompts(start, end)
@@ -265,8 +276,6 @@ def test_the_report_groups_the_avoidable_waste_in_the_database_to_the_same_numbe
                 Unknown.NOT_MEASURED,
             }
             assert_same_section(avoidable_waste_section(grouped, wasted_usd=wasted, top=20), expected)
-    finally:
-        store.shutdown()
 
 
 # -- the summaries the writer keeps (all time) ------------------------------------------------------
@@ -394,9 +403,7 @@ def test_a_prune_leaves_the_all_time_avoidable_waste_as_it_leaves_the_all_time_w
 ):
     table = with_bedrock_prices(tmp_path, monkeypatch)
     records = mixed_requests(table, 200, seed=13)
-    store = SqlStore(store_url)
-    try:
-        store.export(records)
+    with exported(store_url, records) as store:
         wasted = store.rollup_totals()[0].wasted_cost_usd
         before = section_from_summaries(store, table, wasted)
         assert before["avoidable_with_prompt_caching"]["avoidable_usd"] > 0
@@ -405,8 +412,6 @@ def test_a_prune_leaves_the_all_time_avoidable_waste_as_it_leaves_the_all_time_w
         assert section_from_summaries(store, table, wasted) == before
         # A range reads the attempts: those of pruned days are gone.
         assert store.retried_prompts(START, START + timedelta(days=5)) == ([], {})
-    finally:
-        store.shutdown()
 
 
 # -- end to end: the SDK, the store, the report, the metric, and the fake's ledger as the truth ---------

@@ -86,12 +86,24 @@ _FIRST_REQUESTS = textwrap.dedent(
             model="claude-haiku-4-5", max_tokens=500, messages=messages, stream=True
         ):
             pass
-    print(json.dumps({"full_collections": len(full), "store": "costwatch.store" in sys.modules}))
+    collections = len(full)
+    if sys.argv[1] == "costwatch":
+        assert costwatch.flush(20)  # the records written to the SQLite store
+    print(
+        json.dumps(
+            {
+                "full_collections": collections,
+                "store": "costwatch.store" in sys.modules,
+                "postgresql": "sqlalchemy.dialects.postgresql" in sys.modules,
+            }
+        )
+    )
     """
 )
 
 
 def test_the_stores_imports_make_no_full_collection_due_in_the_applications_first_requests(tmp_path):
+    # Nor does a SQLite store load the PostgreSQL dialect (~8k long-lived objects of its own).
     # A full garbage collection is a pass over the whole heap (~120 ms after importing anthropic
     # 2.x). Long-lived objects that an import leaves behind bring the next one closer; the store's
     # tables are SQLAlchemy Core, not ORM classes, so that its imports leave too few to make one due
@@ -115,6 +127,7 @@ def test_the_stores_imports_make_no_full_collection_due_in_the_applications_firs
             )
             seen[variant] = json.loads(ran.stdout.strip().splitlines()[-1])
     assert seen["costwatch"]["store"], "the default store was imported by instrument()"
+    assert not seen["costwatch"]["postgresql"], "a SQLite store loaded the PostgreSQL dialect"
     assert seen["sdk-alone"]["full_collections"] == 0
     assert seen["costwatch"]["full_collections"] == 0
 

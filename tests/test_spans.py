@@ -325,23 +325,40 @@ def test_attempt_spans_nest_under_the_current_span_and_match_the_ledger(provider
         assert not any(SECRET in str(value) for value in (span.attributes or {}).values())
 
 
+_CHILD_START = """
+from datetime import datetime, timezone
+from opentelemetry import trace
+from costwatch.records import AttemptStart
+from costwatch.spans import SpanListener
+
+listener = SpanListener()
+start = AttemptStart(
+    attempt_id="a", logical_request_id="r", attempt_number=1,
+    started_at=datetime.now(timezone.utc), model_requested="claude-opus-4-6",
+)
+"""
+
+
+def run_in_a_child(body: str, *, tracer_provider: str | None) -> None:
+    """Run ``body`` in a fresh process (a global tracer provider can be set once per process) after
+    :data:`_CHILD_START` (a default ``listener`` and an attempt's ``start``), with
+    ``OTEL_PYTHON_TRACER_PROVIDER`` set to ``tracer_provider`` (``None``: unset); it prints ok."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.pop("OTEL_PYTHON_TRACER_PROVIDER", None)
+    if tracer_provider is not None:
+        env["OTEL_PYTHON_TRACER_PROVIDER"] = tracer_provider
+    script = _CHILD_START + textwrap.dedent(body)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_default_listener_makes_no_span_until_the_application_sets_a_tracer_provider() -> None:
-    # In a child process: a global tracer provider can be set once per process.
-    script = textwrap.dedent(
+    run_in_a_child(
         """
-        from datetime import datetime, timezone
-        from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-        from costwatch.records import AttemptStart
-        from costwatch.spans import SpanListener
 
-        listener = SpanListener()
-        start = AttemptStart(
-            attempt_id="a", logical_request_id="r", attempt_number=1,
-            started_at=datetime.now(timezone.utc), model_requested="claude-opus-4-6",
-        )
         assert listener.attempt_started(start) is None
         exporter = InMemorySpanExporter()
         provider = TracerProvider()
@@ -349,37 +366,21 @@ def test_default_listener_makes_no_span_until_the_application_sets_a_tracer_prov
         trace.set_tracer_provider(provider)
         assert listener.attempt_started(start) is not None
         print("ok")
-        """
+        """,
+        tracer_provider=None,
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    env.pop("OTEL_PYTHON_TRACER_PROVIDER", None)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
-    assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_default_listener_makes_spans_with_a_provider_named_by_the_environment() -> None:
     # OTEL_PYTHON_TRACER_PROVIDER: OpenTelemetry loads the provider at the first look for the global one.
-    script = textwrap.dedent(
+    run_in_a_child(
         """
-        from datetime import datetime, timezone
-        from opentelemetry import trace
-        from costwatch.records import AttemptStart
-        from costwatch.spans import SpanListener
-
-        listener = SpanListener()
-        start = AttemptStart(
-            attempt_id="a", logical_request_id="r", attempt_number=1,
-            started_at=datetime.now(timezone.utc), model_requested="claude-opus-4-6",
-        )
         assert listener.attempt_started(start) is not None
         assert type(trace.get_tracer_provider()).__module__.startswith("opentelemetry.sdk")
         print("ok")
-        """
+        """,
+        tracer_provider="sdk_tracer_provider",
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    env["OTEL_PYTHON_TRACER_PROVIDER"] = "sdk_tracer_provider"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
-    assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_a_platform_attempt_span_names_the_platform_and_its_provider(provider, exporter):

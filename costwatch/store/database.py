@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from ..settings import SettingsError
+from .schema import declare_for
 
 __all__ = [
     "DATABASE_URL_ENV",
@@ -120,6 +121,7 @@ def create_store_engine(url: str | URL | None = None) -> Engine:
     """An engine for the store's database, configured for concurrent writers on its backend."""
     resolved = database_url(url)
     backend = resolved.get_backend_name()
+    declare_for(backend)  # the partial indexes' WHERE, in this backend's DDL only
     if backend == "sqlite":
         return _sqlite_engine(resolved)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}

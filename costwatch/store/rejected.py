@@ -15,11 +15,10 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ..records import AttemptRecord
 from ..validation import clean_text
-from .schema import REJECTED_ATTEMPTS
+from .schema import REJECTED_ATTEMPTS, insert_of
 
 __all__ = ["RejectedRecord", "insert_rejected", "is_refusal", "refusal_reason", "rejected_row"]
 
@@ -61,7 +60,7 @@ def rejected_row(record: AttemptRecord, reason: str, now: datetime) -> dict[str,
 def insert_rejected(connection: sa.Connection, rows: list[dict[str, Any]]) -> None:
     """Insert dead-letter rows, ignoring any already kept (a refused record delivered again)."""
     dialect = connection.dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = insert_of(dialect)
     connection.execute(insert(REJECTED_ATTEMPTS).on_conflict_do_nothing(), rows)
 
 

@@ -35,11 +35,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ..avoidable import PromptAttempt, RetriedAlike, RetriedPrompt, RetriedRequest
 from ..records import WORKFLOW_LABEL_LENGTH, AttemptRecord
-from .schema import ATTEMPTS, RETRIED_ALIKE, RETRIED_REQUESTS
+from .schema import ATTEMPTS, RETRIED_ALIKE, RETRIED_REQUESTS, insert_of
 
 __all__ = ["REQUEST_SPAN", "prepare_retried_statements", "retried_prompts", "update_retried_requests"]
 
@@ -363,7 +362,7 @@ def _deltas(added: Sequence[AttemptRecord], removed: Sequence[AttemptRecord]) ->
 def _move_summaries(dialect: str) -> Any:
     """The upsert that adds delta rows to stored summaries: sums added, prompt entries merged (an
     attempt's new entry replaces its old), the pricing keys of whichever attempt is last."""
-    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(RETRIED_REQUESTS)
+    insert = insert_of(dialect)(RETRIED_REQUESTS)
     t, new = RETRIED_REQUESTS.c, insert.excluded
     later = sa.tuple_(*(new[name] for name in _LAST_KEY)) >= sa.tuple_(*(t[name] for name in _LAST_KEY))
     merged = (
@@ -451,7 +450,7 @@ def _among(dialect: str, column: Any, name: str) -> sa.ColumnElement[bool]:
     the writer's lookups bind keys: a list would be formatted element by element)."""
     listed = sa.bindparam(name, type_=sa.String())
     if dialect == "postgresql":
-        elements = sa.select(sa.func.json_array_elements_text(sa.cast(listed, postgresql.JSON)))
+        elements = sa.select(sa.func.json_array_elements_text(sa.cast(listed, sa.JSON)))
         return column == sa.any_(sa.func.array(elements.scalar_subquery()))
     return column.in_(sa.select(sa.func.json_each(listed).table_valued("value").c.value))
 
@@ -608,7 +607,7 @@ _ALIKE_COLUMNS = tuple(column.name for column in RETRIED_ALIKE.columns)
 
 
 def _add_alike(dialect: str) -> Any:
-    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(RETRIED_ALIKE)
+    insert = insert_of(dialect)(RETRIED_ALIKE)
     return insert.on_conflict_do_update(
         index_elements=[column.name for column in RETRIED_ALIKE.primary_key.columns],
         set_={

@@ -9,11 +9,11 @@ ORM's mapped classes would leave thousands of long-lived objects in every instru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -33,7 +33,10 @@ __all__ = [
     "ROLLUP_DIMENSIONS",
     "ROLLUP_MEASURES",
     "VERSION_TABLE",
+    "JsonObject",
     "UtcDateTime",
+    "declare_for",
+    "insert_of",
     "metadata",
     "utc_hour",
 ]
@@ -54,6 +57,57 @@ every backend."""
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 """The store's ``MetaData``, holding every table below; Alembic's autogenerate compares the migrations
 against it."""
+
+
+def declare_for(dialect_name: str) -> None:
+    """Give the partial indexes their ``WHERE`` (``index.info["where"]``) in the DDL of
+    ``dialect_name``. Naming a dialect's option (``postgresql_where``) loads that dialect, ~8k
+    long-lived objects for PostgreSQL's, so only the backend a store uses is named: when its engine is
+    created (``create_store_engine``) or its tables are (``metadata.create_all``). Idempotent."""
+    if dialect_name not in ("sqlite", "postgresql") or dialect_name in _DECLARED:
+        return
+    for table in metadata.tables.values():
+        for index in table.indexes:
+            where = index.info.get("where")
+            if where is not None:
+                index.dialect_options[dialect_name]["where"] = sa.text(where)
+    _DECLARED.add(dialect_name)
+
+
+_DECLARED: set[str] = set()
+
+
+def insert_of(dialect_name: str) -> Callable[..., Any]:
+    """The ``insert`` with ``ON CONFLICT`` of ``dialect_name`` (``postgresql``, else SQLite's),
+    imported at first use: a SQLite store never loads the PostgreSQL dialect."""
+    if dialect_name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
+
+
+@sa.event.listens_for(metadata, "before_create")
+def _declare_before_create(_metadata: sa.MetaData, connection: sa.Connection, **_kw: Any) -> None:
+    declare_for(connection.dialect.name)
+
+
+class JsonObject(sa.types.TypeDecorator[Any]):
+    """JSON, as ``JSONB`` on PostgreSQL (whose ``||`` merges objects) and ``JSON`` elsewhere; the
+    PostgreSQL type is looked up only on PostgreSQL."""
+
+    impl = sa.JSON()
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        """``JSONB`` on PostgreSQL, else the generic ``JSON``."""
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            return dialect.type_descriptor(JSONB())
+        return dialect.type_descriptor(sa.JSON())
 
 
 class UtcDateTime(sa.types.TypeDecorator[datetime]):
@@ -214,8 +268,7 @@ ATTEMPTS = sa.Table(
     sa.Index(
         "ix_costwatch_attempts_abandoned_fingerprint",
         "fingerprint",
-        sqlite_where=sa.text("waste_reason = 'abandoned'"),
-        postgresql_where=sa.text("waste_reason = 'abandoned'"),
+        info={"where": "waste_reason = 'abandoned'"},
     ),
     sa.Index("ix_costwatch_attempts_hour_fingerprint", utc_hour(sa.column("started_at")), "fingerprint"),
 )
@@ -317,8 +370,7 @@ CALIBRATION_SAMPLES = sa.Table(
     sa.Index(
         "ix_costwatch_calibration_samples_estimated_started_at",
         "started_at",
-        sqlite_where=sa.text("output_tokens IS NULL"),
-        postgresql_where=sa.text("output_tokens IS NULL"),
+        info={"where": "output_tokens IS NULL"},
     ),
 )
 """The characters of output an attempt received, by content type and class, and its output tokens.
@@ -402,14 +454,13 @@ RETRIED_REQUESTS = sa.Table(
     sa.Column("endpoint", sa.String()),
     sa.Column("inference_geo", sa.String()),
     # JSONB on PostgreSQL: a batch merges its attempts' entries into the stored ones (``||``).
-    sa.Column("prompts", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
+    sa.Column("prompts", JsonObject(), nullable=False),
     # The requests the report prices one by one: the others are read summed from
     # ``costwatch_retried_alike``, so the report never scans this table.
     sa.Index(
         "ix_costwatch_retried_requests_priced_one_by_one",
         "logical_request_id",
-        sqlite_where=sa.text("billed_attempts >= 2 AND cached_attempts = 0 AND measured_attempts > 0"),
-        postgresql_where=sa.text("billed_attempts >= 2 AND cached_attempts = 0 AND measured_attempts > 0"),
+        info={"where": "billed_attempts >= 2 AND cached_attempts = 0 AND measured_attempts > 0"},
     ),
 )
 """One retried logical request (one with an attempt numbered 2 or more): what the report's avoidable

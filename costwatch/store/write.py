@@ -31,7 +31,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
 from ..records import AttemptRecord, WasteReason
@@ -56,6 +55,7 @@ from .schema import (
     ROLLUP_MEASURES,
     ROLLUPS,
     UtcDateTime,
+    insert_of,
     utc_hour,
 )
 
@@ -434,7 +434,7 @@ def _among(
         listed = sa.bindparam(None, _listed(values), type_=sa.String())
     if connection.dialect.name == "postgresql":
         # = ANY(ARRAY(...)), not IN (SELECT ...): inside an OR, only the array form is an index scan.
-        elements = sa.select(sa.func.json_array_elements_text(sa.cast(listed, postgresql.JSON)))
+        elements = sa.select(sa.func.json_array_elements_text(sa.cast(listed, sa.JSON)))
         return column == sa.any_(sa.func.array(elements.scalar_subquery()))
     return column.in_(sa.select(sa.func.json_each(listed).table_valued("value").c.value))
 
@@ -710,8 +710,8 @@ def _postgres_abandoned() -> sa.Select[Any]:
     a batch for the two lookups against 18-41 ms for this one (benchmarks/README.md, row 9).
     """
     c = ATTEMPTS.c
-    keys = sa.cast(sa.bindparam("request_ids"), postgresql.ARRAY(sa.Text()))
-    fingerprints = sa.cast(sa.bindparam("fingerprints"), postgresql.ARRAY(sa.Text()))
+    keys = sa.cast(sa.bindparam("request_ids"), sa.ARRAY(sa.Text()))
+    fingerprints = sa.cast(sa.bindparam("fingerprints"), sa.ARRAY(sa.Text()))
     started = functools.partial(sa.bindparam, type_=c.started_at.type)
     duration = sa.func.least(sa.func.greatest(c.duration_s, 0.0), _LONGEST_DURATION_S)
     ended = c.started_at + duration * sa.literal_column("interval '1 second'")
@@ -768,7 +768,7 @@ def _retries_matching(
         in_hours = _among(connection, hour_column, stored)
     else:
         naive = sorted(hour.replace(tzinfo=None) for hour in hours)  # timestamp without time zone
-        in_hours = hour_column == sa.any_(sa.bindparam(None, naive, type_=postgresql.ARRAY(sa.DateTime())))
+        in_hours = hour_column == sa.any_(sa.bindparam(None, naive, type_=sa.ARRAY(sa.DateTime())))
     by_fingerprint = sa.and_(
         in_hours, _among(connection, ATTEMPTS.c.fingerprint, sorted(fingerprints)), started
     )
@@ -946,17 +946,19 @@ def insert_calibration_samples(
     ]
     if not rows:
         return 0
-    connection.execute(_INSERT_SAMPLES[connection.dialect.name], rows)
+    dialect = connection.dialect.name
+    statement = _INSERT_SAMPLES.get(dialect)
+    if statement is None:
+        insert = insert_of(dialect)(CALIBRATION_SAMPLES)
+        statement = _INSERT_SAMPLES[dialect] = insert.on_conflict_do_nothing(index_elements=["attempt_id"])
+    connection.execute(statement, rows)
     return len(rows)
 
 
-_INSERT_SAMPLES = {
-    name: insert(CALIBRATION_SAMPLES).on_conflict_do_nothing(index_elements=["attempt_id"])
-    for name, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
-}
-"""The calibration samples' insert on each backend, built once: a batch binds only its rows. A revision
-of the same attempt (a waste flip, a redelivered batch) carries the same counts, so a conflict is
-ignored."""
+_INSERT_SAMPLES: dict[str, Any] = {}
+"""The calibration samples' insert on each backend, built at its first use: a batch binds only its
+rows. A revision of the same attempt (a waste flip, a redelivered batch) carries the same counts, so
+a conflict is ignored."""
 
 
 def reconcile_calibration_samples(
