@@ -10,6 +10,7 @@ import signal
 import ssl
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -296,6 +297,25 @@ def new_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[st
         yield postgres_schema_url(schema)
     finally:
         _drop_schema(schema)
+
+
+# -- the clock's hours -------------------------------------------------------------------------------
+HOUR_MARGIN_S = 60
+"""How long before the top of an hour ``one_hour_bucket`` waits for the next: longer than any test
+that uses it takes, even under load."""
+
+
+@pytest.fixture
+def one_hour_bucket() -> None:
+    """Start the test in the first 59 minutes of an hour (UTC), waiting for the next hour if need be.
+
+    For a test that sends traffic now and reads it back from one hourly bucket (the usage report's,
+    the hourly rollups'): its traffic then stays in one hour. A test whose assertions hold across the
+    top of an hour (sums over every bucket, records at fixed moments) needs none.
+    """
+    left = 3600 - time.time() % 3600
+    if left < HOUR_MARGIN_S:
+        time.sleep(left + 1)
 
 
 # -- records ----------------------------------------------------------------------------------------

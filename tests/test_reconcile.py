@@ -35,17 +35,9 @@ MODEL = "claude-opus-4-6"
 MESSAGES: Any = [{"role": "user", "content": "Refactor the billing module and explain each change."}]
 SPEC = ResponseSpec(cache_read_tokens=800, cache_write_5m_tokens=120)
 
-# The tests read one hour's bucket: a test that ran across the top of the hour would find its traffic
-# split between two rows (one of them fully seen, say). None takes near this long, even under load.
-HOUR_MARGIN_S = 60
-
-
-@pytest.fixture(autouse=True)
-def _one_hour_bucket() -> None:
-    """Start no test in the last minute of an hour (UTC): wait for the next hour instead."""
-    left = 3600 - time.time() % 3600
-    if left < HOUR_MARGIN_S:
-        time.sleep(left + 1)
+# The tests read the usage report's hourly buckets of traffic they send now: one that ran across the
+# top of the hour would find it split between two rows (one of them fully seen, say).
+pytestmark = pytest.mark.usefixtures("one_hour_bucket")
 
 
 @pytest.fixture
