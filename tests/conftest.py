@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
@@ -61,6 +62,30 @@ def _trust_one_ca_certificate() -> None:
 
 
 _trust_one_ca_certificate()
+
+
+# -- Ctrl-C in the processes the tests start ------------------------------------------------------
+def sigint_by_default() -> None:
+    """``preexec_fn`` of a process a test sends SIGINT: it takes SIGINT by default, as from a shell.
+
+    A test runner started as a background job (``pytest ... &`` in a script) ignores SIGINT, and its
+    children inherit that: a program started ignoring SIGINT rightly keeps ignoring it (``costwatch
+    run``'s program, ``costwatch serve``), so its test waited out its timeout instead (the SIGINT
+    "hangs" of the fifth session's background runs).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def runner_ignoring_sigint() -> Iterator[None]:
+    """The test's process ignores SIGINT while the test runs, as a runner started as a background job
+    does: a test that sends SIGINT to a process it starts then passes only if it starts it with
+    :func:`sigint_by_default`, however the suite was started."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
