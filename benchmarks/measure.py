@@ -2,7 +2,8 @@
 
 A benchmark returns :class:`Measurement` rows; ``run.py`` prints them as one markdown table and
 writes them as JSON. Benchmarks never fail on a slow machine: a missed target is reported in the
-row (``met`` false), not raised.
+row (``met`` false), not raised, and a run that cannot tell says so (``no_verdict``) rather than
+claiming a verdict.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class Measurement:
     target: str = ""
     """The target in words (``<= 1.03``), empty when the row is context rather than a goal."""
     met: bool | None = None
-    """Whether ``value`` meets ``target``; ``None`` when there is no target."""
+    """Whether ``value`` meets ``target``; ``None`` when there is no target, or no verdict."""
+    no_verdict: str = ""
+    """Why a row with a target has no verdict (``below noise``): printed in place of yes or no."""
     detail: Mapping[str, Any] = field(default_factory=dict)
     """The raw numbers behind ``value`` (medians of each side of a ratio, sample counts, ...)."""
 
@@ -134,7 +137,7 @@ def markdown_table(measurements: Iterable[Measurement]) -> str:
         "| --- | --- | --- | ---: | --- | --- |",
     ]
     for m in measurements:
-        met = "" if m.met is None else ("yes" if m.met else "**no**")
+        met = m.no_verdict if m.met is None else ("yes" if m.met else "**no**")
         lines.append(
             f"| {m.benchmark} | {m.case} | {m.metric} | {_format(m.value, m.unit)} | {m.target} | {met} |"
         )
