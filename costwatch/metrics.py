@@ -620,6 +620,12 @@ class MetricsSink:
         self.time_to_drop = histogram(m.TIME_TO_DROP, DURATION_BUCKETS)
         self.attempts_per_request = histogram(m.ATTEMPTS_PER_REQUEST, ATTEMPTS_PER_REQUEST_BUCKETS)
 
+    def use_prices(self, prices: PriceTable) -> None:
+        """Price avoidable waste with ``prices`` from the next batch on (a later ``instrument()``'s
+        table: the process's sink outlives the call that made it)."""
+        with self._lock:
+            self._prices = prices
+
     # -- the Sink protocol -------------------------------------------------------------------------
     def export(self, records: Sequence[AttemptRecord]) -> None:
         """Count a batch of records; idempotent on ``attempt_id`` and ``revision``."""

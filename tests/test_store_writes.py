@@ -357,6 +357,41 @@ def test_abandoned_attempt_and_its_retry_in_one_batch(store: SqlStore) -> None:
     assert_rollups_match_raw_rows(store)
 
 
+def test_a_batch_that_revises_stored_attempts_and_lands_their_retries_counts_each_change_once(
+    store: SqlStore,
+) -> None:
+    """On PostgreSQL the batch's stored abandoned attempts are read before its insert; what its own
+    rows and revisions change in between is accounted for exactly as a read after it would."""
+    stored_abandoned = dropped(1)  # to be revised into a completed attempt, its retry beside it
+    becomes_abandoned = attempt(3)  # to be revised into a dropped one, whose retry is already stored
+    kept_abandoned = dropped(5)  # only a stale revision of it comes again, with its retry
+    store.export([stored_abandoned, becomes_abandoned, kept_abandoned])
+    store.export([attempt(4, logical_request_id="req-3", attempt_number=2)])
+
+    result = store.write(
+        [
+            dataclasses.replace(stored_abandoned, revision=1, wasted=False, waste_reason=None),
+            attempt(2, logical_request_id="req-1", attempt_number=2),
+            dropped(3, revision=1),
+            dataclasses.replace(kept_abandoned, revision=0),
+            attempt(6, logical_request_id="req-5", attempt_number=2),
+            dropped(7),  # new, and its retry in the same batch
+            attempt(8, logical_request_id="req-7", attempt_number=2),
+        ]
+    )
+
+    assert (result.inserted, result.revised, result.reclassified) == (4, 2, 3)
+    reasons = {n: store.attempt(f"att-{n}") for n in (1, 3, 5, 7)}
+    assert {n: (r.wasted, r.waste_reason) for n, r in reasons.items() if r is not None} == {
+        1: (False, None),
+        3: (True, WasteReason.RETRIED),
+        5: (True, WasteReason.RETRIED),
+        7: (True, WasteReason.RETRIED),
+    }
+    assert_rollups_match_raw_rows(store)
+    assert store.rollup_totals(where={"waste_reason": "abandoned"}) == []
+
+
 def test_identical_request_long_after_is_not_a_retry(store: SqlStore) -> None:
     store.export([dropped(1, fingerprint="same-request")])
     store.export(
