@@ -11,16 +11,21 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "Measurement",
     "Timing",
     "alternating_runs",
+    "callgrind_control",
+    "callgrind_dumps",
+    "callgrind_run",
     "environment",
     "markdown_table",
     "median_ratio",
@@ -142,3 +147,58 @@ def markdown_table(measurements: Iterable[Measurement]) -> str:
             f"| {m.benchmark} | {m.case} | {m.metric} | {_format(m.value, m.unit)} | {m.target} | {met} |"
         )
     return "\n".join(lines)
+
+
+# -- instruction counts (valgrind's callgrind), which a loaded machine cannot blur ----------------
+_UNDER_CALLGRIND = "COSTWATCH_BENCH_COUNTING"
+"""Set (to ``1``) in the environment of a process that :func:`callgrind_run` starts."""
+
+
+def callgrind_control(*command: str) -> None:
+    """Tell callgrind about this process (``-i on``, ``-d NAME``, ...); outside :func:`callgrind_run`,
+    nothing."""
+    if os.environ.get(_UNDER_CALLGRIND) == "1":
+        subprocess.run(["callgrind_control", *command, str(os.getpid())], check=True, capture_output=True)
+
+
+def callgrind_run(
+    command: Sequence[str],
+    *,
+    out: Path,
+    stem: str,
+    cwd: str,
+    env: Mapping[str, str],
+    separate_threads: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` under callgrind, counting nothing until it says ``callgrind_control("-i", "on")``;
+    its files go to ``out`` as ``stem.*`` (earlier ones of that stem removed first)."""
+    for old in out.glob(f"{stem}.*"):
+        old.unlink()
+    options = ["--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out / stem}.%p"]
+    if separate_threads:
+        options.insert(2, "--separate-threads=yes")
+    return subprocess.run(
+        ["valgrind", *options, *command],
+        cwd=cwd,
+        env={**env, _UNDER_CALLGRIND: "1"},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+
+
+def callgrind_dumps(out: Path, stem: str, dumps: Collection[str]) -> dict[str, dict[str, int]]:
+    """Instructions in each of the named dumps of one :func:`callgrind_run`, by thread:
+    ``{dump: {thread: instructions}}`` (thread ``""`` when threads were not counted apart)."""
+    found: dict[str, dict[str, int]] = {}
+    for path in out.glob(f"{stem}.*"):
+        trigger, total = None, None
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("desc: Trigger: dump "):
+                trigger = line.removeprefix("desc: Trigger: dump ").strip()
+            elif line.startswith("totals:"):
+                total = int(line.split()[1])
+        if trigger in dumps and total:
+            _, dash, thread = path.name.removeprefix(stem).rpartition("-")
+            found.setdefault(trigger, {})[thread if dash else ""] = total
+    return found

@@ -31,7 +31,7 @@ from costwatch.store.rows import (
     rollup_measures,
 )
 from costwatch.store.schema import ATTEMPTS, ROLLUPS
-from costwatch.store.write import _attempt_rows, _lock_keys
+from costwatch.store.write import _attempt_rows, _lock_keys, _sqlite_utc_text
 
 
 @pytest.fixture
@@ -267,6 +267,22 @@ def test_unusual_values_read_back_unchanged(store: SqlStore) -> None:
     )
     store.export([record])
     assert store.attempt(record.attempt_id) == record
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 12, 4, 2, 30, 59, 999_999, tzinfo=timezone.utc),
+        datetime(2026, 12, 4, 2, 30, 59, 1, tzinfo=timezone.utc),  # the same second, from its text made once
+        datetime(2026, 12, 4, 2, 31, 0, tzinfo=timezone.utc),  # no microseconds: still six digits
+        datetime(2026, 12, 4, 2, 31, 0, 5),  # naive: taken as UTC
+        datetime(2025, 3, 1, 15, 45, 0, 120, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc),  # a four-digit year
+    ],
+)
+def test_a_moment_binds_for_sqlite_as_its_utc_text_to_the_microsecond(moment: datetime) -> None:
+    utc = moment if moment.tzinfo is None else moment.astimezone(timezone.utc).replace(tzinfo=None)
+    assert _sqlite_utc_text(moment) == utc.isoformat(sep=" ", timespec="microseconds")
 
 
 def test_batch_rows_are_stored_exactly_as_sqlalchemy_core_stores_them(store: SqlStore) -> None:

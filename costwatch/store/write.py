@@ -287,15 +287,22 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def _sqlite_utc_text(value: datetime | None) -> str | None:
-    """As :class:`UtcDateTime` and SQLAlchemy bind for SQLite: naive UTC, always with microseconds."""
+    """As :class:`UtcDateTime` and SQLAlchemy bind for SQLite: naive UTC, always with microseconds
+    (``YYYY-MM-DD HH:MM:SS.ffffff``, what ``isoformat(" ", "microseconds")`` gives without an offset)."""
     if value is None:
         return None
-    if value.tzinfo is not None:
-        if value.tzinfo is not timezone.utc:
-            value = value.astimezone(timezone.utc)
-        # Without the "+00:00" (a four-digit year always, so always 26 characters).
-        return value.isoformat(sep=" ", timespec="microseconds")[:26]
-    return value.isoformat(sep=" ", timespec="microseconds")
+    zone = value.tzinfo
+    if zone is not None and zone is not timezone.utc:
+        value = value.astimezone(timezone.utc)
+    # The text up to the second is made once a second: a batch's start times share a few seconds,
+    # and isoformat() costs the writer more than anything else in an attempt's row.
+    second = _second_text(value.year, value.month, value.day, value.hour, value.minute, value.second)
+    return f"{second}.{value.microsecond:06d}"
+
+
+@functools.lru_cache(maxsize=256)
+def _second_text(year: int, month: int, day: int, hour: int, minute: int, second: int) -> str:
+    return f"{year:04d}-{month:02d}-{day:02d} {hour:02d}:{minute:02d}:{second:02d}"
 
 
 def _sqlite_boolean(value: bool | None) -> int | None:
