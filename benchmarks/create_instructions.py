@@ -39,17 +39,9 @@ VARIANTS = ("none", "costwatch", "costwatch, no sinks")
 _PHASES = ("creates", "flush")
 
 
-def _callgrind(*command: str) -> None:
-    if _COUNTING:
-        subprocess.run(["callgrind_control", *command, str(os.getpid())], check=True, capture_output=True)
-
-
-_COUNTING = os.environ.get("COSTWATCH_BENCH_COUNTING") == "1"
-"""Whether this process runs under callgrind (the untimed first process does not)."""
-
-
 def _child(variant: str, url: str, warmup: int, creates: int) -> None:
     import anthropic
+    from measure import callgrind_control
 
     flush: Any = lambda: None  # noqa: E731
     if variant != "none":
@@ -70,32 +62,17 @@ def _child(variant: str, url: str, warmup: int, creates: int) -> None:
         call(i)
     flush()
     collections = [generation["collections"] for generation in gc.get_stats()]
-    _callgrind("-i", "on")
+    callgrind_control("-i", "on")
     for i in range(creates):
         call(warmup + i)
-    _callgrind("-d", "creates")
+    callgrind_control("-d", "creates")
     flush()
-    _callgrind("-d", "flush")
-    _callgrind("-i", "off")
+    callgrind_control("-d", "flush")
+    callgrind_control("-i", "off")
     # A full collection costs tens of millions of instructions: whether one fell in the counted
     # calls moves a create's figure by ~100k (see the README), so each run says how many did.
     after = [generation["collections"] for generation in gc.get_stats()]
     print(json.dumps({"gc": [b - a for a, b in zip(collections, after, strict=True)]}))
-
-
-def _totals(directory: Path, stem: str) -> dict[str, int]:
-    """Instructions per dump of one run, by the trigger's name."""
-    found: dict[str, int] = {}
-    for path in directory.glob(f"{stem}.*"):
-        trigger, total = None, None
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("desc: Trigger: dump "):
-                trigger = line.removeprefix("desc: Trigger: dump ").strip()
-            elif line.startswith("totals:"):
-                total = int(line.split()[1])
-        if trigger in _PHASES and total is not None:
-            found[trigger] = total
-    return found
 
 
 def measure_create_instructions(
@@ -103,6 +80,7 @@ def measure_create_instructions(
 ) -> dict[str, dict[str, int]]:
     """Instructions of each phase (``creates``, ``flush``) for each variant, from one process each."""
     from fake_api_process import fake_api_in_subprocess
+    from measure import callgrind_dumps, callgrind_run
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "PYTHONHASHSEED": "0"}
     env.pop("COSTWATCH_DATABASE_URL", None)
@@ -117,28 +95,11 @@ def measure_create_instructions(
         subprocess.run(prepare, cwd=home, env=env, check=True, capture_output=True)
         for variant in variants:
             stem = "callgrind." + variant.replace(",", "").replace(" ", "-")
-            for old in out.glob(f"{stem}.*"):
-                old.unlink()
-            completed = subprocess.run(
-                [
-                    "valgrind",
-                    "--tool=callgrind",
-                    "--instr-atstart=no",
-                    f"--callgrind-out-file={out / stem}.%p",
-                    sys.executable,
-                    me,
-                    "--child",
-                    variant,
-                    url,
-                    str(warmup),
-                    str(creates),
-                ],
-                cwd=home,
-                env={**env, "COSTWATCH_BENCH_COUNTING": "1"},
-                check=True,
-                capture_output=True,
-            )
-            results[variant] = _totals(out, stem)
+            child = [sys.executable, me, "--child", variant, url, str(warmup), str(creates)]
+            completed = callgrind_run(child, out=out, stem=stem, cwd=home, env=env)
+            results[variant] = {
+                dump: sum(threads.values()) for dump, threads in callgrind_dumps(out, stem, _PHASES).items()
+            }
             gcs = json.loads(completed.stdout.strip().splitlines()[-1])["gc"]
             results[variant].update({f"gc{generation}": count for generation, count in enumerate(gcs)})
     return results

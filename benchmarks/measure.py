@@ -2,7 +2,8 @@
 
 A benchmark returns :class:`Measurement` rows; ``run.py`` prints them as one markdown table and
 writes them as JSON. Benchmarks never fail on a slow machine: a missed target is reported in the
-row (``met`` false), not raised.
+row (``met`` false), not raised, and a run that cannot tell says so (``no_verdict``) rather than
+claiming a verdict.
 """
 
 from __future__ import annotations
@@ -10,16 +11,21 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "Measurement",
     "Timing",
     "alternating_runs",
+    "callgrind_control",
+    "callgrind_dumps",
+    "callgrind_run",
     "environment",
     "markdown_table",
     "median_ratio",
@@ -44,7 +50,9 @@ class Measurement:
     target: str = ""
     """The target in words (``<= 1.03``), empty when the row is context rather than a goal."""
     met: bool | None = None
-    """Whether ``value`` meets ``target``; ``None`` when there is no target."""
+    """Whether ``value`` meets ``target``; ``None`` when there is no target, or no verdict."""
+    no_verdict: str = ""
+    """Why a row with a target has no verdict (``below noise``): printed in place of yes or no."""
     detail: Mapping[str, Any] = field(default_factory=dict)
     """The raw numbers behind ``value`` (medians of each side of a ratio, sample counts, ...)."""
 
@@ -134,8 +142,63 @@ def markdown_table(measurements: Iterable[Measurement]) -> str:
         "| --- | --- | --- | ---: | --- | --- |",
     ]
     for m in measurements:
-        met = "" if m.met is None else ("yes" if m.met else "**no**")
+        met = m.no_verdict if m.met is None else ("yes" if m.met else "**no**")
         lines.append(
             f"| {m.benchmark} | {m.case} | {m.metric} | {_format(m.value, m.unit)} | {m.target} | {met} |"
         )
     return "\n".join(lines)
+
+
+# -- instruction counts (valgrind's callgrind), which a loaded machine cannot blur ----------------
+_UNDER_CALLGRIND = "COSTWATCH_BENCH_COUNTING"
+"""Set (to ``1``) in the environment of a process that :func:`callgrind_run` starts."""
+
+
+def callgrind_control(*command: str) -> None:
+    """Tell callgrind about this process (``-i on``, ``-d NAME``, ...); outside :func:`callgrind_run`,
+    nothing."""
+    if os.environ.get(_UNDER_CALLGRIND) == "1":
+        subprocess.run(["callgrind_control", *command, str(os.getpid())], check=True, capture_output=True)
+
+
+def callgrind_run(
+    command: Sequence[str],
+    *,
+    out: Path,
+    stem: str,
+    cwd: str,
+    env: Mapping[str, str],
+    separate_threads: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` under callgrind, counting nothing until it says ``callgrind_control("-i", "on")``;
+    its files go to ``out`` as ``stem.*`` (earlier ones of that stem removed first)."""
+    for old in out.glob(f"{stem}.*"):
+        old.unlink()
+    options = ["--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out / stem}.%p"]
+    if separate_threads:
+        options.insert(2, "--separate-threads=yes")
+    return subprocess.run(
+        ["valgrind", *options, *command],
+        cwd=cwd,
+        env={**env, _UNDER_CALLGRIND: "1"},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+
+
+def callgrind_dumps(out: Path, stem: str, dumps: Collection[str]) -> dict[str, dict[str, int]]:
+    """Instructions in each of the named dumps of one :func:`callgrind_run`, by thread:
+    ``{dump: {thread: instructions}}`` (thread ``""`` when threads were not counted apart)."""
+    found: dict[str, dict[str, int]] = {}
+    for path in out.glob(f"{stem}.*"):
+        trigger, total = None, None
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("desc: Trigger: dump "):
+                trigger = line.removeprefix("desc: Trigger: dump ").strip()
+            elif line.startswith("totals:"):
+                total = int(line.split()[1])
+        if trigger in dumps and total:
+            _, dash, thread = path.name.removeprefix(stem).rpartition("-")
+            found.setdefault(trigger, {})[thread if dash else ""] = total
+    return found

@@ -36,17 +36,11 @@ VARIANTS = ("none", "costwatch")
 _PHASES = ("loop", "flush")
 _CALIBRATING_STREAMS = 12
 """Streams of the untimed first process: past the ten samples a model's factor reads in full."""
-_COUNTING = os.environ.get("COSTWATCH_BENCH_COUNTING") == "1"
-"""Whether this process runs under callgrind (the untimed first process does not)."""
-
-
-def _callgrind(*command: str) -> None:
-    if _COUNTING:
-        subprocess.run(["callgrind_control", *command, str(os.getpid())], check=True, capture_output=True)
 
 
 def _child(variant: str, url: str, streams: int, events: int) -> None:
     import anthropic
+    from measure import callgrind_control
 
     flush: Any = lambda: None  # noqa: E731
     if variant == "costwatch":
@@ -60,31 +54,15 @@ def _child(variant: str, url: str, streams: int, events: int) -> None:
         "max_tokens": max(1, events - 7),
         "messages": [{"role": "user", "content": "benchmark request: summarise the quarterly report"}],
     }
-    _callgrind("-i", "on")
+    callgrind_control("-i", "on")
     for i in range(streams):
         body["messages"][0]["content"] = f"benchmark request {i}: summarise the quarterly report"
         for _event in client.messages.create(**body, stream=True):
             pass
-    _callgrind("-d", "loop")
+    callgrind_control("-d", "loop")
     flush()
-    _callgrind("-d", "flush")
-    _callgrind("-i", "off")
-
-
-def _totals(directory: Path, stem: str) -> dict[str, dict[str, int]]:
-    """Instructions per dump and thread of one run: {phase: {thread number: instructions}}."""
-    found: dict[str, dict[str, int]] = {}
-    for path in directory.glob(f"{stem}.*"):
-        trigger, total = None, None
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("desc: Trigger: dump "):
-                trigger = line.removeprefix("desc: Trigger: dump ").strip()
-            elif line.startswith("totals:"):
-                total = int(line.split()[1])
-        if trigger in _PHASES and total:
-            thread = path.name.rsplit("-", 1)[-1]
-            found.setdefault(trigger, {})[thread] = total
-    return found
+    callgrind_control("-d", "flush")
+    callgrind_control("-i", "off")
 
 
 def measure_stream_instructions(
@@ -92,6 +70,7 @@ def measure_stream_instructions(
 ) -> dict[str, dict[str, dict[str, int]]]:
     """Instructions of each phase and thread for each variant, from one process each."""
     from fake_api_process import fake_api_in_subprocess
+    from measure import callgrind_dumps, callgrind_run
 
     env = {
         **os.environ,
@@ -112,29 +91,9 @@ def measure_stream_instructions(
         subprocess.run(prepare, cwd=home, env=env, check=True, capture_output=True)
         for variant in variants:
             stem = "callgrind." + variant.replace(",", "").replace(" ", "-")
-            for old in out.glob(f"{stem}.*"):
-                old.unlink()
-            subprocess.run(
-                [
-                    "valgrind",
-                    "--tool=callgrind",
-                    "--instr-atstart=no",
-                    "--separate-threads=yes",
-                    f"--callgrind-out-file={out / stem}.%p",
-                    sys.executable,
-                    me,
-                    "--child",
-                    variant,
-                    url,
-                    str(streams),
-                    str(events),
-                ],
-                cwd=home,
-                env={**env, "COSTWATCH_BENCH_COUNTING": "1"},
-                check=True,
-                capture_output=True,
-            )
-            results[variant] = _totals(out, stem)
+            child = [sys.executable, me, "--child", variant, url, str(streams), str(events)]
+            callgrind_run(child, out=out, stem=stem, cwd=home, env=env, separate_threads=True)
+            results[variant] = callgrind_dumps(out, stem, _PHASES)
     return results
 
 

@@ -31,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import waste_budget
 from .accounting import Accountant, Attempt, in_flight, is_stop, wanted_headers
@@ -48,6 +48,9 @@ from .settings import SettingsError, load_settings
 from .sinks import AttemptListener, Sink
 from .spool import SPOOL_DIR_ENV
 from .stream_meter import BodyMeter
+
+if TYPE_CHECKING:
+    from .metrics import MetricsSink  # imported when metrics are on: prometheus_client
 
 __all__ = ["flush", "instrument", "is_instrumented", "uninstrument"]
 
@@ -673,16 +676,18 @@ def _fleet_calibration(
     return []
 
 
-_metrics_sink: Sink | None = None
+_metrics_sink: MetricsSink | None = None
 
 
 def _process_metrics_sink(config: Any, pipeline: Pipeline, prices: PriceTable) -> Sink:
     # prometheus_client's default registry accepts each metric name once per process, so the sink
     # registered there outlives uninstrument() and serves every later instrument() call. It prices
-    # avoidable waste with the first call's table, given here rather than loaded at its first batch,
-    # on the writer thread beside the application.
+    # avoidable waste with the latest call's table, given here rather than loaded at its first
+    # batch, on the writer thread beside the application.
     global _metrics_sink
-    if _metrics_sink is None:
+    if _metrics_sink is not None:
+        _metrics_sink.use_prices(prices)
+    else:
         from .metrics import MetricsSink
 
         _metrics_sink = MetricsSink(

@@ -494,7 +494,10 @@ class _AttemptSums:
     """What attempts counted under the same labels add up to."""
 
     attempts: int = 0
-    tokens: dict[TokenType, int] = field(default_factory=lambda: dict.fromkeys(TokenType, 0))
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
     cost_usd: float = 0.0
     estimated_output_tokens: int = 0
     durations: list[float] = field(default_factory=list)
@@ -503,16 +506,24 @@ class _AttemptSums:
         """Add one attempt."""
         self.attempts += 1
         usage = record.usage
-        tokens = self.tokens
-        tokens[TokenType.INPUT] += usage.input_tokens
-        tokens[TokenType.OUTPUT] += usage.output_tokens
-        tokens[TokenType.CACHE_READ] += usage.cache_read_tokens
-        tokens[TokenType.CACHE_WRITE] += usage.cache_write_tokens
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.cache_read_tokens += usage.cache_read_tokens
+        self.cache_write_tokens += usage.cache_write_tokens
         if record.cost is not None:
             self.cost_usd += record.cost.total_usd
         if usage.output_estimated:
             self.estimated_output_tokens += usage.estimated_output_tokens
         self.durations.append(record.duration_s)
+
+    def tokens(self) -> dict[TokenType, int]:
+        """The billed tokens keyed by :class:`TokenType`, as :meth:`Usage.by_type` keys them."""
+        return {
+            TokenType.INPUT: self.input_tokens,
+            TokenType.OUTPUT: self.output_tokens,
+            TokenType.CACHE_READ: self.cache_read_tokens,
+            TokenType.CACHE_WRITE: self.cache_write_tokens,
+        }
 
 
 class MetricsSink:
@@ -609,6 +620,12 @@ class MetricsSink:
         self.time_to_drop = histogram(m.TIME_TO_DROP, DURATION_BUCKETS)
         self.attempts_per_request = histogram(m.ATTEMPTS_PER_REQUEST, ATTEMPTS_PER_REQUEST_BUCKETS)
 
+    def use_prices(self, prices: PriceTable) -> None:
+        """Price avoidable waste with ``prices`` from the next batch on (a later ``instrument()``'s
+        table: the process's sink outlives the call that made it)."""
+        with self._lock:
+            self._prices = prices
+
     # -- the Sink protocol -------------------------------------------------------------------------
     def export(self, records: Sequence[AttemptRecord]) -> None:
         """Count a batch of records; idempotent on ``attempt_id`` and ``revision``."""
@@ -678,7 +695,7 @@ class MetricsSink:
             platform = platform_label(platform_name)
             self._add(self.attempts, (model, outcome.value, error_label), sums.attempts)
             self._add(self.platform_attempts, (platform, outcome.value), sums.attempts)
-            for token_type, tokens in sums.tokens.items():
+            for token_type, tokens in sums.tokens().items():
                 self._add(self.billed_tokens, (model, token_type.value), tokens)
                 self._add(self.platform_billed_tokens, (platform, token_type.value), tokens)
             self._add(self.billed_cost, (model, workflow), sums.cost_usd)
@@ -687,8 +704,8 @@ class MetricsSink:
                 self._add(self.unpriced_attempts, (model,), sums.attempts)
                 self._add(self.platform_unpriced_attempts, (platform,), sums.attempts)
             self._add(self.estimated_output_tokens, (model,), sums.estimated_output_tokens)
-            if sums.tokens[TokenType.OUTPUT]:
-                self._add(self.output_tokens, (model, source.value), sums.tokens[TokenType.OUTPUT])
+            if sums.output_tokens:
+                self._add(self.output_tokens, (model, source.value), sums.output_tokens)
             durations = self._series(self.attempt_duration, model, outcome.value)
             for duration in sums.durations:
                 durations.observe(duration)

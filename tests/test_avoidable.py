@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import postgres_schema_url, sample_value, sync_client
-from prometheus_client import CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry
 
 import costwatch
 from costwatch.avoidable import MIN_CACHEABLE_TOKENS, Unknown, avoidable_for_request, avoidable_of_retried
@@ -508,3 +508,44 @@ def test_the_report_and_the_metric_predict_what_caching_the_prefix_then_saves_on
     table = capsys.readouterr().out
     assert "Avoidable with prompt caching: $" in table and " wasted" in table
     assert "logical requests that would gain most" in table
+
+
+def test_the_process_metrics_sink_prices_avoidable_waste_with_the_latest_instrument_s_table():
+    """The process's metrics sink outlives ``uninstrument()``: the next ``instrument(prices=...)``
+    prices the avoidable waste it counts with its own table, not the first call's."""
+    doubled = PriceTable(
+        {
+            model: dataclasses.replace(
+                price,
+                input_usd_per_mtok=2 * price.input_usd_per_mtok,
+                output_usd_per_mtok=2 * price.output_usd_per_mtok,
+            )
+            for model in PRICES.models
+            if (price := PRICES.lookup(model)) is not None
+        },
+        version="doubled",
+        updated=PRICES.updated,
+        source="every rate of the built-in table, doubled",
+    )
+
+    def counted_with(prices: PriceTable) -> float:
+        def total() -> float:
+            labels = {"model": MODEL, "workflow": "nightly"}
+            return sample_value(REGISTRY, "costwatch_avoidable_waste_usd_total", **labels) or 0.0
+
+        pipeline = Pipeline()
+        before = total()
+        # The default sinks without the store: the process's metrics sink alone.
+        assert costwatch.instrument(pipeline=pipeline, store=False, listeners=[], prices=prices)
+        try:
+            with FakeAnthropicServer(ResponseSpec.small(200)) as server:
+                run_workload(server, cache_prefix_on_retry=False)
+            assert costwatch.flush(10)
+        finally:
+            costwatch.uninstrument()
+            pipeline.shutdown()
+        return total() - before
+
+    first = counted_with(PRICES)
+    assert first > 0
+    assert counted_with(doubled) == pytest.approx(2 * first, rel=1e-9)

@@ -1,7 +1,8 @@
 """The benchmarks still run: ``benchmarks/run.py --tiny`` prints its table and writes well-formed JSON.
 
 Benchmarks are not tests: nothing here looks at how fast anything was, only that every benchmark
-ran and reported its measurements in the documented shape, so that they cannot rot unnoticed.
+ran and reported its measurements in the documented shape, so that they cannot rot unnoticed; and
+how a row's verdict is decided from the numbers it is given (no timing either).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+from fresh_process import BELOW_NOISE, create_verdict  # noqa: E402
+from measure import Measurement, markdown_table  # noqa: E402
+
 COLUMNS = "| benchmark | case | metric | result | target | met |"
 
 
@@ -55,10 +60,52 @@ def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(tmp_path: P
         "revision pass",
     }
     for m in measurements:
-        assert set(m) == {"benchmark", "case", "metric", "value", "unit", "target", "met", "detail"}
+        assert set(m) == {
+            "benchmark",
+            "case",
+            "metric",
+            "value",
+            "unit",
+            "target",
+            "met",
+            "no_verdict",
+            "detail",
+        }
         assert isinstance(m["value"], (int, float)) and math.isfinite(m["value"])
         assert m["met"] in (True, False, None)
-        assert (m["met"] is None) == (m["target"] == "" or m["target"].startswith("("))
+        assert m["no_verdict"] in ("", BELOW_NOISE)
+        assert (m["met"] is None) == (
+            m["target"] == "" or m["target"].startswith("(") or m["no_verdict"] != ""
+        )
+        assert m["no_verdict"] == "" or m["target"] != ""
+
+
+def test_a_create_cost_at_or_below_zero_has_no_verdict() -> None:
+    assert create_verdict(-51.5, noise_us=0.0, target_us=100.0) is None
+    assert create_verdict(-51.5, noise_us=30.0, target_us=100.0) is None
+    assert create_verdict(0.0, noise_us=0.0, target_us=100.0) is None
+
+
+def test_a_create_cost_within_the_controls_noise_has_no_verdict_however_it_reads() -> None:
+    assert create_verdict(40.0, noise_us=40.0, target_us=100.0) is None
+    assert create_verdict(250.0, noise_us=600.0, target_us=100.0) is None
+
+
+def test_a_create_cost_above_the_noise_is_held_against_the_target() -> None:
+    assert create_verdict(60.0, noise_us=20.0, target_us=100.0) is True
+    assert create_verdict(100.0, noise_us=20.0, target_us=100.0) is True
+    assert create_verdict(327.0, noise_us=20.0, target_us=100.0) is False
+
+
+def test_a_row_without_a_verdict_prints_why_instead_of_yes_or_no() -> None:
+    rows = [
+        Measurement("fresh process", "create", "per call", -51.5, "us", "<= 100 us", None, BELOW_NOISE),
+        Measurement("fresh process", "create", "per call", 60.0, "us", "<= 100 us", True),
+        Measurement("fresh process", "create", "per call", 327.0, "us", "<= 100 us", False),
+        Measurement("fresh process", "create, control", "per call", 12.0, "us"),
+    ]
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in markdown_table(rows).splitlines()[2:]]
+    assert verdicts == [BELOW_NOISE, "yes", "**no**", ""]
 
 
 @pytest.mark.sdk

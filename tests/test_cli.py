@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from conftest import sigint_by_default
 
 from costwatch.cli import main
 from costwatch.pricing import load_prices
@@ -511,6 +512,7 @@ def _serving(db: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     port = free_port()
     process = subprocess.Popen(
         [str(COSTWATCH), "serve", "--port", str(port), "--db", db],
+        preexec_fn=sigint_by_default,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -549,6 +551,7 @@ def _ended(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the child process in /proc")
+@pytest.mark.usefixtures("runner_ignoring_sigint")
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_serve_renders_in_a_process_of_its_own_that_ends_with_it(known_db, stop):
     with _serving(known_db) as (process, body):

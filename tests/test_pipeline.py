@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import completed_attempt
+from conftest import completed_attempt, sigint_by_default
 
 import costwatch
 import costwatch.pipeline
@@ -374,6 +374,7 @@ CTRL_C_CHILD = textwrap.dedent(
     [("does-not-catch", -signal.SIGINT), ("handles", 0)],
     ids=["uncaught", "caught"],
 )
+@pytest.mark.usefixtures("runner_ignoring_sigint")
 @pytest.mark.timeout(120)
 def test_a_ctrl_c_ends_the_program_as_python_would_after_the_records_are_delivered(
     tmp_path: Path, program: str, ends_with: int
@@ -384,8 +385,7 @@ def test_a_ctrl_c_ends_the_program_as_python_would_after_the_records_are_deliver
     child = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_CHILD, str(delivered), str(tmp_path / "spool"), program],
         env=_child_env(),
-        # A test runner started as a background job ignores SIGINT, and so would this child.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=sigint_by_default,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -17,6 +17,7 @@ from typing import Any
 import anthropic
 import pytest
 import sqlalchemy as sa
+from conftest import sigint_by_default
 
 import costwatch
 from costwatch.cli import main
@@ -26,25 +27,32 @@ from costwatch.records import AttemptRecord, OutputSource, Usage
 from costwatch.store import RollupTotals, SqlStore, create_store_engine
 from costwatch.store.history import iter_attempts
 from costwatch.store.schema import CALIBRATION_SAMPLES, RECONCILIATIONS
-from costwatch.testing import DropProfile, Ending, FakeAnthropicServer, Fault, ResponseSpec
+from costwatch.testing import (
+    DEFAULT_BLOCKS,
+    BlockSpec,
+    DropProfile,
+    Ending,
+    FakeAnthropicServer,
+    Fault,
+    ResponseSpec,
+)
 from costwatch.testing.ledger import LedgerEntry
 from costwatch.testing.usage_report import FAKE_ADMIN_KEY
 
 MODEL = "claude-opus-4-6"
 MESSAGES: Any = [{"role": "user", "content": "Refactor the billing module and explain each change."}]
-SPEC = ResponseSpec(cache_read_tokens=800, cache_write_5m_tokens=120)
+# Every kind of block of the default answer at a fifth of its size (760 output tokens, ~380 deltas): what
+# is checked is the bill and the store agreeing to the token, whatever the size; the SDK's parsing of
+# the default 3,800-token answers was most of this module's CPU.
+SPEC = ResponseSpec(
+    blocks=tuple(BlockSpec(block.kind, block.output_tokens // 5) for block in DEFAULT_BLOCKS),
+    cache_read_tokens=800,
+    cache_write_5m_tokens=120,
+)
 
-# The tests read one hour's bucket: a test that ran across the top of the hour would find its traffic
-# split between two rows (one of them fully seen, say). None takes near this long, even under load.
-HOUR_MARGIN_S = 60
-
-
-@pytest.fixture(autouse=True)
-def _one_hour_bucket() -> None:
-    """Start no test in the last minute of an hour (UTC): wait for the next hour instead."""
-    left = 3600 - time.time() % 3600
-    if left < HOUR_MARGIN_S:
-        time.sleep(left + 1)
+# The tests read the usage report's hourly buckets of traffic they send now: one that ran across the
+# top of the hour would find it split between two rows (one of them fully seen, say).
+pytestmark = pytest.mark.usefixtures("one_hour_bucket")
 
 
 @pytest.fixture
@@ -458,7 +466,7 @@ def _watching(
 
     Only the stream the test reads is a pipe: a pipe nobody drains fills up over many rounds and
     blocks the process in a write, where SIGINT cannot end it. SIGINT is restored to its default in
-    the child: a test runner started as a background job ignores it, and its children would too.
+    the child (conftest's ``sigint_by_default``): a runner started as a background job ignores it.
     """
     env = {
         **os.environ,
@@ -469,7 +477,7 @@ def _watching(
     process = subprocess.Popen(
         [sys.executable, "-m", "costwatch", *argv],
         env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=sigint_by_default,
         stderr=subprocess.PIPE if read == "stderr" else subprocess.DEVNULL,
         stdout=subprocess.PIPE if read == "stdout" else subprocess.DEVNULL,
         text=True,
@@ -482,6 +490,7 @@ def _watching(
             process.wait()
 
 
+@pytest.mark.usefixtures("runner_ignoring_sigint")
 def test_watch_reconciles_the_window_again_each_interval_without_duplicating_rows(db: str) -> None:
     with FakeAnthropicServer(SPEC, usage_lag_s=3600) as fake:
         _instrumented(fake, db, 2)
@@ -505,6 +514,7 @@ def test_watch_reconciles_the_window_again_each_interval_without_duplicating_row
     assert sum(row["reported_requests"] for row in stored) == 2
 
 
+@pytest.mark.usefixtures("runner_ignoring_sigint")
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_watch_stops_cleanly_on_ctrl_c_or_sigterm_in_the_middle_of_its_wait(
     db: str, steady: FakeAnthropicServer, stop: signal.Signals
@@ -524,6 +534,7 @@ def test_watch_stops_cleanly_on_ctrl_c_or_sigterm_in_the_middle_of_its_wait(
     assert sum(row["reported_requests"] for row in _reconciliations(db)) == 1
 
 
+@pytest.mark.usefixtures("runner_ignoring_sigint")
 def test_watch_prints_each_round_in_the_format_asked_and_corrects_a_bucket_once_it_settles(db: str) -> None:
     with FakeAnthropicServer(SPEC, faults=[Fault.cut_after_deltas(20), None], usage_lag_s=3600) as fake:
         _instrumented(fake, db, 2)

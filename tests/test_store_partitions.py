@@ -104,6 +104,40 @@ def test_a_row_no_day_partition_covers_lands_in_the_default_partition_and_moves_
 
 
 @pytest.mark.postgres
+def test_a_long_read_holds_back_the_partitions_ahead_not_the_writes_and_a_later_batch_makes_them(
+    postgres_store: SqlStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Creating a partition needs the table to itself: behind a reader holding it (a long report)
+    the writer gives up after a moment rather than holding every writer queued behind it for
+    seconds; its batch is written all the same (to the DEFAULT partition), and a batch a second or
+    so later, the reader gone, makes the partition and moves the row into it."""
+    last = TODAY.date() + timedelta(days=DAYS_AHEAD)
+    with postgres_store.engine.begin() as connection:  # the store migrated, its partitions made
+        connection.exec_driver_sql(f"DROP TABLE {partition_name(last)}")
+    reader = create_store_engine(postgres_store.url)
+    writer = SqlStore(postgres_store.url)  # a new process's writer: it makes the partitions first
+    try:
+        with reader.connect() as reading:
+            reading.exec_driver_sql("SELECT count(*) FROM costwatch_attempts")  # held until it ends
+            with caplog.at_level("WARNING", logger="costwatch"):
+                writer.write([on_day(1, DAYS_AHEAD)])
+            assert last not in partition_days(postgres_store)
+            assert rows_in(postgres_store, DEFAULT_PARTITION) == {"att-1"}
+            assert "could not create the attempts table's partitions ahead" in caplog.text
+            reading.rollback()
+        deadline = time.monotonic() + 60  # a hang detector: the next try is due a second later
+        while last not in partition_days(postgres_store) and time.monotonic() < deadline:
+            writer.write([on_day(2, 0)])
+            time.sleep(0.2)
+        assert rows_in(postgres_store, partition_name(last)) == {"att-1"}
+        assert rows_in(postgres_store, DEFAULT_PARTITION) == set()
+        assert postgres_store.attempt_count() == 2
+    finally:
+        writer.shutdown()
+        reader.dispose()
+
+
+@pytest.mark.postgres
 def test_redelivery_and_revisions_find_their_row_in_its_day_partition(postgres_store: SqlStore) -> None:
     make_days(postgres_store, -3, 0)
     batch = [on_day(1, -3), dropped(2, started_at=TODAY - timedelta(days=2)), on_day(3, 0)]

@@ -96,6 +96,31 @@ def test_a_nul_in_a_workflow_tag_on_postgresql_is_kept_apart_with_the_databases_
         store.shutdown()
 
 
+def test_a_nul_in_a_logical_request_id_on_postgresql_fails_the_read_before_the_insert_and_is_kept_apart(
+    postgres_schema: str,
+) -> None:
+    """The batch's lookups are sent before its rows (in one pipeline with the rows being built): a
+    value they refuse is isolated like one the insert refuses, and the rest is written exactly."""
+    from conftest import postgres_schema_url
+
+    store = SqlStore(postgres_schema_url(postgres_schema))
+    try:
+        batch = [completed_attempt(n) for n in range(6)]
+        batch[3] = dataclasses.replace(batch[3], logical_request_id="req\x00-3")
+        result = store.write(batch)
+        assert result.inserted == 5
+        assert stored_ids(store) == {"att-0", "att-1", "att-2", "att-4", "att-5"}
+        [row] = rejected_rows(store)
+        assert row["attempt_id"] == "att-3" and "0x00" in row["reason"]
+        [total] = store.rollup_totals()
+        assert total.attempts == 5
+        store.write(batch)  # delivered again: nothing counted twice
+        [total] = store.rollup_totals()
+        assert (total.attempts, len(rejected_rows(store))) == (5, 1)
+    finally:
+        store.shutdown()
+
+
 def test_refusals_are_logged_once_counted_each_and_kept_once_when_delivered_again(
     store: SqlStore, caplog: pytest.LogCaptureFixture
 ) -> None:

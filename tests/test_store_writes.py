@@ -20,7 +20,7 @@ from costwatch.store import ROLLUP_MEASURES, SqlStore
 from costwatch.store.partitions import is_attempt_partition
 from costwatch.store.rows import attempt_row, record_from_row, rollup_delta_rows, rollup_key, rollup_measures
 from costwatch.store.schema import ATTEMPTS, ROLLUPS
-from costwatch.store.write import _lock_keys
+from costwatch.store.write import _lock_keys, _sqlite_utc_text
 
 
 @pytest.fixture
@@ -233,6 +233,22 @@ def test_unusual_values_read_back_unchanged(store: SqlStore) -> None:
     assert store.attempt(record.attempt_id) == record
 
 
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 12, 4, 2, 30, 59, 999_999, tzinfo=timezone.utc),
+        datetime(2026, 12, 4, 2, 30, 59, 1, tzinfo=timezone.utc),  # the same second, from its text made once
+        datetime(2026, 12, 4, 2, 31, 0, tzinfo=timezone.utc),  # no microseconds: still six digits
+        datetime(2026, 12, 4, 2, 31, 0, 5),  # naive: taken as UTC
+        datetime(2025, 3, 1, 15, 45, 0, 120, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc),  # a four-digit year
+    ],
+)
+def test_a_moment_binds_for_sqlite_as_its_utc_text_to_the_microsecond(moment: datetime) -> None:
+    utc = moment if moment.tzinfo is None else moment.astimezone(timezone.utc).replace(tzinfo=None)
+    assert _sqlite_utc_text(moment) == utc.isoformat(sep=" ", timespec="microseconds")
+
+
 def test_batch_rows_are_stored_exactly_as_sqlalchemy_core_stores_them(store: SqlStore) -> None:
     record = dropped(1, started_at=T0, tags={"workflow": "w", "team": "t"}, beta_features=("b",))
     twin = dataclasses.replace(record, attempt_id="att-twin", logical_request_id="req-twin")
@@ -339,6 +355,41 @@ def test_abandoned_attempt_and_its_retry_in_one_batch(store: SqlStore) -> None:
     stored = store.attempt("att-1")
     assert stored is not None and stored.waste_reason is WasteReason.RETRIED
     assert_rollups_match_raw_rows(store)
+
+
+def test_a_batch_that_revises_stored_attempts_and_lands_their_retries_counts_each_change_once(
+    store: SqlStore,
+) -> None:
+    """On PostgreSQL the batch's stored abandoned attempts are read before its insert; what its own
+    rows and revisions change in between is accounted for exactly as a read after it would."""
+    stored_abandoned = dropped(1)  # to be revised into a completed attempt, its retry beside it
+    becomes_abandoned = attempt(3)  # to be revised into a dropped one, whose retry is already stored
+    kept_abandoned = dropped(5)  # only a stale revision of it comes again, with its retry
+    store.export([stored_abandoned, becomes_abandoned, kept_abandoned])
+    store.export([attempt(4, logical_request_id="req-3", attempt_number=2)])
+
+    result = store.write(
+        [
+            dataclasses.replace(stored_abandoned, revision=1, wasted=False, waste_reason=None),
+            attempt(2, logical_request_id="req-1", attempt_number=2),
+            dropped(3, revision=1),
+            dataclasses.replace(kept_abandoned, revision=0),
+            attempt(6, logical_request_id="req-5", attempt_number=2),
+            dropped(7),  # new, and its retry in the same batch
+            attempt(8, logical_request_id="req-7", attempt_number=2),
+        ]
+    )
+
+    assert (result.inserted, result.revised, result.reclassified) == (4, 2, 3)
+    reasons = {n: store.attempt(f"att-{n}") for n in (1, 3, 5, 7)}
+    assert {n: (r.wasted, r.waste_reason) for n, r in reasons.items() if r is not None} == {
+        1: (False, None),
+        3: (True, WasteReason.RETRIED),
+        5: (True, WasteReason.RETRIED),
+        7: (True, WasteReason.RETRIED),
+    }
+    assert_rollups_match_raw_rows(store)
+    assert store.rollup_totals(where={"waste_reason": "abandoned"}) == []
 
 
 def test_identical_request_long_after_is_not_a_retry(store: SqlStore) -> None:

@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import sigint_by_default
 
 import costwatch.otel
 from costwatch.autostart import DIRECTORY, environment
@@ -188,6 +189,7 @@ def test_costwatch_run_passes_the_exit_status_through(tmp_path):
     assert costwatch_run(tmp_path, sys.executable, str(app)).returncode == 7
 
 
+@pytest.mark.usefixtures("runner_ignoring_sigint")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_costwatch_run_passes_signals_to_the_program_and_its_records_are_kept(server, tmp_path, signum):
     app = write_app(
@@ -207,6 +209,7 @@ def test_costwatch_run_passes_signals_to_the_program_and_its_records_are_kept(se
     process = subprocess.Popen(
         [str(BIN / "costwatch"), "run", "--", sys.executable, str(app), server.base_url],
         env=program_env(tmp_path),
+        preexec_fn=sigint_by_default,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

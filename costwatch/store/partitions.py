@@ -49,9 +49,12 @@ DAYS_AHEAD = 7
 DEFAULT_PARTITION = "costwatch_attempts_default"
 """The partition for rows no day partition covers (a clock far off, a day not created yet)."""
 
-LOCK_TIMEOUT_MS = 5_000
-"""How long creating a partition waits for the table's writers before giving up (and trying again
-later): meanwhile new writers queue behind it."""
+LOCK_TIMEOUT_MS = 100
+"""How long one try of creating partitions waits for each of its locks (the attempts table's and its
+DEFAULT partition's exclusive ones among them) before it gives up with ``lock_not_available``
+(SQLSTATE 55P03), to be tried again later: writers queue behind a waiting exclusive request, so this
+is the longest a reader holding the table (a long ``report``) can make them wait for it. Nothing is
+lost meanwhile: rows of a day without its partition land in the DEFAULT partition."""
 
 DETACH_LOCK_TIMEOUT_MS = 100
 """How long one try of a prune's detach waits for its locks (the attempts table's exclusive lock
@@ -128,12 +131,14 @@ def ensure_day_partitions(connection: sa.Connection, first: date, last: date) ->
 
     Rows of those days already in the DEFAULT partition (written before their day's partition
     existed) are moved into the new partition, which is then attached: PostgreSQL refuses to create
-    a partition whose rows the DEFAULT partition holds.
+    a partition whose rows the DEFAULT partition holds. Each lock is waited for at most
+    :data:`LOCK_TIMEOUT_MS`; past that the statement fails (55P03) and the caller's transaction must
+    be rolled back.
     """
     if not is_partitioned(connection):
         return []
-    connection.exec_driver_sql(_LOCK_SQL)
     connection.exec_driver_sql(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+    connection.exec_driver_sql(_LOCK_SQL)
     existing = {partition.day for partition in day_partitions(connection)}
     quote = connection.dialect.identifier_preparer.quote
     created = []

@@ -29,7 +29,7 @@ range, so that on PostgreSQL the read touches the partitions of the range and th
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -40,7 +40,13 @@ from ..avoidable import PromptAttempt, RetriedAlike, RetriedPrompt, RetriedReque
 from ..records import WORKFLOW_LABEL_LENGTH, AttemptRecord
 from .schema import ATTEMPTS, RETRIED_ALIKE, RETRIED_REQUESTS, insert_of
 
-__all__ = ["REQUEST_SPAN", "prepare_retried_statements", "retried_prompts", "update_retried_requests"]
+__all__ = [
+    "REQUEST_SPAN",
+    "prepare_retried_statements",
+    "retried_prompts",
+    "stored_summaries_query",
+    "update_retried_requests",
+]
 
 REQUEST_SPAN = timedelta(days=1)
 """How far before or after a report's range an attempt of one of its retried requests is still read
@@ -502,8 +508,18 @@ def prepare_retried_statements(connection: sa.Connection) -> None:
     _places(connection, _statements_for(connection.dialect.name), [])
 
 
+def stored_summaries_query(dialect: str) -> Any:
+    """The stored summaries of the logical requests ``ids`` (a JSON array parameter), as
+    :func:`update_retried_requests`'s ``stored`` wants them (one row each, keyed by request)."""
+    return _statements_for(dialect).places
+
+
 def update_retried_requests(
-    connection: sa.Connection, added: Sequence[AttemptRecord], removed: Sequence[AttemptRecord]
+    connection: sa.Connection,
+    added: Sequence[AttemptRecord],
+    removed: Sequence[AttemptRecord],
+    *,
+    stored: Mapping[str, Any] | None = None,
 ) -> None:
     """Keep the retried requests' summaries in step with a batch that stored ``added`` (new attempts
     and new revisions) in place of ``removed`` (the revisions those replaced), in its transaction.
@@ -513,13 +529,18 @@ def update_retried_requests(
     this batch's included, that started at most :data:`REQUEST_SPAN` before its earliest attempt
     here: its earlier attempts are its first ones, which an SDK sends seconds to minutes before.
     Reclassifications (``abandoned`` turned ``retried``) are not passed: they change neither an
-    attempt's waste in dollars nor its prompt.
+    attempt's waste in dollars nor its prompt. ``stored``: the stored summaries of (at least) the
+    requests of ``added``, read by :func:`stored_summaries_query` earlier in this transaction, under
+    the batch's locks (the writer reads them while it builds its rows); else they are read now.
     """
     if not added:
         return
     statements = _statements_for(connection.dialect.name)
     request_ids = sorted({record.logical_request_id for record in added})
-    before = _places(connection, statements, request_ids)
+    if stored is None:
+        before = _places(connection, statements, request_ids)
+    else:
+        before = {request_id: stored[request_id] for request_id in request_ids if request_id in stored}
     moved = _deltas(
         [record for record in added if record.logical_request_id in before],
         [record for record in removed if record.logical_request_id in before],

@@ -69,8 +69,11 @@ log = logging.getLogger("costwatch")
 DEFAULT_RETRY_WINDOW = timedelta(seconds=default_of("retry_window_s"))
 """The default of ``COSTWATCH_RETRY_WINDOW``: how soon after a failed attempt ended its retry must start."""
 
+_PARTITIONS_FIRST_RETRY = timedelta(seconds=1)
 _PARTITIONS_RETRY = timedelta(minutes=5)
-"""How soon a writer tries again to create partitions ahead after it could not."""
+"""After a writer could not create partitions ahead (their locks held by a long read), it tries again
+at a batch this much later, doubling from the first to the longest: each try waits at most
+``partitions.LOCK_TIMEOUT_MS`` (0.1 s), so the writers queued behind it are held no longer."""
 
 _live_stores: weakref.WeakSet[SqlStore] = weakref.WeakSet()
 
@@ -124,6 +127,8 @@ class SqlStore:
         self._cutoff_logged = False
         self._partitions_due: datetime | None = datetime.min.replace(tzinfo=timezone.utc)
         """When to create partitions ahead again (PostgreSQL; ``None``: never, as on SQLite)."""
+        self._partitions_pause: timedelta | None = None
+        """After tries that failed in a row, the pause before the next (``None``: the last succeeded)."""
         _live_stores.add(self)
 
     def __repr__(self) -> str:
@@ -209,18 +214,26 @@ class SqlStore:
         """Create the attempts table's day partitions ahead where missing (PostgreSQL only).
 
         ``prepare()`` does it (at ``instrument()``), the writer before its first write and then about
-        every few days; a failure (a lock not granted in time) is logged and tried again five
-        minutes later: meanwhile rows of days without a partition land in the DEFAULT partition,
-        and are moved out when it is created.
+        every few days. One try waits at most ``LOCK_TIMEOUT_MS`` for its locks; a failure (a lock
+        held by a long read) is logged once and tried again at a later batch, a second later at
+        first and then less and less often (up to five minutes): meanwhile rows of days without a
+        partition land in the DEFAULT partition, and are moved out when it is created.
         """
         try:
             self._partitions_due = ensure_partitions_ahead(self.engine)
         except sa.exc.SQLAlchemyError as exc:
-            # Not at every batch: a lock not granted makes each try wait LOCK_TIMEOUT_MS.
-            self._partitions_due = datetime.now(timezone.utc) + _PARTITIONS_RETRY
-            log.warning(
-                "costwatch: could not create the attempts table's partitions ahead (%s)", type(exc).__name__
+            last = self._partitions_pause
+            pause = _PARTITIONS_FIRST_RETRY if last is None else min(2 * last, _PARTITIONS_RETRY)
+            self._partitions_pause = pause
+            self._partitions_due = datetime.now(timezone.utc) + pause
+            (log.warning if last is None else log.debug)(  # once per run of failures
+                "costwatch: could not create the attempts table's partitions ahead (%s); trying again "
+                "in %.0f s, rows of days without one meanwhile in the DEFAULT partition",
+                type(exc).__name__,
+                pause.total_seconds(),
             )
+        else:
+            self._partitions_pause = None
 
     def _count_before_cutoff(self, count: int) -> None:
         with self._lock:

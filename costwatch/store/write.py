@@ -25,7 +25,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -37,7 +38,7 @@ from ..records import AttemptRecord, WasteReason
 from .all_time import ALL_TIME_COLUMNS, all_time_delta_rows
 from .rejected import insert_rejected, rejected_row
 from .retention import as_utc, cutoff_for_writing
-from .retried import prepare_retried_statements, update_retried_requests
+from .retried import prepare_retried_statements, stored_summaries_query, update_retried_requests
 from .rows import (
     ATTEMPT_COLUMNS,
     attempt_row,
@@ -280,15 +281,22 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def _sqlite_utc_text(value: datetime | None) -> str | None:
-    """As :class:`UtcDateTime` and SQLAlchemy bind for SQLite: naive UTC, always with microseconds."""
+    """As :class:`UtcDateTime` and SQLAlchemy bind for SQLite: naive UTC, always with microseconds
+    (``YYYY-MM-DD HH:MM:SS.ffffff``, what ``isoformat(" ", "microseconds")`` gives without an offset)."""
     if value is None:
         return None
-    if value.tzinfo is not None:
-        if value.tzinfo is not timezone.utc:
-            value = value.astimezone(timezone.utc)
-        # Without the "+00:00" (a four-digit year always, so always 26 characters).
-        return value.isoformat(sep=" ", timespec="microseconds")[:26]
-    return value.isoformat(sep=" ", timespec="microseconds")
+    zone = value.tzinfo
+    if zone is not None and zone is not timezone.utc:
+        value = value.astimezone(timezone.utc)
+    # The text up to the second is made once a second: a batch's start times share a few seconds,
+    # and isoformat() costs the writer more than anything else in an attempt's row.
+    second = _second_text(value.year, value.month, value.day, value.hour, value.minute, value.second)
+    return f"{second}.{value.microsecond:06d}"
+
+
+@functools.lru_cache(maxsize=256)
+def _second_text(year: int, month: int, day: int, hour: int, minute: int, second: int) -> str:
+    return f"{year:04d}-{month:02d}-{day:02d} {hour:02d}:{minute:02d}:{second:02d}"
 
 
 def _sqlite_boolean(value: bool | None) -> int | None:
@@ -537,6 +545,8 @@ def prepare_statements(connection: sa.Connection) -> None:
     """
     _statements_for(connection.dialect)
     prepare_retried_statements(connection)
+    if connection.dialect.name == "postgresql":
+        _read_ahead_queries(connection.dialect)
     if connection.dialect.name == "sqlite":  # (on PostgreSQL the cutoff's read would wait for a prune)
         cutoff_for_writing(connection)
         lookups, nothing = _sqlite_lookups(connection), _listed([])
@@ -547,16 +557,22 @@ def prepare_statements(connection: sa.Connection) -> None:
 
 # -- the steps of a batch --------------------------------------------------------------------------
 def _insert_new(
-    connection: sa.Connection, records: Sequence[AttemptRecord], meanwhile: Callable[[], None] | None = None
+    connection: sa.Connection,
+    records: Sequence[AttemptRecord],
+    meanwhile: Callable[[], None] | None = None,
+    *,
+    rows: Sequence[tuple[Any, ...]] | None = None,
 ) -> tuple[list[AttemptRecord], list[AttemptRecord]]:
     """Insert the attempts not stored yet; returns (those inserted, stored revisions of the others).
 
     ``meanwhile`` is called once the rows are sent (on PostgreSQL, while the server inserts them).
+    ``rows``: the records' :func:`~costwatch.store.rows.attempt_values`, if already made.
     """
     statement = _statements_for(connection.dialect).insert_attempts
     if connection.dialect.name == "postgresql":
         # Insert-or-ignore says which rows were new (RETURNING); then lock and read the others.
-        rows = [attempt_values(record) for record in records]
+        if rows is None:
+            rows = [attempt_values(record) for record in records]
         new_ids = set(statement.run(connection, rows, meanwhile))
         others = [record for record in records if record.attempt_id not in new_ids]
         stored: list[AttemptRecord] = []
@@ -732,6 +748,158 @@ def _postgres_abandoned() -> sa.Select[Any]:
     )
 
 
+def _abandoned_parameters(records: Sequence[AttemptRecord], window: timedelta) -> dict[str, Any]:
+    """The parameters of :func:`_postgres_abandoned` for a batch of ``records``.
+
+    An abandoned attempt's retry starts at most _retry_wait after it, and after it: none started
+    earlier than ``first`` or later than the batch's last can have one among the batch (and only
+    the partitions of those days are planned and read).
+    """
+    since = min(record.started_at for record in records) - window
+    return {
+        "request_ids": _postgres_text_array(sorted({record.logical_request_id for record in records})),
+        "fingerprints": _postgres_text_array(
+            sorted({record.fingerprint for record in records if record.fingerprint is not None})
+        ),
+        "since": since,
+        "first": since - timedelta(seconds=_LONGEST_DURATION_S),
+        "last": max(record.started_at for record in records),
+    }
+
+
+@dataclass(frozen=True)
+class _DriverQuery:
+    """A query compiled once to the driver's SQL, so that it can be sent in a pipeline (SQLAlchemy
+    reads a result as soon as it executes): its parameters and rows processed as SQLAlchemy would."""
+
+    sql: str
+    compiled: sa.engine.Compiled
+    binds: Mapping[str, Callable[[Any], Any]]
+    results: tuple[Callable[[Any], Any] | None, ...]
+
+    @classmethod
+    def of(cls, query: sa.Select[Any], dialect: Dialect) -> _DriverQuery:
+        compiled = query.compile(dialect=dialect)
+        binds = {}
+        for bind, name in compiled.bind_names.items():
+            process = bind.type.bind_processor(dialect)
+            if process is not None:
+                binds[name] = process
+        results = tuple(column.type.result_processor(dialect, None) for column in query.selected_columns)
+        return cls(compiled.string, compiled, binds, results)
+
+    def send(self, cursor: Any, values: dict[str, Any]) -> None:
+        """Execute on a driver ``cursor`` (in a pipeline: send)."""
+        parameters = dict(self.compiled.construct_params(values) or {})
+        for name, process in self.binds.items():
+            parameters[name] = process(parameters[name])
+        cursor.execute(self.sql, parameters)
+
+    def mappings(self, cursor: Any) -> list[dict[str, Any]]:
+        """The rows ``cursor`` holds, keyed by column."""
+        names = [column.name for column in cursor.description]
+        results = self.results
+        return [
+            {
+                name: value if process is None else process(value)
+                for name, value, process in zip(names, row, results, strict=True)
+            }
+            for row in cursor.fetchall()
+        ]
+
+
+_read_ahead_compiled: dict[str, tuple[_DriverQuery, _DriverQuery]] = {}
+
+
+def _read_ahead_queries(dialect: Dialect) -> tuple[_DriverQuery, _DriverQuery]:
+    """:func:`_read_ahead`'s two queries, compiled once per driver (as :func:`_statements_for`)."""
+    key = f"{dialect.name}+{dialect.driver}"
+    found = _read_ahead_compiled.get(key)
+    if found is None:
+        found = _read_ahead_compiled[key] = (
+            _DriverQuery.of(_postgres_abandoned(), dialect),
+            _DriverQuery.of(stored_summaries_query(dialect.name), dialect),
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class _ReadAhead:
+    """What a batch's later steps read, read before its insert (PostgreSQL)."""
+
+    abandoned: list[AttemptRecord]
+    """The stored abandoned attempts the batch's keys match, locked (:func:`_postgres_abandoned`)."""
+    summaries: dict[str, Any]
+    """The stored summaries of the batch's logical requests (``update_retried_requests``'s ``stored``)."""
+
+
+def _read_ahead(
+    connection: sa.Connection,
+    batch: Sequence[AttemptRecord],
+    window: timedelta,
+    work: Callable[[], list[tuple[Any, ...]]],
+) -> tuple[_ReadAhead, list[tuple[Any, ...]]]:
+    """Read what :func:`write_batch` reads after the insert, before it, while ``work`` runs (its
+    result is returned beside): the two lookups go in one pipeline, so the server runs them while
+    the writer's Python builds the rows, and they cost one round trip.
+
+    Taken after the batch's advisory locks, what they read cannot change before the batch commits
+    but by the batch itself: its insert and revisions (:func:`_abandoned_after_insert`) and its
+    summaries' update, which runs last.
+    """
+    abandoned, summaries = _read_ahead_queries(connection.dialect)
+    driver: Any = connection.connection.driver_connection
+    dbapi_error = connection.dialect.loaded_dbapi.Error
+    request_ids = json.dumps(sorted({record.logical_request_id for record in batch}))
+    try:
+        with driver.cursor() as found, driver.cursor() as stored:
+            if _pipelines_work():
+                with driver.pipeline():
+                    abandoned.send(found, _abandoned_parameters(batch, window))
+                    summaries.send(stored, {"ids": request_ids})
+                    built = work()
+            else:
+                abandoned.send(found, _abandoned_parameters(batch, window))
+                summaries.send(stored, {"ids": request_ids})
+                built = work()
+            records = [record_from_row(row) for row in abandoned.mappings(found)]
+            by_request = {row["logical_request_id"]: _Summary(row) for row in summaries.mappings(stored)}
+    except dbapi_error as exc:
+        # As SQLAlchemy wraps what the driver raises, so a refused value is told from an outage.
+        raise sa.exc.DBAPIError.instance(
+            abandoned.sql, None, exc, dbapi_error, dialect=connection.dialect
+        ) from exc
+    return _ReadAhead(records, by_request), built
+
+
+class _Summary(dict[str, Any]):
+    """A stored summary's row read ahead, its columns also as attributes (as SQLAlchemy's rows)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _abandoned_after_insert(
+    landed: Sequence[AttemptRecord], found: Sequence[AttemptRecord], replaced: Sequence[AttemptRecord]
+) -> list[AttemptRecord]:
+    """What :func:`_postgres_abandoned` would find after the batch's insert and revisions, from what it
+    found before them (``found``, for the batch's keys: a superset of the landed attempts' keys,
+    whose extra rows ``_is_retry_of`` then turns down) and the batch itself.
+
+    A row the batch replaced (``replaced``: the stored revisions) is found as its new revision is,
+    and every landed attempt that is abandoned is found: it matches its own keys and days.
+    """
+    gone = {(record.attempt_id, record.started_at) for record in replaced}
+    kept = [record for record in found if (record.attempt_id, record.started_at) not in gone]
+    landed_abandoned = [
+        record for record in landed if record.wasted and record.waste_reason is WasteReason.ABANDONED
+    ]
+    return sorted([*kept, *landed_abandoned], key=operator.attrgetter("attempt_id"))
+
+
 def _retries_matching(
     connection: sa.Connection, abandoned: Sequence[AttemptRecord], window: timedelta
 ) -> list[sa.ColumnElement[bool]]:
@@ -776,15 +944,25 @@ def _retries_matching(
 
 
 def _reclassify_retried(
-    connection: sa.Connection, landed: Sequence[AttemptRecord], window: timedelta
+    connection: sa.Connection,
+    landed: Sequence[AttemptRecord],
+    window: timedelta,
+    *,
+    read_ahead: tuple[Sequence[AttemptRecord], Sequence[AttemptRecord]] | None = None,
 ) -> tuple[list[AttemptRecord], list[AttemptRecord]]:
-    """Turn stored ``abandoned`` attempts whose retry is now stored into ``retried``."""
+    """Turn stored ``abandoned`` attempts whose retry is now stored into ``retried``.
+
+    ``read_ahead`` (PostgreSQL): the stored abandoned attempts :func:`_read_ahead` found before the
+    insert, and the stored revisions the batch then replaced; else they are looked up now.
+    """
     if not landed:
         return [], []
-    since = min(record.started_at for record in landed) - window
-    request_ids = sorted({record.logical_request_id for record in landed})
-    fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
-    if connection.dialect.name == "sqlite":
+    if read_ahead is not None:
+        abandoned = _abandoned_after_insert(landed, *read_ahead)
+    elif connection.dialect.name == "sqlite":
+        since = min(record.started_at for record in landed) - window
+        request_ids = sorted({record.logical_request_id for record in landed})
+        fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
         abandoned = _records(
             connection.execute(
                 _sqlite_lookups(connection).abandoned,
@@ -792,21 +970,7 @@ def _reclassify_retried(
             )
         )
     else:
-        # An abandoned attempt's retry starts at most _retry_wait after it, and after it: none started
-        # earlier than this or later than the batch's last can have one among the batch (and only
-        # the partitions of those days are planned and read).
-        abandoned = _records(
-            connection.execute(
-                _postgres_abandoned(),
-                {
-                    "request_ids": _postgres_text_array(request_ids),
-                    "fingerprints": _postgres_text_array(fingerprints),
-                    "since": since,
-                    "first": since - timedelta(seconds=_LONGEST_DURATION_S),
-                    "last": max(record.started_at for record in landed),
-                },
-            )
-        )
+        abandoned = _records(connection.execute(_postgres_abandoned(), _abandoned_parameters(landed, window)))
     if not abandoned:
         return [], []
     landed_ids = {record.attempt_id for record in landed}
@@ -815,11 +979,23 @@ def _reclassify_retried(
     others: list[AttemptRecord] = []
     if new_abandoned:
         others = _select_rows(connection, *_retries_matching(connection, new_abandoned, window), lock=False)
+    # Only attempts sharing a found attempt's logical request or fingerprint can be its retry: the
+    # candidates are gathered for those keys alone (a batch's thousands of attempts are not indexed).
+    wanted_requests = {record.logical_request_id for record in abandoned}
+    wanted_fingerprints = {record.fingerprint for record in abandoned if record.fingerprint is not None}
     by_request: dict[str, list[AttemptRecord]] = {}
     by_fingerprint: dict[str, list[AttemptRecord]] = {}
-    for record in {record.attempt_id: record for record in [*others, *landed]}.values():
-        by_request.setdefault(record.logical_request_id, []).append(record)
-        if record.fingerprint is not None:
+    candidates_by_id: dict[str, AttemptRecord] = {}
+    for record in [*others, *landed]:
+        # A landed revision replaces the stored one it revises, whichever of them is a candidate.
+        if record.logical_request_id in wanted_requests or record.fingerprint in wanted_fingerprints:
+            candidates_by_id[record.attempt_id] = record
+        else:
+            candidates_by_id.pop(record.attempt_id, None)
+    for record in candidates_by_id.values():
+        if record.logical_request_id in wanted_requests:
+            by_request.setdefault(record.logical_request_id, []).append(record)
+        if record.fingerprint in wanted_fingerprints:
             by_fingerprint.setdefault(record.fingerprint, []).append(record)
     added: list[AttemptRecord] = []
     removed: list[AttemptRecord] = []
@@ -909,18 +1085,34 @@ def write_batch(
         if not batch:
             return BatchResult(before_cutoff=len(too_old))
     _lock_requests(connection, batch)
+    read_ahead: _ReadAhead | None = None
+    rows: list[tuple[Any, ...]] | None = None
+    if connection.dialect.name == "postgresql":
+        # What the batch's later steps read (its keys' abandoned attempts, its requests' summaries)
+        # does not depend on its insert: the server reads it while the writer builds the rows.
+        read_ahead, rows = _read_ahead(
+            connection, batch, retry_window, lambda: [attempt_values(record) for record in batch]
+        )
     # The usual batch is all new attempts, nothing reclassified: its rollup deltas are summed while
     # the server inserts it (they are then the very sums computed below), and used if so.
     every_new: list[list[tuple[Any, ...]]] = []
-    inserted, stored = _insert_new(connection, batch, lambda: every_new.append(rollup_delta_rows(batch)))
+    inserted, stored = _insert_new(
+        connection, batch, lambda: every_new.append(rollup_delta_rows(batch)), rows=rows
+    )
     revised, replaced = _apply_revisions(connection, batch, stored)
-    retried, abandoned = _reclassify_retried(connection, [*inserted, *revised], retry_window)
+    retried, abandoned = _reclassify_retried(
+        connection,
+        [*inserted, *revised],
+        retry_window,
+        read_ahead=None if read_ahead is None else (read_ahead.abandoned, replaced),
+    )
     if len(inserted) == len(batch) and not retried:
         deltas = every_new[0]
     else:
         deltas = rollup_delta_rows([*inserted, *revised, *retried], [*replaced, *abandoned])
     _apply_rollups(connection, deltas)
-    update_retried_requests(connection, [*inserted, *revised], replaced)
+    summaries = None if read_ahead is None else read_ahead.summaries
+    update_retried_requests(connection, [*inserted, *revised], replaced, stored=summaries)
     return BatchResult(
         inserted=len(inserted), revised=len(revised), reclassified=len(retried), before_cutoff=len(too_old)
     )
