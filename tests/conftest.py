@@ -4,6 +4,7 @@ schema per test, metric sample readers, and a guard against tests that leak stat
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shutil
 import signal
@@ -63,6 +64,19 @@ def _trust_one_ca_certificate() -> None:
 
 
 _trust_one_ca_certificate()
+
+
+# -- the collector skips what was there before the first test ---------------------------------------
+def pytest_collection_finish() -> None:
+    """Freeze what the test process holds once it has collected (the SDK, SQLAlchemy, every test module
+    and item: some 230,000 objects), so a full collection no longer walks it, only what the tests made.
+
+    Each full collection (the fault matrix asks for one per run, the interpreter for one now and then)
+    took ~0.14 CPU s over that heap, 16 of the fault matrix's 22 CPU s on 2.x. The frozen objects live
+    as long as the process anyway; what a test makes is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 # -- Ctrl-C in the processes the tests start ------------------------------------------------------
