@@ -59,7 +59,8 @@ def tests(session: nox.Session, sdk: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff and mypy over the package."""
+    """ruff (lint and format) and mypy over the package."""
     session.install("-e", ".[dev]", SDK_LINES["2.x"])
     session.run("ruff", "check", "costwatch", "tests", "noxfile.py", "benchmarks")
+    session.run("ruff", "format", "--check", "costwatch", "tests", "noxfile.py", "benchmarks")
     session.run("mypy", "--cache-dir", str(MYPY_CACHE), "costwatch")

@@ -49,7 +49,6 @@ _last_logical_request: contextvars.ContextVar[tuple[object, str] | None] = conte
 )
 
 
-_NO_NAMES: frozenset[str] = frozenset()
 _NO_TOOL_USE: Mapping[str, int] = MappingProxyType({})
 _NO_CHARS: Mapping[str, int] = MappingProxyType({})
 _NO_USAGE = Usage()
@@ -102,10 +101,8 @@ class Accountant:
         started = time.perf_counter()
         wanted = wanted_headers(request.headers.raw) if headers is None else headers
         url = request.url
-        present = _ROUTE_HEADERS.intersection(wanted)  # usually none: no set of names to make
-        route = route_of(
-            url.host, url.path, frozenset(name.decode() for name in present) if present else _NO_NAMES
-        )
+        names = frozenset(name.decode() for name in _ROUTE_HEADERS if name in wanted)
+        route = route_of(url.host, url.path, names)
         tracker = self.tracker
         body = request.content
         # Small bodies are hashed at once; a larger one only if a failure of its size may be resent.

@@ -75,15 +75,6 @@ from .store.retention import PruneLockTimeout
 __all__ = ["run"]
 
 
-
-
-
-
-
-
-
-
-
 # -- the database ----------------------------------------------------------------------------------
 def _resolve_url(text: str | None) -> URL:
     try:
@@ -704,8 +695,6 @@ def _serve(url: URL, port: int, addr: str, err: Console) -> int:
     return 0
 
 
-
-
 def _command_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     url = _resolve_url(args.db)
     _check_migrated(url)
@@ -1166,10 +1155,6 @@ def _command_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     sys.stderr.flush()
     # The program replaces this process: its exit status and the signals sent to it are its own.
     os.execve(executable, command, autostart.environment(environ))
-
-
-
-
 
 
 def _console(*, stderr: bool = False) -> Console:

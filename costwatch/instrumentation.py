@@ -550,13 +550,6 @@ def instrument(
             ),
         )
         added += _fleet_calibration(added, accountant.estimator, price_table, config, accountant.listeners)
-        if sinks is None:
-            # Reading the fleet's calibration pooled a connection: the first write connects afresh
-            # (see SqlStore.prepare), to the database as it then is.
-            for sink in added:
-                close = getattr(sink, "close_connections", None)
-                if callable(close):
-                    guarded("store_prepare", close)
         for sink in added:
             pipeline.add_sink(sink)
         # Only a choice made now: sinks detached later (uninstrument) still make a stream's record a loss.
@@ -661,7 +654,7 @@ def _fleet_calibration(
     """A :class:`~costwatch.calibration.FleetCalibration` over the first sink that stores calibration
     samples (the SQL store), loaded now, and an :class:`~costwatch.revise.EstimateRevision` of that
     store's estimates after it (so a refresh comes before the revisions it makes possible), which
-    tells ``listeners`` of the revisions; none if no sink stores samples."""
+    tells ``listeners`` of the revisions and has read ahead; none if no sink stores samples."""
     from .calibration import FleetCalibration
     from .revise import EstimateRevision
 
@@ -678,6 +671,7 @@ def _fleet_calibration(
                 batch_size=config.batch_size,
                 listeners=listeners,
             )
+            revision.read_ahead()  # its first pass's read, here rather than beside the first requests
             return [calibration, revision]
     return []
 

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
@@ -160,6 +160,8 @@ class EstimateRevision:
         """The estimator's change count at the last pass that read everything it meant to."""
         self._checked: dict[str, tuple[float, ...]] = {}
         """Per model, the calibration factors its window's estimates were last read against."""
+        self._ahead: list[list[AttemptRecord]] = []
+        """Revisions :meth:`read_ahead` found, for the next :meth:`revisions` to hand out first."""
         self._warned = False
         self.revised = 0
         """Revisions this process handed to the pipeline."""
@@ -168,6 +170,29 @@ class EstimateRevision:
 
     def revisions(self, *, final: bool) -> Iterator[list[AttemptRecord]]:
         """Batches of new revisions of stored estimates that moved materially (see the class)."""
+        while self._ahead:
+            batch = self._ahead.pop(0)
+            yield batch
+            self._tell(batch)  # the pipeline has delivered it when the generator resumes
+        for batch in self._pass(final=final):
+            yield batch
+            self._tell(batch)
+
+    def read_ahead(self) -> None:
+        """Run the first pass now, for its revisions to be delivered at the next :meth:`revisions`.
+
+        ``instrument()`` calls it, so that the read of the window (the estimates earlier processes
+        left) is done before the application's first request rather than on the writer thread beside
+        it. It reads one page at most: a window holding more is read on by the writer's first pass.
+        """
+        if self._ahead:
+            return
+        self._ahead = list(self._pass(final=True, pages=1))
+        if self._changes is None:  # it could not read, or not all: the writer's first pass does
+            self._next = 0.0
+
+    def _pass(self, *, final: bool, pages: int | None = None) -> Generator[list[AttemptRecord], None, None]:
+        """One pass (at most ``pages`` pages of each read): the revisions it finds, batch by batch."""
         if self.window_s <= 0 or (not final and self._clock() < self._next):
             return
         self._next = self._clock() + self.refresh_s
@@ -184,14 +209,17 @@ class EstimateRevision:
         known = self._cursor
         try:
             if moved and len(moved) == len(self._checked):  # every model moved: one read of the window
-                yield from self._read(since, after=0, until=None, models=None)
+                whole = yield from self._read(since, after=0, until=None, models=None, pages=pages)
             else:
                 # The estimates stored since the last pass (by any process, with its calibration), each
                 # read once against the calibration of now; then the older ones of the models that moved.
-                yield from self._read(since, after=known, until=None, models=None)
-                if moved:
-                    yield from self._read(since, after=0, until=known, models=tuple(moved))
-            self._checked.update(moved)
+                whole = yield from self._read(since, after=known, until=None, models=None, pages=pages)
+                if moved and whole:
+                    whole = yield from self._read(
+                        since, after=0, until=known, models=tuple(moved), pages=pages
+                    )
+            if moved and whole:
+                self._checked.update(moved)
         except Exception as exc:
             if not self._warned:
                 self._warned = True
@@ -202,12 +230,20 @@ class EstimateRevision:
                     exc,
                 )
             return
-        self._changes = changes
+        if whole:
+            self._changes = changes
 
     def _read(
-        self, since: datetime, *, after: int, until: int | None, models: Collection[str] | None
-    ) -> Iterator[list[AttemptRecord]]:
-        """Read the matching estimates page by page; yield the revisions of those that moved."""
+        self,
+        since: datetime,
+        *,
+        after: int,
+        until: int | None,
+        models: Collection[str] | None,
+        pages: int | None = None,
+    ) -> Generator[list[AttemptRecord], None, bool]:
+        """Read the matching estimates page by page (at most ``pages``); yield the revisions of those that
+        moved. Returns whether it read them all."""
         while True:
             page = self.source.estimated_attempts(
                 since=since, after=after, limit=self.batch_size, until=until, models=models
@@ -227,9 +263,12 @@ class EstimateRevision:
             if batch:
                 self.revised += len(batch)
                 yield batch
-                self._tell(batch)  # the pipeline has delivered it when the generator resumes
             if len(page) < self.batch_size:
-                return
+                return True
+            if pages is not None:
+                pages -= 1
+                if pages <= 0:
+                    return False
 
     def _tell(self, batch: Sequence[AttemptRecord]) -> None:
         for told in self._told:

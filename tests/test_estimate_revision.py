@@ -366,6 +366,45 @@ def test_a_pass_reads_the_whole_window_only_after_the_calibration_moved(store_ur
     assert_rollups_are_the_rows_summed(store_url)
 
 
+def test_reading_ahead_finds_the_first_pass_revisions_before_the_writer_wakes_and_it_reads_no_more(
+    store_url,
+):
+    estimator = calibrated(0.7)
+    store = SqlStore(store_url)
+    revision = reviser(store, estimator, batch_size=7)
+    clock = [0.0]
+    revision._clock = lambda: clock[0]  # no refresh comes due: the writer's passes are not final
+    try:
+        store.write([dropped(f"d{i:02}", 3500, 1000) for i in range(5)])
+        revision.read_ahead()  # at instrument(): one page of the window, the whole window here
+        assert revision.rows_read == 5
+        store.write([dropped("later", 3500, 1000)])  # stored after the read, left to the next pass
+        assert sum(store.write(b).revised for b in revision.revisions(final=False)) == 5
+        assert revision.rows_read == 5  # the writer's first wake-up read nothing
+        assert list(revision.revisions(final=False)) == []
+        assert write_all(store, revision) == 1 and revision.rows_read == 6  # the next pass reads on
+    finally:
+        store.shutdown()
+    assert {r.usage.output_tokens for r in stored(store_url)} == {700}
+    assert_rollups_are_the_rows_summed(store_url)
+
+
+def test_a_window_longer_than_a_page_is_read_on_by_the_writers_first_pass_after_reading_ahead(store_url):
+    estimator = calibrated(0.7)
+    store = SqlStore(store_url)
+    revision = reviser(store, estimator, batch_size=7)
+    revision._clock = lambda: 0.0
+    try:
+        store.write([dropped(f"d{i:02}", 3500, 1000) for i in range(20)])
+        revision.read_ahead()
+        assert revision.rows_read == 7  # one page, at most, before the application's first request
+        assert sum(store.write(b).revised for b in revision.revisions(final=False)) == 20
+        assert revision.rows_read == 20  # the rest read at the writer's first wake-up, once
+    finally:
+        store.shutdown()
+    assert_rollups_are_the_rows_summed(store_url)
+
+
 OTHER_MODEL = "claude-sonnet-4-5"
 
 

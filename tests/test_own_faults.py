@@ -107,6 +107,34 @@ def test_a_store_that_is_down_leaves_streams_working_and_spools_every_record(
     assert f"sink {store_name(url)} failed" in line and "spooling" in line
 
 
+def test_a_sqlite_directory_replaced_after_a_write_spools_the_next_records_not_writing_to_the_old_file(
+    fast_pipeline: Pipeline, bare_texts: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The store keeps its connection open between writes (from instrument() on): one still open on
+    # the removed file would take the records and lose them with it.
+    url = f"sqlite:///{tmp_path / 'store' / 'costwatch.db'}"
+    (tmp_path / "store").mkdir()
+    caplog.set_level(logging.DEBUG, logger="costwatch")
+    costwatch.instrument(pipeline=fast_pipeline, database_url=url, metrics=False, listeners=[])
+    try:
+        with FakeAnthropicServer(ResponseSpec.small(40)) as server:
+            stream_texts(server, calls=1)
+            assert costwatch.flush(20)
+            assert fast_pipeline.health().write_errors == 0  # written to the store
+            shutil.rmtree(tmp_path / "store")
+            (tmp_path / "store").write_text("")
+            texts = stream_texts(server)
+        assert costwatch.flush(20)
+    finally:
+        costwatch.uninstrument()
+    assert texts == bare_texts
+    health = fast_pipeline.health()
+    assert health.write_errors >= 1 and health.dropped == 0
+    assert health.spooled_pending == CALLS
+    (line,) = costwatch_lines(caplog)
+    assert f"sink {store_name(url)} failed" in line and "spooling" in line
+
+
 def test_a_spool_that_cannot_be_written_counts_dropped_records_and_says_so_once(
     tmp_path: Path, bare_texts: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:

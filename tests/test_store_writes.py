@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import math
 from collections import defaultdict
@@ -14,13 +15,23 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import postgres_schema_url
+from sqlalchemy.dialects import postgresql
 
 from costwatch.records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Cost, Outcome, Usage, WasteReason
 from costwatch.store import ROLLUP_MEASURES, SqlStore
 from costwatch.store.partitions import is_attempt_partition
-from costwatch.store.rows import attempt_row, record_from_row, rollup_delta_rows, rollup_key, rollup_measures
+from costwatch.store.rows import (
+    ATTEMPT_COLUMNS,
+    _amounts,
+    _kind,
+    attempt_row,
+    record_from_row,
+    rollup_delta_rows,
+    rollup_key,
+    rollup_measures,
+)
 from costwatch.store.schema import ATTEMPTS, ROLLUPS
-from costwatch.store.write import _lock_keys, _sqlite_utc_text
+from costwatch.store.write import _attempt_rows, _lock_keys, _sqlite_utc_text
 
 
 @pytest.fixture
@@ -205,6 +216,31 @@ def test_reclassification_moves_the_contribution_between_waste_reasons() -> None
 def test_workflow_label_is_truncated_in_rollups() -> None:
     key, _ = rollup_contribution(attempt(1, tags={"workflow": "w" * 500}))
     assert key[5] == "w" * WORKFLOW_LABEL_LENGTH
+
+
+def test_what_a_batch_holds_until_it_commits_is_plain_values_the_garbage_collector_lets_go() -> None:
+    """The attempt rows PostgreSQL's insert copies and the per-attempt rollup terms are tuples of plain
+    values (JSON as its text): the collector untracks them when it first looks at them (a pair of
+    terms at its second look), so a batch's thousands do not reach its oldest generation, where each
+    brings a full collection of the process's heap nearer (benchmarks/README.md, row 9, pg-writes,
+    sixth session)."""
+    records = [
+        dropped(n, beta_features=("context-1m",), server_tool_use={"web_search_requests": 2})
+        for n in range(3)
+    ]
+    rows = _attempt_rows(postgresql.dialect(), records)
+    terms = [(_kind(record), _amounts(record)) for record in records]
+    gc.collect()
+    assert not any(gc.is_tracked(held) for held in [*rows, *(term for pair in terms for term in pair)])
+    gc.collect()
+    assert not any(gc.is_tracked(pair) for pair in terms)
+    [row] = _attempt_rows(postgresql.dialect(), records[:1])
+    values = dict(zip(ATTEMPT_COLUMNS, row, strict=True))
+    assert (values["tags"], values["beta_features"], values["outcome"]) == (
+        '{"workflow": "summarise"}',
+        '["context-1m"]',
+        "dropped",
+    )
 
 
 # -- against the databases ----------------------------------------------------------------------

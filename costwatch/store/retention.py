@@ -83,6 +83,7 @@ class PruneLockTimeout(Exception):
         self.tries = tries
         """How many times it tried."""
 
+
 _LOCK = "hashtext('costwatch.prune:' || current_schema())"
 
 _READ_CUTOFF = sa.select(RETENTION.c.pruned_before)

@@ -14,14 +14,16 @@ import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..records import AttemptRecord, Cost, Outcome, OutputSource, Usage, WasteReason
 from .schema import ATTEMPTS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES
 
 __all__ = [
     "ATTEMPT_COLUMNS",
+    "Conversions",
     "RollupKey",
+    "attempt_conversions",
     "attempt_row",
     "attempt_values",
     "hour_of",
@@ -67,45 +69,31 @@ def rollup_key(record: AttemptRecord) -> RollupKey:
     )
 
 
-class _Kind(NamedTuple):
-    """What, beside its rollup key, decides which measures an attempt's amounts count towards."""
+_Kind = tuple[bool, bool, bool, bool, bool, str]
+"""What, beside its rollup key, decides which measures an attempt's amounts count towards:
+``(dropped, first, wasted, priced, estimated, source)`` (``first``: the logical request's first
+attempt; ``estimated``: its output tokens were; ``source``: its ``OutputSource``'s value).
 
-    dropped: bool
-    first: bool
-    """The logical request's first attempt."""
-    wasted: bool
-    priced: bool
-    estimated: bool
-    """Its output tokens were estimated."""
-    source: OutputSource
+Plain tuples of plain values, as :data:`_Amounts`: the garbage collector untracks such a tuple at
+its first look, so a batch's thousands of them never reach the oldest generation, where each would
+bring a full collection of the process's heap nearer (a named tuple, or an enum member inside, is
+tracked for as long as it lives)."""
 
-
-class _Amounts(NamedTuple):
-    """The numbers an attempt adds to its rollup row, whatever its kind (or attempts' sums)."""
-
-    attempts: int
-    input_tokens: int
-    output_tokens: int
-    cache_read_tokens: int
-    cache_write_tokens: int
-    estimated_output_tokens: int
-    duration_s: float
-    cost_usd: float
-    input_usd: float
-    cache_read_usd: float
-    cache_write_usd: float
-    output_usd: float
-    server_tool_usd: float
+_Amounts = tuple[int, int, int, int, int, int, float, float, float, float, float, float, float]
+"""The numbers an attempt adds to its rollup row, whatever its kind (or attempts' sums):
+``(attempts, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+estimated_output_tokens, duration_s, cost_usd, input_usd, cache_read_usd, cache_write_usd,
+output_usd, server_tool_usd)``."""
 
 
 def _kind(record: AttemptRecord) -> _Kind:
-    return _Kind(
+    return (
         record.outcome is Outcome.DROPPED,
         record.attempt_number == 1,
         record.wasted,
         record.cost is not None,
         record.usage.output_estimated,
-        record.output_source,
+        _enum_value(record.output_source),
     )
 
 
@@ -114,7 +102,7 @@ def _amounts(record: AttemptRecord) -> _Amounts:
     cost = record.cost
     if cost is None:
         cost = _NO_COST
-    return _Amounts(
+    return (
         1,
         usage.input_tokens,
         usage.output_tokens,
@@ -142,20 +130,28 @@ def _measures(kind: _Kind, amounts: _Amounts) -> tuple[float, ...]:
     Each measure is one of the amounts or zero (or, for integers, a sum of them): the measures of
     attempts' summed amounts are the sums of their measures, added in the same order.
     """
-    input_tokens = amounts.input_tokens
-    output_tokens = amounts.output_tokens
-    cache_read = amounts.cache_read_tokens
-    cache_write = amounts.cache_write_tokens
-    count = amounts.attempts
-    wasted = kind.wasted
-    wasted_costs = wasted and kind.priced
-    source = kind.source
-    output_usd = amounts.output_usd
+    dropped, first, wasted, priced, estimated, source = kind
+    (
+        count,
+        input_tokens,
+        output_tokens,
+        cache_read,
+        cache_write,
+        estimated_output_tokens,
+        duration_s,
+        cost_usd,
+        input_usd,
+        cache_read_usd,
+        cache_write_usd,
+        output_usd,
+        server_tool_usd,
+    ) = amounts
+    wasted_costs = wasted and priced
     return _in_measure_order(
         {
             "attempts": count,
-            "dropped_attempts": count if kind.dropped else 0,
-            "logical_requests_started": count if kind.first else 0,
+            "dropped_attempts": count if dropped else 0,
+            "logical_requests_started": count if first else 0,
             "billed_input_tokens": input_tokens,
             "billed_output_tokens": output_tokens,
             "billed_cache_read_tokens": cache_read,
@@ -164,27 +160,34 @@ def _measures(kind: _Kind, amounts: _Amounts) -> tuple[float, ...]:
             "wasted_output_tokens": output_tokens if wasted else 0,
             "wasted_cache_read_tokens": cache_read if wasted else 0,
             "wasted_cache_write_tokens": cache_write if wasted else 0,
-            "billed_cost_usd": amounts.cost_usd,
-            "wasted_cost_usd": amounts.cost_usd if wasted else 0.0,
-            "estimated_output_tokens": amounts.estimated_output_tokens if kind.estimated else 0,
-            "duration_s": amounts.duration_s,
-            "unpriced_attempts": 0 if kind.priced else count,
-            "unpriced_tokens": 0 if kind.priced else input_tokens + output_tokens + cache_read + cache_write,
-            "wasted_input_cost_usd": amounts.input_usd if wasted_costs else 0.0,
-            "wasted_cache_read_cost_usd": amounts.cache_read_usd if wasted_costs else 0.0,
-            "wasted_cache_write_cost_usd": amounts.cache_write_usd if wasted_costs else 0.0,
+            "billed_cost_usd": cost_usd,
+            "wasted_cost_usd": cost_usd if wasted else 0.0,
+            "estimated_output_tokens": estimated_output_tokens if estimated else 0,
+            "duration_s": duration_s,
+            "unpriced_attempts": 0 if priced else count,
+            "unpriced_tokens": 0 if priced else input_tokens + output_tokens + cache_read + cache_write,
+            "wasted_input_cost_usd": input_usd if wasted_costs else 0.0,
+            "wasted_cache_read_cost_usd": cache_read_usd if wasted_costs else 0.0,
+            "wasted_cache_write_cost_usd": cache_write_usd if wasted_costs else 0.0,
             "wasted_output_cost_usd": output_usd if wasted_costs else 0.0,
-            "wasted_server_tool_cost_usd": amounts.server_tool_usd if wasted_costs else 0.0,
-            "reported_output_tokens": output_tokens if source is OutputSource.REPORTED else 0,
-            "counted_output_tokens": output_tokens if source is OutputSource.COUNTED else 0,
-            "reconciled_output_tokens": output_tokens if source is OutputSource.RECONCILED else 0,
-            "reported_output_cost_usd": output_usd if source is OutputSource.REPORTED else 0.0,
-            "estimated_output_cost_usd": output_usd if source is OutputSource.ESTIMATED else 0.0,
-            "counted_output_cost_usd": output_usd if source is OutputSource.COUNTED else 0.0,
-            "reconciled_output_cost_usd": output_usd if source is OutputSource.RECONCILED else 0.0,
+            "wasted_server_tool_cost_usd": server_tool_usd if wasted_costs else 0.0,
+            "reported_output_tokens": output_tokens if source == _REPORTED else 0,
+            "counted_output_tokens": output_tokens if source == _COUNTED else 0,
+            "reconciled_output_tokens": output_tokens if source == _RECONCILED else 0,
+            "reported_output_cost_usd": output_usd if source == _REPORTED else 0.0,
+            "estimated_output_cost_usd": output_usd if source == _ESTIMATED else 0.0,
+            "counted_output_cost_usd": output_usd if source == _COUNTED else 0.0,
+            "reconciled_output_cost_usd": output_usd if source == _RECONCILED else 0.0,
         }
     )
 
+
+_REPORTED, _ESTIMATED, _COUNTED, _RECONCILED = (
+    OutputSource.REPORTED.value,
+    OutputSource.ESTIMATED.value,
+    OutputSource.COUNTED.value,
+    OutputSource.RECONCILED.value,
+)
 
 # The tables order the values: the two functions above name each one, so a new column is added
 # in one place (here by name; a name missing here fails at the first write, and in the tests).
@@ -227,7 +230,7 @@ def _summed_measures(
     """The measures of one key's attempts: ``added`` land, then ``removed`` leave."""
     kind = added[0][0] if added else None
     if kind is not None and not removed and all(other == kind for other, _ in added):
-        return _measures(kind, _Amounts._make(_sum(amounts for _, amounts in added)))
+        return _measures(kind, _sum(amounts for _, amounts in added))
     sums = _sum(_measures(kind, amounts) for kind, amounts in added) if added else _NO_MEASURES
     for kind, amounts in removed:
         sums = tuple(map(operator.sub, sums, _measures(kind, amounts)))
@@ -308,12 +311,36 @@ _CONVERSIONS = tuple(
 )
 
 
-def attempt_values(record: AttemptRecord) -> tuple[Any, ...]:
-    """The ``costwatch_attempts`` row of a record, one value per ``ATTEMPT_COLUMNS`` entry."""
+Conversions = tuple[tuple[int, Callable[[Any], Any]], ...]
+"""Per column index of ``ATTEMPT_COLUMNS`` whose value a row converts, the conversion."""
+
+
+def attempt_values(record: AttemptRecord, conversions: Conversions = _CONVERSIONS) -> tuple[Any, ...]:
+    """The ``costwatch_attempts`` row of a record, one value per ``ATTEMPT_COLUMNS`` entry (with
+    ``conversions`` from :func:`attempt_conversions`, each value as those go on to convert it)."""
     values = list(_read_unpriced(record) if record.cost is None else _read_priced(record))
-    for index, stored in _CONVERSIONS:
-        values[index] = stored(values[index])
+    for index, convert in conversions:
+        values[index] = convert(values[index])
     return tuple(values)
+
+
+def attempt_conversions(then: Sequence[Callable[[Any], Any] | None]) -> Conversions:
+    """The conversions that make :func:`attempt_values`'s rows with each value then converted by
+    ``then``'s entry of its column (``None``: as it is), in one step (make them once)."""
+    steps: list[tuple[int, Callable[[Any], Any]]] = []
+    stored = (_source_of(column, True)[1] for column in ATTEMPT_COLUMNS)
+    for index, (first, second) in enumerate(zip(stored, then, strict=True)):
+        if first is not None and second is not None:
+            steps.append((index, _chained(first, second)))
+        elif first is not None:
+            steps.append((index, first))
+        elif second is not None:
+            steps.append((index, second))
+    return tuple(steps)
+
+
+def _chained(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: second(first(value))
 
 
 def attempt_row(record: AttemptRecord) -> dict[str, Any]:

@@ -118,6 +118,8 @@ class SqlStore:
         )
         self._engine: Engine | None = None
         self._migrated = False
+        self._file: _OpenFile | None = None
+        """The SQLite file the pooled connections have open, with its (device, inode) then."""
         self._lock = threading.Lock()
         self.rejected_records = 0
         """Records this store refused to hold (kept in ``costwatch_rejected_attempts``), this process."""
@@ -138,9 +140,17 @@ class SqlStore:
         with self._lock:
             if self._engine is None:
                 self._engine = create_store_engine(self.url)
+            elif self._file is not None and _file_identity(self._file.path) != self._file.identity:
+                # The file was moved, removed or replaced: the pooled connections still write to the
+                # file that was. Drop them; the next connection opens what the path names now (and a
+                # write there fails, and spools, if the schema is not there).
+                self._engine.dispose()
+                self._file = _sqlite_file(self.url)
             if self.auto_migrate and not self._migrated:
                 ensure_migrated(self._engine)
                 self._migrated = True
+            if self._file is None:
+                self._file = _sqlite_file(self.url)
             return self._engine
 
     def prepare(self) -> None:
@@ -148,15 +158,17 @@ class SqlStore:
 
         ``instrument()`` calls it so that this one-time work is done before the application's first
         request rather than on the writer thread beside it. Raises what connecting or migrating
-        raised; the writer then tries again at each write, spooling meanwhile. No connection is
-        kept open: the first write connects to the database as it then is (a SQLite file moved or
-        removed meanwhile must fail that write and spool, not go to the file that was).
+        raised; the writer then tries again at each write, spooling meanwhile. The connection stays
+        in the pool for the first write, its statements prepared; a SQLite file moved, removed or
+        replaced meanwhile is noticed at that write (see :attr:`engine`), which then connects to
+        what the path names and fails, and spools, rather than going to the file that was.
         """
         engine = self.engine  # the property creates the engine and migrates
         self.ensure_partitions()
         with engine.connect() as connection:
             prepare_statements(connection)  # and the statements' one-time work
-        self.close_connections()
+        with self._lock:
+            self._file = _sqlite_file(self.url)  # the file the pooled connection has open
 
     def close_connections(self) -> None:
         """Close the pooled connections (the engine stays): the next use connects afresh."""
@@ -532,6 +544,29 @@ class SqlStore:
         if self._engine is not None:
             self._engine.dispose(close=False)
         self._lock = threading.Lock()
+
+
+class _OpenFile(NamedTuple):
+    """A SQLite database file and the (device, inode) it had when its connections were opened."""
+
+    path: str
+    identity: tuple[int, int] | None
+
+
+def _sqlite_file(url: URL) -> _OpenFile | None:
+    """The store's SQLite file as it is now; None for PostgreSQL and in-memory SQLite."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    path = os.path.abspath(str(url.database))
+    return _OpenFile(path, _file_identity(path))
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _chars(value: object) -> dict[str, int]:

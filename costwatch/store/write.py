@@ -41,6 +41,8 @@ from .retention import as_utc, cutoff_for_writing
 from .retried import prepare_retried_statements, stored_summaries_query, update_retried_requests
 from .rows import (
     ATTEMPT_COLUMNS,
+    Conversions,
+    attempt_conversions,
     attempt_row,
     attempt_values,
     hour_of,
@@ -121,12 +123,16 @@ class _BulkStatement:
         connection: sa.Connection,
         rows: Sequence[tuple[Any, ...]],
         meanwhile: Callable[[], None] | None = None,
+        *,
+        bound: bool = False,
     ) -> list[Any]:
-        """Insert ``rows`` (tuples in the order of the statement's columns); returns the first value
-        of each row the statement returns (``RETURNING``), else nothing. On PostgreSQL,
-        ``meanwhile`` is called while the server runs the insert; elsewhere, after it."""
+        """Insert ``rows`` (tuples in the order of the statement's columns; ``bound``: each value
+        already converted as :attr:`convert` says, for a statement that leaves out no column);
+        returns the first value of each row the statement returns (``RETURNING``), else nothing.
+        On PostgreSQL, ``meanwhile`` is called while the server runs the insert; elsewhere, after
+        it."""
         sql = self.sql
-        if any(self.convert) or self.nulls is not None:
+        if not bound and (any(self.convert) or self.nulls is not None):
             columns = [
                 values if convert is None else tuple(map(convert, values))
                 for values, convert in zip(zip(*rows, strict=True), self.convert, strict=True)
@@ -566,14 +572,14 @@ def _insert_new(
     """Insert the attempts not stored yet; returns (those inserted, stored revisions of the others).
 
     ``meanwhile`` is called once the rows are sent (on PostgreSQL, while the server inserts them).
-    ``rows``: the records' :func:`~costwatch.store.rows.attempt_values`, if already made.
+    ``rows`` (PostgreSQL): the records' rows already made, by :func:`_attempt_rows`.
     """
     statement = _statements_for(connection.dialect).insert_attempts
     if connection.dialect.name == "postgresql":
         # Insert-or-ignore says which rows were new (RETURNING); then lock and read the others.
         if rows is None:
-            rows = [attempt_values(record) for record in records]
-        new_ids = set(statement.run(connection, rows, meanwhile))
+            rows = _attempt_rows(connection.dialect, records)
+        new_ids = set(statement.run(connection, rows, meanwhile, bound=True))
         others = [record for record in records if record.attempt_id not in new_ids]
         stored: list[AttemptRecord] = []
         if others:
@@ -595,6 +601,25 @@ def _insert_new(
     if meanwhile is not None:
         meanwhile()
     return new, stored
+
+
+def _attempt_rows(dialect: Dialect, records: Sequence[AttemptRecord]) -> list[tuple[Any, ...]]:
+    """The records' attempt rows as PostgreSQL's insert copies them (each value through
+    :attr:`_BulkStatement.convert` too).
+
+    Made row by row in one step, so that no batch-long list holds rows with the tags' dicts (tracked
+    by the garbage collector): those reached its oldest generation by the thousand each batch, and
+    full collections of the process's heap came that much sooner (benchmarks/README.md, row 9). The
+    rows kept are tuples of plain values (JSON as its text), which the collector untracks.
+    """
+    conversions = _attempt_conversions.get(dialect.name)
+    if conversions is None:
+        then = _statements_for(dialect).insert_attempts.convert
+        conversions = _attempt_conversions[dialect.name] = attempt_conversions(then)
+    return [attempt_values(record, conversions) for record in records]
+
+
+_attempt_conversions: dict[str, Conversions] = {}
 
 
 def _is_row_of(connection: sa.Connection, stored: AttemptRecord) -> sa.ColumnElement[bool]:
@@ -1091,7 +1116,7 @@ def write_batch(
         # What the batch's later steps read (its keys' abandoned attempts, its requests' summaries)
         # does not depend on its insert: the server reads it while the writer builds the rows.
         read_ahead, rows = _read_ahead(
-            connection, batch, retry_window, lambda: [attempt_values(record) for record in batch]
+            connection, batch, retry_window, lambda: _attempt_rows(connection.dialect, batch)
         )
     # The usual batch is all new attempts, nothing reclassified: its rollup deltas are summed while
     # the server inserts it (they are then the very sums computed below), and used if so.
