@@ -8,6 +8,7 @@ claiming a verdict.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -110,13 +111,14 @@ def resident_bytes() -> int:
 
 def environment() -> dict[str, Any]:
     """Where the numbers were taken: Python, SDK and HTTP library versions, CPUs."""
+    # Read from the installed distributions, not by importing them: a run of the store's benchmarks
+    # alone never imports the SDK (tests/test_benchmarks_smoke.py runs it on one SDK line only).
     versions: dict[str, Any] = {}
     for name in ("anthropic", "httpx", "httpx2", "sqlalchemy", "costwatch"):
         try:
-            module = __import__(name)
-        except ImportError:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             continue
-        versions[name] = getattr(module, "__version__", "?")
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
