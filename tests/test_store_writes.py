@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql
 
 from costwatch.records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Cost, Outcome, Usage, WasteReason
 from costwatch.store import ROLLUP_MEASURES, SqlStore
+from costwatch.store import write as store_write
 from costwatch.store.partitions import is_attempt_partition
 from costwatch.store.rows import (
     ATTEMPT_COLUMNS,
@@ -426,6 +427,20 @@ def test_a_batch_that_revises_stored_attempts_and_lands_their_retries_counts_eac
     }
     assert_rollups_match_raw_rows(store)
     assert store.rollup_totals(where={"waste_reason": "abandoned"}) == []
+
+
+@pytest.mark.postgres
+def test_without_pipeline_mode_a_batch_reads_ahead_one_statement_after_the_other(
+    postgres_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a libpq older than 14 (no pipeline mode) the lookups are read before the insert all the
+    same, one after the other, with the same result."""
+    monkeypatch.setattr(store_write, "_pipelines_work", lambda: False)
+    store = SqlStore(postgres_schema_url(postgres_schema))
+    try:
+        test_a_batch_that_revises_stored_attempts_and_lands_their_retries_counts_each_change_once(store)
+    finally:
+        store.shutdown()
 
 
 def test_identical_request_long_after_is_not_a_retry(store: SqlStore) -> None:
