@@ -280,12 +280,13 @@ def _run_child(
 
 
 def available_variants(*, peers: bool = True) -> list[str]:
-    """The variants this interpreter can run: peers whose packages are not installed are left out."""
+    """The variants this interpreter can run: the SDK alone, its control and costwatch, then the peers
+    (unless ``peers`` is false) whose packages are installed."""
     import importlib.util
 
-    if not peers:
-        return [NONE, COSTWATCH]
     found = [NONE, CONTROL, COSTWATCH]
+    if not peers:
+        return found
     if importlib.util.find_spec("opentelemetry.instrumentation.anthropic") is not None:
         found.append("OpenLLMetry")
     if importlib.util.find_spec("logfire") is not None:
@@ -380,8 +381,7 @@ def measure_fresh_process(
             for r, b in zip(results[name], base, strict=True)
         ]
 
-    # Without the control (costwatch alone) nothing measures the noise: only the sign can be told.
-    create_noise_us = statistics.median(abs(d) for d in per_call_us(CONTROL)) if CONTROL in results else 0.0
+    create_noise_us = statistics.median(abs(d) for d in per_call_us(CONTROL))
     for name in variants[1:]:
         runs = results[name]
         gated = name == COSTWATCH
