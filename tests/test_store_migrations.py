@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -450,3 +451,26 @@ def test_a_fresh_database_is_migrated_at_start(store_url: str) -> None:
     finally:
         engine.dispose()
     assert migrate.current(store_url) == migrate.head()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_database_that_cannot_be_reached_is_tried_once_by_the_start_up_check(
+    backend: str, tmp_path: Path
+) -> None:
+    """Each try waits out the connect timeout where a server does not answer (5 s by default), and
+    ``instrument()`` makes the check once for each of its reads: it does not try a second time."""
+    with socket.socket() as bound:  # bound, never listening: a connection to it is refused
+        bound.bind(("127.0.0.1", 0))
+        url = {
+            "sqlite": f"sqlite:///{tmp_path / 'no such directory' / 'costwatch.db'}",
+            "postgresql": f"postgresql://costwatch@127.0.0.1:{bound.getsockname()[1]}/costwatch",
+        }[backend]
+        engine = create_store_engine(url)
+        tries: list[object] = []
+        sa.event.listen(engine, "do_connect", lambda *_: tries.append(None))
+        try:
+            with pytest.raises(sa.exc.OperationalError):
+                migrate.ensure_migrated(engine)
+        finally:
+            engine.dispose()
+    assert len(tries) == 1
