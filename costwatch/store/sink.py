@@ -142,14 +142,15 @@ class SqlStore:
                 self._engine = create_store_engine(self.url)
             elif self._file is not None and _file_identity(self._file.path) != self._file.identity:
                 # The file was moved, removed or replaced: the pooled connections still write to the
-                # file that was. Drop them; the next connection opens what the path names now (and a
-                # write there fails, and spools, if the schema is not there).
+                # file that was. Drop them; the next connection opens what the path names now, which
+                # is migrated first (a write fails, and spools, while it cannot be).
                 self._engine.dispose()
-                self._file = _sqlite_file(self.url)
+                self._file = None
+                self._migrated = False
             if self.auto_migrate and not self._migrated:
                 ensure_migrated(self._engine)
                 self._migrated = True
-            if self._file is None:
+            if self._file is None:  # once connected: the file the pooled connection has open
                 self._file = _sqlite_file(self.url)
             return self._engine
 
