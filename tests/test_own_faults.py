@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anthropic
 import pytest
+import sqlalchemy as sa
 from conftest import completed_attempt
 from prometheus_client import CollectorRegistry
 
@@ -172,6 +173,38 @@ def test_a_sqlite_directory_restored_empty_after_an_outage_is_migrated_and_gets_
         assert [store.attempt(f"att-{n}") is not None for n in range(3)] == [False, True, True]
     finally:
         store.shutdown()
+
+
+def test_a_sqlite_file_replaced_while_the_store_prepares_is_noticed_at_the_first_write(
+    tmp_path: Path,
+) -> None:
+    # prepare() leaves its connection in the pool for the first write: the file that connection has
+    # open is the one the store checks the path against, never a file put there after it connected.
+    folder = tmp_path / "store"
+    folder.mkdir()
+    url = f"sqlite:///{folder / 'costwatch.db'}"
+    store = SqlStore(url)
+    replaced: list[Path] = []
+
+    def replace_the_directory(*_: object) -> None:
+        if not replaced:
+            replaced.append(folder.rename(tmp_path / "moved"))
+            folder.mkdir()
+
+    try:
+        engine = store.engine  # created and migrated
+        sa.event.listen(engine, "checkout", replace_the_directory)
+        store.prepare()  # its connection checked out: the directory is replaced under it
+        store.write([completed_attempt(0)])
+    finally:
+        store.shutdown()
+    assert replaced
+    for where, expected in ((folder, 1), (tmp_path / "moved", 0)):
+        reader = SqlStore(f"sqlite:///{where / 'costwatch.db'}")
+        try:
+            assert reader.attempt_count() == expected, where
+        finally:
+            reader.shutdown()
 
 
 def test_a_spool_that_cannot_be_written_counts_dropped_records_and_says_so_once(

@@ -164,12 +164,10 @@ class SqlStore:
         replaced meanwhile is noticed at that write (see :attr:`engine`), which then connects to
         what the path names and fails, and spools, rather than going to the file that was.
         """
-        engine = self.engine  # the property creates the engine and migrates
+        engine = self.engine  # the property creates the engine, migrates and notes the file it opened
         self.ensure_partitions()
         with engine.connect() as connection:
             prepare_statements(connection)  # and the statements' one-time work
-        with self._lock:
-            self._file = _sqlite_file(self.url)  # the file the pooled connection has open
 
     def close_connections(self) -> None:
         """Close the pooled connections (the engine stays): the next use connects afresh."""
