@@ -169,12 +169,6 @@ class SqlStore:
         with engine.connect() as connection:
             prepare_statements(connection)  # and the statements' one-time work
 
-    def close_connections(self) -> None:
-        """Close the pooled connections (the engine stays): the next use connects afresh."""
-        with self._lock:
-            if self._engine is not None:
-                self._engine.dispose()
-
     # -- the Sink side -----------------------------------------------------------------------
     def export(self, records: Sequence[AttemptRecord]) -> None:
         """Write one batch in one transaction; raises (and writes nothing) if the database fails."""
