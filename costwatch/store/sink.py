@@ -20,7 +20,14 @@ from ..avoidable import RetriedAlike, RetriedRequest
 from ..records import AttemptRecord, new_id
 from ..settings import default_of, load_settings
 from ..validation import clean_text
-from .database import READ_ONLY_OPTION, checked_database_url, create_store_engine, database_url, safe_url
+from .database import (
+    READ_ONLY_OPTION,
+    checked_database_url,
+    create_store_engine,
+    database_url,
+    safe_url,
+    sqlite_path,
+)
 from .migrate import ensure_migrated
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
 from .reconciliations import write_reconciliation
@@ -84,8 +91,8 @@ def store_name(url: str | URL) -> str:
     A relative SQLite path is made absolute first, since it names a different file in each directory.
     """
     parsed = database_url(url)
-    path = parsed.database
-    if parsed.get_backend_name() == "sqlite" and path and path != ":memory:":
+    path = sqlite_path(parsed)
+    if path is not None:
         parsed = parsed.set(database=os.path.abspath(path))
     digest = hashlib.blake2b(safe_url(parsed).encode(), digest_size=16).hexdigest()
     return f"sql-{digest[:12]}"
@@ -548,9 +555,10 @@ class _OpenFile(NamedTuple):
 
 def _sqlite_file(url: URL) -> _OpenFile | None:
     """The store's SQLite file as it is now; None for PostgreSQL and in-memory SQLite."""
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+    path = sqlite_path(url)
+    if path is None:
         return None
-    path = os.path.abspath(str(url.database))
+    path = os.path.abspath(path)
     return _OpenFile(path, _file_identity(path))
 
 
