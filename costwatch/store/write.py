@@ -385,8 +385,13 @@ class _Statements:
 _statements: dict[str, _Statements] = {}
 
 
+def _driver_key(dialect: Dialect) -> str:
+    """What the statements compiled for ``dialect`` are kept under: the database and its driver."""
+    return f"{dialect.name}+{dialect.driver}"
+
+
 def _statements_for(dialect: Dialect) -> _Statements:
-    key = f"{dialect.name}+{dialect.driver}"
+    key = _driver_key(dialect)
     found = _statements.get(key)
     if found is not None:
         return found
@@ -612,14 +617,16 @@ def _attempt_rows(dialect: Dialect, records: Sequence[AttemptRecord]) -> list[tu
     full collections of the process's heap came that much sooner (benchmarks/README.md, row 9). The
     rows kept are tuples of plain values (JSON as its text), which the collector untracks.
     """
-    conversions = _attempt_conversions.get(dialect.name)
+    key = _driver_key(dialect)
+    conversions = _attempt_conversions.get(key)
     if conversions is None:
         then = _statements_for(dialect).insert_attempts.convert
-        conversions = _attempt_conversions[dialect.name] = attempt_conversions(then)
+        conversions = _attempt_conversions[key] = attempt_conversions(then)
     return [attempt_values(record, conversions) for record in records]
 
 
 _attempt_conversions: dict[str, Conversions] = {}
+"""Per driver, as the statements whose conversions they follow (:func:`_statements_for`)."""
 
 
 def _is_row_of(connection: sa.Connection, stored: AttemptRecord) -> sa.ColumnElement[bool]:
@@ -838,7 +845,7 @@ _read_ahead_compiled: dict[str, tuple[_DriverQuery, _DriverQuery]] = {}
 
 def _read_ahead_queries(dialect: Dialect) -> tuple[_DriverQuery, _DriverQuery]:
     """:func:`_read_ahead`'s two queries, compiled once per driver (as :func:`_statements_for`)."""
-    key = f"{dialect.name}+{dialect.driver}"
+    key = _driver_key(dialect)
     found = _read_ahead_compiled.get(key)
     if found is None:
         found = _read_ahead_compiled[key] = (
