@@ -802,23 +802,28 @@ def _abandoned_parameters(records: Sequence[AttemptRecord], window: timedelta) -
 @dataclass(frozen=True)
 class _DriverQuery:
     """A query compiled once to the driver's SQL, so that it can be sent in a pipeline (SQLAlchemy
-    reads a result as soon as it executes): its parameters and rows processed as SQLAlchemy would."""
+    reads a result as soon as it executes): its parameters and rows processed as SQLAlchemy would,
+    by the dialect's implementation of each type (``dialect_impl``), as its own execution does."""
 
     sql: str
     compiled: sa.engine.Compiled
     binds: Mapping[str, Callable[[Any], Any]]
-    results: tuple[Callable[[Any], Any] | None, ...]
+    types: tuple[sa.types.TypeEngine[Any], ...]
+    """The selected columns' types as the dialect implements them."""
+    results: dict[tuple[Any, ...], tuple[Callable[[Any], Any] | None, ...]]
+    """The columns' result processors, by the type codes the driver reported (some, as PostgreSQL's
+    floats, depend on them): made at the first result, as SQLAlchemy makes them at each."""
 
     @classmethod
     def of(cls, query: sa.Select[Any], dialect: Dialect) -> _DriverQuery:
         compiled = query.compile(dialect=dialect)
         binds = {}
         for bind, name in compiled.bind_names.items():
-            process = bind.type.bind_processor(dialect)
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if process is not None:
                 binds[name] = process
-        results = tuple(column.type.result_processor(dialect, None) for column in query.selected_columns)
-        return cls(compiled.string, compiled, binds, results)
+        types = tuple(column.type.dialect_impl(dialect) for column in query.selected_columns)
+        return cls(compiled.string, compiled, binds, types, {})
 
     def send(self, cursor: Any, values: dict[str, Any]) -> None:
         """Execute on a driver ``cursor`` (in a pipeline: send)."""
@@ -829,8 +834,15 @@ class _DriverQuery:
 
     def mappings(self, cursor: Any) -> list[dict[str, Any]]:
         """The rows ``cursor`` holds, keyed by column."""
-        names = [column.name for column in cursor.description]
-        results = self.results
+        description = cursor.description
+        names = [column.name for column in description]
+        codes = tuple(column.type_code for column in description)
+        results = self.results.get(codes)
+        if results is None:
+            dialect = self.compiled.dialect
+            results = self.results[codes] = tuple(
+                kind.result_processor(dialect, code) for kind, code in zip(self.types, codes, strict=True)
+            )
         return [
             {
                 name: value if process is None else process(value)
