@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from costwatch.store import ROLLUP_MEASURES, SqlStore
 from costwatch.store import write as store_write
 from costwatch.store.database import create_store_engine
 from costwatch.store.partitions import is_attempt_partition
-from costwatch.store.retried import stored_summaries_query
+from costwatch.store.retried import stored_summaries_parameters, stored_summaries_query
 from costwatch.store.rows import (
     ATTEMPT_COLUMNS,
     _amounts,
@@ -510,7 +509,7 @@ def test_a_batch_reads_ahead_the_rows_sqlalchemy_would_read_nulls_and_every_colu
                     "summaries",
                     stored_summaries_query("postgresql"),
                     summaries,
-                    {"ids": json.dumps(["req-1", "req-3", "req-6"])},
+                    stored_summaries_parameters(["req-1", "req-3", "req-6"]),
                 ),
             ):
                 expected = [dict(row) for row in connection.execute(query, values).mappings()]

@@ -29,7 +29,7 @@ range, so that on PostgreSQL the read touches the partitions of the range and th
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = [
     "REQUEST_SPAN",
     "prepare_retried_statements",
     "retried_prompts",
+    "stored_summaries_parameters",
     "stored_summaries_query",
     "update_retried_requests",
 ]
@@ -508,10 +509,16 @@ def prepare_retried_statements(connection: sa.Connection) -> None:
     _places(connection, _statements_for(connection.dialect.name), [])
 
 
-def stored_summaries_query(dialect: str) -> Any:
-    """The stored summaries of the logical requests ``ids`` (a JSON array parameter), as
-    :func:`update_retried_requests`'s ``stored`` wants them (one row each, keyed by request)."""
-    return _statements_for(dialect).places
+def stored_summaries_query(dialect: str) -> sa.Select[Any]:
+    """The stored summaries of the logical requests its parameters (:func:`stored_summaries_parameters`)
+    name, as :func:`update_retried_requests`'s ``stored`` wants them (one row each, keyed by request)."""
+    query: sa.Select[Any] = _statements_for(dialect).places
+    return query
+
+
+def stored_summaries_parameters(request_ids: Iterable[str]) -> dict[str, str]:
+    """The parameters of :func:`stored_summaries_query` for ``request_ids``: one JSON array of them."""
+    return {"ids": json.dumps(list(request_ids))}
 
 
 def update_retried_requests(
@@ -587,7 +594,7 @@ _PLACE = (
 
 def _places(connection: sa.Connection, statements: _Statements, request_ids: Sequence[str]) -> dict[str, Any]:
     """The stored summaries of these requests: what decides where the report counts each, and its sums."""
-    rows = connection.execute(statements.places, {"ids": json.dumps(list(request_ids))})
+    rows = connection.execute(statements.places, stored_summaries_parameters(request_ids))
     return {row.logical_request_id: row for row in rows}
 
 

@@ -38,7 +38,12 @@ from ..records import AttemptRecord, WasteReason
 from .all_time import ALL_TIME_COLUMNS, all_time_delta_rows
 from .rejected import insert_rejected, rejected_row
 from .retention import as_utc, cutoff_for_writing
-from .retried import prepare_retried_statements, stored_summaries_query, update_retried_requests
+from .retried import (
+    prepare_retried_statements,
+    stored_summaries_parameters,
+    stored_summaries_query,
+    update_retried_requests,
+)
 from .rows import (
     ATTEMPT_COLUMNS,
     Conversions,
@@ -894,17 +899,17 @@ def _read_ahead(
     abandoned, summaries = _read_ahead_queries(connection.dialect)
     driver: Any = connection.connection.driver_connection
     dbapi_error = connection.dialect.loaded_dbapi.Error
-    request_ids = json.dumps(sorted({record.logical_request_id for record in batch}))
+    requests = stored_summaries_parameters(sorted({record.logical_request_id for record in batch}))
     try:
         with driver.cursor() as found, driver.cursor() as stored:
             if _pipelines_work():
                 with driver.pipeline():
                     abandoned.send(found, _abandoned_parameters(batch, window))
-                    summaries.send(stored, {"ids": request_ids})
+                    summaries.send(stored, requests)
                     built = work()
             else:
                 abandoned.send(found, _abandoned_parameters(batch, window))
-                summaries.send(stored, {"ids": request_ids})
+                summaries.send(stored, requests)
                 built = work()
             records = [record_from_row(row) for row in abandoned.mappings(found)]
             by_request = {row["logical_request_id"]: _Summary(row) for row in summaries.mappings(stored)}
