@@ -525,6 +525,33 @@ def test_a_batch_reads_ahead_the_rows_sqlalchemy_would_read_nulls_and_every_colu
     assert {"request_id", "time_to_first_token_s", "endpoint", "input_cost_usd", "prompt_bytes"} <= nulls
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipeline", "one-after-the-other"])
+@pytest.mark.parametrize("failing", ["abandoned", "summaries"])
+def test_a_read_ahead_that_fails_names_the_query_that_failed(
+    postgres_schema: str, monkeypatch: pytest.MonkeyPatch, failing: str, pipeline: bool
+) -> None:
+    monkeypatch.setattr(store_write, "_pipelines_work", lambda: pipeline)
+    if failing == "abandoned":
+        made = store_write._abandoned_parameters
+        monkeypatch.setattr(
+            store_write,
+            "_abandoned_parameters",
+            lambda *args: {**made(*args), "request_ids": "{not an array"},
+        )
+    else:
+        monkeypatch.setattr(store_write, "stored_summaries_parameters", lambda _: {"ids": "not json"})
+    store = SqlStore(postgres_schema_url(postgres_schema))
+    try:
+        with store.engine.connect() as connection:
+            expected = store_write._read_ahead_queries(connection.dialect)[failing == "summaries"].sql
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                store_write._read_ahead(connection, [attempt(1)], timedelta(minutes=10), list)
+    finally:
+        store.shutdown()
+    assert raised.value.statement == expected
+
+
 def test_identical_request_long_after_is_not_a_retry(store: SqlStore) -> None:
     store.export([dropped(1, fingerprint="same-request")])
     store.export(

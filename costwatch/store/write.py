@@ -900,8 +900,8 @@ def _read_ahead(
     driver: Any = connection.connection.driver_connection
     dbapi_error = connection.dialect.loaded_dbapi.Error
     requests = stored_summaries_parameters(sorted({record.logical_request_id for record in batch}))
-    try:
-        with driver.cursor() as found, driver.cursor() as stored:
+    with driver.cursor() as found, driver.cursor() as stored:
+        try:
             if _pipelines_work():
                 with driver.pipeline():
                     abandoned.send(found, _abandoned_parameters(batch, window))
@@ -913,12 +913,23 @@ def _read_ahead(
                 built = work()
             records = [record_from_row(row) for row in abandoned.mappings(found)]
             by_request = {row["logical_request_id"]: _Summary(row) for row in summaries.mappings(stored)}
-    except dbapi_error as exc:
-        # As SQLAlchemy wraps what the driver raises, so a refused value is told from an outage.
-        raise sa.exc.DBAPIError.instance(
-            abandoned.sql, None, exc, dbapi_error, dialect=connection.dialect
-        ) from exc
+        except dbapi_error as exc:
+            # As SQLAlchemy wraps what the driver raises, so a refused value is told from an outage,
+            # with the query that failed: the first whose result did not come (a pipeline raises
+            # at its end, whichever failed).
+            failed = summaries if _has_result(found) else abandoned
+            raise sa.exc.DBAPIError.instance(
+                failed.sql, None, exc, dbapi_error, dialect=connection.dialect
+            ) from exc
     return _ReadAhead(records, by_request), built
+
+
+def _has_result(cursor: Any) -> bool:
+    """Whether a psycopg ``cursor`` holds its query's rows (not an error, nor nothing yet)."""
+    import psycopg
+
+    result = cursor.pgresult
+    return result is not None and result.status == psycopg.pq.ExecStatus.TUPLES_OK
 
 
 class _Summary(dict[str, Any]):
