@@ -23,7 +23,7 @@ from costwatch.store import ROLLUP_MEASURES, SqlStore
 from costwatch.store import write as store_write
 from costwatch.store.database import create_store_engine
 from costwatch.store.partitions import is_attempt_partition
-from costwatch.store.retried import stored_summaries_parameters, stored_summaries_query
+from costwatch.store.retried import StoredSummary, stored_summaries_parameters, stored_summaries_query
 from costwatch.store.rows import (
     ATTEMPT_COLUMNS,
     _amounts,
@@ -517,8 +517,12 @@ def test_a_batch_reads_ahead_the_rows_sqlalchemy_would_read_nulls_and_every_colu
                     sent.send(cursor, values)
                     assert sent.mappings(cursor) == expected, name
                 read[name] = expected
+            ahead, _ = store_write._read_ahead(connection, batch, window, list)
     finally:
         store.shutdown()
+    # What the batch's later steps are handed: records, and summaries as plain typed tuples.
+    assert ahead.abandoned == [store_write.record_from_row(row) for row in read["abandoned"]]
+    assert ahead.summaries == {"req-3": StoredSummary(**read["summaries"][0])}
     assert [row["attempt_id"] for row in read["abandoned"]] == ["att-1", "att-6"]
     assert [row["logical_request_id"] for row in read["summaries"]] == ["req-3"]
     nulls = {column for row in read["abandoned"] for column, value in row.items() if value is None}

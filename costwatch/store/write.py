@@ -39,6 +39,7 @@ from .all_time import ALL_TIME_COLUMNS, all_time_delta_rows
 from .rejected import insert_rejected, rejected_row
 from .retention import as_utc, cutoff_for_writing
 from .retried import (
+    StoredSummary,
     prepare_retried_statements,
     stored_summaries_parameters,
     stored_summaries_query,
@@ -878,7 +879,7 @@ class _ReadAhead:
 
     abandoned: list[AttemptRecord]
     """The stored abandoned attempts the batch's keys match, locked (:func:`_postgres_abandoned`)."""
-    summaries: dict[str, Any]
+    summaries: dict[str, StoredSummary]
     """The stored summaries of the batch's logical requests (``update_retried_requests``'s ``stored``)."""
 
 
@@ -912,7 +913,9 @@ def _read_ahead(
                 summaries.send(stored, requests)
                 built = work()
             records = [record_from_row(row) for row in abandoned.mappings(found)]
-            by_request = {row["logical_request_id"]: _Summary(row) for row in summaries.mappings(stored)}
+            by_request = {
+                row["logical_request_id"]: StoredSummary(**row) for row in summaries.mappings(stored)
+            }
         except dbapi_error as exc:
             # As SQLAlchemy wraps what the driver raises, so a refused value is told from an outage,
             # with the query that failed: the first whose result did not come (a pipeline raises
@@ -930,16 +933,6 @@ def _has_result(cursor: Any) -> bool:
 
     result = cursor.pgresult
     return result is not None and result.status == psycopg.pq.ExecStatus.TUPLES_OK
-
-
-class _Summary(dict[str, Any]):
-    """A stored summary's row read ahead, its columns also as attributes (as SQLAlchemy's rows)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 def _abandoned_after_insert(
