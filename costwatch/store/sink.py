@@ -29,6 +29,7 @@ from .database import (
     sqlite_path,
 )
 from .migrate import ensure_migrated
+from .partitions import held_by_another_creator
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
 from .reconciliations import write_reconciliation
 from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
@@ -136,6 +137,8 @@ class SqlStore:
         """When to create partitions ahead again (PostgreSQL; ``None``: never, as on SQLite)."""
         self._partitions_pause: timedelta | None = None
         """After tries that failed in a row, the pause before the next (``None``: the last succeeded)."""
+        self._partitions_warned = False
+        """Whether this run of failed tries was logged as a warning."""
         _live_stores.add(self)
 
     def __repr__(self) -> str:
@@ -215,9 +218,12 @@ class SqlStore:
 
         ``prepare()`` does it (at ``instrument()``), the writer before its first write and then about
         every few days. One try waits at most ``LOCK_TIMEOUT_MS`` for its locks; a failure (a lock
-        held by a long read) is logged once and tried again at a later batch, a second later at
-        first and then less and less often (up to five minutes): meanwhile rows of days without a
-        partition land in the DEFAULT partition, and are moved out when it is created.
+        held by a long read) is logged once as a warning and tried again at a later batch, a second
+        later at first and then less and less often (up to five minutes): meanwhile rows of days
+        without a partition land in the DEFAULT partition, and are moved out when it is created. A
+        first try that found another process creating them (a fleet starting on a day without them)
+        is only a debug line: they are usually there at the next try, and a warning comes only if
+        that one fails too.
         """
         try:
             self._partitions_due = ensure_partitions_ahead(self.engine)
@@ -226,7 +232,9 @@ class SqlStore:
             pause = _PARTITIONS_FIRST_RETRY if last is None else min(2 * last, _PARTITIONS_RETRY)
             self._partitions_pause = pause
             self._partitions_due = datetime.now(timezone.utc) + pause
-            (log.warning if last is None else log.debug)(  # once per run of failures
+            warn = not self._partitions_warned and not (last is None and held_by_another_creator(exc))
+            self._partitions_warned |= warn
+            (log.warning if warn else log.debug)(  # once per run of failures
                 "costwatch: could not create the attempts table's partitions ahead (%s); trying again "
                 "in %.0f s, rows of days without one meanwhile in the DEFAULT partition",
                 type(exc).__name__,
@@ -234,6 +242,7 @@ class SqlStore:
             )
         else:
             self._partitions_pause = None
+            self._partitions_warned = False
 
     def _count_before_cutoff(self, count: int) -> None:
         with self._lock:
