@@ -18,6 +18,7 @@ from sqlalchemy.schema import CreateIndex
 
 from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
 from costwatch.store import SqlStore, create_store_engine, database_url, metadata, migrate, safe_url
+from costwatch.store.database import sqlite_path
 from costwatch.store.partitions import is_attempt_partition
 from costwatch.store.rows import attempt_row
 from costwatch.store.schema import ATTEMPTS, VERSION_TABLE
@@ -234,6 +235,22 @@ def test_store_creates_and_migrates_its_database_on_first_use(store_url: str) ->
         assert migrate.current(store_url) == migrate.head()
     finally:
         store.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///costwatch.db", "costwatch.db"),
+        ("sqlite:////var/lib/costwatch.db", "/var/lib/costwatch.db"),
+        ("sqlite:///file:costwatch.db?uri=true", "file:costwatch.db"),
+        ("sqlite://", None),
+        ("sqlite:///:memory:", None),
+        ("postgresql://costwatch@localhost/costwatch", None),
+    ],
+)
+def test_a_url_names_a_sqlite_file_unless_in_memory_or_another_backend(url: str, path: str | None) -> None:
+    """The one reading of a URL's SQLite file that the store, its engine and the CLI share."""
+    assert sqlite_path(database_url(url)) == path
 
 
 def test_default_url_is_a_sqlite_file_in_the_working_directory(
