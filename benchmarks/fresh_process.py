@@ -18,7 +18,10 @@ starts: it imports the SDK, installs one variant, then times its own loop of ``s
 Each round starts one process per variant in rotated order; a ratio is the median over rounds of
 (variant / ``none`` of the same round), so a slow phase of a shared machine hits both sides of a
 pair. The stream loop is timed on the wall clock and on ``time.process_time`` (every thread of the
-process: costwatch's writer included). A create's CPU is ``process_time`` over the calls and a
+process: costwatch's writer included); a loop row is held against its target by the 95% interval of
+that median (:func:`median_interval`), and one whose interval spans the target has no verdict
+(:func:`ratio_verdict`): on a 2-core machine a pair's ratio moves by ~10%, so nine rounds tell
+1.03 from 1.10, not from 1.05. A create's CPU is ``process_time`` over the calls and a
 final flush of what the variant still holds, minus ``none``'s, per call; the control's distance
 from ``none`` the same way is the run's noise, and a difference within it has no verdict
 (:func:`create_verdict`). The costwatch processes
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -42,7 +46,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BELOW_NOISE", "PEERS", "create_verdict", "measure_fresh_process"]
+__all__ = [
+    "BELOW_NOISE",
+    "PEERS",
+    "SPANS_TARGET",
+    "TOO_FEW_ROUNDS",
+    "create_verdict",
+    "measure_fresh_process",
+    "median_interval",
+    "ratio_verdict",
+]
 
 MODEL = "claude-opus-4-6"
 NONE = "none"
@@ -54,6 +67,8 @@ INSTRUMENT_TARGET_MS = 150.0
 CREATE_TARGET_US = 100.0
 _CHILD_TIMEOUT_S = 600.0
 BELOW_NOISE = "below noise"
+SPANS_TARGET = "interval spans target"
+TOO_FEW_ROUNDS = "too few rounds"
 _CALIBRATED_RUNS = 5
 """Fresh processes timed on the calibrated store (at most: no more than rounds)."""
 
@@ -68,6 +83,43 @@ def create_verdict(difference_us: float, noise_us: float, target_us: float) -> b
     if difference_us <= max(noise_us, 0.0):
         return None
     return difference_us <= target_us
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of what ``values`` sample, or ``None`` if too few.
+
+    The interval runs between two order statistics, chosen from the binomial distribution so that
+    the median lies inside it with at least ``confidence`` whatever the distribution (at 95%: from
+    6 values; with 9, the second smallest to the second largest).
+    """
+    n = len(values)
+    tail = (1.0 - confidence) / 2
+    below, k = 0.0, 0  # P(fewer than k+1 values fall below the median), for k = 0, 1, ...
+    while True:
+        below += math.comb(n, k) / 2**n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
+def ratio_verdict(ratios: Sequence[float], target: float) -> bool | None:
+    """Whether a loop's ratio meets ``target``; ``None``: its 95% interval spans it (the run cannot tell).
+
+    Met when the whole interval of the median is at or under the target, missed when it is all above.
+    """
+    interval = median_interval(ratios)
+    if interval is None:
+        return None
+    low, high = interval
+    if high <= target:
+        return True
+    if low > target:
+        return False
+    return None
 
 
 # -- the child: one fresh process, one variant ------------------------------------------------------
@@ -228,12 +280,13 @@ def _run_child(
 
 
 def available_variants(*, peers: bool = True) -> list[str]:
-    """The variants this interpreter can run: peers whose packages are not installed are left out."""
+    """The variants this interpreter can run: the SDK alone, its control and costwatch, then the peers
+    (unless ``peers`` is false) whose packages are installed."""
     import importlib.util
 
-    if not peers:
-        return [NONE, COSTWATCH]
     found = [NONE, CONTROL, COSTWATCH]
+    if not peers:
+        return found
     if importlib.util.find_spec("opentelemetry.instrumentation.anthropic") is not None:
         found.append("OpenLLMetry")
     if importlib.util.find_spec("logfire") is not None:
@@ -328,8 +381,7 @@ def measure_fresh_process(
             for r, b in zip(results[name], base, strict=True)
         ]
 
-    # Without the control (costwatch alone) nothing measures the noise: only the sign can be told.
-    create_noise_us = statistics.median(abs(d) for d in per_call_us(CONTROL)) if CONTROL in results else 0.0
+    create_noise_us = statistics.median(abs(d) for d in per_call_us(CONTROL))
     for name in variants[1:]:
         runs = results[name]
         gated = name == COSTWATCH
@@ -339,17 +391,25 @@ def measure_fresh_process(
             ("loop CPU vs SDK alone", "loop_cpu_s"),
         ):
             ratios = [r[key] / b[key] for r, b in zip(runs, base, strict=True)]
-            ratio = statistics.median(ratios)
+            interval = median_interval(ratios)
+            met = ratio_verdict(ratios, RATIO_TARGET) if gated else None
             rows.append(
                 Measurement(
                     benchmark="fresh process",
                     case=case,
                     metric=metric,
-                    value=ratio,
+                    value=statistics.median(ratios),
                     unit="ratio",
                     target=f"<= {RATIO_TARGET}" if gated else "",
-                    met=(ratio <= RATIO_TARGET) if gated else None,
-                    detail={"pairs": len(runs), "ratios": [round(r, 4) for r in ratios]},
+                    met=met,
+                    no_verdict=""
+                    if not gated or met is not None
+                    else (SPANS_TARGET if interval else TOO_FEW_ROUNDS),
+                    detail={
+                        "pairs": len(runs),
+                        "interval_95": [round(x, 4) for x in interval] if interval else None,
+                        "ratios": [round(r, 4) for r in ratios],
+                    },
                 )
             )
         if name == CONTROL:

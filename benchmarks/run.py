@@ -61,7 +61,8 @@ class Sizes:
     fresh_events: int = 2_000
     fresh_creates: int = 100
     fresh_peers: bool = True
-    """Whether the fresh-process rounds include the control and the other tools, or costwatch only."""
+    """Whether the fresh-process rounds include the other tools (the SDK alone, its control and
+    costwatch always run)."""
     fresh_calibration_samples: int = 5_000
     """Calibration samples in the store of the install-call row on a calibrated store."""
     huge_event_mb: tuple[int, ...] = (4, 16)
@@ -319,6 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--json", type=Path, default=RESULTS, help=f"where to write the results (default {RESULTS})"
     )
     parser.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="fresh processes: leave out the other tools (the SDK alone, its control and costwatch only), "
+        "for many --pairs in less time",
+    )
+    parser.add_argument(
         "--pairs",
         type=int,
         help="rounds of fresh processes (each: the SDK alone and every variant once); 9 in a full run",
@@ -330,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pairs < 1:
             parser.error(f"--pairs must be at least 1, got {args.pairs}")
         sizes = dataclasses.replace(sizes, fresh_pairs=args.pairs)
+    if args.no_peers:
+        sizes = dataclasses.replace(sizes, fresh_peers=False)
     if args.retention_attempts is not None:
         if args.retention_attempts < 1:
             parser.error(f"--retention-attempts must be at least 1, got {args.retention_attempts}")

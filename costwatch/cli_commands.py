@@ -66,7 +66,7 @@ from .store import (
     migrate,
     safe_url,
 )
-from .store.database import checked_database_url
+from .store.database import checked_database_url, sqlite_path
 from .store.history import attempts_of_request, iter_attempts
 from .store.query import settled_before
 from .store.rejected import RejectedRecord
@@ -115,9 +115,8 @@ def _database_errors(url: URL) -> Iterator[None]:
 
 
 def _sqlite_file(url: URL) -> Path | None:
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
-        return None
-    return Path(url.database)
+    path = sqlite_path(url)
+    return None if path is None else Path(path)
 
 
 _NO_DATABASE = "run `costwatch demo` to make one, or pass --db URL"

@@ -538,7 +538,10 @@ def instrument(
             pipeline.capacity = config.queue_capacity
             pipeline.batch_size = config.batch_size
             pipeline.interval_s = config.flush_interval_s
-        added = list(sinks) if sinks is not None else _default_sinks(config, pipeline, price_table)
+        if sinks is not None:
+            added, reachable = list(sinks), True
+        else:
+            added, reachable = _default_sinks(config, pipeline, price_table)
         accountant = Accountant(
             pipeline=pipeline,
             prices=price_table,
@@ -549,7 +552,9 @@ def instrument(
                 config.count_partial_output_rate if config.count_partial_output else None
             ),
         )
-        added += _fleet_calibration(added, accountant.estimator, price_table, config, accountant.listeners)
+        added += _fleet_calibration(
+            added, accountant.estimator, price_table, config, accountant.listeners, read_now=reachable
+        )
         for sink in added:
             pipeline.add_sink(sink)
         # Only a choice made now: sinks detached later (uninstrument) still make a stream's record a loss.
@@ -624,8 +629,10 @@ def _drain_counter(timeout: float) -> None:
         hooks.accountant.counter.drain(timeout)
 
 
-def _default_sinks(config: Any, pipeline: Pipeline, prices: PriceTable) -> list[Sink]:
+def _default_sinks(config: Any, pipeline: Pipeline, prices: PriceTable) -> tuple[list[Sink], bool]:
+    """The sinks the settings ask for, and whether their store could be reached (if there is one)."""
     sinks: list[Sink] = []
+    reachable = True
     if config.store:
         from .store import SqlStore  # SQLAlchemy is imported only when the store is used
         from .store.database import checked_database_url
@@ -635,13 +642,14 @@ def _default_sinks(config: Any, pipeline: Pipeline, prices: PriceTable) -> list[
         try:
             store.prepare()
         except Exception as exc:  # the database is down or refuses us: the writer retries and spools
+            reachable = False
             log.info(
                 "costwatch: the store is not ready yet (%s); records spool until it is", type(exc).__name__
             )
         sinks.append(store)
     if config.metrics:
         sinks.append(_process_metrics_sink(config, pipeline, prices))
-    return sinks
+    return sinks, reachable
 
 
 def _fleet_calibration(
@@ -650,18 +658,21 @@ def _fleet_calibration(
     prices: PriceTable,
     config: Any,
     listeners: Sequence[AttemptListener],
+    *,
+    read_now: bool,
 ) -> list[Sink]:
     """A :class:`~costwatch.calibration.FleetCalibration` over the first sink that stores calibration
-    samples (the SQL store), loaded now, and an :class:`~costwatch.revise.EstimateRevision` of that
-    store's estimates after it (so a refresh comes before the revisions it makes possible), which
-    tells ``listeners`` of the revisions and has read ahead; none if no sink stores samples."""
+    samples (the SQL store), and an :class:`~costwatch.revise.EstimateRevision` of that store's
+    estimates after it (so a refresh comes before the revisions it makes possible), which tells
+    ``listeners`` of the revisions; none if no sink stores samples. With ``read_now`` the calibration
+    is loaded and the revision has read ahead here; without (the store could not be reached just
+    now: each read would wait out the connect timeout again) the writer does both at its first batch."""
     from .calibration import FleetCalibration
     from .revise import EstimateRevision
 
     for sink in sinks:
         if callable(getattr(sink, "calibration_samples", None)):
             calibration = FleetCalibration(sink, estimator, refresh_s=config.calibration_refresh_s)  # type: ignore[arg-type]
-            calibration.load()
             revision = EstimateRevision(
                 sink,  # type: ignore[arg-type]
                 estimator,
@@ -671,7 +682,9 @@ def _fleet_calibration(
                 batch_size=config.batch_size,
                 listeners=listeners,
             )
-            revision.read_ahead()  # its first pass's read, here rather than beside the first requests
+            if read_now:  # here rather than on the writer thread beside the first requests
+                calibration.load()
+                revision.read_ahead()
             return [calibration, revision]
     return []
 

@@ -17,7 +17,14 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from fresh_process import BELOW_NOISE, create_verdict  # noqa: E402
+from fresh_process import (  # noqa: E402
+    BELOW_NOISE,
+    SPANS_TARGET,
+    TOO_FEW_ROUNDS,
+    create_verdict,
+    median_interval,
+    ratio_verdict,
+)
 from measure import Measurement, markdown_table  # noqa: E402
 
 COLUMNS = "| benchmark | case | metric | result | target | met |"
@@ -94,7 +101,7 @@ def test_tiny_run_prints_a_table_and_writes_json_for_every_benchmark(
         }
         assert isinstance(m["value"], (int, float)) and math.isfinite(m["value"])
         assert m["met"] in (True, False, None)
-        assert m["no_verdict"] in ("", BELOW_NOISE)
+        assert m["no_verdict"] in ("", BELOW_NOISE, SPANS_TARGET, TOO_FEW_ROUNDS)
         assert (m["met"] is None) == (
             m["target"] == "" or m["target"].startswith("(") or m["no_verdict"] != ""
         )
@@ -116,6 +123,27 @@ def test_a_create_cost_above_the_noise_is_held_against_the_target() -> None:
     assert create_verdict(60.0, noise_us=20.0, target_us=100.0) is True
     assert create_verdict(100.0, noise_us=20.0, target_us=100.0) is True
     assert create_verdict(327.0, noise_us=20.0, target_us=100.0) is False
+
+
+def test_the_medians_interval_needs_six_values_at_95_percent() -> None:
+    assert median_interval([1.0, 1.1, 1.2, 1.3, 1.4]) is None
+    assert median_interval([1.3, 1.0, 1.5, 1.1, 1.2, 1.4]) == (1.0, 1.5)
+
+
+def test_the_medians_interval_runs_between_binomial_order_statistics() -> None:
+    # 9 values: P(Bin(9, 1/2) <= 1) = 1.95% <= 2.5% < P(<= 2) = 8.98%: the 2nd to the 8th.
+    assert median_interval([float(v) for v in (9, 1, 8, 2, 7, 3, 6, 4, 5)]) == (2.0, 8.0)
+    # 60 values: P(Bin(60, 1/2) <= 21) = 1.36% <= 2.5% < P(<= 22) = 2.62%: the 22nd to the 39th.
+    assert median_interval([float(v) for v in range(1, 61)]) == (22.0, 39.0)
+
+
+def test_a_loop_ratio_is_met_or_missed_only_when_its_whole_interval_is() -> None:
+    nine_at = [0.99, 1.0, 1.0, 1.01, 1.01, 1.01, 1.02, 1.02, 1.05]
+    assert ratio_verdict(nine_at, 1.03) is True
+    assert ratio_verdict([r + 0.05 for r in nine_at], 1.03) is False
+    # A median of 1.01 whose interval reaches 1.08: the run cannot tell.
+    assert ratio_verdict([0.9, 0.95, 0.99, 1.0, 1.01, 1.02, 1.05, 1.08, 1.2], 1.03) is None
+    assert ratio_verdict([1.0, 1.0, 1.0], 1.03) is None
 
 
 def test_a_row_without_a_verdict_prints_why_instead_of_yes_or_no() -> None:

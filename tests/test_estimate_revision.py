@@ -371,9 +371,8 @@ def test_reading_ahead_finds_the_first_pass_revisions_before_the_writer_wakes_an
 ):
     estimator = calibrated(0.7)
     store = SqlStore(store_url)
-    revision = reviser(store, estimator, batch_size=7)
-    clock = [0.0]
-    revision._clock = lambda: clock[0]  # no refresh comes due: the writer's passes are not final
+    # The clock stands still: no refresh comes due, so the writer's passes are not final.
+    revision = reviser(store, estimator, batch_size=7, clock=lambda: 0.0)
     try:
         store.write([dropped(f"d{i:02}", 3500, 1000) for i in range(5)])
         revision.read_ahead()  # at instrument(): one page of the window, the whole window here
@@ -392,8 +391,7 @@ def test_reading_ahead_finds_the_first_pass_revisions_before_the_writer_wakes_an
 def test_a_window_longer_than_a_page_is_read_on_by_the_writers_first_pass_after_reading_ahead(store_url):
     estimator = calibrated(0.7)
     store = SqlStore(store_url)
-    revision = reviser(store, estimator, batch_size=7)
-    revision._clock = lambda: 0.0
+    revision = reviser(store, estimator, batch_size=7, clock=lambda: 0.0)
     try:
         store.write([dropped(f"d{i:02}", 3500, 1000) for i in range(20)])
         revision.read_ahead()

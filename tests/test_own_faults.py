@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
 import pytest
+import sqlalchemy as sa
+from conftest import completed_attempt
 from prometheus_client import CollectorRegistry
 
 import costwatch
@@ -24,6 +27,7 @@ from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
 from costwatch.sinks import MemorySink
 from costwatch.spool import Spool
+from costwatch.store import SqlStore
 from costwatch.store.sink import store_name
 from costwatch.testing import FakeAnthropicServer, ResponseSpec
 
@@ -133,6 +137,74 @@ def test_a_sqlite_directory_replaced_after_a_write_spools_the_next_records_not_w
     assert health.spooled_pending == CALLS
     (line,) = costwatch_lines(caplog)
     assert f"sink {store_name(url)} failed" in line and "spooling" in line
+
+
+def test_a_sqlite_directory_restored_empty_after_an_outage_is_migrated_and_gets_every_record(
+    tmp_path: Path,
+) -> None:
+    # The store migrates what its path names once the file there changed, as at its first use: a
+    # restored directory takes the records again without a restart, the spooled ones replayed.
+    folder = tmp_path / "store"
+    folder.mkdir()
+    url = f"sqlite:///{folder / 'costwatch.db'}"
+    pipeline = Pipeline(
+        spool=Spool(tmp_path / "spool"), interval_s=0.05, retry_initial_s=0.05, retry_max_s=0.2
+    )
+    pipeline.add_sink(SqlStore(url))
+    try:
+        pipeline.submit(completed_attempt(0))
+        assert pipeline.flush(20) and pipeline.health().write_errors == 0
+        shutil.rmtree(folder)
+        folder.write_text("")  # the directory is gone: nothing can be written
+        pipeline.submit(completed_attempt(1))
+        assert pipeline.flush(20) and pipeline.health().spooled_pending == 1
+        folder.unlink()
+        folder.mkdir()  # back, empty
+        pipeline.submit(completed_attempt(2))
+        assert pipeline.flush(20)
+        deadline = time.monotonic() + 20
+        while pipeline.health().spooled_pending and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pipeline.health().spooled_pending == 0
+    finally:
+        pipeline.shutdown(timeout=10)
+    store = SqlStore(url)
+    try:
+        assert [store.attempt(f"att-{n}") is not None for n in range(3)] == [False, True, True]
+    finally:
+        store.shutdown()
+
+
+def test_a_sqlite_file_replaced_while_the_store_prepares_is_noticed_at_the_first_write(
+    tmp_path: Path,
+) -> None:
+    # prepare() leaves its connection in the pool for the first write: the file that connection has
+    # open is the one the store checks the path against, never a file put there after it connected.
+    folder = tmp_path / "store"
+    folder.mkdir()
+    url = f"sqlite:///{folder / 'costwatch.db'}"
+    store = SqlStore(url)
+    replaced: list[Path] = []
+
+    def replace_the_directory(*_: object) -> None:
+        if not replaced:
+            replaced.append(folder.rename(tmp_path / "moved"))
+            folder.mkdir()
+
+    try:
+        engine = store.engine  # created and migrated
+        sa.event.listen(engine, "checkout", replace_the_directory)
+        store.prepare()  # its connection checked out: the directory is replaced under it
+        store.write([completed_attempt(0)])
+    finally:
+        store.shutdown()
+    assert replaced
+    for where, expected in ((folder, 1), (tmp_path / "moved", 0)):
+        reader = SqlStore(f"sqlite:///{where / 'costwatch.db'}")
+        try:
+            assert reader.attempt_count() == expected, where
+        finally:
+            reader.shutdown()
 
 
 def test_a_spool_that_cannot_be_written_counts_dropped_records_and_says_so_once(

@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import postgres_schema_url
 
+import costwatch
 from costwatch.pipeline import Pipeline
 from costwatch.records import AttemptRecord, Cost, Outcome, Usage, WasteReason
 from costwatch.spool import Spool
@@ -173,10 +174,16 @@ def test_four_processes_write_every_attempt_exactly_once(store_url: str, tmp_pat
 
 
 class TcpRelay:
-    """A real TCP relay in front of PostgreSQL that can be cut (refusing connections) and restored."""
+    """A real TCP relay in front of PostgreSQL that can be cut (refusing connections) and restored.
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    While ``silent`` it accepts connections and never answers them (a host whose server hangs), and
+    counts them in ``accepted``.
+    """
+
+    def __init__(self, target: tuple[str, int], *, silent: bool = False) -> None:
         self.target = target
+        self.silent = silent
+        self.accepted = 0
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -214,6 +221,11 @@ class TcpRelay:
                 client, _ = listener.accept()
             except OSError:
                 return
+            with self._lock:
+                self.accepted += 1
+                if self.silent:
+                    self._connections.append(client)
+                    continue
             upstream = socket.create_connection(self.target, timeout=5)
             upstream.settimeout(None)
             for end in (client, upstream):  # without it, Nagle + delayed ACKs add 40 ms per round trip
@@ -249,6 +261,39 @@ def _attempt(n: int) -> AttemptRecord:
         wasted=n % 2 == 0,
         waste_reason=WasteReason.ABANDONED if n % 2 == 0 else None,
     )
+
+
+@pytest.mark.postgres
+def test_instrument_waits_one_connect_timeout_for_a_silent_database_and_writes_the_spool_once_it_answers(
+    postgres_schema: str, tmp_path: Path
+) -> None:
+    """A server that accepts and never answers costs ``instrument()`` one connect timeout: neither the
+    calibration's load nor the revision's read-ahead try again; the writer does both later."""
+    relay = TcpRelay(("127.0.0.1", 5432), silent=True)
+    relay.start()
+    url = postgres_schema_url(postgres_schema, port=relay.port) + "&connect_timeout=1"
+    pipeline = Pipeline(
+        interval_s=0.05, spool=Spool(tmp_path / "spool"), retry_initial_s=0.05, retry_max_s=0.5
+    )
+    try:
+        assert costwatch.instrument(pipeline=pipeline, database_url=url, metrics=False, listeners=[])
+        assert relay.accepted == 1
+        for n in range(10):
+            pipeline.submit(_attempt(n))
+        assert pipeline.flush(timeout=30)
+        assert pipeline.health().spooled_pending == 10
+
+        relay.silent = False  # the server answers from now on: the writer migrates and replays
+        store = next(sink for sink in pipeline.sinks if isinstance(sink, SqlStore))
+        deadline = time.monotonic() + 60
+        while pipeline.health().spooled_pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pipeline.health().spooled_pending == 0
+        assert store.attempt_count() == 10
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown(timeout=30)
+        relay.cut()
 
 
 @pytest.mark.postgres

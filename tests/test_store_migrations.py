@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy.schema import CreateIndex
 
 from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
 from costwatch.store import SqlStore, create_store_engine, database_url, metadata, migrate, safe_url
+from costwatch.store.database import sqlite_path
 from costwatch.store.partitions import is_attempt_partition
 from costwatch.store.rows import attempt_row
 from costwatch.store.schema import ATTEMPTS, VERSION_TABLE
@@ -235,6 +237,22 @@ def test_store_creates_and_migrates_its_database_on_first_use(store_url: str) ->
         store.shutdown()
 
 
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///costwatch.db", "costwatch.db"),
+        ("sqlite:////var/lib/costwatch.db", "/var/lib/costwatch.db"),
+        ("sqlite:///file:costwatch.db?uri=true", "file:costwatch.db"),
+        ("sqlite://", None),
+        ("sqlite:///:memory:", None),
+        ("postgresql://costwatch@localhost/costwatch", None),
+    ],
+)
+def test_a_url_names_a_sqlite_file_unless_in_memory_or_another_backend(url: str, path: str | None) -> None:
+    """The one reading of a URL's SQLite file that the store, its engine and the CLI share."""
+    assert sqlite_path(database_url(url)) == path
+
+
 def test_default_url_is_a_sqlite_file_in_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -450,3 +468,26 @@ def test_a_fresh_database_is_migrated_at_start(store_url: str) -> None:
     finally:
         engine.dispose()
     assert migrate.current(store_url) == migrate.head()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_database_that_cannot_be_reached_is_tried_once_by_the_start_up_check(
+    backend: str, tmp_path: Path
+) -> None:
+    """Each try waits out the connect timeout where a server does not answer (5 s by default), and
+    ``instrument()`` makes the check once for each of its reads: it does not try a second time."""
+    with socket.socket() as bound:  # bound, never listening: a connection to it is refused
+        bound.bind(("127.0.0.1", 0))
+        url = {
+            "sqlite": f"sqlite:///{tmp_path / 'no such directory' / 'costwatch.db'}",
+            "postgresql": f"postgresql://costwatch@127.0.0.1:{bound.getsockname()[1]}/costwatch",
+        }[backend]
+        engine = create_store_engine(url)
+        tries: list[object] = []
+        sa.event.listen(engine, "do_connect", lambda *_: tries.append(None))
+        try:
+            with pytest.raises(sa.exc.OperationalError):
+                migrate.ensure_migrated(engine)
+        finally:
+            engine.dispose()
+    assert len(tries) == 1

@@ -137,6 +137,56 @@ def test_a_long_read_holds_back_the_partitions_ahead_not_the_writes_and_a_later_
         reader.dispose()
 
 
+def partitions_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.levelname for record in caplog.records if "partitions ahead" in record.getMessage()]
+
+
+@pytest.mark.postgres
+def test_a_store_that_finds_another_creating_the_partitions_warns_of_nothing_and_finds_them_made(
+    postgres_store: SqlStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fleet starting on a day without its partitions: all but one process find the creators' lock
+    held; that is the normal case, a debug line, and a second later the partitions are there."""
+    last = TODAY.date() + timedelta(days=DAYS_AHEAD)
+    with postgres_store.engine.begin() as connection:  # the store migrated, its partitions made
+        connection.exec_driver_sql(f"DROP TABLE {partition_name(last)}")
+    writer = SqlStore(postgres_store.url)  # another process of the fleet, starting
+    caplog.set_level("DEBUG", logger="costwatch")
+    try:
+        with postgres_store.engine.begin() as creating:  # the first process, creating them now
+            ensure_day_partitions(creating, TODAY.date(), TODAY.date())  # holds the creators' lock
+            writer.write([on_day(1, 0)])  # its try gives up after LOCK_TIMEOUT_MS; its batch is written
+        postgres_store.ensure_partitions()  # the first process's creation, done
+        time.sleep(1.1)  # the writer's next try is due a second later
+        writer.write([on_day(2, 0)])
+    finally:
+        writer.shutdown()
+    assert partitions_lines(caplog) == ["DEBUG"]
+    assert last in partition_days(postgres_store) and postgres_store.attempt_count() == 2
+
+
+@pytest.mark.postgres
+def test_partitions_still_missing_after_another_creator_held_them_are_one_warning(
+    postgres_store: SqlStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    last = TODAY.date() + timedelta(days=DAYS_AHEAD)
+    with postgres_store.engine.begin() as connection:
+        connection.exec_driver_sql(f"DROP TABLE {partition_name(last)}")
+    writer = SqlStore(postgres_store.url)
+    caplog.set_level("DEBUG", logger="costwatch")
+    try:
+        with postgres_store.engine.begin() as creating:  # a creator that does not finish
+            ensure_day_partitions(creating, TODAY.date(), TODAY.date())
+            writer.write([on_day(1, 0)])
+            for n in (2, 3):  # the tries a second, then two seconds later
+                time.sleep(1.1 * (n - 1))
+                writer.write([on_day(n, 0)])
+    finally:
+        writer.shutdown()
+    assert partitions_lines(caplog) == ["DEBUG", "WARNING", "DEBUG"]
+    assert last not in partition_days(postgres_store)
+
+
 @pytest.mark.postgres
 def test_redelivery_and_revisions_find_their_row_in_its_day_partition(postgres_store: SqlStore) -> None:
     make_days(postgres_store, -3, 0)

@@ -9,6 +9,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from sqlalchemy.dialects import postgresql
 from costwatch.records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Cost, Outcome, Usage, WasteReason
 from costwatch.store import ROLLUP_MEASURES, SqlStore
 from costwatch.store import write as store_write
+from costwatch.store.database import create_store_engine
 from costwatch.store.partitions import is_attempt_partition
+from costwatch.store.retried import StoredSummary, stored_summaries_parameters, stored_summaries_query
 from costwatch.store.rows import (
     ATTEMPT_COLUMNS,
     _amounts,
@@ -468,6 +471,116 @@ def test_without_pipeline_mode_a_batch_reads_ahead_one_statement_after_the_other
         test_a_batch_that_revises_stored_attempts_and_lands_their_retries_counts_each_change_once(store)
     finally:
         store.shutdown()
+
+
+@pytest.mark.postgres
+def test_a_query_sent_to_the_driver_binds_and_reads_each_type_as_sqlalchemy_executes_it(
+    postgres_schema: str,
+) -> None:
+    """The read-ahead sends its queries to psycopg itself (in a pipeline): each parameter and value
+    goes through the dialect's processing for its type, as in ``connection.execute`` (a JSON
+    parameter is serialised; a numeric read as a float is converted by the type the server reports)."""
+    engine = create_store_engine(postgres_schema_url(postgres_schema))
+    query = sa.select(
+        sa.cast(sa.bindparam("doc", type_=sa.JSON()), sa.JSON).label("doc"),
+        sa.cast(sa.bindparam("share", type_=sa.Double()), sa.Double).label("share"),
+        sa.cast(sa.bindparam("cost", type_=sa.Numeric(10, 4)), sa.Numeric(10, 4, asdecimal=False)).label(
+            "cost"
+        ),
+        sa.cast(sa.null(), sa.Double).label("missing"),
+    )
+    values = {"doc": {"workflow": ["a", 1]}, "share": 0.25, "cost": Decimal("1.5")}
+    try:
+        with engine.connect() as connection:
+            expected = [dict(row) for row in connection.execute(query, values).mappings()]
+            sent = store_write._DriverQuery.of(query, connection.dialect)
+            with connection.connection.driver_connection.cursor() as cursor:
+                sent.send(cursor, values)
+                got = sent.mappings(cursor)
+    finally:
+        engine.dispose()
+    assert got == expected == [{"doc": {"workflow": ["a", 1]}, "share": 0.25, "cost": 1.5, "missing": None}]
+
+
+@pytest.mark.postgres
+def test_a_batch_reads_ahead_the_rows_sqlalchemy_would_read_nulls_and_every_column_type_included(
+    postgres_schema: str,
+) -> None:
+    """Both queries the writer reads ahead with, as it binds them, against ``connection.execute``."""
+    store = SqlStore(postgres_schema_url(postgres_schema))
+    window = timedelta(minutes=10)
+    stored = [
+        dropped(1),  # NULLs: no request id, first token, status, endpoint, prompt sizes
+        dropped(6, cost=None, time_to_first_token_s=0.4, endpoint="/v1/messages", prompt_bytes=900),
+        dropped(3),
+        attempt(4, logical_request_id="req-3", attempt_number=2, endpoint=None),  # req-3 summarised
+    ]
+    batch = [
+        attempt(2, logical_request_id="req-1", attempt_number=2),
+        attempt(5, logical_request_id="req-3", attempt_number=3),
+        attempt(7, logical_request_id="req-6", attempt_number=2),
+    ]
+    try:
+        store.export(stored)
+        with store.engine.begin() as connection:
+            abandoned, summaries = store_write._read_ahead_queries(connection.dialect)
+            read: dict[str, Any] = {}
+            for name, query, sent, values in (
+                (
+                    "abandoned",
+                    store_write._postgres_abandoned(),
+                    abandoned,
+                    store_write._abandoned_parameters(batch, window),
+                ),
+                (
+                    "summaries",
+                    stored_summaries_query("postgresql"),
+                    summaries,
+                    stored_summaries_parameters(["req-1", "req-3", "req-6"]),
+                ),
+            ):
+                expected = [dict(row) for row in connection.execute(query, values).mappings()]
+                with connection.connection.driver_connection.cursor() as cursor:
+                    sent.send(cursor, values)
+                    assert sent.mappings(cursor) == expected, name
+                read[name] = expected
+            ahead, _ = store_write._read_ahead(connection, batch, window, list)
+    finally:
+        store.shutdown()
+    # What the batch's later steps are handed: records, and summaries as plain typed tuples.
+    assert ahead.abandoned == [store_write.record_from_row(row) for row in read["abandoned"]]
+    assert ahead.summaries == {"req-3": StoredSummary(**read["summaries"][0])}
+    assert [row["attempt_id"] for row in read["abandoned"]] == ["att-1", "att-6"]
+    assert [row["logical_request_id"] for row in read["summaries"]] == ["req-3"]
+    nulls = {column for row in read["abandoned"] for column, value in row.items() if value is None}
+    assert {"request_id", "time_to_first_token_s", "endpoint", "input_cost_usd", "prompt_bytes"} <= nulls
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipeline", "one-after-the-other"])
+@pytest.mark.parametrize("failing", ["abandoned", "summaries"])
+def test_a_read_ahead_that_fails_names_the_query_that_failed(
+    postgres_schema: str, monkeypatch: pytest.MonkeyPatch, failing: str, pipeline: bool
+) -> None:
+    monkeypatch.setattr(store_write, "_pipelines_work", lambda: pipeline)
+    if failing == "abandoned":
+        made = store_write._abandoned_parameters
+        monkeypatch.setattr(
+            store_write,
+            "_abandoned_parameters",
+            lambda *args: {**made(*args), "request_ids": "{not an array"},
+        )
+    else:
+        monkeypatch.setattr(store_write, "stored_summaries_parameters", lambda _: {"ids": "not json"})
+    store = SqlStore(postgres_schema_url(postgres_schema))
+    try:
+        with store.engine.connect() as connection:
+            expected = store_write._read_ahead_queries(connection.dialect)[failing == "summaries"].sql
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                store_write._read_ahead(connection, [attempt(1)], timedelta(minutes=10), list)
+    finally:
+        store.shutdown()
+    assert raised.value.statement == expected
 
 
 def test_identical_request_long_after_is_not_a_retry(store: SqlStore) -> None:

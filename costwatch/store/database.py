@@ -31,6 +31,7 @@ __all__ = [
     "create_store_engine",
     "database_url",
     "safe_url",
+    "sqlite_path",
 ]
 
 DATABASE_URL_ENV = "COSTWATCH_DATABASE_URL"
@@ -99,8 +100,9 @@ def checked_database_url(
             f"{where}={shown} is a {backend} database; costwatch stores in SQLite or PostgreSQL: "
             f"{_URL_EXAMPLES}"
         )
-    if directory_must_exist and backend == "sqlite" and not _is_memory_sqlite(parsed):
-        folder = Path(str(parsed.database)).absolute().parent
+    path = sqlite_path(parsed)
+    if directory_must_exist and path is not None:
+        folder = Path(path).absolute().parent
         if not folder.is_dir():
             raise SettingsError(
                 f"{where}={shown}: the directory {folder} does not exist; create it or choose another path"
@@ -113,8 +115,15 @@ def safe_url(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _is_memory_sqlite(url: URL) -> bool:
-    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+def sqlite_path(url: URL) -> str | None:
+    """The path of the SQLite file ``url`` names, as written there (relative to the working directory
+    if relative); ``None`` for another backend and for an in-memory database (no path, or ``:memory:``).
+
+    A ``file:`` URI (``?uri=true``) is returned as written, not parsed.
+    """
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return str(url.database)
 
 
 def create_store_engine(url: str | URL | None = None) -> Engine:
@@ -133,7 +142,8 @@ def create_store_engine(url: str | URL | None = None) -> Engine:
 def _sqlite_engine(url: URL) -> Engine:
     connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     kwargs: dict[str, Any] = {}
-    if _is_memory_sqlite(url):
+    in_memory = sqlite_path(url) is None
+    if in_memory:
         # One shared connection, or every thread would see its own empty database.
         connect_args["check_same_thread"] = False
         kwargs["poolclass"] = StaticPool
@@ -146,7 +156,7 @@ def _sqlite_engine(url: URL) -> Engine:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-            if not _is_memory_sqlite(url):
+            if not in_memory:
                 cursor.execute("PRAGMA journal_mode = WAL")
                 cursor.execute("PRAGMA synchronous = NORMAL")
                 cursor.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_WAL_CHECKPOINT_PAGES}")

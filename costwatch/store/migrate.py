@@ -93,7 +93,7 @@ def current(url: str | URL | Engine | None = None) -> str | None:
 
 def at_head(url: str | URL | Engine | None = None) -> bool:
     """Whether the database is at the newest revision, decided without Alembic where it plainly is
-    (``False`` also when unsure: ask :func:`current` then)."""
+    (``False`` also when unsure: ask :func:`current` then); raises if the database cannot be reached."""
     engine, owned = _engine_for(url)
     try:
         return _at_scripted_head(engine)
@@ -190,14 +190,18 @@ def _scripted_head() -> str | None:
 
 
 def _at_scripted_head(engine: Engine) -> bool:
-    """Whether the version table holds exactly the scripts' head (False when unsure: Alembic decides)."""
+    """Whether the version table holds exactly the scripts' head (False when unsure: Alembic decides).
+
+    Raises what connecting raises: Alembic's reading would only connect again, and a server that
+    does not answer makes each try wait out the connect timeout.
+    """
     head_revision = _scripted_head()
     if head_revision is None:
         return False
     query = sa.select(sa.column("version_num", sa.String)).select_from(sa.table(VERSION_TABLE))
-    try:
-        with engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
+    with engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
+        try:
             rows = connection.execute(query).scalars().all()
-    except sa.exc.DBAPIError:  # no version table yet (a fresh database), or the database is down
-        return False
+        except sa.exc.DBAPIError:  # no version table yet (a fresh database)
+            return False
     return rows == [head_revision]

@@ -35,6 +35,7 @@ __all__ = [
     "detached_partitions",
     "drop_detached_partitions",
     "ensure_day_partitions",
+    "held_by_another_creator",
     "is_attempt_partition",
     "is_partitioned",
     "lock_for_detach",
@@ -169,6 +170,17 @@ def ensure_day_partitions(connection: sa.Connection, first: date, last: date) ->
             created.append(partition_name(day))
         day += timedelta(days=1)
     return created
+
+
+def held_by_another_creator(error: BaseException) -> bool:
+    """Whether ``error`` is :func:`ensure_day_partitions` giving up because another session held the
+    lock on creating partitions past :data:`LOCK_TIMEOUT_MS`: another process making the same ones
+    (a fleet starting on a day without them), which are usually there once it commits."""
+    return (
+        isinstance(error, sa.exc.DBAPIError)
+        and error.statement == _LOCK_SQL
+        and getattr(error.orig, "sqlstate", None) == "55P03"  # lock_not_available
+    )
 
 
 def lock_for_detach(connection: sa.Connection) -> None:

@@ -29,10 +29,10 @@ range, so that on PostgreSQL the read touches the partitions of the range and th
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -42,8 +42,10 @@ from .schema import ATTEMPTS, RETRIED_ALIKE, RETRIED_REQUESTS, insert_of
 
 __all__ = [
     "REQUEST_SPAN",
+    "StoredSummary",
     "prepare_retried_statements",
     "retried_prompts",
+    "stored_summaries_parameters",
     "stored_summaries_query",
     "update_retried_requests",
 ]
@@ -461,6 +463,22 @@ def _among(dialect: str, column: Any, name: str) -> sa.ColumnElement[bool]:
     return column.in_(sa.select(sa.func.json_each(listed).table_valued("value").c.value))
 
 
+class StoredSummary(NamedTuple):
+    """A retried request's stored summary as a batch reads it: where the report counts the request
+    among the sums of requests alike, and what it adds there (:func:`stored_summaries_query`)."""
+
+    logical_request_id: str
+    billed_attempts: int
+    cached_attempts: int
+    measured_attempts: int
+    model: str
+    workflow: str
+    platform: str
+    endpoint: str | None
+    attempts: int
+    wasted_cost_usd: float
+
+
 @dataclass(frozen=True)
 class _Statements:
     """A batch's statements on one backend, built once: a batch binds only its values (building and
@@ -478,7 +496,7 @@ class _Statements:
 
 def _build(dialect: str) -> _Statements:
     t, c = RETRIED_REQUESTS.c, ATTEMPTS.c
-    places = sa.select(t.logical_request_id, *(t[name] for name in _PLACE), t.attempts, t.wasted_cost_usd)
+    places = sa.select(*(t[name] for name in StoredSummary._fields))
     span = (
         c.started_at >= sa.bindparam("first", type_=c.started_at.type),
         c.started_at <= sa.bindparam("last", type_=c.started_at.type),
@@ -508,10 +526,16 @@ def prepare_retried_statements(connection: sa.Connection) -> None:
     _places(connection, _statements_for(connection.dialect.name), [])
 
 
-def stored_summaries_query(dialect: str) -> Any:
-    """The stored summaries of the logical requests ``ids`` (a JSON array parameter), as
-    :func:`update_retried_requests`'s ``stored`` wants them (one row each, keyed by request)."""
-    return _statements_for(dialect).places
+def stored_summaries_query(dialect: str) -> sa.Select[Any]:
+    """The stored summaries of the logical requests its parameters (:func:`stored_summaries_parameters`)
+    name, as :func:`update_retried_requests`'s ``stored`` wants them (one row each, keyed by request)."""
+    query: sa.Select[Any] = _statements_for(dialect).places
+    return query
+
+
+def stored_summaries_parameters(request_ids: Iterable[str]) -> dict[str, str]:
+    """The parameters of :func:`stored_summaries_query` for ``request_ids``: one JSON array of them."""
+    return {"ids": json.dumps(list(request_ids))}
 
 
 def update_retried_requests(
@@ -519,7 +543,7 @@ def update_retried_requests(
     added: Sequence[AttemptRecord],
     removed: Sequence[AttemptRecord],
     *,
-    stored: Mapping[str, Any] | None = None,
+    stored: Mapping[str, StoredSummary] | None = None,
 ) -> None:
     """Keep the retried requests' summaries in step with a batch that stored ``added`` (new attempts
     and new revisions) in place of ``removed`` (the revisions those replaced), in its transaction.
@@ -574,24 +598,16 @@ _PRICED_ONE_BY_ONE = (
 )
 """The summaries the report prices one by one (the condition of their partial index)."""
 
-_PLACE = (
-    "billed_attempts",
-    "cached_attempts",
-    "measured_attempts",
-    "model",
-    "workflow",
-    "platform",
-    "endpoint",
-)
 
-
-def _places(connection: sa.Connection, statements: _Statements, request_ids: Sequence[str]) -> dict[str, Any]:
+def _places(
+    connection: sa.Connection, statements: _Statements, request_ids: Sequence[str]
+) -> dict[str, StoredSummary]:
     """The stored summaries of these requests: what decides where the report counts each, and its sums."""
-    rows = connection.execute(statements.places, {"ids": json.dumps(list(request_ids))})
-    return {row.logical_request_id: row for row in rows}
+    rows = connection.execute(statements.places, stored_summaries_parameters(request_ids))
+    return {row.logical_request_id: StoredSummary._make(row) for row in rows}
 
 
-def _alike_key(summary: Any) -> tuple[bool, str, str, str, str] | None:
+def _alike_key(summary: StoredSummary) -> tuple[bool, str, str, str, str] | None:
     """Where a summary counts in ``costwatch_retried_alike`` (``None``: nowhere; not retried after
     billing a prompt, or priced one by one)."""
     if summary.billed_attempts < 2 or (summary.cached_attempts == 0 and summary.measured_attempts > 0):
@@ -601,7 +617,10 @@ def _alike_key(summary: Any) -> tuple[bool, str, str, str, str] | None:
 
 
 def _move_alike(
-    connection: sa.Connection, statements: _Statements, before: dict[str, Any], after: dict[str, Any]
+    connection: sa.Connection,
+    statements: _Statements,
+    before: Mapping[str, StoredSummary],
+    after: Mapping[str, StoredSummary],
 ) -> None:
     """Move the sums of requests alike by the changed summaries: each out of its old place, into its new."""
     sums: dict[tuple[bool, str, str, str, str], list[Any]] = {}

@@ -21,8 +21,16 @@ from ..avoidable import RetriedAlike, RetriedRequest
 from ..records import AttemptRecord, new_id
 from ..settings import default_of, load_settings
 from ..validation import clean_text
-from .database import READ_ONLY_OPTION, checked_database_url, create_store_engine, database_url, safe_url
+from .database import (
+    READ_ONLY_OPTION,
+    checked_database_url,
+    create_store_engine,
+    database_url,
+    safe_url,
+    sqlite_path,
+)
 from .migrate import ensure_migrated
+from .partitions import held_by_another_creator
 from .query import RollupTotals, read_rollup_totals, rollup_totals_query
 from .reconciliations import write_reconciliation
 from .rejected import RejectedRecord, insert_rejected, is_refusal, refusal_reason, rejected_row
@@ -85,8 +93,8 @@ def store_name(url: str | URL) -> str:
     A relative SQLite path is made absolute first, since it names a different file in each directory.
     """
     parsed = database_url(url)
-    path = parsed.database
-    if parsed.get_backend_name() == "sqlite" and path and path != ":memory:":
+    path = sqlite_path(parsed)
+    if path is not None:
         parsed = parsed.set(database=os.path.abspath(path))
     digest = hashlib.blake2b(safe_url(parsed).encode(), digest_size=16).hexdigest()
     return f"sql-{digest[:12]}"
@@ -130,6 +138,8 @@ class SqlStore:
         """When to create partitions ahead again (PostgreSQL; ``None``: never, as on SQLite)."""
         self._partitions_pause: timedelta | None = None
         """After tries that failed in a row, the pause before the next (``None``: the last succeeded)."""
+        self._partitions_warned = False
+        """Whether this run of failed tries was logged as a warning."""
         _live_stores.add(self)
 
     def __repr__(self) -> str:
@@ -143,14 +153,15 @@ class SqlStore:
                 self._engine = create_store_engine(self.url)
             elif self._file is not None and _file_identity(self._file.path) != self._file.identity:
                 # The file was moved, removed or replaced: the pooled connections still write to the
-                # file that was. Drop them; the next connection opens what the path names now (and a
-                # write there fails, and spools, if the schema is not there).
+                # file that was. Drop them; the next connection opens what the path names now, which
+                # is migrated first (a write fails, and spools, while it cannot be).
                 self._engine.dispose()
-                self._file = _sqlite_file(self.url)
+                self._file = None
+                self._migrated = False
             if self.auto_migrate and not self._migrated:
                 ensure_migrated(self._engine)
                 self._migrated = True
-            if self._file is None:
+            if self._file is None:  # once connected: the file the pooled connection has open
                 self._file = _sqlite_file(self.url)
             return self._engine
 
@@ -164,18 +175,10 @@ class SqlStore:
         replaced meanwhile is noticed at that write (see :attr:`engine`), which then connects to
         what the path names and fails, and spools, rather than going to the file that was.
         """
-        engine = self.engine  # the property creates the engine and migrates
+        engine = self.engine  # the property creates the engine, migrates and notes the file it opened
         self.ensure_partitions()
         with engine.connect() as connection:
             prepare_statements(connection)  # and the statements' one-time work
-        with self._lock:
-            self._file = _sqlite_file(self.url)  # the file the pooled connection has open
-
-    def close_connections(self) -> None:
-        """Close the pooled connections (the engine stays): the next use connects afresh."""
-        with self._lock:
-            if self._engine is not None:
-                self._engine.dispose()
 
     # -- the Sink side -----------------------------------------------------------------------
     def export(self, records: Sequence[AttemptRecord]) -> None:
@@ -216,9 +219,12 @@ class SqlStore:
 
         ``prepare()`` does it (at ``instrument()``), the writer before its first write and then about
         every few days. One try waits at most ``LOCK_TIMEOUT_MS`` for its locks; a failure (a lock
-        held by a long read) is logged once and tried again at a later batch, a second later at
-        first and then less and less often (up to five minutes): meanwhile rows of days without a
-        partition land in the DEFAULT partition, and are moved out when it is created.
+        held by a long read) is logged once as a warning and tried again at a later batch, a second
+        later at first and then less and less often (up to five minutes): meanwhile rows of days
+        without a partition land in the DEFAULT partition, and are moved out when it is created. A
+        first try that found another process creating them (a fleet starting on a day without them)
+        is only a debug line: they are usually there at the next try, and a warning comes only if
+        that one fails too.
         """
         try:
             self._partitions_due = ensure_partitions_ahead(self.engine)
@@ -227,7 +233,9 @@ class SqlStore:
             pause = _PARTITIONS_FIRST_RETRY if last is None else min(2 * last, _PARTITIONS_RETRY)
             self._partitions_pause = pause
             self._partitions_due = datetime.now(timezone.utc) + pause
-            (log.warning if last is None else log.debug)(  # once per run of failures
+            warn = not self._partitions_warned and not (last is None and held_by_another_creator(exc))
+            self._partitions_warned |= warn
+            (log.warning if warn else log.debug)(  # once per run of failures
                 "costwatch: could not create the attempts table's partitions ahead (%s); trying again "
                 "in %.0f s, rows of days without one meanwhile in the DEFAULT partition",
                 type(exc).__name__,
@@ -235,6 +243,7 @@ class SqlStore:
             )
         else:
             self._partitions_pause = None
+            self._partitions_warned = False
 
     def _count_before_cutoff(self, count: int) -> None:
         with self._lock:
@@ -571,9 +580,10 @@ class _OpenFile(NamedTuple):
 
 def _sqlite_file(url: URL) -> _OpenFile | None:
     """The store's SQLite file as it is now; None for PostgreSQL and in-memory SQLite."""
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+    path = sqlite_path(url)
+    if path is None:
         return None
-    path = os.path.abspath(str(url.database))
+    path = os.path.abspath(path)
     return _OpenFile(path, _file_identity(path))
 
 

@@ -38,7 +38,13 @@ from ..records import AttemptRecord, WasteReason
 from .all_time import ALL_TIME_COLUMNS, all_time_delta_rows
 from .rejected import insert_rejected, rejected_row
 from .retention import as_utc, cutoff_for_writing
-from .retried import prepare_retried_statements, stored_summaries_query, update_retried_requests
+from .retried import (
+    StoredSummary,
+    prepare_retried_statements,
+    stored_summaries_parameters,
+    stored_summaries_query,
+    update_retried_requests,
+)
 from .rows import (
     ATTEMPT_COLUMNS,
     Conversions,
@@ -385,8 +391,13 @@ class _Statements:
 _statements: dict[str, _Statements] = {}
 
 
+def _driver_key(dialect: Dialect) -> str:
+    """What the statements compiled for ``dialect`` are kept under: the database and its driver."""
+    return f"{dialect.name}+{dialect.driver}"
+
+
 def _statements_for(dialect: Dialect) -> _Statements:
-    key = f"{dialect.name}+{dialect.driver}"
+    key = _driver_key(dialect)
     found = _statements.get(key)
     if found is not None:
         return found
@@ -612,14 +623,16 @@ def _attempt_rows(dialect: Dialect, records: Sequence[AttemptRecord]) -> list[tu
     full collections of the process's heap came that much sooner (benchmarks/README.md, row 9). The
     rows kept are tuples of plain values (JSON as its text), which the collector untracks.
     """
-    conversions = _attempt_conversions.get(dialect.name)
+    key = _driver_key(dialect)
+    conversions = _attempt_conversions.get(key)
     if conversions is None:
         then = _statements_for(dialect).insert_attempts.convert
-        conversions = _attempt_conversions[dialect.name] = attempt_conversions(then)
+        conversions = _attempt_conversions[key] = attempt_conversions(then)
     return [attempt_values(record, conversions) for record in records]
 
 
 _attempt_conversions: dict[str, Conversions] = {}
+"""Per driver, as the statements whose conversions they follow (:func:`_statements_for`)."""
 
 
 def _is_row_of(connection: sa.Connection, stored: AttemptRecord) -> sa.ColumnElement[bool]:
@@ -795,23 +808,28 @@ def _abandoned_parameters(records: Sequence[AttemptRecord], window: timedelta) -
 @dataclass(frozen=True)
 class _DriverQuery:
     """A query compiled once to the driver's SQL, so that it can be sent in a pipeline (SQLAlchemy
-    reads a result as soon as it executes): its parameters and rows processed as SQLAlchemy would."""
+    reads a result as soon as it executes): its parameters and rows processed as SQLAlchemy would,
+    by the dialect's implementation of each type (``dialect_impl``), as its own execution does."""
 
     sql: str
     compiled: sa.engine.Compiled
     binds: Mapping[str, Callable[[Any], Any]]
-    results: tuple[Callable[[Any], Any] | None, ...]
+    types: tuple[sa.types.TypeEngine[Any], ...]
+    """The selected columns' types as the dialect implements them."""
+    results: dict[tuple[Any, ...], tuple[Callable[[Any], Any] | None, ...]]
+    """The columns' result processors, by the type codes the driver reported (some, as PostgreSQL's
+    floats, depend on them): made at the first result, as SQLAlchemy makes them at each."""
 
     @classmethod
     def of(cls, query: sa.Select[Any], dialect: Dialect) -> _DriverQuery:
         compiled = query.compile(dialect=dialect)
         binds = {}
         for bind, name in compiled.bind_names.items():
-            process = bind.type.bind_processor(dialect)
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if process is not None:
                 binds[name] = process
-        results = tuple(column.type.result_processor(dialect, None) for column in query.selected_columns)
-        return cls(compiled.string, compiled, binds, results)
+        types = tuple(column.type.dialect_impl(dialect) for column in query.selected_columns)
+        return cls(compiled.string, compiled, binds, types, {})
 
     def send(self, cursor: Any, values: dict[str, Any]) -> None:
         """Execute on a driver ``cursor`` (in a pipeline: send)."""
@@ -822,8 +840,15 @@ class _DriverQuery:
 
     def mappings(self, cursor: Any) -> list[dict[str, Any]]:
         """The rows ``cursor`` holds, keyed by column."""
-        names = [column.name for column in cursor.description]
-        results = self.results
+        description = cursor.description
+        names = [column.name for column in description]
+        codes = tuple(column.type_code for column in description)
+        results = self.results.get(codes)
+        if results is None:
+            dialect = self.compiled.dialect
+            results = self.results[codes] = tuple(
+                kind.result_processor(dialect, code) for kind, code in zip(self.types, codes, strict=True)
+            )
         return [
             {
                 name: value if process is None else process(value)
@@ -838,7 +863,7 @@ _read_ahead_compiled: dict[str, tuple[_DriverQuery, _DriverQuery]] = {}
 
 def _read_ahead_queries(dialect: Dialect) -> tuple[_DriverQuery, _DriverQuery]:
     """:func:`_read_ahead`'s two queries, compiled once per driver (as :func:`_statements_for`)."""
-    key = f"{dialect.name}+{dialect.driver}"
+    key = _driver_key(dialect)
     found = _read_ahead_compiled.get(key)
     if found is None:
         found = _read_ahead_compiled[key] = (
@@ -854,7 +879,7 @@ class _ReadAhead:
 
     abandoned: list[AttemptRecord]
     """The stored abandoned attempts the batch's keys match, locked (:func:`_postgres_abandoned`)."""
-    summaries: dict[str, Any]
+    summaries: dict[str, StoredSummary]
     """The stored summaries of the batch's logical requests (``update_retried_requests``'s ``stored``)."""
 
 
@@ -875,36 +900,39 @@ def _read_ahead(
     abandoned, summaries = _read_ahead_queries(connection.dialect)
     driver: Any = connection.connection.driver_connection
     dbapi_error = connection.dialect.loaded_dbapi.Error
-    request_ids = json.dumps(sorted({record.logical_request_id for record in batch}))
-    try:
-        with driver.cursor() as found, driver.cursor() as stored:
+    requests = stored_summaries_parameters(sorted({record.logical_request_id for record in batch}))
+    with driver.cursor() as found, driver.cursor() as stored:
+        try:
             if _pipelines_work():
                 with driver.pipeline():
                     abandoned.send(found, _abandoned_parameters(batch, window))
-                    summaries.send(stored, {"ids": request_ids})
+                    summaries.send(stored, requests)
                     built = work()
             else:
                 abandoned.send(found, _abandoned_parameters(batch, window))
-                summaries.send(stored, {"ids": request_ids})
+                summaries.send(stored, requests)
                 built = work()
             records = [record_from_row(row) for row in abandoned.mappings(found)]
-            by_request = {row["logical_request_id"]: _Summary(row) for row in summaries.mappings(stored)}
-    except dbapi_error as exc:
-        # As SQLAlchemy wraps what the driver raises, so a refused value is told from an outage.
-        raise sa.exc.DBAPIError.instance(
-            abandoned.sql, None, exc, dbapi_error, dialect=connection.dialect
-        ) from exc
+            by_request = {
+                row["logical_request_id"]: StoredSummary(**row) for row in summaries.mappings(stored)
+            }
+        except dbapi_error as exc:
+            # As SQLAlchemy wraps what the driver raises, so a refused value is told from an outage,
+            # with the query that failed: the first whose result did not come (a pipeline raises
+            # at its end, whichever failed).
+            failed = summaries if _has_result(found) else abandoned
+            raise sa.exc.DBAPIError.instance(
+                failed.sql, None, exc, dbapi_error, dialect=connection.dialect
+            ) from exc
     return _ReadAhead(records, by_request), built
 
 
-class _Summary(dict[str, Any]):
-    """A stored summary's row read ahead, its columns also as attributes (as SQLAlchemy's rows)."""
+def _has_result(cursor: Any) -> bool:
+    """Whether a psycopg ``cursor`` holds its query's rows (not an error, nor nothing yet)."""
+    import psycopg
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    result = cursor.pgresult
+    return result is not None and result.status == psycopg.pq.ExecStatus.TUPLES_OK
 
 
 def _abandoned_after_insert(
