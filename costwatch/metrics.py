@@ -663,12 +663,22 @@ class MetricsSink:
             self._count_waste(waste.record, waste.reason)
         for correction in settlement.corrections:
             self._correct(correction)
-        for request in settlement.requests:
-            model = self._model(request.last.model_name)
-            result = "succeeded" if request.succeeded else "failed"
-            self._add(self.logical_requests, (model, result), 1)
-            self._series(self.attempts_per_request, model).observe(request.last.attempt_number)
+        self._count_requests(settlement.requests)
         self._add_up()
+
+    def _count_requests(self, requests: Sequence[SettledRequest]) -> None:
+        """Count settled logical requests, grouped first by model and result (a batch of similar calls
+        is one or two groups): each group's counter series and histogram child are looked up once."""
+        attempts_by_group: dict[tuple[str, bool], list[int]] = {}
+        for request in requests:
+            key = (request.last.model_name, request.succeeded)
+            attempts_by_group.setdefault(key, []).append(request.last.attempt_number)
+        for (model_name, succeeded), attempts in attempts_by_group.items():
+            model = self._model(model_name)
+            self._add(self.logical_requests, (model, "succeeded" if succeeded else "failed"), len(attempts))
+            observe = self._series(self.attempts_per_request, model).observe
+            for count in attempts:
+                observe(count)
 
     def _count_attempts(self, records: Sequence[AttemptRecord]) -> None:
         """Count attempts seen for the first time, summed first by the labels they count under (the

@@ -222,6 +222,33 @@ def test_workflow_label_is_truncated_in_rollups() -> None:
     assert key[5] == "w" * WORKFLOW_LABEL_LENGTH
 
 
+def test_a_batch_of_alike_attempts_sums_to_what_each_adds_alone_whatever_the_offset_of_its_moments() -> None:
+    """The writer makes a rollup key and kind once per set of alike fields in a batch: a moment's UTC
+    hour still decides its row, whether the moment is UTC, naive or at another offset."""
+    india = timezone(timedelta(hours=5, minutes=30))
+    moments = [
+        T0,
+        T0.replace(tzinfo=None),
+        T0.astimezone(india),
+        (T0 + timedelta(minutes=50)).astimezone(india),  # 11:05 UTC, but 16:35 there as 16:05 is
+        T0.astimezone(india).replace(minute=5),  # 09:35 UTC
+        T0 + timedelta(hours=1),
+    ]
+    batch = [
+        attempt(n, started_at=moment, model=model, tags=tags)
+        for n, moment in enumerate(moments)
+        for model, tags in (("claude-sonnet-4-5-20250929", {"workflow": "summarise"}), (None, {}))
+    ]
+    one_by_one: dict[tuple[Any, ...], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for record in batch:
+        key, values = rollup_contribution(record)
+        for name, value in values.items():
+            one_by_one[key][name] += value
+    together = rollup_deltas(batch, [])
+    assert {key[0] for key in together} == {T0.replace(minute=0) + timedelta(hours=h) for h in (-1, 0, 1)}
+    assert together == {key: dict(values) for key, values in one_by_one.items()}
+
+
 def test_what_a_batch_holds_until_it_commits_is_plain_values_the_garbage_collector_lets_go() -> None:
     """The attempt rows PostgreSQL's insert copies and the per-attempt rollup terms are tuples of plain
     values (JSON as its text): the collector untracks them when it first looks at them (a pair of
