@@ -18,7 +18,15 @@ import sqlalchemy as sa
 from conftest import postgres_schema_url
 from sqlalchemy.dialects import postgresql
 
-from costwatch.records import WORKFLOW_LABEL_LENGTH, AttemptRecord, Cost, Outcome, Usage, WasteReason
+from costwatch.records import (
+    WORKFLOW_LABEL_LENGTH,
+    AttemptRecord,
+    Cost,
+    Outcome,
+    OutputSource,
+    Usage,
+    WasteReason,
+)
 from costwatch.store import ROLLUP_MEASURES, SqlStore
 from costwatch.store import write as store_write
 from costwatch.store.database import create_store_engine
@@ -247,6 +255,49 @@ def test_a_batch_of_alike_attempts_sums_to_what_each_adds_alone_whatever_the_off
     together = rollup_deltas(batch, [])
     assert {key[0] for key in together} == {T0.replace(minute=0) + timedelta(hours=h) for h in (-1, 0, 1)}
     assert together == {key: dict(values) for key, values in one_by_one.items()}
+
+
+def test_attempts_that_differ_in_any_field_their_rollup_row_or_kind_reads_are_never_summed_as_alike() -> None:
+    """The writer makes a key and kind once per set of the fields they are read from: each attempt
+    below differs from the first in one of those fields alone, and the batch sums to what each adds."""
+    base = attempt(0, started_at=T0)
+    usage = base.usage
+    batch = [
+        base,
+        dataclasses.replace(base, attempt_id="model", model="claude-opus-4-6"),
+        dataclasses.replace(base, attempt_id="asked", model=None, model_requested="claude-haiku-4-5"),
+        dataclasses.replace(base, attempt_id="asked-as-answered", model=None),
+        dataclasses.replace(base, attempt_id="dropped", outcome=Outcome.DROPPED),
+        dataclasses.replace(base, attempt_id="http", outcome=Outcome.HTTP_ERROR),
+        dataclasses.replace(
+            base, attempt_id="error", outcome=Outcome.HTTP_ERROR, error_type="APIStatusError"
+        ),
+        dataclasses.replace(
+            base, attempt_id="api-error", outcome=Outcome.HTTP_ERROR, api_error_type="overloaded_error"
+        ),
+        dataclasses.replace(base, attempt_id="wasted", wasted=True),
+        dataclasses.replace(base, attempt_id="reason", wasted=True, waste_reason=WasteReason.RETRIED),
+        dataclasses.replace(base, attempt_id="workflow", tags={"workflow": "translate"}),
+        dataclasses.replace(base, attempt_id="platform", platform="bedrock"),
+        dataclasses.replace(base, attempt_id="second", attempt_number=2),
+        dataclasses.replace(base, attempt_id="unpriced", cost=None),
+        dataclasses.replace(
+            base,
+            attempt_id="estimated",
+            usage=dataclasses.replace(usage, output_estimated=True, estimated_output_tokens=300),
+        ),
+        dataclasses.replace(
+            base,
+            attempt_id="counted",
+            usage=dataclasses.replace(usage, output_source=OutputSource.COUNTED),
+        ),
+    ]
+    one_by_one: dict[tuple[Any, ...], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for record in batch:
+        key, values = rollup_contribution(record)
+        for name, value in values.items():
+            one_by_one[key][name] += value
+    assert rollup_deltas(batch, []) == {key: dict(values) for key, values in one_by_one.items()}
 
 
 def test_what_a_batch_holds_until_it_commits_is_plain_values_the_garbage_collector_lets_go() -> None:

@@ -54,7 +54,11 @@ def _utc_hour(year: int, month: int, day: int, hour: int) -> datetime:
 
 
 def rollup_key(record: AttemptRecord) -> RollupKey:
-    """The rollup row an attempt counts towards, its values in ``ROLLUP_DIMENSIONS`` order."""
+    """The rollup row an attempt counts towards, its values in ``ROLLUP_DIMENSIONS`` order.
+
+    A field read here (or in :func:`_kind`) must also be among :func:`_key_and_kind`'s, which makes
+    both once per set of them in a batch.
+    """
     waste_reason = record.waste_reason
     return _in_dimension_order(
         {
