@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 T0 = datetime(2025, 6, 1, 9, 0, tzinfo=timezone.utc)
 SONNET, OPUS, HAIKU, UNKNOWN = "claude-sonnet-4-5", "claude-opus-4-6", "claude-haiku-4-5", "claude-future-9"
+SMALL_COST = Cost(input_usd=0.0003, output_usd=0.00015)
 HEALTH = {
     metric.name
     for metric in (
@@ -64,7 +65,7 @@ def record(
     model: str = SONNET,
     duration: float = 0.3,
     usage: Usage | None = None,
-    cost: Cost | None = Cost(input_usd=0.0003, output_usd=0.00015),
+    cost: Cost | None = SMALL_COST,
     waste: WasteReason | None = None,
     workflow: str | None = None,
     **extra: Any,
@@ -88,7 +89,9 @@ def record(
 
 
 def estimated(output: int) -> Usage:
-    return Usage(input_tokens=1500, output_tokens=output, output_estimated=True, estimated_output_tokens=output)
+    return Usage(
+        input_tokens=1500, output_tokens=output, output_estimated=True, estimated_output_tokens=output
+    )
 
 
 def batches() -> list[list[AttemptRecord]]:
@@ -294,7 +297,7 @@ def test_otlp_points_are_exactly_the_ones_recorded_one_at_a_time():
     finally:
         provider.shutdown()
     lines = []
-    for metric in (m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics):
+    for metric in (x for rm in data.resource_metrics for sm in rm.scope_metrics for x in sm.metrics):
         if metric.name in HEALTH:
             continue
         for point in metric.data.data_points:
