@@ -75,6 +75,9 @@ class Accountant:
         count_partial_output_rate: float | None = None,
     ) -> None:
         self.listeners = tuple(listeners)
+        # A listener with an ``is_listening()`` that answers False (the span listener while no tracer
+        # provider is set) is told of neither the attempt nor its end: it would do nothing with them.
+        self._asks = tuple((listener, getattr(listener, "is_listening", None)) for listener in self.listeners)
         self.pipeline = pipeline
         self.prices = prices
         self.estimator = estimator or OutputEstimator()
@@ -166,19 +169,21 @@ class Accountant:
             # Platforms are never counted (docs/platforms.md); first-party text may be, if cut.
             attempt.count_target = count_target(url, request.headers.raw)
         if self.listeners:
-            start = AttemptStart(
-                attempt_id=attempt.attempt_id,
-                logical_request_id=attempt.logical_request_id,
-                attempt_number=attempt.attempt_number,
-                started_at=started_at,
-                model_requested=model,
-                sdk_retry=sdk_retry,
-                tags=attempt.tags,
-            )
-            attempt.listener_states = [
-                (listener, guarded("listener_start", listener.attempt_started, start))
-                for listener in self.listeners
-            ]
+            listening = [listener for listener, ask in self._asks if ask is None or guarded("listener_start", ask)]
+            if listening:
+                start = AttemptStart(
+                    attempt_id=attempt.attempt_id,
+                    logical_request_id=attempt.logical_request_id,
+                    attempt_number=attempt.attempt_number,
+                    started_at=started_at,
+                    model_requested=model,
+                    sdk_retry=sdk_retry,
+                    tags=attempt.tags,
+                )
+                attempt.listener_states = [
+                    (listener, guarded("listener_start", listener.attempt_started, start))
+                    for listener in listening
+                ]
         return attempt
 
     def _refused(
