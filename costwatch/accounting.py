@@ -473,6 +473,16 @@ class Attempt:
         """Whether the account is closed (or being closed)."""
         return self._once.locked()
 
+    def settle_json(self, body: bytes) -> dict[str, Any] | None:
+        """Settle an attempt whose whole JSON body was read (and decoded) with its headers; returns the
+        body as parsed, if a JSON object, for the SDK to take instead of parsing it again."""
+        meter = self.meter = BodyMeter(stream=False)
+        meter.bytes_received = len(body)
+        meter.take_json(body)
+        self.settle(self.outcome_after_body(None))
+        parsed, meter.parsed = meter.parsed, None
+        return parsed
+
     def settle_body(self, error: BaseException | None) -> None:
         """Settle an attempt whose headers arrived, classifying how its body ended."""
         meter = self.meter

@@ -438,10 +438,12 @@ def _observe_response(attempt: Attempt, response: Any, stream_cls: type) -> None
     attempt.on_response(response)
     if response.is_stream_consumed:
         # send(stream=False) already read (and decoded) the whole body.
-        meter = attempt.meter = BodyMeter(stream=attempt.stream, clock=time.perf_counter)
-        meter.feed(response.content)
-        _body_ended(attempt, None)
-        parsed, meter.parsed = meter.parsed, None
+        if attempt.stream:  # an event stream read whole
+            attempt.meter = BodyMeter(stream=True, clock=time.perf_counter)
+            attempt.meter.feed(response.content)
+            _body_ended(attempt, None)
+            return
+        parsed = attempt.settle_json(response.content)
         if parsed is not None:
             with contextlib.suppress(AttributeError):  # a response class with slots keeps its own
                 response.json = _ParsedBody(response, parsed)
