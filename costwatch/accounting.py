@@ -480,8 +480,7 @@ class Attempt:
         meter.bytes_received = len(body)
         meter.take_json(body)
         self.settle(self.outcome_after_body(None))
-        parsed, meter.parsed = meter.parsed, None
-        return parsed
+        return meter.take_parsed()
 
     def settle_body(self, error: BaseException | None) -> None:
         """Settle an attempt whose headers arrived, classifying how its body ended."""
