@@ -437,7 +437,7 @@ class BodyMeter:
         of them with the parse.
         """
         try:
-            data = json.loads(body)
+            data = _decode_body(body)
         except (ValueError, UnicodeDecodeError):
             self.malformed_events += 1
             return
@@ -565,6 +565,15 @@ _COMPACT_DELTA = re.compile(
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _COMPACT_DELTA_TYPES = {name.encode(): kind for name, kind in _DELTA_CONTENT_TYPE.items()}
 _decode_json = json.JSONDecoder().decode  # skips json.loads' per-call type and encoding checks
+
+
+def _decode_body(body: bytes) -> Any:
+    """``json.loads(body)``, as both SDK lines parse a body, with a UTF-8 body (the API's) decoded
+    first: ``json.loads`` looks for another encoding in Python code at every call."""
+    try:
+        return _decode_json(body.decode())
+    except ValueError:  # UnicodeDecodeError too: another encoding, or a BOM, or no JSON at all
+        return json.loads(body)
 
 
 def _split_event(raw: bytes) -> tuple[bytes, bytes]:
