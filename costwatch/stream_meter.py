@@ -131,9 +131,8 @@ _GEO_LENGTH = 32
 
 def _count(value: Any) -> int | None:
     """A token count from the wire: a non-negative int, or None when absent or nonsensical."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return value if value >= 0 else None
+    # A parsed JSON number is exactly an int or a float (true and false are bools, not ints here).
+    return value if type(value) is int and value >= 0 else None
 
 
 class BodyMeter:
