@@ -104,7 +104,9 @@ class Accountant:
         started = time.perf_counter()
         wanted = wanted_headers(request.headers.raw) if headers is None else headers
         url = request.url
-        names = frozenset(name.decode() for name in _ROUTE_HEADERS if name in wanted)
+        names = _NO_NAMES  # a route header's name, when there is one (the platforms' requests)
+        if not _ROUTE_HEADERS.isdisjoint(wanted):
+            names = frozenset(name.decode() for name in _ROUTE_HEADERS if name in wanted)
         route = route_of(url.host, url.path, names)
         tracker = self.tracker
         body = request.content
@@ -601,6 +603,7 @@ def _requested_model(body: bytes) -> str:
 _ROUTE_HEADERS = frozenset((b"api-key", b"x-amz-date"))
 """Headers whose presence (never their value: one is an API key) tells a platform apart
 (:func:`costwatch.platforms.route_of`)."""
+_NO_NAMES: frozenset[str] = frozenset()
 _WANTED_HEADERS = frozenset(
     (b"anthropic-version", b"x-stainless-retry-count", b"anthropic-beta", *_ROUTE_HEADERS)
 )
