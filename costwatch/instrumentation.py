@@ -19,7 +19,6 @@ never raised. What an attempt billed and how it ended is worked out in :mod:`cos
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
 import logging
@@ -445,8 +444,10 @@ def _observe_response(attempt: Attempt, response: Any, stream_cls: type) -> None
             return
         parsed = attempt.settle_json(response.content)
         if parsed is not None:
-            with contextlib.suppress(AttributeError):  # a response class with slots keeps its own
+            try:
                 response.json = _ParsedBody(response, parsed)
+            except AttributeError:  # a response class with slots keeps its own
+                pass
         return
     if response.headers.get("content-type", "").startswith(EVENT_STREAM_CONTENT_TYPE):
         attempt.meter = EventStreamMeter(clock=time.perf_counter)  # Bedrock's binary framing
