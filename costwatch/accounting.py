@@ -171,7 +171,9 @@ class Accountant:
             # Platforms are never counted (docs/platforms.md); first-party text may be, if cut.
             attempt.count_target = count_target(url, request.headers.raw)
         if self.listeners:
-            listening = [listener for listener, ask in self._asks if ask is None or guarded("listener_start", ask)]
+            listening = [
+                listener for listener, ask in self._asks if ask is None or guarded("listener_start", ask)
+            ]
             if listening:
                 start = AttemptStart(
                     attempt_id=attempt.attempt_id,
