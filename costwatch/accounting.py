@@ -246,7 +246,7 @@ class Accountant:
         unreadable = None
         inference_geo = None
         if meter is not None:
-            if attempt.sdk_failed_reading():
+            if attempt.closing:  # after an event the SDK could not read, if there was one
                 unreadable = meter.unreadable
             answered_model = meter.model
             if answered_model and attempt.platform != ANTHROPIC:
@@ -342,7 +342,8 @@ class Accountant:
             budget.observe(record)
         if attempt.count_target is not None and self._held_to_count(attempt, record):
             return  # the counter sends it on, and tells the listeners, once its text is counted
-        _tell_finished(attempt.listener_states, record)
+        if attempt.listener_states:
+            _tell_finished(attempt.listener_states, record)
         # A completed attempt's large body is fingerprinted later, on the pipeline's thread.
         self.pipeline.submit(record, body_to_fingerprint=body)
 
