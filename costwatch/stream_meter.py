@@ -188,7 +188,7 @@ class BodyMeter:
         self._waiting: list[bytes] = []
         self._tail = b""
         self._json_body: list[bytes] = []
-        self._decompressor = _decompressor(content_encoding)
+        self._decompressor = _decompressor(content_encoding) if content_encoding else None
         self.now = clock
         self.usage = ReportedUsage()
         self._chars = dict.fromkeys(CHAR_KEYS, 0)
