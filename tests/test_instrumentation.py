@@ -617,18 +617,18 @@ def test_the_sdk_takes_costwatch_parse_of_a_non_streaming_body_instead_of_parsin
     accounting, monkeypatch
 ):
     parses: list[object] = []
-    loads = json.loads
+    raw_decode = json.JSONDecoder.raw_decode  # under json.loads and every other JSONDecoder's decode
 
-    def counted(*args, **kwargs):
-        parsed = loads(*args, **kwargs)
-        if isinstance(parsed, dict) and parsed.get("type") == "message":  # not the fake's reads of requests
-            parses.append(parsed)
+    def counted(self, *args, **kwargs):
+        parsed = raw_decode(self, *args, **kwargs)
+        if isinstance(parsed[0], dict) and parsed[0].get("type") == "message":  # not the fake's requests
+            parses.append(parsed[0])
         return parsed
 
     with FakeAnthropicServer(ResponseSpec.small(20)) as server:
         client = sync_client(server, max_retries=0)
         bare = create(client)  # warm: the SDK's first call may parse more than the body
-        monkeypatch.setattr(json, "loads", counted)
+        monkeypatch.setattr(json.JSONDecoder, "raw_decode", counted)
         message = create(client)
         raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=8192, messages=MESSAGES)
         first, second = raw.http_response.json(), raw.http_response.json()
