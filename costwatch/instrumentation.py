@@ -484,9 +484,10 @@ class _ParsedBody:
 
     Both SDK lines parse a non-streaming body with ``response.json()`` once they have read it (inside
     ``send()``, or after it on anthropic 2.17): they get costwatch's parse instead of making a second
-    one (a sixth of what costwatch costs a small call). The parse goes to one caller only and costwatch keeps no reference to it, so the
-    caller owns it as it would own a fresh parse; the first call also puts the response's own
-    ``json()`` back, which answers every later call (and one with arguments) with a fresh parse.
+    one (a sixth of what costwatch costs a small call). The parse goes to one caller only and
+    costwatch keeps no reference to it, so the caller owns it as it would own a fresh parse; the
+    first call also puts the response's own ``json()`` back, which answers every later call (and one
+    with arguments) with a fresh parse.
     """
 
     __slots__ = ("_parsed", "_response")
