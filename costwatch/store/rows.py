@@ -281,12 +281,12 @@ def _summed_measures(
 
 
 def _sum(rows: Iterable[tuple[Any, ...]]) -> tuple[Any, ...]:
-    """Rows added up column by column, in order (the first row as it is: ``0 + -0.0`` is ``0.0``)."""
-    it = iter(rows)
-    total = next(it)
-    for row in it:
-        total = tuple(map(operator.add, total, row))
-    return total
+    """Rows added up column by column, in order (the first row as it is: ``0 + -0.0`` is ``0.0``).
+
+    Column by column (``reduce``, not ``sum``: from Python 3.12 ``sum`` rounds floats otherwise): a
+    new tuple a row made the writer's sums of a batch cost twice as much.
+    """
+    return tuple(functools.reduce(operator.add, column) for column in zip(*rows, strict=True))
 
 
 _NO_MEASURES = (0,) * len(ROLLUP_MEASURES)
