@@ -29,11 +29,24 @@ share one working directory whose database a first, untimed process created and 
 runs of a deployed application do; a separate row gives that first ``instrument()`` (new database),
 and another ``instrument()`` on a store that already holds the fleet's calibration (5,000 samples of
 completed streams), which it reads before it returns.
+
+Two processes of one variant differ by several percent in what the same work costs them (memory
+layout, the machine's other load), which is why the loop rows need many rounds. The paired rows
+(:func:`_paired_child`) take that difference out: one fresh process per round runs
+``costwatch.instrument(client=accounted)`` with the defaults otherwise, and alternates every stream
+and every create between the accounted client and a plain one, each timed on the calling thread's
+CPU clock; the CPU of every other thread (costwatch's writer) during the loop, and during the creates
+and the final flush, is charged to the accounted side whole. The plain client makes one stream and
+one create first, uncounted: the SDK's own first use (its response models' schemas, some 20-40 ms)
+would otherwise fall on whichever client went first. What the two clients share (the process's
+imports, its memory) these rows cannot see; the loop rows above can, as can callgrind
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -54,6 +67,7 @@ __all__ = [
     "create_verdict",
     "measure_fresh_process",
     "median_interval",
+    "paired_rows",
     "ratio_verdict",
 ]
 
@@ -107,7 +121,8 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
 
 
 def ratio_verdict(ratios: Sequence[float], target: float) -> bool | None:
-    """Whether a loop's ratio meets ``target``; ``None``: its 95% interval spans it (the run cannot tell).
+    """Whether the median of ``ratios`` (a loop's ratios, or a create's cost in the paired rows) meets
+    ``target``; ``None``: its 95% interval spans it (the run cannot tell).
 
     Met when the whole interval of the median is at or under the target, missed when it is all above.
     """
@@ -233,6 +248,169 @@ def _child(variant: str, url: str, streams: int, events: int, creates: int) -> d
     }
 
 
+def _other_threads_cpu_s() -> float:
+    """CPU seconds the process's other Python threads have used so far (costwatch's writer among them)."""
+    import threading
+
+    me = threading.get_ident()
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.ident is not None and thread.ident != me:
+            with contextlib.suppress(OSError):  # it ended between the listing and the read
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return total
+
+
+def _paired_child(url: str, streams: int, events: int, creates: int) -> dict[str, Any]:
+    """One fresh process: streams and creates alternated between an accounted and a plain client."""
+    import anthropic
+
+    import costwatch
+
+    accounted = anthropic.Anthropic(base_url=url, api_key="bench", max_retries=0)
+    plain = anthropic.Anthropic(base_url=url, api_key="bench", max_retries=0)
+    costwatch.instrument(client=accounted)
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": max(1, events - 7),
+        "messages": [{"role": "user", "content": "benchmark request: summarise the quarterly report"}],
+    }
+    small = {**body, "max_tokens": 16}
+    for _event in plain.messages.create(**body, stream=True):  # the SDK's first use, uncounted
+        pass
+    plain.messages.create(**small)
+    thread_cpu = time.thread_time
+    out: dict[str, Any] = {"loop": [], "create": []}
+    for phase, count in (("loop", streams), ("create", creates)):
+        for i in range(count):
+            pair: dict[str, float] = {}
+            others = _other_threads_cpu_s()
+            # Alternate who goes first, so neither side always follows the other's leftovers.
+            for side in ("accounted", "plain") if i % 2 == 0 else ("plain", "accounted"):
+                client = accounted if side == "accounted" else plain
+                wall, cpu = time.perf_counter(), thread_cpu()
+                if phase == "loop":
+                    body["messages"][0]["content"] = f"benchmark request {i}: summarise the quarterly report"
+                    for _event in client.messages.create(**body, stream=True):
+                        pass
+                else:
+                    small["messages"] = [{"role": "user", "content": f"short request {i}"}]
+                    client.messages.create(**small)
+                pair[f"{side}_cpu_s"] = thread_cpu() - cpu
+                pair[f"{side}_wall_s"] = time.perf_counter() - wall
+            pair["others_cpu_s"] = _other_threads_cpu_s() - others
+            out[phase].append(pair)
+    others = _other_threads_cpu_s()
+    costwatch.flush(60)
+    out["flush_others_cpu_s"] = _other_threads_cpu_s() - others
+    return out
+
+
+def _run_paired_child(
+    url: str, *, streams: int, events: int, creates: int, cwd: str, env: dict[str, str]
+) -> dict[str, Any]:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--paired-child",
+            url,
+            str(streams),
+            str(events),
+            str(creates),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=_CHILD_TIMEOUT_S,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"the paired process failed:\n{completed.stderr[-3000:]}")
+    return dict(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+def paired_rows(runs: Sequence[dict[str, Any]], *, streams: int, events: int) -> list[Any]:
+    """The rows of :func:`_paired_child`'s runs: the loop's ratios and a create's CPU, each with its interval.
+
+    A loop pair's ratio charges the other threads' CPU during the pair to the accounted stream; a
+    create's cost is the median of the pairs' differences on the calling thread plus the other
+    threads' CPU over the creates and the final flush, spread over the creates (the writer works in
+    batches, not per call, so its share is a sum, not a per-pair figure).
+    """
+    from measure import Measurement
+
+    loop = [pair for run in runs for pair in run["loop"]]
+    case = (
+        f"one fresh process a round, {streams} x {events:,}-event streams alternated between a client "
+        "that costwatch.instrument(client=...) accounts (defaults otherwise) and a plain one"
+    )
+    rows = []
+    for metric, ratios in (
+        (
+            "loop wall, accounted vs plain stream",
+            [p["accounted_wall_s"] / p["plain_wall_s"] for p in loop],
+        ),
+        (
+            "loop CPU, accounted stream and other threads vs plain stream",
+            [(p["accounted_cpu_s"] + p["others_cpu_s"]) / p["plain_cpu_s"] for p in loop],
+        ),
+    ):
+        interval = median_interval(ratios)
+        met = ratio_verdict(ratios, RATIO_TARGET)
+        rows.append(
+            Measurement(
+                benchmark="fresh process",
+                case=case,
+                metric=metric,
+                value=statistics.median(ratios),
+                unit="ratio",
+                target=f"<= {RATIO_TARGET}",
+                met=met,
+                no_verdict="" if met is not None else (SPANS_TARGET if interval else TOO_FEW_ROUNDS),
+                detail={
+                    "processes": len(runs),
+                    "pairs": len(ratios),
+                    "interval_95": [round(x, 4) for x in interval] if interval else None,
+                },
+            )
+        )
+    per_process_us = []
+    for run in runs:
+        creates = run["create"]
+        caller = statistics.median(p["accounted_cpu_s"] - p["plain_cpu_s"] for p in creates)
+        writer = (sum(p["others_cpu_s"] for p in creates) + run["flush_others_cpu_s"]) / len(creates)
+        per_process_us.append((caller + writer) * 1e6)
+    plain_us = statistics.median(p["plain_cpu_s"] for run in runs for p in run["create"]) * 1e6
+    create_us = statistics.median(per_process_us)
+    interval = median_interval(per_process_us)
+    met = ratio_verdict(per_process_us, CREATE_TARGET_US)
+    rows.append(
+        Measurement(
+            benchmark="fresh process",
+            case=(
+                "non-streaming create alternated between an accounted and a plain client in one "
+                f"fresh process (the plain one: {plain_us:.0f} us of CPU a call)"
+            ),
+            metric="CPU per call beyond the plain client (all threads)",
+            value=create_us,
+            unit="us",
+            target=f"<= {CREATE_TARGET_US:.0f} us",
+            met=met,
+            no_verdict="" if met is not None else (SPANS_TARGET if interval else TOO_FEW_ROUNDS),
+            detail={
+                "processes": len(runs),
+                "creates": len(runs[0]["create"]) if runs else 0,
+                "interval_95": [round(x, 1) for x in interval] if interval else None,
+                "per_process_us": [round(x, 1) for x in per_process_us],
+                "plain_us": round(plain_us, 1),
+            },
+        )
+    )
+    return rows
+
+
 def _imports_between_marks(stderr: str) -> float:
     """Seconds of the top-level imports ``-X importtime`` reported between the two marks."""
     inside, total_us = False, 0
@@ -356,6 +534,11 @@ def measure_fresh_process(
                 )
                 results[name].append(run)
             log(f"  round {round_number + 1}/{pairs} done")
+        paired = [
+            _run_paired_child(url, streams=streams, events=events, creates=creates, cwd=app_dir, env=env)
+            for _ in range(pairs)
+        ]
+        log(f"  {pairs} paired processes done")
         calibrated_dir = str(Path(home) / "calibrated")
         os.mkdir(calibrated_dir)
         _run_child(COSTWATCH, url, streams=1, events=50, creates=1, cwd=calibrated_dir, env=env)
@@ -468,6 +651,7 @@ def measure_fresh_process(
                 },
             )
         )
+    rows.extend(paired_rows(paired, streams=streams, events=events))
     rows.append(
         Measurement(
             benchmark="fresh process",
@@ -503,7 +687,12 @@ def measure_fresh_process(
 def _main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", nargs=5, metavar=("VARIANT", "URL", "STREAMS", "EVENTS", "CREATES"))
+    parser.add_argument("--paired-child", nargs=4, metavar=("URL", "STREAMS", "EVENTS", "CREATES"))
     args = parser.parse_args(argv)
+    if args.paired_child:
+        url, streams, events, creates = args.paired_child
+        print(json.dumps(_paired_child(url, int(streams), int(events), int(creates))))
+        return
     variant, url, streams, events, creates = args.child
     print(json.dumps(_child(variant, url, int(streams), int(events), int(creates))))
 

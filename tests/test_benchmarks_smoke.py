@@ -23,6 +23,7 @@ from fresh_process import (  # noqa: E402
     TOO_FEW_ROUNDS,
     create_verdict,
     median_interval,
+    paired_rows,
     ratio_verdict,
 )
 from measure import Measurement, markdown_table  # noqa: E402
@@ -144,6 +145,42 @@ def test_a_loop_ratio_is_met_or_missed_only_when_its_whole_interval_is() -> None
     # A median of 1.01 whose interval reaches 1.08: the run cannot tell.
     assert ratio_verdict([0.9, 0.95, 0.99, 1.0, 1.01, 1.02, 1.05, 1.08, 1.2], 1.03) is None
     assert ratio_verdict([1.0, 1.0, 1.0], 1.03) is None
+
+
+def _pair(accounted: float, plain: float, others: float = 0.0) -> dict[str, float]:
+    return {
+        "accounted_cpu_s": accounted,
+        "plain_cpu_s": plain,
+        "accounted_wall_s": accounted,
+        "plain_wall_s": plain,
+        "others_cpu_s": others,
+    }
+
+
+def test_a_paired_loop_charges_the_other_threads_cpu_to_the_accounted_stream() -> None:
+    # Each pair: the accounted stream 1.00 s on its thread, the plain one 1.00 s, the writer 0.02 s.
+    run = {
+        "loop": [_pair(1.0, 1.0, 0.02)] * 6,
+        "create": [_pair(0.002, 0.002)] * 6,
+        "flush_others_cpu_s": 0.0,
+    }
+    wall, cpu, _create = paired_rows([run], streams=6, events=10)
+    assert wall.value == pytest.approx(1.0) and wall.met is True
+    assert cpu.value == pytest.approx(1.02) and cpu.met is True
+    assert cpu.detail["pairs"] == 6
+
+
+def test_a_paired_create_is_the_callers_median_difference_plus_the_writers_cpu_spread_over_the_calls() -> (
+    None
+):
+    # The caller: +100 us a call in most pairs (one outlier pair the median ignores); the writer:
+    # 10 ms during the calls and 30 ms in the final flush, over 100 calls: +400 us a call.
+    creates = [_pair(0.0021, 0.002)] * 99 + [_pair(0.05, 0.002, 0.01)]
+    runs = [{"loop": [_pair(1.0, 1.0)] * 6, "create": creates, "flush_others_cpu_s": 0.03}] * 6
+    create = paired_rows(runs, streams=6, events=10)[2]
+    assert create.value == pytest.approx(500.0)
+    assert create.met is False and create.detail["interval_95"] == [500.0, 500.0]
+    assert create.detail["plain_us"] == pytest.approx(2000.0)
 
 
 def test_a_row_without_a_verdict_prints_why_instead_of_yes_or_no() -> None:

@@ -242,7 +242,12 @@ def test_store_creates_and_migrates_its_database_on_first_use(store_url: str) ->
     [
         ("sqlite:///costwatch.db", "costwatch.db"),
         ("sqlite:////var/lib/costwatch.db", "/var/lib/costwatch.db"),
-        ("sqlite:///file:costwatch.db?uri=true", "file:costwatch.db"),
+        ("sqlite:///file:costwatch.db?uri=true", "costwatch.db"),
+        ("sqlite:///file:/var/lib/cost%20watch.db?mode=rwc&uri=true", "/var/lib/cost watch.db"),
+        ("sqlite:///file:///var/lib/costwatch.db?uri=1", "/var/lib/costwatch.db"),
+        ("sqlite:///file:costwatch.db", "file:costwatch.db"),  # not a URI to SQLite without uri=true
+        ("sqlite:///file:shared?mode=memory&cache=shared&uri=true", None),
+        ("sqlite:///file::memory:?cache=shared&uri=true", None),
         ("sqlite://", None),
         ("sqlite:///:memory:", None),
         ("postgresql://costwatch@localhost/costwatch", None),

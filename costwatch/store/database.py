@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.util import asbool
 
 from ..settings import SettingsError
 from .schema import declare_for
@@ -119,11 +121,19 @@ def sqlite_path(url: URL) -> str | None:
     """The path of the SQLite file ``url`` names, as written there (relative to the working directory
     if relative); ``None`` for another backend and for an in-memory database (no path, or ``:memory:``).
 
-    A ``file:`` URI (``?uri=true``) is returned as written, not parsed.
+    A ``file:`` URI (``sqlite:///file:PATH?uri=true``, https://sqlite.org/uri.html) gives the path
+    it names, percent-decoded; with ``mode=memory`` or no path it is in memory.
     """
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
-    return str(url.database)
+    database = str(url.database)
+    uri = url.query.get("uri")
+    if not (database.startswith("file:") and isinstance(uri, str) and asbool(uri)):
+        return database
+    if url.query.get("mode") == "memory":
+        return None
+    path = unquote(urlsplit(database).path)
+    return None if path in ("", ":memory:") else path
 
 
 def create_store_engine(url: str | URL | None = None) -> Engine:
