@@ -623,11 +623,11 @@ def _insert_new(
         return [record for record in records if record.attempt_id in new_ids], stored
     # SQLite: this transaction holds the database's write lock, so what is stored now stays so until
     # commit. The usual batch is all new: it is inserted as it is, under a savepoint, and nothing is
-    # read first (that lookup cost ~6k instructions a record). If an attempt was stored already (a
+    # read first (that lookup cost ~5k instructions a record). If an attempt was stored already (a
     # redelivery, a revision), the insert is undone, the stored ones read and the rest inserted.
     rows = _attempt_rows(connection.dialect, records)
     new = list(records)
-    stored: list[AttemptRecord] = []
+    stored = []
     driver: Any = connection.connection.driver_connection
     driver.execute("SAVEPOINT costwatch_insert")
     try:
