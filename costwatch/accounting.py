@@ -75,6 +75,9 @@ class Accountant:
         count_partial_output_rate: float | None = None,
     ) -> None:
         self.listeners = tuple(listeners)
+        # A listener with an ``is_listening()`` that answers False (the span listener while no tracer
+        # provider is set) is told of neither the attempt nor its end: it would do nothing with them.
+        self._asks = tuple((listener, getattr(listener, "is_listening", None)) for listener in self.listeners)
         self.pipeline = pipeline
         self.prices = prices
         self.estimator = estimator or OutputEstimator()
@@ -101,7 +104,9 @@ class Accountant:
         started = time.perf_counter()
         wanted = wanted_headers(request.headers.raw) if headers is None else headers
         url = request.url
-        names = frozenset(name.decode() for name in _ROUTE_HEADERS if name in wanted)
+        names = _NO_NAMES  # a route header's name, when there is one (the platforms' requests)
+        if not _ROUTE_HEADERS.isdisjoint(wanted):
+            names = frozenset(name.decode() for name in _ROUTE_HEADERS if name in wanted)
         route = route_of(url.host, url.path, names)
         tracker = self.tracker
         body = request.content
@@ -166,19 +171,23 @@ class Accountant:
             # Platforms are never counted (docs/platforms.md); first-party text may be, if cut.
             attempt.count_target = count_target(url, request.headers.raw)
         if self.listeners:
-            start = AttemptStart(
-                attempt_id=attempt.attempt_id,
-                logical_request_id=attempt.logical_request_id,
-                attempt_number=attempt.attempt_number,
-                started_at=started_at,
-                model_requested=model,
-                sdk_retry=sdk_retry,
-                tags=attempt.tags,
-            )
-            attempt.listener_states = [
-                (listener, guarded("listener_start", listener.attempt_started, start))
-                for listener in self.listeners
+            listening = [
+                listener for listener, ask in self._asks if ask is None or guarded("listener_start", ask)
             ]
+            if listening:
+                start = AttemptStart(
+                    attempt_id=attempt.attempt_id,
+                    logical_request_id=attempt.logical_request_id,
+                    attempt_number=attempt.attempt_number,
+                    started_at=started_at,
+                    model_requested=model,
+                    sdk_retry=sdk_retry,
+                    tags=attempt.tags,
+                )
+                attempt.listener_states = [
+                    (listener, guarded("listener_start", listener.attempt_started, start))
+                    for listener in listening
+                ]
         return attempt
 
     def _refused(
@@ -237,7 +246,7 @@ class Accountant:
         unreadable = None
         inference_geo = None
         if meter is not None:
-            if attempt.sdk_failed_reading():
+            if attempt.closing:  # after an event the SDK could not read, if there was one
                 unreadable = meter.unreadable
             answered_model = meter.model
             if answered_model and attempt.platform != ANTHROPIC:
@@ -333,7 +342,8 @@ class Accountant:
             budget.observe(record)
         if attempt.count_target is not None and self._held_to_count(attempt, record):
             return  # the counter sends it on, and tells the listeners, once its text is counted
-        _tell_finished(attempt.listener_states, record)
+        if attempt.listener_states:
+            _tell_finished(attempt.listener_states, record)
         # A completed attempt's large body is fingerprinted later, on the pipeline's thread.
         self.pipeline.submit(record, body_to_fingerprint=body)
 
@@ -468,6 +478,15 @@ class Attempt:
         """Whether the account is closed (or being closed)."""
         return self._once.locked()
 
+    def settle_json(self, body: bytes) -> dict[str, Any] | None:
+        """Settle an attempt whose whole JSON body was read (and decoded) with its headers; returns the
+        body as parsed, if a JSON object, for the SDK to take instead of parsing it again."""
+        meter = self.meter = BodyMeter(stream=False)
+        meter.bytes_received = len(body)
+        meter.take_json(body)
+        self.settle(self.outcome_after_body(None))
+        return meter.take_parsed()
+
     def settle_body(self, error: BaseException | None) -> None:
         """Settle an attempt whose headers arrived, classifying how its body ended."""
         meter = self.meter
@@ -587,6 +606,7 @@ def _requested_model(body: bytes) -> str:
 _ROUTE_HEADERS = frozenset((b"api-key", b"x-amz-date"))
 """Headers whose presence (never their value: one is an API key) tells a platform apart
 (:func:`costwatch.platforms.route_of`)."""
+_NO_NAMES: frozenset[str] = frozenset()
 _WANTED_HEADERS = frozenset(
     (b"anthropic-version", b"x-stainless-retry-count", b"anthropic-beta", *_ROUTE_HEADERS)
 )

@@ -211,10 +211,11 @@ class RetryTracker:
         ``body_size``, the size of the request body, lets :meth:`wants_fingerprint` say no to
         bodies of other sizes while this attempt waits for a resend.
         """
+        failed = record.outcome.failed
         with self._lock:
             request = self._requests.get(record.logical_request_id)
             later = request is not None and request.attempts > record.attempt_number
-            reason = waste_reason_at_finish(record, later)
+            reason = waste_reason_at_finish(record, later) if failed else None
             if reason is not None:
                 # Not emitted yet, so this is still revision 0 of the record.
                 record = dataclasses.replace(record, wasted=True, waste_reason=reason)
@@ -227,7 +228,7 @@ class RetryTracker:
                 if request.retryable_as is not None:
                     self._forget_retryable(request)
                 fingerprint = record.fingerprint  # the failed attempt's own body, never an earlier one's
-                if fingerprint is not None and record.outcome.failed and reason is not WasteReason.CANCELLED:
+                if fingerprint is not None and failed and reason is not WasteReason.CANCELLED:
                     waiting = self._failed_by_fingerprint.get(fingerprint)
                     if waiting is None:
                         waiting = self._failed_by_fingerprint[fingerprint] = {}

@@ -19,7 +19,6 @@ never raised. What an attempt billed and how it ended is worked out in :mod:`cos
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
 import logging
@@ -162,9 +161,10 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
     class ObservedSyncStream(module.SyncByteStream):
         """Passes the body through untouched while the attempt's meter reads it."""
 
-        def __init__(self, inner: Any, attempt: Attempt) -> None:
+        def __init__(self, inner: Any, attempt: Attempt, response: Any) -> None:
             self._inner = inner
             self._attempt = attempt
+            self._response = weakref.ref(response)  # the response holds this: no reference cycle
 
         def __iter__(self) -> Any:
             attempt = self._attempt
@@ -193,7 +193,7 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
             except BaseException as exc:
                 guarded("body_error", _body_ended, attempt, exc)
                 raise
-            guarded("body_end", _body_ended, attempt, None)
+            guarded("body_end", _body_read, attempt, self._response)
 
         def close(self) -> None:
             self._attempt.closing = True  # before the reader, maybe in another thread, sees the end
@@ -208,9 +208,10 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
     class ObservedAsyncStream(module.AsyncByteStream):
         """The async twin of ``ObservedSyncStream``."""
 
-        def __init__(self, inner: Any, attempt: Attempt) -> None:
+        def __init__(self, inner: Any, attempt: Attempt, response: Any) -> None:
             self._inner = inner
             self._attempt = attempt
+            self._response = weakref.ref(response)  # the response holds this: no reference cycle
 
         async def __aiter__(self) -> Any:
             attempt = self._attempt
@@ -238,7 +239,7 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
             except BaseException as exc:
                 guarded("body_error", _body_ended, attempt, exc)
                 raise
-            guarded("body_end", _body_ended, attempt, None)
+            guarded("body_end", _body_read, attempt, self._response)
 
         async def aclose(self) -> None:
             self._attempt.closing = True
@@ -438,13 +439,14 @@ def _observe_response(attempt: Attempt, response: Any, stream_cls: type) -> None
     attempt.on_response(response)
     if response.is_stream_consumed:
         # send(stream=False) already read (and decoded) the whole body.
-        meter = attempt.meter = BodyMeter(stream=attempt.stream, clock=time.perf_counter)
-        meter.feed(response.content)
-        _body_ended(attempt, None)
-        parsed, meter.parsed = meter.parsed, None
+        if attempt.stream:  # an event stream read whole
+            attempt.meter = BodyMeter(stream=True, clock=time.perf_counter)
+            attempt.meter.feed(response.content)
+            _body_ended(attempt, None)
+            return
+        parsed = attempt.settle_json(response.content)
         if parsed is not None:
-            with contextlib.suppress(AttributeError):  # a response class with slots keeps its own
-                response.json = _ParsedBody(response, parsed)
+            _hand_over(response, parsed)
         return
     if response.headers.get("content-type", "").startswith(EVENT_STREAM_CONTENT_TYPE):
         attempt.meter = EventStreamMeter(clock=time.perf_counter)  # Bedrock's binary framing
@@ -456,17 +458,36 @@ def _observe_response(attempt: Attempt, response: Any, stream_cls: type) -> None
         )
         if attempt.count_target is not None and attempt.stream:
             meter.texts = {}  # kept until the stream ends: counted if it was cut
-    response.stream = stream_cls(response.stream, attempt)
+    response.stream = stream_cls(response.stream, attempt, response)
+
+
+def _body_read(attempt: Attempt, response: weakref.ref[Any]) -> None:
+    """The body was read to its end: settle the attempt, and hand a JSON body's parse to the SDK,
+    which reads a non-streaming body (anthropic 2.17 outside ``send()``) and then parses it."""
+    _body_ended(attempt, None)
+    meter = attempt.meter
+    if isinstance(meter, BodyMeter) and meter.parsed is not None:
+        parsed, owner = meter.take_parsed(), response()
+        if parsed is not None and owner is not None:
+            _hand_over(owner, parsed)
+
+
+def _hand_over(response: Any, parsed: dict[str, Any]) -> None:
+    try:  # noqa: SIM105 (contextlib.suppress: three more Python calls a create, ~4 k instructions)
+        response.json = _ParsedBody(response, parsed)
+    except AttributeError:  # a response class with slots keeps its own
+        pass
 
 
 class _ParsedBody:
     """A response's ``json()`` that hands the first call without arguments the body costwatch parsed.
 
-    Both SDK lines parse a non-streaming body with ``response.json()`` as soon as ``send()`` returns:
-    they get costwatch's parse instead of making a second one (a tenth of what costwatch costs a
-    small call). The parse goes to one caller only and costwatch keeps no reference to it, so the
-    caller owns it as it would own a fresh parse; the first call also puts the response's own
-    ``json()`` back, which answers every later call (and one with arguments) with a fresh parse.
+    Both SDK lines parse a non-streaming body with ``response.json()`` once they have read it (inside
+    ``send()``, or after it on anthropic 2.17): they get costwatch's parse instead of making a second
+    one (a sixth of what costwatch costs a small call). The parse goes to one caller only and
+    costwatch keeps no reference to it, so the caller owns it as it would own a fresh parse; the
+    first call also puts the response's own ``json()`` back, which answers every later call (and one
+    with arguments) with a fresh parse.
     """
 
     __slots__ = ("_parsed", "_response")

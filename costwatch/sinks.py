@@ -53,7 +53,9 @@ class AttemptListener(Protocol):
     One exception to "live": a cut stream whose text ``count_partial_output`` counts is finished
     when its count arrives or its wait ends, on costwatch's counting thread, so the record carries
     the count. A listener may also have an ``attempt_revised(record)`` method: it is then told, on
-    the pipeline's writer thread, of each later revision of an estimate (docs/tracing.md).
+    the pipeline's writer thread, of each later revision of an estimate (docs/tracing.md). And it may
+    have an ``is_listening()`` method, asked when each attempt is sent: while it answers False the
+    listener is told of neither that attempt nor its end (the span listener with no tracer provider).
     """
 
     def attempt_started(self, attempt: AttemptStart) -> object:

@@ -192,7 +192,7 @@ class SpanListener:
         Nothing, while the application has set no global tracer provider: every span would be a
         no-op one. The first attempt after it sets one gets its span.
         """
-        if self._global and not self._global_provider_set():
+        if not self.is_listening():
             return None
         start_ns = _ns(attempt.started_at)
         with self._lock:
@@ -222,15 +222,19 @@ class SpanListener:
                     self._earlier.popitem(last=False)
         return _OpenSpan(span, start_ns)
 
-    def _global_provider_set(self) -> bool:
-        """Whether the application has set a global tracer provider (else every span is a no-op one).
+    def is_listening(self) -> bool:
+        """Whether an attempt sent now gets a span: with the global tracer provider, only once the
+        application has set one (until then every span would be a no-op one), so the hooks need not
+        tell this listener of attempts before.
 
-        ``trace.get_tracer_provider()`` answers, but while none is set it looks its environment
+        ``trace.get_tracer_provider()`` would answer, but while none is set it looks its environment
         variable up in ``os.environ`` at every call (a ``KeyError`` raised and caught each time), on
         the caller's thread of every attempt. The variable is looked up once, at construction; then,
         unless it names a provider (which OpenTelemetry loads at that call), the module's global
         says whether one was set. Were that global gone from a later OpenTelemetry, the call decides.
         """
+        if not self._global:
+            return True
         provider = getattr(trace, "_TRACER_PROVIDER", _UNKNOWN)
         if provider is _UNKNOWN or (provider is None and self._provider_named_in_environment):
             return not isinstance(trace.get_tracer_provider(), ProxyTracerProvider)

@@ -131,9 +131,8 @@ _GEO_LENGTH = 32
 
 def _count(value: Any) -> int | None:
     """A token count from the wire: a non-negative int, or None when absent or nonsensical."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return value if value >= 0 else None
+    # A parsed JSON number is exactly an int or a float (true and false are bools, not ints here).
+    return value if type(value) is int and value >= 0 else None
 
 
 class BodyMeter:
@@ -144,7 +143,9 @@ class BodyMeter:
     """
 
     __slots__ = (
+        "_blocks",
         "_buffer",
+        "_chars",
         "_decompressor",
         "_json_body",
         "_kept_bytes",
@@ -154,7 +155,6 @@ class BodyMeter:
         "_waiting",
         "api_error_type",
         "bytes_received",
-        "chars",
         "chars_measured",
         "events",
         "first_delta_at",
@@ -188,13 +188,11 @@ class BodyMeter:
         self._waiting: list[bytes] = []
         self._tail = b""
         self._json_body: list[bytes] = []
-        self._decompressor = _decompressor(content_encoding)
+        self._decompressor = _decompressor(content_encoding) if content_encoding else None
         self.now = clock
         self.usage = ReportedUsage()
-        self.chars = dict.fromkeys(CHAR_KEYS, 0)
-        """Characters received: per content type those of Latin and other alphabetic scripts (with
-        their whitespace), then ``cjk`` and ``symbol`` characters of any type, and ``space``, the
-        whitespace among the content types' counts (a subset of them, kept for calibration)."""
+        self._chars = dict.fromkeys(CHAR_KEYS, 0)
+        self._blocks: list[Any] | None = None
         self.events = 0
         self.malformed_events = 0
         self.bytes_received = 0
@@ -212,7 +210,7 @@ class BodyMeter:
         event of the Messages API's own types (others the 0.x SDK skips unread)."""
         self.parsed: dict[str, Any] | None = None
         """A non-streaming body as :meth:`take_json` parsed it (a JSON object), for whoever parses the
-        same body next to take instead (costwatch reads nothing of it after the parse)."""
+        same body next to take instead (:meth:`take_parsed`; costwatch reads nothing of it after that)."""
         self.chars_measured = True
         """False when a completed stream was read from its tail only: ``chars`` is then empty."""
         self.kept: list[bytes] | None = None
@@ -223,6 +221,25 @@ class BodyMeter:
         self.fold_bytes = fold_bytes
         self._kept_bytes = 0
         self._kept_counted = 0
+
+    @property
+    def chars(self) -> dict[str, int]:
+        """Characters received: per content type those of Latin and other alphabetic scripts (with
+        their whitespace), then ``cjk`` and ``symbol`` characters of any type, and ``space``, the
+        whitespace among the content types' counts (a subset of them, kept for calibration).
+
+        A JSON body's content blocks are counted here, when first asked: most completed bodies are
+        never asked (their output is reported, and only a sample is measured to calibrate).
+        """
+        if self._blocks is not None:
+            self._count_blocks()
+        return self._chars
+
+    def _count_blocks(self) -> None:
+        blocks, self._blocks = self._blocks, None
+        for block in blocks or ():
+            if isinstance(block, _MAPPING):
+                self._count_whole_block(block)
 
     @property
     def complete(self) -> bool:
@@ -344,7 +361,7 @@ class BodyMeter:
         self._buffer = b""
         self._waiting.clear()
         self._frame(body[at:])
-        self.chars = {}
+        self._chars = {}
         self.chars_measured = False
         return True
 
@@ -354,7 +371,7 @@ class BodyMeter:
         if texts is not None:
             texts.setdefault(content_type, []).append(piece)
         cjk, symbol, space = count_scripts(piece)
-        chars = self.chars
+        chars = self._chars
         chars[content_type] += len(piece) - cjk - symbol
         if cjk:
             chars["cjk"] += cjk
@@ -392,8 +409,9 @@ class BodyMeter:
         content_type = _COMPACT_DELTA_TYPES[delta.group(1)]
         if len(text) == close - first:
             # ASCII (the usual case): no CJK or symbols; spaces by one byte count, escapes folded.
-            self.chars[content_type] += len(text) - folded
-            self.chars["space"] += buffer.count(b" ", first, close)
+            chars = self._chars
+            chars[content_type] += len(text) - folded
+            chars["space"] += buffer.count(b" ", first, close)
         elif folded:
             return False  # escapes in non-ASCII text: the parser unescapes them before counting
         else:
@@ -412,9 +430,13 @@ class BodyMeter:
         self.take_json(body)
 
     def take_json(self, body: bytes) -> None:
-        """Account for a whole non-streaming body given at once."""
+        """Account for a whole non-streaming body given at once.
+
+        Its content blocks are read when :attr:`chars` is first asked for; :meth:`take_parsed` lets go
+        of them with the parse.
+        """
         try:
-            data = json.loads(body)
+            data = _decode_body(body)
         except (ValueError, UnicodeDecodeError):
             self.malformed_events += 1
             return
@@ -432,10 +454,15 @@ class BodyMeter:
         self.stop_reason = data.get("stop_reason") or self.stop_reason
         content = data.get("content")
         if isinstance(content, list):
-            for block in content:
-                if isinstance(block, _MAPPING):
-                    self._count_whole_block(block)
+            self._blocks = content  # counted if :attr:`chars` is asked for
+            if self.texts is not None:
+                self._count_blocks()  # the text to keep is taken now
         self.message_stop_seen = True
+
+    def take_parsed(self) -> dict[str, Any] | None:
+        """The body as :meth:`take_json` parsed it, once: the meter keeps no reference to it after."""
+        parsed, self.parsed, self._blocks = self.parsed, None, None
+        return parsed
 
     # -- SSE -------------------------------------------------------------------------------
     def _event(self, raw: bytes) -> None:
@@ -537,6 +564,15 @@ _COMPACT_DELTA = re.compile(
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _COMPACT_DELTA_TYPES = {name.encode(): kind for name, kind in _DELTA_CONTENT_TYPE.items()}
 _decode_json = json.JSONDecoder().decode  # skips json.loads' per-call type and encoding checks
+
+
+def _decode_body(body: bytes) -> Any:
+    """``json.loads(body)``, as both SDK lines parse a body, with a UTF-8 body (the API's) decoded
+    first: ``json.loads`` looks for another encoding in Python code at every call."""
+    try:
+        return _decode_json(body.decode())
+    except ValueError:  # UnicodeDecodeError too: another encoding, or a BOM, or no JSON at all
+        return json.loads(body)
 
 
 def _split_event(raw: bytes) -> tuple[bytes, bytes]:

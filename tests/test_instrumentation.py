@@ -617,18 +617,18 @@ def test_the_sdk_takes_costwatch_parse_of_a_non_streaming_body_instead_of_parsin
     accounting, monkeypatch
 ):
     parses: list[object] = []
-    loads = json.loads
+    raw_decode = json.JSONDecoder.raw_decode  # under json.loads and every other JSONDecoder's decode
 
-    def counted(*args, **kwargs):
-        parsed = loads(*args, **kwargs)
-        if isinstance(parsed, dict) and parsed.get("type") == "message":  # not the fake's reads of requests
-            parses.append(parsed)
+    def counted(self, *args, **kwargs):
+        parsed = raw_decode(self, *args, **kwargs)
+        if isinstance(parsed[0], dict) and parsed[0].get("type") == "message":  # not the fake's requests
+            parses.append(parsed[0])
         return parsed
 
     with FakeAnthropicServer(ResponseSpec.small(20)) as server:
         client = sync_client(server, max_retries=0)
         bare = create(client)  # warm: the SDK's first call may parse more than the body
-        monkeypatch.setattr(json, "loads", counted)
+        monkeypatch.setattr(json.JSONDecoder, "raw_decode", counted)
         message = create(client)
         raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=8192, messages=MESSAGES)
         first, second = raw.http_response.json(), raw.http_response.json()
@@ -639,3 +639,44 @@ def test_the_sdk_takes_costwatch_parse_of_a_non_streaming_body_instead_of_parsin
     assert first == second and first is not second and "json" not in vars(raw.http_response)
     assert raw.parse().usage.output_tokens == 20
     assert [record.usage.output_tokens for record in accounting.records()] == [20, 20, 20]
+
+
+class _Noting:
+    """A listener without ``is_listening``, which notes what it is told: told of every attempt."""
+
+    def __init__(self) -> None:
+        self.told: list[str] = []
+
+    def attempt_started(self, attempt):
+        self.told.append("started")
+        return attempt.attempt_id
+
+    def attempt_finished(self, state, record):
+        self.told.append("finished" if state == record.attempt_id else "finished with another state")
+
+
+class _SometimesListening(_Noting):
+    """Listens only while ``on`` is set."""
+
+    on = False
+
+    def is_listening(self) -> bool:
+        return self.on
+
+
+def test_a_listener_that_is_not_listening_when_an_attempt_is_sent_is_told_of_neither_its_start_nor_end():
+    sometimes, always = _SometimesListening(), _Noting()
+    pipeline = Pipeline()
+    assert costwatch.instrument(pipeline=pipeline, sinks=[], listeners=[sometimes, always])
+    try:
+        with FakeAnthropicServer(ResponseSpec.small(5)) as server:
+            client = sync_client(server)
+            create(client)
+            sometimes.on = True
+            create(client)
+            create_stream(client)
+    finally:
+        costwatch.uninstrument()
+        pipeline.shutdown()
+    assert sometimes.told == ["started", "finished"] * 2
+    assert always.told == ["started", "finished"] * 3

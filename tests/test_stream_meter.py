@@ -314,3 +314,36 @@ def test_the_requested_model_is_the_top_level_one_whatever_the_messages_and_tool
     for separators in ((",", ":"), (", ", ": ")):
         assert _requested_model(json.dumps(body, separators=separators).encode()) == "claude-haiku-4-5"
     assert _requested_model(b"{}") == "" and _requested_model(b"\xff not json") == ""
+
+
+def test_a_json_bodys_blocks_are_counted_when_asked_and_let_go_with_the_parse():
+    body = {
+        "type": "message",
+        "id": "m",
+        "model": "x",
+        "content": [{"type": "text", "text": "abc de"}],
+        "usage": {"input_tokens": 1, "output_tokens": 2},
+    }
+    meter = BodyMeter(stream=False)
+    meter.take_json(json.dumps(body).encode())
+    assert meter.chars["text"] == 6 and meter.chars["space"] == 1
+    assert meter.chars["text"] == 6  # counted once
+    handed = BodyMeter(stream=False)
+    handed.take_json(json.dumps(body).encode())
+    assert handed.take_parsed() == body and handed.take_parsed() is None
+    assert handed.parsed is None and handed.chars["text"] == 0  # nothing of the parse is kept
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_a_json_body_in_another_unicode_encoding_is_read_as_json_loads_reads_it(encoding):
+    body = {"type": "message", "id": "m", "model": "x", "content": [], "usage": {"output_tokens": 4}}
+    meter = BodyMeter(stream=False)
+    meter.take_json(json.dumps(body).encode(encoding))
+    assert meter.complete and meter.message_id == "m" and meter.usage.output_tokens == 4
+
+
+def test_counts_that_are_bools_negative_or_not_whole_numbers_keep_their_value():
+    meter = BodyMeter(stream=False)
+    usage = {"input_tokens": True, "output_tokens": -1, "cache_read_input_tokens": 2.0}
+    meter.take_json(json.dumps({"type": "message", "content": [], "usage": usage}).encode())
+    assert (meter.usage.input_tokens, meter.usage.output_tokens, meter.usage.cache_read_tokens) == (0, 0, 0)
