@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import anthropic
 import pytest
-from conftest import sync_client
+from conftest import raises_the_cut, sync_client
 
 from costwatch.estimation import OutputEstimator
 from costwatch.health import instrumentation_errors
@@ -271,7 +271,7 @@ def test_a_stream_cut_after_the_meter_deferred_is_estimated_from_exact_chars(acc
         server.enqueue(Fault.cut_after_deltas(100))
         client = sync_client(server, max_retries=0)
         with (
-            pytest.raises(HTTP_MODULE.RemoteProtocolError),
+            raises_the_cut(),
             client.messages.stream(
                 model=MODEL, max_tokens=400, messages=[{"role": "user", "content": "x"}]
             ) as s,
