@@ -112,6 +112,8 @@ def _needs_cleaning(record: AttemptRecord) -> bool:
     )
     if _unstorable_in(texts):
         return True
+    if not r.tags:  # the usual untagged record: joining nothing cost more than the texts' check
+        return False
     try:
         tags = "".join(map("".join, r.tags.items()))
     except TypeError:  # a tag that is not a string (a record built by hand): clean it as text

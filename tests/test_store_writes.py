@@ -742,10 +742,12 @@ def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them
 
     sa.event.listen(store.engine, "before_cursor_execute", capture)
     try:
-        # New attempts, abandoned ones among them, sharing requests and fingerprints with stored ones.
+        # New attempts, abandoned ones among them, sharing requests and fingerprints with stored ones,
+        # and stored ones delivered again (which SQLite then looks up by id).
         store.export(
             [dropped(n, fingerprint=f"fp-{n - 1500}") for n in range(3001, 3101)]
             + [attempt(n, logical_request_id=f"req-{n - 1000}") for n in range(3101, 3201)]
+            + [attempt(n) for n in range(2001, 2011)]
         )
     finally:
         sa.event.remove(store.engine, "before_cursor_execute", capture)

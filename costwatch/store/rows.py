@@ -21,9 +21,9 @@ from .schema import ATTEMPTS, ROLLUP_DIMENSIONS, ROLLUP_MEASURES
 
 __all__ = [
     "ATTEMPT_COLUMNS",
-    "Conversions",
+    "AttemptReader",
     "RollupKey",
-    "attempt_conversions",
+    "attempt_reader",
     "attempt_row",
     "attempt_values",
     "hour_of",
@@ -281,12 +281,12 @@ def _summed_measures(
 
 
 def _sum(rows: Iterable[tuple[Any, ...]]) -> tuple[Any, ...]:
-    """Rows added up column by column, in order (the first row as it is: ``0 + -0.0`` is ``0.0``)."""
-    it = iter(rows)
-    total = next(it)
-    for row in it:
-        total = tuple(map(operator.add, total, row))
-    return total
+    """Rows added up column by column, in order (the first row as it is: ``0 + -0.0`` is ``0.0``).
+
+    Column by column (``reduce``, not ``sum``: from Python 3.12 ``sum`` rounds floats otherwise): a
+    new tuple a row made the writer's sums of a batch cost twice as much.
+    """
+    return tuple(functools.reduce(operator.add, column) for column in zip(*rows, strict=True))
 
 
 _NO_MEASURES = (0,) * len(ROLLUP_MEASURES)
@@ -309,7 +309,7 @@ _enum_value = _ENUM_VALUES.__getitem__
 def _plain_dict(mapping: Mapping[str, Any]) -> dict[str, Any]:
     # From its items: dict() of a record's read-only mapping proxy asks it for its keys, then for
     # each key's value, at about twice the cost.
-    return dict(mapping.items())
+    return dict(mapping.items()) if mapping else {}
 
 
 _STORED_AS: dict[str, Callable[[Any], Any]] = {
@@ -342,59 +342,51 @@ def _source_of(column: str, priced: bool) -> tuple[str, Callable[[Any], Any] | N
     raise LookupError(f"costwatch_attempts.{column} names no field of AttemptRecord, Usage or Cost")
 
 
-def _reader(priced: bool) -> Callable[[AttemptRecord], tuple[Any, ...]]:
-    """The values of a record's columns, in ``ATTEMPT_COLUMNS`` order, as one generated function.
+AttemptReader = Callable[[AttemptRecord], tuple[Any, ...]]
+"""A function giving a record's ``costwatch_attempts`` row, one value per ``ATTEMPT_COLUMNS`` entry."""
+
+
+def attempt_reader(then: Sequence[Callable[[Any], Any] | None] | None = None) -> AttemptReader:
+    """The values of a record's columns, in ``ATTEMPT_COLUMNS`` order, each as stored (enums by value,
+    JSON as plain containers) or, where ``then`` has a conversion for its column, as that converts
+    the record's value (which a conversion of a JSON column takes as the plain container it stands
+    for), as one generated function: make it once.
 
     Generated from the columns' sources (as dataclasses generate an ``__init__``) rather than an
-    ``operator.attrgetter`` of them: the interpreter's own attribute reads, specialised for slots,
-    cost the writer a third of the attrgetter's 45 generic lookups (7.7k against 24.8k instructions
-    a row; benchmarks/README.md, create-cost, seventh session).
+    ``operator.attrgetter`` of them and a pass of conversions over its values: the interpreter's own
+    attribute reads, specialised for slots, and calls made where the value is read cost the writer a
+    fraction of the generic lookups and of the values copied and indexed once more
+    (benchmarks/README.md, create-cost, seventh and eighth sessions).
     """
-    values = ", ".join(f"record.{_source_of(column, priced)[0]}" for column in ATTEMPT_COLUMNS)
     namespace: dict[str, Any] = {}
-    exec(f"def read(record):\n    return ({values},)\n", namespace)  # our own column and field names
-    read: Callable[[AttemptRecord], tuple[Any, ...]] = namespace["read"]
+
+    def value(index: int, column: str, priced: bool) -> str:
+        source, stored = _source_of(column, priced)
+        text = f"record.{source}"
+        step = stored if then is None or then[index] is None else then[index]
+        if step is None:
+            return text
+        name = f"convert_{index}"
+        namespace[name] = step
+        return f"{name}({text})"
+
+    def values(priced: bool) -> str:
+        return ", ".join(value(index, column, priced) for index, column in enumerate(ATTEMPT_COLUMNS))
+
+    # Our own column and field names, and conversions passed by name.
+    exec(
+        "def read(record):\n"
+        "    if record.cost is None:\n"
+        f"        return ({values(priced=False)},)\n"
+        f"    return ({values(priced=True)},)\n",
+        namespace,
+    )
+    read: AttemptReader = namespace["read"]
     return read
 
 
-_read_priced, _read_unpriced = _reader(priced=True), _reader(priced=False)
-_CONVERSIONS = tuple(
-    (index, stored)
-    for index, stored in enumerate(_source_of(column, True)[1] for column in ATTEMPT_COLUMNS)
-    if stored is not None
-)
-
-
-Conversions = tuple[tuple[int, Callable[[Any], Any]], ...]
-"""Per column index of ``ATTEMPT_COLUMNS`` whose value a row converts, the conversion."""
-
-
-def attempt_values(record: AttemptRecord, conversions: Conversions = _CONVERSIONS) -> tuple[Any, ...]:
-    """The ``costwatch_attempts`` row of a record, one value per ``ATTEMPT_COLUMNS`` entry (with
-    ``conversions`` from :func:`attempt_conversions`, each value as those go on to convert it)."""
-    values = list(_read_unpriced(record) if record.cost is None else _read_priced(record))
-    for index, convert in conversions:
-        values[index] = convert(values[index])
-    return tuple(values)
-
-
-def attempt_conversions(then: Sequence[Callable[[Any], Any] | None]) -> Conversions:
-    """The conversions that make :func:`attempt_values`'s rows with each value then converted by
-    ``then``'s entry of its column (``None``: as it is), in one step (make them once)."""
-    steps: list[tuple[int, Callable[[Any], Any]]] = []
-    stored = (_source_of(column, True)[1] for column in ATTEMPT_COLUMNS)
-    for index, (first, second) in enumerate(zip(stored, then, strict=True)):
-        if first is not None and second is not None:
-            steps.append((index, _chained(first, second)))
-        elif first is not None:
-            steps.append((index, first))
-        elif second is not None:
-            steps.append((index, second))
-    return tuple(steps)
-
-
-def _chained(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda value: second(first(value))
+attempt_values = attempt_reader()
+"""The ``costwatch_attempts`` row of a record, one value per ``ATTEMPT_COLUMNS`` entry."""
 
 
 def attempt_row(record: AttemptRecord) -> dict[str, Any]:

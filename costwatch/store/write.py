@@ -29,6 +29,7 @@ import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
 from typing import Any
 
 import sqlalchemy as sa
@@ -47,10 +48,9 @@ from .retried import (
 )
 from .rows import (
     ATTEMPT_COLUMNS,
-    Conversions,
-    attempt_conversions,
+    AttemptReader,
+    attempt_reader,
     attempt_row,
-    attempt_values,
     hour_of,
     record_from_row,
     rollup_delta_rows,
@@ -133,14 +133,14 @@ class _BulkStatement:
         bound: bool = False,
     ) -> list[Any]:
         """Insert ``rows`` (tuples in the order of the statement's columns; ``bound``: each value
-        already converted as :attr:`convert` says, for a statement that leaves out no column);
+        already converted as :attr:`convert` says);
         returns the first value of each row the statement returns (``RETURNING``), else nothing.
         On PostgreSQL, ``meanwhile`` is called while the server runs the insert; elsewhere, after
         it."""
         sql = self.sql
-        if not bound and (any(self.convert) or self.nulls is not None):
+        if self.nulls is not None or (not bound and any(self.convert)):
             columns = [
-                values if convert is None else tuple(map(convert, values))
+                values if convert is None or bound else tuple(map(convert, values))
                 for values, convert in zip(zip(*rows, strict=True), self.convert, strict=True)
             ]
             if self.nulls is not None:
@@ -264,23 +264,36 @@ def _stage_type(column_type: sa.types.TypeEngine[Any]) -> str:
 
 
 def _json_text(value: Any) -> str | None:
-    """JSON as SQLAlchemy would bind it, remembered: most attempts carry the same few tags."""
-    if value is None:
-        return None
-    if not value and isinstance(value, (dict, list)):
-        return "{}" if isinstance(value, dict) else "[]"
+    """JSON as SQLAlchemy would bind it, remembered: most attempts carry the same few tags.
+
+    A record's mappings and tuples are taken as they are, as the plain dicts and lists a row stores
+    them as (``rows.attempt_reader``): a copy of each made first cost the writer more than its text.
+    """
+    # The usual types by lookup: an isinstance() that fails costs several times more.
+    shape = _JSON_SHAPES.get(type(value))
+    if shape is None:
+        if isinstance(value, Mapping):
+            shape = dict
+        elif isinstance(value, (list, tuple)):
+            shape = list
+        else:
+            return None if value is None else json.dumps(value)
+    if not value:
+        return "{}" if shape is dict else "[]"
+    key = (shape, tuple(value.items()) if shape is dict else tuple(value))
     try:
-        key = (type(value), tuple(value.items()) if isinstance(value, dict) else tuple(value))
         text = _json_texts.get(key)
     except TypeError:  # an unhashable value inside
-        return json.dumps(value)
+        return json.dumps(dict(key[1]) if shape is dict else value)
     if text is None:
         if len(_json_texts) >= _JSON_TEXTS_KEPT:
             _json_texts.clear()
-        text = _json_texts[key] = json.dumps(value)
+        text = _json_texts[key] = json.dumps(dict(key[1]) if shape is dict else value)
     return text
 
 
+_JSON_SHAPES: dict[type, type] = {dict: dict, MappingProxyType: dict, list: list, tuple: list}
+"""The JSON container each usual Python type is written as."""
 _json_texts: dict[Any, str] = {}
 _JSON_TEXTS_KEPT = 4096
 
@@ -303,7 +316,7 @@ def _sqlite_utc_text(value: datetime | None) -> str | None:
     # The text up to the second is made once a second: a batch's start times share a few seconds,
     # and isoformat() costs the writer more than anything else in an attempt's row.
     second = _second_text(value.year, value.month, value.day, value.hour, value.minute, value.second)
-    return f"{second}.{value.microsecond:06d}"
+    return "%s.%06d" % (second, value.microsecond)  # noqa: UP031 (an f-string's format spec costs more)
 
 
 @functools.lru_cache(maxsize=256)
@@ -311,9 +324,16 @@ def _second_text(year: int, month: int, day: int, hour: int, minute: int, second
     return f"{year:04d}-{month:02d}-{day:02d} {hour:02d}:{minute:02d}:{second:02d}"
 
 
-def _sqlite_boolean(value: bool | None) -> int | None:
-    """As SQLAlchemy binds a boolean for SQLite."""
-    return None if value is None else int(value)
+class _SqliteBooleans(dict[Any, Any]):
+    """As SQLAlchemy binds a boolean for SQLite, by lookup: ``True`` and ``False`` are found (four in
+    a row; a call of a Python function each cost the writer 4k instructions a row), anything else is
+    made by ``__missing__``."""
+
+    def __missing__(self, value: Any) -> int | None:
+        return None if value is None else int(value)
+
+
+_sqlite_boolean: Callable[[bool | None], int | None] = _SqliteBooleans({True: 1, False: 0}).__getitem__
 
 
 def _bind_conversions(
@@ -601,21 +621,35 @@ def _insert_new(
                 connection, sa.and_(among, _started_within(connection, min(starts), max(starts)))
             )
         return [record for record in records if record.attempt_id in new_ids], stored
-    # SQLite: this transaction holds the database's write lock, so what is stored now stays so
-    # until commit; read it, then insert the rest (a plain insert: a conflict here would be a bug).
-    ids = [record.attempt_id for record in records]
-    stored = _records(connection.execute(_sqlite_lookups(connection).stored, {"ids": _listed(ids)}))
-    stored_ids = {record.attempt_id for record in stored}
-    new = [record for record in records if record.attempt_id not in stored_ids]
-    if new:
-        statement.run(connection, [attempt_values(record) for record in new])
+    # SQLite: this transaction holds the database's write lock, so what is stored now stays so until
+    # commit. The usual batch is all new: it is inserted as it is, under a savepoint, and nothing is
+    # read first (that lookup cost ~5k instructions a record). If an attempt was stored already (a
+    # redelivery, a revision), the insert is undone, the stored ones read and the rest inserted.
+    rows = _attempt_rows(connection.dialect, records)
+    new = list(records)
+    stored = []
+    driver: Any = connection.connection.driver_connection
+    driver.execute("SAVEPOINT costwatch_insert")
+    try:
+        statement.run(connection, rows, bound=True)
+    except sa.exc.IntegrityError:  # a stored attempt_id (or a refusal, which the next insert repeats)
+        driver.execute("ROLLBACK TO costwatch_insert")
+        ids = [record.attempt_id for record in records]
+        stored = _records(connection.execute(_sqlite_lookups(connection).stored, {"ids": _listed(ids)}))
+        stored_ids = {record.attempt_id for record in stored}
+        kept = [record.attempt_id not in stored_ids for record in records]
+        new = [record for record, keep in zip(records, kept, strict=True) if keep]
+        rows = [row for row, keep in zip(rows, kept, strict=True) if keep]
+        if rows:
+            statement.run(connection, rows, bound=True)  # a plain insert: a conflict now would be a bug
+    driver.execute("RELEASE costwatch_insert")
     if meanwhile is not None:
         meanwhile()
     return new, stored
 
 
 def _attempt_rows(dialect: Dialect, records: Sequence[AttemptRecord]) -> list[tuple[Any, ...]]:
-    """The records' attempt rows as PostgreSQL's insert copies them (each value through
+    """The records' attempt rows as the insert binds them (each value through
     :attr:`_BulkStatement.convert` too).
 
     Made row by row in one step, so that no batch-long list holds rows with the tags' dicts (tracked
@@ -624,14 +658,13 @@ def _attempt_rows(dialect: Dialect, records: Sequence[AttemptRecord]) -> list[tu
     rows kept are tuples of plain values (JSON as its text), which the collector untracks.
     """
     key = _driver_key(dialect)
-    conversions = _attempt_conversions.get(key)
-    if conversions is None:
-        then = _statements_for(dialect).insert_attempts.convert
-        conversions = _attempt_conversions[key] = attempt_conversions(then)
-    return [attempt_values(record, conversions) for record in records]
+    read = _attempt_readers.get(key)
+    if read is None:
+        read = _attempt_readers[key] = attempt_reader(_statements_for(dialect).insert_attempts.convert)
+    return [read(record) for record in records]
 
 
-_attempt_conversions: dict[str, Conversions] = {}
+_attempt_readers: dict[str, AttemptReader] = {}
 """Per driver, as the statements whose conversions they follow (:func:`_statements_for`)."""
 
 
