@@ -4,12 +4,10 @@ and the characters of every stream that needs them (cut, stopped, or sampled for
 from __future__ import annotations
 
 import gzip
-import importlib
 import json
 import random
 from collections.abc import Iterator
 
-import anthropic
 import pytest
 from conftest import raises_the_cut, sync_client
 
@@ -20,7 +18,6 @@ from costwatch.stream_meter import BodyMeter
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 
 MODEL = "claude-opus-4-6"
-HTTP_MODULE = importlib.import_module("httpx2" if anthropic.__version__.startswith("2") else "httpx")
 
 
 def sse(data: dict) -> bytes:

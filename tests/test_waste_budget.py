@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -21,7 +20,6 @@ from costwatch.sinks import MemorySink
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 from costwatch.waste_budget import WasteBudget, current
 
-HTTP_MODULE = importlib.import_module("httpx2" if anthropic.__version__.startswith("2.") else "httpx")
 REQUEST = {
     "model": "claude-sonnet-4-5",
     "max_tokens": 512,
