@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ __all__ = [
     "Settlement",
     "WasteSettlement",
     "multiprocess_mode",
+    "observe_all",
     "platform_label",
     "start_metrics_server",
 ]
@@ -78,6 +80,10 @@ DURATION_BUCKETS = (
 """Seconds; long streaming attempts run for many minutes, so the buckets reach an hour."""
 
 ATTEMPTS_PER_REQUEST_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0)
+
+_COMPLETED = Outcome.COMPLETED
+"""Read twice a record on the writer thread: an enum member read through its class goes through
+the enum's metaclass on Python 3.11 (~1.3 k instructions, against ~0.2 k for this global)."""
 
 
 # -- labels -----------------------------------------------------------------------------------------
@@ -314,7 +320,7 @@ class WasteSettlement:
         pending = self._pending_requests.get(request_id)
         if pending is not None and pending.record.attempt_number > record.attempt_number:
             return  # an earlier attempt that ended late; the later one decides
-        if record.outcome is Outcome.COMPLETED:
+        if record.outcome is _COMPLETED:
             self._pending_requests.pop(request_id, None)
             self._finish_request(request_id, record, succeeded=True, out=out)
             return
@@ -367,7 +373,7 @@ class _RetriedRequests:
         """Keep the records that matter; returns the retried requests whose figure may have changed."""
         changed: dict[str, None] = {}
         for record in records:
-            if not (record.outcome.failed or record.attempt_number > 1):
+            if record.outcome is _COMPLETED and record.attempt_number <= 1:
                 continue  # a first attempt that completed: never retried
             attempts = self._requests.get(record.logical_request_id)
             if attempts is None:
@@ -398,6 +404,45 @@ def multiprocess_mode() -> bool:
     # prometheus_client still honours the old lower-case spelling (with a deprecation warning).
     legacy = os.environ.get("prometheus_multiproc_dir")  # noqa: SIM112
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or legacy)
+
+
+def observe_all(histogram: Any, values: Sequence[float]) -> None:
+    """``histogram.observe(value)`` for each of ``values`` in order, done at once: one write of the sum
+    and one increment per bucket hit, where each ``observe`` takes two locks and searches the buckets
+    one by one (~8.7 k instructions a value, against ~0.5 k here; prometheus_client has no bulk call).
+
+    ``histogram`` is a prometheus_client ``Histogram`` child (not a Tee's: its ``observe_all`` also
+    records into OpenTelemetry). The sum is added up in order from the child's value, so it is the
+    same float as one ``observe`` after another; each bucket is incremented by how many values it
+    takes, counted in the sorted values (a NaN, which ``observe`` counts in no bucket, is left out).
+    The child's ``_upper_bounds``, ``_buckets`` and ``_sum`` are read, as prometheus_client's
+    ``observe`` reads them (unchanged from 0.20 through 0.26; in multiprocess mode they are its
+    mmap-backed values): without them, this calls ``observe`` for each value. Only the sink writes
+    its histograms, under its lock, so the sum is not raced between its read and its write.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    if not values:
+        return
+    running = total.get()
+    for value in values:  # in order, as observe adds them (sum() may add floats another way)
+        running += value
+    total.set(running)
+    # A NaN sum says a NaN is among them (or both infinities): NaNs do not sort, and go in no bucket.
+    ordered = sorted(values if running == running else (value for value in values if value == value))
+    counted = 0
+    for bucket, bound in zip(buckets, bounds, strict=True):
+        upto = bisect_right(ordered, bound)  # the values <= bound, the ones observe puts here or below
+        if upto > counted:
+            bucket.inc(upto - counted)
+            counted = upto
+            if counted == len(ordered):
+                break
 
 
 @dataclass(frozen=True)
@@ -676,9 +721,7 @@ class MetricsSink:
         for (model_name, succeeded), attempts in attempts_by_group.items():
             model = self._model(model_name)
             self._add(self.logical_requests, (model, "succeeded" if succeeded else "failed"), len(attempts))
-            observe = self._series(self.attempts_per_request, model).observe
-            for count in attempts:
-                observe(count)
+            self._observe(self.attempts_per_request, (model,), attempts)
 
     def _count_attempts(self, records: Sequence[AttemptRecord]) -> None:
         """Count attempts seen for the first time, summed first by the labels they count under (the
@@ -716,13 +759,9 @@ class MetricsSink:
             self._add(self.estimated_output_tokens, (model,), sums.estimated_output_tokens)
             if sums.output_tokens:
                 self._add(self.output_tokens, (model, source.value), sums.output_tokens)
-            durations = self._series(self.attempt_duration, model, outcome.value)
-            for duration in sums.durations:
-                durations.observe(duration)
+            self._observe(self.attempt_duration, (model, outcome.value), sums.durations)
             if outcome is Outcome.DROPPED:
-                drops = self._series(self.time_to_drop, model)
-                for duration in sums.durations:
-                    drops.observe(duration)
+                self._observe(self.time_to_drop, (model,), sums.durations)
 
     def _count_waste(self, record: AttemptRecord, reason: WasteReason) -> None:
         model = self._model(record.model_name)
@@ -764,6 +803,14 @@ class MetricsSink:
         if series is None:
             series = self._series_of[key] = metric.labels(*labels)
         return series
+
+    def _observe(self, metric: Any, labels: tuple[str, ...], values: Sequence[float]) -> None:
+        """Observe ``values`` in order on a histogram's series, at once (:func:`observe_all`)."""
+        series = self._series(metric, *labels)
+        if self._otlp is None:
+            observe_all(series, values)
+        else:
+            series.observe_all(values)  # a Tee's child: into OpenTelemetry too
 
     def _add(self, metric: Any, labels: tuple[str, ...], amount: float) -> None:
         """Add ``amount`` (a correction may make it negative) to the batch's sum for a counter's series."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from ._version import __version__
 from .metric_names import METRICS, Metric
+from .metrics import observe_all
 
 __all__ = ["OtlpMetrics", "Tee", "unit_of"]
 
@@ -46,6 +47,11 @@ class _TeeChild:
     def observe(self, value: float) -> None:
         self._prometheus.observe(value)
         self._instrument.record(value, self._attributes)
+
+    def observe_all(self, values: Sequence[float]) -> None:
+        observe_all(self._prometheus, values)  # at once; OpenTelemetry has no bulk call
+        for value in values:
+            self._instrument.record(value, self._attributes)
 
 
 class Tee:

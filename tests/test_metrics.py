@@ -18,7 +18,7 @@ import anthropic
 import pytest
 from conftest import sample_value as value
 from conftest import wasted_tokens
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 import costwatch
@@ -28,6 +28,7 @@ from costwatch.metrics import (
     LabelCap,
     MetricsSink,
     WasteSettlement,
+    observe_all,
     start_metrics_server,
 )
 from costwatch.pipeline import Pipeline
@@ -408,7 +409,7 @@ def test_counters_and_histograms_work_in_multiprocess_mode(tmp_path: Path):
         from datetime import datetime, timezone
         from costwatch.metrics import MetricsSink
         from costwatch.records import AttemptRecord, Outcome, Usage, Cost, WasteReason
-        from prometheus_client import CollectorRegistry
+        from prometheus_client import CollectorRegistry, Histogram, generate_latest
         sink = MetricsSink(registry=CollectorRegistry(), pipeline=object(), retry_window_s=600.0,
                            workflow_label_limit=3)
         record = AttemptRecord(attempt_id="a", logical_request_id="r", attempt_number=1,
@@ -515,3 +516,33 @@ def test_retry_window_and_model_label_limit_default_to_their_settings(monkeypatc
 def test_a_label_cap_seeded_with_values_in_first_seen_order_keeps_the_first_ones():
     cap = LabelCap.first_seen(["", "a", "b", "c"], limit=2)
     assert [cap(v) for v in ("a", "b", "c", "")] == ["a", "b", OTHER, ""]
+
+
+def test_observing_values_at_once_shows_what_observing_them_one_at_a_time_shows():
+    values = [0.1, 0.2, 0.30000000000000004, 1, 2.5, 2.5000000000000004, -3.0, 1e-17, 7.77, 41.7, 3600.0]
+    values += [float("inf"), float("-inf"), 1e300, 0.0, 12.35, float("nan"), 0.7]
+
+    def exposition(observe: Any) -> str:
+        registry = CollectorRegistry()
+        histogram = Histogram("h", "h", ["k"], registry=registry, buckets=(0.1, 0.25, 1.0, 2.5, 60.0))
+        for chunk in (values[:3], values[3:11], [], values[11:]):  # a child that already holds a sum
+            observe(histogram.labels("a"), chunk)
+        text = generate_latest(registry).decode()
+        return "\n".join(line for line in text.splitlines() if not line.startswith("h_created"))
+
+    one_at_a_time = exposition(lambda child, chunk: [child.observe(v) for v in chunk])
+    assert "h_sum" in one_at_a_time and 'h_bucket{k="a",le="+Inf"} 17.0' in one_at_a_time
+    assert exposition(observe_all) == one_at_a_time
+
+
+def test_observing_at_once_falls_back_to_observe_on_a_histogram_without_prometheus_clients_insides():
+    class Plain:
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def observe(self, value: float) -> None:
+            self.seen.append(value)
+
+    plain = Plain()
+    observe_all(plain, [3.0, 1.0, 2.0])
+    assert plain.seen == [3.0, 1.0, 2.0]
