@@ -194,7 +194,8 @@ def demo_response_spec(body_digest: str, *, seed: int = 0) -> ResponseSpec:
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
-    """What a dropped stream raises while it is read: the transport error of either SDK line."""
+    """What a dropped stream raises while it is read: the transport error of either SDK line (anthropic
+    2.17 on raises an ``APIConnectionError`` from it, which the retry loop catches as an ``APIError``)."""
     errors: list[type[BaseException]] = []
     for name in ("httpx", "httpx2"):
         try:

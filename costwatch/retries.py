@@ -2,9 +2,10 @@
 
 The SDK retries a request whose response never started, but nothing once a stream has begun: a
 connection cut mid-body surfaces as the HTTP library's own ``RemoteProtocolError`` (``httpx`` on
-anthropic 0.x, ``httpx2`` on 1.x/2.x), a mid-stream ``overloaded_error`` as an ``APIStatusError``
-with status 200. :func:`stream_with_retries` and :func:`astream_with_retries` retry those, and the
-SDK's own retryable failures, with exponential backoff and jitter, within a maximum number of
+anthropic 0.x, ``httpx2`` on 1.x/2.x; from 2.17 on wrapped in an ``APIConnectionError`` raised from
+it), a mid-stream ``overloaded_error`` as an ``APIStatusError`` with status 200.
+:func:`stream_with_retries` and :func:`astream_with_retries` retry those, and the SDK's own
+retryable failures, with exponential backoff and jitter, within a maximum number of
 attempts and of total time, honouring ``retry-after``. They turn off the SDK's internal retries
 for their calls so that ``max_attempts`` counts every HTTP attempt, and group the attempts into one
 logical request. Any other exception (a bad request, the application's own) propagates unchanged.

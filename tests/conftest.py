@@ -4,6 +4,7 @@ schema per test, metric sample readers, and a guard against tests that leak stat
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import shutil
@@ -143,6 +144,32 @@ def async_client(server, **kwargs) -> anthropic.AsyncAnthropic:
     import anthropic
 
     return anthropic.AsyncAnthropic(base_url=server.base_url, api_key="sk-ant-test-key", **kwargs)
+
+
+@contextlib.contextmanager
+def raises_the_cut() -> Iterator[pytest.ExceptionInfo[Exception]]:
+    """Expect what the SDK raises when the fake cuts the connection mid-body: the HTTP client's
+    ``RemoteProtocolError`` (httpx's or httpx2's), bare as anthropic before 2.17 raises it, or as the
+    direct cause of the ``APIConnectionError`` that anthropic 2.17 on wraps it in."""
+    import anthropic
+
+    with pytest.raises(Exception) as info:
+        yield info
+    cut = info.value
+    if isinstance(cut, anthropic.APIConnectionError):
+        cut = cut.__cause__  # type: ignore[assignment]
+    assert type(cut).__name__ == "RemoteProtocolError", repr(info.value)
+    assert type(cut).__module__ in ("httpx", "httpx2"), repr(info.value)
+
+
+def http_client_error(exc: BaseException) -> BaseException:
+    """The HTTP client's own error behind what the SDK raised for a cut or a stall mid-body: the cause
+    of the ``APIConnectionError`` (or ``APITimeoutError``) of anthropic 2.17 on, else ``exc`` itself."""
+    import anthropic
+
+    if isinstance(exc, anthropic.APIConnectionError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
 
 
 def read_stream_through_a_cut(server, i: int, model: str) -> None:

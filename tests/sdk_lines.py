@@ -53,7 +53,9 @@ SDK_CALLS = frozenset({"instrument"})
 SDK_FIXTURES = frozenset({"fake_anthropic", "accounting"})
 """Fixtures whose users talk to the SDK."""
 
-_CONFTEST_SDK_HELPERS = frozenset({"sync_client", "async_client", "read_stream_through_a_cut"})
+_CONFTEST_SDK_HELPERS = frozenset(
+    {"sync_client", "async_client", "read_stream_through_a_cut", "raises_the_cut", "http_client_error"}
+)
 """conftest's helpers that build SDK clients (conftest itself imports the SDK for every test)."""
 
 # A forked child shares this process's modules, so a fork is never allowed; a started program is,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Accounting, completed_attempt, sync_client
+from conftest import Accounting, completed_attempt, raises_the_cut, sync_client
 from test_instrumentation import HTTP_MODULE
 
 import costwatch
@@ -312,7 +312,7 @@ def test_a_dropped_large_request_resent_by_the_application_is_its_retry(accounti
     with FakeAnthropicServer(ResponseSpec.small(200)) as server:
         server.enqueue(Fault.cut_after_deltas(10), None)
         client = sync_client(server)
-        with pytest.raises(HTTP_MODULE.RemoteProtocolError):
+        with raises_the_cut():
             list(client.messages.create(model=MODEL, max_tokens=1024, messages=messages, stream=True))
         list(client.messages.create(model=MODEL, max_tokens=1024, messages=messages, stream=True))
         client.messages.create(model=MODEL, max_tokens=1024, messages=messages)  # not a retry: 1st succeeded

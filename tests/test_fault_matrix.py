@@ -43,11 +43,14 @@ BREAK_AFTER = 6
 STALLED_CLIENT = {"max_retries": 0, "timeout": 1.0}
 _IDS = re.compile(r"\b(req|msg|toolu|srvtoolu)_\w+")
 _ADDRESS = re.compile(r"0x[0-9a-f]+")
+# Each run has a fresh server; anthropic 2.17 on names its host and port in a connection error.
+_PORT = re.compile(r"\b(127\.0\.0\.1|localhost):\d+")
 
 
 def normalised(text: str) -> str:
-    """Text with per-attempt ids and object addresses replaced, so two runs compare equal."""
-    return _ADDRESS.sub("0x…", _IDS.sub(r"\1_…", text))
+    """Text with per-attempt ids, object addresses and the fake's port replaced, so two runs compare
+    equal."""
+    return _PORT.sub(r"\1:…", _ADDRESS.sub("0x…", _IDS.sub(r"\1_…", text)))
 
 
 @dataclass(frozen=True)

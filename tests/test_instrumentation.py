@@ -11,7 +11,7 @@ import threading
 
 import anthropic
 import pytest
-from conftest import async_client, sync_client
+from conftest import async_client, raises_the_cut, sync_client
 
 import costwatch
 from costwatch import Outcome, WasteReason
@@ -142,7 +142,7 @@ def test_scripted_drops_bill_exact_input_and_estimate_partial_output_within_ten_
         server.enqueue(Fault.cut_after_deltas(40), Fault.cut_after_deltas(900), None)
         client = sync_client(server)
         for _ in range(2):
-            with pytest.raises(HTTP_MODULE.RemoteProtocolError):
+            with raises_the_cut():
                 SYNC_CALLS[name](client)
         SYNC_CALLS[name](client)
         entries = server.ledger.entries
@@ -168,7 +168,7 @@ def test_a_drop_is_abandoned_waste_until_the_application_retries(accounting):
     with FakeAnthropicServer(ResponseSpec.small(200)) as server:
         server.enqueue(Fault.cut_after_deltas(10), None)
         client = sync_client(server)
-        with pytest.raises(HTTP_MODULE.RemoteProtocolError):
+        with raises_the_cut():
             create_stream(client)
         (dropped,) = accounting.records()
         assert dropped.waste_reason is WasteReason.ABANDONED and dropped.wasted_tokens > 0
@@ -489,7 +489,7 @@ def test_code_execution_and_tool_blocks_count_toward_the_estimate(accounting):
     )
     with FakeAnthropicServer(spec) as server:
         server.enqueue(Fault.cut_after_deltas(150))
-        with pytest.raises(HTTP_MODULE.RemoteProtocolError):
+        with raises_the_cut():
             create_stream(sync_client(server), beta=True)
         (entry,) = server.ledger.entries
     (record,) = accounting.records()

@@ -4,14 +4,12 @@ and the characters of every stream that needs them (cut, stopped, or sampled for
 from __future__ import annotations
 
 import gzip
-import importlib
 import json
 import random
 from collections.abc import Iterator
 
-import anthropic
 import pytest
-from conftest import sync_client
+from conftest import raises_the_cut, sync_client
 
 from costwatch.estimation import OutputEstimator
 from costwatch.health import instrumentation_errors
@@ -20,7 +18,6 @@ from costwatch.stream_meter import BodyMeter
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 
 MODEL = "claude-opus-4-6"
-HTTP_MODULE = importlib.import_module("httpx2" if anthropic.__version__.startswith("2") else "httpx")
 
 
 def sse(data: dict) -> bytes:
@@ -271,7 +268,7 @@ def test_a_stream_cut_after_the_meter_deferred_is_estimated_from_exact_chars(acc
         server.enqueue(Fault.cut_after_deltas(100))
         client = sync_client(server, max_retries=0)
         with (
-            pytest.raises(HTTP_MODULE.RemoteProtocolError),
+            raises_the_cut(),
             client.messages.stream(
                 model=MODEL, max_tokens=400, messages=[{"role": "user", "content": "x"}]
             ) as s,

@@ -13,6 +13,7 @@ from typing import Any
 
 import anthropic
 import pytest
+from conftest import http_client_error
 
 from costwatch.testing import (
     FAULT_HEADER,
@@ -142,9 +143,10 @@ def test_dropped_stream_raises_remote_protocol_error_and_bills_input_and_partial
     received = consume(client_for(server))
 
     assert received.error is not None
-    assert type(received.error).__name__ == "RemoteProtocolError"
-    assert type(received.error).__module__.split(".")[0] == HTTP_MODULE
-    assert str(received.error) == DROP_MESSAGE
+    cut = http_client_error(received.error)  # wrapped since anthropic 2.17
+    assert type(cut).__name__ == "RemoteProtocolError"
+    assert type(cut).__module__.split(".")[0] == HTTP_MODULE
+    assert str(cut) == DROP_MESSAGE
     (entry,) = server.ledger.entries
     assert entry.ending is Ending.CUT
     assert entry.deltas_sent == received.deltas == 7
@@ -159,9 +161,11 @@ async def test_dropped_stream_raises_the_same_error_on_the_async_client(server: 
     server.enqueue(Fault.cut_after_deltas(12))
     received = await consume_async(async_client_for(server))
 
-    assert type(received.error).__name__ == "RemoteProtocolError"
-    assert type(received.error).__module__.split(".")[0] == HTTP_MODULE
-    assert str(received.error) == DROP_MESSAGE
+    assert received.error is not None
+    cut = http_client_error(received.error)
+    assert type(cut).__name__ == "RemoteProtocolError"
+    assert type(cut).__module__.split(".")[0] == HTTP_MODULE
+    assert str(cut) == DROP_MESSAGE
     (entry,) = server.ledger.entries
     assert entry.ending is Ending.CUT and entry.deltas_sent == received.deltas == 12
     assert nonzero(entry.chars_by_type) == received.chars
@@ -281,7 +285,7 @@ def test_stall_mid_body_times_the_client_out_and_bills_what_was_sent(server: Fak
     server.enqueue(Fault.stall_mid_body(after_deltas=4))
     received = consume(client_for(server, timeout=STALL_TIMEOUT_S))
 
-    assert type(received.error).__name__ == "ReadTimeout"
+    assert type(http_client_error(received.error)).__name__ == "ReadTimeout"
     (entry,) = server.ledger.entries
     assert entry.ending is Ending.STALL and received.deltas == entry.deltas_sent == 4
     assert entry.input_tokens > 0 and nonzero(entry.chars_by_type) == received.chars
@@ -307,9 +311,11 @@ def test_every_cut_drops_the_stream_and_bills_exactly_the_output_that_arrived(
 ) -> None:
     received = consume(client_for(server), extra_headers={FAULT_HEADER: fault.header_value()})
 
-    assert type(received.error).__name__ == "RemoteProtocolError"
-    assert type(received.error).__module__.split(".")[0] == HTTP_MODULE
-    assert str(received.error) == message
+    assert received.error is not None
+    cut = http_client_error(received.error)
+    assert type(cut).__name__ == "RemoteProtocolError"
+    assert type(cut).__module__.split(".")[0] == HTTP_MODULE
+    assert str(cut) == message
     (entry,) = server.ledger.entries
     assert entry.fault == fault and entry.ending is Ending.CUT
     assert entry.deltas_sent == received.deltas
@@ -329,7 +335,7 @@ def test_cut_before_message_stop_delivers_full_usage_but_still_drops(server: Fak
     server.enqueue(Fault.cut_before_message_stop())
     received = consume(client_for(server))
 
-    assert str(received.error) == DROP_MESSAGE
+    assert str(http_client_error(received.error)) == DROP_MESSAGE
     (entry,) = server.ledger.entries
     assert entry.ending is Ending.CUT and entry.stop_reason == "tool_use"
     assert received.final_usage.output_tokens == entry.output_tokens == SMALL.output_tokens
@@ -341,7 +347,7 @@ def test_cut_after_seconds_cuts_a_paced_stream_in_time(server: FakeAnthropicServ
     started = time.monotonic()
     received = consume(client_for(server))
 
-    assert str(received.error) == DROP_MESSAGE
+    assert str(http_client_error(received.error)) == DROP_MESSAGE
     assert 0.15 < time.monotonic() - started < 2.0
     (entry,) = server.ledger.entries
     assert 0 < entry.deltas_sent == received.deltas < 100
@@ -354,7 +360,7 @@ def test_random_drop_profile_cuts_mid_delta_and_bills_the_whole_deltas_before(
     server.drop_profile = DropProfile(drop_rate=1.0, seed=7)
     received = consume(client_for(server))
 
-    assert str(received.error) == DROP_MESSAGE
+    assert str(http_client_error(received.error)) == DROP_MESSAGE
     (entry,) = server.ledger.entries
     assert entry.fault is not None and entry.fault.kind.value == "cut_mid_event"
     assert entry.deltas_sent == received.deltas
@@ -540,7 +546,7 @@ def test_schedule_keyed_on_the_body_fails_a_retry_loop_twice_then_lets_it_succee
     outcomes = []
     for _ in range(3):
         received = consume(client)
-        outcomes.append(type(received.error).__name__ if received.error else "ok")
+        outcomes.append(type(http_client_error(received.error)).__name__ if received.error else "ok")
         if received.error is None:
             break
 
@@ -570,7 +576,7 @@ def test_header_fault_wins_over_the_queue(server: FakeAnthropicServer) -> None:
     server.enqueue(Fault.overloaded())
     received = consume(client_for(server), extra_headers={FAULT_HEADER: "cut_after_deltas:count=4"})
 
-    assert str(received.error) == DROP_MESSAGE
+    assert str(http_client_error(received.error)) == DROP_MESSAGE
     assert server.ledger[0].fault == Fault.cut_after_deltas(4)
     assert consume(client_for(server)).error is not None  # the queued 529 is still there
 

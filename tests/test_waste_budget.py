@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import anthropic
 import pytest
-from conftest import sample_value, sync_client
+from conftest import raises_the_cut, sample_value, sync_client
 from prometheus_client import CollectorRegistry
 
 import costwatch
@@ -21,7 +20,6 @@ from costwatch.sinks import MemorySink
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
 from costwatch.waste_budget import WasteBudget, current
 
-HTTP_MODULE = importlib.import_module("httpx2" if anthropic.__version__.startswith("2.") else "httpx")
 REQUEST = {
     "model": "claude-sonnet-4-5",
     "max_tokens": 512,
@@ -143,7 +141,7 @@ def test_an_application_retry_over_budget_is_refused_unsent_recorded_and_counted
         server.enqueue(Fault.cut_after_deltas(20))
         client = sync_client(server, max_retries=2)  # the SDK retries nothing it raised itself
         with costwatch.logical_request("job-1"):
-            with pytest.raises(HTTP_MODULE.RemoteProtocolError):
+            with raises_the_cut():
                 read_stream(client)
             assert costwatch.flush(10)
             with pytest.raises(costwatch.WasteBudgetExceeded) as raised:
@@ -187,7 +185,7 @@ def test_a_large_body_resent_after_a_failure_is_recognised_as_a_retry_and_refuse
     with FakeAnthropicServer(ResponseSpec.small(200)) as server:
         server.enqueue(Fault.cut_after_deltas(20))
         client = sync_client(server)
-        with pytest.raises(HTTP_MODULE.RemoteProtocolError):
+        with raises_the_cut():
             read_stream(client, **large)
         assert costwatch.flush(10)
         with pytest.raises(costwatch.WasteBudgetExceeded):
