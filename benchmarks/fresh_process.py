@@ -309,16 +309,18 @@ def _paired_child(url: str, streams: int, events: int, creates: int) -> dict[str
 def _run_paired_child(
     url: str, *, streams: int, events: int, creates: int, cwd: str, env: dict[str, str]
 ) -> dict[str, Any]:
+    completed = _run_self(
+        ["--paired-child", url, str(streams), str(events), str(creates)], "paired", cwd=cwd, env=env
+    )
+    return dict(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+def _run_self(
+    arguments: list[str], what: str, *, cwd: str, env: dict[str, str], python_options: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """This file run as a child process with ``arguments``; its output, or an error naming ``what``."""
     completed = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--paired-child",
-            url,
-            str(streams),
-            str(events),
-            str(creates),
-        ],
+        [sys.executable, *python_options, str(Path(__file__).resolve()), *arguments],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -327,8 +329,28 @@ def _run_paired_child(
         check=False,
     )
     if completed.returncode != 0:
-        raise RuntimeError(f"the paired process failed:\n{completed.stderr[-3000:]}")
-    return dict(json.loads(completed.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"the {what} process failed:\n{completed.stderr[-3000:]}")
+    return completed
+
+
+def _loop_row(case: str, metric: str, values: Sequence[float], *, gated: bool, **detail: Any) -> Any:
+    """A loop's row: the median of its ratios (``values``), held against the target by the 95% interval
+    of that median if ``gated``."""
+    from measure import Measurement
+
+    interval = median_interval(values)
+    met = ratio_verdict(values, RATIO_TARGET) if gated else None
+    return Measurement(
+        benchmark="fresh process",
+        case=case,
+        metric=metric,
+        value=statistics.median(values),
+        unit="ratio",
+        target=f"<= {RATIO_TARGET}" if gated else "",
+        met=met,
+        no_verdict="" if not gated or met is not None else (SPANS_TARGET if interval else TOO_FEW_ROUNDS),
+        detail={**detail, "interval_95": [round(x, 4) for x in interval] if interval else None},
+    )
 
 
 def paired_rows(runs: Sequence[dict[str, Any]], *, streams: int, events: int) -> list[Any]:
@@ -357,25 +379,7 @@ def paired_rows(runs: Sequence[dict[str, Any]], *, streams: int, events: int) ->
             [(p["accounted_cpu_s"] + p["others_cpu_s"]) / p["plain_cpu_s"] for p in loop],
         ),
     ):
-        interval = median_interval(ratios)
-        met = ratio_verdict(ratios, RATIO_TARGET)
-        rows.append(
-            Measurement(
-                benchmark="fresh process",
-                case=case,
-                metric=metric,
-                value=statistics.median(ratios),
-                unit="ratio",
-                target=f"<= {RATIO_TARGET}",
-                met=met,
-                no_verdict="" if met is not None else (SPANS_TARGET if interval else TOO_FEW_ROUNDS),
-                detail={
-                    "processes": len(runs),
-                    "pairs": len(ratios),
-                    "interval_95": [round(x, 4) for x in interval] if interval else None,
-                },
-            )
-        )
+        rows.append(_loop_row(case, metric, ratios, gated=True, processes=len(runs), pairs=len(ratios)))
     per_process_us = []
     for run in runs:
         creates = run["create"]
@@ -430,28 +434,13 @@ def _imports_between_marks(stderr: str) -> float:
 def _run_child(
     variant: str, url: str, *, streams: int, events: int, creates: int, cwd: str, env: dict[str, str]
 ) -> dict[str, Any]:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            str(Path(__file__).resolve()),
-            "--child",
-            variant,
-            url,
-            str(streams),
-            str(events),
-            str(creates),
-        ],
+    completed = _run_self(
+        ["--child", variant, url, str(streams), str(events), str(creates)],
+        variant,
         cwd=cwd,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=_CHILD_TIMEOUT_S,
-        check=False,
+        python_options=("-X", "importtime"),
     )
-    if completed.returncode != 0:
-        raise RuntimeError(f"the {variant} process failed:\n{completed.stderr[-3000:]}")
     result = dict(json.loads(completed.stdout.strip().splitlines()[-1]))
     result["install_imports_s"] = _imports_between_marks(completed.stderr)
     return result
@@ -574,25 +563,9 @@ def measure_fresh_process(
             ("loop CPU vs SDK alone", "loop_cpu_s"),
         ):
             ratios = [r[key] / b[key] for r, b in zip(runs, base, strict=True)]
-            interval = median_interval(ratios)
-            met = ratio_verdict(ratios, RATIO_TARGET) if gated else None
             rows.append(
-                Measurement(
-                    benchmark="fresh process",
-                    case=case,
-                    metric=metric,
-                    value=statistics.median(ratios),
-                    unit="ratio",
-                    target=f"<= {RATIO_TARGET}" if gated else "",
-                    met=met,
-                    no_verdict=""
-                    if not gated or met is not None
-                    else (SPANS_TARGET if interval else TOO_FEW_ROUNDS),
-                    detail={
-                        "pairs": len(runs),
-                        "interval_95": [round(x, 4) for x in interval] if interval else None,
-                        "ratios": [round(r, 4) for r in ratios],
-                    },
+                _loop_row(
+                    case, metric, ratios, gated=gated, pairs=len(runs), ratios=[round(r, 4) for r in ratios]
                 )
             )
         if name == CONTROL:
