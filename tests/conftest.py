@@ -151,13 +151,9 @@ def raises_the_cut() -> Iterator[pytest.ExceptionInfo[Exception]]:
     """Expect what the SDK raises when the fake cuts the connection mid-body: the HTTP client's
     ``RemoteProtocolError`` (httpx's or httpx2's), bare as anthropic before 2.17 raises it, or as the
     direct cause of the ``APIConnectionError`` that anthropic 2.17 on wraps it in."""
-    import anthropic
-
     with pytest.raises(Exception) as info:
         yield info
-    cut = info.value
-    if isinstance(cut, anthropic.APIConnectionError):
-        cut = cut.__cause__  # type: ignore[assignment]
+    cut = http_client_error(info.value)
     assert type(cut).__name__ == "RemoteProtocolError", repr(info.value)
     assert type(cut).__module__ in ("httpx", "httpx2"), repr(info.value)
 

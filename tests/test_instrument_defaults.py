@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -12,7 +11,7 @@ import textwrap
 
 import anthropic
 import pytest
-from conftest import completed_attempt
+from conftest import completed_attempt, raises_the_cut
 
 import costwatch
 from costwatch import MemorySink, Outcome, WasteReason
@@ -21,8 +20,6 @@ from costwatch.settings import SettingsError
 from costwatch.spool import Spool
 from costwatch.store import SqlStore
 from costwatch.testing import FakeAnthropicServer, Fault, ResponseSpec
-
-HTTP_MODULE = __import__("httpx2" if anthropic.__version__.startswith("2") else "httpx")
 
 
 def test_instrument_writes_every_attempt_to_the_store_given_by_database_url(tmp_path):
@@ -33,16 +30,19 @@ def test_instrument_writes_every_attempt_to_the_store_given_by_database_url(tmp_
         with FakeAnthropicServer(ResponseSpec.small(300, input_tokens=50_000)) as server:
             server.enqueue(Fault.cut_after_deltas(30), None)
             client = anthropic.Anthropic(base_url=server.base_url, api_key="k")
-            for _ in range(2):
-                # the cut: bare, or wrapped in an APIConnectionError by anthropic 2.17 on
-                with contextlib.suppress(HTTP_MODULE.RemoteProtocolError, anthropic.APIConnectionError):
-                    stream = client.messages.create(
-                        model="claude-haiku-4-5",
-                        max_tokens=500,
-                        stream=True,
-                        messages=[{"role": "user", "content": "go"}],
-                    )
-                    list(stream)
+
+            def stream_once() -> None:
+                stream = client.messages.create(
+                    model="claude-haiku-4-5",
+                    max_tokens=500,
+                    stream=True,
+                    messages=[{"role": "user", "content": "go"}],
+                )
+                list(stream)
+
+            with raises_the_cut():  # the first is cut; the application retries, and it completes
+                stream_once()
+            stream_once()
             entries = server.ledger.entries
         assert pipeline.flush(10)
     finally:
