@@ -436,7 +436,7 @@ def _settle_without_response(attempt: Attempt, error: BaseException) -> None:
 
 
 def _observe_response(attempt: Attempt, response: Any, stream_cls: type) -> None:
-    attempt.on_response(response)
+    headers = attempt.on_response(response)
     if response.is_stream_consumed:
         # send(stream=False) already read (and decoded) the whole body.
         if attempt.stream:  # an event stream read whole
@@ -448,12 +448,12 @@ def _observe_response(attempt: Attempt, response: Any, stream_cls: type) -> None
         if parsed is not None:
             _hand_over(response, parsed)
         return
-    if response.headers.get("content-type", "").startswith(EVENT_STREAM_CONTENT_TYPE):
+    if headers.get(b"content-type", "").startswith(EVENT_STREAM_CONTENT_TYPE):
         attempt.meter = EventStreamMeter(clock=time.perf_counter)  # Bedrock's binary framing
     else:
         meter = attempt.meter = BodyMeter(
             stream=attempt.stream,
-            content_encoding=response.headers.get("content-encoding"),
+            content_encoding=headers.get(b"content-encoding"),
             clock=time.perf_counter,
         )
         if attempt.count_target is not None and attempt.stream:
