@@ -203,7 +203,8 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
                 guarded("body_close", _body_ended, self._attempt, GeneratorExit())
 
         def __del__(self) -> None:
-            guarded("body_gc", _body_ended, self._attempt, GeneratorExit())
+            if not self._attempt.closing:  # else its close settled the attempt or deferred it
+                guarded("body_gc", _body_ended, self._attempt, GeneratorExit())
 
     class ObservedAsyncStream(module.AsyncByteStream):
         """The async twin of ``ObservedSyncStream``."""
@@ -249,7 +250,8 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
                 guarded("body_close", _body_ended, self._attempt, GeneratorExit())
 
         def __del__(self) -> None:
-            guarded("body_gc", _body_ended, self._attempt, GeneratorExit())
+            if not self._attempt.closing:  # else its close settled the attempt or deferred it
+                guarded("body_gc", _body_ended, self._attempt, GeneratorExit())
 
     return ObservedSyncStream, ObservedAsyncStream
 
