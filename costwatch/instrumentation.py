@@ -200,7 +200,8 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
             try:
                 self._inner.close()
             finally:
-                guarded("body_close", _body_ended, self._attempt, GeneratorExit())
+                if not self._attempt.settled:  # the usual close, after the body's end, finds it settled
+                    guarded("body_close", _body_ended, self._attempt, GeneratorExit())
 
         def __del__(self) -> None:
             if not self._attempt.closing:  # else its close settled the attempt or deferred it
@@ -247,7 +248,8 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
             try:
                 await self._inner.aclose()
             finally:
-                guarded("body_close", _body_ended, self._attempt, GeneratorExit())
+                if not self._attempt.settled:  # the usual close, after the body's end, finds it settled
+                    guarded("body_close", _body_ended, self._attempt, GeneratorExit())
 
         def __del__(self) -> None:
             if not self._attempt.closing:  # else its close settled the attempt or deferred it
