@@ -509,7 +509,8 @@ class Attempt:
         outcome = self.outcome_after_body(error)
         # A close, a cancellation, or whatever the reader raised after the application's own stop, is
         # no error of the transport.
-        self.settle(outcome, None if outcome is Outcome.CANCELLED or is_stop(error) else error)
+        stopped = error is None or outcome is Outcome.CANCELLED or is_stop(error)
+        self.settle(outcome, None if stopped else error)
 
     def sdk_failed_reading(self) -> bool:
         """Whether the body was closed early after an event the SDK cannot read: the SDK raised there."""
