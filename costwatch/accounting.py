@@ -94,11 +94,16 @@ class Accountant:
             )
 
     def begin(
-        self, request: Any, owner: object = None, headers: Mapping[bytes, str] | None = None
+        self,
+        request: Any,
+        owner: object = None,
+        headers: Mapping[bytes, str] | None = None,
+        path: str | None = None,
     ) -> Attempt:
         """Open the account of one attempt about to be sent by ``owner``, the thread or task sending it.
 
-        ``headers`` are the request's :func:`wanted_headers`, if the caller read them already.
+        ``headers`` are the request's :func:`wanted_headers` and ``path`` its URL's path, if the caller
+        read them already.
         """
         started_at = datetime.now(timezone.utc)
         started = time.perf_counter()
@@ -107,7 +112,7 @@ class Accountant:
         names = _NO_NAMES  # a route header's name, when there is one (the platforms' requests)
         if not _ROUTE_HEADERS.isdisjoint(wanted):
             names = frozenset(name.decode() for name in _ROUTE_HEADERS if name in wanted)
-        route = route_of(url.host, url.path, names)
+        route = route_of(url.host, url.path if path is None else path, names)
         tracker = self.tracker
         body = request.content
         # Small bodies are hashed at once; a larger one only if a failure of its size may be resent.

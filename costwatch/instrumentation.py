@@ -305,9 +305,9 @@ class _Hooks:
         # (class, the original send, our wrapper, whether the class itself defined the original)
         self.originals: list[tuple[type, Callable[..., Any], Callable[..., Any], bool]] = []
 
-    def wants(self, http_client: Any, request: Any) -> dict[bytes, str] | None:
-        """The request's :func:`~costwatch.accounting.wanted_headers` if it is a Messages API call we
-        account for, else ``None``."""
+    def wants(self, http_client: Any, request: Any) -> tuple[dict[bytes, str], str] | None:
+        """The request's :func:`~costwatch.accounting.wanted_headers` and URL path if it is a Messages
+        API call we account for, else ``None``."""
         if not self.active:
             return None
         if request.method != "POST":
@@ -321,9 +321,9 @@ class _Hooks:
         if not first_party_shape:
             # Bedrock and Vertex requests carry the API version in the body instead of a header.
             wanted = b'"anthropic_version"' in request.content
-            return wanted_headers(request.headers.raw) if wanted else None
+            return (wanted_headers(request.headers.raw), path) if wanted else None
         headers = wanted_headers(request.headers.raw)
-        return headers if b"anthropic-version" in headers else None
+        return (headers, path) if b"anthropic-version" in headers else None
 
     def install(self, modules: Iterable[Any]) -> None:
         for module in modules:
@@ -356,10 +356,10 @@ class _Hooks:
 
 def _wrap_sync_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: type) -> Callable[..., Any]:
     def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        headers = hooks.wants(self, request)
-        if headers is None:
+        wanted = hooks.wants(self, request)
+        if wanted is None:
             return original(self, request, *args, **kwargs)
-        attempt = guarded("begin", hooks.accountant.begin, request, None, headers)
+        attempt = guarded("begin", hooks.accountant.begin, request, None, *wanted)
         if attempt is None:
             return original(self, request, *args, **kwargs)
         if attempt.refused is not None:
@@ -379,10 +379,10 @@ def _wrap_sync_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: typ
 
 def _wrap_async_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: type) -> Callable[..., Any]:
     async def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        headers = hooks.wants(self, request)
-        if headers is None:
+        wanted = hooks.wants(self, request)
+        if wanted is None:
             return await original(self, request, *args, **kwargs)
-        attempt = guarded("begin", hooks.accountant.begin, request, _current_task(), headers)
+        attempt = guarded("begin", hooks.accountant.begin, request, _current_task(), *wanted)
         if attempt is None:
             return await original(self, request, *args, **kwargs)
         if attempt.refused is not None:
