@@ -495,6 +495,7 @@ def _store_calibration_samples(directory: str, count: int) -> None:
 def measure_fresh_process(
     *,
     pairs: int,
+    paired: int | None = None,
     streams: int = 20,
     events: int = 2_000,
     creates: int = 100,
@@ -502,7 +503,11 @@ def measure_fresh_process(
     calibration_samples: int = 5_000,
     log: Callable[[str], None],
 ) -> list[Any]:
-    """Rows for every variant: loop wall and CPU ratios, install time, CPU per non-streaming create."""
+    """Rows for every variant: loop wall and CPU ratios, install time, CPU per non-streaming create.
+
+    ``pairs`` rounds of one fresh process per variant, then ``paired`` fresh processes (``pairs`` if
+    None) of the paired rows.
+    """
     from fake_api_process import fake_api_in_subprocess
     from measure import Measurement
 
@@ -523,11 +528,11 @@ def measure_fresh_process(
                 )
                 results[name].append(run)
             log(f"  round {round_number + 1}/{pairs} done")
-        paired = [
+        paired_runs = [
             _run_paired_child(url, streams=streams, events=events, creates=creates, cwd=app_dir, env=env)
-            for _ in range(pairs)
+            for _ in range(pairs if paired is None else paired)
         ]
-        log(f"  {pairs} paired processes done")
+        log(f"  {len(paired_runs)} paired processes done")
         calibrated_dir = str(Path(home) / "calibrated")
         os.mkdir(calibrated_dir)
         _run_child(COSTWATCH, url, streams=1, events=50, creates=1, cwd=calibrated_dir, env=env)
@@ -624,7 +629,7 @@ def measure_fresh_process(
                 },
             )
         )
-    rows.extend(paired_rows(paired, streams=streams, events=events))
+    rows.extend(paired_rows(paired_runs, streams=streams, events=events))
     rows.append(
         Measurement(
             benchmark="fresh process",

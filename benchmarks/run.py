@@ -3,6 +3,7 @@
     python benchmarks/run.py            # the full run (tens of minutes: 1M attempts per store)
     python benchmarks/run.py --quick    # every benchmark, small sizes, a few minutes (CI runs --tiny)
     python benchmarks/run.py --only fresh --pairs 5   # fresh processes beside OpenLLMetry, Logfire
+    python benchmarks/run.py --only fresh --pairs 3 --no-peers --paired-processes 40   # paired rows
     /tmp/v0/bin/python benchmarks/run.py --quick   # the same on the other SDK line
 
 The SDK measured is the one installed in the interpreter that runs this. Benchmarks never fail
@@ -57,6 +58,9 @@ class Sizes:
     memory_attempts: int
     memory_warm_up: int
     fresh_pairs: int = 9
+    fresh_paired: int | None = None
+    """Fresh processes of the paired rows (each alternates an accounted and a plain client); None: as
+    many as ``fresh_pairs``."""
     fresh_streams: int = 20
     fresh_events: int = 2_000
     fresh_creates: int = 100
@@ -176,6 +180,7 @@ def run_benchmarks(
         done(
             measure_fresh_process(
                 pairs=sizes.fresh_pairs,
+                paired=sizes.fresh_paired,
                 streams=sizes.fresh_streams,
                 events=sizes.fresh_events,
                 creates=sizes.fresh_creates,
@@ -330,6 +335,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         help="rounds of fresh processes (each: the SDK alone and every variant once); 9 in a full run",
     )
+    parser.add_argument(
+        "--paired-processes",
+        type=int,
+        help="fresh processes of the paired rows (an accounted and a plain client alternated in one "
+        "process: the loop's and the create's narrowest intervals); as many as --pairs by default",
+    )
     args = parser.parse_args(argv)
     mode_name = args.mode or "full"
     sizes = PRESETS[mode_name]
@@ -337,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pairs < 1:
             parser.error(f"--pairs must be at least 1, got {args.pairs}")
         sizes = dataclasses.replace(sizes, fresh_pairs=args.pairs)
+    if args.paired_processes is not None:
+        if args.paired_processes < 1:
+            parser.error(f"--paired-processes must be at least 1, got {args.paired_processes}")
+        sizes = dataclasses.replace(sizes, fresh_paired=args.paired_processes)
     if args.no_peers:
         sizes = dataclasses.replace(sizes, fresh_peers=False)
     if args.retention_attempts is not None:

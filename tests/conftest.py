@@ -104,6 +104,16 @@ def runner_ignoring_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+class ManualClock:
+    """A monotonic clock the test moves by hand (``clock.now += 5``), for code that takes a ``clock``."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class Accounting:
     """What an instrumented test reads: the records, after a flush."""

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from conftest import ManualClock
+
 from costwatch.attribution import RetryTracker
 from costwatch.records import AttemptRecord, Outcome, Usage, WasteReason
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def finished(
@@ -81,7 +75,7 @@ def test_sdk_internal_retries_join_the_previous_attempt_of_their_context():
 
 
 def test_a_failure_older_than_the_window_is_not_matched_and_stays_abandoned():
-    clock = FakeClock()
+    clock = ManualClock(0.0)
     tracker = RetryTracker(window_s=60, clock=clock)
     first = tracker.begin(explicit_id=None, fingerprint="fp", previous_id=None)
     tracker.finish(finished(first, Outcome.DROPPED))
@@ -121,7 +115,7 @@ def test_two_failures_then_success_flip_both_failures_to_retried():
 
 
 def test_a_logical_request_is_findable_by_one_fingerprint_only_and_forgets_it_when_expired():
-    clock = FakeClock()
+    clock = ManualClock(0.0)
     tracker = RetryTracker(window_s=60, clock=clock)
     first = tracker.begin(explicit_id="job-1", fingerprint="body-a", previous_id=None)
     tracker.finish(finished(first, Outcome.DROPPED, fingerprint="body-a"))
@@ -149,7 +143,7 @@ def test_a_logical_request_is_findable_only_by_the_body_of_its_last_failed_attem
 
 
 def test_a_failure_just_out_of_the_window_is_not_matched_even_before_the_tracker_sweeps():
-    clock = FakeClock()
+    clock = ManualClock(0.0)
     tracker = RetryTracker(window_s=10, clock=clock)
     failed = tracker.begin(explicit_id=None, fingerprint="body", previous_id=None)
     tracker.finish(finished(failed, Outcome.DROPPED, fingerprint="body"))
@@ -162,7 +156,7 @@ def test_a_failure_just_out_of_the_window_is_not_matched_even_before_the_tracker
 
 
 def test_an_explicit_logical_request_out_of_the_window_starts_over_at_attempt_one():
-    clock = FakeClock()
+    clock = ManualClock(0.0)
     tracker = RetryTracker(window_s=10, clock=clock)
     tracker.begin(explicit_id="job-7", fingerprint=None, previous_id=None)
     clock.now = 9.6

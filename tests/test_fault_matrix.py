@@ -30,7 +30,7 @@ from costwatch.pipeline import Pipeline
 from costwatch.pricing import load_prices
 from costwatch.records import OutputSource
 from costwatch.sinks import MemorySink
-from costwatch.testing import Ending, FakeAnthropicServer, Fault, LedgerEntry, ResponseSpec
+from costwatch.testing import Ending, FakeAnthropicServer, Fault, FaultKind, LedgerEntry, ResponseSpec
 
 MODEL = "claude-haiku-4-5"
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Summarise the incident report."}]
@@ -141,6 +141,20 @@ CASES: dict[str, Case] = {
         (None,), (Outcome.CANCELLED,), read="close_from_thread", spec=SLOW, modes=("sync",)
     ),
 }
+
+_TRANSPORT_ERRORS = {
+    FaultKind.RESET: "ReadError",
+    FaultKind.STALL_BEFORE_HEADERS: "ReadTimeout",
+    FaultKind.STALL_MID_BODY: "ReadTimeout",
+}
+
+
+def transport_error_type(fault: Fault | None) -> str | None:
+    """The HTTP client's exception class that ``fault`` breaks an attempt with (None: not broken)."""
+    if fault is None:
+        return None
+    return "RemoteProtocolError" if fault.kind.cuts else _TRANSPORT_ERRORS.get(fault.kind)
+
 
 PARAMS = [
     pytest.param(name, mode, id=f"{name}-{mode}") for name, case in CASES.items() for mode in case.modes
@@ -323,11 +337,11 @@ def test_the_application_sees_the_same_and_records_match_the_ledger(name: str, m
     assert len(entries) == len(records) == len({r.attempt_id for r in records})
     assert len({r.logical_request_id for r in records}) == 1
     assert [r.attempt_number for r in records] == list(range(1, len(records) + 1))
-    for record, entry in zip(records, entries, strict=True):
+    for record, entry, fault in zip(records, entries, case.faults, strict=True):
         assert_billed_like_ledger(record, entry, case)
-        # The exception class is kept for attempts the transport broke, never for the application's own stop.
-        broken = record.outcome in (Outcome.DROPPED, Outcome.CONNECT_ERROR)
-        assert (record.error_type is not None) is broken, record.to_dict()
+        # The HTTP client's exception class is kept for attempts the transport broke, the same on both
+        # SDK lines whatever the SDK wraps it in; never for the application's own stop.
+        assert record.error_type == transport_error_type(fault), record.to_dict()
 
 
 COUNTED_CASES = (

@@ -16,8 +16,8 @@ from typing import Any
 
 import anthropic
 import pytest
+from conftest import ManualClock, wasted_tokens
 from conftest import sample_value as value
-from conftest import wasted_tokens
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -39,16 +39,6 @@ from costwatch.testing import FakeAnthropicServer, Fault
 
 MODEL = "claude-sonnet-4-6"
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def attempt(
@@ -100,12 +90,12 @@ def registry() -> CollectorRegistry:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock(1000.0)
 
 
 @pytest.fixture
-def sink(registry: CollectorRegistry, clock: Clock) -> MetricsSink:
+def sink(registry: CollectorRegistry, clock: ManualClock) -> MetricsSink:
     return MetricsSink(
         registry=registry,
         pipeline=Pipeline(spool=None),

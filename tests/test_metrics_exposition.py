@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
+from conftest import ManualClock
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -44,16 +45,6 @@ HEALTH = {
         m.STORE_REJECTED_RECORDS,
     )
 }
-
-
-class Clock:
-    """A monotonic clock the run moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def record(
@@ -214,7 +205,7 @@ def _revised(old: AttemptRecord, output: int, output_usd: float) -> AttemptRecor
     )
 
 
-def run(sink: MetricsSink, clock: Clock) -> None:
+def run(sink: MetricsSink, clock: ManualClock) -> None:
     """Export the batches a few seconds apart, let one retry window pass, then shut down."""
     for batch in batches():
         sink.export(batch)
@@ -225,7 +216,7 @@ def run(sink: MetricsSink, clock: Clock) -> None:
     sink.shutdown()
 
 
-def new_sink(registry: CollectorRegistry, clock: Clock, otlp: Any = None) -> MetricsSink:
+def new_sink(registry: CollectorRegistry, clock: ManualClock, otlp: Any = None) -> MetricsSink:
     return MetricsSink(
         registry=registry,
         pipeline=object(),
@@ -258,7 +249,7 @@ def check(name: str, text: str) -> None:
 
 def test_a_scrape_shows_exactly_the_series_and_values_counted_one_at_a_time():
     registry = CollectorRegistry()
-    run(new_sink(registry, Clock()), Clock())
+    run(new_sink(registry, ManualClock(5000.0)), ManualClock(5000.0))
     check("single_process.txt", exposition(registry))
 
 
@@ -268,7 +259,7 @@ def test_multiprocess_files_hold_exactly_the_series_and_values_of_one_process(tm
         "import sys; sys.path[:0] = [sys.argv[1]]\n"
         "from prometheus_client import CollectorRegistry\n"
         "import test_metrics_exposition as t\n"
-        "clock = t.Clock(); t.run(t.new_sink(CollectorRegistry(), clock), clock)\n"
+        "clock = t.ManualClock(5000.0); t.run(t.new_sink(CollectorRegistry(), clock), clock)\n"
     )
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     env["PYTHONPATH"] = os.pathsep.join([*filter(None, [env.get("PYTHONPATH")]), str(ROOT)])
@@ -290,7 +281,7 @@ def test_otlp_points_are_exactly_the_ones_recorded_one_at_a_time():
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     registry = CollectorRegistry()
-    clock = Clock()
+    clock = ManualClock(5000.0)
     try:
         run(new_sink(registry, clock, OtlpMetrics(meter_provider=provider)), clock)
         data = reader.get_metrics_data()

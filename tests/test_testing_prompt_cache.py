@@ -5,16 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from conftest import ManualClock
 
 from costwatch.testing.prompt_cache import CacheUsage, PromptCache, TooManyBreakpoints, breakpoint_prefixes
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def body(*, ttl: str | None = None, system: str = "s" * 8000, turn: str = "new question") -> dict[str, Any]:
@@ -27,7 +20,7 @@ def body(*, ttl: str | None = None, system: str = "s" * 8000, turn: str = "new q
 
 
 def test_the_first_request_writes_the_prefix_and_a_resend_within_the_lifetime_reads_it():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     cache = PromptCache(clock=clock)
     ((prefix, ttl, _key),) = breakpoint_prefixes(body())
     assert ttl == "5m" and prefix == (8000 + 26 + 3) // 4  # one token per 4 bytes of the block's compact JSON
@@ -41,7 +34,7 @@ def test_the_first_request_writes_the_prefix_and_a_resend_within_the_lifetime_re
 
 
 def test_a_one_hour_breakpoint_is_written_at_the_one_hour_rate_and_lives_an_hour():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     cache = PromptCache(clock=clock)
     assert cache.bill(body(ttl="1h"), 3000).cache_write_1h_tokens == 2007
     clock.now += 3599
@@ -49,7 +42,7 @@ def test_a_one_hour_breakpoint_is_written_at_the_one_hour_rate_and_lives_an_hour
 
 
 def test_a_prefix_under_the_minimum_length_is_neither_written_nor_read_and_the_model_keys_the_cache():
-    cache = PromptCache(clock=Clock())
+    cache = PromptCache(clock=ManualClock(1000.0))
     short = body(system="s" * 400)
     assert cache.bill(short, 500) == CacheUsage(500)
     assert cache.bill(short, 500) == CacheUsage(500)

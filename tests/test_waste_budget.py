@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import anthropic
 import pytest
-from conftest import raises_the_cut, sample_value, sync_client
+from conftest import ManualClock, raises_the_cut, sample_value, sync_client
 from prometheus_client import CollectorRegistry
 
 import costwatch
@@ -32,14 +32,6 @@ def no_budget_left_behind() -> Iterator[None]:
     costwatch.waste_budget(None)
     yield
     costwatch.waste_budget(None)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def failed(request_id: str, usd: float, workflow: str = "") -> AttemptRecord:
@@ -70,7 +62,7 @@ def test_the_refusal_is_an_anthropic_error_wherever_it_is_imported_from():
 
 
 def test_only_retries_of_failed_requests_are_refused_and_only_while_the_last_hour_is_over_budget():
-    clock = Clock()
+    clock = ManualClock(10_000.0)
     budget = WasteBudget(1.0, clock=clock)
     budget.observe(failed("r1", 0.6))
     assert budget.refusal("r1") is None  # $0.60 is within $1/hour
@@ -84,7 +76,7 @@ def test_only_retries_of_failed_requests_are_refused_and_only_while_the_last_hou
 
 
 def test_a_workflow_budget_counts_each_workflow_alone():
-    budget = WasteBudget(1.0, scope="workflow", clock=Clock())
+    budget = WasteBudget(1.0, scope="workflow", clock=ManualClock(10_000.0))
     budget.observe(failed("r1", 2.0, workflow="nightly"))
     budget.observe(failed("r2", 0.1, workflow="triage"))
     assert budget.refusal("r1", "nightly") is not None
