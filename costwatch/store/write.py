@@ -1228,7 +1228,16 @@ def insert_calibration_samples(
 ) -> int:
     """Store the output characters of the records that carry them (once per attempt); returns how many
     rows the batch offered."""
-    sampled = [record for record in latest_revisions(records) if record.output_chars and record.model_name]
+    # Only the attempts some revision of which carries characters can have a row: their latest
+    # revisions are those of all the records, found among far fewer (a few in a batch of hundreds).
+    with_chars = {record.attempt_id for record in records if record.output_chars}
+    if not with_chars:
+        return 0
+    sampled = [
+        record
+        for record in latest_revisions(record for record in records if record.attempt_id in with_chars)
+        if record.output_chars and record.model_name
+    ]
     if not sampled:
         return 0
     dialect = connection.dialect.name
