@@ -986,6 +986,23 @@ def _abandoned_after_insert(
     return sorted([*kept, *landed_abandoned], key=operator.attrgetter("attempt_id"))
 
 
+_ANY_ABANDONED = (
+    f"SELECT EXISTS (SELECT 1 FROM {ATTEMPTS.name} WHERE waste_reason = '{WasteReason.ABANDONED.value}')"
+)
+
+
+def _holds_abandoned(connection: sa.Connection) -> bool:
+    """Whether the SQLite store holds any abandoned attempt, this batch's included.
+
+    A store holding none (its attempts never failed after billing) has none that a batch's
+    abandoned-attempts lookup could find, and the batch skips that lookup (~17k instructions a
+    record, benchmarks/README.md, writer-cost). Read through the partial index of abandoned
+    attempts, from the driver (SQLAlchemy's execution would cost more than the read).
+    """
+    driver: Any = connection.connection.driver_connection
+    return bool(driver.execute(_ANY_ABANDONED).fetchone()[0])
+
+
 def _retries_matching(
     connection: sa.Connection, abandoned: Sequence[AttemptRecord], window: timedelta
 ) -> list[sa.ColumnElement[bool]]:
@@ -1046,6 +1063,8 @@ def _reclassify_retried(
     if read_ahead is not None:
         abandoned = _abandoned_after_insert(landed, *read_ahead)
     elif connection.dialect.name == "sqlite":
+        if not _holds_abandoned(connection):
+            return [], []
         since = min(record.started_at for record in landed) - window
         request_ids = sorted({record.logical_request_id for record in landed})
         fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
@@ -1209,6 +1228,45 @@ def insert_calibration_samples(
 ) -> int:
     """Store the output characters of the records that carry them (once per attempt); returns how many
     rows the batch offered."""
+    # Only the attempts some revision of which carries characters can have a row: their latest
+    # revisions are those of all the records, found among far fewer (a few in a batch of hundreds).
+    with_chars = {record.attempt_id for record in records if record.output_chars}
+    if not with_chars:
+        return 0
+    sampled = [
+        record
+        for record in latest_revisions(record for record in records if record.attempt_id in with_chars)
+        if record.output_chars and record.model_name
+    ]
+    if not sampled:
+        return 0
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        # Bound here as SQLAlchemy would bind them (the start time as text, the characters as JSON
+        # text), through the driver: SQLAlchemy's execution of the rows cost the writer more.
+        key = _driver_key(connection.dialect)
+        bulk = _SQLITE_INSERT_SAMPLES.get(key)
+        if bulk is None:
+            tail = "ON CONFLICT (attempt_id) DO NOTHING"
+            bulk = _bulk_insert(CALIBRATION_SAMPLES, _SAMPLE_COLUMNS, connection.dialect, tail)
+            _SQLITE_INSERT_SAMPLES[key] = bulk
+        bulk.run(
+            connection,
+            [
+                (
+                    record.attempt_id,
+                    _sqlite_utc_text(record.started_at),
+                    record.model_name,
+                    None if record.usage.output_estimated else record.usage.output_tokens,
+                    record.output_source.value,
+                    json.dumps(dict(record.output_chars)),
+                    writer,
+                )
+                for record in sampled
+            ],
+            bound=True,
+        )
+        return len(sampled)
     rows = [
         {
             "attempt_id": record.attempt_id,
@@ -1219,12 +1277,8 @@ def insert_calibration_samples(
             "chars": dict(record.output_chars),
             "writer": writer,
         }
-        for record in latest_revisions(records)
-        if record.output_chars and record.model_name
+        for record in sampled
     ]
-    if not rows:
-        return 0
-    dialect = connection.dialect.name
     statement = _INSERT_SAMPLES.get(dialect)
     if statement is None:
         insert = insert_of(dialect)(CALIBRATION_SAMPLES)
@@ -1233,6 +1287,8 @@ def insert_calibration_samples(
     return len(rows)
 
 
+_SAMPLE_COLUMNS = ("attempt_id", "started_at", "model", "output_tokens", "output_source", "chars", "writer")
+_SQLITE_INSERT_SAMPLES: dict[str, _BulkStatement] = {}
 _INSERT_SAMPLES: dict[str, Any] = {}
 """The calibration samples' insert on each backend, built at its first use: a batch binds only its
 rows. A revision of the same attempt (a waste flip, a redelivered batch) carries the same counts, so
