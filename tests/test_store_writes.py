@@ -28,7 +28,6 @@ from costwatch.records import (
     WasteReason,
 )
 from costwatch.store import ROLLUP_MEASURES, SqlStore
-from costwatch.store import retried as retried_module
 from costwatch.store import write as store_write
 from costwatch.store.database import create_store_engine
 from costwatch.store.partitions import is_attempt_partition
@@ -788,42 +787,6 @@ def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them
                 assert reads and all(_reads_abandoned_only(connection, node) for node in reads), plan
             else:
                 assert reads and all(_probes_an_index(node) for node in reads), plan
-
-
-def test_a_sqlite_store_without_abandoned_attempts_or_summaries_skips_their_lookups_and_reads_an_index(
-    store: SqlStore,
-) -> None:
-    """Each lookup is skipped only when the store holds nothing it could find, told by an index."""
-    if store.engine.dialect.name != "sqlite":
-        pytest.skip("the probes are SQLite's; PostgreSQL reads both lookups ahead of the insert")
-    executed: list[str] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-        executed.append(statement)
-
-    store.export([attempt(1)])
-    sa.event.listen(store.engine, "before_cursor_execute", capture)
-    try:
-        store.export([attempt(2), attempt(3)])  # nothing abandoned, no summary: neither lookup runs
-        quiet = list(executed)
-        executed.clear()
-        store.export([dropped(4, fingerprint="fp")])  # an abandoned attempt lands: it is looked up
-        store.export([attempt(5, logical_request_id="req-4", attempt_number=2, fingerprint="fp")])
-    finally:
-        sa.event.remove(store.engine, "before_cursor_execute", capture)
-    assert not [s for s in quiet if s.lstrip().startswith("SELECT") and "costwatch_attempts" in s]
-    assert not [s for s in quiet if "costwatch_retried_requests" in s]
-    assert [s for s in executed if s.lstrip().startswith("SELECT") and "costwatch_attempts" in s]
-    stored = store.attempt("att-4")
-    assert stored is not None and stored.waste_reason is WasteReason.RETRIED
-    assert_rollups_match_raw_rows(store)
-    with store.engine.connect() as connection:
-        for probe, index in (
-            (store_write._ANY_ABANDONED, "USING INDEX ix_costwatch_attempts_abandoned_fingerprint"),
-            (retried_module._ANY_SUMMARY, "USING COVERING INDEX"),  # the table's key, never its rows
-        ):
-            plan = " ".join(str(row[-1]) for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + probe))
-            assert index in plan, plan
 
 
 def test_a_batch_runs_the_same_statements_whatever_its_size(store: SqlStore) -> None:

@@ -560,20 +560,14 @@ def update_retried_requests(
     if not added:
         return
     statements = _statements_for(connection.dialect.name)
-    before: dict[str, StoredSummary] = {}
-    if stored is not None or _holds_summaries(connection):
-        request_ids = sorted({record.logical_request_id for record in added})
-        if stored is None:
-            before = _places(connection, statements, request_ids)
-        else:
-            before = {request_id: stored[request_id] for request_id in request_ids if request_id in stored}
-    moved = (
-        _deltas(
-            [record for record in added if record.logical_request_id in before],
-            [record for record in removed if record.logical_request_id in before],
-        )
-        if before
-        else []
+    request_ids = sorted({record.logical_request_id for record in added})
+    if stored is None:
+        before = _places(connection, statements, request_ids)
+    else:
+        before = {request_id: stored[request_id] for request_id in request_ids if request_id in stored}
+    moved = _deltas(
+        [record for record in added if record.logical_request_id in before],
+        [record for record in removed if record.logical_request_id in before],
     )
     if moved:
         connection.execute(statements.move, moved)
@@ -595,19 +589,6 @@ def update_retried_requests(
     changed = sorted({row["logical_request_id"] for row in moved} | first_retried)
     if changed:
         _move_alike(connection, statements, before, _places(connection, statements, changed))
-
-
-_ANY_SUMMARY = f"SELECT EXISTS (SELECT 1 FROM {RETRIED_REQUESTS.name})"
-
-
-def _holds_summaries(connection: sa.Connection) -> bool:
-    """Whether the store may hold a summary: on SQLite, whether it holds any (read from the driver,
-    through the table's key; SQLAlchemy's execution would cost more than the read). A store whose
-    requests were never retried holds none, and a batch skips looking up its requests' summaries."""
-    if connection.dialect.name != "sqlite":
-        return True
-    driver: Any = connection.connection.driver_connection
-    return bool(driver.execute(_ANY_SUMMARY).fetchone()[0])
 
 
 _PRICED_ONE_BY_ONE = (

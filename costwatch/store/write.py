@@ -986,23 +986,6 @@ def _abandoned_after_insert(
     return sorted([*kept, *landed_abandoned], key=operator.attrgetter("attempt_id"))
 
 
-_ANY_ABANDONED = (
-    f"SELECT EXISTS (SELECT 1 FROM {ATTEMPTS.name} WHERE waste_reason = '{WasteReason.ABANDONED.value}')"
-)
-
-
-def _holds_abandoned(connection: sa.Connection) -> bool:
-    """Whether the SQLite store holds any abandoned attempt, this batch's included.
-
-    A store holding none (its attempts never failed after billing) has none that a batch's
-    abandoned-attempts lookup could find, and the batch skips that lookup (~17k instructions a
-    record, benchmarks/README.md, writer-cost). Read through the partial index of abandoned
-    attempts, from the driver (SQLAlchemy's execution would cost more than the read).
-    """
-    driver: Any = connection.connection.driver_connection
-    return bool(driver.execute(_ANY_ABANDONED).fetchone()[0])
-
-
 def _retries_matching(
     connection: sa.Connection, abandoned: Sequence[AttemptRecord], window: timedelta
 ) -> list[sa.ColumnElement[bool]]:
@@ -1063,8 +1046,6 @@ def _reclassify_retried(
     if read_ahead is not None:
         abandoned = _abandoned_after_insert(landed, *read_ahead)
     elif connection.dialect.name == "sqlite":
-        if not _holds_abandoned(connection):
-            return [], []
         since = min(record.started_at for record in landed) - window
         request_ids = sorted({record.logical_request_id for record in landed})
         fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
