@@ -129,6 +129,30 @@ def test_a_refresh_reads_only_the_samples_other_processes_stored_since(store_url
         store.shutdown()
 
 
+def test_a_batch_stores_the_characters_of_each_attempts_latest_revision_only(store_url):
+    import dataclasses
+
+    first = sample("revised-without", 700)
+    kept = sample("revised-with", 900)
+    batch = [
+        first,
+        dataclasses.replace(first, revision=1, output_chars={}),  # its latest carries none: no sample
+        dataclasses.replace(kept, output_chars={}),
+        dataclasses.replace(kept, revision=1),
+        sample("plain", 1100, chars=1234),
+    ]
+    store = SqlStore(store_url)
+    try:
+        store.write(batch)
+        rows = store.calibration_samples()
+    finally:
+        store.shutdown()
+    assert sorted((row.output_tokens, dict(row.chars)) for row in rows) == [
+        (900, {"text": 3500}),
+        (1100, {"text": 1234}),
+    ]
+
+
 def test_a_load_reads_the_newest_samples_of_each_model_and_calibrates_as_all_of_them_would(store_url):
     other = "claude-opus-4-6"
     stored = [sample(f"h-{i}", 900 + (i * 37) % 400, 3500, MODEL) for i in range(3 * PER_MODEL)]

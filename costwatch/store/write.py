@@ -1209,6 +1209,45 @@ def insert_calibration_samples(
 ) -> int:
     """Store the output characters of the records that carry them (once per attempt); returns how many
     rows the batch offered."""
+    # Only the attempts some revision of which carries characters can have a row: their latest
+    # revisions are those of all the records, found among far fewer (a few in a batch of hundreds).
+    with_chars = {record.attempt_id for record in records if record.output_chars}
+    if not with_chars:
+        return 0
+    sampled = [
+        record
+        for record in latest_revisions(record for record in records if record.attempt_id in with_chars)
+        if record.output_chars and record.model_name
+    ]
+    if not sampled:
+        return 0
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        # Bound here as SQLAlchemy would bind them (the start time as text, the characters as JSON
+        # text), through the driver: SQLAlchemy's execution of the rows cost the writer more.
+        key = _driver_key(connection.dialect)
+        bulk = _SQLITE_INSERT_SAMPLES.get(key)
+        if bulk is None:
+            tail = "ON CONFLICT (attempt_id) DO NOTHING"
+            bulk = _bulk_insert(CALIBRATION_SAMPLES, _SAMPLE_COLUMNS, connection.dialect, tail)
+            _SQLITE_INSERT_SAMPLES[key] = bulk
+        bulk.run(
+            connection,
+            [
+                (
+                    record.attempt_id,
+                    _sqlite_utc_text(record.started_at),
+                    record.model_name,
+                    None if record.usage.output_estimated else record.usage.output_tokens,
+                    record.output_source.value,
+                    json.dumps(dict(record.output_chars)),
+                    writer,
+                )
+                for record in sampled
+            ],
+            bound=True,
+        )
+        return len(sampled)
     rows = [
         {
             "attempt_id": record.attempt_id,
@@ -1219,12 +1258,8 @@ def insert_calibration_samples(
             "chars": dict(record.output_chars),
             "writer": writer,
         }
-        for record in latest_revisions(records)
-        if record.output_chars and record.model_name
+        for record in sampled
     ]
-    if not rows:
-        return 0
-    dialect = connection.dialect.name
     statement = _INSERT_SAMPLES.get(dialect)
     if statement is None:
         insert = insert_of(dialect)(CALIBRATION_SAMPLES)
@@ -1233,6 +1268,8 @@ def insert_calibration_samples(
     return len(rows)
 
 
+_SAMPLE_COLUMNS = ("attempt_id", "started_at", "model", "output_tokens", "output_source", "chars", "writer")
+_SQLITE_INSERT_SAMPLES: dict[str, _BulkStatement] = {}
 _INSERT_SAMPLES: dict[str, Any] = {}
 """The calibration samples' insert on each backend, built at its first use: a batch binds only its
 rows. A revision of the same attempt (a waste flip, a redelivered batch) carries the same counts, so
