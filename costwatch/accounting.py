@@ -35,7 +35,7 @@ from .records import AttemptRecord, AttemptStart, Cost, Outcome, OutputSource, U
 from .sinks import AttemptListener
 from .stream_meter import BodyMeter
 
-__all__ = ["Accountant", "Attempt", "in_flight", "is_stop", "wanted_headers"]
+__all__ = ["Accountant", "Attempt", "in_flight", "is_stop", "response_headers", "wanted_headers"]
 
 _CANCELLATIONS = (GeneratorExit, KeyboardInterrupt, SystemExit)
 
@@ -94,11 +94,16 @@ class Accountant:
             )
 
     def begin(
-        self, request: Any, owner: object = None, headers: Mapping[bytes, str] | None = None
+        self,
+        request: Any,
+        owner: object = None,
+        headers: Mapping[bytes, str] | None = None,
+        path: str | None = None,
     ) -> Attempt:
         """Open the account of one attempt about to be sent by ``owner``, the thread or task sending it.
 
-        ``headers`` are the request's :func:`wanted_headers`, if the caller read them already.
+        ``headers`` are the request's :func:`wanted_headers` and ``path`` its URL's path, if the caller
+        read them already.
         """
         started_at = datetime.now(timezone.utc)
         started = time.perf_counter()
@@ -107,7 +112,7 @@ class Accountant:
         names = _NO_NAMES  # a route header's name, when there is one (the platforms' requests)
         if not _ROUTE_HEADERS.isdisjoint(wanted):
             names = frozenset(name.decode() for name in _ROUTE_HEADERS if name in wanted)
-        route = route_of(url.host, url.path, names)
+        route = route_of(url.host, url.path if path is None else path, names)
         tracker = self.tracker
         body = request.content
         # Small bodies are hashed at once; a larger one only if a failure of its size may be resent.
@@ -465,13 +470,14 @@ class Attempt:
         except Exception as exc:
             instrumentation_errors.record("settle", exc)
 
-    def on_response(self, response: Any) -> None:
-        """Read the status and headers of the response."""
+    def on_response(self, response: Any) -> dict[bytes, str]:
+        """Read the status and headers of the response; returns its :func:`response_headers`."""
         self.http_status = response.status_code
-        headers = response.headers
-        self.request_id = headers.get("request-id") or headers.get("x-amzn-requestid")
-        content_type = headers.get("content-type", "")
+        headers = response_headers(response.headers)
+        self.request_id = headers.get(b"request-id") or headers.get(b"x-amzn-requestid")
+        content_type = headers.get(b"content-type", "")
         self.stream = content_type.startswith(("text/event-stream", EVENT_STREAM_CONTENT_TYPE))
+        return headers
 
     @property
     def settled(self) -> bool:
@@ -508,7 +514,8 @@ class Attempt:
         outcome = self.outcome_after_body(error)
         # A close, a cancellation, or whatever the reader raised after the application's own stop, is
         # no error of the transport.
-        self.settle(outcome, None if outcome is Outcome.CANCELLED or is_stop(error) else error)
+        stopped = error is None or outcome is Outcome.CANCELLED or is_stop(error)
+        self.settle(outcome, None if stopped else error)
 
     def sdk_failed_reading(self) -> bool:
         """Whether the body was closed early after an event the SDK cannot read: the SDK raised there."""
@@ -620,6 +627,31 @@ def wanted_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[bytes, str]:
         lowered = name.lower()
         if lowered in _WANTED_HEADERS:
             found[lowered] = "" if lowered in _ROUTE_HEADERS else value.decode("latin-1")
+    return found
+
+
+_RESPONSE_HEADERS = frozenset((b"request-id", b"x-amzn-requestid", b"content-type", b"content-encoding"))
+
+
+def response_headers(headers: Any) -> dict[bytes, str]:
+    """The response headers the account and the hooks read, by lower-case name, as httpx's ``get()``
+    gives them (repeated ones joined by ``", "``), in one pass over ``headers.raw``: each ``get()``
+    is a pass of its own, and the hooks read four.
+
+    A value that is not ASCII is left to ``get()``, which decodes by what all the headers fit (ASCII,
+    UTF-8 or Latin-1); an ASCII value reads the same in each.
+    """
+    found: dict[bytes, str] = {}
+    not_ascii: list[bytes] | None = None
+    for name, value in headers.raw:
+        lowered = name.lower()
+        if lowered in _RESPONSE_HEADERS:
+            text = value.decode("latin-1")
+            found[lowered] = found[lowered] + ", " + text if lowered in found else text
+            if not value.isascii():
+                not_ascii = [*(not_ascii or ()), lowered]
+    for lowered in not_ascii or ():
+        found[lowered] = headers.get(lowered.decode())
     return found
 
 

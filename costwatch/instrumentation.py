@@ -200,10 +200,12 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
             try:
                 self._inner.close()
             finally:
-                guarded("body_close", _body_ended, self._attempt, GeneratorExit())
+                if not self._attempt.settled:  # the usual close, after the body's end, finds it settled
+                    guarded("body_close", _body_ended, self._attempt, GeneratorExit())
 
         def __del__(self) -> None:
-            guarded("body_gc", _body_ended, self._attempt, GeneratorExit())
+            if not self._attempt.closing:  # else its close settled the attempt or deferred it
+                guarded("body_gc", _body_ended, self._attempt, GeneratorExit())
 
     class ObservedAsyncStream(module.AsyncByteStream):
         """The async twin of ``ObservedSyncStream``."""
@@ -246,10 +248,12 @@ def _make_stream_classes(module: Any) -> tuple[type, type]:
             try:
                 await self._inner.aclose()
             finally:
-                guarded("body_close", _body_ended, self._attempt, GeneratorExit())
+                if not self._attempt.settled:  # the usual close, after the body's end, finds it settled
+                    guarded("body_close", _body_ended, self._attempt, GeneratorExit())
 
         def __del__(self) -> None:
-            guarded("body_gc", _body_ended, self._attempt, GeneratorExit())
+            if not self._attempt.closing:  # else its close settled the attempt or deferred it
+                guarded("body_gc", _body_ended, self._attempt, GeneratorExit())
 
     return ObservedSyncStream, ObservedAsyncStream
 
@@ -301,9 +305,9 @@ class _Hooks:
         # (class, the original send, our wrapper, whether the class itself defined the original)
         self.originals: list[tuple[type, Callable[..., Any], Callable[..., Any], bool]] = []
 
-    def wants(self, http_client: Any, request: Any) -> dict[bytes, str] | None:
-        """The request's :func:`~costwatch.accounting.wanted_headers` if it is a Messages API call we
-        account for, else ``None``."""
+    def wants(self, http_client: Any, request: Any) -> tuple[dict[bytes, str], str] | None:
+        """The request's :func:`~costwatch.accounting.wanted_headers` and URL path if it is a Messages
+        API call we account for, else ``None``."""
         if not self.active:
             return None
         if request.method != "POST":
@@ -317,9 +321,9 @@ class _Hooks:
         if not first_party_shape:
             # Bedrock and Vertex requests carry the API version in the body instead of a header.
             wanted = b'"anthropic_version"' in request.content
-            return wanted_headers(request.headers.raw) if wanted else None
+            return (wanted_headers(request.headers.raw), path) if wanted else None
         headers = wanted_headers(request.headers.raw)
-        return headers if b"anthropic-version" in headers else None
+        return (headers, path) if b"anthropic-version" in headers else None
 
     def install(self, modules: Iterable[Any]) -> None:
         for module in modules:
@@ -352,10 +356,10 @@ class _Hooks:
 
 def _wrap_sync_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: type) -> Callable[..., Any]:
     def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        headers = hooks.wants(self, request)
-        if headers is None:
+        wanted = hooks.wants(self, request)
+        if wanted is None:
             return original(self, request, *args, **kwargs)
-        attempt = guarded("begin", hooks.accountant.begin, request, None, headers)
+        attempt = guarded("begin", hooks.accountant.begin, request, None, *wanted)
         if attempt is None:
             return original(self, request, *args, **kwargs)
         if attempt.refused is not None:
@@ -375,10 +379,10 @@ def _wrap_sync_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: typ
 
 def _wrap_async_send(hooks: _Hooks, original: Callable[..., Any], stream_cls: type) -> Callable[..., Any]:
     async def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        headers = hooks.wants(self, request)
-        if headers is None:
+        wanted = hooks.wants(self, request)
+        if wanted is None:
             return await original(self, request, *args, **kwargs)
-        attempt = guarded("begin", hooks.accountant.begin, request, _current_task(), headers)
+        attempt = guarded("begin", hooks.accountant.begin, request, _current_task(), *wanted)
         if attempt is None:
             return await original(self, request, *args, **kwargs)
         if attempt.refused is not None:
@@ -436,7 +440,7 @@ def _settle_without_response(attempt: Attempt, error: BaseException) -> None:
 
 
 def _observe_response(attempt: Attempt, response: Any, stream_cls: type) -> None:
-    attempt.on_response(response)
+    headers = attempt.on_response(response)
     if response.is_stream_consumed:
         # send(stream=False) already read (and decoded) the whole body.
         if attempt.stream:  # an event stream read whole
@@ -448,12 +452,12 @@ def _observe_response(attempt: Attempt, response: Any, stream_cls: type) -> None
         if parsed is not None:
             _hand_over(response, parsed)
         return
-    if response.headers.get("content-type", "").startswith(EVENT_STREAM_CONTENT_TYPE):
+    if headers.get(b"content-type", "").startswith(EVENT_STREAM_CONTENT_TYPE):
         attempt.meter = EventStreamMeter(clock=time.perf_counter)  # Bedrock's binary framing
     else:
         meter = attempt.meter = BodyMeter(
             stream=attempt.stream,
-            content_encoding=response.headers.get("content-encoding"),
+            content_encoding=headers.get(b"content-encoding"),
             clock=time.perf_counter,
         )
         if attempt.count_target is not None and attempt.stream:

@@ -680,3 +680,26 @@ def test_a_listener_that_is_not_listening_when_an_attempt_is_sent_is_told_of_nei
         pipeline.shutdown()
     assert sometimes.told == ["started", "finished"] * 2
     assert always.told == ["started", "finished"] * 3
+
+
+@pytest.mark.sdk
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [],
+        [(b"Content-Type", b"application/json"), (b"Request-Id", b"req_1"), (b"Server", b"x")],
+        [(b"x-amzn-RequestId", b"amzn-1"), (b"content-encoding", b"gzip")],
+        [(b"request-id", b""), (b"x-amzn-requestid", b"amzn-2")],
+        [(b"content-encoding", b"gzip"), (b"CONTENT-ENCODING", b"br"), (b"content-type", b"text/plain")],
+        [(b"request-id", "r\u00e9q".encode()), (b"content-type", b"application/json")],
+        [(b"request-id", "r\u00e9q".encode("latin-1")), (b"request-id", b"second")],
+        [(b"request-id", b"first"), (b"request-id", "\u00e9".encode()), (b"Server", b"\xe9")],
+    ],
+)
+def test_the_response_headers_read_in_one_pass_are_what_httpx_get_gives(raw):
+    from costwatch.accounting import response_headers
+
+    headers = HTTP_MODULE.Headers(raw)
+    found = response_headers(headers)
+    for name in ("request-id", "x-amzn-requestid", "content-type", "content-encoding"):
+        assert found.get(name.encode()) == HTTP_MODULE.Headers(raw).get(name)
