@@ -642,15 +642,15 @@ def response_headers(headers: Any) -> dict[bytes, str]:
     UTF-8 or Latin-1); an ASCII value reads the same in each.
     """
     found: dict[bytes, str] = {}
-    not_ascii: list[bytes] | None = None
+    not_ascii: list[bytes] = []
     for name, value in headers.raw:
         lowered = name.lower()
         if lowered in _RESPONSE_HEADERS:
             text = value.decode("latin-1")
             found[lowered] = found[lowered] + ", " + text if lowered in found else text
             if not value.isascii():
-                not_ascii = [*(not_ascii or ()), lowered]
-    for lowered in not_ascii or ():
+                not_ascii.append(lowered)
+    for lowered in not_ascii:
         found[lowered] = headers.get(lowered.decode())
     return found
 
