@@ -730,7 +730,9 @@ def test_a_stored_duration_no_interval_can_hold_fails_no_later_batch(
         store.shutdown()
 
 
-def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them(store: SqlStore) -> None:
+def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every lookup of a batch (stored ids, abandoned attempts, their retries) probes an index."""
     store.export([dropped(n, fingerprint=f"fp-{n}") for n in range(1, 2001)])  # many abandoned rows
     store.export([attempt(n) for n in range(2001, 3001)])
@@ -740,6 +742,14 @@ def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them
         if statement.lstrip().startswith("SELECT") and "costwatch_attempts" in statement:
             lookups.append((statement, params))
 
+    # The lookups the writer sends to the driver itself (compiled once) pass no SQLAlchemy event.
+    send = store_write._DriverQuery.send
+
+    def sent(query: Any, cursor: Any, values: dict[str, Any]) -> None:
+        capture(None, cursor, query.sql, query.parameters(values), None, False)
+        send(query, cursor, values)
+
+    monkeypatch.setattr(store_write._DriverQuery, "send", sent)
     sa.event.listen(store.engine, "before_cursor_execute", capture)
     try:
         # New attempts, abandoned ones among them, sharing requests and fingerprints with stored ones,
