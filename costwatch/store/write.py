@@ -561,10 +561,8 @@ class _SqliteLookups:
     stored: sa.Select[Any]
     """The stored attempts among ``ids`` (a JSON array)."""
     landed: _DriverQuery
-    """What a batch's landed attempts look up once stored, in one statement: the stored abandoned
-    attempts of ``request_ids``, or of ``fingerprints`` that ended at or after ``since``
-    (:func:`_abandoned_matching`), then the stored summaries of ``request_ids`` (their columns named
-    ``summary_*``, NULL in the attempts' rows, whose columns are NULL in theirs)."""
+    """What a batch's landed attempts look up once stored, in one statement
+    (:func:`_sqlite_landed_query`)."""
 
 
 _SUMMARY = "summary_"
@@ -577,26 +575,49 @@ _lookups: dict[str, _SqliteLookups] = {}
 def _sqlite_lookups(connection: sa.Connection) -> _SqliteLookups:
     found = _lookups.get(connection.dialect.name)
     if found is None:
-        listed = functools.partial(sa.bindparam, type_=sa.String())
-        request_ids = listed("request_ids")
-        matching = _abandoned_matching(
-            connection,
-            request_ids,
-            listed("fingerprints"),
-            sa.bindparam("since", type_=ATTEMPTS.c.started_at.type),
-        )
-        summary = [RETRIED_REQUESTS.c[name] for name in StoredSummary._fields]
-        abandoned = sa.select(
-            ATTEMPTS, *(sa.type_coerce(sa.null(), c.type).label(_SUMMARY + c.name) for c in summary)
-        ).where(sa.or_(*matching))
-        summaries = sa.select(*(sa.null() for _ in ATTEMPTS.c), *summary).where(
-            _among(connection, RETRIED_REQUESTS.c.logical_request_id, request_ids)
-        )
+        ids = sa.bindparam("ids", type_=sa.String())
         found = _lookups[connection.dialect.name] = _SqliteLookups(
-            stored=sa.select(ATTEMPTS).where(_among(connection, ATTEMPTS.c.attempt_id, listed("ids"))),
-            landed=_DriverQuery.of(sa.union_all(abandoned, summaries), connection.dialect),
+            stored=sa.select(ATTEMPTS).where(_among(connection, ATTEMPTS.c.attempt_id, ids)),
+            landed=_DriverQuery.of(_sqlite_landed_query(connection), connection.dialect),
         )
     return found
+
+
+def _sqlite_landed_query(connection: sa.Connection) -> sa.CompoundSelect:
+    """The stored abandoned attempts of the logical requests ``request_ids``, then those of the
+    ``fingerprints`` that ended at or after ``since``, then the stored summaries of ``request_ids``
+    (their columns named ``summary_*``, NULL in the attempts' rows, whose columns are NULL in theirs).
+
+    Each part walks its JSON array of keys and probes one index by each (the logical requests',
+    ``ix_costwatch_attempts_abandoned_fingerprint``: a partial index on abandoned rows, so the
+    query states its condition as a literal; the summaries' key): a key in a list of several is
+    an ``IN`` that SQLite first copies into an index of its own, which cost as much again.
+    ``tests/test_store_writes.py`` checks that each part probes its index. An attempt found by
+    both its request and its fingerprint comes twice. PostgreSQL reads them otherwise:
+    :func:`_postgres_abandoned`, :func:`~costwatch.store.retried.stored_summaries_query`.
+    """
+    listed = functools.partial(sa.bindparam, type_=sa.String())
+    request_ids = listed("request_ids")
+
+    def keyed(keys: sa.BindParameter[str], column: sa.Column[Any]) -> sa.Join:
+        each = sa.func.json_each(keys).table_valued("value")
+        return each.join(column.table, column == each.c.value)
+
+    abandoned = (ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True))
+    summary = [RETRIED_REQUESTS.c[name] for name in StoredSummary._fields]
+    no_summary = [sa.type_coerce(sa.null(), c.type).label(_SUMMARY + c.name) for c in summary]
+    since = sa.bindparam("since", type_=ATTEMPTS.c.started_at.type)
+    return sa.union_all(
+        sa.select(ATTEMPTS, *no_summary)
+        .select_from(keyed(request_ids, ATTEMPTS.c.logical_request_id))
+        .where(*abandoned),
+        sa.select(ATTEMPTS, *no_summary)
+        .select_from(keyed(listed("fingerprints"), ATTEMPTS.c.fingerprint))
+        .where(*abandoned, _ended_since(connection, since)),
+        sa.select(*(sa.null() for _ in ATTEMPTS.c), *summary).select_from(
+            keyed(request_ids, RETRIED_REQUESTS.c.logical_request_id)
+        ),
+    )
 
 
 def _sqlite_landed_lookup(
@@ -614,15 +635,16 @@ def _sqlite_landed_lookup(
         connection,
         {"request_ids": _listed(request_ids), "fingerprints": _listed(fingerprints), "since": since},
     )
-    abandoned: list[AttemptRecord] = []
+    abandoned: dict[str, AttemptRecord] = {}
     summaries: dict[str, StoredSummary] = {}
     for row in rows:
         if row[_SUMMARY + "logical_request_id"] is None:
-            abandoned.append(record_from_row(row))
+            if row["attempt_id"] not in abandoned:  # found by its request and by its fingerprint
+                abandoned[row["attempt_id"]] = record_from_row(row)
         else:
             summary = StoredSummary._make(row[name] for name in _SUMMARY_COLUMNS)
             summaries[summary.logical_request_id] = summary
-    return abandoned, summaries
+    return list(abandoned.values()), summaries
 
 
 def prepare_statements(connection: sa.Connection) -> None:
@@ -803,27 +825,6 @@ def _ended_since(
 
 _ABANDONED: sa.ColumnElement[str] = sa.literal_column(f"'{WasteReason.ABANDONED.value}'")
 """``'abandoned'`` as a literal: a partial index is used only when the query states its condition."""
-
-
-def _abandoned_matching(
-    connection: sa.Connection,
-    request_ids: sa.BindParameter[str],
-    fingerprints: sa.BindParameter[str],
-    since: sa.BindParameter[datetime],
-) -> list[sa.ColumnElement[bool]]:
-    """On SQLite, which stored abandoned attempts a batch of ``request_ids`` and ``fingerprints``
-    (named parameters: see :func:`_sqlite_lookups`) may be the retries of: one condition per index.
-
-    Those of the same logical request (``ix_costwatch_attempts_logical_request_id``), and those of
-    the same fingerprint that ended at or after ``since`` (``ix_costwatch_attempts_abandoned_fingerprint``,
-    a partial index on abandoned rows: the query states its condition as a literal, or the planner
-    cannot use it). ``tests/test_store_writes.py`` checks that both branches probe their index.
-    PostgreSQL reads them otherwise: :func:`_postgres_abandoned`.
-    """
-    abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True))
-    by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), abandoned)
-    in_fingerprints = _among(connection, ATTEMPTS.c.fingerprint, fingerprints)
-    return [by_request, sa.and_(in_fingerprints, abandoned, _ended_since(connection, since))]
 
 
 def _postgres_text_array(values: Sequence[str]) -> str:
