@@ -16,9 +16,9 @@ fingerprint):
 * ``overloaded`` non-streaming creates answered 529 once, then retried by the SDK (two attempts, a
   summary each).
 
-The default (480 attempts, 32 abandoned, 64 retried requests) is a day of a small application's
-traffic with a bad hour of drops in it; the lookups' cost grows with the indexes' depth, not their
-rows, so a store ten times larger reads much the same (benchmarks/README.md).
+The default (480 attempts, 32 abandoned, 64 retried requests) is a day of a small application
+with one bad hour of drops: it fills every index a batch's lookups probe, whose cost grows with an
+index's depth rather than its rows (benchmarks/README.md, "writer-lookups (tenth session)").
 """
 
 from __future__ import annotations
@@ -46,21 +46,6 @@ class StoreHistory:
     resent: int = 48
     overloaded: int = 16
 
-    @property
-    def attempts(self) -> int:
-        """The attempts the history stores."""
-        return self.completed + self.dropped + self.resent + 2 * self.overloaded
-
-    @property
-    def abandoned(self) -> int:
-        """The abandoned attempts it leaves."""
-        return self.dropped - self.resent
-
-    @property
-    def retried_requests(self) -> int:
-        """The retried requests (summaries) it leaves."""
-        return self.resent + self.overloaded
-
 
 HISTORY = StoreHistory()
 
@@ -68,8 +53,8 @@ HISTORY = StoreHistory()
 def write_store_history(
     directory: str | Path, env: Mapping[str, str], history: StoreHistory = HISTORY
 ) -> float:
-    """Give the default store in ``directory`` :data:`HISTORY` (in a child process, with ``env``);
-    returns the seconds it took."""
+    """Give the default store in ``directory`` the failure ``history`` (in a child process run with
+    ``env``); returns the seconds it took."""
     started = time.perf_counter()
     counts = (history.completed, history.dropped, history.resent, history.overloaded)
     subprocess.run(
