@@ -112,7 +112,7 @@ class Accountant:
         names = _NO_NAMES  # a route header's name, when there is one (the platforms' requests)
         if not _ROUTE_HEADERS.isdisjoint(wanted):
             names = frozenset(name.decode() for name in _ROUTE_HEADERS if name in wanted)
-        route = route_of(url.host, url.path if path is None else path, names)
+        route = _route(url.host, url.path if path is None else path, names)
         tracker = self.tracker
         body = request.content
         # Small bodies are hashed at once; a larger one only if a failure of its size may be resent.
@@ -609,6 +609,10 @@ def _requested_model(body: bytes) -> str:
             return match.group(1).decode("utf-8", "replace")
         end = at
 
+
+_route = functools.lru_cache(maxsize=256)(route_of)
+""":func:`~costwatch.platforms.route_of` worked out once per host, path and route header: a process
+sends its requests to a few (a Bedrock path names the model)."""
 
 _ROUTE_HEADERS = frozenset((b"api-key", b"x-amz-date"))
 """Headers whose presence (never their value: one is an API key) tells a platform apart

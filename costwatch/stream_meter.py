@@ -35,6 +35,9 @@ instructions a check against ~0.6 k, and a body's meter makes several)."""
 
 CHAR_KEYS = (*CONTENT_TYPES, "cjk", "symbol", "space")
 """The keys of :attr:`BodyMeter.chars`."""
+_ZERO_CHARS = dict.fromkeys(CHAR_KEYS, 0)
+"""Every key of :attr:`BodyMeter.chars` at zero: each meter starts from a copy (a dict's copy is a
+fraction of what building it from the keys costs)."""
 
 # Which content type a block's deltas count toward, by the block's type. Blocks not listed (tool
 # results, documents, redacted thinking) carry no output text that the client sees as deltas.
@@ -191,7 +194,7 @@ class BodyMeter:
         self._decompressor = _decompressor(content_encoding) if content_encoding else None
         self.now = clock
         self.usage = ReportedUsage()
-        self._chars = dict.fromkeys(CHAR_KEYS, 0)
+        self._chars = _ZERO_CHARS.copy()
         self._blocks: list[Any] | None = None
         self.events = 0
         self.malformed_events = 0
@@ -563,7 +566,18 @@ _COMPACT_DELTA = re.compile(
 )
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _COMPACT_DELTA_TYPES = {name.encode(): kind for name, kind in _DELTA_CONTENT_TYPE.items()}
-_decode_json = json.JSONDecoder().decode  # skips json.loads' per-call type and encoding checks
+_DECODER = json.JSONDecoder()
+
+
+def _decode_json(text: str) -> Any:
+    """``json.loads(text)``. The API's JSON has no whitespace around it, which ``raw_decode`` alone
+    reads (``loads`` also looks for a bytes' encoding, and for whitespace before and after with a
+    regex, twice); text it does not read whole goes to ``loads``, for its result or its error."""
+    try:
+        parsed, end = _DECODER.raw_decode(text)
+    except ValueError:
+        return json.loads(text)
+    return parsed if end == len(text) else json.loads(text)
 
 
 def _decode_body(body: bytes) -> Any:

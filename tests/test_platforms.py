@@ -324,6 +324,25 @@ def test_platform_attempts_are_recorded_under_the_canonical_model(accounting):
     ] * 2
 
 
+def test_requests_to_one_host_and_path_are_told_apart_by_their_route_headers_each_time(accounting):
+    # The route is worked out once per host, path and route header: Foundry's `api-key` and Mantle's
+    # SigV4 `x-amz-date` still tell a request apart from the first-party one sent before and after it.
+    with FakeAnthropicServer() as server:
+        clients = _clients(server.base_url)
+        first_party = lambda **kw: anthropic.Anthropic(  # noqa: E731
+            base_url=server.base_url + "/anthropic", api_key="sk-ant-test-key", **kw
+        )
+        for make in (first_party, clients[FOUNDRY][0], first_party, clients[MANTLE][0], first_party):
+            with make(max_retries=0) as client:
+                client.messages.create(
+                    model="claude-haiku-4-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+                )
+        paths = {entry.path for entry in server.ledger.entries}
+        records = accounting.records()
+    assert paths == {"/anthropic/v1/messages"}
+    assert [r.platform for r in records] == ["anthropic", FOUNDRY, "anthropic", BEDROCK, "anthropic"]
+
+
 # -- the platform dimension: records, store, metrics ---------------------------------------------------
 def test_the_platform_reaches_the_record_the_store_and_the_metrics(store_url):
     from prometheus_client import CollectorRegistry

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from costwatch.estimation import count_scripts
-from costwatch.stream_meter import BodyMeter
+from costwatch.stream_meter import CHAR_KEYS, BodyMeter
 
 
 def sse(event: str, data: dict) -> bytes:
@@ -347,3 +347,53 @@ def test_counts_that_are_bools_negative_or_not_whole_numbers_keep_their_value():
     usage = {"input_tokens": True, "output_tokens": -1, "cache_read_input_tokens": 2.0}
     meter.take_json(json.dumps({"type": "message", "content": [], "usage": usage}).encode())
     assert (meter.usage.input_tokens, meter.usage.output_tokens, meter.usage.cache_read_tokens) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"message","id":"m"}',
+        ' {"type":"message","id":"m"}\n',
+        '\t{"type": "message", "id": "m"} \r\n',
+    ],
+)
+def test_a_json_body_with_or_without_whitespace_around_it_is_read_as_json_loads_reads_it(text):
+    meter = BodyMeter(stream=False)
+    meter.take_json(text.encode())
+    assert meter.complete and meter.message_id == "m" and meter.take_parsed() == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ['{"type":"message"} {"type":"message"}', '{"type":"message"', "", " "])
+def test_a_json_body_json_loads_refuses_is_malformed_and_not_complete(text):
+    with pytest.raises(ValueError):
+        json.loads(text)
+    meter = BodyMeter(stream=False)
+    meter.take_json(text.encode())
+    assert meter.malformed_events == 1 and not meter.complete and meter.take_parsed() is None
+
+
+def test_an_events_json_is_read_as_json_loads_reads_it_whitespace_around_it_or_not():
+    meter = BodyMeter(stream=True)
+    meter.feed(MESSAGE_START)
+    data = b'{"type": "message_delta", "delta": {}, "usage": {"output_tokens": 7}}'
+    meter.feed(b"event: message_delta\ndata:  " + data + b" \n\n")
+    meter.feed(b'event: message_stop\ndata: {"type":"message_stop"}\t\n\n')
+    assert meter.usage.output_tokens == 7 and meter.complete and meter.malformed_events == 0
+    trailing = BodyMeter(stream=True)
+    trailing.feed(MESSAGE_START)
+    trailing.feed(b'event: message_stop\ndata: {"type":"message_stop"} {}\n\n')  # json.loads: "Extra data"
+    assert (
+        trailing.malformed_events == 1 and trailing.unreadable == "JSONDecodeError" and not trailing.complete
+    )
+
+
+def test_each_meter_counts_characters_of_its_own_from_zero():
+    counted = BodyMeter(stream=True)
+    for chunk in full_stream():
+        counted.feed(chunk)
+    assert counted.chars["text"] > 0 and counted.chars["thinking"] > 0
+    fresh = BodyMeter(stream=True)
+    assert fresh.chars == dict.fromkeys(CHAR_KEYS, 0)
+    fresh.feed(MESSAGE_START)
+    fresh.feed(delta(0, "text_delta", "text", "abc"))
+    assert fresh.chars["text"] == 3 and BodyMeter(stream=False).chars == dict.fromkeys(CHAR_KEYS, 0)
