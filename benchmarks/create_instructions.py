@@ -7,8 +7,9 @@ switching counting on (``callgrind_control -i on``), making ``creates`` more (du
 thread, and anything else running meanwhile) and flushing what the variant holds (dump 2: the
 writer's batch). ``COSTWATCH_FLUSH_INTERVAL`` is set high, so the writer wakes only for the
 flush and the records are one batch, one transaction, as ~100 creates are within a default
-1 s wake outside valgrind. The costwatch processes use a database that an untimed process created
-and migrated first.
+1 s wake outside valgrind. The costwatch processes use a database that an untimed process created,
+migrated and gave a user's failure history (``store_history.py``: abandoned attempts, retried
+requests).
 
 Prints a table: instructions per create in each phase and all in, and beyond the SDK alone. Run::
 
@@ -16,6 +17,8 @@ Prints a table: instructions per create in each phase and all in, and beyond the
 
 ``--keep`` leaves the callgrind files in ``DIR`` for ``callgrind_annotate``. ``--variant`` may be
 given several times (``none``, ``costwatch``, ``costwatch, no sinks``: the caller's side alone).
+``--fresh-store`` runs on a store created and migrated only, without the history (as before the
+tenth session), to compare the two.
 """
 
 from __future__ import annotations
@@ -76,11 +79,13 @@ def _child(variant: str, url: str, warmup: int, creates: int) -> None:
 
 
 def measure_create_instructions(
-    variants: Sequence[str], *, creates: int, warmup: int, keep: Path | None = None
+    variants: Sequence[str], *, creates: int, warmup: int, keep: Path | None = None, history: bool = True
 ) -> dict[str, dict[str, int]]:
-    """Instructions of each phase (``creates``, ``flush``) for each variant, from one process each."""
+    """Instructions of each phase (``creates``, ``flush``) for each variant, from one process each;
+    ``history``: on a store with a user's failure history (else a fresh one)."""
     from fake_api_process import fake_api_in_subprocess
     from measure import callgrind_dumps, callgrind_run
+    from store_history import write_store_history
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "PYTHONHASHSEED": "0"}
     env.pop("COSTWATCH_DATABASE_URL", None)
@@ -91,8 +96,11 @@ def measure_create_instructions(
         out.mkdir(parents=True, exist_ok=True)
         me = str(Path(__file__).resolve())
         # Untimed: creates and migrates the database the counted processes then find.
-        prepare = [sys.executable, me, "--child", "costwatch", url, "1", "0"]
-        subprocess.run(prepare, cwd=home, env=env, check=True, capture_output=True)
+        if history:
+            write_store_history(home, env)
+        else:
+            prepare = [sys.executable, me, "--child", "costwatch", url, "1", "0"]
+            subprocess.run(prepare, cwd=home, env=env, check=True, capture_output=True)
         for variant in variants:
             stem = "callgrind." + variant.replace(",", "").replace(" ", "-")
             child = [sys.executable, me, "--child", variant, url, str(warmup), str(creates)]
@@ -131,6 +139,7 @@ def _main(argv: Sequence[str]) -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--variant", action="append", choices=VARIANTS)
     parser.add_argument("--keep", type=Path, help="leave the callgrind files here")
+    parser.add_argument("--fresh-store", action="store_true", help="a store without failure history")
     args = parser.parse_args(argv)
     if args.child:
         variant, url, warmup, creates = args.child
@@ -140,7 +149,9 @@ def _main(argv: Sequence[str]) -> None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     variants = args.variant or ["none", "costwatch"]
-    results = measure_create_instructions(variants, creates=args.creates, warmup=args.warmup, keep=args.keep)
+    results = measure_create_instructions(
+        variants, creates=args.creates, warmup=args.warmup, keep=args.keep, history=not args.fresh_store
+    )
     print(json.dumps(results))
     print(_table(results, args.creates))
 

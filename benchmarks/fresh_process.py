@@ -26,7 +26,8 @@ final flush of what the variant still holds, minus ``none``'s, per call; the con
 from ``none`` the same way is the run's noise, and a difference within it has no verdict
 (:func:`create_verdict`). The costwatch processes
 share one working directory whose database a first, untimed process created and migrated, as the
-runs of a deployed application do; a separate row gives that first ``instrument()`` (new database),
+runs of a deployed application do, and a second gave a user's failure history (``store_history.py``:
+abandoned attempts, retried requests); a separate row gives that first ``instrument()`` (new database),
 and another ``instrument()`` on a store that already holds the fleet's calibration (5,000 samples of
 completed streams), which it reads before it returns.
 
@@ -58,7 +59,10 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from store_history import StoreHistory
 
 __all__ = [
     "BELOW_NOISE",
@@ -508,15 +512,18 @@ def measure_fresh_process(
     creates: int = 100,
     peers: bool = True,
     calibration_samples: int = 5_000,
+    history: StoreHistory | None = None,
     log: Callable[[str], None],
 ) -> list[Any]:
     """Rows for every variant: loop wall and CPU ratios, install time, CPU per non-streaming create.
 
     ``pairs`` rounds of one fresh process per variant, then ``paired`` fresh processes (``pairs`` if
-    None) of the paired rows.
+    None) of the paired rows. ``history``: the failure history their store is given first
+    (:data:`store_history.HISTORY` if None).
     """
     from fake_api_process import fake_api_in_subprocess
     from measure import Measurement
+    from store_history import HISTORY, write_store_history
 
     variants = available_variants(peers=peers)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
@@ -527,6 +534,9 @@ def measure_fresh_process(
         # which every timed costwatch process then finds, as the runs of a deployed application do.
         app_dir = home
         first = _run_child(COSTWATCH, url, streams=1, events=events, creates=1, cwd=app_dir, env=env)
+        # Untimed: the failure history a user's store holds (abandoned attempts, retried requests).
+        history_s = write_store_history(app_dir, env, history or HISTORY)
+        log(f"  the store's failure history written in {history_s:.1f} s")
         for round_number in range(pairs):
             shift = round_number % len(variants)
             for name in variants[shift:] + variants[:shift]:

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from measure import Measurement, environment, markdown_table
+from store_history import HISTORY, StoreHistory
 
 __all__ = ["PRESETS", "Sizes", "main", "run_benchmarks"]
 
@@ -69,6 +70,8 @@ class Sizes:
     costwatch always run)."""
     fresh_calibration_samples: int = 5_000
     """Calibration samples in the store of the install-call row on a calibrated store."""
+    fresh_history: StoreHistory = HISTORY
+    """The failure history the fresh processes' store is given first (``store_history.py``)."""
     huge_event_mb: tuple[int, ...] = (4, 16)
     huge_event_repeats: int = 3
     sigkill_runs: int = 5
@@ -139,6 +142,7 @@ PRESETS = {
         fresh_creates=2,
         fresh_peers=False,
         fresh_calibration_samples=200,
+        fresh_history=StoreHistory(completed=4, dropped=4, resent=2, overloaded=2),
         huge_event_mb=(1, 2),
         huge_event_repeats=1,
         sigkill_runs=1,
@@ -186,6 +190,7 @@ def run_benchmarks(
                 creates=sizes.fresh_creates,
                 peers=sizes.fresh_peers,
                 calibration_samples=sizes.fresh_calibration_samples,
+                history=sizes.fresh_history,
                 log=log,
             )
         )

@@ -284,21 +284,39 @@ def test_hostile_workflow_tags_give_parseable_bounded_metric_labels() -> None:
     assert all(len(value) <= WORKFLOW_LABEL_LENGTH for value in workflows)
 
 
-def test_storable_keeps_unprintable_text_it_can_store_and_replaces_only_controls_and_surrogates() -> None:
-    # Not printable, yet storable (the quick all-printable check must fall back to the search):
-    # a no-break space, a line separator, a private-use character; beside them, a C1 control.
-    storable_text = "a\u00a0b\u2028c\ue000d ✓"
-    record = AttemptRecord(
+def _named(model_requested: str, tags: dict[str, str] | None = None) -> AttemptRecord:
+    """A bare completed attempt whose texts the test chooses."""
+    return AttemptRecord(
         attempt_id="a1",
         logical_request_id="r1",
         attempt_number=1,
         started_at=datetime.now(timezone.utc),
         outcome=Outcome.COMPLETED,
-        model_requested=storable_text,
-        tags={"workflow": storable_text},
+        model_requested=model_requested,
+        tags=tags or {},
     )
+
+
+def test_storable_keeps_unprintable_text_it_can_store_and_replaces_only_controls_and_surrogates() -> None:
+    # Not printable, yet storable (the quick all-printable check must fall back to the search):
+    # a no-break space, a line separator, a private-use character; beside them, a C1 control.
+    storable_text = "a\u00a0b\u2028c\ue000d ✓"
+    record = _named(storable_text, {"workflow": storable_text})
     assert storable(record) is record
     dirty = dataclasses.replace(record, model_requested=storable_text + "\x85", tags={"w": "\ud800x"})
     cleaned = storable(dirty)
     assert cleaned.model_requested == storable_text + "\ufffd"
     assert dict(cleaned.tags) == {"w": "\ufffdx"}
+
+
+@pytest.mark.parametrize("where", ["model_requested", "tag"])
+def test_storable_replaces_exactly_the_controls_in_ascii_text(where: str) -> None:
+    """Of the ASCII characters only the C0 controls and DEL are replaced."""
+    for code in range(128):
+        text = f"claude-{chr(code)}-x"
+        record = _named("claude-x", {"workflow": text}) if where == "tag" else _named(text)
+        cleaned = storable(record)
+        control = code < 0x20 or code == 0x7F
+        assert (cleaned is not record) == control, code
+        kept = cleaned.tags["workflow"] if where == "tag" else cleaned.model_requested
+        assert kept == ("claude-\ufffd-x" if control else text), code

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ from costwatch.store.rows import (
     rollup_measures,
 )
 from costwatch.store.schema import ATTEMPTS, ROLLUPS
-from costwatch.store.write import _attempt_rows, _lock_keys, _sqlite_utc_text
+from costwatch.store.write import _attempt_rows, _listed, _lock_keys, _sqlite_utc_text
 
 
 @pytest.fixture
@@ -730,7 +731,9 @@ def test_a_stored_duration_no_interval_can_hold_fails_no_later_batch(
         store.shutdown()
 
 
-def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them(store: SqlStore) -> None:
+def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every lookup of a batch (stored ids, abandoned attempts, their retries) probes an index."""
     store.export([dropped(n, fingerprint=f"fp-{n}") for n in range(1, 2001)])  # many abandoned rows
     store.export([attempt(n) for n in range(2001, 3001)])
@@ -740,6 +743,14 @@ def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them
         if statement.lstrip().startswith("SELECT") and "costwatch_attempts" in statement:
             lookups.append((statement, params))
 
+    # The lookups the writer sends to the driver itself (compiled once) pass no SQLAlchemy event.
+    send = store_write._DriverQuery.send
+
+    def sent(query: Any, cursor: Any, values: dict[str, Any]) -> None:
+        capture(None, cursor, query.sql, query.parameters(values), None, False)
+        send(query, cursor, values)
+
+    monkeypatch.setattr(store_write._DriverQuery, "send", sent)
     sa.event.listen(store.engine, "before_cursor_execute", capture)
     try:
         # New attempts, abandoned ones among them, sharing requests and fingerprints with stored ones,
@@ -787,6 +798,22 @@ def test_the_writer_finds_attempts_by_key_through_indexes_never_by_scanning_them
                 assert reads and all(_reads_abandoned_only(connection, node) for node in reads), plan
             else:
                 assert reads and all(_probes_an_index(node) for node in reads), plan
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        [],
+        ["0192f3a4b5c6d7e8f90a1b2c3d4e5f60", "5d41402abc4b2a76b9719d911017c592"],
+        ["job-42", "tenant:7/job 8", "x\x7f"],
+        ['say "hi"', "back\\slash", "tab\there", "bell\x07"],
+        ["café", "東京", "\ud800"],
+    ],
+)
+def test_the_keys_a_lookup_binds_are_the_json_array_json_dumps_writes(keys: list[str]) -> None:
+    """Hex ids are joined as they are; any key JSON escapes sends the list through ``json.dumps``."""
+    assert _listed(keys) == json.dumps(keys)
+    assert json.loads(_listed(keys)) == keys
 
 
 def test_a_batch_runs_the_same_statements_whatever_its_size(store: SqlStore) -> None:

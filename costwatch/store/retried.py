@@ -560,11 +560,14 @@ def update_retried_requests(
     if not added:
         return
     statements = _statements_for(connection.dialect.name)
-    request_ids = sorted({record.logical_request_id for record in added})
     if stored is None:
-        before = _places(connection, statements, request_ids)
+        before = _places(connection, statements, sorted({record.logical_request_id for record in added}))
     else:
-        before = {request_id: stored[request_id] for request_id in request_ids if request_id in stored}
+        before = {
+            record.logical_request_id: stored[record.logical_request_id]
+            for record in added
+            if record.logical_request_id in stored
+        }
     moved = _deltas(
         [record for record in added if record.logical_request_id in before],
         [record for record in removed if record.logical_request_id in before],

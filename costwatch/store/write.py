@@ -60,6 +60,7 @@ from .schema import (
     ALL_TIME_ROLLUPS,
     ATTEMPTS,
     CALIBRATION_SAMPLES,
+    RETRIED_REQUESTS,
     ROLLUP_DIMENSIONS,
     ROLLUP_MEASURES,
     ROLLUPS,
@@ -535,13 +536,23 @@ def _records(result: sa.CursorResult[Any]) -> list[AttemptRecord]:
 
 
 def _listed(values: Sequence[str]) -> str:
-    """``values`` as the JSON array that :func:`_among` reads them from."""
-    return json.dumps(list(values))
+    """``values`` as the JSON array that :func:`_among` reads them from (the text ``json.dumps`` writes)."""
+    # Ids and fingerprints are hex digits, which JSON holds as they are: joined, unless a value has a
+    # character JSON escapes (json.dumps escapes character by character, ~45 instructions each).
+    plain = "".join(values)
+    if not plain.isascii() or plain.encode().translate(None, _AS_THEY_ARE):
+        return json.dumps(list(values))
+    return '["' + '", "'.join(values) + '"]' if values else "[]"
+
+
+_AS_THEY_ARE = bytes(range(0x20, 0x7F)).replace(b'"', b"").replace(b"\\", b"")
+"""The characters a JSON string holds unescaped that :func:`_listed` joins as they are: printable
+ASCII but the quote and the backslash."""
 
 
 @dataclass(frozen=True)
 class _SqliteLookups:
-    """The two lookups of every batch on SQLite, built once with named parameters.
+    """The lookups of a batch on SQLite, built once with named parameters.
 
     A batch then only binds its values: SQLAlchemy neither builds nor keys a statement per batch, which
     cost more than running both (a non-streaming call's batch is a few records).
@@ -549,10 +560,14 @@ class _SqliteLookups:
 
     stored: sa.Select[Any]
     """The stored attempts among ``ids`` (a JSON array)."""
-    abandoned: sa.Select[Any]
-    """The stored abandoned attempts of ``request_ids``, or of ``fingerprints`` that ended at or after
-    ``since`` (:func:`_abandoned_matching`)."""
+    landed: _DriverQuery
+    """What a batch's landed attempts look up once stored, in one statement
+    (:func:`_sqlite_landed_query`)."""
 
+
+_SUMMARY = "summary_"
+"""The prefix of the summaries' columns in :attr:`_SqliteLookups.landed`."""
+_SUMMARY_COLUMNS = tuple(_SUMMARY + name for name in StoredSummary._fields)
 
 _lookups: dict[str, _SqliteLookups] = {}
 
@@ -560,18 +575,76 @@ _lookups: dict[str, _SqliteLookups] = {}
 def _sqlite_lookups(connection: sa.Connection) -> _SqliteLookups:
     found = _lookups.get(connection.dialect.name)
     if found is None:
-        listed = functools.partial(sa.bindparam, type_=sa.String())
-        matching = _abandoned_matching(
-            connection,
-            listed("request_ids"),
-            listed("fingerprints"),
-            sa.bindparam("since", type_=ATTEMPTS.c.started_at.type),
-        )
+        ids = sa.bindparam("ids", type_=sa.String())
         found = _lookups[connection.dialect.name] = _SqliteLookups(
-            stored=sa.select(ATTEMPTS).where(_among(connection, ATTEMPTS.c.attempt_id, listed("ids"))),
-            abandoned=sa.select(ATTEMPTS).where(sa.or_(*matching)),
+            stored=sa.select(ATTEMPTS).where(_among(connection, ATTEMPTS.c.attempt_id, ids)),
+            landed=_DriverQuery.of(_sqlite_landed_query(connection), connection.dialect),
         )
     return found
+
+
+def _sqlite_landed_query(connection: sa.Connection) -> sa.CompoundSelect:
+    """The stored abandoned attempts of the logical requests ``request_ids``, then those of the
+    ``fingerprints`` that ended at or after ``since``, then the stored summaries of ``request_ids``
+    (their columns named ``summary_*``, NULL in the attempts' rows, whose columns are NULL in theirs).
+
+    Each part walks its JSON array of keys and probes one index by each (the logical requests',
+    ``ix_costwatch_attempts_abandoned_fingerprint``: a partial index on abandoned rows, so the
+    query states its condition as a literal; the summaries' key): a key in a list of several is
+    an ``IN`` that SQLite first copies into an index of its own, which cost as much again.
+    ``tests/test_store_writes.py`` checks that each part probes its index. An attempt found by
+    both its request and its fingerprint comes twice. PostgreSQL reads them otherwise:
+    :func:`_postgres_abandoned`, :func:`~costwatch.store.retried.stored_summaries_query`.
+    """
+    listed = functools.partial(sa.bindparam, type_=sa.String())
+    request_ids = listed("request_ids")
+
+    def keyed(keys: sa.BindParameter[str], column: sa.Column[Any]) -> sa.Join:
+        each = sa.func.json_each(keys).table_valued("value")
+        return each.join(column.table, column == each.c.value)
+
+    abandoned = (ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True))
+    summary = [RETRIED_REQUESTS.c[name] for name in StoredSummary._fields]
+    no_summary = [sa.type_coerce(sa.null(), c.type).label(_SUMMARY + c.name) for c in summary]
+    since = sa.bindparam("since", type_=ATTEMPTS.c.started_at.type)
+    return sa.union_all(
+        sa.select(ATTEMPTS, *no_summary)
+        .select_from(keyed(request_ids, ATTEMPTS.c.logical_request_id))
+        .where(*abandoned),
+        sa.select(ATTEMPTS, *no_summary)
+        .select_from(keyed(listed("fingerprints"), ATTEMPTS.c.fingerprint))
+        .where(*abandoned, _ended_since(connection, since)),
+        sa.select(*(sa.null() for _ in ATTEMPTS.c), *summary).select_from(
+            keyed(request_ids, RETRIED_REQUESTS.c.logical_request_id)
+        ),
+    )
+
+
+def _sqlite_landed_lookup(
+    connection: sa.Connection, landed: Sequence[AttemptRecord], window: timedelta
+) -> tuple[list[AttemptRecord], dict[str, StoredSummary]]:
+    """On SQLite, once the batch's ``landed`` attempts are stored: the stored abandoned attempts their
+    keys match (these among them), and the stored summaries of their logical requests, read in one
+    statement (:attr:`_SqliteLookups.landed`)."""
+    if not landed:
+        return [], {}
+    since = min(record.started_at for record in landed) - window
+    request_ids = sorted({record.logical_request_id for record in landed})
+    fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
+    rows = _sqlite_lookups(connection).landed.run(
+        connection,
+        {"request_ids": _listed(request_ids), "fingerprints": _listed(fingerprints), "since": since},
+    )
+    abandoned: dict[str, AttemptRecord] = {}
+    summaries: dict[str, StoredSummary] = {}
+    for row in rows:
+        if row[_SUMMARY + "logical_request_id"] is None:
+            if row["attempt_id"] not in abandoned:  # found by its request and by its fingerprint
+                abandoned[row["attempt_id"]] = record_from_row(row)
+        else:
+            summary = StoredSummary._make(row[name] for name in _SUMMARY_COLUMNS)
+            summaries[summary.logical_request_id] = summary
+    return list(abandoned.values()), summaries
 
 
 def prepare_statements(connection: sa.Connection) -> None:
@@ -588,8 +661,8 @@ def prepare_statements(connection: sa.Connection) -> None:
         cutoff_for_writing(connection)
         lookups, nothing = _sqlite_lookups(connection), _listed([])
         connection.execute(lookups.stored, {"ids": nothing})
-        abandoned = {"request_ids": nothing, "fingerprints": nothing, "since": datetime.now(timezone.utc)}
-        connection.execute(lookups.abandoned, abandoned)
+        landed = {"request_ids": nothing, "fingerprints": nothing, "since": datetime.now(timezone.utc)}
+        lookups.landed.run(connection, landed)
 
 
 # -- the steps of a batch --------------------------------------------------------------------------
@@ -754,27 +827,6 @@ _ABANDONED: sa.ColumnElement[str] = sa.literal_column(f"'{WasteReason.ABANDONED.
 """``'abandoned'`` as a literal: a partial index is used only when the query states its condition."""
 
 
-def _abandoned_matching(
-    connection: sa.Connection,
-    request_ids: sa.BindParameter[str],
-    fingerprints: sa.BindParameter[str],
-    since: sa.BindParameter[datetime],
-) -> list[sa.ColumnElement[bool]]:
-    """On SQLite, which stored abandoned attempts a batch of ``request_ids`` and ``fingerprints``
-    (named parameters: see :func:`_sqlite_lookups`) may be the retries of: one condition per index.
-
-    Those of the same logical request (``ix_costwatch_attempts_logical_request_id``), and those of
-    the same fingerprint that ended at or after ``since`` (``ix_costwatch_attempts_abandoned_fingerprint``,
-    a partial index on abandoned rows: the query states its condition as a literal, or the planner
-    cannot use it). ``tests/test_store_writes.py`` checks that both branches probe their index.
-    PostgreSQL reads them otherwise: :func:`_postgres_abandoned`.
-    """
-    abandoned = sa.and_(ATTEMPTS.c.waste_reason == _ABANDONED, ATTEMPTS.c.wasted.is_(True))
-    by_request = sa.and_(_among(connection, ATTEMPTS.c.logical_request_id, request_ids), abandoned)
-    in_fingerprints = _among(connection, ATTEMPTS.c.fingerprint, fingerprints)
-    return [by_request, sa.and_(in_fingerprints, abandoned, _ended_since(connection, since))]
-
-
 def _postgres_text_array(values: Sequence[str]) -> str:
     """``values`` as a PostgreSQL array literal (``{"a","b"}``), for a ``text[]`` parameter: psycopg
     would dump a list element by element in Python (~3 us an element)."""
@@ -841,8 +893,9 @@ def _abandoned_parameters(records: Sequence[AttemptRecord], window: timedelta) -
 @dataclass(frozen=True)
 class _DriverQuery:
     """A query compiled once to the driver's SQL, so that it can be sent in a pipeline (SQLAlchemy
-    reads a result as soon as it executes): its parameters and rows processed as SQLAlchemy would,
-    by the dialect's implementation of each type (``dialect_impl``), as its own execution does."""
+    reads a result as soon as it executes), or run without SQLAlchemy keying it in its statement cache
+    (:meth:`run`): its parameters and rows processed as SQLAlchemy would, by the dialect's
+    implementation of each type (``dialect_impl``), as its own execution does."""
 
     sql: str
     compiled: sa.engine.Compiled
@@ -854,7 +907,7 @@ class _DriverQuery:
     floats, depend on them): made at the first result, as SQLAlchemy makes them at each."""
 
     @classmethod
-    def of(cls, query: sa.Select[Any], dialect: Dialect) -> _DriverQuery:
+    def of(cls, query: sa.Select[Any] | sa.CompoundSelect, dialect: Dialect) -> _DriverQuery:
         compiled = query.compile(dialect=dialect)
         binds = {}
         for bind, name in compiled.bind_names.items():
@@ -864,18 +917,24 @@ class _DriverQuery:
         types = tuple(column.type.dialect_impl(dialect) for column in query.selected_columns)
         return cls(compiled.string, compiled, binds, types, {})
 
-    def send(self, cursor: Any, values: dict[str, Any]) -> None:
-        """Execute on a driver ``cursor`` (in a pipeline: send)."""
+    def parameters(self, values: dict[str, Any]) -> dict[str, Any] | tuple[Any, ...]:
+        """Every parameter of the query, ``values`` among them, bound as SQLAlchemy binds them: by name,
+        or in their order where the driver takes them by position (SQLite)."""
         parameters = dict(self.compiled.construct_params(values) or {})
         for name, process in self.binds.items():
             parameters[name] = process(parameters[name])
-        cursor.execute(self.sql, parameters)
+        positions = self.compiled.positiontup  # type: ignore[attr-defined]
+        return parameters if positions is None else tuple(parameters[name] for name in positions)
+
+    def send(self, cursor: Any, values: dict[str, Any]) -> None:
+        """Execute on a driver ``cursor`` (in a pipeline: send)."""
+        cursor.execute(self.sql, self.parameters(values))
 
     def mappings(self, cursor: Any) -> list[dict[str, Any]]:
         """The rows ``cursor`` holds, keyed by column."""
         description = cursor.description
-        names = [column.name for column in description]
-        codes = tuple(column.type_code for column in description)
+        names = [column[0] for column in description]
+        codes = tuple(column[1] for column in description)
         results = self.results.get(codes)
         if results is None:
             dialect = self.compiled.dialect
@@ -889,6 +948,23 @@ class _DriverQuery:
             }
             for row in cursor.fetchall()
         ]
+
+    def run(self, connection: sa.Connection, values: dict[str, Any]) -> list[dict[str, Any]]:
+        """Execute on ``connection``'s driver connection, in its transaction; returns the rows keyed by
+        column, and raises what the driver raises as SQLAlchemy wraps it. (SQLAlchemy's execution
+        keys the statement in its cache, hashing the whole query each time: for a query of many
+        columns, more than all the rest of its Python.)"""
+        dbapi_error = connection.dialect.loaded_dbapi.Error
+        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            self.send(cursor, values)
+            return self.mappings(cursor)
+        except dbapi_error as exc:
+            raise sa.exc.DBAPIError.instance(
+                self.sql, None, exc, dbapi_error, dialect=connection.dialect
+            ) from exc
+        finally:
+            cursor.close()
 
 
 _read_ahead_compiled: dict[str, tuple[_DriverQuery, _DriverQuery]] = {}
@@ -1033,30 +1109,16 @@ def _reclassify_retried(
     connection: sa.Connection,
     landed: Sequence[AttemptRecord],
     window: timedelta,
-    *,
-    read_ahead: tuple[Sequence[AttemptRecord], Sequence[AttemptRecord]] | None = None,
+    abandoned: Sequence[AttemptRecord],
 ) -> tuple[list[AttemptRecord], list[AttemptRecord]]:
     """Turn stored ``abandoned`` attempts whose retry is now stored into ``retried``.
 
-    ``read_ahead`` (PostgreSQL): the stored abandoned attempts :func:`_read_ahead` found before the
-    insert, and the stored revisions the batch then replaced; else they are looked up now.
+    ``abandoned``: the stored abandoned attempts the ``landed`` attempts' keys match, as stored after
+    the batch's insert and revisions (PostgreSQL: :func:`_abandoned_after_insert` of what
+    :func:`_read_ahead` found; SQLite: :func:`_sqlite_landed_lookup`).
     """
     if not landed:
         return [], []
-    if read_ahead is not None:
-        abandoned = _abandoned_after_insert(landed, *read_ahead)
-    elif connection.dialect.name == "sqlite":
-        since = min(record.started_at for record in landed) - window
-        request_ids = sorted({record.logical_request_id for record in landed})
-        fingerprints = sorted({record.fingerprint for record in landed if record.fingerprint is not None})
-        abandoned = _records(
-            connection.execute(
-                _sqlite_lookups(connection).abandoned,
-                {"request_ids": _listed(request_ids), "fingerprints": _listed(fingerprints), "since": since},
-            )
-        )
-    else:
-        abandoned = _records(connection.execute(_postgres_abandoned(), _abandoned_parameters(landed, window)))
     if not abandoned:
         return [], []
     landed_ids = {record.attempt_id for record in landed}
@@ -1186,19 +1248,19 @@ def write_batch(
         connection, batch, lambda: every_new.append(rollup_delta_rows(batch)), rows=rows
     )
     revised, replaced = _apply_revisions(connection, batch, stored)
-    retried, abandoned = _reclassify_retried(
-        connection,
-        [*inserted, *revised],
-        retry_window,
-        read_ahead=None if read_ahead is None else (read_ahead.abandoned, replaced),
-    )
+    landed = [*inserted, *revised]
+    if read_ahead is not None:
+        found = _abandoned_after_insert(landed, read_ahead.abandoned, replaced)
+        summaries = read_ahead.summaries
+    else:  # SQLite: both lookups in one statement, after the insert
+        found, summaries = _sqlite_landed_lookup(connection, landed, retry_window)
+    retried, abandoned = _reclassify_retried(connection, landed, retry_window, found)
     if len(inserted) == len(batch) and not retried:
         deltas = every_new[0]
     else:
-        deltas = rollup_delta_rows([*inserted, *revised, *retried], [*replaced, *abandoned])
+        deltas = rollup_delta_rows([*landed, *retried], [*replaced, *abandoned])
     _apply_rollups(connection, deltas)
-    summaries = None if read_ahead is None else read_ahead.summaries
-    update_retried_requests(connection, [*inserted, *revised], replaced, stored=summaries)
+    update_retried_requests(connection, landed, replaced, stored=summaries)
     return BatchResult(
         inserted=len(inserted), revised=len(revised), reclassified=len(retried), before_cutoff=len(too_old)
     )
