@@ -37,7 +37,8 @@ layout, the machine's other load), which is why the loop rows need many rounds. 
 ``costwatch.instrument(client=accounted)`` with the defaults otherwise, and alternates every stream
 and every create between the accounted client and a plain one, each timed on the calling thread's
 CPU clock; the CPU of every other thread (costwatch's writer) during the loop, and during the creates
-and the final flush, is charged to the accounted side whole. The plain client makes one stream and
+and the final flush, is charged to the accounted side whole (the create's row says how much of its
+cost each side is). The plain client makes one stream and
 one create first, uncounted: the SDK's own first use (its response models' schemas, some 20-40 ms)
 would otherwise fall on whichever client went first. What the two clients share (the process's
 imports, its memory) these rows cannot see; the loop rows above can, as can callgrind
@@ -384,14 +385,17 @@ def paired_rows(runs: Sequence[dict[str, Any]], *, streams: int, events: int) ->
         ),
     ):
         rows.append(_loop_row(case, metric, ratios, gated=True, processes=len(runs), pairs=len(ratios)))
-    per_process_us = []
+    per_process_us, caller_us, writer_us = [], [], []
     for run in runs:
         creates = run["create"]
         caller = statistics.median(p["accounted_cpu_s"] - p["plain_cpu_s"] for p in creates)
         writer = (sum(p["others_cpu_s"] for p in creates) + run["flush_others_cpu_s"]) / len(creates)
         per_process_us.append((caller + writer) * 1e6)
+        caller_us.append(caller * 1e6)
+        writer_us.append(writer * 1e6)
     plain_us = statistics.median(p["plain_cpu_s"] for run in runs for p in run["create"]) * 1e6
     create_us = statistics.median(per_process_us)
+    caller_median, writer_median = statistics.median(caller_us), statistics.median(writer_us)
     interval = median_interval(per_process_us)
     met = ratio_verdict(per_process_us, CREATE_TARGET_US)
     rows.append(
@@ -399,7 +403,8 @@ def paired_rows(runs: Sequence[dict[str, Any]], *, streams: int, events: int) ->
             benchmark="fresh process",
             case=(
                 "non-streaming create alternated between an accounted and a plain client in one "
-                f"fresh process (the plain one: {plain_us:.0f} us of CPU a call)"
+                f"fresh process (the plain one: {plain_us:.0f} us of CPU a call; the difference: "
+                f"{caller_median:.0f} us on the calling thread, {writer_median:.0f} us on the others)"
             ),
             metric="CPU per call beyond the plain client (all threads)",
             value=create_us,
@@ -412,6 +417,8 @@ def paired_rows(runs: Sequence[dict[str, Any]], *, streams: int, events: int) ->
                 "creates": len(runs[0]["create"]) if runs else 0,
                 "interval_95": [round(x, 1) for x in interval] if interval else None,
                 "per_process_us": [round(x, 1) for x in per_process_us],
+                "caller_us": round(caller_median, 1),
+                "writer_us": round(writer_median, 1),
                 "plain_us": round(plain_us, 1),
             },
         )

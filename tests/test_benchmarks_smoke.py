@@ -181,6 +181,8 @@ def test_a_paired_create_is_the_callers_median_difference_plus_the_writers_cpu_s
     assert create.value == pytest.approx(500.0)
     assert create.met is False and create.detail["interval_95"] == [500.0, 500.0]
     assert create.detail["plain_us"] == pytest.approx(2000.0)
+    assert create.detail["caller_us"] == pytest.approx(100.0)
+    assert create.detail["writer_us"] == pytest.approx(400.0)
 
 
 def test_a_row_without_a_verdict_prints_why_instead_of_yes_or_no() -> None:

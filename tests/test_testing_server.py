@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import anthropic
@@ -476,6 +477,31 @@ def test_non_stream_create_returns_the_same_content_and_usage(
     assert message.model == MODEL and message.id == entry.message_id
     _assert_usage_matches(message.usage, entry)
     assert len(message.content[1].text) == entry.chars_by_type["text"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_first_party_response_carries_the_rate_limit_headers_of_the_real_api(
+    server: FakeAnthropicServer, stream: bool
+) -> None:
+    sent = datetime.now(timezone.utc)
+    response = client_for(server).messages.with_raw_response.create(
+        model=MODEL, max_tokens=16, messages=MESSAGES, stream=stream
+    )
+    headers = response.headers
+    assert headers["anthropic-organization-id"]
+    for limit in ("requests", "tokens", "input-tokens", "output-tokens"):
+        assert (
+            0
+            <= int(headers[f"anthropic-ratelimit-{limit}-remaining"])
+            < int(headers[f"anthropic-ratelimit-{limit}-limit"])
+        )
+        reset = datetime.fromisoformat(headers[f"anthropic-ratelimit-{limit}-reset"].replace("Z", "+00:00"))
+        assert sent < reset <= sent + timedelta(seconds=61)
+    parsed: Any = response.parse()
+    if stream:
+        assert [event.type for event in parsed][-1] == "message_stop"
+    else:
+        assert parsed.usage.output_tokens > 0
 
 
 async def test_async_stream_helper_and_beta_non_stream(server: FakeAnthropicServer) -> None:

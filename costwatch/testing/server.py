@@ -190,6 +190,25 @@ def _api_key(raw: _RawRequest) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+# Anthropic's first-party API sends these with every response (its rate-limits documentation: the
+# requests, tokens, input and output token limits of the key's tier, what is left of them and when
+# they reset, plus the organization's id). Their values here are a fixed tier's; they are sent so that
+# what reads a response's headers (the SDK, costwatch) reads as many as it would from the real API.
+_ORGANIZATION_ID = "7c5a1b2e-0d4f-4e8a-9b6c-3f1e2d4c5b6a"
+_RATE_LIMITS = {"requests": 4_000, "tokens": 2_400_000, "input-tokens": 2_000_000, "output-tokens": 400_000}
+
+
+def _rate_limit_headers() -> dict[str, str]:
+    """The first-party API's per-response headers of its rate limits and organization."""
+    reset = time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime(time.time() + 60))
+    headers = {"anthropic-organization-id": _ORGANIZATION_ID}
+    for limit, value in _RATE_LIMITS.items():
+        headers[f"anthropic-ratelimit-{limit}-limit"] = str(value)
+        headers[f"anthropic-ratelimit-{limit}-remaining"] = str(value - 1)
+        headers[f"anthropic-ratelimit-{limit}-reset"] = reset
+    return headers
+
+
 def _head(status: int, headers: Mapping[str, str]) -> bytes:
     reason = _REASONS.get(status, "Overloaded" if status == 529 else "Error")
     lines = [f"HTTP/1.1 {status} {reason}", f"date: {email.utils.formatdate(usegmt=True)}"]
@@ -643,6 +662,8 @@ class _Attempt:
             out["x-amzn-requestid"] = out.pop("request-id")
             if stream:
                 out["content-type"] = EVENT_STREAM_CONTENT_TYPE
+        elif self.route.platform == ANTHROPIC:
+            out.update(_rate_limit_headers())
         if stream:
             out["transfer-encoding"] = "chunked"
             out["cache-control"] = "no-cache"
