@@ -571,8 +571,9 @@ _DECODER = json.JSONDecoder()
 
 def _decode_json(text: str) -> Any:
     """``json.loads(text)``. The API's JSON has no whitespace around it, which ``raw_decode`` alone
-    reads (``loads`` also looks for a bytes' encoding, and for whitespace before and after with a
-    regex, twice); text it does not read whole goes to ``loads``, for its result or its error."""
+    reads (``loads`` also checks the text's type and for a BOM, and matches whitespace before and
+    after it with a regex, twice); text it does not read whole goes to ``loads``, for its result or
+    its error."""
     try:
         parsed, end = _DECODER.raw_decode(text)
     except ValueError:

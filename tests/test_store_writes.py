@@ -469,6 +469,27 @@ def test_abandoned_attempt_arriving_after_its_retry_is_stored_as_retried(store: 
     assert_rollups_match_raw_rows(store)
 
 
+@pytest.mark.parametrize("key", ["plain-0192f3a4", 'with "quotes", \\ and \t', "café 東京 \u2028"])
+def test_stored_abandoned_attempts_are_found_by_keys_json_must_escape(store: SqlStore, key: str) -> None:
+    """The lookup finds an abandoned attempt by its request and another by its fingerprint, whatever
+    characters the keys hold (a key's JSON text is then escaped)."""
+    store.export(
+        [
+            dropped(1, logical_request_id=key, fingerprint="fp-1"),
+            dropped(2, logical_request_id="req-2", fingerprint=key),
+        ]
+    )
+    by_request = attempt(3, logical_request_id=key, attempt_number=2, fingerprint="fp-3")
+    by_fingerprint = attempt(4, fingerprint=key)
+
+    assert store.write([by_request, by_fingerprint]).reclassified == 2
+
+    for attempt_id in ("att-1", "att-2"):
+        stored = store.attempt(attempt_id)
+        assert stored is not None and stored.waste_reason is WasteReason.RETRIED, attempt_id
+    assert_rollups_match_raw_rows(store)
+
+
 def test_abandoned_attempt_and_its_retry_in_one_batch(store: SqlStore) -> None:
     store.export([dropped(1), attempt(2, logical_request_id="req-1", attempt_number=2)])
     stored = store.attempt("att-1")

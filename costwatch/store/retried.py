@@ -554,8 +554,9 @@ def update_retried_requests(
     here: its earlier attempts are its first ones, which an SDK sends seconds to minutes before.
     Reclassifications (``abandoned`` turned ``retried``) are not passed: they change neither an
     attempt's waste in dollars nor its prompt. ``stored``: the stored summaries of (at least) the
-    requests of ``added``, read by :func:`stored_summaries_query` earlier in this transaction, under
-    the batch's locks (the writer reads them while it builds its rows); else they are read now.
+    requests of ``added``, read earlier in this transaction, under the batch's locks (the writer
+    reads them on PostgreSQL by :func:`stored_summaries_query` while it builds its rows, on SQLite
+    beside the abandoned attempts after its insert); else they are read now.
     """
     if not added:
         return

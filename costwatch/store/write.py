@@ -570,13 +570,15 @@ _SUMMARY = "summary_"
 _SUMMARY_COLUMNS = tuple(_SUMMARY + name for name in StoredSummary._fields)
 
 _lookups: dict[str, _SqliteLookups] = {}
+"""By :func:`_driver_key`: :attr:`_SqliteLookups.landed` is compiled for its driver."""
 
 
 def _sqlite_lookups(connection: sa.Connection) -> _SqliteLookups:
-    found = _lookups.get(connection.dialect.name)
+    key = _driver_key(connection.dialect)
+    found = _lookups.get(key)
     if found is None:
         ids = sa.bindparam("ids", type_=sa.String())
-        found = _lookups[connection.dialect.name] = _SqliteLookups(
+        found = _lookups[key] = _SqliteLookups(
             stored=sa.select(ATTEMPTS).where(_among(connection, ATTEMPTS.c.attempt_id, ids)),
             landed=_DriverQuery.of(_sqlite_landed_query(connection), connection.dialect),
         )
@@ -1117,9 +1119,7 @@ def _reclassify_retried(
     the batch's insert and revisions (PostgreSQL: :func:`_abandoned_after_insert` of what
     :func:`_read_ahead` found; SQLite: :func:`_sqlite_landed_lookup`).
     """
-    if not landed:
-        return [], []
-    if not abandoned:
+    if not landed or not abandoned:
         return [], []
     landed_ids = {record.attempt_id for record in landed}
     # A newly landed abandoned attempt may be the one whose retry was stored first, by another process.
