@@ -403,7 +403,7 @@ def paired_rows(runs: Sequence[dict[str, Any]], *, streams: int, events: int) ->
             benchmark="fresh process",
             case=(
                 "non-streaming create alternated between an accounted and a plain client in one "
-                f"fresh process (the plain one: {plain_us:.0f} us of CPU a call; the difference: "
+                f"fresh process (the plain one: {plain_us:.0f} us of CPU a call; the difference's medians: "
                 f"{caller_median:.0f} us on the calling thread, {writer_median:.0f} us on the others)"
             ),
             metric="CPU per call beyond the plain client (all threads)",
