@@ -758,16 +758,37 @@ def _apply_revisions(
     incoming = {record.attempt_id: record for record in records}
     added: list[AttemptRecord] = []
     removed: list[AttemptRecord] = []
+    postgresql = connection.dialect.name == "postgresql"
+    rows: list[dict[str, Any]] = []
     for old in stored:
         record = incoming[old.attempt_id]
         if record.revision <= old.revision:
             continue
         row = attempt_row(record)
         del row["attempt_id"]
-        connection.execute(sa.update(ATTEMPTS).where(_is_row_of(connection, old)).values(row))
+        row["stored_attempt_id"] = old.attempt_id
+        if postgresql:
+            row["stored_started_at"] = old.started_at
+        rows.append(row)
         added.append(record)
         removed.append(old)
+    if rows:
+        # One statement executed with every row: an update built with each row's 45 values cost
+        # SQLAlchemy a statement's construction, cache key and compilation per revision, many times
+        # what the update itself costs (benchmarks/README.md, "revision-cost (tenth session)").
+        connection.execute(_revision_update(postgresql), rows)
     return added, removed
+
+
+@functools.cache
+def _revision_update(postgresql: bool) -> sa.Update:
+    """The update of a stored attempt's row to a later revision, whose parameters are the new row's
+    columns (its ``SET``) and the stored attempt's key (on PostgreSQL the whole key: one partition)."""
+    c = ATTEMPTS.c
+    where = c.attempt_id == sa.bindparam("stored_attempt_id", type_=c.attempt_id.type)
+    if postgresql:
+        where = sa.and_(where, c.started_at == sa.bindparam("stored_started_at", type_=c.started_at.type))
+    return sa.update(ATTEMPTS).where(where)
 
 
 _LONGEST_DURATION_S = 7 * 24 * 3600.0
