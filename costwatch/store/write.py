@@ -743,12 +743,26 @@ _attempt_readers: dict[str, AttemptReader] = {}
 """Per driver, as the statements whose conversions they follow (:func:`_statements_for`)."""
 
 
-def _is_row_of(connection: sa.Connection, stored: AttemptRecord) -> sa.ColumnElement[bool]:
-    """The row of a stored attempt (on PostgreSQL by its whole key: one partition is probed)."""
-    where = ATTEMPTS.c.attempt_id == stored.attempt_id
-    if connection.dialect.name == "postgresql":
-        return sa.and_(where, ATTEMPTS.c.started_at == stored.started_at)
-    return where
+@functools.cache
+def _stored_update(postgresql: bool) -> sa.Update:
+    """An update of stored attempts' rows, executed over parameter rows made by :func:`_row_of`:
+    each names its row by the stored attempt's key (on PostgreSQL the whole key: one partition is
+    probed), and its other parameters are the columns it sets. Built once: a statement built per
+    row cost SQLAlchemy its construction, cache key and compilation each time, many times what the
+    update itself costs (benchmarks/README.md, "revision-cost (tenth session)")."""
+    c = ATTEMPTS.c
+    where = c.attempt_id == sa.bindparam("stored_attempt_id", type_=c.attempt_id.type)
+    if postgresql:
+        where = sa.and_(where, c.started_at == sa.bindparam("stored_started_at", type_=c.started_at.type))
+    return sa.update(ATTEMPTS).where(where)
+
+
+def _row_of(stored: AttemptRecord, postgresql: bool, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (the columns to set) as a parameter row of :func:`_stored_update` for ``stored``'s row."""
+    values["stored_attempt_id"] = stored.attempt_id
+    if postgresql:
+        values["stored_started_at"] = stored.started_at
+    return values
 
 
 def _apply_revisions(
@@ -766,29 +780,12 @@ def _apply_revisions(
             continue
         row = attempt_row(record)
         del row["attempt_id"]
-        row["stored_attempt_id"] = old.attempt_id
-        if postgresql:
-            row["stored_started_at"] = old.started_at
-        rows.append(row)
+        rows.append(_row_of(old, postgresql, row))
         added.append(record)
         removed.append(old)
     if rows:
-        # One statement executed with every row: an update built with each row's 45 values cost
-        # SQLAlchemy a statement's construction, cache key and compilation per revision, many times
-        # what the update itself costs (benchmarks/README.md, "revision-cost (tenth session)").
-        connection.execute(_revision_update(postgresql), rows)
+        connection.execute(_stored_update(postgresql), rows)
     return added, removed
-
-
-@functools.cache
-def _revision_update(postgresql: bool) -> sa.Update:
-    """The update of a stored attempt's row to a later revision, whose parameters are the new row's
-    columns (its ``SET``) and the stored attempt's key (on PostgreSQL the whole key: one partition)."""
-    c = ATTEMPTS.c
-    where = c.attempt_id == sa.bindparam("stored_attempt_id", type_=c.attempt_id.type)
-    if postgresql:
-        where = sa.and_(where, c.started_at == sa.bindparam("stored_started_at", type_=c.started_at.type))
-    return sa.update(ATTEMPTS).where(where)
 
 
 _LONGEST_DURATION_S = 7 * 24 * 3600.0
@@ -1168,6 +1165,8 @@ def _reclassify_retried(
             by_fingerprint.setdefault(record.fingerprint, []).append(record)
     added: list[AttemptRecord] = []
     removed: list[AttemptRecord] = []
+    postgresql = connection.dialect.name == "postgresql"
+    rows: list[dict[str, Any]] = []
     for stored in abandoned:
         # Only attempts sharing its logical request or its fingerprint can be its retry.
         candidates = by_request.get(stored.logical_request_id, [])
@@ -1176,13 +1175,12 @@ def _reclassify_retried(
         if not any(_is_retry_of(later, stored, window) for later in candidates):
             continue
         retried = stored.with_waste(WasteReason.RETRIED)
-        connection.execute(
-            sa.update(ATTEMPTS)
-            .where(_is_row_of(connection, stored))
-            .values(wasted=True, waste_reason=WasteReason.RETRIED.value, revision=retried.revision)
-        )
+        values = {"wasted": True, "waste_reason": WasteReason.RETRIED.value, "revision": retried.revision}
+        rows.append(_row_of(stored, postgresql, values))
         added.append(retried)
         removed.append(stored)
+    if rows:
+        connection.execute(_stored_update(postgresql), rows)
     return added, removed
 
 
